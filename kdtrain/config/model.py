@@ -1,0 +1,142 @@
+"""GPT architecture config (``configs/models/*.yaml``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .loader import field_error, from_dict, load_yaml, resolve_config_path
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    # Real tokenizer vocabulary. The embedding/output tables are padded to a multiple of
+    # `make_vocab_size_divisible_by * tp` (see `padded_vocab_size`); padded ids never carry
+    # probability mass (losses mask them) and checkpoints store only the real rows.
+    vocab_size: int
+    max_seq_length: int
+    num_query_groups: Optional[int] = None  # GQA; None = multi-head attention
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size / num_attention_heads
+    make_vocab_size_divisible_by: int = 128
+    normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_epsilon: float = 1e-5
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    position_embedding: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling_factor: Optional[float] = None  # Llama-3 style frequency scaling when set
+    tie_embeddings: bool = False
+    add_bias_linear: bool = False  # biases on every linear layer (GPT-2)
+    add_qkv_bias: bool = False  # bias on the QKV projection only (Qwen2)
+    init_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    def check(self, where: str = "") -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "vocab_size", "max_seq_length", "make_vocab_size_divisible_by"):
+            if getattr(self, name) <= 0:
+                raise field_error(where, name, f"must be positive, got {getattr(self, name)}")
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups:
+            raise field_error(where, "num_query_groups",
+                              f"{self.num_query_groups} must divide num_attention_heads={self.num_attention_heads}")
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise field_error(where, "hidden_size",
+                                  f"{self.hidden_size} not divisible by num_attention_heads={self.num_attention_heads}"
+                                  " (set kv_channels explicitly)")
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise field_error(where, name, f"must be in [0, 1), got {getattr(self, name)}")
+        if self.init_std <= 0:
+            raise field_error(where, "init_std", f"must be positive, got {self.init_std}")
+        if self.rope_scaling_factor is not None and self.position_embedding != "rope":
+            raise field_error(where, "rope_scaling_factor", "only valid with position_embedding: rope")
+
+    # ---- derived quantities -------------------------------------------------------------------
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        multiple = self.make_vocab_size_divisible_by * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def check_layout(self, tp: int, pp: int, where: str = "parallel") -> None:
+        """Raise ValueError if this model cannot be split ``tp`` ways (horizontally) and ``pp``
+        ways (vertically)."""
+        if self.num_attention_heads % tp:
+            raise field_error(where, "tp", f"{tp} does not divide num_attention_heads={self.num_attention_heads}"
+                              f" of model {self.name!r}")
+        if self.num_query_groups % tp:
+            raise field_error(where, "tp", f"{tp} does not divide num_query_groups={self.num_query_groups}"
+                              f" of model {self.name!r}")
+        if self.ffn_hidden_size % tp:
+            raise field_error(where, "tp", f"{tp} does not divide ffn_hidden_size={self.ffn_hidden_size}"
+                              f" of model {self.name!r}")
+        if self.num_layers % pp:
+            raise field_error(where, "pp", f"{pp} does not divide num_layers={self.num_layers} of model {self.name!r}")
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Exact parameter count of the unpartitioned model (real vocab, no padding)."""
+        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
+        q = self.num_attention_heads * self.kv_channels
+        kv = 2 * self.num_query_groups * self.kv_channels
+        norm = h if self.normalization == "rmsnorm" else 2 * h
+        bias = self.add_bias_linear
+        per_layer = (
+            norm  # input norm
+            + h * (q + kv) + ((q + kv) if (bias or self.add_qkv_bias) else 0)  # qkv
+            + q * h + (h if bias else 0)  # out proj
+            + norm  # pre-mlp norm
+            + (2 if self.activation == "swiglu" else 1) * h * f + ((2 if self.activation == "swiglu" else 1) * f if bias else 0)
+            + f * h + (h if bias else 0)
+        )
+        total = self.num_layers * per_layer + norm
+        if include_embedding:
+            total += v * h
+            if self.position_embedding == "learned":
+                total += self.max_seq_length * h
+        if not self.tie_embeddings:
+            total += v * h
+        return total
+
+    def flops_per_token(self, seq_length: int, training: bool = True) -> float:
+        """Model FLOPs per token (the MFU numerator; no recomputation counted).
+
+        Forward = 2 * (matmul parameters incl. the output layer, excl. the embedding lookup)
+        + attention scores and values, 2 * 2 * L * S * (heads * head_dim) for the full S x S
+        matrix (causal masking is not credited, as in PaLM/Megatron-LM MFU). Training = 3 x forward.
+        """
+        h = self.hidden_size
+        q = self.num_attention_heads * self.kv_channels
+        kv = 2 * self.num_query_groups * self.kv_channels
+        n_mlp = 3 if self.activation == "swiglu" else 2
+        matmul_params = self.num_layers * (h * (q + kv) + q * h + n_mlp * h * self.ffn_hidden_size)
+        matmul_params += self.vocab_size * h  # output layer
+        attention = 2 * 2 * self.num_layers * seq_length * q
+        forward = 2 * matmul_params + attention
+        return 3 * forward if training else forward
+
+
+def load_model_config(ref, where: str = "model") -> ModelConfig:
+    """A model config from a name (``configs/models/<name>.yaml``), a YAML path, or a mapping."""
+    if isinstance(ref, ModelConfig):
+        return ref
+    if isinstance(ref, str):
+        path = resolve_config_path(ref, "models")
+        raw = load_yaml(path)
+        raw.setdefault("name", path.stem)
+        try:
+            return from_dict(ModelConfig, raw, where)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    if isinstance(ref, dict):
+        ref = dict(ref)
+        ref.setdefault("name", "custom")
+        return from_dict(ModelConfig, ref, where)
+    raise ValueError(f"{where}: expected a model name, a YAML path or a mapping, got {ref!r}")

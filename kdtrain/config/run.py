@@ -1,0 +1,198 @@
+"""Run configs: the sections a training job is made of, and the pretraining run config.
+
+Each section is its own dataclass and is handed to the component that needs it (data, optimizer,
+logging, ...); no component receives the whole run config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .loader import apply_overrides, field_error, from_dict, load_yaml, resolve_config_path
+from .model import ModelConfig, load_model_config
+
+
+@dataclass
+class ParallelConfig:
+    """One role's partitioning: tp (horizontal) x pp (vertical) x dp replicas."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: Optional[int] = None  # None: world_size // (tp * pp)
+
+    def check(self, where: str = "parallel") -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise field_error(where, name, f"must be >= 1, got {getattr(self, name)}")
+        if self.dp is not None and self.dp < 1:
+            raise field_error(where, "dp", f"must be >= 1, got {self.dp}")
+
+    def resolve(self, num_ranks: int, where: str = "parallel") -> "ParallelConfig":
+        """Fill in dp and check tp * pp * dp == num_ranks."""
+        mp = self.tp * self.pp
+        dp = self.dp if self.dp is not None else num_ranks // mp
+        if dp < 1 or mp * dp != num_ranks:
+            raise field_error(where, "dp" if self.dp is not None else "tp",
+                              f"tp*pp*dp = {self.tp}*{self.pp}*{dp} = {mp * dp} != {num_ranks} ranks")
+        return ParallelConfig(self.tp, self.pp, dp)
+
+    @property
+    def num_ranks(self) -> int:
+        assert self.dp is not None, "resolve() first"
+        return self.tp * self.pp * self.dp
+
+
+@dataclass
+class DataConfig:
+    # megatron-core indexed dataset prefixes (``<prefix>.bin`` / ``<prefix>.idx``), concatenated.
+    path: list[str] = field(default_factory=list)
+    tokenizer: Optional[str] = None  # sentencepiece .model; checked against the dataset's metadata
+    seq_length: int = 256
+    split: tuple[float, float] = (0.98, 0.02)  # train / held-out fractions of the token windows
+    seed: int = 1234  # shuffling seed (independent of the init seed)
+
+    def check(self, where: str = "data") -> None:
+        if self.seq_length < 1:
+            raise field_error(where, "seq_length", f"must be >= 1, got {self.seq_length}")
+        if any(f < 0 for f in self.split) or not 0.0 < sum(self.split) <= 1.0 + 1e-9 or self.split[0] <= 0:
+            raise field_error(where, "split", f"train/held-out fractions must be >= 0, sum to <= 1, "
+                              f"train > 0; got {list(self.split)}")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 32
+    train_steps: int = 100
+    eval_interval: int = 0  # steps between held-out evaluations; 0 = only at the end
+    eval_batches: int = 4  # global batches per evaluation
+    seed: int = 1234  # model init seed
+    exit_interval: Optional[int] = None  # stop (after saving) once this many steps ran in this job
+
+    def check(self, where: str = "training") -> None:
+        for name in ("micro_batch_size", "global_batch_size", "train_steps"):
+            if getattr(self, name) < 1:
+                raise field_error(where, name, f"must be >= 1, got {getattr(self, name)}")
+        if self.eval_interval < 0 or self.eval_batches < 0:
+            raise field_error(where, "eval_interval", "must be >= 0")
+        if self.global_batch_size % self.micro_batch_size:
+            raise field_error(where, "global_batch_size",
+                              f"{self.global_batch_size} not divisible by micro_batch_size={self.micro_batch_size}")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 0
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: Optional[int] = None  # None = training.train_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 disables
+    distributed: bool = False  # ZeRO-1: shard master weights and Adam state across data-parallel ranks
+
+    def check(self, where: str = "optimizer") -> None:
+        if self.lr <= 0:
+            raise field_error(where, "lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise field_error(where, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise field_error(where, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise field_error(where, name, f"must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.clip_grad < 0 or self.eps <= 0:
+            raise field_error(where, "weight_decay", "weight_decay and clip_grad must be >= 0, eps > 0")
+
+
+@dataclass
+class PrecisionConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"  # metrics.jsonl, TensorBoard events, wandb files
+    interval: int = 1
+    progress_bar: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: Optional[str] = None  # online when a project is given and a key is available
+    wandb_entity: Optional[str] = None
+    peak_tflops: Optional[float] = None  # per-device dense peak for MFU; None = look up the device
+
+    def check(self, where: str = "logging") -> None:
+        if self.interval < 1:
+            raise field_error(where, "interval", f"must be >= 1, got {self.interval}")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: no checkpoints
+    save_interval: int = 0  # steps; 0 = only at the end
+    keep: int = 2  # most recent checkpoints kept on disk
+    resume: bool = True  # continue from dir's latest checkpoint when there is one
+    load: Optional[str] = None  # initial weights (model only) from another checkpoint
+
+    def check(self, where: str = "checkpoint") -> None:
+        if self.save_interval < 0:
+            raise field_error(where, "save_interval", f"must be >= 0, got {self.save_interval}")
+        if self.keep < 1:
+            raise field_error(where, "keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on cuda, gloo on cpu
+    timeout_s: float = 600.0  # a collective or peer stalled this long ends the job
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self, world_size: int) -> "PretrainConfig":
+        """Cross-section checks that need the world size; fills in derived values."""
+        self.parallel = self.parallel.resolve(world_size, "parallel")
+        self.model.check_layout(self.parallel.tp, self.parallel.pp, "parallel")
+        if self.data.seq_length > self.model.max_seq_length:
+            raise field_error("data", "seq_length", f"{self.data.seq_length} exceeds model.max_seq_length="
+                              f"{self.model.max_seq_length} of model {self.model.name!r}")
+        t, dp = self.training, self.parallel.dp
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise field_error("training", "global_batch_size",
+                              f"{t.global_batch_size} not divisible by micro_batch_size*dp = "
+                              f"{t.micro_batch_size}*{dp}")
+        if not self.data.path:
+            raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes)")
+        return self
+
+
+def load_run_dict(path: str | None, overrides=(), kind: str = "pretrain", model_keys=("model",)) -> dict:
+    """Load a run YAML (path or name under configs/<kind>/), apply overrides, expand model refs."""
+    raw = load_yaml(resolve_config_path(path, kind)) if path else {}
+    apply_overrides(raw, overrides, expand={k: "models" for k in model_keys})
+    return raw
+
+
+def load_pretrain_config(path: str | None, overrides=()) -> PretrainConfig:
+    raw = load_run_dict(path, overrides)
+    if "model" not in raw:
+        raise ValueError("model: required key is missing (a name under configs/models/ or a YAML path)")
+    raw["model"] = load_model_config(raw["model"], "model")
+    if "data" not in raw:
+        raise ValueError("data: required section is missing")
+    return from_dict(PretrainConfig, raw)
