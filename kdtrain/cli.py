@@ -1,0 +1,66 @@
+"""The ``kdtrain`` command.
+
+    kdtrain info                      versions, devices and optional accelerators
+    kdtrain model llama-3.2-1b --tp 2 parameter count, padded vocab and FLOPs of a model config
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+
+def _info(args) -> int:
+    import torch
+
+    import kdtrain
+
+    print(f"kdtrain {kdtrain.__version__}")
+    print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
+    try:
+        from megatron.core import package_info
+
+        print(f"megatron-core {package_info.__version__}")
+    except ImportError:
+        print("megatron-core: not installed")
+    for name in ("transformer_engine", "apex", "wandb"):
+        print(f"{name}: {'available' if importlib.util.find_spec(name) else 'not installed'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"cuda:{i} {torch.cuda.get_device_name(i)}")
+    return 0
+
+
+def _model(args) -> int:
+    from kdtrain.config import load_model_config
+
+    m = load_model_config(args.name)
+    m.check_layout(args.tp, args.pp, "--")
+    print(f"{m.name}: {m.num_params() / 1e6:.2f}M parameters ({m.num_params(include_embedding=False) / 1e6:.2f}M "
+          f"without input embeddings), {m.num_layers} layers, hidden {m.hidden_size}")
+    print(f"vocab {m.vocab_size} -> padded {m.padded_vocab_size(args.tp)} for tp={args.tp}")
+    print(f"training FLOPs/token at seq {args.seq_len}: {m.flops_per_token(args.seq_len) / 1e9:.3f} GFLOP")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kdtrain", description="knowledge distillation of megatron-core GPTs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices and optional accelerators").set_defaults(func=_info)
+    p = sub.add_parser("model", help="size and FLOPs of a model config")
+    p.add_argument("name", help="name under configs/models/ or a YAML path")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.set_defaults(func=_model)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

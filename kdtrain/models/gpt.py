@@ -1,0 +1,141 @@
+"""megatron-core ``GPTModel`` builder: model config + role groups + pipeline stage -> module."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from ..config import ModelConfig
+from ..parallel import RoleGroups
+from .attention import SDPAttention
+from .init import init_parameters
+from .params import ParamSpec, param_specs
+from .rope import DeviceRotaryEmbedding
+
+
+def transformer_engine_available(device: torch.device) -> bool:
+    """TE is an optional accelerator: used on CUDA when importable, unless KDTRAIN_NO_TE=1."""
+    return (device.type == "cuda" and os.environ.get("KDTRAIN_NO_TE") != "1"
+            and importlib.util.find_spec("transformer_engine") is not None)
+
+
+def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype,
+                       device: torch.device) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype,
+        normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=cfg.activation == "swiglu",
+        activation_func=F.silu if cfg.activation == "swiglu" else F.gelu,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias or cfg.add_bias_linear,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # kdtrain initialises weights itself (layout-independent, see init.py).
+        perform_initialization=False,
+        use_cpu_initialization=device.type == "cpu",
+        # Fusions that need apex/TE kernels or the CUDA RNG tracker stay off; SDPA does attention.
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        sequence_parallel=False,
+    )
+
+
+def layer_spec(cfg: ModelConfig, use_te: bool) -> ModuleSpec:
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+class KDGPTModel(GPTModel):
+    """GPTModel whose last stage returns vocab-parallel logits ``[s, b, V/tp]`` as computed.
+
+    The stock post-processing transposes and copies the logits to ``[b, s, V/tp]`` (or computes a
+    cross entropy); the losses here work on the ``[s, b]`` token order, so that copy of the
+    largest activation is skipped.
+    """
+
+    param_specs: dict[str, ParamSpec]
+    layer_offset: int
+
+    def _postprocess(self, hidden_states, **unused):
+        if not self.post_process:
+            return hidden_states
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=weight)
+        return logits
+
+
+def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dtype: torch.dtype,
+              seed: int, use_te: Optional[bool] = None) -> KDGPTModel:
+    """This rank's pipeline stage of a GPT, initialised from ``seed`` (layout-independent)."""
+    layout = groups.layout
+    cfg.check_layout(layout.tp, layout.pp, f"{layout.name}.parallel")
+    if use_te is None:
+        use_te = transformer_engine_available(device)
+    tcfg = transformer_config(cfg, layout.tp, layout.pp, dtype, device)
+    # megatron-core's tied-embedding set-up all-reduces the last stage's copy through
+    # `weight.data.cuda()`; kdtrain's init writes identical values on both stages instead, so the
+    # model gets no embedding group (gradient sync of the tied copies is kdtrain's, see grads.py).
+    pgc = ProcessGroupCollection(**{k: v for k, v in vars(groups.pgc).items()})
+    pgc.embd = None
+    model = KDGPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(cfg, use_te),
+        vocab_size=cfg.padded_vocab_size(layout.tp),
+        max_sequence_length=cfg.max_seq_length,
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type="rope" if cfg.position_embedding == "rope" else "learned_absolute",
+        rotary_base=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
+        pg_collection=pgc,
+    )
+    if cfg.position_embedding == "rope":
+        rope = DeviceRotaryEmbedding(
+            kv_channels=tcfg.kv_channels, rotary_percent=1.0, rotary_interleaved=tcfg.rotary_interleaved,
+            rotary_base=cfg.rope_theta, rope_scaling=cfg.rope_scaling_factor is not None,
+            rope_scaling_factor=cfg.rope_scaling_factor or 8.0, use_cpu_initialization=True,
+            cp_group=model.rotary_pos_emb.cp_group,
+        )
+        rope.inv_freq = rope.inv_freq.to(device)  # a plain attribute, not moved by Module.to
+        model.rotary_pos_emb = rope
+    model.to(device)
+    model.layer_offset = get_transformer_layer_offset(tcfg, pp_rank=groups.pp_rank)
+    model.param_specs = param_specs(model, cfg, groups.tp_rank, layout.tp, model.layer_offset)
+    init_parameters(model, model.param_specs, cfg, seed)
+    return model
+

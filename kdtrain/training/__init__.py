@@ -1,0 +1,2 @@
+"""Training machinery shared by pretraining and distillation: pipeline schedule, gradients,
+optimizer, checkpoints, metrics and logging. Entry points: ``kdtrain.training.pretrain``."""

@@ -1,0 +1,53 @@
+"""Global batch -> this data-parallel replica's micro-batches.
+
+Step ``t`` consumes global samples ``[t * G, (t + 1) * G)``; replica ``d`` of ``D`` takes the
+contiguous slice ``[d * G / D, (d + 1) * G / D)`` and cuts it into micro-batches. The global batch,
+and so the loss of a step, is the same for every TP/PP/DP layout, and resuming from a checkpoint
+only needs the step number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [b, s] int64 model input
+    labels: torch.Tensor  # [b, s] int64 next tokens
+    loss_mask: torch.Tensor  # [b, s] float32, 1 = counted
+    position_ids: torch.Tensor  # [b, s] int64
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+
+def make_microbatch(windows: np.ndarray, device: torch.device) -> MicroBatch:
+    """``windows`` [b, s + 1] token ids -> inputs/labels shifted by one."""
+    w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
+    tokens, labels = w[:, :-1], w[:, 1:]
+    b, s = tokens.shape
+    pos = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(b, s)
+    return MicroBatch(tokens.contiguous().to(device), labels.contiguous().to(device),
+                      torch.ones(b, s, dtype=torch.float32, device=device), pos.contiguous().to(device))
+
+
+def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int) -> range:
+    per_replica = global_batch // dp_size
+    start = first + dp_rank * per_replica
+    return range(start, start + per_replica)
+
+
+def microbatches(sample: Callable[[int], np.ndarray], first: int, global_batch: int, micro_batch: int,
+                 dp_rank: int, dp_size: int, device: torch.device) -> list[MicroBatch]:
+    """This replica's micro-batches of the global batch that starts at sample ``first``."""
+    ids = replica_sample_ids(first, global_batch, dp_rank, dp_size)
+    out = []
+    for i in range(0, len(ids), micro_batch):
+        out.append(make_microbatch(np.stack([sample(j) for j in ids[i: i + micro_batch]]), device))
+    return out

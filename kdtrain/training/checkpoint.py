@@ -1,0 +1,236 @@
+"""Layout-independent, atomic checkpoints.
+
+Layout on disk::
+
+    <dir>/latest                      name of the newest complete checkpoint ("step_0000100")
+    <dir>/step_0000100/meta.json      step, consumed samples, configs, layout, shard file list
+    <dir>/step_0000100/shards/rank00003.pt   {global param name: piece}, one file per writing rank
+    <dir>/step_0000100/rng/rank00003.pt      RNG states of each rank
+
+A *piece* is a rank's local slice of one global parameter plus where it sits: the sharded
+dimension and ``(global_start, global_stop, local_start)`` ranges (see models/params.py). Each
+global parameter is written once: tensor rank 0 for replicated parameters, the first stage for the
+tied embedding, data-parallel rank 0 (or, with ZeRO-1, the owning rank, which also writes the
+fp32 master weight and Adam moments). Loading copies the overlap of every stored piece with every
+piece the loading rank needs, so a checkpoint written with one TP/PP/DP layout loads into any
+other (pretrain with TP=1, distil with a TP=2 teacher).
+
+Atomicity: everything is written under ``step_N.tmp/``; after all ranks finish, the role's first
+rank writes meta.json, renames the directory to ``step_N`` and then replaces ``latest``. A crash at
+any point leaves ``latest`` on the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..models.params import ParamSpec
+from .optimizer import AdamWOptimizer
+
+FORMAT_VERSION = 1
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _barrier(group) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint under ``root``, or None if there is none."""
+    root = Path(root)
+    marker = root / "latest"
+    if not marker.is_file():
+        return None
+    path = root / marker.read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise ValueError(f"checkpoint dir {root}: 'latest' names {path.name}, which is missing or incomplete")
+    return path
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[ParamSpec, torch.nn.Parameter]],
+                    optimizer: Optional[AdamWOptimizer], dp_rank: int, role_group, writer_rank: int,
+                    meta: dict, keep: int) -> Path:
+    """Collective over the role: every rank of it calls with its own parameters."""
+    root = Path(root)
+    name = f"step_{step:07d}"
+    tmp, final = root / f"{name}.tmp", root / name
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == writer_rank:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash
+        (tmp / "shards").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    _barrier(role_group)
+
+    sharded = optimizer is not None and optimizer.sharded
+    owners = optimizer.owners if sharded else [0] * len(params)
+    pieces = {}
+    for (spec, p), owner in zip(params, owners):
+        if spec.tied_copy or spec.tp_duplicate or owner != dp_rank:
+            continue
+        piece = {"global_shape": list(spec.global_shape), "dim": spec.dim, "ranges": spec.ranges(),
+                 "param": p.detach().cpu()}
+        if optimizer is not None:
+            piece.update({k: v.detach().cpu() for k, v in optimizer.state_for(spec).items()})
+        pieces[spec.global_name] = piece
+    if pieces:
+        torch.save({"version": FORMAT_VERSION, "pieces": pieces}, tmp / "shards" / f"rank{rank:05d}.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / "rng" / f"rank{rank:05d}.pt")
+    _barrier(role_group)
+
+    if rank == writer_rank:
+        files = sorted(p.name for p in (tmp / "shards").glob("*.pt"))
+        meta = dict(meta, version=FORMAT_VERSION, step=step, shard_files=files, saved_at=time.time())
+        _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_write(root / "latest.tmp", name)
+        os.replace(root / "latest.tmp", root / "latest")
+        _prune(root, keep)
+    _barrier(role_group)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointReader:
+    """Index of the pieces of one checkpoint; copies any parameter into any layout."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            raise ValueError(f"not a kdtrain checkpoint (no meta.json): {self.path}")
+        try:
+            self.meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"corrupt checkpoint metadata {meta_file}: {e}") from None
+        if self.meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: checkpoint format {self.meta.get('version')} != {FORMAT_VERSION}")
+        self.pieces: dict[str, list[dict]] = {}
+        for fname in self.meta["shard_files"]:
+            f = self.path / "shards" / fname
+            try:
+                data = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
+            except Exception as e:  # truncated or corrupt file
+                raise ValueError(f"cannot read checkpoint shard {f}: {e}") from None
+            for gname, piece in data["pieces"].items():
+                self.pieces.setdefault(gname, []).append(piece)
+
+    def names(self) -> set[str]:
+        return set(self.pieces)
+
+    def has_optimizer_state(self) -> bool:
+        return any("exp_avg" in p for ps in self.pieces.values() for p in ps)
+
+    def read_into(self, spec: ParamSpec, key: str, out: torch.Tensor) -> None:
+        """Fill ``out`` (this rank's local tensor for ``spec``) with ``key`` of the stored pieces."""
+        if spec.global_name not in self.pieces:
+            raise ValueError(f"checkpoint {self.path} has no parameter {spec.global_name!r}")
+        copied = 0
+        for piece in self.pieces[spec.global_name]:
+            if tuple(piece["global_shape"]) != spec.global_shape:
+                raise ValueError(f"checkpoint {self.path}: {spec.global_name} has shape {tuple(piece['global_shape'])}, "
+                                 f"the model expects {spec.global_shape} (different model config?)")
+            src = piece.get(key)
+            if src is None and key == "master":
+                src = piece["param"]
+            if src is None:
+                raise ValueError(f"checkpoint {self.path}: {spec.global_name} has no {key!r} (saved without optimizer state?)")
+            copied += _copy_overlap(src, piece["dim"], piece["ranges"], out, spec.dim, spec.ranges())
+        expected = sum(g1 - g0 for g0, g1, _ in spec.ranges()) * (out.numel() // out.shape[spec.dim])
+        if copied != expected:
+            raise ValueError(f"checkpoint {self.path}: {spec.global_name} is incomplete "
+                             f"({copied} of {expected} values found; a shard file is missing?)")
+
+    def read_step_state(self, spec: ParamSpec) -> torch.Tensor:
+        piece = self.pieces[spec.global_name][0]
+        return piece["step"]
+
+
+def _copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor, dst_dim: int, dst_ranges) -> int:
+    """Copy the intersection of two pieces of one global tensor; returns the number of values.
+
+    A piece covers the full extent of every dimension except its sharded one, where it covers the
+    listed global ranges, so two pieces sharded on different dimensions intersect in a box."""
+    n = 0
+    for s0, s1, sl in src_ranges:
+        for d0, d1, dl in dst_ranges:
+            if src_dim == dst_dim:
+                lo, hi = max(s0, d0), min(s1, d1)
+                if hi <= lo:
+                    continue
+                a = src.narrow(src_dim, sl + lo - s0, hi - lo)
+                b = dst.narrow(dst_dim, dl + lo - d0, hi - lo)
+            else:
+                a = src.narrow(src_dim, sl, s1 - s0).narrow(dst_dim, d0, d1 - d0)
+                b = dst.narrow(dst_dim, dl, d1 - d0).narrow(src_dim, s0, s1 - s0)
+            b.copy_(a)
+            n += b.numel()
+    return n
+
+
+@torch.no_grad()
+def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]]) -> None:
+    """Model weights only (teacher, fine-tuning, evaluation)."""
+    missing = {s.global_name for s, _ in params} - reader.names()
+    if missing:
+        raise ValueError(f"checkpoint {reader.path} lacks {len(missing)} parameters of this model, "
+                         f"e.g. {sorted(missing)[:3]} (different model config?)")
+    for spec, p in params:
+        buf = torch.empty(p.shape, dtype=torch.float32)
+        buf.zero_()
+        reader.read_into(spec, "master", buf)
+        p.copy_(buf.to(p.dtype))
+
+
+@torch.no_grad()
+def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer) -> None:
+    """Weights of every parameter, plus master weights and Adam moments of owned ones."""
+    load_weights(reader, optimizer.params)
+    if not reader.has_optimizer_state():
+        raise ValueError(f"checkpoint {reader.path} has no optimizer state; use checkpoint.load to start "
+                         "from its weights instead of resuming")
+    for spec, p, master in optimizer.owned:
+        state = {}
+        for key in STATE_KEYS:
+            buf = torch.zeros(p.shape, dtype=torch.float32)
+            reader.read_into(spec, key, buf)
+            state[key] = buf.to(master.device)
+        state["step"] = reader.read_step_state(spec)
+        optimizer.load_state_for(spec, state)
+
+
+def restore_rng(path: Path, rank: int) -> bool:
+    f = path / "rng" / f"rank{rank:05d}.pt"
+    if not f.is_file():
+        return False
+    state = torch.load(f, weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True

@@ -1,0 +1,82 @@
+"""Gradients: fp32 accumulation buffer, data-parallel reduction, tied-embedding sync, clipping.
+
+A device-agnostic stand-in for megatron-core's DDP grad buffers (which need CUDA streams). Each
+parameter gets a ``main_grad`` view into one flat fp32 buffer; a post-accumulate hook moves every
+fresh ``.grad`` into it, so bf16 models accumulate micro-batch gradients in fp32 and fp32 models
+take the same path. The data-parallel reduction is a SUM: losses are already divided by the
+global token count (see pipeline.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..models.params import ParamSpec
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+class GradBuffer:
+    def __init__(self, model: torch.nn.Module, specs: dict[str, ParamSpec],
+                 bucket_numel: int = 64 * 1024 * 1024):
+        self.params = [(specs[n], p) for n, p in model.named_parameters() if p.requires_grad]
+        total = sum(p.numel() for _, p in self.params)
+        device = self.params[0][1].device if self.params else torch.device("cpu")
+        self.data = torch.zeros(total, dtype=torch.float32, device=device)
+        self.bucket_numel = bucket_numel
+        offset = 0
+        for _, p in self.params:
+            p.main_grad = self.data[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+            p.register_post_accumulate_grad_hook(self._accumulate)
+
+    @staticmethod
+    def _accumulate(p: torch.Tensor) -> None:
+        p.main_grad.add_(p.grad)
+        p.grad = None
+
+    def zero(self) -> None:
+        self.data.zero_()
+
+    def all_reduce(self, group: Optional[dist.ProcessGroup]) -> None:
+        """Sum gradients over a data-parallel group, in buckets to bound transient memory."""
+        if _group_size(group) == 1:
+            return
+        for chunk in self.data.split(self.bucket_numel):
+            dist.all_reduce(chunk, group=group)
+
+    def sync_tied_embeddings(self, embd_group: Optional[dist.ProcessGroup], tie_embeddings: bool) -> None:
+        """With pp > 1 and tied embeddings, the first stage's word embedding and the last stage's
+        output weight are two copies of one parameter: their gradients are summed so both
+        copies receive the same update."""
+        if not tie_embeddings or _group_size(embd_group) == 1:
+            return
+        for spec, p in self.params:
+            if spec.global_name == "embedding.word_embeddings.weight":
+                dist.all_reduce(p.main_grad, group=embd_group)
+
+    def global_norm(self, mp_group: Optional[dist.ProcessGroup]) -> float:
+        """L2 norm of the full model's gradient: tensor-parallel replicas and the tied output
+        copy are counted once; shards are summed over the model-parallel (tp x pp) group."""
+        sq = torch.zeros((), dtype=torch.float32, device=self.data.device)
+        for spec, p in self.params:
+            if spec.tp_duplicate or spec.tied_copy:
+                continue
+            sq += p.main_grad.float().pow(2).sum()
+        if _group_size(mp_group) > 1:
+            dist.all_reduce(sq, group=mp_group)
+        return math.sqrt(sq.item())
+
+    def clip(self, max_norm: float, norm: float) -> None:
+        if max_norm > 0 and norm > max_norm:
+            self.data.mul_(max_norm / (norm + 1e-6))
+
+    def named_main_grads(self) -> Iterable[tuple[ParamSpec, torch.Tensor]]:
+        for spec, p in self.params:
+            yield spec, p.main_grad

@@ -1,0 +1,94 @@
+"""Run logging on the writer rank: progress bar, metrics.jsonl, TensorBoard and wandb.
+
+wandb runs offline (files under the run dir, ``wandb sync`` later) unless a project is given and
+an API key is available, in which case it logs online.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..config import LoggingConfig
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+class RunLogger:
+    def __init__(self, cfg: LoggingConfig, enabled: bool, total_steps: int, start_step: int,
+                 run_config: Optional[dict] = None, name: str = "run"):
+        self.cfg = cfg
+        self.enabled = enabled
+        self.bar = self.tb = self.wandb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.dir = Path(cfg.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if run_config is not None:
+            (self.dir / "config.json").write_text(json.dumps(run_config, indent=1, default=str))
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+        if cfg.wandb:
+            import wandb
+
+            online = bool(cfg.wandb_project) and bool(os.environ.get("WANDB_API_KEY"))
+            self.wandb = wandb.init(project=cfg.wandb_project or "kdtrain", entity=cfg.wandb_entity,
+                                    name=name, dir=str(self.dir), mode="online" if online else "offline",
+                                    config=run_config, resume="allow")
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True,
+                            file=sys.stdout, mininterval=0.5)
+
+    def write(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def log(self, step: int, metrics: dict, kind: str = "train", advance: bool = True) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": time.time(), **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.tb is not None:
+            for k, v in numeric.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in numeric.items()}, step=step)
+        if self.bar is not None and kind == "train":
+            post = {k: _fmt(metrics[k]) for k in ("loss", "lr", "tokens_per_s", "mfu") if k in metrics}
+            self.bar.set_postfix(post, refresh=False)
+            if advance and step > self.bar.n:
+                self.bar.update(step - self.bar.n)
+        elif self.bar is None or kind != "train":
+            self.write(f"[{kind}] step {step} " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self._jsonl is not None:
+            self._jsonl.close()

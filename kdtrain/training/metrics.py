@@ -1,0 +1,69 @@
+"""Throughput and model-FLOPs utilisation.
+
+MFU = (model FLOPs per token x tokens per second) / (number of devices x peak dense FLOP/s).
+Model FLOPs per token are ``ModelConfig.flops_per_token`` (6 x matmul parameters incl. the output
+layer + 12 x layers x seq x heads x head_dim for attention; no recomputation credited). The peak
+is ``logging.peak_tflops`` when set, else the bf16 dense peak of a known GPU; on CPU there is no
+meaningful peak and MFU is not reported.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,  # SXM; the PCIe part is 756
+    "A100": 312.0,
+    "L40S": 362.1,
+    "B200": 2250.0,
+}
+
+
+def peak_tflops(device: torch.device, override: Optional[float] = None) -> Optional[float]:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756.0
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class Throughput:
+    """Wall time of a step and the rates derived from it."""
+
+    def __init__(self, tokens_per_step: int, samples_per_step: int, flops_per_token: float,
+                 num_devices: int, peak: Optional[float], device: torch.device):
+        self.tokens_per_step = tokens_per_step
+        self.samples_per_step = samples_per_step
+        self.flops_per_token = flops_per_token
+        self.num_devices = num_devices
+        self.peak = peak
+        self.device = device
+        self._t0 = None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> dict:
+        self._sync()
+        dt = time.perf_counter() - self._t0
+        tokens_per_s = self.tokens_per_step / dt
+        out = {"step_time_s": dt, "tokens_per_s": tokens_per_s, "samples_per_s": self.samples_per_step / dt}
+        if self.peak:
+            out["mfu"] = self.flops_per_token * tokens_per_s / (self.num_devices * self.peak * 1e12)
+        return out

@@ -1,0 +1,202 @@
+"""Pretraining of one GPT with TP x PP x DP (the entry point behind scripts/pretrain_gpt.py)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig, PretrainConfig, to_dict
+from ..data import GPTWindowDataset, Tokenizer
+from ..loss import vocab_parallel_cross_entropy
+from ..models import KDGPTModel, build_gpt, transformer_engine_available
+from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
+from .batches import MicroBatch, microbatches
+from .checkpoint import CheckpointReader, latest_checkpoint, load_training_state, load_weights, restore_rng, save_checkpoint
+from .grads import GradBuffer
+from .logger import RunLogger
+from .metrics import Throughput, peak_tflops
+from .optimizer import AdamWOptimizer, lr_at
+from .pipeline import ForwardStep, PipelineSchedule
+from .step import eval_step, train_step
+
+LM_REPORT_KEYS = ("loss_sum", "tokens")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def lm_forward_step(vocab_size: int, tp_group) -> ForwardStep:
+    """Next-token cross entropy on vocab-parallel logits (Megatron-LM's forward_step contract)."""
+
+    def forward_step(model: KDGPTModel, mb: MicroBatch):
+        output = model(mb.tokens, mb.position_ids, None)  # last stage: logits [s, b, V/tp]
+
+        def loss_func(logits_SBVl: torch.Tensor):
+            losses_SB = vocab_parallel_cross_entropy(logits_SBVl, mb.labels.t(), vocab_size, tp_group)
+            mask_SB = mb.loss_mask.t()
+            loss_sum = (losses_SB * mask_SB).sum()
+            num_tokens = mask_SB.sum()
+            return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), "tokens": num_tokens}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None:
+    """Same architecture as the checkpoint (the name may differ)."""
+    saved = dict(reader.meta.get("model", {}))
+    ours = to_dict(model)
+    diff = sorted(k for k in set(saved) | set(ours) if k != "name" and saved.get(k) != ours.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(f"checkpoint {reader.path} was written for a different model: {k} = {saved.get(k)!r} "
+                         f"there, {ours.get(k)!r} here (differing fields: {diff})")
+
+
+def open_dataset(cfg: PretrainConfig) -> GPTWindowDataset:
+    fingerprint = None
+    if cfg.data.tokenizer:
+        tok = Tokenizer(cfg.data.tokenizer)
+        if tok.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has {tok.vocab_size} ids but model "
+                             f"{cfg.model.name!r} has vocab_size={cfg.model.vocab_size}")
+        fingerprint = tok.fingerprint
+    return GPTWindowDataset(cfg.data.path, cfg.data.seq_length, split=tuple(cfg.data.split), seed=cfg.data.seed,
+                            vocab_size=cfg.model.vocab_size, tokenizer_fingerprint=fingerprint)
+
+
+@dataclass
+class Role:
+    """One trainable model with everything needed to step it."""
+
+    groups: RoleGroups
+    model: KDGPTModel
+    grads: GradBuffer
+    optimizer: AdamWOptimizer
+    schedule: PipelineSchedule
+
+    @property
+    def params(self):
+        return self.optimizer.params
+
+
+def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, seq_length: int,
+                    micro_batch: int, device: torch.device, dtype: torch.dtype, seed: int) -> Role:
+    model = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed)
+    grads = GradBuffer(model, model.param_specs)
+    params = [(model.param_specs[n], p) for n, p in model.named_parameters()]
+    optimizer = AdamWOptimizer(params, optimizer_cfg, groups.pgc.dp)
+    schedule = PipelineSchedule(model, groups, (seq_length, micro_batch, model_cfg.hidden_size), dtype, device)
+    return Role(groups, model, grads, optimizer, schedule)
+
+
+def evaluate(role: Role, dataset: GPTWindowDataset, cfg: PretrainConfig, forward_step, device) -> dict:
+    t = cfg.training
+    n_valid = dataset.num_valid_windows
+    if n_valid == 0 or t.eval_batches == 0:
+        return {}
+    sums = {k: 0.0 for k in LM_REPORT_KEYS}
+    role.model.eval()
+    for b in range(t.eval_batches):
+        mbs = microbatches(lambda j: dataset.valid_sample(j % n_valid), b * t.global_batch_size,
+                           t.global_batch_size, t.micro_batch_size, role.groups.dp_rank, role.groups.layout.dp, device)
+        for k, v in eval_step(role.schedule, forward_step, mbs, role.groups, LM_REPORT_KEYS).items():
+            sums[k] += v
+    role.model.train()
+    loss = sums["loss_sum"] / sums["tokens"]
+    return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
+    cfg.validate(env.world_size)
+    par, t = cfg.parallel, cfg.training
+    dtype = resolve_dtype(cfg.precision.dtype, env.device)
+    groups = build_role_groups(RoleLayout("model", 0, par.tp, par.pp, par.dp), timeout_s=cfg.distributed.timeout_s)
+    dataset = open_dataset(cfg)
+    role = build_trainable(cfg.model, groups, cfg.optimizer, cfg.data.seq_length, t.micro_batch_size,
+                           env.device, dtype, t.seed)
+    forward_step = lm_forward_step(cfg.model.vocab_size, groups.pgc.tp)
+
+    start_step = _restore(cfg, role, env.rank)
+    writer = env.rank == 0
+    logger = RunLogger(cfg.logging, writer, t.train_steps, start_step, run_config=to_dict(cfg), name=cfg.model.name)
+    logger.write(
+        f"kdtrain pretrain: {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f}M params, padded vocab "
+        f"{cfg.model.padded_vocab_size(par.tp)}), tp={par.tp} pp={par.pp} dp={par.dp} on {env.world_size} "
+        f"{env.device.type} rank(s), {str(dtype).removeprefix('torch.')}, attention="
+        f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}, start step {start_step}")
+    tokens_per_step = t.global_batch_size * cfg.data.seq_length
+    throughput = Throughput(tokens_per_step, t.global_batch_size, cfg.model.flops_per_token(cfg.data.seq_length),
+                            env.world_size, peak_tflops(env.device, cfg.logging.peak_tflops), env.device)
+    summary: dict = {"start_step": start_step}
+    step = start_step
+    while step < t.train_steps:
+        lr = lr_at(step, cfg.optimizer, t.train_steps)
+        mbs = microbatches(dataset.train_sample, step * t.global_batch_size, t.global_batch_size,
+                           t.micro_batch_size, groups.dp_rank, par.dp, env.device)
+        throughput.start()
+        result = train_step(role.schedule, forward_step, mbs, role.grads, role.optimizer, groups, lr,
+                            cfg.optimizer.clip_grad, cfg.model.tie_embeddings, LM_REPORT_KEYS)
+        rates = throughput.stop()
+        step += 1
+        loss = result.sums["loss_sum"] / result.sums["tokens"]
+        metrics = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
+                   "consumed_samples": step * t.global_batch_size, **rates}
+        summary["train_loss"] = loss
+        if step % cfg.logging.interval == 0 or step == t.train_steps:
+            logger.log(step, metrics)
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.train_steps:
+            logger.log(step, evaluate(role, dataset, cfg, forward_step, env.device), kind="valid")
+        stop_now = t.exit_interval is not None and step - start_step >= t.exit_interval
+        if cfg.checkpoint.dir and (stop_now or step == t.train_steps
+                                   or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
+            _save(cfg, role, step)
+        if stop_now:
+            logger.write(f"exit_interval reached: stopping after step {step}")
+            break
+    if step == t.train_steps:
+        final = evaluate(role, dataset, cfg, forward_step, env.device)
+        if final:
+            logger.log(step, final, kind="valid")
+        summary.update(final)
+    summary["step"] = step
+    logger.close()
+    return summary
+
+
+def _restore(cfg: PretrainConfig, role: Role, rank: int) -> int:
+    ck = cfg.checkpoint
+    path = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
+    if path is not None:
+        reader = CheckpointReader(path)
+        check_checkpoint_model(reader, cfg.model)
+        load_training_state(reader, role.optimizer)
+        if reader.meta.get("layout") == _layout_meta(role.groups):
+            restore_rng(path, rank)
+        return int(reader.meta["step"])
+    if ck.load:
+        reader = CheckpointReader(latest_checkpoint(ck.load) or ck.load)
+        check_checkpoint_model(reader, cfg.model)
+        load_weights(reader, role.params)
+    return 0
+
+
+def _layout_meta(groups: RoleGroups) -> dict:
+    lay = groups.layout
+    return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "rank_offset": lay.rank_offset}
+
+
+def _save(cfg: PretrainConfig, role: Role, step: int) -> None:
+    g = role.groups
+    meta = {"model": to_dict(cfg.model), "layout": _layout_meta(g), "kind": "pretrain",
+            "consumed_samples": step * cfg.training.global_batch_size, "data": to_dict(cfg.data)}
+    save_checkpoint(cfg.checkpoint.dir, step, role.params, role.optimizer, g.dp_rank, g.role_group,
+                    g.layout.rank_offset, meta, cfg.checkpoint.keep)

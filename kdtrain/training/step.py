@@ -1,0 +1,73 @@
+"""One optimisation step of a role, and the reduction of its loss reports.
+
+Shared by pretraining and distillation: only the forward step (and so the loss) differs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import RoleGroups
+from .grads import GradBuffer
+from .optimizer import AdamWOptimizer
+from .pipeline import ForwardStep, PipelineSchedule
+
+
+@dataclass
+class StepResult:
+    sums: dict[str, float]  # report values summed over micro-batches and replicas
+    grad_norm: float
+    skipped: bool  # non-finite gradient: the update was not applied
+
+
+def global_token_count(microbatches: Sequence, groups: RoleGroups, device: torch.device) -> torch.Tensor:
+    """Valid tokens in the whole global batch (summed over data-parallel replicas)."""
+    n = torch.tensor(float(sum(mb.num_tokens for mb in microbatches)), device=device)
+    if groups.layout.dp > 1:
+        dist.all_reduce(n, group=groups.pgc.dp)
+    return n
+
+
+def reduce_reports(reports: list[dict], keys: Sequence[str], groups: RoleGroups, device: torch.device) -> dict[str, float]:
+    """Sum report values over micro-batches and replicas; every rank of the role gets the result.
+
+    Reports exist on the last pipeline stage only, identically on each of its tensor ranks, so
+    only tensor rank 0 of the last stage contributes."""
+    vec = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    if groups.is_last_stage and groups.tp_rank == 0:
+        for r in reports:
+            vec += torch.stack([torch.as_tensor(r[k], dtype=torch.float64, device=device) for k in keys])
+    if groups.layout.num_ranks > 1:
+        dist.all_reduce(vec, group=groups.role_group)
+    return dict(zip(keys, vec.tolist()))
+
+
+def train_step(schedule: PipelineSchedule, forward_step: ForwardStep, microbatches: Sequence,
+               grads: GradBuffer, optimizer: AdamWOptimizer, groups: RoleGroups, lr: float, clip_grad: float,
+               tie_embeddings: bool, report_keys: Sequence[str]) -> StepResult:
+    device = grads.data.device
+    total_tokens = global_token_count(microbatches, groups, device)
+    grads.zero()
+    reports = schedule.forward_backward(forward_step, microbatches, total_tokens)
+    grads.all_reduce(groups.pgc.dp)
+    grads.sync_tied_embeddings(groups.pgc.embd, tie_embeddings)
+    norm = grads.global_norm(groups.pgc.mp)
+    skipped = not math.isfinite(norm)
+    if not skipped:
+        grads.clip(clip_grad, norm)
+        optimizer.step(lr)
+    return StepResult(reduce_reports(reports, report_keys, groups, device), norm, skipped)
+
+
+@torch.no_grad()
+def eval_step(schedule: PipelineSchedule, forward_step: ForwardStep, microbatches: Sequence,
+              groups: RoleGroups, report_keys: Sequence[str]) -> dict[str, float]:
+    device = schedule.link.device
+    total_tokens = global_token_count(microbatches, groups, device)
+    reports = schedule.forward_only(forward_step, microbatches, total_tokens)
+    return reduce_reports(reports, report_keys, groups, device)
