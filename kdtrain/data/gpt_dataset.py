@@ -1,0 +1,144 @@
+"""Fixed-length GPT training windows over one or more tokenized corpora.
+
+The token streams of all prefixes, in order, form one logical stream (nothing is copied). Window
+i covers stream tokens [i*S, i*S + S + 1): S inputs plus the shifted labels, so consecutive
+windows share one boundary token. The first windows form the train split and the next ones the
+held-out split, as contiguous ranges. Training samples are drawn by a per-epoch permutation
+seeded by (seed, epoch): sample g depends only on g and the seed, never on the parallel layout,
+and resuming after N consumed samples is just continuing at g = N.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kdtrain.data.indexed import IndexedTokens, meta_path, open_indexed_dataset
+
+
+def _floor_fraction(n: int, fraction: float) -> int:
+    # round() first so that e.g. 100 * 0.29 = 28.999999999999996 counts as 29.
+    return math.floor(round(n * fraction, 9))
+
+
+class GPTWindowDataset:
+    def __init__(
+        self,
+        prefixes: list[str],
+        seq_length: int,
+        split: tuple[float, float] = (0.98, 0.02),
+        seed: int = 1234,
+        vocab_size: int | None = None,
+        tokenizer_fingerprint: str | None = None,
+    ):
+        if isinstance(prefixes, str):
+            prefixes = [prefixes]
+        if not prefixes:
+            raise ValueError("GPTWindowDataset needs at least one dataset prefix")
+        if not isinstance(seq_length, int) or seq_length < 1:
+            raise ValueError(f"seq_length must be a positive integer, got {seq_length!r}")
+        if len(split) != 2 or any(f < 0 for f in split) or split[0] <= 0 or sum(split) > 1.0 + 1e-9:
+            raise ValueError(f"split must be (train, held_out) fractions >= 0 with train > 0 and sum <= 1, got {split}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+        self.prefixes = [str(p) for p in prefixes]
+        self.seq_length = seq_length
+        self.split = (float(split[0]), float(split[1]))
+        self.seed = seed
+        self.streams: list[IndexedTokens] = [open_indexed_dataset(p) for p in self.prefixes]
+        for stream in self.streams:
+            self._check_stream(stream, vocab_size, tokenizer_fingerprint)
+
+        lengths = np.array([s.num_tokens for s in self.streams], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])
+        self.total_tokens = int(self._starts[-1])
+        window = seq_length + 1
+        if self.total_tokens < window:
+            raise ValueError(
+                f"corpus {', '.join(self.prefixes)} has {self.total_tokens} tokens, fewer than one window "
+                f"of seq_length+1={window}"
+            )
+        self.num_windows = (self.total_tokens - 1) // seq_length
+        self._n_train = _floor_fraction(self.num_windows, self.split[0])
+        self._n_valid = _floor_fraction(self.num_windows, self.split[1])
+        if self._n_train < 1:
+            raise ValueError(
+                f"train split {self.split[0]} of the {self.num_windows} windows of corpus "
+                f"{', '.join(self.prefixes)} is empty"
+            )
+        if self.split[1] > 0 and self._n_valid < 1:
+            raise ValueError(
+                f"held-out split {self.split[1]} requested, but corpus {', '.join(self.prefixes)} has only "
+                f"{self.num_windows} windows of seq_length+1={window} tokens, so it gets none; use a larger "
+                f"corpus, a larger held-out fraction or split[1]=0"
+            )
+        self._perm_epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    @staticmethod
+    def _check_stream(stream: IndexedTokens, vocab_size: int | None, fingerprint: str | None) -> None:
+        if fingerprint is not None and stream.meta is not None:
+            recorded = stream.meta.get("tokenizer_fingerprint")
+            if recorded is not None and recorded != fingerprint:
+                raise ValueError(
+                    f"tokenizer mismatch for {stream.prefix}: {meta_path(stream.prefix)} records tokenizer "
+                    f"fingerprint {recorded} (from {stream.meta.get('tokenizer_path')}), but the configured "
+                    f"tokenizer has fingerprint {fingerprint}"
+                )
+        if vocab_size is not None and np.iinfo(stream.dtype).max >= vocab_size:
+            top = stream.max_token_id()
+            if top >= vocab_size:
+                raise ValueError(
+                    f"corpus {stream.prefix} contains token id {top} >= vocab_size={vocab_size}: it was "
+                    f"tokenized with a different tokenizer/vocab than the model expects"
+                )
+
+    @property
+    def num_train_windows(self) -> int:
+        return self._n_train
+
+    @property
+    def num_valid_windows(self) -> int:
+        return self._n_valid
+
+    def window(self, w: int) -> np.ndarray:
+        """Tokens [w*S, w*S + S + 1) of the concatenated stream, as int64."""
+        if not 0 <= w < self.num_windows:
+            raise IndexError(f"window index {w} out of range [0, {self.num_windows})")
+        S = self.seq_length
+        out = np.empty(S + 1, dtype=np.int64)
+        pos, filled = w * S, 0
+        i = int(np.searchsorted(self._starts, pos, side="right")) - 1
+        while filled < S + 1:
+            local = pos - int(self._starts[i])
+            take = min(S + 1 - filled, self.streams[i].num_tokens - local)
+            out[filled : filled + take] = self.streams[i].tokens[local : local + take]
+            filled += take
+            pos += take
+            i += 1
+        return out
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self._n_train)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def train_window_index(self, g: int) -> int:
+        """The window that global train sample g reads (any g >= 0; epochs repeat reshuffled)."""
+        if g < 0:
+            raise IndexError(f"train sample index must be >= 0, got {g}")
+        epoch, position = divmod(int(g), self._n_train)
+        return int(self._permutation(epoch)[position])
+
+    def train_sample(self, g: int) -> np.ndarray:
+        """Global train sample g: int64 array of seq_length + 1 tokens."""
+        return self.window(self.train_window_index(g))
+
+    def valid_sample(self, j: int) -> np.ndarray:
+        """Held-out sample j in [0, num_valid_windows), in corpus order."""
+        if not 0 <= j < self._n_valid:
+            raise IndexError(f"held-out sample index {j} out of range [0, {self._n_valid})")
+        return self.window(self._n_train + int(j))

@@ -1,0 +1,232 @@
+"""Tokenized corpora on disk in megatron-core's indexed format, plus a JSON sidecar.
+
+`<prefix>.bin` is the concatenation of all documents' token ids, `<prefix>.idx` megatron-core's
+index of sequence lengths and document boundaries (one sequence per document here), and
+`<prefix>.meta.json` records how the tokens were made (tokenizer path and fingerprint, vocab size,
+eos id, counts, dtype). Writing is atomic: `.idx` is moved into place last, so an interrupted run
+never leaves a pair that opens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+# megatron-core .idx layout: magic, version, dtype code, sequence count, document count, then
+# int32 sequence lengths, int64 sequence pointers and int64 document indices.
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+
+
+def _megatron_indexed():
+    # Imported on use: megatron-core pulls in torch and takes seconds to import.
+    from megatron.core.datasets import indexed_dataset
+
+    return indexed_dataset
+
+
+def bin_path(prefix: str) -> str:
+    return f"{prefix}.bin"
+
+
+def idx_path(prefix: str) -> str:
+    return f"{prefix}.idx"
+
+
+def meta_path(prefix: str) -> str:
+    return f"{prefix}.meta.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest dtype megatron-core stores for this vocabulary: uint16 below 65500 ids, else int32."""
+    return np.dtype(_megatron_indexed().DType.optimal_dtype(vocab_size))
+
+
+class IndexedTokens:
+    """A validated, read-only tokenized corpus: the flat token stream and its document lengths."""
+
+    def __init__(self, prefix: str, tokens: np.memmap, document_lengths: np.ndarray, meta: dict | None):
+        assert tokens.ndim == 1 and int(document_lengths.sum()) == tokens.shape[0]
+        self.prefix = prefix
+        self.tokens = tokens
+        self.document_lengths = document_lengths
+        self.meta = meta
+        self._max_token_id: int | None = None
+
+    def __reduce__(self):
+        return (open_indexed_dataset, (self.prefix,))
+
+    def __repr__(self) -> str:
+        return (f"IndexedTokens({self.prefix!r}, num_documents={self.num_documents}, "
+                f"num_tokens={self.num_tokens}, dtype={self.dtype})")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.document_lengths.shape[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.tokens.dtype
+
+    def max_token_id(self) -> int:
+        """Largest token id in the corpus (one pass over the data, then cached)."""
+        if self._max_token_id is None:
+            self._max_token_id = int(self.tokens.max())
+        return self._max_token_id
+
+
+def _document_lengths(sequence_lengths: np.ndarray, document_indices: np.ndarray) -> np.ndarray:
+    bounds = np.concatenate([[0], np.cumsum(sequence_lengths, dtype=np.int64)])
+    return bounds[document_indices[1:]] - bounds[document_indices[:-1]]
+
+
+def _read_meta(prefix: str) -> dict | None:
+    path = meta_path(prefix)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"metadata file {path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"metadata file {path} must hold a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _check_idx_layout(idx_file: str) -> None:
+    """Header and size checks, so megatron-core only ever reads a well-formed index."""
+    with open(idx_file, "rb") as f:
+        head = f.read(_IDX_HEADER.size)
+    if len(head) < _IDX_HEADER.size:
+        raise ValueError(f"index file {idx_file} is corrupt or truncated ({len(head)}-byte header)")
+    magic, version, code, n_sequences, n_documents = _IDX_HEADER.unpack(head)
+    if magic != _IDX_MAGIC:
+        raise ValueError(f"index file {idx_file} is corrupt: bad header {magic!r}, not a megatron-core index")
+    if version != 1:
+        raise ValueError(f"index file {idx_file} is corrupt: unsupported version {version}")
+    try:
+        _megatron_indexed().DType(code)
+    except ValueError:
+        raise ValueError(f"index file {idx_file} is corrupt: unknown dtype code {code}") from None
+    expected = _IDX_HEADER.size + 12 * n_sequences + 8 * n_documents
+    actual = os.path.getsize(idx_file)
+    if actual < expected:
+        raise ValueError(f"index file {idx_file} is corrupt or truncated: {actual} bytes, its header needs {expected}")
+
+
+def open_indexed_dataset(prefix: str) -> IndexedTokens:
+    """Open and validate `<prefix>.bin` / `<prefix>.idx` (and `<prefix>.meta.json` if present)."""
+    prefix = str(prefix)
+    bin_file, idx_file = bin_path(prefix), idx_path(prefix)
+    for path in (bin_file, idx_file):
+        if not os.path.isfile(path):
+            raise ValueError(f"indexed dataset file {path} does not exist (prefix {prefix})")
+
+    _check_idx_layout(idx_file)
+    mi = _megatron_indexed()
+    try:
+        # mmap=False: megatron then never touches the .bin, which is memory-mapped below instead.
+        index = mi.IndexedDataset(prefix, mmap=False).index
+        dtype = np.dtype(index.dtype)
+        sequence_lengths = np.array(index.sequence_lengths, dtype=np.int64)
+        document_indices = np.array(index.document_indices, dtype=np.int64)
+        del index
+    except (AssertionError, struct.error, ValueError, IndexError, KeyError, OverflowError) as e:
+        raise ValueError(f"index file {idx_file} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if dtype.kind not in "iu":
+        raise ValueError(f"index file {idx_file} declares non-integer token dtype {dtype}")
+    if (
+        document_indices.size == 0
+        or document_indices[0] != 0
+        or document_indices[-1] != sequence_lengths.size
+        or np.any(np.diff(document_indices) < 0)
+        or np.any(sequence_lengths < 0)
+    ):
+        raise ValueError(f"index file {idx_file} is corrupt (inconsistent document boundaries or lengths)")
+
+    num_tokens = int(sequence_lengths.sum())
+    expected_bytes = num_tokens * dtype.itemsize
+    actual_bytes = os.path.getsize(bin_file)
+    if actual_bytes != expected_bytes:
+        raise ValueError(
+            f"data file {bin_file} has {actual_bytes} bytes but {idx_file} describes {num_tokens} {dtype} "
+            f"tokens ({expected_bytes} bytes): the pair is truncated or mismatched; re-run preprocessing"
+        )
+    if num_tokens == 0:
+        raise ValueError(f"indexed dataset {prefix} is empty (0 tokens in {bin_file})")
+
+    meta = _read_meta(prefix)
+    if meta is not None and meta.get("num_tokens", num_tokens) != num_tokens:
+        raise ValueError(
+            f"metadata file {meta_path(prefix)} records num_tokens={meta['num_tokens']} but {bin_file} "
+            f"holds {num_tokens}: stale metadata from another run"
+        )
+    tokens = np.memmap(bin_file, dtype=dtype, mode="r", shape=(num_tokens,))
+    return IndexedTokens(prefix, tokens, _document_lengths(sequence_lengths, document_indices), meta)
+
+
+def _remove(paths: Sequence[str]) -> None:
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def write_indexed_dataset(prefix: str, documents: Iterable[Sequence[int]], vocab_size: int, metadata: dict) -> dict:
+    """Write token documents as `<prefix>.bin/.idx/.meta.json`; return the metadata written.
+
+    `metadata` should carry tokenizer_path, tokenizer_fingerprint and eos_id; vocab_size,
+    num_documents, num_tokens and dtype are filled in here. Empty documents are skipped.
+    """
+    prefix = str(prefix)
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    dtype = token_dtype(vocab_size)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{prefix}.tmp-{os.getpid()}"
+    tmp_bin, tmp_idx, tmp_meta = bin_path(tmp), idx_path(tmp), meta_path(tmp)
+    num_documents = num_tokens = 0
+    builder = None
+    try:
+        builder = _megatron_indexed().IndexedDatasetBuilder(tmp_bin, dtype=dtype.type)
+        for i, doc in enumerate(documents):
+            ids = np.asarray(doc, dtype=np.int64)
+            if ids.size == 0:
+                continue
+            if ids.ndim != 1:
+                raise ValueError(f"document {i} for {prefix} is not a flat list of token ids (shape {ids.shape})")
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"document {i} for {prefix} has token id {bad} outside [0, vocab_size={vocab_size})")
+            builder.add_document(ids.astype(dtype), [ids.size])
+            num_documents += 1
+            num_tokens += ids.size
+        builder.finalize(tmp_idx)
+        if num_tokens == 0:
+            raise ValueError(f"no tokens to write for {prefix}: the input has no non-empty documents")
+        meta = dict(metadata)
+        meta.update(vocab_size=vocab_size, num_documents=num_documents, num_tokens=num_tokens, dtype=dtype.name)
+        with open(tmp_meta, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.write("\n")
+        # .idx goes last: until it is in place, the prefix does not open.
+        _remove([idx_path(prefix)])
+        os.replace(tmp_bin, bin_path(prefix))
+        os.replace(tmp_meta, meta_path(prefix))
+        os.replace(tmp_idx, idx_path(prefix))
+    finally:
+        if builder is not None:
+            builder.data_file.close()
+        _remove([tmp_bin, tmp_idx, tmp_meta])
+    return meta

@@ -1,0 +1,213 @@
+"""SentencePiece tokenizer: loading a model file and training a new one deterministically."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+from kdtrain.data.sources import check_input_file, iter_documents
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+_BYTE_PIECES = 256
+_SPECIAL_PIECES = 3
+_MIN_ALPHABET = 8
+MIN_VOCAB_SIZE = _BYTE_PIECES + _SPECIAL_PIECES + _MIN_ALPHABET
+MAX_VOCAB_SIZE = 1_000_000
+MODEL_TYPES = ("bpe", "unigram")
+_MAX_SENTENCE_CHARS = 4096
+_SPM_WHITESPACE = "\u2581"
+
+
+class Tokenizer:
+    """A SentencePiece model file with encode/decode and a content fingerprint."""
+
+    def __init__(self, path: str):
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"tokenizer model {path} does not exist")
+        data = p.read_bytes()
+        try:
+            sp = spm.SentencePieceProcessor(model_proto=data)
+        except RuntimeError as e:
+            raise ValueError(f"tokenizer model {path} is not a valid sentencepiece model ({e})") from None
+        if sp.vocab_size() == 0:
+            raise ValueError(f"tokenizer model {path} is not a valid sentencepiece model (no pieces)")
+        self._sp = sp
+        self._path = str(p)
+        self._fingerprint = hashlib.sha256(data).hexdigest()[:16]
+
+    def __reduce__(self):
+        return (Tokenizer, (self._path,))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self._path!r}, vocab_size={self.vocab_size}, fingerprint={self._fingerprint})"
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def fingerprint(self) -> str:
+        """First 16 hex digits of the sha256 of the model file bytes."""
+        return self._fingerprint
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def _training_sentences(input_files: Sequence[str], json_key: str, max_sentences: int) -> list[str]:
+    sentences: list[str] = []
+    for path in input_files:
+        for doc in iter_documents(path, json_key=json_key):
+            for line in doc.split("\n"):
+                for start in range(0, len(line), _MAX_SENTENCE_CHARS):
+                    chunk = line[start : start + _MAX_SENTENCE_CHARS]
+                    if chunk.strip():
+                        sentences.append(chunk)
+                        if len(sentences) >= max_sentences:
+                            return sentences
+    return sentences
+
+
+def training_alphabet(sentences: Sequence[str], max_chars: int, coverage: float) -> set[str]:
+    """The most frequent characters covering `coverage` of the text, at most `max_chars` of them.
+
+    Space is always included (SentencePiece represents it by its own piece). Characters left out
+    are encoded by byte fallback.
+    """
+    counts: Counter[str] = Counter()
+    for s in sentences:
+        counts.update(s)
+    counts.pop(_SPM_WHITESPACE, None)
+    total = sum(counts.values())
+    alphabet = {" "}
+    covered = counts.pop(" ", 0)
+    for ch, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if covered >= coverage * total or len(alphabet) >= max_chars:
+            break
+        alphabet.add(ch)
+        covered += n
+    return alphabet
+
+
+def _restrict_to_alphabet(sentences: Sequence[str], alphabet: set[str]) -> Iterator[str]:
+    """Split sentences at characters outside `alphabet`, dropping those characters."""
+    outside = re.compile("[^" + "".join(re.escape(c) for c in sorted(alphabet)) + "]+")
+    for s in sentences:
+        for part in outside.split(s):
+            if part.strip():
+                yield part
+
+
+def train_tokenizer(
+    input_files: Sequence[str],
+    model_prefix: str,
+    vocab_size: int,
+    *,
+    model_type: str = "bpe",
+    character_coverage: float = 0.9995,
+    max_sentences: int = 2_000_000,
+    json_key: str = "text",
+    num_threads: int = 1,
+) -> str:
+    """Train a byte-fallback SentencePiece model on .txt/.jsonl files; return the .model path.
+
+    Lines are the training sentences, read in file order without shuffling (the first
+    `max_sentences` are used), so the same inputs always produce the same model bytes.
+    Ids: unk=0, bos=1, eos=2, no pad. Writes `<model_prefix>.model` and `<model_prefix>.vocab`.
+    """
+    if not input_files:
+        raise ValueError("train_tokenizer needs at least one input file")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    if not isinstance(vocab_size, int) or not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be an integer in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}], got {vocab_size!r} "
+            f"(byte fallback alone takes {_BYTE_PIECES} pieces plus {_SPECIAL_PIECES} special pieces)"
+        )
+    if not 0.0 < character_coverage <= 1.0:
+        raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage}")
+    if max_sentences < 1:
+        raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
+    for path in input_files:
+        check_input_file(path)
+    sentences = _training_sentences(input_files, json_key, max_sentences)
+    if not sentences:
+        raise ValueError(f"input files {list(input_files)} contain no text to train a tokenizer on")
+    alphabet = training_alphabet(sentences, vocab_size - _BYTE_PIECES - _SPECIAL_PIECES, character_coverage)
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_restrict_to_alphabet(sentences, alphabet),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=1.0,
+            byte_fallback=True,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            shuffle_input_sentence=False,
+            input_sentence_size=0,
+            max_sentence_length=4 * _MAX_SENTENCE_CHARS,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            f"sentencepiece could not train a {vocab_size}-piece {model_type} model on {list(input_files)}: {e}"
+        ) from None
+
+    model_path = f"{model_prefix}.model"
+    Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(model_path, model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab_lines = (f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
+    _atomic_write_bytes(f"{model_prefix}.vocab", "".join(vocab_lines).encode("utf-8"))
+    return model_path
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,439 @@
+"""Data pipeline: demo corpus, tokenizer, indexed datasets, GPT windows, preprocessing scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdtrain.data import (
+    GPTWindowDataset,
+    Tokenizer,
+    build_demo_corpus,
+    encode_files,
+    iter_documents,
+    open_indexed_dataset,
+    train_tokenizer,
+    write_indexed_dataset,
+)
+from kdtrain.data.demo_corpus import MIN_DOCUMENT_CHARS
+from kdtrain.data.tokenizer import MIN_VOCAB_SIZE
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("data")
+    path = root / "corpus.jsonl"
+    stats = build_demo_corpus(str(path), max_documents=40)
+    model = train_tokenizer([str(path)], str(root / "tok"), vocab_size=320)
+    return {"root": root, "jsonl": path, "stats": stats, "model": model}
+
+
+def write_stream(prefix: Path, docs: list[np.ndarray], vocab_size: int = VOCAB, **meta) -> str:
+    write_indexed_dataset(str(prefix), docs, vocab_size, meta)
+    return str(prefix)
+
+
+def synthetic_docs(n_tokens: int, seed: int = 0, vocab_size: int = VOCAB) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    stream = rng.integers(0, vocab_size, size=n_tokens)
+    cuts = np.sort(rng.choice(np.arange(1, n_tokens), size=min(9, n_tokens - 1), replace=False))
+    return [d for d in np.split(stream, cuts) if d.size]
+
+
+# ---------------------------------------------------------------- demo corpus
+
+
+def test_demo_corpus_is_deterministic_and_sorted(corpus, tmp_path):
+    again = tmp_path / "again.jsonl"
+    assert build_demo_corpus(str(again), max_documents=40) == corpus["stats"]
+    assert again.read_bytes() == corpus["jsonl"].read_bytes()
+    records = [json.loads(line) for line in corpus["jsonl"].read_text().splitlines()]
+    assert len(records) == corpus["stats"]["documents"] == 40
+    assert sum(len(r["text"]) for r in records) == corpus["stats"]["characters"]
+    assert all(len(r["text"]) >= MIN_DOCUMENT_CHARS for r in records)
+    keys = [tuple(r["source"].split(":")[0].split(".")) for r in records]
+    assert keys == sorted(keys)
+    assert all(r["text"].startswith(f"# {r['source']}") for r in records)
+
+
+def test_demo_corpus_under_optimize_flag_is_identical(corpus, tmp_path):
+    out = tmp_path / "oo.jsonl"
+    code = f"from kdtrain.data.demo_corpus import build_demo_corpus; build_demo_corpus({str(out)!r}, 40)"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, "-OO", "-c", code], check=True, env=env, timeout=120)
+    assert out.read_bytes() == corpus["jsonl"].read_bytes()
+
+
+def test_demo_corpus_walk_order_and_skips(tmp_path):
+    src = tmp_path / "lib"
+    doc = '"""' + "Documentation sentence. " * 12 + '"""\n'
+    files = {
+        "b.py": doc + "def f():\n    " + doc,
+        "aa.py": doc,
+        "a/__init__.py": doc,
+        "a/z.py": doc + "class C:\n    " + doc + "    def m(self):\n        " + doc,
+        "a/test_a.py": doc,
+        "test/x.py": doc,
+        "site-packages/pkg.py": doc,
+        "broken.py": doc + "def (:\n",
+        "tiny.py": '"""short"""\n',
+    }
+    for rel, text in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    out = tmp_path / "c.jsonl"
+    assert build_demo_corpus(str(out), root=str(src))["documents"] == 4
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in records] == ["a", "a.z", "aa", "b"]
+    assert "## a.z.C\n\nDocumentation" in records[1]["text"] and "## a.z.C.m\n" in records[1]["text"]
+    assert "## b.f\n" in records[3]["text"]
+
+
+def test_demo_corpus_without_stdlib_sources_is_an_error(tmp_path):
+    empty = tmp_path / "stripped"
+    (empty / "pkg").mkdir(parents=True)
+    (empty / "pkg" / "mod.pyc").write_bytes(b"\0")
+    with pytest.raises(ValueError, match="stdlib .py sources are missing"):
+        build_demo_corpus(str(tmp_path / "out.jsonl"), root=str(empty))
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip_and_ids(corpus):
+    tok = Tokenizer(corpus["model"])
+    assert tok.vocab_size == 320
+    assert (tok.eos_id, tok.bos_id, tok.pad_id) == (2, 1, -1)
+    samples = [
+        json.loads(corpus["jsonl"].read_text().splitlines()[3])["text"],
+        "  indented\n\tcode(x)  \n\n",
+        "ünïcödé 漢字 😀 \x00",
+    ]
+    for text in samples:
+        ids = tok.encode(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text
+        assert tok.decode(np.array(ids, dtype=np.uint16)) == text
+    assert tok.encode_batch(samples) == [tok.encode(s) for s in samples]
+
+
+def test_tokenizer_training_is_deterministic_and_fingerprinted(corpus, tmp_path):
+    again = train_tokenizer([str(corpus["jsonl"])], str(tmp_path / "other_name"), vocab_size=320)
+    assert Path(again).read_bytes() == Path(corpus["model"]).read_bytes()
+    assert Tokenizer(again).fingerprint == Tokenizer(corpus["model"]).fingerprint
+    bigger = train_tokenizer([str(corpus["jsonl"])], str(tmp_path / "big"), vocab_size=1024)
+    assert Tokenizer(bigger).fingerprint != Tokenizer(corpus["model"]).fingerprint
+    text = corpus["jsonl"].read_text()[:20000]
+    assert len(Tokenizer(bigger).encode(text)) < 0.8 * len(Tokenizer(corpus["model"]).encode(text))
+
+
+def test_tokenizer_trains_on_txt_and_rejects_bad_inputs(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    tok = Tokenizer(train_tokenizer([str(txt)], str(tmp_path / "t"), vocab_size=MIN_VOCAB_SIZE))
+    assert tok.decode(tok.encode("lazy fox")) == "lazy fox"
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    with pytest.raises(ValueError, match="does not exist"):
+        train_tokenizer([str(tmp_path / "nope.txt")], str(tmp_path / "t"), vocab_size=300)
+    with pytest.raises(ValueError, match="no text"):
+        train_tokenizer([str(blank)], str(tmp_path / "t"), vocab_size=300)
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer([str(txt)], str(tmp_path / "t"), vocab_size=256)
+    with pytest.raises(ValueError, match="sentencepiece could not train"):
+        train_tokenizer([str(txt)], str(tmp_path / "t"), vocab_size=32000)
+
+
+def test_tokenizer_missing_or_corrupt_model(tmp_path):
+    with pytest.raises(ValueError, match=str(tmp_path / "missing.model")):
+        Tokenizer(str(tmp_path / "missing.model"))
+    for name, data in [("garbage.model", b"definitely not a protobuf"), ("empty.model", b"")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name} is not a valid sentencepiece model"):
+            Tokenizer(str(tmp_path / name))
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text key"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: record has no 'text' key"):
+        list(iter_documents(str(bad)))
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
+        list(iter_documents(str(bad)))
+    csv = tmp_path / "x.csv"
+    csv.write_text("text\nhello\n")
+    with pytest.raises(ValueError, match=r"x\.csv has unsupported suffix"):
+        list(iter_documents(str(csv)))
+
+
+# ---------------------------------------------------------------- indexed datasets
+
+
+def test_indexed_round_trip(tmp_path):
+    docs = synthetic_docs(5000)
+    meta = write_indexed_dataset(str(tmp_path / "c"), docs, VOCAB, {"tokenizer_fingerprint": "abc", "eos_id": 2})
+    assert meta["num_tokens"] == 5000 and meta["num_documents"] == len(docs) and meta["dtype"] == "uint16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.bin", "c.idx", "c.meta.json"]
+    ds = open_indexed_dataset(str(tmp_path / "c"))
+    assert ds.num_tokens == 5000 and ds.num_documents == len(docs)
+    np.testing.assert_array_equal(ds.tokens, np.concatenate(docs))
+    np.testing.assert_array_equal(ds.document_lengths, [d.size for d in docs])
+    assert ds.meta["tokenizer_fingerprint"] == "abc" and ds.meta["vocab_size"] == VOCAB
+    assert not ds.tokens.flags.writeable
+    assert ds.max_token_id() == max(int(d.max()) for d in docs)
+
+
+def test_indexed_uses_int32_for_large_vocab(tmp_path):
+    docs = [np.array([0, 70000, 5]), np.array([99999])]
+    write_indexed_dataset(str(tmp_path / "big"), docs, 100000, {})
+    ds = open_indexed_dataset(str(tmp_path / "big"))
+    assert ds.dtype == np.int32
+    np.testing.assert_array_equal(ds.tokens, [0, 70000, 5, 99999])
+
+
+def test_indexed_write_rejects_bad_input_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="no tokens"):
+        write_indexed_dataset(str(tmp_path / "e"), [], VOCAB, {})
+    with pytest.raises(ValueError, match="no tokens"):
+        write_indexed_dataset(str(tmp_path / "e"), [[], []], VOCAB, {})
+    with pytest.raises(ValueError, match=r"token id 1000 outside \[0, vocab_size=1000\)"):
+        write_indexed_dataset(str(tmp_path / "e"), [[1, 2], [3, 1000]], VOCAB, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_rewrite_never_leaves_an_openable_mismatched_pair(tmp_path):
+    prefix = write_stream(tmp_path / "c", synthetic_docs(3000))
+
+    def failing_docs():
+        yield np.arange(10)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_indexed_dataset(prefix, failing_docs(), VOCAB, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.bin", "c.idx", "c.meta.json"]
+    assert open_indexed_dataset(prefix).num_tokens == 3000
+
+
+def test_open_missing_files(tmp_path):
+    prefix = write_stream(tmp_path / "c", synthetic_docs(100))
+    os.remove(prefix + ".bin")
+    with pytest.raises(ValueError, match=r"c\.bin does not exist"):
+        open_indexed_dataset(prefix)
+    prefix = write_stream(tmp_path / "d", synthetic_docs(100))
+    os.remove(prefix + ".idx")
+    with pytest.raises(ValueError, match=r"d\.idx does not exist"):
+        open_indexed_dataset(prefix)
+
+
+def test_open_truncated_bin(tmp_path):
+    prefix = write_stream(tmp_path / "c", synthetic_docs(100))
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(150)
+    with pytest.raises(ValueError, match=r"c\.bin has 150 bytes but .*c\.idx describes 100 uint16 tokens"):
+        open_indexed_dataset(prefix)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b"NOTANIDX!" + b[9:],
+        lambda b: b[:9] + struct.pack("<Q", 7) + b[17:],
+        lambda b: b[:20],
+        lambda b: b[:17] + b"\x63" + b[18:],
+        lambda b: b[: len(b) - 12],
+        lambda b: b[:18] + struct.pack("<Q", 1 << 40) + b[26:],
+    ],
+    ids=["bad-header", "bad-version", "truncated-header", "bad-dtype", "truncated-body", "bad-count"],
+)
+def test_open_corrupt_idx(tmp_path, damage):
+    prefix = write_stream(tmp_path / "c", synthetic_docs(100))
+    idx = Path(prefix + ".idx")
+    idx.write_bytes(damage(idx.read_bytes()))
+    with pytest.raises(ValueError, match=r"index file .*c\.idx is corrupt"):
+        open_indexed_dataset(prefix)
+
+
+def test_open_empty_corpus(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "e.bin"), dtype=np.uint16)
+    builder.finalize(str(tmp_path / "e.idx"))
+    with pytest.raises(ValueError, match=r"is empty \(0 tokens"):
+        open_indexed_dataset(str(tmp_path / "e"))
+
+
+def test_open_rejects_stale_metadata(tmp_path):
+    prefix = write_stream(tmp_path / "c", synthetic_docs(100))
+    meta = json.loads(Path(prefix + ".meta.json").read_text())
+    Path(prefix + ".meta.json").write_text(json.dumps(dict(meta, num_tokens=99)))
+    with pytest.raises(ValueError, match=r"c\.meta\.json records num_tokens=99"):
+        open_indexed_dataset(prefix)
+
+
+# ---------------------------------------------------------------- GPT windows
+
+
+@pytest.fixture
+def two_streams(tmp_path):
+    a, b = synthetic_docs(3001, seed=1), synthetic_docs(2000, seed=2)
+    pa = write_stream(tmp_path / "a", a, tokenizer_fingerprint="f00d")
+    pb = write_stream(tmp_path / "b", b, tokenizer_fingerprint="f00d")
+    return [pa, pb], np.concatenate(a + b)
+
+
+def test_windows_are_slices_of_the_concatenated_stream(two_streams):
+    prefixes, stream = two_streams
+    S = 64
+    ds = GPTWindowDataset(prefixes, S, split=(0.9, 0.1), seed=3)
+    assert ds.num_windows == (5001 - 1) // S
+    assert (ds.num_train_windows, ds.num_valid_windows) == (70, 7)
+    for w in range(ds.num_windows):
+        np.testing.assert_array_equal(ds.window(w), stream[w * S : w * S + S + 1])
+    sample = ds.train_sample(0)
+    assert sample.dtype == np.int64 and sample.shape == (S + 1,)
+
+
+def test_window_spanning_several_short_corpora(tmp_path):
+    parts = [np.arange(i * 10, i * 10 + n) for i, n in enumerate([5, 3, 7, 2, 9])]
+    prefixes = [write_stream(tmp_path / f"p{i}", [p]) for i, p in enumerate(parts)]
+    stream = np.concatenate(parts)
+    ds = GPTWindowDataset(prefixes, 8, split=(1.0, 0.0))
+    assert ds.num_windows == 3
+    for w in range(3):
+        np.testing.assert_array_equal(ds.window(w), stream[w * 8 : w * 8 + 9])
+
+
+def test_train_order_is_deterministic_per_seed_and_reshuffled_per_epoch(two_streams):
+    prefixes, _ = two_streams
+    a = GPTWindowDataset(prefixes, 32, seed=11)
+    b = GPTWindowDataset(prefixes, 32, seed=11)
+    c = GPTWindowDataset(prefixes, 32, seed=12)
+    n = a.num_train_windows
+    order = [a.train_window_index(g) for g in range(n)]
+    assert order == [b.train_window_index(g) for g in range(n)]
+    assert order != [c.train_window_index(g) for g in range(n)]
+    assert sorted(order) == list(range(n))
+    assert order != sorted(order)
+    epoch2 = [a.train_window_index(n + g) for g in range(n)]
+    assert sorted(epoch2) == list(range(n)) and epoch2 != order
+    for g in (0, 5, n + 3):
+        np.testing.assert_array_equal(a.train_sample(g), b.train_sample(g))
+        np.testing.assert_array_equal(a.train_sample(g), a.window(a.train_window_index(g)))
+
+
+def test_train_samples_are_resumable(two_streams):
+    prefixes, _ = two_streams
+    full = GPTWindowDataset(prefixes, 32, seed=5)
+    n = full.num_train_windows
+    consumed = [full.train_sample(g) for g in range(2 * n + 10)]
+    resumed = GPTWindowDataset(prefixes, 32, seed=5)
+    for g in (2 * n + 9, n + 1, 7):
+        np.testing.assert_array_equal(resumed.train_sample(g), consumed[g])
+
+
+def test_train_and_valid_are_disjoint(two_streams):
+    prefixes, stream = two_streams
+    S = 32
+    ds = GPTWindowDataset(prefixes, S, split=(0.8, 0.15), seed=1)
+    n_train, n_valid = ds.num_train_windows, ds.num_valid_windows
+    assert (n_train, n_valid) == (124, 23)
+    train_positions = {ds.train_window_index(g) for g in range(3 * n_train)}
+    assert train_positions == set(range(n_train))
+    for j in range(n_valid):
+        start = (n_train + j) * S
+        np.testing.assert_array_equal(ds.valid_sample(j), stream[start : start + S + 1])
+    # The last train window and the first held-out window share exactly one boundary token.
+    assert ds.window(n_train - 1)[-1] == ds.valid_sample(0)[0] == stream[n_train * S]
+    np.testing.assert_array_equal(ds.window(n_train - 1), stream[(n_train - 1) * S : n_train * S + 1])
+    with pytest.raises(IndexError):
+        ds.valid_sample(n_valid)
+
+
+def test_pickled_dataset_reopens_files(two_streams):
+    import pickle
+
+    prefixes, _ = two_streams
+    ds = GPTWindowDataset(prefixes, 32, seed=9)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 10_000
+    np.testing.assert_array_equal(pickle.loads(blob).train_sample(17), ds.train_sample(17))
+
+
+def test_dataset_errors(tmp_path, two_streams):
+    prefixes, _ = two_streams
+    short = write_stream(tmp_path / "short", [np.arange(40)])
+    with pytest.raises(ValueError, match=r"short has 40 tokens, fewer than one window of seq_length\+1=65"):
+        GPTWindowDataset([short], 64)
+    with pytest.raises(ValueError, match=r"held-out split 0.02 requested.*short"):
+        GPTWindowDataset([short], 8)
+    assert GPTWindowDataset([short], 8, split=(1.0, 0.0)).num_valid_windows == 0
+    with pytest.raises(ValueError, match="tokenizer fingerprint f00d .* has fingerprint beef"):
+        GPTWindowDataset(prefixes, 32, tokenizer_fingerprint="beef")
+    assert GPTWindowDataset(prefixes, 32, tokenizer_fingerprint="f00d").num_train_windows > 0
+    big_ids = write_stream(tmp_path / "big_ids", [np.array([1, 2, 900] * 50)])
+    with pytest.raises(ValueError, match=r"big_ids contains token id 900 >= vocab_size=512.*tokenizer/vocab"):
+        GPTWindowDataset([big_ids], 8, split=(1.0, 0.0), vocab_size=512)
+    assert GPTWindowDataset([big_ids], 8, split=(1.0, 0.0), vocab_size=901).num_train_windows > 0
+    with pytest.raises(ValueError, match=r"missing\.bin does not exist"):
+        GPTWindowDataset([str(tmp_path / "missing")], 8)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def test_encode_files_matches_tokenizer_and_is_worker_independent(corpus, tmp_path):
+    tok = Tokenizer(corpus["model"])
+    one = encode_files([str(corpus["jsonl"])], corpus["model"], str(tmp_path / "one"))
+    two = encode_files([str(corpus["jsonl"])], corpus["model"], str(tmp_path / "two"), workers=2)
+    assert (tmp_path / "one.bin").read_bytes() == (tmp_path / "two.bin").read_bytes()
+    assert one["num_tokens"] == two["num_tokens"] and one["tokenizer_fingerprint"] == tok.fingerprint
+    ds = open_indexed_dataset(str(tmp_path / "one"))
+    texts = list(iter_documents(str(corpus["jsonl"])))
+    assert ds.num_documents == len(texts) == corpus["stats"]["documents"]
+    ends = np.cumsum(ds.document_lengths)
+    np.testing.assert_array_equal(ds.tokens[ends - 1], tok.eos_id)
+    first = ds.tokens[: ds.document_lengths[0] - 1]
+    assert tok.decode(first) == texts[0]
+    assert ds.meta["eos_id"] == tok.eos_id and ds.meta["tokenizer_path"] == os.path.abspath(corpus["model"])
+
+
+def test_encode_txt_documents(corpus, tmp_path):
+    txt = tmp_path / "lines.txt"
+    txt.write_text("first document\n\nsecond one\nthird\n")
+    per_line = encode_files([str(txt)], corpus["model"], str(tmp_path / "l"), append_eos=False)
+    assert per_line["num_documents"] == 3
+    per_file = encode_files([str(txt)], corpus["model"], str(tmp_path / "f"), txt_document_per_file=True)
+    assert per_file["num_documents"] == 1
+    tok = Tokenizer(corpus["model"])
+    np.testing.assert_array_equal(
+        open_indexed_dataset(str(tmp_path / "f")).tokens, tok.encode(txt.read_text()) + [tok.eos_id]
+    )
+
+
+def test_scripts_end_to_end(corpus, tmp_path, capsys):
+    train_main = runpy.run_path(str(REPO / "scripts" / "train_tokenizer.py"))["main"]
+    prep_main = runpy.run_path(str(REPO / "scripts" / "preprocess_data.py"))["main"]
+    jsonl = str(corpus["jsonl"])
+    assert train_main(["--input", jsonl, "--output-prefix", str(tmp_path / "tok"), "--vocab-size", "320"]) == 0
+    assert (tmp_path / "tok.model").read_bytes() == Path(corpus["model"]).read_bytes()
+    args = ["--input", jsonl, "--tokenizer", str(tmp_path / "tok.model"), "--output-prefix", str(tmp_path / "ds")]
+    assert prep_main(args) == 0
+    assert "documents" in capsys.readouterr().out
+    ds = GPTWindowDataset([str(tmp_path / "ds")], 64, tokenizer_fingerprint=Tokenizer(corpus["model"]).fingerprint)
+    assert ds.num_train_windows > 0
+    assert prep_main(["--input", str(tmp_path / "nope.jsonl"), "--tokenizer", corpus["model"],
+                      "--output-prefix", str(tmp_path / "x")]) == 2
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
