@@ -8,6 +8,7 @@ Single process: ``python scripts/pretrain_gpt.py --config configs/pretrain/demo.
 """
 
 import argparse
+import os
 import sys
 
 from kdtrain.config import load_pretrain_config
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
         cfg = load_pretrain_config(args.config, args.overrides)
         pretrain(cfg)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"{rank}error: {e}", file=sys.stderr)
         return 2
     finally:
         shutdown_distributed()

@@ -31,6 +31,8 @@ class ParallelConfig:
     def resolve(self, num_ranks: int, where: str = "parallel") -> "ParallelConfig":
         """Fill in dp and check tp * pp * dp == num_ranks."""
         mp = self.tp * self.pp
+        if self.dp is None and num_ranks % mp:
+            raise field_error(where, "tp", f"tp*pp = {self.tp}*{self.pp} = {mp} does not divide the {num_ranks} ranks")
         dp = self.dp if self.dp is not None else num_ranks // mp
         if dp < 1 or mp * dp != num_ranks:
             raise field_error(where, "dp" if self.dp is not None else "tp",
@@ -51,6 +53,7 @@ class DataConfig:
     seq_length: int = 256
     split: tuple[float, float] = (0.98, 0.02)  # train / held-out fractions of the token windows
     seed: int = 1234  # shuffling seed (independent of the init seed)
+    mock: bool = False  # seeded random tokens instead of a corpus (benchmarks, smoke tests)
 
     def check(self, where: str = "data") -> None:
         if self.seq_length < 1:
@@ -176,8 +179,8 @@ class PretrainConfig:
             raise field_error("training", "global_batch_size",
                               f"{t.global_batch_size} not divisible by micro_batch_size*dp = "
                               f"{t.micro_batch_size}*{dp}")
-        if not self.data.path:
-            raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes)")
+        if not self.data.path and not self.data.mock:
+            raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes, or mock: true)")
         return self
 
 

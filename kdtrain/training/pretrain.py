@@ -10,6 +10,7 @@ import torch
 
 from ..config import ModelConfig, PretrainConfig, to_dict
 from ..data import GPTWindowDataset, Tokenizer
+from ..data.mock import MockWindowDataset
 from ..loss import vocab_parallel_cross_entropy
 from ..models import KDGPTModel, build_gpt, transformer_engine_available
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
@@ -60,7 +61,9 @@ def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None
                          f"there, {ours.get(k)!r} here (differing fields: {diff})")
 
 
-def open_dataset(cfg: PretrainConfig) -> GPTWindowDataset:
+def open_dataset(cfg: PretrainConfig):
+    if cfg.data.mock:
+        return MockWindowDataset(cfg.data.seq_length, cfg.model.vocab_size, cfg.data.seed)
     fingerprint = None
     if cfg.data.tokenizer:
         tok = Tokenizer(cfg.data.tokenizer)

@@ -1,0 +1,70 @@
+"""Shared fixtures: a small tokenised corpus built once per session, and a torchrun launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_torchrun(nproc: int, script: str, args: list[str], timeout: float = 300, check: bool = True,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """Launch ``scripts/<script>`` under torchrun on CPU (gloo) and wait, bounded in time."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--standalone", str(REPO / "scripts" / script), *args]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> dict[int, dict]:
+    """metrics.jsonl -> {step: record}; a re-run step (after a resume) keeps its last record."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == kind:
+            out[rec["step"]] = rec
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> dict:
+    """Demo-corpus slice -> 512-id tokenizer -> indexed dataset (about 1 s to build)."""
+    from kdtrain.data import build_demo_corpus, train_tokenizer
+    from kdtrain.data.preprocess import encode_files
+
+    root = tmp_path_factory.mktemp("corpus")
+    corpus = root / "corpus.jsonl"
+    build_demo_corpus(str(corpus), max_documents=120)
+    model = train_tokenizer([str(corpus)], str(root / "tok"), vocab_size=512)
+    prefix = str(root / "text")
+    encode_files([str(corpus)], model, prefix)
+    return {"dir": root, "tokenizer": model, "prefix": prefix, "corpus": corpus}
+
+
+def _spawn_entry(rank, world, init_file, fn, args):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_spawn(world: int, fn, *args, tmp_path: Path) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes (for collective unit tests)."""
+    import torch.multiprocessing as mp
+
+    init_file = tmp_path / f"pg_init_{os.getpid()}_{id(fn)}"
+    mp.start_processes(_spawn_entry, args=(world, str(init_file), fn, args), nprocs=world, start_method="spawn")

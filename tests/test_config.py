@@ -1,0 +1,124 @@
+"""Config loading and validation: every shipped config loads; user errors name the field."""
+
+from pathlib import Path
+
+import pytest
+
+from kdtrain.config import (
+    ModelConfig,
+    PretrainConfig,
+    apply_overrides,
+    from_dict,
+    load_model_config,
+    load_pretrain_config,
+)
+from kdtrain.config.loader import CONFIG_DIR
+
+MODEL_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+RUN_CONFIGS = sorted((CONFIG_DIR / "pretrain").glob("*.yaml"))
+
+
+def test_expected_model_configs_ship():
+    for name in ("tiny", "demo-teacher", "demo-student", "gpt2-124m", "llama-3.2-1b", "llama-3.1-8b",
+                 "qwen2.5-0.5b", "qwen2.5-7b"):
+        assert name in MODEL_CONFIGS
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_every_model_config_loads(name):
+    m = load_model_config(name)
+    assert m.name == name
+    assert m.num_attention_heads % m.num_query_groups == 0
+    assert m.padded_vocab_size(8) % (128 * 8) == 0 and m.padded_vocab_size(8) >= m.vocab_size
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
+def test_every_run_config_loads(path):
+    cfg = load_pretrain_config(str(path))
+    assert isinstance(cfg, PretrainConfig)
+    world = cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
+    cfg.validate(world)
+
+
+@pytest.mark.parametrize("name,expected", [
+    # published parameter counts (real vocabulary, no padding)
+    ("gpt2-124m", 124_439_808),
+    ("llama-3.2-1b", 1_235_814_400),
+    ("llama-3.1-8b", 8_030_261_248),
+])
+def test_parameter_counts_match_published_sizes(name, expected):
+    assert load_model_config(name).num_params() == expected
+
+
+def _tiny_run(**sections):
+    raw = {"model": "tiny", "data": {"path": ["x"], "seq_length": 64}}
+    raw.update(sections)
+    raw["model"] = load_model_config(raw["model"]) if isinstance(raw["model"], str) else from_dict(ModelConfig, raw["model"], "model")
+    return from_dict(PretrainConfig, raw)
+
+
+@pytest.mark.parametrize("overrides,world,field", [
+    ({"parallel": {"tp": 3}}, 3, "parallel.tp"),  # 3 does not divide 4 heads
+    ({"parallel": {"pp": 3}}, 3, "parallel.pp"),  # 3 does not divide 4 layers
+    ({"parallel": {"tp": 2, "dp": 3}}, 4, "parallel.dp"),  # 2*1*3 != 4
+    ({"parallel": {"tp": 2}}, 3, "parallel.tp"),  # 2 does not divide a world of 3
+    ({"data": {"path": ["x"], "seq_length": 4096}}, 1, "data.seq_length"),  # above max_seq_length
+    ({"training": {"micro_batch_size": 4, "global_batch_size": 12}}, 2, "training.global_batch_size"),
+])
+def test_impossible_layouts_name_the_field(overrides, world, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        _tiny_run(**overrides).validate(world)
+
+
+def test_query_groups_must_divide_heads():
+    raw = {"name": "bad", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 3,
+           "ffn_hidden_size": 128, "vocab_size": 100, "max_seq_length": 32}
+    with pytest.raises(ValueError, match=r"model\.num_query_groups"):
+        from_dict(ModelConfig, raw, "model")
+
+
+def test_tp_must_divide_query_groups():
+    m = load_model_config({"name": "gqa", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                           "num_query_groups": 1, "ffn_hidden_size": 128, "vocab_size": 100, "max_seq_length": 32})
+    with pytest.raises(ValueError, match=r"parallel\.tp.*num_query_groups"):
+        m.check_layout(tp=2, pp=1)
+
+
+def test_unknown_keys_are_rejected_with_their_path(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: tiny\ndata: {path: [x]}\noptimizer: {lr: 1.0e-3, lr_warmup: 5}\n")
+    with pytest.raises(ValueError, match=r"optimizer\.lr_warmup: unknown key"):
+        load_pretrain_config(str(f))
+    f.write_text("model: tiny\ndata: {path: [x]}\ntrainng: {}\n")
+    with pytest.raises(ValueError, match=r"trainng: unknown key"):
+        load_pretrain_config(str(f))
+
+
+def test_bad_values_name_the_field(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: tiny\ndata: {path: [x]}\n")
+    with pytest.raises(ValueError, match=r"optimizer\.lr: expected a number"):
+        load_pretrain_config(str(f), ["optimizer.lr=fast"])
+    with pytest.raises(ValueError, match=r"model\.activation"):
+        load_pretrain_config(str(f), ["model.activation=relu6"])
+    with pytest.raises(ValueError, match=r"training\.micro_batch_size: expected an integer"):
+        load_pretrain_config(str(f), ["training.micro_batch_size=2.5"])
+    with pytest.raises(ValueError, match="unknown models config 'nope'"):
+        load_pretrain_config(str(f), ["model=nope"])
+
+
+def test_overrides_reach_nested_fields_and_named_models(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: tiny\ndata: {path: [x], seq_length: 32}\n")
+    cfg = load_pretrain_config(str(f), ["optimizer.lr=3e-4", "model.num_layers=2", "parallel.tp=2"])
+    assert cfg.optimizer.lr == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string
+    assert cfg.model.num_layers == 2 and cfg.model.name == "tiny" and cfg.model.hidden_size == 64
+    assert cfg.parallel.tp == 2
+    raw = {"a": {"b": 1}}
+    apply_overrides(raw, ["a.c.d=[1, 2]"])
+    assert raw == {"a": {"b": 1, "c": {"d": [1, 2]}}}
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="config file not found|unknown pretrain config"):
+        load_pretrain_config(str(tmp_path / "missing.yaml"))

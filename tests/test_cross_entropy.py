@@ -1,0 +1,65 @@
+"""Vocab-parallel cross entropy: equals torch's over the real vocabulary, on 1 and 2 tensor ranks."""
+
+import torch
+import torch.nn.functional as F
+
+from kdtrain.loss import vocab_parallel_cross_entropy, vocab_shard
+
+from conftest import run_spawn
+
+
+def _reference(logits, labels, vocab_size):
+    return F.cross_entropy(logits[..., :vocab_size].flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+
+
+def test_matches_torch_and_ignores_padding_columns():
+    torch.manual_seed(0)
+    # 41 x 3 tokens, vocab 401 padded to 512; padding columns hold huge logits that must not count.
+    logits = torch.randn(41, 3, 512, dtype=torch.float64)
+    logits[..., 401:] = 1e4
+    logits.requires_grad_()
+    labels = torch.randint(0, 401, (41, 3))
+    grad_out = torch.rand(41, 3, dtype=torch.float64)
+    ours = vocab_parallel_cross_entropy(logits, labels, 401)
+    ref = _reference(logits, labels, 401)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    (g_ours,) = torch.autograd.grad(ours, logits, grad_out)
+    (g_ref,) = torch.autograd.grad(ref, logits, grad_out)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    assert g_ours[..., 401:].abs().max() == 0
+
+
+def test_bf16_logits_give_fp32_losses_close_to_fp64():
+    torch.manual_seed(1)
+    logits = torch.randn(16, 2, 384) * 4
+    labels = torch.randint(0, 384, (16, 2))
+    ours = vocab_parallel_cross_entropy(logits.bfloat16(), labels, 384)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, _reference(logits.bfloat16().double(), labels, 384).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_shard_bounds():
+    assert vocab_shard(256, 0, 401) == (0, 256)
+    assert vocab_shard(256, 1, 401) == (256, 145)
+    assert vocab_shard(256, 2, 401) == (512, 0)
+
+
+def _tp2_worker(rank, world, logits, labels, grad_out, expected_loss, expected_grad):
+    import torch.distributed as dist
+
+    local = logits.chunk(world, dim=-1)[rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, labels, 401, dist.group.WORLD)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss, local, grad_out)
+    torch.testing.assert_close(grad, expected_grad.chunk(world, dim=-1)[rank], rtol=1e-12, atol=1e-12)
+
+
+def test_two_tensor_ranks_equal_one(tmp_path):
+    torch.manual_seed(2)
+    logits = torch.randn(7, 5, 512, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 401, (7, 5))
+    labels[0, 0], labels[1, 0] = 0, 400  # first and last real id, one in each shard
+    grad_out = torch.rand(7, 5, dtype=torch.float64)
+    loss = _reference(logits, labels, 401)
+    (grad,) = torch.autograd.grad(loss, logits, grad_out)
+    run_spawn(2, _tp2_worker, logits.detach(), labels, grad_out, loss.detach(), grad, tmp_path=tmp_path)
