@@ -25,6 +25,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+# Progress-bar postfix: metric -> (label, formatter). Step and ETA come from the bar itself.
+_BAR_FIELDS = {
+    "loss": ("loss", lambda v: f"{v:.4f}"),
+    "lr": ("lr", lambda v: f"{v:.2e}"),
+    "tokens_per_s": ("tok/s", lambda v: f"{v:,.0f}"),
+    "tflops_per_device": ("TFLOP/s/dev", lambda v: f"{v:.3g}"),
+    "mfu": ("MFU", lambda v: f"{100 * v:.1f}%"),
+}
+
+
 class RunLogger:
     def __init__(self, cfg: LoggingConfig, enabled: bool, total_steps: int, start_step: int,
                  run_config: Optional[dict] = None, name: str = "run"):
@@ -76,7 +86,7 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in numeric.items()}, step=step)
         if self.bar is not None and kind == "train":
-            post = {k: _fmt(metrics[k]) for k in ("loss", "lr", "tokens_per_s", "mfu") if k in metrics}
+            post = {label: fmt(metrics[k]) for k, (label, fmt) in _BAR_FIELDS.items() if k in metrics}
             self.bar.set_postfix(post, refresh=False)
             if advance and step > self.bar.n:
                 self.bar.update(step - self.bar.n)

@@ -63,7 +63,9 @@ class Throughput:
         self._sync()
         dt = time.perf_counter() - self._t0
         tokens_per_s = self.tokens_per_step / dt
-        out = {"step_time_s": dt, "tokens_per_s": tokens_per_s, "samples_per_s": self.samples_per_step / dt}
+        tflops = self.flops_per_token * tokens_per_s / self.num_devices / 1e12
+        out = {"step_time_s": dt, "tokens_per_s": tokens_per_s, "samples_per_s": self.samples_per_step / dt,
+               "tflops_per_device": tflops}
         if self.peak:
-            out["mfu"] = self.flops_per_token * tokens_per_s / (self.num_devices * self.peak * 1e12)
+            out["mfu"] = tflops / self.peak
         return out

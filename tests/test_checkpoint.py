@@ -1,0 +1,106 @@
+"""Checkpoint atomicity and clear errors for damaged or mismatched checkpoints (1 gloo rank)."""
+
+import pytest
+import torch
+
+from conftest import run_spawn
+
+
+def _build(model_name: str):
+    from kdtrain.config import OptimizerConfig, load_model_config
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.training.pretrain import build_trainable
+
+    cfg = load_model_config(model_name)
+    groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
+    role = build_trainable(cfg, groups, OptimizerConfig(), seq_length=16, micro_batch=1,
+                           device=torch.device("cpu"), dtype=torch.float32, seed=3)
+    return cfg, groups, role
+
+
+def _save(root, step, role, groups, cfg):
+    from kdtrain.config import to_dict
+    from kdtrain.training.checkpoint import save_checkpoint
+
+    meta = {"model": to_dict(cfg), "layout": {"tp": 1, "pp": 1, "dp": 1, "rank_offset": 0}}
+    return save_checkpoint(root, step, role.params, role.optimizer, 0, groups.role_group, 0, meta, keep=3)
+
+
+def _crash_mid_save(rank, world, root):
+    import kdtrain.training.checkpoint as ckpt
+    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_weights
+
+    cfg, groups, role = _build("tiny")
+    _save(root, 1, role, groups, cfg)
+    saved = {spec.global_name: p.detach().clone() for spec, p in role.params}
+    with torch.no_grad():
+        for _, p in role.params:
+            p.add_(1.0)
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the weight shard, before the RNG file
+            raise OSError("disk full (injected)")
+        return real_save(obj, f, *a, **k)
+
+    ckpt.torch.save = failing_save
+    try:
+        with pytest.raises(OSError, match="injected"):
+            _save(root, 2, role, groups, cfg)
+    finally:
+        ckpt.torch.save = real_save
+
+    latest = latest_checkpoint(root)
+    assert latest is not None and latest.name == "step_0000001", latest
+    load_weights(CheckpointReader(latest), role.params)
+    for spec, p in role.params:
+        assert torch.equal(p, saved[spec.global_name]), spec.global_name
+
+    # A later successful save replaces the debris of the crashed one.
+    _save(root, 2, role, groups, cfg)
+    assert latest_checkpoint(root).name == "step_0000002"
+    assert not (root / "step_0000002.tmp").exists()
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
+    run_spawn(1, _crash_mid_save, tmp_path / "ck", tmp_path=tmp_path)
+
+
+def _damaged(rank, world, root):
+    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_weights
+    from kdtrain.training.pretrain import check_checkpoint_model
+
+    cfg, groups, role = _build("tiny")
+    path = _save(root, 5, role, groups, cfg)
+
+    # Another architecture: the mismatching field is named.
+    other_cfg, _, other = _build("demo-student")
+    with pytest.raises(ValueError, match="different model: .*hidden_size|different model: .*num_layers"):
+        check_checkpoint_model(CheckpointReader(path), other_cfg)
+    # Even without the config check, loading weights of another shape names the parameter.
+    with pytest.raises(ValueError, match="has shape|lacks"):
+        load_weights(CheckpointReader(path), other.params)
+
+    # Truncated shard file.
+    shard = next((path / "shards").glob("*.pt"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="cannot read checkpoint shard"):
+        CheckpointReader(path)
+
+    # Corrupt metadata, and a 'latest' pointer to nothing.
+    (path / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt checkpoint metadata"):
+        CheckpointReader(path)
+    (root / "latest").write_text("step_0000099")
+    with pytest.raises(ValueError, match="missing or incomplete"):
+        latest_checkpoint(root)
+    with pytest.raises(ValueError, match="not a kdtrain checkpoint"):
+        CheckpointReader(root)
+
+
+def test_damaged_or_mismatched_checkpoint_gives_a_clear_error(tmp_path):
+    run_spawn(1, _damaged, tmp_path / "ck", tmp_path=tmp_path)
