@@ -1,0 +1,165 @@
+"""Point-to-point payload channel from the teacher's last pipeline stage to the student's.
+
+Routing of sequence number ``o`` (see pairing.py) served by teacher replica ``t`` for student
+replica ``r``:
+
+* **zero-copy**: every last-stage rank of student replica ``r`` is also a last-stage rank of
+  teacher replica ``t`` (colocated roles with the same layout). The top-k payload is identical on
+  all of a teacher's tensor ranks, so each rank uses the one it computed: nothing moves.
+* otherwise the teacher's last-stage tensor-rank 0 sends the payload (one message) to the
+  student's last-stage tensor-rank 0 (a local hand-over when that is the same rank), which
+  broadcasts it inside the student's tensor-parallel group.
+
+The decision is a function of the two layouts only, so every rank makes the same one.
+
+Flow control. The sender keeps at most ``depth`` payloads in flight and waits for the oldest
+before posting more; the receiver posts its receives up to ``depth`` sequence numbers ahead. Both
+go in increasing ``o`` so the pairing's deadlock-freedom argument holds. A colocated rank is both
+teacher and student and runs the teacher's micro-batches of a step before the student's, so it
+posts all of the step's receives first and lets sends drain at the end of the step
+(``depth=None``).
+
+Failure. Every wait is bounded by ``timeout_s``; a peer that died (connection closed) or stalled
+(timeout) raises ``StreamError`` naming both ranks and the micro-batch. The student checks the
+payload's token checksum against its own micro-batch: a mismatch means the two sides disagree on
+the data and is an error, never a silently wrong loss.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import RoleLayout
+from .pairing import Pairing
+from .payload import Payload, PayloadSpec, token_checksum
+
+
+class StreamError(RuntimeError):
+    """The teacher -> student stream broke: dead or stalled peer, or mismatched data."""
+
+
+def _last_stage_ranks(layout: RoleLayout, replica: int) -> list[int]:
+    return [layout.rank_of(i, replica, layout.pp - 1) for i in range(layout.tp)]
+
+
+class PayloadChannel:
+    """Both ends of the stream as seen from one rank (a rank may be teacher, student or both)."""
+
+    def __init__(self, pairing: Pairing, teacher: RoleLayout, student: RoleLayout, spec: PayloadSpec,
+                 student_tp_group, device: torch.device, timeout_s: float,
+                 send_depth: Optional[int], recv_depth: Optional[int]):
+        self.pairing, self.teacher, self.student, self.spec = pairing, teacher, student, spec
+        self.student_tp_group = student_tp_group
+        self.device = device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.send_depth, self.recv_depth = send_depth, recv_depth
+        self.rank = dist.get_rank()
+        self._local: dict[int, Payload] = {}  # zero-copy or same-rank hand-over, keyed by o
+        self._sends: deque = deque()  # (o, dest, work)
+        self._recvs: dict[int, tuple[Payload, object]] = {}  # o -> (payload, work) posted on tp-rank 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- routing ------------------------------------------------------------------------------
+    def route(self, o: int) -> tuple[bool, int, int]:
+        """(zero_copy, src rank, dst rank) of sequence number ``o``."""
+        r, _ = self.pairing.student_of(o)
+        t = self.pairing.teacher_of(o)
+        t_last, s_last = _last_stage_ranks(self.teacher, t), _last_stage_ranks(self.student, r)
+        return set(s_last) <= set(t_last), t_last[0], s_last[0]
+
+    # -- teacher side -------------------------------------------------------------------------
+    def put(self, o: int, payload: Payload) -> None:
+        """Called on every last-stage rank of the serving teacher replica, in increasing ``o``."""
+        zero_copy, src, dst = self.route(o)
+        if zero_copy:
+            self._local[o] = payload
+            return
+        if self.rank != src:
+            return
+        if dst == self.rank:
+            self._local[o] = payload
+            return
+        work = self._guard(lambda: dist.isend(payload.buffer, dst), f"sending micro-batch {o} to student rank {dst}")
+        self._sends.append((o, dst, work))
+        self.bytes_sent += self.spec.nbytes
+        while self.send_depth is not None and len(self._sends) > self.send_depth:
+            self._wait_send()
+
+    def _wait_send(self) -> None:
+        o, dst, work = self._sends.popleft()
+        self._wait(work, f"sending micro-batch {o} to student rank {dst}")
+
+    def flush(self) -> None:
+        while self._sends:
+            self._wait_send()
+
+    # -- student side -------------------------------------------------------------------------
+    def post(self, sequence: list[int]) -> None:
+        """Post receives (tensor-rank 0 of the student's last stage) for the next sequence numbers.
+
+        ``sequence`` is this student replica's remaining work in order; receives are posted up to
+        ``recv_depth`` ahead (all of them when ``recv_depth`` is None)."""
+        for o in sequence:
+            if self.recv_depth is not None and len(self._recvs) >= self.recv_depth:
+                break
+            if o in self._recvs:
+                continue
+            zero_copy, src, dst = self.route(o)
+            if zero_copy or dst != self.rank or src == self.rank:
+                continue
+            payload = self.spec.empty(self.device)
+            work = self._guard(lambda: dist.irecv(payload.buffer, src), f"receiving micro-batch {o} from teacher rank {src}")
+            self._recvs[o] = (payload, work)
+
+    def get(self, o: int, tokens: torch.Tensor) -> Payload:
+        """The payload of ``o`` on every last-stage rank of the student replica, checksum-verified."""
+        zero_copy, src, dst = self.route(o)
+        if zero_copy:
+            payload = self._take_local(o, src)
+        else:
+            if self.rank == dst:
+                if src == self.rank:
+                    payload = self._take_local(o, src)
+                else:
+                    if o not in self._recvs:
+                        self.post([o])
+                    payload, work = self._recvs.pop(o)
+                    self._wait(work, f"receiving micro-batch {o} from teacher rank {src}")
+                    self.bytes_received += self.spec.nbytes
+            else:
+                payload = self.spec.empty(self.device)
+            if self.student.tp > 1:
+                dist.broadcast(payload.buffer, src=dst, group=self.student_tp_group)
+        expected = token_checksum(tokens)
+        if int(payload.checksum) != int(expected):
+            raise StreamError(f"rank {self.rank}: teacher payload for micro-batch {o} (from rank {src}) was computed "
+                              f"on different tokens than the student's (checksum {int(payload.checksum)} != "
+                              f"{int(expected)}): teacher and student disagree on the data order")
+        return payload
+
+    def _take_local(self, o: int, src: int) -> Payload:
+        assert o in self._local, f"rank {self.rank}: local payload {o} from rank {src} missing (schedule order bug)"
+        return self._local.pop(o)
+
+    # -- common -------------------------------------------------------------------------------
+    def _guard(self, fn, what: str):
+        try:
+            return fn()
+        except RuntimeError as e:  # gloo: connection closed by a dead peer, or its own timeout
+            raise StreamError(f"rank {self.rank}: {what} failed ({str(e).splitlines()[0][:200]}); "
+                              f"the peer rank died or stalled") from None
+
+    def _wait(self, work, what: str) -> None:
+        ok = self._guard(lambda: work.wait(self.timeout), what)
+        if ok is False:
+            raise StreamError(f"rank {self.rank}: {what} timed out after {self.timeout.total_seconds():.0f}s "
+                              f"(stream.timeout_s); the peer rank died or stalled")
+
+    def pending(self) -> int:
+        return len(self._sends) + len(self._recvs) + len(self._local)

@@ -1,0 +1,138 @@
+"""The teacher's per-micro-batch payload: top-k ids and logits, log-normaliser, input checksum.
+
+Everything lives in one flat byte buffer so a payload moves as a single message (one isend, one
+broadcast) and its size is known to both sides from the shapes alone:
+
+    [checksum int64 (1)] [lse fp32 (S*B)] [ids int32 (S*B*k)] [values fp32|bf16 (S*B*k)]
+
+Each field starts at a multiple of its element size, so the typed views are free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..loss import vocab_shard
+
+_CHECKSUM_MULT = 0x9E3779B1  # odd constants of a multiplicative hash; any fixed values do
+_CHECKSUM_ADD = 0x7F4A7C15
+
+
+def token_checksum(tokens: torch.Tensor) -> torch.Tensor:
+    """Order-sensitive int64 fingerprint of a token-id tensor (any shape), on its device.
+
+    sum_i (token_i + 1) * w_i with per-position weights w_i in [1, 2^31); int64 overflow wraps,
+    and wrap-around addition is associative, so the value does not depend on reduction order or
+    device. Swapped, shifted or substituted tokens change it (except with probability ~2^-64)."""
+    flat = tokens.reshape(-1).to(torch.int64)
+    pos = torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
+    weights = (pos * _CHECKSUM_MULT + _CHECKSUM_ADD) % (2**31 - 1) + 1
+    return ((flat + 1) * weights).sum()
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """Shapes and dtypes of a payload, agreed by sender and receiver from the run config."""
+
+    seq_length: int
+    micro_batch: int
+    k: int
+    values_dtype: torch.dtype
+
+    def __post_init__(self):
+        assert self.values_dtype in (torch.float32, torch.bfloat16), self.values_dtype
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_length * self.micro_batch
+
+    def _layout(self):
+        n, nk = self.tokens, self.tokens * self.k
+        vbytes = torch.finfo(self.values_dtype).bits // 8
+        fields = [("checksum", torch.int64, 1, ()), ("lse", torch.float32, n, (self.seq_length, self.micro_batch)),
+                  ("ids", torch.int32, nk, (self.seq_length, self.micro_batch, self.k)),
+                  ("values", self.values_dtype, nk, (self.seq_length, self.micro_batch, self.k))]
+        off = 0
+        for name, dtype, count, shape in fields:
+            size = {torch.int64: 8, torch.float32: 4, torch.int32: 4}.get(dtype, vbytes)
+            assert off % size == 0
+            yield name, dtype, off, count * size, shape
+            off += count * size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nb for *_, nb, _ in self._layout())
+
+    def empty(self, device: torch.device) -> "Payload":
+        return Payload(self, torch.empty(self.nbytes, dtype=torch.uint8, device=device))
+
+
+class Payload:
+    """Typed views (``checksum``, ``lse``, ``ids``, ``values``) over one byte buffer."""
+
+    def __init__(self, spec: PayloadSpec, buffer: torch.Tensor):
+        assert buffer.dtype == torch.uint8 and buffer.numel() == spec.nbytes
+        self.spec, self.buffer = spec, buffer
+        for name, dtype, off, nbytes, shape in spec._layout():
+            view = buffer[off: off + nbytes].view(dtype)
+            setattr(self, name, view.view(shape) if shape else view.view(()))
+
+
+@torch.no_grad()
+def vocab_parallel_topk(logits_SBVl: torch.Tensor, k: int, vocab_size: int, tp_group, tau: float = 1.0,
+                        chunk_bytes: int = 256 << 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of vocab-parallel teacher logits and the log-normaliser of ``logits / tau``.
+
+    Returns ``ids [S, B, k]`` int32 (global ids, sorted by descending logit), ``values [S, B, k]``
+    (raw logits, input dtype) and ``lse [S, B]`` fp32 = logsumexp over the real vocabulary of
+    ``logits / tau``; identical on every rank of the TP group. Padding columns never enter.
+
+    Each rank takes the top-k of its shard; an all-gather of the k candidates per rank and a
+    second top-k give the global top-k (the global top-k is a subset of the union of the local
+    ones). The normaliser is one MAX and one SUM all-reduce. Nothing logits-sized is kept: the fp32
+    upcast for the normaliser is done in chunks of rows of at most ``chunk_bytes``.
+    """
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    S, B, Vl = logits_SBVl.shape
+    start, real = vocab_shard(Vl, tp_rank, vocab_size)
+    if k > vocab_size:
+        raise ValueError(f"teacher top-k k={k} exceeds the vocabulary size {vocab_size}")
+    shard = logits_SBVl[..., :real]
+
+    # Local candidates, padded to k with -inf / id 0 where the shard holds fewer than k real ids.
+    kl = min(k, real)
+    cand_vals = torch.full((S, B, k), float("-inf"), dtype=torch.float32, device=logits_SBVl.device)
+    cand_ids = torch.zeros((S, B, k), dtype=torch.int64, device=logits_SBVl.device)
+    if kl > 0:
+        v, i = torch.topk(shard, kl, dim=-1)
+        cand_vals[..., :kl] = v.float()
+        cand_ids[..., :kl] = i + start
+
+    # Log-normaliser of logits / tau, chunked over sequence positions.
+    row_max = torch.full((S, B), float("-inf"), dtype=torch.float32, device=logits_SBVl.device)
+    sum_exp = torch.zeros((S, B), dtype=torch.float32, device=logits_SBVl.device)
+    rows = max(1, chunk_bytes // max(1, B * real * 4))
+    chunks = [slice(s0, s0 + rows) for s0 in range(0, S, rows)] if real > 0 else []
+    for c in chunks:
+        row_max[c] = (shard[c].float() / tau).amax(dim=-1)
+    if tp > 1:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+    for c in chunks:
+        sum_exp[c] = (shard[c].float() / tau - row_max[c, :, None]).exp().sum(dim=-1)
+    if tp > 1:
+        dist.all_reduce(sum_exp, group=tp_group)
+        gathered_vals = [torch.empty_like(cand_vals) for _ in range(tp)]
+        gathered_ids = [torch.empty_like(cand_ids) for _ in range(tp)]
+        dist.all_gather(gathered_vals, cand_vals, group=tp_group)
+        dist.all_gather(gathered_ids, cand_ids, group=tp_group)
+        all_vals, all_ids = torch.cat(gathered_vals, dim=-1), torch.cat(gathered_ids, dim=-1)
+        top_vals, pos = torch.topk(all_vals, k, dim=-1)
+        top_ids = all_ids.gather(-1, pos)
+    else:
+        top_vals, top_ids = cand_vals, cand_ids
+    lse = row_max + sum_exp.log()
+    return top_ids.to(torch.int32), top_vals.to(logits_SBVl.dtype), lse

@@ -1,0 +1,184 @@
+"""Teacher -> student streaming: pairing, payload format, vocab-parallel top-k, the p2p channel."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from conftest import run_spawn
+from kdtrain.stream import Pairing, PayloadSpec, token_checksum, vocab_parallel_topk
+
+
+@pytest.mark.parametrize("n,dt,ds", [(8, 2, 2), (8, 1, 4), (8, 4, 2), (6, 3, 2), (12, 4, 3), (4, 1, 1)])
+def test_pairing_serves_every_microbatch_once_in_order(n, dt, ds):
+    p = Pairing(n, dt, ds)
+    served = sorted(o for t in range(dt) for o in p.teacher_work(t))
+    consumed = sorted(o for r in range(ds) for o in p.student_work(r))
+    assert served == consumed == list(range(n))
+    for t in range(dt):
+        work = p.teacher_work(t)
+        assert work == sorted(work) and len(work) == n // dt
+        assert all(p.teacher_of(o) == t for o in work)
+    for r in range(ds):
+        work = p.student_work(r)
+        assert work == sorted(work)
+        assert [p.student_of(o) for o in work] == [(r, j) for j in range(n // ds)]
+    if dt == ds:  # colocated replicas pair one-to-one
+        assert all(p.teacher_of(o) == p.student_of(o)[0] for o in range(n))
+
+
+def test_pairing_rejects_uneven_splits():
+    with pytest.raises(ValueError, match="teacher replicas"):
+        Pairing(6, 4, 2)
+    with pytest.raises(ValueError, match="student replicas"):
+        Pairing(6, 1, 4)
+
+
+def test_payload_views_share_one_buffer():
+    for dtype in (torch.float32, torch.bfloat16):
+        spec = PayloadSpec(seq_length=5, micro_batch=3, k=7, values_dtype=dtype)
+        p = spec.empty(torch.device("cpu"))
+        p.ids.copy_(torch.arange(105, dtype=torch.int32).view(5, 3, 7))
+        p.values.fill_(1.5)
+        p.lse.fill_(-2.0)
+        p.checksum.fill_(-(2**62))
+        assert p.ids.shape == p.values.shape == (5, 3, 7) and p.lse.shape == (5, 3)
+        assert p.values.dtype == dtype and p.buffer.numel() == spec.nbytes
+        assert int(p.checksum) == -(2**62) and int(p.ids[4, 2, 6]) == 104
+        assert float(p.values[0, 0, 0]) == 1.5 and float(p.lse[4, 2]) == -2.0
+
+
+def test_token_checksum_sees_order_and_content():
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(0, 150000, (4, 512), generator=g)
+    base = int(token_checksum(tok))
+    swapped = tok.clone()
+    swapped[0, [3, 4]] = swapped[0, [4, 3]]
+    shifted = torch.roll(tok, 1, dims=1)
+    changed = tok.clone()
+    changed[3, 511] += 1
+    assert len({base, int(token_checksum(swapped)), int(token_checksum(shifted)), int(token_checksum(changed))}) == 4
+    assert int(token_checksum(tok.clone())) == base
+
+
+def _dense_topk(logits, k, vocab, tau):
+    real = logits[..., :vocab].double()
+    v, i = torch.topk(real, k, dim=-1)
+    return i, v, torch.logsumexp(real / tau, dim=-1)
+
+
+def test_topk_single_rank_excludes_padding():
+    g = torch.Generator().manual_seed(1)
+    vocab, padded = 101, 128
+    logits = torch.randn(6, 2, padded, generator=g)
+    logits[..., vocab:] = 100.0  # padding columns must never win
+    ids, vals, lse = vocab_parallel_topk(logits, 9, vocab, None, tau=2.0)
+    ref_i, ref_v, ref_lse = _dense_topk(logits, 9, vocab, 2.0)
+    assert ids.dtype == torch.int32 and torch.equal(ids.long(), ref_i)
+    torch.testing.assert_close(vals.double(), ref_v)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="exceeds the vocabulary"):
+        vocab_parallel_topk(logits, 102, vocab, None)
+
+
+def _topk_tp(rank, world, logits, k, vocab, tau):
+    import torch.distributed as dist
+
+    shard = logits.shape[-1] // world
+    local = logits[..., rank * shard:(rank + 1) * shard].contiguous()
+    ids, vals, lse = vocab_parallel_topk(local, k, vocab, dist.group.WORLD, tau=tau, chunk_bytes=512)
+    ref_i, ref_v, ref_lse = _dense_topk(logits, k, vocab, tau)
+    assert torch.equal(ids.long(), ref_i), (rank, ids, ref_i)
+    torch.testing.assert_close(vals.double(), ref_v)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [5, 40])  # 40 > real ids of the last shard (vocab 70 over 2 x 64)
+def test_topk_across_two_tensor_ranks_equals_dense(tmp_path, k):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(7, 3, 128, generator=g)
+    logits[..., 70:] = 50.0
+    run_spawn(2, _topk_tp, logits, k, 70, 0.7, tmp_path=tmp_path)
+
+
+# -- channel: teacher TP=2 on ranks 0-1, student DP=2 on ranks 2-3 (disaggregated) -------------
+
+def _channel_setup(world, timeout_s=20.0):
+    import torch.distributed as dist
+
+    from kdtrain.parallel import RoleLayout
+    from kdtrain.stream.channel import PayloadChannel
+
+    teacher = RoleLayout("teacher", 0, 2, 1, 1)
+    student = RoleLayout("student", 2, 1, 1, 2)
+    spec = PayloadSpec(seq_length=4, micro_batch=2, k=3, values_dtype=torch.float32)
+    pairing = Pairing(4, 1, 2)
+    ch = PayloadChannel(pairing, teacher, student, spec, student_tp_group=None, device=torch.device("cpu"),
+                        timeout_s=timeout_s, send_depth=1, recv_depth=1)
+    return dist.get_rank(), ch, pairing, spec
+
+
+def _tokens(o):
+    return torch.arange(8).view(2, 4) + 100 * o
+
+
+def _make_payload(spec, o):
+    p = spec.empty(torch.device("cpu"))
+    p.ids.fill_(o)
+    p.values.fill_(float(o) + 0.5)
+    p.lse.fill_(-float(o))
+    p.checksum.copy_(token_checksum(_tokens(o)))
+    return p
+
+
+def _channel_roundtrip(rank, world, corrupt):
+    from kdtrain.stream.channel import StreamError
+
+    rank, ch, pairing, spec = _channel_setup(world)
+    if rank < 2:
+        for o in pairing.teacher_work(0):
+            ch.put(o, _make_payload(spec, o + (1 if corrupt and o == 1 else 0)))
+        if not (corrupt and rank == 0):
+            ch.flush()
+        else:
+            time.sleep(1.0)  # let the receiver fail first; its error is what the test checks
+        return
+    r = rank - 2
+    work = pairing.student_work(r)
+    for i, o in enumerate(work):
+        ch.post(work[i:])
+        if corrupt and o == 1:
+            with pytest.raises(StreamError, match="different tokens"):
+                ch.get(o, _tokens(o))
+            return
+        p = ch.get(o, _tokens(o))
+        assert int(p.ids[0, 0, 0]) == o and float(p.values[1, 1, 2]) == o + 0.5 and float(p.lse[3, 1]) == -o
+    assert ch.bytes_received == len(work) * spec.nbytes
+
+
+def test_channel_delivers_in_order_across_roles(tmp_path):
+    run_spawn(4, _channel_roundtrip, False, tmp_path=tmp_path)
+
+
+def test_channel_checksum_mismatch_is_an_error(tmp_path):
+    run_spawn(4, _channel_roundtrip, True, tmp_path=tmp_path)
+
+
+def _dead_teacher(rank, world):
+    from kdtrain.stream.channel import StreamError
+
+    rank, ch, pairing, spec = _channel_setup(world, timeout_s=10.0)
+    if rank == 0:
+        os._exit(0)  # the teacher's sending rank dies before sending anything
+    if rank == 1:
+        return
+    r = rank - 2
+    t0 = time.monotonic()
+    with pytest.raises(StreamError, match="died or stalled"):
+        ch.get(pairing.student_work(r)[0], _tokens(0))
+    assert time.monotonic() - t0 < 15.0
+
+
+def test_dead_teacher_rank_gives_a_clear_error_within_the_timeout(tmp_path):
+    run_spawn(4, _dead_teacher, tmp_path=tmp_path)
