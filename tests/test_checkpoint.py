@@ -71,7 +71,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
 
 def _damaged(rank, world, root):
     from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_weights
-    from kdtrain.training.pretrain import check_checkpoint_model
+    from kdtrain.training.checkpoint import check_checkpoint_model
 
     cfg, groups, role = _build("tiny")
     path = _save(root, 5, role, groups, cfg)

@@ -1,6 +1,5 @@
 """Config loading and validation: every shipped config loads; user errors name the field."""
 
-from pathlib import Path
 
 import pytest
 

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..config import ModelConfig, to_dict
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer
 
@@ -192,6 +193,17 @@ def _copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor
             b.copy_(a)
             n += b.numel()
     return n
+
+
+def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None:
+    """Same architecture as the checkpoint (the name may differ)."""
+    saved = dict(reader.meta.get("model", {}))
+    ours = to_dict(model)
+    diff = sorted(k for k in set(saved) | set(ours) if k != "name" and saved.get(k) != ours.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(f"checkpoint {reader.path} was written for a different model: {k} = {saved.get(k)!r} "
+                         f"there, {ours.get(k)!r} here (differing fields: {diff})")
 
 
 @torch.no_grad()

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from ..config import ModelConfig, PretrainConfig, to_dict
+from ..config import CheckpointConfig, DataConfig, ModelConfig, PretrainConfig, TrainingConfig, to_dict
 from ..data import GPTWindowDataset, Tokenizer
 from ..data.mock import MockWindowDataset
 from ..loss import vocab_parallel_cross_entropy
 from ..models import KDGPTModel, build_gpt, transformer_engine_available
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
-from .checkpoint import CheckpointReader, latest_checkpoint, load_training_state, load_weights, restore_rng, save_checkpoint
+from .checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint, load_training_state, load_weights,
+                         restore_rng, save_checkpoint)
 from .grads import GradBuffer
 from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
@@ -50,29 +50,18 @@ def lm_forward_step(vocab_size: int, tp_group) -> ForwardStep:
     return forward_step
 
 
-def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None:
-    """Same architecture as the checkpoint (the name may differ)."""
-    saved = dict(reader.meta.get("model", {}))
-    ours = to_dict(model)
-    diff = sorted(k for k in set(saved) | set(ours) if k != "name" and saved.get(k) != ours.get(k))
-    if diff:
-        k = diff[0]
-        raise ValueError(f"checkpoint {reader.path} was written for a different model: {k} = {saved.get(k)!r} "
-                         f"there, {ours.get(k)!r} here (differing fields: {diff})")
-
-
-def open_dataset(cfg: PretrainConfig):
-    if cfg.data.mock:
-        return MockWindowDataset(cfg.data.seq_length, cfg.model.vocab_size, cfg.data.seed)
+def open_dataset(data: DataConfig, model: ModelConfig):
+    if data.mock:
+        return MockWindowDataset(data.seq_length, model.vocab_size, data.seed)
     fingerprint = None
-    if cfg.data.tokenizer:
-        tok = Tokenizer(cfg.data.tokenizer)
-        if tok.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has {tok.vocab_size} ids but model "
-                             f"{cfg.model.name!r} has vocab_size={cfg.model.vocab_size}")
+    if data.tokenizer:
+        tok = Tokenizer(data.tokenizer)
+        if tok.vocab_size > model.vocab_size:
+            raise ValueError(f"data.tokenizer {data.tokenizer} has {tok.vocab_size} ids but model "
+                             f"{model.name!r} has vocab_size={model.vocab_size}")
         fingerprint = tok.fingerprint
-    return GPTWindowDataset(cfg.data.path, cfg.data.seq_length, split=tuple(cfg.data.split), seed=cfg.data.seed,
-                            vocab_size=cfg.model.vocab_size, tokenizer_fingerprint=fingerprint)
+    return GPTWindowDataset(data.path, data.seq_length, split=tuple(data.split), seed=data.seed,
+                            vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint)
 
 
 @dataclass
@@ -100,8 +89,7 @@ def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, s
     return Role(groups, model, grads, optimizer, schedule)
 
 
-def evaluate(role: Role, dataset: GPTWindowDataset, cfg: PretrainConfig, forward_step, device) -> dict:
-    t = cfg.training
+def evaluate(role: Role, dataset: GPTWindowDataset, t: TrainingConfig, forward_step, device) -> dict:
     n_valid = dataset.num_valid_windows
     if n_valid == 0 or t.eval_batches == 0:
         return {}
@@ -123,12 +111,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
     par, t = cfg.parallel, cfg.training
     dtype = resolve_dtype(cfg.precision.dtype, env.device)
     groups = build_role_groups(RoleLayout("model", 0, par.tp, par.pp, par.dp), timeout_s=cfg.distributed.timeout_s)
-    dataset = open_dataset(cfg)
+    dataset = open_dataset(cfg.data, cfg.model)
     role = build_trainable(cfg.model, groups, cfg.optimizer, cfg.data.seq_length, t.micro_batch_size,
                            env.device, dtype, t.seed)
     forward_step = lm_forward_step(cfg.model.vocab_size, groups.pgc.tp)
 
-    start_step = _restore(cfg, role, env.rank)
+    start_step = restore_role(cfg.checkpoint, cfg.model, role, env.rank)
     writer = env.rank == 0
     logger = RunLogger(cfg.logging, writer, t.train_steps, start_step, run_config=to_dict(cfg), name=cfg.model.name)
     logger.write(
@@ -157,16 +145,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if step % cfg.logging.interval == 0 or step == t.train_steps:
             logger.log(step, metrics)
         if t.eval_interval and step % t.eval_interval == 0 and step < t.train_steps:
-            logger.log(step, evaluate(role, dataset, cfg, forward_step, env.device), kind="valid")
+            logger.log(step, evaluate(role, dataset, t, forward_step, env.device), kind="valid")
         stop_now = t.exit_interval is not None and step - start_step >= t.exit_interval
         if cfg.checkpoint.dir and (stop_now or step == t.train_steps
                                    or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
-            _save(cfg, role, step)
+            save_role(cfg.checkpoint, cfg.model, role, step, t.global_batch_size,
+                      {"kind": "pretrain", "data": to_dict(cfg.data)})
         if stop_now:
             logger.write(f"exit_interval reached: stopping after step {step}")
             break
     if step == t.train_steps:
-        final = evaluate(role, dataset, cfg, forward_step, env.device)
+        final = evaluate(role, dataset, t, forward_step, env.device)
         if final:
             logger.log(step, final, kind="valid")
         summary.update(final)
@@ -175,19 +164,22 @@ def pretrain(cfg: PretrainConfig) -> dict:
     return summary
 
 
-def _restore(cfg: PretrainConfig, role: Role, rank: int) -> int:
-    ck = cfg.checkpoint
+def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int, what: str = "model") -> int:
+    """Resume from ``ck.dir`` (weights, optimizer, RNG; returns the step) or load ``ck.load`` weights."""
     path = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
     if path is not None:
         reader = CheckpointReader(path)
-        check_checkpoint_model(reader, cfg.model)
+        check_checkpoint_model(reader, model)
         load_training_state(reader, role.optimizer)
         if reader.meta.get("layout") == _layout_meta(role.groups):
             restore_rng(path, rank)
         return int(reader.meta["step"])
     if ck.load:
         reader = CheckpointReader(latest_checkpoint(ck.load) or ck.load)
-        check_checkpoint_model(reader, cfg.model)
+        try:
+            check_checkpoint_model(reader, model)
+        except ValueError as e:
+            raise ValueError(f"{what}.load: {e}") from None
         load_weights(reader, role.params)
     return 0
 
@@ -197,9 +189,9 @@ def _layout_meta(groups: RoleGroups) -> dict:
     return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "rank_offset": lay.rank_offset}
 
 
-def _save(cfg: PretrainConfig, role: Role, step: int) -> None:
+def save_role(ck: CheckpointConfig, model: ModelConfig, role: Role, step: int, global_batch: int, extra: dict) -> None:
+    """Collective over the role's ranks."""
     g = role.groups
-    meta = {"model": to_dict(cfg.model), "layout": _layout_meta(g), "kind": "pretrain",
-            "consumed_samples": step * cfg.training.global_batch_size, "data": to_dict(cfg.data)}
-    save_checkpoint(cfg.checkpoint.dir, step, role.params, role.optimizer, g.dp_rank, g.role_group,
-                    g.layout.rank_offset, meta, cfg.checkpoint.keep)
+    meta = {"model": to_dict(model), "layout": _layout_meta(g), "consumed_samples": step * global_batch, **extra}
+    save_checkpoint(ck.dir, step, role.params, role.optimizer, g.dp_rank, g.role_group,
+                    g.layout.rank_offset, meta, ck.keep)
