@@ -1,0 +1,171 @@
+"""Distillation run config: two roles (teacher, student), how they share the ranks, the KD loss.
+
+    teacher: {model: llama-3.1-8b, load: checkpoints/teacher, tp: 4, pp: 1, topk: 64}
+    student: {model: llama-3.2-1b, tp: 1, pp: 1}
+    split:   {mode: disaggregated, teacher_ranks: 4, depth: 2}
+    loss:    {divergence: forward_kl, tau: 1.0, alpha: 0.0}
+
+``split.mode``:
+* ``colocated``: both roles span all ranks; each rank runs its teacher micro-batches of a step,
+  then the student's step. ``tp*pp*dp`` of each role equals the world size.
+* ``disaggregated``: the teacher owns ranks ``[0, Wt)`` and the student ``[Wt, W)`` (or the other
+  way round with ``teacher_first: false``); they run concurrently, the teacher up to
+  ``split.depth`` micro-batches ahead. ``Wt`` is ``split.teacher_ranks`` or derived from the
+  teacher's ``tp*pp*dp``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ..loss import KDLossConfig
+from .loader import field_error, from_dict
+from .model import ModelConfig, load_model_config
+from .run import (CheckpointConfig, DataConfig, DistributedConfig, LoggingConfig, OptimizerConfig, ParallelConfig,
+                  PrecisionConfig, TrainingConfig, load_run_dict)
+
+MAX_TOPK = 1024  # the fused loss kernel's limit
+
+
+@dataclass
+class TeacherConfig:
+    model: ModelConfig
+    load: Optional[str] = None  # kdtrain checkpoint (a run's checkpoint dir or one step_N dir)
+    random_init: bool = False  # no checkpoint: seeded random weights (benchmarks and tests only)
+    tp: int = 1
+    pp: int = 1
+    dp: Optional[int] = None  # None: span // (tp * pp)
+    topk: int = 64  # ids and logits per token sent to the student
+    values_dtype: Literal["fp32", "bf16"] = "fp32"  # precision of the streamed top-k logits
+
+    def check(self, where: str = "teacher") -> None:
+        ParallelConfig(self.tp, self.pp, self.dp).check(where)
+        if not 1 <= self.topk <= MAX_TOPK:
+            raise field_error(where, "topk", f"must be in [1, {MAX_TOPK}], got {self.topk}")
+        if self.topk > self.model.vocab_size:
+            raise field_error(where, "topk", f"{self.topk} exceeds the vocabulary ({self.model.vocab_size})")
+        if self.load is None and not self.random_init:
+            raise field_error(where, "load", "a teacher needs weights: a kdtrain checkpoint "
+                              "(or random_init: true for benchmarks)")
+        if self.load is not None and self.random_init:
+            raise field_error(where, "random_init", "set either load or random_init, not both")
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.tp, self.pp, self.dp)
+
+
+@dataclass
+class StudentConfig:
+    model: ModelConfig
+    load: Optional[str] = None  # initial weights (model only); None: seeded random init
+    tp: int = 1
+    pp: int = 1
+    dp: Optional[int] = None
+
+    def check(self, where: str = "student") -> None:
+        ParallelConfig(self.tp, self.pp, self.dp).check(where)
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.tp, self.pp, self.dp)
+
+
+@dataclass
+class SplitConfig:
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    teacher_ranks: Optional[int] = None  # disaggregated: ranks given to the teacher
+    teacher_first: bool = True  # disaggregated: teacher on the low ranks
+    depth: int = 2  # disaggregated: micro-batches the teacher may run ahead of the student
+    timeout_s: float = 300.0  # a peer silent this long ends the job with an error
+
+    def check(self, where: str = "split") -> None:
+        if self.depth < 1:
+            raise field_error(where, "depth", f"must be >= 1, got {self.depth}")
+        if self.timeout_s <= 0:
+            raise field_error(where, "timeout_s", f"must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Resolved rank spans and layouts of both roles."""
+
+    teacher_offset: int
+    teacher: ParallelConfig
+    student_offset: int
+    student: ParallelConfig
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig
+    student: StudentConfig
+    data: DataConfig
+    split: SplitConfig = field(default_factory=SplitConfig)
+    loss: KDLossConfig = field(default_factory=KDLossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def resolve_spans(self, world_size: int) -> Spans:
+        t, s, sp = self.teacher, self.student, self.split
+        if sp.mode == "colocated":
+            if sp.teacher_ranks is not None:
+                raise field_error("split", "teacher_ranks", "only for mode: disaggregated (colocated roles share all ranks)")
+            return Spans(0, t.parallel.resolve(world_size, "teacher"), 0, s.parallel.resolve(world_size, "student"))
+        wt = sp.teacher_ranks
+        if wt is None:
+            if t.dp is None:
+                raise field_error("split", "teacher_ranks", "disaggregated: give split.teacher_ranks or teacher.dp")
+            wt = t.tp * t.pp * t.dp
+        if not 0 < wt < world_size:
+            raise field_error("split", "teacher_ranks", f"{wt} leaves no ranks for one of the roles "
+                              f"(world size {world_size})")
+        tpar = t.parallel.resolve(wt, "teacher")
+        spar = s.parallel.resolve(world_size - wt, "student")
+        if sp.teacher_first:
+            return Spans(0, tpar, wt, spar)
+        return Spans(world_size - wt, tpar, 0, spar)
+
+    def validate(self, world_size: int) -> Spans:
+        """Cross-section checks that need the world size; returns the resolved rank spans."""
+        spans = self.resolve_spans(world_size)
+        tm, sm = self.teacher.model, self.student.model
+        tm.check_layout(spans.teacher.tp, spans.teacher.pp, "teacher")
+        sm.check_layout(spans.student.tp, spans.student.pp, "student")
+        if tm.vocab_size != sm.vocab_size:
+            raise field_error("student", "model", f"vocab_size {sm.vocab_size} of student {sm.name!r} differs from "
+                              f"vocab_size {tm.vocab_size} of teacher {tm.name!r}: distillation needs one tokenizer")
+        seq = self.data.seq_length
+        for role, m in (("teacher", tm), ("student", sm)):
+            if seq > m.max_seq_length:
+                raise field_error("data", "seq_length", f"{seq} exceeds max_seq_length={m.max_seq_length} "
+                                  f"of the {role} model {m.name!r}")
+        tr = self.training
+        n_mb = tr.global_batch_size // tr.micro_batch_size
+        for role, dp in (("student", spans.student.dp), ("teacher", spans.teacher.dp)):
+            if n_mb % dp:
+                raise field_error("training", "global_batch_size",
+                                  f"{tr.global_batch_size} / micro_batch_size {tr.micro_batch_size} = {n_mb} "
+                                  f"micro-batches per step do not split evenly over the {role}'s dp={dp} replicas")
+        if not self.data.path and not self.data.mock:
+            raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes, or mock: true)")
+        return spans
+
+
+def load_distill_config(path: Optional[str], overrides=()) -> DistillConfig:
+    raw = load_run_dict(path, overrides, kind="distill", model_keys=())
+    for role in ("teacher", "student"):
+        section = raw.get(role)
+        if not isinstance(section, dict):
+            raise ValueError(f"{role}: required section is missing (needs at least model: <name>)")
+        if "model" not in section:
+            raise ValueError(f"{role}.model: required key is missing (a name under configs/models/ or a YAML path)")
+        section["model"] = load_model_config(section["model"], f"{role}.model")
+    if "data" not in raw:
+        raise ValueError("data: required section is missing")
+    return from_dict(DistillConfig, raw)

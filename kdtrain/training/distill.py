@@ -1,0 +1,220 @@
+"""Distillation: a lean teacher streams top-k payloads to a trained student (scripts/distill_gpt.py).
+
+Data flow of one step t (global samples [t*G, (t+1)*G), N = G/m micro-batches):
+
+    teacher replica d_t:  for o in pairing.teacher_work(d_t):   micro-batch o -> forward -> top-k
+                          payload -> channel.put(o)              (last stage; runs up to `depth` ahead)
+    student replica d_s:  channel.post(own sequence numbers);  1F1B over its micro-batches, where
+                          the loss of micro-batch o = KD(student logits, channel.get(o)) (+ alpha CE);
+                          DP gradient all-reduce, clip, AdamW; log; checkpoint.
+
+Colocated roles run both halves on every rank, teacher first; disaggregated roles run them on
+disjoint ranks at the same time. Every rank builds both roles' process groups (collective).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import to_dict
+from ..config.distill import DistillConfig
+from ..data.gpt_dataset import GPTWindowDataset
+from ..loss import kd_loss
+from ..models import transformer_engine_available
+from ..parallel import RoleLayout, build_role_groups, init_distributed
+from ..stream import Pairing, PayloadSpec
+from ..stream.channel import PayloadChannel
+from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids
+from .logger import RunLogger
+from .metrics import Throughput, peak_tflops
+from .optimizer import lr_at
+from .pretrain import build_trainable, evaluate, lm_forward_step, open_dataset, resolve_dtype, restore_role, save_role
+from .step import train_step
+from .teacher import Teacher
+
+KD_REPORT_KEYS = ("loss_sum", "kd_sum", "ce_sum", "tokens")
+
+
+@dataclass
+class SeqMicroBatch(MicroBatch):
+    seq: int = -1  # sequence number in the step (see stream/pairing.py)
+
+
+def kd_forward_step(channel: PayloadChannel, upcoming: list, cfg: DistillConfig, tp_group, timers: dict):
+    """Student forward step: logits -> KD loss against the streamed teacher payload."""
+    vocab = cfg.student.model.vocab_size
+
+    def forward_step(model, mb: SeqMicroBatch):
+        output = model(mb.tokens, mb.position_ids, None)
+
+        def loss_func(logits_SBVl: torch.Tensor):
+            t0 = time.perf_counter()
+            payload = channel.get(mb.seq, mb.tokens)
+            timers["teacher_wait_s"] += time.perf_counter() - t0
+            upcoming.remove(mb.seq)
+            channel.post(upcoming)  # keep `depth` receives in flight
+            loss_sum, report = kd_loss(
+                logits_SBVl, payload.ids, payload.values, vocab_size=vocab, tp_group=tp_group, config=cfg.loss,
+                labels_SB=mb.labels.t(), loss_mask_SB=mb.loss_mask.t(), num_tokens=1.0, teacher_lse_SB=payload.lse)
+            tokens = mb.loss_mask.sum()
+            return loss_sum, tokens, {"loss_sum": loss_sum.detach(), "kd_sum": report["kd_sum"],
+                                      "ce_sum": report["ce_sum"], "tokens": tokens}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def teacher_microbatches(dataset: GPTWindowDataset, pairing: Pairing, first: int, global_batch: int,
+                         micro_batch: int, teacher_replica: int, device) -> list[tuple[int, MicroBatch]]:
+    """(sequence number, micro-batch) pairs a teacher replica serves this step, in order."""
+    out = []
+    for o in pairing.teacher_work(teacher_replica):
+        r, j = pairing.student_of(o)
+        ids = replica_sample_ids(first, global_batch, r, pairing.dp_student)[j * micro_batch:(j + 1) * micro_batch]
+        out.append((o, make_microbatch(np.stack([dataset.train_sample(i) for i in ids]), device)))
+    return out
+
+
+def distill(cfg: DistillConfig) -> dict:
+    env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
+    spans = cfg.validate(env.world_size)
+    tr, dtype = cfg.training, resolve_dtype(cfg.precision.dtype, env.device)
+    colocated = cfg.split.mode == "colocated"
+
+    t_layout = RoleLayout("teacher", spans.teacher_offset, spans.teacher.tp, spans.teacher.pp, spans.teacher.dp)
+    s_layout = RoleLayout("student", spans.student_offset, spans.student.tp, spans.student.pp, spans.student.dp)
+    t_groups = build_role_groups(t_layout, timeout_s=cfg.distributed.timeout_s)
+    s_groups = build_role_groups(s_layout, timeout_s=cfg.distributed.timeout_s)
+
+    dataset = open_dataset(cfg.data, cfg.student.model)
+    pairing = Pairing(tr.global_batch_size // tr.micro_batch_size, t_layout.dp, s_layout.dp)
+    spec = PayloadSpec(cfg.data.seq_length, tr.micro_batch_size, cfg.teacher.topk,
+                       torch.float32 if cfg.teacher.values_dtype == "fp32" else torch.bfloat16)
+    depth = None if colocated else cfg.split.depth
+    channel = PayloadChannel(pairing, t_layout, s_layout, spec, s_groups.pgc.tp if s_groups.is_member else None,
+                             env.device, cfg.split.timeout_s, send_depth=depth, recv_depth=depth)
+
+    teacher = student = None
+    if t_groups.is_member:
+        teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,
+                          tr.seed + 1)
+    start_step = 0
+    if s_groups.is_member:
+        student = build_trainable(cfg.student.model, s_groups, cfg.optimizer, cfg.data.seq_length,
+                                  tr.micro_batch_size, env.device, dtype, tr.seed)
+        ck = cfg.checkpoint
+        if cfg.student.load and not ck.load:
+            ck = dataclasses.replace(ck, load=cfg.student.load)
+        start_step = restore_role(ck, cfg.student.model, student, env.rank, what="student")
+    # Teacher-only ranks learn the resume step from the student's checkpoint, read by all ranks.
+    start_step = _agree_start_step(start_step, s_layout, env.device)
+
+    writer = env.rank == s_layout.rank_offset
+    logger = RunLogger(cfg.logging, writer, tr.train_steps, start_step, run_config=to_dict(cfg),
+                       name=f"{cfg.teacher.model.name}->{cfg.student.model.name}")
+    if teacher is not None and env.rank == t_layout.rank_offset:
+        mem = teacher.memory_report()
+        logger_print = print if not writer else logger.write
+        logger_print(f"teacher {cfg.teacher.model.name}: {mem['teacher_weight_bytes'] / 2**20:.1f} MiB of weights on "
+                     f"rank {env.rank} (a DDP-wrapped trainable copy with Adam would hold "
+                     f"{mem['teacher_trainable_equiv_bytes'] / 2**20:.1f} MiB)")
+    logger.write(f"kdtrain distill: {cfg.teacher.model.name} (tp={t_layout.tp} pp={t_layout.pp} dp={t_layout.dp}, "
+                 f"ranks {t_layout.ranks.start}-{t_layout.ranks.stop - 1}) -> {cfg.student.model.name} "
+                 f"(tp={s_layout.tp} pp={s_layout.pp} dp={s_layout.dp}, ranks {s_layout.ranks.start}-"
+                 f"{s_layout.ranks.stop - 1}), {cfg.split.mode}, top-{spec.k}, {cfg.loss.divergence}, "
+                 f"{str(dtype).removeprefix('torch.')}, attention="
+                 f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}")
+
+    tokens_per_step = tr.global_batch_size * cfg.data.seq_length
+    seq = cfg.data.seq_length
+    peak = peak_tflops(env.device, cfg.logging.peak_tflops)
+    s_tp = Throughput(tokens_per_step, tr.global_batch_size, cfg.student.model.flops_per_token(seq),
+                      s_layout.num_ranks, peak, env.device)
+    teacher_flops = cfg.teacher.model.flops_per_token(seq) / 3  # forward only
+    summary: dict = {"start_step": start_step}
+    timers = {"teacher_wait_s": 0.0, "student_wait_s": 0.0}
+    step = start_step
+    while step < tr.train_steps:
+        first = step * tr.global_batch_size
+        s_items, upcoming = [], []
+        if student is not None:
+            mbs = microbatches(dataset.train_sample, first, tr.global_batch_size, tr.micro_batch_size,
+                               s_groups.dp_rank, s_layout.dp, env.device)
+            upcoming = pairing.student_work(s_groups.dp_rank)
+            s_items = [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)]
+            upcoming = list(upcoming)
+            if s_groups.is_last_stage:
+                channel.post(upcoming)
+        s_tp.start()
+        timers.update(teacher_wait_s=0.0, student_wait_s=0.0)
+        if teacher is not None:
+            for o, mb in teacher_microbatches(dataset, pairing, first, tr.global_batch_size, tr.micro_batch_size,
+                                              t_groups.dp_rank, env.device):
+                payload = teacher.serve(mb)
+                if payload is not None:
+                    t0 = time.perf_counter()
+                    channel.put(o, payload)
+                    timers["student_wait_s"] += time.perf_counter() - t0
+        result = None
+        if student is not None:
+            fwd = kd_forward_step(channel, upcoming, cfg, s_groups.pgc.tp, timers)
+            lr = lr_at(step, cfg.optimizer, tr.train_steps)
+            result = train_step(student.schedule, fwd, s_items, student.grads, student.optimizer, s_groups, lr,
+                                cfg.optimizer.clip_grad, cfg.student.model.tie_embeddings, KD_REPORT_KEYS)
+        if colocated:
+            t0 = time.perf_counter()
+            channel.flush()
+            timers["student_wait_s"] += time.perf_counter() - t0
+        rates = s_tp.stop()
+        step += 1
+        if result is not None:
+            sums = result.sums
+            n = sums["tokens"]
+            metrics = {"loss": sums["loss_sum"] / n, "kd_loss": sums["kd_sum"] / n, "ce_loss": sums["ce_sum"] / n,
+                       "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
+                       "consumed_samples": step * tr.global_batch_size, **rates,
+                       "teacher_tflops_per_device": teacher_flops * rates["tokens_per_s"] / t_layout.num_ranks / 1e12,
+                       "teacher_wait_s": timers["teacher_wait_s"], "student_wait_s": timers["student_wait_s"],
+                       "payload_bytes_per_s": (channel.bytes_received + channel.bytes_sent) / rates["step_time_s"]}
+            if peak:
+                metrics["teacher_mfu"] = metrics["teacher_tflops_per_device"] / peak
+            channel.bytes_received = channel.bytes_sent = 0
+            summary["train_loss"] = metrics["loss"]
+            if step % cfg.logging.interval == 0 or step == tr.train_steps:
+                logger.log(step, metrics)
+            if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.train_steps:
+                logger.log(step, _evaluate_student(student, dataset, cfg, s_groups, env.device), kind="valid")
+            if cfg.checkpoint.dir and (step == tr.train_steps or (cfg.checkpoint.save_interval
+                                                                   and step % cfg.checkpoint.save_interval == 0)):
+                save_role(cfg.checkpoint, cfg.student.model, student, step, tr.global_batch_size,
+                          {"kind": "distill", "teacher": to_dict(cfg.teacher.model), "data": to_dict(cfg.data)})
+    channel.flush()
+    if student is not None:
+        final = _evaluate_student(student, dataset, cfg, s_groups, env.device)
+        if final:
+            logger.log(step, final, kind="valid")
+        summary.update(final)
+    summary["step"] = step
+    logger.close()
+    return summary
+
+
+def _evaluate_student(student, dataset, cfg: DistillConfig, groups, device) -> dict:
+    """Held-out next-token cross entropy of the student (comparable with plain pretraining)."""
+    fwd = lm_forward_step(cfg.student.model.vocab_size, groups.pgc.tp)
+    return evaluate(student, dataset, cfg.training, fwd, device)
+
+
+def _agree_start_step(start_step: int, s_layout: RoleLayout, device) -> int:
+    """Every rank takes the student's resume step (a world broadcast from the student's first rank)."""
+    t = torch.tensor([start_step], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=s_layout.rank_offset)
+    return int(t.item())
+

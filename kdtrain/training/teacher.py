@@ -1,0 +1,82 @@
+"""The lean teacher: a frozen GPT that turns micro-batches into top-k payloads.
+
+No gradients, no gradient buffer, no optimizer state, no data-parallel wrapper: parameters are
+built in the run dtype (bf16 on GPU), loaded from a kdtrain checkpoint (any TP/PP layout), set to
+``requires_grad=False`` and run under ``torch.no_grad`` in eval mode. Its forward reuses the
+role's pipeline schedule (forward only); on the last stage the vocab-parallel logits become the
+payload (top-k ids and logits, log-normaliser at the loss temperature, checksum of the input
+tokens) and are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig
+from ..models import KDGPTModel, build_gpt
+from ..parallel import RoleGroups
+from ..stream import Payload, PayloadSpec, token_checksum, vocab_parallel_topk
+from .batches import MicroBatch
+from .checkpoint import CheckpointReader, check_checkpoint_model, latest_checkpoint, load_weights
+from .pipeline import PipelineSchedule
+
+
+def load_checkpoint_weights(path: str, model_cfg: ModelConfig, params, role: str) -> None:
+    """Model weights from a kdtrain checkpoint dir (its latest step) or a step dir, any layout."""
+    reader = CheckpointReader(latest_checkpoint(path) or path)
+    try:
+        check_checkpoint_model(reader, model_cfg)
+    except ValueError as e:
+        raise ValueError(f"{role}.load: {e}") from None
+    load_weights(reader, params)
+
+
+class Teacher:
+    def __init__(self, model_cfg: ModelConfig, groups: RoleGroups, spec: PayloadSpec, tau: float,
+                 load: Optional[str], device: torch.device, dtype: torch.dtype, seed: int):
+        self.cfg, self.groups, self.spec, self.tau = model_cfg, groups, spec, tau
+        self.model: KDGPTModel = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if load is not None:
+            params = [(self.model.param_specs[n], p) for n, p in self.model.named_parameters()]
+            load_checkpoint_weights(load, model_cfg, params, "teacher")
+        self.schedule = PipelineSchedule(self.model, groups, (spec.seq_length, spec.micro_batch,
+                                                              model_cfg.hidden_size), dtype, device)
+        self.device = device
+
+    def _forward_step(self, model: KDGPTModel, mb: MicroBatch):
+        output = model(mb.tokens, mb.position_ids, None)
+
+        def to_payload(logits_SBVl: torch.Tensor):
+            payload = self.spec.empty(self.device)
+            ids, values, lse = vocab_parallel_topk(logits_SBVl, self.spec.k, self.cfg.vocab_size,
+                                                   self.groups.pgc.tp, tau=self.tau)
+            payload.ids.copy_(ids)
+            payload.values.copy_(values)
+            payload.lse.copy_(lse)
+            payload.checksum.copy_(token_checksum(mb.tokens))
+            zero = logits_SBVl.new_zeros(())
+            return zero, zero, {"payload": payload}
+
+        return output, to_payload
+
+    @torch.no_grad()
+    def serve(self, mb: MicroBatch) -> Optional[Payload]:
+        """Run one micro-batch through this rank's stage; the payload on the last stage, else None."""
+        reports = self.schedule.forward_only(self._forward_step, [mb], total_tokens=1.0)
+        return reports[0]["payload"] if reports else None
+
+    def memory_report(self) -> dict[str, float]:
+        """This rank's teacher bytes, next to what a trainable (DDP + Adam) copy would hold."""
+        n = sum(p.numel() for p in self.model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        # A trained copy adds an fp32 gradient buffer, fp32 master weights (when the weights are
+        # not fp32) and two fp32 Adam moments per parameter.
+        master = 0 if self.model.parameters().__next__().dtype == torch.float32 else 4 * n
+        trainable = weights + 4 * n + master + 8 * n
+        return {"teacher_params": float(n), "teacher_weight_bytes": float(weights),
+                "teacher_trainable_equiv_bytes": float(trainable)}
