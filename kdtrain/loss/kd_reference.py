@@ -1,63 +1,62 @@
 """Top-k distillation loss over vocab-parallel student logits: the pure-torch reference (the spec).
 
-Per token, the teacher sends its top-k ids ``K`` with their logits ``z_T`` (or log-probs) and,
-optionally, its log-normaliser ``lse_T = logsumexp(z_T / tau)`` over the full vocabulary. The
-student holds a vocabulary shard of its logits ``z_S``. With temperature ``tau`` on both sides:
+Per token, the teacher sends its top-k ids ``K`` (distinct global ids) with values ``v``: its
+logits, or its log-probs at temperature ``tau`` (``values_are_logprobs``), and optionally its
+log-normaliser ``lse_T = logsumexp(z_T / tau)`` over the full vocabulary. The student holds one
+vocabulary shard of its logits ``z_S`` (columns ``>= vocab_size`` of a padded table are excluded).
 
-    q_i     = exp(z_S,i / tau - lse_S)          lse_S exact over the full vocabulary (all shards)
-    p_i     = exp(z_T,i / tau - lse_T)          (log-probs are taken as given)
+    q_i = exp(z_S,i / tau - lse_S)        lse_S exact over the full vocabulary (all TP shards)
+    p_i = exp(v_i / tau - lse_T)          logits with lse_T
+        = exp(v_i)                        log-probs, taken as given
+        = softmax_K(v / tau)_i            logits without lse_T: the top-k hold all teacher mass
 
 Tail handling over the support:
-* ``tail``: a (k+1)-th bucket holds ``p_tail = 1 - sum_K p`` and ``q_tail = 1 - sum_K q``, so both
-  are proper distributions over k+1 outcomes. ``q_tail`` is summed directly over the ids outside
-  K (no cancellation). Without ``lse_T`` the teacher's tail mass is unknown and taken as 0.
-* ``renorm``: both renormalised over K.
 
-Divergences over that support (TRL's generalized JSD convention): ``forward_kl`` KL(p||q),
-``reverse_kl`` KL(q||p), ``jsd`` with ``beta``: M = beta p + (1-beta) q,
-JSD = beta KL(p||M) + (1-beta) KL(q||M), where beta = 0 is KL(p||q) and beta = 1 is KL(q||p).
-Optional ``tau^2`` scaling of the KD term; optional hard-label cross entropy (at temperature 1)
-mixed as ``(1 - alpha) KD + alpha CE``. The loss is the sum over valid tokens divided by
-``num_tokens`` (the global valid-token count, so gradient accumulation is exact).
+* ``tail`` (default): when ``k < vocab_size`` a (k+1)-th bucket holds ``P_t = max(0, 1 - sum_K p)``
+  and ``Q_t = 1 - sum_K q``, so both are distributions over k+1 outcomes. ``Q_t`` is summed
+  directly over the ids outside K (no ``1 - sum`` cancellation). When ``k == vocab_size`` there
+  is no bucket (both tails are 0 exactly). An empty tail bucket has its log floored at
+  ``LOG_FLOOR = log(2^-126)`` (about -87.3, in every dtype) and contributes ``0 * log 0 = 0`` as
+  the first argument of a KL, so no NaN/inf enters values or gradients. A floored student tail
+  (its sum-exp underflowed) is a constant: no gradient flows through it. With logits and no
+  ``lse_T`` the teacher tail is 0; reverse KL (and JSD with beta = 1) then refuses to run in
+  ``tail`` mode, since KL(Q||P) would be infinite: pass ``lse_T``, log-probs, or use ``renorm``.
+  (A teacher top-k mass that rounds to >= 1, e.g. from bf16 values, also gives ``P_t = 0``;
+  reverse KL then charges ``Q_t * (log Q_t + 87.3)`` for the student's tail: send fp32 values.)
+* ``renorm``: both renormalised over K: ``P = softmax_K(log p)``, ``Q = softmax_K(z_S / tau)``.
+
+Divergences over that support, TRL's generalized JSD convention (``GKDTrainer.generalized_jsd_loss``):
+``forward_kl`` = KL(P||Q), ``reverse_kl`` = KL(Q||P), ``jsd`` with ``beta``:
+``M = beta P + (1 - beta) Q``, ``JSD = beta KL(P||M) + (1 - beta) KL(Q||M)``, where ``beta = 0``
+is special-cased to KL(P||Q) and ``beta = 1`` to KL(Q||P) (the mixture formula itself tends to 0
+at both ends). Terms with zero mass in the first argument of a KL contribute 0.
+
+Per token: ``loss_t = (1 - alpha) * c * D_t + alpha * CE_t`` with ``c = tau^2`` if
+``scale_by_tau_sq`` else 1, and ``CE_t = logsumexp(z_S) - z_S[label]`` at temperature 1. The
+loss is ``sum_t valid_t * loss_t / num_tokens`` where ``valid_t = loss_mask_t * (label_t !=
+ignore_index)`` and ``num_tokens`` defaults to the local number of valid tokens (at least 1);
+pass the global count so that gradient accumulation and data parallelism are exact.
 
 Tensor parallelism: every TP rank computes the same per-token loss. The shard-local pieces (row
 max; sum-exp; sum-exp outside K; the student logits at the ids of K that fall in this shard; the
-CE target logit) are combined by one MAX and one SUM all-reduce. The SUM's backward is the
-identity (each rank holds a replica of everything downstream), so autograd gives each rank the
-exact gradient of its own shard.
+CE target logit and temperature-1 sum-exp) are combined by one MAX and one SUM all-reduce. The
+SUM's backward is the identity (each rank holds a replica of everything downstream), so autograd
+gives each rank the exact gradient of its own shard.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from ..config.loader import field_error
 from .cross_entropy import vocab_shard
+from .kd_checks import LOG_FLOOR, KDLossConfig, check_kd_inputs, check_teacher_tail
 
-
-@dataclass
-class KDLossConfig:
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    beta: float = 0.5  # jsd only: weight of the teacher in the mixture
-    tau: float = 1.0  # temperature on both sides
-    scale_by_tau_sq: bool = False  # multiply the KD term by tau^2 (Hinton)
-    tail: Literal["tail", "renorm"] = "tail"
-    alpha: float = 0.0  # weight of the hard-label cross entropy
-    values_are_logprobs: bool = False  # teacher values are log-probs at temperature tau
-    ignore_index: int = -100  # labels equal to this are not counted
-
-    def check(self, where: str = "loss") -> None:
-        if not 0.0 <= self.beta <= 1.0:
-            raise field_error(where, "beta", f"must be in [0, 1], got {self.beta}")
-        if not self.tau > 0:
-            raise field_error(where, "tau", f"must be positive, got {self.tau}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise field_error(where, "alpha", f"must be in [0, 1], got {self.alpha}")
+__all__ = ["KDLossConfig", "check_kd_inputs", "kd_loss_reference", "kd_dense_reference", "token_weights"]
 
 
 class _SumOverTP(torch.autograd.Function):
@@ -74,140 +73,148 @@ class _SumOverTP(torch.autograd.Function):
         return grad, None
 
 
-def check_kd_inputs(logits_SBVl, ids_SBk, values_SBk, vocab_size, lse_SB=None, labels_SB=None) -> None:
-    """Clear errors for payloads that do not fit the logits (one host sync)."""
-    if logits_SBVl.dim() != 3:
-        raise ValueError(f"student logits must be [S, B, V/tp], got shape {tuple(logits_SBVl.shape)}")
-    SB = tuple(logits_SBVl.shape[:2])
-    if ids_SBk.dim() != 3 or tuple(ids_SBk.shape[:2]) != SB or values_SBk.shape != ids_SBk.shape:
-        raise ValueError(f"teacher payload ids {tuple(ids_SBk.shape)} / values {tuple(values_SBk.shape)} do not "
-                         f"match student logits {tuple(logits_SBVl.shape)} (expected [S, B, k] with S, B = {SB})")
-    if lse_SB is not None and tuple(lse_SB.shape) != SB:
-        raise ValueError(f"teacher log-normaliser shape {tuple(lse_SB.shape)} != {SB}")
-    if labels_SB is not None and tuple(labels_SB.shape) != SB:
-        raise ValueError(f"labels shape {tuple(labels_SB.shape)} != {SB}")
-    k = ids_SBk.shape[-1]
-    if k > vocab_size:
-        raise ValueError(f"top-k k={k} exceeds the vocabulary size {vocab_size}")
-    if ids_SBk.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"teacher ids must be int32 or int64, got {ids_SBk.dtype}")
-    if ids_SBk.numel():
-        stats = torch.stack([ids_SBk.min().double(), ids_SBk.max().double(),
-                             (~torch.isfinite(values_SBk)).sum().double()]).tolist()
-        if stats[0] < 0 or stats[1] >= vocab_size:
-            raise ValueError(f"teacher ids out of range [0, {vocab_size}): min {int(stats[0])}, max {int(stats[1])}")
-        if stats[2]:
-            raise ValueError(f"teacher values contain {int(stats[2])} NaN/inf entries")
+def _tp(group) -> tuple[int, int]:
+    if group is None:
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _xlogy_diff(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """p * (log p - log q), 0 where p == 0 (with a finite gradient there)."""
-    safe = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
-    return p * safe
+def _kl_terms(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a * (log a - log b) elementwise, 0 where a == 0 (with a finite gradient there)."""
+    return a * torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
 
 
-def _divergence(logP: torch.Tensor, logQ: torch.Tensor, cfg: KDLossConfig) -> torch.Tensor:
-    """Sum over the last dim of the chosen divergence between P (teacher) and Q (student)."""
+def divergence(logP: torch.Tensor, logQ: torch.Tensor, config: KDLossConfig) -> torch.Tensor:
+    """Chosen divergence between teacher P and student Q (log-probabilities), summed over the last dim."""
     P, Q = logP.exp(), logQ.exp()
-    beta = cfg.beta
-    if cfg.divergence == "forward_kl" or (cfg.divergence == "jsd" and beta == 0.0):
-        return _xlogy_diff(P, logP, logQ).sum(-1)
-    if cfg.divergence == "reverse_kl" or (cfg.divergence == "jsd" and beta == 1.0):
-        return _xlogy_diff(Q, logQ, logP).sum(-1)
-    logM = torch.logaddexp(logP + math.log(beta), logQ + math.log(1.0 - beta))
-    return beta * _xlogy_diff(P, logP, logM).sum(-1) + (1.0 - beta) * _xlogy_diff(Q, logQ, logM).sum(-1)
+    beta = config.beta
+    if config.divergence == "forward_kl" or (config.divergence == "jsd" and beta == 0.0):
+        return _kl_terms(P, logP, logQ).sum(-1)
+    if config.divergence == "reverse_kl" or (config.divergence == "jsd" and beta == 1.0):
+        return _kl_terms(Q, logQ, logP).sum(-1)
+    logM = torch.logaddexp(logP + math.log(beta), logQ + math.log1p(-beta))
+    return beta * _kl_terms(P, logP, logM).sum(-1) + (1.0 - beta) * _kl_terms(Q, logQ, logM).sum(-1)
 
 
+def token_weights(loss_mask_SB, labels_SB, ignore_index: int, like: torch.Tensor) -> torch.Tensor:
+    """valid_t = loss_mask_t * (label_t != ignore_index), in ``like``'s dtype and shape [S, B]."""
+    valid = torch.ones(like.shape[:2], dtype=like.dtype, device=like.device) if loss_mask_SB is None \
+        else loss_mask_SB.to(like.dtype)
+    if labels_SB is not None:
+        valid = valid * (labels_SB != ignore_index).to(like.dtype)
+    return valid
 
-def kd_loss_reference(logits_SBVl: torch.Tensor, ids_SBk: torch.Tensor, values_SBk: torch.Tensor, *,
+
+def teacher_logprobs(values: torch.Tensor, teacher_lse: Optional[torch.Tensor], config: KDLossConfig) -> torch.Tensor:
+    """log p over the top-k ids (see the module docstring), in ``values``' dtype."""
+    if config.values_are_logprobs:
+        return values
+    if teacher_lse is not None:
+        return values / config.tau - teacher_lse.unsqueeze(-1)
+    return torch.log_softmax(values / config.tau, dim=-1)
+
+
+def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_SBK: torch.Tensor, *,
                       vocab_size: int, config: KDLossConfig, tp_group=None,
                       labels_SB: Optional[torch.Tensor] = None, loss_mask_SB: Optional[torch.Tensor] = None,
                       num_tokens=None, teacher_lse_SB: Optional[torch.Tensor] = None,
                       validate: bool = True) -> tuple[torch.Tensor, dict]:
     """Returns ``(loss, report)``: loss = sum over valid tokens / num_tokens (a scalar with autograd
-    to ``logits_SBVl``); report holds ``kd_sum``, ``ce_sum`` (sums over valid tokens, detached),
-    ``tokens`` and the per-token ``loss_SB`` (detached)."""
+    to ``logits_SBVl``, fp32, or fp64 for fp64 logits); report holds ``kd_sum``, ``ce_sum`` (sums over
+    valid tokens of the unweighted per-token terms), ``tokens`` (valid count) and the per-token
+    ``loss_SB`` (0 on masked tokens), all detached."""
     cfg = config
-    if validate:
-        check_kd_inputs(logits_SBVl, ids_SBk, values_SBk, vocab_size, teacher_lse_SB,
-                        labels_SB if cfg.alpha > 0 else None)
+    cfg.check()
+    tp, tp_rank = _tp(tp_group)
     if cfg.alpha > 0 and labels_SB is None:
         raise ValueError("loss.alpha > 0 needs labels for the hard-label cross entropy")
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    Vl, k = logits_SBVl.shape[-1], ids_SBk.shape[-1]
+    if validate:
+        check_kd_inputs(logits_SBVl, topk_ids_SBK, topk_values_SBK, vocab_size, teacher_lse_SB, labels_SB,
+                        loss_mask_SB, config=cfg, tp_size=tp)
+    Vl, k = logits_SBVl.shape[-1], topk_ids_SBK.shape[-1]
     start, real = vocab_shard(Vl, tp_rank, vocab_size)
+    check_teacher_tail(cfg, teacher_lse_SB is not None, k, vocab_size)
     dtype = torch.float64 if logits_SBVl.dtype == torch.float64 else torch.float32
 
     z = logits_SBVl.to(dtype)
     if real < Vl:  # padding columns of the vocab table are not part of any distribution
         z = torch.cat([z[..., :real], torch.full_like(z[..., real:], float("-inf"))], dim=-1)
-    zt = z / cfg.tau
+    s = z / cfg.tau
 
-    # Shard-local statistics, shifted by the global row max (constant, so no gradient).
-    row_max = zt.detach().amax(dim=-1)
+    # Shard-local statistics, shifted by the global row max (a constant: no gradient through it).
+    row_max = s.detach().amax(dim=-1)
     if tp > 1:
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-    ex = (zt - row_max.unsqueeze(-1)).exp()
-    ids = ids_SBk.long()
+    ex = (s - row_max.unsqueeze(-1)).exp()
+    ids = topk_ids_SBK.long()
     in_shard = (ids >= start) & (ids < start + real)
-    local_ids = (ids - start).clamp(0, max(real - 1, 0))
-    zk = zt.gather(-1, local_ids) * in_shard  # student logits / tau at K, 0 off-shard
-    # Mass outside K, summed directly (no 1 - sum cancellation): count K's hits per column.
-    hits = torch.zeros_like(ex).scatter_add_(-1, local_ids, in_shard.to(dtype))
-    packed = [ex.sum(-1, keepdim=True), (ex * (hits == 0)).sum(-1, keepdim=True), zk]
+    local_ids = (ids - start).clamp(0, Vl - 1)
+    s_K = torch.where(in_shard, s.gather(-1, local_ids), torch.zeros((), dtype=dtype, device=s.device))
+    # Columns of this shard outside K (ids of other shards go to a spare column that is dropped).
+    spare = torch.where(in_shard, ids - start, torch.full_like(ids, Vl))
+    outside_K = torch.ones(ex.shape[:-1] + (Vl + 1,), dtype=torch.bool, device=ex.device).scatter(
+        -1, spare, False)[..., :Vl]
+    packed = [ex.sum(-1, keepdim=True), (ex * outside_K).sum(-1, keepdim=True), s_K]
     if cfg.alpha > 0:
         lab = labels_SB.long()
         lab_in = (lab >= start) & (lab < start + real)
-        target = z.gather(-1, (lab - start).clamp(0, max(real - 1, 0)).unsqueeze(-1)) * lab_in.unsqueeze(-1)
-        # CE is at temperature 1: sum exp(z - tau * row_max) shares the same row max.
-        packed += [target, (z - (cfg.tau * row_max).unsqueeze(-1)).exp().sum(-1, keepdim=True)]
+        target = torch.where(lab_in, z.gather(-1, (lab - start).clamp(0, Vl - 1).unsqueeze(-1)).squeeze(-1),
+                             torch.zeros((), dtype=dtype, device=z.device))
+        # CE is at temperature 1; max(z) = tau * max(z / tau), so it shares the row max.
+        packed += [target.unsqueeze(-1), (z - (cfg.tau * row_max).unsqueeze(-1)).exp().sum(-1, keepdim=True)]
     stats = torch.cat(packed, dim=-1)
     if tp > 1:
         stats = _SumOverTP.apply(stats, tp_group)
-    sum_exp, tail_exp, zk = stats[..., 0], stats[..., 1], stats[..., 2:2 + k]
+    sum_exp, tail_exp, s_K = stats[..., 0], stats[..., 1], stats[..., 2:2 + k]
 
-    lse_s = row_max + sum_exp.log()
-    logq = zk - lse_s.unsqueeze(-1)  # [S, B, k]
-
-    v = values_SBk.to(dtype)
-    if cfg.values_are_logprobs:
-        logp = v
-    elif teacher_lse_SB is not None:
-        logp = v / cfg.tau - teacher_lse_SB.to(dtype).unsqueeze(-1)
-    else:
-        logp = torch.log_softmax(v / cfg.tau, dim=-1)  # unknown tail: the top-k carry all the mass
-
+    v = topk_values_SBK.to(dtype)
+    logp = teacher_logprobs(v, teacher_lse_SB.to(dtype) if teacher_lse_SB is not None else None, cfg)
     if cfg.tail == "renorm":
         logP = torch.log_softmax(logp, dim=-1)
-        logQ = torch.log_softmax(logq, dim=-1)
+        logQ = torch.log_softmax(s_K, dim=-1)
     else:
-        # log(0) is floored at log(smallest normal) so no -inf enters a product or a gradient.
-        # When K covers the whole vocabulary (no student mass outside it) the teacher's tail,
-        # which is then only rounding error, is zero too.
-        floor = math.log(torch.finfo(dtype).tiny)
-        has_tail = tail_exp > 0
-        p_tail = torch.where(has_tail, (1.0 - logp.exp().sum(-1)).clamp(min=0.0), torch.zeros_like(tail_exp))
-        logq_tail = torch.where(has_tail, torch.where(has_tail, tail_exp, 1.0).log() - sum_exp.log(),
-                                torch.full_like(tail_exp, floor))
-        logp_tail = torch.where(p_tail > 0, torch.where(p_tail > 0, p_tail, 1.0).log(), torch.full_like(p_tail, floor))
-        logP = torch.cat([logp, logp_tail.unsqueeze(-1)], dim=-1)
-        logQ = torch.cat([logq, logq_tail.unsqueeze(-1)], dim=-1)
-    kd_SB = _divergence(logP, logQ, cfg)
+        logq = (s_K - row_max.unsqueeze(-1)) - sum_exp.log().unsqueeze(-1)
+        logP, logQ = logp, logq
+        if k < vocab_size:
+            if teacher_lse_SB is None and not cfg.values_are_logprobs:  # normalised over K: no tail
+                p_tail = torch.zeros_like(sum_exp)
+            else:
+                p_tail = (1.0 - logp.exp().sum(-1)).clamp(min=0.0)
+            logp_tail = torch.where(p_tail > 0, torch.where(p_tail > 0, p_tail, 1.0).log(),
+                                    torch.full_like(p_tail, LOG_FLOOR))
+            has_q = tail_exp > 0
+            logq_tail = torch.where(has_q, torch.where(has_q, tail_exp, 1.0).log() - sum_exp.log(),
+                                    torch.full_like(tail_exp, LOG_FLOOR))
+            logP = torch.cat([logp, logp_tail.unsqueeze(-1)], dim=-1)
+            logQ = torch.cat([logq, logq_tail.unsqueeze(-1)], dim=-1)
+    kd_SB = divergence(logP, logQ, cfg)
     if cfg.scale_by_tau_sq:
         kd_SB = kd_SB * cfg.tau ** 2
 
-    valid = torch.ones_like(kd_SB) if loss_mask_SB is None else loss_mask_SB.to(dtype)
-    if labels_SB is not None:
-        valid = valid * (labels_SB != cfg.ignore_index)
+    valid = token_weights(loss_mask_SB, labels_SB, cfg.ignore_index, kd_SB)
     ce_SB = torch.zeros_like(kd_SB)
     if cfg.alpha > 0:
         target, sum_exp1 = stats[..., 2 + k], stats[..., 3 + k]
-        ce_SB = cfg.tau * row_max + sum_exp1.log() - target
-        ce_SB = torch.where(valid > 0, ce_SB, torch.zeros_like(ce_SB))
+        ce_SB = torch.where(valid > 0, cfg.tau * row_max + sum_exp1.log() - target, ce_SB)
     loss_SB = (1.0 - cfg.alpha) * kd_SB + cfg.alpha * ce_SB
-    n = valid.sum() if num_tokens is None else num_tokens
+    n = valid.sum().clamp(min=1.0) if num_tokens is None else num_tokens
     loss = (loss_SB * valid).sum() / n
     report = {"kd_sum": (kd_SB * valid).sum().detach(), "ce_sum": (ce_SB * valid).sum().detach(),
-              "tokens": valid.sum().detach(), "loss_SB": loss_SB.detach()}
+              "tokens": valid.sum().detach(), "loss_SB": (loss_SB * valid).detach()}
     return loss, report
+
+
+def kd_dense_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, config: KDLossConfig,
+                       labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token loss over the full vocabulary (no top-k, no TP): the dense baseline the
+    benchmark compares against; ``[..., V]`` logits -> ``[...]`` fp32 (fp64 for fp64 logits).
+    Materialises several full-vocab fp32 tensors: that is the point of the comparison."""
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    logQ = F.log_softmax(student_logits.to(dtype) / config.tau, dim=-1)
+    logP = F.log_softmax(teacher_logits.to(dtype) / config.tau, dim=-1)
+    out = divergence(logP, logQ, config) * (config.tau ** 2 if config.scale_by_tau_sq else 1.0)
+    if config.alpha > 0 and labels is not None:
+        ce = F.cross_entropy(student_logits.to(dtype).flatten(0, -2), labels.flatten().long(),
+                             ignore_index=config.ignore_index, reduction="none").view(out.shape)
+        out = (1.0 - config.alpha) * out + config.alpha * ce
+    return out
