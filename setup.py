@@ -64,7 +64,11 @@ setup(
         "wandb",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        # Tests: also Hugging Face conversion (transformers, safetensors), the TRL benchmark's CPU mode
+        # and the planner's sweep plot.
+        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "trl", "matplotlib"],
+        "hf": ["transformers", "safetensors"],
+        "bench": ["transformers", "safetensors", "trl", "matplotlib"],
         # Optional accelerators: imported behind a check, never required.
         "te": ["transformer_engine[pytorch]"],
     },
