@@ -53,18 +53,22 @@ def kd_forward_step(channel: PayloadChannel, upcoming: list, cfg: DistillConfig,
     def forward_step(model, mb: SeqMicroBatch):
         output = model(mb.tokens, mb.position_ids, None)
 
-        def loss_func(logits_SBVl: torch.Tensor):
+        def loss_func(logits_SBVl: torch.Tensor, total_tokens):
             t0 = time.perf_counter()
             payload = channel.get(mb.seq, mb.tokens)
             timers["teacher_wait_s"] += time.perf_counter() - t0
             upcoming.remove(mb.seq)
             channel.post(upcoming)  # keep `depth` receives in flight
-            loss_sum, report = kd_loss(
+            # Normalised by the step's global token count inside the loss, so the fused kernel's
+            # gradient (computed in the forward) is final and backward does not rescale it.
+            loss, report = kd_loss(
                 logits_SBVl, payload.ids, payload.values, vocab_size=vocab, tp_group=tp_group, config=cfg.loss,
-                labels_SB=mb.labels.t(), loss_mask_SB=mb.loss_mask.t(), num_tokens=1.0, teacher_lse_SB=payload.lse)
+                labels_SB=mb.labels.t(), loss_mask_SB=mb.loss_mask.t(), num_tokens=total_tokens,
+                teacher_lse_SB=payload.lse)
             tokens = mb.loss_mask.sum()
-            return loss_sum, tokens, {"loss_sum": loss_sum.detach(), "kd_sum": report["kd_sum"],
-                                      "ce_sum": report["ce_sum"], "tokens": tokens}
+            loss_sum = report["loss_SB"].sum()
+            return loss, tokens, {"loss_sum": loss_sum, "kd_sum": report["kd_sum"], "ce_sum": report["ce_sum"],
+                                  "tokens": tokens}
 
         return output, loss_func
 

@@ -3,11 +3,14 @@
 megatron-core 0.16.1's schedules and p2p layer allocate on ``torch.cuda.current_device()``, so
 they cannot run in CPU CI; this is a small device-agnostic equivalent used on CPU and GPU alike.
 
-Contract (as in Megatron-LM): ``forward_step(model, microbatch) -> (output, loss_func)``. On the
-last stage ``loss_func(output) -> (loss_sum, num_tokens, report)``; the schedule back-propagates
-``loss_sum / total_tokens`` where ``total_tokens`` is the global number of valid tokens in the
-step, so gradients are those of the per-token mean over the whole global batch however it is
-split into micro-batches and data-parallel replicas.
+Contract (Megatron-LM's, with the normalisation moved into the loss): ``forward_step(model,
+microbatch) -> (output, loss_func)``. On the last stage ``loss_func(output, total_tokens) ->
+(loss, num_tokens, report)`` where ``total_tokens`` is the global number of valid tokens in the
+step and ``loss`` is this micro-batch's share of the per-token mean (its loss sum divided by
+``total_tokens``), so gradients are those of the mean over the whole global batch however it is
+split into micro-batches and data-parallel replicas. The schedule back-propagates ``loss`` with
+gradient 1: a loss that computes its gradient in the forward (the fused KD loss) then needs no
+rescaling pass in backward.
 
 1F1B on stage r of P with M micro-batches: ``min(P - r - 1, M)`` warm-up forwards, then
 alternating one-forward-one-backward, then the remaining backwards. At most P - r activations are
@@ -83,9 +86,9 @@ class PipelineSchedule:
         output, loss_func = forward_step(self.model, microbatch)
         if not self.groups.is_last_stage:
             return output
-        loss_sum, num_tokens, report = loss_func(output)
+        loss, num_tokens, report = loss_func(output, total_tokens)
         reports.append(report)
-        return loss_sum / total_tokens
+        return loss
 
     @staticmethod
     def _backward(input_tensor, output, output_grad):

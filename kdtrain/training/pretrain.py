@@ -38,12 +38,12 @@ def lm_forward_step(vocab_size: int, tp_group) -> ForwardStep:
     def forward_step(model: KDGPTModel, mb: MicroBatch):
         output = model(mb.tokens, mb.position_ids, None)  # last stage: logits [s, b, V/tp]
 
-        def loss_func(logits_SBVl: torch.Tensor):
+        def loss_func(logits_SBVl: torch.Tensor, total_tokens):
             losses_SB = vocab_parallel_cross_entropy(logits_SBVl, mb.labels.t(), vocab_size, tp_group)
             mask_SB = mb.loss_mask.t()
             loss_sum = (losses_SB * mask_SB).sum()
             num_tokens = mask_SB.sum()
-            return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), "tokens": num_tokens}
+            return loss_sum / total_tokens, num_tokens, {"loss_sum": loss_sum.detach(), "tokens": num_tokens}
 
         return output, loss_func
 

@@ -51,7 +51,7 @@ class Teacher:
     def _forward_step(self, model: KDGPTModel, mb: MicroBatch):
         output = model(mb.tokens, mb.position_ids, None)
 
-        def to_payload(logits_SBVl: torch.Tensor):
+        def to_payload(logits_SBVl: torch.Tensor, total_tokens):
             payload = self.spec.empty(self.device)
             ids, values, lse = vocab_parallel_topk(logits_SBVl, self.spec.k, self.cfg.vocab_size,
                                                    self.groups.pgc.tp, tau=self.tau)
