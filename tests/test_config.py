@@ -1,5 +1,6 @@
 """Config loading and validation: every shipped config loads; user errors name the field."""
 
+import re
 
 import pytest
 
@@ -15,6 +16,7 @@ from kdtrain.config.loader import CONFIG_DIR
 
 MODEL_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
 RUN_CONFIGS = sorted((CONFIG_DIR / "pretrain").glob("*.yaml"))
+DISTILL_CONFIGS = sorted((CONFIG_DIR / "distill").glob("*.yaml"))
 
 
 def test_expected_model_configs_ship():
@@ -37,6 +39,22 @@ def test_every_run_config_loads(path):
     assert isinstance(cfg, PretrainConfig)
     world = cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
     cfg.validate(world)
+
+
+@pytest.mark.parametrize("path", DISTILL_CONFIGS, ids=lambda p: p.stem)
+def test_every_distill_config_validates_for_its_documented_commands(path):
+    """Each torchrun command in a distill config's header (with its overrides) passes validation
+    at its --nproc_per_node, so the documented commands do not fail on a config error."""
+    from kdtrain.config.distill import load_distill_config
+
+    header = "\n".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    commands = re.findall(r"torchrun (?:--standalone )?--nproc_per_node=(\d+) scripts/distill_gpt\.py "
+                          r"--config \S+((?:[ \t]+\\?\n?[ \t]*[\w.]+=\S+)*)", header)
+    assert commands, f"{path.name}: no documented torchrun command"
+    for world, overrides in commands:
+        cfg = load_distill_config(str(path), overrides.replace("\\", " ").split())
+        spans = cfg.validate(int(world))
+        assert spans.teacher.dp >= 1 and spans.student.dp >= 1
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -116,6 +134,17 @@ def test_overrides_reach_nested_fields_and_named_models(tmp_path):
     raw = {"a": {"b": 1}}
     apply_overrides(raw, ["a.c.d=[1, 2]"])
     assert raw == {"a": {"b": 1, "c": {"d": [1, 2]}}}
+
+
+def test_distill_overrides_reach_each_role_model():
+    from kdtrain.config.distill import load_distill_config
+
+    cfg = load_distill_config("tiny", ["teacher.model.num_layers=4", "student.model=demo-student",
+                                       "student.model.hidden_size=64", "student.model.ffn_hidden_size=176"])
+    assert (cfg.teacher.model.name, cfg.teacher.model.num_layers, cfg.teacher.model.hidden_size) == ("tiny", 4, 64)
+    assert (cfg.student.model.name, cfg.student.model.hidden_size, cfg.student.model.num_layers) == ("demo-student", 64, 2)
+    with pytest.raises(ValueError, match="student.model.hidden_sise"):
+        load_distill_config("tiny", ["student.model.hidden_sise=64"])
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import read_metrics, run_torchrun
+from kdtrain.stream import PayloadSpec
 
 pytestmark = pytest.mark.slow
 RTOL, ATOL = 1e-5, 1e-7
@@ -31,19 +33,30 @@ def reference(tiny_corpus, tmp_path_factory):
     return read_metrics(run_dir)
 
 
-@pytest.mark.parametrize("nproc,extra", [
-    (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.tp=2", "student.dp=2"]),
-    (2, ["teacher.tp=2", "student.tp=2"]),
-    (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.pp=2", "student.pp=2"]),
-    (2, ["teacher.pp=2", "student.dp=2"]),
-], ids=["disagg-tTP2-sDP2", "coloc-TP2", "disagg-tPP2-sPP2", "coloc-tPP2-sDP2"])
-def test_split_and_layout_reproduce_single_process(reference, tiny_corpus, tmp_path, nproc, extra):
+# (ranks, overrides, payloads that cross ranks per step). The tiny run has 4 micro-batches a step.
+# Colocated TP=2 with identical layouts hands payloads over in place (zero copies); colocated
+# teacher PP=2 on ranks 0-1 serves the student replica on rank 1 locally and sends to rank 0.
+LAYOUTS = {
+    "disagg-tTP2-sDP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.tp=2", "student.dp=2"], 4),
+    "coloc-TP2": (2, ["teacher.tp=2", "student.tp=2"], 0),
+    "disagg-tPP2-sPP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.pp=2", "student.pp=2"], 4),
+    "coloc-tPP2-sDP2": (2, ["teacher.pp=2", "student.dp=2"], 2),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_split_and_layout_reproduce_single_process(reference, tiny_corpus, tmp_path, layout):
+    nproc, extra, sent_per_step = LAYOUTS[layout]
     run_torchrun(nproc, "distill_gpt.py", _args(tiny_corpus, tmp_path, *extra))
     got = read_metrics(tmp_path)
     assert sorted(got) == sorted(reference)
     for s in sorted(reference):
         for k in ("loss", "kd_loss", "grad_norm"):
             assert got[s][k] == pytest.approx(reference[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}: {got[s][k]} vs {reference[s][k]}"
+        # Teacher-side metrics reach the student's log in every split.
+        assert got[s]["teacher_compute_s"] > 0 and 0 < got[s]["teacher_busy"]
+        assert got[s]["student_wait_s"] >= 0 and got[s]["teacher_wait_s"] >= 0
+        assert got[s]["payload_bytes_per_step"] == sent_per_step * PayloadSpec(32, 2, 16, torch.float32).nbytes
 
 
 def test_mismatched_vocab_is_a_clear_error(tiny_corpus, tmp_path):

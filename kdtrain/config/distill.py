@@ -38,6 +38,12 @@ class TeacherConfig:
     dp: Optional[int] = None  # None: span // (tp * pp)
     topk: int = 64  # ids and logits per token sent to the student
     values_dtype: Literal["fp32", "bf16"] = "fp32"  # precision of the streamed top-k logits
+    # Where payloads come from: the live teacher every step (online), a cache written by
+    # scripts/cache_teacher.py (cache: no teacher is built), or the cache with the live teacher
+    # on a `live_fraction` of the steps and on every step the cache does not cover (mixed).
+    source: Literal["online", "cache", "mixed"] = "online"
+    cache: Optional[str] = None  # cache directory (source: cache | mixed)
+    live_fraction: float = 0.0  # mixed: share of steps served by the live teacher, spread evenly
 
     def check(self, where: str = "teacher") -> None:
         ParallelConfig(self.tp, self.pp, self.dp).check(where)
@@ -45,6 +51,15 @@ class TeacherConfig:
             raise field_error(where, "topk", f"must be in [1, {MAX_TOPK}], got {self.topk}")
         if self.topk > self.model.vocab_size:
             raise field_error(where, "topk", f"{self.topk} exceeds the vocabulary ({self.model.vocab_size})")
+        if (self.source == "online") != (self.cache is None):
+            raise field_error(where, "cache", f"a cache directory goes with source: cache | mixed "
+                              f"(source is {self.source!r}, cache is {self.cache!r})")
+        if not 0.0 <= self.live_fraction <= 1.0:
+            raise field_error(where, "live_fraction", f"must be in [0, 1], got {self.live_fraction}")
+        if self.live_fraction and self.source != "mixed":
+            raise field_error(where, "live_fraction", "only for source: mixed")
+        if self.source == "cache":
+            return  # no teacher is built: its weights are in the cache
         if self.load is None and not self.random_init:
             raise field_error(where, "load", "a teacher needs weights: a kdtrain checkpoint "
                               "(or random_init: true for benchmarks)")
@@ -133,6 +148,9 @@ class DistillConfig:
 
     def validate(self, world_size: int) -> Spans:
         """Cross-section checks that need the world size; returns the resolved rank spans."""
+        if self.teacher.source == "cache" and self.split.mode != "colocated":
+            raise field_error("split", "mode", "teacher.source: cache builds no teacher, so every rank trains the "
+                              "student: use split.mode: colocated")
         spans = self.resolve_spans(world_size)
         tm, sm = self.teacher.model, self.student.model
         tm.check_layout(spans.teacher.tp, spans.teacher.pp, "teacher")
@@ -158,7 +176,7 @@ class DistillConfig:
 
 
 def load_distill_config(path: Optional[str], overrides=()) -> DistillConfig:
-    raw = load_run_dict(path, overrides, kind="distill", model_keys=())
+    raw = load_run_dict(path, overrides, kind="distill", model_keys=("teacher.model", "student.model"))
     for role in ("teacher", "student"):
         section = raw.get(role)
         if not isinstance(section, dict):

@@ -64,9 +64,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict, overrides: Iterable[str], expand: dict[str, str] | None = None) -> dict:
     """Apply ``a.b.c=value`` overrides to a nested dict (in place; returned for convenience).
 
-    ``expand`` maps a top-level key to a config kind: when an override reaches below such a key
-    and its value is still a reference (``model: demo-student``), the referenced YAML is loaded
-    first, so ``model.num_layers=4`` works on a named model.
+    ``expand`` maps a dotted key (``model``, ``teacher.model``) to a config kind: when an override
+    reaches below such a key and its value is still a reference (``model: demo-student``), the
+    referenced YAML is loaded first, so ``model.num_layers=4`` works on a named model.
     """
     expand = expand or {}
     for item in overrides:
@@ -74,8 +74,9 @@ def apply_overrides(raw: dict, overrides: Iterable[str], expand: dict[str, str] 
         node = raw
         for depth, part in enumerate(path[:-1]):
             child = node.get(part)
-            if isinstance(child, str) and depth == 0 and part in expand:
-                ref_path = resolve_config_path(child, expand[part])
+            key = ".".join(path[: depth + 1])
+            if isinstance(child, str) and key in expand:
+                ref_path = resolve_config_path(child, expand[key])
                 child = load_yaml(ref_path)
                 child.setdefault("name", ref_path.stem)
             if child is None:

@@ -10,6 +10,13 @@ Data flow of one step t (global samples [t*G, (t+1)*G), N = G/m micro-batches):
 
 Colocated roles run both halves on every rank, teacher first; disaggregated roles run them on
 disjoint ranks at the same time. Every rank builds both roles' process groups (collective).
+
+Logged per step besides the student's loss and throughput: ``teacher_wait_s`` (the student's
+last stage blocked on a payload), ``student_wait_s`` (a teacher rank blocked handing a payload
+over), ``teacher_compute_s`` and ``teacher_busy`` (its share of the step), teacher TFLOP/s and MFU,
+and payload bytes/s. The teacher-side figures are means over the teacher ranks and the steps
+since the last log line; they reach the logging rank by one small world all-reduce on logging
+steps only, so the teacher keeps running ahead of the student between them.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from .optimizer import lr_at
 from .pretrain import build_trainable, evaluate, lm_forward_step, open_dataset, resolve_dtype, restore_role, save_role
 from .step import train_step
 from .teacher import Teacher
+from ..cache.source import CachedPayloads
 
 KD_REPORT_KEYS = ("loss_sum", "kd_sum", "ce_sum", "tokens")
 
@@ -46,8 +54,9 @@ class SeqMicroBatch(MicroBatch):
     seq: int = -1  # sequence number in the step (see stream/pairing.py)
 
 
-def kd_forward_step(channel: PayloadChannel, upcoming: list, cfg: DistillConfig, tp_group, timers: dict):
-    """Student forward step: logits -> KD loss against the streamed teacher payload."""
+def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timers: dict):
+    """Student forward step: logits -> KD loss against the teacher payload from ``channel`` (a
+    PayloadChannel for a live teacher, a CachedPayloads for cached steps)."""
     vocab = cfg.student.model.vocab_size
 
     def forward_step(model, mb: SeqMicroBatch):
@@ -75,15 +84,66 @@ def kd_forward_step(channel: PayloadChannel, upcoming: list, cfg: DistillConfig,
     return forward_step
 
 
+def sample_ids_of(o: int, pairing: Pairing, first: int, global_batch: int, micro_batch: int) -> tuple[int, ...]:
+    """Dataset sample ids of micro-batch (sequence number) ``o`` of the step starting at ``first``."""
+    r, j = pairing.student_of(o)
+    return tuple(replica_sample_ids(first, global_batch, r, pairing.dp_student)[j * micro_batch:(j + 1) * micro_batch])
+
+
 def teacher_microbatches(dataset: GPTWindowDataset, pairing: Pairing, first: int, global_batch: int,
                          micro_batch: int, teacher_replica: int, device) -> list[tuple[int, MicroBatch]]:
     """(sequence number, micro-batch) pairs a teacher replica serves this step, in order."""
     out = []
     for o in pairing.teacher_work(teacher_replica):
-        r, j = pairing.student_of(o)
-        ids = replica_sample_ids(first, global_batch, r, pairing.dp_student)[j * micro_batch:(j + 1) * micro_batch]
+        ids = sample_ids_of(o, pairing, first, global_batch, micro_batch)
         out.append((o, make_microbatch(np.stack([dataset.train_sample(i) for i in ids]), device)))
     return out
+
+
+def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
+    """Whether the live teacher serves ``step`` (the same answer on every rank).
+
+    online: always. cache: never (a step the cache does not cover is an error). mixed: on a
+    ``live_fraction`` of the steps, spread evenly (step t is live when floor((t+1) f) > floor(t f)),
+    and on every step the cache does not cover."""
+    t = cfg.teacher
+    if t.source == "online":
+        return True
+    G = cfg.training.global_batch_size
+    covered = reader.covers(range(step * G, (step + 1) * G))
+    if t.source == "cache":
+        if not covered:
+            raise ValueError(f"teacher.cache {t.cache} holds {reader.num_samples} samples but step {step + 1} needs "
+                             f"samples up to {(step + 1) * G - 1}: write a larger cache (--samples) or use "
+                             f"teacher.source: mixed")
+        return False
+    f = t.live_fraction
+    return not covered or int((step + 1) * f) > int(step * f)
+
+
+def open_cache(cfg: DistillConfig, rank: int):
+    """The teacher cache of a cache/mixed run, checked against the run (None when online).
+
+    The cheap checks run on every rank (they agree); a mixed run also hashes the live teacher's
+    checkpoint against the cache's, once on rank 0, and every rank raises on a mismatch."""
+    if cfg.teacher.source == "online":
+        return None
+    from ..cache import CacheReader
+
+    reader = CacheReader(cfg.teacher.cache)
+    reader.check(cfg)
+    if cfg.teacher.source == "mixed" and cfg.teacher.load is not None:
+        error = [None]
+        if rank == 0:
+            try:
+                reader.check(cfg, teacher_weights=True)
+            except ValueError as e:
+                error = [str(e)]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise ValueError(error[0])
+    return reader
 
 
 def distill(cfg: DistillConfig) -> dict:
@@ -105,8 +165,10 @@ def distill(cfg: DistillConfig) -> dict:
     channel = PayloadChannel(pairing, t_layout, s_layout, spec, s_groups.pgc.tp if s_groups.is_member else None,
                              env.device, cfg.split.timeout_s, send_depth=depth, recv_depth=depth)
 
+    reader = open_cache(cfg, env.rank)
+    cached = CachedPayloads(reader, spec, pairing, env.device) if reader is not None else None
     teacher = student = None
-    if t_groups.is_member:
+    if t_groups.is_member and cfg.teacher.source != "cache":
         teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,
                           tr.seed + 1)
     start_step = 0
@@ -143,10 +205,13 @@ def distill(cfg: DistillConfig) -> dict:
                       s_layout.num_ranks, peak, env.device)
     teacher_flops = cfg.teacher.model.flops_per_token(seq) / 3  # forward only
     summary: dict = {"start_step": start_step}
-    timers = {"teacher_wait_s": 0.0, "student_wait_s": 0.0}
+    timers = {"teacher_wait_s": 0.0}
+    teacher_side = TeacherSideStats(env.device)
     step = start_step
     while step < tr.train_steps:
         first = step * tr.global_batch_size
+        live = live_teacher_step(step, cfg, reader)
+        source = channel if live else cached
         s_items, upcoming = [], []
         if student is not None:
             mbs = microbatches(dataset.train_sample, first, tr.global_batch_size, tr.micro_batch_size,
@@ -154,30 +219,40 @@ def distill(cfg: DistillConfig) -> dict:
             upcoming = pairing.student_work(s_groups.dp_rank)
             s_items = [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)]
             upcoming = list(upcoming)
+            if not live:
+                cached.start_step({o: sample_ids_of(o, pairing, first, tr.global_batch_size, tr.micro_batch_size)
+                                   for o in upcoming})
             if s_groups.is_last_stage:
-                channel.post(upcoming)
+                source.post(upcoming)
         s_tp.start()
-        timers.update(teacher_wait_s=0.0, student_wait_s=0.0)
-        if teacher is not None:
+        timers["teacher_wait_s"] = 0.0
+        if teacher is not None and live:
             for o, mb in teacher_microbatches(dataset, pairing, first, tr.global_batch_size, tr.micro_batch_size,
                                               t_groups.dp_rank, env.device):
+                t0 = time.perf_counter()
                 payload = teacher.serve(mb)
+                teacher_side.sync()
+                t1 = time.perf_counter()
+                teacher_side.compute_s += t1 - t0
                 if payload is not None:
-                    t0 = time.perf_counter()
                     channel.put(o, payload)
-                    timers["student_wait_s"] += time.perf_counter() - t0
+                    teacher_side.blocked_s += time.perf_counter() - t1
         result = None
         if student is not None:
-            fwd = kd_forward_step(channel, upcoming, cfg, s_groups.pgc.tp, timers)
+            fwd = kd_forward_step(source, upcoming, cfg, s_groups.pgc.tp, timers)
             lr = lr_at(step, cfg.optimizer, tr.train_steps)
             result = train_step(student.schedule, fwd, s_items, student.grads, student.optimizer, s_groups, lr,
                                 cfg.optimizer.clip_grad, cfg.student.model.tie_embeddings, KD_REPORT_KEYS)
         if colocated:
             t0 = time.perf_counter()
             channel.flush()
-            timers["student_wait_s"] += time.perf_counter() - t0
+            teacher_side.blocked_s += time.perf_counter() - t0
+        if teacher is not None:
+            teacher_side.end_step(channel)
         rates = s_tp.stop()
         step += 1
+        log_now = step % cfg.logging.interval == 0 or step == tr.train_steps
+        t_stats = teacher_side.collect() if log_now else {}  # collective: every rank, same steps
         if result is not None:
             sums = result.sums
             n = sums["tokens"]
@@ -185,13 +260,14 @@ def distill(cfg: DistillConfig) -> dict:
                        "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
                        "consumed_samples": step * tr.global_batch_size, **rates,
                        "teacher_tflops_per_device": teacher_flops * rates["tokens_per_s"] / t_layout.num_ranks / 1e12,
-                       "teacher_wait_s": timers["teacher_wait_s"], "student_wait_s": timers["student_wait_s"],
-                       "payload_bytes_per_s": (channel.bytes_received + channel.bytes_sent) / rates["step_time_s"]}
+                       "teacher_wait_s": timers["teacher_wait_s"], "teacher_live": int(live), **t_stats}
+            if "teacher_compute_s" in t_stats:
+                metrics["teacher_busy"] = t_stats["teacher_compute_s"] / rates["step_time_s"]
+                metrics["payload_bytes_per_s"] = t_stats["payload_bytes_per_step"] / rates["step_time_s"]
             if peak:
                 metrics["teacher_mfu"] = metrics["teacher_tflops_per_device"] / peak
-            channel.bytes_received = channel.bytes_sent = 0
             summary["train_loss"] = metrics["loss"]
-            if step % cfg.logging.interval == 0 or step == tr.train_steps:
+            if log_now:
                 logger.log(step, metrics)
             if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.train_steps:
                 logger.log(step, _evaluate_student(student, dataset, cfg, s_groups, env.device), kind="valid")
@@ -200,6 +276,8 @@ def distill(cfg: DistillConfig) -> dict:
                 save_role(cfg.checkpoint, cfg.student.model, student, step, tr.global_batch_size,
                           {"kind": "distill", "teacher": to_dict(cfg.teacher.model), "data": to_dict(cfg.data)})
     channel.flush()
+    if reader is not None:
+        reader.close()
     if student is not None:
         final = _evaluate_student(student, dataset, cfg, s_groups, env.device)
         if final:
@@ -208,6 +286,42 @@ def distill(cfg: DistillConfig) -> dict:
     summary["step"] = step
     logger.close()
     return summary
+
+
+class TeacherSideStats:
+    """Teacher-side timers and payload bytes, accumulated per rank and averaged over the teacher
+    ranks and steps of a logging window by :meth:`collect` (a world all-reduce: every rank calls
+    it on the same steps)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.compute_s = self.blocked_s = 0.0
+        self.bytes_sent = 0.0
+        self.steps = 0
+
+    def sync(self) -> None:
+        """Wait for the teacher's kernels so its compute time is measured, not its launch time."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def end_step(self, channel: PayloadChannel) -> None:
+        self.bytes_sent += channel.bytes_sent
+        channel.bytes_sent = 0
+        self.steps += 1
+
+    def collect(self) -> dict:
+        vec = torch.tensor([self.compute_s, self.blocked_s, self.bytes_sent, float(self.steps > 0), self.steps],
+                           dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(vec)
+        compute, blocked, sent, ranks, rank_steps = vec.tolist()
+        self.compute_s = self.blocked_s = self.bytes_sent = 0.0
+        self.steps = 0
+        if not ranks:
+            return {}
+        steps = rank_steps / ranks
+        return {"teacher_compute_s": compute / ranks / steps, "student_wait_s": blocked / ranks / steps,
+                "payload_bytes_per_step": sent / steps}
 
 
 def _evaluate_student(student, dataset, cfg: DistillConfig, groups, device) -> dict:

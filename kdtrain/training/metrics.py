@@ -68,4 +68,6 @@ class Throughput:
                "tflops_per_device": tflops}
         if self.peak:
             out["mfu"] = tflops / self.peak
+        if self.device.type == "cuda":  # high-water mark since the start of the run
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out

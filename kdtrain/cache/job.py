@@ -1,0 +1,196 @@
+"""The cache job behind scripts/cache_teacher.py: run the teacher role alone over the first N
+training samples of a distillation run and write its top-k payload to a sharded cache.
+
+Every rank of the job is a teacher rank (any TP x PP x DP over the world). Shard ``i`` (a fixed
+block of ``shard_samples`` samples) belongs to replica ``i % dp``; all ranks of that replica run
+its micro-batches through the pipeline and the replica's last-stage tensor-rank 0 encodes and
+writes the payloads (the top-k is identical on every tensor rank). Micro-batches are the run's
+own (``training.micro_batch_size`` consecutive samples, aligned the way the training loop cuts
+them), so each cached payload is what the live teacher computes for that micro-batch.
+
+Rank 0 decides alone, before anyone writes, which shards already exist and verify (resume) and
+broadcasts that; at the end it gathers the writers' shard checksums and commits the manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config.distill import DistillConfig
+from ..config.loader import field_error
+from ..parallel import RoleLayout, build_role_groups, init_distributed
+from ..stream import PayloadSpec
+from ..training.batches import make_microbatch
+from ..training.pretrain import open_dataset, resolve_dtype
+from ..training.teacher import Teacher
+from .codec import RecordLayout, bytes_per_token, live_payload_bytes_per_token, shard_samples_for
+from .manifest import Manifest, dataset_identity, teacher_identity, tokenizer_identity
+from .writer import ShardWriter, finalize, plan_shards, prepare
+
+SHARD_TARGET_BYTES = 256 << 20
+
+
+@dataclass
+class CacheJobConfig:
+    """``cache.*`` options of scripts/cache_teacher.py."""
+
+    out: Optional[str] = None  # cache directory (created; a killed job resumes in it)
+    dtype: Literal["fp32", "bf16", "fp16", "fp8"] = "bf16"  # storage of the top-k logits
+    samples: Optional[int] = None  # first N training samples; None = train_steps * global_batch_size
+    shard_samples: int = 0  # samples per shard file; 0 = about 256 MiB per shard
+    micro_batch: Optional[int] = None  # None = training.micro_batch_size (the run's micro-batches)
+
+    def check(self, where: str = "cache") -> None:
+        if self.samples is not None and self.samples < 1:
+            raise field_error(where, "samples", f"must be >= 1, got {self.samples}")
+        if self.shard_samples < 0:
+            raise field_error(where, "shard_samples", f"must be >= 0 (0 = automatic), got {self.shard_samples}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise field_error(where, "micro_batch", f"must be >= 1, got {self.micro_batch}")
+
+    def resolve(self, run: DistillConfig, record_bytes: int) -> tuple[int, int, int]:
+        """(samples, shard_samples, micro_batch) with the run's defaults filled in and checked."""
+        if not self.out:
+            raise field_error("cache", "out", "no output directory given (--out DIR)")
+        tr = run.training
+        m = self.micro_batch or tr.micro_batch_size
+        n = self.samples if self.samples is not None else tr.train_steps * tr.global_batch_size
+        if n % m:
+            raise field_error("cache", "samples", f"{n} is not a multiple of the micro-batch size {m}")
+        shard = self.shard_samples or shard_samples_for(SHARD_TARGET_BYTES, record_bytes, m)
+        if shard % m:
+            raise field_error("cache", "shard_samples", f"{shard} is not a multiple of the micro-batch size {m} "
+                              f"(a micro-batch never spans two shards)")
+        return n, shard, m
+
+
+def build_manifest(run: DistillConfig, job: CacheJobConfig, dtype: torch.dtype, layout_info: dict) -> Manifest:
+    """The new job's manifest (no shards yet). Hashes the teacher's weight files."""
+    n, shard, m = job.resolve(run, RecordLayout(run.data.seq_length, run.teacher.topk, run.teacher.model.vocab_size,
+                                                job.dtype).record_bytes)
+    return Manifest(
+        teacher=teacher_identity(run.teacher.model, run.teacher.load, run.training.seed + 1,
+                                 str(dtype).removeprefix("torch.")),
+        tokenizer=tokenizer_identity(run.data.tokenizer), dataset=dataset_identity(run.data),
+        seq_length=run.data.seq_length, vocab_size=run.teacher.model.vocab_size, k=run.teacher.topk,
+        tau=float(run.loss.tau), values_dtype=job.dtype, shard_samples=shard, num_samples=n,
+        job={**layout_info, "micro_batch": m})
+
+
+def run_cache_job(run: DistillConfig, job: CacheJobConfig,
+                  on_shard: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print) -> dict:
+    """Write (or complete) the cache; returns a summary. ``on_shard(i)`` runs after shard i is done
+    on every rank of its replica (progress hooks; tests use it to simulate a crash)."""
+    env = init_distributed(run.precision.device, run.distributed.backend, run.distributed.timeout_s)
+    par = run.teacher.parallel.resolve(env.world_size, "teacher")
+    run.teacher.model.check_layout(par.tp, par.pp, "teacher")
+    if run.data.seq_length > run.teacher.model.max_seq_length:
+        raise field_error("data", "seq_length", f"{run.data.seq_length} exceeds max_seq_length="
+                          f"{run.teacher.model.max_seq_length} of the teacher model {run.teacher.model.name!r}")
+    if not run.data.path and not run.data.mock:
+        raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes, or mock: true)")
+    dtype = resolve_dtype(run.precision.dtype, env.device)
+    layout = RoleLayout("teacher", 0, par.tp, par.pp, par.dp)
+    groups = build_role_groups(layout, timeout_s=run.distributed.timeout_s)
+
+    state: list = [None]
+    if env.rank == 0:
+        try:
+            manifest = build_manifest(run, job, dtype, {"tp": par.tp, "pp": par.pp, "dp": par.dp})
+            state = [(manifest, prepare(job.out, manifest), None)]
+        except ValueError as e:
+            state = [(None, None, str(e))]
+    dist.broadcast_object_list(state, src=0)
+    manifest, done, error = state[0]
+    if error is not None:
+        raise ValueError(error)
+
+    rec = manifest.layout
+    index = manifest.index
+    m = manifest.job["micro_batch"]
+    spec = PayloadSpec(manifest.seq_length, m, manifest.k, torch.float32)
+    dataset = open_dataset(run.data, run.teacher.model)
+    teacher = Teacher(run.teacher.model, groups, spec, run.loss.tau, run.teacher.load, env.device, dtype,
+                      run.training.seed + 1)
+    identity = bytes.fromhex(manifest.identity())
+    writes = groups.is_last_stage and groups.tp_rank == 0
+    todo = plan_shards(index.num_shards, par.dp, groups.dp_rank, set(done))
+    if env.rank == 0:
+        log(f"kdtrain cache: {run.teacher.model.name} (tp={par.tp} pp={par.pp} dp={par.dp}) -> {job.out}: "
+            f"{index.num_samples} samples in {index.num_shards} shards of {index.shard_samples}, top-{manifest.k} "
+            f"{manifest.values_dtype}, {rec.record_bytes / manifest.seq_length:.1f} bytes/token; "
+            f"{len(done)} shards already complete")
+
+    written = []
+    t0 = time.perf_counter()
+    samples_done = 0
+    for n_done, i in enumerate(todo, 1):
+        samples = index.samples_of(i)
+        writer = ShardWriter(job.out, i, samples.start, len(samples), rec.record_bytes, identity) if writes else None
+        try:
+            for s0 in range(samples.start, samples.stop, m):
+                windows = np.stack([dataset.train_sample(g) for g in range(s0, s0 + m)])
+                mb = make_microbatch(windows, env.device)
+                payload = teacher.serve(mb)
+                if writer is not None:
+                    writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.lse))
+            if writer is not None:
+                written.append(writer.commit())
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        samples_done += len(samples)
+        if on_shard is not None:
+            on_shard(i)
+        if env.rank == 0:
+            rate = samples_done / max(time.perf_counter() - t0, 1e-9)
+            log(f"shard {i} written: {n_done}/{len(todo)} of replica 0's shards, {rate * par.dp:.1f} samples/s over "
+                f"{par.dp} replica(s)")
+    elapsed = time.perf_counter() - t0
+
+    gathered: list = [None] * env.world_size
+    dist.all_gather_object(gathered, written)
+    summary = {"out": job.out, "num_samples": index.num_samples, "shards": index.num_shards,
+               "shards_written": sum(len(g) for g in gathered), "shards_reused": len(done),
+               "seconds": elapsed, "record_bytes": rec.record_bytes,
+               "bytes_per_token": bytes_per_token(manifest.vocab_size, manifest.k, manifest.values_dtype,
+                                                  manifest.seq_length),
+               "live_bytes_per_token": live_payload_bytes_per_token(manifest.k, run.teacher.values_dtype)}
+    status: list = [None]
+    if env.rank == 0:
+        try:
+            infos = list(done.values()) + [s for g in gathered for s in g]
+            final = finalize(job.out, manifest, infos)
+            total = sum(s.bytes for s in final.shards)
+            summary["bytes"] = total
+            log(f"kdtrain cache: {job.out} complete: {index.num_samples} samples, {total / 2**20:.1f} MiB, "
+                f"{summary['shards_written']} shards written and {len(done)} reused in {elapsed:.1f} s")
+        except ValueError as e:
+            status = [str(e)]
+    dist.broadcast_object_list(status, src=0)  # every rank fails with rank 0's error, none hangs
+    if status[0] is not None:
+        raise ValueError(status[0])
+    return summary
+
+
+def load_cache_job_config(overrides=(), **fields) -> CacheJobConfig:
+    """``cache.*`` overrides (``dtype=bf16``, ``samples=1024``, ...) plus explicit fields (CLI flags win)."""
+    from ..config.loader import apply_overrides, from_dict
+
+    raw: dict = {}
+    apply_overrides(raw, overrides)
+    section = raw.get("cache", {})
+    if not isinstance(section, dict):
+        raise ValueError("cache: expected a section (cache.dtype=..., cache.samples=...)")
+    section.update({k: v for k, v in fields.items() if v is not None})
+    return from_dict(CacheJobConfig, section, "cache")
+
+
+__all__ = ["CacheJobConfig", "build_manifest", "load_cache_job_config", "run_cache_job"]

@@ -1,0 +1,234 @@
+"""The cache manifest: what the cache was computed from, its record layout and its shards.
+
+``manifest.json`` in the cache directory::
+
+    format, version, complete
+    teacher:    model config, checkpoint path, sha256 of its weight files (or the random-init seed),
+                compute dtype
+    tokenizer:  path and fingerprint (sha256[:16] of the model file, as in the dataset metadata)
+    dataset:    per prefix: path, .bin size, sha256 of the .idx; shuffling seed, split (together
+                they fix which window train sample g is); or mock + seed
+    seq_length, vocab_size, k, tau, values_dtype, shard_samples, num_samples
+    layout:     record bytes, id bits, field offsets (codec.RecordLayout)
+    shards:     [{file, first_sample, num_samples, bytes, crc32}, ...]
+    identity:   sha256 of the content-defining fields (no paths), also stamped into every shard
+    job:        informational (teacher TP/PP/DP, micro-batch); not part of the identity
+
+The file is written atomically (temp + fsync + rename) and holds no timestamps, so two runs of
+the same job produce byte-identical manifests. ``check_against(run)`` compares it with a
+distillation run config and raises a ``ValueError`` naming the first mismatching field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..config import DataConfig, ModelConfig, to_dict
+from .codec import RecordLayout
+from .shard import ShardIndex, ShardInfo, fsync_dir
+
+FORMAT = "kdtrain-topk-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+_HASH_CHUNK = 16 << 20
+
+
+def sha256_file(path: str | os.PathLike, h=None) -> str:
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_identity(path: Optional[str]) -> Optional[dict]:
+    """Path and fingerprint of a tokenizer model file (the fingerprint the dataset metadata uses)."""
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise ValueError(f"data.tokenizer: {path} does not exist")
+    return {"path": str(path), "fingerprint": sha256_file(path)[:16]}
+
+
+def dataset_identity(data: DataConfig) -> dict:
+    """What fixes the token windows of train sample g: corpus files, shuffle seed and split."""
+    if data.mock:
+        return {"mock": True, "seed": data.seed}
+    prefixes = []
+    for prefix in data.path:
+        idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        if not idx.is_file() or not bin_.is_file():
+            raise ValueError(f"data.path: {prefix} is not an indexed dataset ({idx} / {bin_} missing)")
+        prefixes.append({"path": str(prefix), "bin_bytes": bin_.stat().st_size, "idx_sha256": sha256_file(idx)})
+    return {"mock": False, "prefixes": prefixes, "seed": data.seed, "split": [float(x) for x in data.split]}
+
+
+def teacher_weights_digest(load: Optional[str]) -> Optional[str]:
+    """sha256 over the weight files (names and bytes) of the checkpoint a Teacher loads from ``load``."""
+    if load is None:
+        return None
+    from ..training.checkpoint import latest_checkpoint  # torch-heavy import, only when hashing
+
+    step_dir = latest_checkpoint(load) or Path(load)
+    files = sorted((step_dir / "shards").glob("*.pt"))
+    if not files:
+        raise ValueError(f"teacher.load: {load} has no checkpoint weight files ({step_dir}/shards/*.pt)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        sha256_file(f, h)
+    return h.hexdigest()
+
+
+def teacher_identity(model: ModelConfig, load: Optional[str], seed: int, dtype: str) -> dict:
+    return {"model": to_dict(model), "load": load, "weights_sha256": teacher_weights_digest(load),
+            "random_init_seed": None if load else seed, "dtype": dtype}
+
+
+def _content(d: Optional[dict], drop=("path", "load")) -> object:
+    """A section without its paths: moving a corpus or checkpoint does not change the cache."""
+    if isinstance(d, dict):
+        return {k: _content(v, drop) for k, v in d.items() if k not in drop}
+    if isinstance(d, list):
+        return [_content(v, drop) for v in d]
+    return d
+
+
+@dataclass
+class Manifest:
+    teacher: dict
+    tokenizer: Optional[dict]
+    dataset: dict
+    seq_length: int
+    vocab_size: int
+    k: int
+    tau: float
+    values_dtype: str
+    shard_samples: int
+    num_samples: int
+    job: dict = field(default_factory=dict)
+    shards: list[ShardInfo] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def layout(self) -> RecordLayout:
+        return RecordLayout(self.seq_length, self.k, self.vocab_size, self.values_dtype)
+
+    @property
+    def index(self) -> ShardIndex:
+        return ShardIndex(self.num_samples, self.shard_samples, self.layout.record_bytes)
+
+    def identity(self) -> str:
+        """Digest of everything that defines the cached bytes (not paths, sizes of the job, or layout)."""
+        key = {"format": FORMAT, "version": VERSION, "teacher": _content(self.teacher),
+               "tokenizer": _content(self.tokenizer), "dataset": _content(self.dataset),
+               "seq_length": self.seq_length, "vocab_size": self.vocab_size, "k": self.k, "tau": self.tau,
+               "values_dtype": self.values_dtype, "shard_samples": self.shard_samples}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "complete": self.complete, "identity": self.identity(),
+                "teacher": self.teacher, "tokenizer": self.tokenizer, "dataset": self.dataset,
+                "seq_length": self.seq_length, "vocab_size": self.vocab_size, "k": self.k, "tau": self.tau,
+                "values_dtype": self.values_dtype, "shard_samples": self.shard_samples,
+                "num_samples": self.num_samples, "layout": self.layout.to_dict(), "job": self.job,
+                "shards": [s.to_dict() for s in self.shards]}
+
+    def save(self, root: str | os.PathLike) -> Path:
+        """Atomic write of ``root/manifest.json``."""
+        root = Path(root)
+        final, tmp = root / MANIFEST, root / f".{MANIFEST}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(root)
+        return final
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "Manifest":
+        path = Path(root) / MANIFEST
+        if not path.is_file():
+            raise ValueError(f"{root} is not a teacher cache (no {MANIFEST}); write one with scripts/cache_teacher.py")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cache manifest {path} is corrupt: {e}") from None
+        if d.get("format") != FORMAT or d.get("version") != VERSION:
+            raise ValueError(f"cache manifest {path}: format {d.get('format')!r} version {d.get('version')} "
+                             f"is not {FORMAT!r} version {VERSION}")
+        try:
+            m = cls(teacher=d["teacher"], tokenizer=d["tokenizer"], dataset=d["dataset"],
+                    seq_length=int(d["seq_length"]), vocab_size=int(d["vocab_size"]), k=int(d["k"]),
+                    tau=float(d["tau"]), values_dtype=str(d["values_dtype"]), shard_samples=int(d["shard_samples"]),
+                    num_samples=int(d["num_samples"]), job=d.get("job", {}),
+                    shards=[ShardInfo.from_dict(s) for s in d["shards"]], complete=bool(d["complete"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"cache manifest {path} is incomplete or malformed: {e!r}") from None
+        if d.get("identity") != m.identity():
+            raise ValueError(f"cache manifest {path}: identity digest does not match its fields (edited by hand?)")
+        return m
+
+    # -- comparison with a run ----------------------------------------------------------------
+
+    def mismatch(self, other: "Manifest") -> Optional[str]:
+        """First field (by name) in which two cache jobs' identities differ, or None."""
+        for name in ("teacher", "tokenizer", "dataset", "seq_length", "vocab_size", "k", "tau", "values_dtype",
+                     "shard_samples"):
+            a, b = _content(getattr(self, name)), _content(getattr(other, name))
+            if a != b:
+                return name
+        return None
+
+    def check_against(self, run, where: str = "cache", teacher_weights: bool = False) -> None:
+        """Raise ValueError naming the field where distillation run config ``run`` (a DistillConfig)
+        disagrees with this cache: vocab_size, seq_length, k, tau, dataset, tokenizer, teacher.
+
+        A run with a smaller ``teacher.topk`` than the cache is accepted: the cached ids are sorted
+        by descending logit, so the first k entries are the run's top-k. ``teacher_weights=True``
+        also hashes the run's teacher checkpoint (mixed online/cached runs; costs a full read)."""
+        def fail(name: str, cache_val, run_val, hint: str = "") -> ValueError:
+            return ValueError(f"{where}: {name} mismatch: the cache was written with {name} = {cache_val}, "
+                              f"the run has {run_val}{hint}")
+
+        vocab = run.teacher.model.vocab_size
+        if vocab != self.vocab_size:
+            raise fail("vocab_size", self.vocab_size, f"{vocab} (teacher.model)")
+        if run.data.seq_length != self.seq_length:
+            raise fail("seq_length", self.seq_length, f"{run.data.seq_length} (data.seq_length)")
+        if run.teacher.topk > self.k:
+            raise fail("k", self.k, f"{run.teacher.topk} (teacher.topk)",
+                       "; a cache serves any k up to the one it was written with")
+        if float(run.loss.tau) != self.tau:
+            raise fail("tau", self.tau, f"{run.loss.tau} (loss.tau)", "; the cached log-normaliser depends on tau")
+        data = dataset_identity(run.data)
+        if _content(data) != _content(self.dataset):
+            raise fail("dataset", _describe_dataset(self.dataset), f"{_describe_dataset(data)} (data.*)",
+                       "; files, shuffle seed and split must all match")
+        tok = tokenizer_identity(run.data.tokenizer)
+        if tok is not None and self.tokenizer is not None and tok["fingerprint"] != self.tokenizer["fingerprint"]:
+            raise fail("tokenizer", f"{self.tokenizer['path']} (fingerprint {self.tokenizer['fingerprint']})",
+                       f"{tok['path']} (fingerprint {tok['fingerprint']}, data.tokenizer)")
+        if to_dict(run.teacher.model) != self.teacher["model"]:
+            ours, theirs = to_dict(run.teacher.model), self.teacher["model"]
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise fail("teacher", f"model {theirs.get('name')!r}", f"model {ours.get('name')!r} (teacher.model; "
+                       f"differing fields {diff})")
+        if teacher_weights:
+            digest = teacher_weights_digest(run.teacher.load)
+            if digest != self.teacher["weights_sha256"]:
+                raise fail("teacher", f"weights {self.teacher['weights_sha256']} from {self.teacher['load']}",
+                           f"weights {digest} from {run.teacher.load} (teacher.load)")
+
+
+def _describe_dataset(d: dict) -> str:
+    if d.get("mock"):
+        return f"mock data (seed {d['seed']})"
+    files = ", ".join(f"{p['path']} ({p['bin_bytes']} bytes, idx sha256 {p['idx_sha256'][:12]})" for p in d["prefixes"])
+    return f"[{files}] seed {d['seed']} split {d['split']}"

@@ -1,0 +1,47 @@
+"""The student's payload source for cached steps: the teacher cache behind the channel interface.
+
+The distillation loop talks to its payload source with three calls, whatever the teacher is:
+``post(seqs)`` announces this replica's upcoming micro-batches (sequence numbers, see
+``stream/pairing.py``), ``get(seq, tokens)`` returns the checksum-verified payload of one,
+``flush()`` ends the step. :class:`~kdtrain.stream.channel.PayloadChannel` implements them for a
+live teacher; :class:`CachedPayloads` for a cache, on every last-stage rank of the student (each
+tensor rank reads the cache itself, so no broadcast is needed). Announced micro-batches are
+decoded ahead by the reader's prefetch thread.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..stream import Pairing, Payload, PayloadSpec, token_checksum
+from .reader import CacheReader
+
+
+class CachedPayloads:
+    def __init__(self, reader: CacheReader, spec: PayloadSpec, pairing: Pairing, device: torch.device):
+        self.reader, self.spec, self.pairing, self.device = reader, spec, pairing, device
+        self.bytes_sent = self.bytes_received = 0  # nothing crosses ranks
+        self._ids: dict[int, tuple[int, ...]] = {}
+        self._posted: set[int] = set()
+
+    def start_step(self, sample_ids_of: dict[int, tuple[int, ...]]) -> None:
+        """This step's micro-batches of this replica: sequence number -> dataset sample ids."""
+        self._ids = dict(sample_ids_of)
+        self._posted.clear()
+
+    def post(self, sequence: list[int]) -> None:
+        new = [o for o in sequence if o not in self._posted]
+        self._posted.update(new)
+        if new:
+            self.reader.prefetch([self._ids[o] for o in new], self.spec, self.device)
+
+    def get(self, o: int, tokens: torch.Tensor) -> Payload:
+        payload = self.reader.payload(self._ids[o], self.spec, self.device)
+        if int(payload.checksum) != int(token_checksum(tokens)):
+            raise ValueError(f"cache {self.reader.path}: the cached payload of samples {list(self._ids[o])} was "
+                             f"computed on other tokens than the student reads: the cache does not belong to "
+                             f"this dataset (data.*) or was written with another data order")
+        return payload
+
+    def flush(self) -> None:
+        pass

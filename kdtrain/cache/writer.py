@@ -1,0 +1,142 @@
+"""Writing a cache: one shard at a time, atomically, and resuming a job that was killed.
+
+Atomicity. A shard is written to ``.shard_NNNNNN.bin.tmp`` (hidden name, one writer per shard):
+a header placeholder, the records in order (the body checksum accumulates as they go), then the
+real header; ``fsync`` the file, ``rename`` it to ``shard_NNNNNN.bin`` and ``fsync`` the
+directory. A rename is atomic, so a final name only ever holds a complete shard whose bytes were
+on disk before the name existed; a crash at any point leaves either the old state or a temp file.
+
+Resuming. Rank 0 of the job, before any writer starts, removes temp files, and verifies every
+existing final shard of the plan (header, size, body checksum, identity stamp, sample range):
+verified shards are kept, anything else is rewritten. Shard bytes depend only on the teacher and
+the samples, never on which job wrote them, so a resumed cache is byte-identical to one written
+in one go. A manifest whose identity (teacher, data, tokenizer, k, tau, dtype, shard size)
+differs from the new job's is an error: the directory holds another cache.
+
+The manifest is written first with ``complete: false`` (a reader refuses it) and rewritten with
+the shard list and ``complete: true`` once every shard exists.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .manifest import MANIFEST, Manifest
+from .shard import HEADER_BYTES, ShardInfo, crc32_of, fsync_dir, pack_header, shard_name, verify_shard
+
+
+def _tmp_name(index: int) -> str:
+    return f".{shard_name(index)}.tmp"
+
+
+class ShardWriter:
+    """One shard: ``append`` records in sample order, then ``commit`` (or ``abort``)."""
+
+    def __init__(self, root: str | os.PathLike, index: int, first: int, count: int, record_bytes: int,
+                 identity: bytes):
+        self.root, self.index = Path(root), index
+        self.first, self.count, self.record_bytes, self.identity = first, count, record_bytes, identity
+        self.tmp, self.final = self.root / _tmp_name(index), self.root / shard_name(index)
+        self._f = open(self.tmp, "wb")
+        self._f.write(b"\0" * HEADER_BYTES)  # placeholder until the body checksum is known
+        self._crc, self._written = 0, 0
+
+    def append(self, records: np.ndarray) -> None:
+        assert records.dtype == np.uint8 and records.ndim == 2 and records.shape[1] == self.record_bytes, records.shape
+        assert self._written + records.shape[0] <= self.count, "more records than the shard holds"
+        buf = np.ascontiguousarray(records)
+        self._crc = crc32_of(buf, self._crc)
+        self._f.write(memoryview(buf).cast("B"))
+        self._written += records.shape[0]
+
+    def commit(self) -> ShardInfo:
+        assert self._written == self.count, f"shard {self.index}: {self._written} of {self.count} records written"
+        self._f.seek(0)
+        self._f.write(pack_header(self.first, self.count, self.record_bytes, self.identity, self._crc))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.root)
+        return ShardInfo(self.final.name, self.first, self.count, HEADER_BYTES + self.count * self.record_bytes,
+                         self._crc)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def prepare(root: str | os.PathLike, manifest: Manifest) -> dict[int, ShardInfo]:
+    """Single-process start of a (possibly resumed) job: returns the verified complete shards.
+
+    Creates ``root``; refuses a directory holding a different cache; removes temp files; verifies
+    existing shards of the plan; writes ``manifest`` as incomplete. Call before any shard writer
+    starts (the job's rank 0, then a broadcast of the result)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / MANIFEST).is_file():
+        try:
+            old = Manifest.load(root)
+        except ValueError as e:
+            raise ValueError(f"cache.out: {root} holds an unreadable cache manifest ({e}); remove it or choose "
+                             f"another directory") from None
+        field = old.mismatch(manifest)
+        if field is not None:
+            raise ValueError(f"cache.out: {root} holds a cache of a different job ({field} differs: "
+                             f"{old.to_dict()[field]!r} there, {manifest.to_dict()[field]!r} now); remove it "
+                             f"or choose another directory")
+    elif any(root.glob("shard_*.bin")):
+        raise ValueError(f"cache.out: {root} holds shard files but no {MANIFEST}; remove them or choose another "
+                         f"directory")
+    for tmp in root.glob(".shard_*.bin.tmp"):  # left by a killed writer: never trusted
+        tmp.unlink()
+    identity = bytes.fromhex(manifest.identity())
+    index = manifest.index
+    done: dict[int, ShardInfo] = {}
+    for i in range(index.num_shards):
+        samples = index.samples_of(i)
+        path = root / shard_name(i)
+        if not path.exists():
+            continue
+        try:
+            done[i] = verify_shard(path, samples.start, len(samples), index.record_bytes, identity)
+        except ValueError:
+            pass  # partial, stale or corrupt: rewritten by the job (atomically replaces the file)
+    draft = Manifest(**{**manifest.__dict__, "shards": [], "complete": False})
+    draft.save(root)
+    return done
+
+
+def finalize(root: str | os.PathLike, manifest: Manifest, shards: list[ShardInfo]) -> Manifest:
+    """Record every shard and mark the cache complete; drop shard files outside the plan."""
+    root = Path(root)
+    index = manifest.index
+    by_file = {s.file: s for s in shards}
+    expected = [shard_name(i) for i in range(index.num_shards)]
+    missing = [f for f in expected if f not in by_file]
+    if missing:
+        raise ValueError(f"cache {root}: shards {missing[:3]} were not written (a writer rank failed?)")
+    for stale in root.glob("shard_*.bin"):
+        if stale.name not in by_file:
+            stale.unlink()
+    final = Manifest(**{**manifest.__dict__, "shards": [by_file[f] for f in expected], "complete": True})
+    final.save(root)
+    return final
+
+
+def plan_shards(num_shards: int, dp_size: int, dp_rank: int, done: Optional[set] = None) -> list[int]:
+    """Shards replica ``dp_rank`` of ``dp_size`` writes: round robin, skipping complete ones."""
+    done = done or set()
+    return [i for i in range(num_shards) if i % dp_size == dp_rank and i not in done]

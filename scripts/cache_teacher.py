@@ -1,0 +1,51 @@
+"""Run a distillation run's teacher once over its training samples and cache its top-k payload.
+
+    torchrun --standalone --nproc_per_node=2 scripts/cache_teacher.py --config configs/distill/demo.yaml \
+        --out cache/demo cache.dtype=bf16
+
+    # teacher TP=2 x DP=2 on 4 ranks, first 8192 samples, fp8 values, 512-sample shards
+    torchrun --standalone --nproc_per_node=4 scripts/cache_teacher.py --config configs/distill/demo.yaml \
+        --out cache/demo-fp8 --samples 8192 teacher.tp=2 cache.dtype=fp8 cache.shard_samples=512
+
+Only the teacher role is built, over all ranks (``teacher.tp`` x ``teacher.pp`` x dp = world size);
+the student and split sections are ignored. By default the cache covers what the run consumes,
+``training.train_steps * training.global_batch_size`` samples. A killed job, restarted with the
+same command, keeps its complete shards and rewrites the rest. Options ``cache.*``: ``dtype``
+(fp32 | bf16 | fp16 | fp8), ``samples``, ``shard_samples`` (0 = ~256 MiB shards), ``micro_batch``;
+any other ``section.field=value`` overrides the distillation config. See docs/offline-cache.md.
+"""
+
+import argparse
+import os
+import sys
+
+from kdtrain.cache.job import load_cache_job_config, run_cache_job
+from kdtrain.config.distill import load_distill_config
+from kdtrain.parallel import shutdown_distributed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="distillation run YAML (path or name under configs/distill/)")
+    parser.add_argument("--out", help="cache directory (same as cache.out=...)")
+    parser.add_argument("--samples", type=int, help="number of training samples to cache (same as cache.samples=...)")
+    parser.add_argument("overrides", nargs="*", help="cache.field=value and section.field=value overrides")
+    args = parser.parse_args(argv)
+    cache_over = [o for o in args.overrides if o.lstrip("-").startswith("cache.")]
+    run_over = [o for o in args.overrides if o not in cache_over]
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        job = load_cache_job_config(cache_over, out=args.out, samples=args.samples)
+        cfg = load_distill_config(args.config, run_over)
+        run_cache_job(cfg, job, log=(lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None))
+    except ValueError as e:
+        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Offline teacher cache: codec round trips, cache round trip against the live teacher, resumable
+writing after a crash, damaged shards and manifest mismatches (CPU; two gloo spawns of ~15 s).
+
+Tolerances: ids, tokens, lse and checksums are exact; values are bitwise for fp32 and bf16 (a bf16
+cache equals what a live teacher with ``values_dtype: bf16`` sends); fp8 stays within
+``codec.fp8_error_bound`` (2^-4 of the distance to the row's top logit + 2^-10 of the row scale).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_spawn
+from kdtrain.cache import CacheReader, Manifest
+from kdtrain.cache.codec import (RecordLayout, bytes_per_token, decode_values, encode_values, fp8_error_bound, id_bits,
+                                 pack_bits, packed_bytes, unpack_bits)
+from kdtrain.stream import PayloadSpec, token_checksum
+
+SAMPLES, SHARD, MB = 16, 4, 2  # 4 shards of 2 micro-batches (tiny config: micro_batch_size 2, seq 32, k 16)
+
+
+# -- codec -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vocab,bits", [(50257, 16), (151936, 18), (262144, 18), (32000, 15), (512, 9), (2, 1),
+                                        (300000, 19)])
+def test_id_packing_round_trip_is_exact(vocab, bits):
+    assert id_bits(vocab) == bits
+    rng = np.random.default_rng(vocab)
+    for n in (1, 7, 8, 9, 64, 1001):
+        ids = rng.integers(0, vocab, size=(3, n))
+        ids[0, 0], ids[-1, -1] = vocab - 1, 0  # both ends of the range
+        packed = pack_bits(ids, bits)
+        assert packed.dtype == np.uint8 and packed.shape == (3, packed_bytes(n, bits)) == (3, -(-n // 8) * bits)
+        assert np.array_equal(unpack_bits(packed, bits, n), ids)
+    with pytest.raises(ValueError, match="out of range"):
+        pack_bits(np.array([1 << bits]), bits)
+
+
+def test_values_round_trip_per_dtype():
+    g = torch.Generator().manual_seed(0)
+    v = (torch.randn(64, 3, 32, generator=g) * 4 + 12).sort(dim=-1, descending=True).values
+    v[0, 0] = 7.0  # a constant row
+    assert torch.equal(decode_values(encode_values(v, "fp32"), "fp32"), v)
+    assert torch.equal(decode_values(encode_values(v, "bf16"), "bf16"), v.to(torch.bfloat16))
+    assert torch.equal(decode_values(encode_values(v, "fp16"), "fp16"), v.to(torch.float16))
+    got = decode_values(encode_values(v, "fp8"), "fp8")
+    assert got.dtype == torch.float32
+    err = (got - v).abs()
+    assert bool((err <= fp8_error_bound(v)).all()), float((err / fp8_error_bound(v)).max())
+    assert torch.equal(got[..., 0], v[..., 0])  # the top logit is exact
+    assert torch.equal(got[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match="fp16 range"):
+        encode_values(torch.tensor([[7e4, 1.0]]), "fp16")
+    with pytest.raises(ValueError, match="non-finite"):
+        encode_values(torch.tensor([[float("-inf"), 1.0]]), "fp8")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp8"])
+def test_record_round_trip_and_topk_prefix(dtype):
+    S, B, k, V = 13, 3, 5, 151936
+    g = torch.Generator().manual_seed(1)
+    layout = RecordLayout(S, k, V, dtype)
+    tokens = torch.randint(0, V, (B, S), generator=g)
+    ids = torch.randint(0, V, (S, B, k), generator=g, dtype=torch.int32)
+    vals = torch.randn(S, B, k, generator=g).sort(dim=-1, descending=True).values
+    lse = torch.randn(S, B, generator=g)
+    rec = layout.encode(tokens, ids, vals, lse)
+    assert rec.shape == (B, layout.record_bytes) and layout.record_bytes % 8 == 0
+    d = layout.decode(rec)
+    assert torch.equal(d["tokens"], tokens) and torch.equal(d["ids"], ids) and torch.equal(d["lse"], lse)
+    assert [int(c) for c in d["checksum"]] == [int(token_checksum(tokens[b])) for b in range(B)]
+    ref = decode_values(encode_values(vals, dtype), dtype)
+    assert torch.equal(d["values"], ref)
+    d2 = layout.decode(rec, k=2)
+    assert torch.equal(d2["ids"], ids[..., :2]) and torch.equal(d2["values"], ref[..., :2])
+
+
+def test_bytes_per_token_table():
+    # 151936 ids -> 18 bits: lse 4 + k ids * 2.25 + k values + one token 2.25 (+ 8 for fp8 offset/scale)
+    assert bytes_per_token(151936, 64, "bf16") == 4 + 64 * 2.25 + 64 * 2 + 2.25
+    assert bytes_per_token(32000, 16, "fp8") == 4 + 16 * 15 / 8 + 16 + 15 / 8 + 8
+    assert bytes_per_token(32000, 256, "fp32", seq_length=1024) >= bytes_per_token(32000, 256, "fp32")
+
+
+# -- the cache job on a tiny teacher (spawned gloo worlds) ---------------------------------------
+
+def _run_cfg(corpus: dict, *extra: str):
+    from kdtrain.config.distill import load_distill_config
+
+    return load_distill_config("tiny", [f"data.path=[{corpus['prefix']}]", f"data.tokenizer={corpus['tokenizer']}",
+                                        *extra])
+
+
+def _job(out, dtype: str, **kw):
+    from kdtrain.cache.job import CacheJobConfig
+
+    return CacheJobConfig(out=str(out), dtype=dtype, samples=SAMPLES, shard_samples=SHARD, **kw)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _write_caches(rank, world, corpus, root):
+    """One process: fp32 / bf16 / fp8 caches, a crashed-then-resumed cache, the live teacher's payloads."""
+    from kdtrain.cache.job import run_cache_job
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.training.batches import make_microbatch
+    from kdtrain.training.pretrain import open_dataset
+    from kdtrain.training.teacher import Teacher
+
+    root = Path(root)
+    cfg = _run_cfg(corpus)
+    quiet = lambda msg: None  # noqa: E731
+    for dtype in ("fp32", "bf16", "fp8"):
+        run_cache_job(cfg, _job(root / dtype, dtype), log=quiet)
+
+    # Crash after two shards; then leave what a SIGKILL mid-write could: a half-written temp file
+    # and (worse than any real crash: renames are atomic) a truncated and a corrupted final shard.
+    written = []
+
+    def crash_after_two(i):
+        written.append(i)
+        if len(written) == 2:
+            raise _Crash()
+
+    with pytest.raises(_Crash):
+        run_cache_job(cfg, _job(root / "resumed", "fp32"), on_shard=crash_after_two, log=quiet)
+    res = root / "resumed"
+    assert sorted(p.name for p in res.glob("shard_*.bin")) == ["shard_000000.bin", "shard_000001.bin"]
+    assert not Manifest.load(res).complete
+    (res / ".shard_000002.bin.tmp").write_bytes(b"\0" * 1000)
+    (res / "shard_000003.bin").write_bytes((root / "fp32" / "shard_000003.bin").read_bytes()[:5000])
+    damaged = bytearray((root / "fp32" / "shard_000001.bin").read_bytes())
+    damaged[-7] ^= 0x40
+    (res / "shard_000001.bin").write_bytes(bytes(damaged))
+    logs = []
+    summary = run_cache_job(cfg, _job(res, "fp32"), log=logs.append)
+    assert summary["shards_reused"] == 1 and summary["shards_written"] == 3, (summary, logs)
+
+    # The live teacher (same config, seed and weights) on the same micro-batches.
+    dataset = open_dataset(cfg.data, cfg.teacher.model)
+    groups = build_role_groups(RoleLayout("teacher", 0, 1, 1, 1))
+    ref = {}
+    for name, vdtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        spec = PayloadSpec(cfg.data.seq_length, MB, cfg.teacher.topk, vdtype)
+        teacher = Teacher(cfg.teacher.model, groups, spec, cfg.loss.tau, None, torch.device("cpu"), torch.float32,
+                          cfg.training.seed + 1)
+        out = []
+        for s0 in range(0, SAMPLES, MB):
+            mb = make_microbatch(np.stack([dataset.train_sample(g) for g in range(s0, s0 + MB)]), torch.device("cpu"))
+            p = teacher.serve(mb)
+            assert int(p.checksum) == int(token_checksum(mb.tokens))
+            out.append({"ids": p.ids.clone(), "values": p.values.clone(), "lse": p.lse.clone(),
+                        "checksum": p.checksum.clone(), "tokens": mb.tokens.clone()})
+        ref[name] = out
+    torch.save(ref, root / "live.pt")
+
+
+def _write_dp2(rank, world, corpus, root):
+    from kdtrain.cache.job import run_cache_job
+
+    run_cache_job(_run_cfg(corpus), _job(Path(root) / "dp2", "fp32"), log=lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    run_spawn(1, _write_caches, tiny_corpus, str(root), tmp_path=root)
+    return {"root": root, "live": torch.load(root / "live.pt"), "corpus": tiny_corpus}
+
+
+def _spec(dtype, k=16):
+    return PayloadSpec(32, MB, k, dtype)
+
+
+@pytest.mark.slow
+def test_cache_returns_the_live_teachers_payload_bitwise(caches):
+    live = caches["live"]
+    for cache, spec_dtype, ref in (("fp32", torch.float32, "fp32"), ("bf16", torch.bfloat16, "bf16"),
+                                   ("fp32", torch.bfloat16, "bf16")):
+        with CacheReader(caches["root"] / cache) as reader:
+            for j, want in enumerate(live[ref]):
+                p = reader.payload(list(range(j * MB, (j + 1) * MB)), _spec(spec_dtype))
+                assert p.values.dtype == spec_dtype and p.ids.dtype == torch.int32
+                assert torch.equal(p.ids, want["ids"]) and torch.equal(p.lse, want["lse"]), (cache, j)
+                assert torch.equal(p.values, want["values"]), (cache, j)
+                assert int(p.checksum) == int(want["checksum"]) == int(token_checksum(want["tokens"]))
+                assert torch.equal(reader.tokens(range(j * MB, (j + 1) * MB)), want["tokens"])
+
+
+@pytest.mark.slow
+def test_fp8_cache_is_within_the_documented_bound_and_smaller_k_is_a_prefix(caches):
+    live = caches["live"]["fp32"]
+    with CacheReader(caches["root"] / "fp8") as fp8, CacheReader(caches["root"] / "fp32") as fp32:
+        for j, want in enumerate(live):
+            ids = list(range(j * MB, (j + 1) * MB))
+            p = fp8.payload(ids, _spec(torch.float32))
+            assert torch.equal(p.ids, want["ids"]) and torch.equal(p.lse, want["lse"])
+            assert bool(((p.values - want["values"]).abs() <= fp8_error_bound(want["values"])).all())
+            q = fp32.payload(ids, _spec(torch.float32, k=5))
+            assert torch.equal(q.ids, want["ids"][..., :5]) and torch.equal(q.values, want["values"][..., :5])
+    for dtype in ("fp32", "fp8"):  # header + records: checksum, lse, 16 9-bit ids, values, 9-bit tokens, pad
+        per_token = bytes_per_token(512, 16, dtype, seq_length=32)
+        assert per_token == {"fp32": 87.5, "fp8": 47.5}[dtype]
+        assert (caches["root"] / dtype / "shard_000000.bin").stat().st_size == 64 + SHARD * 32 * per_token
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_to_a_byte_identical_cache(caches):
+    root = caches["root"]
+    names = sorted(p.name for p in (root / "fp32").iterdir())
+    assert names == sorted(p.name for p in (root / "resumed").iterdir())  # no temp files left
+    for name in names:
+        assert (root / "fp32" / name).read_bytes() == (root / "resumed" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_two_replicas_write_the_same_cache(caches, tmp_path):
+    root = caches["root"]
+    run_spawn(2, _write_dp2, caches["corpus"], str(root), tmp_path=tmp_path)
+    a, b = Manifest.load(root / "fp32"), Manifest.load(root / "dp2")
+    assert a.identity() == b.identity() and b.job["dp"] == 2 and b.complete
+    for s in a.shards:
+        assert (root / "fp32" / s.file).read_bytes() == (root / "dp2" / s.file).read_bytes(), s.file
+
+
+# -- damage and mismatches ---------------------------------------------------------------------
+
+def _copy(caches, tmp_path, name="fp32") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(caches["root"] / name, dst)
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "header"])
+def test_damaged_shard_is_a_value_error_naming_the_file(caches, tmp_path, damage):
+    path = _copy(caches, tmp_path)
+    shard = path / "shard_000002.bin"
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        shard.write_bytes(bytes(data[:-100]))
+    elif damage == "flip":
+        data[len(data) // 2] ^= 1
+        shard.write_bytes(bytes(data))
+    elif damage == "header":
+        data[20] ^= 1
+        shard.write_bytes(bytes(data))
+    else:
+        shard.unlink()
+    with CacheReader(path) as reader:
+        reader.payload([0, 1], _spec(torch.float32))  # other shards still read
+        with pytest.raises(ValueError, match=str(shard)):
+            reader.payload([2 * SHARD, 2 * SHARD + 1], _spec(torch.float32))
+        with pytest.raises(ValueError, match="shard_000002.bin"):
+            reader.verify()
+
+
+@pytest.mark.slow
+def test_incomplete_cache_and_bad_requests_are_refused(caches, tmp_path):
+    path = _copy(caches, tmp_path)
+    m = Manifest.load(path)
+    Manifest(**{**m.__dict__, "complete": False, "shards": []}).save(path)
+    with pytest.raises(ValueError, match="incomplete"):
+        CacheReader(path)
+    with CacheReader(caches["root"] / "fp32") as reader:
+        with pytest.raises(ValueError, match="not cached"):
+            reader.payload([SAMPLES, SAMPLES + 1], _spec(torch.float32))
+        with pytest.raises(ValueError, match="top-32 requested"):
+            reader.payload([0, 1], _spec(torch.float32, k=32))
+        assert reader.covers(range(SAMPLES)) and not reader.covers([SAMPLES])
+    with pytest.raises(ValueError, match="not a teacher cache"):
+        CacheReader(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,field", [
+    ("teacher.topk=32", "k mismatch"), ("data.seed=7", "dataset mismatch"), ("loss.tau=1.0", "tau mismatch"),
+    ("data.seq_length=16", "seq_length mismatch"), ("teacher.model=demo-teacher", "vocab_size mismatch"),
+    ("teacher.model={two_layers}", "teacher mismatch")])
+def test_manifest_mismatch_names_the_field(caches, tmp_path, override, field):
+    from kdtrain.config.loader import CONFIG_DIR
+
+    two_layers = tmp_path / "tiny2.yaml"
+    two_layers.write_text((CONFIG_DIR / "models" / "tiny.yaml").read_text().replace("num_layers: 4", "num_layers: 2"))
+    reader = CacheReader(caches["root"] / "fp32")
+    reader.check(_run_cfg(caches["corpus"]))
+    reader.check(_run_cfg(caches["corpus"], "teacher.topk=8"))  # a smaller k is the cached top-k's prefix
+    with pytest.raises(ValueError, match=field):
+        reader.check(_run_cfg(caches["corpus"], override.format(two_layers=two_layers)))
+
+
+@pytest.mark.slow
+def test_other_dataset_and_tokenizer_are_mismatches(caches, tmp_path):
+    corpus = caches["corpus"]
+    other = tmp_path / "other"
+    for ext in ("bin", "idx", "meta.json"):
+        shutil.copy(f"{corpus['prefix']}.{ext}", f"{other}.{ext}")
+    reader = CacheReader(caches["root"] / "fp32")
+    reader.check(_run_cfg(corpus, f"data.path=[{other}]"))  # same files elsewhere: the same dataset
+    with open(f"{other}.idx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="dataset mismatch"):
+        reader.check(_run_cfg(corpus, f"data.path=[{other}]"))
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(Path(corpus["tokenizer"]).read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        reader.check(_run_cfg(corpus, f"data.tokenizer={tok}"))
+
+
+@pytest.mark.slow
+def test_resume_into_a_directory_of_another_cache_is_refused(caches):
+    from kdtrain.cache.job import build_manifest
+    from kdtrain.cache.writer import prepare
+
+    m = build_manifest(_run_cfg(caches["corpus"], "teacher.topk=8"), _job(caches["root"] / "fp32", "fp32"),
+                       torch.float32, {})
+    with pytest.raises(ValueError, match="cache.out: .* holds a cache of a different job \\(k differs"):
+        prepare(caches["root"] / "fp32", m)
+
+
+# -- prefetch ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_prefetch_serves_in_order_skips_and_falls_back(caches):
+    live = caches["live"]["fp32"]
+    spec = _spec(torch.float32)
+    mbs = [list(range(j * MB, (j + 1) * MB)) for j in range(SAMPLES // MB)]
+    with CacheReader(caches["root"] / "fp32", depth=2) as reader:
+        reader.prefetch(mbs, spec)
+        for j in (0, 1, 3, 4, 7):  # 2, 5 and 6 are skipped: dropped, never served late
+            p = reader.payload(mbs[j], spec)
+            assert torch.equal(p.ids, live[j]["ids"]) and torch.equal(p.values, live[j]["values"])
+        assert reader.pending() == 0
+        p = reader.payload(mbs[2], spec)  # not announced (any more): decoded synchronously
+        assert torch.equal(p.lse, live[2]["lse"])
+        reader.prefetch(mbs[:3], spec)
+        reader.cancel()
+        assert reader.pending() == 0
+        reader.prefetch([[SAMPLES, SAMPLES + 1]], spec)  # errors surface in payload(), in the consumer
+        with pytest.raises(ValueError, match="not cached"):
+            reader.payload([SAMPLES, SAMPLES + 1], spec)
