@@ -64,3 +64,43 @@ def test_mismatched_vocab_is_a_clear_error(tiny_corpus, tmp_path):
                         check=False, timeout=120)
     assert proc.returncode != 0
     assert "vocab_size 4096 of student 'demo-student' differs" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def fp32_cache(tiny_corpus, tmp_path_factory):
+    """The tiny teacher's payload for every sample the tiny run consumes, values in fp32."""
+    out = tmp_path_factory.mktemp("teacher-cache")
+    run_torchrun(1, "cache_teacher.py", ["--config", "tiny", "--out", str(out), f"data.path=[{tiny_corpus['prefix']}]",
+                                         f"data.tokenizer={tiny_corpus['tokenizer']}", "cache.dtype=fp32"])
+    return out
+
+
+# A student trained from an fp32 cache sees bitwise the live teacher's payloads (tests/test_cache.py),
+# so its loss curve is the online run's (same seeds and data) up to reduction order in the student.
+@pytest.mark.parametrize("nproc,source", [(1, "cache"), (2, "cache"), (1, "mixed")])
+def test_student_from_the_cache_follows_the_online_loss_curve(reference, tiny_corpus, fp32_cache, tmp_path, nproc,
+                                                              source):
+    extra = [f"teacher.source={source}", f"teacher.cache={fp32_cache}"]
+    if source == "mixed":
+        extra.append("teacher.live_fraction=0.5")
+    if nproc == 2:
+        extra.append("student.dp=2")
+    run_torchrun(nproc, "distill_gpt.py", _args(tiny_corpus, tmp_path, *extra))
+    got = read_metrics(tmp_path)
+    assert sorted(got) == sorted(reference)
+    for s in sorted(reference):
+        for k in ("loss", "kd_loss", "grad_norm"):
+            assert got[s][k] == pytest.approx(reference[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}"
+    live = [got[s]["teacher_live"] for s in sorted(got)]
+    assert live == ([0] * len(live) if source == "cache" else [0, 1, 0, 1]), live
+
+
+def test_cache_that_does_not_match_the_run_is_refused(tiny_corpus, fp32_cache, tmp_path):
+    extra = ["teacher.source=cache", f"teacher.cache={fp32_cache}", "teacher.topk=32"]  # cached k is 16
+    proc = run_torchrun(1, "distill_gpt.py", _args(tiny_corpus, tmp_path, *extra), check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "topk" in proc.stderr and str(fp32_cache) in proc.stderr, proc.stderr[-2000:]
+    proc = run_torchrun(2, "distill_gpt.py", _args(tiny_corpus, tmp_path, "teacher.source=cache",
+                                                   f"teacher.cache={fp32_cache}", "split.mode=disaggregated",
+                                                   "split.teacher_ranks=1"), check=False, timeout=120)
+    assert proc.returncode != 0 and "split.mode" in proc.stderr, proc.stderr[-2000:]

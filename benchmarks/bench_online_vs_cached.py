@@ -1,0 +1,154 @@
+"""The same student budget three ways: online teacher every step, from a teacher cache, mixed.
+
+    python benchmarks/bench_online_vs_cached.py --out benchmarks/results/online_vs_cached_h100   # one GPU
+    python benchmarks/bench_online_vs_cached.py --cpu-tiny --out /tmp/bench_cache                  # CI smoke
+
+Runs of the real entry points, one process each (mock tokens, the distill config's seeded random
+teacher; student budget ``--steps`` x global batch):
+  online   scripts/distill_gpt.py, teacher.source=online (colocated: teacher + student per step)
+  cache    scripts/cache_teacher.py over exactly the samples the student consumes (values bf16)
+  cached   scripts/distill_gpt.py, teacher.source=cache  (no teacher built)
+  mixed    scripts/distill_gpt.py, teacher.source=mixed, live_fraction=--live-fraction
+
+Reported per run: process wall time (start-up included, the same for every run), the student
+phase's time (sum of its step times), student-phase
+samples/s (median over the steps after --warmup) and the student's final held-out loss. The
+break-even: with ``r`` student runs (or epochs) over the same samples, caching wins when
+``r * T_online > T_cache + r * T_cached``, i.e. ``r > T_cache / (T_online - T_cached)``; the
+report states that ``r`` from the measured times. Writes bench_online_vs_cached.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kdtrain.config.distill import load_distill_config  # noqa: E402
+
+GPU = dict(config="configs/distill/llama-1.2b-to-150m-h100.yaml", steps=30, device=[], eval_batches=2)
+CPU_TINY = dict(config="configs/distill/tiny.yaml", steps=6, device=["precision.device=cpu", "precision.dtype=fp32"],
+                eval_batches=1)
+MOCK = ["data.mock=true", "data.path=[]"]
+
+
+def launch(args: list[str]) -> tuple[float, str]:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    print("$", " ".join(args), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    print(f"  {wall:.1f} s", flush=True)
+    return wall, proc.stdout
+
+
+def distill(config: str, overrides: list[str], log_dir: Path, warmup: int) -> dict:
+    wall, _ = launch([str(REPO / "scripts" / "distill_gpt.py"), "--config", config, *overrides,
+                      f"logging.dir={log_dir}", "logging.interval=1", "logging.progress_bar=false",
+                      "logging.tensorboard=false", "checkpoint.dir=null"])
+    recs = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r.get("kind", "train") == "train"]
+    steady = [r for r in train if r["step"] > warmup] or train
+    valid = [r for r in recs if r.get("kind") == "valid"]
+    out = {"wall_s": wall, "samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
+           "step_time_s": statistics.median(r["step_time_s"] for r in steady),
+           "student_phase_s": sum(r["step_time_s"] for r in train), "final_train_loss": train[-1]["loss"], "live_steps": sum(r.get("teacher_live", 1) for r in train)}
+    if valid:
+        out["valid_loss"] = valid[-1]["valid_loss"]
+    if "peak_mem_gib" in train[-1]:
+        out["peak_mem_gib"] = max(r.get("peak_mem_gib", 0.0) for r in train)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cpu-tiny", action="store_true", help="tiny models on CPU (smoke test of the harness)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 5, tiny 2)")
+    ap.add_argument("--live-fraction", type=float, default=0.25, help="mixed mode's share of live-teacher steps")
+    ap.add_argument("--cache-dtype", default="bf16")
+    args = ap.parse_args(argv)
+    mode = CPU_TINY if args.cpu_tiny else GPU
+    steps = args.steps or mode["steps"]
+    warmup = args.warmup if args.warmup is not None else (2 if args.cpu_tiny else 5)
+    if steps <= warmup:
+        raise ValueError(f"--steps {steps} leaves no step after --warmup {warmup}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = str(REPO / mode["config"])
+    common = [*MOCK, *mode["device"], f"training.train_steps={steps}", f"training.eval_batches={mode['eval_batches']}",
+              "training.eval_interval=0"]
+    cfg = load_distill_config(config, common)
+    tr = cfg.training
+    cache_dir = out / "cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+
+    res: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_tiny else "cpu",
+                 "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "command": " ".join(sys.argv),
+                 "teacher": cfg.teacher.model.name, "student": cfg.student.model.name, "steps": steps,
+                 "global_batch_size": tr.global_batch_size, "seq_length": cfg.data.seq_length,
+                 "topk": cfg.teacher.topk, "cache_dtype": args.cache_dtype, "live_fraction": args.live_fraction,
+                 "runs": {}}
+    runs = res["runs"]
+    launch(["-c", "import kdtrain.training.distill, kdtrain.cache.job"])  # byte-compile once: equal start-ups
+    runs["online"] = distill(config, common, out / "logs" / "online", warmup)
+    wall, _ = launch([str(REPO / "scripts" / "cache_teacher.py"), "--config", config, "--out", str(cache_dir),
+                      "--samples", str(steps * tr.global_batch_size), f"cache.dtype={args.cache_dtype}", *common])
+    size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+    runs["cache"] = {"wall_s": wall, "bytes": size,
+                     "bytes_per_token": size / (steps * tr.global_batch_size * cfg.data.seq_length)}
+    src = [f"teacher.cache={cache_dir}"]
+    runs["cached"] = distill(config, [*common, "teacher.source=cache", *src], out / "logs" / "cached", warmup)
+    runs["mixed"] = distill(config, [*common, "teacher.source=mixed", *src,
+                                     f"teacher.live_fraction={args.live_fraction}"], out / "logs" / "mixed", warmup)
+    on, ca, c = runs["online"], runs["cached"], runs["cache"]
+    res["cached_vs_online_student_samples_per_s"] = ca["samples_per_s"] / on["samples_per_s"]
+    saved = on["wall_s"] - ca["wall_s"]
+    res["break_even_reuses"] = c["wall_s"] / saved if saved > 0 else None
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    (out / "bench_online_vs_cached.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "bench_online_vs_cached.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+def markdown(res: dict) -> str:
+    r = res["runs"]
+    lines = [f"# Online vs cached vs mixed teacher: {res['teacher']} -> {res['student']}", "",
+             f"{res['device']}, {res['date']}, torch {res['torch']}; {res['steps']} student steps x global batch "
+             f"{res['global_batch_size']} x seq {res['seq_length']}, top-{res['topk']}, cache values "
+             f"{res['cache_dtype']}, mixed live fraction {res['live_fraction']}.", "",
+             f"Command: `{res['command']}`", "",
+             "| run | wall s | student phase s | student samples/s | live-teacher steps | final train loss | held-out loss | peak GiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in ("online", "cached", "mixed"):
+        x = r[name]
+        lines.append(f"| {name} | {x['wall_s']:.1f} | {x['student_phase_s']:.1f} | {x['samples_per_s']:.2f} | {x['live_steps']} | "
+                     f"{x['final_train_loss']:.4f} | {x.get('valid_loss', float('nan')):.4f} | "
+                     f"{x.get('peak_mem_gib', float('nan')):.1f} |")
+    c = r["cache"]
+    be = res["break_even_reuses"]
+    lines += [f"| cache pass | {c['wall_s']:.1f} | | | | | | |", "",
+              f"Cache: {c['bytes'] / 2**20:.1f} MiB, {c['bytes_per_token']:.1f} bytes/token. Student phase from the "
+              f"cache: {res['cached_vs_online_student_samples_per_s']:.2f}x the online samples/s. Caching pays off "
+              + (f"from {be:.2f} student runs over the same samples (cache pass / wall time saved per run)."
+                 if be is not None else "never here (the cached run was not faster end to end)."), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU batch behind the figures in benchmarks/results/ (one H100; megatron-core and the other
+# missing packages installed from wheels first, see the developers' guide). Stages run in order,
+# each under its own time limit; logs and results go to $WORK and, re-packed after every stage so a
+# killed batch still returns what it finished, to $OUT/results.tgz:
+#
+#   bash benchmarks/run_h100.sh kernel pretrain distill      # first batch
+#   bash benchmarks/run_h100.sh planner trl cache            # second batch
+set -u
+OUT=${OUT:-/tmp/kdtrain_h100_out}
+WORK=${WORK:-/tmp/kdtrain_h100}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
+stage() {  # stage NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"; tail -n 25 "$WORK/$name.log"
+  tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.distcp' --exclude='*.bin' . 2>/dev/null
+}
+for s in "$@"; do
+  case $s in
+    kernel)
+      stage kernel_build 240 python -c "from kdtrain.loss import load_kernels, extension_status; load_kernels(); print(extension_status())"
+      KDTRAIN_GPU_LOG=$WORK/kd_loss_gpu_tests.md stage kernel_tests 150 python -m pytest -q -x -m gpu tests/test_kd_loss_gpu.py
+      stage kernel_bench 150 python benchmarks/bench_kd_loss.py --quick --out "$WORK/kd_loss" ;;
+    pretrain)
+      stage pretrain_1b 180 python scripts/pretrain_gpt.py --config configs/pretrain/llama-3.2-1b-h100.yaml \
+        logging.dir="$WORK/pretrain_1b" training.train_steps=25 ;;
+    distill)
+      stage distill_bench 300 python benchmarks/bench_distill.py --out "$WORK/distill" ;;
+    planner)
+      stage planner_bench 240 python benchmarks/bench_planner.py --out "$WORK/planner" ;;
+    trl)
+      stage trl_bench 420 python benchmarks/bench_vs_trl.py --preset llama --preset qwen --out "$WORK/trl" ;;
+    cache)
+      stage cache_bench 300 python benchmarks/bench_online_vs_cached.py --out "$WORK/cache" ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
+ls -la "$OUT"
