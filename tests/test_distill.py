@@ -104,3 +104,13 @@ def test_cache_that_does_not_match_the_run_is_refused(tiny_corpus, fp32_cache, t
                                                    f"teacher.cache={fp32_cache}", "split.mode=disaggregated",
                                                    "split.teacher_ranks=1"), check=False, timeout=120)
     assert proc.returncode != 0 and "split.mode" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_split_auto_runs_the_planners_plan(reference, tiny_corpus, tmp_path):
+    """split.mode=auto: the planner's layout is logged and, like every layout, reproduces the
+    single-process run."""
+    proc = run_torchrun(2, "distill_gpt.py", _args(tiny_corpus, tmp_path, "split.mode=auto"))
+    assert "split auto (2 ranks" in proc.stdout and "runner-up:" in proc.stdout, proc.stdout[-2000:]
+    got = read_metrics(tmp_path)
+    for s in sorted(reference):
+        assert got[s]["loss"] == pytest.approx(reference[s]["loss"], rel=RTOL, abs=ATOL), f"step {s}"

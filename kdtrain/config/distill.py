@@ -89,11 +89,15 @@ class StudentConfig:
 
 @dataclass
 class SplitConfig:
-    mode: Literal["colocated", "disaggregated"] = "colocated"
+    # auto: the planner picks colocated or disaggregated and both roles' tp/pp/dp for the world
+    # size (kdtrain/training/auto_split.py; `kdtrain plan` shows the ranking).
+    mode: Literal["colocated", "disaggregated", "auto"] = "colocated"
     teacher_ranks: Optional[int] = None  # disaggregated: ranks given to the teacher
     teacher_first: bool = True  # disaggregated: teacher on the low ranks
     depth: int = 2  # disaggregated: micro-batches the teacher may run ahead of the student
     timeout_s: float = 300.0  # a peer silent this long ends the job with an error
+    profile: Optional[str] = None  # auto: planner profile name or `kdtrain calibrate` JSON (None: this device)
+    gpus_per_node: Optional[int] = None  # auto: None = torchrun's LOCAL_WORLD_SIZE
 
     def check(self, where: str = "split") -> None:
         if self.depth < 1:
@@ -128,6 +132,7 @@ class DistillConfig:
 
     def resolve_spans(self, world_size: int) -> Spans:
         t, s, sp = self.teacher, self.student, self.split
+        assert sp.mode != "auto", "split.mode: auto is resolved by the planner before the spans"
         if sp.mode == "colocated":
             if sp.teacher_ranks is not None:
                 raise field_error("split", "teacher_ranks", "only for mode: disaggregated (colocated roles share all ranks)")
@@ -148,6 +153,9 @@ class DistillConfig:
 
     def validate(self, world_size: int) -> Spans:
         """Cross-section checks that need the world size; returns the resolved rank spans."""
+        if self.teacher.source == "cache" and self.split.mode == "auto":
+            raise field_error("split", "mode", "teacher.source: cache trains the student on every rank: "
+                              "use split.mode: colocated (nothing to plan)")
         if self.teacher.source == "cache" and self.split.mode != "colocated":
             raise field_error("split", "mode", "teacher.source: cache builds no teacher, so every rank trains the "
                               "student: use split.mode: colocated")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..cache.source import CachedPayloads
 from ..config import to_dict
 from ..config.distill import DistillConfig
 from ..data.gpt_dataset import GPTWindowDataset
@@ -37,6 +38,7 @@ from ..models import transformer_engine_available
 from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import Pairing, PayloadSpec
 from ..stream.channel import PayloadChannel
+from .auto_split import resolve_auto_split
 from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids
 from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
@@ -44,7 +46,6 @@ from .optimizer import lr_at
 from .pretrain import build_trainable, evaluate, lm_forward_step, open_dataset, resolve_dtype, restore_role, save_role
 from .step import train_step
 from .teacher import Teacher
-from ..cache.source import CachedPayloads
 
 KD_REPORT_KEYS = ("loss_sum", "kd_sum", "ce_sum", "tokens")
 
@@ -148,6 +149,9 @@ def open_cache(cfg: DistillConfig, rank: int):
 
 def distill(cfg: DistillConfig) -> dict:
     env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
+    plan_lines = []
+    if cfg.split.mode == "auto":
+        cfg, plan_lines = resolve_auto_split(cfg, env.world_size, env.device)
     spans = cfg.validate(env.world_size)
     tr, dtype = cfg.training, resolve_dtype(cfg.precision.dtype, env.device)
     colocated = cfg.split.mode == "colocated"
@@ -191,6 +195,8 @@ def distill(cfg: DistillConfig) -> dict:
         logger_print(f"teacher {cfg.teacher.model.name}: {mem['teacher_weight_bytes'] / 2**20:.1f} MiB of weights on "
                      f"rank {env.rank} (a DDP-wrapped trainable copy with Adam would hold "
                      f"{mem['teacher_trainable_equiv_bytes'] / 2**20:.1f} MiB)")
+    for line in plan_lines:
+        logger.write(line)
     logger.write(f"kdtrain distill: {cfg.teacher.model.name} (tp={t_layout.tp} pp={t_layout.pp} dp={t_layout.dp}, "
                  f"ranks {t_layout.ranks.start}-{t_layout.ranks.stop - 1}) -> {cfg.student.model.name} "
                  f"(tp={s_layout.tp} pp={s_layout.pp} dp={s_layout.dp}, ranks {s_layout.ranks.start}-"

@@ -1,0 +1,57 @@
+"""``split.mode: auto``: the planner (kdtrain/planner) picks the split and both roles' layouts.
+
+Every rank runs the same pure-Python search on the same inputs, so all ranks agree without
+communication. The plan sets ``split.mode``, ``split.teacher_ranks`` and ``tp``/``pp``/``dp`` of
+both roles; the micro-batch size, optimizer (ZeRO-1 or not), sequence length, top-k and payload
+dtype stay as configured and are inputs to the search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+
+from ..config.distill import DistillConfig
+
+
+def device_profile(device: torch.device) -> str:
+    """The built-in planner profile closest to ``device`` (the planner's ``cpu`` profile on CPU)."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    if "H200" in name:
+        return "h200"
+    if "A100" in name:
+        return "a100-80gb" if torch.cuda.get_device_properties(device).total_memory > 48 * 2**30 else "a100-40gb"
+    return "h100-80gb"  # H100 and anything newer or unknown
+
+
+def resolve_auto_split(cfg: DistillConfig, world_size: int, device: torch.device,
+                       gpus_per_node: Optional[int] = None) -> tuple[DistillConfig, list[str]]:
+    """``cfg`` with the planner's best plan applied, and log lines naming it and the runner-up."""
+    from ..planner import auto_plan
+
+    sp = cfg.split
+    gpn = sp.gpus_per_node or gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    profile = sp.profile or device_profile(device)
+    fp32 = cfg.precision.dtype == "fp32" or (cfg.precision.dtype == "auto" and device.type != "cuda")
+    try:
+        best, runner_up = auto_plan(
+            cfg.teacher.model, cfg.student.model, world_size, gpn, cfg.data.seq_length, cfg.training.global_batch_size,
+            micro_batch=cfg.training.micro_batch_size, topk=cfg.teacher.topk, profile=profile,
+            values_bytes=4 if cfg.teacher.values_dtype == "fp32" else 2, depth=sp.depth,
+            distributed_optimizer=cfg.optimizer.distributed, dtype_bytes=4 if fp32 else 2)
+    except ValueError as e:
+        raise ValueError(f"split.mode: auto found no plan: {e}") from None
+    ov = best.config_overrides()
+    out = dataclasses.replace(
+        cfg,
+        split=dataclasses.replace(sp, mode=ov["split.mode"], teacher_ranks=ov["split.teacher_ranks"]),
+        teacher=dataclasses.replace(cfg.teacher, tp=ov["teacher.tp"], pp=ov["teacher.pp"], dp=ov["teacher.dp"]),
+        student=dataclasses.replace(cfg.student, tp=ov["student.tp"], pp=ov["student.pp"], dp=ov["student.dp"]))
+    lines = [f"split auto ({world_size} ranks, {gpn} per node, profile {profile}): {best.describe()}",
+             f"  runner-up: {runner_up.describe() if runner_up is not None else 'none fits'}"]
+    return out, lines
