@@ -2,6 +2,11 @@
 
     kdtrain info                      versions, devices and optional accelerators
     kdtrain model llama-3.2-1b --tp 2 parameter count, padded vocab and FLOPs of a model config
+    kdtrain convert hf-to-kdtrain --hf DIR --out DIR   Hugging Face model -> kdtrain checkpoint (and back:
+    kdtrain convert kdtrain-to-hf --ckpt DIR --out DIR  see kdtrain/convert/cli.py)
+    kdtrain plan --teacher T --student S --world-size N --seq-len S --global-batch B
+                                      ranked teacher/student splits (see kdtrain/planner/cli.py)
+    kdtrain calibrate --out FILE      measure this device into a planner profile
 """
 
 from __future__ import annotations
@@ -54,6 +59,12 @@ def main(argv=None) -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.set_defaults(func=_model)
+    from kdtrain.convert.cli import register as register_convert
+
+    register_convert(sub)
+    from kdtrain.planner.cli import register as register_planner
+
+    register_planner(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -26,7 +26,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_epsilon: float = 1e-5
-    activation: Literal["swiglu", "gelu"] = "swiglu"
+    # "gelu" is the exact (erf) GELU; "gelu_tanh" its tanh approximation (GPT-2's "gelu_new").
+    activation: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
     position_embedding: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
     rope_scaling_factor: Optional[float] = None  # Llama-3 style frequency scaling when set

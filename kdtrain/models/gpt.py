@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional
@@ -32,6 +33,13 @@ def transformer_engine_available(device: torch.device) -> bool:
             and importlib.util.find_spec("transformer_engine") is not None)
 
 
+_ACTIVATIONS = {
+    "swiglu": F.silu,  # gated: silu(gate) * up
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
+
+
 def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype,
                        device: torch.device) -> TransformerConfig:
     return TransformerConfig(
@@ -47,7 +55,7 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype,
         normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=cfg.norm_epsilon,
         gated_linear_unit=cfg.activation == "swiglu",
-        activation_func=F.silu if cfg.activation == "swiglu" else F.gelu,
+        activation_func=_ACTIVATIONS[cfg.activation],
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias or cfg.add_bias_linear,
         hidden_dropout=cfg.hidden_dropout,

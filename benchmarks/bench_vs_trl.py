@@ -1,0 +1,317 @@
+"""kdtrain vs TRL's GKDTrainer on the same node: same models, data, batch, precision and divergence.
+
+    # CI / laptop: tiny Llama-style pair on CPU, every variant that runs there (~45 s on 2 cores)
+    python benchmarks/bench_vs_trl.py --cpu-tiny --out /tmp/bench-trl-cpu
+
+    # One H100, both pairs, ~6 min (~6.5 min on a fresh machine, where the fused loss kernel is first
+    # JIT-built, outside the timings): ~1.2B -> ~150M Llama-style, vocab 32000, and Qwen2.5-1.5B ->
+    # Qwen2.5-0.5B shapes, vocab 151936; seq 1024, 10 timed steps after 3 warm-up steps
+    python benchmarks/bench_vs_trl.py --preset llama --preset qwen --out benchmarks/results/trl-h100
+
+What runs (each system in its own process, so its peak memory is its own):
+  (a) trl-gkd                GKDTrainer, lmbda=0 (off-policy: word-level KD on the dataset tokens),
+                             seq_kd=False, full-vocabulary generalized JSD with ``--beta``
+  (b) trl-gkd-liger          the same with use_liger_kernel=True (Liger's RMSNorm/RoPE/SwiGLU kernels
+                             patched into the student; TRL's JSD loss itself is unchanged); skipped
+                             with the reason when liger_kernel is not importable or there is no GPU
+  (c) kdtrain-colocated      kdtrain.training.distill: teacher and student on the same device(s)
+  (d) kdtrain-disaggregated  teacher on rank 0, student on rank 1 (torchrun, 2 ranks): run on CPU
+                             (two processes) and where more than one GPU exists, else skipped
+
+Shared by all: the HF teacher/student (random init from HF configs built here, no downloads, saved
+as safetensors; kdtrain imports them with ``kdtrain.convert``, so both frameworks start from the
+same weights), the token windows (kdtrain's seeded mock dataset: uniform random ids; TRL gets the
+same windows in the same order, step t = samples [t*G, (t+1)*G)), sequence length, micro-batch,
+global batch (gradient accumulation on one device), precision (GPU: bf16 teacher, student with fp32
+master weights under bf16 compute; CPU: fp32), AdamW (same lr, betas, eps, no weight decay, clip
+1.0, constant lr), no dropout, no gradient checkpointing, generalized JSD with the same ``beta`` at
+temperature 1. TRL's convention: M = beta*p_teacher + (1-beta)*q_student, JSD = beta*KL(p||M) +
+(1-beta)*KL(q||M), beta=0 -> KL(p||q), beta=1 -> KL(q||p); kdtrain uses the same definition.
+
+Losses: TRL's training loss is that JSD over the full vocabulary; kdtrain's is over its teacher's
+top-k support (``--topk``, 64 by default) plus a tail bucket, so the two training losses are not the
+same quantity. For a like-for-like figure every trained student (kdtrain's exported back to HF with
+``kdtrain convert``'s export) is scored afterwards by one function: the full-vocabulary JSD against
+the teacher on held-out windows (``eval_full_vocab_jsd``; ``eval_full_vocab_jsd_init`` = the
+untrained student). A random-init teacher is nearly uniform (``teacher_eval`` gives its entropy
+and the mass of its top-k: ~10 nats and ~2% at vocab 32000), so a top-k objective sees little of
+it; ``--teacher-logit-scale 6`` sharpens the same random teacher to a trained model's peakedness
+(~2.5-4 nats, top-64 mass ~0.8-0.95) without changing any compute. These figures show whether
+both systems optimise the same objective, not model quality.
+
+Files: this script (command line, orchestration, report, chart) and vs_trl_systems.py beside it
+(model pairs, data, the common evaluation, each system's worker).
+
+Reported per system: samples/s and tokens/s (mean step time over the steps after ``--warmup``;
+TRL's step is timed from its on_step_begin to its on_step_end callback, which leaves out its data
+loading and logging; kdtrain's is its own step timer, which leaves out its logging), MFU on GPU
+((student training + teacher forward FLOPs per token) x tokens/s / (devices x bf16 peak)), peak
+memory per device (CUDA max allocated, also max reserved; on CPU the process's max RSS), losses
+per step, the common evaluation, the TRL version and every flag. Output: ``OUT/bench_<preset>.json``
+and ``OUT/bench_<preset>.png`` per preset; models and checkpoints go to ``--work`` (default
+``OUT/work``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_trl_systems import (PRESETS, REPO, SYSTEMS, collect_kdtrain, prebuild_kernel,  # noqa: E402
+                            prepare_models, run_kdtrain_rank, run_trl)
+
+
+# ---- orchestration --------------------------------------------------------------------------------
+def _run_worker(job_file: Path, system: str, timeout: float, nproc: int, log_path: Path) -> tuple[int, str]:
+    """Run one system in a child process; returns (exit code, the log's most telling tail)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               TRL_EXPERIMENTAL_SILENCE="1")
+    me = [str(Path(__file__).resolve()), "--worker", system, "--job", str(job_file)]
+    if system.startswith("kdtrain"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *me]
+    else:
+        cmd = [sys.executable, *me]
+    with open(log_path, "w") as log:
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    text = log_path.read_text(errors="replace")
+    at = text.find("Traceback (most recent call last)")  # the first child's error, not the launcher's
+    tail = text[at:at + 3000] if at >= 0 else text[-3000:]
+    return rc, (f"timed out after {timeout:.0f} s; " if rc == 124 else "") + f"log {log_path}:\n{tail}"
+
+
+def skip_reason(system: str, job: dict, n_dev: int, force_disaggregated: bool):
+    if system == "trl-gkd-liger":
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger_kernel is not importable (pip install liger-kernel)"
+        if job["device"] != "cuda":
+            return "Liger's Triton kernels need a GPU"
+    if system.startswith("trl") and importlib.util.find_spec("trl") is None:
+        return "trl is not importable"
+    if system == "kdtrain-disaggregated" and job["device"] == "cuda" and n_dev < 2 and not force_disaggregated:
+        return f"needs more than one GPU ({n_dev} visible): teacher and student each take a device"
+    return None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for pkg in ("trl", "transformers", "accelerate", "datasets", "liger-kernel", "megatron-core", "kdtrain"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["results"] if r["status"] == "ok"]
+    panels = [("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"), ("mfu", "MFU"),
+              ("peak_memory_gib", "peak memory / device (GiB)"),
+              ("eval_full_vocab_jsd", f"full-vocab JSD after {result['settings']['steps']} steps")]
+    panels = [p for p in panels if any(r[p[0]] is not None for r in rows)]
+    if not rows or not panels:
+        return
+    colors = {"trl-gkd": "#888888", "trl-gkd-liger": "#bbbbbb", "kdtrain-colocated": "#1f77b4",
+              "kdtrain-disaggregated": "#2ca02c"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        vals = [r[key] if r[key] is not None else 0.0 for r in rows]
+        bars = ax.bar(range(len(rows)), vals, color=[colors[r["system"]] for r in rows])
+        ax.set_xticks(range(len(rows)), [r["system"] for r in rows], rotation=25, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                        fontsize=7)
+        if key == "eval_full_vocab_jsd":
+            ax.axhline(result["eval_full_vocab_jsd_init"], color="k", ls=":", lw=1, label="untrained")
+            ax.legend(fontsize=7)
+    fig.suptitle(f"kdtrain vs TRL GKD: {result['preset']} on {result['device']} (kdtrain top-{result['settings']['topk']},"
+                 f" JSD beta={result['settings']['beta']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_preset(name: str, args, out: Path, work: Path) -> dict:
+    import torch
+
+    preset = PRESETS[name]
+    cuda = torch.cuda.is_available() and name != "cpu-tiny"
+    steps = args.steps or preset["steps"]
+    warmup = preset["warmup"] if args.warmup is None else args.warmup
+    if not 0 <= warmup < steps:
+        raise ValueError(f"--warmup {warmup} must be in [0, --steps {steps})")
+    job = {"preset": name, "work": str(work / name), "seq_length": preset["seq_length"],
+           "micro_batch": preset["micro_batch"], "global_batch": preset["global_batch"], "steps": steps,
+           "warmup": warmup, "lr": preset["lr"], "weight_decay": 0.0, "adam_betas": [0.9, 0.95], "adam_eps": 1e-8,
+           "clip_grad": 1.0, "beta": args.beta, "topk": args.topk, "teacher_logit_scale": args.teacher_logit_scale, "seed": 1234, "data_seed": 4321,
+           "vocab_size": preset["student"]["vocab_size"], "device": "cuda" if cuda else "cpu",
+           "precision": "bf16" if cuda else "fp32", "eval_samples": 2 * preset["micro_batch"]}
+    Path(job["work"]).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    prepare_models(job, preset)
+    prep_s = time.perf_counter() - t0
+    kernel = prebuild_kernel(job)
+    job_file = Path(job["work"]) / "job.json"
+    job_file.write_text(json.dumps(job, indent=1))
+    n_dev = torch.cuda.device_count() if cuda else 1
+    results = []
+    for system in args.systems:
+        res = {"system": system, "status": "ok", "reason": None}
+        reason = skip_reason(system, job, n_dev, args.force_disaggregated)
+        if reason:
+            res.update(status="skipped", reason=reason)
+        else:
+            nproc = 2 if system == "kdtrain-disaggregated" else 1
+            if system.startswith("kdtrain"):
+                shutil.rmtree(Path(job["work"]) / system, ignore_errors=True)  # a stale checkpoint would resume
+                (Path(job["work"]) / system).mkdir(parents=True)
+            t1 = time.perf_counter()
+            rc, log = _run_worker(job_file, system, args.timeout, nproc, Path(job["work"]) / f"{system}.log")
+            res["process_wall_s"] = time.perf_counter() - t1
+            print(f"[{name}] {system}: exit {rc} after {res['process_wall_s']:.1f} s", flush=True)
+            try:
+                if rc != 0:
+                    raise RuntimeError(f"exit code {rc}")
+                if system.startswith("kdtrain"):
+                    res.update(collect_kdtrain(job, system.removeprefix("kdtrain-"), nproc))
+                else:
+                    res.update(json.loads((Path(job["work"]) / f"{system}.json").read_text()))
+            except (RuntimeError, OSError, KeyError, IndexError, ValueError) as e:
+                res.update(status="failed", reason=f"{e}; {log}")
+        results.append(res)
+    keys = ("samples_per_s", "tokens_per_s", "mfu", "step_time_s", "peak_memory_gib", "first_loss", "final_loss",
+            "eval_full_vocab_jsd")
+    for r in results:
+        for k in keys:
+            r.setdefault(k, None)
+    by = {r["system"]: r for r in results if r["status"] == "ok"}
+    speedups = {f"{ours}/{base}": {"samples_per_s": by[ours]["samples_per_s"] / by[base]["samples_per_s"],
+                                   "peak_memory": by[ours]["peak_memory_gib"] / by[base]["peak_memory_gib"]}
+                for base in ("trl-gkd", "trl-gkd-liger") for ours in ("kdtrain-colocated", "kdtrain-disaggregated")
+                if base in by and ours in by}
+    return {
+        "preset": name, "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
+        "num_devices": n_dev, "versions": _versions(),
+        "settings": {k: v for k, v in job.items()
+                     if not k.endswith(("_hf", "_ckpt", "_yaml")) and k not in ("work", "teacher_eval")
+                     and not k.startswith("eval_")},
+        "notes": {"divergence": f"generalized JSD, beta={args.beta}, temperature 1; TRL: full vocabulary; kdtrain: "
+                                f"teacher top-{args.topk} support + tail bucket",
+                  "eval_full_vocab_jsd": f"full-vocabulary JSD of the trained student vs the teacher on "
+                                         f"{job['eval_samples']} held-out windows, same code for every system",
+                  "trl_mode": "GKDTrainer lmbda=0 (off-policy), seq_kd=False; its compute_loss empties the CUDA "
+                              "cache every micro-batch (as shipped)",
+                  "timing": f"mean over steps {warmup + 1}..{steps}; TRL on_step_begin->on_step_end, kdtrain's step "
+                            "timer; logging excluded in both",
+                  "mfu": "(student training + teacher forward FLOPs/token) x tokens/s / (devices x bf16 peak)",
+                  "peak_memory": "max over devices; CUDA max allocated (peak_reserved_gib: max reserved), or "
+                                 "process max RSS on CPU"},
+        "models": {role: {"hf_config": preset[role], "params": _num_params(job[f"{role}_yaml"])}
+                   for role in ("teacher", "student")},
+        "prepare_s": prep_s, "kernel": kernel, "eval_full_vocab_jsd_init": job["eval_full_vocab_jsd_init"],
+        "teacher_eval": job["teacher_eval"],
+        "results": results, "speedups": speedups, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def _num_params(yaml_path: str) -> int:
+    from kdtrain.config import load_model_config
+
+    return load_model_config(yaml_path).num_params()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", action="append", choices=sorted(PRESETS),
+                    help="model pair; repeat for several (default: llama and qwen on GPU, cpu-tiny on CPU)")
+    ap.add_argument("--cpu-tiny", action="store_true", help="tiny models on CPU, every variant that runs there")
+    ap.add_argument("--out", help="results directory (bench_<preset>.json / .png); required")
+    ap.add_argument("--work", default=None, help="models, checkpoints, run logs (default OUT/work)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per system (default: the preset's)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default: the preset's)")
+    ap.add_argument("--beta", type=float, default=0.5, help="generalized JSD beta (every system)")
+    ap.add_argument("--topk", type=int, default=64, help="kdtrain teacher top-k (its default)")
+    ap.add_argument("--teacher-logit-scale", type=float, default=1.0,
+                    help="multiply the random teacher's logits (its final-norm weight) by this; 6 gives a trained "
+                         "model's peakedness (~3 nats, top-64 mass ~0.9). Same teacher for every system")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list out of {SYSTEMS}")
+    ap.add_argument("--force-disaggregated", action="store_true", help="run (d) on one GPU too (2 ranks share it)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per system")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep the models and exported students in --work (default: delete them, keep the logs)")
+    ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:  # child process: one system
+        job = json.loads(Path(args.job).read_text())
+        if args.worker.startswith("kdtrain"):
+            run_kdtrain_rank(job, args.worker.removeprefix("kdtrain-"))
+        else:
+            res = run_trl(job, liger=args.worker == "trl-gkd-liger")
+            (Path(job["work"]) / f"{args.worker}.json").write_text(json.dumps(res, default=str))
+        return 0
+
+    import torch
+
+    if not args.out:
+        ap.error("--out is required")
+    if not 0.0 <= args.beta <= 1.0:
+        raise ValueError(f"--beta {args.beta}: must be in [0, 1]")
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    bad = [s for s in args.systems if s not in SYSTEMS]
+    if bad:
+        raise ValueError(f"--systems: {bad} not in {SYSTEMS}")
+    presets = args.preset or []
+    if args.cpu_tiny:
+        presets = [*presets, "cpu-tiny"]
+    presets = list(dict.fromkeys(presets or (["llama", "qwen"] if torch.cuda.is_available() else ["cpu-tiny"])))
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work).resolve() if args.work else out / "work"
+    ok = True
+    for name in presets:
+        result = run_preset(name, args, out, work)
+        json_path = out / f"bench_{name}.json"
+        json_path.write_text(json.dumps(result, indent=1, default=str))
+        plot(result, out / f"bench_{name}.png")
+        for r in result["results"]:
+            if r["status"] == "ok":
+                print(f"[{name}] {r['system']:22s} {r['samples_per_s']:9.2f} samples/s {r['tokens_per_s']:11.1f} tokens/s"
+                      f"  mfu {r['mfu'] or 0:.3f}  peak {r['peak_memory_gib']:.2f} GiB  loss {r['final_loss']:.4g}"
+                      f"  eval JSD {r['eval_full_vocab_jsd']:.4g}")
+            else:
+                print(f"[{name}] {r['system']:22s} {r['status']}: {(r['reason'] or '').splitlines()[0]}")
+        print(f"[{name}] speedups {json.dumps(result['speedups'])}\nwrote {json_path}", flush=True)
+        ok &= all(r["status"] != "failed" for r in result["results"])
+        if not args.keep_work:  # gigabytes of safetensors and checkpoints; the logs stay
+            for heavy in ("models", "trl", "trl-liger", "kdtrain-colocated/hf_student",
+                          "kdtrain-disaggregated/hf_student"):
+                shutil.rmtree(work / name / heavy, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""``kdtrain convert``: Hugging Face <-> kdtrain checkpoints.
+
+    kdtrain convert hf-to-kdtrain --hf DIR --out DIR [--name NAME] [--vocab-size N]
+    kdtrain convert kdtrain-to-hf --ckpt DIR [--model CFG] --out DIR [--arch llama|qwen2|gpt2] [--dtype fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _hf_to_kdtrain(args) -> int:
+    from .hf_import import import_hf
+
+    cfg, step_dir = import_hf(args.hf, args.out, args.name, args.vocab_size)
+    print(f"{cfg.name}: {cfg.num_params() / 1e6:.2f}M parameters -> checkpoint {step_dir}")
+    print(f"model config: {args.out}/model.yaml  (use teacher.load={args.out} teacher.model={args.out}/model.yaml)")
+    return 0
+
+
+def _kdtrain_to_hf(args) -> int:
+    from .hf_export import export_hf
+
+    out = export_hf(args.ckpt, args.out, args.model, args.arch, args.dtype)
+    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``convert hf-to-kdtrain`` and ``convert kdtrain-to-hf`` to the ``kdtrain`` command."""
+    p = subparsers.add_parser("convert", help="Hugging Face <-> kdtrain checkpoints")
+    sub = p.add_subparsers(dest="convert_command", required=True)
+    a = sub.add_parser("hf-to-kdtrain", help="HF safetensors model dir -> kdtrain checkpoint + model YAML",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors)")
+    a.add_argument("--out", required=True, help="output checkpoint directory (gets latest, step_0000000, model.yaml)")
+    a.add_argument("--name", default=None, help="model name (default: the HF directory's name)")
+    a.add_argument("--vocab-size", type=int, default=None,
+                   help="keep only the first N vocabulary rows (tokenizer size, when the HF table is padded)")
+    a.set_defaults(func=_hf_to_kdtrain)
+    b = sub.add_parser("kdtrain-to-hf", help="kdtrain checkpoint -> HF model dir (config.json + model.safetensors)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--ckpt", required=True, help="checkpoint directory (its latest step) or a step_N directory")
+    b.add_argument("--model", default=None, help="model config (name or YAML); default: the one the checkpoint records")
+    b.add_argument("--out", required=True, help="output HF model directory")
+    b.add_argument("--arch", default=None, choices=["llama", "qwen2", "gpt2"],
+                   help="HF architecture (default: derived from the model config)")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.set_defaults(func=_kdtrain_to_hf)

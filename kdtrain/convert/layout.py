@@ -1,0 +1,202 @@
+"""Weight names and layouts: Hugging Face tensors <-> kdtrain global (unsharded) parameters.
+
+kdtrain checkpoints hold each parameter once, under its global megatron-core name and in the
+layout of an unpartitioned (TP=1) model, with the real vocabulary only; tensor-parallel slicing
+and vocab padding happen at load time (models/params.py). So conversion only has to get the
+TP=1 layout right:
+
+* Fused QKV. megatron-core stores ``linear_qkv`` grouped by query group, not as [Q; K; V]:
+  ``[q(g0) k(g0) v(g0) | q(g1) k(g1) v(g1) | ...]`` where ``q(g)`` are the ``heads/groups`` query
+  heads sharing key/value head ``g``. A contiguous TP split of the rows then hands each tensor rank
+  whole groups, which is why the layout is grouped. Bias vectors follow the same order.
+* Gated MLP. ``linear_fc1`` is ``[gate; up]`` stacked along the output rows and the MLP computes
+  ``silu(first half) * second half``; HF keeps ``gate_proj`` and ``up_proj`` apart.
+* GPT-2 uses ``Conv1D`` layers whose weights are ``[in, out]``: transposed relative to
+  ``nn.Linear``; its ``c_attn`` is plain [Q; K; V] (every head its own group).
+* RoPE: megatron-core's non-interleaved rotary embedding rotates the two halves of each head
+  (``rotate_half``), exactly as HF Llama/Qwen2 do, so q/k rows need no permutation.
+* Tied embeddings: kdtrain stores only ``embedding.word_embeddings.weight``; HF may or may not
+  store ``lm_head.weight`` beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..config import ModelConfig
+
+Getter = Callable[[str], torch.Tensor]
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Global names and shapes of every kdtrain parameter (real vocab, TP=1)."""
+    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    q = cfg.num_attention_heads * cfg.kv_channels
+    kv = cfg.num_query_groups * cfg.kv_channels
+    norm_bias = cfg.normalization == "layernorm"
+    out = {"embedding.word_embeddings.weight": (v, h)}
+    if cfg.position_embedding == "learned":
+        out["embedding.position_embeddings.weight"] = (cfg.max_seq_length, h)
+    fc1 = 2 * f if cfg.activation == "swiglu" else f
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        for norm in ("input_layernorm", "pre_mlp_layernorm"):
+            out[p + norm + ".weight"] = (h,)
+            if norm_bias:
+                out[p + norm + ".bias"] = (h,)
+        out[p + "self_attention.linear_qkv.weight"] = (q + 2 * kv, h)
+        if cfg.add_qkv_bias or cfg.add_bias_linear:
+            out[p + "self_attention.linear_qkv.bias"] = (q + 2 * kv,)
+        out[p + "self_attention.linear_proj.weight"] = (h, q)
+        out[p + "mlp.linear_fc1.weight"] = (fc1, h)
+        out[p + "mlp.linear_fc2.weight"] = (h, f)
+        if cfg.add_bias_linear:
+            out[p + "self_attention.linear_proj.bias"] = (h,)
+            out[p + "mlp.linear_fc1.bias"] = (fc1,)
+            out[p + "mlp.linear_fc2.bias"] = (h,)
+    out["decoder.final_layernorm.weight"] = (h,)
+    if norm_bias:
+        out["decoder.final_layernorm.bias"] = (h,)
+    if not cfg.tie_embeddings:
+        out["output_layer.weight"] = (v, h)
+    return out
+
+
+# ---- fused QKV ---------------------------------------------------------------------------------
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """[heads*d, ...], [groups*d, ...], [groups*d, ...] -> megatron's grouped [groups*(heads/groups+2)*d, ...]."""
+    g, d = cfg.num_query_groups, cfg.kv_channels
+    per = cfg.num_attention_heads // g
+    rest = q.shape[1:]
+    fused = torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
+    return fused.reshape(g * (per + 2) * d, *rest)
+
+
+def split_qkv(fused: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``fuse_qkv``."""
+    g, d = cfg.num_query_groups, cfg.kv_channels
+    per = cfg.num_attention_heads // g
+    rest = fused.shape[1:]
+    q, k, v = fused.reshape(g, (per + 2) * d, *rest).split([per * d, d, d], dim=1)
+    return (q.reshape(g * per * d, *rest).contiguous(), k.reshape(g * d, *rest).contiguous(),
+            v.reshape(g * d, *rest).contiguous())
+
+
+# ---- Llama / Qwen2 -----------------------------------------------------------------------------
+def _llama_layer_pairs(i: int, cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(kdtrain, HF) names of the 1:1 tensors of layer i."""
+    kd, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
+    pairs = [(kd + "input_layernorm.weight", hf + "input_layernorm.weight"),
+             (kd + "pre_mlp_layernorm.weight", hf + "post_attention_layernorm.weight"),
+             (kd + "self_attention.linear_proj.weight", hf + "self_attn.o_proj.weight"),
+             (kd + "mlp.linear_fc2.weight", hf + "mlp.down_proj.weight")]
+    if cfg.add_bias_linear:
+        pairs += [(kd + "self_attention.linear_proj.bias", hf + "self_attn.o_proj.bias"),
+                  (kd + "mlp.linear_fc2.bias", hf + "mlp.down_proj.bias")]
+    return pairs
+
+
+def llama_to_kdtrain(get: Getter, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"embedding.word_embeddings.weight": get("model.embed_tokens.weight"),
+           "decoder.final_layernorm.weight": get("model.norm.weight")}
+    if not cfg.tie_embeddings:
+        out["output_layer.weight"] = get("lm_head.weight")
+    qkv_bias = cfg.add_qkv_bias or cfg.add_bias_linear
+    for i in range(cfg.num_layers):
+        kd, hf = f"decoder.layers.{i}.", f"model.layers.{i}.self_attn."
+        out.update({k: get(h) for k, h in _llama_layer_pairs(i, cfg)})
+        out[kd + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            get(hf + "q_proj.weight"), get(hf + "k_proj.weight"), get(hf + "v_proj.weight"), cfg)
+        if qkv_bias:
+            out[kd + "self_attention.linear_qkv.bias"] = fuse_qkv(
+                get(hf + "q_proj.bias"), get(hf + "k_proj.bias"), get(hf + "v_proj.bias"), cfg)
+        mlp = f"model.layers.{i}.mlp."
+        out[kd + "mlp.linear_fc1.weight"] = torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])
+        if cfg.add_bias_linear:
+            out[kd + "mlp.linear_fc1.bias"] = torch.cat([get(mlp + "gate_proj.bias"), get(mlp + "up_proj.bias")])
+    return out
+
+
+def kdtrain_to_llama(get: Getter, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": get("embedding.word_embeddings.weight"),
+           "model.norm.weight": get("decoder.final_layernorm.weight")}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = get("output_layer.weight")
+    qkv_bias = cfg.add_qkv_bias or cfg.add_bias_linear
+    for i in range(cfg.num_layers):
+        kd, hf = f"decoder.layers.{i}.", f"model.layers.{i}.self_attn."
+        out.update({h: get(k) for k, h in _llama_layer_pairs(i, cfg)})
+        names = ("weight", "bias") if qkv_bias else ("weight",)
+        for suffix in names:
+            q, k, v = split_qkv(get(kd + "self_attention.linear_qkv." + suffix), cfg)
+            out.update({hf + f"q_proj.{suffix}": q, hf + f"k_proj.{suffix}": k, hf + f"v_proj.{suffix}": v})
+        mlp = f"model.layers.{i}.mlp."
+        for suffix in (("weight", "bias") if cfg.add_bias_linear else ("weight",)):
+            gate, up = get(kd + "mlp.linear_fc1." + suffix).chunk(2, dim=0)
+            out[mlp + f"gate_proj.{suffix}"], out[mlp + f"up_proj.{suffix}"] = gate.contiguous(), up.contiguous()
+    return out
+
+
+# ---- GPT-2 -------------------------------------------------------------------------------------
+def _gpt2_layer_pairs(i: int) -> list[tuple[str, str, bool]]:
+    """(kdtrain, HF, transposed) for the tensors of layer i other than c_attn."""
+    kd, hf = f"decoder.layers.{i}.", f"transformer.h.{i}."
+    return [(kd + "input_layernorm.weight", hf + "ln_1.weight", False),
+            (kd + "input_layernorm.bias", hf + "ln_1.bias", False),
+            (kd + "pre_mlp_layernorm.weight", hf + "ln_2.weight", False),
+            (kd + "pre_mlp_layernorm.bias", hf + "ln_2.bias", False),
+            (kd + "self_attention.linear_proj.weight", hf + "attn.c_proj.weight", True),
+            (kd + "self_attention.linear_proj.bias", hf + "attn.c_proj.bias", False),
+            (kd + "mlp.linear_fc1.weight", hf + "mlp.c_fc.weight", True),
+            (kd + "mlp.linear_fc1.bias", hf + "mlp.c_fc.bias", False),
+            (kd + "mlp.linear_fc2.weight", hf + "mlp.c_proj.weight", True),
+            (kd + "mlp.linear_fc2.bias", hf + "mlp.c_proj.bias", False)]
+
+
+def gpt2_to_kdtrain(get: Getter, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"embedding.word_embeddings.weight": get("transformer.wte.weight"),
+           "embedding.position_embeddings.weight": get("transformer.wpe.weight"),
+           "decoder.final_layernorm.weight": get("transformer.ln_f.weight"),
+           "decoder.final_layernorm.bias": get("transformer.ln_f.bias")}
+    if not cfg.tie_embeddings:
+        out["output_layer.weight"] = get("lm_head.weight")
+    h = cfg.hidden_size
+    for i in range(cfg.num_layers):
+        kd, hf = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        for k, name, transposed in _gpt2_layer_pairs(i):
+            t = get(name)
+            out[k] = t.t().contiguous() if transposed else t
+        # Conv1D c_attn: weight [h, 3h] -> rows [Q; K; V] after the transpose.
+        w = get(hf + "attn.c_attn.weight").t()
+        b = get(hf + "attn.c_attn.bias")
+        out[kd + "self_attention.linear_qkv.weight"] = fuse_qkv(w[:h], w[h:2 * h], w[2 * h:], cfg)
+        out[kd + "self_attention.linear_qkv.bias"] = fuse_qkv(b[:h], b[h:2 * h], b[2 * h:], cfg)
+    return out
+
+
+def kdtrain_to_gpt2(get: Getter, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"transformer.wte.weight": get("embedding.word_embeddings.weight"),
+           "transformer.wpe.weight": get("embedding.position_embeddings.weight"),
+           "transformer.ln_f.weight": get("decoder.final_layernorm.weight"),
+           "transformer.ln_f.bias": get("decoder.final_layernorm.bias")}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = get("output_layer.weight")
+    for i in range(cfg.num_layers):
+        kd, hf = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        for k, name, transposed in _gpt2_layer_pairs(i):
+            t = get(k)
+            out[name] = t.t().contiguous() if transposed else t
+        q, k, v = split_qkv(get(kd + "self_attention.linear_qkv.weight"), cfg)
+        out[hf + "attn.c_attn.weight"] = torch.cat([q, k, v]).t().contiguous()
+        out[hf + "attn.c_attn.bias"] = torch.cat(split_qkv(get(kd + "self_attention.linear_qkv.bias"), cfg))
+    return out
+
+
+TO_KDTRAIN = {"LlamaForCausalLM": llama_to_kdtrain, "Qwen2ForCausalLM": llama_to_kdtrain,
+              "GPT2LMHeadModel": gpt2_to_kdtrain}
+TO_HF = {"LlamaForCausalLM": kdtrain_to_llama, "Qwen2ForCausalLM": kdtrain_to_llama,
+         "GPT2LMHeadModel": kdtrain_to_gpt2}
+# HF tensors that carry no weights (buffers some checkpoints store) and are skipped on import.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")

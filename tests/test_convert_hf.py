@@ -1,0 +1,248 @@
+"""Hugging Face interop: tiny random-init Llama / Qwen2 / GPT-2 -> kdtrain -> Hugging Face.
+
+kdtrain logits must equal the HF logits in fp32 on CPU within ATOL (absolute, on logits of
+magnitude ~1) for TP=1, TP=2 and PP=2; the round trip HF -> kdtrain -> HF must give identical
+tensors and logits, also when the kdtrain checkpoint was re-saved from a TP=2 model (sharded
+pieces, padded vocab). Vocab 301 is odd, so the 128*tp padding is exercised. No hub access: the
+models are created from configs.
+"""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_spawn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+ATOL = 1e-4
+VOCAB = 301
+B, S = 2, 16
+
+
+def _hf_models() -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    llama3_rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return {
+        # Llama 3.1 style: GQA, llama3 rope scaling, untied output layer.
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**common, max_position_embeddings=16384, rms_norm_eps=1e-5,
+                                                      rope_parameters=llama3_rope, tie_word_embeddings=False)),
+        # Qwen2: QKV bias, tied embeddings, rope theta 1e6.
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common, max_position_embeddings=128, tie_word_embeddings=True,
+                                                      rope_parameters={"rope_type": "default",
+                                                                       "rope_theta": 1e6})),
+        # GPT-2: LayerNorm, gelu_new, learned positions, biases, Conv1D weights, tied embeddings.
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                   initializer_range=0.1, bos_token_id=0, eos_token_id=0)),
+    }
+
+
+def _logits(model, tokens) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Per architecture: HF dir, kdtrain checkpoint dir, HF logits on fixed tokens."""
+    from kdtrain.convert.hf_import import import_hf
+
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (B, S))
+    out = {"tokens": tokens, "root": root, "archs": {}}
+    for name, make in _hf_models().items():
+        model = make()
+        with torch.no_grad():  # non-trivial norms and biases (HF initialises them to ones/zeros)
+            for pname, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.normal_(1.0 if "norm" in pname or "ln_" in pname else 0.0, 0.1)
+        hf_dir = root / f"hf_{name}"
+        # The Llama model is written as sharded safetensors with an index.
+        model.save_pretrained(hf_dir, max_shard_size="100KB" if name == "llama" else "5GB")
+        cfg, _ = import_hf(hf_dir, root / f"kd_{name}", name=f"tiny-{name}")
+        out["archs"][name] = {"hf": hf_dir, "kd": root / f"kd_{name}", "logits": _logits(model, tokens), "cfg": cfg}
+    return out
+
+
+def test_sharded_index_is_read(converted):
+    assert (converted["archs"]["llama"]["hf"] / "model.safetensors.index.json").is_file()
+
+
+def test_imported_names_and_shapes_match_the_kdtrain_model(converted):
+    """The converter's expected layout equals what build_gpt creates (see also the TP tests)."""
+    from kdtrain.convert.layout import expected_shapes
+    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint
+
+    for name, a in converted["archs"].items():
+        reader = CheckpointReader(latest_checkpoint(a["kd"]))
+        assert reader.names() == set(expected_shapes(a["cfg"])), name
+        assert reader.meta["model"]["name"] == f"tiny-{name}"
+
+
+def _gather_vocab(logits_SBVl, tp_group, vocab):
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(logits_SBVl) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, logits_SBVl.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=-1)[..., :vocab].transpose(0, 1)  # [b, s, V]
+
+
+def _layouts_worker(rank, world, archs, tokens, resave_root):
+    """TP=1 (each rank alone), TP=2 and PP=2 forward of every imported model vs the HF logits."""
+    import torch.distributed as dist
+
+    from kdtrain.config import load_model_config, to_dict
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.training.checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint,
+                                             load_weights, save_checkpoint)
+
+    layouts = {"tp1": [build_role_groups(RoleLayout("solo0", 0, 1, 1, 1)),
+                       build_role_groups(RoleLayout("solo1", 1, 1, 1, 1))][rank],
+               "tp2": build_role_groups(RoleLayout("tp2", 0, 2, 1, 1)),
+               "pp2": build_role_groups(RoleLayout("pp2", 0, 1, 2, 1))}
+    pos = torch.arange(S).unsqueeze(0).expand(B, S)
+    errors = {}
+    for name, (kd_dir, ref) in archs.items():
+        cfg = load_model_config(str(kd_dir / "model.yaml"))
+        reader = CheckpointReader(latest_checkpoint(kd_dir))
+        check_checkpoint_model(reader, cfg)
+        for lname, groups in layouts.items():
+            model = build_gpt(cfg, groups, device=torch.device("cpu"), dtype=torch.float32, seed=123)
+            params = [(model.param_specs[n], p) for n, p in model.named_parameters()]
+            load_weights(reader, params)
+            model.eval()
+            with torch.no_grad():
+                if lname == "pp2":  # stage 0 -> hidden states -> stage 1 -> logits
+                    if groups.pp_rank == 0:
+                        dist.send(model(tokens, pos, None).contiguous(), 1)
+                        continue
+                    hidden = torch.empty(S, B, cfg.hidden_size)
+                    dist.recv(hidden, 0)
+                    model.set_input_tensor(hidden)
+                    logits = model(tokens, pos, None).transpose(0, 1)[..., :cfg.vocab_size]
+                else:
+                    logits = _gather_vocab(model(tokens, pos, None), groups.pgc.tp, cfg.vocab_size)
+            err = (logits - ref).abs().max().item()
+            errors[f"{name}/{lname}"] = err
+            assert err <= ATOL, f"{name} {lname}: max |kdtrain - HF| = {err:.2e} > {ATOL}"
+            if lname == "tp2":  # re-save from TP=2 (sharded pieces, padded vocab) for the export test
+                meta = {"model": to_dict(cfg), "layout": {"tp": 2, "pp": 1, "dp": 1, "rank_offset": 0}}
+                save_checkpoint(resave_root / name, 1, params, None, 0, groups.role_group, 0, meta, keep=1)
+    print(f"rank {rank} max abs logit errors: {json.dumps(errors)}")
+
+
+def test_logits_match_hf_tp1_tp2_pp2(converted, tmp_path):
+    archs = {n: (a["kd"], a["logits"]) for n, a in converted["archs"].items()}
+    run_spawn(2, _layouts_worker, archs, converted["tokens"], converted["root"] / "resaved_tp2", tmp_path=tmp_path)
+
+
+def _assert_same_hf(src_dir, dst_dir, tokens, exact_logits=True):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    a_files = sorted(p.name for p in src_dir.glob("*.safetensors"))
+    a = {}
+    for f in a_files:
+        a.update(load_file(src_dir / f))
+    b = load_file(dst_dir / "model.safetensors")
+    assert set(a) == set(b), set(a) ^ set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = _logits(AutoModelForCausalLM.from_pretrained(src_dir), tokens)
+    lb = _logits(AutoModelForCausalLM.from_pretrained(dst_dir), tokens)
+    assert torch.equal(la, lb) if exact_logits else torch.allclose(la, lb, atol=ATOL)
+
+
+def test_round_trip_hf_kdtrain_hf(converted, tmp_path):
+    from kdtrain.convert.hf_export import export_hf
+
+    for name, a in converted["archs"].items():
+        out = export_hf(a["kd"], tmp_path / f"back_{name}", model=str(a["kd"] / "model.yaml"))
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["vocab_size"] == VOCAB and cfg["architectures"] == json.loads(
+            (a["hf"] / "config.json").read_text())["architectures"]
+        _assert_same_hf(a["hf"], out, converted["tokens"])
+
+
+def test_export_from_tp2_checkpoint(converted, tmp_path):
+    """Depends on test_logits_match_hf_tp1_tp2_pp2 having re-saved each model from TP=2."""
+    from kdtrain.convert.hf_export import export_hf
+
+    resaved = converted["root"] / "resaved_tp2"
+    if not resaved.exists():
+        pytest.skip("TP=2 re-saved checkpoints not present (run the whole module)")
+    for name, a in converted["archs"].items():
+        out = export_hf(resaved / name, tmp_path / f"from_tp2_{name}")  # model config from the checkpoint
+        _assert_same_hf(a["hf"], out, converted["tokens"])
+
+
+def test_cli_round_trip(converted, tmp_path):
+    from kdtrain.cli import main
+
+    a = converted["archs"]["qwen2"]
+    assert main(["convert", "hf-to-kdtrain", "--hf", str(a["hf"]), "--out", str(tmp_path / "kd"),
+                 "--name", "q"]) == 0
+    assert main(["convert", "kdtrain-to-hf", "--ckpt", str(tmp_path / "kd"), "--model",
+                 str(tmp_path / "kd" / "model.yaml"), "--out", str(tmp_path / "hf"), "--arch", "qwen2"]) == 0
+    _assert_same_hf(a["hf"], tmp_path / "hf", converted["tokens"])
+    assert main(["convert", "hf-to-kdtrain", "--hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+
+
+def _copy_hf(src, dst, edit_config=None, drop=None):
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    if edit_config:
+        cfg.update(edit_config)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(src / "model.safetensors")
+    if drop:
+        del tensors[drop]
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_import_errors_name_the_culprit(converted, tmp_path):
+    from kdtrain.convert.hf_import import import_hf
+
+    src = converted["archs"]["qwen2"]["hf"]
+    bad = _copy_hf(src, tmp_path / "arch", {"architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+    with pytest.raises(ValueError, match="MistralForCausalLM"):
+        import_hf(bad, tmp_path / "o1")
+    bad = _copy_hf(src, tmp_path / "missing", drop="model.layers.1.self_attn.k_proj.bias")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias"):
+        import_hf(bad, tmp_path / "o2")
+    bad = _copy_hf(src, tmp_path / "shape", {"intermediate_size": 128})
+    with pytest.raises(ValueError, match=r"mlp\.linear_fc1\.weight.*shape"):
+        import_hf(bad, tmp_path / "o3")
+    bad = _copy_hf(src, tmp_path / "rope", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                                "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="yarn"):
+        import_hf(bad, tmp_path / "o4")
+    with pytest.raises(ValueError, match="config.json"):
+        import_hf(tmp_path, tmp_path / "o5")
+
+
+def test_vocab_trim_and_export_config_checks(converted, tmp_path):
+    from kdtrain.convert.hf_config import hf_config_from_model
+    from kdtrain.convert.hf_import import import_hf
+
+    a = converted["archs"]["llama"]
+    cfg, _ = import_hf(a["hf"], tmp_path / "trim", vocab_size=300)
+    assert cfg.vocab_size == 300
+    with pytest.raises(ValueError, match="vocab-size"):
+        import_hf(a["hf"], tmp_path / "trim2", vocab_size=VOCAB + 1)
+    with pytest.raises(ValueError, match="add_qkv_bias"):
+        hf_config_from_model(converted["archs"]["qwen2"]["cfg"], "llama")
+    with pytest.raises(ValueError, match="normalization"):
+        hf_config_from_model(converted["archs"]["llama"]["cfg"], "gpt2")
