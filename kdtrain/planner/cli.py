@@ -1,0 +1,177 @@
+"""``kdtrain plan`` and ``kdtrain calibrate``.
+
+    kdtrain plan --teacher llama-3.1-8b --student llama-3.2-1b --world-size 64 --gpus-per-node 8 \
+        --seq-len 4096 --global-batch 1024 [--topk 64] [--profile h100-80gb|FILE] [--json] [--top 10]
+    kdtrain plan ... --sweep world_size [--values 8,64,512] [--plot sweep.png]
+    kdtrain plan ... --sweep all --plot docs/planner_sweep.png      (every quantity, one panel each)
+    kdtrain calibrate --out profiles/h100.json --model llama-1.2b-32k --seq-len 1024 --micro-batch 4 \
+        --small-model llama-150m-32k --small-seq-len 512 --small-micro-batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from .memory import GiB
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+    return parse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="rank teacher/student splits by predicted samples/s")
+    p.add_argument("--teacher", required=True, help="teacher model (name under configs/models/ or YAML)")
+    p.add_argument("--student", required=True, help="student model (name under configs/models/ or YAML)")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: the profile's")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--global-batch", type=int, required=True, help="samples per step")
+    p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--profile", default="h100-80gb", help="built-in name or a `kdtrain calibrate` JSON")
+    p.add_argument("--micro-batch", type=_csv(int), default=None, help="only these micro-batch sizes")
+    p.add_argument("--split", choices=("auto", "colocated", "disaggregated"), default="auto",
+                   help="restrict the table to one split")
+    p.add_argument("--recompute", choices=("never", "always", "auto"), default="never",
+                   help="student full activation recomputation (auto: let the planner choose)")
+    p.add_argument("--distributed-optimizer", choices=("auto", "on", "off"), default="auto",
+                   help="student ZeRO-1 (optimizer.distributed)")
+    p.add_argument("--depth", type=int, default=2, help="split.depth: micro-batches the teacher may run ahead")
+    p.add_argument("--values-dtype", choices=("fp32", "bf16"), default="fp32", help="teacher.values_dtype")
+    p.add_argument("--top", type=int, default=10, help="rows in the table")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--sweep", default=None,
+                   help="vary one of: world_size, teacher_size, seq_len, k, inter_node_bw; or all of them")
+    p.add_argument("--values", type=_csv(float), default=None, help="sweep values (comma-separated)")
+    p.add_argument("--plot", default=None, help="sweep PNG path (default: plan-sweep-<quantity>.png)")
+    p.set_defaults(func=run_plan)
+
+    c = subparsers.add_parser("calibrate", help="measure this device and write a planner profile")
+    c.add_argument("--out", required=True, help="profile JSON to write")
+    c.add_argument("--base", default=None, help="profile whose network figures are kept (default: h100-80gb on "
+                                                  "CUDA, cpu otherwise)")
+    c.add_argument("--model", default="demo-student", help="a model that keeps the device busy (fits the "
+                                                             "memory-bound traffic)")
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--micro-batch", type=int, default=4)
+    c.add_argument("--small-model", default=None, help="a model bound by kernel launches (fits the host time per "
+                                                        "layer; default: keep --base's)")
+    c.add_argument("--small-seq-len", type=int, default=None, help="default: --seq-len")
+    c.add_argument("--small-micro-batch", type=int, default=None, help="default: --micro-batch")
+    c.add_argument("--iters", type=int, default=5)
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    c.set_defaults(func=run_calibrate)
+
+
+def _problem(args):
+    from ..config import load_model_config
+    from .profiles import get_profile
+    from .search import make_problem
+
+    if args.top < 1:
+        raise ValueError(f"--top: must be >= 1, got {args.top}")
+    profile = get_profile(args.profile)
+    gpn = args.gpus_per_node or profile.gpus_per_node
+    teacher = load_model_config(args.teacher, "--teacher")
+    student = load_model_config(args.student, "--student")
+    mbs = tuple(args.micro_batch) if args.micro_batch else None
+    return make_problem(teacher, student, args.world_size, gpn, args.seq_len, args.global_batch, args.topk,
+                        profile, micro_batches=mbs, depth=args.depth,
+                        values_bytes=4 if args.values_dtype == "fp32" else 2,
+                        recompute={"never": False, "always": True, "auto": None}[args.recompute],
+                        distributed_optimizer={"auto": None, "on": True, "off": False}[args.distributed_optimizer])
+
+
+def _table(plans, world_size: int) -> str:
+    head = (f"{'#':>3}  {'split':<13} {'teacher':<18} {'student':<18} {'mb':>3} {'zero':>4} "
+            f"{'samples/s':>10} {'step ms':>9}  {'memory GiB/rank':<22} bottleneck")
+    rows = [head, "-" * len(head)]
+    for i, pl in enumerate(plans, 1):
+        t = f"{pl.teacher_ranks}r {pl.teacher}"
+        s = f"{pl.student_ranks}r {pl.student}"
+        mem = " ".join(f"{k[0].upper()}{v.total / GiB:.1f}" for k, v in pl.memory.items())
+        rows.append(f"{i:>3}  {pl.split:<13} {t:<18} {s:<18} {pl.micro_batch:>3} {'yes' if pl.distributed_optimizer else 'no':>4} "
+                    f"{pl.samples_per_s:>10.2f} {pl.step_time * 1e3:>9.1f}  {mem:<22} {pl.bottleneck}")
+    return "\n".join(rows)
+
+
+def run_plan(args) -> int:
+    from .search import search
+
+    t0 = time.perf_counter()
+    prob = _problem(args)
+    if args.sweep:
+        return _run_sweep(args, prob)
+    splits = ("colocated", "disaggregated") if args.split == "auto" else (args.split,)
+    res = search(prob, splits)
+    elapsed = time.perf_counter() - t0
+    plans = res.plans[:args.top]
+    if args.json:
+        print(json.dumps({"teacher": prob.teacher.name, "student": prob.student.name, "world_size": prob.world_size,
+                          "gpus_per_node": prob.gpus_per_node, "seq_len": prob.seq_len,
+                          "global_batch": prob.global_batch, "topk": prob.topk, "profile": prob.profile.name,
+                          "evaluated": res.evaluated, "rejected": res.rejected, "search_s": elapsed,
+                          "plans": [pl.to_json() for pl in plans],
+                          "closest_rejects": [pl.to_json() for pl in res.closest_rejects]}, indent=1))
+        return 0 if plans else 1
+    print(f"{prob.teacher.name} -> {prob.student.name} on {prob.world_size} x {prob.profile.name} "
+          f"({prob.gpus_per_node}/node), seq {prob.seq_len}, global batch {prob.global_batch}, top-{prob.topk}: "
+          f"{res.evaluated} plans, {res.rejected} do not fit, searched in {elapsed:.2f} s")
+    if not plans:
+        print("no plan fits. closest:")
+        for pl in res.closest_rejects:
+            print(f"  {pl.label()} mb={pl.micro_batch}: {pl.reject}")
+        return 1
+    print(_table(plans, prob.world_size))
+    best = res.plans[0]
+    other = res.best("disaggregated" if best.split == "colocated" else "colocated")
+    print(f"best:      {best.describe()}")
+    if other:
+        print(f"other split: {other.describe()} ({best.samples_per_s / other.samples_per_s:.2f}x slower)")
+    return 0
+
+
+def _run_sweep(args, prob) -> int:
+    from .sweep import QUANTITIES, plot, plot_all, report, sweep, to_json
+
+    quantities = list(QUANTITIES) if args.sweep == "all" else [args.sweep]
+    if args.sweep == "all" and args.values:
+        raise ValueError("--values: give one quantity to --sweep, not all")
+    results = {q: sweep(prob, q, args.values) for q in quantities}
+    title = (f"{prob.teacher.name} -> {prob.student.name} ({prob.profile.name}), world {prob.world_size}, "
+             f"seq {prob.seq_len}, batch {prob.global_batch}, top-{prob.topk}")
+    path = args.plot or f"plan-sweep-{args.sweep}.png"
+    if args.sweep == "all":
+        plot_all(results, path, title)
+    else:
+        plot(results[args.sweep], args.sweep, path, title)
+    if args.json:
+        print(json.dumps({"sweeps": [to_json(pts, q) for q, pts in results.items()], "plot": path}, indent=1))
+        return 0
+    print(f"sweep: {title}")
+    for q, pts in results.items():
+        print()
+        print(report(pts, q))
+    print(f"plot: {path}")
+    return 0
+
+
+def run_calibrate(args) -> int:
+    from .calibrate import calibrate
+
+    result = calibrate(args.out, base=args.base, model=args.model, seq_len=args.seq_len,
+                       micro_batch=args.micro_batch, iters=args.iters, device=args.device,
+                       small_model=args.small_model, small_seq_len=args.small_seq_len,
+                       small_micro_batch=args.small_micro_batch)
+    m = result["measurements"]
+    print(f"device {m['device']}: matmul {m['matmul_tflops']:.3f} TFLOP/s, copy {m['copy_gbps']:.1f} GB/s, "
+          f"{args.model} step {m['step_time_s'] * 1e3:.1f} ms -> {m['elementwise_bytes']:.1f} B per activation "
+          f"element, host {m['layer_overhead_s'] * 1e3:.2f} ms per layer pass; profile written to {args.out}")
+    return 0

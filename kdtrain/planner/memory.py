@@ -1,0 +1,283 @@
+"""Memory model: bytes a rank holds for its role, from the model config and the role's layout.
+
+Static bytes (weights, gradient buffer, optimizer state) are exact: they are counted parameter by
+parameter the way megatron-core's ``GPTModel`` (local spec) allocates them and the way kdtrain's
+``GradBuffer`` and ``AdamWOptimizer`` (kdtrain/training) hold their state, and a test compares
+them with built models. Activations are an estimate (see ``layer_activation_bytes``).
+
+Per rank of a trained student (tp x pp x dp, pipeline stage r, dtype bytes ``d``):
+
+    weights   = d * P_r (+ 2 bytes more per fp32 norm / position-embedding parameter)
+    grads     = 4 * P_r                       one fp32 buffer (main_grad), any model dtype
+    optimizer = 8 * O_r + 4 * (O_r - fp32 ones, when d != 4)
+                                              Adam m, v (fp32) + fp32 master weights for bf16;
+                                              P_r = parameters of stage r's tensor shard;
+                                              O_r = P_r, or with the distributed optimizer
+                                              (ZeRO-1) the parameters this dp rank owns under
+                                              kdtrain's largest-first balanced assignment
+    activations (1F1B) = min(pp - r, M) * (L / pp) * A_layer + (last stage) logits + loss grad
+                  full recomputation: A_layer -> d * n * h (each layer keeps only its input),
+                  plus one layer's A_layer while that layer is recomputed in the backward
+
+The lean teacher holds ``d * P_r`` weights, one micro-batch's transient inference tensors and the
+payload buffers (top-k ids/values, log-normaliser, checksum).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..config import ModelConfig
+
+GiB = 2.0**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The hashable subset of a ``ModelConfig`` the planner needs (configs are mutable)."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    groups: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    vocab_multiple: int
+    max_seq: int
+    layernorm: bool
+    gated: bool
+    learned_pos: bool
+    tied: bool
+    bias: bool
+    qkv_bias: bool
+
+    @staticmethod
+    def of(cfg: ModelConfig) -> "ModelShape":
+        if isinstance(cfg, ModelShape):
+            return cfg
+        if cfg.num_query_groups is None or cfg.kv_channels is None:
+            cfg.check(cfg.name)
+        return ModelShape(cfg.name, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups,
+                          cfg.kv_channels, cfg.ffn_hidden_size, cfg.vocab_size, cfg.make_vocab_size_divisible_by,
+                          cfg.max_seq_length, cfg.normalization == "layernorm", cfg.activation == "swiglu",
+                          cfg.position_embedding == "learned", cfg.tie_embeddings, cfg.add_bias_linear,
+                          cfg.add_qkv_bias or cfg.add_bias_linear)
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return 2 * self.groups * self.head_dim
+
+    def padded_vocab(self, tp: int) -> int:
+        m = self.vocab_multiple * tp
+        return int(math.ceil(self.vocab / m) * m)
+
+    def layout_ok(self, tp: int, pp: int) -> bool:
+        """Same rule as ``ModelConfig.check_layout``: tp divides heads, groups and ffn; pp divides layers."""
+        return (self.heads % tp == 0 and self.groups % tp == 0 and self.ffn % tp == 0
+                and self.layers % pp == 0)
+
+    # ---- FLOPs (same convention as ModelConfig.flops_per_token) ------------------------------
+    def layer_forward_flops(self, seq: int) -> float:
+        """Forward FLOPs per token of one transformer layer (matmuls + full S x S attention)."""
+        h, q, kv = self.hidden, self.q_width, self.kv_width
+        n_mlp = 3 if self.gated else 2
+        return 2.0 * (h * (q + kv) + q * h + n_mlp * h * self.ffn) + 4.0 * seq * q
+
+    def elementwise_width(self, tp: int) -> float:
+        """Activation elements per token that a layer's memory-bound ops touch on one tensor rank:
+        two norms and two residual adds over h, RoPE over q and k, the attention layout copies of
+        q, k, v and the output, SwiGLU's gate, up and product (GELU: input and output)."""
+        q, kv, f = self.q_width / tp, self.kv_width / tp, self.ffn / tp
+        return 4 * self.hidden + 2 * q + 1.5 * kv + (3 if self.gated else 2) * f
+
+    def output_forward_flops(self) -> float:
+        return 2.0 * self.vocab * self.hidden
+
+
+def stage_param_list(m: ModelShape, tp: int, pp: int, pp_rank: int) -> tuple[tuple[int, bool], ...]:
+    """``(numel, fp32)`` of every parameter of one rank (shards of equal size on every tensor
+    rank) of stage ``pp_rank``, in megatron-core's ``named_parameters`` order for kdtrain's local
+    layer spec. ``fp32``: torch norms and learned position embeddings are created in fp32
+    whatever the model dtype (megatron-core's ``WrappedTorchNorm`` and its position embedding do
+    not take ``params_dtype``)."""
+    assert m.layout_ok(tp, pp) and 0 <= pp_rank < pp, (m.name, tp, pp, pp_rank)
+    h, f = m.hidden, m.ffn
+    q, kv = m.q_width // tp, m.kv_width // tp
+    norm = [(h, True), (h, True)] if m.layernorm else [(h, True)]  # LayerNorm: weight + bias
+    vocab_rows = m.padded_vocab(tp) // tp  # padded table, split along the vocabulary
+    n_in = 2 if m.gated else 1  # gated fc1 holds [gate; up]
+    layer = [*norm, (h * q, False)] + ([(h, False)] if m.bias else [])  # linear_proj (row-parallel)
+    layer += [((q + kv) * h, False)] + ([(q + kv, False)] if m.qkv_bias else [])  # linear_qkv
+    layer += [*norm, (n_in * (f // tp) * h, False)] + ([(n_in * (f // tp), False)] if m.bias else [])
+    layer += [(h * (f // tp), False)] + ([(h, False)] if m.bias else [])  # linear_fc2
+    out: list[tuple[int, bool]] = []
+    if pp_rank == 0:
+        out.append((vocab_rows * h, False))
+        if m.learned_pos:
+            out.append((m.max_seq * h, True))
+    out += layer * (m.layers // pp)
+    if pp_rank == pp - 1:
+        out += norm  # final norm
+        if not (m.tied and pp == 1):  # tied + pp > 1: the last stage keeps its own copy
+            out.append((vocab_rows * h, False))
+    return tuple(out)
+
+
+@lru_cache(maxsize=65536)
+def stage_params(m: ModelShape, tp: int, pp: int, pp_rank: int) -> tuple[int, int]:
+    """(all parameters, of which fp32) of one rank of stage ``pp_rank``."""
+    params = stage_param_list(m, tp, pp, pp_rank)
+    return sum(n for n, _ in params), sum(n for n, fp32 in params if fp32)
+
+
+@lru_cache(maxsize=65536)
+def owned_params(m: ModelShape, tp: int, pp: int, pp_rank: int, dp: int) -> tuple[tuple[int, int], ...]:
+    """Per dp rank, (parameters owned, of which fp32) under the distributed optimizer (ZeRO-1).
+
+    Mirrors ``kdtrain.training.optimizer.assign_owners``: parameters by decreasing size (then by
+    position), each to the least-loaded rank (lowest rank on ties). A heap of (load, rank) pops
+    exactly that rank, so this is O(n log dp) for the 1024-rank searches."""
+    params = stage_param_list(m, tp, pp, pp_rank)
+    heap = [(0, r) for r in range(dp)]
+    fp32 = [0] * dp
+    for i in sorted(range(len(params)), key=lambda i: (-params[i][0], i)):
+        load, r = heapq.heappop(heap)
+        heapq.heappush(heap, (load + params[i][0], r))
+        fp32[r] += params[i][0] if params[i][1] else 0
+    loads = dict((r, load) for load, r in heap)
+    return tuple((loads[r], fp32[r]) for r in range(dp))
+
+
+def weight_bytes(n: int, n_fp32: int, d: int) -> float:
+    return float(d * (n - n_fp32) + 4 * n_fp32)
+
+
+def optimizer_bytes(n: int, n_fp32: int, d: int) -> float:
+    """Adam m and v in fp32 for every owned parameter, plus an fp32 master copy of the owned
+    parameters that are not fp32 already."""
+    return float(8 * n + (0 if d == 4 else 4 * (n - n_fp32)))
+
+
+def payload_nbytes(seq: int, micro_batch: int, k: int, values_bytes: int = 4) -> int:
+    """Bytes of one teacher payload (kdtrain/stream/payload.py layout): checksum int64, lse fp32
+    per token, top-k ids int32 and values (fp32 or bf16) per token."""
+    n = seq * micro_batch
+    return 8 + 4 * n + 4 * n * k + values_bytes * n * k
+
+
+# ---- activations -------------------------------------------------------------------------------
+def layer_activation_bytes(m: ModelShape, tp: int, tokens: int, d: int = 2) -> float:
+    """Bytes one transformer layer keeps for backward per micro-batch of ``tokens`` tokens
+    (no sequence parallelism, no recomputation, flash/efficient SDPA, dropout 0).
+
+    What autograd saves, per token, on each tensor rank (widths q = heads*head_dim/tp,
+    kv = 2*groups*head_dim/tp, f = ffn/tp):
+      input norm: its input h (+ fp32 rstd)       qkv matmul: its input h
+      mixed qkv output q + kv (v is a view of it)  RoPE'd q and k: q + kv/2
+      SDPA output q (+ fp32 log-sum-exp per head) proj matmul input (a reshaped copy): q
+      pre-MLP norm: its input h (+ fp32 rstd)     fc1 matmul: its input h
+      fc1 output (gate and up; SiLU's input is a view): 2f   SiLU output: f   fc2 input: f
+    GELU MLPs keep fc1 output f and GELU output f. LayerNorm also keeps an fp32 mean.
+
+    RMSNorm with its fp32 weight on bf16 activations takes torch's unfused path: it upcasts, and
+    autograd keeps the fp32 input and the fp32 normalised tensor (8h bytes) instead of the input
+    (2h): 6h more per norm. Measured on an H100 (bench_planner.py), this brings the estimate of
+    three students' peaks from about 20% under to within 10%.
+    """
+    h, q, kv, f = m.hidden, m.q_width / tp, m.kv_width / tp, m.ffn / tp
+    mlp = (2 * f + f + f) if m.gated else (f + f)
+    per_token = d * (4 * h + (q + kv) + (q + kv / 2) + q + q + mlp)
+    per_token += 4 * (m.heads / tp)  # SDPA log-sum-exp, fp32
+    per_token += 2 * 4 * (2 if m.layernorm else 1)  # norm statistics, fp32
+    if d == 2 and not m.layernorm:
+        per_token += 2 * 6 * h  # the two norms' fp32 upcast path
+    return per_token * tokens
+
+
+def layer_inference_bytes(m: ModelShape, tp: int, tokens: int, d: int = 2) -> float:
+    """Peak live bytes inside one layer's no-grad forward: the residual stream plus the larger of
+    the attention block (norm out, mixed qkv, RoPE'd q/k, SDPA out, reshaped copy) and the MLP
+    block (norm out, fc1 out, activation, product)."""
+    h, q, kv, f = m.hidden, m.q_width / tp, m.kv_width / tp, m.ffn / tp
+    attn = h + (q + kv) + (q + kv / 2) + 2 * q
+    mlp = h + ((2 * f + f + f) if m.gated else 2 * f)
+    return d * (h + max(attn, mlp)) * tokens
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes on one rank of one role (the worst pipeline stage unless said otherwise)."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    payload: float
+
+    @property
+    def static(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.static + self.activations + self.payload
+
+    def as_gib(self) -> dict:
+        return {k: round(getattr(self, k) / GiB, 3) for k in ("weights", "grads", "optimizer", "activations",
+                                                               "payload", "total")}
+
+
+def student_stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_rank: int, seq: int, micro_batch: int,
+                         microbatches: int, payload_bytes: float = 0.0, d: int = 2,
+                         distributed_optimizer: bool = False, recompute: bool = False) -> RankMemory:
+    """A trained student rank on stage ``pp_rank`` running 1F1B over ``microbatches`` micro-batches
+    (per replica) of ``micro_batch`` samples; ``payload_bytes`` = payload buffers it holds.
+    ``recompute``: full activation recomputation (every layer re-runs its forward in the backward)."""
+    n, n32 = stage_params(m, tp, pp, pp_rank)
+    if distributed_optimizer and dp > 1:
+        opt = max(optimizer_bytes(o, o32, d) for o, o32 in owned_params(m, tp, pp, pp_rank, dp))
+    else:
+        opt = optimizer_bytes(n, n32, d)
+    tokens = seq * micro_batch
+    # 1F1B: stage r keeps the activations of min(pp - r, M) micro-batches in flight.
+    in_flight = min(pp - pp_rank, microbatches)
+    per_layer = layer_activation_bytes(m, tp, tokens, d)
+    if recompute:  # checkpoints (layer inputs) of every micro-batch in flight + one live layer
+        act = in_flight * (m.layers // pp) * d * tokens * m.hidden + per_layer
+    else:
+        act = in_flight * (m.layers // pp) * per_layer
+    act += 2 * d * tokens * m.hidden if pp > 1 else 0  # p2p receive buffers (activation, gradient)
+    if pp_rank == pp - 1:
+        # Final norm input and output-layer input, then the vocab-parallel logits and the KD
+        # loss's logit gradient (computed in the forward), both in the model dtype.
+        act += d * 2 * tokens * m.hidden + 2 * d * tokens * m.padded_vocab(tp) / tp
+    return RankMemory(weight_bytes(n, n32, d), 4.0 * n, opt, float(act), float(payload_bytes))
+
+
+def teacher_stage_memory(m: ModelShape, tp: int, pp: int, pp_rank: int, seq: int, micro_batch: int, k: int,
+                         payload_bytes: float = 0.0, d: int = 2) -> RankMemory:
+    """A lean teacher rank: weights + one micro-batch's inference tensors + payload buffers."""
+    n, n32 = stage_params(m, tp, pp, pp_rank)
+    tokens = seq * micro_batch
+    act = layer_inference_bytes(m, tp, tokens, d)
+    act += 2 * d * tokens * m.hidden if pp > 1 else 0  # p2p buffers
+    if pp_rank == pp - 1:
+        vl = m.padded_vocab(tp) / tp
+        # Logits + the fp32 chunk of the normaliser pass (at most 256 MiB, payload.py) + top-k
+        # candidates (fp32 values, int64 ids) of every tensor rank after the all-gather.
+        act = max(act, d * tokens * vl + min(4 * tokens * vl, 256 * 2**20) + (tp + 1) * tokens * k * 12)
+    return RankMemory(weight_bytes(n, n32, d), 0.0, 0.0, float(act), float(payload_bytes))
+
+
+def worst_stage(fn, pp: int) -> RankMemory:
+    """The stage with the largest total of ``fn(pp_rank)``."""
+    return max((fn(r) for r in range(pp)), key=lambda mem: mem.total)
