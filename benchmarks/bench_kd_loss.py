@@ -1,6 +1,12 @@
 """Benchmark of the top-k KD loss: fused CUDA kernels vs the pure-torch reference, a dense
 full-vocabulary torch JSD and Liger-Kernel's JSD (when installed).
 
+Fused implementations: ``fused`` = the kernels with the single-read path allowed
+(``KDTRAIN_KD_SINGLE_PASS=1``: the cluster kernel when the logits are one vocab shard, on sm_90+
+and the row fits a cluster; else the two-pass kernels), ``fused_2pass`` = the two-pass kernels
+(the default of ``kd_loss`` while the single-read path is opt-in). The
+``path`` column of the report says which kernels each fused row ran.
+
     # H100, all shapes (about 10 minutes; the reference and dense baselines OOM on the largest):
     python benchmarks/bench_kd_loss.py --out benchmarks/results/kd_loss
     # the acceptance shape (16384 tokens x 128256 vocab x k=64, full and 1/8 shard) and a small one:
@@ -15,9 +21,10 @@ the GPU, counting its read and its write). Bytes that must move:
 
 * ``min``: top-k losses read the student logits once and write their gradient once, plus the
   teacher payload (ids, values, lse); dense losses also read the teacher's full logits.
-* ``algo`` (fused only): what the two-pass algorithm moves: the logits twice (the gradient needs
-  the normaliser over all TP shards, reduced between the passes), the gradient once, the
-  payload and the per-token statistics. Its ceiling is 2/3 of the copy bandwidth in ``min`` terms.
+* ``algo`` (fused only): what the path that ran moves. Two-pass: the logits twice (the gradient
+  needs the normaliser over all TP shards, reduced between the passes), the gradient once, the
+  payload and the per-token statistics; its ceiling is 2/3 of the copy bandwidth in ``min``
+  terms. Single-read: the logits once, the gradient once and the payload (= ``min``).
 
 ``shard = V/8`` is the work of one rank of a TP=8 split (its 1/8 of the columns, the whole
 payload) on one GPU, without the all-reduces. Dense and Liger baselines have no top-k and no
@@ -32,8 +39,10 @@ Writes ``bench_kd_loss.json`` and ``bench_kd_loss.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -45,12 +54,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from kdtrain.loss import KDLossConfig, extension_status, kd_dense_reference, kd_loss, load_kernels  # noqa: E402
+from kdtrain.loss import (KDLossConfig, extension_status, kd_dense_reference, kd_fused, kd_loss,  # noqa: E402
+                          load_kernels)
 
 FULL = dict(tokens=[4096, 16384], vocab=[32000, 128256, 151936], k=[16, 64, 256], shard=["full", "V/8"])
 QUICK = [(4096, 32000, 64, "full"), (16384, 128256, 64, "full"), (16384, 128256, 64, "V/8")]
 CPU_QUICK = [(64, 1000, 16, "full"), (64, 1000, 16, "V/8")]
 BASELINE_K = 64
+FUSED = ("fused", "fused_2pass", "emulated")
 
 
 def sync(device):
@@ -97,11 +108,29 @@ def make_inputs(tokens, vocab, k, shard, dtype, device, need_teacher):
     return student, ids.view(tokens, 1, k), vals.view(tokens, 1, k), lse.view(tokens, 1), teacher
 
 
+@contextlib.contextmanager
+def single_pass(enabled: bool):
+    """KDTRAIN_KD_SINGLE_PASS for the duration (``fused_2pass`` forces the two-pass kernels)."""
+    old = os.environ.get(kd_fused.SINGLE_PASS_ENV)
+    os.environ[kd_fused.SINGLE_PASS_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(kd_fused.SINGLE_PASS_ENV, None)
+        else:
+            os.environ[kd_fused.SINGLE_PASS_ENV] = old
+
+
 def step_fn(impl, student, ids, vals, lse, teacher, vocab, cfg):
-    if impl in ("fused", "reference", "emulated"):
+    if impl in ("fused", "fused_2pass", "reference", "emulated"):
+        which = "fused" if impl == "fused_2pass" else impl
+        allow_single = impl == "fused"  # fused_2pass: the two-pass kernels only
+
         def fwd():
-            return kd_loss(student, ids, vals, vocab_size=vocab, config=cfg, teacher_lse_SB=lse, validate=False,
-                           impl=impl)[0]
+            with single_pass(allow_single):
+                return kd_loss(student, ids, vals, vocab_size=vocab, config=cfg, teacher_lse_SB=lse,
+                               validate=False, impl=which)[0]
     elif impl == "dense_torch_jsd":
         def fwd():
             return kd_dense_reference(student, teacher, cfg).mean()
@@ -159,8 +188,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="the acceptance shape and a small one")
-    ap.add_argument("--impls", default="fused,reference,dense_torch_jsd,liger_jsd",
-                    help="comma list of fused, emulated, reference, dense_torch_jsd, liger_jsd")
+    ap.add_argument("--impls", default="fused,fused_2pass,reference,dense_torch_jsd,liger_jsd",
+                    help="comma list of fused (auto: single-read when it applies), fused_2pass (two-pass "
+                         "kernels forced), emulated, reference, dense_torch_jsd, liger_jsd")
     ap.add_argument("--dtype", default=None, help="logits dtype (default bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
@@ -170,7 +200,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     if device.type != "cuda":
-        impls = [("emulated" if i == "fused" else i) for i in impls if i != "liger_jsd"]
+        impls = [("emulated" if i == "fused" else i) for i in impls if i not in ("liger_jsd", "fused_2pass")]
         if "emulated" not in impls:
             impls.insert(0, "emulated")
     elif "fused" in impls and load_kernels() is None:
@@ -189,7 +219,7 @@ def main(argv=None):
                 continue
             if impl == "liger_jsd" and liger_jsd() is None:
                 continue
-            if impl == "fused" and (device.type != "cuda" or load_kernels() is None):
+            if impl in ("fused", "fused_2pass") and (device.type != "cuda" or load_kernels() is None):
                 continue
             row = dict(tokens=tokens, vocab=vocab, k=k, shard=shard, impl=impl, dtype=str(dtype).removeprefix("torch."))
             student = ids = vals = lse = teacher = None
@@ -203,9 +233,18 @@ def main(argv=None):
                 bytes_min = 3 * logits_bytes if baseline else 2 * logits_bytes + payload
                 row.update(local_vocab=local, ms=fb_s * 1e3, fwd_ms=fwd_s * 1e3, bytes_min=bytes_min,
                            bw_frac_min=bytes_min / fb_s / copy_bw)
-                if impl in ("fused", "emulated"):
-                    stats = tokens * (5 + k) * 4 * 4  # written, read, reduced, read again
-                    row["bytes_algo"] = 3 * logits_bytes + payload + stats
+                if impl in FUSED:
+                    row["path"] = kd_fused.last_path()
+                    if impl == "fused" and load_kernels() is not None:
+                        cluster, smem, why = kd_fused.CudaKernels(load_kernels()).single_info(
+                            student.detach().reshape(-1, local), k)
+                        row["single_plan"] = (f"cluster {cluster} x {smem / 1024:.1f} KiB smem/CTA" if cluster
+                                              else f"unavailable: {why}")
+                    if row["path"] == "single":
+                        row["bytes_algo"] = bytes_min
+                    else:
+                        stats = tokens * (5 + k) * 4 * 4  # written, read, reduced, read again
+                        row["bytes_algo"] = 3 * logits_bytes + payload + stats
                     row["bw_frac_algo"] = row["bytes_algo"] / fb_s / copy_bw
                 if peak is not None:
                     extra = peak - logits_bytes  # beyond the logits' gradient (inputs are in the baseline)
@@ -221,12 +260,15 @@ def main(argv=None):
             results.append(row)
             print(_fmt(row), flush=True)
 
-    for r in results:  # speed-up of the fused path over each baseline at the same shape
-        if r["impl"] in ("fused", "emulated") and "ms" in r:
+    for r in results:  # speed-up of the fused paths over each baseline (and fused over fused_2pass)
+        if r["impl"] in FUSED and "ms" in r:
             for o in results:
                 if (o["tokens"], o["vocab"], o["shard"]) == (r["tokens"], r["vocab"], r["shard"]) and "ms" in o \
-                        and o["impl"] not in ("fused", "emulated") and (o["k"] == r["k"] or o["impl"] != "reference"):
+                        and o["impl"] not in FUSED and (o["k"] == r["k"] or o["impl"] != "reference"):
                     r[f"speedup_vs_{o['impl']}"] = o["ms"] / r["ms"]
+                same = (o["tokens"], o["vocab"], o["k"], o["shard"]) == (r["tokens"], r["vocab"], r["k"], r["shard"])
+                if r["impl"] == "fused" and o["impl"] == "fused_2pass" and "ms" in o and same:
+                    r["speedup_vs_fused_2pass"] = o["ms"] / r["ms"]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,8 +287,17 @@ def _fmt(r):
         return f"{r['tokens']:>6} x {r['vocab']:>6} k={r['k']:<4} {r['shard']:<4} {r['impl']:<16} {r['error']}"
     extra = f" extra {r['extra_frac_of_logits'] * 100:6.2f}% of logits" if "extra_frac_of_logits" in r else ""
     algo = f" (algo {r['bw_frac_algo'] * 100:5.1f}%)" if "bw_frac_algo" in r else ""
+    algo += f" path {r['path']}" if r.get("path") else ""
     return (f"{r['tokens']:>6} x {r['vocab']:>6} k={r['k']:<4} {r['shard']:<4} {r['impl']:<16} fwd {r['fwd_ms']:9.3f} ms"
             f"  fwd+bwd {r['ms']:9.3f} ms  bw {r['bw_frac_min'] * 100:5.1f}% of copy{algo}{extra}")
+
+
+def _path_summary(results) -> str:
+    """Which kernels `fused` ran, per shape."""
+    parts = [f"{r['tokens']}x{r['vocab']} k={r['k']} {r['shard']}: {r['path']}"
+             + (f" ({r['single_plan']})" if r.get("single_plan") else "")
+             for r in results if r["impl"] == "fused" and r.get("path")]
+    return ("`fused` ran: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _markdown(meta, results):
@@ -254,21 +305,25 @@ def _markdown(meta, results):
              f"- date {meta['date']}; torch {meta['torch']}; CUDA {meta['cuda']}; extension: {meta['extension']}",
              f"- command: `{meta['command']}`",
              f"- copy bandwidth: {meta['copy_bandwidth_GBps']:.0f} GB/s; loss: JSD beta 0.5, tau 1, tail, teacher lse; "
-             f"median of {meta['iters']} iterations", "",
-             "| tokens | vocab | k | shard | impl | fwd ms | fwd+bwd ms | bw % of copy (min) | bw % (algo) "
-             "| extra mem % of logits | speed-up vs reference | vs dense | vs Liger |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"median of {meta['iters']} iterations",
+             "- fused paths: `fused` = kd_loss's choice (single-read cluster kernel when the logits are one vocab "
+             "shard on sm_90+ and the row fits a cluster, else two-pass); `fused_2pass` = two-pass kernels forced. "
+             + _path_summary(results), "",
+             "| tokens | vocab | k | shard | impl | path | fwd ms | fwd+bwd ms | bw % of copy (min) | bw % (algo) "
+             "| extra mem % of logits | speed-up vs reference | vs dense | vs Liger | fused vs fused_2pass |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pct = lambda r, key: f"{r[key] * 100:.1f}" if key in r else ""
     x = lambda r, key: f"{r[key]:.1f}x" if key in r else ""
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['tokens']} | {r['vocab']} | {r['k']} | {r['shard']} | {r['impl']} | {r['error']} "
-                         "| | | | | | | |")
+            lines.append(f"| {r['tokens']} | {r['vocab']} | {r['k']} | {r['shard']} | {r['impl']} | | {r['error']} "
+                         "| | | | | | | | |")
             continue
-        lines.append(f"| {r['tokens']} | {r['vocab']} | {r['k']} | {r['shard']} | {r['impl']} | {r['fwd_ms']:.3f} "
-                     f"| {r['ms']:.3f} | {pct(r, 'bw_frac_min')} | {pct(r, 'bw_frac_algo')} "
+        lines.append(f"| {r['tokens']} | {r['vocab']} | {r['k']} | {r['shard']} | {r['impl']} | {r.get('path', '')} "
+                     f"| {r['fwd_ms']:.3f} | {r['ms']:.3f} | {pct(r, 'bw_frac_min')} | {pct(r, 'bw_frac_algo')} "
                      f"| {pct(r, 'extra_frac_of_logits')} | {x(r, 'speedup_vs_reference')} "
-                     f"| {x(r, 'speedup_vs_dense_torch_jsd')} | {x(r, 'speedup_vs_liger_jsd')} |")
+                     f"| {x(r, 'speedup_vs_dense_torch_jsd')} | {x(r, 'speedup_vs_liger_jsd')} "
+                     f"| {x(r, 'speedup_vs_fused_2pass')} |")
     return "\n".join(lines) + "\n"
 
 

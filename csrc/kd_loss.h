@@ -63,6 +63,24 @@ struct KDPass2Args {
   float* terms;                // out [rows, 2]
 };
 
+// Single-read path (one vocab shard, sm_90+; kd_loss_single.cu): one thread-block cluster per row,
+// each CTA stages a contiguous slice of the row in shared memory, the pass-1 statistics are
+// reduced across the cluster through distributed shared memory, and each CTA writes its slice's
+// gradient. Same outputs as pass 1 + pass 2 with the statistics computed internally; takes a
+// KDPass2Args whose m2 and stats are ignored. cluster == 0: not available (device below sm_90,
+// kernels built without sm_90 code, or the row does not fit in 16 CTAs' shared memory).
+constexpr int kKDSingleMaxCluster = 16;
+constexpr int kKDSingleSmemBudget = 100 * 1024;  // per CTA: two CTAs fit in an H100 SM's 228 KiB
+struct KDSinglePlan {
+  int cluster;        // CTAs per row (a power of two), 0 if unsupported
+  int smem;           // dynamic shared memory bytes per CTA
+  int slice_bytes;    // bytes of the staged slice buffer (16-byte multiple)
+  int bitmap_words;   // 32-bit words of the slice's K bitmap
+  const char* why;    // reason when cluster == 0
+};
+KDSinglePlan kd_single_plan(KDDtype dtype, int64_t vl, int k, int device);
+cudaError_t kd_single_launch(KDDtype dtype, const KDPass2Args& args, const KDSinglePlan& plan, cudaStream_t stream);
+
 int kd_pass1_smem_bytes(int64_t vl);
 int kd_pass2_smem_bytes(int k);
 int kd_max_dynamic_smem(int device);

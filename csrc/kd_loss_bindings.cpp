@@ -8,6 +8,9 @@
 
 #include <limits>
 #include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kd_loss.h"
@@ -58,6 +61,67 @@ const int64_t* optional_labels(const std::optional<at::Tensor>& labels, const at
   return labels->data_ptr<int64_t>();
 }
 
+// Checks shared by kd_pass2 and kd_fused_single; returns (teacher lse, labels) pointers.
+std::pair<const float*, const int64_t*> check_pass2_inputs(const at::Tensor& logits, const at::Tensor& values,
+                                                           const std::optional<at::Tensor>& teacher_lse,
+                                                           const std::optional<at::Tensor>& labels,
+                                                           const at::Tensor& row_weight, int64_t divergence,
+                                                           double beta, int64_t values_mode, double alpha,
+                                                           int64_t k, const char* op) {
+  const int64_t rows = logits.size(0);
+  check_tensor(values, logits, op, "teacher values", at::kFloat, {rows, k});
+  check_tensor(row_weight, logits, op, "row weights", at::kFloat, {rows});
+  TORCH_CHECK(divergence >= 0 && divergence <= 2, op, ": divergence must be 0 (forward KL), 1 (reverse KL) or 2 (JSD), "
+              "got ", divergence);
+  TORCH_CHECK(divergence != 2 || (beta > 0 && beta < 1), op, ": JSD needs 0 < beta < 1 (0 and 1 are the KLs), got ",
+              beta);
+  TORCH_CHECK(values_mode >= 0 && values_mode <= 2, op, ": values_mode must be 0, 1 or 2, got ", values_mode);
+  TORCH_CHECK(alpha >= 0 && alpha <= 1, op, ": alpha must be in [0, 1], got ", alpha);
+  const float* lse = nullptr;
+  if (values_mode == 1) {
+    TORCH_CHECK(teacher_lse.has_value() && teacher_lse->defined(), op, ": values_mode 1 needs teacher_lse");
+    check_tensor(*teacher_lse, logits, op, "teacher lse", at::kFloat, {rows});
+    lse = teacher_lse->data_ptr<float>();
+  }
+  const int64_t* lab = optional_labels(labels, logits, op);
+  TORCH_CHECK(alpha == 0 || lab != nullptr, op, ": alpha > 0 needs labels");
+  return {lse, lab};
+}
+
+// Fills the fields of KDPass2Args common to kd_pass2 and kd_fused_single.
+kdtrain::KDPass2Args pass2_args(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& values,
+                                const float* lse, const int64_t* lab, const at::Tensor& row_weight, int64_t start,
+                                int64_t real, double tau, int64_t divergence, double beta, bool tail, bool has_tail,
+                                int64_t values_mode, double kd_scale, double alpha, double log_floor,
+                                at::Tensor& grad, bool write_grad, at::Tensor& terms) {
+  kdtrain::KDPass2Args a;
+  a.logits = logits.data_ptr();
+  a.rows = logits.size(0);
+  a.vl = logits.size(1);
+  a.start = start;
+  a.real = real;
+  a.ids = ids.data_ptr<int32_t>();
+  a.k = static_cast<int>(ids.size(1));
+  a.values = values.data_ptr<float>();
+  a.teacher_lse = lse;
+  a.labels = lab;
+  a.m2 = nullptr;
+  a.stats = nullptr;
+  a.row_weight = row_weight.data_ptr<float>();
+  a.tau = static_cast<float>(tau);
+  a.beta = static_cast<float>(beta);
+  a.kd_scale = static_cast<float>(kd_scale);
+  a.alpha = static_cast<float>(alpha);
+  a.log_floor = static_cast<float>(log_floor);
+  a.divergence = static_cast<int>(divergence);
+  a.values_mode = static_cast<int>(values_mode);
+  a.tail = tail;
+  a.has_tail = has_tail;
+  a.grad = write_grad ? grad.data_ptr() : nullptr;
+  a.terms = terms.data_ptr<float>();
+  return a;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> kd_pass1(const at::Tensor& logits, const at::Tensor& ids,
@@ -105,52 +169,72 @@ std::vector<at::Tensor> kd_pass2(const at::Tensor& logits, const at::Tensor& ids
   check_logits_ids(logits, ids, start, real, tau, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), k = ids.size(1);
-  check_tensor(values, logits, op, "teacher values", at::kFloat, {rows, k});
   check_tensor(m2, logits, op, "row max m2", at::kFloat, {rows});
   check_tensor(stats, logits, op, "stats", at::kFloat, {rows, 4 + k});
-  check_tensor(row_weight, logits, op, "row weights", at::kFloat, {rows});
-  TORCH_CHECK(divergence >= 0 && divergence <= 2, op, ": divergence must be 0 (forward KL), 1 (reverse KL) or 2 (JSD), "
-              "got ", divergence);
-  TORCH_CHECK(divergence != 2 || (beta > 0 && beta < 1), op, ": JSD needs 0 < beta < 1 (0 and 1 are the KLs), got ",
-              beta);
-  TORCH_CHECK(values_mode >= 0 && values_mode <= 2, op, ": values_mode must be 0, 1 or 2, got ", values_mode);
-  TORCH_CHECK(alpha >= 0 && alpha <= 1, op, ": alpha must be in [0, 1], got ", alpha);
-  const float* lse = nullptr;
-  if (values_mode == 1) {
-    TORCH_CHECK(teacher_lse.has_value() && teacher_lse->defined(), op, ": values_mode 1 needs teacher_lse");
-    check_tensor(*teacher_lse, logits, op, "teacher lse", at::kFloat, {rows});
-    lse = teacher_lse->data_ptr<float>();
-  }
-  const int64_t* lab = optional_labels(labels, logits, op);
-  TORCH_CHECK(alpha == 0 || lab != nullptr, op, ": alpha > 0 needs labels");
+  const auto [lse, lab] = check_pass2_inputs(logits, values, teacher_lse, labels, row_weight, divergence, beta,
+                                             values_mode, alpha, k, op);
   at::Tensor grad = write_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   at::Tensor terms = at::empty({rows, 2}, logits.options().dtype(at::kFloat));
-  kdtrain::KDPass2Args a;
-  a.logits = logits.data_ptr();
-  a.rows = rows;
-  a.vl = logits.size(1);
-  a.start = start;
-  a.real = real;
-  a.ids = ids.data_ptr<int32_t>();
-  a.k = static_cast<int>(k);
-  a.values = values.data_ptr<float>();
-  a.teacher_lse = lse;
-  a.labels = lab;
+  kdtrain::KDPass2Args a = pass2_args(logits, ids, values, lse, lab, row_weight, start, real, tau, divergence, beta,
+                                      tail, has_tail, values_mode, kd_scale, alpha, log_floor, grad, write_grad, terms);
   a.m2 = m2.data_ptr<float>();
   a.stats = stats.data_ptr<float>();
-  a.row_weight = row_weight.data_ptr<float>();
-  a.tau = static_cast<float>(tau);
-  a.beta = static_cast<float>(beta);
-  a.kd_scale = static_cast<float>(kd_scale);
-  a.alpha = static_cast<float>(alpha);
-  a.log_floor = static_cast<float>(log_floor);
-  a.divergence = static_cast<int>(divergence);
-  a.values_mode = static_cast<int>(values_mode);
-  a.tail = tail;
-  a.has_tail = has_tail;
-  a.grad = write_grad ? grad.data_ptr() : nullptr;
-  a.terms = terms.data_ptr<float>();
   const cudaError_t err = kdtrain::kd_pass2_launch(kd_dtype(logits, op), a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  return {grad, terms};
+}
+
+namespace {
+
+// The single-read plan for these logits and k, or cluster == 0 with the reason.
+kdtrain::KDSinglePlan single_plan(const at::Tensor& logits, int64_t k) {
+  const auto none = [](const char* why) { return kdtrain::KDSinglePlan{0, 0, 0, 0, why}; };
+  if (!logits.is_cuda()) return none("logits are not on a CUDA device");
+  if (logits.dim() != 2 || !logits.is_contiguous()) return none("logits are not a contiguous [rows, vocab] matrix");
+  const auto t = logits.scalar_type();
+  if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16) return none("unsupported logits dtype");
+  if (k < 1 || k > kdtrain::kKDMaxTopK) return none("k is outside [1, 1024]");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  kdtrain::KDSinglePlan p = kdtrain::kd_single_plan(kd_dtype(logits, "kd_single_supported"), logits.size(1),
+                                                    static_cast<int>(k), logits.get_device());
+  if (p.cluster > 0 && logits.size(0) * p.cluster > std::numeric_limits<int32_t>::max()) {
+    p.cluster = 0;
+    p.why = "too many rows for one cluster launch";
+  }
+  return p;
+}
+
+}  // namespace
+
+bool kd_single_supported(const at::Tensor& logits, int64_t k) { return single_plan(logits, k).cluster > 0; }
+
+std::tuple<int64_t, int64_t, std::string> kd_single_info(const at::Tensor& logits, int64_t k) {
+  const kdtrain::KDSinglePlan p = single_plan(logits, k);
+  return {p.cluster, p.smem, p.cluster > 0 ? std::string("ok") : std::string(p.why ? p.why : "unavailable")};
+}
+
+std::vector<at::Tensor> kd_fused_single(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& values,
+                                        const std::optional<at::Tensor>& teacher_lse,
+                                        const std::optional<at::Tensor>& labels, const at::Tensor& row_weight,
+                                        int64_t start, int64_t real, double tau, int64_t divergence, double beta,
+                                        bool tail, bool has_tail, int64_t values_mode, double kd_scale, double alpha,
+                                        double log_floor, bool write_grad) {
+  const char* op = "kd_fused_single";
+  check_logits_ids(logits, ids, start, real, tau, op);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0), k = ids.size(1);
+  const auto [lse, lab] = check_pass2_inputs(logits, values, teacher_lse, labels, row_weight, divergence, beta,
+                                             values_mode, alpha, k, op);
+  const kdtrain::KDSinglePlan plan = single_plan(logits, k);
+  TORCH_CHECK(plan.cluster > 0, op, ": the single-read path is unavailable for logits of shape ", logits.sizes(),
+              " (", plan.why ? plan.why : "unknown reason", "); use kd_pass1 + kd_pass2");
+  at::Tensor grad = write_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  at::Tensor terms = at::empty({rows, 2}, logits.options().dtype(at::kFloat));
+  const kdtrain::KDPass2Args a = pass2_args(logits, ids, values, lse, lab, row_weight, start, real, tau, divergence,
+                                            beta, tail, has_tail, values_mode, kd_scale, alpha, log_floor, grad,
+                                            write_grad, terms);
+  const cudaError_t err = kdtrain::kd_single_launch(kd_dtype(logits, op), a, plan,
+                                                    c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
   return {grad, terms};
 }
@@ -175,6 +259,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("m2"), py::arg("stats"), py::arg("row_weight"), py::arg("start"), py::arg("real"), py::arg("tau"),
         py::arg("divergence"), py::arg("beta"), py::arg("tail"), py::arg("has_tail"), py::arg("values_mode"),
         py::arg("kd_scale"), py::arg("alpha"), py::arg("log_floor"), py::arg("write_grad"));
+  m.def("kd_fused_single", &kd_fused_single,
+        "Single-read path (one vocab shard, sm_90+): pass 1 + pass 2 in one cluster kernel, same result as kd_pass2",
+        py::arg("logits"), py::arg("ids"), py::arg("values"), py::arg("teacher_lse"), py::arg("labels"),
+        py::arg("row_weight"), py::arg("start"), py::arg("real"), py::arg("tau"), py::arg("divergence"),
+        py::arg("beta"), py::arg("tail"), py::arg("has_tail"), py::arg("values_mode"), py::arg("kd_scale"),
+        py::arg("alpha"), py::arg("log_floor"), py::arg("write_grad"));
+  m.def("kd_single_supported", &kd_single_supported,
+        "Whether kd_fused_single can run for these logits and k (sm_90+, the row fits a 16-CTA cluster)",
+        py::arg("logits"), py::arg("k") = kdtrain::kKDMaxTopK);
+  m.def("kd_single_info", &kd_single_info, "(cluster size, shared memory bytes per CTA, 'ok' or why not)",
+        py::arg("logits"), py::arg("k") = kdtrain::kKDMaxTopK);
   m.def("kd_scale_grad_", &kd_scale_grad_, "grad *= factor in place (no pass when factor == 1)", py::arg("grad"),
         py::arg("factor"));
 }

@@ -1,5 +1,8 @@
 // Device helpers of the fused KD-loss kernels: dtype conversion, 16-byte vectors, row splitting,
-// deterministic warp/block reductions. Included by kd_loss_kernel.cu only.
+// deterministic warp/block reductions, and the per-row math shared by the two-pass kernels
+// (kd_loss_kernel.cu) and the single-read cluster kernel (kd_loss_single.cu): the online
+// (max, sum-exp) statistics of pass 1 and the loss terms / gradient coefficients of pass 2.
+// The derivation is in the header comment of kd_loss_kernel.cu.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,6 +10,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "kd_loss.h"
 
 namespace kdtrain {
 namespace kd {
@@ -97,6 +102,251 @@ __device__ inline float block_max(float v, float* red) {
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) t = fmaxf(t, red[w]);
   return t;
+}
+
+
+// ------------------------------------------------------------------------ pass-1 statistics
+
+// Online (max, sum-exp) state in base 2: z = sum 2^(x - m) over all columns, t over the columns
+// outside K, z1 = sum 2^(tau (x - m)) for the temperature-1 CE normaliser.
+struct Online {
+  float m, z, t, z1;
+};
+
+__device__ __forceinline__ void online_merge(Online& a, const Online& b, float tau, bool ce1) {
+  const float mn = fmaxf(a.m, b.m);
+  if (mn == kNegInf) return;  // both empty
+  const float fa = exp2f(a.m - mn), fb = exp2f(b.m - mn);  // 2^-inf = 0 for an empty side
+  a.z = a.z * fa + b.z * fb;  // commutative: both shuffle partners compute identical bits
+  a.t = a.t * fa + b.t * fb;
+  if (ce1) a.z1 = a.z1 * exp2f(tau * (a.m - mn)) + b.z1 * exp2f(tau * (b.m - mn));
+  a.m = mn;
+}
+
+// Add n values x (already in base-2 units) whose K-membership is bit i of in_k.
+template <int N>
+__device__ __forceinline__ void online_add(Online& s, const float* x, uint32_t in_k, float tau, bool ce1) {
+  float vmax = x[0];
+#pragma unroll
+  for (int i = 1; i < N; ++i) vmax = fmaxf(vmax, x[i]);
+  if (vmax > s.m) {  // rescale once per vector, not per element
+    const float f = exp2f(s.m - vmax);
+    s.z *= f;
+    s.t *= f;
+    if (ce1) s.z1 *= exp2f(tau * (s.m - vmax));
+    s.m = vmax;
+  }
+  const float ms = s.m == kNegInf ? 0.f : s.m;  // all -inf so far: every term is 0
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float e = exp2f(x[i] - ms);
+    s.z += e;
+    s.t += ((in_k >> i) & 1u) ? 0.f : e;
+    if (ce1) s.z1 += exp2f(tau * (x[i] - ms));
+  }
+}
+
+// Bits col .. col+31 of the K bitmap (the bitmap has one spare zero word at the end).
+__device__ __forceinline__ uint32_t k_bits(const uint32_t* bitmap, int64_t col) {
+  const int64_t w = col >> 5;
+  const uint64_t win = static_cast<uint64_t>(bitmap[w]) | (static_cast<uint64_t>(bitmap[w + 1]) << 32);
+  return static_cast<uint32_t>(win >> (col & 31));
+}
+
+// Block reduction of the online states: butterfly within warps, then the warps in order. red4
+// holds 4 * kWarps floats. Every thread merges the warp partials in the same order, so every
+// thread returns the same bits.
+__device__ inline Online block_online(Online s, float tau, bool ce1, float* red4) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    Online b;
+    b.m = __shfl_xor_sync(0xffffffffu, s.m, o);
+    b.z = __shfl_xor_sync(0xffffffffu, s.z, o);
+    b.t = __shfl_xor_sync(0xffffffffu, s.t, o);
+    b.z1 = __shfl_xor_sync(0xffffffffu, s.z1, o);
+    online_merge(s, b, tau, ce1);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    const int w = threadIdx.x >> 5;
+    red4[w] = s.m;
+    red4[kWarps + w] = s.z;
+    red4[2 * kWarps + w] = s.t;
+    red4[3 * kWarps + w] = s.z1;
+  }
+  __syncthreads();
+  Online r{red4[0], red4[kWarps], red4[2 * kWarps], red4[3 * kWarps]};
+  for (int w = 1; w < kWarps; ++w)
+    online_merge(r, Online{red4[w], red4[kWarps + w], red4[2 * kWarps + w], red4[3 * kWarps + w]}, tau, ce1);
+  return r;
+}
+
+// ------------------------------------------------------------------- pass-2 per-row math
+
+// d_i and w_i = dD/dlog Q_i of one outcome (see the header comment); 0 * log 0 = 0.
+__device__ __forceinline__ void divergence_terms(int div, float beta, float P, float logP, float Q, float logQ,
+                                                 float& d, float& w) {
+  if (div == 0) {
+    d = P > 0.f ? P * (logP - logQ) : 0.f;
+    w = -P;
+  } else if (div == 1) {
+    d = Q > 0.f ? Q * (logQ - logP) : 0.f;
+    w = d;
+  } else {
+    // log M = logaddexp(log beta + log P, log(1 - beta) + log Q), computed stably.
+    const float a = logf(beta) + logP, b = log1pf(-beta) + logQ;
+    const float hi = fmaxf(a, b), lo = fminf(a, b);
+    const float logM = hi + log1pf(expf(lo - hi));
+    const float kq = Q > 0.f ? Q * (logQ - logM) : 0.f;
+    d = beta * (P > 0.f ? P * (logP - logM) : 0.f) + (1.f - beta) * kq;
+    w = (1.f - beta) * kq;
+  }
+}
+
+// Dense part of the gradient row: g_j = A2 e_j + B2 e1_j - [j = y] L2 on real columns, 0 on padding.
+struct DenseCoef {
+  float c, m2, tau_m2, A2, B2, AB, L2;
+  int64_t real, y_local;
+  bool kd, ce, same_exp;
+};
+
+__device__ __forceinline__ float dense_value(const DenseCoef& d, float z, int64_t j) {
+  if (j >= d.real) return 0.f;
+  float v;
+  if (d.same_exp) {  // tau == 1: e1 == e
+    v = d.AB * exp2f(fmaf(z, d.c, -d.m2));
+  } else {
+    v = d.kd ? d.A2 * exp2f(fmaf(z, d.c, -d.m2)) : 0.f;
+    if (d.ce) v += d.B2 * exp2f(fmaf(z, kLog2e, -d.tau_m2));
+  }
+  return j == d.y_local ? v - d.L2 : v;
+}
+
+
+// The globally reduced statistics of one row (pass 1 + the cross-rank reduction, or the
+// cluster reduction of the single-read kernel).
+struct RowStats {
+  float m2, Z, T, zy, Z1;
+};
+
+// Per-row results of steps 1-4: D (divergence), W = sum_i w_i, A (tail coefficient), CE.
+struct RowTerms {
+  float D, W, A, ce;
+};
+
+// Steps 1-4 of pass 2 for one row, all threads of the block. zK[i]: the raw student logit at K_i
+// (0 off-shard; it may alias lq: thread i reads zK[i] before writing lq[i]). On return
+// lq[i] = log Q_i and aux[i] = w_i (each thread reads back only the entries it wrote, so no
+// barrier is needed before the caller's own loops over i with the same stride).
+__device__ inline RowTerms row_terms(const KDPass2Args& a, int64_t row, const RowStats& rs, const float* zK,
+                                     float* lq, float* aux, float* red) {
+  const int k = a.k;
+  const float tau = a.tau;
+  const float lse_t = a.values_mode == 1 ? a.teacher_lse[row] : 0.f;
+  const float* vals = a.values + row * k;
+
+  // Step 1: s_K = z_K / tau and the teacher's (possibly unnormalised) log p at K.
+  float mx_p = kNegInf, mx_s = kNegInf;
+  for (int i = threadIdx.x; i < k; i += kThreads) {
+    const float s = zK[i] / tau;  // divisions here (k per row) keep s and log p correctly rounded
+    const float v = vals[i];
+    const float lp = a.values_mode == 0 ? v : v / tau - lse_t;
+    lq[i] = s;
+    aux[i] = lp;
+    mx_p = fmaxf(mx_p, lp);
+    mx_s = fmaxf(mx_s, s);
+  }
+  // Step 2: normalisers. Each log-distribution is (x - shift) - log(sum): subtracting the shift
+  // first (x and shift are close) keeps the large parts exact instead of rounding shift + log(sum).
+  float shift_p = 0.f, lsum_p = 0.f;
+  if (a.values_mode == 2 || !a.tail) {
+    shift_p = block_max(mx_p, red);
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < k; i += kThreads) acc += expf(aux[i] - shift_p);
+    lsum_p = logf(block_sum(acc, red));
+  }
+  float shift_q, lsum_q;
+  if (a.tail) {
+    shift_q = rs.m2 * kLn2;  // the global row max of s; Z is relative to it
+    lsum_q = logf(rs.Z);
+  } else {
+    shift_q = block_max(mx_s, red);
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < k; i += kThreads) acc += expf(lq[i] - shift_q);
+    lsum_q = logf(block_sum(acc, red));
+  }
+  // Step 3: per-outcome divergence terms over K.
+  float d_loc = 0.f, w_loc = 0.f, p_loc = 0.f;
+  for (int i = threadIdx.x; i < k; i += kThreads) {
+    const float logP = (aux[i] - shift_p) - lsum_p, logQ = (lq[i] - shift_q) - lsum_q;
+    const float P = expf(logP), Q = expf(logQ);
+    float d, w;
+    divergence_terms(a.divergence, a.beta, P, logP, Q, logQ, d, w);
+    d_loc += d;
+    w_loc += w;
+    p_loc += P;
+    lq[i] = logQ;
+    aux[i] = w;
+  }
+  RowTerms r;
+  r.D = block_sum(d_loc, red);
+  r.W = block_sum(w_loc, red);
+  r.A = 0.f;
+  // Step 4: the tail bucket (every thread computes the same scalars).
+  if (a.tail && a.has_tail) {
+    // Teacher logits without a normaliser are normalised over K: their tail is 0 by definition.
+    const float Pt = a.values_mode == 2 ? 0.f : fmaxf(1.f - block_sum(p_loc, red), 0.f);
+    const float logPt = Pt > 0.f ? logf(Pt) : a.log_floor;
+    const bool tpos = rs.T > 0.f;
+    const float logQt = tpos ? logf(rs.T) - logf(rs.Z) : a.log_floor;
+    const float Qt = expf(logQt);
+    float dt, wt;
+    divergence_terms(a.divergence, a.beta, Pt, logPt, Qt, logQt, dt, wt);
+    if (!tpos) wt = 0.f;  // floored tail: constant, no gradient path
+    r.D += dt;
+    r.W += wt;
+    r.A = tpos ? (wt - Qt * r.W) / rs.T : 0.f;
+  }
+  r.ce = a.alpha > 0.f ? fmaf(tau * rs.m2, kLn2, logf(rs.Z1)) - rs.zy : 0.f;
+  return r;
+}
+
+// Step 5 of pass 2: the gradient coefficients (row weight wr folded in). aux[i] becomes the KD
+// gradient of column K_i (same thread-to-i mapping as row_terms); returns the dense coefficients.
+__device__ inline DenseCoef grad_coefs(const KDPass2Args& a, int64_t row, const RowStats& rs, const RowTerms& rt,
+                                       float wr, const float* lq, float* aux) {
+  const float tau = a.tau, inv_tau = 1.f / tau;
+  const float coef = wr * (1.f - a.alpha) * a.kd_scale * inv_tau;
+  for (int i = threadIdx.x; i < a.k; i += kThreads) aux[i] = coef * (aux[i] - expf(lq[i]) * rt.W);
+  DenseCoef dc;
+  dc.c = kLog2e * inv_tau;
+  dc.m2 = rs.m2;
+  dc.tau_m2 = tau * rs.m2;
+  dc.A2 = coef * rt.A;
+  dc.B2 = a.alpha > 0.f ? wr * a.alpha / rs.Z1 : 0.f;
+  dc.AB = dc.A2 + dc.B2;
+  dc.L2 = wr * a.alpha;
+  dc.real = a.real;
+  dc.y_local = -1;
+  if (a.alpha > 0.f && a.labels != nullptr) {
+    const int64_t yl = a.labels[row] - a.start;
+    if (yl >= 0 && yl < a.real) dc.y_local = yl;
+  }
+  dc.kd = dc.A2 != 0.f;
+  dc.ce = dc.B2 != 0.f;
+  dc.same_exp = tau == 1.f;
+  return dc;
+}
+
+// Whether the dense part of the row is all zero (renorm without CE, no label in the shard).
+__device__ __forceinline__ bool dense_is_zero(const DenseCoef& dc) { return !dc.kd && !dc.ce && dc.y_local < 0; }
+
+// Final gradient of column `local` = K_i (raw logit z there): the KD coefficient replaces the
+// dense KD part; the CE part and the label's -L2 are added as in dense_value.
+__device__ __forceinline__ float k_column_value(const DenseCoef& dc, float aux_i, float z, int64_t local) {
+  float v = aux_i;
+  if (dc.ce) v += dc.B2 * exp2f(fmaf(z, kLog2e, -dc.tau_m2));
+  if (local == dc.y_local) v -= dc.L2;
+  return v;
 }
 
 }  // namespace kd

@@ -63,56 +63,10 @@ using namespace kd;  // NOLINT: the helpers of kd_loss_device.cuh
 
 // ------------------------------------------------------------------------------------- pass 1
 
-// Online (max, sum-exp) state in base 2: z = sum 2^(x - m) over all columns, t over the columns
-// outside K, z1 = sum 2^(tau (x - m)) for the temperature-1 CE normaliser.
-struct Online {
-  float m, z, t, z1;
-};
-
-__device__ __forceinline__ void online_merge(Online& a, const Online& b, float tau, bool ce1) {
-  const float mn = fmaxf(a.m, b.m);
-  if (mn == kNegInf) return;  // both empty
-  const float fa = exp2f(a.m - mn), fb = exp2f(b.m - mn);  // 2^-inf = 0 for an empty side
-  a.z = a.z * fa + b.z * fb;  // commutative: both shuffle partners compute identical bits
-  a.t = a.t * fa + b.t * fb;
-  if (ce1) a.z1 = a.z1 * exp2f(tau * (a.m - mn)) + b.z1 * exp2f(tau * (b.m - mn));
-  a.m = mn;
-}
-
-// Add n values x (already in base-2 units) whose K-membership is bit i of in_k.
-template <int N>
-__device__ __forceinline__ void online_add(Online& s, const float* x, uint32_t in_k, float tau, bool ce1) {
-  float vmax = x[0];
-#pragma unroll
-  for (int i = 1; i < N; ++i) vmax = fmaxf(vmax, x[i]);
-  if (vmax > s.m) {  // rescale once per vector, not per element
-    const float f = exp2f(s.m - vmax);
-    s.z *= f;
-    s.t *= f;
-    if (ce1) s.z1 *= exp2f(tau * (s.m - vmax));
-    s.m = vmax;
-  }
-  const float ms = s.m == kNegInf ? 0.f : s.m;  // all -inf so far: every term is 0
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const float e = exp2f(x[i] - ms);
-    s.z += e;
-    s.t += ((in_k >> i) & 1u) ? 0.f : e;
-    if (ce1) s.z1 += exp2f(tau * (x[i] - ms));
-  }
-}
-
-// Bits col .. col+31 of the K bitmap (the bitmap has one spare zero word at the end).
-__device__ __forceinline__ uint32_t k_bits(const uint32_t* bitmap, int64_t col) {
-  const int64_t w = col >> 5;
-  const uint64_t win = static_cast<uint64_t>(bitmap[w]) | (static_cast<uint64_t>(bitmap[w + 1]) << 32);
-  return static_cast<uint32_t>(win >> (col & 31));
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) kd_pass1_kernel(const KDPass1Args a) {
   extern __shared__ uint32_t bitmap[];  // K membership of this shard's columns
-  __shared__ float red_m[kWarps], red_z[kWarps], red_t[kWarps], red_z1[kWarps];
+  __shared__ float red4[4 * kWarps];
   constexpr int V = VecWidth<T>::value;
   const int64_t row = blockIdx.x;
   const int k = a.k;
@@ -185,27 +139,8 @@ __global__ void __launch_bounds__(kThreads) kd_pass1_kernel(const KDPass1Args a)
     online_add<1>(s, &v, k_bits(bitmap, j), tau, ce1);
   }
 
-  // Block reduction of the online states: butterfly within warps, then warps in order.
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    Online b;
-    b.m = __shfl_xor_sync(0xffffffffu, s.m, o);
-    b.z = __shfl_xor_sync(0xffffffffu, s.z, o);
-    b.t = __shfl_xor_sync(0xffffffffu, s.t, o);
-    b.z1 = __shfl_xor_sync(0xffffffffu, s.z1, o);
-    online_merge(s, b, tau, ce1);
-  }
-  if ((threadIdx.x & 31) == 0) {
-    const int w = threadIdx.x >> 5;
-    red_m[w] = s.m;
-    red_z[w] = s.z;
-    red_t[w] = s.t;
-    red_z1[w] = s.z1;
-  }
-  __syncthreads();
+  const Online r = block_online(s, tau, ce1, red4);
   if (threadIdx.x == 0) {
-    Online r{red_m[0], red_z[0], red_t[0], red_z1[0]};
-    for (int w = 1; w < kWarps; ++w) online_merge(r, Online{red_m[w], red_z[w], red_t[w], red_z1[w]}, tau, ce1);
     a.m2[row] = r.m;
     st[0] = r.z;
     st[1] = r.t;
@@ -214,26 +149,6 @@ __global__ void __launch_bounds__(kThreads) kd_pass1_kernel(const KDPass1Args a)
 }
 
 // ------------------------------------------------------------------------------------- pass 2
-
-// d_i and w_i = dD/dlog Q_i of one outcome (see the header comment); 0 * log 0 = 0.
-__device__ __forceinline__ void divergence_terms(int div, float beta, float P, float logP, float Q, float logQ,
-                                                 float& d, float& w) {
-  if (div == 0) {
-    d = P > 0.f ? P * (logP - logQ) : 0.f;
-    w = -P;
-  } else if (div == 1) {
-    d = Q > 0.f ? Q * (logQ - logP) : 0.f;
-    w = d;
-  } else {
-    // log M = logaddexp(log beta + log P, log(1 - beta) + log Q), computed stably.
-    const float a = logf(beta) + logP, b = log1pf(-beta) + logQ;
-    const float hi = fmaxf(a, b), lo = fminf(a, b);
-    const float logM = hi + log1pf(expf(lo - hi));
-    const float kq = Q > 0.f ? Q * (logQ - logM) : 0.f;
-    d = beta * (P > 0.f ? P * (logP - logM) : 0.f) + (1.f - beta) * kq;
-    w = (1.f - beta) * kq;
-  }
-}
 
 template <typename T>
 __device__ __forceinline__ void zero_row(T* g, int64_t n, bool vec_ok) {
@@ -244,25 +159,6 @@ __device__ __forceinline__ void zero_row(T* g, int64_t n, bool vec_ok) {
   uint4* body = reinterpret_cast<uint4*>(g + sp.head);
   for (int64_t v = threadIdx.x; v < sp.nvec; v += kThreads) body[v] = make_uint4(0u, 0u, 0u, 0u);
   for (int64_t j = sp.head + sp.nvec * V + threadIdx.x; j < n; j += kThreads) g[j] = zero;
-}
-
-// Dense part of the gradient row: g_j = A2 e_j + B2 e1_j - [j = y] L2 on real columns, 0 on padding.
-struct DenseCoef {
-  float c, m2, tau_m2, A2, B2, AB, L2;
-  int64_t real, y_local;
-  bool kd, ce, same_exp;
-};
-
-__device__ __forceinline__ float dense_value(const DenseCoef& d, float z, int64_t j) {
-  if (j >= d.real) return 0.f;
-  float v;
-  if (d.same_exp) {  // tau == 1: e1 == e
-    v = d.AB * exp2f(fmaf(z, d.c, -d.m2));
-  } else {
-    v = d.kd ? d.A2 * exp2f(fmaf(z, d.c, -d.m2)) : 0.f;
-    if (d.ce) v += d.B2 * exp2f(fmaf(z, kLog2e, -d.tau_m2));
-  }
-  return j == d.y_local ? v - d.L2 : v;
 }
 
 template <typename T>
@@ -307,7 +203,6 @@ __global__ void __launch_bounds__(kThreads) kd_pass2_kernel(const KDPass2Args a,
   const T* x = static_cast<const T*>(a.logits) + row * a.vl;
   T* g = a.grad != nullptr ? static_cast<T*>(a.grad) + row * a.vl : nullptr;
   const float* st = a.stats + row * (4 + k);
-  const float* vals = a.values + row * k;
   const int32_t* ids = a.ids + row * k;
   float* terms = a.terms + row * 2;
   const float wr = a.row_weight[row];
@@ -317,103 +212,20 @@ __global__ void __launch_bounds__(kThreads) kd_pass2_kernel(const KDPass2Args a,
     return;
   }
 
-  const float tau = a.tau, inv_tau = 1.f / tau;
-  const float Z = st[0], Tsum = st[1], zy = st[2], Z1 = st[3];
-  const float m2 = a.m2[row];
-  const float lse_t = a.values_mode == 1 ? a.teacher_lse[row] : 0.f;
-
-  // Step 1: s_K = z_K / tau and the teacher's (possibly unnormalised) log p at K.
-  float mx_p = kNegInf, mx_s = kNegInf;
-  for (int i = threadIdx.x; i < k; i += kThreads) {
-    const float s = st[4 + i] / tau;  // divisions here (k per row) keep s and log p correctly rounded
-    const float v = vals[i];
-    const float lp = a.values_mode == 0 ? v : v / tau - lse_t;
-    lq[i] = s;
-    aux[i] = lp;
-    mx_p = fmaxf(mx_p, lp);
-    mx_s = fmaxf(mx_s, s);
-  }
-  // Step 2: normalisers. Each log-distribution is (x - shift) - log(sum): subtracting the shift
-  // first (x and shift are close) keeps the large parts exact instead of rounding shift + log(sum).
-  // Each thread reads back only the entries it wrote.
-  float shift_p = 0.f, lsum_p = 0.f;
-  if (a.values_mode == 2 || !a.tail) {
-    shift_p = block_max(mx_p, red);
-    float acc = 0.f;
-    for (int i = threadIdx.x; i < k; i += kThreads) acc += expf(aux[i] - shift_p);
-    lsum_p = logf(block_sum(acc, red));
-  }
-  float shift_q, lsum_q;
-  if (a.tail) {
-    shift_q = m2 * kLn2;  // the global row max of s; Z is relative to it
-    lsum_q = logf(Z);
-  } else {
-    shift_q = block_max(mx_s, red);
-    float acc = 0.f;
-    for (int i = threadIdx.x; i < k; i += kThreads) acc += expf(lq[i] - shift_q);
-    lsum_q = logf(block_sum(acc, red));
-  }
-  // Step 3: per-outcome divergence terms over K.
-  float d_loc = 0.f, w_loc = 0.f, p_loc = 0.f;
-  for (int i = threadIdx.x; i < k; i += kThreads) {
-    const float logP = (aux[i] - shift_p) - lsum_p, logQ = (lq[i] - shift_q) - lsum_q;
-    const float P = expf(logP), Q = expf(logQ);
-    float d, w;
-    divergence_terms(a.divergence, a.beta, P, logP, Q, logQ, d, w);
-    d_loc += d;
-    w_loc += w;
-    p_loc += P;
-    lq[i] = logQ;
-    aux[i] = w;
-  }
-  float D = block_sum(d_loc, red);
-  float W = block_sum(w_loc, red);
-  // Step 4: the tail bucket (every thread computes the same scalars).
-  float A = 0.f;
-  if (a.tail && a.has_tail) {
-    // Teacher logits without a normaliser are normalised over K: their tail is 0 by definition.
-    const float Pt = a.values_mode == 2 ? 0.f : fmaxf(1.f - block_sum(p_loc, red), 0.f);
-    const float logPt = Pt > 0.f ? logf(Pt) : a.log_floor;
-    const bool tpos = Tsum > 0.f;
-    const float logQt = tpos ? logf(Tsum) - logf(Z) : a.log_floor;
-    const float Qt = expf(logQt);
-    float dt, wt;
-    divergence_terms(a.divergence, a.beta, Pt, logPt, Qt, logQt, dt, wt);
-    if (!tpos) wt = 0.f;  // floored tail: constant, no gradient path
-    D += dt;
-    W += wt;
-    A = tpos ? (wt - Qt * W) / Tsum : 0.f;
-  }
-  const float ce = a.alpha > 0.f ? fmaf(tau * m2, kLn2, logf(Z1)) - zy : 0.f;
+  const RowStats rs{a.m2[row], st[0], st[1], st[2], st[3]};
+  // Steps 1-4 (kd_loss_device.cuh): loss terms; lq = log Q at K, aux = w_i.
+  const RowTerms rt = row_terms(a, row, rs, st + 4, lq, aux, red);
   if (threadIdx.x == 0) {
-    terms[0] = a.kd_scale * D;
-    terms[1] = ce;
+    terms[0] = a.kd_scale * rt.D;
+    terms[1] = rt.ce;
   }
   if (g == nullptr) return;
 
-  // Step 5: gradient coefficients (row weight folded in).
-  const float coef = wr * (1.f - a.alpha) * a.kd_scale * inv_tau;
-  for (int i = threadIdx.x; i < k; i += kThreads) aux[i] = coef * (aux[i] - expf(lq[i]) * W);
-  DenseCoef dc;
-  dc.c = kLog2e * inv_tau;
-  dc.m2 = m2;
-  dc.tau_m2 = tau * m2;
-  dc.A2 = coef * A;
-  dc.B2 = a.alpha > 0.f ? wr * a.alpha / Z1 : 0.f;
-  dc.AB = dc.A2 + dc.B2;
-  dc.L2 = wr * a.alpha;
-  dc.real = a.real;
-  dc.y_local = -1;
-  if (a.alpha > 0.f && a.labels != nullptr) {
-    const int64_t yl = a.labels[row] - a.start;
-    if (yl >= 0 && yl < a.real) dc.y_local = yl;
-  }
-  dc.kd = dc.A2 != 0.f;
-  dc.ce = dc.B2 != 0.f;
-  dc.same_exp = tau == 1.f;
+  // Step 5: gradient coefficients (row weight folded in); aux becomes the K-column coefficients.
+  const DenseCoef dc = grad_coefs(a, row, rs, rt, wr, lq, aux);
 
   // Step 6: dense row, then the k columns of K overwritten after a barrier.
-  if (!dc.kd && !dc.ce && dc.y_local < 0) {
+  if (dense_is_zero(dc)) {
     zero_row(g, a.vl, vec_ok);
   } else {
     dense_row(x, g, a.vl, dc, vec_ok);
@@ -422,10 +234,7 @@ __global__ void __launch_bounds__(kThreads) kd_pass2_kernel(const KDPass2Args a,
   for (int i = threadIdx.x; i < k; i += kThreads) {
     const int64_t local = static_cast<int64_t>(ids[i]) - a.start;
     if (local < 0 || local >= a.real) continue;
-    float v = aux[i];
-    if (dc.ce) v += dc.B2 * exp2f(fmaf(to_f(x[local]), kLog2e, -dc.tau_m2));
-    if (local == dc.y_local) v -= dc.L2;
-    g[local] = from_f<T>(v);
+    g[local] = from_f<T>(k_column_value(dc, aux[i], to_f(x[local]), local));
   }
 }
 

@@ -9,6 +9,14 @@
   reference and with the torch emulation of the kernel interface. It checks the kernels' indexing,
   row splitting, reductions and math on CPU; it cannot see GPU-only effects (memory ordering,
   fast-math intrinsics, timing). Needs a C++20 compiler and the CUDA headers.
+* Host emulation of the single-read cluster kernel (kd_loss_single.cu, built with
+  KD_HOST_EMULATION): each cluster's C blocks run concurrently as C x 256 std::threads, with
+  one barrier per block (__syncthreads), one over the cluster (cluster.sync and the split
+  arrive/wait), map_shared_rank as an offset into the owning block's shared-memory buffer and
+  cp.async as a 16-byte copy. The cluster size is forced (1 to 16) on small rows, so slice
+  boundaries, head/tail ownership, the DSMEM gathers and the cluster merge are exercised; outputs
+  are compared with the torch emulation (pass 1 + pass 2). The host plan (driver queries,
+  occupancy) and GPU memory ordering are not emulated: the GPU tests cover them.
 
 torch's CPU wheel ships the ATen/c10 CUDA headers but not the build-generated
 ``c10/cuda/impl/cuda_cmake_macros.h``; a one-line stand-in is put on the include path when the
@@ -385,6 +393,235 @@ def _host_checks(lib_path: str) -> None:
     print("host emulation: all checks passed")
 
 
+# ------------------------------------------------------------- host emulation: cluster kernel
+
+CLUSTER_HARNESS = r"""
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <thread>
+#include <vector>
+
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+dim3 gridDim, blockDim;
+struct EmuBlock {
+  std::vector<unsigned char> smem;
+  std::unique_ptr<std::barrier<>> bar;
+  std::unique_ptr<std::barrier<>> warp_bar[32];
+  float slot[32][32];
+};
+static std::vector<EmuBlock> emu_blocks;  // the blocks of the running cluster
+static std::unique_ptr<std::barrier<>> emu_cluster_bar;
+static int emu_cluster = 1;
+thread_local EmuBlock* emu_blk;
+thread_local unsigned char* emu_dyn_smem;
+thread_local std::optional<std::barrier<>::arrival_token> emu_token;
+
+static inline void __syncthreads() { emu_blk->bar->arrive_and_wait(); }
+static inline float __shfl_xor_sync(unsigned, float v, int o) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  emu_blk->slot[w][lane] = v;
+  emu_blk->warp_bar[w]->arrive_and_wait();
+  const float r = emu_blk->slot[w][lane ^ o];
+  emu_blk->warp_bar[w]->arrive_and_wait();
+  return r;
+}
+static inline unsigned atomicOr(uint32_t* p, uint32_t v) { return std::atomic_ref<uint32_t>(*p).fetch_or(v); }
+namespace kdtrain { namespace kd {
+static inline unsigned cluster_rank() { return blockIdx.x % emu_cluster; }
+static inline unsigned cluster_size() { return emu_cluster; }
+static inline void cluster_sync() { emu_cluster_bar->arrive_and_wait(); }
+static inline void cluster_arrive() { emu_token.emplace(emu_cluster_bar->arrive()); }
+static inline void cluster_wait() { emu_cluster_bar->wait(std::move(*emu_token)); emu_token.reset(); }
+template <typename P> static inline P* cluster_map(P* p, unsigned rank) {
+  const auto off = reinterpret_cast<unsigned char*>(p) - emu_dyn_smem;
+  return reinterpret_cast<P*>(emu_blocks[rank].smem.data() + off);
+}
+static inline void cp_async16(void* s, const void* g) { std::memcpy(s, g, 16); }
+static inline void cp_async_wait_all() {}
+}}
+#define cudaGetLastError() cudaSuccess
+#define cudaFuncSetAttribute(...) cudaSuccess
+#define cudaDeviceGetAttribute(...) cudaErrorInvalidValue
+#define cudaFuncGetAttributes(...) cudaErrorInvalidValue
+#define cudaOccupancyMaxActiveClusters(...) cudaErrorInvalidValue
+
+static cudaError_t emu_cluster_launch(unsigned grid, int cluster, int threads, int smem,
+                                      const std::function<void()>& body) {
+  gridDim = dim3(grid, 1, 1);
+  blockDim = dim3(threads, 1, 1);
+  emu_cluster = cluster;
+  for (unsigned c0 = 0; c0 < grid; c0 += cluster) {
+    emu_blocks.clear();
+    emu_blocks.resize(cluster);
+    for (auto& b : emu_blocks) {
+      b.smem.assign(smem + 16, 0xAB);  // shared memory starts as garbage
+      b.bar.reset(new std::barrier<>(threads));
+      for (int w = 0; w < threads / 32; ++w) b.warp_bar[w].reset(new std::barrier<>(32));
+    }
+    emu_cluster_bar.reset(new std::barrier<>(cluster * threads));
+    std::vector<std::thread> ts;
+    for (int q = 0; q < cluster; ++q)
+      for (int t = 0; t < threads; ++t)
+        ts.emplace_back([&, q, t] {
+          threadIdx = make_uint3(t, 0, 0);
+          blockIdx = make_uint3(c0 + q, 0, 0);
+          emu_blk = &emu_blocks[q];
+          emu_dyn_smem = emu_blocks[q].smem.data();
+          body();
+        });
+    for (auto& t : ts) t.join();
+  }
+  return cudaSuccess;
+}
+
+#include "single_host.inc"
+
+int kdtrain::kd_max_dynamic_smem(int) { return 227 * 1024; }
+
+extern "C" {
+int emu_single(int dt, const kdtrain::KDPass2Args* a, int cluster) {
+  kdtrain::KDSinglePlan p{0, 0, 0, 0, nullptr};
+  kdtrain::plan_layout(p, a->vl, a->k, dt == 0 ? 4 : 2, cluster);
+  return (int)kdtrain::kd_single_launch((kdtrain::KDDtype)dt, *a, p, nullptr);
+}
+int emu_single_smem(int dt, int64_t vl, int k, int cluster) {
+  kdtrain::KDSinglePlan p{0, 0, 0, 0, nullptr};
+  kdtrain::plan_layout(p, vl, k, dt == 0 ? 4 : 2, cluster);
+  return p.smem;
+}
+}
+"""
+
+
+def host_single_source() -> str:
+    """kd_loss_single.cu (with its local .cuh inlined) rewritten for the host compiler."""
+    def inline(path: Path) -> str:
+        text = path.read_text()
+        return re.sub(r'#include "(\w+\.cuh)"', lambda m: inline(CSRC / m.group(1)).replace("#pragma once", ""), text)
+
+    src = "#define KD_HOST_EMULATION 1\n" + inline(CSRC / "kd_loss_single.cu")
+    src = re.sub(r"extern __shared__ __align__\(16\) unsigned char (\w+)\[\];", r"unsigned char* \1 = emu_dyn_smem;",
+                 src)
+    src = re.sub(r"__launch_bounds__\([^)]*\)", "", src)
+    launch = re.findall(r"return cudaLaunchKernelEx\(&cfg, (\w+<T>), (.*?)\);", src, flags=re.S)
+    assert len(launch) == 1, "expected the one cluster launch"
+    kern, args = launch[0]
+    src = src.replace(f"return cudaLaunchKernelEx(&cfg, {kern}, {args});",
+                      f"return emu_cluster_launch(cfg.gridDim.x, p.cluster, kThreads, p.smem, "
+                      f"[&] {{ {kern}({args}); }});")
+    return src
+
+
+def test_single_read_kernel_in_host_emulation(tmp_path):
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    (tmp_path / "single_host.inc").write_text(host_single_source())
+    (tmp_path / "harness.cpp").write_text(CLUSTER_HARNESS)
+    lib = tmp_path / "libkd_single_host.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", str(tmp_path / "harness.cpp"), "-o", str(lib),
+           f"-I{CSRC}", f"-I{tmp_path}", *[f"-I{d}" for d in _cuda_include_dirs()]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "barrier" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("the host C++ library has no <barrier> (C++20)")
+    assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stderr[-6000:]
+    proc = subprocess.run([sys.executable, __file__, "--single", str(lib)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    assert "single-read host emulation: all checks passed" in proc.stdout, proc.stdout[-3000:]
+
+
+def _single_checks(lib_path: str) -> None:
+    """Child process: the cluster kernel (forced cluster sizes) against the torch emulation."""
+    import ctypes as C
+
+    import torch
+
+    from kdtrain.loss.kd_checks import LOG_FLOOR
+    from kdtrain.loss.kd_emulate import TorchKernels
+
+    lib = C.CDLL(lib_path)
+
+    class Pass2(C.Structure):
+        _fields_ = [("logits", C.c_void_p), ("rows", C.c_int64), ("vl", C.c_int64), ("start", C.c_int64),
+                    ("real", C.c_int64), ("ids", C.c_void_p), ("k", C.c_int), ("values", C.c_void_p),
+                    ("teacher_lse", C.c_void_p), ("labels", C.c_void_p), ("m2", C.c_void_p), ("stats", C.c_void_p),
+                    ("row_weight", C.c_void_p), ("tau", C.c_float), ("beta", C.c_float), ("kd_scale", C.c_float),
+                    ("alpha", C.c_float), ("log_floor", C.c_float), ("divergence", C.c_int),
+                    ("values_mode", C.c_int), ("tail", C.c_bool), ("has_tail", C.c_bool), ("grad", C.c_void_p),
+                    ("terms", C.c_void_p)]
+
+    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    ptr = lambda t: None if t is None else t.data_ptr()
+    emu = TorchKernels()
+    failures = []
+    g = torch.Generator().manual_seed(0)
+    cases = [  # (dtype, vl, real, k, cluster, offset elements, divergence, tail, values_mode, alpha, tau)
+        (torch.bfloat16, 1280, 1271, 50, 4, 0, 2, True, 1, 0.2, 1.5),
+        (torch.bfloat16, 1001, 999, 33, 8, 1, 2, True, 1, 0.1, 0.8),    # misaligned rows and base
+        (torch.float32, 777, 777, 777, 2, 0, 1, True, 1, 0.0, 1.0),     # k = V: no tail
+        (torch.float16, 1271, 1271, 401, 16, 3, 0, True, 0, 0.1, 1.0),  # log-probs, C = 16
+        (torch.bfloat16, 300, 290, 20, 16, 0, 2, False, 2, 0.0, 0.7),   # renorm without CE, empty ranks
+        (torch.float32, 5, 5, 3, 4, 1, 2, True, 2, 0.3, 1.2),           # row shorter than a vector
+        (torch.bfloat16, 4099, 4099, 64, 1, 5, 2, True, 1, 0.2, 1.0),   # one CTA
+    ]
+    for n, (dtype, vl, real, k, cluster, off, div, tail, mode, alpha, tau) in enumerate(cases):
+        rows = 3
+        buf = (3 * torch.randn(rows * vl + off, generator=g)).to(dtype)
+        logits = buf[off:].view(rows, vl)  # storage offset: base misaligned by `off` elements
+        perms = [torch.randperm(real, generator=g) for _ in range(rows)]
+        if k >= 2 and real > 1:  # row 1: the row's first and last columns are in K
+            ends = torch.tensor([0, real - 1])
+            perms[1] = torch.cat([ends, perms[1][(perms[1] != 0) & (perms[1] != real - 1)]])
+        ids = torch.stack([q[:k] for q in perms]).int()
+        vals = torch.sort(3 * torch.randn(rows, k, generator=g), -1, descending=True).values
+        lse = torch.logsumexp(vals, -1) + 0.5
+        if mode == 0:
+            vals = vals / tau - (torch.logsumexp(vals / tau, -1) + 0.3)[:, None]
+        labels = torch.randint(0, real, (rows,), generator=g)
+        labels[2] = ids[2, 0]  # a label inside K
+        rw = torch.tensor([0.0, 0.3, 1.7])
+        for write_grad in (True, False):
+            grad = torch.empty_like(logits) if write_grad else torch.empty(0)
+            terms = torch.empty(rows, 2)
+            lab = labels if alpha > 0 else None
+            a = Pass2(ptr(logits), rows, vl, 0, real, ptr(ids), k, ptr(vals), ptr(lse) if mode == 1 else None,
+                      ptr(lab), None, None, ptr(rw), tau, 0.4, 1.5, alpha, LOG_FLOOR, div, mode, tail, k < real,
+                      ptr(grad) if write_grad else None, ptr(terms))
+            rc = lib.emu_single(codes[dtype], C.byref(a), cluster)
+            g_e, t_e = emu.fused_single(logits, ids, vals, lse if mode == 1 else None, lab, rw, 0, real, tau, div,
+                                        0.4, tail, k < real, mode, 1.5, alpha, LOG_FLOOR, write_grad)
+            ok = rc == 0 and torch.allclose(terms, t_e.float(), rtol=1e-5, atol=1e-6)
+            if write_grad:
+                tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -9}[dtype]
+                ok = ok and torch.allclose(grad.float(), g_e.float(), rtol=tol,
+                                           atol=1e-3 * g_e.float().abs().max().item())
+                ok = ok and grad[0].abs().max() == 0 and (vl == real or grad[:, real:].abs().max() == 0)
+            print(f"case {n} {str(dtype)[6:]:8s} vl={vl} k={k} cluster={cluster} grad={write_grad} "
+                  f"{'ok' if ok else 'FAIL'}", flush=True)
+            if not ok:
+                failures.append(f"case {n} grad={write_grad}")
+    if lib.emu_single_smem(2, 128256, 64, 4) > 100 * 1024 or lib.emu_single_smem(2, 128256, 64, 2) <= 100 * 1024:
+        failures.append("bf16 x 128256 should need a 4-CTA cluster")
+    assert not failures, failures
+    print("single-read host emulation: all checks passed")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    _host_checks(sys.argv[1])
+    if sys.argv[1] == "--single":
+        _single_checks(sys.argv[2])
+    else:
+        _host_checks(sys.argv[1])

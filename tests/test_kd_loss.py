@@ -457,6 +457,58 @@ def test_fallback_warns_exactly_once(monkeypatch):
     assert kd_fused.select_impl(student, 5) == ("emulated", "requested")
 
 
+def test_single_read_dispatch(monkeypatch):
+    """One vocab shard takes the single-read path when KDTRAIN_KD_SINGLE_PASS=1 (off by default)
+    unless the backend lacks it / declines it; every path gives the same loss and gradient (the emulation's
+    fused_single is pass 1 + pass 2)."""
+    cfg = KDLossConfig(divergence="jsd", beta=0.5, alpha=0.3, tau=1.5)
+    student, teacher, labels = make_data()
+    ids, vals, lse = topk(teacher, 5, 1.5)
+    kw = dict(vocab_size=37, config=cfg, teacher_lse_SB=lse, labels_SB=labels)
+
+    def fwd_bwd():
+        x = student.clone().requires_grad_()
+        loss, _ = kd_loss(x, ids, vals, impl="emulated", **kw)
+        (2.0 * loss).backward()
+        return loss.detach(), x.grad, kd_fused.last_path()
+
+    monkeypatch.setenv(kd_fused.SINGLE_PASS_ENV, "1")
+    l1, g1, p1 = fwd_bwd()
+    monkeypatch.delenv(kd_fused.SINGLE_PASS_ENV, raising=False)
+    l2, g2, p2 = fwd_bwd()
+    monkeypatch.setenv(kd_fused.SINGLE_PASS_ENV, "1")
+    monkeypatch.setattr(kd_fused.TorchKernels, "single_supported", lambda self, logits, k: False)
+    l3, g3, p3 = fwd_bwd()
+    monkeypatch.undo()
+    assert (p1, p2, p3) == ("single", "two_pass", "two_pass")
+    assert torch.equal(l1, l2) and torch.equal(g1, g2) and torch.equal(l1, l3) and torch.equal(g1, g3)
+    ref, _ = kd_loss_reference(student, ids, vals, **kw)
+    torch.testing.assert_close(l1, ref)
+
+    class NoSingle:  # a kernel module built before the single-read path: passes 1 and 2 only
+        def __init__(self):
+            self.t, self.calls = kd_fused.TorchKernels(), 0
+
+        def pass1(self, *args):
+            self.calls += 1
+            return self.t.pass1(*args)
+
+        def pass2(self, *args):
+            return self.t.pass2(*args)
+
+        def scale_grad_(self, grad, factor):
+            self.t.scale_grad_(grad, factor)
+
+    backend, n = NoSingle(), student.shape[0] * student.shape[1]
+    x = student.clone().requires_grad_()
+    params = kd_fused.KernelParams.build(cfg, 0, 37, 5, 37, True)
+    loss, _ = kd_fused.FusedKDLoss.apply(x.reshape(n, 37), ids.reshape(n, 5), vals.reshape(n, 5), lse.reshape(n),
+                                         labels.reshape(n), torch.full((n,), 1.0 / n, dtype=torch.float64), 1.0,
+                                         params, None, backend)
+    assert kd_fused.last_path() == "two_pass" and backend.calls == 1
+    torch.testing.assert_close(loss.detach(), l1)
+
+
 def test_extension_loading_reports_why(monkeypatch):
     monkeypatch.setattr(_ext, "_state", {"tried": False, "module": None, "status": "not loaded yet"})
     if torch.cuda.is_available():

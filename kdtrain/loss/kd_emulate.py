@@ -30,6 +30,12 @@ per-token ``terms = (kd_scale * D, CE)`` (0 where ``row_weight == 0``) and
 0 log-probs, 1 logits with ``teacher_lse``, 2 logits normalised over K (teacher tail 0);
 ``tail``: tail bucket (else renormalisation over K); ``has_tail``: ``k < vocab_size``.
 
+``fused_single(logits, ids, values, teacher_lse, labels, row_weight, start, real, tau, divergence,
+beta, tail, has_tail, values_mode, kd_scale, alpha, log_floor, write_grad) -> (grad | None, terms)``:
+the single-read path for one vocab shard (``csrc/kd_loss_single.cu``), the same result as pass 2
+after pass 1 with no reduction between them; ``single_supported(logits, k)`` says whether it runs.
+Here it is literally pass 1 + pass 2.
+
 ``scale_grad_(grad, factor [1])``: ``grad *= factor`` (the kernel skips the pass when factor == 1).
 """
 
@@ -177,6 +183,17 @@ class TorchKernels:
                 vals = vals + B2[:, None] * e1 - L2[:, None] * (local == y_local[:, None])
             g.scatter_(1, local, vals)
         return g[:, :Vl].to(logits.dtype), terms
+
+    def single_supported(self, logits, k: int) -> bool:
+        return True
+
+    def fused_single(self, logits, ids, values, teacher_lse, labels, row_weight, start: int, real: int, tau: float,
+                     divergence: int, beta: float, tail: bool, has_tail: bool, values_mode: int, kd_scale: float,
+                     alpha: float, log_floor: float, write_grad: bool):
+        ce = alpha > 0
+        m2, stats = self.pass1(logits, ids, labels if ce else None, start, real, tau, tail or ce, ce)
+        return self.pass2(logits, ids, values, teacher_lse, labels, m2, stats, row_weight, start, real, tau,
+                          divergence, beta, tail, has_tail, values_mode, kd_scale, alpha, log_floor, write_grad)
 
     @staticmethod
     def scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:

@@ -1,6 +1,28 @@
-"""The fused top-k KD loss: an ``autograd.Function`` over two kernel passes, and the dispatcher.
+"""The fused top-k KD loss: an ``autograd.Function`` over the kernels, and the dispatcher.
 
-Forward (per token = one row of the ``[S*B, Vl]`` local logits):
+Two paths compute the same loss terms and gradient (same formulas, fp32 arithmetic):
+
+* two-pass (any TP size): ``pass1`` -> cross-rank reduction -> ``pass2``, below. The logits are
+  read twice and the gradient written once.
+* single-read (one vocab shard: ``tp_group`` is None or of size 1, sm_90+): ``fused_single``
+  (``csrc/kd_loss_single.cu``) reads each row once and writes its gradient once. One
+  thread-block cluster per row: each CTA stages a contiguous slice of the row in shared memory
+  (16-byte ``cp.async`` copies), computes pass 1's statistics of the slice from shared memory, and
+  the CTAs exchange them through distributed shared memory: after a cluster barrier every CTA
+  reads every rank's partial (max, sum-exp, tail sum, CE sum-exp) and merges them in rank order,
+  so all CTAs hold bit-identical global statistics with no atomics; the student logits at the
+  teacher's top-k ids and the CE label are read from the owning CTA's slice. Each CTA then
+  evaluates pass 2's per-row terms (the same device functions) and writes its slice's gradient
+  from shared memory; a second, split cluster barrier keeps every CTA resident until the others
+  have finished reading its shared memory. Cluster size = the smallest power of two (<= 16) for
+  which a slice fits 100 KiB of shared memory per CTA (two or three CTAs per SM; bf16 x 128256
+  columns -> 4 CTAs of 67.5 KiB). Rows that do not fit, older GPUs and kernels built without
+  sm_90 code fall back to the two-pass kernels. The path is opt-in (``KDTRAIN_KD_SINGLE_PASS=1``)
+  until tests/test_kd_loss_gpu.py and bench_kd_loss.py have confirmed it on a Hopper GPU; by
+  default every call takes the two-pass kernels.
+  :func:`last_path` says which path the latest forward took.
+
+Forward of the two-pass path (per token = one row of the ``[S*B, Vl]`` local logits):
 
 1. ``pass1`` streams the shard once: row max and sum-exp of ``z / tau`` (online), the sum-exp of
    the columns outside the teacher's top-k K (the student tail, summed directly), the student
@@ -19,7 +41,8 @@ the ``1 / num_tokens`` factor is applied in backward instead of the forward, so 
 gradients are stored at full scale and do not underflow fp16.
 
 Backends: the CUDA kernels (``csrc/``, see ``_ext.py``) or ``kd_emulate.TorchKernels``, a pure
-torch emulation with the same interface that the CPU tests use. ``kd_loss`` picks the kernels on
+torch emulation with the same interface that the CPU tests use (its ``fused_single`` is pass 1 +
+pass 2, so the CPU tests exercise the dispatch). ``kd_loss`` picks the kernels on
 CUDA when they load and the inputs suit them, else the reference (one warning per process).
 """
 
@@ -41,7 +64,19 @@ from .kd_reference import kd_loss_reference, token_weights
 
 IMPLS = ("auto", "fused", "emulated", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SINGLE_PASS_ENV = "KDTRAIN_KD_SINGLE_PASS"
 _fallback_warned = False
+_last_path: Optional[str] = None
+
+
+def single_pass_enabled() -> bool:
+    """The single-read path is allowed when ``KDTRAIN_KD_SINGLE_PASS=1`` (off by default)."""
+    return os.environ.get(SINGLE_PASS_ENV, "0") == "1"
+
+
+def last_path() -> Optional[str]:
+    """``"single"`` or ``"two_pass"``: the path of the latest fused forward in this process."""
+    return _last_path
 
 
 @dataclass(frozen=True)
@@ -95,6 +130,23 @@ class CudaKernels:
                                       write_grad)
         return (grad if write_grad else None), terms
 
+    def single_supported(self, logits, k: int) -> bool:
+        """Whether ``fused_single`` can run (the module has it, sm_90+, the row fits a cluster)."""
+        return hasattr(self.m, "kd_fused_single") and bool(self.m.kd_single_supported(logits, k))
+
+    def single_info(self, logits, k: int) -> tuple:
+        """(cluster size, shared memory bytes per CTA, "ok" or why not) of the single-read path."""
+        if not hasattr(self.m, "kd_single_info"):
+            return 0, 0, "the kernel module has no single-read path (rebuild)"
+        return tuple(self.m.kd_single_info(logits, k))
+
+    def fused_single(self, logits, ids, values, teacher_lse, labels, row_weight, start, real, tau, divergence, beta,
+                     tail, has_tail, values_mode, kd_scale, alpha, log_floor, write_grad):
+        grad, terms = self.m.kd_fused_single(logits, ids, values, teacher_lse, labels, row_weight, start, real, tau,
+                                             divergence, beta, tail, has_tail, values_mode, kd_scale, alpha,
+                                             log_floor, write_grad)
+        return (grad if write_grad else None), terms
+
     def scale_grad_(self, grad, factor):
         self.m.kd_scale_grad_(grad, factor)
 
@@ -124,16 +176,27 @@ class FusedKDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ids, values, teacher_lse, labels, row_weight, post_scale, params: KernelParams,
                 tp_group, backend):
+        global _last_path
         ce = params.alpha > 0
-        m2, stats = backend.pass1(logits, ids, labels if ce else None, params.start, params.real, params.tau,
-                                  params.dense, ce)
-        if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            m2, stats = _reduce_between_passes(m2, stats, params.tau, tp_group, params.dense)
         write_grad = bool(ctx.needs_input_grad[0])
-        grad, terms = backend.pass2(logits, ids, values, teacher_lse, labels if ce else None, m2, stats, row_weight,
-                                    params.start, params.real, params.tau, params.divergence, params.beta,
-                                    params.tail, params.has_tail, params.values_mode, params.kd_scale, params.alpha,
-                                    params.log_floor, write_grad)
+        single_shard = tp_group is None or dist.get_world_size(tp_group) == 1
+        if (single_shard and single_pass_enabled() and hasattr(backend, "fused_single")
+                and backend.single_supported(logits, ids.shape[1])):
+            _last_path = "single"
+            grad, terms = backend.fused_single(logits, ids, values, teacher_lse, labels if ce else None, row_weight,
+                                               params.start, params.real, params.tau, params.divergence,
+                                               params.beta, params.tail, params.has_tail, params.values_mode,
+                                               params.kd_scale, params.alpha, params.log_floor, write_grad)
+        else:
+            _last_path = "two_pass"
+            m2, stats = backend.pass1(logits, ids, labels if ce else None, params.start, params.real, params.tau,
+                                      params.dense, ce)
+            if not single_shard:
+                m2, stats = _reduce_between_passes(m2, stats, params.tau, tp_group, params.dense)
+            grad, terms = backend.pass2(logits, ids, values, teacher_lse, labels if ce else None, m2, stats,
+                                        row_weight, params.start, params.real, params.tau, params.divergence,
+                                        params.beta, params.tail, params.has_tail, params.values_mode,
+                                        params.kd_scale, params.alpha, params.log_floor, write_grad)
         loss_t = (1.0 - params.alpha) * terms[:, 0] + params.alpha * terms[:, 1]
         loss = (loss_t * row_weight.to(terms.dtype)).sum() * post_scale
         ctx.grad_buf, ctx.post_scale, ctx.backend = grad, post_scale, backend
