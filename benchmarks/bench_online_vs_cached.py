@@ -104,7 +104,9 @@ def main(argv=None) -> int:
                  "topk": cfg.teacher.topk, "cache_dtype": args.cache_dtype, "live_fraction": args.live_fraction,
                  "runs": {}}
     runs = res["runs"]
-    launch(["-c", "import kdtrain.training.distill, kdtrain.cache.job"])  # byte-compile once: equal start-ups
+    # Byte-compile once and build the KD kernels (just in time on first use): equal start-ups.
+    launch(["-c", "import kdtrain.training.distill, kdtrain.cache.job; from kdtrain.loss import load_kernels; "
+                  "load_kernels()"])
     runs["online"] = distill(config, common, out / "logs" / "online", warmup)
     wall, _ = launch([str(REPO / "scripts" / "cache_teacher.py"), "--config", config, "--out", str(cache_dir),
                       "--samples", str(steps * tr.global_batch_size), f"cache.dtype={args.cache_dtype}", *common])

@@ -346,3 +346,38 @@ def test_prefetch_serves_in_order_skips_and_falls_back(caches):
         reader.prefetch([[SAMPLES, SAMPLES + 1]], spec)  # errors surface in payload(), in the consumer
         with pytest.raises(ValueError, match="not cached"):
             reader.payload([SAMPLES, SAMPLES + 1], spec)
+
+
+@pytest.mark.slow
+def test_sigkilled_cache_job_restarts_to_an_identical_cache(tmp_path):
+    """scripts/cache_teacher.py killed with SIGKILL once it has written a few shards, rerun with the
+    same command: the cache equals an uninterrupted one byte for byte."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    def cmd(out):  # the demo teacher's shape (random weights) over mock tokens: a few seconds, 32 shards
+        return [sys.executable, str(REPO / "scripts" / "cache_teacher.py"), "--config", "tiny", "--out", str(out),
+                "--samples", "512", "cache.shard_samples=16", "cache.dtype=bf16", "teacher.model=demo-teacher",
+                "student.model=demo-student", "data.mock=true", "data.path=[]", "data.seq_length=128"]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(cmd(whole), env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and len(list(killed.glob("shard_*.bin"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    assert not Manifest.load(killed).complete
+    subprocess.run(cmd(killed), env=env, check=True, capture_output=True, timeout=300)
+    names = sorted(p.name for p in whole.iterdir())
+    assert names == sorted(p.name for p in killed.iterdir())  # no temp files left behind
+    for name in names:
+        assert (whole / name).read_bytes() == (killed / name).read_bytes(), name
