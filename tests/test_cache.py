@@ -362,7 +362,7 @@ def test_sigkilled_cache_job_restarts_to_an_identical_cache(tmp_path):
 
     def cmd(out):  # the demo teacher's shape (random weights) over mock tokens: a few seconds, 32 shards
         return [sys.executable, str(REPO / "scripts" / "cache_teacher.py"), "--config", "tiny", "--out", str(out),
-                "--samples", "512", "cache.shard_samples=16", "cache.dtype=bf16", "teacher.model=demo-teacher",
+                "--samples", "256", "cache.shard_samples=8", "cache.dtype=bf16", "teacher.model=demo-teacher",
                 "student.model=demo-student", "data.mock=true", "data.path=[]", "data.seq_length=128"]
 
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
