@@ -20,45 +20,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.entry_runs import (CPU_FP32, MOCK, REPO, add_run_args, resolve_run_args,  # noqa: E402
+                                   run_entry, train_records)
 from kdtrain.config.distill import load_distill_config  # noqa: E402
 
 GPU = dict(distill="configs/distill/llama-1.2b-to-150m-h100.yaml", pretrain="configs/pretrain/llama-3.2-1b-h100.yaml",
            steps=20, device=[])
-CPU_TINY = dict(distill="configs/distill/tiny.yaml", pretrain="configs/pretrain/tiny.yaml", steps=6,
-                device=["precision.device=cpu", "precision.dtype=fp32"])
-MOCK = ["data.mock=true", "data.path=[]"]
+CPU_TINY = dict(distill="configs/distill/tiny.yaml", pretrain="configs/pretrain/tiny.yaml", steps=6, device=CPU_FP32)
 
 
 def run(script: str, config: str, overrides: list[str], log_dir: Path) -> list[dict]:
-    cmd = [sys.executable, str(REPO / "scripts" / script), "--config", config, *overrides,
-           f"logging.dir={log_dir}", "logging.interval=1", "logging.progress_bar=false", "logging.tensorboard=false",
-           "checkpoint.dir=null"]
-    print("$", " ".join(cmd[1:]), flush=True)
-    t0 = time.time()
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    print(f"  done in {time.time() - t0:.0f} s", flush=True)
-    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line).get("kind", "train") == "train"]
+    return train_records(run_entry(script, config, overrides, log_dir)[1])
 
 
 def summarise(records: list[dict], warmup: int, keys: tuple[str, ...]) -> dict:
-    steady = [r for r in records if r["step"] > warmup] or records
+    steady = train_records(records, warmup)
     out = {"steps_timed": len(steady)}
     for k in keys:
         vals = [r[k] for r in steady if k in r]
@@ -74,18 +60,10 @@ RATE_KEYS = ("step_time_s", "samples_per_s", "tokens_per_s", "tflops_per_device"
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--cpu-tiny", action="store_true", help="tiny models on CPU (smoke test of the harness)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 5, tiny 2)")
+    add_run_args(ap)
     args = ap.parse_args(argv)
     mode = CPU_TINY if args.cpu_tiny else GPU
-    steps = args.steps or mode["steps"]
-    warmup = args.warmup if args.warmup is not None else (2 if args.cpu_tiny else 5)
-    if steps <= warmup:
-        raise ValueError(f"--steps {steps} leaves no step after --warmup {warmup}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    steps, warmup, out = resolve_run_args(args, mode["steps"])
     dcfg = load_distill_config(str(REPO / mode["distill"]), MOCK + mode["device"])
     tm, sm = dcfg.teacher.model, dcfg.student.model
     tr, seq = dcfg.training, dcfg.data.seq_length

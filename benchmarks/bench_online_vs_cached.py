@@ -22,50 +22,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.entry_runs import (CPU_FP32, MOCK, REPO, add_run_args, launch, resolve_run_args,  # noqa: E402
+                                   run_entry, train_records)
 from kdtrain.config.distill import load_distill_config  # noqa: E402
 
 GPU = dict(config="configs/distill/llama-1.2b-to-150m-h100.yaml", steps=30, device=[], eval_batches=2)
-CPU_TINY = dict(config="configs/distill/tiny.yaml", steps=6, device=["precision.device=cpu", "precision.dtype=fp32"],
-                eval_batches=1)
-MOCK = ["data.mock=true", "data.path=[]"]
-
-
-def launch(args: list[str]) -> tuple[float, str]:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    print("$", " ".join(args), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    print(f"  {wall:.1f} s", flush=True)
-    return wall, proc.stdout
+CPU_TINY = dict(config="configs/distill/tiny.yaml", steps=6, device=CPU_FP32, eval_batches=1)
 
 
 def distill(config: str, overrides: list[str], log_dir: Path, warmup: int) -> dict:
-    wall, _ = launch([str(REPO / "scripts" / "distill_gpt.py"), "--config", config, *overrides,
-                      f"logging.dir={log_dir}", "logging.interval=1", "logging.progress_bar=false",
-                      "logging.tensorboard=false", "checkpoint.dir=null"])
-    recs = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in recs if r.get("kind", "train") == "train"]
-    steady = [r for r in train if r["step"] > warmup] or train
+    wall, recs = run_entry("distill_gpt.py", config, overrides, log_dir)
+    train = train_records(recs)
+    steady = train_records(recs, warmup)
     valid = [r for r in recs if r.get("kind") == "valid"]
     out = {"wall_s": wall, "samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
            "step_time_s": statistics.median(r["step_time_s"] for r in steady),
-           "student_phase_s": sum(r["step_time_s"] for r in train), "final_train_loss": train[-1]["loss"], "live_steps": sum(r.get("teacher_live", 1) for r in train)}
+           "student_phase_s": sum(r["step_time_s"] for r in train), "final_train_loss": train[-1]["loss"],
+           "live_steps": sum(r.get("teacher_live", 1) for r in train)}
     if valid:
         out["valid_loss"] = valid[-1]["valid_loss"]
     if "peak_mem_gib" in train[-1]:
@@ -75,20 +58,12 @@ def distill(config: str, overrides: list[str], log_dir: Path, warmup: int) -> di
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--cpu-tiny", action="store_true", help="tiny models on CPU (smoke test of the harness)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 5, tiny 2)")
+    add_run_args(ap)
     ap.add_argument("--live-fraction", type=float, default=0.25, help="mixed mode's share of live-teacher steps")
     ap.add_argument("--cache-dtype", default="bf16")
     args = ap.parse_args(argv)
     mode = CPU_TINY if args.cpu_tiny else GPU
-    steps = args.steps or mode["steps"]
-    warmup = args.warmup if args.warmup is not None else (2 if args.cpu_tiny else 5)
-    if steps <= warmup:
-        raise ValueError(f"--steps {steps} leaves no step after --warmup {warmup}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    steps, warmup, out = resolve_run_args(args, mode["steps"])
     config = str(REPO / mode["config"])
     common = [*MOCK, *mode["device"], f"training.train_steps={steps}", f"training.eval_batches={mode['eval_batches']}",
               "training.eval_interval=0"]
