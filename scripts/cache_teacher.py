@@ -21,7 +21,7 @@ import sys
 
 from kdtrain.cache.job import load_cache_job_config, run_cache_job
 from kdtrain.config.distill import load_distill_config
-from kdtrain.parallel import shutdown_distributed
+from kdtrain.parallel import run_job
 
 
 def main(argv=None) -> int:
@@ -33,18 +33,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cache_over = [o for o in args.overrides if o.lstrip("-").startswith("cache.")]
     run_over = [o for o in args.overrides if o not in cache_over]
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        job = load_cache_job_config(cache_over, out=args.out, samples=args.samples)
-        cfg = load_distill_config(args.config, run_over)
-        run_cache_job(cfg, job, log=(lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None))
-    except ValueError as e:
-        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        print(f"{prefix}error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
-    return 0
+    log = (lambda msg: print(msg, flush=True)) if int(os.environ.get("RANK", 0)) == 0 else (lambda msg: None)
+
+    def job():
+        cache_job = load_cache_job_config(cache_over, out=args.out, samples=args.samples)
+        run_cache_job(load_distill_config(args.config, run_over), cache_job, log=log)
+
+    return run_job(job)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ Any config field can be overridden as ``section.field=value`` after the options.
 """
 
 import argparse
-import os
 import sys
 
 from kdtrain.config.distill import load_distill_config
-from kdtrain.parallel import shutdown_distributed
+from kdtrain.parallel import run_job
 from kdtrain.stream.channel import StreamError
 from kdtrain.training.distill import distill
 
@@ -24,16 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="run YAML (path or name under configs/distill/)")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_distill_config(args.config, args.overrides)
-        distill(cfg)
-    except (ValueError, StreamError) as e:
-        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        print(f"{rank}error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
-    return 0
+    return run_job(lambda: distill(load_distill_config(args.config, args.overrides)), errors=(ValueError, StreamError))
 
 
 if __name__ == "__main__":

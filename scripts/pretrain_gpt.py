@@ -8,11 +8,10 @@ Single process: ``python scripts/pretrain_gpt.py --config configs/pretrain/demo.
 """
 
 import argparse
-import os
 import sys
 
 from kdtrain.config import load_pretrain_config
-from kdtrain.parallel import shutdown_distributed
+from kdtrain.parallel import run_job
 from kdtrain.training.pretrain import pretrain
 
 
@@ -21,16 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="run YAML (path or name under configs/pretrain/)")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_pretrain_config(args.config, args.overrides)
-        pretrain(cfg)
-    except ValueError as e:
-        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        print(f"{rank}error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
-    return 0
+    return run_job(lambda: pretrain(load_pretrain_config(args.config, args.overrides)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -59,3 +60,18 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_job(job, errors: tuple = (ValueError,)) -> int:
+    """Entry-point wrapper for the torchrun scripts: run ``job()``; a user error (``errors``) is one
+    line on stderr, prefixed with the rank when there are several, and exit code 2, not a stack
+    trace; the process group is torn down either way."""
+    try:
+        job()
+    except errors as e:
+        prefix = f"[rank {os.environ.get('RANK', 0)}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+    return 0
