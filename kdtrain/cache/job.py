@@ -117,7 +117,7 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
     spec = PayloadSpec(manifest.seq_length, m, manifest.k, torch.float32)
     dataset = open_dataset(run.data, run.teacher.model)
     teacher = Teacher(run.teacher.model, groups, spec, run.loss.tau, run.teacher.load, env.device, dtype,
-                      run.training.seed + 1)
+                      run.training.seed + 1, compile=run.precision.compile)
     identity = bytes.fromhex(manifest.identity())
     writes = groups.is_last_stage and groups.tp_rank == 0
     todo = plan_shards(index.num_shards, par.dp, groups.dp_rank, set(done))

@@ -116,6 +116,9 @@ class OptimizerConfig:
 class PrecisionConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
+    # torch.compile each transformer layer (kdtrain/models/compile.py): fused elementwise kernels
+    # and less host time per layer on GPU; same math. The first steps include the compilation.
+    compile: bool = False
 
 
 @dataclass
@@ -128,10 +131,16 @@ class LoggingConfig:
     wandb_project: Optional[str] = None  # online when a project is given and a key is available
     wandb_entity: Optional[str] = None
     peak_tflops: Optional[float] = None  # per-device dense peak for MFU; None = look up the device
+    # [first, last] steps (1-based, as logged) to record with torch.profiler: summary, operator
+    # table and trace per rank under <dir>/profile/ (kdtrain/training/profiling.py).
+    profile_steps: Optional[tuple[int, int]] = None
 
     def check(self, where: str = "logging") -> None:
         if self.interval < 1:
             raise field_error(where, "interval", f"must be >= 1, got {self.interval}")
+        if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
+            raise field_error(where, "profile_steps", f"[first, last] with 1 <= first <= last, "
+                              f"got {list(self.profile_steps)}")
 
 
 @dataclass

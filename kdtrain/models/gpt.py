@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from ..config import ModelConfig
 from ..parallel import RoleGroups
 from .attention import SDPAttention
+from .compile import check_compile_support, compile_layers
 from .init import init_parameters
 from .params import ParamSpec, param_specs
 from .rope import DeviceRotaryEmbedding
@@ -105,10 +106,13 @@ class KDGPTModel(GPTModel):
 
 
 def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dtype: torch.dtype,
-              seed: int, use_te: Optional[bool] = None) -> KDGPTModel:
-    """This rank's pipeline stage of a GPT, initialised from ``seed`` (layout-independent)."""
+              seed: int, use_te: Optional[bool] = None, compile: bool = False) -> KDGPTModel:
+    """This rank's pipeline stage of a GPT, initialised from ``seed`` (layout-independent);
+    ``compile``: torch.compile its transformer layers (see compile.py)."""
     layout = groups.layout
     cfg.check_layout(layout.tp, layout.pp, f"{layout.name}.parallel")
+    if compile:
+        check_compile_support(device)
     if use_te is None:
         use_te = transformer_engine_available(device)
     tcfg = transformer_config(cfg, layout.tp, layout.pp, dtype, device)
@@ -145,5 +149,7 @@ def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dty
     model.layer_offset = get_transformer_layer_offset(tcfg, pp_rank=groups.pp_rank)
     model.param_specs = param_specs(model, cfg, groups.tp_rank, layout.tp, model.layer_offset)
     init_parameters(model, model.param_specs, cfg, seed)
+    if compile:
+        compile_layers(model)
     return model
 

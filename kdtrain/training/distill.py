@@ -43,6 +43,7 @@ from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_i
 from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
 from .optimizer import lr_at
+from .profiling import StepProfiler
 from .pretrain import build_trainable, evaluate, lm_forward_step, open_dataset, resolve_dtype, restore_role, save_role
 from .step import train_step
 from .teacher import Teacher
@@ -174,11 +175,12 @@ def distill(cfg: DistillConfig) -> dict:
     teacher = student = None
     if t_groups.is_member and cfg.teacher.source != "cache":
         teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,
-                          tr.seed + 1)
+                          tr.seed + 1, compile=cfg.precision.compile)
     start_step = 0
     if s_groups.is_member:
         student = build_trainable(cfg.student.model, s_groups, cfg.optimizer, cfg.data.seq_length,
-                                  tr.micro_batch_size, env.device, dtype, tr.seed)
+                                  tr.micro_batch_size, env.device, dtype, tr.seed,
+                                  compile=cfg.precision.compile)
         ck = cfg.checkpoint
         if cfg.student.load and not ck.load:
             ck = dataclasses.replace(ck, load=cfg.student.load)
@@ -202,7 +204,8 @@ def distill(cfg: DistillConfig) -> dict:
                  f"(tp={s_layout.tp} pp={s_layout.pp} dp={s_layout.dp}, ranks {s_layout.ranks.start}-"
                  f"{s_layout.ranks.stop - 1}), {cfg.split.mode}, top-{spec.k}, {cfg.loss.divergence}, "
                  f"{str(dtype).removeprefix('torch.')}, attention="
-                 f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}")
+                 f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
+                 f"{', compiled layers' if cfg.precision.compile else ''}")
 
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length
     seq = cfg.data.seq_length
@@ -213,8 +216,10 @@ def distill(cfg: DistillConfig) -> dict:
     summary: dict = {"start_step": start_step}
     timers = {"teacher_wait_s": 0.0}
     teacher_side = TeacherSideStats(env.device)
+    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
     step = start_step
     while step < tr.train_steps:
+        profiler.begin(step + 1)
         first = step * tr.global_batch_size
         live = live_teacher_step(step, cfg, reader)
         source = channel if live else cached
@@ -257,6 +262,7 @@ def distill(cfg: DistillConfig) -> dict:
             teacher_side.end_step(channel)
         rates = s_tp.stop()
         step += 1
+        profiler.end(step)
         log_now = step % cfg.logging.interval == 0 or step == tr.train_steps
         t_stats = teacher_side.collect() if log_now else {}  # collective: every rank, same steps
         if result is not None:

@@ -21,6 +21,7 @@ from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
 from .optimizer import AdamWOptimizer, lr_at
 from .pipeline import ForwardStep, PipelineSchedule
+from .profiling import StepProfiler
 from .step import eval_step, train_step
 
 LM_REPORT_KEYS = ("loss_sum", "tokens")
@@ -80,8 +81,9 @@ class Role:
 
 
 def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, seq_length: int,
-                    micro_batch: int, device: torch.device, dtype: torch.dtype, seed: int) -> Role:
-    model = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed)
+                    micro_batch: int, device: torch.device, dtype: torch.dtype, seed: int,
+                    compile: bool = False) -> Role:
+    model = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed, compile=compile)
     grads = GradBuffer(model, model.param_specs)
     params = [(model.param_specs[n], p) for n, p in model.named_parameters()]
     optimizer = AdamWOptimizer(params, optimizer_cfg, groups.pgc.dp)
@@ -113,7 +115,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     groups = build_role_groups(RoleLayout("model", 0, par.tp, par.pp, par.dp), timeout_s=cfg.distributed.timeout_s)
     dataset = open_dataset(cfg.data, cfg.model)
     role = build_trainable(cfg.model, groups, cfg.optimizer, cfg.data.seq_length, t.micro_batch_size,
-                           env.device, dtype, t.seed)
+                           env.device, dtype, t.seed, compile=cfg.precision.compile)
     forward_step = lm_forward_step(cfg.model.vocab_size, groups.pgc.tp)
 
     start_step = restore_role(cfg.checkpoint, cfg.model, role, env.rank)
@@ -123,13 +125,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
         f"kdtrain pretrain: {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f}M params, padded vocab "
         f"{cfg.model.padded_vocab_size(par.tp)}), tp={par.tp} pp={par.pp} dp={par.dp} on {env.world_size} "
         f"{env.device.type} rank(s), {str(dtype).removeprefix('torch.')}, attention="
-        f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}, start step {start_step}")
+        f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
+        f"{', compiled layers' if cfg.precision.compile else ''}, start step {start_step}")
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     throughput = Throughput(tokens_per_step, t.global_batch_size, cfg.model.flops_per_token(cfg.data.seq_length),
                             env.world_size, peak_tflops(env.device, cfg.logging.peak_tflops), env.device)
     summary: dict = {"start_step": start_step}
+    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
     step = start_step
     while step < t.train_steps:
+        profiler.begin(step + 1)
         lr = lr_at(step, cfg.optimizer, t.train_steps)
         mbs = microbatches(dataset.train_sample, step * t.global_batch_size, t.global_batch_size,
                            t.micro_batch_size, groups.dp_rank, par.dp, env.device)
@@ -138,6 +143,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                             cfg.optimizer.clip_grad, cfg.model.tie_embeddings, LM_REPORT_KEYS)
         rates = throughput.stop()
         step += 1
+        profiler.end(step)
         loss = result.sums["loss_sum"] / result.sums["tokens"]
         metrics = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
                    "consumed_samples": step * t.global_batch_size, **rates}

@@ -35,9 +35,11 @@ def load_checkpoint_weights(path: str, model_cfg: ModelConfig, params, role: str
 
 class Teacher:
     def __init__(self, model_cfg: ModelConfig, groups: RoleGroups, spec: PayloadSpec, tau: float,
-                 load: Optional[str], device: torch.device, dtype: torch.dtype, seed: int):
+                 load: Optional[str], device: torch.device, dtype: torch.dtype, seed: int,
+                 compile: bool = False):
         self.cfg, self.groups, self.spec, self.tau = model_cfg, groups, spec, tau
-        self.model: KDGPTModel = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed)
+        self.model: KDGPTModel = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed,
+                                           compile=compile)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
