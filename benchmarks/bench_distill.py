@@ -3,6 +3,7 @@ distillation step of one pair, measured back to back on the same device with the
 
     python benchmarks/bench_distill.py --out benchmarks/results/distill_h100     # one GPU, bf16
     python benchmarks/bench_distill.py --cpu-tiny --out /tmp/bench_distill       # CI smoke mode
+    python benchmarks/bench_distill.py --compile --profile --out DIR   # compiled layers; where time goes
 
 Three runs of the real entry points (single process, mock tokens, random weights):
   student_train  scripts/pretrain_gpt.py with the student model: plain training throughput
@@ -13,6 +14,9 @@ Three runs of the real entry points (single process, mock tokens, random weights
 Each figure is the median over the steps after ``--warmup``. MFU counts model FLOPs
 (kdtrain/training/metrics.py): the distill step's MFU counts the student's training FLOPs plus
 the teacher's forward FLOPs. Peak memory is torch.cuda.max_memory_allocated of each run.
+``--compile`` runs every entry point with ``precision.compile=true``; ``--profile`` adds two steps
+per run under torch.profiler and reports, per run, the step's device-busy share, kernel count and
+time by category (matmul, attention, KD loss, top-k, other = memory-bound and glue kernels).
 Writes ``bench_distill.json`` and ``bench_distill.md`` under --out.
 """
 
@@ -31,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.entry_runs import (CPU_FP32, MOCK, REPO, add_run_args, resolve_run_args,  # noqa: E402
-                                   run_entry, train_records)
+                                   read_profiles, run_entry, run_overrides, train_records)
 from kdtrain.config.distill import load_distill_config  # noqa: E402
 
 GPU = dict(distill="configs/distill/llama-1.2b-to-150m-h100.yaml", pretrain="configs/pretrain/llama-3.2-1b-h100.yaml",
@@ -39,12 +43,16 @@ GPU = dict(distill="configs/distill/llama-1.2b-to-150m-h100.yaml", pretrain="con
 CPU_TINY = dict(distill="configs/distill/tiny.yaml", pretrain="configs/pretrain/tiny.yaml", steps=6, device=CPU_FP32)
 
 
-def run(script: str, config: str, overrides: list[str], log_dir: Path) -> list[dict]:
-    return train_records(run_entry(script, config, overrides, log_dir)[1])
+PROFILED_STEPS = 2  # --profile: two extra steps at the end of each run, left out of the medians
 
 
-def summarise(records: list[dict], warmup: int, keys: tuple[str, ...]) -> dict:
-    steady = train_records(records, warmup)
+def run(script: str, config: str, overrides: list[str], log_dir: Path) -> tuple[list[dict], dict]:
+    """(training records, {rank: profile summary}) of one run."""
+    return train_records(run_entry(script, config, overrides, log_dir)[1]), read_profiles(log_dir)
+
+
+def summarise(records: list[dict], warmup: int, keys: tuple[str, ...], steps: int) -> dict:
+    steady = [r for r in train_records(records, warmup) if r["step"] <= steps]
     out = {"steps_timed": len(steady)}
     for k in keys:
         vals = [r[k] for r in steady if k in r]
@@ -61,16 +69,22 @@ RATE_KEYS = ("step_time_s", "samples_per_s", "tokens_per_s", "tflops_per_device"
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_args(ap)
+    ap.add_argument("--profile", action="store_true",
+                    help=f"run {PROFILED_STEPS} more steps per run under torch.profiler (logging.profile_steps); "
+                         "their summaries go into the report, their times stay out of the medians")
     args = ap.parse_args(argv)
     mode = CPU_TINY if args.cpu_tiny else GPU
     steps, warmup, out = resolve_run_args(args, mode["steps"])
-    dcfg = load_distill_config(str(REPO / mode["distill"]), MOCK + mode["device"])
+    device = run_overrides(args, mode["device"])
+    dcfg = load_distill_config(str(REPO / mode["distill"]), MOCK + device)
     tm, sm = dcfg.teacher.model, dcfg.student.model
     tr, seq = dcfg.training, dcfg.data.seq_length
     # The plain-training runs take the distill run's shapes, so every rate is per the same batch.
+    run_steps = steps + (PROFILED_STEPS if args.profile else 0)
+    length = [f"training.train_steps={run_steps}", "training.eval_batches=0", *MOCK, *device,
+              *([f"logging.profile_steps=[{steps + 1},{run_steps}]"] if args.profile else [])]
     shape = [f"data.seq_length={seq}", f"training.micro_batch_size={tr.micro_batch_size}",
-             f"training.global_batch_size={tr.global_batch_size}", f"training.train_steps={steps}",
-             "training.eval_batches=0", *MOCK, *mode["device"]]
+             f"training.global_batch_size={tr.global_batch_size}", *length]
     res: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_tiny
                  else platform.processor() or "cpu",
                  "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "command": " ".join(sys.argv),
@@ -79,16 +93,21 @@ def main(argv=None) -> int:
                  "seq_length": seq, "micro_batch_size": tr.micro_batch_size,
                  "global_batch_size": tr.global_batch_size, "steps": steps, "warmup": warmup,
                  "topk": dcfg.teacher.topk, "divergence": dcfg.loss.divergence, "beta": dcfg.loss.beta,
-                 "dtype": dcfg.precision.dtype, "runs": {}}
+                 "dtype": dcfg.precision.dtype, "compile": dcfg.precision.compile, "runs": {}}
     tmp = out / "logs"
-    recs = run("pretrain_gpt.py", mode["pretrain"], [f"model={sm.name}", *shape], tmp / "student_train")
-    res["runs"]["student_train"] = summarise(recs, warmup, RATE_KEYS)
-    recs = run("pretrain_gpt.py", mode["pretrain"], [f"model={tm.name}", *shape], tmp / "teacher_train")
-    res["runs"]["teacher_train"] = summarise(recs, warmup, RATE_KEYS)
-    recs = run("distill_gpt.py", mode["distill"], [f"training.train_steps={steps}", "training.eval_batches=0", *MOCK, *mode["device"]], tmp / "distill")
+    profiles = {}
+    recs, profiles["student_train"] = run("pretrain_gpt.py", mode["pretrain"], [f"model={sm.name}", *shape],
+                                          tmp / "student_train")
+    res["runs"]["student_train"] = summarise(recs, warmup, RATE_KEYS, steps)
+    recs, profiles["teacher_train"] = run("pretrain_gpt.py", mode["pretrain"], [f"model={tm.name}", *shape],
+                                          tmp / "teacher_train")
+    res["runs"]["teacher_train"] = summarise(recs, warmup, RATE_KEYS, steps)
+    recs, profiles["distill"] = run("distill_gpt.py", mode["distill"], length, tmp / "distill")
     d = summarise(recs, warmup, RATE_KEYS + ("teacher_compute_s", "teacher_wait_s", "teacher_mfu",
-                                             "teacher_tflops_per_device"))
+                                             "teacher_tflops_per_device"), steps)
     res["runs"]["distill"] = d
+    if args.profile:
+        res["profiles"] = {name: p[0] for name, p in profiles.items() if 0 in p}
     tokens = tr.global_batch_size * seq
     fwd_flops = tm.flops_per_token(seq) / 3
     if d.get("teacher_compute_s"):
@@ -110,7 +129,8 @@ def main(argv=None) -> int:
 
 def markdown(res: dict) -> str:
     lines = [f"# Distillation step vs plain training: {res['teacher']['model']} -> {res['student']['model']}", "",
-             f"{res['device']}, {res['date']}, torch {res['torch']}, {res['dtype']}, seq {res['seq_length']}, "
+             f"{res['device']}, {res['date']}, torch {res['torch']}, {res['dtype']}"
+             f"{', compiled layers' if res.get('compile') else ''}, seq {res['seq_length']}, "
              f"micro-batch {res['micro_batch_size']}, global batch {res['global_batch_size']}, top-{res['topk']} "
              f"{res['divergence']} (beta {res['beta']}); medians over steps {res['warmup'] + 1}-{res['steps']}.", "",
              f"Command: `{res['command']}`", "",
@@ -124,7 +144,26 @@ def markdown(res: dict) -> str:
     lines += ["", f"Distillation runs at {100 * res['distill_vs_student_train']:.0f}% of the student's plain training "
               "samples/s (the teacher forward is the difference). The distill row's MFU counts the student's "
               "training FLOPs plus the teacher's forward FLOPs.", ""]
+    if res.get("profiles"):
+        lines += profile_table(res["profiles"])
     return "\n".join(lines)
+
+
+def profile_table(profiles: dict) -> list[str]:
+    """Where a profiled step's time goes (kdtrain/training/profiling.py summaries, rank 0)."""
+    cats = sorted({c for p in profiles.values() for c in p["by_category_s_per_step"]})
+    gpu = all(p["device"] == "cuda" for p in profiles.values())
+    busy = "device busy" if gpu else "op time"
+    lines = [f"Profiled steps (torch.profiler, rank 0; ms per step; {busy} = "
+             + ("sum of kernel time" if gpu else "sum of operator self CPU time") + "):", "",
+             f"| run | step ms | {busy} | kernels | " + " | ".join(cats) + " |",
+             "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in cats) + " |"]
+    for name, p in profiles.items():
+        b = p.get("device_busy_s_per_step", p.get("op_time_s_per_step", 0.0))
+        lines.append(f"| {name} | {1e3 * p['wall_s_per_step']:.1f} | {1e3 * b:.1f} ({100 * b / p['wall_s_per_step']:.0f}%) | "
+                     f"{p.get('kernels_per_step', 0):.0f} | "
+                     + " | ".join(f"{1e3 * p['by_category_s_per_step'].get(c, 0.0):.1f}" for c in cats) + " |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

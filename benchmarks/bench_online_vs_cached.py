@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.entry_runs import (CPU_FP32, MOCK, REPO, add_run_args, launch, resolve_run_args,  # noqa: E402
-                                   run_entry, train_records)
+                                   run_entry, run_overrides, train_records)
 from kdtrain.config.distill import load_distill_config  # noqa: E402
 
 GPU = dict(config="configs/distill/llama-1.2b-to-150m-h100.yaml", steps=30, device=[], eval_batches=2)
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     mode = CPU_TINY if args.cpu_tiny else GPU
     steps, warmup, out = resolve_run_args(args, mode["steps"])
     config = str(REPO / mode["config"])
-    common = [*MOCK, *mode["device"], f"training.train_steps={steps}", f"training.eval_batches={mode['eval_batches']}",
+    common = [*MOCK, *run_overrides(args, mode["device"]), f"training.train_steps={steps}", f"training.eval_batches={mode['eval_batches']}",
               "training.eval_interval=0"]
     cfg = load_distill_config(config, common)
     tr = cfg.training
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
                  "teacher": cfg.teacher.model.name, "student": cfg.student.model.name, "steps": steps,
                  "global_batch_size": tr.global_batch_size, "seq_length": cfg.data.seq_length,
                  "topk": cfg.teacher.topk, "cache_dtype": args.cache_dtype, "live_fraction": args.live_fraction,
+                 "compile": cfg.precision.compile,
                  "runs": {}}
     runs = res["runs"]
     # Byte-compile once and build the KD kernels (just in time on first use): equal start-ups.
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
 def markdown(res: dict) -> str:
     r = res["runs"]
     lines = [f"# Online vs cached vs mixed teacher: {res['teacher']} -> {res['student']}", "",
-             f"{res['device']}, {res['date']}, torch {res['torch']}; {res['steps']} student steps x global batch "
+             f"{res['device']}, {res['date']}, torch {res['torch']}{', compiled layers' if res.get('compile') else ''}; "
+             f"{res['steps']} student steps x global batch "
              f"{res['global_batch_size']} x seq {res['seq_length']}, top-{res['topk']}, cache values "
              f"{res['cache_dtype']}, mixed live fraction {res['live_fraction']}.", "",
              f"Command: `{res['command']}`", "",

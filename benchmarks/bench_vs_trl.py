@@ -3,10 +3,13 @@
     # CI / laptop: tiny Llama-style pair on CPU, every variant that runs there (~45 s on 2 cores)
     python benchmarks/bench_vs_trl.py --cpu-tiny --out /tmp/bench-trl-cpu
 
-    # One H100, both pairs, ~6 min (~6.5 min on a fresh machine, where the fused loss kernel is first
-    # JIT-built, outside the timings): ~1.2B -> ~150M Llama-style, vocab 32000, and Qwen2.5-1.5B ->
-    # Qwen2.5-0.5B shapes, vocab 151936; seq 1024, 10 timed steps after 3 warm-up steps
+    # One H100, both pairs: ~1.2B -> ~150M Llama-style, vocab 32000, and Qwen2.5-1.5B ->
+    # Qwen2.5-0.5B shapes, vocab 151936; seq 1024, 10 timed steps after 3 warm-up steps. The four
+    # eager systems took ~6 min for both pairs (+30 s on a fresh machine, where the fused loss
+    # kernel is first JIT-built, outside the timings); the two compiled variants add their runs and
+    # compilation, so run one pair per call where a call is time-limited
     python benchmarks/bench_vs_trl.py --preset llama --preset qwen --out benchmarks/results/trl-h100
+    python benchmarks/bench_vs_trl.py --preset llama --systems trl-gkd,kdtrain-colocated --out /tmp/x
 
 What runs (each system in its own process, so its peak memory is its own):
   (a) trl-gkd                GKDTrainer, lmbda=0 (off-policy: word-level KD on the dataset tokens),
@@ -17,6 +20,11 @@ What runs (each system in its own process, so its peak memory is its own):
   (c) kdtrain-colocated      kdtrain.training.distill: teacher and student on the same device(s)
   (d) kdtrain-disaggregated  teacher on rank 0, student on rank 1 (torchrun, 2 ranks): run on CPU
                              (two processes) and where more than one GPU exists, else skipped
+  trl-gkd-compiled, kdtrain-colocated-compiled
+                             (a) with torch_compile=True and (c) with precision.compile=true
+                             (torch.compile of the student, and of kdtrain's teacher layers);
+                             the first step compiles, inside the warm-up. Run by default on GPU,
+                             not with --cpu-tiny (same numbers, minutes of C++ compilation)
 
 Shared by all: the HF teacher/student (random init from HF configs built here, no downloads, saved
 as safetensors; kdtrain imports them with ``kdtrain.convert``, so both frameworks start from the
@@ -47,7 +55,10 @@ TRL's step is timed from its on_step_begin to its on_step_end callback, which le
 loading and logging; kdtrain's is its own step timer, which leaves out its logging), MFU on GPU
 ((student training + teacher forward FLOPs per token) x tokens/s / (devices x bf16 peak)), peak
 memory per device (CUDA max allocated, also max reserved; on CPU the process's max RSS), losses
-per step, the common evaluation, the TRL version and every flag. Output: ``OUT/bench_<preset>.json``
+per step, the common evaluation, the TRL version and every flag; with ``--profile``, a torch.profiler
+summary of two extra steps per system (kdtrain.training.profiling: the device's busy share of the
+step, kernels per step, kernel time by category), which is where the "why" of a ratio comes from.
+Output: ``OUT/bench_<preset>.json``
 and ``OUT/bench_<preset>.png`` per preset; models and checkpoints go to ``--work`` (default
 ``OUT/work``).
 """
@@ -66,8 +77,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl_systems import (PRESETS, REPO, SYSTEMS, collect_kdtrain, prebuild_kernel,  # noqa: E402
-                            prepare_models, run_kdtrain_rank, run_trl)
+from vs_trl_systems import (CPU_SYSTEMS, PRESETS, REPO, SYSTEMS, collect_kdtrain,  # noqa: E402
+                            prebuild_kernel, prepare_models, run_kdtrain_rank, run_trl)
 
 
 # ---- orchestration --------------------------------------------------------------------------------
@@ -99,6 +110,15 @@ def skip_reason(system: str, job: dict, n_dev: int, force_disaggregated: bool):
             return "Liger's Triton kernels need a GPU"
     if system.startswith("trl") and importlib.util.find_spec("trl") is None:
         return "trl is not importable"
+    if system.endswith("-compiled"):
+        import torch
+
+        from kdtrain.models.compile import check_compile_support
+
+        try:
+            check_compile_support(torch.device(job["device"]), "torch.compile")
+        except ValueError as e:
+            return str(e)
     if system == "kdtrain-disaggregated" and job["device"] == "cuda" and n_dev < 2 and not force_disaggregated:
         return f"needs more than one GPU ({n_dev} visible): teacher and student each take a device"
     return None
@@ -131,8 +151,8 @@ def plot(result: dict, path: Path) -> None:
     panels = [p for p in panels if any(r[p[0]] is not None for r in rows)]
     if not rows or not panels:
         return
-    colors = {"trl-gkd": "#888888", "trl-gkd-liger": "#bbbbbb", "kdtrain-colocated": "#1f77b4",
-              "kdtrain-disaggregated": "#2ca02c"}
+    colors = {"trl-gkd": "#888888", "trl-gkd-liger": "#bbbbbb", "trl-gkd-compiled": "#666666",
+              "kdtrain-colocated": "#1f77b4", "kdtrain-colocated-compiled": "#17becf", "kdtrain-disaggregated": "#2ca02c"}
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         vals = [r[key] if r[key] is not None else 0.0 for r in rows]
@@ -164,7 +184,7 @@ def run_preset(name: str, args, out: Path, work: Path) -> dict:
     job = {"preset": name, "work": str(work / name), "seq_length": preset["seq_length"],
            "micro_batch": preset["micro_batch"], "global_batch": preset["global_batch"], "steps": steps,
            "warmup": warmup, "lr": preset["lr"], "weight_decay": 0.0, "adam_betas": [0.9, 0.95], "adam_eps": 1e-8,
-           "clip_grad": 1.0, "beta": args.beta, "topk": args.topk, "teacher_logit_scale": args.teacher_logit_scale, "seed": 1234, "data_seed": 4321,
+           "clip_grad": 1.0, "beta": args.beta, "topk": args.topk, "teacher_logit_scale": args.teacher_logit_scale, "profile": args.profile, "seed": 1234, "data_seed": 4321,
            "vocab_size": preset["student"]["vocab_size"], "device": "cuda" if cuda else "cpu",
            "precision": "bf16" if cuda else "fp32", "eval_samples": 2 * preset["micro_batch"]}
     Path(job["work"]).mkdir(parents=True, exist_ok=True)
@@ -176,7 +196,7 @@ def run_preset(name: str, args, out: Path, work: Path) -> dict:
     job_file.write_text(json.dumps(job, indent=1))
     n_dev = torch.cuda.device_count() if cuda else 1
     results = []
-    for system in args.systems:
+    for system in args.systems or (SYSTEMS if cuda else CPU_SYSTEMS):
         res = {"system": system, "status": "ok", "reason": None}
         reason = skip_reason(system, job, n_dev, args.force_disaggregated)
         if reason:
@@ -208,7 +228,8 @@ def run_preset(name: str, args, out: Path, work: Path) -> dict:
     by = {r["system"]: r for r in results if r["status"] == "ok"}
     speedups = {f"{ours}/{base}": {"samples_per_s": by[ours]["samples_per_s"] / by[base]["samples_per_s"],
                                    "peak_memory": by[ours]["peak_memory_gib"] / by[base]["peak_memory_gib"]}
-                for base in ("trl-gkd", "trl-gkd-liger") for ours in ("kdtrain-colocated", "kdtrain-disaggregated")
+                for base in ("trl-gkd", "trl-gkd-liger", "trl-gkd-compiled")
+                for ours in ("kdtrain-colocated", "kdtrain-colocated-compiled", "kdtrain-disaggregated")
                 if base in by and ours in by}
     return {
         "preset": name, "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
@@ -256,7 +277,11 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-logit-scale", type=float, default=1.0,
                     help="multiply the random teacher's logits (its final-norm weight) by this; 6 gives a trained "
                          "model's peakedness (~3 nats, top-64 mass ~0.9). Same teacher for every system")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list out of {SYSTEMS}")
+    ap.add_argument("--systems", default=None, help=f"comma list out of {SYSTEMS} (default: all of them on GPU, "
+                                                    f"{CPU_SYSTEMS} on CPU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="every system runs 2 more steps under torch.profiler (left out of the timing); the "
+                         "summary (device-busy share, kernels, time by category) goes into the report")
     ap.add_argument("--force-disaggregated", action="store_true", help="run (d) on one GPU too (2 ranks share it)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per system")
     ap.add_argument("--keep-work", action="store_true",
@@ -270,7 +295,7 @@ def main(argv=None) -> int:
         if args.worker.startswith("kdtrain"):
             run_kdtrain_rank(job, args.worker.removeprefix("kdtrain-"))
         else:
-            res = run_trl(job, liger=args.worker == "trl-gkd-liger")
+            res = run_trl(job, liger=args.worker == "trl-gkd-liger", compile=args.worker == "trl-gkd-compiled")
             (Path(job["work"]) / f"{args.worker}.json").write_text(json.dumps(res, default=str))
         return 0
 
@@ -280,7 +305,7 @@ def main(argv=None) -> int:
         ap.error("--out is required")
     if not 0.0 <= args.beta <= 1.0:
         raise ValueError(f"--beta {args.beta}: must be in [0, 1]")
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.systems = [s.strip() for s in (args.systems or "").split(",") if s.strip()]
     bad = [s for s in args.systems if s not in SYSTEMS]
     if bad:
         raise ValueError(f"--systems: {bad} not in {SYSTEMS}")
@@ -307,8 +332,7 @@ def main(argv=None) -> int:
         print(f"[{name}] speedups {json.dumps(result['speedups'])}\nwrote {json_path}", flush=True)
         ok &= all(r["status"] != "failed" for r in result["results"])
         if not args.keep_work:  # gigabytes of safetensors and checkpoints; the logs stay
-            for heavy in ("models", "trl", "trl-liger", "kdtrain-colocated/hf_student",
-                          "kdtrain-disaggregated/hf_student"):
+            for heavy in ("models", "trl", "trl-liger", "trl-compiled", *(f"{s}/hf_student" for s in SYSTEMS)):
                 shutil.rmtree(work / name / heavy, ignore_errors=True)
     return 0 if ok else 1
 

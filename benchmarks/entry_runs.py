@@ -23,6 +23,20 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cpu-tiny", action="store_true", help="tiny models on CPU (smoke test of the harness)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 5, tiny 2)")
+    ap.add_argument("--compile", action="store_true",
+                    help="precision.compile=true in every run (torch.compile of the transformer layers; the "
+                         "first step compiles, inside the warm-up)")
+
+
+def run_overrides(args, device: list[str]) -> list[str]:
+    """Overrides every run of a benchmark shares: the device/precision mode and --compile."""
+    return [*device, *(["precision.compile=true"] if args.compile else [])]
+
+
+def read_profiles(log_dir: Path) -> dict:
+    """{rank: summary} of the profiled steps of a run (empty when it was not profiled)."""
+    return {int(p.name.split("_")[0].removeprefix("rank")): json.loads(p.read_text())
+            for p in sorted((log_dir / "profile").glob("rank*_summary.json"))}
 
 
 def resolve_run_args(args, default_steps: int) -> tuple[int, int, Path]:

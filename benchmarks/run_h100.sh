@@ -6,6 +6,8 @@
 #
 #   bash benchmarks/run_h100.sh kernel pretrain distill      # first batch
 #   bash benchmarks/run_h100.sh planner trl cache            # second batch
+#   bash benchmarks/run_h100.sh distill_compiled cache_compiled   # precision.compile=true A/B
+#   bash benchmarks/run_h100.sh trl_llama trl_qwen           # + compiled systems and profiles
 set -u
 OUT=${OUT:-/tmp/kdtrain_h100_out}
 WORK=${WORK:-/tmp/kdtrain_h100}
@@ -38,6 +40,13 @@ for s in "$@"; do
       stage trl_bench 420 python benchmarks/bench_vs_trl.py --preset llama --preset qwen --out "$WORK/trl" ;;
     cache)
       stage cache_bench 300 python benchmarks/bench_online_vs_cached.py --out "$WORK/cache" ;;
+    distill_compiled)
+      stage distill_compiled_bench 420 python benchmarks/bench_distill.py --compile --profile --out "$WORK/distill_compiled" ;;
+    cache_compiled)
+      stage cache_compiled_bench 360 python benchmarks/bench_online_vs_cached.py --compile --out "$WORK/cache_compiled" ;;
+    trl_llama|trl_qwen)
+      stage "${s}_bench" 570 python benchmarks/bench_vs_trl.py --preset "${s#trl_}" --profile --teacher-logit-scale 6 \
+        --out "$WORK/$s" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

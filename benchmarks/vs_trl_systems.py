@@ -61,10 +61,26 @@ PRESETS = {
         student=_arch(_QWEN, 896, 24, 14, 2, 4864, 151936),
         seq_length=1024, micro_batch=4, global_batch=32, steps=13, warmup=3, lr=1e-4),
 }
-SYSTEMS = ("trl-gkd", "trl-gkd-liger", "kdtrain-colocated", "kdtrain-disaggregated")
+SYSTEMS = ("trl-gkd", "trl-gkd-liger", "trl-gkd-compiled", "kdtrain-colocated", "kdtrain-colocated-compiled",
+           "kdtrain-disaggregated")
+# Default on CPU: the compiled variants compute the same numbers there (tests/test_compile.py) and
+# would only add minutes of C++ compilation to a smoke run.
+CPU_SYSTEMS = ("trl-gkd", "trl-gkd-liger", "kdtrain-colocated", "kdtrain-disaggregated")
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
+PROFILED_STEPS = 2  # --profile: extra steps after the timed ones, recorded with torch.profiler
+
+
+def run_steps(job: dict) -> int:
+    """Optimizer steps each system runs: the timed ones, plus the profiled ones."""
+    return job["steps"] + (PROFILED_STEPS if job.get("profile") else 0)
+
+
+def profile_window(job: dict):
+    return [job["steps"] + 1, run_steps(job)] if job.get("profile") else None
+
+
 def _peak_memory(job: dict) -> dict:
     import torch
 
@@ -89,7 +105,7 @@ def _rates(job: dict, step_times: list[float], num_devices: int) -> dict:
 
     from kdtrain.training.metrics import peak_tflops
 
-    timed = step_times[job["warmup"]:] or step_times
+    timed = step_times[job["warmup"]:job["steps"]] or step_times
     dt = sum(timed) / len(timed)
     out = {"step_time_s": dt, "samples_per_s": job["global_batch"] / dt,
            "tokens_per_s": job["global_batch"] * job["seq_length"] / dt, "mfu": None, "step_times_s": step_times}
@@ -98,6 +114,12 @@ def _rates(job: dict, step_times: list[float], num_devices: int) -> dict:
         if peak:
             out["mfu"] = _flops_per_token(job) * out["tokens_per_s"] / num_devices / (peak * 1e12)
     return out
+
+
+def _read_profiles(run_dir: Path) -> dict:
+    """{rank: summary} written by kdtrain.training.profiling under ``run_dir/profile``."""
+    return {int(p.name.split("_")[0].removeprefix("rank")): json.loads(p.read_text())
+            for p in sorted((run_dir / "profile").glob("rank*_summary.json"))}
 
 
 def _windows(job: dict, n: int, valid: bool = False):
@@ -169,7 +191,7 @@ def _tokenizer(vocab_size: int):
                                    pad_token="t0", unk_token="t0", eos_token="t1")
 
 
-def run_trl(job: dict, liger: bool) -> dict:
+def run_trl(job: dict, liger: bool, compile: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -180,16 +202,17 @@ def run_trl(job: dict, liger: bool) -> dict:
     bf16 = job["precision"] == "bf16"
     # Pre-tokenised rows and a collator: no chat template, no tokenisation. kdtrain feeds w[:-1] and
     # predicts w[1:]; GKDTrainer shifts inside its loss, so it gets the same w[:-1] (labels only mask).
-    rows = [{"input_ids": w[:-1].tolist()} for w in _windows(job, job["global_batch"] * job["steps"])]
+    rows = [{"input_ids": w[:-1].tolist()} for w in _windows(job, job["global_batch"] * run_steps(job))]
 
     def collate(examples):
         ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     wanted = dict(
-        output_dir=str(Path(job["work"]) / ("trl-liger" if liger else "trl")), lmbda=0.0, beta=job["beta"],
+        output_dir=str(Path(job["work"]) / ("trl-liger" if liger else "trl-compiled" if compile else "trl")),
+        lmbda=0.0, beta=job["beta"], torch_compile=compile,
         seq_kd=False, temperature=1.0, max_length=job["seq_length"], per_device_train_batch_size=job["micro_batch"],
-        gradient_accumulation_steps=job["global_batch"] // job["micro_batch"], max_steps=job["steps"],
+        gradient_accumulation_steps=job["global_batch"] // job["micro_batch"], max_steps=run_steps(job),
         learning_rate=job["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=job["weight_decay"],
         adam_beta1=job["adam_betas"][0], adam_beta2=job["adam_betas"][1], adam_epsilon=job["adam_eps"],
         max_grad_norm=job["clip_grad"], bf16=bf16, fp16=False, gradient_checkpointing=False,
@@ -201,17 +224,23 @@ def run_trl(job: dict, liger: bool) -> dict:
     student = _load_hf(job["student_hf"], job, teacher=False)
     teacher = _load_hf(job["teacher_hf"], job, teacher=True)
     step_times: list[float] = []
+    from kdtrain.training.profiling import StepProfiler
+
+    window = profile_window(job)
+    profiler = StepProfiler(tuple(window) if window else None, args.output_dir, 0, torch.device(job["device"]))
 
     class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
+        def on_step_begin(self, args, state, control, **k):
+            profiler.begin(state.global_step + 1)
             if cuda:
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
 
-        def on_step_end(self, *a, **k):
+        def on_step_end(self, args, state, control, **k):
             if cuda:
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - self.t0)
+            profiler.end(state.global_step)  # counts the step just finished
 
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=_tokenizer(job["vocab_size"]), data_collator=collate, callbacks=[Timer()])
@@ -226,15 +255,18 @@ def run_trl(job: dict, liger: bool) -> dict:
     flags["not_in_this_version"] = sorted(set(wanted) - known)
     jsd = eval_full_vocab_jsd(trainer.model, trainer.teacher_model, job)
     phases = {"setup": t0 - t_start, "train": t1 - t0, "eval": time.perf_counter() - t1}
+    profile = _read_profiles(Path(args.output_dir))
     return {"num_devices": 1, **_rates(job, step_times, 1), **mem, "peak_memory_per_device_gib": [mem["peak_memory_gib"]],
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "loss_kind": "generalized JSD, full vocabulary", "losses": losses, "phases_s": phases,
-            "eval_full_vocab_jsd": jsd, "flags": flags}
+            "eval_full_vocab_jsd": jsd, "flags": flags, **({"profile": profile} if profile else {})}
 
 
 # ---- (c)/(d) kdtrain ------------------------------------------------------------------------------
-def kdtrain_config(job: dict, mode: str) -> dict:
-    run_dir = Path(job["work"]) / f"kdtrain-{mode}"
+def kdtrain_config(job: dict, variant: str) -> dict:
+    """Run config of kdtrain variant ``colocated``, ``colocated-compiled`` or ``disaggregated``."""
+    run_dir = Path(job["work"]) / f"kdtrain-{variant}"
+    mode = variant.removesuffix("-compiled")
     split = {"mode": mode, "timeout_s": 600}
     if mode == "disaggregated":
         split.update(teacher_ranks=1, depth=2)
@@ -245,17 +277,18 @@ def kdtrain_config(job: dict, mode: str) -> dict:
         "data": {"mock": True, "seq_length": job["seq_length"], "seed": job["data_seed"]},
         "loss": {"divergence": "jsd", "beta": job["beta"], "tau": 1.0, "alpha": 0.0},
         "training": {"micro_batch_size": job["micro_batch"], "global_batch_size": job["global_batch"],
-                     "train_steps": job["steps"], "eval_batches": 0, "seed": job["seed"]},
+                     "train_steps": run_steps(job), "eval_batches": 0, "seed": job["seed"]},
         "optimizer": {"lr": job["lr"], "min_lr": job["lr"], "warmup_steps": 0, "decay_style": "constant",
                       "weight_decay": job["weight_decay"], "beta1": job["adam_betas"][0],
                       "beta2": job["adam_betas"][1], "eps": job["adam_eps"], "clip_grad": job["clip_grad"]},
-        "precision": {"device": job["device"], "dtype": job["precision"]},
-        "logging": {"dir": str(run_dir), "interval": 1, "progress_bar": False, "tensorboard": False},
+        "precision": {"device": job["device"], "dtype": job["precision"], "compile": variant.endswith("-compiled")},
+        "logging": {"dir": str(run_dir), "interval": 1, "progress_bar": False, "tensorboard": False,
+                    "profile_steps": profile_window(job)},
         "checkpoint": {"dir": str(run_dir / "ckpt"), "keep": 1},  # the final student, for the evaluation
     }
 
 
-def run_kdtrain_rank(job: dict, mode: str) -> None:
+def run_kdtrain_rank(job: dict, variant: str) -> None:
     """One torchrun rank: distill; write this rank's peak memory; the last rank (the student's
     writer in both splits) exports the trained student to HF and scores it."""
     import torch
@@ -265,7 +298,7 @@ def run_kdtrain_rank(job: dict, mode: str) -> None:
     from kdtrain.parallel import shutdown_distributed
     from kdtrain.training.distill import distill
 
-    cfg_dict = kdtrain_config(job, mode)
+    cfg_dict = kdtrain_config(job, variant)
     run_dir = Path(cfg_dict["logging"]["dir"])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cfg_path = run_dir / f"distill_rank{rank}.yaml"
@@ -292,14 +325,14 @@ def run_kdtrain_rank(job: dict, mode: str) -> None:
     (run_dir / f"rank{rank}.json").write_text(json.dumps(rec))
 
 
-def collect_kdtrain(job: dict, mode: str, nproc: int) -> dict:
-    cfg_dict = kdtrain_config(job, mode)
+def collect_kdtrain(job: dict, variant: str, nproc: int) -> dict:
+    cfg_dict = kdtrain_config(job, variant)
     run_dir = Path(cfg_dict["logging"]["dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in records if r["kind"] == "train"}
     steps = [train[s] for s in sorted(train)]
-    if len(steps) != job["steps"]:
-        raise ValueError(f"kdtrain logged {len(steps)} of {job['steps']} steps")
+    if len(steps) != run_steps(job):
+        raise ValueError(f"kdtrain logged {len(steps)} of {run_steps(job)} steps")
     ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
     mem = [r["peak_memory_gib"] for r in ranks]
     losses = [r["loss"] for r in steps]
@@ -310,7 +343,8 @@ def collect_kdtrain(job: dict, mode: str, nproc: int) -> dict:
             "first_loss": losses[0], "final_loss": losses[-1],
             "loss_kind": f"generalized JSD over the teacher's top-{job['topk']} + tail bucket", "losses": losses,
             "phases_s": ranks[-1]["phases_s"], "eval_full_vocab_jsd": ranks[-1]["eval_full_vocab_jsd"],
-            "teacher_wait_s": [r.get("teacher_wait_s") for r in steps], "flags": cfg_dict}
+            "teacher_wait_s": [r.get("teacher_wait_s") for r in steps], "flags": cfg_dict,
+            **({"profile": _read_profiles(run_dir)} if job.get("profile") else {})}
 
 
 # ---- preparation ---------------------------------------------------------------------------------
