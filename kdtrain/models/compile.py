@@ -17,12 +17,16 @@ kernels (kdtrain/loss), and the pipeline schedule and process-group logic stay p
 Tensor-parallel layers keep their collectives; dynamo traces them as functional collectives.
 
 On CPU inductor generates C++ and computes the same math, which is how CI checks that compiled
-runs follow the eager loss curve (tests/test_compile.py).
+layers equal eager ones (tests/test_compile.py). ``KDTRAIN_COMPILE_BACKEND`` picks another
+torch.compile backend (default ``inductor``): ``aot_eager`` captures the same graphs and runs
+them through the same autograd split without generating code, which is how the multi-rank CPU
+tests check capture, graph breaks and collectives without minutes of C++ compilation.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 
 import torch
@@ -42,6 +46,7 @@ def check_compile_support(device: torch.device, where: str = "precision.compile"
 def compile_layers(model: torch.nn.Module) -> int:
     """Compile every transformer layer of this pipeline stage in place; returns how many."""
     layers = list(model.decoder.layers) if hasattr(model, "decoder") else []
+    backend = os.environ.get("KDTRAIN_COMPILE_BACKEND", "inductor")
     for layer in layers:
-        layer.compile(dynamic=False)
+        layer.compile(backend=backend, dynamic=False)
     return len(layers)
