@@ -3,14 +3,15 @@
 * Compile check: every .cu with nvcc for sm_80 and sm_90 (full compile to SASS, so a kernel that
   stops compiling fails here), every .cpp with the host compiler against torch's headers (syntax
   and templates). Skipped when nvcc is not installed.
-* Host emulation: the kernel source, mechanically rewritten for the host compiler (one std::thread
-  per CUDA thread, a std::barrier for __syncthreads, shared slots for warp shuffles, blocks run one
+* Host emulation: the kernel source, mechanically rewritten for the host compiler (one OS thread
+  per CUDA thread, taken from a pool that later blocks and launches reuse, a barrier for
+  __syncthreads whose waiters sleep on a futex, shared slots for warp shuffles, blocks run one
   after another), runs through the fused path's autograd.Function and is compared with the fp64
   reference and with the torch emulation of the kernel interface. It checks the kernels' indexing,
   row splitting, reductions and math on CPU; it cannot see GPU-only effects (memory ordering,
   fast-math intrinsics, timing). Needs a C++20 compiler and the CUDA headers.
 * Host emulation of the single-read cluster kernel (kd_loss_single.cu, built with
-  KD_HOST_EMULATION): each cluster's C blocks run concurrently as C x 256 std::threads, with
+  KD_HOST_EMULATION): each cluster's C blocks run concurrently as C x 256 OS threads, with
   one barrier per block (__syncthreads), one over the cluster (cluster.sync and the split
   arrive/wait), map_shared_rank as an offset into the owning block's shared-memory buffer and
   cp.async as a 16-byte copy. The cluster size is forced (1 to 16) on small rows, so slice
@@ -122,29 +123,102 @@ def test_setup_builds_the_sources():
 
 # ----------------------------------------------------------------------------- host emulation
 
+
+EMU_RUNTIME = r"""
+// Host stand-ins shared by both harnesses: a barrier and a pool of worker threads.
+// EmuBarrier: an arrival counter and a phase; waiters block on the phase (a futex through
+// std::atomic::wait), so a block's threads sleep at __syncthreads instead of spinning.
+struct EmuBarrier {
+  explicit EmuBarrier(int n) : n_(n) {}
+  int arrive() {
+    const int phase = phase_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      count_.store(0, std::memory_order_relaxed);
+      phase_.store(phase + 1, std::memory_order_release);
+      phase_.notify_all();
+    }
+    return phase;
+  }
+  void wait(int phase) { phase_.wait(phase, std::memory_order_acquire); }
+  void arrive_and_wait() { wait(arrive()); }
+  const int n_;
+  std::atomic<int> count_{0}, phase_{0};
+};
+
+// EmuPool::run(n, fn) runs fn(0) .. fn(n - 1) on n distinct threads, all at once, and returns
+// when every one has returned. Threads are created once and reused by later launches.
+class EmuPool {
+ public:
+  void run(int n, const std::function<void(int)>& fn) {
+    while ((int)workers_.size() < n) {
+      const int id = (int)workers_.size();
+      workers_.emplace_back([this, id] { loop(id); });
+    }
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      job_ = &fn;
+      n_ = n;
+      pending_ = n;
+      ++gen_;
+    }
+    start_.notify_all();
+    std::unique_lock<std::mutex> lk(m_);
+    done_.wait(lk, [&] { return pending_ == 0; });
+  }
+
+ private:
+  void loop(int id) {
+    unsigned long seen = 0;
+    for (;;) {
+      const std::function<void(int)>* job;
+      {
+        std::unique_lock<std::mutex> lk(m_);
+        start_.wait(lk, [&] { return gen_ != seen; });
+        seen = gen_;
+        if (id >= n_) continue;
+        job = job_;
+      }
+      (*job)(id);
+      std::lock_guard<std::mutex> lk(m_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+  std::vector<std::thread> workers_;  // never joined: they sleep in loop() until the process exits
+  std::mutex m_;
+  std::condition_variable start_, done_;
+  const std::function<void(int)>* job_ = nullptr;
+  int n_ = 0, pending_ = 0;
+  unsigned long gen_ = 0;
+};
+static EmuPool& emu_pool() { static EmuPool* pool = new EmuPool; return *pool; }
+"""
+
 HARNESS = r"""
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <condition_variable>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
+
+#include "emu_runtime.h"
 
 thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
 dim3 gridDim, blockDim;
 alignas(64) static unsigned char emu_smem_buf[1 << 20];
 static unsigned char* emu_dyn_smem = emu_smem_buf;
-static std::barrier<>* emu_block_barrier = nullptr;
-struct EmuWarp { std::barrier<>* bar; float slot[32]; };
+static EmuBarrier* emu_block_barrier = nullptr;
+struct EmuWarp { EmuBarrier* bar; float slot[32]; };
 static EmuWarp emu_warps[32];
 
 static inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
@@ -168,17 +242,14 @@ static void emu_launch(unsigned grid, int threads, int smem, const std::function
   if (smem > (int)sizeof(emu_smem_buf)) { fprintf(stderr, "dynamic shared memory %d too large\n", smem); abort(); }
   for (unsigned b = 0; b < grid; ++b) {
     std::memset(emu_smem_buf, 0xAB, smem);  // shared memory starts as garbage
-    std::barrier<> bar(threads);
+    EmuBarrier bar(threads);
     emu_block_barrier = &bar;
-    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+    std::vector<std::unique_ptr<EmuBarrier>> warp_bars;
     for (int w = 0; w < threads / 32; ++w) {
-      warp_bars.emplace_back(new std::barrier<>(32));
+      warp_bars.emplace_back(new EmuBarrier(32));
       emu_warps[w].bar = warp_bars.back().get();
     }
-    std::vector<std::thread> ts;
-    for (int t = 0; t < threads; ++t)
-      ts.emplace_back([&, t, b] { threadIdx = make_uint3(t, 0, 0); blockIdx = make_uint3(b, 0, 0); body(); });
-    for (auto& t : ts) t.join();
+    emu_pool().run(threads, [&, b](int t) { threadIdx = make_uint3(t, 0, 0); blockIdx = make_uint3(b, 0, 0); body(); });
   }
 }
 
@@ -216,13 +287,14 @@ def _host_compile(tmp_path: Path) -> Path:
     if cxx is None:
         pytest.skip("no host C++ compiler")
     (tmp_path / "kernel_host.inc").write_text(host_kernel_source())
+    (tmp_path / "emu_runtime.h").write_text(EMU_RUNTIME)
     (tmp_path / "harness.cpp").write_text(HARNESS)
     lib = tmp_path / "libkd_host.so"
     cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", str(tmp_path / "harness.cpp"), "-o", str(lib),
            f"-I{CSRC}", f"-I{tmp_path}", *[f"-I{d}" for d in _cuda_include_dirs()]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "barrier" in proc.stderr and "No such file" in proc.stderr:
-        pytest.skip("the host C++ library has no <barrier> (C++20)")
+    if proc.returncode != 0 and "has no member named 'wait'" in proc.stderr:
+        pytest.skip("the host C++ library has no std::atomic<T>::wait (C++20)")
     assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stderr[-6000:]
     return lib
 
@@ -400,33 +472,35 @@ CLUSTER_HARNESS = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <condition_variable>
 #include <functional>
 #include <memory>
-#include <optional>
+#include <mutex>
 #include <thread>
 #include <vector>
+
+#include "emu_runtime.h"
 
 thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
 dim3 gridDim, blockDim;
 struct EmuBlock {
   std::vector<unsigned char> smem;
-  std::unique_ptr<std::barrier<>> bar;
-  std::unique_ptr<std::barrier<>> warp_bar[32];
+  std::unique_ptr<EmuBarrier> bar;
+  std::unique_ptr<EmuBarrier> warp_bar[32];
   float slot[32][32];
 };
 static std::vector<EmuBlock> emu_blocks;  // the blocks of the running cluster
-static std::unique_ptr<std::barrier<>> emu_cluster_bar;
+static std::unique_ptr<EmuBarrier> emu_cluster_bar;
 static int emu_cluster = 1;
 thread_local EmuBlock* emu_blk;
 thread_local unsigned char* emu_dyn_smem;
-thread_local std::optional<std::barrier<>::arrival_token> emu_token;
+thread_local int emu_token;  // the cluster barrier's phase at cluster_arrive
 
 static inline void __syncthreads() { emu_blk->bar->arrive_and_wait(); }
 static inline float __shfl_xor_sync(unsigned, float v, int o) {
@@ -442,8 +516,8 @@ namespace kdtrain { namespace kd {
 static inline unsigned cluster_rank() { return blockIdx.x % emu_cluster; }
 static inline unsigned cluster_size() { return emu_cluster; }
 static inline void cluster_sync() { emu_cluster_bar->arrive_and_wait(); }
-static inline void cluster_arrive() { emu_token.emplace(emu_cluster_bar->arrive()); }
-static inline void cluster_wait() { emu_cluster_bar->wait(std::move(*emu_token)); emu_token.reset(); }
+static inline void cluster_arrive() { emu_token = emu_cluster_bar->arrive(); }
+static inline void cluster_wait() { emu_cluster_bar->wait(emu_token); }
 template <typename P> static inline P* cluster_map(P* p, unsigned rank) {
   const auto off = reinterpret_cast<unsigned char*>(p) - emu_dyn_smem;
   return reinterpret_cast<P*>(emu_blocks[rank].smem.data() + off);
@@ -467,21 +541,18 @@ static cudaError_t emu_cluster_launch(unsigned grid, int cluster, int threads, i
     emu_blocks.resize(cluster);
     for (auto& b : emu_blocks) {
       b.smem.assign(smem + 16, 0xAB);  // shared memory starts as garbage
-      b.bar.reset(new std::barrier<>(threads));
-      for (int w = 0; w < threads / 32; ++w) b.warp_bar[w].reset(new std::barrier<>(32));
+      b.bar.reset(new EmuBarrier(threads));
+      for (int w = 0; w < threads / 32; ++w) b.warp_bar[w].reset(new EmuBarrier(32));
     }
-    emu_cluster_bar.reset(new std::barrier<>(cluster * threads));
-    std::vector<std::thread> ts;
-    for (int q = 0; q < cluster; ++q)
-      for (int t = 0; t < threads; ++t)
-        ts.emplace_back([&, q, t] {
-          threadIdx = make_uint3(t, 0, 0);
-          blockIdx = make_uint3(c0 + q, 0, 0);
-          emu_blk = &emu_blocks[q];
-          emu_dyn_smem = emu_blocks[q].smem.data();
-          body();
-        });
-    for (auto& t : ts) t.join();
+    emu_cluster_bar.reset(new EmuBarrier(cluster * threads));
+    emu_pool().run(cluster * threads, [&, c0](int i) {
+      const int q = i / threads, t = i % threads;
+      threadIdx = make_uint3(t, 0, 0);
+      blockIdx = make_uint3(c0 + q, 0, 0);
+      emu_blk = &emu_blocks[q];
+      emu_dyn_smem = emu_blocks[q].smem.data();
+      body();
+    });
   }
   return cudaSuccess;
 }
@@ -529,13 +600,14 @@ def test_single_read_kernel_in_host_emulation(tmp_path):
     if cxx is None:
         pytest.skip("no host C++ compiler")
     (tmp_path / "single_host.inc").write_text(host_single_source())
+    (tmp_path / "emu_runtime.h").write_text(EMU_RUNTIME)
     (tmp_path / "harness.cpp").write_text(CLUSTER_HARNESS)
     lib = tmp_path / "libkd_single_host.so"
     cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", str(tmp_path / "harness.cpp"), "-o", str(lib),
            f"-I{CSRC}", f"-I{tmp_path}", *[f"-I{d}" for d in _cuda_include_dirs()]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "barrier" in proc.stderr and "No such file" in proc.stderr:
-        pytest.skip("the host C++ library has no <barrier> (C++20)")
+    if proc.returncode != 0 and "has no member named 'wait'" in proc.stderr:
+        pytest.skip("the host C++ library has no std::atomic<T>::wait (C++20)")
     assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stderr[-6000:]
     proc = subprocess.run([sys.executable, __file__, "--single", str(lib)], capture_output=True, text=True,
                           timeout=600, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
