@@ -1,4 +1,4 @@
-"""Shared fixtures: a small tokenised corpus built once per session, and a torchrun launcher."""
+"""Shared fixtures: a small tokenised corpus built once per session, and torchrun launchers."""
 
 from __future__ import annotations
 
@@ -25,6 +25,36 @@ def run_torchrun(nproc: int, script: str, args: list[str], timeout: float = 300,
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_entries(nproc: int, jobs: list[tuple[str, list[str]]], workdir: Path, timeout: float = 600) -> list[dict]:
+    """Run ``jobs`` ((script, args) pairs) one after another in a single torchrun launch of
+    ``nproc`` ranks (tests/run_entries.py); each job goes through the script's ``main``. Returns,
+    per job, its stdout and stderr (ranks concatenated in rank order). A failing job fails here,
+    with its output."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = [workdir / f"job{i}" for i in range(len(jobs))]
+    spec = {"jobs": [{"script": script, "args": list(args), "log": str(log)} for (script, args), log in zip(jobs, logs)]}
+    (workdir / "jobs.json").write_text(json.dumps(spec, indent=1))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           str(REPO / "tests" / "run_entries.py"), str(workdir / "jobs.json")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+    def read(log: Path, ext: str) -> str:
+        return "".join((log / f"rank{r}.{ext}").read_text() for r in range(nproc) if (log / f"rank{r}.{ext}").is_file())
+
+    results = [{"stdout": read(log, "out"), "stderr": read(log, "err"),
+                "rc": [(log / f"rank{r}.rc").read_text() for r in range(nproc) if (log / f"rank{r}.rc").is_file()]}
+               for log in logs]
+    if proc.returncode != 0:
+        failed = [(job, res) for job, res in zip(jobs, results) if res["rc"] != ["0"] * nproc]
+        detail = "".join(f"\n--- {script} {' '.join(args)}: rc {res['rc']}\n{res['stdout'][-2000:]}\n{res['stderr'][-6000:]}"
+                         for (script, args), res in failed[:1])
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}{detail}\n--- launcher stderr\n{proc.stderr[-3000:]}")
+    assert all(res["rc"] == ["0"] * nproc for res in results), results
+    return results
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> dict[int, dict]:

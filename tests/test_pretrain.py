@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_metrics, run_torchrun
+from conftest import REPO, read_metrics, run_entries, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -26,21 +26,66 @@ def _args(corpus: dict, run_dir: Path, *extra: str, steps: int = STEPS) -> list[
             f"logging.dir={run_dir}", f"training.train_steps={steps}", *extra]
 
 
+# Every successful run of this module, by world size. Each world size is one torchrun launch that
+# runs its jobs one after another (conftest.run_entries), launched when a test first needs one of
+# them. Layout keys are (tp, pp, dp, zero, tied).
+LAYOUTS = [(1, 1, 1, False, False), (1, 1, 1, False, True),
+           (2, 1, 1, False, False), (1, 2, 1, False, False), (1, 1, 2, False, False), (1, 1, 2, True, False),
+           (1, 2, 1, False, True), (2, 1, 1, False, True), (2, 2, 1, False, False)]
+KILL_STEPS = 40  # the SIGKILL test's run: 2 ranks, ZeRO-1
+KILL_COMMON = ("parallel.dp=2", "optimizer.distributed=true")
+
+
 class Runs:
-    """Runs keyed by layout, each launched once per module."""
+    """The module's runs, each launched once: the layout runs, the uninterrupted reference of the
+    SIGKILL test and both halves of the resume-under-another-layout test."""
 
     def __init__(self, corpus, root: Path):
-        self.corpus, self.root, self.cache = corpus, root, {}
+        self.corpus, self.root, self.cache, self.launched = corpus, root, {}, set()
+        self.resume_ckpt = root / "resume" / "ckpt"
+
+    def _jobs(self, world: int) -> list[tuple[str, list[str], str]]:
+        jobs = []
+        for key in LAYOUTS:
+            tp, pp, dp, zero, tied = key
+            if tp * pp * dp == world:
+                jobs.append(("pretrain_gpt.py", _args(
+                    self.corpus, self.root / "-".join(map(str, key)), f"parallel.tp={tp}", f"parallel.pp={pp}",
+                    f"optimizer.distributed={str(zero).lower()}", f"model.tie_embeddings={str(tied).lower()}"), key))
+        if world == 1:  # steps 1-4 on one rank, then exit with a checkpoint
+            jobs.append(("pretrain_gpt.py", _args(self.corpus, self.root / "resume" / "a", f"checkpoint.dir={self.resume_ckpt}",
+                                                  "training.exit_interval=4"), "resume-a"))
+        if world == 2:
+            jobs.append(("pretrain_gpt.py", _args(self.corpus, self.root / "kill-ref", *KILL_COMMON, steps=KILL_STEPS),
+                         "kill-ref"))
+        if world == 4:  # steps 5-8 with TP=2 x PP=2 from the one-rank checkpoint
+            jobs.append(("pretrain_gpt.py", _args(self.corpus, self.root / "resume" / "b", f"checkpoint.dir={self.resume_ckpt}",
+                                                  "parallel.tp=2", "parallel.pp=2"), "resume-b"))
+        return jobs
+
+    def _launch(self, world: int) -> None:
+        if world in self.launched:
+            return
+        if world == 4:
+            self._launch(1)  # the second half of the resume test starts from the first half's checkpoint
+        jobs = self._jobs(world)
+        run_entries(world, [(script, args) for script, args, _ in jobs], self.root / f"world{world}")
+        self.launched.add(world)
+        for _, args, key in jobs:
+            run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("logging.dir="))
+            self.cache[key] = read_metrics(run_dir)
+        if world == 1:
+            self.resume_latest = (self.resume_ckpt / "latest").read_text().strip()
 
     def get(self, tp=1, pp=1, dp=1, zero=False, tied=False) -> dict[int, dict]:
         key = (tp, pp, dp, zero, tied)
-        if key not in self.cache:
-            run_dir = self.root / "-".join(map(str, key))
-            run_torchrun(tp * pp * dp, "pretrain_gpt.py", _args(
-                self.corpus, run_dir, f"parallel.tp={tp}", f"parallel.pp={pp}",
-                f"optimizer.distributed={str(zero).lower()}", f"model.tie_embeddings={str(tied).lower()}"))
-            self.cache[key] = read_metrics(run_dir)
+        assert key in LAYOUTS, key
+        self._launch(tp * pp * dp)
         return self.cache[key]
+
+    def run(self, name: str, world: int) -> dict[int, dict]:
+        self._launch(world)
+        return self.cache[name]
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +118,11 @@ def test_tiny_model_learns(runs):
 def test_sigkill_then_resume_continues_the_same_curve(runs, tiny_corpus, tmp_path):
     """SIGKILL a 2-rank run (ZeRO-1, so both ranks write optimizer shards) right after a
     checkpoint, resume, and compare with the uninterrupted run: equal within 1e-6."""
-    steps, run_dir, ckpt = 40, tmp_path / "run", tmp_path / "ckpt"
-    common = ("parallel.dp=2", "optimizer.distributed=true")
-    args = _args(tiny_corpus, run_dir, *common, f"checkpoint.dir={ckpt}", "checkpoint.save_interval=2",
+    steps, run_dir, ckpt = KILL_STEPS, tmp_path / "run", tmp_path / "ckpt"
+    args = _args(tiny_corpus, run_dir, *KILL_COMMON, f"checkpoint.dir={ckpt}", "checkpoint.save_interval=2",
                  "checkpoint.keep=3", steps=steps)
-    run_torchrun(2, "pretrain_gpt.py", _args(tiny_corpus, tmp_path / "ref", *common, steps=steps))
-    reference = read_metrics(tmp_path / "ref")
+    reference = runs.run("kill-ref", world=2)  # the same run, uninterrupted
+    assert sorted(reference) == list(range(1, steps + 1))
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(REPO / "scripts" / "pretrain_gpt.py"), *args]
@@ -104,15 +148,13 @@ def test_sigkill_then_resume_continues_the_same_curve(runs, tiny_corpus, tmp_pat
     assert not list(ckpt.glob("*.tmp"))
 
 
-def test_resume_under_another_layout(runs, tiny_corpus, tmp_path):
+def test_resume_under_another_layout(runs):
     """Steps 1-4 on one rank, steps 5-8 with TP=2 x PP=2 from its checkpoint: same curve."""
-    ckpt = tmp_path / "ckpt"
-    first = _args(tiny_corpus, tmp_path / "a", f"checkpoint.dir={ckpt}", "training.exit_interval=4")
-    run_torchrun(1, "pretrain_gpt.py", first)
-    assert (ckpt / "latest").read_text().strip() == "step_0000004"
-    second = _args(tiny_corpus, tmp_path / "b", f"checkpoint.dir={ckpt}", "parallel.tp=2", "parallel.pp=2")
-    run_torchrun(4, "pretrain_gpt.py", second)
-    _assert_same_curve(read_metrics(tmp_path / "b"), runs.get(), LAYOUT_RTOL, steps=range(5, STEPS + 1))
+    second = runs.run("resume-b", world=4)
+    assert runs.resume_latest == "step_0000004"  # what the first half left (exit_interval=4)
+    assert sorted(runs.run("resume-a", world=1)) == [1, 2, 3, 4]
+    assert sorted(second) == list(range(5, STEPS + 1))
+    _assert_same_curve(second, runs.get(), LAYOUT_RTOL, steps=range(5, STEPS + 1))
 
 
 def test_bad_input_gives_a_clear_error(tiny_corpus, tmp_path):
