@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_metrics, run_torchrun
+from conftest import read_metrics, run_entries, run_torchrun
 from kdtrain.stream import PayloadSpec
 
 pytestmark = pytest.mark.slow
@@ -26,13 +26,6 @@ def _args(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
             f"logging.dir={run_dir}", *extra]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_corpus, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("distill-ref")
-    run_torchrun(1, "distill_gpt.py", _args(tiny_corpus, run_dir))
-    return read_metrics(run_dir)
-
-
 # (ranks, overrides, payloads that cross ranks per step). The tiny run has 4 micro-batches a step.
 # Colocated TP=2 with identical layouts hands payloads over in place (zero copies); colocated
 # teacher PP=2 on ranks 0-1 serves the student replica on rank 1 locally and sends to rank 0.
@@ -42,13 +35,85 @@ LAYOUTS = {
     "disagg-tPP2-sPP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.pp=2", "student.pp=2"], 4),
     "coloc-tPP2-sDP2": (2, ["teacher.pp=2", "student.dp=2"], 2),
 }
+# Students trained from the fp32 cache: (ranks, teacher.source).
+FROM_CACHE = [(1, "cache"), (2, "cache"), (1, "mixed")]
+
+
+def _from_cache_args(source: str, nproc: int, cache: Path) -> list[str]:
+    extra = [f"teacher.source={source}", f"teacher.cache={cache}"]
+    if source == "mixed":
+        extra.append("teacher.live_fraction=0.5")
+    if nproc == 2:
+        extra.append("student.dp=2")
+    return extra
+
+
+class Runs:
+    """The module's successful runs, each launched once. Each world size is one torchrun launch
+    that runs its jobs one after another (conftest.run_entries): on 1 rank the single-process
+    reference, the fp32 teacher cache (scripts/cache_teacher.py) and the students from it; on 2
+    ranks the colocated layouts, a student from the cache and split.mode=auto; on 4 ranks the
+    disaggregated layouts."""
+
+    def __init__(self, corpus, root: Path):
+        self.corpus, self.root, self.results, self.launched = corpus, root, {}, set()
+        self.cache_dir = root / "teacher-cache"
+
+    def _jobs(self, world: int) -> list[tuple[str, str, list[str]]]:
+        c = self.corpus
+        jobs = []
+        if world == 1:
+            jobs.append(("reference", "distill_gpt.py", []))
+            # The tiny teacher's payload for every sample the tiny run consumes, values in fp32.
+            jobs.append(("fp32-cache", "cache_teacher.py", [
+                "--config", "tiny", "--out", str(self.cache_dir), f"data.path=[{c['prefix']}]",
+                f"data.tokenizer={c['tokenizer']}", "cache.dtype=fp32"]))
+        jobs += [(name, "distill_gpt.py", extra) for name, (n, extra, _) in LAYOUTS.items() if n == world]
+        jobs += [(f"{n}-{source}", "distill_gpt.py", _from_cache_args(source, n, self.cache_dir))
+                 for n, source in FROM_CACHE if n == world]
+        if world == 2:
+            jobs.append(("auto", "distill_gpt.py", ["split.mode=auto"]))
+        return [(name, script, args if script == "cache_teacher.py" else _args(c, self.root / name, *args))
+                for name, script, args in jobs]
+
+    def _launch(self, world: int) -> None:
+        if world in self.launched:
+            return
+        if world > 1:
+            self._launch(1)  # the cache the other worlds' students read
+        jobs = self._jobs(world)
+        outputs = run_entries(world, [(script, args) for _, script, args in jobs], self.root / f"world{world}")
+        self.launched.add(world)
+        for (name, script, _), out in zip(jobs, outputs):
+            metrics = read_metrics(self.root / name) if script == "distill_gpt.py" else None
+            self.results[name] = {"metrics": metrics, "stdout": out["stdout"]}
+
+    def get(self, name: str, world: int) -> dict:
+        self._launch(world)
+        return self.results[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_corpus, tmp_path_factory):
+    return Runs(tiny_corpus, tmp_path_factory.mktemp("distill-runs"))
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    return runs.get("reference", world=1)["metrics"]
+
+
+@pytest.fixture(scope="module")
+def fp32_cache(runs):
+    """The tiny teacher's payload for every sample the tiny run consumes, values in fp32."""
+    runs.get("fp32-cache", world=1)
+    return runs.cache_dir
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_split_and_layout_reproduce_single_process(reference, tiny_corpus, tmp_path, layout):
+def test_split_and_layout_reproduce_single_process(reference, runs, layout):
     nproc, extra, sent_per_step = LAYOUTS[layout]
-    run_torchrun(nproc, "distill_gpt.py", _args(tiny_corpus, tmp_path, *extra))
-    got = read_metrics(tmp_path)
+    got = runs.get(layout, world=nproc)["metrics"]
     assert sorted(got) == sorted(reference)
     for s in sorted(reference):
         for k in ("loss", "kd_loss", "grad_norm"):
@@ -66,27 +131,11 @@ def test_mismatched_vocab_is_a_clear_error(tiny_corpus, tmp_path):
     assert "vocab_size 4096 of student 'demo-student' differs" in proc.stderr, proc.stderr[-2000:]
 
 
-@pytest.fixture(scope="module")
-def fp32_cache(tiny_corpus, tmp_path_factory):
-    """The tiny teacher's payload for every sample the tiny run consumes, values in fp32."""
-    out = tmp_path_factory.mktemp("teacher-cache")
-    run_torchrun(1, "cache_teacher.py", ["--config", "tiny", "--out", str(out), f"data.path=[{tiny_corpus['prefix']}]",
-                                         f"data.tokenizer={tiny_corpus['tokenizer']}", "cache.dtype=fp32"])
-    return out
-
-
 # A student trained from an fp32 cache sees bitwise the live teacher's payloads (tests/test_cache.py),
 # so its loss curve is the online run's (same seeds and data) up to reduction order in the student.
-@pytest.mark.parametrize("nproc,source", [(1, "cache"), (2, "cache"), (1, "mixed")])
-def test_student_from_the_cache_follows_the_online_loss_curve(reference, tiny_corpus, fp32_cache, tmp_path, nproc,
-                                                              source):
-    extra = [f"teacher.source={source}", f"teacher.cache={fp32_cache}"]
-    if source == "mixed":
-        extra.append("teacher.live_fraction=0.5")
-    if nproc == 2:
-        extra.append("student.dp=2")
-    run_torchrun(nproc, "distill_gpt.py", _args(tiny_corpus, tmp_path, *extra))
-    got = read_metrics(tmp_path)
+@pytest.mark.parametrize("nproc,source", FROM_CACHE)
+def test_student_from_the_cache_follows_the_online_loss_curve(reference, runs, nproc, source):
+    got = runs.get(f"{nproc}-{source}", world=nproc)["metrics"]
     assert sorted(got) == sorted(reference)
     for s in sorted(reference):
         for k in ("loss", "kd_loss", "grad_norm"):
@@ -106,11 +155,11 @@ def test_cache_that_does_not_match_the_run_is_refused(tiny_corpus, fp32_cache, t
     assert proc.returncode != 0 and "split.mode" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_split_auto_runs_the_planners_plan(reference, tiny_corpus, tmp_path):
+def test_split_auto_runs_the_planners_plan(reference, runs):
     """split.mode=auto: the planner's layout is logged and, like every layout, reproduces the
     single-process run."""
-    proc = run_torchrun(2, "distill_gpt.py", _args(tiny_corpus, tmp_path, "split.mode=auto"))
-    assert "split auto (2 ranks" in proc.stdout and "runner-up:" in proc.stdout, proc.stdout[-2000:]
-    got = read_metrics(tmp_path)
+    run = runs.get("auto", world=2)
+    assert "split auto (2 ranks" in run["stdout"] and "runner-up:" in run["stdout"], run["stdout"][-2000:]
+    got = run["metrics"]
     for s in sorted(reference):
         assert got[s]["loss"] == pytest.approx(reference[s]["loss"], rel=RTOL, abs=ATOL), f"step {s}"
