@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch.distributed as dist
-from megatron.core.hyper_comm_grid import HyperCommGrid
-from megatron.core.process_groups_config import ProcessGroupCollection
+
+if TYPE_CHECKING:  # imported where groups are built: importing megatron.core takes seconds
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 # megatron-core's default rank order, innermost first.
 GRID_DIMS = ["tp", "cp", "dp", "pp"]
@@ -96,6 +98,9 @@ class RoleGroups:
 def build_role_groups(layout: RoleLayout, backend: Optional[str] = None,
                       timeout_s: Optional[float] = None) -> RoleGroups:
     """Create all process groups of one role. Collective: every rank calls it for every role."""
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
     world = dist.get_world_size()
     if layout.rank_offset < 0 or layout.rank_offset + layout.num_ranks > world:
         raise ValueError(f"role {layout.name!r}: ranks {layout.rank_offset}..{layout.rank_offset + layout.num_ranks - 1} "
