@@ -48,12 +48,17 @@ def _from_cache_args(source: str, nproc: int, cache: Path) -> list[str]:
     return extra
 
 
+# Runs that must fail with a user error, each the last job of its launch (it ends the launch).
+FAILING = {1: "refused-topk", 2: "mismatched-vocab"}
+
+
 class Runs:
-    """The module's successful runs, each launched once. Each world size is one torchrun launch
-    that runs its jobs one after another (conftest.run_entries): on 1 rank the single-process
-    reference, the fp32 teacher cache (scripts/cache_teacher.py) and the students from it; on 2
-    ranks the colocated layouts, a student from the cache and split.mode=auto; on 4 ranks the
-    disaggregated layouts."""
+    """The module's runs, each launched once. Each world size is one torchrun launch that runs its
+    jobs one after another (conftest.run_entries): on 1 rank the single-process reference, the fp32
+    teacher cache (scripts/cache_teacher.py), the students from it and a run asking the cache for
+    more than it holds; on 2 ranks the colocated layouts, a student from the cache, split.mode=auto
+    and a student whose vocabulary differs from the teacher's; on 4 ranks the disaggregated
+    layouts."""
 
     def __init__(self, corpus, root: Path):
         self.corpus, self.root, self.results, self.launched = corpus, root, {}, set()
@@ -73,6 +78,11 @@ class Runs:
                  for n, source in FROM_CACHE if n == world]
         if world == 2:
             jobs.append(("auto", "distill_gpt.py", ["split.mode=auto"]))
+        if world == 1:  # cached k is 16
+            jobs.append(("refused-topk", "distill_gpt.py",
+                         ["teacher.source=cache", f"teacher.cache={self.cache_dir}", "teacher.topk=32"]))
+        if world == 2:
+            jobs.append(("mismatched-vocab", "distill_gpt.py", ["student.model=demo-student"]))
         return [(name, script, args if script == "cache_teacher.py" else _args(c, self.root / name, *args))
                 for name, script, args in jobs]
 
@@ -82,9 +92,13 @@ class Runs:
         if world > 1:
             self._launch(1)  # the cache the other worlds' students read
         jobs = self._jobs(world)
-        outputs = run_entries(world, [(script, args) for _, script, args in jobs], self.root / f"world{world}")
+        outputs = run_entries(world, [(script, args) for _, script, args in jobs], self.root / f"world{world}",
+                              last_fails=world in FAILING)
         self.launched.add(world)
         for (name, script, _), out in zip(jobs, outputs):
+            if name in FAILING.values():
+                self.results[name] = out
+                continue
             metrics = read_metrics(self.root / name) if script == "distill_gpt.py" else None
             self.results[name] = {"metrics": metrics, "stdout": out["stdout"]}
 
@@ -124,11 +138,10 @@ def test_split_and_layout_reproduce_single_process(reference, runs, layout):
         assert got[s]["payload_bytes_per_step"] == sent_per_step * PayloadSpec(32, 2, 16, torch.float32).nbytes
 
 
-def test_mismatched_vocab_is_a_clear_error(tiny_corpus, tmp_path):
-    proc = run_torchrun(2, "distill_gpt.py", _args(tiny_corpus, tmp_path, "student.model=demo-student"),
-                        check=False, timeout=120)
-    assert proc.returncode != 0
-    assert "vocab_size 4096 of student 'demo-student' differs" in proc.stderr, proc.stderr[-2000:]
+def test_mismatched_vocab_is_a_clear_error(runs):
+    proc = runs.get("mismatched-vocab", world=2)
+    assert proc["returncode"] != 0 and "0" not in proc["rc"], proc["rc"]
+    assert "vocab_size 4096 of student 'demo-student' differs" in proc["stderr"], proc["stderr"][-2000:]
 
 
 # A student trained from an fp32 cache sees bitwise the live teacher's payloads (tests/test_cache.py),
@@ -144,11 +157,10 @@ def test_student_from_the_cache_follows_the_online_loss_curve(reference, runs, n
     assert live == ([0] * len(live) if source == "cache" else [0, 1, 0, 1]), live
 
 
-def test_cache_that_does_not_match_the_run_is_refused(tiny_corpus, fp32_cache, tmp_path):
-    extra = ["teacher.source=cache", f"teacher.cache={fp32_cache}", "teacher.topk=32"]  # cached k is 16
-    proc = run_torchrun(1, "distill_gpt.py", _args(tiny_corpus, tmp_path, *extra), check=False, timeout=120)
-    assert proc.returncode != 0
-    assert "topk" in proc.stderr and str(fp32_cache) in proc.stderr, proc.stderr[-2000:]
+def test_cache_that_does_not_match_the_run_is_refused(runs, tiny_corpus, fp32_cache, tmp_path):
+    proc = runs.get("refused-topk", world=1)  # teacher.topk=32 from a cache of k=16
+    assert proc["returncode"] != 0 and "0" not in proc["rc"], proc["rc"]
+    assert "topk" in proc["stderr"] and str(fp32_cache) in proc["stderr"], proc["stderr"][-2000:]
     proc = run_torchrun(2, "distill_gpt.py", _args(tiny_corpus, tmp_path, "teacher.source=cache",
                                                    f"teacher.cache={fp32_cache}", "split.mode=disaggregated",
                                                    "split.teacher_ranks=1"), check=False, timeout=120)

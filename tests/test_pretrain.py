@@ -38,7 +38,8 @@ KILL_COMMON = ("parallel.dp=2", "optimizer.distributed=true")
 
 class Runs:
     """The module's runs, each launched once: the layout runs, the uninterrupted reference of the
-    SIGKILL test and both halves of the resume-under-another-layout test."""
+    SIGKILL test, both halves of the resume-under-another-layout test and, last on 2 ranks (it ends
+    that launch), the run with an impossible layout."""
 
     def __init__(self, corpus, root: Path):
         self.corpus, self.root, self.cache, self.launched = corpus, root, {}, set()
@@ -58,6 +59,7 @@ class Runs:
         if world == 2:
             jobs.append(("pretrain_gpt.py", _args(self.corpus, self.root / "kill-ref", *KILL_COMMON, steps=KILL_STEPS),
                          "kill-ref"))
+            jobs.append(("pretrain_gpt.py", _args(self.corpus, self.root / "bad-input", "parallel.tp=3"), "bad-input"))
         if world == 4:  # steps 5-8 with TP=2 x PP=2 from the one-rank checkpoint
             jobs.append(("pretrain_gpt.py", _args(self.corpus, self.root / "resume" / "b", f"checkpoint.dir={self.resume_ckpt}",
                                                   "parallel.tp=2", "parallel.pp=2"), "resume-b"))
@@ -69,9 +71,13 @@ class Runs:
         if world == 4:
             self._launch(1)  # the second half of the resume test starts from the first half's checkpoint
         jobs = self._jobs(world)
-        run_entries(world, [(script, args) for script, args, _ in jobs], self.root / f"world{world}")
+        outputs = run_entries(world, [(script, args) for script, args, _ in jobs], self.root / f"world{world}",
+                              last_fails=world == 2)
         self.launched.add(world)
-        for _, args, key in jobs:
+        for (_, args, key), out in zip(jobs, outputs):
+            if key == "bad-input":
+                self.cache[key] = out
+                continue
             run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("logging.dir="))
             self.cache[key] = read_metrics(run_dir)
         if world == 1:
@@ -157,8 +163,8 @@ def test_resume_under_another_layout(runs):
     _assert_same_curve(second, runs.get(), LAYOUT_RTOL, steps=range(5, STEPS + 1))
 
 
-def test_bad_input_gives_a_clear_error(tiny_corpus, tmp_path):
-    proc = run_torchrun(2, "pretrain_gpt.py", _args(tiny_corpus, tmp_path, "parallel.tp=3"), check=False)
-    assert proc.returncode != 0
-    assert "error: parallel.tp: tp*pp = 3*1 = 3 does not divide the 2 ranks" in proc.stderr
-    assert "megatron/core" not in proc.stderr  # no stack trace from inside megatron-core
+def test_bad_input_gives_a_clear_error(runs):
+    proc = runs.run("bad-input", world=2)  # the last run of the 2-rank launch: its exit status is the launch's
+    assert proc["returncode"] != 0 and "0" not in proc["rc"], proc["rc"]
+    assert "error: parallel.tp: tp*pp = 3*1 = 3 does not divide the 2 ranks" in proc["stderr"]
+    assert "megatron/core" not in proc["stderr"]  # no stack trace from inside megatron-core
