@@ -35,8 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.entry_runs import (CPU_FP32, MOCK, REPO, add_run_args, resolve_run_args,  # noqa: E402
-                                   read_profiles, run_entry, run_overrides, train_records)
+                                   run_entry, run_overrides, train_records)
 from kdtrain.config.distill import load_distill_config  # noqa: E402
+from kdtrain.training.profiling import read_profiles  # noqa: E402
 
 GPU = dict(distill="configs/distill/llama-1.2b-to-150m-h100.yaml", pretrain="configs/pretrain/llama-3.2-1b-h100.yaml",
            steps=20, device=[])

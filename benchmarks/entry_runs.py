@@ -33,11 +33,6 @@ def run_overrides(args, device: list[str]) -> list[str]:
     return [*device, *(["precision.compile=true"] if args.compile else [])]
 
 
-def read_profiles(log_dir: Path) -> dict:
-    """{rank: summary} of the profiled steps of a run (empty when it was not profiled)."""
-    return {int(p.name.split("_")[0].removeprefix("rank")): json.loads(p.read_text())
-            for p in sorted((log_dir / "profile").glob("rank*_summary.json"))}
-
 
 def resolve_run_args(args, default_steps: int) -> tuple[int, int, Path]:
     """(steps, warmup, output directory) from :func:`add_run_args` options."""

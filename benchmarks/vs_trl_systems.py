@@ -116,12 +116,6 @@ def _rates(job: dict, step_times: list[float], num_devices: int) -> dict:
     return out
 
 
-def _read_profiles(run_dir: Path) -> dict:
-    """{rank: summary} written by kdtrain.training.profiling under ``run_dir/profile``."""
-    return {int(p.name.split("_")[0].removeprefix("rank")): json.loads(p.read_text())
-            for p in sorted((run_dir / "profile").glob("rank*_summary.json"))}
-
-
 def _windows(job: dict, n: int, valid: bool = False):
     """The first ``n`` train (or held-out) windows of kdtrain's seeded mock dataset (seq + 1 ids each)."""
     from kdtrain.data.mock import MockWindowDataset
@@ -224,7 +218,7 @@ def run_trl(job: dict, liger: bool, compile: bool = False) -> dict:
     student = _load_hf(job["student_hf"], job, teacher=False)
     teacher = _load_hf(job["teacher_hf"], job, teacher=True)
     step_times: list[float] = []
-    from kdtrain.training.profiling import StepProfiler
+    from kdtrain.training.profiling import StepProfiler, read_profiles
 
     window = profile_window(job)
     profiler = StepProfiler(tuple(window) if window else None, args.output_dir, 0, torch.device(job["device"]))
@@ -255,7 +249,7 @@ def run_trl(job: dict, liger: bool, compile: bool = False) -> dict:
     flags["not_in_this_version"] = sorted(set(wanted) - known)
     jsd = eval_full_vocab_jsd(trainer.model, trainer.teacher_model, job)
     phases = {"setup": t0 - t_start, "train": t1 - t0, "eval": time.perf_counter() - t1}
-    profile = _read_profiles(Path(args.output_dir))
+    profile = read_profiles(args.output_dir)
     return {"num_devices": 1, **_rates(job, step_times, 1), **mem, "peak_memory_per_device_gib": [mem["peak_memory_gib"]],
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "loss_kind": "generalized JSD, full vocabulary", "losses": losses, "phases_s": phases,
@@ -326,6 +320,8 @@ def run_kdtrain_rank(job: dict, variant: str) -> None:
 
 
 def collect_kdtrain(job: dict, variant: str, nproc: int) -> dict:
+    from kdtrain.training.profiling import read_profiles
+
     cfg_dict = kdtrain_config(job, variant)
     run_dir = Path(cfg_dict["logging"]["dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -344,7 +340,7 @@ def collect_kdtrain(job: dict, variant: str, nproc: int) -> dict:
             "loss_kind": f"generalized JSD over the teacher's top-{job['topk']} + tail bucket", "losses": losses,
             "phases_s": ranks[-1]["phases_s"], "eval_full_vocab_jsd": ranks[-1]["eval_full_vocab_jsd"],
             "teacher_wait_s": [r.get("teacher_wait_s") for r in steps], "flags": cfg_dict,
-            **({"profile": _read_profiles(run_dir)} if job.get("profile") else {})}
+            **({"profile": read_profiles(run_dir)} if job.get("profile") else {})}
 
 
 # ---- preparation ---------------------------------------------------------------------------------

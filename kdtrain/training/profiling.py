@@ -109,6 +109,12 @@ def write_profile(prof, out_dir: Path, tag: str, steps: int, wall_s: float) -> d
     return summary
 
 
+def read_profiles(log_dir) -> dict:
+    """{rank: summary} written under ``log_dir/profile`` (empty when nothing was profiled)."""
+    return {int(p.name.split("_")[0].removeprefix("rank")): json.loads(p.read_text())
+            for p in sorted((Path(log_dir) / "profile").glob("rank*_summary.json"))}
+
+
 class StepProfiler:
     """Records steps ``first..last`` (1-based) of a training loop:
 
