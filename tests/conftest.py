@@ -104,3 +104,24 @@ def run_spawn(world: int, fn, *args, tmp_path: Path) -> None:
 
     init_file = tmp_path / f"pg_init_{os.getpid()}_{id(fn)}"
     mp.start_processes(_spawn_entry, args=(world, str(init_file), fn, args), nprocs=world, start_method="spawn")
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A one-process gloo world inside the test process (environment restored afterwards)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp = pytest.MonkeyPatch()
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        mp.setenv(k, v)
+    dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        mp.undo()

@@ -1,9 +1,9 @@
-"""Checkpoint atomicity and clear errors for damaged or mismatched checkpoints (1 gloo rank)."""
+"""Checkpoint atomicity and clear errors for damaged or mismatched checkpoints (a gloo world of one
+inside the test process, conftest.world_of_one)."""
 
 import pytest
 import torch
 
-from conftest import run_spawn
 
 
 def _build(model_name: str):
@@ -26,7 +26,7 @@ def _save(root, step, role, groups, cfg):
     return save_checkpoint(root, step, role.params, role.optimizer, 0, groups.role_group, 0, meta, keep=3)
 
 
-def _crash_mid_save(rank, world, root):
+def _crash_mid_save(root):
     import kdtrain.training.checkpoint as ckpt
     from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_weights
 
@@ -65,11 +65,11 @@ def _crash_mid_save(rank, world, root):
     assert not (root / "step_0000002.tmp").exists()
 
 
-def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
-    run_spawn(1, _crash_mid_save, tmp_path / "ck", tmp_path=tmp_path)
+def test_crash_during_save_keeps_the_previous_checkpoint(world_of_one, tmp_path):
+    _crash_mid_save(tmp_path / "ck")
 
 
-def _damaged(rank, world, root):
+def _damaged(root):
     from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_weights
     from kdtrain.training.checkpoint import check_checkpoint_model
 
@@ -102,5 +102,5 @@ def _damaged(rank, world, root):
         CheckpointReader(root)
 
 
-def test_damaged_or_mismatched_checkpoint_gives_a_clear_error(tmp_path):
-    run_spawn(1, _damaged, tmp_path / "ck", tmp_path=tmp_path)
+def test_damaged_or_mismatched_checkpoint_gives_a_clear_error(world_of_one, tmp_path):
+    _damaged(tmp_path / "ck")

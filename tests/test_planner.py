@@ -27,27 +27,6 @@ TWO_RANKS = [("tiny", 2, 1, 1, False, F32), ("demo-student", 1, 2, 1, False, BF1
              ("demo-teacher", 2, 1, 1, False, F32), ("demo-student", 1, 1, 2, True, F32)]
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A one-process gloo world inside the test process (environment restored afterwards)."""
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp = pytest.MonkeyPatch()
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        mp.setenv(k, v)
-    dist.init_process_group("gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        mp.undo()
-
-
 def _built_bytes(rank, world, out_dir, cases):
     """Build each case; assert planner bytes == allocated bytes on this rank."""
     import os
