@@ -91,6 +91,9 @@ def tiny_corpus(tmp_path_factory) -> dict:
 def _spawn_entry(rank, world, init_file, fn, args):
     import torch.distributed as dist
 
+    # megatron-core's HyperCommGrid reads WORLD_SIZE from the environment when set (a parent
+    # inside world_of_one has it at 1).
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)

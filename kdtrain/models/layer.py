@@ -1,0 +1,163 @@
+"""A direct forward for megatron-core's ``TransformerLayer`` on the local (non-TE) spec.
+
+Small models are bound by host time, not by the GPU: megatron-core's layer forward goes through
+offload contexts, NVTX ranges, a custom autograd ``Function`` per linear (even with one tensor-
+parallel rank), a bias-dropout-add closure and a rotary embedding that recomputes ``cos``/``sin``
+of the same table for the query and the key of every layer. On CPU at tiny shapes (host cost
+only; benchmarks/bench_layer_host.py, decoder stack alone) the stock forward costs ~1.2 ms per
+layer and ~2.8 ms forward + backward; this one ~0.6 / ~1.9 ms, about what Hugging Face's Llama
+decoder layer costs.
+
+``LeanTransformerLayer`` keeps the stock module tree (same submodules, parameter names, state
+dict, checkpoints and conversions) and replaces only ``forward`` for the configurations kdtrain
+builds: dense pre-norm GPT layers, causal self-attention on SDPA, no inference context, packed
+sequences or cross-attention. It runs the same operations in the same order, so its outputs and
+gradients equal the stock layer's (bitwise on CPU, tests/test_layer.py). Differences in how, not
+what:
+
+- Linears of a one-rank tensor-parallel group are ``F.linear`` (+ bias as a separate add, as
+  megatron does); with tp > 1 the megatron modules run, keeping their overlapped gradient
+  all-reduce.
+- ``cos``/``sin`` of the rotary table are computed once per table object (megatron-core caches
+  the table per sequence length, so once per run) instead of twice per layer per pass.
+- Dropout runs only when its probability is non-zero (``F.dropout`` with ``p=0`` is identity).
+
+Anything else (a call with an inference context, packed sequences, partial rotary, a config this
+forward does not cover) goes to the stock forward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from .attention import SDPAttention
+
+
+def _lean_supported(layer: TransformerLayer) -> bool:
+    """The layer is one this forward computes exactly like the stock one."""
+    cfg, attn = layer.config, layer.self_attention
+    return (
+        isinstance(attn.core_attention, SDPAttention)
+        and isinstance(layer.cross_attention, IdentityOp)
+        and isinstance(getattr(attn, "q_layernorm", None) or IdentityOp(), IdentityOp)
+        and isinstance(getattr(attn, "k_layernorm", None) or IdentityOp(), IdentityOp)
+        and not getattr(layer, "is_moe_layer", False)
+        and cfg.num_query_groups >= attn.world_size  # else megatron all-gathers the qkv projection
+        and not cfg.sequence_parallel
+        and not cfg.rotary_interleaved
+        and not cfg.attention_output_gate
+        and not cfg.no_rope_freq
+        and not hasattr(cfg, "yarn_rotary_scaling_factor")  # YaRN scales cos/sin (mscale)
+        and not cfg.fp32_residual_connection
+        and cfg.activation_func_clamp_value is None
+        and cfg.recompute_granularity is None
+        and not cfg.cpu_offloading
+        and not getattr(cfg, "fine_grained_activation_offloading", False)
+        and not layer.recompute_input_layernorm
+        and not layer.recompute_pre_mlp_layernorm
+        and not layer.recompute_mlp
+    )
+
+
+def _linear(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A megatron Column/RowParallelLinear's ``(output, bias)`` pair. One rank: no communication,
+    so ``matmul(x, W^T)`` (+ bias unless the module defers it to the caller), as its autograd
+    Function computes; more ranks: the module itself."""
+    if module.tp_group.size() > 1:
+        return module(x)
+    out = F.linear(x, module.weight)
+    bias = module.bias
+    if bias is None:
+        return out, None
+    if module.skip_bias_add:
+        return out, bias
+    return out + bias, None
+
+
+class LeanTransformerLayer(TransformerLayer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lean = _lean_supported(self)
+        attn = self.self_attention
+        self._heads_per_group = attn.num_attention_heads_per_partition // attn.num_query_groups_per_partition
+        self._head_dim = attn.hidden_size_per_attention_head
+        self._rope_cache: tuple = ()
+
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, inference_context=None, packed_seq_params=None,
+                sequence_len_offset=None, padding_mask=None, **kwargs):
+        if (not self._lean or context is not None or rotary_pos_cos is not None
+                or rotary_pos_cos_sin is not None or attention_bias is not None
+                or inference_context is not None or packed_seq_params is not None or kwargs
+                or (rotary_pos_emb is not None and rotary_pos_emb.shape[-1] != self._head_dim)):
+            return super().forward(
+                hidden_states, attention_mask=attention_mask, context=context, context_mask=context_mask,
+                rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
+                inference_context=inference_context, packed_seq_params=packed_seq_params,
+                sequence_len_offset=sequence_len_offset, padding_mask=padding_mask, **kwargs)
+        x = self._attention(hidden_states, attention_mask, rotary_pos_emb)
+        return self._mlp(x), None
+
+    def _attention(self, x: torch.Tensor, attention_mask, freqs: Optional[torch.Tensor]) -> torch.Tensor:
+        attn = self.self_attention
+        seq, batch = x.shape[0], x.shape[1]
+        qkv, _ = _linear(attn.linear_qkv, self.input_layernorm(x))
+        # Per query group the projection holds [its query heads | one key | one value] (megatron's
+        # layout): [s, b, groups * (heads_per_group + 2) * d] -> [s, b, groups, ...] -> split.
+        d = self._head_dim
+        qkv = qkv.view(seq, batch, -1, (self._heads_per_group + 2) * d)
+        query, key, value = torch.split(qkv, [self._heads_per_group * d, d, d], dim=3)
+        query = query.reshape(seq, batch, -1, d)
+        if freqs is not None:
+            cos, sin = self._rope_tables(freqs, query.dtype)
+            query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        out, bias = _linear(attn.linear_proj, attn.core_attention(query, key, value, attention_mask))
+        return self._bias_dropout_add(out, bias, x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        h, bias = _linear(mlp.linear_fc1, self.pre_mlp_layernorm(x))
+        if bias is not None:
+            h = h + bias
+        if self.config.gated_linear_unit:
+            gate, up = torch.chunk(h, 2, dim=-1)
+            if self.config.glu_linear_offset != 0.0:
+                up = up + self.config.glu_linear_offset
+            h = self.config.activation_func(gate) * up
+        else:
+            h = self.config.activation_func(h)
+        out, bias = _linear(mlp.linear_fc2, h)
+        return self._bias_dropout_add(out, bias, x)
+
+    def _bias_dropout_add(self, out: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+        if bias is not None:
+            out = out + bias
+        if self.training and self.hidden_dropout > 0.0:
+            out = F.dropout(out, p=self.hidden_dropout, training=True)
+        return residual + out
+
+    def _rope_tables(self, freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``/``sin`` of the rotary table ``[s, 1, 1, rot_dim]`` in the activations' dtype,
+        as megatron computes them per call. Cached per table object (a strong reference, so an id
+        is never reused); under torch.compile computed in the graph, where it fuses for free."""
+        if torch.compiler.is_compiling():
+            return torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+        key = (freqs, dtype, torch.is_inference_mode_enabled())
+        cached = self._rope_cache
+        if not cached or cached[0] is not freqs or cached[1:3] != key[1:]:
+            self._rope_cache = cached = key + (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+        return cached[3], cached[4]
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding over the whole head, non-interleaved: ``t * cos + rotate_half(t) * sin``
+    with ``rotate_half([a, b]) = [-b, a]``."""
+    t1, t2 = torch.chunk(t, 2, dim=-1)
+    return t * cos + torch.cat((-t2, t1), dim=-1) * sin

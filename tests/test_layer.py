@@ -1,0 +1,143 @@
+"""kdtrain's direct transformer-layer forward (kdtrain/models/layer.py) computes exactly what
+megatron-core's stock ``TransformerLayer.forward`` computes: bitwise-equal logits and parameter
+gradients on CPU, for every layer family the model configs describe, with dropout, in bf16, and
+tensor-parallel. The stock forward is the reference: the same built model is run with each
+layer's ``_lean`` switched off, so parameters, inputs and RNG state are identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import run_spawn
+
+# Shrunk copies of the shipped model families (what differs is the layer's structure).
+SMALL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, kv_channels=None,
+             vocab_size=300, max_seq_length=64)
+FAMILIES = {
+    "llama (rmsnorm, swiglu, GQA, rope scaling)": ("llama-3.2-1b", dict(num_query_groups=2)),
+    "gpt2 (layernorm, gelu, biases, learned positions)": ("gpt2-124m", dict(num_query_groups=4)),
+    "qwen2.5 (qkv bias only, tied embeddings)": ("qwen2.5-0.5b", dict(num_query_groups=2)),
+    "tiny with dropout": ("tiny", dict(hidden_dropout=0.1, attention_dropout=0.1)),
+}
+
+
+def _model(name: str, over: dict, groups, dtype=torch.float32, seed: int = 3):
+    from kdtrain.config import load_model_config
+    from kdtrain.models import build_gpt
+
+    cfg = load_model_config(name)
+    cfg = dataclasses.replace(cfg, **{**(SMALL if name != "tiny" else {}), **over})
+    return cfg, build_gpt(cfg, groups, device=torch.device("cpu"), dtype=dtype, seed=seed)
+
+
+def _run(model, cfg, lean: bool, dropout_seed: int = 0):
+    """Logits and parameter gradients of one training forward/backward."""
+    for layer in model.decoder.layers:
+        layer._lean = lean
+    model.zero_grad(set_to_none=True)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(24).expand(2, -1)
+    torch.manual_seed(dropout_seed)
+    logits = model(tokens, pos, None)
+    loss = logits.float().square().mean() + logits.float().logsumexp(-1).mean()
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_same(lean, stock, what: str):
+    assert torch.equal(lean[0], stock[0]), f"{what}: logits differ by {(lean[0] - stock[0]).abs().max()}"
+    for name, g in lean[1].items():
+        assert torch.equal(g, stock[1][name]), f"{what}: grad of {name} differs by {(g - stock[1][name]).abs().max()}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lean_layer_equals_stock_megatron_layer(world_of_one, family):
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
+    name, over = FAMILIES[family]
+    cfg, model = _model(name, over, groups)
+    assert all(layer._lean for layer in model.decoder.layers), "the lean forward must cover this family"
+    model.train()
+    _assert_same(_run(model, cfg, True), _run(model, cfg, False), family)
+    if cfg.hidden_dropout > 0:  # the masks do apply: other masks give other logits
+        assert not torch.equal(_run(model, cfg, True)[0], _run(model, cfg, True, dropout_seed=1)[0])
+
+
+def test_lean_layer_bf16_and_no_grad(world_of_one):
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
+    cfg, model = _model("llama-3.2-1b", dict(num_query_groups=2), groups, dtype=torch.bfloat16)
+    _assert_same(_run(model, cfg, True), _run(model, cfg, False), "bf16")
+    # The teacher's path: no-grad and inference-mode forwards, then training again. The rotary
+    # cos/sin cache is keyed on the mode (an inference tensor cannot be saved for backward).
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    pos = torch.arange(24).expand(2, -1)
+    outs = {}
+    for lean in (True, False):
+        for layer in model.decoder.layers:
+            layer._lean = lean
+        with torch.inference_mode():
+            outs[lean, "inference"] = model(tokens, pos, None)
+        with torch.no_grad():
+            outs[lean, "no_grad"] = model(tokens, pos, None)
+    for mode in ("inference", "no_grad"):
+        assert torch.equal(outs[True, mode], outs[False, mode]), mode
+    _assert_same(_run(model, cfg, True), _run(model, cfg, False), "training after inference mode")
+
+
+def _tp2_equal(rank, world):
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    groups = build_role_groups(RoleLayout("model", 0, 2, 1, 1))
+    for name, over in (FAMILIES["llama (rmsnorm, swiglu, GQA, rope scaling)"],
+                       FAMILIES["gpt2 (layernorm, gelu, biases, learned positions)"]):
+        cfg, model = _model(name, over, groups)
+        assert all(layer._lean for layer in model.decoder.layers)
+        _assert_same(_run(model, cfg, True), _run(model, cfg, False), f"{name} tp=2 rank {rank}")
+
+
+def test_lean_layer_equals_stock_tensor_parallel(tmp_path):
+    run_spawn(2, _tp2_equal, tmp_path=tmp_path)
+
+
+def test_unsupported_configs_use_the_stock_forward(world_of_one):
+    """A config the direct forward does not cover builds a layer that runs megatron's forward."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from kdtrain.models.layer import LeanTransformerLayer, _lean_supported
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
+    cfg, model = _model("tiny", {}, groups)
+    layer = model.decoder.layers[0]
+    assert isinstance(layer, LeanTransformerLayer) and _lean_supported(layer)
+    for field, value in (("recompute_granularity", "selective"), ("rotary_interleaved", True),
+                         ("fp32_residual_connection", True)):
+        original = getattr(layer.config, field)
+        setattr(layer.config, field, value)
+        try:
+            assert not _lean_supported(layer), field
+        finally:
+            setattr(layer.config, field, original)
+    # A call the direct forward does not handle (here an extra keyword) reaches the stock one.
+    calls = []
+    stock = TransformerLayer.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("dynamic_inference_decode_only"))
+        return stock(self, *args, **kwargs)
+
+    TransformerLayer.forward = spy
+    try:
+        x = torch.randn(8, 1, cfg.hidden_size)
+        out, _ = layer(x, attention_mask=None, dynamic_inference_decode_only=False)
+        ref, _ = layer(x, attention_mask=None)
+    finally:
+        TransformerLayer.forward = stock
+    assert calls == [False] and torch.equal(out, ref)
