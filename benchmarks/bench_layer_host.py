@@ -50,10 +50,13 @@ def _timed(fn, steps: int, device: torch.device) -> tuple[float, float]:
     return statistics.median(host), statistics.median(wall)
 
 
-def _megatron_stack(cfg, groups, device, dtype, lean: bool):
+def _megatron_stack(cfg, groups, device, dtype, lean: bool, cast_norms: bool = False):
     model = build_gpt(cfg, groups, device=device, dtype=dtype, seed=1)
     for layer in model.decoder.layers:
         layer._lean = lean
+        if cast_norms:  # megatron-core's torch norms keep fp32 weights; torch fuses RMSNorm only at one dtype
+            layer.input_layernorm.to(dtype)
+            layer.pre_mlp_layernorm.to(dtype)
 
     def run(x):  # the rotary table as GPTModel passes it (megatron-core caches it per length)
         rope = model.rotary_pos_emb(x.shape[0]) if cfg.position_embedding == "rope" else None
@@ -115,7 +118,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="llama-150m-32k")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=None, help="timed runs per figure (default 10; 30 with --cpu-tiny)")
     p.add_argument("--cpu-tiny", action="store_true", help="tiny model on CPU, fp32, seq 16, batch 1")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face yardstick")
     p.add_argument("--out", type=Path, required=True)
@@ -126,17 +129,19 @@ def main(argv=None) -> None:
     if args.cpu_tiny:
         torch.set_num_threads(1)
         cfg = dataclasses.replace(load_model_config("tiny"), num_layers=8)
-        seq, batch, dtype, steps = 16, 1, torch.float32, max(args.steps, 30)
+        seq, batch, dtype, steps = 16, 1, torch.float32, args.steps or 30
     else:
         cfg = load_model_config(args.model)
-        seq, batch, steps = args.seq_len, args.micro_batch, args.steps
+        seq, batch, steps = args.seq_len, args.micro_batch, args.steps or 10
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
     rows = []
-    for lean in (False, True):
-        model, run, make = _megatron_stack(cfg, groups, device, dtype, lean)
-        rows.append(measure("kdtrain (direct forward)" if lean else "megatron-core stock forward",
-                            model, run, make, seq, batch, steps, device))
+    variants = [("megatron-core stock forward", False, False), ("kdtrain (direct forward)", True, False)]
+    if dtype != torch.float32:
+        variants.append((f"kdtrain (direct forward), norm weights in {str(dtype).removeprefix('torch.')}", True, True))
+    for name, lean, cast_norms in variants:
+        model, run, make = _megatron_stack(cfg, groups, device, dtype, lean, cast_norms)
+        rows.append(measure(name, model, run, make, seq, batch, steps, device))
         del model
     llama_like = cfg.normalization == "rmsnorm" and cfg.activation == "swiglu" and cfg.position_embedding == "rope"
     if llama_like and not args.no_hf:

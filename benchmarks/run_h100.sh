@@ -8,6 +8,7 @@
 #   bash benchmarks/run_h100.sh planner trl cache            # second batch
 #   bash benchmarks/run_h100.sh distill_compiled cache_compiled   # precision.compile=true A/B
 #   bash benchmarks/run_h100.sh trl_llama trl_qwen           # + compiled systems and profiles
+#   bash benchmarks/run_h100.sh layer_host                   # per-layer host vs wall time
 set -u
 OUT=${OUT:-/tmp/kdtrain_h100_out}
 WORK=${WORK:-/tmp/kdtrain_h100}
@@ -47,6 +48,8 @@ for s in "$@"; do
     trl_llama|trl_qwen)
       stage "${s}_bench" 570 python benchmarks/bench_vs_trl.py --preset "${s#trl_}" --profile --teacher-logit-scale 6 \
         --out "$WORK/$s" ;;
+    layer_host)
+      stage layer_host_bench 120 python benchmarks/bench_layer_host.py --model llama-150m-32k --out "$WORK/layer_host" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -141,3 +141,20 @@ def test_unsupported_configs_use_the_stock_forward(world_of_one):
     finally:
         TransformerLayer.forward = stock
     assert calls == [False] and torch.equal(out, ref)
+
+
+def test_layer_host_benchmark_cpu_smoke(tmp_path):
+    """benchmarks/bench_layer_host.py --cpu-tiny: stock, direct and Hugging Face rows, every time
+    measured (the figures themselves are the benchmark's business, not a test's)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "benchmarks/bench_layer_host.py", "--cpu-tiny", "--steps", "3",
+                    "--out", str(tmp_path)], cwd=repo, check=True, timeout=300, capture_output=True)
+    rows = json.loads((tmp_path / "layer_host.json").read_text())["rows"]
+    assert [r["system"] for r in rows] == ["megatron-core stock forward", "kdtrain (direct forward)",
+                                           "Hugging Face LlamaDecoderLayer"]
+    assert all(r[k] > 0 for r in rows for k in r if k.endswith("_ms_per_layer"))
