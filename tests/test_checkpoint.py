@@ -69,6 +69,51 @@ def test_crash_during_save_keeps_the_previous_checkpoint(world_of_one, tmp_path)
     _crash_mid_save(tmp_path / "ck")
 
 
+def test_crash_while_resaving_a_step_keeps_its_previous_copy(world_of_one, tmp_path):
+    """A resumed run saves a step that exists; a crash between moving the old copy aside and
+    renaming the new one into place leaves ``latest`` naming a missing directory: the old copy
+    (``step_N.old``) is what loads, and the next successful save removes it."""
+    import kdtrain.training.checkpoint as ckpt
+    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_weights
+
+    root = tmp_path / "ck"
+    cfg, groups, role = _build("tiny")
+    _save(root, 1, role, groups, cfg)
+    _save(root, 2, role, groups, cfg)
+    saved = {spec.global_name: p.detach().clone() for spec, p in role.params}
+    with torch.no_grad():
+        for _, p in role.params:
+            p.add_(1.0)
+
+    real_replace = ckpt.os.replace
+
+    def crash_on_rename_into_place(src, dst):
+        if str(src).endswith("step_0000002.tmp"):
+            raise OSError("killed (injected)")
+        return real_replace(src, dst)
+
+    ckpt.os.replace = crash_on_rename_into_place
+    try:
+        with pytest.raises(OSError, match="injected"):
+            _save(root, 2, role, groups, cfg)
+    finally:
+        ckpt.os.replace = real_replace
+    assert not (root / "step_0000002").exists() and (root / "latest").read_text() == "step_0000002"
+    latest = latest_checkpoint(root)
+    assert latest.name == "step_0000002.old"
+    load_weights(CheckpointReader(latest), role.params)
+    for spec, p in role.params:
+        assert torch.equal(p, saved[spec.global_name]), spec.global_name
+
+    with torch.no_grad():
+        for _, p in role.params:
+            p.add_(1.0)
+    _save(root, 3, role, groups, cfg)  # the run goes on from the set-aside copy
+    _save(root, 3, role, groups, cfg)  # and re-saves a step normally
+    assert latest_checkpoint(root).name == "step_0000003"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000003"]
+
+
 def _damaged(root):
     from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_weights
     from kdtrain.training.checkpoint import check_checkpoint_model

@@ -17,7 +17,9 @@ other (pretrain with TP=1, distil with a TP=2 teacher).
 
 Atomicity: everything is written under ``step_N.tmp/``; after all ranks finish, the role's first
 rank writes meta.json, renames the directory to ``step_N`` and then replaces ``latest``. A crash at
-any point leaves ``latest`` on the previous complete checkpoint.
+any point leaves ``latest`` on the previous complete checkpoint. Saving a step that exists (a
+resumed run reaching it again) first moves the old copy to ``step_N.old``, which
+``latest_checkpoint`` falls back to if the crash comes between the two renames.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
         return None
     path = root / marker.read_text().strip()
     if not (path / "meta.json").is_file():
+        aside = path.with_name(path.name + ".old")  # a re-save of that step crashed mid-rename
+        if (aside / "meta.json").is_file():
+            return aside
         raise ValueError(f"checkpoint dir {root}: 'latest' names {path.name}, which is missing or incomplete")
     return path
 
@@ -102,18 +107,30 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
         files = sorted(p.name for p in (tmp / "shards").glob("*.pt"))
         meta = dict(meta, version=FORMAT_VERSION, step=step, shard_files=files, saved_at=time.time())
         _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
+        aside = root / f"{name}.old"
         if final.exists():
-            shutil.rmtree(final)
+            # Re-saving a step (a resumed run reaching it again): the complete copy is moved aside,
+            # not deleted, so a crash before the next rename leaves it where latest_checkpoint
+            # looks when ``latest`` names a missing step.
+            if aside.exists():
+                shutil.rmtree(aside)  # stale: ``final`` is complete
+            os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_write(root / "latest.tmp", name)
         os.replace(root / "latest.tmp", root / "latest")
+        shutil.rmtree(aside, ignore_errors=True)
         _prune(root, keep)
     _barrier(role_group)
     return final
 
 
 def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    """Keep the ``keep`` newest complete checkpoints; drop the debris of interrupted saves
+    (``.tmp``) and copies set aside by an interrupted re-save (``.old``): ``latest`` now names a
+    complete checkpoint."""
+    for debris in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
+        shutil.rmtree(debris, ignore_errors=True)
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
