@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO, run_spawn
 from kdtrain.config import load_model_config
-from kdtrain.planner import auto_plan, get_profile, load_profile, make_problem, search
+from kdtrain.planner import auto_plan, get_profile, load_profile, make_problem, search_plans
 from kdtrain.planner.inflection import condition
 from kdtrain.planner.memory import (GiB, ModelShape, layer_activation_bytes, optimizer_bytes, owned_params,
                                     payload_nbytes, stage_param_list, stage_params, student_stage_memory, teacher_stage_memory)
@@ -135,7 +135,7 @@ def test_recompute_trades_memory_for_time():
     t0, t1 = (student_time(m, 1, 2, 1, 4096, 1, 8, prof, pl, recompute=r) for r in (False, True))
     assert 1.2 < t1.compute / t0.compute < 4 / 3  # one more forward per backward; the output layer is not redone
     p = make_problem(load_model_config("llama-3.1-8b"), m, 8, 8, 4096, 64, 64, recompute=None)
-    assert {pl.recompute for pl in search(p).plans} == {False, True}
+    assert {pl.recompute for pl in search_plans(p).plans} == {False, True}
 
 
 def _check_invariants(p, plan):
@@ -166,7 +166,7 @@ def _check_invariants(p, plan):
 def test_plan_invariants(teacher, student, W, G, profile):
     p = make_problem(load_model_config(teacher), load_model_config(student), W, G, 256 if profile == "cpu" else 2048,
                      96 if W % 3 == 0 else 64, 32, profile)
-    res = search(p)
+    res = search_plans(p)
     assert res.plans, "something fits"
     assert {pl.split for pl in res.plans} == {"colocated", "disaggregated"}
     for plan in res.plans:
@@ -179,11 +179,11 @@ def test_plan_invariants(teacher, student, W, G, profile):
 
 def test_disaggregated_step_is_the_slower_role():
     p = make_problem(load_model_config("llama-3.1-8b"), load_model_config("llama-3.2-1b"), 16, 8, 2048, 256, 64)
-    for plan in search(p, splits=("disaggregated",)).plans[:20]:
+    for plan in search_plans(p, splits=("disaggregated",)).plans[:20]:
         t = plan.times
         assert plan.step_time == pytest.approx(max(t["teacher"] + t["teacher stall"],
                                                    t["student"] + t["first payload"], t["payload link"]))
-    for plan in search(p, splits=("colocated",)).plans[:20]:
+    for plan in search_plans(p, splits=("colocated",)).plans[:20]:
         t = plan.times
         assert plan.step_time == pytest.approx(t["teacher"] + t["student"] + t["payload"])
 
@@ -256,7 +256,7 @@ def test_inflection_condition_agrees_with_brute_force():
         prof = base.replace(inter_node_bw=base.inter_node_bw * bw)
         p = make_problem(load_model_config(tn), load_model_config(sn), W, 8, 2048, 512, 64, prof,
                          micro_batches=(1, 2, 4))
-        res = search(p)
+        res = search_plans(p)
         bc, bd = res.best("colocated"), res.best("disaggregated")
         cond = condition(p, bc.step_time)
         brute = bd is not None and bd.step_time < bc.step_time

@@ -103,14 +103,14 @@ def _table(plans, world_size: int) -> str:
 
 
 def run_plan(args) -> int:
-    from .search import search
+    from .search import search_plans
 
     t0 = time.perf_counter()
     prob = _problem(args)
     if args.sweep:
         return _run_sweep(args, prob)
     splits = ("colocated", "disaggregated") if args.split == "auto" else (args.split,)
-    res = search(prob, splits)
+    res = search_plans(prob, splits)
     elapsed = time.perf_counter() - t0
     plans = res.plans[:args.top]
     if args.json:

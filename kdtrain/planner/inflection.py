@@ -43,7 +43,7 @@ from typing import Optional
 
 from .memory import payload_nbytes
 from .search import Layout, Problem, _student_stages, _student_time, _teacher_stages, _teacher_time, _worst, \
-    search, student_options
+    search_plans, student_options
 
 
 def disaggregated_optimum(a: float, b: float, g: float, sigma: float, W: float) -> tuple[float, float]:
@@ -133,7 +133,7 @@ def condition(p: Problem, colocated_step: Optional[float] = None) -> Condition:
     options) that fit on their own GPUs, the role costs ``c`` and ``g`` give ``T*`` and ``W_t*`` in
     closed form; the rounded split and the link term give the step. No span is enumerated."""
     if colocated_step is None:
-        best_c = search(p, splits=("colocated",)).best()
+        best_c = search_plans(p, splits=("colocated",)).best()
         colocated_step = best_c.step_time if best_c else math.inf
     T_c, W, B = colocated_step, p.world_size, p.global_batch
     best = Condition(flop_ratio(p), math.nan, T_c, math.inf, math.inf, math.nan, None)

@@ -365,7 +365,7 @@ def student_options(p: Problem, dp: int) -> list[tuple[bool, bool]]:
     return [(z, rc) for z in _zero_options(p, dp) for rc in rcs]
 
 
-def search(p: Problem, splits=("colocated", "disaggregated")) -> SearchResult:
+def search_plans(p: Problem, splits=("colocated", "disaggregated")) -> SearchResult:
     p.check()
     W = p.world_size
     fitting, rejects, evaluated = [], [], 0
@@ -468,7 +468,7 @@ def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size
                      "h100-80gb" if profile is None else profile, micro_batches=mbs, values_bytes=values_bytes,
                      depth=depth, distributed_optimizer=distributed_optimizer, dtype_bytes=dtype_bytes,
                      recompute=recompute)
-    res = search(p)
+    res = search_plans(p)
     if not res.plans:
         why = res.closest_rejects[0].reject if res.closest_rejects else (
             "no tp x pp x dp satisfies the layout rules (tp divides heads, query groups, ffn and the GPUs "

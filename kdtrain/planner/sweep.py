@@ -17,7 +17,7 @@ from typing import Optional
 
 from .memory import ModelShape
 from .inflection import condition
-from .search import MAX_TOPK, Plan, Problem, search
+from .search import MAX_TOPK, Plan, Problem, search_plans
 
 QUANTITIES = {
     "world_size": [8, 16, 32, 64, 128, 256, 512, 1024],
@@ -87,7 +87,7 @@ def sweep(p: Problem, quantity: str, values=None) -> list[SweepPoint]:
     points = []
     for v in values or default_values(p, quantity):
         q, x = vary(p, quantity, v)
-        res = search(q)
+        res = search_plans(q)
         c, d = res.best("colocated"), res.best("disaggregated")
         verdict = None
         if c is not None:
