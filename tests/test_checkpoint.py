@@ -69,7 +69,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(world_of_one, tmp_path)
     _crash_mid_save(tmp_path / "ck")
 
 
-def test_crash_while_resaving_a_step_keeps_its_previous_copy(world_of_one, tmp_path):
+def test_crash_while_resaving_a_step_keeps_its_previous_copy(world_of_one, tmp_path, monkeypatch):
     """A resumed run saves a step that exists; a crash between moving the old copy aside and
     renaming the new one into place leaves ``latest`` naming a missing directory: the old copy
     (``step_N.old``) is what loads, and the next successful save removes it."""
@@ -92,12 +92,9 @@ def test_crash_while_resaving_a_step_keeps_its_previous_copy(world_of_one, tmp_p
             raise OSError("killed (injected)")
         return real_replace(src, dst)
 
-    ckpt.os.replace = crash_on_rename_into_place
-    try:
-        with pytest.raises(OSError, match="injected"):
-            _save(root, 2, role, groups, cfg)
-    finally:
-        ckpt.os.replace = real_replace
+    with monkeypatch.context() as m, pytest.raises(OSError, match="injected"):
+        m.setattr(ckpt.os, "replace", crash_on_rename_into_place)
+        _save(root, 2, role, groups, cfg)
     assert not (root / "step_0000002").exists() and (root / "latest").read_text() == "step_0000002"
     latest = latest_checkpoint(root)
     assert latest.name == "step_0000002.old"
