@@ -347,6 +347,22 @@ def test_calibrate_on_cpu_writes_a_loadable_profile(world_of_one, tmp_path, caps
     assert json.loads(proc.stdout)["profile"] == prof.name
 
 
+def test_calibrate_compiled_layers(world_of_one, tmp_path, capsys, monkeypatch):
+    """``calibrate --compile`` times the steps with compiled layers (the aot_eager backend here:
+    the same capture without code generation) and records it."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("KDTRAIN_COMPILE_BACKEND", "aot_eager")
+    counters.clear()
+    out = tmp_path / "cpu-compiled.json"
+    proc = _cli(capsys, "calibrate", "--out", str(out), "--model", "tiny", "--seq-len", "16", "--micro-batch", "1",
+                "--iters", "2", "--device", "cpu", "--compile")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["measurements"]["compiled_layers"] is True
+    assert counters["stats"]["unique_graphs"] >= 1
+    load_profile(out)
+
+
 def test_bench_planner_cpu_tiny(world_of_one, tmp_path):
     """The benchmark's one-command path (calibrate, measure, predict, write) in its CPU mode."""
     import importlib.util

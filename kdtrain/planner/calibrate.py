@@ -53,8 +53,11 @@ def measure_copy(torch, device, nbytes: int, iters: int) -> float:
     return 2.0 * src.numel() * 4 / t
 
 
-def measure_step(model_name: str, seq_len: int, micro_batch: int, iters: int, device, dtype) -> float:
-    """Median seconds of a full single-rank training step (1 micro-batch) of ``model_name``."""
+def measure_step(model_name: str, seq_len: int, micro_batch: int, iters: int, device, dtype,
+                 compile: bool = False) -> float:
+    """Median seconds of a full single-rank training step (1 micro-batch) of ``model_name``
+    (``compile``: with compiled layers, as ``precision.compile`` builds them; the untimed first
+    step compiles)."""
     import numpy as np
     import torch
 
@@ -68,7 +71,8 @@ def measure_step(model_name: str, seq_len: int, micro_batch: int, iters: int, de
     if seq_len > cfg.max_seq_length:
         raise ValueError(f"--seq-len: {seq_len} exceeds max_seq_length={cfg.max_seq_length} of {cfg.name!r}")
     groups = build_role_groups(RoleLayout("calibrate", 0, 1, 1, 1))
-    role = build_trainable(cfg, groups, OptimizerConfig(), seq_len, micro_batch, device, dtype, seed=1)
+    role = build_trainable(cfg, groups, OptimizerConfig(), seq_len, micro_batch, device, dtype, seed=1,
+                           compile=compile)
     rng = np.random.default_rng(0)
     mb = make_microbatch(rng.integers(0, cfg.vocab_size, size=(micro_batch, seq_len + 1)), device)
     fwd = lm_forward_step(cfg.vocab_size, groups.pgc.tp)
@@ -127,12 +131,15 @@ def fit_profile(profile, big: tuple, small: Optional[tuple], d: int):
 
 def calibrate(out: str, base=None, model: str = "demo-student", seq_len: int = 256, micro_batch: int = 4,
               iters: int = 5, device: str = "auto", small_model: Optional[str] = None,
-              small_seq_len: Optional[int] = None, small_micro_batch: Optional[int] = None) -> dict:
+              small_seq_len: Optional[int] = None, small_micro_batch: Optional[int] = None,
+              compile: bool = False) -> dict:
     """Measure this device, fit the profile, write it to ``out``; returns ``{"profile", "measurements"}``.
 
     ``model`` (large enough to keep the device busy) fits ``elementwise_bytes``; ``small_model``
     (small enough to be bound by the host's kernel launches), when given, fits
-    ``layer_overhead_s``, else that figure is kept from ``base``."""
+    ``layer_overhead_s``, else that figure is kept from ``base``. ``compile``: the steps run with
+    compiled layers (``precision.compile``), so the fitted host time and memory-bound traffic are
+    those of compiled runs; plan them with this profile."""
     import torch
 
     from ..parallel import init_distributed, shutdown_distributed
@@ -165,8 +172,8 @@ def calibrate(out: str, base=None, model: str = "demo-student", seq_len: int = 2
             name=f"{name}-calibrated", matmul_flops=big, peak_flops=max(base_profile.peak_flops, big),
             model_efficiency=1.0, memory_bw=copy_bw, tokens_half=tokens_half, memory_bytes=memory,
             memory_reserve_bytes=min(base_profile.memory_reserve_bytes, 0.1 * memory))
-        step = measure_step(model, seq_len, micro_batch, iters, dev, dtype)
-        small_step = (measure_step(small_model, small_seq_len, small_micro_batch, iters, dev, dtype)
+        step = measure_step(model, seq_len, micro_batch, iters, dev, dtype, compile)
+        small_step = (measure_step(small_model, small_seq_len, small_micro_batch, iters, dev, dtype, compile)
                       if small_model else None)
         profile = fit_profile(profile, (model, seq_len, micro_batch, step),
                               (small_model, small_seq_len, small_micro_batch, small_step) if small_model else None, d)
@@ -176,7 +183,7 @@ def calibrate(out: str, base=None, model: str = "demo-student", seq_len: int = 2
             "memory_gib": memory / GiB, "model": model, "seq_len": seq_len, "micro_batch": micro_batch,
             "step_time_s": step, "predicted_step_time_s": predicted_step(profile, model, seq_len, micro_batch, d),
             "elementwise_bytes": profile.elementwise_bytes, "layer_overhead_s": profile.layer_overhead_s,
-            "dtype": str(dtype).removeprefix("torch."), "iters": iters,
+            "dtype": str(dtype).removeprefix("torch."), "iters": iters, "compiled_layers": compile,
         }
         if small_model:
             measurements.update(small_model=small_model, small_seq_len=small_seq_len,

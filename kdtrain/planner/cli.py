@@ -67,6 +67,8 @@ def register(subparsers) -> None:
     c.add_argument("--small-micro-batch", type=int, default=None, help="default: --micro-batch")
     c.add_argument("--iters", type=int, default=5)
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    c.add_argument("--compile", action="store_true", help="measure with compiled layers (runs with "
+                                                          "precision.compile=true plan with this profile)")
     c.set_defaults(func=run_calibrate)
 
 
@@ -169,7 +171,7 @@ def run_calibrate(args) -> int:
     result = calibrate(args.out, base=args.base, model=args.model, seq_len=args.seq_len,
                        micro_batch=args.micro_batch, iters=args.iters, device=args.device,
                        small_model=args.small_model, small_seq_len=args.small_seq_len,
-                       small_micro_batch=args.small_micro_batch)
+                       small_micro_batch=args.small_micro_batch, compile=args.compile)
     m = result["measurements"]
     print(f"device {m['device']}: matmul {m['matmul_tflops']:.3f} TFLOP/s, copy {m['copy_gbps']:.1f} GB/s, "
           f"{args.model} step {m['step_time_s'] * 1e3:.1f} ms -> {m['elementwise_bytes']:.1f} B per activation "
