@@ -82,6 +82,23 @@ def test_topk_single_rank_excludes_padding():
         vocab_parallel_topk(logits, 102, vocab, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_normaliser_is_the_plain_formula_bitwise(dtype):
+    """The normaliser's single-read max and in-place chunks compute, bit for bit, the plain
+    ``m = max(x / tau); m + log(sum(exp(x / tau - m)))`` on the upcast logits, and leave the
+    logits unchanged (fp32 ones too)."""
+    g = torch.Generator().manual_seed(3)
+    vocab = 1000
+    logits = (4 * torch.randn(37, 3, 1024, generator=g)).to(dtype)
+    before = logits.clone()
+    for tau in (1.0, 0.25, 0.7, 2.0):
+        _, _, lse = vocab_parallel_topk(logits, 8, vocab, None, tau=tau, chunk_bytes=5000)  # ~4 rows per chunk
+        x = logits[..., :vocab].float() / tau
+        m = x.amax(dim=-1)
+        assert torch.equal(lse, m + (x - m[..., None]).exp().sum(dim=-1).log()), (dtype, tau)
+    assert torch.equal(logits, before)
+
+
 def _topk_tp(rank, world, logits, k, vocab, tau):
     import torch.distributed as dist
 

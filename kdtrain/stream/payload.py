@@ -102,6 +102,7 @@ def vocab_parallel_topk(logits_SBVl: torch.Tensor, k: int, vocab_size: int, tp_g
     if k > vocab_size:
         raise ValueError(f"teacher top-k k={k} exceeds the vocabulary size {vocab_size}")
     shard = logits_SBVl[..., :real]
+    assert tau > 0, tau  # KDLossConfig checks it; the max below relies on it
 
     # Local candidates, padded to k with -inf / id 0 where the shard holds fewer than k real ids.
     kl = min(k, real)
@@ -112,17 +113,26 @@ def vocab_parallel_topk(logits_SBVl: torch.Tensor, k: int, vocab_size: int, tp_g
         cand_vals[..., :kl] = v.float()
         cand_ids[..., :kl] = i + start
 
-    # Log-normaliser of logits / tau, chunked over sequence positions.
-    row_max = torch.full((S, B), float("-inf"), dtype=torch.float32, device=logits_SBVl.device)
-    sum_exp = torch.zeros((S, B), dtype=torch.float32, device=logits_SBVl.device)
-    rows = max(1, chunk_bytes // max(1, B * real * 4))
-    chunks = [slice(s0, s0 + rows) for s0 in range(0, S, rows)] if real > 0 else []
-    for c in chunks:
-        row_max[c] = (shard[c].float() / tau).amax(dim=-1)
+    # Log-normaliser of logits / tau. The row max is taken on the logits as stored: x -> x / tau
+    # is monotonic for tau > 0 and rounds the maximal element the same way, so
+    # float(max x) / tau == max(float(x) / tau) bitwise, in one read of the logits and no fp32
+    # copy. The sum of exponentials needs fp32 elements: chunked over sequence positions, each
+    # chunk upcast once and transformed in place (the same operations in the same order as
+    # (x / tau - max).exp(), a third of the memory traffic of out-of-place temporaries).
+    if real > 0:
+        row_max = shard.amax(dim=-1).float() / tau
+    else:
+        row_max = torch.full((S, B), float("-inf"), dtype=torch.float32, device=logits_SBVl.device)
     if tp > 1:
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-    for c in chunks:
-        sum_exp[c] = (shard[c].float() / tau - row_max[c, :, None]).exp().sum(dim=-1)
+    sum_exp = torch.zeros((S, B), dtype=torch.float32, device=logits_SBVl.device)
+    rows = max(1, chunk_bytes // max(1, B * real * 4))
+    for s0 in range(0, S, rows) if real > 0 else ():
+        c = slice(s0, s0 + rows)
+        t = shard[c].to(torch.float32, copy=True)  # a copy even of fp32 logits, which must not change
+        if tau != 1.0:
+            t.div_(tau)
+        sum_exp[c] = t.sub_(row_max[c, :, None]).exp_().sum(dim=-1)
     if tp > 1:
         dist.all_reduce(sum_exp, group=tp_group)
         gathered_vals = [torch.empty_like(cand_vals) for _ in range(tp)]
