@@ -50,10 +50,10 @@ def _timed(fn, steps: int, device: torch.device) -> tuple[float, float]:
     return statistics.median(host), statistics.median(wall)
 
 
-def _megatron_stack(cfg, groups, device, dtype, lean: bool, cast_norms: bool = False):
+def _megatron_stack(cfg, groups, device, dtype, direct: bool, cast_norms: bool = False):
     model = build_gpt(cfg, groups, device=device, dtype=dtype, seed=1)
     for layer in model.decoder.layers:
-        layer._lean = lean
+        layer._direct = direct
         if cast_norms:  # megatron-core's torch norms keep fp32 weights; torch fuses RMSNorm only at one dtype
             layer.input_layernorm.to(dtype)
             layer.pre_mlp_layernorm.to(dtype)
@@ -139,8 +139,8 @@ def main(argv=None) -> None:
     variants = [("megatron-core stock forward", False, False), ("kdtrain (direct forward)", True, False)]
     if dtype != torch.float32:
         variants.append((f"kdtrain (direct forward), norm weights in {str(dtype).removeprefix('torch.')}", True, True))
-    for name, lean, cast_norms in variants:
-        model, run, make = _megatron_stack(cfg, groups, device, dtype, lean, cast_norms)
+    for name, direct, cast_norms in variants:
+        model, run, make = _megatron_stack(cfg, groups, device, dtype, direct, cast_norms)
         rows.append(measure(name, model, run, make, seq, batch, steps, device))
         del model
     llama_like = cfg.normalization == "rmsnorm" and cfg.activation == "swiglu" and cfg.position_embedding == "rope"

@@ -2,7 +2,7 @@
 megatron-core's stock ``TransformerLayer.forward`` computes: bitwise-equal logits and parameter
 gradients on CPU, for every layer family the model configs describe, with dropout, in bf16, and
 tensor-parallel. The stock forward is the reference: the same built model is run with each
-layer's ``_lean`` switched off, so parameters, inputs and RNG state are identical.
+layer's ``_direct`` switched off, so parameters, inputs and RNG state are identical.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ def _model(name: str, over: dict, groups, dtype=torch.float32, seed: int = 3):
     return cfg, build_gpt(cfg, groups, device=torch.device("cpu"), dtype=dtype, seed=seed)
 
 
-def _run(model, cfg, lean: bool, dropout_seed: int = 0):
+def _run(model, cfg, direct: bool, dropout_seed: int = 0):
     """Logits and parameter gradients of one training forward/backward."""
     for layer in model.decoder.layers:
-        layer._lean = lean
+        layer._direct = direct
     model.zero_grad(set_to_none=True)
     tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(24).expand(2, -1)
@@ -48,27 +48,27 @@ def _run(model, cfg, lean: bool, dropout_seed: int = 0):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _assert_same(lean, stock, what: str):
-    assert torch.equal(lean[0], stock[0]), f"{what}: logits differ by {(lean[0] - stock[0]).abs().max()}"
-    for name, g in lean[1].items():
+def _assert_same(direct, stock, what: str):
+    assert torch.equal(direct[0], stock[0]), f"{what}: logits differ by {(direct[0] - stock[0]).abs().max()}"
+    for name, g in direct[1].items():
         assert torch.equal(g, stock[1][name]), f"{what}: grad of {name} differs by {(g - stock[1][name]).abs().max()}"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_lean_layer_equals_stock_megatron_layer(world_of_one, family):
+def test_direct_layer_equals_stock_megatron_layer(world_of_one, family):
     from kdtrain.parallel import RoleLayout, build_role_groups
 
     groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
     name, over = FAMILIES[family]
     cfg, model = _model(name, over, groups)
-    assert all(layer._lean for layer in model.decoder.layers), "the lean forward must cover this family"
+    assert all(layer._direct for layer in model.decoder.layers), "the direct forward must cover this family"
     model.train()
     _assert_same(_run(model, cfg, True), _run(model, cfg, False), family)
     if cfg.hidden_dropout > 0:  # the masks do apply: other masks give other logits
         assert not torch.equal(_run(model, cfg, True)[0], _run(model, cfg, True, dropout_seed=1)[0])
 
 
-def test_lean_layer_bf16_and_no_grad(world_of_one):
+def test_direct_layer_bf16_and_no_grad(world_of_one):
     from kdtrain.parallel import RoleLayout, build_role_groups
 
     groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
@@ -79,13 +79,13 @@ def test_lean_layer_bf16_and_no_grad(world_of_one):
     tokens = torch.randint(0, cfg.vocab_size, (2, 24))
     pos = torch.arange(24).expand(2, -1)
     outs = {}
-    for lean in (True, False):
+    for direct in (True, False):
         for layer in model.decoder.layers:
-            layer._lean = lean
+            layer._direct = direct
         with torch.inference_mode():
-            outs[lean, "inference"] = model(tokens, pos, None)
+            outs[direct, "inference"] = model(tokens, pos, None)
         with torch.no_grad():
-            outs[lean, "no_grad"] = model(tokens, pos, None)
+            outs[direct, "no_grad"] = model(tokens, pos, None)
     for mode in ("inference", "no_grad"):
         assert torch.equal(outs[True, mode], outs[False, mode]), mode
     _assert_same(_run(model, cfg, True), _run(model, cfg, False), "training after inference mode")
@@ -98,11 +98,11 @@ def _tp2_equal(rank, world):
     for name, over in (FAMILIES["llama (rmsnorm, swiglu, GQA, rope scaling)"],
                        FAMILIES["gpt2 (layernorm, gelu, biases, learned positions)"]):
         cfg, model = _model(name, over, groups)
-        assert all(layer._lean for layer in model.decoder.layers)
+        assert all(layer._direct for layer in model.decoder.layers)
         _assert_same(_run(model, cfg, True), _run(model, cfg, False), f"{name} tp=2 rank {rank}")
 
 
-def test_lean_layer_equals_stock_tensor_parallel(tmp_path):
+def test_direct_layer_equals_stock_tensor_parallel(tmp_path):
     run_spawn(2, _tp2_equal, tmp_path=tmp_path)
 
 
@@ -110,19 +110,19 @@ def test_unsupported_configs_use_the_stock_forward(world_of_one):
     """A config the direct forward does not cover builds a layer that runs megatron's forward."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    from kdtrain.models.layer import LeanTransformerLayer, _lean_supported
+    from kdtrain.models.layer import DirectTransformerLayer, direct_forward_supported
     from kdtrain.parallel import RoleLayout, build_role_groups
 
     groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
     cfg, model = _model("tiny", {}, groups)
     layer = model.decoder.layers[0]
-    assert isinstance(layer, LeanTransformerLayer) and _lean_supported(layer)
+    assert isinstance(layer, DirectTransformerLayer) and direct_forward_supported(layer)
     for field, value in (("recompute_granularity", "selective"), ("rotary_interleaved", True),
                          ("fp32_residual_connection", True)):
         original = getattr(layer.config, field)
         setattr(layer.config, field, value)
         try:
-            assert not _lean_supported(layer), field
+            assert not direct_forward_supported(layer), field
         finally:
             setattr(layer.config, field, original)
     # A call the direct forward does not handle (here an extra keyword) reaches the stock one.

@@ -24,7 +24,7 @@ from ..parallel import RoleGroups
 from .attention import SDPAttention
 from .compile import check_compile_support, compile_layers
 from .init import init_parameters
-from .layer import LeanTransformerLayer
+from .layer import DirectTransformerLayer
 from .params import ParamSpec, param_specs
 from .rope import DeviceRotaryEmbedding
 
@@ -84,7 +84,7 @@ def layer_spec(cfg: ModelConfig, use_te: bool) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    spec.module = LeanTransformerLayer  # same submodules and parameters, direct forward (layer.py)
+    spec.module = DirectTransformerLayer  # same submodules and parameters, direct forward (layer.py)
     return spec
 
 

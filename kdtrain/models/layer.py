@@ -8,7 +8,7 @@ only; benchmarks/bench_layer_host.py, decoder stack alone) the stock forward cos
 layer and ~2.8 ms forward + backward; this one ~0.6 / ~1.9 ms, about what Hugging Face's Llama
 decoder layer costs.
 
-``LeanTransformerLayer`` keeps the stock module tree (same submodules, parameter names, state
+``DirectTransformerLayer`` keeps the stock module tree (same submodules, parameter names, state
 dict, checkpoints and conversions) and replaces only ``forward`` for the configurations kdtrain
 builds: dense pre-norm GPT layers, causal self-attention on SDPA, no inference context, packed
 sequences or cross-attention. It runs the same operations in the same order, so its outputs and
@@ -38,7 +38,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from .attention import SDPAttention
 
 
-def _lean_supported(layer: TransformerLayer) -> bool:
+def direct_forward_supported(layer: TransformerLayer) -> bool:
     """The layer is one this forward computes exactly like the stock one."""
     cfg, attn = layer.config, layer.self_attention
     return (
@@ -79,10 +79,10 @@ def _linear(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Opt
     return out + bias, None
 
 
-class LeanTransformerLayer(TransformerLayer):
+class DirectTransformerLayer(TransformerLayer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._lean = _lean_supported(self)
+        self._direct = direct_forward_supported(self)
         attn = self.self_attention
         self._heads_per_group = attn.num_attention_heads_per_partition // attn.num_query_groups_per_partition
         self._head_dim = attn.hidden_size_per_attention_head
@@ -92,7 +92,7 @@ class LeanTransformerLayer(TransformerLayer):
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                 attention_bias=None, inference_context=None, packed_seq_params=None,
                 sequence_len_offset=None, padding_mask=None, **kwargs):
-        if (not self._lean or context is not None or rotary_pos_cos is not None
+        if (not self._direct or context is not None or rotary_pos_cos is not None
                 or rotary_pos_cos_sin is not None or attention_bias is not None
                 or inference_context is not None or packed_seq_params is not None or kwargs
                 or (rotary_pos_emb is not None and rotary_pos_emb.shape[-1] != self._head_dim)):
