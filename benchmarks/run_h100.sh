@@ -49,6 +49,7 @@ for s in "$@"; do
       stage "${s}_bench" 570 python benchmarks/bench_vs_trl.py --preset "${s#trl_}" --profile --teacher-logit-scale 6 \
         --out "$WORK/$s" ;;
     layer_host)
+      stage layer_gpu_tests 120 python -m pytest -q -s -m gpu tests/test_layer.py
       stage layer_host_bench 120 python benchmarks/bench_layer_host.py --model llama-150m-32k --out "$WORK/layer_host" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -91,6 +91,38 @@ def test_direct_layer_bf16_and_no_grad(world_of_one):
     _assert_same(_run(model, cfg, True), _run(model, cfg, False), "training after inference mode")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_direct_layer_equals_stock_on_cuda(world_of_one):
+    """On the GPU (bf16, SDPA's flash kernels, cuBLAS): the same operations, so the same numbers;
+    equality is asserted to bf16 rounding and reported when it is exact."""
+    from kdtrain.config import load_model_config
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
+    cfg = dataclasses.replace(load_model_config("llama-3.2-1b"), num_layers=2, hidden_size=256,
+                              num_attention_heads=8, num_query_groups=2, kv_channels=None, ffn_hidden_size=512,
+                              vocab_size=1000, max_seq_length=512)
+    model = build_gpt(cfg, groups, device=torch.device("cuda"), dtype=torch.bfloat16, seed=3)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    pos = torch.arange(256, device="cuda").expand(2, -1)
+    res = {}
+    for direct in (True, False):
+        for layer in model.decoder.layers:
+            layer._direct = direct
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens, pos, None)
+        (logits.float().square().mean() + logits.float().logsumexp(-1).mean()).backward()
+        res[direct] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    exact = torch.equal(res[True][0], res[False][0]) and all(
+        torch.equal(g, res[False][1][n]) for n, g in res[True][1].items())
+    print(f"direct vs stock layer forward on {torch.cuda.get_device_name()}: bitwise equal = {exact}")
+    torch.testing.assert_close(res[True][0], res[False][0], rtol=1.6e-2, atol=1e-2)
+    for name, g in res[True][1].items():
+        torch.testing.assert_close(g, res[False][1][name], rtol=1.6e-2, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def _tp2_equal(rank, world):
     from kdtrain.parallel import RoleLayout, build_role_groups
 
