@@ -20,7 +20,7 @@ from kdtrain.planner.search import Layout, evaluate_colocated
 F32, BF16 = torch.float32, torch.bfloat16
 # (model, tp, pp, dp, distributed optimizer, dtype) on a world of 2 gloo ranks: every layout on the
 # tiny model; the tied-embedding demo student with pp=2 (the last stage's own embedding copy) and
-# bf16 (fp32 masters, fp32 norms); the demo teacher sharded.
+# bf16 (fp32 masters; every parameter, norms included, in bf16); the demo teacher sharded.
 ONE_RANK = [("tiny", 1, 1, 1, False, F32), ("tiny", 1, 1, 1, False, BF16), ("demo-student", 1, 1, 1, False, BF16),
             ("demo-teacher", 1, 1, 1, False, F32), ("demo-teacher", 1, 1, 1, False, BF16)]
 TWO_RANKS = [("tiny", 2, 1, 1, False, F32), ("demo-student", 1, 2, 1, False, BF16), ("tiny", 1, 1, 2, True, BF16),
@@ -60,9 +60,10 @@ def _built_bytes(rank, world, out_dir, cases):
         assert weights == pred.weights, (where, weights, pred.weights)
         assert grads == pred.grads, (where, grads, pred.grads)
         # Exactly this dp rank's share, not only the worst one.
-        n, n32 = (owned_params(shape, tp, pp, g.pp_rank, dp)[g.dp_rank] if zero and dp > 1
-                  else stage_params(shape, tp, pp, g.pp_rank))
-        assert opt == optimizer_bytes(n, n32, d), (where, opt, optimizer_bytes(n, n32, d))
+        n = (owned_params(shape, tp, pp, g.pp_rank, dp)[g.dp_rank] if zero and dp > 1
+             else stage_params(shape, tp, pp, g.pp_rank))
+        assert opt == optimizer_bytes(n, d), (where, opt, optimizer_bytes(n, d))
+        assert all(p.dtype == dtype for p in role.model.parameters()), where
         if not (zero and dp > 1):
             assert opt == pred.optimizer, where
         # The lean teacher holds the same weights and nothing else static.
@@ -88,11 +89,11 @@ def test_param_count_matches_model_config():
         cfg = load_model_config(name)
         m = ModelShape.of(cfg)
         pad = (m.padded_vocab(1) - m.vocab) * m.hidden * (1 if m.tied else 2)
-        assert stage_params(m, 1, 1, 0)[0] == cfg.num_params() + pad, name
+        assert stage_params(m, 1, 1, 0) == cfg.num_params() + pad, name
         # Shards add back up: tp-way shards times tp plus replicated norms, over all stages.
         tp, pp = 2, 2
-        total = sum(stage_params(m, tp, pp, r)[0] for r in range(pp))
-        assert total > stage_params(m, 1, 1, 0)[0] / tp
+        total = sum(stage_params(m, tp, pp, r) for r in range(pp))
+        assert total > stage_params(m, 1, 1, 0) / tp
 
 
 def test_payload_bytes_match_stream_spec():
@@ -115,7 +116,7 @@ def test_activation_and_zero_scaling():
     assert first.activations == pytest.approx(4 * (m.layers // 4) * per_layer + p2p)
     assert last.activations > (m.layers // 4) * per_layer + 2 * 2 * 2048 * m.padded_vocab(1)  # + logits, grad
     z = student_stage_memory(m, 1, 1, 8, 0, 2048, 1, 8, distributed_optimizer=True)
-    largest = 12 * max(n for n, _ in stage_param_list(m, 1, 1, 0))  # m, v, master of one parameter
+    largest = 12 * max(stage_param_list(m, 1, 1, 0))  # m, v, master of one parameter
     # Per-parameter ZeRO-1: a balanced eighth, unless one parameter (the embedding) is larger.
     assert max(a1.optimizer / 8, largest) <= z.optimizer <= a1.optimizer / 8 + largest
 

@@ -7,9 +7,9 @@ them with built models. Activations are an estimate (see ``layer_activation_byte
 
 Per rank of a trained student (tp x pp x dp, pipeline stage r, dtype bytes ``d``):
 
-    weights   = d * P_r (+ 2 bytes more per fp32 norm / position-embedding parameter)
+    weights   = d * P_r                       every parameter in the model dtype
     grads     = 4 * P_r                       one fp32 buffer (main_grad), any model dtype
-    optimizer = 8 * O_r + 4 * (O_r - fp32 ones, when d != 4)
+    optimizer = 8 * O_r + 4 * O_r (when d != 4)
                                               Adam m, v (fp32) + fp32 master weights for bf16;
                                               P_r = parameters of stage r's tensor shard;
                                               O_r = P_r, or with the distributed optimizer
@@ -103,68 +103,58 @@ class ModelShape:
         return 2.0 * self.vocab * self.hidden
 
 
-def stage_param_list(m: ModelShape, tp: int, pp: int, pp_rank: int) -> tuple[tuple[int, bool], ...]:
-    """``(numel, fp32)`` of every parameter of one rank (shards of equal size on every tensor
-    rank) of stage ``pp_rank``, in megatron-core's ``named_parameters`` order for kdtrain's local
-    layer spec. ``fp32``: torch norms and learned position embeddings are created in fp32
-    whatever the model dtype (megatron-core's ``WrappedTorchNorm`` and its position embedding do
-    not take ``params_dtype``)."""
+def stage_param_list(m: ModelShape, tp: int, pp: int, pp_rank: int) -> tuple[int, ...]:
+    """Sizes of the parameters of one rank (shards of equal size on every tensor rank) of stage
+    ``pp_rank``, in megatron-core's ``named_parameters`` order for kdtrain's local layer spec."""
     assert m.layout_ok(tp, pp) and 0 <= pp_rank < pp, (m.name, tp, pp, pp_rank)
     h, f = m.hidden, m.ffn
     q, kv = m.q_width // tp, m.kv_width // tp
-    norm = [(h, True), (h, True)] if m.layernorm else [(h, True)]  # LayerNorm: weight + bias
+    norm = [h, h] if m.layernorm else [h]  # LayerNorm: weight + bias
     vocab_rows = m.padded_vocab(tp) // tp  # padded table, split along the vocabulary
     n_in = 2 if m.gated else 1  # gated fc1 holds [gate; up]
-    layer = [*norm, (h * q, False)] + ([(h, False)] if m.bias else [])  # linear_proj (row-parallel)
-    layer += [((q + kv) * h, False)] + ([(q + kv, False)] if m.qkv_bias else [])  # linear_qkv
-    layer += [*norm, (n_in * (f // tp) * h, False)] + ([(n_in * (f // tp), False)] if m.bias else [])
-    layer += [(h * (f // tp), False)] + ([(h, False)] if m.bias else [])  # linear_fc2
-    out: list[tuple[int, bool]] = []
+    layer = [*norm, h * q] + ([h] if m.bias else [])  # linear_proj (row-parallel)
+    layer += [(q + kv) * h] + ([q + kv] if m.qkv_bias else [])  # linear_qkv
+    layer += [*norm, n_in * (f // tp) * h] + ([n_in * (f // tp)] if m.bias else [])
+    layer += [h * (f // tp)] + ([h] if m.bias else [])  # linear_fc2
+    out: list[int] = []
     if pp_rank == 0:
-        out.append((vocab_rows * h, False))
+        out.append(vocab_rows * h)
         if m.learned_pos:
-            out.append((m.max_seq * h, True))
+            out.append(m.max_seq * h)
     out += layer * (m.layers // pp)
     if pp_rank == pp - 1:
         out += norm  # final norm
         if not (m.tied and pp == 1):  # tied + pp > 1: the last stage keeps its own copy
-            out.append((vocab_rows * h, False))
+            out.append(vocab_rows * h)
     return tuple(out)
 
 
 @lru_cache(maxsize=65536)
-def stage_params(m: ModelShape, tp: int, pp: int, pp_rank: int) -> tuple[int, int]:
-    """(all parameters, of which fp32) of one rank of stage ``pp_rank``."""
-    params = stage_param_list(m, tp, pp, pp_rank)
-    return sum(n for n, _ in params), sum(n for n, fp32 in params if fp32)
+def stage_params(m: ModelShape, tp: int, pp: int, pp_rank: int) -> int:
+    """Parameters of one rank of stage ``pp_rank``."""
+    return sum(stage_param_list(m, tp, pp, pp_rank))
 
 
 @lru_cache(maxsize=65536)
-def owned_params(m: ModelShape, tp: int, pp: int, pp_rank: int, dp: int) -> tuple[tuple[int, int], ...]:
-    """Per dp rank, (parameters owned, of which fp32) under the distributed optimizer (ZeRO-1).
+def owned_params(m: ModelShape, tp: int, pp: int, pp_rank: int, dp: int) -> tuple[int, ...]:
+    """Per dp rank, the parameters it owns under the distributed optimizer (ZeRO-1).
 
     Mirrors ``kdtrain.training.optimizer.assign_owners``: parameters by decreasing size (then by
     position), each to the least-loaded rank (lowest rank on ties). A heap of (load, rank) pops
     exactly that rank, so this is O(n log dp) for the 1024-rank searches."""
     params = stage_param_list(m, tp, pp, pp_rank)
     heap = [(0, r) for r in range(dp)]
-    fp32 = [0] * dp
-    for i in sorted(range(len(params)), key=lambda i: (-params[i][0], i)):
+    for i in sorted(range(len(params)), key=lambda i: (-params[i], i)):
         load, r = heapq.heappop(heap)
-        heapq.heappush(heap, (load + params[i][0], r))
-        fp32[r] += params[i][0] if params[i][1] else 0
+        heapq.heappush(heap, (load + params[i], r))
     loads = dict((r, load) for load, r in heap)
-    return tuple((loads[r], fp32[r]) for r in range(dp))
+    return tuple(loads[r] for r in range(dp))
 
 
-def weight_bytes(n: int, n_fp32: int, d: int) -> float:
-    return float(d * (n - n_fp32) + 4 * n_fp32)
-
-
-def optimizer_bytes(n: int, n_fp32: int, d: int) -> float:
-    """Adam m and v in fp32 for every owned parameter, plus an fp32 master copy of the owned
-    parameters that are not fp32 already."""
-    return float(8 * n + (0 if d == 4 else 4 * (n - n_fp32)))
+def optimizer_bytes(n: int, d: int) -> float:
+    """Adam m and v in fp32 for every owned parameter, plus an fp32 master copy when the model
+    dtype is not fp32."""
+    return float(8 * n + (0 if d == 4 else 4 * n))
 
 
 def payload_nbytes(seq: int, micro_batch: int, k: int, values_bytes: int = 4) -> int:
@@ -188,18 +178,16 @@ def layer_activation_bytes(m: ModelShape, tp: int, tokens: int, d: int = 2) -> f
       fc1 output (gate and up; SiLU's input is a view): 2f   SiLU output: f   fc2 input: f
     GELU MLPs keep fc1 output f and GELU output f. LayerNorm also keeps an fp32 mean.
 
-    RMSNorm with its fp32 weight on bf16 activations takes torch's unfused path: it upcasts, and
-    autograd keeps the fp32 input and the fp32 normalised tensor (8h bytes) instead of the input
-    (2h): 6h more per norm. Measured on an H100 (bench_planner.py), this brings the estimate of
-    three students' peaks from about 20% under to within 10%.
+    Norm weights are in the model dtype (models/gpt.py), so torch's fused RMSNorm keeps only its
+    input and the fp32 rstd. (With the fp32 norm weights megatron-core creates, the unfused upcast
+    path kept 6h more bytes per norm in bf16; the H100 comparison in docs/planner.md was measured
+    that way and is owed a re-run.)
     """
     h, q, kv, f = m.hidden, m.q_width / tp, m.kv_width / tp, m.ffn / tp
     mlp = (2 * f + f + f) if m.gated else (f + f)
     per_token = d * (4 * h + (q + kv) + (q + kv / 2) + q + q + mlp)
     per_token += 4 * (m.heads / tp)  # SDPA log-sum-exp, fp32
     per_token += 2 * 4 * (2 if m.layernorm else 1)  # norm statistics, fp32
-    if d == 2 and not m.layernorm:
-        per_token += 2 * 6 * h  # the two norms' fp32 upcast path
     return per_token * tokens
 
 
@@ -242,11 +230,11 @@ def student_stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_rank: int,
     """A trained student rank on stage ``pp_rank`` running 1F1B over ``microbatches`` micro-batches
     (per replica) of ``micro_batch`` samples; ``payload_bytes`` = payload buffers it holds.
     ``recompute``: full activation recomputation (every layer re-runs its forward in the backward)."""
-    n, n32 = stage_params(m, tp, pp, pp_rank)
+    n = stage_params(m, tp, pp, pp_rank)
     if distributed_optimizer and dp > 1:
-        opt = max(optimizer_bytes(o, o32, d) for o, o32 in owned_params(m, tp, pp, pp_rank, dp))
+        opt = optimizer_bytes(max(owned_params(m, tp, pp, pp_rank, dp)), d)
     else:
-        opt = optimizer_bytes(n, n32, d)
+        opt = optimizer_bytes(n, d)
     tokens = seq * micro_batch
     # 1F1B: stage r keeps the activations of min(pp - r, M) micro-batches in flight.
     in_flight = min(pp - pp_rank, microbatches)
@@ -260,13 +248,13 @@ def student_stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_rank: int,
         # Final norm input and output-layer input, then the vocab-parallel logits and the KD
         # loss's logit gradient (computed in the forward), both in the model dtype.
         act += d * 2 * tokens * m.hidden + 2 * d * tokens * m.padded_vocab(tp) / tp
-    return RankMemory(weight_bytes(n, n32, d), 4.0 * n, opt, float(act), float(payload_bytes))
+    return RankMemory(float(d * n), 4.0 * n, opt, float(act), float(payload_bytes))
 
 
 def teacher_stage_memory(m: ModelShape, tp: int, pp: int, pp_rank: int, seq: int, micro_batch: int, k: int,
                          payload_bytes: float = 0.0, d: int = 2) -> RankMemory:
     """A lean teacher rank: weights + one micro-batch's inference tensors + payload buffers."""
-    n, n32 = stage_params(m, tp, pp, pp_rank)
+    n = stage_params(m, tp, pp, pp_rank)
     tokens = seq * micro_batch
     act = layer_inference_bytes(m, tp, tokens, d)
     act += 2 * d * tokens * m.hidden if pp > 1 else 0  # p2p buffers
@@ -275,7 +263,7 @@ def teacher_stage_memory(m: ModelShape, tp: int, pp: int, pp_rank: int, seq: int
         # Logits + the fp32 chunk of the normaliser pass (at most 256 MiB, payload.py) + top-k
         # candidates (fp32 values, int64 ids) of every tensor rank after the all-gather.
         act = max(act, d * tokens * vl + min(4 * tokens * vl, 256 * 2**20) + (tp + 1) * tokens * k * 12)
-    return RankMemory(weight_bytes(n, n32, d), 0.0, 0.0, float(act), float(payload_bytes))
+    return RankMemory(float(d * n), 0.0, 0.0, float(act), float(payload_bytes))
 
 
 def worst_stage(fn, pp: int) -> RankMemory:

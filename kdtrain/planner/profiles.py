@@ -3,10 +3,12 @@
 A profile is a flat dataclass of rates, sizes and latencies (SI units: bytes, seconds, FLOP/s).
 Built-in profiles come from vendor data sheets plus what ``kdtrain calibrate`` measured on an H100
 with kdtrain's megatron-core local layer spec (bf16): GEMMs inside the model run at the large-GEMM
-rate, the memory-bound rest of a layer (norms with fp32 weights, RoPE, SwiGLU, residual adds,
-layout copies) moves about 18 bytes per element of its activations, and the host needs about 1.9 ms
-per layer per forward-equivalent pass to launch it all (what bounds small models). ``kdtrain
-calibrate`` measures the local device and writes a JSON profile that replaces them.
+rate, the memory-bound rest of a layer (norms, then with fp32 weights; RoPE, SwiGLU, residual
+adds, layout copies) moves about 18 bytes per element of its activations, and the host needs about
+1.9 ms per layer per forward-equivalent pass to launch it all (what bounds small models). Both
+software figures predate bf16 norm weights and the direct layer forward (models/layer.py) and
+overstate today's costs until re-measured. ``kdtrain calibrate`` measures the local device and
+writes a JSON profile that replaces them.
 
     profile = get_profile("h100-80gb")          # built-in, by name
     profile = load_profile("runs/h100.json")    # written by `kdtrain calibrate`

@@ -180,14 +180,14 @@ def student_time(m: ModelShape, tp: int, pp: int, dp: int, seq: int, micro_batch
                   pp_comm=microbatches * 2 * hop, bubble=(pp - 1) * per_mb, per_microbatch=per_mb,
                   forward_per_microbatch=t_f)
     # Gradient reduction of the fp32 buffer of the largest stage over the dp replicas.
-    n_max = max(stage_params(m, tp, pp, r)[0] for r in {0, pp - 1})
+    n_max = max(stage_params(m, tp, pp, r) for r in {0, pp - 1})
     bw, lat = link(profile, group_in_one_node(pl, tp, pp, dp, "dp"))
     rt.dp_comm = allreduce_time(4.0 * n_max, dp, bw, lat)
     if m.tied and pp > 1:  # first/last stage copies of the tied embedding: sum their gradients
         bw_e, lat_e = link(profile, group_in_one_node(pl, tp, pp, dp, "pp"))
         rt.dp_comm += allreduce_time(4.0 * m.padded_vocab(tp) / tp * m.hidden, 2, bw_e, lat_e)
     if distributed_optimizer and dp > 1:
-        owned = max(max(o for o, _ in owned_params(m, tp, pp, r, dp)) for r in {0, pp - 1})
+        owned = max(max(owned_params(m, tp, pp, r, dp)) for r in {0, pp - 1})
         # Owners broadcast their updated parameters: every rank receives the whole stage once.
         rt.dp_comm += d * n_max / bw + dp * 2 * lat
     else:
