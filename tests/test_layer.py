@@ -68,11 +68,16 @@ def test_direct_layer_equals_stock_megatron_layer(world_of_one, family):
         assert not torch.equal(_run(model, cfg, True)[0], _run(model, cfg, True, dropout_seed=1)[0])
 
 
-def test_direct_layer_bf16_and_no_grad(world_of_one):
+@pytest.mark.parametrize("family", ["llama (rmsnorm, swiglu, GQA, rope scaling)",
+                                    "gpt2 (layernorm, gelu, biases, learned positions)"])
+def test_direct_layer_bf16_and_no_grad(world_of_one, family):
+    """bf16 models hold every parameter in bf16 (megatron-core creates norms and the position
+    embedding in fp32, which made a bf16 GPT-2 fail in its first linear); then as above."""
     from kdtrain.parallel import RoleLayout, build_role_groups
 
     groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
-    cfg, model = _model("llama-3.2-1b", dict(num_query_groups=2), groups, dtype=torch.bfloat16)
+    cfg, model = _model(*FAMILIES[family], groups, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     _assert_same(_run(model, cfg, True), _run(model, cfg, False), "bf16")
     # The teacher's path: no-grad and inference-mode forwards, then training again. The rotary
     # cos/sin cache is keyed on the mode (an inference tensor cannot be saved for backward).
