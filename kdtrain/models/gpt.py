@@ -147,11 +147,15 @@ def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dty
         )
         rope.inv_freq = rope.inv_freq.to(device)  # a plain attribute, not moved by Module.to
         model.rotary_pos_emb = rope
+    model.to(device)
     # megatron-core's torch norms and learned position embedding ignore params_dtype and are
     # created in fp32; the model runs in one dtype (as Megatron-LM's Float16Module and Hugging
     # Face models do): torch fuses RMSNorm into one kernel only when input and weight share it,
-    # and fp32 position embeddings would promote the residual stream to fp32.
-    model.to(device=device, dtype=dtype)
+    # and an fp32 position embedding promotes the hidden states to fp32, which the first bf16
+    # linear rejects. Only these torch modules: Transformer Engine's keep their own state.
+    for module in model.modules():
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.Embedding)):
+            module.to(dtype)
     model.layer_offset = get_transformer_layer_offset(tcfg, pp_rank=groups.pp_rank)
     model.param_specs = param_specs(model, cfg, groups.tp_rank, layout.tp, model.layer_offset)
     init_parameters(model, model.param_specs, cfg, seed)
