@@ -360,7 +360,10 @@ def test_fused_function_plumbing():
     ("logits_rank", "must be a tensor"),
 ])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bad_payload_gives_a_clear_error(bad, match, impl):
+@pytest.mark.parametrize("validate", [True, "deferred"])
+def test_bad_payload_gives_a_clear_error(bad, match, impl, validate):
+    """``validate="deferred"`` (the training loop's): host-side checks raise at the call, value
+    checks from ``report["check"]()``; either way the same clear error."""
     student, teacher, labels = make_data(V=12)
     ids, vals, lse = topk(teacher, 4, 1.0)
     kw = dict(vocab_size=12, config=KDLossConfig(alpha=0.5), teacher_lse_SB=lse, labels_SB=labels)
@@ -399,8 +402,16 @@ def test_bad_payload_gives_a_clear_error(bad, match, impl):
         student = student[..., :12]
     elif bad == "logits_rank":
         student = student[0]
-    with pytest.raises(ValueError, match=match):
-        kd_loss(student, ids, vals, impl=impl, **kw)
+    if validate == "deferred" and bad in VALUE_CHECKS:
+        _, report = kd_loss(student, ids, vals, impl=impl, validate=validate, **kw)  # no sync, no error yet
+        with pytest.raises(ValueError, match=match):
+            report["check"]()
+    else:
+        with pytest.raises(ValueError, match=match):
+            kd_loss(student, ids, vals, impl=impl, validate=validate, **kw)
+
+
+VALUE_CHECKS = {"id_high", "id_neg", "nan", "inf", "lse_nan", "dup", "labels", "logprobs"}
 
 
 def test_kernel_topk_limit_and_reverse_kl_without_teacher_tail():

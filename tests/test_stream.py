@@ -149,7 +149,7 @@ def _make_payload(spec, o):
     return p
 
 
-def _channel_roundtrip(rank, world, corrupt):
+def _channel_roundtrip(rank, world, corrupt, deferred=False):
     from kdtrain.stream.channel import StreamError
 
     rank, ch, pairing, spec = _channel_setup(world)
@@ -172,8 +172,13 @@ def _channel_roundtrip(rank, world, corrupt):
     for i, o in enumerate(work):
         ch.post(work[i:])
         if corrupt and o == 1:
-            with pytest.raises(StreamError, match="different tokens"):
-                ch.get(o, _tokens(o))
+            if deferred:  # the training loop's way: compared on the device, read at the step's end
+                ch.get(o, _tokens(o), verify=False)
+                with pytest.raises(StreamError, match="different tokens"):
+                    ch.verify_pending()
+            else:
+                with pytest.raises(StreamError, match="different tokens"):
+                    ch.get(o, _tokens(o))
             return
         p = ch.get(o, _tokens(o))
         assert int(p.ids[0, 0, 0]) == o and float(p.values[1, 1, 2]) == o + 0.5 and float(p.lse[3, 1]) == -o
@@ -184,8 +189,9 @@ def test_channel_delivers_in_order_across_roles(tmp_path):
     run_spawn(4, _channel_roundtrip, False, tmp_path=tmp_path)
 
 
-def test_channel_checksum_mismatch_is_an_error(tmp_path):
-    run_spawn(4, _channel_roundtrip, True, tmp_path=tmp_path)
+@pytest.mark.parametrize("deferred", [False, True])
+def test_channel_checksum_mismatch_is_an_error(tmp_path, deferred):
+    run_spawn(4, _channel_roundtrip, True, deferred, tmp_path=tmp_path)
 
 
 def _dead_teacher(rank, world):

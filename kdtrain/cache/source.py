@@ -2,8 +2,8 @@
 
 The distillation loop talks to its payload source with three calls, whatever the teacher is:
 ``post(seqs)`` announces this replica's upcoming micro-batches (sequence numbers, see
-``stream/pairing.py``), ``get(seq, tokens)`` returns the checksum-verified payload of one,
-``flush()`` ends the step. :class:`~kdtrain.stream.channel.PayloadChannel` implements them for a
+``stream/pairing.py``), ``get(seq, tokens)`` returns the checksum-verified payload of one
+(``verify=False`` defers the comparison to ``verify_pending()``), ``flush()`` ends the step. :class:`~kdtrain.stream.channel.PayloadChannel` implements them for a
 live teacher; :class:`CachedPayloads` for a cache, on every last-stage rank of the student (each
 tensor rank reads the cache itself, so no broadcast is needed). Announced micro-batches are
 decoded ahead by the reader's prefetch thread.
@@ -23,6 +23,7 @@ class CachedPayloads:
         self.bytes_sent = self.bytes_received = 0  # nothing crosses ranks
         self._ids: dict[int, tuple[int, ...]] = {}
         self._posted: set[int] = set()
+        self._unverified: list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = []
 
     def start_step(self, sample_ids_of: dict[int, tuple[int, ...]]) -> None:
         """This step's micro-batches of this replica: sequence number -> dataset sample ids."""
@@ -35,13 +36,21 @@ class CachedPayloads:
         if new:
             self.reader.prefetch([self._ids[o] for o in new], self.spec, self.device)
 
-    def get(self, o: int, tokens: torch.Tensor) -> Payload:
+    def get(self, o: int, tokens: torch.Tensor, verify: bool = True) -> Payload:
         payload = self.reader.payload(self._ids[o], self.spec, self.device)
-        if int(payload.checksum) != int(token_checksum(tokens)):
-            raise ValueError(f"cache {self.reader.path}: the cached payload of samples {list(self._ids[o])} was "
-                             f"computed on other tokens than the student reads: the cache does not belong to "
-                             f"this dataset (data.*) or was written with another data order")
+        self._unverified.append((self._ids[o], payload.checksum.clone(), token_checksum(tokens)))
+        if verify:
+            self.verify_pending()
         return payload
+
+    def verify_pending(self) -> None:
+        """Raise ``ValueError`` if a payload taken with ``get(verify=False)`` belongs to other tokens."""
+        pending, self._unverified = self._unverified, []
+        for ids, got, expected in pending:
+            if int(got) != int(expected):
+                raise ValueError(f"cache {self.reader.path}: the cached payload of samples {list(ids)} was "
+                                 f"computed on other tokens than the student reads: the cache does not belong "
+                                 f"to this dataset (data.*) or was written with another data order")
 
     def flush(self) -> None:
         pass

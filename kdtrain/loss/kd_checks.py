@@ -138,8 +138,21 @@ def check_kd_inputs(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_
         check_teacher_tail(config, teacher_lse_SB is not None, k, vocab_size)
     if not check_values or topk_ids_SBK.numel() == 0:
         return
+    raise_for_kd_input_stats(kd_input_stats(topk_ids_SBK, topk_values_SBK, vocab_size, teacher_lse_SB, labels_SB,
+                                            config), vocab_size, config)
 
-    # One fused reduction -> one host sync.
+
+def kd_input_stats(topk_ids_SBK: torch.Tensor, topk_values_SBK: torch.Tensor, vocab_size: int,
+                   teacher_lse_SB: Optional[torch.Tensor] = None, labels_SB: Optional[torch.Tensor] = None,
+                   config: Optional[KDLossConfig] = None) -> torch.Tensor:
+    """The value checks of :func:`check_kd_inputs` as one float64 device tensor, without a host
+    sync: [min id, max id, non-finite values, repeated ids, non-finite log-normaliser, max value
+    (log-probs only), bad labels (CE only)]. :func:`raise_for_kd_input_stats` reads it."""
+    dev = topk_ids_SBK.device
+    k = topk_ids_SBK.shape[-1]
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    if topk_ids_SBK.numel() == 0:
+        return torch.stack([zero] * 7)
     ids = topk_ids_SBK.reshape(-1, k)
     vals = topk_values_SBK.detach()
     stats = [ids.min().double(), ids.max().double(), (~torch.isfinite(vals)).sum().double()]
@@ -147,16 +160,21 @@ def check_kd_inputs(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_
         srt = ids.sort(dim=-1).values
         stats.append((srt[:, 1:] == srt[:, :-1]).sum().double())
     else:
-        stats.append(torch.zeros((), dtype=torch.float64, device=dev))
-    stats.append((~torch.isfinite(teacher_lse_SB.detach())).sum().double() if teacher_lse_SB is not None
-                 else torch.zeros((), dtype=torch.float64, device=dev))
+        stats.append(zero)
+    stats.append((~torch.isfinite(teacher_lse_SB.detach())).sum().double() if teacher_lse_SB is not None else zero)
     logprobs = config is not None and config.values_are_logprobs
-    stats.append(vals.max().double() if logprobs else torch.zeros((), dtype=torch.float64, device=dev))
-    ce_labels = labels_SB is not None and config is not None and config.alpha > 0
-    if ce_labels:
+    stats.append(vals.max().double() if logprobs else zero)
+    if labels_SB is not None and config is not None and config.alpha > 0:
         bad = ((labels_SB < 0) | (labels_SB >= vocab_size)) & (labels_SB != config.ignore_index)
         stats.append(bad.sum().double())
-    lo, hi, nonfinite, dups, lse_bad, vmax, *rest = torch.stack(stats).tolist()
+    else:
+        stats.append(zero)
+    return torch.stack(stats)
+
+
+def raise_for_kd_input_stats(stats: torch.Tensor, vocab_size: int, config: Optional[KDLossConfig] = None) -> None:
+    """Raise ``ValueError`` for what :func:`kd_input_stats` found (one host sync)."""
+    lo, hi, nonfinite, dups, lse_bad, vmax, bad_labels = stats.tolist()
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"teacher top-k ids out of range [0, {vocab_size}): min {int(lo)}, max {int(hi)}")
     if nonfinite:
@@ -165,8 +183,8 @@ def check_kd_inputs(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_
         raise ValueError(f"teacher top-k ids repeat an id within a token's top-k ({int(dups)} repeats)")
     if lse_bad:
         raise ValueError(f"teacher log-normaliser contains {int(lse_bad)} NaN/inf entries")
-    if logprobs and vmax > LOGPROB_SLACK:
+    if config is not None and config.values_are_logprobs and vmax > LOGPROB_SLACK:
         raise ValueError(f"values_are_logprobs is set but a teacher value is {vmax:.4g} > 0: these look like logits")
-    if ce_labels and rest[0]:
-        raise ValueError(f"{int(rest[0])} labels are outside [0, {vocab_size}) and not ignore_index "
+    if bad_labels:
+        raise ValueError(f"{int(bad_labels)} labels are outside [0, {vocab_size}) and not ignore_index "
                          f"{config.ignore_index}")

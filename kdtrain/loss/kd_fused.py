@@ -48,17 +48,19 @@ CUDA when they load and the inputs suit them, else the reference (one warning pe
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from . import _ext
 from .cross_entropy import vocab_shard
-from .kd_checks import KERNEL_MAX_TOPK, LOG_FLOOR, KDLossConfig, check_kd_inputs, check_teacher_tail
+from .kd_checks import (KERNEL_MAX_TOPK, LOG_FLOOR, KDLossConfig, check_kd_inputs, check_teacher_tail, kd_input_stats,
+                        raise_for_kd_input_stats)
 from .kd_emulate import TorchKernels
 from .kd_reference import kd_loss_reference, token_weights
 
@@ -254,7 +256,7 @@ def select_impl(logits: torch.Tensor, k: int, impl: str = "auto") -> tuple[str, 
 def kd_loss(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_SBK: torch.Tensor, *,
             vocab_size: int, config: KDLossConfig, tp_group=None, labels_SB: Optional[torch.Tensor] = None,
             loss_mask_SB: Optional[torch.Tensor] = None, num_tokens=None,
-            teacher_lse_SB: Optional[torch.Tensor] = None, validate: bool = True,
+            teacher_lse_SB: Optional[torch.Tensor] = None, validate: Union[bool, str] = True,
             impl: str = "auto") -> tuple[torch.Tensor, dict]:
     """Top-k KD loss (+ optional hard-label CE) over vocab-parallel student logits.
 
@@ -262,21 +264,38 @@ def kd_loss(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_S
     :func:`~kdtrain.loss.kd_reference.kd_loss_reference`. ``impl``: ``auto`` (the CUDA kernels when
     they can run, else the reference with one warning per process; the environment variable
     ``KDTRAIN_KD_IMPL`` overrides ``auto``), ``fused`` (the kernels or a ``ValueError``),
-    ``emulated`` (the kernels' algorithm in pure torch) or ``reference``.
+    ``emulated`` (the kernels' algorithm in pure torch) or ``reference``. ``validate``: ``True``
+    checks the teacher payload (:func:`check_kd_inputs`, one host sync); ``"deferred"`` runs the
+    host-side checks and leaves the value checks' reduction on the device, with
+    ``report["check"]``, a callable that raises the same ``ValueError`` when called (a training
+    step calls it once its micro-batches are queued, instead of stalling on each); ``False``
+    skips them.
     """
     cfg = config
     cfg.check()
     k = topk_ids_SBK.shape[-1] if isinstance(topk_ids_SBK, torch.Tensor) and topk_ids_SBK.dim() == 3 else 0
     choice, why = select_impl(logits_SBVl, k, impl)
+    deferred = validate == "deferred"
+    if deferred:  # host-side checks now; the value checks' reduction is read by report["check"]()
+        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        check_kd_inputs(logits_SBVl, topk_ids_SBK, topk_values_SBK, vocab_size, teacher_lse_SB, labels_SB,
+                        loss_mask_SB, config=cfg, tp_size=tp, check_values=False,
+                        max_k=KERNEL_MAX_TOPK if choice == "fused" else None)
+        stats = kd_input_stats(topk_ids_SBK, topk_values_SBK, vocab_size, teacher_lse_SB, labels_SB, cfg)
     kwargs = dict(vocab_size=vocab_size, config=cfg, tp_group=tp_group, labels_SB=labels_SB,
-                  loss_mask_SB=loss_mask_SB, num_tokens=num_tokens, teacher_lse_SB=teacher_lse_SB, validate=validate)
+                  loss_mask_SB=loss_mask_SB, num_tokens=num_tokens, teacher_lse_SB=teacher_lse_SB,
+                  validate=bool(validate) and not deferred)
     if choice == "reference":
         if why != "requested":
             _warn_fallback(why)
-        return kd_loss_reference(logits_SBVl, topk_ids_SBK, topk_values_SBK, **kwargs)
-    return _kd_loss_two_pass(logits_SBVl, topk_ids_SBK, topk_values_SBK,
-                             backend=TorchKernels() if choice == "emulated" else CudaKernels(_ext.load_kernels()),
-                             **kwargs)
+        loss, report = kd_loss_reference(logits_SBVl, topk_ids_SBK, topk_values_SBK, **kwargs)
+    else:
+        loss, report = _kd_loss_two_pass(
+            logits_SBVl, topk_ids_SBK, topk_values_SBK,
+            backend=TorchKernels() if choice == "emulated" else CudaKernels(_ext.load_kernels()), **kwargs)
+    if deferred:
+        report["check"] = functools.partial(raise_for_kd_input_stats, stats, vocab_size, cfg)
+    return loss, report
 
 
 def _kd_loss_two_pass(logits_SBVl, topk_ids_SBK, topk_values_SBK, *, backend, vocab_size, config, tp_group,

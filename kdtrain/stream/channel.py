@@ -64,6 +64,7 @@ class PayloadChannel:
         self._recvs: dict[int, tuple[Payload, object]] = {}  # o -> (payload, work) posted on tp-rank 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._unverified: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (o, src, got, expected)
 
     # -- routing ------------------------------------------------------------------------------
     def route(self, o: int) -> tuple[bool, int, int]:
@@ -117,8 +118,10 @@ class PayloadChannel:
             work = self._guard(lambda: dist.irecv(payload.buffer, src), f"receiving micro-batch {o} from teacher rank {src}")
             self._recvs[o] = (payload, work)
 
-    def get(self, o: int, tokens: torch.Tensor) -> Payload:
-        """The payload of ``o`` on every last-stage rank of the student replica, checksum-verified."""
+    def get(self, o: int, tokens: torch.Tensor, verify: bool = True) -> Payload:
+        """The payload of ``o`` on every last-stage rank of the student replica, checksum-verified
+        (one host sync); ``verify=False``: the comparison is queued on the device and
+        :meth:`verify_pending` reads it later."""
         zero_copy, src, dst = self.route(o)
         if zero_copy:
             payload = self._take_local(o, src)
@@ -136,12 +139,20 @@ class PayloadChannel:
                 payload = self.spec.empty(self.device)
             if self.student.tp > 1:
                 dist.broadcast(payload.buffer, src=dst, group=self.student_tp_group)
-        expected = token_checksum(tokens)
-        if int(payload.checksum) != int(expected):
-            raise StreamError(f"rank {self.rank}: teacher payload for micro-batch {o} (from rank {src}) was computed "
-                              f"on different tokens than the student's (checksum {int(payload.checksum)} != "
-                              f"{int(expected)}): teacher and student disagree on the data order")
+        self._unverified.append((o, src, payload.checksum.clone(), token_checksum(tokens)))
+        if verify:
+            self.verify_pending()
         return payload
+
+    def verify_pending(self) -> None:
+        """Raise ``StreamError`` if a payload taken with ``get`` was computed on other tokens than
+        the student's."""
+        pending, self._unverified = self._unverified, []
+        for o, src, got, expected in pending:
+            if int(got) != int(expected):
+                raise StreamError(f"rank {self.rank}: teacher payload for micro-batch {o} (from rank {src}) was "
+                                  f"computed on different tokens than the student's (checksum {int(got)} != "
+                                  f"{int(expected)}): teacher and student disagree on the data order")
 
     def _take_local(self, o: int, src: int) -> Payload:
         assert o in self._local, f"rank {self.rank}: local payload {o} from rank {src} missing (schedule order bug)"

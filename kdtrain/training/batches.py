@@ -21,10 +21,7 @@ class MicroBatch:
     labels: torch.Tensor  # [b, s] int64 next tokens
     loss_mask: torch.Tensor  # [b, s] float32, 1 = counted
     position_ids: torch.Tensor  # [b, s] int64
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.loss_mask.sum().item())
+    num_tokens: int  # loss_mask.sum(), known on the host (no device sync to count it)
 
 
 def make_microbatch(windows: np.ndarray, device: torch.device) -> MicroBatch:
@@ -34,7 +31,7 @@ def make_microbatch(windows: np.ndarray, device: torch.device) -> MicroBatch:
     b, s = tokens.shape
     pos = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(b, s)
     return MicroBatch(tokens.contiguous().to(device), labels.contiguous().to(device),
-                      torch.ones(b, s, dtype=torch.float32, device=device), pos.contiguous().to(device))
+                      torch.ones(b, s, dtype=torch.float32, device=device), pos.contiguous().to(device), b * s)
 
 
 def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int) -> range:

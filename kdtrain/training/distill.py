@@ -66,20 +66,30 @@ def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timer
 
         def loss_func(logits_SBVl: torch.Tensor, total_tokens):
             t0 = time.perf_counter()
-            payload = channel.get(mb.seq, mb.tokens)
+            payload = channel.get(mb.seq, mb.tokens, verify=False)
             timers["teacher_wait_s"] += time.perf_counter() - t0
             upcoming.remove(mb.seq)
             channel.post(upcoming)  # keep `depth` receives in flight
             # Normalised by the step's global token count inside the loss, so the fused kernel's
             # gradient (computed in the forward) is final and backward does not rescale it.
+            # The payload's checksum and value checks stay on the device until train_step reads
+            # them after the step's last backward: a host sync per micro-batch would stop the host
+            # from queueing work ahead of the GPU (the kernels ignore out-of-range ids, so a bad
+            # payload cannot fault before the check raises, and the update is not applied).
             loss, report = kd_loss(
                 logits_SBVl, payload.ids, payload.values, vocab_size=vocab, tp_group=tp_group, config=cfg.loss,
                 labels_SB=mb.labels.t(), loss_mask_SB=mb.loss_mask.t(), num_tokens=total_tokens,
-                teacher_lse_SB=payload.lse)
+                teacher_lse_SB=payload.lse, validate="deferred")
             tokens = mb.loss_mask.sum()
             loss_sum = report["loss_SB"].sum()
+            values_check = report["check"]
+
+            def check():
+                channel.verify_pending()
+                values_check()
+
             return loss, tokens, {"loss_sum": loss_sum, "kd_sum": report["kd_sum"], "ce_sum": report["ce_sum"],
-                                  "tokens": tokens}
+                                  "tokens": tokens, "check": check}
 
         return output, loss_func
 
@@ -240,12 +250,11 @@ def distill(cfg: DistillConfig) -> dict:
         if teacher is not None and live:
             for o, mb in teacher_microbatches(dataset, pairing, first, tr.global_batch_size, tr.micro_batch_size,
                                               t_groups.dp_rank, env.device):
-                t0 = time.perf_counter()
+                started = teacher_side.begin()
                 payload = teacher.serve(mb)
-                teacher_side.sync()
-                t1 = time.perf_counter()
-                teacher_side.compute_s += t1 - t0
+                teacher_side.end(started)
                 if payload is not None:
+                    t1 = time.perf_counter()
                     channel.put(o, payload)
                     teacher_side.blocked_s += time.perf_counter() - t1
         result = None
@@ -310,11 +319,25 @@ class TeacherSideStats:
         self.compute_s = self.blocked_s = 0.0
         self.bytes_sent = 0.0
         self.steps = 0
+        self._events: list = []  # (start, end) CUDA events of the teacher forwards not yet read
 
-    def sync(self) -> None:
-        """Wait for the teacher's kernels so its compute time is measured, not its launch time."""
+    def begin(self):
+        """Start timing one teacher forward. On GPU a CUDA event, read at :meth:`collect`: the
+        device time of the teacher's kernels without a host sync per forward, which would keep
+        the host from queueing the student's work while the GPU runs the teacher's."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def end(self, start) -> None:
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((start, end))
+        else:
+            self.compute_s += time.perf_counter() - start
 
     def end_step(self, channel: PayloadChannel) -> None:
         self.bytes_sent += channel.bytes_sent
@@ -322,6 +345,10 @@ class TeacherSideStats:
         self.steps += 1
 
     def collect(self) -> dict:
+        for start, end in self._events:
+            end.synchronize()
+            self.compute_s += start.elapsed_time(end) / 1e3
+        self._events.clear()
         vec = torch.tensor([self.compute_s, self.blocked_s, self.bytes_sent, float(self.steps > 0), self.steps],
                            dtype=torch.float64, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -10,7 +10,9 @@ step and ``loss`` is this micro-batch's share of the per-token mean (its loss su
 ``total_tokens``), so gradients are those of the mean over the whole global batch however it is
 split into micro-batches and data-parallel replicas. The schedule back-propagates ``loss`` with
 gradient 1: a loss that computes its gradient in the forward (the fused KD loss) then needs no
-rescaling pass in backward.
+rescaling pass in backward. A report may carry ``"check"``, a callable that ``train_step`` calls
+once every micro-batch's backward is queued and before the update (input checks read without a
+host sync per micro-batch).
 
 1F1B on stage r of P with M micro-batches: ``min(P - r - 1, M)`` warm-up forwards, then
 alternating one-forward-one-backward, then the remaining backwards. At most P - r activations are

@@ -27,7 +27,8 @@ class StepResult:
 
 def global_token_count(microbatches: Sequence, groups: RoleGroups, device: torch.device) -> torch.Tensor:
     """Valid tokens in the whole global batch (summed over data-parallel replicas)."""
-    n = torch.tensor(float(sum(mb.num_tokens for mb in microbatches)), device=device)
+    # A fill kernel, not a host-to-device copy (which would wait for the work already queued).
+    n = torch.full((), float(sum(mb.num_tokens for mb in microbatches)), dtype=torch.float32, device=device)
     if groups.layout.dp > 1:
         dist.all_reduce(n, group=groups.pgc.dp)
     return n
@@ -54,6 +55,10 @@ def train_step(schedule: PipelineSchedule, forward_step: ForwardStep, microbatch
     total_tokens = global_token_count(microbatches, groups, device)
     grads.zero()
     reports = schedule.forward_backward(forward_step, microbatches, total_tokens)
+    for report in reports:  # input checks a loss deferred to here (see kd_forward_step): before the update
+        check = report.pop("check", None)
+        if check is not None:
+            check()
     grads.all_reduce(groups.pgc.dp)
     grads.sync_tied_embeddings(groups.pgc.embd, tie_embeddings)
     norm = grads.global_norm(groups.pgc.mp)
