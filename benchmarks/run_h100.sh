@@ -9,6 +9,7 @@
 #   bash benchmarks/run_h100.sh distill_compiled cache_compiled   # precision.compile=true A/B
 #   bash benchmarks/run_h100.sh trl_llama trl_qwen           # + compiled systems and profiles
 #   bash benchmarks/run_h100.sh layer_host                   # per-layer host vs wall time
+#   bash benchmarks/run_h100.sh smoke ...                    # first: tiny runs on CUDA (under a minute)
 set -u
 OUT=${OUT:-/tmp/kdtrain_h100_out}
 WORK=${WORK:-/tmp/kdtrain_h100}
@@ -48,6 +49,11 @@ for s in "$@"; do
     trl_llama|trl_qwen)
       stage "${s}_bench" 570 python benchmarks/bench_vs_trl.py --preset "${s#trl_}" --profile --teacher-logit-scale 6 \
         --out "$WORK/$s" ;;
+    smoke)  # the tiny configs on CUDA, bf16: pretraining and colocated distillation, three steps each
+      stage smoke_pretrain 120 python scripts/pretrain_gpt.py --config configs/pretrain/tiny.yaml data.mock=true \
+        "data.path=[]" training.train_steps=3 logging.dir="$WORK/smoke_pretrain" checkpoint.dir=null
+      stage smoke_distill 120 python scripts/distill_gpt.py --config configs/distill/tiny.yaml data.mock=true \
+        "data.path=[]" training.train_steps=3 logging.interval=1 logging.dir="$WORK/smoke_distill" checkpoint.dir=null ;;
     layer_host)
       stage layer_gpu_tests 120 python -m pytest -q -s -m gpu tests/test_layer.py
       stage layer_host_bench 120 python benchmarks/bench_layer_host.py --model llama-150m-32k --out "$WORK/layer_host" ;;
