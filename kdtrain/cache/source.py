@@ -3,10 +3,11 @@
 The distillation loop talks to its payload source with three calls, whatever the teacher is:
 ``post(seqs)`` announces this replica's upcoming micro-batches (sequence numbers, see
 ``stream/pairing.py``), ``get(seq, tokens)`` returns the checksum-verified payload of one
-(``verify=False`` defers the comparison to ``verify_pending()``), ``flush()`` ends the step. :class:`~kdtrain.stream.channel.PayloadChannel` implements them for a
-live teacher; :class:`CachedPayloads` for a cache, on every last-stage rank of the student (each
-tensor rank reads the cache itself, so no broadcast is needed). Announced micro-batches are
-decoded ahead by the reader's prefetch thread.
+(``verify=False`` defers the comparison to ``verify_pending()``), ``flush()`` ends the step.
+:class:`~kdtrain.stream.channel.PayloadChannel` implements them for a live teacher;
+:class:`CachedPayloads` for a cache, on every last-stage rank of the student (each tensor rank
+reads the cache itself, so no broadcast is needed). Announced micro-batches are decoded ahead by
+the reader's prefetch thread.
 """
 
 from __future__ import annotations

@@ -275,6 +275,8 @@ def kd_loss(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_S
     cfg.check()
     k = topk_ids_SBK.shape[-1] if isinstance(topk_ids_SBK, torch.Tensor) and topk_ids_SBK.dim() == 3 else 0
     choice, why = select_impl(logits_SBVl, k, impl)
+    if isinstance(validate, str) and validate != "deferred":
+        raise ValueError(f"kd_loss validate: True, False or 'deferred', got {validate!r}")
     deferred = validate == "deferred"
     if deferred:  # host-side checks now; the value checks' reduction is read by report["check"]()
         tp = dist.get_world_size(tp_group) if tp_group is not None else 1

@@ -118,8 +118,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
         os.replace(tmp, final)
         _fsync_write(root / "latest.tmp", name)
         os.replace(root / "latest.tmp", root / "latest")
-        shutil.rmtree(aside, ignore_errors=True)
-        _prune(root, keep)
+        _prune(root, keep)  # also removes the set-aside copy
     _barrier(role_group)
     return final
 
