@@ -53,7 +53,8 @@ for s in "$@"; do
       stage smoke_pretrain 120 python scripts/pretrain_gpt.py --config configs/pretrain/tiny.yaml data.mock=true \
         "data.path=[]" training.train_steps=3 logging.dir="$WORK/smoke_pretrain" checkpoint.dir=null
       stage smoke_distill 120 python scripts/distill_gpt.py --config configs/distill/tiny.yaml data.mock=true \
-        "data.path=[]" training.train_steps=3 logging.interval=1 logging.dir="$WORK/smoke_distill" checkpoint.dir=null ;;
+        "data.path=[]" training.train_steps=3 logging.interval=1 logging.dir="$WORK/smoke_distill" checkpoint.dir=null
+      stage smoke_sync_free 300 python -m pytest -q -s -m gpu tests/test_sync_free_gpu.py ;;
     layer_host)
       stage layer_gpu_tests 120 python -m pytest -q -s -m gpu tests/test_layer.py
       stage layer_host_bench 120 python benchmarks/bench_layer_host.py --model llama-150m-32k --out "$WORK/layer_host" ;;
