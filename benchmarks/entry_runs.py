@@ -33,7 +33,6 @@ def run_overrides(args, device: list[str]) -> list[str]:
     return [*device, *(["precision.compile=true"] if args.compile else [])]
 
 
-
 def resolve_run_args(args, default_steps: int) -> tuple[int, int, Path]:
     """(steps, warmup, output directory) from :func:`add_run_args` options."""
     steps = args.steps or default_steps

@@ -91,9 +91,6 @@ def tiny_corpus(tmp_path_factory) -> dict:
 def _spawn_entry(rank, world, init_file, fn, args):
     import torch.distributed as dist
 
-    # megatron-core's HyperCommGrid reads WORLD_SIZE from the environment when set (a parent
-    # inside world_of_one has it at 1).
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
@@ -111,7 +108,8 @@ def run_spawn(world: int, fn, *args, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def world_of_one():
-    """A one-process gloo world inside the test process (environment restored afterwards)."""
+    """A one-process gloo world inside the test process. Rendezvous by explicit address, not by
+    environment variables, so subprocesses and spawned workers of the tests do not inherit it."""
     import socket
 
     import torch.distributed as dist
@@ -119,12 +117,8 @@ def world_of_one():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp = pytest.MonkeyPatch()
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        mp.setenv(k, v)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         yield
     finally:
         dist.destroy_process_group()
-        mp.undo()

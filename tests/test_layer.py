@@ -184,17 +184,13 @@ def test_layer_host_benchmark_cpu_smoke(tmp_path):
     """benchmarks/bench_layer_host.py --cpu-tiny: stock, direct and Hugging Face rows, every time
     measured (the figures themselves are the benchmark's business, not a test's)."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    # A world of its own: not the one world_of_one may have set up in this process's environment.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     subprocess.run([sys.executable, "benchmarks/bench_layer_host.py", "--cpu-tiny", "--steps", "3",
-                    "--out", str(tmp_path)], cwd=repo, check=True, timeout=300, capture_output=True, env=env)
+                    "--out", str(tmp_path)], cwd=repo, check=True, timeout=300, capture_output=True)
     rows = json.loads((tmp_path / "layer_host.json").read_text())["rows"]
     assert [r["system"] for r in rows] == ["megatron-core stock forward", "kdtrain (direct forward)",
                                            "Hugging Face LlamaDecoderLayer"]
