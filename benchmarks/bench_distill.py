@@ -4,6 +4,7 @@ distillation step of one pair, measured back to back on the same device with the
     python benchmarks/bench_distill.py --out benchmarks/results/distill_h100     # one GPU, bf16
     python benchmarks/bench_distill.py --cpu-tiny --out /tmp/bench_distill       # CI smoke mode
     python benchmarks/bench_distill.py --compile --profile --out DIR   # compiled layers; where time goes
+    python benchmarks/bench_distill.py --cuda-graphs --profile --out DIR   # layers replayed as CUDA graphs
 
 Three runs of the real entry points (single process, mock tokens, random weights):
   student_train  scripts/pretrain_gpt.py with the student model: plain training throughput
@@ -14,7 +15,8 @@ Three runs of the real entry points (single process, mock tokens, random weights
 Each figure is the median over the steps after ``--warmup``. MFU counts model FLOPs
 (kdtrain/training/metrics.py): the distill step's MFU counts the student's training FLOPs plus
 the teacher's forward FLOPs. Peak memory is torch.cuda.max_memory_allocated of each run.
-``--compile`` runs every entry point with ``precision.compile=true``; ``--profile`` adds two steps
+``--compile`` runs every entry point with ``precision.compile=true``, ``--cuda-graphs`` with
+``precision.cuda_graphs=true`` (the trained model's layers; the teacher's forward stays eager); ``--profile`` adds two steps
 per run under torch.profiler and reports, per run, the step's device-busy share, kernel count and
 time by category (matmul, attention, KD loss, top-k, other = memory-bound and glue kernels).
 Writes ``bench_distill.json`` and ``bench_distill.md`` under --out.
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
                  "seq_length": seq, "micro_batch_size": tr.micro_batch_size,
                  "global_batch_size": tr.global_batch_size, "steps": steps, "warmup": warmup,
                  "topk": dcfg.teacher.topk, "divergence": dcfg.loss.divergence, "beta": dcfg.loss.beta,
-                 "dtype": dcfg.precision.dtype, "compile": dcfg.precision.compile, "runs": {}}
+                 "dtype": dcfg.precision.dtype, "compile": dcfg.precision.compile,
+                 "cuda_graphs": dcfg.precision.cuda_graphs, "runs": {}}
     tmp = out / "logs"
     profiles = {}
     recs, profiles["student_train"] = run("pretrain_gpt.py", mode["pretrain"], [f"model={sm.name}", *shape],
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
 def markdown(res: dict) -> str:
     lines = [f"# Distillation step vs plain training: {res['teacher']['model']} -> {res['student']['model']}", "",
              f"{res['device']}, {res['date']}, torch {res['torch']}, {res['dtype']}"
-             f"{', compiled layers' if res.get('compile') else ''}, seq {res['seq_length']}, "
+             f"{', compiled layers' if res.get('compile') else ''}"
+             f"{', CUDA-graphed layers' if res.get('cuda_graphs') else ''}, seq {res['seq_length']}, "
              f"micro-batch {res['micro_batch_size']}, global batch {res['global_batch_size']}, top-{res['topk']} "
              f"{res['divergence']} (beta {res['beta']}); medians over steps {res['warmup'] + 1}-{res['steps']}.", "",
              f"Command: `{res['command']}`", "",

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_online_vs_cached.py --out benchmarks/results/online_vs_cached_h100   # one GPU
     python benchmarks/bench_online_vs_cached.py --cpu-tiny --out /tmp/bench_cache                  # CI smoke
+    python benchmarks/bench_online_vs_cached.py --cuda-graphs --out DIR   # student layers as CUDA graphs
 
 Runs of the real entry points, one process each (mock tokens, the distill config's seeded random
 teacher; student budget ``--steps`` x global batch):
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
                  "teacher": cfg.teacher.model.name, "student": cfg.student.model.name, "steps": steps,
                  "global_batch_size": tr.global_batch_size, "seq_length": cfg.data.seq_length,
                  "topk": cfg.teacher.topk, "cache_dtype": args.cache_dtype, "live_fraction": args.live_fraction,
-                 "compile": cfg.precision.compile,
+                 "compile": cfg.precision.compile, "cuda_graphs": cfg.precision.cuda_graphs,
                  "runs": {}}
     runs = res["runs"]
     # Byte-compile once and build the KD kernels (just in time on first use): equal start-ups.
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
 def markdown(res: dict) -> str:
     r = res["runs"]
     lines = [f"# Online vs cached vs mixed teacher: {res['teacher']} -> {res['student']}", "",
-             f"{res['device']}, {res['date']}, torch {res['torch']}{', compiled layers' if res.get('compile') else ''}; "
+             f"{res['device']}, {res['date']}, torch {res['torch']}{', compiled layers' if res.get('compile') else ''}"
+             f"{', CUDA-graphed student layers' if res.get('cuda_graphs') else ''}; "
              f"{res['steps']} student steps x global batch "
              f"{res['global_batch_size']} x seq {res['seq_length']}, top-{res['topk']}, cache values "
              f"{res['cache_dtype']}, mixed live fraction {res['live_fraction']}.", "",

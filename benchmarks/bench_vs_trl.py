@@ -25,6 +25,8 @@ What runs (each system in its own process, so its peak memory is its own):
                              (torch.compile of the student, and of kdtrain's teacher layers);
                              the first step compiles, inside the warm-up. Run by default on GPU,
                              not with --cpu-tiny (same numbers, minutes of C++ compilation)
+  kdtrain-colocated-graphs   (c) with precision.cuda_graphs=true: the student's layers replayed as
+                             CUDA graphs (kdtrain/models/cuda_graphs.py); GPU only
 
 Shared by all: the HF teacher/student (random init from HF configs built here, no downloads, saved
 as safetensors; kdtrain imports them with ``kdtrain.convert``, so both frameworks start from the
@@ -110,6 +112,8 @@ def skip_reason(system: str, job: dict, n_dev: int, force_disaggregated: bool):
             return "Liger's Triton kernels need a GPU"
     if system.startswith("trl") and importlib.util.find_spec("trl") is None:
         return "trl is not importable"
+    if system.endswith("-graphs") and job["device"] != "cuda":
+        return "CUDA graphs need a GPU"
     if system.endswith("-compiled"):
         import torch
 
@@ -152,7 +156,8 @@ def plot(result: dict, path: Path) -> None:
     if not rows or not panels:
         return
     colors = {"trl-gkd": "#888888", "trl-gkd-liger": "#bbbbbb", "trl-gkd-compiled": "#666666",
-              "kdtrain-colocated": "#1f77b4", "kdtrain-colocated-compiled": "#17becf", "kdtrain-disaggregated": "#2ca02c"}
+              "kdtrain-colocated": "#1f77b4", "kdtrain-colocated-compiled": "#17becf",
+              "kdtrain-colocated-graphs": "#9467bd", "kdtrain-disaggregated": "#2ca02c"}
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         vals = [r[key] if r[key] is not None else 0.0 for r in rows]
@@ -229,7 +234,8 @@ def run_preset(name: str, args, out: Path, work: Path) -> dict:
     speedups = {f"{ours}/{base}": {"samples_per_s": by[ours]["samples_per_s"] / by[base]["samples_per_s"],
                                    "peak_memory": by[ours]["peak_memory_gib"] / by[base]["peak_memory_gib"]}
                 for base in ("trl-gkd", "trl-gkd-liger", "trl-gkd-compiled")
-                for ours in ("kdtrain-colocated", "kdtrain-colocated-compiled", "kdtrain-disaggregated")
+                for ours in ("kdtrain-colocated", "kdtrain-colocated-compiled", "kdtrain-colocated-graphs",
+                             "kdtrain-disaggregated")
                 if base in by and ours in by}
     return {
         "preset": name, "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",

@@ -26,11 +26,15 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--compile", action="store_true",
                     help="precision.compile=true in every run (torch.compile of the transformer layers; the "
                          "first step compiles, inside the warm-up)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="precision.cuda_graphs=true in every run (the trained model's layers replayed as CUDA "
+                         "graphs, captured when it is built)")
 
 
 def run_overrides(args, device: list[str]) -> list[str]:
-    """Overrides every run of a benchmark shares: the device/precision mode and --compile."""
-    return [*device, *(["precision.compile=true"] if args.compile else [])]
+    """Overrides every run of a benchmark shares: the device/precision mode, --compile, --cuda-graphs."""
+    return [*device, *(["precision.compile=true"] if args.compile else []),
+            *(["precision.cuda_graphs=true"] if args.cuda_graphs else [])]
 
 
 def resolve_run_args(args, default_steps: int) -> tuple[int, int, Path]:

@@ -7,7 +7,9 @@
 #   bash benchmarks/run_h100.sh kernel pretrain distill      # first batch
 #   bash benchmarks/run_h100.sh planner trl cache            # second batch
 #   bash benchmarks/run_h100.sh distill_compiled cache_compiled   # precision.compile=true A/B
-#   bash benchmarks/run_h100.sh trl_llama trl_qwen           # + compiled systems and profiles
+#   bash benchmarks/run_h100.sh trl_llama trl_qwen           # eager + CUDA-graphed kdtrain, profiles
+#   bash benchmarks/run_h100.sh trl_llama_compiled trl_qwen_compiled   # TRL and kdtrain compiled
+#   bash benchmarks/run_h100.sh distill_graphs cache_graphs  # precision.cuda_graphs=true A/B
 #   bash benchmarks/run_h100.sh layer_host                   # per-layer host vs wall time
 #   bash benchmarks/run_h100.sh smoke ...                    # first: tiny runs on CUDA (under a minute)
 set -u
@@ -46,14 +48,23 @@ for s in "$@"; do
       stage distill_compiled_bench 420 python benchmarks/bench_distill.py --compile --profile --out "$WORK/distill_compiled" ;;
     cache_compiled)
       stage cache_compiled_bench 360 python benchmarks/bench_online_vs_cached.py --compile --out "$WORK/cache_compiled" ;;
+    distill_graphs)
+      stage distill_graphs_bench 420 python benchmarks/bench_distill.py --cuda-graphs --profile --out "$WORK/distill_graphs" ;;
+    cache_graphs)
+      stage cache_graphs_bench 360 python benchmarks/bench_online_vs_cached.py --cuda-graphs --out "$WORK/cache_graphs" ;;
     trl_llama|trl_qwen)
       stage "${s}_bench" 570 python benchmarks/bench_vs_trl.py --preset "${s#trl_}" --profile --teacher-logit-scale 6 \
-        --out "$WORK/$s" ;;
+        --systems trl-gkd,trl-gkd-liger,kdtrain-colocated,kdtrain-colocated-graphs --out "$WORK/$s" ;;
+    trl_llama_compiled|trl_qwen_compiled)
+      p=${s#trl_}; p=${p%_compiled}
+      stage "${s}_bench" 570 python benchmarks/bench_vs_trl.py --preset "$p" --profile --teacher-logit-scale 6 \
+        --systems trl-gkd-compiled,kdtrain-colocated-compiled --out "$WORK/$s" ;;
     smoke)  # the tiny configs on CUDA, bf16: pretraining and colocated distillation, three steps each
       stage smoke_pretrain 120 python scripts/pretrain_gpt.py --config configs/pretrain/tiny.yaml data.mock=true \
         "data.path=[]" training.train_steps=3 logging.dir="$WORK/smoke_pretrain" checkpoint.dir=null
       stage smoke_distill 120 python scripts/distill_gpt.py --config configs/distill/tiny.yaml data.mock=true \
         "data.path=[]" training.train_steps=3 logging.interval=1 logging.dir="$WORK/smoke_distill" checkpoint.dir=null
+      stage smoke_graphs 180 python -m pytest -q -s -m gpu tests/test_cuda_graphs_gpu.py
       stage smoke_sync_free 300 python -m pytest -q -s -m gpu tests/test_sync_free_gpu.py ;;
     layer_host)
       stage layer_gpu_tests 120 python -m pytest -q -s -m gpu tests/test_layer.py

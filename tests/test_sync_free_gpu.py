@@ -4,9 +4,10 @@ timed with CUDA events; payload checksums and KD input checks are read once, bef
 
 torch's sync debug mode reports every synchronizing CUDA call as a warning; the run records the
 Python stack of each, and the test asserts that none happens inside ``Teacher.serve`` or
-``PipelineSchedule.forward_backward``. Syncs at the step's boundaries (throughput timer, gradient
-norm, report reduction, the deferred checks, host-to-device copies of the step's inputs) are
-expected and not counted.
+``PipelineSchedule.forward_backward``, with eager student layers and with layers replayed as CUDA
+graphs (``precision.cuda_graphs``; the capture happens when the student is built, outside the
+steps). Syncs at the step's boundaries (throughput timer, gradient norm, report reduction, the
+deferred checks, host-to-device copies of the step's inputs) are expected and not counted.
 
     pytest -q -m gpu tests/test_sync_free_gpu.py
 """
@@ -49,11 +50,12 @@ finally:
 """
 
 
-def test_distillation_step_has_no_host_sync_per_micro_batch(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["precision.cuda_graphs=true"]], ids=["eager", "cuda_graphs"])
+def test_distillation_step_has_no_host_sync_per_micro_batch(tmp_path, extra):
     out = tmp_path / "syncs.json"
     args = ["scripts/distill_gpt.py", "--config", "configs/distill/tiny.yaml", "data.mock=true", "data.path=[]",
             "training.train_steps=3", "training.global_batch_size=8", "training.micro_batch_size=2",
-            f"logging.dir={tmp_path / 'run'}", "checkpoint.dir=null", "precision.device=cuda"]
+            f"logging.dir={tmp_path / 'run'}", "checkpoint.dir=null", "precision.device=cuda", *extra]
     proc = subprocess.run([sys.executable, "-c", RECORDER, str(out), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

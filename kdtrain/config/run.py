@@ -119,6 +119,10 @@ class PrecisionConfig:
     # torch.compile each transformer layer (kdtrain/models/compile.py): fused elementwise kernels
     # and less host time per layer on GPU; same math. The first steps include the compilation.
     compile: bool = False
+    # Replay each transformer layer's forward and backward as CUDA graphs (kdtrain/models/
+    # cuda_graphs.py): removes the host time per layer that bounds small models; same math.
+    # CUDA only, tp = pp = 1 for the trained model, exclusive with compile.
+    cuda_graphs: bool = False
 
 
 @dataclass

@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from ..parallel import RoleGroups
 from .attention import SDPAttention
 from .compile import check_compile_support, compile_layers
+from .cuda_graphs import attach_layer_graphs, check_graph_support
 from .init import init_parameters
 from .layer import DirectTransformerLayer
 from .params import ParamSpec, param_specs
@@ -108,15 +109,19 @@ class KDGPTModel(GPTModel):
 
 
 def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dtype: torch.dtype,
-              seed: int, use_te: Optional[bool] = None, compile: bool = False) -> KDGPTModel:
+              seed: int, use_te: Optional[bool] = None, compile: bool = False,
+              cuda_graphs: bool = False) -> KDGPTModel:
     """This rank's pipeline stage of a GPT, initialised from ``seed`` (layout-independent);
-    ``compile``: torch.compile its transformer layers (see compile.py)."""
+    ``compile``: torch.compile its transformer layers (see compile.py); ``cuda_graphs``: prepare
+    them for replay as CUDA graphs (cuda_graphs.py; ``capture_layer_graphs`` captures)."""
     layout = groups.layout
     cfg.check_layout(layout.tp, layout.pp, f"{layout.name}.parallel")
     if compile:
         check_compile_support(device)
     if use_te is None:
         use_te = transformer_engine_available(device)
+    if cuda_graphs:
+        check_graph_support(layout, device, compile, use_te)
     tcfg = transformer_config(cfg, layout.tp, layout.pp, dtype, device)
     # megatron-core's tied-embedding set-up all-reduces the last stage's copy through
     # `weight.data.cuda()`; kdtrain's init writes identical values on both stages instead, so the
@@ -161,5 +166,7 @@ def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dty
     init_parameters(model, model.param_specs, cfg, seed)
     if compile:
         compile_layers(model)
+    if cuda_graphs:
+        attach_layer_graphs(model)
     return model
 

@@ -87,6 +87,12 @@ class DirectTransformerLayer(TransformerLayer):
         self._heads_per_group = attn.num_attention_heads_per_partition // attn.num_query_groups_per_partition
         self._head_dim = attn.hidden_size_per_attention_head
         self._rope_cache: tuple = ()
+        self.graphs = None  # a LayerGraphs when precision.cuda_graphs (cuda_graphs.py); not a submodule
+
+    @property
+    def direct(self) -> bool:
+        """Whether calls go to the direct forward (else to megatron-core's stock forward)."""
+        return self._direct
 
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
@@ -102,8 +108,16 @@ class DirectTransformerLayer(TransformerLayer):
                 rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
                 inference_context=inference_context, packed_seq_params=packed_seq_params,
                 sequence_len_offset=sequence_len_offset, padding_mask=padding_mask, **kwargs)
-        x = self._attention(hidden_states, attention_mask, rotary_pos_emb)
-        return self._mlp(x), None
+        if self.graphs is not None:
+            out = self.graphs.run(self, hidden_states, attention_mask, rotary_pos_emb)
+            if out is not None:
+                return out, None
+        return self.direct_forward(hidden_states, attention_mask, rotary_pos_emb), None
+
+    def direct_forward(self, hidden_states: torch.Tensor, attention_mask,
+                       freqs: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer's output hidden states (what CUDA graphs capture, cuda_graphs.py)."""
+        return self._mlp(self._attention(hidden_states, attention_mask, freqs))
 
     def _attention(self, x: torch.Tensor, attention_mask, freqs: Optional[torch.Tensor]) -> torch.Tensor:
         attn = self.self_attention
@@ -116,7 +130,7 @@ class DirectTransformerLayer(TransformerLayer):
         query, key, value = torch.split(qkv, [self._heads_per_group * d, d, d], dim=3)
         query = query.reshape(seq, batch, -1, d)
         if freqs is not None:
-            cos, sin = self._rope_tables(freqs, query.dtype)
+            cos, sin = self.rope_tables(freqs, query.dtype)
             query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
         out, bias = _linear(attn.linear_proj, attn.core_attention(query, key, value, attention_mask))
         return self._bias_dropout_add(out, bias, x)
@@ -143,7 +157,7 @@ class DirectTransformerLayer(TransformerLayer):
             out = F.dropout(out, p=self.hidden_dropout, training=True)
         return residual + out
 
-    def _rope_tables(self, freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos``/``sin`` of the rotary table ``[s, 1, 1, rot_dim]`` in the activations' dtype,
         as megatron computes them per call. Cached per table object (a strong reference, so an id
         is never reused); under torch.compile computed in the graph, where it fuses for free."""

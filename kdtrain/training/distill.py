@@ -190,7 +190,7 @@ def distill(cfg: DistillConfig) -> dict:
     if s_groups.is_member:
         student = build_trainable(cfg.student.model, s_groups, cfg.optimizer, cfg.data.seq_length,
                                   tr.micro_batch_size, env.device, dtype, tr.seed,
-                                  compile=cfg.precision.compile)
+                                  compile=cfg.precision.compile, cuda_graphs=cfg.precision.cuda_graphs)
         ck = cfg.checkpoint
         if cfg.student.load and not ck.load:
             ck = dataclasses.replace(ck, load=cfg.student.load)
@@ -215,7 +215,8 @@ def distill(cfg: DistillConfig) -> dict:
                  f"{s_layout.ranks.stop - 1}), {cfg.split.mode}, top-{spec.k}, {cfg.loss.divergence}, "
                  f"{str(dtype).removeprefix('torch.')}, attention="
                  f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
-                 f"{', compiled layers' if cfg.precision.compile else ''}")
+                 f"{', compiled layers' if cfg.precision.compile else ''}"
+                 f"{', CUDA-graphed student layers' if cfg.precision.cuda_graphs else ''}")
 
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length
     seq = cfg.data.seq_length

@@ -12,6 +12,7 @@ from ..data import GPTWindowDataset, Tokenizer
 from ..data.mock import MockWindowDataset
 from ..loss import vocab_parallel_cross_entropy
 from ..models import KDGPTModel, build_gpt, transformer_engine_available
+from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
 from .checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint, load_training_state, load_weights,
@@ -82,8 +83,11 @@ class Role:
 
 def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, seq_length: int,
                     micro_batch: int, device: torch.device, dtype: torch.dtype, seed: int,
-                    compile: bool = False) -> Role:
-    model = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed, compile=compile)
+                    compile: bool = False, cuda_graphs: bool = False) -> Role:
+    model = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed, compile=compile,
+                      cuda_graphs=cuda_graphs)
+    if cuda_graphs:  # now, before any other thread uses the device (see models/cuda_graphs.py)
+        capture_layer_graphs(model, micro_batch, seq_length)
     grads = GradBuffer(model, model.param_specs)
     params = [(model.param_specs[n], p) for n, p in model.named_parameters()]
     optimizer = AdamWOptimizer(params, optimizer_cfg, groups.pgc.dp)
@@ -115,7 +119,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     groups = build_role_groups(RoleLayout("model", 0, par.tp, par.pp, par.dp), timeout_s=cfg.distributed.timeout_s)
     dataset = open_dataset(cfg.data, cfg.model)
     role = build_trainable(cfg.model, groups, cfg.optimizer, cfg.data.seq_length, t.micro_batch_size,
-                           env.device, dtype, t.seed, compile=cfg.precision.compile)
+                           env.device, dtype, t.seed, compile=cfg.precision.compile,
+                           cuda_graphs=cfg.precision.cuda_graphs)
     forward_step = lm_forward_step(cfg.model.vocab_size, groups.pgc.tp)
 
     start_step = restore_role(cfg.checkpoint, cfg.model, role, env.rank)
@@ -126,7 +131,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         f"{cfg.model.padded_vocab_size(par.tp)}), tp={par.tp} pp={par.pp} dp={par.dp} on {env.world_size} "
         f"{env.device.type} rank(s), {str(dtype).removeprefix('torch.')}, attention="
         f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
-        f"{', compiled layers' if cfg.precision.compile else ''}, start step {start_step}")
+        f"{', compiled layers' if cfg.precision.compile else ''}"
+        f"{', CUDA-graphed layers' if cfg.precision.cuda_graphs else ''}, start step {start_step}")
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     throughput = Throughput(tokens_per_step, t.global_batch_size, cfg.model.flops_per_token(cfg.data.seq_length),
                             env.world_size, peak_tflops(env.device, cfg.logging.peak_tflops), env.device)
