@@ -73,7 +73,8 @@ def _built_bytes(rank, world, out_dir, cases):
     (out_dir / f"checked{rank}").write_text(str(checked))
 
 
-def test_static_bytes_equal_built_models_one_rank(world_of_one, tmp_path):
+def test_static_bytes_equal_built_models_one_rank(world_of_one, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")  # restored afterwards: later tests' workers must not inherit it
     _built_bytes(0, 1, tmp_path, ONE_RANK)
     assert int((tmp_path / "checked0").read_text()) == len(ONE_RANK)
 
