@@ -193,6 +193,19 @@ def test_emulation_catches_a_second_forward_before_backward(world_of_one):
         first.float().sum().backward()
 
 
+def test_a_failed_capture_names_the_option(world_of_one):
+    from kdtrain.models.cuda_graphs import attach_layer_graphs, capture_layer_graphs
+
+    def refuse(bodies, samples):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    _, _, role = _role("tiny", {})
+    attach_layer_graphs(role.model, capture=refuse)
+    with pytest.raises(RuntimeError, match="precision.cuda_graphs: capturing .* failed .*not permitted"):
+        capture_layer_graphs(role.model, micro_batch=2, seq_length=16)
+    assert not role.model.decoder.layers[0].graphs.armed  # later calls run eagerly
+
+
 def test_unsupported_runs_are_clear_errors():
     from kdtrain.models.cuda_graphs import check_graph_support
     from kdtrain.parallel import RoleLayout

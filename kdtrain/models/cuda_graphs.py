@@ -155,6 +155,10 @@ def capture_layer_graphs(model: torch.nn.Module, micro_batch: int, seq_length: i
     try:
         with torch.enable_grad():
             model(tokens, positions, None)
+    except RuntimeError as e:  # an operation CUDA graphs cannot capture, out of memory, ...
+        raise RuntimeError(f"precision.cuda_graphs: capturing the transformer layers as CUDA graphs failed "
+                           f"(micro-batch {micro_batch} x seq {seq_length}); run with precision.cuda_graphs=false. "
+                           f"Cause: {e}") from e
     finally:
         graphs.armed = False
         model.train(was_training)
