@@ -125,13 +125,18 @@ class DirectTransformerLayer(TransformerLayer):
         qkv, _ = _linear(attn.linear_qkv, self.input_layernorm(x))
         # Per query group the projection holds [its query heads | one key | one value] (megatron's
         # layout): [s, b, groups * (heads_per_group + 2) * d] -> [s, b, groups, ...] -> split.
-        d = self._head_dim
-        qkv = qkv.view(seq, batch, -1, (self._heads_per_group + 2) * d)
-        query, key, value = torch.split(qkv, [self._heads_per_group * d, d, d], dim=3)
+        d, hpg = self._head_dim, self._heads_per_group
+        qkv = qkv.view(seq, batch, -1, (hpg + 2) * d)
+        if freqs is None:
+            query, key, value = torch.split(qkv, [hpg * d, d, d], dim=3)
+        else:
+            # The query heads and the key of a group are adjacent: one rotation for both (the same
+            # elementwise operations as rotating each, in half the kernels), then split.
+            qk, value = torch.split(qkv, [(hpg + 1) * d, d], dim=3)
+            cos, sin = self.rope_tables(freqs, qkv.dtype)
+            qk = _rotate(qk.view(seq, batch, -1, hpg + 1, d), cos.unsqueeze(1), sin.unsqueeze(1))
+            query, key = qk[..., :hpg, :], qk[..., hpg, :]
         query = query.reshape(seq, batch, -1, d)
-        if freqs is not None:
-            cos, sin = self.rope_tables(freqs, query.dtype)
-            query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
         out, bias = _linear(attn.linear_proj, attn.core_attention(query, key, value, attention_mask))
         return self._bias_dropout_add(out, bias, x)
 
