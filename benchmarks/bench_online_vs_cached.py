@@ -3,6 +3,7 @@
     python benchmarks/bench_online_vs_cached.py --out benchmarks/results/online_vs_cached_h100   # one GPU
     python benchmarks/bench_online_vs_cached.py --cpu-tiny --out /tmp/bench_cache                  # CI smoke
     python benchmarks/bench_online_vs_cached.py --cuda-graphs --out DIR   # student layers as CUDA graphs
+    python benchmarks/bench_online_vs_cached.py --runs online,cached --steps 20 --out DIR   # the ratio only
 
 Runs of the real entry points, one process each (mock tokens, the distill config's seeded random
 teacher; student budget ``--steps`` x global batch):
@@ -14,6 +15,7 @@ teacher; student budget ``--steps`` x global batch):
 Reported per run: process wall time (start-up included, the same for every run), the student
 phase's time (sum of its step times), student-phase
 samples/s (median over the steps after --warmup) and the student's final held-out loss. The
+report is rewritten after every run, so a run cut short by a time limit keeps what finished. The
 break-even: with ``r`` student runs (or epochs) over the same samples, caching wins when
 ``r * T_online > T_cache + r * T_cached``, i.e. ``r > T_cache / (T_online - T_cached)``; the
 report states that ``r`` from the measured times. Writes bench_online_vs_cached.{json,md}.
@@ -62,7 +64,12 @@ def main(argv=None) -> int:
     add_run_args(ap)
     ap.add_argument("--live-fraction", type=float, default=0.25, help="mixed mode's share of live-teacher steps")
     ap.add_argument("--cache-dtype", default="bf16")
+    ap.add_argument("--runs", default="online,cached,mixed",
+                    help="comma list out of online, cached, mixed (the cache pass runs when cached or mixed does)")
     args = ap.parse_args(argv)
+    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not wanted or set(wanted) - {"online", "cached", "mixed"}:
+        raise ValueError(f"--runs {args.runs!r}: a non-empty comma list out of online, cached, mixed")
     mode = CPU_TINY if args.cpu_tiny else GPU
     steps, warmup, out = resolve_run_args(args, mode["steps"])
     config = str(REPO / mode["config"])
@@ -84,23 +91,37 @@ def main(argv=None) -> int:
     # Byte-compile once and build the KD kernels (just in time on first use): equal start-ups.
     launch(["-c", "import kdtrain.training.distill, kdtrain.cache.job; from kdtrain.loss import load_kernels; "
                   "load_kernels()"])
-    runs["online"] = distill(config, common, out / "logs" / "online", warmup)
-    wall, _ = launch([str(REPO / "scripts" / "cache_teacher.py"), "--config", config, "--out", str(cache_dir),
-                      "--samples", str(steps * tr.global_batch_size), f"cache.dtype={args.cache_dtype}", *common])
-    size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
-    runs["cache"] = {"wall_s": wall, "bytes": size,
-                     "bytes_per_token": size / (steps * tr.global_batch_size * cfg.data.seq_length)}
-    src = [f"teacher.cache={cache_dir}"]
-    runs["cached"] = distill(config, [*common, "teacher.source=cache", *src], out / "logs" / "cached", warmup)
-    runs["mixed"] = distill(config, [*common, "teacher.source=mixed", *src,
-                                     f"teacher.live_fraction={args.live_fraction}"], out / "logs" / "mixed", warmup)
-    on, ca, c = runs["online"], runs["cached"], runs["cache"]
-    res["cached_vs_online_student_samples_per_s"] = ca["samples_per_s"] / on["samples_per_s"]
-    saved = on["wall_s"] - ca["wall_s"]
-    res["break_even_reuses"] = c["wall_s"] / saved if saved > 0 else None
+
+    def report() -> None:
+        on, ca, c = runs.get("online"), runs.get("cached"), runs.get("cache")
+        if on and ca:
+            res["cached_vs_online_student_samples_per_s"] = ca["samples_per_s"] / on["samples_per_s"]
+            saved = on["wall_s"] - ca["wall_s"]
+            res["break_even_reuses"] = c["wall_s"] / saved if saved > 0 else None
+        res["complete"] = set(wanted) <= set(runs)
+        (out / "bench_online_vs_cached.json").write_text(json.dumps(res, indent=2) + "\n")
+        (out / "bench_online_vs_cached.md").write_text(markdown(res))
+
+    if "online" in wanted:
+        runs["online"] = distill(config, common, out / "logs" / "online", warmup)
+        report()
+    if {"cached", "mixed"} & set(wanted):
+        wall, _ = launch([str(REPO / "scripts" / "cache_teacher.py"), "--config", config, "--out", str(cache_dir),
+                          "--samples", str(steps * tr.global_batch_size), f"cache.dtype={args.cache_dtype}", *common])
+        size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+        runs["cache"] = {"wall_s": wall, "bytes": size,
+                         "bytes_per_token": size / (steps * tr.global_batch_size * cfg.data.seq_length)}
+        report()
+        src = [f"teacher.cache={cache_dir}"]
+        if "cached" in wanted:
+            runs["cached"] = distill(config, [*common, "teacher.source=cache", *src], out / "logs" / "cached", warmup)
+            report()
+        if "mixed" in wanted:
+            runs["mixed"] = distill(config, [*common, "teacher.source=mixed", *src,
+                                             f"teacher.live_fraction={args.live_fraction}"], out / "logs" / "mixed",
+                                    warmup)
+            report()
     shutil.rmtree(cache_dir, ignore_errors=True)
-    (out / "bench_online_vs_cached.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "bench_online_vs_cached.md").write_text(markdown(res))
     print(markdown(res))
     return 0
 
@@ -117,17 +138,25 @@ def markdown(res: dict) -> str:
              "| run | wall s | student phase s | student samples/s | live-teacher steps | final train loss | held-out loss | peak GiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in ("online", "cached", "mixed"):
+        if name not in r:
+            continue
         x = r[name]
         lines.append(f"| {name} | {x['wall_s']:.1f} | {x['student_phase_s']:.1f} | {x['samples_per_s']:.2f} | {x['live_steps']} | "
                      f"{x['final_train_loss']:.4f} | {x.get('valid_loss', float('nan')):.4f} | "
                      f"{x.get('peak_mem_gib', float('nan')):.1f} |")
-    c = r["cache"]
-    be = res["break_even_reuses"]
-    lines += [f"| cache pass | {c['wall_s']:.1f} | | | | | | |", "",
-              f"Cache: {c['bytes'] / 2**20:.1f} MiB, {c['bytes_per_token']:.1f} bytes/token. Student phase from the "
-              f"cache: {res['cached_vs_online_student_samples_per_s']:.2f}x the online samples/s. Caching pays off "
-              + (f"from {be:.2f} student runs over the same samples (cache pass / wall time saved per run)."
-                 if be is not None else "never here (the cached run was not faster end to end)."), ""]
+    c = r.get("cache")
+    if c is not None:
+        lines += [f"| cache pass | {c['wall_s']:.1f} | | | | | | |", "",
+                  f"Cache: {c['bytes'] / 2**20:.1f} MiB, {c['bytes_per_token']:.1f} bytes/token."]
+    if "cached_vs_online_student_samples_per_s" in res:
+        be = res["break_even_reuses"]
+        lines += ["", f"Student phase from the cache: {res['cached_vs_online_student_samples_per_s']:.2f}x the online "
+                  "samples/s. Caching pays off "
+                  + (f"from {be:.2f} student runs over the same samples (cache pass / wall time saved per run)."
+                     if be is not None else "never here (the cached run was not faster end to end).")]
+    if not res.get("complete", True):
+        lines += ["", "Incomplete: the benchmark stopped before every requested run finished."]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -177,7 +177,10 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_preset(name: str, args, out: Path, work: Path) -> dict:
+def run_preset(name: str, args, out: Path, work: Path, on_update=None) -> dict:
+    """Prepare the pair, run every system, return the report. ``on_update(report)`` is called
+    after each system with the report so far (``complete`` false until the last one), so a run
+    killed by a time limit keeps the systems it finished."""
     import torch
 
     preset = PRESETS[name]
@@ -200,44 +203,8 @@ def run_preset(name: str, args, out: Path, work: Path) -> dict:
     job_file = Path(job["work"]) / "job.json"
     job_file.write_text(json.dumps(job, indent=1))
     n_dev = torch.cuda.device_count() if cuda else 1
-    results = []
-    for system in args.systems or (SYSTEMS if cuda else CPU_SYSTEMS):
-        res = {"system": system, "status": "ok", "reason": None}
-        reason = skip_reason(system, job, n_dev, args.force_disaggregated)
-        if reason:
-            res.update(status="skipped", reason=reason)
-        else:
-            nproc = 2 if system == "kdtrain-disaggregated" else 1
-            if system.startswith("kdtrain"):
-                shutil.rmtree(Path(job["work"]) / system, ignore_errors=True)  # a stale checkpoint would resume
-                (Path(job["work"]) / system).mkdir(parents=True)
-            t1 = time.perf_counter()
-            rc, log = _run_worker(job_file, system, args.timeout, nproc, Path(job["work"]) / f"{system}.log")
-            res["process_wall_s"] = time.perf_counter() - t1
-            print(f"[{name}] {system}: exit {rc} after {res['process_wall_s']:.1f} s", flush=True)
-            try:
-                if rc != 0:
-                    raise RuntimeError(f"exit code {rc}")
-                if system.startswith("kdtrain"):
-                    res.update(collect_kdtrain(job, system.removeprefix("kdtrain-"), nproc))
-                else:
-                    res.update(json.loads((Path(job["work"]) / f"{system}.json").read_text()))
-            except (RuntimeError, OSError, KeyError, IndexError, ValueError) as e:
-                res.update(status="failed", reason=f"{e}; {log}")
-        results.append(res)
-    keys = ("samples_per_s", "tokens_per_s", "mfu", "step_time_s", "peak_memory_gib", "first_loss", "final_loss",
-            "eval_full_vocab_jsd")
-    for r in results:
-        for k in keys:
-            r.setdefault(k, None)
-    by = {r["system"]: r for r in results if r["status"] == "ok"}
-    speedups = {f"{ours}/{base}": {"samples_per_s": by[ours]["samples_per_s"] / by[base]["samples_per_s"],
-                                   "peak_memory": by[ours]["peak_memory_gib"] / by[base]["peak_memory_gib"]}
-                for base in ("trl-gkd", "trl-gkd-liger", "trl-gkd-compiled")
-                for ours in ("kdtrain-colocated", "kdtrain-colocated-compiled", "kdtrain-colocated-graphs",
-                             "kdtrain-disaggregated")
-                if base in by and ours in by}
-    return {
+    results: list[dict] = []
+    report = {
         "preset": name, "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
         "num_devices": n_dev, "versions": _versions(),
         "settings": {k: v for k, v in job.items()
@@ -258,9 +225,61 @@ def run_preset(name: str, args, out: Path, work: Path) -> dict:
                    for role in ("teacher", "student")},
         "prepare_s": prep_s, "kernel": kernel, "eval_full_vocab_jsd_init": job["eval_full_vocab_jsd_init"],
         "teacher_eval": job["teacher_eval"],
-        "results": results, "speedups": speedups, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "results": results, "speedups": {}, "complete": False, "created": None,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
+    systems = args.systems or (SYSTEMS if cuda else CPU_SYSTEMS)
+    for i, system in enumerate(systems):
+        results.append(_run_system(system, job, job_file, n_dev, args, name))
+        report.update(speedups=_speedups(results), complete=i == len(systems) - 1,
+                      created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if on_update is not None:
+            on_update(report)
+    return report
+
+
+RESULT_KEYS = ("samples_per_s", "tokens_per_s", "mfu", "step_time_s", "peak_memory_gib", "first_loss", "final_loss",
+               "eval_full_vocab_jsd")
+
+
+def _run_system(system: str, job: dict, job_file: Path, n_dev: int, args, name: str) -> dict:
+    """One system's result row (status ok / skipped / failed with the reason)."""
+    res = {"system": system, "status": "ok", "reason": None}
+    reason = skip_reason(system, job, n_dev, args.force_disaggregated)
+    if reason:
+        res.update(status="skipped", reason=reason)
+    else:
+        nproc = 2 if system == "kdtrain-disaggregated" else 1
+        if system.startswith("kdtrain"):
+            shutil.rmtree(Path(job["work"]) / system, ignore_errors=True)  # a stale checkpoint would resume
+            (Path(job["work"]) / system).mkdir(parents=True)
+        t1 = time.perf_counter()
+        rc, log = _run_worker(job_file, system, args.timeout, nproc, Path(job["work"]) / f"{system}.log")
+        res["process_wall_s"] = time.perf_counter() - t1
+        print(f"[{name}] {system}: exit {rc} after {res['process_wall_s']:.1f} s", flush=True)
+        try:
+            if rc != 0:
+                raise RuntimeError(f"exit code {rc}")
+            if system.startswith("kdtrain"):
+                res.update(collect_kdtrain(job, system.removeprefix("kdtrain-"), nproc))
+            else:
+                res.update(json.loads((Path(job["work"]) / f"{system}.json").read_text()))
+        except (RuntimeError, OSError, KeyError, IndexError, ValueError) as e:
+            res.update(status="failed", reason=f"{e}; {log}")
+    for k in RESULT_KEYS:
+        res.setdefault(k, None)
+    return res
+
+
+def _speedups(results: list[dict]) -> dict:
+    """kdtrain / TRL ratios of samples/s and of peak memory, for every pair that ran."""
+    by = {r["system"]: r for r in results if r["status"] == "ok"}
+    return {f"{ours}/{base}": {"samples_per_s": by[ours]["samples_per_s"] / by[base]["samples_per_s"],
+                               "peak_memory": by[ours]["peak_memory_gib"] / by[base]["peak_memory_gib"]}
+            for base in ("trl-gkd", "trl-gkd-liger", "trl-gkd-compiled")
+            for ours in ("kdtrain-colocated", "kdtrain-colocated-compiled", "kdtrain-colocated-graphs",
+                         "kdtrain-disaggregated")
+            if base in by and ours in by}
 
 
 def _num_params(yaml_path: str) -> int:
@@ -324,10 +343,13 @@ def main(argv=None) -> int:
     work = Path(args.work).resolve() if args.work else out / "work"
     ok = True
     for name in presets:
-        result = run_preset(name, args, out, work)
         json_path = out / f"bench_{name}.json"
-        json_path.write_text(json.dumps(result, indent=1, default=str))
-        plot(result, out / f"bench_{name}.png")
+
+        def write(report, json_path=json_path, name=name):
+            json_path.write_text(json.dumps(report, indent=1, default=str))
+            plot(report, out / f"bench_{name}.png")
+
+        result = run_preset(name, args, out, work, on_update=write)
         for r in result["results"]:
             if r["status"] == "ok":
                 print(f"[{name}] {r['system']:22s} {r['samples_per_s']:9.2f} samples/s {r['tokens_per_s']:11.1f} tokens/s"

@@ -12,6 +12,12 @@
 #   bash benchmarks/run_h100.sh distill_graphs cache_graphs  # precision.cuda_graphs=true A/B
 #   bash benchmarks/run_h100.sh layer_host                   # per-layer host vs wall time
 #   bash benchmarks/run_h100.sh smoke ...                    # first: tiny runs on CUDA (under a minute)
+#   bash benchmarks/run_h100.sh accept                       # the acceptance figures in one call (< 10 min)
+#
+# `accept` fits a 15-minute device budget (one machine start + one call): the real CUDA-graph
+# capture test, then kdtrain vs TRL GKD on both pairs and online vs cached, with the student's
+# layers graphed when that test passed and eager otherwise. Each report is rewritten after every
+# system/run, so a stage cut off by its limit keeps what finished.
 set -u
 OUT=${OUT:-/tmp/kdtrain_h100_out}
 WORK=${WORK:-/tmp/kdtrain_h100}
@@ -25,7 +31,9 @@ stage() {  # stage NAME LIMIT_S COMMAND...
   timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   echo "=== $name rc=$rc in $((SECONDS - t0))s"; tail -n 25 "$WORK/$name.log"
-  tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.distcp' --exclude='*.bin' . 2>/dev/null
+  tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.distcp' --exclude='*.bin' \
+    --exclude='*.safetensors' . 2>/dev/null
+  return $rc
 }
 for s in "$@"; do
   case $s in
@@ -69,6 +77,22 @@ for s in "$@"; do
     layer_host)
       stage layer_gpu_tests 120 python -m pytest -q -s -m gpu tests/test_layer.py
       stage layer_host_bench 120 python benchmarks/bench_layer_host.py --model llama-150m-32k --out "$WORK/layer_host" ;;
+    accept)  # ~8 min on a fresh H100 (the limits below sum to 565 s)
+      # The fused-loss kernel's just-in-time build (~35 s of nvcc) runs beside the GPU test.
+      python -c "from kdtrain.loss import load_kernels; load_kernels()" > "$WORK/accept_kernel_build.log" 2>&1 &
+      build=$!
+      if stage accept_graphs 75 python -m pytest -q -s -m gpu tests/test_cuda_graphs_gpu.py; then
+        kd=kdtrain-colocated-graphs; graphs=--cuda-graphs
+      else
+        kd=kdtrain-colocated; graphs=
+      fi
+      wait $build; echo "=== kernel build rc=$?"; tail -n 5 "$WORK/accept_kernel_build.log"
+      for p in llama qwen; do
+        stage "accept_$p" 170 python benchmarks/bench_vs_trl.py --preset "$p" --teacher-logit-scale 6 \
+          --timeout 120 --systems "trl-gkd,$kd" --out "$WORK/accept_$p"
+      done
+      stage accept_cache 150 python benchmarks/bench_online_vs_cached.py $graphs --runs online,cached --steps 20 \
+        --out "$WORK/accept_cache" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

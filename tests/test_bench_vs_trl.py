@@ -76,6 +76,7 @@ def test_report_records_versions_and_like_for_like_flags(report):
     s = r["settings"]
     assert {"seq_length", "micro_batch", "global_batch", "precision", "beta", "topk"} <= set(s)
     assert "torch" in r["versions"] and "trl" in r["versions"]
+    assert r["complete"] is True and r["created"]  # written after each system; final once all ran
     by = {x["system"]: x for x in r["results"] if x["status"] == "ok"}
     kd = by["kdtrain-colocated"]["flags"]
     assert kd["loss"] == {"divergence": "jsd", "beta": s["beta"], "tau": 1.0, "alpha": 0.0}
