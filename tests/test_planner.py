@@ -140,6 +140,53 @@ def test_recompute_trades_memory_for_time():
     assert {pl.recompute for pl in search_plans(p).plans} == {False, True}
 
 
+def test_graphed_student_layouts_and_host_time():
+    """precision.cuda_graphs: every plan keeps the student at tp = pp = 1 without recomputation (what
+    graphed layers need), and the graphs take the host bound off a launch-bound student."""
+    from kdtrain.planner.timing import GRAPH_REPLAY_S, Placement, student_time
+
+    t, s = load_model_config("llama-3.1-8b"), load_model_config("llama-3.2-1b")
+    plain = search_plans(make_problem(t, s, 16, 8, 2048, 256, 64, recompute=None))
+    assert any((pl.student.tp, pl.student.pp) != (1, 1) for pl in plain.plans)
+    graphed = search_plans(make_problem(t, s, 16, 8, 2048, 256, 64, recompute=None, student_graphs=True))
+    assert graphed.plans and {pl.split for pl in graphed.plans} == {"colocated", "disaggregated"}
+    for plan in graphed.plans:
+        assert (plan.student.tp, plan.student.pp, plan.recompute) == (1, 1, False), plan.describe()
+    best, _ = auto_plan(t, s, 16, 8, 2048, 256, topk=64, recompute=None, student_graphs=True)
+    assert (best.student_tp, best.student_pp) == (1, 1)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        search_plans(make_problem(t, s, 16, 8, 2048, 256, 64, recompute=True, student_graphs=True))
+
+    # The 150M student of the benchmark pair at micro-batch 8 is bound by the host in eager mode
+    # (3 passes x 14 layers x 1.9 ms against a smaller device time); graphed, by the device.
+    m, prof, pl = ModelShape.of(load_model_config("llama-150m-32k")), get_profile("h100-80gb"), Placement(0, 8)
+    eager = student_time(m, 1, 1, 1, 1024, 8, 4, prof, pl)
+    device_only = student_time(m, 1, 1, 1, 1024, 8, 4, prof.replace(layer_overhead_s=0.0), pl)
+    graphs = student_time(m, 1, 1, 1, 1024, 8, 4, prof, pl, graphed=True)
+    assert eager.compute > device_only.compute
+    assert graphs.compute == pytest.approx(device_only.compute)
+    assert 2 * m.layers * GRAPH_REPLAY_S < device_only.per_microbatch / 10
+
+
+def test_auto_split_plans_the_run_s_cuda_graphs():
+    """``split.mode: auto`` hands precision.cuda_graphs to the planner: the tiny pair is launch-bound,
+    so the plan for graphed student layers predicts a faster step, at tp = pp = 1."""
+    import re
+
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.auto_split import resolve_auto_split
+
+    rates = {}
+    for graphs in ("false", "true"):
+        cfg = load_distill_config(str(REPO / "configs/distill/tiny.yaml"), [
+            "split.mode=auto", f"precision.cuda_graphs={graphs}", "data.mock=true", "data.path=[]",
+            "split.profile=h100-80gb", "training.micro_batch_size=4"])
+        out, lines = resolve_auto_split(cfg, 4, torch.device("cpu"), gpus_per_node=4)
+        rates[graphs] = float(re.search(r"([0-9.]+) samples/s", lines[0]).group(1))
+        assert (out.student.tp, out.student.pp) == (1, 1) or graphs == "false"
+    assert rates["true"] > 1.5 * rates["false"], rates
+
+
 def _check_invariants(p, plan):
     t, s, W = plan.teacher, plan.student, p.world_size
     n_mb = p.global_batch // plan.micro_batch

@@ -2,6 +2,7 @@
 
     kdtrain plan --teacher llama-3.1-8b --student llama-3.2-1b --world-size 64 --gpus-per-node 8 \
         --seq-len 4096 --global-batch 1024 [--topk 64] [--profile h100-80gb|FILE] [--json] [--top 10]
+        [--cuda-graphs]
     kdtrain plan ... --sweep world_size [--values 8,64,512] [--plot sweep.png]
     kdtrain plan ... --sweep all --plot docs/planner_sweep.png      (every quantity, one panel each)
     kdtrain calibrate --out profiles/h100.json --model llama-1.2b-32k --seq-len 1024 --micro-batch 4 \
@@ -43,6 +44,8 @@ def register(subparsers) -> None:
                    help="student full activation recomputation (auto: let the planner choose)")
     p.add_argument("--distributed-optimizer", choices=("auto", "on", "off"), default="auto",
                    help="student ZeRO-1 (optimizer.distributed)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="precision.cuda_graphs: the student's layers replay as CUDA graphs (tp = pp = 1)")
     p.add_argument("--depth", type=int, default=2, help="split.depth: micro-batches the teacher may run ahead")
     p.add_argument("--values-dtype", choices=("fp32", "bf16"), default="fp32", help="teacher.values_dtype")
     p.add_argument("--top", type=int, default=10, help="rows in the table")
@@ -88,7 +91,8 @@ def _problem(args):
                         profile, micro_batches=mbs, depth=args.depth,
                         values_bytes=4 if args.values_dtype == "fp32" else 2,
                         recompute={"never": False, "always": True, "auto": None}[args.recompute],
-                        distributed_optimizer={"auto": None, "on": True, "off": False}[args.distributed_optimizer])
+                        distributed_optimizer={"auto": None, "on": True, "off": False}[args.distributed_optimizer],
+                        student_graphs=args.cuda_graphs)
 
 
 def _table(plans, world_size: int) -> str:

@@ -147,37 +147,35 @@ def condition(p: Problem, colocated_step: Optional[float] = None) -> Condition:
                    else (p.profile.inter_node_bw, p.profile.inter_node_latency))
         x_one = nb / bw + lat
         teachers = []
-        for tp in p.tp_candidates(p.teacher):
-            for pp in p.pp_candidates(p.teacher):
-                lay = Layout(tp, pp, 1)
-                if tp * pp >= W or _worst(_teacher_stages(p, lay, mb, p.depth + 1)).total > usable:
-                    continue
-                tt = _teacher_time(p, lay, mb, 0, False)
-                teachers.append((lay, tt.per_microbatch * tp * pp / mb, tt.forward_per_microbatch))
+        for tp, pp in p.layout_candidates("teacher"):
+            lay = Layout(tp, pp, 1)
+            if tp * pp >= W or _worst(_teacher_stages(p, lay, mb, p.depth + 1)).total > usable:
+                continue
+            tt = _teacher_time(p, lay, mb, 0, False)
+            teachers.append((lay, tt.per_microbatch * tp * pp / mb, tt.forward_per_microbatch))
         for t_lay, c_t, t_fwd in teachers:
             a = B * c_t
-            for s_tp in p.tp_candidates(p.student):
-                for s_pp in p.pp_candidates(p.student):
-                    unit = s_tp * s_pp
-                    if unit >= W:
-                        continue
-                    # c_s does not depend on dp; g (reduction, ZeRO share) and memory (1F1B depth)
-                    # do: evaluate them at the dp of the compute-only split W_s = W c_s / (c_t + c_s).
-                    one = _student_time(p, Layout(s_tp, s_pp, 1), mb, 0, False, True)
-                    c_s0 = one.per_microbatch * unit / mb
-                    dp = _nearest_divisor(n_mb, W * c_s0 / (c_t + c_s0) / unit)
-                    s_lay = Layout(s_tp, s_pp, dp)
-                    for zero, rc in student_options(p, dp):
-                        st = _student_time(p, s_lay, mb, max(0, W - s_lay.ranks), zero, True, rc)
-                        c_s = st.per_microbatch * unit / mb
-                        sigma = max(0.0, st.gap - p.depth * t_fwd)
-                        first = max(0.0, x_one - (s_pp - 1) * st.forward_per_microbatch)
-                        g = st.bubble + st.dp_comm + st.optimizer + first
-                        cond = _rounded(p, T_c, a, B * c_s, g, sigma, mb, x_one, t_lay, s_lay, zero, rc)
-                        if cond is not None and cond.step < best.step:
-                            cond.micro_batch, cond.c_teacher, cond.c_student = mb, c_t, c_s
-                            cond.cost_ratio = c_t / c_s
-                            best = cond
+            for s_tp, s_pp in p.layout_candidates("student"):
+                unit = s_tp * s_pp
+                if unit >= W:
+                    continue
+                # c_s does not depend on dp; g (reduction, ZeRO share) and memory (1F1B depth)
+                # do: evaluate them at the dp of the compute-only split W_s = W c_s / (c_t + c_s).
+                one = _student_time(p, Layout(s_tp, s_pp, 1), mb, 0, False, True)
+                c_s0 = one.per_microbatch * unit / mb
+                dp = _nearest_divisor(n_mb, W * c_s0 / (c_t + c_s0) / unit)
+                s_lay = Layout(s_tp, s_pp, dp)
+                for zero, rc in student_options(p, dp):
+                    st = _student_time(p, s_lay, mb, max(0, W - s_lay.ranks), zero, True, rc)
+                    c_s = st.per_microbatch * unit / mb
+                    sigma = max(0.0, st.gap - p.depth * t_fwd)
+                    first = max(0.0, x_one - (s_pp - 1) * st.forward_per_microbatch)
+                    g = st.bubble + st.dp_comm + st.optimizer + first
+                    cond = _rounded(p, T_c, a, B * c_s, g, sigma, mb, x_one, t_lay, s_lay, zero, rc)
+                    if cond is not None and cond.step < best.step:
+                        cond.micro_batch, cond.c_teacher, cond.c_student = mb, c_t, c_s
+                        cond.cost_ratio = c_t / c_s
+                        best = cond
     return best
 
 

@@ -59,6 +59,9 @@ class Problem:
     micro_batches: Optional[tuple[int, ...]] = None  # None: divisors of the global batch <= max
     distributed_optimizer: Optional[bool] = None  # None: try both
     recompute: Optional[bool] = False  # student full recomputation; None: try both
+    # precision.cuda_graphs: the student's layers replay as CUDA graphs, which needs tp = pp = 1 and
+    # no recomputation (kdtrain/models/cuda_graphs.py); its host time per layer is one replay.
+    student_graphs: bool = False
 
     def check(self) -> None:
         for flag, v in (("--world-size", self.world_size), ("--gpus-per-node", self.gpus_per_node),
@@ -80,6 +83,9 @@ class Problem:
                                  f"{self.global_batch}")
         if self.depth < 1:
             raise ValueError(f"split.depth: must be >= 1, got {self.depth}")
+        if self.student_graphs and self.recompute:
+            raise ValueError("precision.cuda_graphs: the graphed student layers cannot be recomputed "
+                             "(--recompute never, or no CUDA graphs)")
         if self.dtype_bytes not in (2, 4) or self.values_bytes not in (2, 4):
             raise ValueError(f"dtype bytes must be 2 (bf16) or 4 (fp32), got {self.dtype_bytes}/{self.values_bytes}")
         self.profile.check("--profile")
@@ -95,6 +101,15 @@ class Problem:
 
     def pp_candidates(self, m: ModelShape) -> list[int]:
         return [p for p in range(1, m.layers + 1) if m.layers % p == 0]
+
+    def layout_candidates(self, role: str) -> list[tuple[int, int]]:
+        """(tp, pp) pairs a role may use: what its model allows, and for a graphed student only
+        tp = pp = 1."""
+        m = self.teacher if role == "teacher" else self.student
+        pairs = [(t, q) for t in self.tp_candidates(m) for q in self.pp_candidates(m)]
+        if role == "student" and self.student_graphs:
+            pairs = [(t, q) for t, q in pairs if t == q == 1]
+        return pairs
 
 
 @dataclass(frozen=True)
@@ -228,7 +243,8 @@ def _student_time(p: Problem, lay: Layout, mb: int, offset: int, zero: bool, bca
                   rc: bool = False) -> RoleTime:
     nb = payload_nbytes(p.seq_len, mb, p.topk, p.values_bytes) if bcast else 0.0
     return student_time(p.student, lay.tp, lay.pp, lay.dp, p.seq_len, mb, p.global_batch // mb // lay.dp,
-                        p.profile, Placement(offset, p.gpus_per_node), nb, p.dtype_bytes, zero, rc)
+                        p.profile, Placement(offset, p.gpus_per_node), nb, p.dtype_bytes, zero, rc,
+                        graphed=p.student_graphs)
 
 
 def _worst(stages: tuple[RankMemory, ...]) -> RankMemory:
@@ -243,15 +259,11 @@ def _over(role: str, mem: RankMemory, p: Problem) -> Optional[str]:
     return None
 
 
-def role_layouts(p: Problem, m: ModelShape, ranks: int, mb: int) -> list[Layout]:
-    """Every tp x pp x dp of ``ranks`` ranks that ``m`` and the batch allow."""
+def role_layouts(p: Problem, role: str, ranks: int, mb: int) -> list[Layout]:
+    """Every tp x pp x dp of ``ranks`` ranks that the role's model, its options and the batch allow."""
     n_mb = p.global_batch // mb
-    out = []
-    for tp in p.tp_candidates(m):
-        for pp in p.pp_candidates(m):
-            if ranks % (tp * pp) == 0 and n_mb % (ranks // (tp * pp)) == 0:
-                out.append(Layout(tp, pp, ranks // (tp * pp)))
-    return out
+    return [Layout(tp, pp, ranks // (tp * pp)) for tp, pp in p.layout_candidates(role)
+            if ranks % (tp * pp) == 0 and n_mb % (ranks // (tp * pp)) == 0]
 
 
 def _payload_link(p: Problem, intra: bool) -> tuple[float, float]:
@@ -362,6 +374,8 @@ def _zero_options(p: Problem, dp: int) -> tuple[bool, ...]:
 def student_options(p: Problem, dp: int) -> list[tuple[bool, bool]]:
     """(distributed optimizer, recomputation) choices the search tries for a student with ``dp``."""
     rcs = (False, True) if p.recompute is None else (p.recompute,)
+    if p.student_graphs:  # graphed layers are never recomputed
+        rcs = (False,)
     return [(z, rc) for z in _zero_options(p, dp) for rc in rcs]
 
 
@@ -377,7 +391,7 @@ def search_plans(p: Problem, splits=("colocated", "disaggregated")) -> SearchRes
 
     for mb in p.micro_batch_candidates():
         if "colocated" in splits:
-            t_lays, s_lays = role_layouts(p, p.teacher, W, mb), role_layouts(p, p.student, W, mb)
+            t_lays, s_lays = role_layouts(p, "teacher", W, mb), role_layouts(p, "student", W, mb)
             for t in t_lays:
                 for s in s_lays:
                     for zero, rc in student_options(p, s.dp):
@@ -400,27 +414,25 @@ def _best_by_span(p: Problem, role: str, mb: int, W: int) -> dict[int, list[tupl
     """Span size -> the TOP_PER_SPAN fastest (layout, (zero, recompute)) of ``role`` that fit alone (role
     time depends on its own layout only; the rank offset matters only for node crossings,
     which the full evaluation prices)."""
-    m = p.teacher if role == "teacher" else p.student
     n_mb = p.global_batch // mb
     out: dict[int, list] = {}
-    for tp in p.tp_candidates(m):
-        for pp in p.pp_candidates(m):
-            for dp in (d for d in range(1, n_mb + 1) if n_mb % d == 0):
-                ranks = tp * pp * dp
-                if ranks >= W:
-                    break
-                lay = Layout(tp, pp, dp)
-                if role == "teacher":
-                    mem = _worst(_teacher_stages(p, lay, mb, p.depth + 1))
-                    opts = [(lay, (False, False), _teacher_time(p, lay, mb, 0, False).total)] \
-                        if mem.total <= p.profile.usable_memory else []
-                else:
-                    opts = []
-                    for zero, rc in student_options(p, dp):
-                        mem = _worst(_student_stages(p, lay, mb, zero, p.depth + 1, rc))
-                        if mem.total <= p.profile.usable_memory:
-                            opts.append((lay, (zero, rc), _student_time(p, lay, mb, W - ranks, zero, True, rc).total))
-                out.setdefault(ranks, []).extend(opts)
+    for tp, pp in p.layout_candidates(role):
+        for dp in (d for d in range(1, n_mb + 1) if n_mb % d == 0):
+            ranks = tp * pp * dp
+            if ranks >= W:
+                break
+            lay = Layout(tp, pp, dp)
+            if role == "teacher":
+                mem = _worst(_teacher_stages(p, lay, mb, p.depth + 1))
+                opts = [(lay, (False, False), _teacher_time(p, lay, mb, 0, False).total)] \
+                    if mem.total <= p.profile.usable_memory else []
+            else:
+                opts = []
+                for zero, rc in student_options(p, dp):
+                    mem = _worst(_student_stages(p, lay, mb, zero, p.depth + 1, rc))
+                    if mem.total <= p.profile.usable_memory:
+                        opts.append((lay, (zero, rc), _student_time(p, lay, mb, W - ranks, zero, True, rc).total))
+            out.setdefault(ranks, []).extend(opts)
     return {r: [(lay, z) for lay, z, _ in sorted(v, key=lambda x: x[2])[:TOP_PER_SPAN]]
             for r, v in out.items() if v}
 
@@ -437,7 +449,8 @@ def make_problem(teacher_model, student_model, world_size: int, gpus_per_node: i
 def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size: int, gpus_per_node: int,
               seq_len: int, global_batch: int, micro_batch: Optional[int] = None, topk: int = 64, profile=None, *,
               values_bytes: int = 4, depth: int = 2, distributed_optimizer: Optional[bool] = None,
-              dtype_bytes: int = 2, recompute: Optional[bool] = False) -> tuple[Plan, Optional[Plan]]:
+              dtype_bytes: int = 2, recompute: Optional[bool] = False,
+              student_graphs: bool = False) -> tuple[Plan, Optional[Plan]]:
     """Pick the split for ``split: auto``: ``(best, runner_up)`` by predicted samples/s.
 
     Arguments: the teacher and student ``ModelConfig``; ``world_size`` ranks with ``gpus_per_node``
@@ -449,7 +462,8 @@ def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size
     (``teacher.values_dtype`` fp32/bf16), ``depth`` (``split.depth``), ``distributed_optimizer``
     (``optimizer.distributed``; ``None`` lets the planner choose), ``dtype_bytes`` (2 for bf16
     weights and activations, 4 for fp32), ``recompute`` (student full recomputation: ``False``
-    never, ``True`` always, ``None`` planner's choice).
+    never, ``True`` always, ``None`` planner's choice), ``student_graphs``
+    (``precision.cuda_graphs``: only student layouts with tp = pp = 1, host time of graph replays).
 
     Each plan exposes ``mode`` ('colocated' | 'disaggregated'), ``teacher_ranks`` /
     ``student_ranks`` (disaggregated: the teacher owns ranks ``[0, teacher_ranks)``, the student
@@ -467,7 +481,8 @@ def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size
     p = make_problem(teacher_model, student_model, world_size, gpus_per_node, seq_len, global_batch, topk,
                      "h100-80gb" if profile is None else profile, micro_batches=mbs, values_bytes=values_bytes,
                      depth=depth, distributed_optimizer=distributed_optimizer, dtype_bytes=dtype_bytes,
-                     recompute=recompute)
+                     recompute=False if student_graphs and recompute is None else recompute,
+                     student_graphs=student_graphs)
     res = search_plans(p)
     if not res.plans:
         why = res.closest_rejects[0].reject if res.closest_rejects else (

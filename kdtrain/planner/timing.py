@@ -8,6 +8,8 @@ Per micro-batch of ``n = seq * micro_batch`` tokens on the slowest pipeline stag
                 (stage FLOPs = layers/pp * layer FLOPs (+ output layer on the last stage) / tp;
                  training = 3 x forward, 4 x with full recomputation)
     host      = passes * layers/pp * layer_overhead_s
+                (graphed layers, precision.cuda_graphs: one replay per layer forward and one per
+                 backward, GRAPH_REPLAY_S each, whatever the layer does)
     logits    = memory-bound passes over the vocab-parallel logits (top-k / KD loss) / HBM bw
     tp comm   = 2 ring all-reduces of [n, hidden] per layer per pass (attention out, MLP out):
                 2 (t-1)/t * bytes / bw + 2 (t-1) * latency
@@ -19,7 +21,7 @@ A role's step over M micro-batches per replica:
                               M * t_f                       disaggregated: runs on across steps
     student (1F1B):          (M + pp - 1) * (t_f + t_b)     the (pp - 1) part is the bubble
                              + dp gradient all-reduce (fp32 buffer) [+ tied-embedding sync]
-                             + optimizer (memory-bound: AdamW over the owned fp32 state,
+                             + optimizer (memory-bound: fused AdamW over the owned fp32 state,
                                gradient zero / norm / clip over the stage)
                              [+ ZeRO-1 parameter broadcast from the owners]
 
@@ -35,8 +37,13 @@ from .memory import ModelShape, owned_params, stage_params
 from .profiles import HardwareProfile
 
 
-ADAM_BYTES = 80  # HBM bytes per owned parameter of one foreach AdamW step (see student_time)
+ADAM_BYTES = 28  # HBM bytes per owned parameter of one fused AdamW step (see student_time)
 GRAD_BUFFER_BYTES = 24  # zero + norm + clip of the fp32 gradient buffer, per parameter
+# Host time of one graphed layer's forward or backward (kdtrain/models/cuda_graphs.py): the graphed
+# autograd node's Python, the copy into the static input buffer and one graph launch. An estimate
+# (tens of microseconds on a server CPU), not yet calibrated; it matters only when it is all the
+# host does, i.e. against the layer's device time, which it is far below.
+GRAPH_REPLAY_S = 60e-6
 
 
 @dataclass(frozen=True)
@@ -106,10 +113,11 @@ class RoleTime:
 
 
 def _stage_pass(m: ModelShape, tp: int, pp: int, seq: int, micro_batch: int, profile: HardwareProfile,
-                passes: int, d: int) -> tuple[float, float, float]:
+                passes: int, d: int, graphed: bool = False) -> tuple[float, float, float]:
     """(compute s, tp-comm s, logits s) of one micro-batch on the slowest stage; ``passes`` = 1 for
     a forward, 3 for forward + backward (backward = 2 x forward FLOPs), 4 with recomputation (the
-    backward re-runs the layers' forward; the output layer is not recomputed)."""
+    backward re-runs the layers' forward; the output layer is not recomputed). ``graphed``: the
+    layers replay as CUDA graphs (forward and backward: one replay each)."""
     n = seq * micro_batch
     layers = m.layers // pp
     width = min(m.q_width // tp, m.ffn // tp, m.hidden)
@@ -122,7 +130,8 @@ def _stage_pass(m: ModelShape, tp: int, pp: int, seq: int, micro_batch: int, pro
     # Memory-bound ops (norms, RoPE, SwiGLU, residuals, copies): the backward moves twice the bytes
     # of the forward, so they scale with the same ``passes``.
     device += passes * layers * n * m.elementwise_width(tp) * profile.elementwise_bytes / profile.memory_bw
-    compute = max(device, passes * layers * profile.layer_overhead_s)
+    host = layers * (min(passes, 2) * GRAPH_REPLAY_S if graphed else passes * profile.layer_overhead_s)
+    compute = max(device, host)
     bw, lat = profile.intra_node_bw, profile.intra_node_latency  # TP groups stay inside a node
     # Two all-reduces per layer per forward (attention and MLP outputs) and two in the backward
     # (their input gradients); a recomputed forward repeats the forward's two.
@@ -163,14 +172,16 @@ def teacher_time(m: ModelShape, tp: int, pp: int, dp: int, seq: int, micro_batch
 
 def student_time(m: ModelShape, tp: int, pp: int, dp: int, seq: int, micro_batch: int, microbatches: int,
                  profile: HardwareProfile, pl: Placement, payload_bcast_bytes: float = 0.0, d: int = 2,
-                 distributed_optimizer: bool = False, recompute: bool = False) -> RoleTime:
+                 distributed_optimizer: bool = False, recompute: bool = False, graphed: bool = False) -> RoleTime:
     """One 1F1B training step of the student over ``microbatches`` micro-batches per replica
-    (``recompute``: full activation recomputation, one more forward per backward).
+    (``recompute``: full activation recomputation, one more forward per backward; ``graphed``: the
+    layers replay as CUDA graphs, which needs tp = pp = 1 and no recomputation).
 
     ``payload_bcast_bytes``: payload bytes its last stage broadcasts inside its TP group per
     micro-batch (non-zero when the payload arrives from another rank and tp > 1)."""
-    f_compute, f_tp, logits = _stage_pass(m, tp, pp, seq, micro_batch, profile, 1, d)
-    fb_compute, fb_tp, _ = _stage_pass(m, tp, pp, seq, micro_batch, profile, 4 if recompute else 3, d)
+    assert not graphed or (tp == pp == 1 and not recompute), (tp, pp, recompute)
+    f_compute, f_tp, logits = _stage_pass(m, tp, pp, seq, micro_batch, profile, 1, d, graphed)
+    fb_compute, fb_tp, _ = _stage_pass(m, tp, pp, seq, micro_batch, profile, 4 if recompute else 3, d, graphed)
     bw_i, lat_i = profile.intra_node_bw, profile.intra_node_latency
     bcast = (payload_bcast_bytes / bw_i + lat_i) if (tp > 1 and payload_bcast_bytes) else 0.0
     hop = _pp_hop(m, tp, pp, dp, seq, micro_batch, profile, pl, d)
@@ -192,9 +203,9 @@ def student_time(m: ModelShape, tp: int, pp: int, dp: int, seq: int, micro_batch
         rt.dp_comm += d * n_max / bw + dp * 2 * lat
     else:
         owned = n_max
-    # Memory-bound passes. Per owned parameter: torch's foreach AdamW makes eight fp32 passes
-    # (decay r+w 8, lerp m 12, v*beta2 8 + addcmul 12, sqrt 8, div 8, +eps 8, addcdiv 16 = 80 B),
-    # then the bf16 copy of the master (4 + d). Per stage parameter, the fp32 gradient buffer is
+    # Memory-bound passes. Per owned parameter: the fused AdamW reads the fp32 master, gradient and
+    # both moments and writes the master and moments back (7 x 4 = 28 B), then the master is
+    # copied to the bf16 parameter (4 + d). Per stage parameter, the fp32 gradient buffer is
     # zeroed (4), its norm taken (pow 8 + sum 4) and clipped (8).
     rt.optimizer = (owned * (ADAM_BYTES + (0 if d == 4 else 4 + d)) + n_max * GRAD_BUFFER_BYTES) / profile.memory_bw
     # The last stage takes no payload before its first forward ((pp-1) forwards of fill), after
