@@ -66,8 +66,9 @@ setup(
     extras_require={
         # Tests: also Hugging Face conversion (transformers, safetensors), the TRL benchmark's CPU mode
         # and the planner's sweep plot.
-        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "trl", "matplotlib"],
-        "hf": ["transformers", "safetensors"],
+        "dev": ["pytest", "pytest-timeout", "transformers", "tokenizers", "safetensors", "trl", "matplotlib"],
+        # Hugging Face checkpoints (kdtrain convert) and tokenizers (data.tokenizer: tokenizer.json).
+        "hf": ["transformers", "tokenizers", "safetensors"],
         "bench": ["transformers", "safetensors", "trl", "matplotlib"],
         # Optional accelerators: imported behind a check, never required.
         "te": ["transformer_engine[pytorch]"],

@@ -9,6 +9,11 @@ Demo corpus (built offline from the Python standard library's docstrings, writte
     python scripts/preprocess_data.py --demo-corpus --tokenizer data/demo/tokenizer.model \
         --output-prefix data/demo/demo_text_document
 
+With a Hugging Face teacher, its tokenizer (a tokenizer.json, or the model directory holding it):
+
+    python scripts/preprocess_data.py --input corpus.jsonl --tokenizer hf/Qwen2.5-1.5B \
+        --output-prefix data/qwen/text_document --workers 8
+
 A .jsonl input holds one {"text": ...} object per line (see --json-key); a .txt input holds one
 document per line, or one per file with --txt-document-per-file. Each document ends with the
 tokenizer's EOS id unless --no-append-eos.
@@ -28,7 +33,8 @@ def main(argv=None) -> int:
     source.add_argument("--input", nargs="+", metavar="FILE", help=".jsonl or .txt files, read in order")
     source.add_argument("--demo-corpus", action="store_true", help="tokenize the stdlib-docstring demo corpus")
     parser.add_argument("--demo-corpus-out", help="where --demo-corpus writes its jsonl")
-    parser.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    parser.add_argument("--tokenizer", required=True,
+                        help="sentencepiece .model file, or a Hugging Face tokenizer.json or model directory")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin, .idx and .meta.json")
     parser.add_argument("--json-key", default="text", help="text field of .jsonl records")
     parser.add_argument("--txt-document-per-file", action="store_true", help="a .txt file is one document")

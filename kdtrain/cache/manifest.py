@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import DataConfig, ModelConfig, to_dict
+from ..data.tokenizer import tokenizer_file
 from .codec import RecordLayout
 from .shard import ShardIndex, ShardInfo, fsync_dir
 
@@ -47,12 +48,15 @@ def sha256_file(path: str | os.PathLike, h=None) -> str:
 
 
 def tokenizer_identity(path: Optional[str]) -> Optional[dict]:
-    """Path and fingerprint of a tokenizer model file (the fingerprint the dataset metadata uses)."""
+    """Path and fingerprint of a tokenizer (the fingerprint the dataset metadata uses: the sha256 of
+    its SentencePiece model file or Hugging Face tokenizer.json, kdtrain/data/tokenizer.py)."""
     if not path:
         return None
-    if not Path(path).is_file():
-        raise ValueError(f"data.tokenizer: {path} does not exist")
-    return {"path": str(path), "fingerprint": sha256_file(path)[:16]}
+    try:
+        f = tokenizer_file(path)
+    except ValueError as e:
+        raise ValueError(f"data.tokenizer: {e}") from None
+    return {"path": str(path), "fingerprint": sha256_file(f)[:16]}
 
 
 def dataset_identity(data: DataConfig) -> dict:

@@ -49,7 +49,7 @@ class ParallelConfig:
 class DataConfig:
     # megatron-core indexed dataset prefixes (``<prefix>.bin`` / ``<prefix>.idx``), concatenated.
     path: list[str] = field(default_factory=list)
-    tokenizer: Optional[str] = None  # sentencepiece .model; checked against the dataset's metadata
+    tokenizer: Optional[str] = None  # sentencepiece .model, HF tokenizer.json or its dir; checked vs the dataset
     seq_length: int = 256
     split: tuple[float, float] = (0.98, 0.02)  # train / held-out fractions of the token windows
     seed: int = 1234  # shuffling seed (independent of the init seed)

@@ -55,7 +55,7 @@ def encode_files(
         check_input_file(path)
     tok = Tokenizer(tokenizer_path)
     if append_eos and tok.eos_id < 0:
-        raise ValueError(f"tokenizer model {tokenizer_path} has no EOS piece; pass append_eos=False")
+        raise ValueError(f"tokenizer {tokenizer_path} has no EOS token; pass append_eos=False (--no-append-eos)")
     eos = [tok.eos_id] if append_eos else []
 
     docs = itertools.chain.from_iterable(

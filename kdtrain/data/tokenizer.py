@@ -1,4 +1,18 @@
-"""SentencePiece tokenizer: loading a model file and training a new one deterministically."""
+"""Tokenizers: a SentencePiece model file or a Hugging Face ``tokenizer.json``, and training a new
+SentencePiece model deterministically.
+
+``Tokenizer(path)`` opens either kind and returns the matching subclass:
+
+* a SentencePiece ``.model`` file (``scripts/train_tokenizer.py`` trains one);
+* a Hugging Face ``tokenizer.json``, or a directory holding one (a Hugging Face model or tokenizer
+  directory, e.g. the checkpoint ``kdtrain convert hf-to-kdtrain`` reads), so that a student is
+  distilled on the teacher's own tokenization (kdtrain/data/hf_tokenizer.py).
+
+Both encode plain text without special tokens; documents are separated by the EOS id when the
+corpus is preprocessed. A tokenizer's fingerprint is the first 16 hex digits of the sha256 of the
+file that defines it (``tokenizer_file``): datasets and teacher caches record it, and a run whose
+``data.tokenizer`` differs is refused.
+"""
 
 from __future__ import annotations
 
@@ -25,29 +39,56 @@ _MAX_SENTENCE_CHARS = 4096
 _SPM_WHITESPACE = "\u2581"
 
 
+
+
+def tokenizer_file(path: str) -> Path:
+    """The file that defines the tokenizer at ``path``: the path itself, or a directory's
+    ``tokenizer.json``. ValueError when there is none."""
+    p = Path(path)
+    if p.is_dir():
+        f = p / "tokenizer.json"
+        if not f.is_file():
+            raise ValueError(f"tokenizer {path} is a directory without a tokenizer.json (a Hugging Face tokenizer "
+                             "directory needs one; a SentencePiece tokenizer is a .model file)")
+        return f
+    if not p.is_file():
+        raise ValueError(f"tokenizer model {path} does not exist")
+    return p
+
+
+def is_hf_tokenizer(path: str) -> bool:
+    """Whether ``path`` names a Hugging Face tokenizer (a directory or a .json file)."""
+    return Path(path).is_dir() or Path(path).suffix == ".json"
+
+
 class Tokenizer:
-    """A SentencePiece model file with encode/decode and a content fingerprint."""
+    """A tokenizer file with encode/decode, special ids and a content fingerprint.
+
+    ``Tokenizer(path)`` returns a :class:`SentencePieceTokenizer` or an ``HFTokenizer`` by the kind
+    of ``path`` (see the module docstring); the subclasses implement the methods below."""
+
+    def __new__(cls, path: str):
+        if cls is Tokenizer:
+            if is_hf_tokenizer(path):
+                from kdtrain.data.hf_tokenizer import HFTokenizer
+
+                cls = HFTokenizer
+            else:
+                cls = SentencePieceTokenizer
+        return super().__new__(cls)
 
     def __init__(self, path: str):
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"tokenizer model {path} does not exist")
-        data = p.read_bytes()
-        try:
-            sp = spm.SentencePieceProcessor(model_proto=data)
-        except RuntimeError as e:
-            raise ValueError(f"tokenizer model {path} is not a valid sentencepiece model ({e})") from None
-        if sp.vocab_size() == 0:
-            raise ValueError(f"tokenizer model {path} is not a valid sentencepiece model (no pieces)")
-        self._sp = sp
-        self._path = str(p)
-        self._fingerprint = hashlib.sha256(data).hexdigest()[:16]
+        f = tokenizer_file(path)
+        self._path = str(path)
+        self._bytes = f.read_bytes()
+        self._fingerprint = hashlib.sha256(self._bytes).hexdigest()[:16]
 
     def __reduce__(self):
         return (Tokenizer, (self._path,))
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self._path!r}, vocab_size={self.vocab_size}, fingerprint={self._fingerprint})"
+        return (f"{type(self).__name__}({self._path!r}, vocab_size={self.vocab_size}, "
+                f"fingerprint={self._fingerprint})")
 
     @property
     def path(self) -> str:
@@ -55,8 +96,51 @@ class Tokenizer:
 
     @property
     def fingerprint(self) -> str:
-        """First 16 hex digits of the sha256 of the model file bytes."""
+        """First 16 hex digits of the sha256 of the defining file's bytes (``tokenizer_file``)."""
         return self._fingerprint
+
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id the tokenizer can produce."""
+        raise NotImplementedError
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-document id, or -1 when the tokenizer has none."""
+        raise NotImplementedError
+
+    @property
+    def bos_id(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pad_id(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text``, no special tokens added."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model file."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        try:
+            sp = spm.SentencePieceProcessor(model_proto=self._bytes)
+        except RuntimeError as e:
+            raise ValueError(f"tokenizer model {path} is not a valid sentencepiece model ({e})") from None
+        if sp.vocab_size() == 0:
+            raise ValueError(f"tokenizer model {path} is not a valid sentencepiece model (no pieces)")
+        self._sp = sp
+        del self._bytes
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,140 @@
+"""Hugging Face tokenizers (kdtrain/data/hf_tokenizer.py): a corpus is tokenized exactly as
+``transformers`` tokenizes it, preprocessed into an indexed dataset that a run and a teacher cache
+accept under the same ``data.tokenizer``, and bad tokenizer paths are clear errors.
+
+The tokenizer is a byte-level BPE trained here on the demo corpus with the ``tokenizers`` library
+and saved by ``transformers`` (tokenizer.json + tokenizer_config.json), the layout of a Hugging
+Face model directory; no download."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+from kdtrain.config import DataConfig, load_model_config  # noqa: E402
+from kdtrain.data import Tokenizer, build_demo_corpus, encode_files, iter_documents, open_indexed_dataset  # noqa: E402
+
+EOS = "<|endoftext|>"
+SAMPLES = ["def f(x):\n    return x + 1\n", "  indented\n\tcode(x)  \n\n", "ünïcödé 漢字 😀 and <|endoftext|> as text"]
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> dict:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("hf_tok")
+    jsonl = root / "corpus.jsonl"
+    build_demo_corpus(str(jsonl), max_documents=30)
+    texts = list(iter_documents(str(jsonl)))
+    bpe = Backend(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model_dir = root / "teacher-hf"
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS)
+    fast.save_pretrained(model_dir)
+    return {"root": root, "jsonl": jsonl, "texts": texts, "dir": model_dir, "fast": fast}
+
+
+def test_ids_equal_transformers_and_round_trip(hf):
+    tok = Tokenizer(str(hf["dir"]))
+    assert type(tok).__name__ == "HFTokenizer"
+    reference = transformers.AutoTokenizer.from_pretrained(hf["dir"])
+    assert tok.vocab_size == len(reference) and tok.vocab_size <= 400
+    assert tok.eos_id == reference.convert_tokens_to_ids(EOS) and tok.bos_id == -1 and tok.pad_id == -1
+    texts = SAMPLES + hf["texts"][:5]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == reference(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text  # byte-level BPE: lossless
+        assert tok.decode(np.array(ids, dtype=np.uint16)) == text
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    # As in transformers, a special token's text inside a document is that token (its id), while no
+    # template tokens are added: the EOS id appears only where the text spells it.
+    assert tok.encode(SAMPLES[2]).count(tok.eos_id) == 1 and tok.eos_id not in tok.encode(SAMPLES[0])
+    # The directory and its tokenizer.json are the same tokenizer; pickling re-opens it by path.
+    by_file = Tokenizer(str(hf["dir"] / "tokenizer.json"))
+    assert by_file.fingerprint == tok.fingerprint and by_file.encode(SAMPLES[0]) == tok.encode(SAMPLES[0])
+    again = pickle.loads(pickle.dumps(tok))
+    assert type(again) is type(tok) and again.encode(SAMPLES[1]) == tok.encode(SAMPLES[1])
+
+
+def test_special_tokens_from_the_config_files(hf, tmp_path):
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((hf["dir"] / "tokenizer.json").read_bytes())
+    tok = Tokenizer(str(d))  # no config file: EOS found among the usual end-of-text tokens
+    assert tok.eos_id == Tokenizer(str(hf["dir"])).eos_id and tok.bos_id == -1
+    (d / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": EOS}, "pad_token": EOS}))
+    tok = Tokenizer(str(d))
+    assert tok.bos_id == tok.pad_id == tok.eos_id >= 0
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    with pytest.raises(ValueError, match=r"eos_token '<\|im_end\|>' .* is not in its vocabulary"):
+        Tokenizer(str(d))
+
+
+def test_preprocess_and_the_run_accept_the_teacher_s_tokenizer(hf, tmp_path):
+    from kdtrain.cache.manifest import tokenizer_identity
+    from kdtrain.training.pretrain import open_dataset
+
+    tok = Tokenizer(str(hf["dir"]))
+    prefix = str(tmp_path / "text_document")
+    meta = encode_files([str(hf["jsonl"])], str(hf["dir"]), prefix)
+    assert meta["tokenizer_fingerprint"] == tok.fingerprint and meta["eos_id"] == tok.eos_id
+    ds = open_indexed_dataset(prefix)
+    want = [tok.encode(t) + [tok.eos_id] for t in hf["texts"]]
+    assert ds.document_lengths.tolist() == [len(w) for w in want]
+    assert ds.tokens.tolist() == [i for w in want for i in w]
+    # Two worker processes (the tokenizer travels by path) write the same bytes.
+    two = str(tmp_path / "two_workers")
+    encode_files([str(hf["jsonl"])], str(hf["dir"]), two, workers=2)
+    assert Path(f"{two}.bin").read_bytes() == Path(f"{prefix}.bin").read_bytes()
+
+    model = load_model_config("tiny")
+    assert tok.vocab_size <= model.vocab_size
+    data = DataConfig(path=[prefix], tokenizer=str(hf["dir"]), seq_length=32)
+    windows = open_dataset(data, model)
+    assert len(windows.train_sample(0)) == 33
+    assert tokenizer_identity(str(hf["dir"]))["fingerprint"] == tok.fingerprint
+    # Another tokenizer than the one the dataset was built with is refused.
+    from kdtrain.data import train_tokenizer
+
+    spm = train_tokenizer([str(hf["jsonl"])], str(tmp_path / "spm"), vocab_size=320)
+    with pytest.raises(ValueError, match="tokenizer mismatch .* records tokenizer fingerprint"):
+        open_dataset(DataConfig(path=[prefix], tokenizer=spm, seq_length=32), model)
+
+
+def test_bad_tokenizer_paths_are_clear_errors(hf, tmp_path):
+    empty = tmp_path / "model_dir"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="directory without a tokenizer.json"):
+        Tokenizer(str(empty))
+    with pytest.raises(ValueError, match="does not exist"):
+        Tokenizer(str(tmp_path / "missing.json"))
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"version": "1.0", "model": 7}')
+    with pytest.raises(ValueError, match="not a valid Hugging Face tokenizer.json"):
+        Tokenizer(str(bad))
+    from kdtrain.cache.manifest import tokenizer_identity
+
+    with pytest.raises(ValueError, match="data.tokenizer: .*directory without a tokenizer.json"):
+        tokenizer_identity(str(empty))
+    # The preprocessing script reports it without a traceback.
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "preprocess_data.py"), "--input", str(hf["jsonl"]),
+                           "--tokenizer", str(empty), "--output-prefix", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "directory without a tokenizer.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
