@@ -25,22 +25,27 @@ EOS = "<|endoftext|>"
 SAMPLES = ["def f(x):\n    return x + 1\n", "  indented\n\tcode(x)  \n\n", "ünïcödé 漢字 😀 and <|endoftext|> as text"]
 
 
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory) -> dict:
+def _bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2 / Llama 3 / Qwen style) trained on ``texts``."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
+    bpe = Backend(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return bpe
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hf_tok")
     jsonl = root / "corpus.jsonl"
     build_demo_corpus(str(jsonl), max_documents=30)
     texts = list(iter_documents(str(jsonl)))
-    bpe = Backend(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     model_dir = root / "teacher-hf"
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=_bpe(texts, 400), eos_token=EOS)
     fast.save_pretrained(model_dir)
     return {"root": root, "jsonl": jsonl, "texts": texts, "dir": model_dir, "fast": fast}
 
@@ -138,3 +143,44 @@ def test_bad_tokenizer_paths_are_clear_errors(hf, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "directory without a tokenizer.json" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_exported_student_carries_the_run_s_tokenizer(hf, tmp_path):
+    """kdtrain convert kdtrain-to-hf writes the Hugging Face tokenizer the run read its data with
+    (recorded in the checkpoint), so the exported directory loads as model + tokenizer."""
+    import torch
+
+    from kdtrain.cli import main
+    from kdtrain.convert.hf_export import export_hf
+    from kdtrain.convert.hf_import import import_hf
+    from kdtrain.data import train_tokenizer
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "hf_student")
+    import_hf(tmp_path / "hf_student", tmp_path / "ckpt", name="s")
+    # What a distill/pretrain run records about its data (the import records none).
+    (meta_file,) = (tmp_path / "ckpt").glob("step_*/meta.json")
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "data": {"tokenizer": str(hf["dir"])}}))
+
+    assert main(["convert", "kdtrain-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok(SAMPLES[0], add_special_tokens=False)["input_ids"] == Tokenizer(str(hf["dir"])).encode(SAMPLES[0])
+    assert tok.eos_token == EOS
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.vocab_size == 400
+
+    # none: model only; an explicit SentencePiece model or a larger vocabulary: clear errors.
+    export_hf(tmp_path / "ckpt", tmp_path / "bare", tokenizer=None)
+    assert not (tmp_path / "bare" / "tokenizer.json").exists() and (tmp_path / "bare" / "model.safetensors").exists()
+    spm = train_tokenizer([str(hf["jsonl"])], str(tmp_path / "spm"), vocab_size=320)
+    with pytest.raises(ValueError, match="--tokenizer: .* is a SentencePiece model"):
+        export_hf(tmp_path / "ckpt", tmp_path / "x", tokenizer=spm)
+    big = tmp_path / "big"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=_bpe(hf["texts"], 500), eos_token=EOS).save_pretrained(big)
+    with pytest.raises(ValueError, match="has 500 ids but model 's' has vocab_size=400"):
+        export_hf(tmp_path / "ckpt", tmp_path / "y", tokenizer=str(big))
+    assert not (tmp_path / "y" / "model.safetensors").exists()

@@ -2,6 +2,7 @@
 
     kdtrain convert hf-to-kdtrain --hf DIR --out DIR [--name NAME] [--vocab-size N]
     kdtrain convert kdtrain-to-hf --ckpt DIR [--model CFG] --out DIR [--arch llama|qwen2|gpt2] [--dtype fp32|bf16]
+        [--tokenizer auto|none|PATH]
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ def _hf_to_kdtrain(args) -> int:
 def _kdtrain_to_hf(args) -> int:
     from .hf_export import export_hf
 
-    out = export_hf(args.ckpt, args.out, args.model, args.arch, args.dtype)
-    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    tokenizer = None if args.tokenizer == "none" else args.tokenizer
+    out = export_hf(args.ckpt, args.out, args.model, args.arch, args.dtype, tokenizer)
+    tok = "and the tokenizer (tokenizer.json)" if (out / "tokenizer.json").is_file() else \
+        "(no tokenizer: pass --tokenizer with a Hugging Face tokenizer.json or its directory)"
+    print(f"wrote {out}/config.json and {out}/model.safetensors {tok}")
     return 0
 
 
@@ -46,4 +50,7 @@ def register(subparsers) -> None:
     b.add_argument("--arch", default=None, choices=["llama", "qwen2", "gpt2"],
                    help="HF architecture (default: derived from the model config)")
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--tokenizer", default="auto",
+                   help="Hugging Face tokenizer.json or its directory to copy into --out; auto: the run's "
+                        "data.tokenizer when it is one; none: no tokenizer")
     b.set_defaults(func=_kdtrain_to_hf)

@@ -1,4 +1,4 @@
-"""kdtrain checkpoint -> Hugging Face model directory (config.json + model.safetensors).
+"""kdtrain checkpoint -> Hugging Face model directory (config.json + model.safetensors + tokenizer).
 
     kdtrain convert kdtrain-to-hf --ckpt checkpoints/student --model configs/models/student.yaml --out hf/student
 
@@ -6,6 +6,13 @@ The checkpoint may come from any TP/PP/DP layout (with or without ZeRO-1): every
 reassembled from its stored pieces into the unpartitioned tensor, fp32 master weights preferred
 over the run-dtype copy. Vocab padding never reaches the HF model: kdtrain checkpoints store only
 the ``vocab_size`` real rows.
+
+Tokenizer: with ``tokenizer="auto"`` (the default), when the run that wrote the checkpoint
+tokenized its data with a Hugging Face tokenizer (``data.tokenizer``, recorded in the checkpoint),
+its files (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``) are copied
+beside the weights, so ``AutoTokenizer.from_pretrained(out)`` works; a path names the tokenizer
+instead, ``None`` writes none. A SentencePiece model is not written (transformers needs a
+tokenizer class for it): the directory then holds the model only.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .layout import TO_HF, expected_shapes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def read_global_state(reader: CheckpointReader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -52,9 +60,50 @@ def open_checkpoint(ckpt: str | os.PathLike) -> CheckpointReader:
     return CheckpointReader(latest_checkpoint(path) or path)
 
 
+def export_tokenizer(tokenizer: str, cfg: ModelConfig, out: Path, where: str = "--tokenizer") -> list[str]:
+    """Copy a Hugging Face tokenizer's files into ``out``; the names written."""
+    from ..data.tokenizer import Tokenizer, is_hf_tokenizer, tokenizer_file
+
+    try:
+        src = tokenizer_file(tokenizer)
+        if not is_hf_tokenizer(tokenizer):
+            raise ValueError(f"{tokenizer} is a SentencePiece model; only Hugging Face tokenizers (tokenizer.json) "
+                             "are written into a Hugging Face model directory")
+        tok = Tokenizer(tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{where}: tokenizer {tokenizer} has {tok.vocab_size} ids but model {cfg.name!r} has "
+                         f"vocab_size={cfg.vocab_size}")
+    written = []
+    for name in TOKENIZER_FILES:
+        f = src if name == "tokenizer.json" else src.parent / name
+        if f.is_file():
+            tmp = out / f"{name}.tmp"
+            tmp.write_bytes(f.read_bytes())
+            os.replace(tmp, out / name)
+            written.append(name)
+    return written
+
+
+def recorded_tokenizer(reader: CheckpointReader) -> Optional[str]:
+    """The Hugging Face tokenizer the checkpoint's run read its data with, when it still exists."""
+    from ..data.tokenizer import is_hf_tokenizer, tokenizer_file
+
+    path = (reader.meta.get("data") or {}).get("tokenizer")
+    if not path or not is_hf_tokenizer(path):
+        return None
+    try:
+        tokenizer_file(path)
+    except ValueError:  # moved or deleted since the run
+        return None
+    return str(path)
+
+
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[str | ModelConfig] = None,
-              arch: Optional[str] = None, dtype: str = "fp32") -> Path:
-    """Write ``out/config.json`` and ``out/model.safetensors``; returns ``out``."""
+              arch: Optional[str] = None, dtype: str = "fp32", tokenizer: Optional[str] = "auto") -> Path:
+    """Write ``out/config.json``, ``out/model.safetensors`` and the tokenizer's files (see the module
+    docstring for ``tokenizer``); returns ``out``."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -67,6 +116,8 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     else:
         cfg = load_model_config(model, "--model")
         check_checkpoint_model(reader, cfg)
+    if tokenizer == "auto":
+        tokenizer = recorded_tokenizer(reader)
     arch = ARCH_SHORT.get(arch, arch) if arch else default_architecture(cfg)
     hf_cfg = hf_config_from_model(cfg, arch, _HF_DTYPE_NAMES[DTYPES[dtype]])
     state = read_global_state(reader, cfg)
@@ -74,6 +125,8 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:  # first: a bad tokenizer fails before gigabytes are written
+        export_tokenizer(tokenizer, cfg, out)
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
