@@ -77,21 +77,21 @@ for s in "$@"; do
     layer_host)
       stage layer_gpu_tests 120 python -m pytest -q -s -m gpu tests/test_layer.py
       stage layer_host_bench 120 python benchmarks/bench_layer_host.py --model llama-150m-32k --out "$WORK/layer_host" ;;
-    accept)  # ~8 min on a fresh H100 (the limits below sum to 565 s)
+    accept)  # ~8 min on a fresh H100 (the limits below sum to 540 s)
       # The fused-loss kernel's just-in-time build (~35 s of nvcc) runs beside the GPU test.
       python -c "from kdtrain.loss import load_kernels; load_kernels()" > "$WORK/accept_kernel_build.log" 2>&1 &
       build=$!
-      if stage accept_graphs 75 python -m pytest -q -s -m gpu tests/test_cuda_graphs_gpu.py; then
+      if stage accept_graphs 70 python -m pytest -q -s -m gpu tests/test_cuda_graphs_gpu.py; then
         kd=kdtrain-colocated-graphs; graphs=--cuda-graphs
       else
         kd=kdtrain-colocated; graphs=
       fi
       wait $build; echo "=== kernel build rc=$?"; tail -n 5 "$WORK/accept_kernel_build.log"
       for p in llama qwen; do
-        stage "accept_$p" 170 python benchmarks/bench_vs_trl.py --preset "$p" --teacher-logit-scale 6 \
+        stage "accept_$p" 165 python benchmarks/bench_vs_trl.py --preset "$p" --teacher-logit-scale 6 \
           --timeout 120 --systems "trl-gkd,$kd" --out "$WORK/accept_$p"
       done
-      stage accept_cache 150 python benchmarks/bench_online_vs_cached.py $graphs --runs online,cached --steps 20 \
+      stage accept_cache 140 python benchmarks/bench_online_vs_cached.py $graphs --runs online,cached --steps 20 \
         --out "$WORK/accept_cache" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
