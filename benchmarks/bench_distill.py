@@ -5,6 +5,7 @@ distillation step of one pair, measured back to back on the same device with the
     python benchmarks/bench_distill.py --cpu-tiny --out /tmp/bench_distill       # CI smoke mode
     python benchmarks/bench_distill.py --compile --profile --out DIR   # compiled layers; where time goes
     python benchmarks/bench_distill.py --cuda-graphs --profile --out DIR   # layers replayed as CUDA graphs
+    python benchmarks/bench_distill.py --cuda-graphs --compile --out DIR   # graphed student, compiled teacher
 
 Three runs of the real entry points (single process, mock tokens, random weights):
   student_train  scripts/pretrain_gpt.py with the student model: plain training throughput
@@ -16,7 +17,9 @@ Each figure is the median over the steps after ``--warmup``. MFU counts model FL
 (kdtrain/training/metrics.py): the distill step's MFU counts the student's training FLOPs plus
 the teacher's forward FLOPs. Peak memory is torch.cuda.max_memory_allocated of each run.
 ``--compile`` runs every entry point with ``precision.compile=true``, ``--cuda-graphs`` with
-``precision.cuda_graphs=true`` (the trained model's layers; the teacher's forward stays eager); ``--profile`` adds two steps
+``precision.cuda_graphs=true`` (the trained model's layers; the teacher's forward stays eager);
+both together graph the student and compile the teacher (in the plain-training runs too: the
+student's run graphed, the teacher's compiled). ``--profile`` adds two steps
 per run under torch.profiler and reports, per run, the step's device-busy share, kernel count and
 time by category (matmul, attention, KD loss, top-k, other = memory-bound and glue kernels).
 Writes ``bench_distill.json`` and ``bench_distill.md`` under --out.
@@ -100,11 +103,14 @@ def main(argv=None) -> int:
                  "cuda_graphs": dcfg.precision.cuda_graphs, "runs": {}}
     tmp = out / "logs"
     profiles = {}
-    recs, profiles["student_train"] = run("pretrain_gpt.py", mode["pretrain"], [f"model={sm.name}", *shape],
-                                          tmp / "student_train")
+    # Both options: a model's layers are graphed or compiled, as the distill run does per role.
+    both = args.compile and args.cuda_graphs
+    as_student, as_teacher = (["precision.compile=false"], ["precision.cuda_graphs=false"]) if both else ([], [])
+    recs, profiles["student_train"] = run("pretrain_gpt.py", mode["pretrain"],
+                                          [f"model={sm.name}", *shape, *as_student], tmp / "student_train")
     res["runs"]["student_train"] = summarise(recs, warmup, RATE_KEYS, steps)
-    recs, profiles["teacher_train"] = run("pretrain_gpt.py", mode["pretrain"], [f"model={tm.name}", *shape],
-                                          tmp / "teacher_train")
+    recs, profiles["teacher_train"] = run("pretrain_gpt.py", mode["pretrain"],
+                                          [f"model={tm.name}", *shape, *as_teacher], tmp / "teacher_train")
     res["runs"]["teacher_train"] = summarise(recs, warmup, RATE_KEYS, steps)
     recs, profiles["distill"] = run("distill_gpt.py", mode["distill"], length, tmp / "distill")
     d = summarise(recs, warmup, RATE_KEYS + ("teacher_compute_s", "teacher_wait_s", "teacher_mfu",

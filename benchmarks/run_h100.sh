@@ -10,6 +10,7 @@
 #   bash benchmarks/run_h100.sh trl_llama trl_qwen           # eager + CUDA-graphed kdtrain, profiles
 #   bash benchmarks/run_h100.sh trl_llama_compiled trl_qwen_compiled   # TRL and kdtrain compiled
 #   bash benchmarks/run_h100.sh distill_graphs cache_graphs  # precision.cuda_graphs=true A/B
+#   bash benchmarks/run_h100.sh distill_graphs_compiled      # graphed student, compiled teacher
 #   bash benchmarks/run_h100.sh layer_host                   # per-layer host vs wall time
 #   bash benchmarks/run_h100.sh smoke ...                    # first: tiny runs on CUDA (under a minute)
 #   bash benchmarks/run_h100.sh accept                       # the acceptance figures in one call (< 10 min)
@@ -58,6 +59,8 @@ for s in "$@"; do
       stage cache_compiled_bench 360 python benchmarks/bench_online_vs_cached.py --compile --out "$WORK/cache_compiled" ;;
     distill_graphs)
       stage distill_graphs_bench 420 python benchmarks/bench_distill.py --cuda-graphs --profile --out "$WORK/distill_graphs" ;;
+    distill_graphs_compiled)  # graphed student + compiled teacher (both options in distillation)
+      stage distill_graphs_compiled_bench 420 python benchmarks/bench_distill.py --cuda-graphs --compile --out "$WORK/distill_graphs_compiled" ;;
     cache_graphs)
       stage cache_graphs_bench 360 python benchmarks/bench_online_vs_cached.py --cuda-graphs --out "$WORK/cache_graphs" ;;
     trl_llama|trl_qwen)

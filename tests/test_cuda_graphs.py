@@ -262,3 +262,41 @@ def test_distillation_with_graphed_student_equals_eager(world_of_one, tmp_path, 
     valid = [{s: r["valid_loss"] for s, r in read_metrics(tmp_path / name, "valid").items()}
              for name in ("graphs", "eager")]
     assert valid[0] == valid[1] and valid[0]  # the final evaluation (eval mode, no grad) runs eagerly
+
+
+def test_distillation_with_both_options_graphs_the_student_and_compiles_the_teacher(world_of_one, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """precision.cuda_graphs + precision.compile in distillation: the student's layers are graphed
+    (not compiled), the teacher's compiled, and the loss curve is the eager one (aot_eager backend:
+    the same operations through dynamo and AOTAutograd, no generated code)."""
+    import kdtrain.models.gpt as gpt
+    from conftest import read_metrics
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.distill import distill
+
+    capture = CountingCapture()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    monkeypatch.setattr(gpt, "check_graph_support", lambda *args, **kwargs: None)
+    monkeypatch.setenv("KDTRAIN_COMPILE_BACKEND", "aot_eager")
+    compiled = []
+    real_compile = gpt.compile_layers
+    monkeypatch.setattr(gpt, "compile_layers", lambda model: compiled.append(model) or real_compile(model))
+
+    def run(name: str, extra: list[str]) -> dict:
+        distill(load_distill_config("tiny", [
+            "data.mock=true", "data.path=[]", "precision.device=cpu", "precision.dtype=fp32", "checkpoint.dir=null",
+            f"logging.dir={tmp_path / name}", "training.train_steps=3", *extra]))
+        return read_metrics(tmp_path / name)
+
+    want = run("eager", [])
+    capsys.readouterr()
+    got = run("both", ["precision.cuda_graphs=true", "precision.compile=true"])
+    assert "compiled teacher layers, CUDA-graphed student layers" in capsys.readouterr().out
+    (teacher,) = compiled
+    assert all(layer.graphs is None and layer._compiled_call_impl is not None for layer in teacher.decoder.layers)
+    (bodies, _), = capture.calls
+    assert all(b.layer._compiled_call_impl is None for b in bodies)  # the student's layers: graphed only
+    assert capture.replays == 4 + 3 * 4 * 4
+    for s in sorted(want):
+        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-6)
+        assert got[s]["grad_norm"] == pytest.approx(want[s]["grad_norm"], rel=1e-6)

@@ -121,7 +121,8 @@ class PrecisionConfig:
     compile: bool = False
     # Replay each transformer layer's forward and backward as CUDA graphs (kdtrain/models/
     # cuda_graphs.py): removes the host time per layer that bounds small models; same math.
-    # CUDA only, tp = pp = 1 for the trained model, exclusive with compile.
+    # CUDA only, tp = pp = 1 for the trained model. A model's layers are compiled or graphed: with
+    # both options, distillation graphs the student and compiles the teacher; pretraining refuses.
     cuda_graphs: bool = False
 
 

@@ -60,8 +60,9 @@ def check_graph_support(layout: RoleLayout, device: torch.device, compile: bool,
         raise ValueError(f"{where}: CUDA graphs need a CUDA device, the run is on {device.type} "
                          "(set precision.cuda_graphs=false)")
     if compile:
-        raise ValueError(f"{where} and precision.compile are exclusive: choose one (both remove the host time "
-                         "per layer; compiled layers also fuse the memory-bound kernels)")
+        raise ValueError(f"{where} and precision.compile are exclusive for one model: choose one (both remove "
+                         "the host time per layer; compiled layers also fuse the memory-bound kernels). In "
+                         "distillation both together graph the student and compile the teacher")
     if use_te:
         raise ValueError(f"{where}: graphs are captured for kdtrain's local layer spec; Transformer Engine "
                          "layers are in use (set KDTRAIN_NO_TE=1 or precision.cuda_graphs=false)")

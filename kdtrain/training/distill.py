@@ -188,9 +188,12 @@ def distill(cfg: DistillConfig) -> dict:
                           tr.seed + 1, compile=cfg.precision.compile)
     start_step = 0
     if s_groups.is_member:
+        # With both precision options the student's layers are graphed and the teacher's compiled
+        # (a layer is either; the teacher's no-grad forward is not graphed).
         student = build_trainable(cfg.student.model, s_groups, cfg.optimizer, cfg.data.seq_length,
                                   tr.micro_batch_size, env.device, dtype, tr.seed,
-                                  compile=cfg.precision.compile, cuda_graphs=cfg.precision.cuda_graphs)
+                                  compile=cfg.precision.compile and not cfg.precision.cuda_graphs,
+                                  cuda_graphs=cfg.precision.cuda_graphs)
         ck = cfg.checkpoint
         if cfg.student.load and not ck.load:
             ck = dataclasses.replace(ck, load=cfg.student.load)
@@ -215,8 +218,7 @@ def distill(cfg: DistillConfig) -> dict:
                  f"{s_layout.ranks.stop - 1}), {cfg.split.mode}, top-{spec.k}, {cfg.loss.divergence}, "
                  f"{str(dtype).removeprefix('torch.')}, attention="
                  f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
-                 f"{', compiled layers' if cfg.precision.compile else ''}"
-                 f"{', CUDA-graphed student layers' if cfg.precision.cuda_graphs else ''}")
+                 f"{_layer_modes(cfg.precision.compile, cfg.precision.cuda_graphs)}")
 
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length
     seq = cfg.data.seq_length
@@ -362,6 +364,13 @@ class TeacherSideStats:
         steps = rank_steps / ranks
         return {"teacher_compute_s": compute / ranks / steps, "student_wait_s": blocked / ranks / steps,
                 "payload_bytes_per_step": sent / steps}
+
+
+def _layer_modes(compile: bool, cuda_graphs: bool) -> str:
+    """How the roles' layers run, for the start-up line."""
+    if compile and cuda_graphs:
+        return ", compiled teacher layers, CUDA-graphed student layers"
+    return (", compiled layers" if compile else "") + (", CUDA-graphed student layers" if cuda_graphs else "")
 
 
 def _evaluate_student(student, dataset, cfg: DistillConfig, groups, device) -> dict:
