@@ -27,6 +27,8 @@ What runs (each system in its own process, so its peak memory is its own):
                              not with --cpu-tiny (same numbers, minutes of C++ compilation)
   kdtrain-colocated-graphs   (c) with precision.cuda_graphs=true: the student's layers replayed as
                              CUDA graphs (kdtrain/models/cuda_graphs.py); GPU only
+  kdtrain-colocated-graphs-compiled
+                             both options: graphed student layers, compiled teacher layers; GPU only
 
 Shared by all: the HF teacher/student (random init from HF configs built here, no downloads, saved
 as safetensors; kdtrain imports them with ``kdtrain.convert``, so both frameworks start from the
@@ -112,7 +114,7 @@ def skip_reason(system: str, job: dict, n_dev: int, force_disaggregated: bool):
             return "Liger's Triton kernels need a GPU"
     if system.startswith("trl") and importlib.util.find_spec("trl") is None:
         return "trl is not importable"
-    if system.endswith("-graphs") and job["device"] != "cuda":
+    if "-graphs" in system and job["device"] != "cuda":
         return "CUDA graphs need a GPU"
     if system.endswith("-compiled"):
         import torch
@@ -157,7 +159,8 @@ def plot(result: dict, path: Path) -> None:
         return
     colors = {"trl-gkd": "#888888", "trl-gkd-liger": "#bbbbbb", "trl-gkd-compiled": "#666666",
               "kdtrain-colocated": "#1f77b4", "kdtrain-colocated-compiled": "#17becf",
-              "kdtrain-colocated-graphs": "#9467bd", "kdtrain-disaggregated": "#2ca02c"}
+              "kdtrain-colocated-graphs": "#9467bd", "kdtrain-colocated-graphs-compiled": "#c5b0d5",
+              "kdtrain-disaggregated": "#2ca02c"}
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         vals = [r[key] if r[key] is not None else 0.0 for r in rows]
@@ -278,6 +281,7 @@ def _speedups(results: list[dict]) -> dict:
                                "peak_memory": by[ours]["peak_memory_gib"] / by[base]["peak_memory_gib"]}
             for base in ("trl-gkd", "trl-gkd-liger", "trl-gkd-compiled")
             for ours in ("kdtrain-colocated", "kdtrain-colocated-compiled", "kdtrain-colocated-graphs",
+                         "kdtrain-colocated-graphs-compiled",
                          "kdtrain-disaggregated")
             if base in by and ours in by}
 

@@ -17,7 +17,8 @@
 #
 # `accept` fits a 15-minute device budget (one machine start + one call): the real CUDA-graph
 # capture test, then kdtrain vs TRL GKD on both pairs and online vs cached, with the student's
-# layers graphed when that test passed and eager otherwise. Each report is rewritten after every
+# layers graphed when that test passed and eager otherwise; last, with what time is left, the
+# Llama pair with a graphed student and a compiled teacher. Each report is rewritten after every
 # system/run, so a stage cut off by its limit keeps what finished.
 set -u
 OUT=${OUT:-/tmp/kdtrain_h100_out}
@@ -95,7 +96,11 @@ for s in "$@"; do
           --timeout 120 --systems "trl-gkd,$kd" --out "$WORK/accept_$p"
       done
       stage accept_cache 140 python benchmarks/bench_online_vs_cached.py $graphs --runs online,cached --steps 20 \
-        --out "$WORK/accept_cache" ;;
+        --out "$WORK/accept_cache"
+      # Whatever the call's limit leaves: the Llama pair with the teacher's layers compiled as well
+      # (compare with accept_llama's TRL GKD row, same machine and call).
+      [ -n "$graphs" ] && stage accept_llama_tcompiled 150 python benchmarks/bench_vs_trl.py --preset llama \
+        --teacher-logit-scale 6 --timeout 140 --systems kdtrain-colocated-graphs-compiled --out "$WORK/accept_llama_tc" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

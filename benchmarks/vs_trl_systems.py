@@ -62,7 +62,7 @@ PRESETS = {
         seq_length=1024, micro_batch=4, global_batch=32, steps=13, warmup=3, lr=1e-4),
 }
 SYSTEMS = ("trl-gkd", "trl-gkd-liger", "trl-gkd-compiled", "kdtrain-colocated", "kdtrain-colocated-compiled",
-           "kdtrain-colocated-graphs", "kdtrain-disaggregated")
+           "kdtrain-colocated-graphs", "kdtrain-colocated-graphs-compiled", "kdtrain-disaggregated")
 # Default on CPU: the compiled variants compute the same numbers there (tests/test_compile.py) and
 # would only add minutes of C++ compilation to a smoke run.
 CPU_SYSTEMS = ("trl-gkd", "trl-gkd-liger", "kdtrain-colocated", "kdtrain-disaggregated")
@@ -258,8 +258,8 @@ def run_trl(job: dict, liger: bool, compile: bool = False) -> dict:
 
 # ---- (c)/(d) kdtrain ------------------------------------------------------------------------------
 def kdtrain_config(job: dict, variant: str) -> dict:
-    """Run config of kdtrain variant ``colocated``, ``colocated-compiled``, ``colocated-graphs`` or
-    ``disaggregated``."""
+    """Run config of kdtrain variant ``colocated``, ``colocated-compiled``, ``colocated-graphs``,
+    ``colocated-graphs-compiled`` (graphed student, compiled teacher) or ``disaggregated``."""
     run_dir = Path(job["work"]) / f"kdtrain-{variant}"
     mode = variant.removesuffix("-compiled").removesuffix("-graphs")
     split = {"mode": mode, "timeout_s": 600}
@@ -277,7 +277,7 @@ def kdtrain_config(job: dict, variant: str) -> dict:
                       "weight_decay": job["weight_decay"], "beta1": job["adam_betas"][0],
                       "beta2": job["adam_betas"][1], "eps": job["adam_eps"], "clip_grad": job["clip_grad"]},
         "precision": {"device": job["device"], "dtype": job["precision"], "compile": variant.endswith("-compiled"),
-                      "cuda_graphs": variant.endswith("-graphs")},
+                      "cuda_graphs": "-graphs" in variant},
         "logging": {"dir": str(run_dir), "interval": 1, "progress_bar": False, "tensorboard": False,
                     "profile_steps": profile_window(job)},
         "checkpoint": {"dir": str(run_dir / "ckpt"), "keep": 1},  # the final student, for the evaluation
