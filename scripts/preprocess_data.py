@@ -15,7 +15,9 @@ With a Hugging Face teacher, its tokenizer (a tokenizer.json, or the model direc
         --output-prefix data/qwen/text_document --workers 8
 
 A .jsonl input holds one {"text": ...} object per line (see --json-key); a .txt input holds one
-document per line, or one per file with --txt-document-per-file. Each document ends with the
+document per line, or one per file with --txt-document-per-file; a .parquet input (Hugging Face
+datasets) one document per row of its --json-key column. .jsonl and .txt may be .gz or .zst
+compressed. Each document ends with the
 tokenizer's EOS id unless --no-append-eos.
 """
 
@@ -30,13 +32,14 @@ from kdtrain.data import build_demo_corpus, encode_files
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", metavar="FILE", help=".jsonl or .txt files, read in order")
+    source.add_argument("--input", nargs="+", metavar="FILE",
+                        help=".jsonl / .txt (optionally .gz or .zst) or .parquet files, read in order")
     source.add_argument("--demo-corpus", action="store_true", help="tokenize the stdlib-docstring demo corpus")
     parser.add_argument("--demo-corpus-out", help="where --demo-corpus writes its jsonl")
     parser.add_argument("--tokenizer", required=True,
                         help="sentencepiece .model file, or a Hugging Face tokenizer.json or model directory")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin, .idx and .meta.json")
-    parser.add_argument("--json-key", default="text", help="text field of .jsonl records")
+    parser.add_argument("--json-key", default="text", help="text field of .jsonl records / text column of .parquet")
     parser.add_argument("--txt-document-per-file", action="store_true", help="a .txt file is one document")
     parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="end each document with the EOS id (default: on)")

@@ -1,4 +1,4 @@
-"""Train a byte-fallback SentencePiece tokenizer on .jsonl/.txt files (or on the demo corpus).
+"""Train a byte-fallback SentencePiece tokenizer on .jsonl/.txt/.parquet files (or on the demo corpus).
 
     python scripts/train_tokenizer.py --input corpus.jsonl --output-prefix data/tok --vocab-size 4096
 
@@ -21,13 +21,14 @@ from kdtrain.data import Tokenizer, build_demo_corpus, train_tokenizer
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", metavar="FILE", help=".jsonl (with --json-key) or .txt files")
+    source.add_argument("--input", nargs="+", metavar="FILE",
+                        help=".jsonl (with --json-key), .txt (either optionally .gz/.zst) or .parquet files")
     source.add_argument("--demo-corpus", action="store_true", help="train on the stdlib-docstring demo corpus")
     parser.add_argument("--demo-corpus-out", help="where --demo-corpus writes its jsonl")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    parser.add_argument("--json-key", default="text", help="text field of .jsonl records")
+    parser.add_argument("--json-key", default="text", help="text field of .jsonl records / text column of .parquet")
     parser.add_argument("--max-sentences", type=int, default=2_000_000, help="use at most this many lines")
     args = parser.parse_args(argv)
     if args.demo_corpus_out and not args.demo_corpus:

@@ -437,3 +437,73 @@ def test_scripts_end_to_end(corpus, tmp_path, capsys):
     assert prep_main(["--input", str(tmp_path / "nope.jsonl"), "--tokenizer", corpus["model"],
                       "--output-prefix", str(tmp_path / "x")]) == 2
     assert "nope.jsonl does not exist" in capsys.readouterr().err
+
+
+def _same_stream_as_plain(corpus, tmp_path, inp: Path, json_key: str = "text") -> None:
+    """Preprocessing ``inp`` writes the plain corpus' token stream."""
+    if not (tmp_path / "plain.bin").exists():
+        encode_files([str(corpus["jsonl"])], corpus["model"], str(tmp_path / "plain"))
+    encode_files([str(inp)], corpus["model"], str(tmp_path / inp.stem), json_key=json_key)
+    assert (tmp_path / f"{inp.stem}.bin").read_bytes() == (tmp_path / "plain.bin").read_bytes()
+
+
+def test_compressed_inputs_read_like_jsonl(corpus, tmp_path):
+    """.jsonl/.txt compressed with gzip (or zstd, when zstandard is installed) yield exactly the
+    documents of the plain file, so preprocessing writes the same token stream."""
+    import gzip
+
+    docs = list(iter_documents(str(corpus["jsonl"])))
+    gz = tmp_path / "corpus.jsonl.gz"
+    gz.write_bytes(gzip.compress(corpus["jsonl"].read_bytes()))
+    assert list(iter_documents(str(gz))) == docs
+    _same_stream_as_plain(corpus, tmp_path, gz)
+    txt = tmp_path / "lines.txt.gz"
+    txt.write_bytes(gzip.compress(b"first line\n\nsecond line\n"))
+    assert list(iter_documents(str(txt))) == ["first line", "second line"]
+    assert list(iter_documents(str(txt), txt_document_per_file=True)) == ["first line\n\nsecond line\n"]
+    try:
+        import zstandard
+    except ImportError:
+        return
+    zst = tmp_path / "corpus.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(corpus["jsonl"].read_bytes()))
+    assert list(iter_documents(str(zst))) == docs
+
+
+def test_parquet_inputs_read_like_jsonl(corpus, tmp_path):
+    """A Hugging Face style .parquet (text column named by --json-key, null rows skipped) yields the
+    documents of the plain .jsonl; a missing or non-string column names the file."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    docs = list(iter_documents(str(corpus["jsonl"])))
+    table = pa.table({"id": list(range(len(docs) + 1)), "content": docs + [None]})
+    parquet = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(table, parquet, row_group_size=7)  # several row groups and batches
+    assert list(iter_documents(str(parquet), json_key="content")) == docs
+    _same_stream_as_plain(corpus, tmp_path, parquet, json_key="content")
+    with pytest.raises(ValueError, match=r"no column 'text' \(columns: \['id', 'content'\]\)"):
+        list(iter_documents(str(parquet)))
+    with pytest.raises(ValueError, match=r"row 0 of column 'id' is int"):
+        list(iter_documents(str(parquet), json_key="id"))
+
+
+def test_broken_compressed_and_parquet_inputs_are_clear_errors(tmp_path):
+    import gzip
+
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:50])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz is truncated or not .gz data"):
+        list(iter_documents(str(cut)))
+    fake = tmp_path / "fake.txt.gz"
+    fake.write_text("plain text, not gzip")
+    with pytest.raises(ValueError, match=r"fake.txt.gz is truncated or not .gz data"):
+        list(iter_documents(str(fake)))
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    pytest.importorskip("pyarrow")
+    with pytest.raises(ValueError, match=r"bad.parquet is not a readable parquet file"):
+        list(iter_documents(str(bad)))
+    with pytest.raises(ValueError, match=r"x.parquet.gz has unsupported suffix '.parquet.gz'"):
+        (tmp_path / "x.parquet.gz").write_bytes(b"x")
+        list(iter_documents(str(tmp_path / "x.parquet.gz")))

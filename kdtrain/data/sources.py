@@ -1,65 +1,135 @@
-"""Reading raw text documents from .jsonl and .txt files."""
+"""Reading raw text documents from .jsonl, .txt and .parquet files.
+
+Formats (by suffix):
+
+* ``.jsonl``: one JSON object per line, the text under ``json_key``;
+* ``.txt``: one document per line, or the whole file with ``txt_document_per_file``;
+* ``.parquet``: the string column ``json_key``, one document per row, read in row-group batches
+  (what Hugging Face datasets ship; needs ``pyarrow``).
+
+``.jsonl`` and ``.txt`` may be compressed: ``.gz`` (gzip, standard library) or ``.zst``
+(Zstandard, needs the ``zstandard`` package), decompressed as a stream.
+"""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
-SUPPORTED_SUFFIXES = (".jsonl", ".txt")
+TEXT_KINDS = (".jsonl", ".txt")
+COMPRESSIONS = (".gz", ".zst")
+SUPPORTED = ".jsonl, .txt (either optionally .gz or .zst) or .parquet"
+_PARQUET_BATCH_ROWS = 1024
+
+
+def _kind(p: Path) -> tuple[str, str]:
+    """(format suffix, compression suffix or '') of ``p``; ValueError for anything else."""
+    suffixes = [s.lower() for s in p.suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else ""
+    kind = suffixes[-1] if suffixes else ""
+    if kind in TEXT_KINDS or (kind == ".parquet" and not compression):
+        return kind, compression
+    raise ValueError(f"input file {p} has unsupported suffix {''.join(p.suffixes)!r}; expected {SUPPORTED}")
 
 
 def check_input_file(path: str) -> Path:
-    """Return `path` as a Path after checking it is an existing, non-empty .jsonl or .txt file."""
+    """Return `path` as a Path after checking it is an existing, non-empty file of a supported format."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"input file {path} does not exist")
-    if p.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise ValueError(f"input file {path} has unsupported suffix {p.suffix!r}; expected .jsonl or .txt")
+    _kind(p)
     if p.stat().st_size == 0:
         raise ValueError(f"input file {path} is empty")
     return p
 
 
-def _iter_jsonl(p: Path, json_key: str) -> Iterator[str]:
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or json_key not in record:
-                raise ValueError(f"{p}:{lineno}: record has no {json_key!r} key")
-            text = record[json_key]
-            if not isinstance(text, str):
-                raise ValueError(f"{p}:{lineno}: field {json_key!r} is {type(text).__name__}, expected a string")
-            yield text
+def _open_text(p: Path, compression: str) -> IO[str]:
+    if compression == ".gz":
+        return gzip.open(p, "rt", encoding="utf-8")
+    if compression == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise ValueError(f"input file {p}: reading .zst needs the zstandard package "
+                             "(pip install zstandard), or decompress it first") from None
+        raw = open(p, "rb")
+        try:
+            return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
+        except Exception:
+            raw.close()
+            raise
+    return open(p, encoding="utf-8")
 
 
-def _iter_lines(p: Path) -> Iterator[str]:
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n")
+def _iter_jsonl(f: IO[str], p: Path, json_key: str) -> Iterator[str]:
+    for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or json_key not in record:
+            raise ValueError(f"{p}:{lineno}: record has no {json_key!r} key")
+        text = record[json_key]
+        if not isinstance(text, str):
+            raise ValueError(f"{p}:{lineno}: field {json_key!r} is {type(text).__name__}, expected a string")
+        yield text
+
+
+def _iter_parquet(p: Path, column: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"input file {p}: reading .parquet needs the pyarrow package (pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(p)
+    except Exception as e:  # pyarrow's own error types: not a parquet file, truncated footer, ...
+        raise ValueError(f"input file {p} is not a readable parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise ValueError(f"{p}: no column {column!r} (columns: {names}); pass --json-key with the text column")
+    row = 0
+    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[column]):
+        for text in batch.column(0).to_pylist():
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"{p}: row {row} of column {column!r} is {type(text).__name__}, expected a string")
+            row += 1
+            if text is not None:
+                yield text
 
 
 def iter_documents(path: str, json_key: str = "text", txt_document_per_file: bool = False) -> Iterator[str]:
-    """Yield the non-blank documents of one input file.
+    """Yield the non-blank documents of one input file (formats: see the module docstring).
 
-    A .jsonl file holds one JSON object per line with the text under `json_key`. A .txt file holds
-    one document per line, or is a single document when `txt_document_per_file` is set.
-    """
+    ``json_key`` names the text field of .jsonl records and the text column of .parquet files; a
+    .txt file holds one document per line, or is a single document when ``txt_document_per_file``
+    is set."""
     p = check_input_file(path)
+    kind, compression = _kind(p)
     try:
-        if p.suffix.lower() == ".jsonl":
-            docs: Iterator[str] = _iter_jsonl(p, json_key)
-        elif txt_document_per_file:
-            docs = iter([p.read_text(encoding="utf-8")])
-        else:
-            docs = _iter_lines(p)
-        for doc in docs:
-            if doc.strip():
-                yield doc
+        if kind == ".parquet":
+            docs: Iterator[str] = _iter_parquet(p, json_key)
+            for doc in docs:
+                if doc.strip():
+                    yield doc
+            return
+        with _open_text(p, compression) as f:
+            if kind == ".jsonl":
+                docs = _iter_jsonl(f, p, json_key)
+            elif txt_document_per_file:
+                docs = iter([f.read()])
+            else:
+                docs = (line.rstrip("\n") for line in f)
+            for doc in docs:
+                if doc.strip():
+                    yield doc
     except UnicodeDecodeError as e:
         raise ValueError(f"input file {path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except Exception as e:  # gzip: EOFError / BadGzipFile (an OSError); zstandard: ZstdError
+        if compression and (isinstance(e, (EOFError, OSError)) or type(e).__name__ == "ZstdError"):
+            raise ValueError(f"input file {path} is truncated or not {compression} data ({e})") from None
+        raise
