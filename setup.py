@@ -69,6 +69,8 @@ setup(
         "dev": ["pytest", "pytest-timeout", "transformers", "tokenizers", "safetensors", "trl", "matplotlib"],
         # Hugging Face checkpoints (kdtrain convert) and tokenizers (data.tokenizer: tokenizer.json).
         "hf": ["transformers", "tokenizers", "safetensors"],
+        # Corpus formats beyond .jsonl/.txt(.gz): .parquet and zstd-compressed files.
+        "data": ["pyarrow", "zstandard"],
         "bench": ["transformers", "safetensors", "trl", "matplotlib"],
         # Optional accelerators: imported behind a check, never required.
         "te": ["transformer_engine[pytorch]"],
