@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import re
+from abc import ABC, abstractmethod
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -61,7 +62,7 @@ def is_hf_tokenizer(path: str) -> bool:
     return Path(path).is_dir() or Path(path).suffix == ".json"
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """A tokenizer file with encode/decode, special ids and a content fingerprint.
 
     ``Tokenizer(path)`` returns a :class:`SentencePieceTokenizer` or an ``HFTokenizer`` by the kind
@@ -100,32 +101,36 @@ class Tokenizer:
         return self._fingerprint
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
         """One more than the largest id the tokenizer can produce."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def eos_id(self) -> int:
         """End-of-document id, or -1 when the tokenizer has none."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def bos_id(self) -> int:
-        raise NotImplementedError
+        """Beginning-of-document id, or -1."""
 
     @property
+    @abstractmethod
     def pad_id(self) -> int:
-        raise NotImplementedError
+        """Padding id, or -1."""
 
     def encode(self, text: str) -> list[int]:
-        """Ids of ``text``, no special tokens added."""
+        """Ids of ``text``, no template tokens added."""
         return self.encode_batch([text])[0]
 
+    @abstractmethod
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        raise NotImplementedError
+        """``encode`` of each text."""
 
+    @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        """The text of ``ids``."""
 
 
 class SentencePieceTokenizer(Tokenizer):
