@@ -19,7 +19,9 @@
 # capture test, then kdtrain vs TRL GKD on both pairs and online vs cached, with the student's
 # layers graphed when that test passed and eager otherwise; last, with what time is left, the
 # Llama pair with a graphed student and a compiled teacher. Each report is rewritten after every
-# system/run, so a stage cut off by its limit keeps what finished.
+# system/run, so a stage cut off by its limit keeps what finished. The verdicts on the targets
+# (benchmarks/accept_report.py) end the output; `accept_report.py DIR --install benchmarks/results`
+# files the reports from the unpacked results.tgz.
 set -u
 OUT=${OUT:-/tmp/kdtrain_h100_out}
 WORK=${WORK:-/tmp/kdtrain_h100}
@@ -100,7 +102,9 @@ for s in "$@"; do
       # Whatever the call's limit leaves: the Llama pair with the teacher's layers compiled as well
       # (compare with accept_llama's TRL GKD row, same machine and call).
       [ -n "$graphs" ] && stage accept_llama_tcompiled 150 python benchmarks/bench_vs_trl.py --preset llama \
-        --teacher-logit-scale 6 --timeout 140 --systems kdtrain-colocated-graphs-compiled --out "$WORK/accept_llama_tc" ;;
+        --teacher-logit-scale 6 --timeout 140 --systems kdtrain-colocated-graphs-compiled --out "$WORK/accept_llama_tc"
+      stage accept_verdict 30 python benchmarks/accept_report.py "$WORK"  # writes $WORK/accept_verdict.md
+      cat "$WORK/accept_verdict.md" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
