@@ -69,7 +69,10 @@ def dataset_identity(data: DataConfig) -> dict:
         if not idx.is_file() or not bin_.is_file():
             raise ValueError(f"data.path: {prefix} is not an indexed dataset ({idx} / {bin_} missing)")
         prefixes.append({"path": str(prefix), "bin_bytes": bin_.stat().st_size, "idx_sha256": sha256_file(idx)})
-    return {"mock": False, "prefixes": prefixes, "seed": data.seed, "split": [float(x) for x in data.split]}
+    out = {"mock": False, "prefixes": prefixes, "seed": data.seed, "split": [float(x) for x in data.split]}
+    if data.weights is not None:  # blended corpora: the weights decide which window sample g is
+        out["weights"] = [float(w) for w in data.weights]
+    return out
 
 
 def teacher_weights_digest(load: Optional[str]) -> Optional[str]:

@@ -6,6 +6,7 @@ logging, ...); no component receives the whole run config.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -49,6 +50,9 @@ class ParallelConfig:
 class DataConfig:
     # megatron-core indexed dataset prefixes (``<prefix>.bin`` / ``<prefix>.idx``), concatenated.
     path: list[str] = field(default_factory=list)
+    # One weight per path: train samples drawn from the corpora in these proportions, each with its
+    # own split and shuffle (kdtrain/data/blend.py). None: the corpora form one concatenated stream.
+    weights: Optional[list[float]] = None
     tokenizer: Optional[str] = None  # sentencepiece .model, HF tokenizer.json or its dir; checked vs the dataset
     seq_length: int = 256
     split: tuple[float, float] = (0.98, 0.02)  # train / held-out fractions of the token windows
@@ -56,6 +60,12 @@ class DataConfig:
     mock: bool = False  # seeded random tokens instead of a corpus (benchmarks, smoke tests)
 
     def check(self, where: str = "data") -> None:
+        if self.weights is not None:
+            if len(self.weights) != len(self.path):
+                raise field_error(where, "weights", f"{len(self.weights)} weights for {len(self.path)} paths: give "
+                                  "one per data.path entry")
+            if not all(math.isfinite(w) and w > 0 for w in self.weights):
+                raise field_error(where, "weights", f"must be finite and > 0, got {list(self.weights)}")
         if self.seq_length < 1:
             raise field_error(where, "seq_length", f"must be >= 1, got {self.seq_length}")
         if any(f < 0 for f in self.split) or not 0.0 < sum(self.split) <= 1.0 + 1e-9 or self.split[0] <= 0:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CheckpointConfig, DataConfig, ModelConfig, PretrainConfig, TrainingConfig, to_dict
-from ..data import GPTWindowDataset, Tokenizer
+from ..data import BlendedWindowDataset, GPTWindowDataset, Tokenizer
 from ..data.mock import MockWindowDataset
 from ..loss import vocab_parallel_cross_entropy
 from ..models import KDGPTModel, build_gpt, transformer_engine_available
@@ -62,8 +62,13 @@ def open_dataset(data: DataConfig, model: ModelConfig):
             raise ValueError(f"data.tokenizer {data.tokenizer} has {tok.vocab_size} ids but model "
                              f"{model.name!r} has vocab_size={model.vocab_size}")
         fingerprint = tok.fingerprint
-    return GPTWindowDataset(data.path, data.seq_length, split=tuple(data.split), seed=data.seed,
-                            vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint)
+    if data.weights is None:
+        return GPTWindowDataset(data.path, data.seq_length, split=tuple(data.split), seed=data.seed,
+                                vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint)
+    # Weighted corpora: each its own windows, split and shuffle (seeded apart), mixed by blend.py.
+    return BlendedWindowDataset([GPTWindowDataset([p], data.seq_length, split=tuple(data.split), seed=data.seed + i,
+                                                  vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint)
+                                 for i, p in enumerate(data.path)], data.weights)
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""Weighted corpora (data.weights, kdtrain/data/blend.py): proportions, interleaving, every corpus
+walking its own epochs, layout-free determinism, held-out windows, the run's config and the
+teacher cache's dataset identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdtrain.config import DataConfig, load_model_config, load_pretrain_config
+from kdtrain.data import BlendedWindowDataset, GPTWindowDataset, write_indexed_dataset
+from kdtrain.data.blend import BLOCK, blend_schedule
+
+S = 16
+
+
+def _corpus(tmp_path: Path, name: str, lo: int, n_tokens: int) -> str:
+    """A corpus whose ids lie in [lo, lo + 100): a window's ids tell which corpus it came from."""
+    rng = np.random.default_rng(lo)
+    write_indexed_dataset(str(tmp_path / name), [rng.integers(lo, lo + 100, size=n_tokens)], 1000,
+                          {"tokenizer_fingerprint": "f00d"})
+    return str(tmp_path / name)
+
+
+@pytest.fixture
+def corpora(tmp_path):
+    # Very different sizes: the small one repeats many epochs while the large one is in its first.
+    return [_corpus(tmp_path, "small", 0, 40 * S + 1), _corpus(tmp_path, "mid", 200, 400 * S + 1),
+            _corpus(tmp_path, "large", 400, 4000 * S + 1)]
+
+
+def _blend(prefixes, weights, seed=7):
+    return BlendedWindowDataset([GPTWindowDataset([p], S, split=(0.9, 0.1), seed=seed + i)
+                                 for i, p in enumerate(prefixes)], weights)
+
+
+def test_schedule_proportions_and_interleaving():
+    for weights in ([0.2, 0.3, 0.5], [1, 1], [5, 1, 1, 1], [0.999, 0.001]):
+        choice, rank, counts = blend_schedule(weights)
+        share = np.asarray(weights) / sum(weights)
+        assert counts.sum() == BLOCK and np.all(np.abs(counts - share * BLOCK) <= 1), (weights, counts)
+        # Every prefix of the block is within one sample per corpus of its share: interleaved, not in runs.
+        seen = np.zeros(len(weights))
+        for i, c in enumerate(choice):
+            assert rank[i] == seen[c]
+            seen[c] += 1
+            assert np.all(np.abs(seen - share * (i + 1)) <= 1 + 1e-9), (weights, i)
+
+
+def test_samples_follow_the_weights_and_each_corpus_walks_its_epochs(corpora):
+    weights = [0.2, 0.3, 0.5]
+    ds = _blend(corpora, weights)
+    n = 2 * BLOCK + 123
+    source = [int(ds.train_sample(g)[0]) // 200 for g in range(n)]  # 0 small, 1 mid, 2 large
+    assert [ds.source_of(g)[0] for g in range(n)] == source
+    share = np.bincount(source, minlength=3) / n
+    assert np.all(np.abs(share - np.asarray(weights)) < 2 / BLOCK + 3 / n), share
+    # Corpus c serves its own samples 0, 1, 2, ... in order: whole shuffled epochs, no window skipped
+    # or doubled within one, the small corpus many times over.
+    locals_ = {c: [ds.source_of(g)[1] for g in range(n) if source[g] == c] for c in range(3)}
+    for c, idx in locals_.items():
+        assert idx == list(range(len(idx)))
+        comp = ds.components[c]
+        first_epoch = [comp.train_window_index(j) for j in range(min(len(idx), comp.num_train_windows))]
+        assert len(set(first_epoch)) == len(first_epoch)
+    assert len(locals_[0]) > 10 * ds.components[0].num_train_windows  # 36 windows, ~1660 samples
+    for g in (0, 1, BLOCK - 1, BLOCK, n - 1):
+        c, j = ds.source_of(g)
+        np.testing.assert_array_equal(ds.train_sample(g), ds.components[c].train_sample(j))
+
+
+def test_sample_g_depends_only_on_g_weights_and_seed(corpora):
+    a, b = _blend(corpora, [1, 2, 3]), _blend(corpora, [1, 2, 3])
+    order = np.random.default_rng(0).permutation(3000)
+    got = {int(g): b.train_sample(int(g)) for g in order}  # any order of access, a fresh object
+    for g in range(3000):
+        np.testing.assert_array_equal(a.train_sample(g), got[g])
+    other = _blend(corpora, [3, 2, 1])
+    assert any(not np.array_equal(a.train_sample(g), other.train_sample(g)) for g in range(50))
+
+
+def test_held_out_windows_are_each_corpus_s(corpora):
+    ds = _blend(corpora, [1, 1, 1])
+    comps = ds.components
+    assert ds.num_valid_windows == sum(c.num_valid_windows for c in comps) == 4 + 40 + 400
+    assert ds.num_train_windows == sum(c.num_train_windows for c in comps)
+    j = 0
+    for c in comps:
+        for k in range(c.num_valid_windows):
+            np.testing.assert_array_equal(ds.valid_sample(j), c.valid_sample(k))
+            j += 1
+    with pytest.raises(IndexError):
+        ds.valid_sample(j)
+
+
+def test_run_config_and_cache_identity(corpora, tmp_path):
+    from kdtrain.cache.manifest import dataset_identity
+    from kdtrain.training.pretrain import open_dataset
+
+    model = load_model_config("tiny")
+    data = DataConfig(path=corpora, weights=[1.0, 1.0, 2.0], seq_length=S, split=(0.9, 0.1), seed=7)
+    ds = open_dataset(data, model)
+    assert isinstance(ds, BlendedWindowDataset)
+    np.testing.assert_array_equal(ds.train_sample(5), _blend(corpora, [1, 1, 2]).train_sample(5))
+    # Without weights: the concatenated stream, as before.
+    plain = open_dataset(DataConfig(path=corpora, seq_length=S, split=(0.9, 0.1), seed=7), model)
+    assert isinstance(plain, GPTWindowDataset)
+    # A teacher cache written for other weights (or none) is another dataset.
+    ids = [dataset_identity(DataConfig(path=corpora, weights=w, seq_length=S)) for w in (None, [1, 1, 2], [1, 1, 3])]
+    assert len({repr(i) for i in ids}) == 3
+    cfg = load_pretrain_config("tiny", [f"data.path=[{','.join(corpora)}]", "data.weights=[0.5,0.25,0.25]"])
+    assert cfg.data.weights == [0.5, 0.25, 0.25]
+    for bad, msg in ((["data.weights=[1,2]"], "2 weights for 3 paths"),
+                     (["data.weights=[1,0,2]"], "must be finite and > 0")):
+        with pytest.raises(ValueError, match=rf"data.weights: {msg}"):
+            load_pretrain_config("tiny", [f"data.path=[{','.join(corpora)}]", *bad])
+    with pytest.raises(ValueError, match="data.weights: corpora \\[1\\] would get no sample"):
+        _blend(corpora[:2], [1.0, 1e-5])
