@@ -118,15 +118,15 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
         check_checkpoint_model(reader, cfg)
     if tokenizer == "auto":
         tokenizer = recorded_tokenizer(reader)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:  # first: a bad tokenizer fails before the weights are read
+        export_tokenizer(tokenizer, cfg, out)
     arch = ARCH_SHORT.get(arch, arch) if arch else default_architecture(cfg)
     hf_cfg = hf_config_from_model(cfg, arch, _HF_DTYPE_NAMES[DTYPES[dtype]])
     state = read_global_state(reader, cfg)
     tensors = TO_HF[arch](state.__getitem__, cfg)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:  # first: a bad tokenizer fails before gigabytes are written
-        export_tokenizer(tokenizer, cfg, out)
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
