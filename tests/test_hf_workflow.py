@@ -1,0 +1,90 @@
+"""The Hugging Face user story end to end, at tiny scale on CPU: a Hugging Face teacher and student
+(weights + the teacher's tokenizer) -> ``kdtrain convert hf-to-kdtrain`` -> corpus tokenized with
+the teacher's tokenizer -> distillation -> ``kdtrain convert kdtrain-to-hf`` -> ``transformers``
+loads the distilled student with its tokenizer, and its logits are the kdtrain student's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+from kdtrain.data import build_demo_corpus, encode_files, iter_documents  # noqa: E402
+
+EOS = "<|endoftext|>"
+
+
+def _hf_pair(root):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = root / "corpus.jsonl"
+    build_demo_corpus(str(corpus), max_documents=60)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(iter_documents(str(corpus)), trainers.BpeTrainer(
+        vocab_size=384, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    common = dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=True)
+    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, **common))
+    student = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, **common))
+    teacher.save_pretrained(root / "hf_teacher")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS).save_pretrained(root / "hf_teacher")
+    student.save_pretrained(root / "hf_student")
+    return corpus, student
+
+
+def test_hf_teacher_to_hf_student(world_of_one, tmp_path):
+    from conftest import read_metrics
+    from kdtrain.cli import main
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.distill import distill
+
+    corpus, student0 = _hf_pair(tmp_path)
+    for role in ("teacher", "student"):
+        assert main(["convert", "hf-to-kdtrain", "--hf", str(tmp_path / f"hf_{role}"),
+                     "--out", str(tmp_path / f"kd_{role}")]) == 0
+    prefix = str(tmp_path / "text_document")
+    encode_files([str(corpus)], str(tmp_path / "hf_teacher"), prefix)
+    distill(load_distill_config("tiny", [
+        f"teacher.model={tmp_path / 'kd_teacher' / 'model.yaml'}", f"teacher.load={tmp_path / 'kd_teacher'}",
+        "teacher.random_init=false", f"student.model={tmp_path / 'kd_student' / 'model.yaml'}",
+        f"student.load={tmp_path / 'kd_student'}", f"data.path=[{prefix}]",
+        f"data.tokenizer={tmp_path / 'hf_teacher'}", "loss.divergence=jsd", "loss.tau=1.0", "training.train_steps=8",
+        "precision.device=cpu", f"logging.dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]))
+    losses = read_metrics(tmp_path / "run")
+    assert losses[8]["kd_loss"] < losses[1]["kd_loss"]
+
+    assert main(["convert", "kdtrain-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    teacher_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf_teacher")
+    text = "def f(x):\n    return x + 1\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == teacher_tok(text, add_special_tokens=False)["input_ids"] and tok.eos_token == EOS
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(model) is type(student0) and model.config.hidden_size == 32
+    # The exported student is the distilled one: its logits are the kdtrain student's, not the
+    # initial weights'.
+    from kdtrain.config import load_model_config
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.training.teacher import load_checkpoint_weights
+
+    cfg = load_model_config(str(tmp_path / "kd_student" / "model.yaml"))
+    kd = build_gpt(cfg, build_role_groups(RoleLayout("student", 0, 1, 1, 1)), device=torch.device("cpu"),
+                   dtype=torch.float32, seed=0).eval()
+    load_checkpoint_weights(str(tmp_path / "ckpt"), cfg, [(kd.param_specs[n], p) for n, p in kd.named_parameters()],
+                            "student")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        hf_logits = model(x).logits[0]
+        kd_logits = kd(x, torch.arange(x.shape[1]).unsqueeze(0), None)[:, 0, : cfg.vocab_size]
+        before = student0.eval()(x).logits[0]
+    torch.testing.assert_close(hf_logits, kd_logits.float(), rtol=1e-4, atol=1e-4)
+    assert (hf_logits - before).abs().max() > 1e-3
