@@ -11,6 +11,11 @@
     python benchmarks/bench_vs_trl.py --preset llama --preset qwen --out benchmarks/results/trl-h100
     python benchmarks/bench_vs_trl.py --preset llama --systems trl-gkd,kdtrain-colocated --out /tmp/x
 
+    # Your own pair on your own node: two local Hugging Face model directories (their weights; same
+    # vocabulary), the llama preset's steps and learning rate, your sequence length and batch
+    python benchmarks/bench_vs_trl.py --teacher-hf /models/Qwen2.5-7B --student-hf /models/Qwen2.5-0.5B \
+        --seq-length 2048 --micro-batch 2 --global-batch 64 --out /tmp/mine      # -> bench_custom.json
+
 What runs (each system in its own process, so its peak memory is its own):
   (a) trl-gkd                GKDTrainer, lmbda=0 (off-policy: word-level KD on the dataset tokens),
                              seq_kd=False, full-vocabulary generalized JSD with ``--beta``
@@ -81,7 +86,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl_systems import (CPU_SYSTEMS, PRESETS, REPO, SYSTEMS, collect_kdtrain,  # noqa: E402
+from vs_trl_systems import (CPU_SYSTEMS, PRESETS, REPO, SYSTEMS, collect_kdtrain, custom_preset,  # noqa: E402
                             prebuild_kernel, prepare_models, run_kdtrain_rank, run_trl)
 
 
@@ -180,13 +185,34 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def resolve_preset(name: str, args) -> dict:
+    """The pair and shapes of preset ``name`` (``custom``: ``--teacher-hf``/``--student-hf`` with the
+    shapes of ``--preset`` or its default), with the command line's shape overrides."""
+    import torch
+
+    if name == "custom":
+        base = args.preset[0] if args.preset else ("llama" if torch.cuda.is_available() else "cpu-tiny")
+        preset = custom_preset(args.teacher_hf, args.student_hf, PRESETS[base])
+    else:
+        preset = dict(PRESETS[name])
+    for key in ("seq_length", "micro_batch", "global_batch"):
+        if getattr(args, key) is not None:
+            if getattr(args, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(args, key)}")
+            preset[key] = getattr(args, key)
+    if preset["global_batch"] % preset["micro_batch"]:
+        raise ValueError(f"--global-batch {preset['global_batch']} is not a multiple of --micro-batch "
+                         f"{preset['micro_batch']}")
+    return preset
+
+
 def run_preset(name: str, args, out: Path, work: Path, on_update=None) -> dict:
     """Prepare the pair, run every system, return the report. ``on_update(report)`` is called
     after each system with the report so far (``complete`` false until the last one), so a run
     killed by a time limit keeps the systems it finished."""
     import torch
 
-    preset = PRESETS[name]
+    preset = resolve_preset(name, args)
     cuda = torch.cuda.is_available() and name != "cpu-tiny"
     steps = args.steps or preset["steps"]
     warmup = preset["warmup"] if args.warmup is None else args.warmup
@@ -224,7 +250,8 @@ def run_preset(name: str, args, out: Path, work: Path, on_update=None) -> dict:
                   "mfu": "(student training + teacher forward FLOPs/token) x tokens/s / (devices x bf16 peak)",
                   "peak_memory": "max over devices; CUDA max allocated (peak_reserved_gib: max reserved), or "
                                  "process max RSS on CPU"},
-        "models": {role: {"hf_config": preset[role], "params": _num_params(job[f"{role}_yaml"])}
+        "models": {role: {"hf_config": preset[role], "params": _num_params(job[f"{role}_yaml"]),
+                          **({"dir": preset[f"{role}_dir"]} if preset.get(f"{role}_dir") else {})}
                    for role in ("teacher", "student")},
         "prepare_s": prep_s, "kernel": kernel, "eval_full_vocab_jsd_init": job["eval_full_vocab_jsd_init"],
         "teacher_eval": job["teacher_eval"],
@@ -299,6 +326,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-tiny", action="store_true", help="tiny models on CPU, every variant that runs there")
     ap.add_argument("--out", help="results directory (bench_<preset>.json / .png); required")
     ap.add_argument("--work", default=None, help="models, checkpoints, run logs (default OUT/work)")
+    ap.add_argument("--teacher-hf", default=None, help="your own teacher: a local Hugging Face model directory "
+                                                       "(with --student-hf; report bench_custom.json)")
+    ap.add_argument("--student-hf", default=None, help="your own student: a local Hugging Face model directory")
+    ap.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="samples per micro-batch (default: the preset's)")
+    ap.add_argument("--global-batch", type=int, default=None, help="samples per step (default: the preset's)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per system (default: the preset's)")
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default: the preset's)")
     ap.add_argument("--beta", type=float, default=0.5, help="generalized JSD beta (every system)")
@@ -338,10 +371,19 @@ def main(argv=None) -> int:
     bad = [s for s in args.systems if s not in SYSTEMS]
     if bad:
         raise ValueError(f"--systems: {bad} not in {SYSTEMS}")
-    presets = args.preset or []
-    if args.cpu_tiny:
-        presets = [*presets, "cpu-tiny"]
-    presets = list(dict.fromkeys(presets or (["llama", "qwen"] if torch.cuda.is_available() else ["cpu-tiny"])))
+    if (args.teacher_hf is None) != (args.student_hf is None):
+        ap.error("--teacher-hf and --student-hf go together")
+    if args.teacher_hf is not None:
+        if args.teacher_logit_scale != 1.0:
+            ap.error("--teacher-logit-scale rescales a random teacher; your own teacher is used as it is")
+        if args.cpu_tiny or (args.preset and len(args.preset) > 1):
+            ap.error("with --teacher-hf/--student-hf, at most one --preset (whose steps and lr are used)")
+        presets = ["custom"]
+    else:
+        presets = args.preset or []
+        if args.cpu_tiny:
+            presets = [*presets, "cpu-tiny"]
+        presets = list(dict.fromkeys(presets or (["llama", "qwen"] if torch.cuda.is_available() else ["cpu-tiny"])))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work).resolve() if args.work else out / "work"
@@ -370,4 +412,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as e:  # bad arguments or models: one line naming the culprit
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -346,10 +346,30 @@ def collect_kdtrain(job: dict, variant: str, nproc: int) -> dict:
 
 
 # ---- preparation ---------------------------------------------------------------------------------
+def custom_preset(teacher_dir: str, student_dir: str, base: dict) -> dict:
+    """The user's own pair of Hugging Face model directories (their weights), run with ``base``'s
+    sequence length, batch, steps and learning rate."""
+    from kdtrain.convert.hf_import import read_hf_config
+
+    cfgs = {}
+    for role, d in (("teacher", teacher_dir), ("student", student_dir)):
+        try:
+            cfgs[role] = read_hf_config(d)
+        except ValueError as e:
+            raise ValueError(f"--{role}-hf: {e}") from None
+    vt, vs = cfgs["teacher"].get("vocab_size"), cfgs["student"].get("vocab_size")
+    if vt != vs:
+        raise ValueError(f"--teacher-hf has vocab_size {vt} but --student-hf {vs}: distillation needs one "
+                         "vocabulary (one tokenizer)")
+    return {**base, **cfgs, "teacher_dir": str(Path(teacher_dir).resolve()),
+            "student_dir": str(Path(student_dir).resolve())}
+
+
 def prepare_models(job: dict, preset: dict) -> None:
-    """Random-init HF teacher/student from configs -> safetensors dirs -> kdtrain checkpoints; score
-    the untrained student. Saved in bf16 when the run is bf16 (the teacher runs in bf16 and the
-    student's fp32 master weights start from the same values in both systems)."""
+    """HF teacher/student -> kdtrain checkpoints; score the untrained student. The HF models are the
+    user's own directories (``custom_preset``: their weights, imported, never modified) or random
+    inits of the preset's configs, saved in bf16 when the run is bf16 (the teacher runs in bf16 and
+    the student's fp32 master weights start from the same values in both systems)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -359,6 +379,13 @@ def prepare_models(job: dict, preset: dict) -> None:
     dtype = torch.bfloat16 if job["precision"] == "bf16" else torch.float32
     for role in ("teacher", "student"):
         hf_dir, kd_dir = root / f"hf_{role}", root / f"kd_{role}"
+        if preset.get(f"{role}_dir"):
+            hf_dir = Path(preset[f"{role}_dir"])
+            shutil.rmtree(kd_dir, ignore_errors=True)  # the directory's weights may have changed since
+            import_hf(hf_dir, kd_dir, name=f"{job['preset']}-{role}")
+            job[f"{role}_hf"], job[f"{role}_ckpt"] = str(hf_dir), str(kd_dir)
+            job[f"{role}_yaml"] = str(kd_dir / "model.yaml")
+            continue
         spec = dict(preset[role])
         stamp = json.dumps({**spec, "dtype": str(dtype), "seed": job["seed"],
                             "scale": job["teacher_logit_scale"] if role == "teacher" else 1.0}, sort_keys=True)

@@ -87,3 +87,43 @@ def test_report_records_versions_and_like_for_like_flags(report):
         f = by["trl-gkd"]["flags"]
         assert f["lmbda"] == 0.0 and f["beta"] == s["beta"] and f["seq_kd"] is False and f["use_liger_kernel"] is False
         assert f["per_device_train_batch_size"] * f["gradient_accumulation_steps"] == s["global_batch"]
+
+
+def test_your_own_hugging_face_pair(tmp_path):
+    """--teacher-hf/--student-hf: the user's own model directories (their weights) with the given
+    sequence length and batch; both systems run, the report names the directories, and the
+    directories are left as they were. A pair with two vocabularies is refused."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    dirs = {}
+    for role, hidden, layers in (("teacher", 64, 2), ("student", 32, 1)):
+        cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=2 * hidden,
+                                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=64)
+        dirs[role] = tmp_path / f"my-{role}"
+        transformers.LlamaForCausalLM(cfg).save_pretrained(dirs[role])
+    before = {role: sorted(p.name for p in d.iterdir()) for role, d in dirs.items()}
+    out = tmp_path / "out"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    bench = [sys.executable, str(REPO / "benchmarks" / "bench_vs_trl.py")]
+    proc = subprocess.run([*bench, "--teacher-hf", str(dirs["teacher"]), "--student-hf", str(dirs["student"]),
+                           "--seq-length", "32", "--micro-batch", "2", "--global-batch", "4", "--steps", "3",
+                           "--warmup", "1", "--systems", "trl-gkd,kdtrain-colocated", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads((out / "bench_custom.json").read_text())
+    assert r["complete"] and all(x["status"] == "ok" for x in r["results"]), [x["reason"] for x in r["results"]]
+    assert (r["settings"]["seq_length"], r["settings"]["micro_batch"], r["settings"]["global_batch"]) == (32, 2, 4)
+    assert r["models"]["teacher"]["dir"] == str(dirs["teacher"].resolve())
+    assert r["models"]["student"]["hf_config"]["hidden_size"] == 32 and r["settings"]["vocab_size"] == 300
+    assert {role: sorted(p.name for p in d.iterdir()) for role, d in dirs.items()} == before
+
+    cfg = json.loads((dirs["student"] / "config.json").read_text())
+    (dirs["student"] / "config.json").write_text(json.dumps({**cfg, "vocab_size": 256}))
+    bad = subprocess.run([*bench, "--teacher-hf", str(dirs["teacher"]), "--student-hf", str(dirs["student"]),
+                          "--out", str(tmp_path / "bad")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "error: --teacher-hf has vocab_size 300 but --student-hf 256" in bad.stderr
+    assert "Traceback" not in bad.stderr
