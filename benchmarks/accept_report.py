@@ -14,7 +14,9 @@ and prints, then writes to ``<dir>/accept_verdict.md``:
 * per pair, kdtrain colocated (every variant that ran) against TRL GKD: samples/s ratio against
   the 1.67x target, peak memory against TRL's, and the common full-vocabulary JSD after the same
   steps (with the untrained student's) for the loss comparison;
-* cached / online student-phase samples/s against the 2x target.
+* cached / online student-phase samples/s against the 2x target;
+* for each profiled system (``--profile``), where its step goes: the device's busy share, kernels
+  per step and busy time by category, which is what a missed target's "why" reads off.
 
 ``--install DEST`` copies the reports into ``DEST/vs_trl_h100/`` (the Llama run with a compiled
 teacher as ``bench_llama_tcompiled.*``), ``DEST/online_vs_cached_h100/`` and the verdict into
@@ -70,6 +72,7 @@ def pair_lines(name: str, report: Optional[dict], extra: Optional[dict]) -> tupl
         met |= ok
         lines.append(f"| {r['system']} | {r['samples_per_s']:.2f} | {ratio:.2f}x | {r['peak_memory_gib']:.1f} | "
                      f"{r['eval_full_vocab_jsd']:.4f} |")
+    lines += [""] + [line for r in [trl, *ours] for line in profile_lines(r)]
     best = max(ours, key=lambda r: r["samples_per_s"])
     ratio = best["samples_per_s"] / trl["samples_per_s"]
     lines += ["", f"Untrained student: full-vocab JSD {report['eval_full_vocab_jsd_init']:.4f}. "
@@ -78,6 +81,17 @@ def pair_lines(name: str, report: Optional[dict], extra: Optional[dict]) -> tupl
                  f"{100 * (TRL_TARGET / ratio - 1):.0f}% more speed needed")
               + f"), peak memory {best['peak_memory_gib'] / trl['peak_memory_gib']:.2f}x TRL's.", ""]
     return lines, met
+
+
+def profile_lines(row: dict) -> list[str]:
+    """One line on where a profiled system's step goes (rank 0), or none."""
+    prof = (row.get("profile") or {}).get("0") or (row.get("profile") or {}).get(0)
+    if not prof or "device_busy_s_per_step" not in prof:
+        return []
+    cats = ", ".join(f"{k} {1e3 * v:.0f}" for k, v in list(prof["by_category_s_per_step"].items())[:5])
+    return [f"- {row['system']}: step {1e3 * prof['wall_s_per_step']:.0f} ms, device busy "
+            f"{1e3 * prof['device_busy_s_per_step']:.0f} ms ({100 * (prof['device_busy_fraction'] or 0):.0f}%), "
+            f"{prof['kernels_per_step']:.0f} kernels; busy ms by category: {cats}"]
 
 
 def cache_lines(report: Optional[dict]) -> tuple[list[str], Optional[bool]]:

@@ -25,10 +25,23 @@ def _batch(root: Path, with_cache: bool = True) -> Path:
 
 
 def test_verdicts_match_the_committed_runs(tmp_path):
+    import json
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     from accept_report import verdict
 
-    text, met = verdict(_batch(tmp_path / "batch"))
+    root = _batch(tmp_path / "batch")
+    # A profiled kdtrain row (bench_vs_trl.py --profile) gets its line on where the step goes.
+    f = root / "accept_llama" / "bench_llama.json"
+    rep = json.loads(f.read_text())
+    rep["results"][2]["profile"] = {"0": {"device": "cuda", "steps": 2, "wall_s_per_step": 0.5,
+                                          "device_busy_s_per_step": 0.45, "device_busy_fraction": 0.9,
+                                          "kernels_per_step": 12000.0,
+                                          "by_category_s_per_step": {"matmul": 0.3, "other": 0.1, "kd_loss": 0.05}}}
+    f.write_text(json.dumps(rep))
+    text, met = verdict(root)
+    assert ("- kdtrain-colocated: step 500 ms, device busy 450 ms (90%), 12000 kernels; busy ms by category: "
+            "matmul 300, other 100, kd_loss 50") in text
     assert met == {"vs_trl_llama": False, "vs_trl_qwen": False, "cached_vs_online": False}
     assert "kdtrain-colocated | 60.64 | 1.27x | 11.3" in text and "| trl-gkd | 47.78 | 1.00x | 26.9" in text
     assert "1.39x TRL GKD (target 1.67x: missed by 0.28x" in text
