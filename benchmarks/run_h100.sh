@@ -27,6 +27,10 @@ OUT=${OUT:-/tmp/kdtrain_h100_out}
 WORK=${WORK:-/tmp/kdtrain_h100}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
+# Stages call `python`; where only python3 exists (some images), a link to it on PATH.
+if ! command -v python >/dev/null; then
+  mkdir -p "$WORK/bin" && ln -sf "$(command -v python3)" "$WORK/bin/python" && export PATH="$WORK/bin:$PATH"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
 stage() {  # stage NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
