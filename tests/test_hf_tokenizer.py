@@ -184,3 +184,19 @@ def test_exported_student_carries_the_run_s_tokenizer(hf, tmp_path):
     with pytest.raises(ValueError, match="has 500 ids but model 's' has vocab_size=400"):
         export_hf(tmp_path / "ckpt", tmp_path / "y", tokenizer=str(big))
     assert not (tmp_path / "y" / "model.safetensors").exists()
+
+
+def test_a_model_directory_with_only_a_sentencepiece_model(hf, tmp_path):
+    """Older Hugging Face releases (Llama 2, Mistral) ship tokenizer.model alone: the directory opens
+    it as the SentencePiece tokenizer it is, with the .model file's ids and fingerprint."""
+    import shutil
+
+    from kdtrain.data import train_tokenizer
+
+    spm = train_tokenizer([str(hf["jsonl"])], str(tmp_path / "spm"), vocab_size=320)
+    d = tmp_path / "llama2-style"
+    d.mkdir()
+    shutil.copy(spm, d / "tokenizer.model")
+    tok, ref = Tokenizer(str(d)), Tokenizer(spm)
+    assert type(tok).__name__ == "SentencePieceTokenizer" and tok.fingerprint == ref.fingerprint
+    assert tok.encode(SAMPLES[0]) == ref.encode(SAMPLES[0]) and tok.eos_id == ref.eos_id

@@ -62,11 +62,11 @@ def open_checkpoint(ckpt: str | os.PathLike) -> CheckpointReader:
 
 def export_tokenizer(tokenizer: str, cfg: ModelConfig, out: Path, where: str = "--tokenizer") -> list[str]:
     """Copy a Hugging Face tokenizer's files into ``out``; the names written."""
-    from ..data.tokenizer import Tokenizer, is_hf_tokenizer, tokenizer_file
+    from ..data.tokenizer import Tokenizer, tokenizer_file
 
     try:
         src = tokenizer_file(tokenizer)
-        if not is_hf_tokenizer(tokenizer):
+        if src.suffix != ".json":
             raise ValueError(f"{tokenizer} is a SentencePiece model; only Hugging Face tokenizers (tokenizer.json) "
                              "are written into a Hugging Face model directory")
         tok = Tokenizer(tokenizer)
@@ -88,16 +88,13 @@ def export_tokenizer(tokenizer: str, cfg: ModelConfig, out: Path, where: str = "
 
 def recorded_tokenizer(reader: CheckpointReader) -> Optional[str]:
     """The Hugging Face tokenizer the checkpoint's run read its data with, when it still exists."""
-    from ..data.tokenizer import is_hf_tokenizer, tokenizer_file
+    from ..data.tokenizer import is_hf_tokenizer
 
     path = (reader.meta.get("data") or {}).get("tokenizer")
-    if not path or not is_hf_tokenizer(path):
-        return None
     try:
-        tokenizer_file(path)
+        return str(path) if path and is_hf_tokenizer(path) else None
     except ValueError:  # moved or deleted since the run
         return None
-    return str(path)
 
 
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[str | ModelConfig] = None,

@@ -6,7 +6,8 @@ SentencePiece model deterministically.
 * a SentencePiece ``.model`` file (``scripts/train_tokenizer.py`` trains one);
 * a Hugging Face ``tokenizer.json``, or a directory holding one (a Hugging Face model or tokenizer
   directory, e.g. the checkpoint ``kdtrain convert hf-to-kdtrain`` reads), so that a student is
-  distilled on the teacher's own tokenization (kdtrain/data/hf_tokenizer.py).
+  distilled on the teacher's own tokenization (kdtrain/data/hf_tokenizer.py); a directory with
+  only a SentencePiece ``tokenizer.model`` (older Llama/Mistral releases) opens that.
 
 Both encode plain text without special tokens; documents are separated by the EOS id when the
 corpus is preprocessed. A tokenizer's fingerprint is the first 16 hex digits of the sha256 of the
@@ -44,22 +45,23 @@ _SPM_WHITESPACE = "\u2581"
 
 def tokenizer_file(path: str) -> Path:
     """The file that defines the tokenizer at ``path``: the path itself, or a directory's
-    ``tokenizer.json``. ValueError when there is none."""
+    ``tokenizer.json`` (else its SentencePiece ``tokenizer.model``). ValueError when there is none."""
     p = Path(path)
     if p.is_dir():
-        f = p / "tokenizer.json"
-        if not f.is_file():
-            raise ValueError(f"tokenizer {path} is a directory without a tokenizer.json (a Hugging Face tokenizer "
-                             "directory needs one; a SentencePiece tokenizer is a .model file)")
-        return f
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (p / name).is_file():
+                return p / name
+        raise ValueError(f"tokenizer {path} is a directory without a tokenizer.json (a Hugging Face tokenizer "
+                         "directory needs one; a SentencePiece tokenizer is a .model file)")
     if not p.is_file():
         raise ValueError(f"tokenizer model {path} does not exist")
     return p
 
 
 def is_hf_tokenizer(path: str) -> bool:
-    """Whether ``path`` names a Hugging Face tokenizer (a directory or a .json file)."""
-    return Path(path).is_dir() or Path(path).suffix == ".json"
+    """Whether ``path`` names a Hugging Face tokenizer.json (itself, or in a directory); ValueError
+    when it names no tokenizer file."""
+    return tokenizer_file(path).suffix == ".json"
 
 
 class Tokenizer(ABC):
