@@ -23,7 +23,8 @@ B, S = 2, 16
 
 
 def _hf_models() -> dict:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
@@ -35,6 +36,11 @@ def _hf_models() -> dict:
                                                       rope_parameters=llama3_rope, tie_word_embeddings=False)),
         # Qwen2: QKV bias, tied embeddings, rope theta 1e6.
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common, max_position_embeddings=128, tie_word_embeddings=True,
+                                                      rope_parameters={"rope_type": "default",
+                                                                       "rope_theta": 1e6})),
+        # Qwen3: per-head query/key RMSNorm, head_dim (24) != hidden / heads (16), no biases.
+        "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**common, head_dim=24, max_position_embeddings=128,
+                                                      tie_word_embeddings=True, attention_bias=False,
                                                       rope_parameters={"rope_type": "default",
                                                                        "rope_theta": 1e6})),
         # GPT-2: LayerNorm, gelu_new, learned positions, biases, Conv1D weights, tied embeddings.
@@ -231,6 +237,13 @@ def test_import_errors_name_the_culprit(converted, tmp_path):
         import_hf(bad, tmp_path / "o4")
     with pytest.raises(ValueError, match="config.json"):
         import_hf(tmp_path, tmp_path / "o5")
+    q3 = converted["archs"]["qwen3"]["hf"]
+    bad = _copy_hf(q3, tmp_path / "q3bias", {"attention_bias": True})
+    with pytest.raises(ValueError, match="attention_bias=true is not supported for Qwen3ForCausalLM"):
+        import_hf(bad, tmp_path / "o6")
+    bad = _copy_hf(q3, tmp_path / "q3swa", {"layer_types": ["full_attention", "sliding_attention"]})
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        import_hf(bad, tmp_path / "o7")
 
 
 def test_vocab_trim_and_export_config_checks(converted, tmp_path):
@@ -246,3 +259,11 @@ def test_vocab_trim_and_export_config_checks(converted, tmp_path):
         hf_config_from_model(converted["archs"]["qwen2"]["cfg"], "llama")
     with pytest.raises(ValueError, match="normalization"):
         hf_config_from_model(converted["archs"]["llama"]["cfg"], "gpt2")
+    # Query/key norms exist in Qwen3 only; a Qwen3 model exports as Qwen3 by default.
+    q3 = converted["archs"]["qwen3"]["cfg"]
+    with pytest.raises(ValueError, match="qk_layernorm=True cannot be exported as LlamaForCausalLM"):
+        hf_config_from_model(q3, "llama")
+    with pytest.raises(ValueError, match="qk_layernorm=False cannot be exported as Qwen3ForCausalLM"):
+        hf_config_from_model(converted["archs"]["llama"]["cfg"], "qwen3")
+    exported = hf_config_from_model(q3)
+    assert exported["architectures"] == ["Qwen3ForCausalLM"] and exported["head_dim"] == 24

@@ -21,6 +21,7 @@ FAMILIES = {
     "llama (rmsnorm, swiglu, GQA, rope scaling)": ("llama-3.2-1b", dict(num_query_groups=2)),
     "gpt2 (layernorm, gelu, biases, learned positions)": ("gpt2-124m", dict(num_query_groups=4)),
     "qwen2.5 (qkv bias only, tied embeddings)": ("qwen2.5-0.5b", dict(num_query_groups=2)),
+    "qwen3 (query/key norms, head dim != hidden/heads)": ("qwen3-0.6b", dict(num_query_groups=2, kv_channels=24)),
     "tiny with dropout": ("tiny", dict(hidden_dropout=0.1, attention_dropout=0.1)),
 }
 
@@ -133,7 +134,8 @@ def _tp2_equal(rank, world):
 
     groups = build_role_groups(RoleLayout("model", 0, 2, 1, 1))
     for name, over in (FAMILIES["llama (rmsnorm, swiglu, GQA, rope scaling)"],
-                       FAMILIES["gpt2 (layernorm, gelu, biases, learned positions)"]):
+                       FAMILIES["gpt2 (layernorm, gelu, biases, learned positions)"],
+                       FAMILIES["qwen3 (query/key norms, head dim != hidden/heads)"]):
         cfg, model = _model(name, over, groups)
         assert all(layer._direct for layer in model.decoder.layers)
         _assert_same(_run(model, cfg, True), _run(model, cfg, False), f"{name} tp=2 rank {rank}")
@@ -195,3 +197,37 @@ def test_layer_host_benchmark_cpu_smoke(tmp_path):
     assert [r["system"] for r in rows] == ["megatron-core stock forward", "kdtrain (direct forward)",
                                            "Hugging Face LlamaDecoderLayer"]
     assert all(r[k] > 0 for r in rows for k in r if k.endswith("_ms_per_layer"))
+
+
+def _qk_norm_grads_tp1_vs_tp2(rank, world):
+    """One training step of a query/key-norm model at TP=1 (each rank alone) and TP=2: the norm
+    weights' gradients, which each tensor rank holds only for its own heads, are summed over the
+    tensor-parallel group (GradBuffer.reduce_tp_partial) and equal the TP=1 gradients."""
+    from kdtrain.config import OptimizerConfig
+    from kdtrain.data.mock import MockWindowDataset
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.training.batches import microbatches
+    from kdtrain.training.pretrain import LM_REPORT_KEYS, build_trainable, lm_forward_step
+    from kdtrain.training.step import train_step
+
+    name, over = FAMILIES["qwen3 (query/key norms, head dim != hidden/heads)"]
+    from kdtrain.config import load_model_config
+
+    cfg = dataclasses.replace(load_model_config(name), **{**SMALL, **over})
+    grads = {}
+    solo = [build_role_groups(RoleLayout("solo0", 0, 1, 1, 1)), build_role_groups(RoleLayout("solo1", 1, 1, 1, 1))]
+    for layout, groups in (("tp1", solo[rank]), ("tp2", build_role_groups(RoleLayout("tp2", 0, 2, 1, 1)))):
+        role = build_trainable(cfg, groups, OptimizerConfig(lr=1e-3, warmup_steps=0), seq_length=16, micro_batch=2,
+                               device=torch.device("cpu"), dtype=torch.float32, seed=5)
+        mbs = microbatches(MockWindowDataset(16, cfg.vocab_size, 0).train_sample, 0, 4, 2, 0, 1, torch.device("cpu"))
+        train_step(role.schedule, lm_forward_step(cfg.vocab_size, groups.pgc.tp), mbs, role.grads, role.optimizer,
+                   groups, 1e-3, 0.0, cfg.tie_embeddings, LM_REPORT_KEYS)
+        grads[layout] = {spec.global_name: g.clone() for spec, g in role.grads.named_main_grads()
+                         if "_layernorm." in spec.global_name and "self_attention" in spec.global_name}
+    assert len(grads["tp1"]) == 2 * cfg.num_layers
+    for k, g in grads["tp1"].items():
+        torch.testing.assert_close(grads["tp2"][k], g, rtol=1e-5, atol=1e-9, msg=lambda m: f"rank {rank} {k}: {m}")
+
+
+def test_query_key_norm_gradients_are_summed_over_tensor_ranks(tmp_path):
+    run_spawn(2, _qk_norm_grads_tp1_vs_tp2, tmp_path=tmp_path)

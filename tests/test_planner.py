@@ -85,8 +85,8 @@ def test_static_bytes_equal_built_models_two_ranks(tmp_path):
     assert [int((tmp_path / f"checked{r}").read_text()) for r in range(2)] == [len(TWO_RANKS)] * 2
 
 
-def test_param_count_matches_model_config():
-    for name in ("tiny", "demo-teacher", "gpt2-124m", "llama-3.1-8b", "qwen2.5-0.5b"):
+def test_param_count_matches_model_config(world_of_one):
+    for name in ("tiny", "demo-teacher", "gpt2-124m", "llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b", "qwen3-8b"):
         cfg = load_model_config(name)
         m = ModelShape.of(cfg)
         pad = (m.padded_vocab(1) - m.vocab) * m.hidden * (1 if m.tied else 2)
@@ -95,6 +95,17 @@ def test_param_count_matches_model_config():
         tp, pp = 2, 2
         total = sum(stage_params(m, tp, pp, r) for r in range(pp))
         assert total > stage_params(m, 1, 1, 0) / tp
+    # A built query/key-norm model has exactly the parameters the planner counts, in its order.
+    import dataclasses
+
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    cfg = dataclasses.replace(load_model_config("qwen3-0.6b"), num_layers=2, hidden_size=64, num_attention_heads=4,
+                              num_query_groups=2, kv_channels=24, ffn_hidden_size=96, vocab_size=300)
+    model = build_gpt(cfg, build_role_groups(RoleLayout("model", 0, 1, 1, 1)), device=torch.device("cpu"),
+                      dtype=torch.float32, seed=0)
+    assert tuple(p.numel() for p in model.parameters()) == stage_param_list(ModelShape.of(cfg), 1, 1, 0)
 
 
 def test_payload_bytes_match_stream_spec():

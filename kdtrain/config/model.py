@@ -34,6 +34,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     add_bias_linear: bool = False  # biases on every linear layer (GPT-2)
     add_qkv_bias: bool = False  # bias on the QKV projection only (Qwen2)
+    # RMSNorm/LayerNorm over each head's query and key (weights of size kv_channels, shared by the
+    # heads), before the rotary embedding (Qwen3).
+    qk_layernorm: bool = False
     init_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -92,6 +95,7 @@ class ModelConfig:
         per_layer = (
             norm  # input norm
             + h * (q + kv) + ((q + kv) if (bias or self.add_qkv_bias) else 0)  # qkv
+            + (2 * norm // h * self.kv_channels if self.qk_layernorm else 0)  # query and key norms
             + q * h + (h if bias else 0)  # out proj
             + norm  # pre-mlp norm
             + (2 if self.activation == "swiglu" else 1) * h * f + ((2 if self.activation == "swiglu" else 1) * f if bias else 0)

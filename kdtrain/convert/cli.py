@@ -1,7 +1,7 @@
 """``kdtrain convert``: Hugging Face <-> kdtrain checkpoints.
 
     kdtrain convert hf-to-kdtrain --hf DIR --out DIR [--name NAME] [--vocab-size N]
-    kdtrain convert kdtrain-to-hf --ckpt DIR [--model CFG] --out DIR [--arch llama|qwen2|gpt2] [--dtype fp32|bf16]
+    kdtrain convert kdtrain-to-hf --ckpt DIR [--model CFG] --out DIR [--arch llama|qwen2|qwen3|gpt2] [--dtype ...]
         [--tokenizer auto|none|PATH]
 """
 
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     b.add_argument("--ckpt", required=True, help="checkpoint directory (its latest step) or a step_N directory")
     b.add_argument("--model", default=None, help="model config (name or YAML); default: the one the checkpoint records")
     b.add_argument("--out", required=True, help="output HF model directory")
-    b.add_argument("--arch", default=None, choices=["llama", "qwen2", "gpt2"],
+    b.add_argument("--arch", default=None, choices=["llama", "qwen2", "qwen3", "gpt2"],
                    help="HF architecture (default: derived from the model config)")
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     b.add_argument("--tokenizer", default="auto",

@@ -1,9 +1,10 @@
 """Hugging Face ``config.json`` <-> kdtrain ``ModelConfig``.
 
-Three architectures are supported, each a fixed combination of ModelConfig fields:
+Four architectures are supported, each a fixed combination of ModelConfig fields:
 
     LlamaForCausalLM   rmsnorm + swiglu + rope (+ Llama-3 rope scaling), optional attention+MLP biases
     Qwen2ForCausalLM   rmsnorm + swiglu + rope, bias on the QKV projection only
+    Qwen3ForCausalLM   rmsnorm + swiglu + rope, RMSNorm of each head's query and key, no biases
     GPT2LMHeadModel    layernorm + gelu/gelu_tanh + learned positions, biases on every linear layer
 
 Both the transformers 4.x spelling of RoPE (``rope_theta`` + ``rope_scaling``) and the 5.x one
@@ -20,8 +21,9 @@ from typing import Any, Optional
 
 from ..config import ModelConfig, from_dict, to_dict
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
-ARCH_SHORT = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel")
+ARCH_SHORT = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "gpt2": "GPT2LMHeadModel"}
 # The only Llama-3 frequency-scaling constants megatron-core's RotaryEmbedding implements.
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -33,7 +35,8 @@ def architecture_of(hf: dict, where: str = "config.json") -> str:
     known = [a for a in archs if a in ARCHITECTURES]
     if known:
         return known[0]
-    by_type = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+    by_type = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "gpt2": "GPT2LMHeadModel"}
     if not archs and hf.get("model_type") in by_type:
         return by_type[hf["model_type"]]
     raise ValueError(f"{where}: architectures={archs} (model_type={hf.get('model_type')!r}) is not supported; "
@@ -91,14 +94,20 @@ def model_config_from_hf(hf: dict, name: str, where: str = "config.json") -> tup
         act = _get(hf, "hidden_act", where, "silu")
         if act != "silu":
             raise ValueError(f"{where}: hidden_act {act!r} is not supported (SwiGLU needs silu)")
-        if hf.get("use_sliding_window"):
-            raise ValueError(f"{where}: use_sliding_window=true is not supported (full causal attention only)")
+        if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
+            raise ValueError(f"{where}: sliding-window layers (use_sliding_window / layer_types) are not supported "
+                             "(full causal attention only)")
         theta, factor = _rope(hf, where)
         heads = _get(hf, "num_attention_heads", where)
         h = _get(hf, "hidden_size", where)
         head_dim = hf.get("head_dim") or h // heads
-        bias_all = qkv_bias = False
-        if arch == "LlamaForCausalLM":
+        bias_all = qkv_bias = qk_norm = False
+        if arch == "Qwen3ForCausalLM":
+            if hf.get("attention_bias"):
+                raise ValueError(f"{where}: attention_bias=true is not supported for Qwen3ForCausalLM (biases on "
+                                 "the attention projections but not the MLP)")
+            qk_norm = True
+        elif arch == "LlamaForCausalLM":
             attn_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
             if attn_bias != mlp_bias:
                 raise ValueError(f"{where}: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
@@ -113,7 +122,7 @@ def model_config_from_hf(hf: dict, name: str, where: str = "config.json") -> tup
                    norm_epsilon=_get(hf, "rms_norm_eps", where, 1e-6), activation="swiglu", position_embedding="rope",
                    rope_theta=theta, rope_scaling_factor=factor,
                    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                   add_bias_linear=bias_all, add_qkv_bias=qkv_bias,
+                   add_bias_linear=bias_all, add_qkv_bias=qkv_bias, qk_layernorm=qk_norm,
                    init_std=_get(hf, "initializer_range", where, 0.02))
     raw["name"] = name
     try:
@@ -126,6 +135,8 @@ def default_architecture(cfg: ModelConfig) -> str:
     """The HF architecture a kdtrain model exports to."""
     if cfg.normalization == "layernorm" or cfg.position_embedding == "learned" or cfg.activation != "swiglu":
         return "GPT2LMHeadModel"
+    if cfg.qk_layernorm:
+        return "Qwen3ForCausalLM"
     if cfg.add_qkv_bias and not cfg.add_bias_linear and cfg.rope_scaling_factor is None:
         return "Qwen2ForCausalLM"
     return "LlamaForCausalLM"
@@ -145,6 +156,7 @@ def hf_config_from_model(cfg: ModelConfig, arch: Optional[str] = None, dtype: st
         raise ValueError(f"--arch {arch!r}: not one of {list(ARCH_SHORT)}")
     if arch == "GPT2LMHeadModel":
         _require(cfg, arch, normalization="layernorm", position_embedding="learned", add_bias_linear=True,
+                 qk_layernorm=False,
                  num_query_groups=cfg.num_attention_heads, kv_channels=cfg.hidden_size // cfg.num_attention_heads)
         if cfg.activation not in ("gelu", "gelu_tanh"):
             raise ValueError(f"model {cfg.name!r}: activation={cfg.activation!r} cannot be exported as {arch}")
@@ -157,7 +169,8 @@ def hf_config_from_model(cfg: ModelConfig, arch: Optional[str] = None, dtype: st
                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
                "bos_token_id": None, "eos_token_id": None}
     else:
-        _require(cfg, arch, normalization="rmsnorm", position_embedding="rope", activation="swiglu")
+        _require(cfg, arch, normalization="rmsnorm", position_embedding="rope", activation="swiglu",
+                 qk_layernorm=arch == "Qwen3ForCausalLM")
         rope_v5 = {"rope_type": "default", "rope_theta": cfg.rope_theta}
         rope_scaling = None
         if cfg.rope_scaling_factor is not None:
@@ -176,9 +189,12 @@ def hf_config_from_model(cfg: ModelConfig, arch: Optional[str] = None, dtype: st
                 raise ValueError(f"model {cfg.name!r}: add_qkv_bias without add_bias_linear cannot be exported as "
                                  f"{arch} (use --arch qwen2)")
             out.update(model_type="llama", attention_bias=cfg.add_bias_linear, mlp_bias=cfg.add_bias_linear)
-        else:
+        elif arch == "Qwen2ForCausalLM":
             _require(cfg, arch, add_qkv_bias=True, add_bias_linear=False)
             out.update(model_type="qwen2", use_sliding_window=False)
+        else:
+            _require(cfg, arch, add_qkv_bias=False, add_bias_linear=False)
+            out.update(model_type="qwen3", attention_bias=False, use_sliding_window=False)
     out.update(tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std, dtype=dtype,
                torch_dtype=dtype, kdtrain_model=to_dict(cfg))
     return out

@@ -17,6 +17,8 @@ TP=1 layout right:
   (``rotate_half``), exactly as HF Llama/Qwen2 do, so q/k rows need no permutation.
 * Tied embeddings: kdtrain stores only ``embedding.word_embeddings.weight``; HF may or may not
   store ``lm_head.weight`` beside it.
+* Qwen3's ``q_norm`` / ``k_norm`` (one RMSNorm weight of the head size, shared by the heads,
+  applied before RoPE) are megatron-core's ``q_layernorm`` / ``k_layernorm``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             if norm_bias:
                 out[p + norm + ".bias"] = (h,)
         out[p + "self_attention.linear_qkv.weight"] = (q + 2 * kv, h)
+        if cfg.qk_layernorm:
+            for norm in ("q_layernorm", "k_layernorm"):
+                out[p + f"self_attention.{norm}.weight"] = (cfg.kv_channels,)
+                if norm_bias:
+                    out[p + f"self_attention.{norm}.bias"] = (cfg.kv_channels,)
         if cfg.add_qkv_bias or cfg.add_bias_linear:
             out[p + "self_attention.linear_qkv.bias"] = (q + 2 * kv,)
         out[p + "self_attention.linear_proj.weight"] = (h, q)
@@ -95,6 +102,9 @@ def _llama_layer_pairs(i: int, cfg: ModelConfig) -> list[tuple[str, str]]:
     if cfg.add_bias_linear:
         pairs += [(kd + "self_attention.linear_proj.bias", hf + "self_attn.o_proj.bias"),
                   (kd + "mlp.linear_fc2.bias", hf + "mlp.down_proj.bias")]
+    if cfg.qk_layernorm:  # Qwen3: per-head RMSNorm weights of queries and keys
+        pairs += [(kd + "self_attention.q_layernorm.weight", hf + "self_attn.q_norm.weight"),
+                  (kd + "self_attention.k_layernorm.weight", hf + "self_attn.k_norm.weight")]
     return pairs
 
 
@@ -195,8 +205,8 @@ def kdtrain_to_gpt2(get: Getter, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 TO_KDTRAIN = {"LlamaForCausalLM": llama_to_kdtrain, "Qwen2ForCausalLM": llama_to_kdtrain,
-              "GPT2LMHeadModel": gpt2_to_kdtrain}
+              "Qwen3ForCausalLM": llama_to_kdtrain, "GPT2LMHeadModel": gpt2_to_kdtrain}
 TO_HF = {"LlamaForCausalLM": kdtrain_to_llama, "Qwen2ForCausalLM": kdtrain_to_llama,
-         "GPT2LMHeadModel": kdtrain_to_gpt2}
+         "Qwen3ForCausalLM": kdtrain_to_llama, "GPT2LMHeadModel": kdtrain_to_gpt2}
 # HF tensors that carry no weights (buffers some checkpoints store) and are skipped on import.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")

@@ -61,6 +61,7 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype,
         activation_func=_ACTIVATIONS[cfg.activation],
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias or cfg.add_bias_linear,
+        qk_layernorm=cfg.qk_layernorm,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_std,
@@ -82,8 +83,9 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype,
 
 def layer_spec(cfg: ModelConfig, use_te: bool) -> ModuleSpec:
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm",
+                                    qk_layernorm=cfg.qk_layernorm)
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.module = DirectTransformerLayer  # same submodules and parameters, direct forward (layer.py)
     return spec

@@ -10,10 +10,10 @@ Llama decoder layer.
 
 ``DirectTransformerLayer`` keeps the stock module tree (same submodules, parameter names, state
 dict, checkpoints and conversions) and replaces only ``forward`` for the configurations kdtrain
-builds: dense pre-norm GPT layers, causal self-attention on SDPA, no inference context, packed
-sequences or cross-attention. It runs the same operations in the same order, so its outputs and
-gradients equal the stock layer's (bitwise on CPU, tests/test_layer.py). Differences in how, not
-what:
+builds: dense pre-norm GPT layers, causal self-attention on SDPA (with or without per-head query
+and key norms), no inference context, packed sequences or cross-attention. It runs the same
+operations in the same order, so its outputs and gradients equal the stock layer's (bitwise on
+CPU, tests/test_layer.py). Differences in how, not what:
 
 - Linears of a one-rank tensor-parallel group are ``F.linear`` (+ bias as a separate add, as
   megatron does); with tp > 1 the megatron modules run, keeping their overlapped gradient
@@ -38,14 +38,22 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from .attention import SDPAttention
 
 
+def _qk_norms(attn) -> Optional[tuple[torch.nn.Module, torch.nn.Module]]:
+    """The (query, key) norms of a self-attention, or None when it has none."""
+    q, k = getattr(attn, "q_layernorm", None), getattr(attn, "k_layernorm", None)
+    if (q is None or isinstance(q, IdentityOp)) and (k is None or isinstance(k, IdentityOp)):
+        return None
+    return q, k
+
+
 def direct_forward_supported(layer: TransformerLayer) -> bool:
     """The layer is one this forward computes exactly like the stock one."""
     cfg, attn = layer.config, layer.self_attention
+    norms = _qk_norms(attn)
     return (
         isinstance(attn.core_attention, SDPAttention)
         and isinstance(layer.cross_attention, IdentityOp)
-        and isinstance(getattr(attn, "q_layernorm", None) or IdentityOp(), IdentityOp)
-        and isinstance(getattr(attn, "k_layernorm", None) or IdentityOp(), IdentityOp)
+        and (norms is None or not any(n is None or isinstance(n, IdentityOp) for n in norms))
         and not getattr(layer, "is_moe_layer", False)
         and cfg.num_query_groups >= attn.world_size  # else megatron all-gathers the qkv projection
         and not cfg.sequence_parallel
@@ -87,6 +95,7 @@ class DirectTransformerLayer(TransformerLayer):
         self._heads_per_group = attn.num_attention_heads_per_partition // attn.num_query_groups_per_partition
         self._head_dim = attn.hidden_size_per_attention_head
         self._rope_cache: tuple = ()
+        self._qk_norms = _qk_norms(attn)
         self.graphs = None  # a LayerGraphs when precision.cuda_graphs (cuda_graphs.py); not a submodule
 
     @property
@@ -127,7 +136,19 @@ class DirectTransformerLayer(TransformerLayer):
         # layout): [s, b, groups * (heads_per_group + 2) * d] -> [s, b, groups, ...] -> split.
         d, hpg = self._head_dim, self._heads_per_group
         qkv = qkv.view(seq, batch, -1, (hpg + 2) * d)
-        if freqs is None:
+        if self._qk_norms is not None:
+            # Qwen3: each head's query and key normalised before the rotary embedding, as
+            # megatron-core's get_query_key_value_tensors does; then one rotation each.
+            query, key, value = torch.split(qkv, [hpg * d, d, d], dim=3)
+            # The norms' backward gets a contiguous gradient, as behind megatron-core's rotary
+            # embedding (whose concatenation makes one), so their weight gradients sum in the same
+            # order: bitwise-equal to the stock layer, at one gradient copy per norm.
+            query = _ContiguousGrad.apply(self._qk_norms[0](query.reshape(seq, batch, -1, d)))
+            key = _ContiguousGrad.apply(self._qk_norms[1](key))
+            if freqs is not None:
+                cos, sin = self.rope_tables(freqs, qkv.dtype)
+                query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        elif freqs is None:
             query, key, value = torch.split(qkv, [hpg * d, d, d], dim=3)
         else:
             # The query heads and the key of a group are adjacent: one rotation for both (the same
@@ -173,6 +194,18 @@ class DirectTransformerLayer(TransformerLayer):
         if not cached or cached[0] is not freqs or cached[1:3] != key[1:]:
             self._rope_cache = cached = key + (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
         return cached[3], cached[4]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,15 @@ class ParamSpec:
         """Identical on every tensor rank: counted once (tp rank 0) in norms."""
         return self.shard_dim is None and self.tp_rank != 0
 
+    @property
+    def tp_partial_grad(self) -> bool:
+        """Replicated across tensor ranks, but each rank's gradient covers only its own heads: the
+        per-head query/key norms (every other replicated parameter sees the full, all-reduced
+        gradient of its output). Summed over the tensor-parallel group before the update."""
+        return (self.tp_size > 1 and self.shard_dim is None
+                and (".self_attention.q_layernorm." in self.global_name
+                     or ".self_attention.k_layernorm." in self.global_name))
+
     def ranges(self) -> list[tuple[int, int, int]]:
         """(global_start, global_stop, local_start) along ``dim``: what this rank holds."""
         if self.shard_dim is None:

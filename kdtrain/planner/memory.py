@@ -55,6 +55,7 @@ class ModelShape:
     tied: bool
     bias: bool
     qkv_bias: bool
+    qk_norm: bool = False  # per-head query/key norms (head_dim weights each, replicated over TP)
 
     @staticmethod
     def of(cfg: ModelConfig) -> "ModelShape":
@@ -66,7 +67,7 @@ class ModelShape:
                           cfg.kv_channels, cfg.ffn_hidden_size, cfg.vocab_size, cfg.make_vocab_size_divisible_by,
                           cfg.max_seq_length, cfg.normalization == "layernorm", cfg.activation == "swiglu",
                           cfg.position_embedding == "learned", cfg.tie_embeddings, cfg.add_bias_linear,
-                          cfg.add_qkv_bias or cfg.add_bias_linear)
+                          cfg.add_qkv_bias or cfg.add_bias_linear, cfg.qk_layernorm)
 
     @property
     def q_width(self) -> int:
@@ -114,6 +115,8 @@ def stage_param_list(m: ModelShape, tp: int, pp: int, pp_rank: int) -> tuple[int
     n_in = 2 if m.gated else 1  # gated fc1 holds [gate; up]
     layer = [*norm, h * q] + ([h] if m.bias else [])  # linear_proj (row-parallel)
     layer += [(q + kv) * h] + ([q + kv] if m.qkv_bias else [])  # linear_qkv
+    if m.qk_norm:  # q_layernorm, k_layernorm: over one head, shared by the heads
+        layer += [m.head_dim] * (2 if m.layernorm else 1) * 2
     layer += [*norm, n_in * (f // tp) * h] + ([n_in * (f // tp)] if m.bias else [])
     layer += [h * (f // tp)] + ([h] if m.bias else [])  # linear_fc2
     out: list[int] = []

@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..models.params import ParamSpec
 
@@ -44,6 +45,7 @@ class GradBuffer:
         # with a single tensor rank and stage), cut into chunks that bound the transient squares:
         # a few kernels per step, not three per parameter.
         self._norm_chunks = [c for a, b in counted for c in self.data[a:b].split(norm_chunk_numel)]
+        self._tp_partial = [p.main_grad for spec, p in self.params if spec.tp_partial_grad]
 
     @staticmethod
     def _accumulate(p: torch.Tensor) -> None:
@@ -59,6 +61,17 @@ class GradBuffer:
             return
         for chunk in self.data.split(self.bucket_numel):
             dist.all_reduce(chunk, group=group)
+
+    def reduce_tp_partial(self, tp_group: Optional[dist.ProcessGroup]) -> None:
+        """Sum the gradients that each tensor rank holds only a part of (per-head query/key norm
+        weights, ``ParamSpec.tp_partial_grad``) over the tensor-parallel group, in one
+        all-reduce: afterwards every rank holds the full gradient, like any replicated parameter."""
+        if not self._tp_partial or _group_size(tp_group) == 1:
+            return
+        flat = _flatten_dense_tensors(self._tp_partial)
+        dist.all_reduce(flat, group=tp_group)
+        for g, reduced in zip(self._tp_partial, _unflatten_dense_tensors(flat, self._tp_partial)):
+            g.copy_(reduced)
 
     def sync_tied_embeddings(self, embd_group: Optional[dist.ProcessGroup], tie_embeddings: bool) -> None:
         """With pp > 1 and tied embeddings, the first stage's word embedding and the last stage's

@@ -59,6 +59,7 @@ def train_step(schedule: PipelineSchedule, forward_step: ForwardStep, microbatch
         check = report.pop("check", None)
         if check is not None:
             check()
+    grads.reduce_tp_partial(groups.pgc.tp)
     grads.all_reduce(groups.pgc.dp)
     grads.sync_tied_embeddings(groups.pgc.embd, tie_embeddings)
     norm = grads.global_norm(groups.pgc.mp)
