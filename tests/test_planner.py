@@ -437,3 +437,33 @@ def test_bench_planner_cpu_tiny(world_of_one, tmp_path):
     assert load_profile(tmp_path / "profile.json").name == result["profile"]["name"]
     table = (tmp_path / "planner_bench.md").read_text()
     assert [ln for ln in table.splitlines() if ln.startswith("| tiny -> tiny | 32 x 2 x 2 |")]
+
+
+def test_query_key_norm_activation_bytes_are_what_autograd_saves(world_of_one):
+    """The planner's activation term for per-head query/key norms equals the bytes autograd
+    additionally saves in one layer (saved-tensor hooks, distinct storages, fp32 on CPU)."""
+    import dataclasses
+
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
+    saved, planned = {}, {}
+    for qk in (False, True):
+        cfg = dataclasses.replace(load_model_config("qwen3-0.6b"), num_layers=1, hidden_size=64,
+                                  num_attention_heads=4, num_query_groups=2, kv_channels=24, ffn_hidden_size=96,
+                                  vocab_size=300, qk_layernorm=qk)
+        model = build_gpt(cfg, groups, device=torch.device("cpu"), dtype=F32, seed=0)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(32, 2, 64, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.decoder.layers[0](x, None, rotary_pos_emb=model.rotary_pos_emb(32))
+        saved[qk] = sum(n for ptr, n in storages.items() if ptr not in params)
+        planned[qk] = layer_activation_bytes(ModelShape.of(cfg), 1, 64, d=4)
+    assert saved[True] - saved[False] == planned[True] - planned[False] > 0

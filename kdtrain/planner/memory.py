@@ -179,7 +179,9 @@ def layer_activation_bytes(m: ModelShape, tp: int, tokens: int, d: int = 2) -> f
       SDPA output q (+ fp32 log-sum-exp per head) proj matmul input (a reshaped copy): q
       pre-MLP norm: its input h (+ fp32 rstd)     fc1 matmul: its input h
       fc1 output (gate and up; SiLU's input is a view): 2f   SiLU output: f   fc2 input: f
-    GELU MLPs keep fc1 output f and GELU output f. LayerNorm also keeps an fp32 mean.
+    GELU MLPs keep fc1 output f and GELU output f. LayerNorm also keeps an fp32 mean. Query/key
+    norms (Qwen3) keep their inputs as contiguous tensors, q + kv/2, and an fp32 rstd per head
+    (measured on CPU with saved-tensor hooks: exactly that per token).
 
     Norm weights are in the model dtype (models/gpt.py), so torch's fused RMSNorm keeps only its
     input and the fp32 rstd. (With the fp32 norm weights megatron-core creates, the unfused upcast
@@ -191,6 +193,8 @@ def layer_activation_bytes(m: ModelShape, tp: int, tokens: int, d: int = 2) -> f
     per_token = d * (4 * h + (q + kv) + (q + kv / 2) + q + q + mlp)
     per_token += 4 * (m.heads / tp)  # SDPA log-sum-exp, fp32
     per_token += 2 * 4 * (2 if m.layernorm else 1)  # norm statistics, fp32
+    if m.qk_norm:
+        per_token += d * (q + kv / 2) + 4 * (m.heads + m.groups) / tp * (2 if m.layernorm else 1)
     return per_token * tokens
 
 
@@ -199,7 +203,7 @@ def layer_inference_bytes(m: ModelShape, tp: int, tokens: int, d: int = 2) -> fl
     the attention block (norm out, mixed qkv, RoPE'd q/k, SDPA out, reshaped copy) and the MLP
     block (norm out, fc1 out, activation, product)."""
     h, q, kv, f = m.hidden, m.q_width / tp, m.kv_width / tp, m.ffn / tp
-    attn = h + (q + kv) + (q + kv / 2) + 2 * q
+    attn = h + (q + kv) + (q + kv / 2) + 2 * q + ((q + kv / 2) if m.qk_norm else 0)  # + normed q/k
     mlp = h + ((2 * f + f + f) if m.gated else 2 * f)
     return d * (h + max(attn, mlp)) * tokens
 
