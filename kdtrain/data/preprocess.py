@@ -18,6 +18,9 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
+    # One encoding thread per worker process: the processes are the parallelism (Hugging Face
+    # tokenizers would otherwise start a thread pool in each).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _worker_tokenizer = Tokenizer(tokenizer_path)
 
 
