@@ -127,3 +127,20 @@ def test_your_own_hugging_face_pair(tmp_path):
                          timeout=300)
     assert bad.returncode == 2 and "error: --teacher-hf has vocab_size 300 but --student-hf 256" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_profiled_systems_report_where_the_step_goes(tmp_path):
+    """--profile (used by run_h100.sh accept): both frameworks run their extra profiled steps and
+    report a per-step summary, and the timed steps stay the same count."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_vs_trl.py"), "--cpu-tiny", "--profile",
+                           "--systems", "trl-gkd,kdtrain-colocated", "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads((tmp_path / "bench_cpu-tiny.json").read_text())
+    ok = [x for x in r["results"] if x["status"] == "ok"]
+    assert {x["system"] for x in ok} >= {"kdtrain-colocated"}
+    for x in ok:
+        prof = x["profile"]["0"]
+        assert prof["steps"] == 2 and prof["wall_s_per_step"] > 0 and prof["by_category_s_per_step"], x["system"]
+        assert len(x["step_times_s"]) == r["settings"]["steps"] + 2  # timed + profiled
