@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from kdtrain.data.tokenizer import Tokenizer, tokenizer_file
+from kdtrain.data.tokenizer import Tokenizer
 
 # End-of-text tokens of common families (GPT-2/Qwen, Llama 3, Llama 2/Mistral, Gemma), tried in
 # order when no config names the EOS token.
@@ -45,19 +45,17 @@ def _special_token(folder: Path, key: str) -> Optional[str]:
 
 
 class HFTokenizer(Tokenizer):
-    def __init__(self, path: str):
-        super().__init__(path)
+    def _load(self, data: bytes) -> None:
         try:
             from tokenizers import Tokenizer as _Backend
         except ImportError:
-            raise ValueError(f"tokenizer {path}: a Hugging Face tokenizer needs the `tokenizers` package "
+            raise ValueError(f"tokenizer {self._path}: a Hugging Face tokenizer needs the `tokenizers` package "
                              "(pip install tokenizers, or kdtrain[hf])") from None
-        f = tokenizer_file(path)
+        f = self._file
         try:
-            self._tok = _Backend.from_str(self._bytes.decode("utf-8"))
+            self._tok = _Backend.from_str(data.decode("utf-8"))
         except Exception as e:  # the Rust library raises its own Exception type
             raise ValueError(f"tokenizer {f} is not a valid Hugging Face tokenizer.json ({e})") from None
-        del self._bytes
         vocab = self._tok.get_vocab(with_added_tokens=True)
         if not vocab:
             raise ValueError(f"tokenizer {f} is not a valid Hugging Face tokenizer.json (empty vocabulary)")

@@ -102,6 +102,19 @@ def _iter_parquet(p: Path, column: str) -> Iterator[str]:
                 yield text
 
 
+def _raw_documents(p: Path, kind: str, compression: str, json_key: str, per_file: bool) -> Iterator[str]:
+    if kind == ".parquet":
+        yield from _iter_parquet(p, json_key)
+        return
+    with _open_text(p, compression) as f:
+        if kind == ".jsonl":
+            yield from _iter_jsonl(f, p, json_key)
+        elif per_file:
+            yield f.read()
+        else:
+            yield from (line.rstrip("\n") for line in f)
+
+
 def iter_documents(path: str, json_key: str = "text", txt_document_per_file: bool = False) -> Iterator[str]:
     """Yield the non-blank documents of one input file (formats: see the module docstring).
 
@@ -111,22 +124,9 @@ def iter_documents(path: str, json_key: str = "text", txt_document_per_file: boo
     p = check_input_file(path)
     kind, compression = _kind(p)
     try:
-        if kind == ".parquet":
-            docs: Iterator[str] = _iter_parquet(p, json_key)
-            for doc in docs:
-                if doc.strip():
-                    yield doc
-            return
-        with _open_text(p, compression) as f:
-            if kind == ".jsonl":
-                docs = _iter_jsonl(f, p, json_key)
-            elif txt_document_per_file:
-                docs = iter([f.read()])
-            else:
-                docs = (line.rstrip("\n") for line in f)
-            for doc in docs:
-                if doc.strip():
-                    yield doc
+        for doc in _raw_documents(p, kind, compression, json_key, txt_document_per_file):
+            if doc.strip():
+                yield doc
     except UnicodeDecodeError as e:
         raise ValueError(f"input file {path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except Exception as e:  # gzip: EOFError / BadGzipFile (an OSError); zstandard: ZstdError

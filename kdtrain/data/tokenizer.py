@@ -81,10 +81,11 @@ class Tokenizer(ABC):
         return super().__new__(cls)
 
     def __init__(self, path: str):
-        f = tokenizer_file(path)
         self._path = str(path)
-        self._bytes = f.read_bytes()
-        self._fingerprint = hashlib.sha256(self._bytes).hexdigest()[:16]
+        self._file = tokenizer_file(path)
+        data = self._file.read_bytes()
+        self._fingerprint = hashlib.sha256(data).hexdigest()[:16]
+        self._load(data)
 
     def __reduce__(self):
         return (Tokenizer, (self._path,))
@@ -101,6 +102,10 @@ class Tokenizer(ABC):
     def fingerprint(self) -> str:
         """First 16 hex digits of the sha256 of the defining file's bytes (``tokenizer_file``)."""
         return self._fingerprint
+
+    @abstractmethod
+    def _load(self, data: bytes) -> None:
+        """Build the tokenizer from the bytes of its defining file (``self._file``)."""
 
     @property
     @abstractmethod
@@ -138,16 +143,14 @@ class Tokenizer(ABC):
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model file."""
 
-    def __init__(self, path: str):
-        super().__init__(path)
+    def _load(self, data: bytes) -> None:
         try:
-            sp = spm.SentencePieceProcessor(model_proto=self._bytes)
+            sp = spm.SentencePieceProcessor(model_proto=data)
         except RuntimeError as e:
-            raise ValueError(f"tokenizer model {path} is not a valid sentencepiece model ({e})") from None
+            raise ValueError(f"tokenizer model {self._path} is not a valid sentencepiece model ({e})") from None
         if sp.vocab_size() == 0:
-            raise ValueError(f"tokenizer model {path} is not a valid sentencepiece model (no pieces)")
+            raise ValueError(f"tokenizer model {self._path} is not a valid sentencepiece model (no pieces)")
         self._sp = sp
-        del self._bytes
 
     @property
     def vocab_size(self) -> int:

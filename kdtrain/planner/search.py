@@ -481,8 +481,7 @@ def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size
     p = make_problem(teacher_model, student_model, world_size, gpus_per_node, seq_len, global_batch, topk,
                      "h100-80gb" if profile is None else profile, micro_batches=mbs, values_bytes=values_bytes,
                      depth=depth, distributed_optimizer=distributed_optimizer, dtype_bytes=dtype_bytes,
-                     recompute=False if student_graphs and recompute is None else recompute,
-                     student_graphs=student_graphs)
+                     recompute=recompute, student_graphs=student_graphs)
     res = search_plans(p)
     if not res.plans:
         why = res.closest_rejects[0].reject if res.closest_rejects else (
