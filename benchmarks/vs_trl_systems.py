@@ -349,7 +349,7 @@ def collect_kdtrain(job: dict, variant: str, nproc: int) -> dict:
 def custom_preset(teacher_dir: str, student_dir: str, base: dict) -> dict:
     """The user's own pair of Hugging Face model directories (their weights), run with ``base``'s
     sequence length, batch, steps and learning rate."""
-    from kdtrain.convert.hf_import import read_hf_config
+    from kdtrain.convert.hf_weights import read_hf_config
 
     cfgs = {}
     for role, d in (("teacher", teacher_dir), ("student", student_dir)):

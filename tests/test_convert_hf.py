@@ -109,7 +109,7 @@ def _layouts_worker(rank, world, archs, tokens, resave_root):
     from kdtrain.models import build_gpt
     from kdtrain.parallel import RoleLayout, build_role_groups
     from kdtrain.training.checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint,
-                                             load_weights, save_checkpoint)
+                                             load_model_weights, load_weights, save_checkpoint)
 
     layouts = {"tp1": [build_role_groups(RoleLayout("solo0", 0, 1, 1, 1)),
                        build_role_groups(RoleLayout("solo1", 1, 1, 1, 1))][rank],
@@ -117,17 +117,22 @@ def _layouts_worker(rank, world, archs, tokens, resave_root):
                "pp2": build_role_groups(RoleLayout("pp2", 0, 1, 2, 1))}
     pos = torch.arange(S).unsqueeze(0).expand(B, S)
     errors = {}
-    for name, (kd_dir, ref) in archs.items():
+    for name, (kd_dir, hf_dir, ref) in archs.items():
         cfg = load_model_config(str(kd_dir / "model.yaml"))
         reader = CheckpointReader(latest_checkpoint(kd_dir))
         check_checkpoint_model(reader, cfg)
-        for lname, groups in layouts.items():
+        # Every layout twice: from the converted checkpoint, and straight from the HF directory
+        # (each rank converting only its own stage's tensors and slicing its TP part).
+        for lname, groups in [(f"{s}/{lay}", g) for lay, g in layouts.items() for s in ("kd", "hf")]:
             model = build_gpt(cfg, groups, device=torch.device("cpu"), dtype=torch.float32, seed=123)
             params = [(model.param_specs[n], p) for n, p in model.named_parameters()]
-            load_weights(reader, params)
+            if lname.startswith("hf/"):
+                load_model_weights(hf_dir, cfg, params, "teacher")
+            else:
+                load_weights(reader, params)
             model.eval()
             with torch.no_grad():
-                if lname == "pp2":  # stage 0 -> hidden states -> stage 1 -> logits
+                if lname.endswith("pp2"):  # stage 0 -> hidden states -> stage 1 -> logits
                     if groups.pp_rank == 0:
                         dist.send(model(tokens, pos, None).contiguous(), 1)
                         continue
@@ -140,14 +145,14 @@ def _layouts_worker(rank, world, archs, tokens, resave_root):
             err = (logits - ref).abs().max().item()
             errors[f"{name}/{lname}"] = err
             assert err <= ATOL, f"{name} {lname}: max |kdtrain - HF| = {err:.2e} > {ATOL}"
-            if lname == "tp2":  # re-save from TP=2 (sharded pieces, padded vocab) for the export test
+            if lname == "kd/tp2":  # re-save from TP=2 (sharded pieces, padded vocab) for the export test
                 meta = {"model": to_dict(cfg), "layout": {"tp": 2, "pp": 1, "dp": 1, "rank_offset": 0}}
                 save_checkpoint(resave_root / name, 1, params, None, 0, groups.role_group, 0, meta, keep=1)
     print(f"rank {rank} max abs logit errors: {json.dumps(errors)}")
 
 
 def test_logits_match_hf_tp1_tp2_pp2(converted, tmp_path):
-    archs = {n: (a["kd"], a["logits"]) for n, a in converted["archs"].items()}
+    archs = {n: (a["kd"], a["hf"], a["logits"]) for n, a in converted["archs"].items()}
     run_spawn(2, _layouts_worker, archs, converted["tokens"], converted["root"] / "resaved_tp2", tmp_path=tmp_path)
 
 
@@ -229,7 +234,7 @@ def test_import_errors_name_the_culprit(converted, tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias"):
         import_hf(bad, tmp_path / "o2")
     bad = _copy_hf(src, tmp_path / "shape", {"intermediate_size": 128})
-    with pytest.raises(ValueError, match=r"mlp\.linear_fc1\.weight.*shape"):
+    with pytest.raises(ValueError, match=r"mlp\.linear_fc[12]\.weight.*shape"):
         import_hf(bad, tmp_path / "o3")
     bad = _copy_hf(src, tmp_path / "rope", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
                                                                 "rope_theta": 1e4}})
@@ -267,3 +272,122 @@ def test_vocab_trim_and_export_config_checks(converted, tmp_path):
         hf_config_from_model(converted["archs"]["llama"]["cfg"], "qwen3")
     exported = hf_config_from_model(q3)
     assert exported["architectures"] == ["Qwen3ForCausalLM"] and exported["head_dim"] == 24
+
+
+# ---- Hugging Face directories used as they are, and large-model conversion -----------------------
+def test_model_config_from_hf_dir_equals_the_imported_one(converted):
+    import dataclasses
+
+    from kdtrain.config import load_model_config
+
+    for name, a in converted["archs"].items():
+        direct = load_model_config(str(a["hf"]))
+        assert direct.name == f"hf_{name}"
+        assert dataclasses.replace(direct, name=a["cfg"].name) == a["cfg"], name
+
+
+def _tp1_model(cfg):
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    model = build_gpt(cfg, build_role_groups(RoleLayout("solo", 0, 1, 1, 1)), device=torch.device("cpu"),
+                      dtype=torch.float32, seed=5).eval()
+    return model, [(model.param_specs[n], p) for n, p in model.named_parameters()]
+
+
+def test_hf_load_checks_the_run_model(converted, world_of_one):
+    """A run's own model YAML may go with a Hugging Face ``load``: training-only fields and the
+    longest RoPE sequence may differ, a smaller vocabulary trims the (padded) table; anything that
+    changes the network is an error naming the field, before any weight is read."""
+    import dataclasses
+
+    from kdtrain.training.checkpoint import load_model_weights
+
+    a = converted["archs"]["llama"]
+    cfg = dataclasses.replace(a["cfg"], name="mine", init_std=0.5, hidden_dropout=0.1, max_seq_length=256,
+                              vocab_size=VOCAB - 45)
+    model, params = _tp1_model(cfg)
+    load_model_weights(a["hf"], cfg, params, "student")
+    tokens = converted["tokens"] % cfg.vocab_size
+    from transformers import AutoModelForCausalLM
+
+    ref = _logits(AutoModelForCausalLM.from_pretrained(a["hf"]), tokens)[..., :cfg.vocab_size]
+    with torch.no_grad():
+        got = model(tokens, torch.arange(S).unsqueeze(0).expand(B, S), None).transpose(0, 1)[..., :cfg.vocab_size]
+    assert (got - ref).abs().max().item() <= ATOL
+    for field, value in (("norm_epsilon", 1e-6), ("rope_theta", 10000.0), ("tie_embeddings", True)):
+        bad = dataclasses.replace(a["cfg"], **{field: value})
+        with pytest.raises(ValueError, match=f"student.load: .*{field}"):
+            load_model_weights(a["hf"], bad, _tp1_model(bad)[1], "student")
+    big = dataclasses.replace(a["cfg"], vocab_size=VOCAB + 1)
+    with pytest.raises(ValueError, match=f"has {VOCAB} vocabulary rows"):
+        load_model_weights(a["hf"], big, _tp1_model(big)[1], "teacher")
+    with pytest.raises(ValueError, match="teacher.load: .*does not exist"):
+        load_model_weights(a["hf"].parent / "nowhere", a["cfg"], params, "teacher")
+
+
+def test_streaming_import_bounded_shards(converted, tmp_path):
+    """With a small shard size the import writes several shard files, none much over the bound
+    (one parameter at most past it), holding exactly the tensors of the one-file import."""
+    from kdtrain.convert.hf_import import import_hf
+    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint
+
+    for name in ("llama", "gpt2"):
+        a = converted["archs"][name]
+        bound = 40_000
+        import_hf(a["hf"], tmp_path / name, name=f"tiny-{name}", shard_bytes=bound)
+        step = latest_checkpoint(tmp_path / name)
+        files = sorted((step / "shards").glob("*.pt"))
+        whole, parts = CheckpointReader(latest_checkpoint(a["kd"])), CheckpointReader(step)
+        biggest = max(p[0]["param"].numel() * 4 for p in whole.pieces.values())
+        assert len(files) >= 3, (name, len(files))
+        for f in files:
+            data = torch.load(f, weights_only=True)["pieces"]
+            assert sum(p["param"].numel() * p["param"].element_size() for p in data.values()) < bound + biggest
+        assert parts.names() == whole.names()
+        for key in whole.names():
+            assert torch.equal(parts.pieces[key][0]["param"], whole.pieces[key][0]["param"]), key
+        assert not list(tmp_path.glob(f"{name}/*.tmp"))
+
+
+def test_sharded_export_loads_in_transformers(converted, tmp_path):
+    """Past the shard size the export writes numbered safetensors files and the index, which
+    transformers loads into the same model; a re-export with one file removes the old split."""
+    from kdtrain.convert.hf_export import export_hf
+
+    a = converted["archs"]["qwen3"]
+    out = export_hf(a["kd"], tmp_path / "split", shard_bytes=30_000, tokenizer=None)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) >= 3 and sorted(set(index["weight_map"].values())) == files
+    assert not list(out.glob("*.tmp"))
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    src = load_file(a["hf"] / "model.safetensors")
+    got = {}
+    for f in files:
+        got.update(load_file(out / f))
+    assert set(got) == set(src) and all(torch.equal(got[k], src[k]) for k in src)
+    ref = _logits(AutoModelForCausalLM.from_pretrained(a["hf"]), converted["tokens"])
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out), converted["tokens"]), ref)
+    export_hf(a["kd"], out, tokenizer=None)  # one file now
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+
+
+def test_teacher_digest_of_hf_dir(converted, tmp_path):
+    """A teacher cache built from a Hugging Face teacher is tied to its weight files' bytes."""
+    import shutil
+
+    from kdtrain.cache.manifest import teacher_weights_digest
+
+    src = converted["archs"]["llama"]["hf"]
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    assert teacher_weights_digest(str(copy)) == teacher_weights_digest(str(src))
+    f = sorted(copy.glob("*.safetensors"))[-1]
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    assert teacher_weights_digest(str(copy)) != teacher_weights_digest(str(src))

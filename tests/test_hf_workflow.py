@@ -1,7 +1,9 @@
 """The Hugging Face user story end to end, at tiny scale on CPU: a Hugging Face teacher and student
-(weights + the teacher's tokenizer) -> ``kdtrain convert hf-to-kdtrain`` -> corpus tokenized with
-the teacher's tokenizer -> distillation -> ``kdtrain convert kdtrain-to-hf`` -> ``transformers``
-loads the distilled student with its tokenizer, and its logits are the kdtrain student's."""
+(weights + the teacher's tokenizer) -> corpus tokenized with the teacher's tokenizer ->
+distillation with the teacher read straight from its Hugging Face directory (``model`` and
+``load`` name it) and the student converted by ``kdtrain convert hf-to-kdtrain`` -> ``kdtrain
+convert kdtrain-to-hf`` -> ``transformers`` loads the distilled student with its tokenizer, and
+its logits are the kdtrain student's."""
 
 from __future__ import annotations
 
@@ -47,13 +49,12 @@ def test_hf_teacher_to_hf_student(world_of_one, tmp_path):
     from kdtrain.training.distill import distill
 
     corpus, student0 = _hf_pair(tmp_path)
-    for role in ("teacher", "student"):
-        assert main(["convert", "hf-to-kdtrain", "--hf", str(tmp_path / f"hf_{role}"),
-                     "--out", str(tmp_path / f"kd_{role}")]) == 0
+    assert main(["convert", "hf-to-kdtrain", "--hf", str(tmp_path / "hf_student"),
+                 "--out", str(tmp_path / "kd_student")]) == 0
     prefix = str(tmp_path / "text_document")
     encode_files([str(corpus)], str(tmp_path / "hf_teacher"), prefix)
     distill(load_distill_config("tiny", [
-        f"teacher.model={tmp_path / 'kd_teacher' / 'model.yaml'}", f"teacher.load={tmp_path / 'kd_teacher'}",
+        f"teacher.model={tmp_path / 'hf_teacher'}", f"teacher.load={tmp_path / 'hf_teacher'}",
         "teacher.random_init=false", f"student.model={tmp_path / 'kd_student' / 'model.yaml'}",
         f"student.load={tmp_path / 'kd_student'}", f"data.path=[{prefix}]",
         f"data.tokenizer={tmp_path / 'hf_teacher'}", "loss.divergence=jsd", "loss.tau=1.0", "training.train_steps=8",
@@ -74,13 +75,13 @@ def test_hf_teacher_to_hf_student(world_of_one, tmp_path):
     from kdtrain.config import load_model_config
     from kdtrain.models import build_gpt
     from kdtrain.parallel import RoleLayout, build_role_groups
-    from kdtrain.training.teacher import load_checkpoint_weights
+    from kdtrain.training.checkpoint import load_model_weights
 
     cfg = load_model_config(str(tmp_path / "kd_student" / "model.yaml"))
     kd = build_gpt(cfg, build_role_groups(RoleLayout("student", 0, 1, 1, 1)), device=torch.device("cpu"),
                    dtype=torch.float32, seed=0).eval()
-    load_checkpoint_weights(str(tmp_path / "ckpt"), cfg, [(kd.param_specs[n], p) for n, p in kd.named_parameters()],
-                            "student")
+    load_model_weights(str(tmp_path / "ckpt"), cfg, [(kd.param_specs[n], p) for n, p in kd.named_parameters()],
+                       "student")
     x = torch.tensor([ids])
     with torch.no_grad():
         hf_logits = model(x).logits[0]

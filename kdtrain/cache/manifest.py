@@ -76,15 +76,21 @@ def dataset_identity(data: DataConfig) -> dict:
 
 
 def teacher_weights_digest(load: Optional[str]) -> Optional[str]:
-    """sha256 over the weight files (names and bytes) of the checkpoint a Teacher loads from ``load``."""
+    """sha256 over the weight files (names and bytes) a Teacher loads from ``load``: a kdtrain
+    checkpoint's shard files, or a Hugging Face directory's safetensors files."""
     if load is None:
         return None
-    from ..training.checkpoint import latest_checkpoint  # torch-heavy import, only when hashing
+    from ..convert.hf_weights import hf_weight_files, is_hf_model_dir  # torch-heavy imports, only when hashing
+    from ..training.checkpoint import latest_checkpoint
 
-    step_dir = latest_checkpoint(load) or Path(load)
-    files = sorted((step_dir / "shards").glob("*.pt"))
-    if not files:
-        raise ValueError(f"teacher.load: {load} has no checkpoint weight files ({step_dir}/shards/*.pt)")
+    if is_hf_model_dir(load):
+        files = hf_weight_files(load)
+    else:
+        step_dir = latest_checkpoint(load) or Path(load)
+        files = sorted((step_dir / "shards").glob("*.pt"))
+        if not files:
+            raise ValueError(f"teacher.load: {load} has no checkpoint weight files ({step_dir}/shards/*.pt) and is "
+                             "not a Hugging Face model directory")
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")

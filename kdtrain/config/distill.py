@@ -2,6 +2,8 @@
 
     teacher: {model: llama-3.1-8b, load: checkpoints/teacher, tp: 4, pp: 1, topk: 64}
     student: {model: llama-3.2-1b, tp: 1, pp: 1}
+
+(``model`` and ``load`` may both name a Hugging Face directory: ``model: /models/Llama-3.1-8B``.)
     split:   {mode: disaggregated, teacher_ranks: 4, depth: 2}
     loss:    {divergence: forward_kl, tau: 1.0, alpha: 0.0}
 
@@ -31,7 +33,7 @@ MAX_TOPK = 1024  # the fused loss kernel's limit
 @dataclass
 class TeacherConfig:
     model: ModelConfig
-    load: Optional[str] = None  # kdtrain checkpoint (a run's checkpoint dir or one step_N dir)
+    load: Optional[str] = None  # kdtrain checkpoint (a run's checkpoint dir or one step_N dir) or HF model dir
     random_init: bool = False  # no checkpoint: seeded random weights (benchmarks and tests only)
     tp: int = 1
     pp: int = 1
@@ -61,8 +63,8 @@ class TeacherConfig:
         if self.source == "cache":
             return  # no teacher is built: its weights are in the cache
         if self.load is None and not self.random_init:
-            raise field_error(where, "load", "a teacher needs weights: a kdtrain checkpoint "
-                              "(or random_init: true for benchmarks)")
+            raise field_error(where, "load", "a teacher needs weights: a kdtrain checkpoint or a Hugging Face "
+                              "model directory (or random_init: true for benchmarks)")
         if self.load is not None and self.random_init:
             raise field_error(where, "random_init", "set either load or random_init, not both")
 
@@ -74,7 +76,7 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     model: ModelConfig
-    load: Optional[str] = None  # initial weights (model only); None: seeded random init
+    load: Optional[str] = None  # initial weights (kdtrain checkpoint or HF model dir); None: seeded random init
     tp: int = 1
     pp: int = 1
     dp: Optional[int] = None

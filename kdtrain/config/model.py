@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 from .loader import field_error, from_dict, load_yaml, resolve_config_path
@@ -129,9 +130,19 @@ class ModelConfig:
 
 
 def load_model_config(ref, where: str = "model") -> ModelConfig:
-    """A model config from a name (``configs/models/<name>.yaml``), a YAML path, or a mapping."""
+    """A model config from a name (``configs/models/<name>.yaml``), a YAML path, a Hugging Face
+    model directory (its ``config.json``), or a mapping."""
     if isinstance(ref, ModelConfig):
         return ref
+    if isinstance(ref, str) and (Path(ref) / "config.json").is_file():
+        from ..convert.hf_config import model_config_from_hf  # convert imports config
+        from ..convert.hf_weights import read_hf_config
+
+        try:
+            return model_config_from_hf(read_hf_config(ref), Path(ref).resolve().name,
+                                        str(Path(ref) / "config.json"))[0]
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     if isinstance(ref, str):
         path = resolve_config_path(ref, "models")
         raw = load_yaml(path)

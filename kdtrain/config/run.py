@@ -164,7 +164,7 @@ class CheckpointConfig:
     save_interval: int = 0  # steps; 0 = only at the end
     keep: int = 2  # most recent checkpoints kept on disk
     resume: bool = True  # continue from dir's latest checkpoint when there is one
-    load: Optional[str] = None  # initial weights (model only) from another checkpoint
+    load: Optional[str] = None  # initial weights (model only): a kdtrain checkpoint or a HF model dir
 
     def check(self, where: str = "checkpoint") -> None:
         if self.save_interval < 0:

@@ -1,8 +1,10 @@
 """``kdtrain convert``: Hugging Face <-> kdtrain checkpoints.
 
-    kdtrain convert hf-to-kdtrain --hf DIR --out DIR [--name NAME] [--vocab-size N]
+    kdtrain convert hf-to-kdtrain --hf DIR --out DIR [--name NAME] [--vocab-size N] [--shard-gb 2]
     kdtrain convert kdtrain-to-hf --ckpt DIR [--model CFG] --out DIR [--arch llama|qwen2|qwen3|gpt2] [--dtype ...]
-        [--tokenizer auto|none|PATH]
+        [--tokenizer auto|none|PATH] [--shard-gb 5]
+
+A run can also load a Hugging Face directory directly (``teacher.load: DIR``, ``model: DIR``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 def _hf_to_kdtrain(args) -> int:
     from .hf_import import import_hf
 
-    cfg, step_dir = import_hf(args.hf, args.out, args.name, args.vocab_size)
+    cfg, step_dir = import_hf(args.hf, args.out, args.name, args.vocab_size, _shard_bytes(args))
     print(f"{cfg.name}: {cfg.num_params() / 1e6:.2f}M parameters -> checkpoint {step_dir}")
     print(f"model config: {args.out}/model.yaml  (use teacher.load={args.out} teacher.model={args.out}/model.yaml)")
     return 0
@@ -23,11 +25,17 @@ def _kdtrain_to_hf(args) -> int:
     from .hf_export import export_hf
 
     tokenizer = None if args.tokenizer == "none" else args.tokenizer
-    out = export_hf(args.ckpt, args.out, args.model, args.arch, args.dtype, tokenizer)
+    out = export_hf(args.ckpt, args.out, args.model, args.arch, args.dtype, tokenizer, _shard_bytes(args))
     tok = "and the tokenizer (tokenizer.json)" if (out / "tokenizer.json").is_file() else \
         "(no tokenizer: pass --tokenizer with a Hugging Face tokenizer.json or its directory)"
-    print(f"wrote {out}/config.json and {out}/model.safetensors {tok}")
+    print(f"wrote {out}/config.json and the weights (*.safetensors) {tok}")
     return 0
+
+
+def _shard_bytes(args) -> int:
+    if args.shard_gb <= 0:
+        raise ValueError(f"--shard-gb must be positive, got {args.shard_gb}")
+    return int(args.shard_gb * 10**9)
 
 
 def register(subparsers) -> None:
@@ -41,6 +49,8 @@ def register(subparsers) -> None:
     a.add_argument("--name", default=None, help="model name (default: the HF directory's name)")
     a.add_argument("--vocab-size", type=int, default=None,
                    help="keep only the first N vocabulary rows (tokenizer size, when the HF table is padded)")
+    a.add_argument("--shard-gb", type=float, default=2.0,
+                   help="size of each checkpoint shard file (host memory needed is about one shard)")
     a.set_defaults(func=_hf_to_kdtrain)
     b = sub.add_parser("kdtrain-to-hf", help="kdtrain checkpoint -> HF model dir (config.json + model.safetensors)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -53,4 +63,6 @@ def register(subparsers) -> None:
     b.add_argument("--tokenizer", default="auto",
                    help="Hugging Face tokenizer.json or its directory to copy into --out; auto: the run's "
                         "data.tokenizer when it is one; none: no tokenizer")
+    b.add_argument("--shard-gb", type=float, default=5.0,
+                   help="split the weights into safetensors files of about this size (with an index)")
     b.set_defaults(func=_kdtrain_to_hf)

@@ -1,11 +1,13 @@
-"""kdtrain checkpoint -> Hugging Face model directory (config.json + model.safetensors + tokenizer).
+"""kdtrain checkpoint -> Hugging Face model directory (config.json + safetensors weights + tokenizer).
 
     kdtrain convert kdtrain-to-hf --ckpt checkpoints/student --model configs/models/student.yaml --out hf/student
 
 The checkpoint may come from any TP/PP/DP layout (with or without ZeRO-1): every parameter is
 reassembled from its stored pieces into the unpartitioned tensor, fp32 master weights preferred
 over the run-dtype copy. Vocab padding never reaches the HF model: kdtrain checkpoints store only
-the ``vocab_size`` real rows.
+the ``vocab_size`` real rows. Parameters are converted one at a time and written in files of about
+5 GB (``model.safetensors`` when the model fits one, else an index and numbered files, as
+transformers writes them), so host memory stays near one file's worth whatever the model size.
 
 Tokenizer: with ``tokenizer="auto"`` (the default), when the run that wrote the checkpoint
 tokenized its data with a Hugging Face tokenizer (``data.tokenizer``, recorded in the checkpoint),
@@ -28,28 +30,30 @@ from ..config import ModelConfig, from_dict, load_model_config
 from ..models.params import ParamSpec
 from ..training.checkpoint import CheckpointReader, check_checkpoint_model, latest_checkpoint
 from .hf_config import ARCH_SHORT, default_architecture, hf_config_from_model
-from .layout import TO_HF, expected_shapes
+from .hf_weights import INDEX_FILE, SINGLE_FILE
+from .layout import TO_HF, RuleSet, expected_shapes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' own default split
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def read_global_state(reader: CheckpointReader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Every parameter of ``cfg`` as one unsharded fp32 tensor."""
-    shapes = expected_shapes(cfg)
-    missing = sorted(set(shapes) - reader.names())
+def check_complete(reader: CheckpointReader, cfg: ModelConfig) -> None:
+    missing = sorted(set(expected_shapes(cfg)) - reader.names())
     if missing:
         raise ValueError(f"checkpoint {reader.path} lacks {len(missing)} parameters of model {cfg.name!r}, "
                          f"e.g. {missing[:3]}")
-    state = {}
-    for key, shape in shapes.items():
-        spec = ParamSpec(local_name=key, global_name=key, global_shape=shape, shard_dim=None, chunks=1,
-                         is_vocab=False, tp_rank=0, tp_size=1, local_shape=shape)
-        out = torch.zeros(shape, dtype=torch.float32)
-        reader.read_into(spec, "master", out)  # checks shapes and completeness
-        state[key] = out
-    return state
+
+
+def read_global(reader: CheckpointReader, cfg: ModelConfig, key: str) -> torch.Tensor:
+    """Parameter ``key`` of ``cfg`` as one unsharded fp32 tensor, from whatever pieces hold it."""
+    shape = expected_shapes(cfg)[key]
+    spec = ParamSpec(local_name=key, global_name=key, global_shape=shape, shard_dim=None, chunks=1,
+                     is_vocab=False, tp_rank=0, tp_size=1, local_shape=shape)
+    out = torch.zeros(shape, dtype=torch.float32)
+    reader.read_into(spec, "master", out)  # checks shapes and completeness
+    return out
 
 
 def open_checkpoint(ckpt: str | os.PathLike) -> CheckpointReader:
@@ -98,11 +102,13 @@ def recorded_tokenizer(reader: CheckpointReader) -> Optional[str]:
 
 
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[str | ModelConfig] = None,
-              arch: Optional[str] = None, dtype: str = "fp32", tokenizer: Optional[str] = "auto") -> Path:
-    """Write ``out/config.json``, ``out/model.safetensors`` and the tokenizer's files (see the module
-    docstring for ``tokenizer``); returns ``out``."""
-    from safetensors.torch import save_file
-
+              arch: Optional[str] = None, dtype: str = "fp32", tokenizer: Optional[str] = "auto",
+              shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write ``out/config.json``, the weights (``model.safetensors``, or index + files of about
+    ``shard_bytes`` each) and the tokenizer's files (see the module docstring for ``tokenizer``);
+    returns ``out``."""
+    if shard_bytes <= 0:
+        raise ValueError(f"shard size must be positive, got {shard_bytes}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: not one of {list(DTYPES)}")
     reader = open_checkpoint(ckpt)
@@ -113,6 +119,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     else:
         cfg = load_model_config(model, "--model")
         check_checkpoint_model(reader, cfg)
+    check_complete(reader, cfg)
     if tokenizer == "auto":
         tokenizer = recorded_tokenizer(reader)
     out = Path(out)
@@ -121,11 +128,46 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
         export_tokenizer(tokenizer, cfg, out)
     arch = ARCH_SHORT.get(arch, arch) if arch else default_architecture(cfg)
     hf_cfg = hf_config_from_model(cfg, arch, _HF_DTYPE_NAMES[DTYPES[dtype]])
-    state = read_global_state(reader, cfg)
-    tensors = TO_HF[arch](state.__getitem__, cfg)
-    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
+    write_safetensors(out, RuleSet(TO_HF[arch](cfg)), lambda key: read_global(reader, cfg, key),
+                      DTYPES[dtype], shard_bytes)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     return out
+
+
+def write_safetensors(out: Path, rules: RuleSet, get, dtype: torch.dtype, shard_bytes: int) -> list[str]:
+    """The rules' outputs as ``model.safetensors``, or, past ``shard_bytes``, as
+    ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` (the layout
+    transformers reads for large models); one file's tensors in memory at a time. The files are
+    written under temporary names and renamed once all exist. Returns the file names."""
+    from safetensors.torch import save_file
+
+    parts: list[list[str]] = []  # tensor names of each written file
+    tensors: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush():
+        save_file(tensors, str(out / f"part{len(parts):05d}.safetensors.tmp"), metadata={"format": "pt"})
+        parts.append(list(tensors))
+
+    for rule in rules.rules:
+        for key, t in rules.run(rule, get).items():
+            tensors[key] = t.to(dtype).contiguous()
+            size += tensors[key].numel() * tensors[key].element_size()
+        if size >= shard_bytes:
+            flush()
+            total += size
+            tensors, size = {}, 0
+    if tensors or not parts:
+        flush()
+        total += size
+    n = len(parts)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)  # a previous export, possibly split differently
+    for i, fname in enumerate(names):
+        os.replace(out / f"part{i:05d}.safetensors.tmp", out / fname)
+    if n > 1:
+        weight_map = {key: fname for fname, keys in zip(names, parts) for key in keys}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names

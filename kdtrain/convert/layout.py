@@ -23,6 +23,7 @@ TP=1 layout right:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -91,7 +92,62 @@ def split_qkv(fused: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torc
             v.reshape(g * d, *rest).contiguous())
 
 
-# ---- Llama / Qwen2 -----------------------------------------------------------------------------
+# ---- conversion rules ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """``outputs = fn(*inputs)``: how tensors of one format are computed from tensors of the other.
+
+    Conversion is a list of rules, not one function over whole state dicts, so a caller can
+    compute any single tensor from only the tensors it needs: a rank loading a Hugging Face
+    directory builds just its own stage's parameters, and the file converters hold one rule's
+    tensors at a time instead of the whole model."""
+
+    outputs: tuple[str, ...]
+    inputs: tuple[str, ...]
+    fn: Callable[..., tuple[torch.Tensor, ...]]
+
+
+def _copy(dst: str, src: str) -> Rule:
+    return Rule((dst,), (src,), lambda t: (t,))
+
+
+def _transposed(dst: str, src: str) -> Rule:
+    return Rule((dst,), (src,), lambda t: (t.t().contiguous(),))
+
+
+class RuleSet:
+    """The rules of one conversion, indexed by output name."""
+
+    def __init__(self, rules: list[Rule]):
+        self.rules = rules
+        self.by_output = {name: r for r in rules for name in r.outputs}
+        assert len(self.by_output) == sum(len(r.outputs) for r in rules), "two rules produce one tensor"
+
+    def outputs(self) -> list[str]:
+        return list(self.by_output)
+
+    def inputs(self) -> set[str]:
+        return {name for r in self.rules for name in r.inputs}
+
+    @staticmethod
+    def run(rule: Rule, get: Getter) -> dict[str, torch.Tensor]:
+        out = rule.fn(*(get(name) for name in rule.inputs))
+        assert len(out) == len(rule.outputs), rule
+        return dict(zip(rule.outputs, out))
+
+    def compute(self, name: str, get: Getter) -> torch.Tensor:
+        """One output tensor (its rule's other outputs, if any, are computed and dropped)."""
+        return self.run(self.by_output[name], get)[name]
+
+    def apply(self, get: Getter) -> dict[str, torch.Tensor]:
+        """Every output (the whole model in memory: for small models and tests)."""
+        out: dict[str, torch.Tensor] = {}
+        for rule in self.rules:
+            out.update(self.run(rule, get))
+        return out
+
+
+# ---- Llama / Qwen2 / Qwen3 ---------------------------------------------------------------------
 def _llama_layer_pairs(i: int, cfg: ModelConfig) -> list[tuple[str, str]]:
     """(kdtrain, HF) names of the 1:1 tensors of layer i."""
     kd, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -108,45 +164,45 @@ def _llama_layer_pairs(i: int, cfg: ModelConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def llama_to_kdtrain(get: Getter, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {"embedding.word_embeddings.weight": get("model.embed_tokens.weight"),
-           "decoder.final_layernorm.weight": get("model.norm.weight")}
+def _llama_top_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
+    pairs = [("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+             ("decoder.final_layernorm.weight", "model.norm.weight")]
     if not cfg.tie_embeddings:
-        out["output_layer.weight"] = get("lm_head.weight")
-    qkv_bias = cfg.add_qkv_bias or cfg.add_bias_linear
-    for i in range(cfg.num_layers):
-        kd, hf = f"decoder.layers.{i}.", f"model.layers.{i}.self_attn."
-        out.update({k: get(h) for k, h in _llama_layer_pairs(i, cfg)})
-        out[kd + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            get(hf + "q_proj.weight"), get(hf + "k_proj.weight"), get(hf + "v_proj.weight"), cfg)
-        if qkv_bias:
-            out[kd + "self_attention.linear_qkv.bias"] = fuse_qkv(
-                get(hf + "q_proj.bias"), get(hf + "k_proj.bias"), get(hf + "v_proj.bias"), cfg)
-        mlp = f"model.layers.{i}.mlp."
-        out[kd + "mlp.linear_fc1.weight"] = torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])
-        if cfg.add_bias_linear:
-            out[kd + "mlp.linear_fc1.bias"] = torch.cat([get(mlp + "gate_proj.bias"), get(mlp + "up_proj.bias")])
+        pairs.append(("output_layer.weight", "lm_head.weight"))
+    return pairs
+
+
+def _llama_fused(i: int, cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    """(kdtrain fused tensor, its HF parts in order, kind) of layer i: QKV and gate/up."""
+    kd, attn, mlp = f"decoder.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    qkv_suffixes = ("weight", "bias") if cfg.add_qkv_bias or cfg.add_bias_linear else ("weight",)
+    out = [(kd + f"self_attention.linear_qkv.{s}", tuple(attn + f"{p}_proj.{s}" for p in "qkv"), "qkv")
+           for s in qkv_suffixes]
+    out += [(kd + f"mlp.linear_fc1.{s}", (mlp + f"gate_proj.{s}", mlp + f"up_proj.{s}"), "gated")
+            for s in (("weight", "bias") if cfg.add_bias_linear else ("weight",))]
     return out
 
 
-def kdtrain_to_llama(get: Getter, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": get("embedding.word_embeddings.weight"),
-           "model.norm.weight": get("decoder.final_layernorm.weight")}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = get("output_layer.weight")
-    qkv_bias = cfg.add_qkv_bias or cfg.add_bias_linear
+def llama_to_kdtrain(cfg: ModelConfig) -> list[Rule]:
+    rules = [_copy(kd, hf) for kd, hf in _llama_top_pairs(cfg)]
     for i in range(cfg.num_layers):
-        kd, hf = f"decoder.layers.{i}.", f"model.layers.{i}.self_attn."
-        out.update({h: get(k) for k, h in _llama_layer_pairs(i, cfg)})
-        names = ("weight", "bias") if qkv_bias else ("weight",)
-        for suffix in names:
-            q, k, v = split_qkv(get(kd + "self_attention.linear_qkv." + suffix), cfg)
-            out.update({hf + f"q_proj.{suffix}": q, hf + f"k_proj.{suffix}": k, hf + f"v_proj.{suffix}": v})
-        mlp = f"model.layers.{i}.mlp."
-        for suffix in (("weight", "bias") if cfg.add_bias_linear else ("weight",)):
-            gate, up = get(kd + "mlp.linear_fc1." + suffix).chunk(2, dim=0)
-            out[mlp + f"gate_proj.{suffix}"], out[mlp + f"up_proj.{suffix}"] = gate.contiguous(), up.contiguous()
-    return out
+        rules += [_copy(kd, hf) for kd, hf in _llama_layer_pairs(i, cfg)]
+        for fused, parts, kind in _llama_fused(i, cfg):
+            fn = (lambda q, k, v: (fuse_qkv(q, k, v, cfg),)) if kind == "qkv" else \
+                (lambda gate, up: (torch.cat([gate, up]),))
+            rules.append(Rule((fused,), parts, fn))
+    return rules
+
+
+def kdtrain_to_llama(cfg: ModelConfig) -> list[Rule]:
+    rules = [_copy(hf, kd) for kd, hf in _llama_top_pairs(cfg)]
+    for i in range(cfg.num_layers):
+        rules += [_copy(hf, kd) for kd, hf in _llama_layer_pairs(i, cfg)]
+        for fused, parts, kind in _llama_fused(i, cfg):
+            fn = (lambda t: split_qkv(t, cfg)) if kind == "qkv" else \
+                (lambda t: tuple(c.contiguous() for c in t.chunk(2, dim=0)))
+            rules.append(Rule(parts, (fused,), fn))
+    return rules
 
 
 # ---- GPT-2 -------------------------------------------------------------------------------------
@@ -165,45 +221,43 @@ def _gpt2_layer_pairs(i: int) -> list[tuple[str, str, bool]]:
             (kd + "mlp.linear_fc2.bias", hf + "mlp.c_proj.bias", False)]
 
 
-def gpt2_to_kdtrain(get: Getter, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {"embedding.word_embeddings.weight": get("transformer.wte.weight"),
-           "embedding.position_embeddings.weight": get("transformer.wpe.weight"),
-           "decoder.final_layernorm.weight": get("transformer.ln_f.weight"),
-           "decoder.final_layernorm.bias": get("transformer.ln_f.bias")}
+def _gpt2_top_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
+    pairs = [("embedding.word_embeddings.weight", "transformer.wte.weight"),
+             ("embedding.position_embeddings.weight", "transformer.wpe.weight"),
+             ("decoder.final_layernorm.weight", "transformer.ln_f.weight"),
+             ("decoder.final_layernorm.bias", "transformer.ln_f.bias")]
     if not cfg.tie_embeddings:
-        out["output_layer.weight"] = get("lm_head.weight")
+        pairs.append(("output_layer.weight", "lm_head.weight"))
+    return pairs
+
+
+def gpt2_to_kdtrain(cfg: ModelConfig) -> list[Rule]:
     h = cfg.hidden_size
+    rules = [_copy(kd, hf) for kd, hf in _gpt2_top_pairs(cfg)]
     for i in range(cfg.num_layers):
         kd, hf = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        for k, name, transposed in _gpt2_layer_pairs(i):
-            t = get(name)
-            out[k] = t.t().contiguous() if transposed else t
-        # Conv1D c_attn: weight [h, 3h] -> rows [Q; K; V] after the transpose.
-        w = get(hf + "attn.c_attn.weight").t()
-        b = get(hf + "attn.c_attn.bias")
-        out[kd + "self_attention.linear_qkv.weight"] = fuse_qkv(w[:h], w[h:2 * h], w[2 * h:], cfg)
-        out[kd + "self_attention.linear_qkv.bias"] = fuse_qkv(b[:h], b[h:2 * h], b[2 * h:], cfg)
-    return out
+        rules += [(_transposed if t else _copy)(k, name) for k, name, t in _gpt2_layer_pairs(i)]
+        # Conv1D c_attn: weight [h, 3h] -> rows [Q; K; V] after the transpose; bias [3h].
+        rules.append(Rule((kd + "self_attention.linear_qkv.weight",), (hf + "attn.c_attn.weight",),
+                          lambda w: (fuse_qkv(*w.t().split(h), cfg),)))
+        rules.append(Rule((kd + "self_attention.linear_qkv.bias",), (hf + "attn.c_attn.bias",),
+                          lambda b: (fuse_qkv(*b.split(h), cfg),)))
+    return rules
 
 
-def kdtrain_to_gpt2(get: Getter, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {"transformer.wte.weight": get("embedding.word_embeddings.weight"),
-           "transformer.wpe.weight": get("embedding.position_embeddings.weight"),
-           "transformer.ln_f.weight": get("decoder.final_layernorm.weight"),
-           "transformer.ln_f.bias": get("decoder.final_layernorm.bias")}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = get("output_layer.weight")
+def kdtrain_to_gpt2(cfg: ModelConfig) -> list[Rule]:
+    rules = [_copy(hf, kd) for kd, hf in _gpt2_top_pairs(cfg)]
     for i in range(cfg.num_layers):
         kd, hf = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        for k, name, transposed in _gpt2_layer_pairs(i):
-            t = get(k)
-            out[name] = t.t().contiguous() if transposed else t
-        q, k, v = split_qkv(get(kd + "self_attention.linear_qkv.weight"), cfg)
-        out[hf + "attn.c_attn.weight"] = torch.cat([q, k, v]).t().contiguous()
-        out[hf + "attn.c_attn.bias"] = torch.cat(split_qkv(get(kd + "self_attention.linear_qkv.bias"), cfg))
-    return out
+        rules += [(_transposed if t else _copy)(name, k) for k, name, t in _gpt2_layer_pairs(i)]
+        rules.append(Rule((hf + "attn.c_attn.weight",), (kd + "self_attention.linear_qkv.weight",),
+                          lambda w: (torch.cat(split_qkv(w, cfg)).t().contiguous(),)))
+        rules.append(Rule((hf + "attn.c_attn.bias",), (kd + "self_attention.linear_qkv.bias",),
+                          lambda b: (torch.cat(split_qkv(b, cfg)),)))
+    return rules
 
 
+# Each maps a model config to its list of rules (RuleSet(TO_KDTRAIN[arch](cfg))).
 TO_KDTRAIN = {"LlamaForCausalLM": llama_to_kdtrain, "Qwen2ForCausalLM": llama_to_kdtrain,
               "Qwen3ForCausalLM": llama_to_kdtrain, "GPT2LMHeadModel": gpt2_to_kdtrain}
 TO_HF = {"LlamaForCausalLM": kdtrain_to_llama, "Qwen2ForCausalLM": kdtrain_to_llama,

@@ -74,14 +74,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
                     meta: dict, keep: int) -> Path:
     """Collective over the role: every rank of it calls with its own parameters."""
     root = Path(root)
-    name = f"step_{step:07d}"
-    tmp, final = root / f"{name}.tmp", root / name
+    tmp, final = root / f"{_step_name(step)}.tmp", root / _step_name(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == writer_rank:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash
-        (tmp / "shards").mkdir(parents=True)
-        (tmp / "rng").mkdir()
+        begin_checkpoint(root, step)
     _barrier(role_group)
 
     sharded = optimizer is not None and optimizer.sharded
@@ -96,7 +92,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
             piece.update({k: v.detach().cpu() for k, v in optimizer.state_for(spec).items()})
         pieces[spec.global_name] = piece
     if pieces:
-        torch.save({"version": FORMAT_VERSION, "pieces": pieces}, tmp / "shards" / f"rank{rank:05d}.pt")
+        write_shard(tmp, f"rank{rank:05d}.pt", pieces)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -104,22 +100,51 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
     _barrier(role_group)
 
     if rank == writer_rank:
-        files = sorted(p.name for p in (tmp / "shards").glob("*.pt"))
-        meta = dict(meta, version=FORMAT_VERSION, step=step, shard_files=files, saved_at=time.time())
-        _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
-        aside = root / f"{name}.old"
-        if final.exists():
-            # Re-saving a step (a resumed run reaching it again): the complete copy is moved aside,
-            # not deleted, so a crash before the next rename leaves it where latest_checkpoint
-            # looks when ``latest`` names a missing step.
-            if aside.exists():
-                shutil.rmtree(aside)  # stale: ``final`` is complete
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        _fsync_write(root / "latest.tmp", name)
-        os.replace(root / "latest.tmp", root / "latest")
-        _prune(root, keep)  # also removes the set-aside copy
+        commit_checkpoint(root, step, meta, keep)
     _barrier(role_group)
+    return final
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def begin_checkpoint(root: str | os.PathLike, step: int) -> Path:
+    """Create the empty ``step_N.tmp`` directory that a save fills (one writer); returns it."""
+    tmp = Path(root) / f"{_step_name(step)}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash
+    (tmp / "shards").mkdir(parents=True)
+    (tmp / "rng").mkdir()
+    return tmp
+
+
+def write_shard(tmp: Path, fname: str, pieces: dict) -> None:
+    """One shard file ``{global name: piece}`` of the checkpoint being written in ``tmp``."""
+    torch.save({"version": FORMAT_VERSION, "pieces": pieces}, tmp / "shards" / fname)
+
+
+def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int) -> Path:
+    """Publish a filled ``step_N.tmp``: write meta.json, rename it to ``step_N``, point ``latest``
+    at it and prune (one writer, after every shard is on disk)."""
+    root = Path(root)
+    name = _step_name(step)
+    tmp, final = root / f"{name}.tmp", root / name
+    files = sorted(p.name for p in (tmp / "shards").glob("*.pt"))
+    meta = dict(meta, version=FORMAT_VERSION, step=step, shard_files=files, saved_at=time.time())
+    _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
+    aside = root / f"{name}.old"
+    if final.exists():
+        # Re-saving a step (a resumed run reaching it again): the complete copy is moved aside,
+        # not deleted, so a crash before the next rename leaves it where latest_checkpoint
+        # looks when ``latest`` names a missing step.
+        if aside.exists():
+            shutil.rmtree(aside)  # stale: ``final`` is complete
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    _fsync_write(root / "latest.tmp", name)
+    os.replace(root / "latest.tmp", root / "latest")
+    _prune(root, keep)  # also removes the set-aside copy
     return final
 
 
@@ -178,7 +203,7 @@ class CheckpointReader:
                 src = piece["param"]
             if src is None:
                 raise ValueError(f"checkpoint {self.path}: {spec.global_name} has no {key!r} (saved without optimizer state?)")
-            copied += _copy_overlap(src, piece["dim"], piece["ranges"], out, spec.dim, spec.ranges())
+            copied += copy_overlap(src, piece["dim"], piece["ranges"], out, spec.dim, spec.ranges())
         expected = sum(g1 - g0 for g0, g1, _ in spec.ranges()) * (out.numel() // out.shape[spec.dim])
         if copied != expected:
             raise ValueError(f"checkpoint {self.path}: {spec.global_name} is incomplete "
@@ -189,7 +214,7 @@ class CheckpointReader:
         return piece["step"]
 
 
-def _copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor, dst_dim: int, dst_ranges) -> int:
+def copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor, dst_dim: int, dst_ranges) -> int:
     """Copy the intersection of two pieces of one global tensor; returns the number of values.
 
     A piece covers the full extent of every dimension except its sharded one, where it covers the
@@ -209,6 +234,27 @@ def _copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor
             b.copy_(a)
             n += b.numel()
     return n
+
+
+def load_model_weights(path: str | os.PathLike, model: ModelConfig,
+                       params: list[tuple[ParamSpec, torch.nn.Parameter]], what: str) -> None:
+    """``{what}.load``: this rank's weights from a kdtrain checkpoint (a run's checkpoint dir, i.e.
+    its latest step, or one step dir) written with any layout, or from a Hugging Face model
+    directory (convert/hf_weights.py: each rank reads and converts only its own parameters)."""
+    from ..convert.hf_weights import HFWeights, is_hf_model_dir  # convert imports this module
+
+    if is_hf_model_dir(path):
+        reader = HFWeights(path, model, what)
+    else:
+        if not Path(path).exists():
+            raise ValueError(f"{what}.load: {path} does not exist (expected a kdtrain checkpoint or a Hugging Face "
+                             "model directory)")
+        reader = CheckpointReader(latest_checkpoint(path) or path)
+        try:
+            check_checkpoint_model(reader, model)
+        except ValueError as e:
+            raise ValueError(f"{what}.load: {e}") from None
+    load_weights(reader, params)
 
 
 def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None:

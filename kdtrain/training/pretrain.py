@@ -15,8 +15,8 @@ from ..models import KDGPTModel, build_gpt, transformer_engine_available
 from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
-from .checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint, load_training_state, load_weights,
-                         restore_rng, save_checkpoint)
+from .checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint, load_model_weights,
+                         load_training_state, restore_rng, save_checkpoint)
 from .grads import GradBuffer
 from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
@@ -192,12 +192,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
             restore_rng(path, rank)
         return int(reader.meta["step"])
     if ck.load:
-        reader = CheckpointReader(latest_checkpoint(ck.load) or ck.load)
-        try:
-            check_checkpoint_model(reader, model)
-        except ValueError as e:
-            raise ValueError(f"{what}.load: {e}") from None
-        load_weights(reader, role.params)
+        load_model_weights(ck.load, model, role.params, what)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The lean teacher: a frozen GPT that turns micro-batches into top-k payloads.
 
 No gradients, no gradient buffer, no optimizer state, no data-parallel wrapper: parameters are
-built in the run dtype (bf16 on GPU), loaded from a kdtrain checkpoint (any TP/PP layout), set to
+built in the run dtype (bf16 on GPU), loaded from a kdtrain checkpoint (any TP/PP layout) or a Hugging Face directory, set to
 ``requires_grad=False`` and run under ``torch.no_grad`` in eval mode. Its forward reuses the
 role's pipeline schedule (forward only); on the last stage the vocab-parallel logits become the
 payload (top-k ids and logits, log-normaliser at the loss temperature, checksum of the input
@@ -19,18 +19,8 @@ from ..models import KDGPTModel, build_gpt
 from ..parallel import RoleGroups
 from ..stream import Payload, PayloadSpec, token_checksum, vocab_parallel_topk
 from .batches import MicroBatch
-from .checkpoint import CheckpointReader, check_checkpoint_model, latest_checkpoint, load_weights
+from .checkpoint import load_model_weights
 from .pipeline import PipelineSchedule
-
-
-def load_checkpoint_weights(path: str, model_cfg: ModelConfig, params, role: str) -> None:
-    """Model weights from a kdtrain checkpoint dir (its latest step) or a step dir, any layout."""
-    reader = CheckpointReader(latest_checkpoint(path) or path)
-    try:
-        check_checkpoint_model(reader, model_cfg)
-    except ValueError as e:
-        raise ValueError(f"{role}.load: {e}") from None
-    load_weights(reader, params)
 
 
 class Teacher:
@@ -45,7 +35,7 @@ class Teacher:
             p.requires_grad_(False)
         if load is not None:
             params = [(self.model.param_specs[n], p) for n, p in self.model.named_parameters()]
-            load_checkpoint_weights(load, model_cfg, params, "teacher")
+            load_model_weights(load, model_cfg, params, "teacher")
         self.schedule = PipelineSchedule(self.model, groups, (spec.seq_length, spec.micro_batch,
                                                               model_cfg.hidden_size), dtype, device)
         self.device = device

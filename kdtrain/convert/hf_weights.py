@@ -1,0 +1,217 @@
+"""A Hugging Face model directory read as kdtrain parameters, one tensor at a time.
+
+Two users:
+
+* ``teacher.load`` / ``student.load`` / ``checkpoint.load`` may name a Hugging Face directory
+  (``config.json`` + ``model.safetensors`` or an indexed set of shards) instead of a kdtrain
+  checkpoint. Each rank then builds only the parameters of its own pipeline stage, each from the
+  safetensors tensors its conversion rule needs (memory-mapped), and copies its tensor-parallel
+  slice out of it: no conversion step, no copy of the model on disk, and host memory bounded by
+  the largest single tensor rather than the model. ``HFWeights`` is the reader ``load_weights``
+  takes for it (the interface of ``CheckpointReader``).
+* ``kdtrain convert hf-to-kdtrain`` streams the same per-tensor conversion into checkpoint shard
+  files of bounded size (hf_import.py).
+
+With ``model: <the same directory>`` (load_model_config reads its ``config.json``) a run uses a
+Hugging Face model as is: ``teacher: {model: /models/Llama-3.1-8B, load: /models/Llama-3.1-8B}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig
+from .hf_config import model_config_from_hf
+from .layout import IGNORED_SUFFIXES, TO_KDTRAIN, RuleSet, expected_shapes
+
+_GPT2_PREFIX = "transformer."
+INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
+# Vocabulary tables: their rows may be trimmed to a smaller model vocab (padded HF tables).
+VOCAB_TABLES = ("embedding.word_embeddings.weight", "output_layer.weight")
+# Model-config fields that do not shape or change the forward pass: they may differ from the
+# Hugging Face config when a run names its own model YAML for a Hugging Face ``load``.
+TRAINING_ONLY_FIELDS = ("name", "init_std", "hidden_dropout", "attention_dropout", "make_vocab_size_divisible_by")
+
+
+def is_hf_model_dir(path: str | os.PathLike) -> bool:
+    """A directory with ``config.json`` and safetensors weights (and no kdtrain checkpoint marker)."""
+    p = Path(path)
+    return (p.is_dir() and (p / "config.json").is_file() and not (p / "latest").exists()
+            and ((p / SINGLE_FILE).is_file() or (p / INDEX_FILE).is_file()))
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise ValueError(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON: {e}") from None
+
+
+def safetensors_files(path: str | os.PathLike) -> tuple[list[str], Optional[dict]]:
+    """(weight file names, the index's tensor -> file map or None) of a Hugging Face directory."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        return sorted(set(weight_map.values())), weight_map
+    if (path / SINGLE_FILE).is_file():
+        return [SINGLE_FILE], None
+    raise ValueError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
+
+
+class SafetensorsDir:
+    """Lazy, memory-mapped access to the tensors of a Hugging Face directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self.files, weight_map = safetensors_files(self.path)
+        self._handles = {}
+        self.where: dict[str, str] = {}  # tensor name -> file name
+        for fname in self.files:
+            f = self.path / fname
+            if not f.is_file():
+                raise ValueError(f"{self.path / INDEX_FILE}: shard {fname} is missing")
+            try:
+                self._handles[fname] = safe_open(str(f), framework="pt")
+            except Exception as e:  # truncated or not safetensors
+                raise ValueError(f"cannot read {f}: {e}") from None
+            for name in self._handles[fname].keys():
+                self.where[name] = fname
+        if weight_map is not None:
+            missing = sorted(n for n, fname in weight_map.items() if self.where.get(n) != fname)
+            if missing:
+                raise ValueError(f"{self.path / INDEX_FILE}: tensor {missing[0]!r} is not in {weight_map[missing[0]]}")
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ValueError(f"{self.path}: tensor {name!r} is missing from the safetensors files")
+        return self._handles[self.where[name]].get_tensor(name)
+
+
+class HFModel:
+    """The kdtrain parameters of a Hugging Face directory, each computed on demand.
+
+    Opening reads ``config.json`` and the safetensors headers only and checks that the tensors
+    present are exactly those the architecture's conversion rules need (a missing or unexpected
+    tensor is a ValueError naming it); ``tensor(name)`` reads and converts one parameter and
+    checks its shape against the config."""
+
+    def __init__(self, hf_dir: str | os.PathLike, name: Optional[str] = None):
+        self.path = Path(hf_dir)
+        hf = read_hf_config(self.path)
+        self.cfg, self.arch = model_config_from_hf(hf, name or self.path.resolve().name,
+                                                   str(self.path / "config.json"))
+        self.files = SafetensorsDir(self.path)
+        names = self.files.names()
+        # Older GPT-2 checkpoints store names without the "transformer." prefix.
+        self._bare = self.arch == "GPT2LMHeadModel" and not any(n.startswith(_GPT2_PREFIX) for n in names)
+        self.rules = RuleSet(TO_KDTRAIN[self.arch](self.cfg))
+        needed = {self._stored_name(n) for n in self.rules.inputs()}
+        missing = sorted(needed - names)
+        if missing:
+            raise ValueError(f"{self.path}: tensor {missing[0]!r} is missing from the safetensors files "
+                             f"({len(missing)} missing; config.json describes weights the files lack)")
+        leftover = sorted(n for n in names - needed if not n.endswith(IGNORED_SUFFIXES)
+                          and not (self.cfg.tie_embeddings and n == "lm_head.weight"))
+        if leftover:
+            raise ValueError(f"{self.path}: {len(leftover)} tensors have no kdtrain counterpart, e.g. {leftover[:3]} "
+                             f"(config.json does not describe these weights)")
+        self._shapes = expected_shapes(self.cfg)
+        self.table_rows = self.cfg.vocab_size  # rows of the stored vocabulary tables
+
+    def _stored_name(self, hf_name: str) -> str:
+        if self._bare and hf_name.startswith(_GPT2_PREFIX):
+            return hf_name[len(_GPT2_PREFIX):]
+        return hf_name
+
+    def _get(self, hf_name: str) -> torch.Tensor:
+        return self.files.get(self._stored_name(hf_name))
+
+    def trim_vocab(self, vocab_size: int, where: str = "--vocab-size") -> None:
+        """Keep only the first ``vocab_size`` rows of the vocabulary tables (the tokenizer's real
+        ids when the Hugging Face table carries padding rows, e.g. Qwen2.5: 151936 rows, 151665 ids)."""
+        if not 0 < vocab_size <= self.table_rows:
+            raise ValueError(f"{where} {vocab_size}: must be in [1, {self.table_rows}] (the rows of the vocabulary "
+                             f"table in {self.path})")
+        self.cfg = dataclasses.replace(self.cfg, vocab_size=vocab_size)
+
+    def names(self) -> list[str]:
+        return self.rules.outputs()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Global (TP=1, unpadded) kdtrain parameter ``name`` in the stored dtype."""
+        t = self.rules.compute(name, self._get)
+        if tuple(t.shape) != self._shapes[name]:
+            raise ValueError(f"{self.path}: tensor for {name} has shape {tuple(t.shape)}, config.json implies "
+                             f"{self._shapes[name]} (config and weights disagree)")
+        if name in VOCAB_TABLES and self.cfg.vocab_size < t.shape[0]:
+            t = t[:self.cfg.vocab_size]
+        return t
+
+    def weight_files(self) -> list[Path]:
+        return [self.path / f for f in self.files.files]
+
+
+def check_model_matches(hf: HFModel, model: ModelConfig, what: str) -> None:
+    """``model`` (the run's config) describes the Hugging Face model, up to training-only fields
+    and a vocabulary no larger than the stored table (which is then trimmed)."""
+    ours, theirs = dataclasses.asdict(model), dataclasses.asdict(hf.cfg)
+    free = TRAINING_ONLY_FIELDS + ("vocab_size",)
+    if model.position_embedding == "rope":  # no table: the longest sequence is the run's choice
+        free += ("max_seq_length",)
+    diff = sorted(k for k in ours if k not in free and ours[k] != theirs.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(f"{what}.load: {hf.path} is a different model: {k} = {theirs.get(k)!r} in its "
+                         f"config.json, {ours[k]!r} in the run's model {model.name!r} (differing fields: {diff}; "
+                         f"name the directory as the model to take its config.json)")
+    if model.vocab_size > hf.table_rows:
+        raise ValueError(f"{what}.load: {hf.path} has {hf.table_rows} vocabulary rows, the run's model {model.name!r} "
+                         f"has vocab_size={model.vocab_size}")
+    hf.trim_vocab(model.vocab_size, f"{what}.load: vocab_size")
+
+
+class HFWeights:
+    """``CheckpointReader``'s interface for ``load_weights`` over a Hugging Face directory."""
+
+    def __init__(self, path: str | os.PathLike, model: ModelConfig, what: str):
+        self.path = Path(path)
+        self.hf = HFModel(self.path, model.name)
+        check_model_matches(self.hf, model, what)
+
+    def names(self) -> set[str]:
+        return set(self.hf.names())
+
+    def read_into(self, spec, key: str, out: torch.Tensor) -> None:
+        """Fill ``out`` (this rank's local tensor for ``spec``) from the converted global tensor."""
+        from ..training.checkpoint import copy_overlap
+
+        if key != "master":
+            raise ValueError(f"{self.path} is a Hugging Face model: it holds weights, no {key!r} state")
+        t = self.hf.tensor(spec.global_name)
+        assert tuple(t.shape) == spec.global_shape, (spec.global_name, t.shape, spec.global_shape)
+        dim = spec.dim
+        copy_overlap(t, dim, [(0, t.shape[dim], 0)], out, dim, spec.ranges())
+
+
+def hf_weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a Hugging Face directory (what a teacher cache's identity hashes)."""
+    files, _ = safetensors_files(path)
+    return [Path(path) / f for f in files]
