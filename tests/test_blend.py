@@ -81,18 +81,26 @@ def test_sample_g_depends_only_on_g_weights_and_seed(corpora):
     assert any(not np.array_equal(a.train_sample(g), other.train_sample(g)) for g in range(50))
 
 
-def test_held_out_windows_are_each_corpus_s(corpora):
-    ds = _blend(corpora, [1, 1, 1])
+def test_held_out_samples_follow_the_mixture(corpora):
+    """Any prefix of the held-out samples (what an evaluation reads) is mixed by weight: corpus
+    shares within one sample of the weights, each corpus walking (and cycling) its own held-out
+    windows in order. Held-out one corpus after another would put the first 4 + 40 samples on
+    the two small corpora only."""
+    ds = _blend(corpora, [1, 2, 3])
     comps = ds.components
     assert ds.num_valid_windows == sum(c.num_valid_windows for c in comps) == 4 + 40 + 400
     assert ds.num_train_windows == sum(c.num_train_windows for c in comps)
-    j = 0
-    for c in comps:
-        for k in range(c.num_valid_windows):
-            np.testing.assert_array_equal(ds.valid_sample(j), c.valid_sample(k))
-            j += 1
+    seen = [0, 0, 0]
+    for j in range(ds.num_valid_windows):
+        c, k = ds.valid_source_of(j)
+        assert k == seen[c] % comps[c].num_valid_windows
+        np.testing.assert_array_equal(ds.valid_sample(j), comps[c].valid_sample(k))
+        seen[c] += 1
+        if j + 1 in (6, 60, 444):
+            n = j + 1
+            assert all(abs(seen[i] - n * w / 6) <= 1 for i, w in enumerate([1, 2, 3])), (n, seen)
     with pytest.raises(IndexError):
-        ds.valid_sample(j)
+        ds.valid_sample(ds.num_valid_windows)
 
 
 def test_run_config_and_cache_identity(corpora, tmp_path):

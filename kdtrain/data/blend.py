@@ -13,7 +13,11 @@ Corpus ``c`` serves its own train samples ``0, 1, 2, ...`` in order (``block * n
 among the block's positions of c``), so it walks its own shuffled epochs and a small corpus
 repeats (reshuffled) while a large one is still in its first epoch. As for one corpus, sample
 ``g`` depends only on ``g``, the weights and the seed: the same under any parallel layout and on
-resume. Held-out samples are the corpora's held-out windows, one corpus after another.
+resume.
+
+Held-out samples follow the same interleaving over the corpora that have held-out windows (each
+cycling through its own), so any prefix of them, which is what an evaluation of ``n`` batches
+reads, is a sample of the mixture the student trains on, not of the first corpus alone.
 """
 
 from __future__ import annotations
@@ -53,7 +57,12 @@ class BlendedWindowDataset:
             starved = [i for i, n in enumerate(self._per_block) if n == 0]
             raise ValueError(f"data.weights: corpora {starved} would get no sample in {BLOCK} (weights {weights}); "
                              f"raise their weights above 1/{BLOCK} of the total")
-        self._valid_starts = np.cumsum([0] + [c.num_valid_windows for c in components])
+        # Held-out: the same greedy schedule over the corpora with held-out windows.
+        self._valid_ids = [i for i, c in enumerate(components) if c.num_valid_windows > 0]
+        self._num_valid = sum(c.num_valid_windows for c in components)
+        if self._valid_ids:
+            choice, self._valid_rank, self._valid_per_block = blend_schedule([self.weights[i] for i in self._valid_ids])
+            self._valid_choice = np.asarray(self._valid_ids)[choice]
 
     @property
     def num_train_windows(self) -> int:
@@ -61,7 +70,7 @@ class BlendedWindowDataset:
 
     @property
     def num_valid_windows(self) -> int:
-        return int(self._valid_starts[-1])
+        return self._num_valid
 
     def source_of(self, g: int) -> tuple[int, int]:
         """(corpus, that corpus' own train sample index) of global train sample ``g``."""
@@ -75,8 +84,15 @@ class BlendedWindowDataset:
         c, local = self.source_of(g)
         return self.components[c].train_sample(local)
 
-    def valid_sample(self, j: int) -> np.ndarray:
+    def valid_source_of(self, j: int) -> tuple[int, int]:
+        """(corpus, that corpus' own held-out window) of held-out sample ``j``."""
         if not 0 <= j < self.num_valid_windows:
             raise IndexError(f"held-out sample index {j} out of range [0, {self.num_valid_windows})")
-        c = int(np.searchsorted(self._valid_starts, j, side="right")) - 1
-        return self.components[c].valid_sample(int(j - self._valid_starts[c]))
+        block, i = divmod(int(j), BLOCK)
+        c = int(self._valid_choice[i])
+        local = block * int(self._valid_per_block[self._valid_ids.index(c)]) + int(self._valid_rank[i])
+        return c, local % self.components[c].num_valid_windows
+
+    def valid_sample(self, j: int) -> np.ndarray:
+        c, local = self.valid_source_of(j)
+        return self.components[c].valid_sample(local)
