@@ -4,6 +4,8 @@
     kdtrain model llama-3.2-1b --tp 2 parameter count, padded vocab and FLOPs of a model config
     kdtrain convert hf-to-kdtrain --hf DIR --out DIR   Hugging Face model -> kdtrain checkpoint (and back:
     kdtrain convert kdtrain-to-hf --ckpt DIR --out DIR  see kdtrain/convert/cli.py)
+    kdtrain prune --src TEACHER --out DIR --num-layers N [--ffn-hidden-size F ... --data PREFIX]
+                                      a student pruned from the teacher (see kdtrain/prune/cli.py)
     kdtrain plan --teacher T --student S --world-size N --seq-len S --global-batch B
                                       ranked teacher/student splits (see kdtrain/planner/cli.py)
     kdtrain calibrate --out FILE      measure this device into a planner profile
@@ -62,6 +64,9 @@ def main(argv=None) -> int:
     from kdtrain.convert.cli import register as register_convert
 
     register_convert(sub)
+    from kdtrain.prune.cli import register as register_prune
+
+    register_prune(sub)
     from kdtrain.planner.cli import register as register_planner
 
     register_planner(sub)

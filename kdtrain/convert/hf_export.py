@@ -27,41 +27,16 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig, from_dict, load_model_config
-from ..models.params import ParamSpec
-from ..training.checkpoint import CheckpointReader, check_checkpoint_model, latest_checkpoint
+from ..training.checkpoint import CheckpointReader, check_checkpoint_model
 from .hf_config import ARCH_SHORT, default_architecture, hf_config_from_model
 from .hf_weights import INDEX_FILE, SINGLE_FILE
-from .layout import TO_HF, RuleSet, expected_shapes
+from .layout import TO_HF, RuleSet
+from .sources import check_complete, open_checkpoint, read_global
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' own default split
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def check_complete(reader: CheckpointReader, cfg: ModelConfig) -> None:
-    missing = sorted(set(expected_shapes(cfg)) - reader.names())
-    if missing:
-        raise ValueError(f"checkpoint {reader.path} lacks {len(missing)} parameters of model {cfg.name!r}, "
-                         f"e.g. {missing[:3]}")
-
-
-def read_global(reader: CheckpointReader, cfg: ModelConfig, key: str) -> torch.Tensor:
-    """Parameter ``key`` of ``cfg`` as one unsharded fp32 tensor, from whatever pieces hold it."""
-    shape = expected_shapes(cfg)[key]
-    spec = ParamSpec(local_name=key, global_name=key, global_shape=shape, shard_dim=None, chunks=1,
-                     is_vocab=False, tp_rank=0, tp_size=1, local_shape=shape)
-    out = torch.zeros(shape, dtype=torch.float32)
-    reader.read_into(spec, "master", out)  # checks shapes and completeness
-    return out
-
-
-def open_checkpoint(ckpt: str | os.PathLike) -> CheckpointReader:
-    """A checkpoint root (its ``latest`` step) or one step directory."""
-    path = Path(ckpt)
-    if not path.exists():
-        raise ValueError(f"--ckpt {path}: no such directory")
-    return CheckpointReader(latest_checkpoint(path) or path)
 
 
 def export_tokenizer(tokenizer: str, cfg: ModelConfig, out: Path, where: str = "--tokenizer") -> list[str]:

@@ -148,6 +148,36 @@ def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int)
     return final
 
 
+def write_global_checkpoint(out: str | os.PathLike, model: ModelConfig, names, tensor, meta: dict,
+                            shard_bytes: int) -> Path:
+    """Step 0 of a checkpoint under ``out`` holding whole (unsharded) parameters, written by one
+    process in order: ``tensor(name)`` is called once per name and the results go to shard files
+    of about ``shard_bytes`` (host memory: one shard plus one tensor). For converters (Hugging
+    Face import, pruning); atomic like every save. Returns the step directory."""
+    if shard_bytes <= 0:
+        raise ValueError(f"shard size must be positive, got {shard_bytes}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = begin_checkpoint(out, 0)
+    part: dict[str, dict] = {}
+    size = nfiles = 0
+    for key in names:
+        t = tensor(key).contiguous()
+        # One piece covering the whole parameter: what a TP=1 rank holding it would write.
+        spec = ParamSpec(local_name=key, global_name=key, global_shape=tuple(t.shape), shard_dim=None, chunks=1,
+                         is_vocab=False, tp_rank=0, tp_size=1, local_shape=tuple(t.shape))
+        part[key] = {"global_shape": list(t.shape), "dim": spec.dim, "ranges": spec.ranges(), "param": t}
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            write_shard(tmp, f"part{nfiles:05d}.pt", part)
+            part, size, nfiles = {}, 0, nfiles + 1
+    if part:
+        write_shard(tmp, f"part{nfiles:05d}.pt", part)
+    meta = {"model": to_dict(model), "layout": {"tp": 1, "pp": 1, "dp": 1, "rank_offset": 0},
+            "consumed_samples": 0, **meta}
+    return commit_checkpoint(out, 0, meta, keep=1)
+
+
 def _prune(root: Path, keep: int) -> None:
     """Keep the ``keep`` newest complete checkpoints; drop the debris of interrupted saves
     (``.tmp``) and copies set aside by an interrupted re-save (``.old``): ``latest`` now names a

@@ -1,0 +1,171 @@
+"""``kdtrain prune``: a student initialised from the teacher, with fewer layers and/or a narrower
+network, ready for ``student.load`` (the Minitron recipe: prune, then distil from the teacher).
+
+    kdtrain prune --src /models/Llama-3.1-8B --out checkpoints/llama-8b-pruned \\
+        --num-layers 24 --ffn-hidden-size 9216 --data data/llama3/text_document --calib-samples 256
+
+``--src`` is a Hugging Face directory or a kdtrain checkpoint (any layout). Sizes not given keep
+the teacher's. Layers: ``--keep-layers 0-15,20,31`` explicitly, or ``--num-layers N`` chosen by
+Block Influence when calibration data is given (``--layer-order uniform``: evenly spaced, first
+and last kept). Width targets (``--hidden-size``, ``--ffn-hidden-size``, ``--num-query-groups``)
+keep the most important channels, neurons and query groups (importance.py), measured on
+``--calib-samples`` windows of ``--data`` (an indexed dataset in the teacher's tokenization),
+with the whole teacher on one device (GPU when there is one). Writes a layout-free checkpoint
+(``OUT/latest``, ``OUT/step_0000000``), ``OUT/model.yaml`` and ``OUT/prune.json`` (the selection
+and the scores it came from). Then distil with ``student.model=OUT/model.yaml student.load=OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig, to_dict
+from .select import Selection, build_selection, prune_tensor, pruned_config, pruned_names
+
+
+def parse_layers(text: str) -> list[int]:
+    """``0-11,14,15`` -> [0, ..., 11, 14, 15]."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise ValueError(f"--keep-layers {text!r}: expected indices and ranges like 0-11,14,15") from None
+    return sorted(set(out))
+
+
+def calibration_batches(data: list[str], cfg: ModelConfig, seq_length: int, samples: int, micro_batch: int,
+                        device: torch.device, tokenizer: Optional[str] = None):
+    """The first ``samples`` training windows of the indexed dataset, ``micro_batch`` at a time."""
+    from ..data.gpt_dataset import GPTWindowDataset
+    from ..data.tokenizer import Tokenizer
+
+    fingerprint = Tokenizer(tokenizer).fingerprint if tokenizer else None
+    ds = GPTWindowDataset(data, seq_length, split=(1.0, 0.0), seed=1234, vocab_size=cfg.vocab_size,
+                          tokenizer_fingerprint=fingerprint)
+    samples = min(samples, ds.num_train_windows)
+    for start in range(0, samples, micro_batch):
+        rows = [torch.from_numpy(ds.train_sample(g)[:seq_length].astype("int64"))
+                for g in range(start, min(start + micro_batch, samples))]
+        yield torch.stack(rows).to(device)
+
+
+def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str = "auto"):
+    """Build the whole teacher on one device, load ``src`` and score it (importance.py)."""
+    from ..models import build_gpt
+    from ..parallel import RoleLayout, build_role_groups, init_distributed, shutdown_distributed
+    from ..training.checkpoint import load_model_weights
+    from .importance import activation_importance
+
+    import os
+
+    import torch.distributed as dist
+
+    # A one-process world for megatron's parallel layers, taken down again when this made it
+    # (so a caller's own process group or environment is left as it was).
+    saved_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    created = not dist.is_initialized()
+    env = init_distributed(device_name)
+    try:
+        if env.world_size != 1:
+            raise ValueError("kdtrain prune runs as one process (the teacher whole on one device)")
+        dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+        model = build_gpt(cfg, build_role_groups(RoleLayout("prune", 0, 1, 1, 1)), device=env.device, dtype=dtype,
+                          seed=0)
+        load_model_weights(src, cfg, [(model.param_specs[n], p) for n, p in model.named_parameters()], "prune --src")
+        return activation_importance(model, batches_fn(env.device))
+    finally:
+        if created:
+            shutdown_distributed()
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Optional[list[int]] = None,
+          num_layers: Optional[int] = None, layer_order: str = "influence", hidden_size: Optional[int] = None,
+          ffn_hidden_size: Optional[int] = None, num_query_groups: Optional[int] = None,
+          data: Optional[list[str]] = None, tokenizer: Optional[str] = None, seq_length: int = 1024,
+          calib_samples: int = 256, micro_batch: int = 4, device: str = "auto",
+          shard_bytes: int = 2 * 10**9) -> tuple[ModelConfig, Selection]:
+    from ..convert.hf_import import write_model_yaml
+    from ..convert.sources import open_weights
+    from ..training.checkpoint import write_global_checkpoint
+
+    if layer_order not in ("influence", "uniform"):
+        raise ValueError(f"--layer-order {layer_order!r}: influence or uniform")
+    weights = open_weights(src)
+    cfg = weights.cfg
+    narrower = any(v is not None and v != full for v, full in (
+        (hidden_size, cfg.hidden_size), (ffn_hidden_size, cfg.ffn_hidden_size),
+        (num_query_groups, cfg.num_query_groups)))
+    by_influence = num_layers is not None and num_layers != cfg.num_layers and layer_order == "influence"
+    scores = None
+    if narrower or (by_influence and data):
+        if not data:
+            raise ValueError("prune: width targets need calibration data (--data PREFIX, the teacher's tokenization)")
+        scores = measure_importance(src, cfg, lambda dev: calibration_batches(
+            data, cfg, seq_length, calib_samples, micro_batch, dev, tokenizer), device)
+    elif by_influence:
+        layer_order = "uniform"  # no data: evenly spaced
+    sel = build_selection(
+        cfg, layers=keep_layers, num_layers=num_layers,
+        layer_scores=scores.layers if scores is not None and layer_order == "influence" else None,
+        hidden_size=hidden_size, hidden_scores=None if scores is None else scores.hidden,
+        ffn_hidden_size=ffn_hidden_size, ffn_scores=None if scores is None else scores.ffn,
+        num_query_groups=num_query_groups, group_scores=None if scores is None else scores.groups)
+    student = pruned_config(cfg, sel, name or Path(out).name)
+    record = {"source": str(Path(src).resolve()), "teacher": to_dict(cfg), "layer_order": layer_order,
+              "selection": sel.to_dict(), "importance": None if scores is None else scores.to_dict()}
+    write_global_checkpoint(out, student, pruned_names(student), lambda k: prune_tensor(k, weights.tensor, cfg, sel),
+                            {"kind": "prune", "prune": {k: record[k] for k in ("source", "layer_order", "selection")}},
+                            shard_bytes)
+    write_model_yaml(Path(out) / "model.yaml", student,
+                     f"{student.num_params() / 1e6:.1f}M-parameter student pruned from {record['source']} by kdtrain prune")
+    (Path(out) / "prune.json").write_text(json.dumps(record, indent=1) + "\n")
+    return student, sel
+
+
+def _run(args) -> int:
+    s, _ = prune(args.src, args.out, name=args.name,
+                 keep_layers=parse_layers(args.keep_layers) if args.keep_layers else None,
+                 num_layers=args.num_layers, layer_order=args.layer_order, hidden_size=args.hidden_size,
+                 ffn_hidden_size=args.ffn_hidden_size, num_query_groups=args.num_query_groups, data=args.data,
+                 tokenizer=args.tokenizer, seq_length=args.seq_length, calib_samples=args.calib_samples,
+                 micro_batch=args.micro_batch, device=args.device, shard_bytes=int(args.shard_gb * 10**9))
+    print(f"{s.name}: {s.num_params() / 1e6:.2f}M parameters, {s.num_layers} layers, hidden {s.hidden_size}, "
+          f"ffn {s.ffn_hidden_size}, {s.num_attention_heads} heads / {s.num_query_groups} groups -> {args.out}")
+    print(f"distil with: student.model={args.out}/model.yaml student.load={args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("prune", help="a student pruned from the teacher (depth and width), for student.load",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--src", required=True, help="teacher: Hugging Face directory or kdtrain checkpoint")
+    p.add_argument("--out", required=True, help="output checkpoint directory (gets model.yaml and prune.json)")
+    p.add_argument("--name", default=None, help="student model name (default: the output directory's name)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--keep-layers", default=None, help="teacher layers to keep, e.g. 0-11,14,15")
+    g.add_argument("--num-layers", type=int, default=None, help="number of layers to keep")
+    p.add_argument("--layer-order", default="influence", choices=["influence", "uniform"],
+                   help="how --num-layers picks: Block Influence on the calibration data, or evenly spaced")
+    p.add_argument("--hidden-size", type=int, default=None)
+    p.add_argument("--ffn-hidden-size", type=int, default=None)
+    p.add_argument("--num-query-groups", type=int, default=None, help="query groups to keep (with their heads)")
+    p.add_argument("--data", nargs="+", default=None, help="indexed dataset prefix(es) for calibration")
+    p.add_argument("--tokenizer", default=None, help="the data's tokenizer (checked against the dataset)")
+    p.add_argument("--seq-length", type=int, default=1024)
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--shard-gb", type=float, default=2.0)
+    p.set_defaults(func=_run)
