@@ -348,6 +348,9 @@ def test_streaming_import_bounded_shards(converted, tmp_path):
         for key in whole.names():
             assert torch.equal(parts.pieces[key][0]["param"], whole.pieces[key][0]["param"]), key
         assert not list(tmp_path.glob(f"{name}/*.tmp"))
+    (tmp_path / "llama" / "step_0000100").mkdir()  # a run's checkpoint: never pruned by a conversion
+    with pytest.raises(ValueError, match="holds other checkpoints"):
+        import_hf(converted["archs"]["llama"]["hf"], tmp_path / "llama")
 
 
 def test_sharded_export_loads_in_transformers(converted, tmp_path):

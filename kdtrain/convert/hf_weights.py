@@ -165,9 +165,6 @@ class HFModel:
             t = t[:self.cfg.vocab_size]
         return t
 
-    def weight_files(self) -> list[Path]:
-        return [self.path / f for f in self.files.files]
-
 
 def check_model_matches(hf: HFModel, model: ModelConfig, what: str) -> None:
     """``model`` (the run's config) describes the Hugging Face model, up to training-only fields

@@ -139,13 +139,6 @@ class RuleSet:
         """One output tensor (its rule's other outputs, if any, are computed and dropped)."""
         return self.run(self.by_output[name], get)[name]
 
-    def apply(self, get: Getter) -> dict[str, torch.Tensor]:
-        """Every output (the whole model in memory: for small models and tests)."""
-        out: dict[str, torch.Tensor] = {}
-        for rule in self.rules:
-            out.update(self.run(rule, get))
-        return out
-
 
 # ---- Llama / Qwen2 / Qwen3 ---------------------------------------------------------------------
 def _llama_layer_pairs(i: int, cfg: ModelConfig) -> list[tuple[str, str]]:

@@ -157,6 +157,9 @@ def write_global_checkpoint(out: str | os.PathLike, model: ModelConfig, names, t
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
     out = Path(out)
+    others = sorted(p.name for p in out.glob("step_*") if p.is_dir() and not p.name.startswith(_step_name(0)))
+    if others:  # writing here would prune a run's checkpoints
+        raise ValueError(f"{out} holds other checkpoints ({others[0]}, ...); write to a new directory")
     out.mkdir(parents=True, exist_ok=True)
     tmp = begin_checkpoint(out, 0)
     part: dict[str, dict] = {}
