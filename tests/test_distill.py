@@ -48,6 +48,11 @@ def _from_cache_args(source: str, nproc: int, cache: Path) -> list[str]:
     return extra
 
 
+# On-policy distillation: half the steps on the student's own samples (prompt: the first 8 tokens),
+# on one rank and in two colocated layouts (the sampling noise is keyed by sample, not by layout).
+ONPOLICY = ["onpolicy.fraction=0.5", "onpolicy.prompt_length=8"]
+ONPOLICY_LAYOUTS = {"onpolicy-TP2": ["teacher.tp=2", "student.tp=2"], "onpolicy-DP2": ["student.dp=2"]}
+
 # Runs that must fail with a user error, each the last job of its launch (it ends the launch).
 FAILING = {1: "refused-topk", 2: "mismatched-vocab"}
 
@@ -76,8 +81,13 @@ class Runs:
         jobs += [(name, "distill_gpt.py", extra) for name, (n, extra, _) in LAYOUTS.items() if n == world]
         jobs += [(f"{n}-{source}", "distill_gpt.py", _from_cache_args(source, n, self.cache_dir))
                  for n, source in FROM_CACHE if n == world]
+        if world == 1:
+            jobs.append(("onpolicy-ref", "distill_gpt.py", ONPOLICY))
+            jobs.append(("onpolicy-all", "distill_gpt.py", ["onpolicy.fraction=1.0", "onpolicy.prompt_length=8",
+                                                            "training.train_steps=12", "loss.alpha=0.5"]))
         if world == 2:
             jobs.append(("auto", "distill_gpt.py", ["split.mode=auto"]))
+            jobs += [(name, "distill_gpt.py", ONPOLICY + extra) for name, extra in ONPOLICY_LAYOUTS.items()]
         if world == 1:  # cached k is 16
             jobs.append(("refused-topk", "distill_gpt.py",
                          ["teacher.source=cache", f"teacher.cache={self.cache_dir}", "teacher.topk=32"]))
@@ -175,3 +185,30 @@ def test_split_auto_runs_the_planners_plan(reference, runs):
     got = run["metrics"]
     for s in sorted(reference):
         assert got[s]["loss"] == pytest.approx(reference[s]["loss"], rel=RTOL, abs=ATOL), f"step {s}"
+
+
+@pytest.mark.parametrize("layout", list(ONPOLICY_LAYOUTS))
+def test_onpolicy_steps_reproduce_across_layouts(reference, runs, layout):
+    """On-policy steps train on the student's own samples, scored by the teacher (a teacher scoring
+    other tokens fails the payload checksum); the samples, and so the whole run, are the same in
+    every layout, and the off-policy steps are the data steps of the plain run."""
+    ref = runs.get("onpolicy-ref", world=1)["metrics"]
+    assert [ref[s]["onpolicy"] for s in sorted(ref)] == [0, 1, 0, 1]
+    assert ref[2]["sample_s"] > 0 and ref[1]["sample_s"] == 0
+    assert ref[1]["loss"] == pytest.approx(reference[1]["loss"], rel=RTOL, abs=ATOL)
+    assert ref[2]["kd_loss"] != pytest.approx(reference[2]["kd_loss"], rel=1e-2)  # other tokens
+    got = runs.get(layout, world=2)["metrics"]
+    assert sorted(got) == sorted(ref)
+    for s in sorted(ref):
+        for k in ("loss", "kd_loss", "grad_norm"):
+            assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}: {got[s][k]} vs {ref[s][k]}"
+
+
+def test_onpolicy_student_learns_on_its_own_samples(runs):
+    """Every step on the student's samples: the divergence from the teacher on them falls (the
+    hard-label term is dropped on those steps, so loss = kd_loss there)."""
+    got = runs.get("onpolicy-all", world=1)["metrics"]
+    kd = [got[s]["kd_loss"] for s in sorted(got)]
+    assert all(got[s]["onpolicy"] == 1 for s in got)
+    assert all(got[s]["loss"] == pytest.approx(got[s]["kd_loss"], rel=1e-6) for s in got)
+    assert sum(kd[-3:]) < 0.8 * sum(kd[:3]), kd

@@ -4,6 +4,8 @@
     student: {model: llama-3.2-1b, tp: 1, pp: 1}
 
 (``model`` and ``load`` may both name a Hugging Face directory: ``model: /models/Llama-3.1-8B``.)
+``onpolicy: {fraction: 0.5, prompt_length: 256, temperature: 1.0}`` trains that share of the steps
+on the student's own samples (see ``OnPolicyConfig``).
     split:   {mode: disaggregated, teacher_ranks: 4, depth: 2}
     loss:    {divergence: forward_kl, tau: 1.0, alpha: 0.0}
 
@@ -108,6 +110,27 @@ class SplitConfig:
             raise field_error(where, "timeout_s", f"must be positive, got {self.timeout_s}")
 
 
+@dataclass
+class OnPolicyConfig:
+    """Student-generated sequences (on-policy distillation; GKD's lambda). On a ``fraction`` of the
+    steps, spread evenly, the student extends the first ``prompt_length`` tokens of each training
+    window by sampling at ``temperature`` (models/generate.py); the teacher scores those sequences
+    and the loss covers the sampled tokens only, with no hard-label term (the labels would be the
+    student's own samples). 0 = off: every step distils on the data."""
+
+    fraction: float = 0.0
+    prompt_length: int = 128
+    temperature: float = 1.0
+
+    def check(self, where: str = "onpolicy") -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise field_error(where, "fraction", f"must be in [0, 1], got {self.fraction}")
+        if self.prompt_length < 1:
+            raise field_error(where, "prompt_length", f"must be >= 1, got {self.prompt_length}")
+        if self.temperature < 0:
+            raise field_error(where, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+
+
 @dataclass(frozen=True)
 class Spans:
     """Resolved rank spans and layouts of both roles."""
@@ -131,6 +154,7 @@ class DistillConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     def resolve_spans(self, world_size: int) -> Spans:
         t, s, sp = self.teacher, self.student, self.split
@@ -182,7 +206,23 @@ class DistillConfig:
                                   f"micro-batches per step do not split evenly over the {role}'s dp={dp} replicas")
         if not self.data.path and not self.data.mock:
             raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes, or mock: true)")
+        if self.onpolicy.fraction > 0:
+            self._check_onpolicy(spans)
         return spans
+
+    def _check_onpolicy(self, spans: Spans) -> None:
+        op = self.onpolicy
+        if op.prompt_length > self.data.seq_length:
+            raise field_error("onpolicy", "prompt_length", f"{op.prompt_length} leaves no token to sample in windows "
+                              f"of data.seq_length + 1 = {self.data.seq_length + 1}")
+        if self.split.mode != "colocated":
+            raise field_error("split", "mode", "onpolicy needs colocated roles (the teacher scores the sequences "
+                              "the student samples in the same step)")
+        if self.teacher.source != "online":
+            raise field_error("teacher", "source", "onpolicy needs the live teacher (a cache holds the data's "
+                              "payloads, not those of the student's samples)")
+        if spans.student.pp != 1:
+            raise field_error("student", "pp", "onpolicy samples with the whole student on each rank in depth: pp 1")
 
 
 def load_distill_config(path: Optional[str], overrides=()) -> DistillConfig:

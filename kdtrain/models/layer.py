@@ -161,6 +161,41 @@ class DirectTransformerLayer(TransformerLayer):
         out, bias = _linear(attn.linear_proj, attn.core_attention(query, key, value, attention_mask))
         return self._bias_dropout_add(out, bias, x)
 
+    def cached_forward(self, x: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]],
+                       kv: tuple[torch.Tensor, torch.Tensor], offset: int) -> torch.Tensor:
+        """No-grad forward of ``n`` new positions ``[offset, offset + n)`` of ``x`` [n, b, h] with a
+        key/value cache (generate.py): their keys and values go into ``kv`` (two ``[max_len, b,
+        groups, head_dim]`` tensors), and the queries attend to cached positions ``<= own``. The
+        same operations as ``direct_forward`` on the whole sequence; ``cos_sin``: the rotary
+        tables of the new positions (None without rotary embedding)."""
+        assert self._direct, "cached_forward needs a layer the direct forward covers"
+        attn = self.self_attention
+        n, batch = x.shape[0], x.shape[1]
+        d, hpg = self._head_dim, self._heads_per_group
+        qkv, _ = _linear(attn.linear_qkv, self.input_layernorm(x))
+        query, key, value = torch.split(qkv.view(n, batch, -1, (hpg + 2) * d), [hpg * d, d, d], dim=3)
+        query = query.reshape(n, batch, -1, d)
+        if self._qk_norms is not None:
+            query, key = self._qk_norms[0](query), self._qk_norms[1](key)
+        if cos_sin is not None:
+            query, key = _rotate(query, *cos_sin), _rotate(key, *cos_sin)
+        k_cache, v_cache = kv
+        k_cache[offset:offset + n] = key
+        v_cache[offset:offset + n] = value
+        total = offset + n
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, k_cache[:total], v_cache[:total]))
+        if n == 1:  # one new query sees every cached key
+            mask, causal = None, False
+        elif offset == 0:
+            mask, causal = None, True
+        else:  # query i sits at offset + i
+            mask = torch.arange(total, device=x.device)[None, :] <= torch.arange(offset, total, device=x.device)[:, None]
+            causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             scale=attn.core_attention.softmax_scale, enable_gqa=hpg > 1)
+        out, bias = _linear(attn.linear_proj, out.permute(2, 0, 1, 3).reshape(n, batch, -1))
+        return self._mlp(self._bias_dropout_add(out, bias, x))
+
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
         h, bias = _linear(mlp.linear_fc1, self.pre_mlp_layernorm(x))

@@ -24,14 +24,18 @@ class MicroBatch:
     num_tokens: int  # loss_mask.sum(), known on the host (no device sync to count it)
 
 
-def make_microbatch(windows: np.ndarray, device: torch.device) -> MicroBatch:
-    """``windows`` [b, s + 1] token ids -> inputs/labels shifted by one."""
+def make_microbatch(windows: np.ndarray, device: torch.device, loss_start: int = 0) -> MicroBatch:
+    """``windows`` [b, s + 1] token ids -> inputs/labels shifted by one; positions before
+    ``loss_start`` are not counted (on-policy windows: the prompt's predictions)."""
     w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
     tokens, labels = w[:, :-1], w[:, 1:]
     b, s = tokens.shape
+    assert 0 <= loss_start < s, (loss_start, s)
     pos = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(b, s)
-    return MicroBatch(tokens.contiguous().to(device), labels.contiguous().to(device),
-                      torch.ones(b, s, dtype=torch.float32, device=device), pos.contiguous().to(device), b * s)
+    mask = torch.ones(b, s, dtype=torch.float32)
+    mask[:, :loss_start] = 0.0
+    return MicroBatch(tokens.contiguous().to(device), labels.contiguous().to(device), mask.to(device),
+                      pos.contiguous().to(device), b * (s - loss_start))
 
 
 def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int) -> range:
@@ -41,10 +45,10 @@ def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int
 
 
 def microbatches(sample: Callable[[int], np.ndarray], first: int, global_batch: int, micro_batch: int,
-                 dp_rank: int, dp_size: int, device: torch.device) -> list[MicroBatch]:
+                 dp_rank: int, dp_size: int, device: torch.device, loss_start: int = 0) -> list[MicroBatch]:
     """This replica's micro-batches of the global batch that starts at sample ``first``."""
     ids = replica_sample_ids(first, global_batch, dp_rank, dp_size)
     out = []
     for i in range(0, len(ids), micro_batch):
-        out.append(make_microbatch(np.stack([sample(j) for j in ids[i: i + micro_batch]]), device))
+        out.append(make_microbatch(np.stack([sample(j) for j in ids[i: i + micro_batch]]), device, loss_start))
     return out

@@ -56,10 +56,12 @@ class SeqMicroBatch(MicroBatch):
     seq: int = -1  # sequence number in the step (see stream/pairing.py)
 
 
-def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timers: dict):
+def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timers: dict, loss_cfg=None):
     """Student forward step: logits -> KD loss against the teacher payload from ``channel`` (a
-    PayloadChannel for a live teacher, a CachedPayloads for cached steps)."""
+    PayloadChannel for a live teacher, a CachedPayloads for cached steps); ``loss_cfg`` replaces
+    ``cfg.loss`` (on-policy steps drop the hard-label term)."""
     vocab = cfg.student.model.vocab_size
+    loss_cfg = cfg.loss if loss_cfg is None else loss_cfg
 
     def forward_step(model, mb: SeqMicroBatch):
         output = model(mb.tokens, mb.position_ids, None)
@@ -77,7 +79,7 @@ def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timer
             # from queueing work ahead of the GPU (the kernels ignore out-of-range ids, so a bad
             # payload cannot fault before the check raises, and the update is not applied).
             loss, report = kd_loss(
-                logits_SBVl, payload.ids, payload.values, vocab_size=vocab, tp_group=tp_group, config=cfg.loss,
+                logits_SBVl, payload.ids, payload.values, vocab_size=vocab, tp_group=tp_group, config=loss_cfg,
                 labels_SB=mb.labels.t(), loss_mask_SB=mb.loss_mask.t(), num_tokens=total_tokens,
                 teacher_lse_SB=payload.lse, validate="deferred")
             tokens = mb.loss_mask.sum()
@@ -102,14 +104,48 @@ def sample_ids_of(o: int, pairing: Pairing, first: int, global_batch: int, micro
     return tuple(replica_sample_ids(first, global_batch, r, pairing.dp_student)[j * micro_batch:(j + 1) * micro_batch])
 
 
-def teacher_microbatches(dataset: GPTWindowDataset, pairing: Pairing, first: int, global_batch: int,
+def teacher_microbatches(sample, pairing: Pairing, first: int, global_batch: int,
                          micro_batch: int, teacher_replica: int, device) -> list[tuple[int, MicroBatch]]:
-    """(sequence number, micro-batch) pairs a teacher replica serves this step, in order."""
+    """(sequence number, micro-batch) pairs a teacher replica serves this step, in order;
+    ``sample(g)``: the window of dataset sample ``g``."""
     out = []
     for o in pairing.teacher_work(teacher_replica):
         ids = sample_ids_of(o, pairing, first, global_batch, micro_batch)
-        out.append((o, make_microbatch(np.stack([dataset.train_sample(i) for i in ids]), device)))
+        out.append((o, make_microbatch(np.stack([sample(i) for i in ids]), device)))
     return out
+
+
+def onpolicy_step(step: int, cfg: DistillConfig) -> bool:
+    """Whether the student samples the sequences of ``step`` (``onpolicy.fraction`` of the steps,
+    spread evenly like the mixed teacher's live steps; the same answer on every rank)."""
+    f = cfg.onpolicy.fraction
+    return f > 0 and int((step + 1) * f) > int(step * f)
+
+
+def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, first: int, groups, device) -> np.ndarray:
+    """The step's windows [G, seq + 1] with each sample's tokens after ``onpolicy.prompt_length``
+    sampled by the student (models/generate.py), on every rank.
+
+    Each student replica samples its own samples, micro-batch by micro-batch; one world all-reduce
+    (tensor rank 0 of each replica contributes, the rest add zeros) hands every rank the whole
+    step, since a colocated teacher replica serves other replicas' samples. The sampling noise is
+    keyed by sample id, so the windows do not depend on the layout."""
+    from ..models.generate import sample
+
+    tr, op = cfg.training, cfg.onpolicy
+    G, length = tr.global_batch_size, cfg.data.seq_length + 1
+    out = torch.zeros(G, length, dtype=torch.long, device=device)
+    ids = replica_sample_ids(first, G, groups.dp_rank, groups.layout.dp)
+    for i in range(0, len(ids), tr.micro_batch_size):
+        chunk = ids[i:i + tr.micro_batch_size]
+        prompts = np.stack([dataset.train_sample(g)[:op.prompt_length] for g in chunk])
+        seqs = sample(student.model, torch.from_numpy(prompts).to(device), length,
+                      vocab_size=cfg.student.model.vocab_size, temperature=op.temperature, seed=tr.seed,
+                      sample_ids=chunk, tp_group=groups.pgc.tp)
+        if groups.tp_rank == 0:
+            out[chunk.start - first:chunk.stop - first] = seqs
+    dist.all_reduce(out)
+    return out.cpu().numpy()
 
 
 def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
@@ -236,10 +272,21 @@ def distill(cfg: DistillConfig) -> dict:
         first = step * tr.global_batch_size
         live = live_teacher_step(step, cfg, reader)
         source = channel if live else cached
+        s_tp.start()
+        timers["teacher_wait_s"] = 0.0
+        sample_fn, loss_start, loss_cfg = dataset.train_sample, 0, cfg.loss
+        onpolicy = onpolicy_step(step, cfg)
+        if onpolicy:
+            t0 = time.perf_counter()
+            windows = sampled_windows(student, dataset, cfg, first, s_groups, env.device)
+            timers["sample_s"] = time.perf_counter() - t0
+            sample_fn = lambda g: windows[g - first]  # noqa: E731
+            loss_start = cfg.onpolicy.prompt_length - 1  # position P-1 predicts the first sampled token
+            loss_cfg = dataclasses.replace(cfg.loss, alpha=0.0)
         s_items, upcoming = [], []
         if student is not None:
-            mbs = microbatches(dataset.train_sample, first, tr.global_batch_size, tr.micro_batch_size,
-                               s_groups.dp_rank, s_layout.dp, env.device)
+            mbs = microbatches(sample_fn, first, tr.global_batch_size, tr.micro_batch_size,
+                               s_groups.dp_rank, s_layout.dp, env.device, loss_start)
             upcoming = pairing.student_work(s_groups.dp_rank)
             s_items = [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)]
             upcoming = list(upcoming)
@@ -248,10 +295,8 @@ def distill(cfg: DistillConfig) -> dict:
                                    for o in upcoming})
             if s_groups.is_last_stage:
                 source.post(upcoming)
-        s_tp.start()
-        timers["teacher_wait_s"] = 0.0
         if teacher is not None and live:
-            for o, mb in teacher_microbatches(dataset, pairing, first, tr.global_batch_size, tr.micro_batch_size,
+            for o, mb in teacher_microbatches(sample_fn, pairing, first, tr.global_batch_size, tr.micro_batch_size,
                                               t_groups.dp_rank, env.device):
                 started = teacher_side.begin()
                 payload = teacher.serve(mb)
@@ -262,7 +307,7 @@ def distill(cfg: DistillConfig) -> dict:
                     teacher_side.blocked_s += time.perf_counter() - t1
         result = None
         if student is not None:
-            fwd = kd_forward_step(source, upcoming, cfg, s_groups.pgc.tp, timers)
+            fwd = kd_forward_step(source, upcoming, cfg, s_groups.pgc.tp, timers, loss_cfg)
             lr = lr_at(step, cfg.optimizer, tr.train_steps)
             result = train_step(student.schedule, fwd, s_items, student.grads, student.optimizer, s_groups, lr,
                                 cfg.optimizer.clip_grad, cfg.student.model.tie_embeddings, KD_REPORT_KEYS)
@@ -285,6 +330,9 @@ def distill(cfg: DistillConfig) -> dict:
                        "consumed_samples": step * tr.global_batch_size, **rates,
                        "teacher_tflops_per_device": teacher_flops * rates["tokens_per_s"] / t_layout.num_ranks / 1e12,
                        "teacher_wait_s": timers["teacher_wait_s"], "teacher_live": int(live), **t_stats}
+            if cfg.onpolicy.fraction > 0:
+                metrics["onpolicy"] = int(onpolicy)
+                metrics["sample_s"] = timers["sample_s"] if onpolicy else 0.0
             if "teacher_compute_s" in t_stats:
                 metrics["teacher_busy"] = t_stats["teacher_compute_s"] / rates["step_time_s"]
                 metrics["payload_bytes_per_s"] = t_stats["payload_bytes_per_step"] / rates["step_time_s"]
