@@ -21,21 +21,8 @@ STEPS=${STEPS:-120}
 TEACHER_STEPS=${TEACHER_STEPS:-150}
 PY=${PYTHON:-python}
 RUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
-DEMO_DATA="$WORK/data"
-DATA=("data.path=[$DEMO_DATA/demo_text_document]" "data.tokenizer=$DEMO_DATA/tokenizer.model")
 mkdir -p "$OUT" "$WORK"
-
-if [ ! -f "$DEMO_DATA/demo_text_document.idx" ]; then
-  "$PY" scripts/train_tokenizer.py --demo-corpus --demo-corpus-out "$DEMO_DATA/corpus.jsonl" \
-      --output-prefix "$DEMO_DATA/tokenizer" --vocab-size 4096
-  "$PY" scripts/preprocess_data.py --input "$DEMO_DATA/corpus.jsonl" \
-      --tokenizer "$DEMO_DATA/tokenizer.model" --output-prefix "$DEMO_DATA/demo_text_document"
-fi
-if [ ! -f "$WORK/checkpoints/demo-teacher/latest" ]; then
-  "${RUN[@]}" scripts/pretrain_gpt.py --config configs/pretrain/demo.yaml "${DATA[@]}" \
-      "training.train_steps=$TEACHER_STEPS" "logging.dir=$WORK/runs/demo-teacher" \
-      "checkpoint.dir=$WORK/checkpoints/demo-teacher"
-fi
+source benchmarks/demo_teacher.sh
 
 rm -rf "$WORK/checkpoints/pruned" "$WORK/runs/distill-pruned" "$WORK/runs/distill-random" \
     "$WORK/checkpoints/distill-pruned" "$WORK/checkpoints/distill-random"
