@@ -51,7 +51,9 @@ def _from_cache_args(source: str, nproc: int, cache: Path) -> list[str]:
 # On-policy distillation: half the steps on the student's own samples (prompt: the first 8 tokens),
 # on one rank and in two colocated layouts (the sampling noise is keyed by sample, not by layout).
 ONPOLICY = ["onpolicy.fraction=0.5", "onpolicy.prompt_length=8"]
-ONPOLICY_LAYOUTS = {"onpolicy-TP2": ["teacher.tp=2", "student.tp=2"], "onpolicy-DP2": ["student.dp=2"]}
+# (The DP=2 run also samples in calls of 1 row instead of the replica's 4.)
+ONPOLICY_LAYOUTS = {"onpolicy-TP2": ["teacher.tp=2", "student.tp=2"],
+                    "onpolicy-DP2": ["student.dp=2", "onpolicy.sample_batch=1"]}
 
 # Runs that must fail with a user error, each the last job of its launch (it ends the launch).
 FAILING = {1: "refused-topk", 2: "mismatched-vocab"}

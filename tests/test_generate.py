@@ -84,3 +84,21 @@ def test_onpolicy_config_errors_name_the_field(override, field):
         cfg = load_distill_config("tiny", ["data.mock=true", "onpolicy.fraction=0.5", "onpolicy.prompt_length=8",
                                            *override])
         cfg.validate(2)
+
+
+def test_picked_tokens_follow_the_softmax():
+    """Inversion with the hashed uniforms draws from softmax(logits / T) over the real ids: the
+    frequencies of 20000 draws match the probabilities, padded ids (here with the largest logits)
+    never come out, and temperature 0 is the argmax."""
+    from kdtrain.models.generate import pick_tokens, uniforms
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, 3.0, 9.0, 9.0])  # ids 6, 7: padding (vocab 6)
+    n, temperature = 20000, 1.5
+    u = torch.from_numpy(uniforms(11, list(range(n)), 0, 1)[:, 0])
+    picked = pick_tokens(logits.expand(n, -1), 6, temperature, u, None)
+    freq = torch.bincount(picked, minlength=8).double() / n
+    probs = torch.softmax(logits[:6].double() / temperature, dim=0)
+    assert freq[6:].sum() == 0
+    assert (freq[:6] - probs).abs().max() < 0.01, (freq, probs)
+    assert torch.equal(pick_tokens(logits.expand(3, -1), 6, 0.0, None, None), torch.full((3,), 5))
+    assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01

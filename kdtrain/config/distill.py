@@ -121,6 +121,10 @@ class OnPolicyConfig:
     fraction: float = 0.0
     prompt_length: int = 128
     temperature: float = 1.0
+    # Rows per sampling call (0: all of a replica's samples of the step at once). Decoding is one
+    # forward per token, bound by launch overhead at small batches: larger calls amortise it, at
+    # the memory of their key/value cache.
+    sample_batch: int = 0
 
     def check(self, where: str = "onpolicy") -> None:
         if not 0.0 <= self.fraction <= 1.0:
@@ -129,6 +133,8 @@ class OnPolicyConfig:
             raise field_error(where, "prompt_length", f"must be >= 1, got {self.prompt_length}")
         if self.temperature < 0:
             raise field_error(where, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.sample_batch < 0:
+            raise field_error(where, "sample_batch", f"must be >= 0 (0 = a replica's whole share), got {self.sample_batch}")
 
 
 @dataclass(frozen=True)

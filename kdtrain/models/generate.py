@@ -9,67 +9,84 @@ prompt is one forward, every new token a one-position forward attending to the c
 layers (Transformer Engine's spec) fall back to re-running the whole prefix per token; the tokens
 are the same, the cost quadratic.
 
-Randomness that does not depend on the layout. Token ``t`` of sample ``g`` is
-``argmax_v (logit_v / temperature + G_v)`` over the real vocabulary (the Gumbel-max form of
-sampling from ``softmax(logits / temperature)``), with Gumbel noise ``G = -log(-log U)`` drawn from
-a generator seeded by ``(seed, g, t)`` over the whole padded vocabulary. Every tensor rank draws
-the same noise and takes its own vocabulary slice, the ranks agree on the maximum with one small
-all-gather, and the sequence of sample ``g`` is the same whatever the tensor- and data-parallel
-layout, the micro-batch it is in, or the rank that runs it. ``temperature = 0`` is greedy.
+Randomness that does not depend on the layout. Token ``t`` of sample ``g`` is drawn from
+``softmax(logits / temperature)`` over the real vocabulary by inversion: one uniform ``u(seed, g, t)``
+(a hash, computed on the host for the whole call) picks the token where the cumulative
+probability, in vocabulary order, first exceeds ``u``. Tensor ranks hold consecutive vocabulary
+slices: they agree on the maximum logit and on each slice's mass (one all-reduce, one small
+all-gather), the rank whose slice holds ``u`` picks inside it, and a max all-reduce hands the id to
+all. The sequence of sample ``g`` is then the same whatever the tensor- and data-parallel layout,
+the micro-batch it is in, or the rank that runs it (up to rounding of the logits near a boundary
+of the cumulative sum). ``temperature = 0`` is greedy.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
-def noise_seed(seed: int, sample: int, position: int) -> int:
-    """A 63-bit generator seed for (run seed, sample, position): splitmix64 of their mix."""
-    x = (seed * _MIX[0] + sample * _MIX[1] + position * _MIX[2]) & (2**64 - 1)
-    x = ((x ^ (x >> 30)) * _MIX[1]) & (2**64 - 1)
-    x = ((x ^ (x >> 27)) * _MIX[2]) & (2**64 - 1)
-    return (x ^ (x >> 31)) & (2**63 - 1)
+def uniforms(seed: int, sample_ids: Sequence[int], start: int, stop: int) -> np.ndarray:
+    """float64 [len(sample_ids), stop - start] in (0, 1): entry (i, j) a function of
+    (seed, sample_ids[i], start + j) only (splitmix64 of their mix, 53 bits)."""
+    g = np.asarray(sample_ids, dtype=np.uint64)[:, None]
+    t = np.arange(start, stop, dtype=np.uint64)[None, :]
+    m0, m1, m2 = (np.uint64(c) for c in _MIX)
+    with np.errstate(over="ignore"):  # arithmetic mod 2^64
+        x = np.uint64(seed % 2**64) * m0 + g * m1 + t * m2
+        x = (x ^ (x >> np.uint64(30))) * m1
+        x = (x ^ (x >> np.uint64(27))) * m2
+        x = x ^ (x >> np.uint64(31))
+    return ((x >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
 
-def gumbel_noise(seed: int, samples: Sequence[int], position: int, width: int, device: torch.device) -> torch.Tensor:
-    """[len(samples), width] Gumbel noise, row ``i`` a function of (seed, samples[i], position) only."""
-    out = torch.empty(len(samples), width, dtype=torch.float32, device=device)
-    gen = torch.Generator(device=device)
-    for i, g in enumerate(samples):
-        gen.manual_seed(noise_seed(seed, int(g), position))
-        out[i].uniform_(generator=gen)
-    # U in [0, 1): clamp away from 0 and 1 so both logs are finite.
-    return -torch.log(-torch.log(out.clamp_(1e-20, 1.0 - 1e-7)))
-
-
-def pick_tokens(logits_bVl: torch.Tensor, vocab_size: int, temperature: float, noise: Optional[torch.Tensor],
+def pick_tokens(logits_bVl: torch.Tensor, vocab_size: int, temperature: float, u: Optional[torch.Tensor],
                 tp_group) -> torch.Tensor:
-    """Next tokens [b] from this rank's vocabulary slice of the last position's logits [b, V/tp]:
-    the argmax of ``logits / temperature + noise`` over the real vocabulary of all tensor ranks
-    (ties to the lower id)."""
+    """Next tokens [b] from this rank's vocabulary slice of the last position's logits [b, V/tp]
+    (see the module docstring); ``u`` [b] float64 uniforms, unused when ``temperature`` is 0."""
     b, width = logits_bVl.shape
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     rank = 0 if tp_group is None else dist.get_rank(tp_group)
     first = rank * width
-    score = logits_bVl.float()
-    if temperature > 0:
-        score = score / temperature + noise[:, first:first + width]
-    ids = torch.arange(first, first + width, device=score.device)
-    score = score.masked_fill(ids[None, :] >= vocab_size, float("-inf"))  # padded rows never win
-    best, arg = score.max(dim=-1)
-    if tp == 1:
-        return arg
-    cand = torch.stack([best, (arg + first).float()], dim=-1)  # ids < 2^24: exact in fp32
-    gathered = [torch.empty_like(cand) for _ in range(tp)]
-    dist.all_gather(gathered, cand, group=tp_group)
-    cand = torch.stack(gathered)  # [tp, b, 2]; rank order = id order, so the first maximum is the lowest id
-    pick = cand[..., 0].argmax(dim=0)
-    return cand[pick, torch.arange(b, device=cand.device), 1].long()
+    ids = torch.arange(first, first + width, device=logits_bVl.device)
+    z = logits_bVl.double().masked_fill(ids[None, :] >= vocab_size, float("-inf"))  # padded rows never win
+    if temperature == 0:
+        best, arg = z.max(dim=-1)
+        if tp == 1:
+            return arg
+        # Greedy: the global maximum, ties to the lower id (rank order is id order).
+        cand = torch.stack([best, (arg + first).double()], dim=-1)
+        gathered = [torch.empty_like(cand) for _ in range(tp)]
+        dist.all_gather(gathered, cand, group=tp_group)
+        cand = torch.stack(gathered)
+        return cand[cand[..., 0].argmax(dim=0), torch.arange(b, device=cand.device), 1].long()
+    z = z / temperature
+    top = z.max(dim=-1, keepdim=True).values
+    if tp > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
+    p = torch.exp(z - top)  # unnormalised, exact zeros on padded rows
+    mass = p.sum(dim=-1)  # [b] this slice's share
+    if tp > 1:
+        masses = [torch.empty_like(mass) for _ in range(tp)]
+        dist.all_gather(masses, mass, group=tp_group)
+        masses = torch.stack(masses)  # [tp, b]
+    else:
+        masses = mass[None]
+    ends = masses.cumsum(dim=0)  # [tp, b] cumulative mass at the end of each slice
+    target = u * ends[-1]
+    owner = (ends <= target[None]).sum(dim=0).clamp_(max=tp - 1)  # first slice whose end passes the target
+    local = target - (ends[rank] - mass)  # the target in this slice's own units
+    idx = torch.searchsorted(p.cumsum(dim=-1), local[:, None], right=True)[:, 0]
+    last_real = max(0, min(width, vocab_size - first) - 1)
+    idx = (idx.clamp_(max=last_real) + first).where(owner == rank, torch.full_like(idx, -1))
+    if tp > 1:
+        dist.all_reduce(idx, op=dist.ReduceOp.MAX, group=tp_group)
+    return idx
 
 
 def _cached_layers(model) -> bool:
@@ -77,21 +94,24 @@ def _cached_layers(model) -> bool:
 
 
 def _forward_positions(model, tokens: torch.Tensor, offset: int, rope, caches) -> torch.Tensor:
-    """Logits [n, b, V/tp] of positions ``[offset, offset + n)`` given their tokens [b, n]."""
+    """Logits [b, V/tp] of the last of positions ``[offset, offset + n)``, given their tokens [b, n]
+    (every position's keys and values go into the cache)."""
     b, n = tokens.shape
     pos = torch.arange(offset, offset + n, device=tokens.device).unsqueeze(0).expand(b, n)
     hidden = model.embedding(input_ids=tokens, position_ids=pos)
     cos_sin = None if rope is None else (rope[0][offset:offset + n], rope[1][offset:offset + n])
     for layer, kv in zip(model.decoder.layers, caches):
         hidden = layer.cached_forward(hidden, cos_sin, kv, offset)
-    return model._postprocess(model.decoder.final_layernorm(hidden))
+    # Only the last position's logits are needed (a prompt's full [P, b, V] would be the largest
+    # tensor of the whole call).
+    return model._postprocess(model.decoder.final_layernorm(hidden[-1:]))[-1]
 
 
 @torch.no_grad()
 def sample(model, prompts: torch.Tensor, total_length: int, *, vocab_size: int, temperature: float, seed: int,
            sample_ids: Sequence[int], tp_group=None) -> torch.Tensor:
     """``prompts`` [b, P] extended to [b, total_length] by sampling (see the module docstring);
-    ``sample_ids``: the global dataset sample of each row (the noise's key)."""
+    ``sample_ids``: the global dataset sample of each row (the key of its uniforms)."""
     if not (model.pre_process and model.post_process):
         raise ValueError("sampling needs the whole model on one rank in depth (pp = 1)")
     b, P = prompts.shape
@@ -100,13 +120,12 @@ def sample(model, prompts: torch.Tensor, total_length: int, *, vocab_size: int, 
     model.eval()
     tokens = torch.empty(b, total_length, dtype=torch.long, device=prompts.device)
     tokens[:, :P] = prompts
-    tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+    u = None
+    if temperature > 0:  # row i, column t - P: the uniform of token t of sample_ids[i]
+        u = torch.from_numpy(uniforms(seed, sample_ids, P, total_length)).to(prompts.device)
 
     def next_tokens(logits_bVl, t):
-        noise = None
-        if temperature > 0:  # over the whole padded vocabulary, the same on every tensor rank
-            noise = gumbel_noise(seed, sample_ids, t, logits_bVl.shape[-1] * tp, prompts.device)
-        return pick_tokens(logits_bVl, vocab_size, temperature, noise, tp_group)
+        return pick_tokens(logits_bVl, vocab_size, temperature, None if u is None else u[:, t - P], tp_group)
 
     try:
         if _cached_layers(model):
@@ -121,11 +140,11 @@ def sample(model, prompts: torch.Tensor, total_length: int, *, vocab_size: int, 
             if getattr(model, "rotary_pos_emb", None) is not None and model.position_embedding_type == "rope":
                 freqs = model.rotary_pos_emb(total_length)
                 rope = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
-            logits = _forward_positions(model, prompts, 0, rope, caches)[-1]
+            logits = _forward_positions(model, prompts, 0, rope, caches)
             for t in range(P, total_length):
                 tokens[:, t] = next_tokens(logits, t)
                 if t + 1 < total_length:
-                    logits = _forward_positions(model, tokens[:, t:t + 1], t, rope, caches)[-1]
+                    logits = _forward_positions(model, tokens[:, t:t + 1], t, rope, caches)
         else:
             for t in range(P, total_length):
                 pos = torch.arange(t, device=prompts.device).unsqueeze(0).expand(b, t)

@@ -126,7 +126,8 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     """The step's windows [G, seq + 1] with each sample's tokens after ``onpolicy.prompt_length``
     sampled by the student (models/generate.py), on every rank.
 
-    Each student replica samples its own samples, micro-batch by micro-batch; one world all-reduce
+    Each student replica samples its own samples, ``onpolicy.sample_batch`` rows per call (all of
+    them when 0); one world all-reduce
     (tensor rank 0 of each replica contributes, the rest add zeros) hands every rank the whole
     step, since a colocated teacher replica serves other replicas' samples. The sampling noise is
     keyed by sample id, so the windows do not depend on the layout."""
@@ -136,8 +137,9 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     G, length = tr.global_batch_size, cfg.data.seq_length + 1
     out = torch.zeros(G, length, dtype=torch.long, device=device)
     ids = replica_sample_ids(first, G, groups.dp_rank, groups.layout.dp)
-    for i in range(0, len(ids), tr.micro_batch_size):
-        chunk = ids[i:i + tr.micro_batch_size]
+    rows = op.sample_batch or len(ids)
+    for i in range(0, len(ids), rows):
+        chunk = ids[i:i + rows]
         prompts = np.stack([dataset.train_sample(g)[:op.prompt_length] for g in chunk])
         seqs = sample(student.model, torch.from_numpy(prompts).to(device), length,
                       vocab_size=cfg.student.model.vocab_size, temperature=op.temperature, seed=tr.seed,
