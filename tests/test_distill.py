@@ -51,9 +51,11 @@ def _from_cache_args(source: str, nproc: int, cache: Path) -> list[str]:
 # On-policy distillation: half the steps on the student's own samples (prompt: the first 8 tokens),
 # on one rank and in two colocated layouts (the sampling noise is keyed by sample, not by layout).
 ONPOLICY = ["onpolicy.fraction=0.5", "onpolicy.prompt_length=8"]
-# (The DP=2 run also samples in calls of 1 row instead of the replica's 4.)
-ONPOLICY_LAYOUTS = {"onpolicy-TP2": ["teacher.tp=2", "student.tp=2"],
-                    "onpolicy-DP2": ["student.dp=2", "onpolicy.sample_batch=1"]}
+# (The DP=2 run also samples in calls of 1 row instead of the replica's 4.) Ranks of each layout:
+ONPOLICY_LAYOUTS = {"onpolicy-TP2": (2, ["teacher.tp=2", "student.tp=2"]),
+                    "onpolicy-DP2": (2, ["student.dp=2", "onpolicy.sample_batch=1"]),
+                    "onpolicy-disagg": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.tp=2",
+                                            "student.dp=2"])}
 
 # Runs that must fail with a user error, each the last job of its launch (it ends the launch).
 FAILING = {1: "refused-topk", 2: "mismatched-vocab"}
@@ -81,6 +83,8 @@ class Runs:
                 "--config", "tiny", "--out", str(self.cache_dir), f"data.path=[{c['prefix']}]",
                 f"data.tokenizer={c['tokenizer']}", "cache.dtype=fp32"]))
         jobs += [(name, "distill_gpt.py", extra) for name, (n, extra, _) in LAYOUTS.items() if n == world]
+        jobs += [(name, "distill_gpt.py", ONPOLICY + extra) for name, (n, extra) in ONPOLICY_LAYOUTS.items()
+                 if n == world]
         jobs += [(f"{n}-{source}", "distill_gpt.py", _from_cache_args(source, n, self.cache_dir))
                  for n, source in FROM_CACHE if n == world]
         if world == 1:
@@ -89,7 +93,6 @@ class Runs:
                                                             "training.train_steps=12", "loss.alpha=0.5"]))
         if world == 2:
             jobs.append(("auto", "distill_gpt.py", ["split.mode=auto"]))
-            jobs += [(name, "distill_gpt.py", ONPOLICY + extra) for name, extra in ONPOLICY_LAYOUTS.items()]
         if world == 1:  # cached k is 16
             jobs.append(("refused-topk", "distill_gpt.py",
                          ["teacher.source=cache", f"teacher.cache={self.cache_dir}", "teacher.topk=32"]))
@@ -199,7 +202,7 @@ def test_onpolicy_steps_reproduce_across_layouts(reference, runs, layout):
     assert ref[2]["sample_s"] > 0 and ref[1]["sample_s"] == 0
     assert ref[1]["loss"] == pytest.approx(reference[1]["loss"], rel=RTOL, abs=ATOL)
     assert ref[2]["kd_loss"] != pytest.approx(reference[2]["kd_loss"], rel=1e-2)  # other tokens
-    got = runs.get(layout, world=2)["metrics"]
+    got = runs.get(layout, world=ONPOLICY_LAYOUTS[layout][0])["metrics"]
     assert sorted(got) == sorted(ref)
     for s in sorted(ref):
         for k in ("loss", "kd_loss", "grad_norm"):

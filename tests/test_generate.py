@@ -73,7 +73,6 @@ def test_a_sample_depends_on_its_id_not_its_batch(world_of_one):
 
 
 @pytest.mark.parametrize("override,field", [
-    (["split.mode=disaggregated", "split.teacher_ranks=1"], "split.mode"),
     (["student.pp=2"], "student.pp"),
     (["onpolicy.prompt_length=40"], "onpolicy.prompt_length"),
     (["teacher.source=cache", "teacher.cache=/nowhere"], "teacher.source"),

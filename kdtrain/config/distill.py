@@ -116,7 +116,8 @@ class OnPolicyConfig:
     steps, spread evenly, the student extends the first ``prompt_length`` tokens of each training
     window by sampling at ``temperature`` (models/generate.py); the teacher scores those sequences
     and the loss covers the sampled tokens only, with no hard-label term (the labels would be the
-    student's own samples). 0 = off: every step distils on the data."""
+    student's own samples). 0 = off: every step distils on the data. Either split works; on a
+    sampled step a disaggregated teacher waits for the samples instead of running ahead."""
 
     fraction: float = 0.0
     prompt_length: int = 128
@@ -221,9 +222,6 @@ class DistillConfig:
         if op.prompt_length > self.data.seq_length:
             raise field_error("onpolicy", "prompt_length", f"{op.prompt_length} leaves no token to sample in windows "
                               f"of data.seq_length + 1 = {self.data.seq_length + 1}")
-        if self.split.mode != "colocated":
-            raise field_error("split", "mode", "onpolicy needs colocated roles (the teacher scores the sequences "
-                              "the student samples in the same step)")
         if self.teacher.source != "online":
             raise field_error("teacher", "source", "onpolicy needs the live teacher (a cache holds the data's "
                               "payloads, not those of the student's samples)")

@@ -127,17 +127,18 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     sampled by the student (models/generate.py), on every rank.
 
     Each student replica samples its own samples, ``onpolicy.sample_batch`` rows per call (all of
-    them when 0); one world all-reduce
-    (tensor rank 0 of each replica contributes, the rest add zeros) hands every rank the whole
-    step, since a colocated teacher replica serves other replicas' samples. The sampling noise is
-    keyed by sample id, so the windows do not depend on the layout."""
+    them when 0); one world all-reduce (tensor rank 0 of each student replica contributes, every
+    other rank adds zeros) hands every rank the whole step, since a teacher replica serves other
+    replicas' samples. A disaggregated teacher waits in it for the step's samples: on-policy steps
+    cannot run ahead. The sampling is keyed by sample id, so the windows do not depend on the
+    layout. ``student`` is None on teacher-only ranks."""
     from ..models.generate import sample
 
     tr, op = cfg.training, cfg.onpolicy
     G, length = tr.global_batch_size, cfg.data.seq_length + 1
     out = torch.zeros(G, length, dtype=torch.long, device=device)
-    ids = replica_sample_ids(first, G, groups.dp_rank, groups.layout.dp)
-    rows = op.sample_batch or len(ids)
+    ids = replica_sample_ids(first, G, groups.dp_rank, groups.layout.dp) if student is not None else range(0)
+    rows = op.sample_batch or max(1, len(ids))
     for i in range(0, len(ids), rows):
         chunk = ids[i:i + rows]
         prompts = np.stack([dataset.train_sample(g)[:op.prompt_length] for g in chunk])
