@@ -8,6 +8,7 @@ models are created from configs.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -108,8 +109,9 @@ def _layouts_worker(rank, world, archs, tokens, resave_root):
     from kdtrain.config import load_model_config, to_dict
     from kdtrain.models import build_gpt
     from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.convert.hf_weights import HFWeights
     from kdtrain.training.checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint,
-                                             load_model_weights, load_weights, save_checkpoint)
+                                             load_weights, save_checkpoint)
 
     layouts = {"tp1": [build_role_groups(RoleLayout("solo0", 0, 1, 1, 1)),
                        build_role_groups(RoleLayout("solo1", 1, 1, 1, 1))][rank],
@@ -127,7 +129,20 @@ def _layouts_worker(rank, world, archs, tokens, resave_root):
             model = build_gpt(cfg, groups, device=torch.device("cpu"), dtype=torch.float32, seed=123)
             params = [(model.param_specs[n], p) for n, p in model.named_parameters()]
             if lname.startswith("hf/"):
-                load_model_weights(hf_dir, cfg, params, "teacher")
+                hf_reader = HFWeights(hf_dir, cfg, "teacher")
+                load_weights(hf_reader, params)
+                # A rank reads exactly the slices it holds (its stage's layers, its tensor-parallel
+                # rows or columns), except GPT-2's Conv1D QKV, converted whole and then sliced.
+                held = {spec.global_name + str(spec.tied_copy): sum(g1 - g0 for g0, g1, _ in spec.ranges())
+                        * p.numel() // p.shape[spec.dim] if spec.shard_dim is not None else p.numel()
+                        for spec, p in params}
+                own = sum(held.values())
+                whole_qkv = sum(math.prod(spec.global_shape) - held[spec.global_name + str(spec.tied_copy)]
+                                for spec, _ in params if ".linear_qkv." in spec.global_name)
+                read = hf_reader.hf.elements_read
+                errors[f"{name}/{lname}/read"] = read / cfg.num_params()
+                extra = whole_qkv if name == "gpt2" else 0
+                assert own <= read <= own + extra, f"{name} {lname}: read {read} elements, the rank holds {own}"
             else:
                 load_weights(reader, params)
             model.eval()

@@ -4,11 +4,13 @@ Two users:
 
 * ``teacher.load`` / ``student.load`` / ``checkpoint.load`` may name a Hugging Face directory
   (``config.json`` + ``model.safetensors`` or an indexed set of shards) instead of a kdtrain
-  checkpoint. Each rank then builds only the parameters of its own pipeline stage, each from the
-  safetensors tensors its conversion rule needs (memory-mapped), and copies its tensor-parallel
-  slice out of it: no conversion step, no copy of the model on disk, and host memory bounded by
-  the largest single tensor rather than the model. ``HFWeights`` is the reader ``load_weights``
-  takes for it (the interface of ``CheckpointReader``).
+  checkpoint. Each rank then builds only the parameters of its own pipeline stage, and of each
+  only its tensor-parallel slice, reading just those rows or columns of the safetensors tensors
+  (``HFModel.part``: 1:1 and transposed tensors, fused QKV by whole query groups, [gate; up] by
+  halves; other fusions are converted whole, then sliced): no conversion step, no copy of the
+  model on disk, at TP=8 an eighth of each layer read per rank, and host memory bounded by one
+  tensor rather than the model. ``HFWeights`` is the reader ``load_weights`` takes for it (the
+  interface of ``CheckpointReader``).
 * ``kdtrain convert hf-to-kdtrain`` streams the same per-tensor conversion into checkpoint shard
   files of bounded size (hf_import.py).
 
@@ -28,7 +30,7 @@ import torch
 
 from ..config import ModelConfig
 from .hf_config import model_config_from_hf
-from .layout import IGNORED_SUFFIXES, TO_KDTRAIN, RuleSet, expected_shapes
+from .layout import IGNORED_SUFFIXES, TO_KDTRAIN, RuleSet, expected_shapes, fuse_qkv
 
 _GPT2_PREFIX = "transformer."
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
@@ -104,6 +106,15 @@ class SafetensorsDir:
             raise ValueError(f"{self.path}: tensor {name!r} is missing from the safetensors files")
         return self._handles[self.where[name]].get_tensor(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the file header (nothing read)."""
+        return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
+
+    def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Entries ``[start, stop)`` along ``dim``, reading only those from the file."""
+        index = (slice(None),) * dim + (slice(start, stop),)
+        return self._handles[self.where[name]].get_slice(name)[index]
+
 
 class HFModel:
     """The kdtrain parameters of a Hugging Face directory, each computed on demand.
@@ -135,6 +146,7 @@ class HFModel:
                              f"(config.json does not describe these weights)")
         self._shapes = expected_shapes(self.cfg)
         self.table_rows = self.cfg.vocab_size  # rows of the stored vocabulary tables
+        self.elements_read = 0  # tensor elements converted so far (what loading cost)
 
     def _stored_name(self, hf_name: str) -> str:
         if self._bare and hf_name.startswith(_GPT2_PREFIX):
@@ -155,9 +167,72 @@ class HFModel:
     def names(self) -> list[str]:
         return self.rules.outputs()
 
+    def part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Entries ``[start, stop)`` along ``dim`` of parameter ``name`` (what one tensor rank
+        needs), reading only those from the files where the conversion allows: 1:1 and transposed
+        tensors, and
+        the Llama-family fusions when the range covers whole query groups (QKV) or lies in one of
+        the gate / up halves; otherwise the whole tensor, sliced. Source shapes are checked
+        against the config from the headers either way."""
+        rule = self.rules.by_output[name]
+        expected = self._shapes[name]
+        if rule.kind in ("copy", "transpose"):
+            (src,) = rule.inputs
+            stored = self.files.shape(self._stored_name(src))
+            if rule.kind == "transpose":
+                stored = stored[::-1]
+            if stored != expected:
+                raise ValueError(f"{self.path}: tensor for {name} has shape {stored}, config.json implies "
+                                 f"{expected} (config and weights disagree)")
+            if rule.kind == "copy":
+                return self._read_part(src, dim, start, stop)
+            return self._read_part(src, 1 - dim, start, stop).t()
+        if rule.kind in ("qkv", "gated") and dim == 0:
+            out = self._fused_part(rule, expected, start, stop)
+            if out is not None:
+                return out
+        t = self.tensor(name)
+        return t.narrow(dim, start, stop - start)
+
+    def _read_part(self, hf_name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        t = self.files.get_part(self._stored_name(hf_name), dim, start, stop)
+        self.elements_read += t.numel()
+        return t
+
+    def _fused_part(self, rule, expected: tuple[int, ...], start: int, stop: int) -> Optional[torch.Tensor]:
+        """Rows [start, stop) of a fused QKV or [gate; up] tensor from row ranges of its parts, or
+        None when the range does not split cleanly (then the caller converts the whole tensor)."""
+        cfg, rest = self.cfg, expected[1:]
+        d, groups = cfg.kv_channels, cfg.num_query_groups
+        hpg = cfg.num_attention_heads // groups
+        if rule.kind == "qkv":
+            shapes = [(groups * hpg * d, *rest), (groups * d, *rest), (groups * d, *rest)]
+        else:
+            shapes = [(cfg.ffn_hidden_size, *rest)] * 2
+        for src, shape in zip(rule.inputs, shapes):
+            stored = self.files.shape(self._stored_name(src))
+            if stored != shape:
+                raise ValueError(f"{self.path}: tensor {src} has shape {stored}, config.json implies {shape} "
+                                 f"(config and weights disagree)")
+        if rule.kind == "qkv":
+            block = (hpg + 2) * d  # rows of one query group in the fused layout
+            if start % block or stop % block:
+                return None
+            g0, g1 = start // block, stop // block
+            q, k, v = (self._read_part(src, 0, g0 * n, g1 * n) for src, n in zip(rule.inputs, (hpg * d, d, d)))
+            part_cfg = dataclasses.replace(cfg, num_query_groups=g1 - g0, num_attention_heads=(g1 - g0) * hpg)
+            return fuse_qkv(q, k, v, part_cfg)
+        f = cfg.ffn_hidden_size
+        if stop <= f:
+            return self._read_part(rule.inputs[0], 0, start, stop)
+        if start >= f:
+            return self._read_part(rule.inputs[1], 0, start - f, stop - f)
+        return None
+
     def tensor(self, name: str) -> torch.Tensor:
         """Global (TP=1, unpadded) kdtrain parameter ``name`` in the stored dtype."""
         t = self.rules.compute(name, self._get)
+        self.elements_read += t.numel()
         if tuple(t.shape) != self._shapes[name]:
             raise ValueError(f"{self.path}: tensor for {name} has shape {tuple(t.shape)}, config.json implies "
                              f"{self._shapes[name]} (config and weights disagree)")
@@ -202,10 +277,15 @@ class HFWeights:
 
         if key != "master":
             raise ValueError(f"{self.path} is a Hugging Face model: it holds weights, no {key!r} state")
-        t = self.hf.tensor(spec.global_name)
-        assert tuple(t.shape) == spec.global_shape, (spec.global_name, t.shape, spec.global_shape)
+        if spec.shard_dim is None:  # replicated: the whole tensor
+            t = self.hf.tensor(spec.global_name)
+            assert tuple(t.shape) == spec.global_shape, (spec.global_name, t.shape, spec.global_shape)
+            copy_overlap(t, 0, [(0, t.shape[0], 0)], out, 0, spec.ranges())
+            return
+        # Sharded: only this rank's ranges (several for a chunked [gate; up]), each read on its own.
         dim = spec.dim
-        copy_overlap(t, dim, [(0, t.shape[dim], 0)], out, dim, spec.ranges())
+        for start, stop, local in spec.ranges():
+            out.narrow(dim, local, stop - start).copy_(self.hf.part(spec.global_name, dim, start, stop))
 
 
 def hf_weight_files(path: str | os.PathLike) -> list[Path]:

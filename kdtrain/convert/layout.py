@@ -105,14 +105,17 @@ class Rule:
     outputs: tuple[str, ...]
     inputs: tuple[str, ...]
     fn: Callable[..., tuple[torch.Tensor, ...]]
+    # What ``fn`` does, for readers that compute only part of an output (hf_weights.py):
+    # "copy", "transpose" (of a matrix), "qkv" (fuse_qkv of q, k, v), "gated" ([gate; up]) or "other".
+    kind: str = "other"
 
 
 def _copy(dst: str, src: str) -> Rule:
-    return Rule((dst,), (src,), lambda t: (t,))
+    return Rule((dst,), (src,), lambda t: (t,), "copy")
 
 
 def _transposed(dst: str, src: str) -> Rule:
-    return Rule((dst,), (src,), lambda t: (t.t().contiguous(),))
+    return Rule((dst,), (src,), lambda t: (t.t().contiguous(),), "transpose")
 
 
 class RuleSet:
@@ -183,7 +186,7 @@ def llama_to_kdtrain(cfg: ModelConfig) -> list[Rule]:
         for fused, parts, kind in _llama_fused(i, cfg):
             fn = (lambda q, k, v: (fuse_qkv(q, k, v, cfg),)) if kind == "qkv" else \
                 (lambda gate, up: (torch.cat([gate, up]),))
-            rules.append(Rule((fused,), parts, fn))
+            rules.append(Rule((fused,), parts, fn, kind))
     return rules
 
 
