@@ -301,6 +301,27 @@ def test_model_config_from_hf_dir_equals_the_imported_one(converted):
         assert dataclasses.replace(direct, name=a["cfg"].name) == a["cfg"], name
 
 
+def test_hf_model_reference_takes_overrides(converted):
+    """A run names a Hugging Face directory as its model and still overrides fields (the padded
+    vocabulary down to the tokenizer's ids), on the command line or as ``{hf: DIR, ...}``."""
+    import dataclasses
+
+    from kdtrain.config import load_model_config
+    from kdtrain.config.distill import load_distill_config
+
+    hf = str(converted["archs"]["qwen2"]["hf"])
+    cfg = load_distill_config("tiny", [f"teacher.model={hf}", "teacher.model.vocab_size=300", f"student.model={hf}",
+                                       "student.model.vocab_size=300", "data.mock=true"])
+    base = load_model_config(hf)
+    assert cfg.teacher.model == dataclasses.replace(base, vocab_size=300)
+    assert load_model_config({"hf": hf, "vocab_size": 300, "name": "q"}) == dataclasses.replace(
+        base, vocab_size=300, name="q")
+    with pytest.raises(ValueError, match="num_layers"):
+        load_model_config({"hf": hf, "num_layers": 0})
+    with pytest.raises(ValueError, match="teacher.model.vocab_size=N student.model.vocab_size=N"):
+        load_distill_config("tiny", [f"teacher.model={hf}", "data.mock=true"]).validate(1)
+
+
 def _tp1_model(cfg):
     from kdtrain.models import build_gpt
     from kdtrain.parallel import RoleLayout, build_role_groups

@@ -198,7 +198,9 @@ class DistillConfig:
         sm.check_layout(spans.student.tp, spans.student.pp, "student")
         if tm.vocab_size != sm.vocab_size:
             raise field_error("student", "model", f"vocab_size {sm.vocab_size} of student {sm.name!r} differs from "
-                              f"vocab_size {tm.vocab_size} of teacher {tm.name!r}: distillation needs one tokenizer")
+                              f"vocab_size {tm.vocab_size} of teacher {tm.name!r}: distillation needs one tokenizer "
+                              f"(Hugging Face tables are often padded to different sizes for the same tokenizer: "
+                              f"set both to its number of ids, teacher.model.vocab_size=N student.model.vocab_size=N)")
         seq = self.data.seq_length
         for role, m in (("teacher", tm), ("student", sm)):
             if seq > m.max_seq_length:

@@ -76,9 +76,12 @@ def apply_overrides(raw: dict, overrides: Iterable[str], expand: dict[str, str] 
             child = node.get(part)
             key = ".".join(path[: depth + 1])
             if isinstance(child, str) and key in expand:
-                ref_path = resolve_config_path(child, expand[key])
-                child = load_yaml(ref_path)
-                child.setdefault("name", ref_path.stem)
+                if expand[key] == "models" and (Path(child) / "config.json").is_file():
+                    child = {"hf": child}  # a Hugging Face model directory (config/model.py)
+                else:
+                    ref_path = resolve_config_path(child, expand[key])
+                    child = load_yaml(ref_path)
+                    child.setdefault("name", ref_path.stem)
             if child is None:
                 child = {}
             if not isinstance(child, dict):

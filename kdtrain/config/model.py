@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from .loader import field_error, from_dict, load_yaml, resolve_config_path
+from .loader import field_error, from_dict, load_yaml, resolve_config_path, to_dict
 
 
 @dataclass
@@ -129,20 +129,30 @@ class ModelConfig:
         return 3 * forward if training else forward
 
 
+def _from_hf(path: str, where: str) -> ModelConfig:
+    from ..convert.hf_config import model_config_from_hf  # convert imports config
+    from ..convert.hf_weights import read_hf_config
+
+    try:
+        return model_config_from_hf(read_hf_config(path), Path(path).resolve().name, str(Path(path) / "config.json"))[0]
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def load_model_config(ref, where: str = "model") -> ModelConfig:
     """A model config from a name (``configs/models/<name>.yaml``), a YAML path, a Hugging Face
-    model directory (its ``config.json``), or a mapping."""
+    model directory (its ``config.json``), or a mapping. A mapping with ``hf: DIR`` starts from that
+    directory's config and sets its other keys on it (``{hf: /models/Qwen2.5-7B, vocab_size:
+    151665}``: the tokenizer's ids instead of the padded table; command-line overrides such as
+    ``teacher.model.vocab_size=151665`` on a directory reference produce it)."""
     if isinstance(ref, ModelConfig):
         return ref
     if isinstance(ref, str) and (Path(ref) / "config.json").is_file():
-        from ..convert.hf_config import model_config_from_hf  # convert imports config
-        from ..convert.hf_weights import read_hf_config
-
-        try:
-            return model_config_from_hf(read_hf_config(ref), Path(ref).resolve().name,
-                                        str(Path(ref) / "config.json"))[0]
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        return _from_hf(ref, where)
+    if isinstance(ref, dict) and "hf" in ref:
+        base = to_dict(_from_hf(str(ref["hf"]), f"{where}.hf"))
+        base.update({k: v for k, v in ref.items() if k != "hf"})
+        return from_dict(ModelConfig, base, where)
     if isinstance(ref, str):
         path = resolve_config_path(ref, "models")
         raw = load_yaml(path)
