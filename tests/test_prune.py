@@ -225,3 +225,8 @@ def test_prune_cli_from_hf_teacher(tmp_path):
               "--keep-layers", "0,1"])
     assert main(["prune", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "y"),
                  "--ffn-hidden-size", "32"]) == 2  # width without calibration data: a clear error
+    # Depth only (no calibration), the padded vocabulary trimmed to the tokenizer's ids.
+    assert main(["prune", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "z"), "--keep-layers", "0,3",
+                 "--vocab-size", str(V - 11)]) == 0
+    z = load_model_config(str(tmp_path / "z" / "model.yaml"))
+    assert (z.num_layers, z.vocab_size) == (2, V - 11)

@@ -95,7 +95,7 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
           ffn_hidden_size: Optional[int] = None, num_query_groups: Optional[int] = None,
           data: Optional[list[str]] = None, tokenizer: Optional[str] = None, seq_length: int = 1024,
           calib_samples: int = 256, micro_batch: int = 4, device: str = "auto",
-          shard_bytes: int = 2 * 10**9) -> tuple[ModelConfig, Selection]:
+          shard_bytes: int = 2 * 10**9, vocab_size: Optional[int] = None) -> tuple[ModelConfig, Selection]:
     from ..convert.hf_import import write_model_yaml
     from ..convert.sources import open_weights
     from ..training.checkpoint import write_global_checkpoint
@@ -103,6 +103,11 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
     if layer_order not in ("influence", "uniform"):
         raise ValueError(f"--layer-order {layer_order!r}: influence or uniform")
     weights = open_weights(src)
+    if vocab_size is not None and vocab_size != weights.cfg.vocab_size:
+        if not hasattr(weights, "trim_vocab"):
+            raise ValueError(f"--vocab-size {vocab_size}: {src} is a kdtrain checkpoint, which holds its real "
+                             f"vocabulary ({weights.cfg.vocab_size}) already")
+        weights.trim_vocab(vocab_size)
     cfg = weights.cfg
     narrower = any(v is not None and v != full for v, full in (
         (hidden_size, cfg.hidden_size), (ffn_hidden_size, cfg.ffn_hidden_size),
@@ -140,7 +145,8 @@ def _run(args) -> int:
                  num_layers=args.num_layers, layer_order=args.layer_order, hidden_size=args.hidden_size,
                  ffn_hidden_size=args.ffn_hidden_size, num_query_groups=args.num_query_groups, data=args.data,
                  tokenizer=args.tokenizer, seq_length=args.seq_length, calib_samples=args.calib_samples,
-                 micro_batch=args.micro_batch, device=args.device, shard_bytes=int(args.shard_gb * 10**9))
+                 micro_batch=args.micro_batch, device=args.device, shard_bytes=int(args.shard_gb * 10**9),
+                 vocab_size=args.vocab_size)
     print(f"{s.name}: {s.num_params() / 1e6:.2f}M parameters, {s.num_layers} layers, hidden {s.hidden_size}, "
           f"ffn {s.ffn_hidden_size}, {s.num_attention_heads} heads / {s.num_query_groups} groups -> {args.out}")
     print(f"distil with: student.model={args.out}/model.yaml student.load={args.out}")
@@ -168,4 +174,6 @@ def register(subparsers) -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--shard-gb", type=float, default=2.0)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="keep the first N rows of a Hugging Face teacher's (padded) vocabulary table")
     p.set_defaults(func=_run)
