@@ -170,10 +170,9 @@ class HFModel:
     def part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Entries ``[start, stop)`` along ``dim`` of parameter ``name`` (what one tensor rank
         needs), reading only those from the files where the conversion allows: 1:1 and transposed
-        tensors, and
-        the Llama-family fusions when the range covers whole query groups (QKV) or lies in one of
-        the gate / up halves; otherwise the whole tensor, sliced. Source shapes are checked
-        against the config from the headers either way."""
+        tensors, and the Llama-family fusions when the range covers whole query groups (QKV) or
+        lies in one of the gate / up halves; otherwise the whole tensor, sliced. Source shapes are
+        checked against the config from the headers either way."""
         rule = self.rules.by_output[name]
         expected = self._shapes[name]
         if rule.kind in ("copy", "transpose"):
