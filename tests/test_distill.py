@@ -89,6 +89,9 @@ class Runs:
                  for n, source in FROM_CACHE if n == world]
         if world == 1:
             jobs.append(("onpolicy-ref", "distill_gpt.py", ONPOLICY))
+            # Data steps from the fp32 cache, sampled steps live (live_fraction 0: only those).
+            jobs.append(("onpolicy-mixed", "distill_gpt.py", ONPOLICY + [
+                "teacher.source=mixed", f"teacher.cache={self.cache_dir}", "teacher.live_fraction=0.0"]))
             jobs.append(("onpolicy-all", "distill_gpt.py", ["onpolicy.fraction=1.0", "onpolicy.prompt_length=8",
                                                             "training.train_steps=12", "loss.alpha=0.5"]))
         if world == 2:
@@ -217,3 +220,14 @@ def test_onpolicy_student_learns_on_its_own_samples(runs):
     assert all(got[s]["onpolicy"] == 1 for s in got)
     assert all(got[s]["loss"] == pytest.approx(got[s]["kd_loss"], rel=1e-6) for s in got)
     assert sum(kd[-3:]) < 0.8 * sum(kd[:3]), kd
+
+
+def test_onpolicy_with_a_cache_runs_sampled_steps_live(runs):
+    """teacher.source: mixed with on-policy steps: those go to the live teacher, the data steps to
+    the cache, and the run is the online on-policy run (the fp32 cache is bitwise the teacher)."""
+    ref = runs.get("onpolicy-ref", world=1)["metrics"]
+    got = runs.get("onpolicy-mixed", world=1)["metrics"]
+    assert [got[s]["teacher_live"] for s in sorted(got)] == [got[s]["onpolicy"] for s in sorted(got)] == [0, 1, 0, 1]
+    for s in sorted(ref):
+        for k in ("loss", "kd_loss", "grad_norm"):
+            assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}"

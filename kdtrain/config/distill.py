@@ -117,7 +117,8 @@ class OnPolicyConfig:
     window by sampling at ``temperature`` (models/generate.py); the teacher scores those sequences
     and the loss covers the sampled tokens only, with no hard-label term (the labels would be the
     student's own samples). 0 = off: every step distils on the data. Either split works; on a
-    sampled step a disaggregated teacher waits for the samples instead of running ahead."""
+    sampled step a disaggregated teacher waits for the samples instead of running ahead. With
+    ``teacher.source: mixed`` the sampled steps are live and the others may come from the cache."""
 
     fraction: float = 0.0
     prompt_length: int = 128
@@ -224,9 +225,10 @@ class DistillConfig:
         if op.prompt_length > self.data.seq_length:
             raise field_error("onpolicy", "prompt_length", f"{op.prompt_length} leaves no token to sample in windows "
                               f"of data.seq_length + 1 = {self.data.seq_length + 1}")
-        if self.teacher.source != "online":
+        if self.teacher.source == "cache":
             raise field_error("teacher", "source", "onpolicy needs the live teacher (a cache holds the data's "
-                              "payloads, not those of the student's samples)")
+                              "payloads, not those of the student's samples): use online, or mixed (sampled "
+                              "steps live, the others from the cache)")
         if spans.student.pp != 1:
             raise field_error("student", "pp", "onpolicy samples with the whole student on each rank in depth: pp 1")
 

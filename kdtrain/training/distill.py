@@ -273,12 +273,13 @@ def distill(cfg: DistillConfig) -> dict:
     while step < tr.train_steps:
         profiler.begin(step + 1)
         first = step * tr.global_batch_size
-        live = live_teacher_step(step, cfg, reader)
+        onpolicy = onpolicy_step(step, cfg)
+        # A cache holds the data's payloads: steps on the student's samples need the live teacher.
+        live = onpolicy or live_teacher_step(step, cfg, reader)
         source = channel if live else cached
         s_tp.start()
         timers["teacher_wait_s"] = 0.0
         sample_fn, loss_start, loss_cfg = dataset.train_sample, 0, cfg.loss
-        onpolicy = onpolicy_step(step, cfg)
         if onpolicy:
             t0 = time.perf_counter()
             windows = sampled_windows(student, dataset, cfg, first, s_groups, env.device)
