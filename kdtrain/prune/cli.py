@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:  # torch and the model code load only when a command runs (`kdtrain --help` stays fast)
+    import torch
 
-from ..config import ModelConfig, to_dict
-from .select import Selection, build_selection, prune_tensor, pruned_config, pruned_names
+    from ..config import ModelConfig
+    from .select import Selection
 
 
 def parse_layers(text: str) -> list[int]:
@@ -43,6 +45,8 @@ def parse_layers(text: str) -> list[int]:
 def calibration_batches(data: list[str], cfg: ModelConfig, seq_length: int, samples: int, micro_batch: int,
                         device: torch.device, tokenizer: Optional[str] = None):
     """The first ``samples`` training windows of the indexed dataset, ``micro_batch`` at a time."""
+    import torch
+
     from ..data.gpt_dataset import GPTWindowDataset
     from ..data.tokenizer import Tokenizer
 
@@ -58,14 +62,13 @@ def calibration_batches(data: list[str], cfg: ModelConfig, seq_length: int, samp
 
 def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str = "auto"):
     """Build the whole teacher on one device, load ``src`` and score it (importance.py)."""
+    import torch
+    import torch.distributed as dist
+
     from ..models import build_gpt
     from ..parallel import RoleLayout, build_role_groups, init_distributed, shutdown_distributed
     from ..training.checkpoint import load_model_weights
     from .importance import activation_importance
-
-    import os
-
-    import torch.distributed as dist
 
     # A one-process world for megatron's parallel layers, taken down again when this made it
     # (so a caller's own process group or environment is left as it was).
@@ -96,9 +99,11 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
           data: Optional[list[str]] = None, tokenizer: Optional[str] = None, seq_length: int = 1024,
           calib_samples: int = 256, micro_batch: int = 4, device: str = "auto",
           shard_bytes: int = 2 * 10**9, vocab_size: Optional[int] = None) -> tuple[ModelConfig, Selection]:
+    from ..config import to_dict
     from ..convert.hf_import import write_model_yaml
     from ..convert.sources import open_weights
     from ..training.checkpoint import write_global_checkpoint
+    from .select import build_selection, prune_tensor, pruned_config, pruned_names
 
     if layer_order not in ("influence", "uniform"):
         raise ValueError(f"--layer-order {layer_order!r}: influence or uniform")

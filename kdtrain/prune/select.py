@@ -147,7 +147,7 @@ def top_k_sorted(scores: torch.Tensor, k: int, what: str) -> list[int]:
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:
-    """``k`` of ``range(n)`` spread evenly, first and last included (k >= 2)."""
+    """``k`` of ``range(n)`` spread evenly, the first and (for k > 1) the last included."""
     if not 0 < k <= n:
         raise ValueError(f"prune: --num-layers must be in [1, {n}], got {k}")
     if k == 1:
