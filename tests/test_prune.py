@@ -230,3 +230,14 @@ def test_prune_cli_from_hf_teacher(tmp_path):
                  "--vocab-size", str(V - 11)]) == 0
     z = load_model_config(str(tmp_path / "z" / "model.yaml"))
     assert (z.num_layers, z.vocab_size) == (2, V - 11)
+
+
+def test_kdtrain_help_does_not_import_torch():
+    """The command's sub-commands register without loading torch or the model code."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom kdtrain.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out[-500:]
