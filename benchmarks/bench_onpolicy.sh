@@ -14,17 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench_onpolicy.sh OUT_DIR}
-WORK=${WORK:-/tmp/kdtrain-pruned-init}
-NPROC=${NPROC:-2}
-STEPS=${STEPS:-120}
-TEACHER_STEPS=${TEACHER_STEPS:-150}
-PY=${PYTHON:-python}
-RUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
 INIT=()
 [ -n "${STUDENT:-}" ] && INIT=("student.model=$STUDENT/model.yaml" "student.load=$STUDENT")
 TAG=${STUDENT:+-$(basename "$STUDENT")}
-mkdir -p "$OUT" "$WORK"
 source benchmarks/demo_teacher.sh
+mkdir -p "$OUT"
 
 for f in 0.0 0.5 1.0; do
   rm -rf "$WORK/runs/onpolicy$TAG-$f" "$WORK/checkpoints/onpolicy$TAG-$f"

@@ -15,14 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench_pruned_init.sh OUT_DIR}
-WORK=${WORK:-/tmp/kdtrain-pruned-init}
-NPROC=${NPROC:-2}
-STEPS=${STEPS:-120}
-TEACHER_STEPS=${TEACHER_STEPS:-150}
-PY=${PYTHON:-python}
-RUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
-mkdir -p "$OUT" "$WORK"
 source benchmarks/demo_teacher.sh
+mkdir -p "$OUT"
 
 rm -rf "$WORK/checkpoints/pruned" "$WORK/runs/distill-pruned" "$WORK/runs/distill-random" \
     "$WORK/checkpoints/distill-pruned" "$WORK/checkpoints/distill-random"

@@ -1,6 +1,14 @@
-# Sourced by the demo-pair benchmarks (bench_pruned_init.sh, bench_onpolicy.sh): builds the demo
-# dataset and pretrains the demo teacher under $WORK as scripts/quickstart.sh does, unless $WORK
-# already holds them. Needs PY, RUN (the torchrun command) and TEACHER_STEPS; sets DEMO_DATA and DATA.
+# Sourced by the demo-pair benchmarks (bench_pruned_init.sh, bench_onpolicy.sh), from the repo
+# root: their shared settings (environment WORK, NPROC, STEPS, TEACHER_STEPS, PYTHON; sets PY, RUN
+# (the torchrun command), DEMO_DATA and DATA), then the demo dataset and the demo teacher under
+# $WORK as scripts/quickstart.sh builds them, unless $WORK already holds them.
+WORK=${WORK:-/tmp/kdtrain-pruned-init}
+NPROC=${NPROC:-2}
+STEPS=${STEPS:-120}
+TEACHER_STEPS=${TEACHER_STEPS:-150}
+PY=${PYTHON:-python}
+RUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
+mkdir -p "$WORK"
 DEMO_DATA="$WORK/data"
 DATA=("data.path=[$DEMO_DATA/demo_text_document]" "data.tokenizer=$DEMO_DATA/tokenizer.model")
 if [ ! -f "$DEMO_DATA/demo_text_document.idx" ]; then
