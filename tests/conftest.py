@@ -88,6 +88,20 @@ def tiny_corpus(tmp_path_factory) -> dict:
     return {"dir": root, "tokenizer": model, "prefix": prefix, "corpus": corpus}
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_corpus(tiny_corpus) -> dict:
+    """Demo conversations in the tiny tokenizer (plain template): a corpus with a loss mask, the
+    replies (about 40% of the tokens) its targets."""
+    from kdtrain.data import build_demo_corpus
+    from kdtrain.data.preprocess import encode_files
+
+    chats = tiny_corpus["dir"] / "chats.jsonl"
+    build_demo_corpus(str(chats), max_documents=60, conversations=True)
+    prefix = str(tiny_corpus["dir"] / "chat")
+    encode_files([str(chats)], tiny_corpus["tokenizer"], prefix, format="chat", chat_template="plain")
+    return dict(tiny_corpus, prefix=prefix, corpus=chats)
+
+
 def _spawn_entry(rank, world, init_file, fn, args):
     import torch.distributed as dist
 

@@ -57,6 +57,10 @@ ONPOLICY_LAYOUTS = {"onpolicy-TP2": (2, ["teacher.tp=2", "student.tp=2"]),
                     "onpolicy-disagg": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.tp=2",
                                             "student.dp=2"])}
 
+# Conversation data (replies as the only targets, a different count per micro-batch): one rank,
+# and a layout whose student replicas each normalise by the whole batch's count.
+CHAT_LAYOUT = ["teacher.tp=2", "student.dp=2"]
+
 # Runs that must fail with a user error, each the last job of its launch (it ends the launch).
 FAILING = {1: "refused-topk", 2: "mismatched-vocab"}
 
@@ -69,8 +73,8 @@ class Runs:
     and a student whose vocabulary differs from the teacher's; on 4 ranks the disaggregated
     layouts."""
 
-    def __init__(self, corpus, root: Path):
-        self.corpus, self.root, self.results, self.launched = corpus, root, {}, set()
+    def __init__(self, corpus, chat_corpus, root: Path):
+        self.corpus, self.chat, self.root, self.results, self.launched = corpus, chat_corpus, root, {}, set()
         self.cache_dir = root / "teacher-cache"
 
     def _jobs(self, world: int) -> list[tuple[str, str, list[str]]]:
@@ -94,8 +98,12 @@ class Runs:
                 "teacher.source=mixed", f"teacher.cache={self.cache_dir}", "teacher.live_fraction=0.0"]))
             jobs.append(("onpolicy-all", "distill_gpt.py", ["onpolicy.fraction=1.0", "onpolicy.prompt_length=8",
                                                             "training.train_steps=12", "loss.alpha=0.5"]))
+        chat = [f"data.path=[{self.chat['prefix']}]"]
+        if world == 1:
+            jobs.append(("chat-ref", "distill_gpt.py", chat))
         if world == 2:
             jobs.append(("auto", "distill_gpt.py", ["split.mode=auto"]))
+            jobs.append(("chat-layout", "distill_gpt.py", chat + CHAT_LAYOUT))
         if world == 1:  # cached k is 16
             jobs.append(("refused-topk", "distill_gpt.py",
                          ["teacher.source=cache", f"teacher.cache={self.cache_dir}", "teacher.topk=32"]))
@@ -126,8 +134,8 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_corpus, tmp_path_factory):
-    return Runs(tiny_corpus, tmp_path_factory.mktemp("distill-runs"))
+def runs(tiny_corpus, tiny_chat_corpus, tmp_path_factory):
+    return Runs(tiny_corpus, tiny_chat_corpus, tmp_path_factory.mktemp("distill-runs"))
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +239,18 @@ def test_onpolicy_with_a_cache_runs_sampled_steps_live(runs):
     for s in sorted(ref):
         for k in ("loss", "kd_loss", "grad_norm"):
             assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}"
+
+
+def test_conversation_data_reproduces_across_layouts(runs):
+    """Replies as the only targets: each student replica's micro-batches hold different numbers of
+    them, and every rank normalises by the global count, so the two-replica run is the one-rank
+    run; the held-out loss is taken over replies too."""
+    ref = runs.get("chat-ref", world=1)
+    got = runs.get("chat-layout", world=2)
+    assert sorted(got["metrics"]) == sorted(ref["metrics"]) == [1, 2, 3, 4]
+    for s in sorted(ref["metrics"]):
+        for k in ("loss", "kd_loss", "grad_norm"):
+            a, b = got["metrics"][s][k], ref["metrics"][s][k]
+            assert a == pytest.approx(b, rel=RTOL, abs=ATOL), f"step {s} {k}: {a} vs {b}"
+    valid = [read_metrics(runs.root / name, "valid") for name in ("chat-ref", "chat-layout")]
+    assert valid[0][4]["valid_loss"] == pytest.approx(valid[1][4]["valid_loss"], rel=RTOL)

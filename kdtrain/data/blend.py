@@ -84,6 +84,12 @@ class BlendedWindowDataset:
         c, local = self.source_of(g)
         return self.components[c].train_sample(local)
 
+    def train_loss_mask(self, g: int) -> np.ndarray | None:
+        if not self.has_loss_mask:
+            return None
+        c, local = self.source_of(g)
+        return self._mask_or_ones(self.components[c].train_loss_mask(local))
+
     def valid_source_of(self, j: int) -> tuple[int, int]:
         """(corpus, that corpus' own held-out window) of held-out sample ``j``."""
         if not 0 <= j < self.num_valid_windows:
@@ -96,3 +102,17 @@ class BlendedWindowDataset:
     def valid_sample(self, j: int) -> np.ndarray:
         c, local = self.valid_source_of(j)
         return self.components[c].valid_sample(local)
+
+    def valid_loss_mask(self, j: int) -> np.ndarray | None:
+        if not self.has_loss_mask:
+            return None
+        c, local = self.valid_source_of(j)
+        return self._mask_or_ones(self.components[c].valid_loss_mask(local))
+
+    @property
+    def has_loss_mask(self) -> bool:
+        return any(c.has_loss_mask for c in self.components)
+
+    def _mask_or_ones(self, mask: np.ndarray | None) -> np.ndarray:
+        # A corpus without a mask, blended with one that has it: all its tokens are targets.
+        return np.ones(self.components[0].seq_length, dtype=bool) if mask is None else mask

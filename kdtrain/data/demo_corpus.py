@@ -118,10 +118,40 @@ def iter_demo_documents(root: Path | None = None) -> Iterator[tuple[str, str]]:
                 yield name, text
 
 
-def build_demo_corpus(out_path: str, max_documents: int | None = None, root: str | None = None) -> dict:
+def module_conversation(module: str, path: Path, max_turns: int = 6) -> list[dict] | None:
+    """A conversation about one module: a system line, then up to ``max_turns`` questions "What
+    does `name` do?" answered with the first paragraph of that definition's docstring; None when
+    the module documents no definition."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, OSError):
+        return None
+    messages = [{"role": "system", "content": f"You answer questions about the Python module {module}."}]
+    for qualname, doc in _definition_docs(tree.body, module):
+        answer = doc.split("\n\n", 1)[0].strip()
+        if len(answer) < 20:
+            continue
+        messages += [{"role": "user", "content": f"What does `{qualname}` do?"},
+                     {"role": "assistant", "content": answer.encode("utf-8", "replace").decode("utf-8")}]
+        if len(messages) > 2 * max_turns:
+            break
+    return messages if len(messages) > 1 else None
+
+
+def iter_demo_conversations(root: Path | None = None) -> Iterator[tuple[str, list[dict]]]:
+    """Yield (module, messages) for each documented module, ordered by module path."""
+    for module, path in _module_files(root or stdlib_dir()):
+        if module != _PYDOC_TOPICS_MODULE and (messages := module_conversation(module, path)) is not None:
+            yield module, messages
+
+
+def build_demo_corpus(out_path: str, max_documents: int | None = None, root: str | None = None,
+                      conversations: bool = False) -> dict:
     """Write the demo corpus as jsonl and return {documents, characters}.
 
-    Each line is {"source": module name, "text": document}; `root` replaces the stdlib directory.
+    Each line is {"source": module name, "text": document}, or with ``conversations``
+    {"source": module name, "messages": [...]} (``module_conversation``: chat data for
+    ``preprocess_data.py --format chat``); `root` replaces the stdlib directory.
     """
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
@@ -130,13 +160,16 @@ def build_demo_corpus(out_path: str, max_documents: int | None = None, root: str
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     documents = characters = 0
+    records = (({"source": name, "messages": m} for name, m in iter_demo_conversations(source)) if conversations
+               else ({"source": name, "text": text} for name, text in iter_demo_documents(source)))
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             if source.is_dir():
-                for name, text in iter_demo_documents(source):
-                    f.write(json.dumps({"source": name, "text": text}, ensure_ascii=False) + "\n")
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
                     documents += 1
-                    characters += len(text)
+                    characters += len(record["text"]) if "text" in record else sum(
+                        len(m["content"]) for m in record["messages"])
                     if max_documents is not None and documents >= max_documents:
                         break
         if documents == 0:

@@ -6,6 +6,10 @@ windows share one boundary token. The first windows form the train split and the
 held-out split, as contiguous ranges. Training samples are drawn by a per-epoch permutation
 seeded by (seed, epoch): sample g depends only on g and the seed, never on the parallel layout,
 and resuming after N consumed samples is just continuing at g = N.
+
+A corpus written from conversations carries a loss mask (kdtrain/data/indexed.py); the
+``*_loss_mask`` methods return the target flags of a window's S labels (stream tokens [i*S + 1,
+i*S + S + 1)), with every token of an unmasked corpus a target, or None when no corpus has a mask.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class GPTWindowDataset:
             )
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
+        self.has_loss_mask = any(stream.has_loss_mask for stream in self.streams)
 
     @staticmethod
     def _check_stream(stream: IndexedTokens, vocab_size: int | None, fingerprint: str | None) -> None:
@@ -120,6 +125,25 @@ class GPTWindowDataset:
             i += 1
         return out
 
+    def window_loss_mask(self, w: int) -> np.ndarray | None:
+        """Target flags (bool) of window w's S labels, or None when no corpus has a loss mask."""
+        if not self.has_loss_mask:
+            return None
+        if not 0 <= w < self.num_windows:
+            raise IndexError(f"window index {w} out of range [0, {self.num_windows})")
+        S = self.seq_length
+        out = np.empty(S, dtype=bool)
+        pos, filled = w * S + 1, 0
+        i = int(np.searchsorted(self._starts, pos, side="right")) - 1
+        while filled < S:
+            local = pos - int(self._starts[i])
+            take = min(S - filled, self.streams[i].num_tokens - local)
+            out[filled: filled + take] = self.streams[i].loss_mask(local, local + take)
+            filled += take
+            pos += take
+            i += 1
+        return out
+
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self._n_train)
@@ -137,8 +161,16 @@ class GPTWindowDataset:
         """Global train sample g: int64 array of seq_length + 1 tokens."""
         return self.window(self.train_window_index(g))
 
+    def train_loss_mask(self, g: int) -> np.ndarray | None:
+        return self.window_loss_mask(self.train_window_index(g))
+
     def valid_sample(self, j: int) -> np.ndarray:
         """Held-out sample j in [0, num_valid_windows), in corpus order."""
         if not 0 <= j < self._n_valid:
             raise IndexError(f"held-out sample index {j} out of range [0, {self._n_valid})")
         return self.window(self._n_train + int(j))
+
+    def valid_loss_mask(self, j: int) -> np.ndarray | None:
+        if not 0 <= j < self._n_valid:
+            raise IndexError(f"held-out sample index {j} out of range [0, {self._n_valid})")
+        return self.window_loss_mask(self._n_train + int(j))

@@ -88,5 +88,10 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Ids of ``text`` and the character index where each token starts (kdtrain/data/chat.py)."""
+        e = self._tok.encode(text, add_special_tokens=False)
+        return e.ids, [start for start, _ in e.offsets]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

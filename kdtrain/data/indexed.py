@@ -5,6 +5,11 @@ index of sequence lengths and document boundaries (one sequence per document her
 `<prefix>.meta.json` records how the tokens were made (tokenizer path and fingerprint, vocab size,
 eos id, counts, dtype). Writing is atomic: `.idx` is moved into place last, so an interrupted run
 never leaves a pair that opens.
+
+Conversation data (kdtrain/data/chat.py) adds `<prefix>.loss_mask.bin`: one bit per token of the
+stream (numpy's little-endian bit order, zero-padded to a whole byte), 1 where the token is a
+prediction target (an assistant reply), 0 where it is only context (the prompt). The meta file
+records `loss_mask: true` and the number of target tokens; without the file every token counts.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ def meta_path(prefix: str) -> str:
     return f"{prefix}.meta.json"
 
 
+def loss_mask_path(prefix: str) -> str:
+    return f"{prefix}.loss_mask.bin"
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest dtype megatron-core stores for this vocabulary: uint16 below 65500 ids, else int32."""
     return np.dtype(_megatron_indexed().DType.optimal_dtype(vocab_size))
@@ -51,12 +60,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class IndexedTokens:
     """A validated, read-only tokenized corpus: the flat token stream and its document lengths."""
 
-    def __init__(self, prefix: str, tokens: np.memmap, document_lengths: np.ndarray, meta: dict | None):
+    def __init__(self, prefix: str, tokens: np.memmap, document_lengths: np.ndarray, meta: dict | None,
+                 mask_bits: np.memmap | None = None):
         assert tokens.ndim == 1 and int(document_lengths.sum()) == tokens.shape[0]
+        assert mask_bits is None or mask_bits.shape[0] == (tokens.shape[0] + 7) // 8
         self.prefix = prefix
         self.tokens = tokens
         self.document_lengths = document_lengths
         self.meta = meta
+        self._mask_bits = mask_bits
         self._max_token_id: int | None = None
 
     def __reduce__(self):
@@ -77,6 +89,19 @@ class IndexedTokens:
     @property
     def dtype(self) -> np.dtype:
         return self.tokens.dtype
+
+    @property
+    def has_loss_mask(self) -> bool:
+        return self._mask_bits is not None
+
+    def loss_mask(self, start: int, stop: int) -> np.ndarray:
+        """Target flags (bool) of tokens [start, stop); all True for a corpus without a mask."""
+        assert 0 <= start <= stop <= self.num_tokens, (start, stop, self.num_tokens)
+        if self._mask_bits is None:
+            return np.ones(stop - start, dtype=bool)
+        lo = start // 8
+        bits = np.unpackbits(self._mask_bits[lo: (stop + 7) // 8], bitorder="little")
+        return bits[start - 8 * lo: stop - 8 * lo].astype(bool)
 
     def max_token_id(self) -> int:
         """Largest token id in the corpus (one pass over the data, then cached)."""
@@ -173,7 +198,45 @@ def open_indexed_dataset(prefix: str) -> IndexedTokens:
             f"holds {num_tokens}: stale metadata from another run"
         )
     tokens = np.memmap(bin_file, dtype=dtype, mode="r", shape=(num_tokens,))
-    return IndexedTokens(prefix, tokens, _document_lengths(sequence_lengths, document_indices), meta)
+    return IndexedTokens(prefix, tokens, _document_lengths(sequence_lengths, document_indices), meta,
+                         _open_loss_mask(prefix, num_tokens, meta))
+
+
+def _open_loss_mask(prefix: str, num_tokens: int, meta: dict | None) -> np.memmap | None:
+    path = loss_mask_path(prefix)
+    recorded = bool(meta and meta.get("loss_mask"))
+    if not os.path.isfile(path):
+        if recorded:
+            raise ValueError(f"{meta_path(prefix)} records a loss mask, but {path} does not exist; re-run preprocessing")
+        return None
+    expected = (num_tokens + 7) // 8
+    if os.path.getsize(path) != expected:
+        raise ValueError(f"loss mask {path} has {os.path.getsize(path)} bytes, but {num_tokens} tokens need "
+                         f"{expected} (one bit each): the files are truncated or mismatched; re-run preprocessing")
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(expected,))
+
+
+class _BitWriter:
+    """Appends bits to a file as whole bytes (little-endian bit order), the rest zero-padded at close."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "wb")
+        self._carry = np.zeros(0, dtype=bool)
+        self.ones = 0
+
+    def write(self, bits: np.ndarray) -> None:
+        bits = bits.astype(bool)
+        self.ones += int(bits.sum())
+        bits = np.concatenate([self._carry, bits])
+        whole = bits.size - bits.size % 8
+        self._f.write(np.packbits(bits[:whole], bitorder="little").tobytes())
+        self._carry = bits[whole:]
+
+    def close(self) -> None:
+        if self._carry.size:
+            self._f.write(np.packbits(self._carry, bitorder="little").tobytes())
+            self._carry = self._carry[:0]
+        self._f.close()
 
 
 def _remove(paths: Sequence[str]) -> None:
@@ -182,11 +245,14 @@ def _remove(paths: Sequence[str]) -> None:
             os.remove(path)
 
 
-def write_indexed_dataset(prefix: str, documents: Iterable[Sequence[int]], vocab_size: int, metadata: dict) -> dict:
+def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, metadata: dict) -> dict:
     """Write token documents as `<prefix>.bin/.idx/.meta.json`; return the metadata written.
 
+    A document is a sequence of token ids, or an ``(ids, mask)`` pair with one target flag per id
+    (then every document must be a pair, and `<prefix>.loss_mask.bin` is written too).
     `metadata` should carry tokenizer_path, tokenizer_fingerprint and eos_id; vocab_size,
-    num_documents, num_tokens and dtype are filled in here. Empty documents are skipped.
+    num_documents, num_tokens, dtype (and loss_mask, loss_mask_tokens) are filled in here. Empty
+    documents are skipped.
     """
     prefix = str(prefix)
     if not isinstance(vocab_size, int) or vocab_size < 1:
@@ -194,17 +260,27 @@ def write_indexed_dataset(prefix: str, documents: Iterable[Sequence[int]], vocab
     dtype = token_dtype(vocab_size)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp-{os.getpid()}"
-    tmp_bin, tmp_idx, tmp_meta = bin_path(tmp), idx_path(tmp), meta_path(tmp)
+    tmp_bin, tmp_idx, tmp_meta, tmp_mask = bin_path(tmp), idx_path(tmp), meta_path(tmp), loss_mask_path(tmp)
     num_documents = num_tokens = 0
-    builder = None
+    builder = mask_writer = None
     try:
         builder = _megatron_indexed().IndexedDatasetBuilder(tmp_bin, dtype=dtype.type)
         for i, doc in enumerate(documents):
-            ids = np.asarray(doc, dtype=np.int64)
+            masked = isinstance(doc, tuple)
+            if i == 0 and masked:
+                mask_writer = _BitWriter(tmp_mask)
+            if masked != (mask_writer is not None):
+                raise ValueError(f"document {i} for {prefix}: either every document has a loss mask or none does")
+            ids = np.asarray(doc[0] if masked else doc, dtype=np.int64)
             if ids.size == 0:
                 continue
             if ids.ndim != 1:
                 raise ValueError(f"document {i} for {prefix} is not a flat list of token ids (shape {ids.shape})")
+            if masked:
+                mask = np.asarray(doc[1])
+                if mask.shape != ids.shape:
+                    raise ValueError(f"document {i} for {prefix}: loss mask of shape {mask.shape} for {ids.size} tokens")
+                mask_writer.write(mask)
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= vocab_size:
                 bad = lo if lo < 0 else hi
@@ -217,16 +293,24 @@ def write_indexed_dataset(prefix: str, documents: Iterable[Sequence[int]], vocab
             raise ValueError(f"no tokens to write for {prefix}: the input has no non-empty documents")
         meta = dict(metadata)
         meta.update(vocab_size=vocab_size, num_documents=num_documents, num_tokens=num_tokens, dtype=dtype.name)
+        if mask_writer is not None:
+            mask_writer.close()
+            meta.update(loss_mask=True, loss_mask_tokens=mask_writer.ones)
         with open(tmp_meta, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.write("\n")
-        # .idx goes last: until it is in place, the prefix does not open.
-        _remove([idx_path(prefix)])
+        # .idx goes last: until it is in place, the prefix does not open. A mask left by an
+        # earlier dataset under this prefix goes first: it must never pair with these tokens.
+        _remove([idx_path(prefix), loss_mask_path(prefix)])
         os.replace(tmp_bin, bin_path(prefix))
+        if mask_writer is not None:
+            os.replace(tmp_mask, loss_mask_path(prefix))
         os.replace(tmp_meta, meta_path(prefix))
         os.replace(tmp_idx, idx_path(prefix))
     finally:
         if builder is not None:
             builder.data_file.close()
-        _remove([tmp_bin, tmp_idx, tmp_meta])
+        if mask_writer is not None:
+            mask_writer.close()
+        _remove([tmp_bin, tmp_idx, tmp_meta, tmp_mask])
     return meta

@@ -14,6 +14,7 @@ class MockWindowDataset:
         self.seed = seed
         self.num_train_windows = num_train
         self.num_valid_windows = num_valid
+        self.has_loss_mask = False
 
     def _window(self, split: int, i: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, split, i])
@@ -24,3 +25,9 @@ class MockWindowDataset:
 
     def valid_sample(self, j: int) -> np.ndarray:
         return self._window(1, j % self.num_valid_windows)
+
+    def train_loss_mask(self, g: int) -> None:
+        return None
+
+    def valid_loss_mask(self, j: int) -> None:
+        return None

@@ -1,4 +1,4 @@
-"""Raw .jsonl/.txt documents -> token ids -> megatron-core indexed dataset."""
+"""Raw documents or conversations -> token ids (and a loss mask) -> megatron-core indexed dataset."""
 
 from __future__ import annotations
 
@@ -8,28 +8,73 @@ import os
 import time
 from typing import Iterable, Iterator, Sequence
 
+from kdtrain.data.chat import ChatTemplate, encode_segments, record_messages
 from kdtrain.data.indexed import bin_path, write_indexed_dataset
-from kdtrain.data.sources import check_input_file, iter_documents
+from kdtrain.data.sources import check_input_file, iter_documents, iter_records
 from kdtrain.data.tokenizer import Tokenizer
 
 _BATCH_DOCUMENTS = 64
-_worker_tokenizer: Tokenizer | None = None
+FORMATS = ("text", "chat")
+_worker_encoder = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
+class _TextEncoder:
+    """A batch of documents -> their ids, each followed by the EOS id when ``append_eos``."""
+
+    def __init__(self, tokenizer_path: str, append_eos: bool):
+        self.tok = Tokenizer(tokenizer_path)
+        if append_eos and self.tok.eos_id < 0:
+            raise ValueError(f"tokenizer {tokenizer_path} has no EOS token; pass append_eos=False (--no-append-eos)")
+        self.eos = [self.tok.eos_id] if append_eos else []
+
+    def __call__(self, texts: list[str]) -> list:
+        return [ids + self.eos for ids in self.tok.encode_batch(texts)]
+
+
+class _ChatEncoder(_TextEncoder):
+    """A batch of (location, record) conversations -> (ids, target flags) pairs (kdtrain/data/chat.py),
+    None for a conversation without a reply. The EOS id that separates conversations is context:
+    each reply's own end-of-turn text (or the plain template's EOS) is what teaches stopping."""
+
+    def __init__(self, tokenizer_path: str, append_eos: bool, template: str | None, key: str):
+        super().__init__(tokenizer_path, append_eos)
+        self.template = ChatTemplate(template, self.tok)
+        self.key = key
+
+    def __call__(self, records: list[tuple[str, dict]]) -> list:
+        out = []
+        for where, record in records:
+            segments = self.template.segments(record_messages(record, where, self.key), where)
+            if not any(target for _, target in segments):
+                out.append(None)
+                continue
+            ids, mask = encode_segments(self.tok, segments)
+            if self.eos and ids[-1] != self.eos[0]:
+                ids, mask = ids + self.eos, mask + [False]
+            out.append((ids, mask))
+        return out
+
+
+def _init_worker(encoder_args: tuple) -> None:
+    global _worker_encoder
     # One encoding thread per worker process: the processes are the parallelism (Hugging Face
     # tokenizers would otherwise start a thread pool in each).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _worker_tokenizer = Tokenizer(tokenizer_path)
+    _worker_encoder = _make_encoder(*encoder_args)
 
 
-def _encode_in_worker(texts: list[str]) -> list[list[int]]:
-    assert _worker_tokenizer is not None
-    return _worker_tokenizer.encode_batch(texts)
+def _encode_in_worker(batch: list) -> list:
+    assert _worker_encoder is not None
+    return _worker_encoder(batch)
 
 
-def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+def _make_encoder(fmt: str, tokenizer_path: str, append_eos: bool, template: str | None, key: str):
+    if fmt == "chat":
+        return _ChatEncoder(tokenizer_path, append_eos, template, key)
+    return _TextEncoder(tokenizer_path, append_eos)
+
+
+def _batches(docs: Iterable, size: int) -> Iterator[list]:
     it = iter(docs)
     while batch := list(itertools.islice(it, size)):
         yield batch
@@ -40,13 +85,18 @@ def encode_files(
     tokenizer_path: str,
     output_prefix: str,
     *,
-    json_key: str = "text",
+    json_key: str | None = None,
     txt_document_per_file: bool = False,
     append_eos: bool = True,
     workers: int = 1,
+    format: str = "text",
+    chat_template: str | None = None,
 ) -> dict:
     """Tokenize every document of `input_files` (in order) into `<output_prefix>.bin/.idx/.meta.json`.
 
+    ``format="chat"`` reads conversation records (kdtrain/data/chat.py; ``json_key`` defaults to
+    ``messages``, ``chat_template`` is None for the tokenizer's own, ``"plain"`` or a Jinja file)
+    and also writes the loss mask that makes the replies the only targets.
     Returns the metadata written plus `bytes` (size of the .bin) and `seconds`.
     """
     start = time.perf_counter()
@@ -54,36 +104,48 @@ def encode_files(
         raise ValueError("encode_files needs at least one input file")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if chat_template is not None and format != "chat":
+        raise ValueError("a chat template applies to format='chat' (--format chat) only")
     for path in input_files:
         check_input_file(path)
-    tok = Tokenizer(tokenizer_path)
-    if append_eos and tok.eos_id < 0:
-        raise ValueError(f"tokenizer {tokenizer_path} has no EOS token; pass append_eos=False (--no-append-eos)")
-    eos = [tok.eos_id] if append_eos else []
-
-    docs = itertools.chain.from_iterable(
-        iter_documents(p, json_key=json_key, txt_document_per_file=txt_document_per_file) for p in input_files
-    )
+    key = json_key or ("messages" if format == "chat" else "text")
+    encoder_args = (format, tokenizer_path, append_eos, chat_template, key)
+    encode = _make_encoder(*encoder_args)  # checks the tokenizer and template before any work
+    tok = encode.tok
+    if format == "chat":
+        docs = itertools.chain.from_iterable(iter_records(p) for p in input_files)
+    else:
+        docs = itertools.chain.from_iterable(
+            iter_documents(p, json_key=key, txt_document_per_file=txt_document_per_file) for p in input_files)
     metadata = {
         "tokenizer_path": os.path.abspath(tok.path),
         "tokenizer_fingerprint": tok.fingerprint,
         "eos_id": tok.eos_id,
         "append_eos": append_eos,
         "inputs": [os.path.abspath(p) for p in input_files],
+        "format": format,
     }
+    if format == "chat":
+        metadata["chat_template"] = encode.template.name
+    skipped = 0
 
-    def token_documents(encoded: Iterable[list[list[int]]]) -> Iterator[list[int]]:
+    def documents(encoded: Iterable[list]) -> Iterator:
+        nonlocal skipped
         for batch in encoded:
-            for ids in batch:
-                yield ids + eos
+            for doc in batch:
+                if doc is None:
+                    skipped += 1
+                else:
+                    yield doc
 
     if workers == 1:
-        meta = write_indexed_dataset(
-            output_prefix, token_documents(map(tok.encode_batch, _batches(docs, _BATCH_DOCUMENTS))),
-            tok.vocab_size, metadata,
-        )
+        meta = write_indexed_dataset(output_prefix, documents(map(encode, _batches(docs, _BATCH_DOCUMENTS))),
+                                     tok.vocab_size, metadata)
     else:
-        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tok.path,)) as pool:
+        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(encoder_args,)) as pool:
             encoded = pool.imap(_encode_in_worker, _batches(docs, _BATCH_DOCUMENTS))
-            meta = write_indexed_dataset(output_prefix, token_documents(encoded), tok.vocab_size, metadata)
-    return dict(meta, bytes=os.path.getsize(bin_path(output_prefix)), seconds=time.perf_counter() - start)
+            meta = write_indexed_dataset(output_prefix, documents(encoded), tok.vocab_size, metadata)
+    return dict(meta, bytes=os.path.getsize(bin_path(output_prefix)), seconds=time.perf_counter() - start,
+                skipped=skipped)

@@ -13,6 +13,7 @@ Formats (by suffix):
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -64,7 +65,7 @@ def _open_text(p: Path, compression: str) -> IO[str]:
     return open(p, encoding="utf-8")
 
 
-def _iter_jsonl(f: IO[str], p: Path, json_key: str) -> Iterator[str]:
+def _iter_jsonl_records(f: IO[str], p: Path) -> Iterator[tuple[str, dict]]:
     for lineno, line in enumerate(f, start=1):
         if not line.strip():
             continue
@@ -72,23 +73,42 @@ def _iter_jsonl(f: IO[str], p: Path, json_key: str) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or json_key not in record:
-            raise ValueError(f"{p}:{lineno}: record has no {json_key!r} key")
+        if not isinstance(record, dict):
+            raise ValueError(f"{p}:{lineno}: a record must be a JSON object, got {type(record).__name__}")
+        yield f"{p}:{lineno}", record
+
+
+def _iter_jsonl(f: IO[str], p: Path, json_key: str) -> Iterator[str]:
+    for where, record in _iter_jsonl_records(f, p):
+        if json_key not in record:
+            raise ValueError(f"{where}: record has no {json_key!r} key")
         text = record[json_key]
         if not isinstance(text, str):
-            raise ValueError(f"{p}:{lineno}: field {json_key!r} is {type(text).__name__}, expected a string")
+            raise ValueError(f"{where}: field {json_key!r} is {type(text).__name__}, expected a string")
         yield text
 
 
-def _iter_parquet(p: Path, column: str) -> Iterator[str]:
+def _open_parquet(p: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"input file {p}: reading .parquet needs the pyarrow package (pip install pyarrow)") from None
     try:
-        pf = pq.ParquetFile(p)
+        return pq.ParquetFile(p)
     except Exception as e:  # pyarrow's own error types: not a parquet file, truncated footer, ...
         raise ValueError(f"input file {p} is not a readable parquet file ({e})") from None
+
+
+def _iter_parquet_records(p: Path) -> Iterator[tuple[str, dict]]:
+    row = 0
+    for batch in _open_parquet(p).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+        for record in batch.to_pylist():
+            yield f"{p}: row {row}", record
+            row += 1
+
+
+def _iter_parquet(p: Path, column: str) -> Iterator[str]:
+    pf = _open_parquet(p)
     names = pf.schema_arrow.names
     if column not in names:
         raise ValueError(f"{p}: no column {column!r} (columns: {names}); pass --json-key with the text column")
@@ -115,6 +135,19 @@ def _raw_documents(p: Path, kind: str, compression: str, json_key: str, per_file
             yield from (line.rstrip("\n") for line in f)
 
 
+@contextlib.contextmanager
+def _read_errors(path: str, compression: str):
+    """Decoding and decompression failures while reading ``path`` -> ValueError naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise ValueError(f"input file {path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except Exception as e:  # gzip: EOFError / BadGzipFile (an OSError); zstandard: ZstdError
+        if compression and (isinstance(e, (EOFError, OSError)) or type(e).__name__ == "ZstdError"):
+            raise ValueError(f"input file {path} is truncated or not {compression} data ({e})") from None
+        raise
+
+
 def iter_documents(path: str, json_key: str = "text", txt_document_per_file: bool = False) -> Iterator[str]:
     """Yield the non-blank documents of one input file (formats: see the module docstring).
 
@@ -123,13 +156,22 @@ def iter_documents(path: str, json_key: str = "text", txt_document_per_file: boo
     is set."""
     p = check_input_file(path)
     kind, compression = _kind(p)
-    try:
+    with _read_errors(path, compression):
         for doc in _raw_documents(p, kind, compression, json_key, txt_document_per_file):
             if doc.strip():
                 yield doc
-    except UnicodeDecodeError as e:
-        raise ValueError(f"input file {path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except Exception as e:  # gzip: EOFError / BadGzipFile (an OSError); zstandard: ZstdError
-        if compression and (isinstance(e, (EOFError, OSError)) or type(e).__name__ == "ZstdError"):
-            raise ValueError(f"input file {path} is truncated or not {compression} data ({e})") from None
-        raise
+
+
+def iter_records(path: str) -> Iterator[tuple[str, dict]]:
+    """Yield ``(location, record)`` for every record of a .jsonl (optionally compressed) or
+    .parquet file, ``location`` naming the file and line or row for error messages."""
+    p = check_input_file(path)
+    kind, compression = _kind(p)
+    if kind == ".txt":
+        raise ValueError(f"input file {path}: records (conversations) are read from .jsonl or .parquet, not .txt")
+    with _read_errors(path, compression):
+        if kind == ".parquet":
+            yield from _iter_parquet_records(p)
+            return
+        with _open_text(p, compression) as f:
+            yield from _iter_jsonl_records(f, p)

@@ -41,8 +41,6 @@ _MAX_SENTENCE_CHARS = 4096
 _SPM_WHITESPACE = "\u2581"
 
 
-
-
 def tokenizer_file(path: str) -> Path:
     """The file that defines the tokenizer at ``path``: the path itself, or a directory's
     ``tokenizer.json`` (else its SentencePiece ``tokenizer.model``). ValueError when there is none."""

@@ -9,7 +9,7 @@ only needs the step number.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -24,18 +24,22 @@ class MicroBatch:
     num_tokens: int  # loss_mask.sum(), known on the host (no device sync to count it)
 
 
-def make_microbatch(windows: np.ndarray, device: torch.device, loss_start: int = 0) -> MicroBatch:
+def make_microbatch(windows: np.ndarray, device: torch.device, loss_start: int = 0,
+                    targets: Optional[np.ndarray] = None) -> MicroBatch:
     """``windows`` [b, s + 1] token ids -> inputs/labels shifted by one; positions before
-    ``loss_start`` are not counted (on-policy windows: the prompt's predictions)."""
+    ``loss_start`` are not counted (on-policy windows: the prompt's predictions), nor labels whose
+    ``targets`` [b, s] flag is False (conversation data: the prompts)."""
     w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
     tokens, labels = w[:, :-1], w[:, 1:]
     b, s = tokens.shape
     assert 0 <= loss_start < s, (loss_start, s)
+    assert targets is None or targets.shape == (b, s), (None if targets is None else targets.shape, b, s)
     pos = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(b, s)
-    mask = torch.ones(b, s, dtype=torch.float32)
+    mask = torch.ones(b, s, dtype=torch.float32) if targets is None else torch.from_numpy(targets.astype(np.float32))
     mask[:, :loss_start] = 0.0
+    num_tokens = b * (s - loss_start) if targets is None else int(mask.sum())
     return MicroBatch(tokens.contiguous().to(device), labels.contiguous().to(device), mask.to(device),
-                      pos.contiguous().to(device), b * (s - loss_start))
+                      pos.contiguous().to(device), num_tokens)
 
 
 def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int) -> range:
@@ -45,10 +49,15 @@ def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int
 
 
 def microbatches(sample: Callable[[int], np.ndarray], first: int, global_batch: int, micro_batch: int,
-                 dp_rank: int, dp_size: int, device: torch.device, loss_start: int = 0) -> list[MicroBatch]:
-    """This replica's micro-batches of the global batch that starts at sample ``first``."""
+                 dp_rank: int, dp_size: int, device: torch.device, loss_start: int = 0,
+                 targets: Optional[Callable[[int], Optional[np.ndarray]]] = None) -> list[MicroBatch]:
+    """This replica's micro-batches of the global batch that starts at sample ``first``;
+    ``targets(j)``: sample j's label flags (a dataset's ``*_loss_mask``), None for all."""
     ids = replica_sample_ids(first, global_batch, dp_rank, dp_size)
     out = []
     for i in range(0, len(ids), micro_batch):
-        out.append(make_microbatch(np.stack([sample(j) for j in ids[i: i + micro_batch]]), device, loss_start))
+        chunk = ids[i: i + micro_batch]
+        flags = None if targets is None else [targets(j) for j in chunk]
+        flags = None if flags is None or flags[0] is None else np.stack(flags)
+        out.append(make_microbatch(np.stack([sample(j) for j in chunk]), device, loss_start, flags))
     return out

@@ -279,18 +279,18 @@ def distill(cfg: DistillConfig) -> dict:
         source = channel if live else cached
         s_tp.start()
         timers["teacher_wait_s"] = 0.0
-        sample_fn, loss_start, loss_cfg = dataset.train_sample, 0, cfg.loss
+        sample_fn, targets, loss_start, loss_cfg = dataset.train_sample, dataset.train_loss_mask, 0, cfg.loss
         if onpolicy:
             t0 = time.perf_counter()
             windows = sampled_windows(student, dataset, cfg, first, s_groups, env.device)
             timers["sample_s"] = time.perf_counter() - t0
-            sample_fn = lambda g: windows[g - first]  # noqa: E731
+            sample_fn, targets = (lambda g: windows[g - first]), None
             loss_start = cfg.onpolicy.prompt_length - 1  # position P-1 predicts the first sampled token
             loss_cfg = dataclasses.replace(cfg.loss, alpha=0.0)
         s_items, upcoming = [], []
         if student is not None:
             mbs = microbatches(sample_fn, first, tr.global_batch_size, tr.micro_batch_size,
-                               s_groups.dp_rank, s_layout.dp, env.device, loss_start)
+                               s_groups.dp_rank, s_layout.dp, env.device, loss_start, targets)
             upcoming = pairing.student_work(s_groups.dp_rank)
             s_items = [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)]
             upcoming = list(upcoming)
@@ -328,7 +328,7 @@ def distill(cfg: DistillConfig) -> dict:
         t_stats = teacher_side.collect() if log_now else {}  # collective: every rank, same steps
         if result is not None:
             sums = result.sums
-            n = sums["tokens"]
+            n = max(sums["tokens"], 1.0)
             metrics = {"loss": sums["loss_sum"] / n, "kd_loss": sums["kd_sum"] / n, "ce_loss": sums["ce_sum"] / n,
                        "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
                        "consumed_samples": step * tr.global_batch_size, **rates,

@@ -108,11 +108,12 @@ def evaluate(role: Role, dataset: GPTWindowDataset, t: TrainingConfig, forward_s
     role.model.eval()
     for b in range(t.eval_batches):
         mbs = microbatches(lambda j: dataset.valid_sample(j % n_valid), b * t.global_batch_size,
-                           t.global_batch_size, t.micro_batch_size, role.groups.dp_rank, role.groups.layout.dp, device)
+                           t.global_batch_size, t.micro_batch_size, role.groups.dp_rank, role.groups.layout.dp, device,
+                           targets=lambda j: dataset.valid_loss_mask(j % n_valid))
         for k, v in eval_step(role.schedule, forward_step, mbs, role.groups, LM_REPORT_KEYS).items():
             sums[k] += v
     role.model.train()
-    loss = sums["loss_sum"] / sums["tokens"]
+    loss = sums["loss_sum"] / max(sums["tokens"], 1.0)
     return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
 
 
@@ -148,14 +149,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
         profiler.begin(step + 1)
         lr = lr_at(step, cfg.optimizer, t.train_steps)
         mbs = microbatches(dataset.train_sample, step * t.global_batch_size, t.global_batch_size,
-                           t.micro_batch_size, groups.dp_rank, par.dp, env.device)
+                           t.micro_batch_size, groups.dp_rank, par.dp, env.device, targets=dataset.train_loss_mask)
         throughput.start()
         result = train_step(role.schedule, forward_step, mbs, role.grads, role.optimizer, groups, lr,
                             cfg.optimizer.clip_grad, cfg.model.tie_embeddings, LM_REPORT_KEYS)
         rates = throughput.stop()
         step += 1
         profiler.end(step)
-        loss = result.sums["loss_sum"] / result.sums["tokens"]
+        loss = result.sums["loss_sum"] / max(result.sums["tokens"], 1.0)
         metrics = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
                    "consumed_samples": step * t.global_batch_size, **rates}
         summary["train_loss"] = loss

@@ -31,7 +31,9 @@ def global_token_count(microbatches: Sequence, groups: RoleGroups, device: torch
     n = torch.full((), float(sum(mb.num_tokens for mb in microbatches)), dtype=torch.float32, device=device)
     if groups.layout.dp > 1:
         dist.all_reduce(n, group=groups.pgc.dp)
-    return n
+    # A batch without a target token (conversation windows that hold only prompts) has a zero
+    # loss and zero gradients, not 0/0.
+    return n.clamp_(min=1.0)
 
 
 def reduce_reports(reports: list[dict], keys: Sequence[str], groups: RoleGroups, device: torch.device) -> dict[str, float]:

@@ -1,0 +1,239 @@
+"""Conversations -> token ids plus a loss mask that makes the assistant's replies the only targets.
+
+Records (one per line of a .jsonl, one per row of a .parquet), in the formats chat datasets ship:
+
+* ``{"messages": [{"role": "system" | "user" | "assistant" | ..., "content": str}, ...]}``
+  (the key is ``--json-key``; default ``messages``): rendered with a chat template;
+* ``{"prompt": [messages], "completion": [messages]}``: the same, prompt then completion;
+* ``{"prompt": str, "completion": str}``: plain text, no template; the completion is the target.
+
+A rendered conversation is cut into segments: context (system and user turns, and the text the
+template puts before each reply, e.g. ``<|im_start|>assistant\\n``) and targets (each assistant
+reply with the template's end-of-turn text, e.g. ``...<|im_end|>\\n``, so the student also learns
+to stop). The cut points come from rendering prefixes of the conversation, as generation would:
+
+    reply i starts at  len(render(messages[:i], add_generation_prompt=True))
+    reply i ends at    len(render(messages[:i + 1]))
+
+This needs a template whose render of a prefix is a prefix of the render of the whole (true of
+the Llama 3, Qwen2.5, Mistral and Gemma templates); one that rewrites earlier turns (e.g. drops
+the reasoning of past replies) is refused, naming the record.
+
+Templates: the tokenizer's own (``chat_template.jinja`` or ``chat_template`` in
+``tokenizer_config.json`` beside a Hugging Face ``tokenizer.json``), a Jinja file, or ``plain``
+(``User: ...`` / ``Assistant: ...`` lines, each reply ending with the EOS id) for tokenizers
+without one, such as the demo's SentencePiece model. Hugging Face tokenizers encode the whole
+rendered text at once and give each token the segment its first character falls in (what
+``transformers`` does for ``return_assistant_tokens_mask``); others encode segment by segment.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+
+from kdtrain.data.tokenizer import Tokenizer, tokenizer_file
+
+# A segment: text (or one literal token id) and whether its tokens are targets.
+Segment = tuple[Union[str, int], bool]
+
+PLAIN = "plain"
+
+
+def _messages(value: Any, where: str, field: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: {field!r} must be a non-empty list of messages, got {type(value).__name__}")
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: {field}[{j}] must be an object with string 'role' and 'content' "
+                             f"(got {m!r:.120})")
+    return value
+
+
+def record_messages(record: dict, where: str, key: str = "messages") -> list[dict] | tuple[str, str]:
+    """The conversation of a record: its messages, or (prompt, completion) text for plain pairs."""
+    if key in record:
+        return _messages(record[key], where, key)
+    if "prompt" in record and "completion" in record:
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return prompt, completion
+        return _messages(prompt, where, "prompt") + _messages(completion, where, "completion")
+    raise ValueError(f"{where}: a conversation record needs {key!r} (a list of messages) or 'prompt' and "
+                     f"'completion'; it has keys {sorted(record)}")
+
+
+def _sandbox():
+    try:
+        from jinja2 import nodes
+        from jinja2.ext import Extension
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ValueError("chat templates need the jinja2 package (pip install jinja2)") from None
+
+    class Generation(Extension):
+        # Templates written for transformers' assistant masks wrap replies in {% generation %}:
+        # the body renders as is (the masks here come from prefix renders).
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message):
+        raise ValueError(f"the chat template refused the conversation: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _own_template(tokenizer: Tokenizer) -> tuple[str, str] | None:
+    """(template source, where it came from) of a Hugging Face tokenizer, or None."""
+    folder = tokenizer_file(tokenizer.path).parent
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8"), str(jinja)
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"tokenizer {config}: not a JSON object ({e})") from None
+    if isinstance(value, list):  # named templates: the default one
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return (value, str(config)) if isinstance(value, str) and value else None
+
+
+def _special_texts(tokenizer: Tokenizer) -> dict[str, str]:
+    """bos_token / eos_token / ... as the template sees them (their text in the tokenizer's config)."""
+    from kdtrain.data.hf_tokenizer import _special_token
+
+    folder = tokenizer_file(tokenizer.path).parent
+    out = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        text = _special_token(folder, key)
+        if text is not None:
+            out[key] = text
+    return out
+
+
+class ChatTemplate:
+    """Renders conversations and cuts them into context and target segments."""
+
+    def __init__(self, spec: str | None, tokenizer: Tokenizer):
+        """``spec``: None for the tokenizer's own template, ``"plain"``, or a Jinja file."""
+        self.eos_id = tokenizer.eos_id
+        if spec == PLAIN:
+            if self.eos_id < 0:
+                raise ValueError(f"the plain chat template ends replies with EOS, but tokenizer {tokenizer.path} has none")
+            self.name, self._render = PLAIN, None
+            return
+        if spec is None:
+            found = _own_template(tokenizer)
+            if found is None:
+                raise ValueError(f"tokenizer {tokenizer.path} has no chat template (chat_template.jinja or "
+                                 "tokenizer_config.json's chat_template); pass --chat-template FILE.jinja or "
+                                 f"--chat-template {PLAIN}")
+            source, self.name = found
+        else:
+            path = Path(spec)
+            if not path.is_file():
+                raise ValueError(f"chat template {spec} does not exist (a Jinja file, or {PLAIN!r})")
+            source, self.name = path.read_text(encoding="utf-8"), str(path)
+        env = _sandbox()
+        try:
+            template = env.from_string(source)
+        except Exception as e:  # jinja2.TemplateSyntaxError and friends
+            raise ValueError(f"chat template {self.name} does not parse ({type(e).__name__}: {e})") from None
+        specials = _special_texts(tokenizer)
+
+        def render(messages: list[dict], add_generation_prompt: bool) -> str:
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+
+        self._render = render
+
+    def segments(self, conversation: list[dict] | tuple[str, str], where: str) -> list[Segment]:
+        if isinstance(conversation, tuple):  # plain prompt / completion text
+            prompt, completion = conversation
+            return _nonempty([(prompt, False), (completion, True)])
+        if not any(m["role"] == "assistant" for m in conversation):
+            return []  # nothing to learn from: skipped by the caller
+        if self._render is None:
+            return _plain_segments(conversation, self.eos_id)
+        try:
+            return _template_segments(self._render, conversation)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e} (chat template {self.name})") from None
+        except Exception as e:  # jinja2 errors while rendering (UndefinedError, SecurityError, ...)
+            raise ValueError(f"{where}: chat template {self.name} failed ({type(e).__name__}: {e})") from None
+
+
+def _nonempty(segments: list[Segment]) -> list[Segment]:
+    return [s for s in segments if not (isinstance(s[0], str) and s[0] == "")]
+
+
+def _plain_segments(messages: list[dict], eos_id: int) -> list[Segment]:
+    out: list[Segment] = []
+    for m in messages:
+        if m["role"] == "assistant":
+            out += [("Assistant: ", False), (m["content"], True), (eos_id, True), ("\n", False)]
+        elif m["role"] == "system":
+            out.append((m["content"] + "\n\n", False))
+        else:
+            out.append((f"{m['role'].capitalize()}: {m['content']}\n", False))
+    return _nonempty(out)
+
+
+def _template_segments(render: Callable[[list, bool], str], messages: list[dict]) -> list[Segment]:
+    """Cut the rendered conversation at the replies (prefix renders, see the module docstring)."""
+    full = render(messages, False)
+    out: list[Segment] = []
+    pos = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], True), render(messages[:i + 1], False)
+        start, end = len(before), len(through)
+        if not (full.startswith(before) and full.startswith(through) and pos <= start <= end):
+            raise ValueError(f"the template's render of messages[:{i + 1}] is not a prefix of the whole "
+                             "conversation's, so reply boundaries are undefined; use a template that renders "
+                             "earlier turns the same way in every prefix (--chat-template FILE.jinja)")
+        out += [(full[pos:start], False), (full[start:end], True)]
+        pos = end
+    out.append((full[pos:], False))
+    return _nonempty(out)
+
+
+def encode_segments(tokenizer: Tokenizer, segments: Sequence[Segment]) -> tuple[list[int], list[bool]]:
+    """Token ids and their target flags. Text-only segments with a tokenizer that reports character
+    offsets: the whole text is encoded once and each token takes the flag of the segment holding
+    its first character; otherwise each segment is encoded on its own."""
+    if all(isinstance(text, str) for text, _ in segments) and hasattr(tokenizer, "encode_with_offsets"):
+        text = "".join(t for t, _ in segments)
+        ids, starts = tokenizer.encode_with_offsets(text)
+        bounds = np.cumsum([len(t) for t, _ in segments])
+        flags = np.array([f for _, f in segments], dtype=bool)
+        which = np.searchsorted(bounds, np.asarray(starts, dtype=np.int64), side="right")
+        return ids, flags[np.minimum(which, len(segments) - 1)].tolist()
+    texts = [t for t, _ in segments if isinstance(t, str)]
+    encoded = iter(tokenizer.encode_batch(texts))
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, flag in segments:
+        piece = next(encoded) if isinstance(text, str) else [text]
+        ids += piece
+        mask += [flag] * len(piece)
+    return ids, mask
