@@ -239,6 +239,8 @@ def test_windows_and_microbatches_carry_the_targets(tmp_path):
     assert ds.train_loss_mask(g).tolist() == ds.window_loss_mask(ds.train_window_index(g)).tolist()
     assert ds.valid_loss_mask(0).tolist() == ds.window_loss_mask(ds.num_train_windows).tolist()
     assert GPTWindowDataset([str(tmp_path / "b")], S, split=(1.0, 0.0)).train_loss_mask(0) is None
+    # data.loss_mask=false: the masks are ignored, every token counts.
+    assert GPTWindowDataset([str(tmp_path / "a")], S, split=(1.0, 0.0), loss_mask=False).train_loss_mask(0) is None
 
     mbs = microbatches(ds.train_sample, 4, 4, 2, 0, 1, torch.device("cpu"), targets=ds.train_loss_mask)
     for i, mb in enumerate(mbs):

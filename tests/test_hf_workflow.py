@@ -1,9 +1,10 @@
-"""The Hugging Face user story end to end, at tiny scale on CPU: a Hugging Face teacher and student
-(weights + the teacher's tokenizer) -> corpus tokenized with the teacher's tokenizer ->
+"""The Hugging Face user story end to end, at tiny scale on CPU: a Hugging Face chat teacher and
+student (weights + the teacher's tokenizer with its chat template) -> conversations rendered and
+tokenized with the teacher's template, replies as the targets ->
 distillation with the teacher read straight from its Hugging Face directory (``model`` and
 ``load`` name it) and the student converted by ``kdtrain convert hf-to-kdtrain`` -> ``kdtrain
 convert kdtrain-to-hf`` -> ``transformers`` loads the distilled student with its tokenizer, and
-its logits are the kdtrain student's."""
+its logits are the kdtrain student's, and its chat template is the teacher's."""
 
 from __future__ import annotations
 
@@ -17,18 +18,22 @@ pytestmark = pytest.mark.slow
 from kdtrain.data import build_demo_corpus, encode_files, iter_documents  # noqa: E402
 
 EOS = "<|endoftext|>"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def _hf_pair(root):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    corpus = root / "corpus.jsonl"
-    build_demo_corpus(str(corpus), max_documents=60)
+    build_demo_corpus(str(root / "text.jsonl"), max_documents=60)
+    corpus = root / "chats.jsonl"
+    build_demo_corpus(str(corpus), max_documents=60, conversations=True)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(iter_documents(str(corpus)), trainers.BpeTrainer(
-        vocab_size=384, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(iter_documents(str(root / "text.jsonl")), trainers.BpeTrainer(
+        vocab_size=384, special_tokens=[EOS, "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     torch.manual_seed(0)
     common = dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   tie_word_embeddings=True)
@@ -37,7 +42,9 @@ def _hf_pair(root):
     student = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, **common))
     teacher.save_pretrained(root / "hf_teacher")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS).save_pretrained(root / "hf_teacher")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS)
+    tok.chat_template = CHATML
+    tok.save_pretrained(root / "hf_teacher")
     student.save_pretrained(root / "hf_student")
     return corpus, student
 
@@ -52,7 +59,7 @@ def test_hf_teacher_to_hf_student(world_of_one, tmp_path):
     assert main(["convert", "hf-to-kdtrain", "--hf", str(tmp_path / "hf_student"),
                  "--out", str(tmp_path / "kd_student")]) == 0
     prefix = str(tmp_path / "text_document")
-    encode_files([str(corpus)], str(tmp_path / "hf_teacher"), prefix)
+    assert encode_files([str(corpus)], str(tmp_path / "hf_teacher"), prefix, format="chat")["loss_mask"]
     distill(load_distill_config("tiny", [
         f"teacher.model={tmp_path / 'hf_teacher'}", f"teacher.load={tmp_path / 'hf_teacher'}",
         "teacher.random_init=false", f"student.model={tmp_path / 'kd_student' / 'model.yaml'}",
@@ -68,6 +75,9 @@ def test_hf_teacher_to_hf_student(world_of_one, tmp_path):
     text = "def f(x):\n    return x + 1\n"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids == teacher_tok(text, add_special_tokens=False)["input_ids"] and tok.eos_token == EOS
+    conv = [{"role": "user", "content": "What does f do?"}, {"role": "assistant", "content": "It adds one."}]
+    assert tok.apply_chat_template(conv, tokenize=False) == teacher_tok.apply_chat_template(conv, tokenize=False)
+    assert "<|im_start|>assistant" in tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(model) is type(student0) and model.config.hidden_size == 32
     # The exported student is the distilled one: its logits are the kdtrain student's, not the

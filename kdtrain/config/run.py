@@ -58,6 +58,9 @@ class DataConfig:
     split: tuple[float, float] = (0.98, 0.02)  # train / held-out fractions of the token windows
     seed: int = 1234  # shuffling seed (independent of the init seed)
     mock: bool = False  # seeded random tokens instead of a corpus (benchmarks, smoke tests)
+    # Use a corpus' loss mask (conversations: the replies are the only targets, kdtrain/data/chat.py);
+    # false counts every token, prompts included, in training and evaluation.
+    loss_mask: bool = True
 
     def check(self, where: str = "data") -> None:
         if self.weights is not None:

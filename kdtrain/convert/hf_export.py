@@ -11,9 +11,9 @@ transformers writes them), so host memory stays near one file's worth whatever t
 
 Tokenizer: with ``tokenizer="auto"`` (the default), when the run that wrote the checkpoint
 tokenized its data with a Hugging Face tokenizer (``data.tokenizer``, recorded in the checkpoint),
-its files (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``) are copied
-beside the weights, so ``AutoTokenizer.from_pretrained(out)`` works; a path names the tokenizer
-instead, ``None`` writes none. A SentencePiece model is not written (transformers needs a
+its files (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``,
+``chat_template.jinja``) are copied beside the weights, so ``AutoTokenizer.from_pretrained(out)``
+works, chat template included; a path names the tokenizer instead, ``None`` writes none. A SentencePiece model is not written (transformers needs a
 tokenizer class for it): the directory then holds the model only.
 """
 
@@ -36,7 +36,9 @@ from .sources import check_complete, open_checkpoint, read_global
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' own default split
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# chat_template.jinja: where transformers keeps a chat model's template (its tokenizer_config.json
+# may hold it instead); the exported student answers in the format it was distilled on.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def export_tokenizer(tokenizer: str, cfg: ModelConfig, out: Path, where: str = "--tokenizer") -> list[str]:

@@ -35,6 +35,7 @@ class GPTWindowDataset:
         seed: int = 1234,
         vocab_size: int | None = None,
         tokenizer_fingerprint: str | None = None,
+        loss_mask: bool = True,
     ):
         if isinstance(prefixes, str):
             prefixes = [prefixes]
@@ -80,7 +81,8 @@ class GPTWindowDataset:
             )
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
-        self.has_loss_mask = any(stream.has_loss_mask for stream in self.streams)
+        # loss_mask=False: the corpora's masks are ignored and every token is a target.
+        self.has_loss_mask = loss_mask and any(stream.has_loss_mask for stream in self.streams)
 
     @staticmethod
     def _check_stream(stream: IndexedTokens, vocab_size: int | None, fingerprint: str | None) -> None:

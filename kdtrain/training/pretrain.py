@@ -64,10 +64,11 @@ def open_dataset(data: DataConfig, model: ModelConfig):
         fingerprint = tok.fingerprint
     if data.weights is None:
         return GPTWindowDataset(data.path, data.seq_length, split=tuple(data.split), seed=data.seed,
-                                vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint)
+                                vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint, loss_mask=data.loss_mask)
     # Weighted corpora: each its own windows, split and shuffle (seeded apart), mixed by blend.py.
     return BlendedWindowDataset([GPTWindowDataset([p], data.seq_length, split=tuple(data.split), seed=data.seed + i,
-                                                  vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint)
+                                                  vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint,
+                                                  loss_mask=data.loss_mask)
                                  for i, p in enumerate(data.path)], data.weights)
 
 
