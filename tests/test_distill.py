@@ -58,8 +58,10 @@ ONPOLICY_LAYOUTS = {"onpolicy-TP2": (2, ["teacher.tp=2", "student.tp=2"]),
                                             "student.dp=2"])}
 
 # Conversation data (replies as the only targets, a different count per micro-batch): one rank,
-# and a layout whose student replicas each normalise by the whole batch's count.
-CHAT_LAYOUT = ["teacher.tp=2", "student.dp=2"]
+# and two student replicas, each normalising by the whole batch's count. (The teacher stays at
+# tp 1: with a few dozen targets a step, the rounding a tensor-parallel teacher adds to the
+# targets grows through Adam to ~1e-5 of the gradient norm within four steps.)
+CHAT_LAYOUT = ["student.dp=2"]
 
 # Runs that must fail with a user error, each the last job of its launch (it ends the launch).
 FAILING = {1: "refused-topk", 2: "mismatched-vocab"}
@@ -101,9 +103,12 @@ class Runs:
         chat = [f"data.path=[{self.chat['prefix']}]"]
         if world == 1:
             jobs.append(("chat-ref", "distill_gpt.py", chat))
+            jobs.append(("chat-onpolicy-ref", "distill_gpt.py", chat + ONPOLICY))
         if world == 2:
             jobs.append(("auto", "distill_gpt.py", ["split.mode=auto"]))
             jobs.append(("chat-layout", "distill_gpt.py", chat + CHAT_LAYOUT))
+            jobs.append(("chat-onpolicy-layout", "distill_gpt.py",
+                         chat + ONPOLICY + CHAT_LAYOUT + ["onpolicy.sample_batch=1"]))
         if world == 1:  # cached k is 16
             jobs.append(("refused-topk", "distill_gpt.py",
                          ["teacher.source=cache", f"teacher.cache={self.cache_dir}", "teacher.topk=32"]))
@@ -241,16 +246,26 @@ def test_onpolicy_with_a_cache_runs_sampled_steps_live(runs):
             assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}"
 
 
-def test_conversation_data_reproduces_across_layouts(runs):
+@pytest.mark.parametrize("mode", ["data", "onpolicy"])
+def test_conversation_data_reproduces_across_layouts(runs, mode):
     """Replies as the only targets: each student replica's micro-batches hold different numbers of
     them, and every rank normalises by the global count, so the two-replica run is the one-rank
-    run; the held-out loss is taken over replies too."""
-    ref = runs.get("chat-ref", world=1)
-    got = runs.get("chat-layout", world=2)
-    assert sorted(got["metrics"]) == sorted(ref["metrics"]) == [1, 2, 3, 4]
-    for s in sorted(ref["metrics"]):
-        for k in ("loss", "kd_loss", "grad_norm"):
-            a, b = got["metrics"][s][k], ref["metrics"][s][k]
-            assert a == pytest.approx(b, rel=RTOL, abs=ATOL), f"step {s} {k}: {a} vs {b}"
-    valid = [read_metrics(runs.root / name, "valid") for name in ("chat-ref", "chat-layout")]
+    run; the held-out loss is taken over replies too. On-policy steps on conversations: the
+    student writes each window's first reply from the conversation before it (rows with other
+    prompt lengths, sampled one at a time in the two-replica run), and trains on those tokens."""
+    names = ("chat-ref", "chat-layout") if mode == "data" else ("chat-onpolicy-ref", "chat-onpolicy-layout")
+    ref, got = runs.get(names[0], world=1)["metrics"], runs.get(names[1], world=2)["metrics"]
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    for s in sorted(ref):
+        for k in ("loss", "kd_loss", "grad_norm") + (("sampled_tokens",) if mode == "onpolicy" else ()):
+            assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}: {got[s][k]} vs {ref[s][k]}"
+    valid = [read_metrics(runs.root / name, "valid") for name in names]
     assert valid[0][4]["valid_loss"] == pytest.approx(valid[1][4]["valid_loss"], rel=RTOL)
+    if mode == "onpolicy":
+        # Sampled steps 2 and 4 train on the replies the student wrote: from each window's first
+        # reply start on, fewer tokens than the whole window (32 labels x 8 samples) and
+        # than the documents' fixed 8-token prompt leaves (25 x 8).
+        assert [ref[s]["onpolicy"] for s in sorted(ref)] == [0, 1, 0, 1]
+        assert all(0 < ref[s]["sampled_tokens"] < 25 * 8 for s in (2, 4)), [ref[s]["sampled_tokens"] for s in ref]
+        plain = runs.get("onpolicy-ref", world=1)["metrics"]
+        assert [plain[s]["sampled_tokens"] for s in (2, 4)] == [25 * 8, 25 * 8]

@@ -77,6 +77,8 @@ def test_a_sample_depends_on_its_id_not_its_batch(world_of_one):
     (["onpolicy.prompt_length=40"], "onpolicy.prompt_length"),
     (["teacher.source=cache", "teacher.cache=/nowhere"], "teacher.source"),
     (["onpolicy.temperature=-1"], "onpolicy.temperature"),
+    (["onpolicy.stop_token=-2"], "onpolicy.stop_token"),
+    (["onpolicy.stop_token=512"], "onpolicy.stop_token"),  # the tiny vocabulary has 512 ids
 ])
 def test_onpolicy_config_errors_name_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -101,3 +103,29 @@ def test_picked_tokens_follow_the_softmax():
     assert (freq[:6] - probs).abs().max() < 0.01, (freq, probs)
     assert torch.equal(pick_tokens(logits.expand(3, -1), 6, 0.0, None, None), torch.full((3,), 5))
     assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+
+
+def test_replies_keep_their_prompts_and_stop_at_the_stop_token(world_of_one):
+    """sample_replies: each row samples from its own start (the rows before it are fed their own
+    tokens), as ``sample`` does with that row's prompt alone, until the stop token (included);
+    the tokens after it, and every token of a row whose start is past the end, keep their values."""
+    from kdtrain.models.generate import sample, sample_replies
+
+    model = _model("llama")
+    windows = torch.randint(0, V, (3, T), generator=torch.Generator().manual_seed(4))
+    starts, ids, kw = [5, 9, T + 3], [7, 8, 9], dict(vocab_size=V, temperature=1.0, seed=2)
+    free = [sample(model, windows[i:i + 1, :starts[i]], T, sample_ids=[ids[i]], **kw)[0] for i in range(2)]
+    stop = int(free[0][starts[0] + 3])  # row 0 samples it within four tokens
+    got, ends = sample_replies(model, windows, starts, sample_ids=ids, stop_token=stop, **kw)
+    for i in range(2):
+        sampled = free[i][starts[i]:]
+        hits = (sampled == stop).nonzero()
+        end = starts[i] + int(hits[0]) + 1 if len(hits) else T
+        assert ends[i] == end and end <= (starts[0] + 4 if i == 0 else T)
+        assert torch.equal(got[i, :starts[i]], windows[i, :starts[i]])
+        assert torch.equal(got[i, starts[i]:end], free[i][starts[i]:end])
+        assert torch.equal(got[i, end:], windows[i, end:])
+    assert ends[2] == T and torch.equal(got[2], windows[2])
+    # Without a stop token every row samples to the end, as ``sample`` does.
+    got, ends = sample_replies(model, windows, starts, sample_ids=ids, **kw)
+    assert ends == [T, T, T] and all(torch.equal(got[i], free[i]) for i in range(2))

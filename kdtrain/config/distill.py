@@ -113,16 +113,26 @@ class SplitConfig:
 @dataclass
 class OnPolicyConfig:
     """Student-generated sequences (on-policy distillation; GKD's lambda). On a ``fraction`` of the
-    steps, spread evenly, the student extends the first ``prompt_length`` tokens of each training
-    window by sampling at ``temperature`` (models/generate.py); the teacher scores those sequences
-    and the loss covers the sampled tokens only, with no hard-label term (the labels would be the
-    student's own samples). 0 = off: every step distils on the data. Either split works; on a
-    sampled step a disaggregated teacher waits for the samples instead of running ahead. With
-    ``teacher.source: mixed`` the sampled steps are live and the others may come from the cache."""
+    steps, spread evenly, the student writes part of each training window by sampling at
+    ``temperature`` (models/generate.py); the teacher scores those sequences and the loss covers
+    the sampled tokens only, with no hard-label term (the labels would be the student's own
+    samples). 0 = off: every step distils on the data. Either split works; on a sampled step a
+    disaggregated teacher waits for the samples instead of running ahead. With
+    ``teacher.source: mixed`` the sampled steps are live and the others may come from the cache.
+
+    What the student writes: on documents, everything after each window's first
+    ``prompt_length`` tokens. On conversations (a corpus with a loss mask, ``data.loss_mask``
+    true), each window's first reply that starts inside it: the prompt is the window up to that
+    reply (the conversation so far), and the student writes until it samples ``stop_token``
+    (default: the corpus' EOS id, which ends each reply in the plain template and is the
+    end-of-turn token of Hugging Face chat tokenizers; -1: never stop) or the window ends. The
+    rest of the window keeps the data and is not trained; a window in which no reply starts
+    trains nothing on that step."""
 
     fraction: float = 0.0
     prompt_length: int = 128
     temperature: float = 1.0
+    stop_token: Optional[int] = None
     # Rows per sampling call (0: all of a replica's samples of the step at once). Decoding is one
     # forward per token, bound by launch overhead at small batches: larger calls amortise it, at
     # the memory of their key/value cache.
@@ -135,6 +145,8 @@ class OnPolicyConfig:
             raise field_error(where, "prompt_length", f"must be >= 1, got {self.prompt_length}")
         if self.temperature < 0:
             raise field_error(where, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.stop_token is not None and self.stop_token < -1:
+            raise field_error(where, "stop_token", f"must be a token id, or -1 for none, got {self.stop_token}")
         if self.sample_batch < 0:
             raise field_error(where, "sample_batch", f"must be >= 0 (0 = a replica's whole share), got {self.sample_batch}")
 
@@ -222,6 +234,9 @@ class DistillConfig:
 
     def _check_onpolicy(self, spans: Spans) -> None:
         op = self.onpolicy
+        if op.stop_token is not None and op.stop_token >= self.student.model.vocab_size:
+            raise field_error("onpolicy", "stop_token", f"{op.stop_token} is not an id of the student's vocabulary "
+                              f"(vocab_size {self.student.model.vocab_size})")
         if op.prompt_length > self.data.seq_length:
             raise field_error("onpolicy", "prompt_length", f"{op.prompt_length} leaves no token to sample in windows "
                               f"of data.seq_length + 1 = {self.data.seq_length + 1}")

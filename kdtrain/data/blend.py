@@ -110,6 +110,11 @@ class BlendedWindowDataset:
         return self._mask_or_ones(self.components[c].valid_loss_mask(local))
 
     @property
+    def eos_id(self) -> int | None:
+        ids = {c.eos_id for c in self.components}
+        return ids.pop() if len(ids) == 1 else None
+
+    @property
     def has_loss_mask(self) -> bool:
         return any(c.has_loss_mask for c in self.components)
 

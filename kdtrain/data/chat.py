@@ -237,3 +237,13 @@ def encode_segments(tokenizer: Tokenizer, segments: Sequence[Segment]) -> tuple[
         ids += piece
         mask += [flag] * len(piece)
     return ids, mask
+
+
+def first_reply_start(label_flags: np.ndarray) -> int:
+    """Where the first reply that starts inside a window begins, as a token index of the window
+    (``S + 1`` tokens; ``label_flags`` [S] flags tokens 1..S): the first ``j >= 2`` whose token is
+    a target and whose previous token is not; ``S + 1`` when there is none. A reply already under
+    way at the window's start is not a start: its question is outside the window."""
+    f = np.asarray(label_flags, dtype=bool)
+    starts = np.flatnonzero(f[1:] & ~f[:-1])
+    return int(starts[0]) + 2 if starts.size else f.size + 1

@@ -103,6 +103,12 @@ class GPTWindowDataset:
                 )
 
     @property
+    def eos_id(self) -> int | None:
+        """The EOS id the corpora were written with (their metadata), None when unknown or not shared."""
+        ids = {None if s.meta is None else s.meta.get("eos_id") for s in self.streams}
+        return ids.pop() if len(ids) == 1 else None
+
+    @property
     def num_train_windows(self) -> int:
         return self._n_train
 

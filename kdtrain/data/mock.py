@@ -15,6 +15,7 @@ class MockWindowDataset:
         self.num_train_windows = num_train
         self.num_valid_windows = num_valid
         self.has_loss_mask = False
+        self.eos_id = None
 
     def _window(self, split: int, i: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, split, i])

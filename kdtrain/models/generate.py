@@ -2,6 +2,10 @@
 
 ``sample(model, prompts, total_length, ...)`` extends each prompt to ``total_length`` tokens, one
 token at a time, on a model held whole in depth (pp = 1, any tensor parallelism).
+``sample_replies(model, windows, starts, ...)`` does the same with a prompt length per row
+(conversations: each window up to its first reply) and stops a row at its end-of-turn token; the
+rest of the row keeps its given tokens. Rows are decoded together from the shortest prompt: a row
+still inside its prompt is fed its own token instead of a sample (teacher forcing).
 
 Key/value cache. Layers on the direct forward (models/layer.py, the local spec) keep each
 position's keys and values in a preallocated ``[total_length, b, groups, head_dim]`` cache: the
@@ -107,25 +111,55 @@ def _forward_positions(model, tokens: torch.Tensor, offset: int, rope, caches) -
     return model._postprocess(model.decoder.final_layernorm(hidden[-1:]))[-1]
 
 
-@torch.no_grad()
 def sample(model, prompts: torch.Tensor, total_length: int, *, vocab_size: int, temperature: float, seed: int,
            sample_ids: Sequence[int], tp_group=None) -> torch.Tensor:
     """``prompts`` [b, P] extended to [b, total_length] by sampling (see the module docstring);
     ``sample_ids``: the global dataset sample of each row (the key of its uniforms)."""
+    b, P = prompts.shape
+    assert 0 < P < total_length, (P, total_length)
+    tokens = torch.zeros(b, total_length, dtype=torch.long, device=prompts.device)
+    tokens[:, :P] = prompts
+    return sample_replies(model, tokens, [P] * b, vocab_size=vocab_size, temperature=temperature, seed=seed,
+                          sample_ids=sample_ids, tp_group=tp_group)[0]
+
+
+@torch.no_grad()
+def sample_replies(model, windows: torch.Tensor, starts: Sequence[int], *, vocab_size: int, temperature: float,
+                   seed: int, sample_ids: Sequence[int], stop_token: Optional[int] = None,
+                   tp_group=None) -> tuple[torch.Tensor, list[int]]:
+    """Row ``i`` of ``windows`` [b, L] keeps its tokens before ``starts[i]`` and samples the ones from
+    there until it samples ``stop_token`` (included) or reaches L; the tokens after keep their
+    given values. Returns the new windows and, per row, the position after its last sampled token
+    (``starts[i]`` itself when it samples nothing: ``starts[i] >= L``). The uniform of token ``t``
+    of row ``i`` is ``u(seed, sample_ids[i], t)``, as for ``sample``."""
     if not (model.pre_process and model.post_process):
         raise ValueError("sampling needs the whole model on one rank in depth (pp = 1)")
-    b, P = prompts.shape
-    assert len(sample_ids) == b and 0 < P < total_length, (len(sample_ids), b, P, total_length)
+    b, L = windows.shape
+    assert len(sample_ids) == b == len(starts) and min(starts) > 0, (len(sample_ids), b, starts)
+    device = windows.device
+    first = min(min(starts), L)
+    tokens = windows.clone()
+    ends = [min(s, L) for s in starts]
+    if first >= L:
+        return tokens, ends
     was_training = model.training
     model.eval()
-    tokens = torch.empty(b, total_length, dtype=torch.long, device=prompts.device)
-    tokens[:, :P] = prompts
+    start_t = torch.tensor(starts, device=device)
+    done = start_t >= L  # rows that sample nothing, or have sampled their stop token
+    end_t = start_t.clamp(max=L).clone()
     u = None
-    if temperature > 0:  # row i, column t - P: the uniform of token t of sample_ids[i]
-        u = torch.from_numpy(uniforms(seed, sample_ids, P, total_length)).to(prompts.device)
+    if temperature > 0:  # row i, column t - first: the uniform of token t of sample_ids[i]
+        u = torch.from_numpy(uniforms(seed, sample_ids, first, L)).to(device)
 
-    def next_tokens(logits_bVl, t):
-        return pick_tokens(logits_bVl, vocab_size, temperature, None if u is None else u[:, t - P], tp_group)
+    def step(logits_bVl, t):
+        picked = pick_tokens(logits_bVl, vocab_size, temperature, None if u is None else u[:, t - first], tp_group)
+        sampling = (start_t <= t) & ~done
+        tokens[:, t] = torch.where(sampling, picked, tokens[:, t])
+        end_t.copy_(torch.where(sampling, t + 1, end_t))
+        if stop_token is not None:
+            done.logical_or_(sampling & (picked == stop_token))
+        # A device sync: only now and then, and only where rows can finish early.
+        return stop_token is not None and t % 16 == 15 and bool(done.all())
 
     try:
         if _cached_layers(model):
@@ -133,22 +167,24 @@ def sample(model, prompts: torch.Tensor, total_length: int, *, vocab_size: int, 
             layer0 = model.decoder.layers[0]
             groups = layer0.self_attention.num_query_groups_per_partition
             d = layer0.self_attention.hidden_size_per_attention_head
-            caches = [(torch.empty(total_length, b, groups, d, dtype=dtype, device=prompts.device),
-                       torch.empty(total_length, b, groups, d, dtype=dtype, device=prompts.device))
+            caches = [(torch.empty(L, b, groups, d, dtype=dtype, device=device),
+                       torch.empty(L, b, groups, d, dtype=dtype, device=device))
                       for _ in model.decoder.layers]
             rope = None
             if getattr(model, "rotary_pos_emb", None) is not None and model.position_embedding_type == "rope":
-                freqs = model.rotary_pos_emb(total_length)
+                freqs = model.rotary_pos_emb(L)
                 rope = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
-            logits = _forward_positions(model, prompts, 0, rope, caches)
-            for t in range(P, total_length):
-                tokens[:, t] = next_tokens(logits, t)
-                if t + 1 < total_length:
+            logits = _forward_positions(model, tokens[:, :first], 0, rope, caches)
+            for t in range(first, L):
+                if step(logits, t):
+                    break
+                if t + 1 < L:
                     logits = _forward_positions(model, tokens[:, t:t + 1], t, rope, caches)
         else:
-            for t in range(P, total_length):
-                pos = torch.arange(t, device=prompts.device).unsqueeze(0).expand(b, t)
-                tokens[:, t] = next_tokens(model(tokens[:, :t], pos, None)[-1], t)
+            for t in range(first, L):
+                pos = torch.arange(t, device=device).unsqueeze(0).expand(b, t)
+                if step(model(tokens[:, :t], pos, None)[-1], t):
+                    break
     finally:
         model.train(was_training)
-    return tokens
+    return tokens, end_t.tolist()

@@ -24,20 +24,17 @@ class MicroBatch:
     num_tokens: int  # loss_mask.sum(), known on the host (no device sync to count it)
 
 
-def make_microbatch(windows: np.ndarray, device: torch.device, loss_start: int = 0,
-                    targets: Optional[np.ndarray] = None) -> MicroBatch:
-    """``windows`` [b, s + 1] token ids -> inputs/labels shifted by one; positions before
-    ``loss_start`` are not counted (on-policy windows: the prompt's predictions), nor labels whose
-    ``targets`` [b, s] flag is False (conversation data: the prompts)."""
+def make_microbatch(windows: np.ndarray, device: torch.device, targets: Optional[np.ndarray] = None) -> MicroBatch:
+    """``windows`` [b, s + 1] token ids -> inputs/labels shifted by one; labels whose ``targets``
+    [b, s] flag is False are not counted (conversations: the prompts; on-policy windows: all but
+    the student's samples)."""
     w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
     tokens, labels = w[:, :-1], w[:, 1:]
     b, s = tokens.shape
-    assert 0 <= loss_start < s, (loss_start, s)
     assert targets is None or targets.shape == (b, s), (None if targets is None else targets.shape, b, s)
     pos = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(b, s)
     mask = torch.ones(b, s, dtype=torch.float32) if targets is None else torch.from_numpy(targets.astype(np.float32))
-    mask[:, :loss_start] = 0.0
-    num_tokens = b * (s - loss_start) if targets is None else int(mask.sum())
+    num_tokens = b * s if targets is None else int(mask.sum())
     return MicroBatch(tokens.contiguous().to(device), labels.contiguous().to(device), mask.to(device),
                       pos.contiguous().to(device), num_tokens)
 
@@ -49,7 +46,7 @@ def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int
 
 
 def microbatches(sample: Callable[[int], np.ndarray], first: int, global_batch: int, micro_batch: int,
-                 dp_rank: int, dp_size: int, device: torch.device, loss_start: int = 0,
+                 dp_rank: int, dp_size: int, device: torch.device,
                  targets: Optional[Callable[[int], Optional[np.ndarray]]] = None) -> list[MicroBatch]:
     """This replica's micro-batches of the global batch that starts at sample ``first``;
     ``targets(j)``: sample j's label flags (a dataset's ``*_loss_mask``), None for all."""
@@ -59,5 +56,5 @@ def microbatches(sample: Callable[[int], np.ndarray], first: int, global_batch: 
         chunk = ids[i: i + micro_batch]
         flags = None if targets is None else [targets(j) for j in chunk]
         flags = None if flags is None or flags[0] is None else np.stack(flags)
-        out.append(make_microbatch(np.stack([sample(j) for j in chunk]), device, loss_start, flags))
+        out.append(make_microbatch(np.stack([sample(j) for j in chunk]), device, flags))
     return out

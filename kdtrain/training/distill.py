@@ -16,7 +16,9 @@ last stage blocked on a payload), ``student_wait_s`` (a teacher rank blocked han
 over), ``teacher_compute_s`` and ``teacher_busy`` (its share of the step), teacher TFLOP/s and MFU,
 and payload bytes/s. The teacher-side figures are means over the teacher ranks and the steps
 since the last log line; they reach the logging rank by one small world all-reduce on logging
-steps only, so the teacher keeps running ahead of the student between them.
+steps only, so the teacher keeps running ahead of the student between them. With on-policy
+steps: ``onpolicy`` (whether the step was one), ``sample_s`` and ``sampled_tokens`` (the
+student's tokens the step trained on).
 """
 
 from __future__ import annotations
@@ -122,33 +124,51 @@ def onpolicy_step(step: int, cfg: DistillConfig) -> bool:
     return f > 0 and int((step + 1) * f) > int(step * f)
 
 
-def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, first: int, groups, device) -> np.ndarray:
-    """The step's windows [G, seq + 1] with each sample's tokens after ``onpolicy.prompt_length``
-    sampled by the student (models/generate.py), on every rank.
+def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, first: int, groups,
+                    device) -> tuple[np.ndarray, np.ndarray]:
+    """The step's windows [G, seq + 1] with the student's samples written in (models/generate.py),
+    and the label flags [G, seq] of the sampled tokens, on every rank.
 
-    Each student replica samples its own samples, ``onpolicy.sample_batch`` rows per call (all of
-    them when 0); one world all-reduce (tensor rank 0 of each student replica contributes, every
-    other rank adds zeros) hands every rank the whole step, since a teacher replica serves other
-    replicas' samples. A disaggregated teacher waits in it for the step's samples: on-policy steps
-    cannot run ahead. The sampling is keyed by sample id, so the windows do not depend on the
-    layout. ``student`` is None on teacher-only ranks."""
-    from ..models.generate import sample
+    What is sampled (OnPolicyConfig): after each window's first ``onpolicy.prompt_length``
+    tokens, or, on conversations, each window's first reply until the stop token. Each student
+    replica samples its own samples, ``onpolicy.sample_batch`` rows per call (all of them when 0);
+    one world all-reduce (tensor rank 0 of each student replica contributes, every other rank adds
+    zeros) hands every rank the whole step with each row's sampled span, since a teacher replica
+    serves other replicas' samples. A disaggregated teacher waits in it for the step's samples:
+    on-policy steps cannot run ahead. The sampling is keyed by sample id, so the windows do not
+    depend on the layout. ``student`` is None on teacher-only ranks."""
+    from ..data.chat import first_reply_start
+    from ..models.generate import sample_replies
 
     tr, op = cfg.training, cfg.onpolicy
     G, length = tr.global_batch_size, cfg.data.seq_length + 1
-    out = torch.zeros(G, length, dtype=torch.long, device=device)
+    replies = dataset.has_loss_mask
+    stop = None
+    if replies:
+        stop = dataset.eos_id if op.stop_token is None else op.stop_token
+        stop = None if stop is None or stop < 0 else stop
+    out = torch.zeros(G, length + 2, dtype=torch.long, device=device)  # the window, then its sampled span
     ids = replica_sample_ids(first, G, groups.dp_rank, groups.layout.dp) if student is not None else range(0)
     rows = op.sample_batch or max(1, len(ids))
     for i in range(0, len(ids), rows):
         chunk = ids[i:i + rows]
-        prompts = np.stack([dataset.train_sample(g)[:op.prompt_length] for g in chunk])
-        seqs = sample(student.model, torch.from_numpy(prompts).to(device), length,
-                      vocab_size=cfg.student.model.vocab_size, temperature=op.temperature, seed=tr.seed,
-                      sample_ids=chunk, tp_group=groups.pgc.tp)
+        windows = torch.from_numpy(np.stack([dataset.train_sample(g) for g in chunk])).to(device)
+        starts = ([first_reply_start(dataset.train_loss_mask(g)) for g in chunk] if replies
+                  else [op.prompt_length] * len(chunk))
+        seqs, ends = sample_replies(student.model, windows, starts, vocab_size=cfg.student.model.vocab_size,
+                                    temperature=op.temperature, seed=tr.seed, sample_ids=chunk, stop_token=stop,
+                                    tp_group=groups.pgc.tp)
         if groups.tp_rank == 0:
-            out[chunk.start - first:chunk.stop - first] = seqs
+            rows_out = out[chunk.start - first:chunk.stop - first]
+            rows_out[:, :length] = seqs
+            rows_out[:, length] = torch.tensor(starts, device=device).clamp(max=length)
+            rows_out[:, length + 1] = torch.tensor(ends, device=device)
     dist.all_reduce(out)
-    return out.cpu().numpy()
+    out = out.cpu().numpy()
+    # Label i predicts token i + 1: the sampled tokens [start, end) are the labels [start-1, end-1).
+    i = np.arange(length - 1)[None, :]
+    flags = (i >= out[:, length, None] - 1) & (i < out[:, length + 1, None] - 1)
+    return out[:, :length], flags
 
 
 def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
@@ -279,18 +299,18 @@ def distill(cfg: DistillConfig) -> dict:
         source = channel if live else cached
         s_tp.start()
         timers["teacher_wait_s"] = 0.0
-        sample_fn, targets, loss_start, loss_cfg = dataset.train_sample, dataset.train_loss_mask, 0, cfg.loss
+        sample_fn, targets, loss_cfg = dataset.train_sample, dataset.train_loss_mask, cfg.loss
         if onpolicy:
             t0 = time.perf_counter()
-            windows = sampled_windows(student, dataset, cfg, first, s_groups, env.device)
+            windows, sampled = sampled_windows(student, dataset, cfg, first, s_groups, env.device)
             timers["sample_s"] = time.perf_counter() - t0
-            sample_fn, targets = (lambda g: windows[g - first]), None
-            loss_start = cfg.onpolicy.prompt_length - 1  # position P-1 predicts the first sampled token
+            timers["sampled_tokens"] = int(sampled.sum())
+            sample_fn, targets = (lambda g: windows[g - first]), (lambda g: sampled[g - first])
             loss_cfg = dataclasses.replace(cfg.loss, alpha=0.0)
         s_items, upcoming = [], []
         if student is not None:
             mbs = microbatches(sample_fn, first, tr.global_batch_size, tr.micro_batch_size,
-                               s_groups.dp_rank, s_layout.dp, env.device, loss_start, targets)
+                               s_groups.dp_rank, s_layout.dp, env.device, targets=targets)
             upcoming = pairing.student_work(s_groups.dp_rank)
             s_items = [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)]
             upcoming = list(upcoming)
@@ -337,6 +357,7 @@ def distill(cfg: DistillConfig) -> dict:
             if cfg.onpolicy.fraction > 0:
                 metrics["onpolicy"] = int(onpolicy)
                 metrics["sample_s"] = timers["sample_s"] if onpolicy else 0.0
+                metrics["sampled_tokens"] = timers["sampled_tokens"] if onpolicy else 0
             if "teacher_compute_s" in t_stats:
                 metrics["teacher_busy"] = t_stats["teacher_compute_s"] / rates["step_time_s"]
                 metrics["payload_bytes_per_s"] = t_stats["payload_bytes_per_step"] / rates["step_time_s"]
