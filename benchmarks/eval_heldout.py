@@ -1,5 +1,6 @@
 """Held-out next-token loss of checkpoints on a corpus, over its target tokens (a conversation
-corpus: the replies) and over every token, whatever each run trained on. One process, CPU or one
+corpus: the replies), over the others (the prompts) and over every token, whatever each run
+trained on. One process, CPU or one
 GPU; after `bash benchmarks/bench_chat.sh OUT`:
 
     python benchmarks/eval_heldout.py --data /tmp/kdtrain-pruned-init/data/demo_chat_document \\
@@ -24,7 +25,7 @@ from kdtrain.parallel import init_distributed, shutdown_distributed
 
 @torch.no_grad()
 def heldout_losses(model, cfg, ds: GPTWindowDataset, batch: int, device) -> dict:
-    sums = {"targets": [0.0, 0], "all": [0.0, 0]}
+    sums = {"targets": [0.0, 0], "context": [0.0, 0], "all": [0.0, 0]}
     for start in range(0, ds.num_valid_windows, batch):
         ids = range(start, min(start + batch, ds.num_valid_windows))
         w = torch.from_numpy(np.stack([ds.valid_sample(j) for j in ids])).to(device)
@@ -36,6 +37,8 @@ def heldout_losses(model, cfg, ds: GPTWindowDataset, batch: int, device) -> dict
                 else torch.ones_like(nll, dtype=torch.bool))
         sums["targets"][0] += float(nll[mask].sum())
         sums["targets"][1] += int(mask.sum())
+        sums["context"][0] += float(nll[~mask].sum())
+        sums["context"][1] += int((~mask).sum())
         sums["all"][0] += float(nll.sum())
         sums["all"][1] += nll.numel()
     return {f"{k}_loss": s / max(n, 1) for k, (s, n) in sums.items()} | {
@@ -56,12 +59,13 @@ def main() -> None:
     try:
         ds = GPTWindowDataset(args.data, args.seq_length, split=tuple(args.split), seed=args.seed)
         results = {}
-        print(f"{'checkpoint':40s} {'targets':>9s} {'all':>9s}   ({ds.num_valid_windows} held-out windows)")
+        print(f"{'checkpoint':40s} {'targets':>9s} {'context':>9s} {'all':>9s}   "
+              f"({ds.num_valid_windows} held-out windows)")
         for path in args.checkpoints:
             cfg, model = load(path, env.device, seed=0)
             results[path] = heldout_losses(model, cfg, ds, args.batch, env.device)
             r = results[path]
-            print(f"{Path(path).name:40s} {r['targets_loss']:9.4f} {r['all_loss']:9.4f}")
+            print(f"{Path(path).name:40s} {r['targets_loss']:9.4f} {r['context_loss']:9.4f} {r['all_loss']:9.4f}")
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     finally:
