@@ -195,6 +195,30 @@ def test_preprocessed_mask_is_the_encoders_bit_for_bit(hf_chat, tmp_path):
     assert not os.path.exists(loss_mask_path(str(tmp_path / "one")))
 
 
+def test_parquet_and_compressed_conversations_read_like_jsonl(hf_chat, tmp_path):
+    """Chat datasets ship as parquet (a list-of-structs messages column) or compressed jsonl: the
+    same records give the same tokens and mask."""
+    import gzip
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    folder = str(hf_chat["dirs"]["chatml"])
+    records = [{"messages": c} for c in CONVERSATIONS[:2]] * 3
+    chats = _write_chats(tmp_path / "chats.jsonl", records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "chats.parquet", row_group_size=2)
+    (tmp_path / "chats.jsonl.gz").write_bytes(gzip.compress(chats.read_bytes()))
+    outs = []
+    for name in ("chats.jsonl", "chats.parquet", "chats.jsonl.gz"):
+        encode_files([str(tmp_path / name)], folder, str(tmp_path / name.replace(".", "_")), format="chat")
+        ds = open_indexed_dataset(str(tmp_path / name.replace(".", "_")))
+        outs.append((ds.tokens.tolist(), ds.loss_mask(0, ds.num_tokens).tolist()))
+    assert outs[0] == outs[1] == outs[2] and sum(outs[0][1]) > 0
+    with pytest.raises(ValueError, match="records .* are read from .jsonl or .parquet, not .txt"):
+        (tmp_path / "chats.txt").write_text("hello\n")
+        encode_files([str(tmp_path / "chats.txt")], folder, str(tmp_path / "t"), format="chat")
+
+
 def test_loss_mask_storage_and_damage(tmp_path):
     rng = np.random.default_rng(0)
     docs = [(rng.integers(0, 100, n), rng.random(n) < 0.4) for n in (3, 17, 1, 8, 44)]
