@@ -6,6 +6,8 @@
     kdtrain convert kdtrain-to-hf --ckpt DIR --out DIR  see kdtrain/convert/cli.py)
     kdtrain prune --src TEACHER --out DIR --num-layers N [--ffn-hidden-size F ... --data PREFIX]
                                       a student pruned from the teacher (see kdtrain/prune/cli.py)
+    kdtrain generate --model CKPT [--chat] --prompt TEXT   continuations or chat replies from a
+                                      checkpoint or HF model (see kdtrain/generate/cli.py)
     kdtrain plan --teacher T --student S --world-size N --seq-len S --global-batch B
                                       ranked teacher/student splits (see kdtrain/planner/cli.py)
     kdtrain calibrate --out FILE      measure this device into a planner profile
@@ -67,6 +69,9 @@ def main(argv=None) -> int:
     from kdtrain.prune.cli import register as register_prune
 
     register_prune(sub)
+    from kdtrain.generate.cli import register as register_generate
+
+    register_generate(sub)
     from kdtrain.planner.cli import register as register_planner
 
     register_planner(sub)

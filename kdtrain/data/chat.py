@@ -181,6 +181,14 @@ class ChatTemplate:
             raise ValueError(f"{where}: chat template {self.name} failed ({type(e).__name__}: {e})") from None
 
 
+    def prompt(self, messages: list[dict]) -> list[Segment]:
+        """The conversation so far followed by the start of the assistant's turn: what a model
+        continues with its reply (all context)."""
+        if self._render is None:
+            return [(text, False) for text, _ in _plain_segments(messages, self.eos_id)] + [("Assistant: ", False)]
+        return [(self._render(messages, True), False)]
+
+
 def _nonempty(segments: list[Segment]) -> list[Segment]:
     return [s for s in segments if not (isinstance(s[0], str) and s[0] == "")]
 

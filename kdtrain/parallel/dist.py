@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -60,6 +61,27 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def one_process_world(device: str = "auto"):
+    """A one-process world for tools that hold a whole model on one device (megatron's parallel
+    layers need a process group); taken down again, with the environment it set, when this made
+    it, so a caller's own process group or environment is left as it was. Yields the DistEnv."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    created = not dist.is_initialized()
+    env = init_distributed(device)
+    try:
+        yield env
+    finally:
+        if created:
+            shutdown_distributed()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def run_job(job, errors: tuple = (ValueError,)) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -63,19 +62,13 @@ def calibration_batches(data: list[str], cfg: ModelConfig, seq_length: int, samp
 def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str = "auto"):
     """Build the whole teacher on one device, load ``src`` and score it (importance.py)."""
     import torch
-    import torch.distributed as dist
 
     from ..models import build_gpt
-    from ..parallel import RoleLayout, build_role_groups, init_distributed, shutdown_distributed
+    from ..parallel import RoleLayout, build_role_groups, one_process_world
     from ..training.checkpoint import load_model_weights
     from .importance import activation_importance
 
-    # A one-process world for megatron's parallel layers, taken down again when this made it
-    # (so a caller's own process group or environment is left as it was).
-    saved_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    created = not dist.is_initialized()
-    env = init_distributed(device_name)
-    try:
+    with one_process_world(device_name) as env:
         if env.world_size != 1:
             raise ValueError("kdtrain prune runs as one process (the teacher whole on one device)")
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
@@ -83,14 +76,6 @@ def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str 
                           seed=0)
         load_model_weights(src, cfg, [(model.param_specs[n], p) for n, p in model.named_parameters()], "prune --src")
         return activation_importance(model, batches_fn(env.device))
-    finally:
-        if created:
-            shutdown_distributed()
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Optional[list[int]] = None,

@@ -1,0 +1,137 @@
+"""``kdtrain generate``: continuations (or chat replies) from a checkpoint, to look at what a student
+says before and after distillation.
+
+    kdtrain generate --model checkpoints/demo-distill --prompt "The os module" --max-new-tokens 40
+    kdtrain generate --model /models/Qwen2.5-0.5B-Instruct --chat --prompt "What does zip() do?"
+
+``--model`` is a kdtrain checkpoint (any layout) or a Hugging Face directory; the tokenizer is
+``--tokenizer``, else the HF directory's own, else the one the checkpoint's run read its data
+with. ``--chat`` renders each prompt as a user turn (after ``--system``) with the tokenizer's chat
+template, or ``--chat-template FILE|plain``, and stops a reply at the EOS id. Prompts of different
+lengths are decoded together (kdtrain/models/generate.py: key/value cache, layout-independent
+sampling keyed by ``--seed`` and the prompt's index); ``--temperature 0`` is greedy. The whole
+model runs on one device (GPU when there is one), in bf16 on GPU and fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional
+
+
+def default_tokenizer(model: str) -> Optional[str]:
+    """The HF directory's own tokenizer, else the tokenizer the checkpoint's run read its data with."""
+    from ..convert.hf_weights import is_hf_model_dir
+    from ..convert.sources import CheckpointWeights
+    from ..data.tokenizer import tokenizer_file
+
+    if is_hf_model_dir(model):
+        try:
+            return str(tokenizer_file(model))
+        except ValueError:
+            return None
+    path = (CheckpointWeights(model).reader.meta.get("data") or {}).get("tokenizer")
+    try:
+        return str(tokenizer_file(path)) if path else None
+    except ValueError:  # moved or deleted since the run
+        return None
+
+
+def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None, chat: bool = False,
+             chat_template: Optional[str] = None, system: Optional[str] = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, seed: int = 0, device: str = "auto") -> list[dict]:
+    """One ``{"prompt", "ids", "text", "stopped"}`` per prompt: the new token ids, their text, and
+    whether the reply ended with the EOS id."""
+    import torch
+
+    from ..convert.sources import open_weights
+    from ..data.chat import ChatTemplate, encode_segments
+    from ..data.tokenizer import Tokenizer
+    from ..parallel import RoleLayout, build_role_groups, one_process_world
+    from ..training.checkpoint import load_model_weights
+    from ..models import build_gpt
+    from ..models.generate import sample_replies
+
+    if not prompts:
+        raise ValueError("give at least one --prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    tokenizer = tokenizer or default_tokenizer(model)
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer for {model}: pass --tokenizer (a SentencePiece .model, or a Hugging Face "
+                         "tokenizer.json or its directory)")
+    tok = Tokenizer(tokenizer)
+    cfg = open_weights(model).cfg
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but model {model} has "
+                         f"vocab_size={cfg.vocab_size}: not the model's tokenizer")
+    if chat or chat_template:
+        template = ChatTemplate(chat_template, tok)
+        head = [{"role": "system", "content": system}] if system else []
+        encoded = [encode_segments(tok, template.prompt(head + [{"role": "user", "content": p}]))[0] for p in prompts]
+    else:
+        encoded = tok.encode_batch(prompts)
+    if any(len(ids) == 0 for ids in encoded):
+        raise ValueError("a prompt encodes to no tokens")
+    longest = max(len(ids) for ids in encoded) + max_new_tokens
+    if longest > cfg.max_seq_length:
+        raise ValueError(f"prompt + --max-new-tokens = {longest} tokens exceed the model's max_seq_length "
+                         f"{cfg.max_seq_length}")
+    stop = tok.eos_id if tok.eos_id >= 0 else None
+    with one_process_world(device) as env:
+        dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+        net = build_gpt(cfg, build_role_groups(RoleLayout("generate", 0, 1, 1, 1)), device=env.device, dtype=dtype,
+                        seed=0)
+        load_model_weights(model, cfg, [(net.param_specs[n], p) for n, p in net.named_parameters()], "--model")
+        # Each row: its prompt, then room for its reply (the prompt lengths differ by row).
+        length = max(len(ids) for ids in encoded) + max_new_tokens
+        windows = torch.zeros(len(encoded), length, dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            windows[i, :len(ids)] = torch.tensor(ids)
+        starts = [len(ids) for ids in encoded]
+        out, ends = sample_replies(net, windows.to(env.device), starts, vocab_size=cfg.vocab_size,
+                                   temperature=temperature, seed=seed, sample_ids=range(len(encoded)),
+                                   stop_token=stop)
+    results = []
+    for i, p in enumerate(prompts):
+        end = min(ends[i], starts[i] + max_new_tokens)
+        ids = out[i, starts[i]:end].tolist()
+        results.append({"prompt": p, "ids": ids, "text": tok.decode(ids), "stopped": bool(ids) and ids[-1] == stop})
+    return results
+
+
+def _run(args) -> int:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    results = generate(args.model, prompts, tokenizer=args.tokenizer, chat=args.chat, chat_template=args.chat_template,
+                       system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       seed=args.seed, device=args.device)
+    for r in results:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+        else:
+            print(f"### {r['prompt']}\n{r['text']}{'' if r['stopped'] else ' [...]'}\n")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="continuations or chat replies from a checkpoint or HF model",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="kdtrain checkpoint or Hugging Face model directory")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a text file: one prompt per line")
+    p.add_argument("--tokenizer", help="default: the HF directory's own, or the checkpoint's data.tokenizer")
+    p.add_argument("--chat", action="store_true", help="prompts are user turns, rendered with the chat template")
+    p.add_argument("--chat-template", metavar="FILE|plain", help="implies --chat; default: the tokenizer's own")
+    p.add_argument("--system", help="with --chat: a system message before each prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
+    p.set_defaults(func=_run)
