@@ -13,8 +13,8 @@
 #    with the replies as targets (data.loss_mask=true), distilled on every token
 #    (data.loss_mask=false), and trained on the replies' labels (pretrain_gpt.py); once from random
 #    weights and once from a student first distilled on the demo documents for STEPS steps;
-# 5. benchmarks/eval_heldout.py: every checkpoint's held-out loss over the replies, over the
-#    prompts and over all tokens.
+# 5. kdtrain eval: every checkpoint's held-out loss over the replies, over the prompts and over all
+#    tokens.
 # Environment: WORK (default /tmp/kdtrain-pruned-init), NPROC (2), STEPS (120), TEACHER_STEPS (150),
 # TEACHER_SFT_STEPS (100).
 set -euo pipefail
@@ -56,6 +56,6 @@ done
 
 {
   echo "# bash benchmarks/bench_chat.sh $OUT  ($(date -u +%F), $(uname -m), NPROC=$NPROC, STEPS=$STEPS, TEACHER_SFT_STEPS=$TEACHER_SFT_STEPS)"
-  "$PY" benchmarks/eval_heldout.py --data "$DEMO_DATA/demo_chat_document" --seq-length 128 --split 0.9 0.1 \
-      --checkpoints "$WORK/checkpoints/demo-teacher" "${RUNS[@]/#/$WORK/checkpoints/}" --out "$OUT/heldout.json"
+  "$PY" -m kdtrain.cli eval --data "$DEMO_DATA/demo_chat_document" --seq-length 128 --split 0.9 0.1 \
+      --model "$WORK/checkpoints/demo-teacher" "${RUNS[@]/#/$WORK/checkpoints/}" --out "$OUT/heldout.json"
 } | tee "$OUT/compare.txt"

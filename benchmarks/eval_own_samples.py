@@ -24,21 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdtrain.config import ModelConfig, from_dict
 from kdtrain.data.gpt_dataset import GPTWindowDataset
-from kdtrain.models import build_gpt
 from kdtrain.models.generate import sample
-from kdtrain.parallel import RoleLayout, build_role_groups, init_distributed, shutdown_distributed
-from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_model_weights
-
-
-def load(path: str, device, seed: int):
-    reader = CheckpointReader(latest_checkpoint(path) or path)
-    cfg = from_dict(ModelConfig, reader.meta["model"], "checkpoint.model")
-    model = build_gpt(cfg, build_role_groups(RoleLayout(Path(path).name, 0, 1, 1, 1)), device=device,
-                      dtype=torch.float32, seed=seed).eval()
-    load_model_weights(path, cfg, [(model.param_specs[n], p) for n, p in model.named_parameters()], "eval")
-    return cfg, model
+from kdtrain.parallel import init_distributed, shutdown_distributed
+from kdtrain.training.checkpoint import load_whole_model
 
 
 @torch.no_grad()
@@ -61,13 +50,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     env = init_distributed("auto")
-    tcfg, teacher = load(args.teacher, env.device, 0)
+    tcfg, teacher = load_whole_model(args.teacher, env.device, torch.float32, "teacher")
     ds = GPTWindowDataset(args.data, args.seq_length, seed=1234, vocab_size=tcfg.vocab_size)
     n = min(args.prompts, ds.num_valid_windows)
     windows = np.stack([ds.valid_sample(j) for j in range(n)])
     rows = []
     for path in args.students:
-        scfg, student = load(path, env.device, 1)
+        scfg, student = load_whole_model(path, env.device, torch.float32, Path(path).name)
         sums = {"teacher_nll": 0.0, "kl_teacher_student": 0.0, "kl_student_teacher": 0.0,
                 "sampled_outside_teacher_topk": 0.0}
         count = 0

@@ -8,6 +8,8 @@
                                       a student pruned from the teacher (see kdtrain/prune/cli.py)
     kdtrain generate --model CKPT [--chat] --prompt TEXT   continuations or chat replies from a
                                       checkpoint or HF model (see kdtrain/generate/cli.py)
+    kdtrain eval --model CKPT... --data PREFIX --seq-length N   held-out losses, replies and prompts
+                                      apart (see kdtrain/evaluate/cli.py)
     kdtrain plan --teacher T --student S --world-size N --seq-len S --global-batch B
                                       ranked teacher/student splits (see kdtrain/planner/cli.py)
     kdtrain calibrate --out FILE      measure this device into a planner profile
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
     from kdtrain.generate.cli import register as register_generate
 
     register_generate(sub)
+    from kdtrain.evaluate.cli import register as register_eval
+
+    register_eval(sub)
     from kdtrain.planner.cli import register as register_planner
 
     register_planner(sub)

@@ -48,10 +48,9 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
     from ..convert.sources import open_weights
     from ..data.chat import ChatTemplate, encode_segments
     from ..data.tokenizer import Tokenizer
-    from ..parallel import RoleLayout, build_role_groups, one_process_world
-    from ..training.checkpoint import load_model_weights
-    from ..models import build_gpt
     from ..models.generate import sample_replies
+    from ..parallel import one_process_world
+    from ..training.checkpoint import load_whole_model
 
     if not prompts:
         raise ValueError("give at least one --prompt")
@@ -83,9 +82,7 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
     stop = tok.eos_id if tok.eos_id >= 0 else None
     with one_process_world(device) as env:
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
-        net = build_gpt(cfg, build_role_groups(RoleLayout("generate", 0, 1, 1, 1)), device=env.device, dtype=dtype,
-                        seed=0)
-        load_model_weights(model, cfg, [(net.param_specs[n], p) for n, p in net.named_parameters()], "--model")
+        _, net = load_whole_model(model, env.device, dtype, "generate --model", cfg)
         # Each row: its prompt, then room for its reply (the prompt lengths differ by row).
         length = max(len(ids) for ids in encoded) + max_new_tokens
         windows = torch.zeros(len(encoded), length, dtype=torch.long)

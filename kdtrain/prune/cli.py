@@ -63,18 +63,15 @@ def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str 
     """Build the whole teacher on one device, load ``src`` and score it (importance.py)."""
     import torch
 
-    from ..models import build_gpt
-    from ..parallel import RoleLayout, build_role_groups, one_process_world
-    from ..training.checkpoint import load_model_weights
+    from ..parallel import one_process_world
+    from ..training.checkpoint import load_whole_model
     from .importance import activation_importance
 
     with one_process_world(device_name) as env:
         if env.world_size != 1:
             raise ValueError("kdtrain prune runs as one process (the teacher whole on one device)")
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
-        model = build_gpt(cfg, build_role_groups(RoleLayout("prune", 0, 1, 1, 1)), device=env.device, dtype=dtype,
-                          seed=0)
-        load_model_weights(src, cfg, [(model.param_specs[n], p) for n, p in model.named_parameters()], "prune --src")
+        _, model = load_whole_model(src, env.device, dtype, "prune --src", cfg)
         return activation_importance(model, batches_fn(env.device))
 
 

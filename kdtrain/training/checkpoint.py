@@ -290,6 +290,22 @@ def load_model_weights(path: str | os.PathLike, model: ModelConfig,
     load_weights(reader, params)
 
 
+def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype, what: str,
+                     model: Optional[ModelConfig] = None):
+    """(config, model) of a kdtrain checkpoint or Hugging Face directory held whole on one device
+    (tp = pp = 1), in eval mode, for the tools that run a model alone (prune, generate, eval).
+    The config is the one ``path`` records unless ``model`` is given. Needs a process group
+    (``parallel.one_process_world``)."""
+    from ..convert.sources import open_weights
+    from ..models import build_gpt
+    from ..parallel import RoleLayout, build_role_groups
+
+    cfg = model if model is not None else open_weights(path).cfg
+    net = build_gpt(cfg, build_role_groups(RoleLayout(what, 0, 1, 1, 1)), device=device, dtype=dtype, seed=0)
+    load_model_weights(path, cfg, [(net.param_specs[n], p) for n, p in net.named_parameters()], what)
+    return cfg, net.eval()
+
+
 def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None:
     """Same architecture as the checkpoint (the name may differ)."""
     saved = dict(reader.meta.get("model", {}))

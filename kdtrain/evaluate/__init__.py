@@ -1,0 +1,1 @@
+"""`kdtrain eval`: held-out losses of checkpoints on a corpus."""
