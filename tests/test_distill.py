@@ -104,6 +104,11 @@ class Runs:
         if world == 1:
             jobs.append(("chat-ref", "distill_gpt.py", chat))
             jobs.append(("chat-onpolicy-ref", "distill_gpt.py", chat + ONPOLICY))
+            chat_cache = self.root / "chat-teacher-cache"
+            jobs.append(("chat-fp32-cache", "cache_teacher.py", [
+                "--config", "tiny", "--out", str(chat_cache), *chat, f"data.tokenizer={c['tokenizer']}",
+                "cache.dtype=fp32"]))
+            jobs.append(("chat-cache", "distill_gpt.py", chat + ["teacher.source=cache", f"teacher.cache={chat_cache}"]))
         if world == 2:
             jobs.append(("auto", "distill_gpt.py", ["split.mode=auto"]))
             jobs.append(("chat-layout", "distill_gpt.py", chat + CHAT_LAYOUT))
@@ -269,3 +274,13 @@ def test_conversation_data_reproduces_across_layouts(runs, mode):
         assert all(0 < ref[s]["sampled_tokens"] < 25 * 8 for s in (2, 4)), [ref[s]["sampled_tokens"] for s in ref]
         plain = runs.get("onpolicy-ref", world=1)["metrics"]
         assert [plain[s]["sampled_tokens"] for s in (2, 4)] == [25 * 8, 25 * 8]
+
+
+def test_conversation_student_from_the_cache_follows_the_online_run(runs):
+    """The cache holds the teacher's payload at every position; a student trained from it with the
+    replies as targets is the online run."""
+    ref, got = runs.get("chat-ref", world=1)["metrics"], runs.get("chat-cache", world=1)["metrics"]
+    assert sorted(got) == sorted(ref) and all(got[s]["teacher_live"] == 0 for s in got)
+    for s in sorted(ref):
+        for k in ("loss", "kd_loss", "grad_norm"):
+            assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}"
