@@ -1,6 +1,7 @@
 """``kdtrain eval``: the held-out loss it reports over a conversation corpus' targets is the one
-the training run logged for the same windows, the prompts and all tokens are reported apart, and
-bad arguments are clear errors."""
+the training run logged for the same windows (here packed by documents, which eval must be told
+as the run was), the prompts and all tokens are reported apart, and bad arguments are clear
+errors."""
 
 from __future__ import annotations
 
@@ -17,21 +18,25 @@ def test_eval_reproduces_the_runs_held_out_loss(world_of_one, tiny_chat_corpus, 
     from kdtrain.training.pretrain import pretrain
 
     data = [f"data.path=[{tiny_chat_corpus['prefix']}]", f"data.tokenizer={tiny_chat_corpus['tokenizer']}",
-            "data.seq_length=32", "data.split=[0.9,0.1]"]
+            "data.seq_length=32", "data.split=[0.9,0.1]", "data.packing=documents"]
     pretrain(load_pretrain_config("tiny", data + [
         "precision.device=cpu", "training.train_steps=6", "training.eval_batches=2", "training.global_batch_size=8",
         "training.micro_batch_size=4", f"logging.dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]))
     logged = read_metrics(tmp_path / "run", "valid")[6]["valid_loss"]
     # The run evaluated its first 2 x 8 held-out windows, counting the replies only.
     assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", tiny_chat_corpus["prefix"], "--seq-length", "32",
-                 "--split", "0.9", "0.1", "--max-windows", "16", "--tokenizer", tiny_chat_corpus["tokenizer"],
+                 "--split", "0.9", "0.1", "--packing", "documents", "--max-windows", "16",
+                 "--tokenizer", tiny_chat_corpus["tokenizer"],
                  "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
     got = json.loads((tmp_path / "eval.json").read_text())[str(tmp_path / "ckpt")]
     assert got["targets_loss"] == pytest.approx(logged, rel=1e-5)
     assert got["tokens"] == 16 * 32 and 0 < got["target_tokens"] < got["tokens"]
+    assert "ckpt" in capsys.readouterr().out
+    stream = main(["eval", "--model", str(tmp_path / "ckpt"), "--data", tiny_chat_corpus["prefix"], "--seq-length",
+                   "32", "--split", "0.9", "0.1", "--max-windows", "16", "--device", "cpu"])
+    assert stream == 0 and f"{got['targets_loss']:9.4f}" not in capsys.readouterr().out.splitlines()[-1]
     n, t = got["tokens"], got["target_tokens"]
     assert got["all_loss"] == pytest.approx((got["targets_loss"] * t + got["context_loss"] * (n - t)) / n, rel=1e-9)
-    assert "ckpt" in capsys.readouterr().out
 
     for args, msg in ((["--seq-length", "512"], "exceeds the max_seq_length"),
                       (["--seq-length", "32", "--split", "1.0", "0.0"], "no held-out windows"),

@@ -72,6 +72,8 @@ def dataset_identity(data: DataConfig) -> dict:
     out = {"mock": False, "prefixes": prefixes, "seed": data.seed, "split": [float(x) for x in data.split]}
     if data.weights is not None:  # blended corpora: the weights decide which window sample g is
         out["weights"] = [float(w) for w in data.weights]
+    if data.packing != "stream":  # other windows (recorded only when not the default, as before)
+        out["packing"] = data.packing
     return out
 
 

@@ -61,6 +61,10 @@ class DataConfig:
     # Use a corpus' loss mask (conversations: the replies are the only targets, kdtrain/data/chat.py);
     # false counts every token, prompts included, in training and evaluation.
     loss_mask: bool = True
+    # How windows are cut: "stream" (the corpus as one token stream; documents cross window
+    # boundaries) or "documents" (whole documents per window, padded: no reply without its
+    # question; kdtrain/data/packing.py).
+    packing: Literal["stream", "documents"] = "stream"
 
     def check(self, where: str = "data") -> None:
         if self.weights is not None:

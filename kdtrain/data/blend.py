@@ -118,6 +118,15 @@ class BlendedWindowDataset:
     def has_loss_mask(self) -> bool:
         return any(c.has_loss_mask for c in self.components)
 
+    @property
+    def conversations(self) -> bool:
+        return any(c.conversations for c in self.components)
+
+    @property
+    def padding_share(self) -> float:
+        windows = [c.num_train_windows + c.num_valid_windows for c in self.components]
+        return sum(c.padding_share * n for c, n in zip(self.components, windows)) / sum(windows)
+
     def _mask_or_ones(self, mask: np.ndarray | None) -> np.ndarray:
         # A corpus without a mask, blended with one that has it: all its tokens are targets.
         return np.ones(self.components[0].seq_length, dtype=bool) if mask is None else mask

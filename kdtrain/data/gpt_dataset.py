@@ -7,9 +7,13 @@ held-out split, as contiguous ranges. Training samples are drawn by a per-epoch 
 seeded by (seed, epoch): sample g depends only on g and the seed, never on the parallel layout,
 and resuming after N consumed samples is just continuing at g = N.
 
+With ``packing="documents"`` (kdtrain/data/packing.py) window i holds whole documents instead,
+padded at the end, and the windows no longer overlap.
+
 A corpus written from conversations carries a loss mask (kdtrain/data/indexed.py); the
-``*_loss_mask`` methods return the target flags of a window's S labels (stream tokens [i*S + 1,
-i*S + S + 1)), with every token of an unmasked corpus a target, or None when no corpus has a mask.
+``*_loss_mask`` methods return the target flags of a window's S labels (its tokens 1..S), with
+every token of an unmasked corpus a target and padding never one, or None when every label of
+every window is a target.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import math
 import numpy as np
 
 from kdtrain.data.indexed import IndexedTokens, meta_path, open_indexed_dataset
+from kdtrain.data.packing import pack_documents
+
+PACKINGS = ("stream", "documents")
 
 
 def _floor_fraction(n: int, fraction: float) -> int:
@@ -36,6 +43,7 @@ class GPTWindowDataset:
         vocab_size: int | None = None,
         tokenizer_fingerprint: str | None = None,
         loss_mask: bool = True,
+        packing: str = "stream",
     ):
         if isinstance(prefixes, str):
             prefixes = [prefixes]
@@ -47,6 +55,8 @@ class GPTWindowDataset:
             raise ValueError(f"split must be (train, held_out) fractions >= 0 with train > 0 and sum <= 1, got {split}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
 
         self.prefixes = [str(p) for p in prefixes]
         self.seq_length = seq_length
@@ -60,12 +70,17 @@ class GPTWindowDataset:
         self._starts = np.concatenate([[0], np.cumsum(lengths)])
         self.total_tokens = int(self._starts[-1])
         window = seq_length + 1
-        if self.total_tokens < window:
+        self.packed = None
+        if packing == "documents":
+            self.packed = pack_documents(np.concatenate([s.document_lengths for s in self.streams]), window)
+            self.num_windows = self.packed.num_windows
+        elif self.total_tokens < window:
             raise ValueError(
                 f"corpus {', '.join(self.prefixes)} has {self.total_tokens} tokens, fewer than one window "
                 f"of seq_length+1={window}"
             )
-        self.num_windows = (self.total_tokens - 1) // seq_length
+        else:
+            self.num_windows = (self.total_tokens - 1) // seq_length
         self._n_train = _floor_fraction(self.num_windows, self.split[0])
         self._n_valid = _floor_fraction(self.num_windows, self.split[1])
         if self._n_train < 1:
@@ -81,8 +96,11 @@ class GPTWindowDataset:
             )
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
-        # loss_mask=False: the corpora's masks are ignored and every token is a target.
-        self.has_loss_mask = loss_mask and any(stream.has_loss_mask for stream in self.streams)
+        # Conversations: a corpus' mask marks the replies (loss_mask=False ignores the masks, every
+        # token is a target). Packed windows have target flags in any case: padding is none.
+        self.conversations = loss_mask and any(stream.has_loss_mask for stream in self.streams)
+        self.has_loss_mask = self.conversations or self.packed is not None
+        self._pad_id = self.eos_id if self.eos_id is not None else 0
 
     @staticmethod
     def _check_stream(stream: IndexedTokens, vocab_size: int | None, fingerprint: str | None) -> None:
@@ -109,6 +127,11 @@ class GPTWindowDataset:
         return ids.pop() if len(ids) == 1 else None
 
     @property
+    def padding_share(self) -> float:
+        """Share of the windows' tokens that are padding (packing by documents; 0 otherwise)."""
+        return 0.0 if self.packed is None else self.packed.padding_share
+
+    @property
     def num_train_windows(self) -> int:
         return self._n_train
 
@@ -116,41 +139,55 @@ class GPTWindowDataset:
     def num_valid_windows(self) -> int:
         return self._n_valid
 
-    def window(self, w: int) -> np.ndarray:
-        """Tokens [w*S, w*S + S + 1) of the concatenated stream, as int64."""
-        if not 0 <= w < self.num_windows:
-            raise IndexError(f"window index {w} out of range [0, {self.num_windows})")
-        S = self.seq_length
-        out = np.empty(S + 1, dtype=np.int64)
-        pos, filled = w * S, 0
+    def _read(self, pos: int, n: int, flags: bool = False) -> np.ndarray:
+        """Tokens (or their target flags) [pos, pos + n) of the concatenated stream."""
+        out = np.empty(n, dtype=bool if flags else np.int64)
+        filled = 0
         i = int(np.searchsorted(self._starts, pos, side="right")) - 1
-        while filled < S + 1:
+        while filled < n:
             local = pos - int(self._starts[i])
-            take = min(S + 1 - filled, self.streams[i].num_tokens - local)
-            out[filled : filled + take] = self.streams[i].tokens[local : local + take]
+            take = min(n - filled, self.streams[i].num_tokens - local)
+            if not flags:
+                out[filled: filled + take] = self.streams[i].tokens[local: local + take]
+            elif self.conversations:
+                out[filled: filled + take] = self.streams[i].loss_mask(local, local + take)
+            else:
+                out[filled: filled + take] = True
             filled += take
             pos += take
             i += 1
         return out
 
-    def window_loss_mask(self, w: int) -> np.ndarray | None:
-        """Target flags (bool) of window w's S labels, or None when no corpus has a loss mask."""
-        if not self.has_loss_mask:
-            return None
+    def _check_window(self, w: int) -> None:
         if not 0 <= w < self.num_windows:
             raise IndexError(f"window index {w} out of range [0, {self.num_windows})")
-        S = self.seq_length
-        out = np.empty(S, dtype=bool)
-        pos, filled = w * S + 1, 0
-        i = int(np.searchsorted(self._starts, pos, side="right")) - 1
-        while filled < S:
-            local = pos - int(self._starts[i])
-            take = min(S - filled, self.streams[i].num_tokens - local)
-            out[filled: filled + take] = self.streams[i].loss_mask(local, local + take)
-            filled += take
-            pos += take
-            i += 1
+
+    def window(self, w: int) -> np.ndarray:
+        """Window w's S + 1 tokens, as int64: stream tokens [w*S, w*S + S + 1), or its packed
+        documents followed by padding."""
+        self._check_window(w)
+        if self.packed is None:
+            return self._read(w * self.seq_length, self.seq_length + 1)
+        out = np.full(self.seq_length + 1, self._pad_id, dtype=np.int64)
+        at = 0
+        for pos, n in self.packed.pieces(w):
+            out[at: at + n] = self._read(pos, n)
+            at += n
         return out
+
+    def window_loss_mask(self, w: int) -> np.ndarray | None:
+        """Target flags (bool) of window w's S labels, or None when every label is a target."""
+        if not self.has_loss_mask:
+            return None
+        self._check_window(w)
+        if self.packed is None:
+            return self._read(w * self.seq_length + 1, self.seq_length, flags=True)
+        out = np.zeros(self.seq_length + 1, dtype=bool)
+        at = 0
+        for pos, n in self.packed.pieces(w):
+            out[at: at + n] = self._read(pos, n, flags=True)
+            at += n
+        return out[1:]
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:

@@ -14,7 +14,8 @@ class MockWindowDataset:
         self.seed = seed
         self.num_train_windows = num_train
         self.num_valid_windows = num_valid
-        self.has_loss_mask = False
+        self.has_loss_mask = self.conversations = False
+        self.padding_share = 0.0
         self.eos_id = None
 
     def _window(self, split: int, i: int) -> np.ndarray:

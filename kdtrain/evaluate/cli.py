@@ -6,7 +6,7 @@ every model, whatever each run trained on.
 
 ``--model`` takes kdtrain checkpoints (any layout) and Hugging Face directories. The windows are
 the held-out split of ``--data`` exactly as a run with the same ``data.seq_length``,
-``data.split`` and ``data.seed`` holds it out (the first ``--max-windows`` of them, else all).
+``data.split``, ``data.seed`` and ``data.packing`` holds it out (the first ``--max-windows`` of them, else all).
 Reported per model, in nats: the loss over the target tokens (on a conversation corpus the
 replies; every token otherwise), over the other tokens (prompts) and over all tokens, with the
 token counts. One process, the whole model on one device (GPU when there is one; bf16 there,
@@ -49,7 +49,8 @@ def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, de
 
 def evaluate_models(models: Sequence[str], data: Sequence[str], seq_length: int, *,
                     split: tuple[float, float] = (0.98, 0.02), seed: int = 1234, tokenizer: Optional[str] = None,
-                    max_windows: Optional[int] = None, batch: int = 8, device: str = "auto") -> dict[str, dict]:
+                    packing: str = "stream", max_windows: Optional[int] = None, batch: int = 8,
+                    device: str = "auto") -> dict[str, dict]:
     import torch
 
     from ..convert.sources import open_weights
@@ -68,7 +69,8 @@ def evaluate_models(models: Sequence[str], data: Sequence[str], seq_length: int,
         raise ValueError(f"--seq-length {seq_length} exceeds the max_seq_length of {too_long}")
     fingerprint = Tokenizer(tokenizer).fingerprint if tokenizer else None
     dataset = GPTWindowDataset(list(data), seq_length, split=tuple(split), seed=seed,
-                               vocab_size=min(c.vocab_size for c in configs.values()), tokenizer_fingerprint=fingerprint)
+                               vocab_size=min(c.vocab_size for c in configs.values()), tokenizer_fingerprint=fingerprint,
+                               packing=packing)
     windows = dataset.num_valid_windows if max_windows is None else min(max_windows, dataset.num_valid_windows)
     if windows == 0:
         raise ValueError(f"--data {' '.join(data)} has no held-out windows at --split {list(split)}")
@@ -84,7 +86,8 @@ def evaluate_models(models: Sequence[str], data: Sequence[str], seq_length: int,
 
 def _run(args) -> int:
     results = evaluate_models(args.model, args.data, args.seq_length, split=tuple(args.split), seed=args.seed,
-                              tokenizer=args.tokenizer, max_windows=args.max_windows, batch=args.batch,
+                              tokenizer=args.tokenizer, packing=args.packing, max_windows=args.max_windows,
+                              batch=args.batch,
                               device=args.device)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
@@ -105,6 +108,7 @@ def register(sub) -> None:
     p.add_argument("--split", type=float, nargs=2, default=(0.98, 0.02), help="a run's data.split")
     p.add_argument("--seed", type=int, default=1234, help="a run's data.seed")
     p.add_argument("--tokenizer", help="checked against the corpus' tokenizer fingerprint")
+    p.add_argument("--packing", choices=("stream", "documents"), default="stream", help="a run's data.packing")
     p.add_argument("--max-windows", type=int, help="only the first N held-out windows")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")

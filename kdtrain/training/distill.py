@@ -46,7 +46,8 @@ from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
 from .optimizer import lr_at
 from .profiling import StepProfiler
-from .pretrain import build_trainable, evaluate, lm_forward_step, open_dataset, resolve_dtype, restore_role, save_role
+from .pretrain import (build_trainable, describe_dataset, evaluate, lm_forward_step, open_dataset, resolve_dtype,
+                       restore_role, save_role)
 from .step import train_step
 from .teacher import Teacher
 
@@ -142,7 +143,7 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
 
     tr, op = cfg.training, cfg.onpolicy
     G, length = tr.global_batch_size, cfg.data.seq_length + 1
-    replies = dataset.has_loss_mask
+    replies = dataset.conversations
     stop = None
     if replies:
         stop = dataset.eos_id if op.stop_token is None else op.stop_token
@@ -278,6 +279,7 @@ def distill(cfg: DistillConfig) -> dict:
                  f"{str(dtype).removeprefix('torch.')}, attention="
                  f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
                  f"{_layer_modes(cfg.precision.compile, cfg.precision.cuda_graphs)}")
+    logger.write(describe_dataset(dataset, cfg.data))
 
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length
     seq = cfg.data.seq_length

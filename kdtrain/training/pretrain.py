@@ -64,12 +64,26 @@ def open_dataset(data: DataConfig, model: ModelConfig):
         fingerprint = tok.fingerprint
     if data.weights is None:
         return GPTWindowDataset(data.path, data.seq_length, split=tuple(data.split), seed=data.seed,
-                                vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint, loss_mask=data.loss_mask)
+                                vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint, loss_mask=data.loss_mask,
+                                packing=data.packing)
     # Weighted corpora: each its own windows, split and shuffle (seeded apart), mixed by blend.py.
     return BlendedWindowDataset([GPTWindowDataset([p], data.seq_length, split=tuple(data.split), seed=data.seed + i,
                                                   vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint,
-                                                  loss_mask=data.loss_mask)
+                                                  loss_mask=data.loss_mask, packing=data.packing)
                                  for i, p in enumerate(data.path)], data.weights)
+
+
+def describe_dataset(dataset, data: DataConfig) -> str:
+    """One log line: windows, packing and what the targets are."""
+    if data.mock:
+        return f"data: mock tokens, seq {data.seq_length}"
+    line = (f"data: {dataset.num_train_windows} train / {dataset.num_valid_windows} held-out windows of "
+            f"{data.seq_length} tokens")
+    if data.packing == "documents":
+        line += f", whole documents per window ({100 * dataset.padding_share:.1f}% padding)"
+    if dataset.conversations:
+        line += ", conversations: the replies are the targets"
+    return line
 
 
 @dataclass
@@ -140,6 +154,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
         f"{', compiled layers' if cfg.precision.compile else ''}"
         f"{', CUDA-graphed layers' if cfg.precision.cuda_graphs else ''}, start step {start_step}")
+    logger.write(describe_dataset(dataset, cfg.data))
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     throughput = Throughput(tokens_per_step, t.global_batch_size, cfg.model.flops_per_token(cfg.data.seq_length),
                             env.world_size, peak_tflops(env.device, cfg.logging.peak_tflops), env.device)
