@@ -80,6 +80,38 @@ def test_record_round_trip_and_topk_prefix(dtype):
     assert torch.equal(d2["ids"], ids[..., :2]) and torch.equal(d2["values"], ref[..., :2])
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])
+def test_target_records_hold_the_flagged_positions_only(dtype):
+    """cache.positions: targets: the flagged rows decode exactly as from a full record, the others
+    to a finite placeholder; the record grows with the number of targets only."""
+    from kdtrain.cache.codec import TargetRecordLayout
+
+    S, B, k, V = 13, 4, 5, 32000
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, V, (B, S), generator=g)
+    ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(S * B)]).view(S, B, k).to(torch.int32)
+    vals = torch.randn(S, B, k, generator=g).sort(dim=-1, descending=True).values * 3
+    lse = torch.randn(S, B, generator=g) + 5
+    flags = np.random.default_rng(3).random((B, S)) < 0.4
+    flags[1], flags[2] = False, True  # a sample with no target, one with all
+    layout, full = TargetRecordLayout(S, k, V, dtype), RecordLayout(S, k, V, dtype)
+    recs = layout.encode(tokens, ids, vals, lse, flags)
+    assert [len(r) for r in recs] == [layout.record_bytes(int(f.sum())) for f in flags]
+    assert len(recs[1]) == layout.head_bytes and len(recs[2]) == layout.max_record_bytes
+    d, ref = layout.decode(recs), full.decode(full.encode(tokens, ids, vals, lse))
+    m = torch.from_numpy(flags).t()
+    for name in ("ids", "values", "lse"):
+        assert torch.equal(d[name][m], ref[name][m]), name
+    assert torch.equal(d["tokens"], tokens) and torch.equal(d["checksum"], ref["checksum"])
+    assert torch.equal(d["targets"], torch.from_numpy(flags))
+    assert bool(torch.isfinite(d["values"].float()).all()) and bool(torch.isfinite(d["lse"]).all())
+    assert torch.equal(layout.decode(recs, k=2)["ids"][m], ref["ids"][..., :2][m])
+    bad = recs[0].copy()
+    bad[8] += 1  # the target count no longer matches the record
+    with pytest.raises(ValueError, match="does not hold"):
+        layout.decode([bad])
+
+
 def test_bytes_per_token_table():
     # 151936 ids -> 18 bits: lse 4 + k ids * 2.25 + k values + one token 2.25 (+ 8 for fp8 offset/scale)
     assert bytes_per_token(151936, 64, "bf16") == 4 + 64 * 2.25 + 64 * 2 + 2.25
@@ -106,7 +138,7 @@ class _Crash(RuntimeError):
     pass
 
 
-def _write_caches(rank, world, corpus, root):
+def _write_caches(rank, world, corpus, chat_corpus, root):
     """One process: fp32 / bf16 / fp8 caches, a crashed-then-resumed cache, the live teacher's payloads."""
     from kdtrain.cache.job import run_cache_job
     from kdtrain.parallel import RoleLayout, build_role_groups
@@ -119,6 +151,19 @@ def _write_caches(rank, world, corpus, root):
     quiet = lambda msg: None  # noqa: E731
     for dtype in ("fp32", "bf16", "fp8"):
         run_cache_job(cfg, _job(root / dtype, dtype), log=quiet)
+    # Conversations (the replies are the targets): every position, and the targets only, the
+    # latter also after a crash after its first shard.
+    chats = _run_cfg(chat_corpus)
+    run_cache_job(chats, _job(root / "chat-all", "fp32"), log=quiet)
+    run_cache_job(chats, _job(root / "targets", "fp32", positions="targets"), log=quiet)
+
+    def crash_first(i):
+        raise _Crash()
+
+    with pytest.raises(_Crash):
+        run_cache_job(chats, _job(root / "targets-resumed", "fp32", positions="targets"), on_shard=crash_first,
+                      log=quiet)
+    run_cache_job(chats, _job(root / "targets-resumed", "fp32", positions="targets"), log=quiet)
 
     # Crash after two shards; then leave what a SIGKILL mid-write could: a half-written temp file
     # and (worse than any real crash: renames are atomic) a truncated and a corrupted final shard.
@@ -169,10 +214,10 @@ def _write_dp2(rank, world, corpus, root):
 
 
 @pytest.fixture(scope="module")
-def caches(tiny_corpus, tmp_path_factory):
+def caches(tiny_corpus, tiny_chat_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
-    run_spawn(1, _write_caches, tiny_corpus, str(root), tmp_path=root)
-    return {"root": root, "live": torch.load(root / "live.pt"), "corpus": tiny_corpus}
+    run_spawn(1, _write_caches, tiny_corpus, tiny_chat_corpus, str(root), tmp_path=root)
+    return {"root": root, "live": torch.load(root / "live.pt"), "corpus": tiny_corpus, "chat": tiny_chat_corpus}
 
 
 def _spec(dtype, k=16):
@@ -212,12 +257,42 @@ def test_fp8_cache_is_within_the_documented_bound_and_smaller_k_is_a_prefix(cach
 
 
 @pytest.mark.slow
-def test_killed_job_resumes_to_a_byte_identical_cache(caches):
+@pytest.mark.parametrize("name,resumed", [("fp32", "resumed"), ("targets", "targets-resumed")])
+def test_killed_job_resumes_to_a_byte_identical_cache(caches, name, resumed):
     root = caches["root"]
-    names = sorted(p.name for p in (root / "fp32").iterdir())
-    assert names == sorted(p.name for p in (root / "resumed").iterdir())  # no temp files left
-    for name in names:
-        assert (root / "fp32" / name).read_bytes() == (root / "resumed" / name).read_bytes(), name
+    names = sorted(p.name for p in (root / name).iterdir())
+    assert names == sorted(p.name for p in (root / resumed).iterdir())  # no temp files left
+    for f in names:
+        assert (root / name / f).read_bytes() == (root / resumed / f).read_bytes(), f
+
+
+@pytest.mark.slow
+def test_targets_cache_serves_the_targets_and_is_smaller(caches):
+    """positions: targets on conversations: at every target position (the replies) the payload is
+    the all-positions cache's, bitwise; the prompts are not stored."""
+    from kdtrain.training.pretrain import open_dataset
+
+    cfg = _run_cfg(caches["chat"])
+    ds = open_dataset(cfg.data, cfg.teacher.model)
+    with CacheReader(caches["root"] / "chat-all") as full, CacheReader(caches["root"] / "targets") as part:
+        part.check(cfg)
+        assert part.manifest.positions == "targets" and part.index.record_bytes == 0
+        targets = 0
+        for j in range(0, SAMPLES, MB):
+            ids = list(range(j, j + MB))
+            a, b = full.payload(ids, _spec(torch.float32)), part.payload(ids, _spec(torch.float32))
+            m = torch.stack([torch.from_numpy(ds.train_loss_mask(g)) for g in ids]).t()
+            targets += int(m.sum())
+            for name in ("ids", "values", "lse"):
+                assert torch.equal(getattr(a, name)[m], getattr(b, name)[m]), (j, name)
+            assert int(a.checksum) == int(b.checksum)
+    size = {n: sum(s.bytes for s in Manifest.load(caches["root"] / n).shards) for n in ("chat-all", "targets")}
+    share = targets / (SAMPLES * 32)
+    assert 0.1 < share < 0.9 and size["targets"] < (share + 0.2) * size["chat-all"], (share, size)
+    with pytest.raises(ValueError, match="data.loss_mask mismatch"):
+        CacheReader(caches["root"] / "targets").check(_run_cfg(caches["chat"], "data.loss_mask=false"))
+    with pytest.raises(ValueError, match="dataset mismatch"):
+        CacheReader(caches["root"] / "targets").check(_run_cfg(caches["chat"], "data.packing=documents"))
 
 
 @pytest.mark.slow
@@ -240,8 +315,9 @@ def _copy(caches, tmp_path, name="fp32") -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "header"])
-def test_damaged_shard_is_a_value_error_naming_the_file(caches, tmp_path, damage):
-    path = _copy(caches, tmp_path)
+@pytest.mark.parametrize("name", ["fp32", "targets"])
+def test_damaged_shard_is_a_value_error_naming_the_file(caches, tmp_path, damage, name):
+    path = _copy(caches, tmp_path, name)
     shard = path / "shard_000002.bin"
     data = bytearray(shard.read_bytes())
     if damage == "truncate":

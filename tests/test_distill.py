@@ -107,7 +107,7 @@ class Runs:
             chat_cache = self.root / "chat-teacher-cache"
             jobs.append(("chat-fp32-cache", "cache_teacher.py", [
                 "--config", "tiny", "--out", str(chat_cache), *chat, f"data.tokenizer={c['tokenizer']}",
-                "cache.dtype=fp32"]))
+                "cache.dtype=fp32", "cache.positions=targets"]))
             jobs.append(("chat-cache", "distill_gpt.py", chat + ["teacher.source=cache", f"teacher.cache={chat_cache}"]))
         if world == 2:
             jobs.append(("auto", "distill_gpt.py", ["split.mode=auto"]))
@@ -277,8 +277,8 @@ def test_conversation_data_reproduces_across_layouts(runs, mode):
 
 
 def test_conversation_student_from_the_cache_follows_the_online_run(runs):
-    """The cache holds the teacher's payload at every position; a student trained from it with the
-    replies as targets is the online run."""
+    """The cache holds the teacher's payload at the replies only (cache.positions: targets); a
+    student trained from it, the replies its targets, is the online run."""
     ref, got = runs.get("chat-ref", world=1)["metrics"], runs.get("chat-cache", world=1)["metrics"]
     assert sorted(got) == sorted(ref) and all(got[s]["teacher_live"] == 0 for s in got)
     for s in sorted(ref):

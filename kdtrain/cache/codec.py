@@ -28,7 +28,9 @@ Values (the teacher's raw top-k logits, sorted descending; ``lse`` is of ``logit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -258,6 +260,137 @@ class RecordLayout:
                 "checksum": torch.from_numpy(np.ascontiguousarray(f["checksum"]).view(np.int64).reshape(B))}
 
 
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+@dataclass(frozen=True)
+class TargetRecordLayout:
+    """A variable-size record holding the teacher's output only where the label is a target
+    (``cache.positions: targets``; conversations: the replies). Fields, 8-byte aligned where noted::
+
+        checksum int64 | n u32 | pad u32 | tokens packed (S x b bits, to 8) | targets bitmap (S bits, to 8)
+        | lse fp32 (n) | [fp8 only: offset fp32 (n), scale fp32 (n)] | values (n*k) | ids packed (n*k x b bits)
+        | pad to 8
+
+    ``n`` is the number of targets of the sample; the rows are the target positions in order.
+    Decoding gives the full [S, B, k] payload, the other positions a placeholder that no loss
+    reads (ids 0..k-1, values 0, log-normaliser log V: finite, the uniform distribution), since
+    their loss weight is 0."""
+
+    seq_length: int
+    k: int
+    vocab_size: int
+    values_dtype: str
+
+    def __post_init__(self):
+        RecordLayout(self.seq_length, self.k, self.vocab_size, self.values_dtype)  # the same checks
+
+    @property
+    def bits(self) -> int:
+        return id_bits(self.vocab_size)
+
+    @property
+    def head_bytes(self) -> int:
+        return 16 + _pad8(packed_bytes(self.seq_length, self.bits)) + _pad8(-(-self.seq_length // 8))
+
+    def fields(self, n: int) -> list[tuple[str, int, int]]:
+        """(name, byte offset, byte size) of the per-target fields of a record with ``n`` targets."""
+        nk, vb = n * self.k, _VALUE_BYTES[self.values_dtype]
+        sizes = [("lse", 4 * n)]
+        if self.values_dtype == "fp8":
+            sizes += [("offset", 4 * n), ("scale", 4 * n)]
+        sizes += [("values", nk * vb), ("ids", packed_bytes(nk, self.bits))]
+        out, off = [], self.head_bytes
+        for name, size in sizes:
+            out.append((name, off, size))
+            off += size
+        return out
+
+    def record_bytes(self, n: int) -> int:
+        _, off, size = self.fields(n)[-1]
+        return _pad8(off + size)
+
+    @property
+    def max_record_bytes(self) -> int:
+        return self.record_bytes(self.seq_length)
+
+    def to_dict(self) -> dict:
+        return {"record_bytes": "variable", "max_record_bytes": self.max_record_bytes, "id_bits": self.bits,
+                "head_bytes": self.head_bytes}
+
+    def encode(self, tokens_BS: torch.Tensor, ids_SBK: torch.Tensor, values_SBK: torch.Tensor,
+               lse_SB: torch.Tensor, targets_BS: np.ndarray) -> list[np.ndarray]:
+        """One micro-batch of the teacher's output and the label flags [B, S] -> one uint8 record
+        per sample, holding the flagged positions only."""
+        B, S = tokens_BS.shape
+        assert S == self.seq_length and ids_SBK.shape == (S, B, self.k) and targets_BS.shape == (B, S)
+        tokens = tokens_BS.detach().cpu().to(torch.int64)
+        ids = ids_SBK.detach().cpu().permute(1, 0, 2)  # [B, S, k]
+        values = values_SBK.detach().cpu().permute(1, 0, 2)
+        lse = lse_SB.detach().to(torch.float32).cpu().t()
+        tbits, mbits = packed_bytes(S, self.bits), -(-S // 8)
+        out = []
+        for b in range(B):
+            rows = np.flatnonzero(targets_BS[b])
+            n = len(rows)
+            rec = np.zeros(self.record_bytes(n), dtype=np.uint8)
+            rec[0:8] = np.array([int(token_checksum(tokens[b]))], dtype=np.int64).view(np.uint8)
+            rec[8:12] = np.array([n], dtype=np.uint32).view(np.uint8)
+            rec[16:16 + tbits] = pack_bits(tokens[b].numpy()[None], self.bits)[0]
+            at = 16 + _pad8(tbits)
+            rec[at:at + mbits] = np.packbits(targets_BS[b].astype(bool), bitorder="little")
+            idx = torch.from_numpy(rows)
+            arrays = {"lse": lse[b, idx].contiguous().numpy(),
+                      "ids": pack_bits(ids[b, idx].reshape(1, -1).numpy(), self.bits)[0]}
+            arrays.update(encode_values(values[b, idx].contiguous(), self.values_dtype))
+            for name, off, size in self.fields(n):
+                rec[off:off + size] = np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8)
+            out.append(rec)
+        return out
+
+    def decode(self, records: Sequence[np.ndarray], k: int | None = None) -> dict[str, torch.Tensor]:
+        """Records -> the same tensors as ``RecordLayout.decode``, plus ``targets`` [B, S] bool."""
+        k = self.k if k is None else k
+        assert 1 <= k <= self.k
+        B, S = len(records), self.seq_length
+        tbits, mbits = packed_bytes(S, self.bits), -(-S // 8)
+        stored = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float32}
+        ids = torch.arange(k, dtype=torch.int32).expand(B, S, k).clone()
+        values = torch.zeros(B, S, k, dtype=stored[self.values_dtype])
+        lse = torch.full((B, S), math.log(self.vocab_size), dtype=torch.float32)
+        tokens = np.empty((B, S), dtype=np.int64)
+        targets = np.zeros((B, S), dtype=bool)
+        checksum = np.empty(B, dtype=np.int64)
+        for b, rec in enumerate(records):
+            rec = np.asarray(rec)
+            checksum[b] = rec[0:8].view(np.int64)[0]
+            n = int(rec[8:12].view(np.uint32)[0])
+            if n > S or rec.shape[0] != self.record_bytes(n):
+                raise ValueError(f"a cache record of {rec.shape[0]} bytes does not hold {n} targets of {S}")
+            tokens[b] = unpack_bits(rec[16:16 + tbits], self.bits, S)
+            at = 16 + _pad8(tbits)
+            targets[b] = np.unpackbits(rec[at:at + mbits], bitorder="little")[:S].astype(bool)
+            rows = torch.from_numpy(np.flatnonzero(targets[b]))
+            if len(rows) != n:
+                raise ValueError(f"a cache record's target bitmap has {len(rows)} positions, its count says {n}")
+            if n == 0:
+                continue
+            f = {name: rec[off:off + size] for name, off, size in self.fields(n)}
+            ids[b, rows] = torch.from_numpy(unpack_bits(f["ids"], self.bits, n * self.k).reshape(n, self.k)[:, :k]
+                                            .astype(np.int32))
+            per_row = {"values": np.ascontiguousarray(f["values"]).view(
+                {"fp32": np.uint32, "bf16": np.uint16, "fp16": np.uint16, "fp8": np.uint8}[self.values_dtype])
+                .reshape(n, self.k)[:, :k]}
+            for name in ("offset", "scale"):
+                if name in f:
+                    per_row[name] = np.ascontiguousarray(f[name]).view(np.uint32)
+            values[b, rows] = decode_values(per_row, self.values_dtype).to(values.dtype)
+            lse[b, rows] = torch.from_numpy(np.ascontiguousarray(f["lse"]).view(np.float32))
+        return {"tokens": torch.from_numpy(tokens), "ids": ids.permute(1, 0, 2), "values": values.permute(1, 0, 2),
+                "lse": lse.t(), "checksum": torch.from_numpy(checksum), "targets": torch.from_numpy(targets)}
+
+
 def bytes_per_token(vocab_size: int, k: int, dtype: str, seq_length: int | None = None) -> float:
     """Stored bytes per token: exact for a given ``seq_length`` (record size / S), else the
     asymptotic per-token cost (lse + k packed ids + k values + one packed token [+ fp8 offset/scale])."""
@@ -279,6 +412,6 @@ def shard_samples_for(target_bytes: int, record_bytes: int, multiple: int) -> in
     return max(multiple, (target_bytes // record_bytes) // multiple * multiple)
 
 
-__all__ = ["VALUE_DTYPES", "RecordLayout", "bytes_per_token", "decode_values", "encode_values", "fp8_error_bound",
+__all__ = ["VALUE_DTYPES", "RecordLayout", "TargetRecordLayout", "bytes_per_token", "decode_values", "encode_values", "fp8_error_bound",
            "id_bits", "live_payload_bytes_per_token", "pack_bits", "packed_bytes", "shard_samples_for",
            "unpack_bits"]

@@ -29,7 +29,7 @@ from ..stream import PayloadSpec
 from ..training.batches import make_microbatch
 from ..training.pretrain import open_dataset, resolve_dtype
 from ..training.teacher import Teacher
-from .codec import RecordLayout, bytes_per_token, live_payload_bytes_per_token, shard_samples_for
+from .codec import RecordLayout, TargetRecordLayout, bytes_per_token, live_payload_bytes_per_token, shard_samples_for
 from .manifest import Manifest, dataset_identity, teacher_identity, tokenizer_identity
 from .writer import ShardWriter, finalize, plan_shards, prepare
 
@@ -45,6 +45,10 @@ class CacheJobConfig:
     samples: Optional[int] = None  # first N training samples; None = train_steps * global_batch_size
     shard_samples: int = 0  # samples per shard file; 0 = about 256 MiB per shard
     micro_batch: Optional[int] = None  # None = training.micro_batch_size (the run's micro-batches)
+    # "all": the teacher's output at every position; "targets": only where the label is a target
+    # (conversations: the replies; packed windows: not the padding), in variable-size records. A
+    # run reads a "targets" cache only with the same corpora, masks and data.loss_mask.
+    positions: Literal["all", "targets"] = "all"
 
     def check(self, where: str = "cache") -> None:
         if self.samples is not None and self.samples < 1:
@@ -72,15 +76,18 @@ class CacheJobConfig:
 
 def build_manifest(run: DistillConfig, job: CacheJobConfig, dtype: torch.dtype, layout_info: dict) -> Manifest:
     """The new job's manifest (no shards yet). Hashes the teacher's weight files."""
-    n, shard, m = job.resolve(run, RecordLayout(run.data.seq_length, run.teacher.topk, run.teacher.model.vocab_size,
-                                                job.dtype).record_bytes)
+    sizes = (run.data.seq_length, run.teacher.topk, run.teacher.model.vocab_size, job.dtype)
+    record = (TargetRecordLayout(*sizes).max_record_bytes if job.positions == "targets"
+              else RecordLayout(*sizes).record_bytes)
+    n, shard, m = job.resolve(run, record)
+    targets = job.positions == "targets"
     return Manifest(
         teacher=teacher_identity(run.teacher.model, run.teacher.load, run.training.seed + 1,
                                  str(dtype).removeprefix("torch.")),
-        tokenizer=tokenizer_identity(run.data.tokenizer), dataset=dataset_identity(run.data),
+        tokenizer=tokenizer_identity(run.data.tokenizer), dataset=dataset_identity(run.data, targets=targets),
         seq_length=run.data.seq_length, vocab_size=run.teacher.model.vocab_size, k=run.teacher.topk,
         tau=float(run.loss.tau), values_dtype=job.dtype, shard_samples=shard, num_samples=n,
-        job={**layout_info, "micro_batch": m})
+        job={**layout_info, "micro_batch": m}, positions=job.positions)
 
 
 def run_cache_job(run: DistillConfig, job: CacheJobConfig,
@@ -116,29 +123,37 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
     m = manifest.job["micro_batch"]
     spec = PayloadSpec(manifest.seq_length, m, manifest.k, torch.float32)
     dataset = open_dataset(run.data, run.teacher.model)
+    if job.positions == "targets" and not dataset.has_loss_mask:
+        raise field_error("cache", "positions", "targets: every label of this corpus is a target (no loss mask, "
+                          "windows not packed by documents); use positions: all")
     teacher = Teacher(run.teacher.model, groups, spec, run.loss.tau, run.teacher.load, env.device, dtype,
                       run.training.seed + 1, compile=run.precision.compile)
     identity = bytes.fromhex(manifest.identity())
     writes = groups.is_last_stage and groups.tp_rank == 0
     todo = plan_shards(index.num_shards, par.dp, groups.dp_rank, set(done))
+    targets = manifest.positions == "targets"
     if env.rank == 0:
+        per_token = (f"at most {rec.max_record_bytes / manifest.seq_length:.1f} bytes/token (targets only)" if targets
+                     else f"{rec.record_bytes / manifest.seq_length:.1f} bytes/token")
         log(f"kdtrain cache: {run.teacher.model.name} (tp={par.tp} pp={par.pp} dp={par.dp}) -> {job.out}: "
             f"{index.num_samples} samples in {index.num_shards} shards of {index.shard_samples}, top-{manifest.k} "
-            f"{manifest.values_dtype}, {rec.record_bytes / manifest.seq_length:.1f} bytes/token; "
-            f"{len(done)} shards already complete")
+            f"{manifest.values_dtype}, {per_token}; {len(done)} shards already complete")
 
     written = []
     t0 = time.perf_counter()
     samples_done = 0
     for n_done, i in enumerate(todo, 1):
         samples = index.samples_of(i)
-        writer = ShardWriter(job.out, i, samples.start, len(samples), rec.record_bytes, identity) if writes else None
+        writer = ShardWriter(job.out, i, samples.start, len(samples), index.record_bytes, identity) if writes else None
         try:
             for s0 in range(samples.start, samples.stop, m):
                 windows = np.stack([dataset.train_sample(g) for g in range(s0, s0 + m)])
                 mb = make_microbatch(windows, env.device)
                 payload = teacher.serve(mb)
-                if writer is not None:
+                if writer is not None and targets:
+                    flags = np.stack([dataset.train_loss_mask(g) for g in range(s0, s0 + m)])
+                    writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.lse, flags))
+                elif writer is not None:
                     writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.lse))
             if writer is not None:
                 written.append(writer.commit())
@@ -159,9 +174,10 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
     dist.all_gather_object(gathered, written)
     summary = {"out": job.out, "num_samples": index.num_samples, "shards": index.num_shards,
                "shards_written": sum(len(g) for g in gathered), "shards_reused": len(done),
-               "seconds": elapsed, "record_bytes": rec.record_bytes,
-               "bytes_per_token": bytes_per_token(manifest.vocab_size, manifest.k, manifest.values_dtype,
-                                                  manifest.seq_length),
+               "seconds": elapsed, "positions": manifest.positions,
+               "record_bytes": "variable" if targets else rec.record_bytes,
+               "bytes_per_token": None if targets else bytes_per_token(manifest.vocab_size, manifest.k,
+                                                                       manifest.values_dtype, manifest.seq_length),
                "live_bytes_per_token": live_payload_bytes_per_token(manifest.k, run.teacher.values_dtype)}
     status: list = [None]
     if env.rank == 0:
@@ -170,6 +186,7 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
             final = finalize(job.out, manifest, infos)
             total = sum(s.bytes for s in final.shards)
             summary["bytes"] = total
+            summary["stored_bytes_per_token"] = total / (index.num_samples * manifest.seq_length)
             log(f"kdtrain cache: {job.out} complete: {index.num_samples} samples, {total / 2**20:.1f} MiB, "
                 f"{summary['shards_written']} shards written and {len(done)} reused in {elapsed:.1f} s")
         except ValueError as e:

@@ -9,7 +9,10 @@
     dataset:    per prefix: path, .bin size, sha256 of the .idx; shuffling seed, split (together
                 they fix which window train sample g is); or mock + seed
     seq_length, vocab_size, k, tau, values_dtype, shard_samples, num_samples
-    layout:     record bytes, id bits, field offsets (codec.RecordLayout)
+    positions:  "all" (every position, fixed-size records) or "targets" (only where the label is a
+                target, variable-size records; the dataset section then also holds the sha256 of
+                each corpus' loss mask and whether the run uses it)
+    layout:     record bytes, id bits, field offsets (codec.RecordLayout / TargetRecordLayout)
     shards:     [{file, first_sample, num_samples, bytes, crc32}, ...]
     identity:   sha256 of the content-defining fields (no paths), also stamped into every shard
     job:        informational (teacher TP/PP/DP, micro-batch); not part of the identity
@@ -30,8 +33,11 @@ from typing import Optional
 
 from ..config import DataConfig, ModelConfig, to_dict
 from ..data.tokenizer import tokenizer_file
-from .codec import RecordLayout
+from ..data.indexed import loss_mask_path
+from .codec import RecordLayout, TargetRecordLayout
 from .shard import ShardIndex, ShardInfo, fsync_dir
+
+POSITIONS = ("all", "targets")
 
 FORMAT = "kdtrain-topk-cache"
 VERSION = 1
@@ -59,8 +65,9 @@ def tokenizer_identity(path: Optional[str]) -> Optional[dict]:
     return {"path": str(path), "fingerprint": sha256_file(f)[:16]}
 
 
-def dataset_identity(data: DataConfig) -> dict:
-    """What fixes the token windows of train sample g: corpus files, shuffle seed and split."""
+def dataset_identity(data: DataConfig, targets: bool = False) -> dict:
+    """What fixes the token windows of train sample g: corpus files, shuffle seed and split; with
+    ``targets`` also which labels are targets (each corpus' loss mask and data.loss_mask)."""
     if data.mock:
         return {"mock": True, "seed": data.seed}
     prefixes = []
@@ -68,12 +75,18 @@ def dataset_identity(data: DataConfig) -> dict:
         idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
         if not idx.is_file() or not bin_.is_file():
             raise ValueError(f"data.path: {prefix} is not an indexed dataset ({idx} / {bin_} missing)")
-        prefixes.append({"path": str(prefix), "bin_bytes": bin_.stat().st_size, "idx_sha256": sha256_file(idx)})
+        entry = {"path": str(prefix), "bin_bytes": bin_.stat().st_size, "idx_sha256": sha256_file(idx)}
+        if targets:
+            mask = Path(loss_mask_path(str(prefix)))
+            entry["loss_mask_sha256"] = sha256_file(mask) if mask.is_file() else None
+        prefixes.append(entry)
     out = {"mock": False, "prefixes": prefixes, "seed": data.seed, "split": [float(x) for x in data.split]}
     if data.weights is not None:  # blended corpora: the weights decide which window sample g is
         out["weights"] = [float(w) for w in data.weights]
     if data.packing != "stream":  # other windows (recorded only when not the default, as before)
         out["packing"] = data.packing
+    if targets:
+        out["loss_mask"] = data.loss_mask
     return out
 
 
@@ -129,14 +142,18 @@ class Manifest:
     job: dict = field(default_factory=dict)
     shards: list[ShardInfo] = field(default_factory=list)
     complete: bool = False
+    positions: str = "all"
 
     @property
-    def layout(self) -> RecordLayout:
-        return RecordLayout(self.seq_length, self.k, self.vocab_size, self.values_dtype)
+    def layout(self) -> RecordLayout | TargetRecordLayout:
+        cls = TargetRecordLayout if self.positions == "targets" else RecordLayout
+        return cls(self.seq_length, self.k, self.vocab_size, self.values_dtype)
 
     @property
     def index(self) -> ShardIndex:
-        return ShardIndex(self.num_samples, self.shard_samples, self.layout.record_bytes)
+        """Sample -> shard; ``record_bytes`` 0 for variable-size records (offsets in each shard)."""
+        variable = self.positions == "targets"
+        return ShardIndex(self.num_samples, self.shard_samples, 0 if variable else self.layout.record_bytes)
 
     def identity(self) -> str:
         """Digest of everything that defines the cached bytes (not paths, sizes of the job, or layout)."""
@@ -144,6 +161,8 @@ class Manifest:
                "tokenizer": _content(self.tokenizer), "dataset": _content(self.dataset),
                "seq_length": self.seq_length, "vocab_size": self.vocab_size, "k": self.k, "tau": self.tau,
                "values_dtype": self.values_dtype, "shard_samples": self.shard_samples}
+        if self.positions != "all":  # caches of every position keep the identity they always had
+            key["positions"] = self.positions
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict:
@@ -151,7 +170,8 @@ class Manifest:
                 "teacher": self.teacher, "tokenizer": self.tokenizer, "dataset": self.dataset,
                 "seq_length": self.seq_length, "vocab_size": self.vocab_size, "k": self.k, "tau": self.tau,
                 "values_dtype": self.values_dtype, "shard_samples": self.shard_samples,
-                "num_samples": self.num_samples, "layout": self.layout.to_dict(), "job": self.job,
+                "num_samples": self.num_samples, "positions": self.positions, "layout": self.layout.to_dict(),
+                "job": self.job,
                 "shards": [s.to_dict() for s in self.shards]}
 
     def save(self, root: str | os.PathLike) -> Path:
@@ -183,7 +203,10 @@ class Manifest:
                     seq_length=int(d["seq_length"]), vocab_size=int(d["vocab_size"]), k=int(d["k"]),
                     tau=float(d["tau"]), values_dtype=str(d["values_dtype"]), shard_samples=int(d["shard_samples"]),
                     num_samples=int(d["num_samples"]), job=d.get("job", {}),
-                    shards=[ShardInfo.from_dict(s) for s in d["shards"]], complete=bool(d["complete"]))
+                    shards=[ShardInfo.from_dict(s) for s in d["shards"]], complete=bool(d["complete"]),
+                    positions=str(d.get("positions", "all")))
+            if m.positions not in POSITIONS:
+                raise ValueError(f"positions {m.positions!r} is not one of {list(POSITIONS)}")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"cache manifest {path} is incomplete or malformed: {e!r}") from None
         if d.get("identity") != m.identity():
@@ -195,7 +218,7 @@ class Manifest:
     def mismatch(self, other: "Manifest") -> Optional[str]:
         """First field (by name) in which two cache jobs' identities differ, or None."""
         for name in ("teacher", "tokenizer", "dataset", "seq_length", "vocab_size", "k", "tau", "values_dtype",
-                     "shard_samples"):
+                     "shard_samples", "positions"):
             a, b = _content(getattr(self, name)), _content(getattr(other, name))
             if a != b:
                 return name
@@ -222,10 +245,15 @@ class Manifest:
                        "; a cache serves any k up to the one it was written with")
         if float(run.loss.tau) != self.tau:
             raise fail("tau", self.tau, f"{run.loss.tau} (loss.tau)", "; the cached log-normaliser depends on tau")
-        data = dataset_identity(run.data)
+        data = dataset_identity(run.data, targets=self.positions == "targets")
+        if self.positions == "targets" and data.get("loss_mask") != self.dataset.get("loss_mask"):
+            raise fail("data.loss_mask", self.dataset.get("loss_mask"), data.get("loss_mask"),
+                       "; the cache holds the teacher's output at the targets only (cache.positions: targets)")
         if _content(data) != _content(self.dataset):
             raise fail("dataset", _describe_dataset(self.dataset), f"{_describe_dataset(data)} (data.*)",
-                       "; files, shuffle seed and split must all match")
+                       "; files, shuffle seed and split must all match" + (
+                           ", and the corpora's loss masks (the cache holds the targets only)"
+                           if self.positions == "targets" else ""))
         tok = tokenizer_identity(run.data.tokenizer)
         if tok is not None and self.tokenizer is not None and tok["fingerprint"] != self.tokenizer["fingerprint"]:
             raise fail("tokenizer", f"{self.tokenizer['path']} (fingerprint {self.tokenizer['fingerprint']})",

@@ -51,7 +51,7 @@ import torch
 
 from ..stream import Payload, PayloadSpec, token_checksum
 from .manifest import Manifest
-from .shard import verify_shard
+from .shard import HEADER_BYTES, record_offsets, verify_shard
 
 
 class CacheReader:
@@ -137,9 +137,19 @@ class CacheReader:
         for i in range(self.index.num_shards):
             self._shard(i)
 
-    def records(self, sample_ids: Sequence[int]) -> np.ndarray:
-        """Raw records uint8 [B, record_bytes] of the given samples (copied out of the maps)."""
+    def records(self, sample_ids: Sequence[int]):
+        """Raw records of the given samples, copied out of the maps: uint8 [B, record_bytes], or
+        for variable-size records (``positions: targets``) a list of B uint8 arrays."""
         R = self.index.record_bytes
+        if R == 0:
+            out = []
+            for g in sample_ids:
+                shard, _ = self.index.locate(int(g))
+                m = self._shard(shard)
+                t = record_offsets(m, len(self.index.samples_of(shard)))
+                j = int(g) - self.index.samples_of(shard).start
+                out.append(np.array(m[HEADER_BYTES + int(t[j]):HEADER_BYTES + int(t[j + 1])]))
+            return out
         out = np.empty((len(sample_ids), R), dtype=np.uint8)
         for b, g in enumerate(sample_ids):
             shard, off = self.index.locate(int(g))
@@ -160,7 +170,10 @@ class CacheReader:
         """A CPU payload for ``sample_ids`` (one micro-batch, in order); synchronous."""
         self._check_spec(sample_ids, spec)
         rec = self.records(sample_ids)
-        d = self.layout.decode(rec, k=spec.k)
+        try:
+            d = self.layout.decode(rec, k=spec.k)
+        except ValueError as e:
+            raise ValueError(f"cache {self.path}: samples {list(sample_ids)}: {e}") from None
         tokens = d["tokens"]
         for b, g in enumerate(sample_ids):  # guards the index arithmetic and the codec
             if int(token_checksum(tokens[b])) != int(d["checksum"][b]):

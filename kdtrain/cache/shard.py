@@ -14,6 +14,10 @@ Shard ``i`` holds samples ``[i * shard_samples, min((i + 1) * shard_samples, num
 sample ``g`` lives in shard ``g // shard_samples`` at byte ``64 + (g % shard_samples) * record``:
 the index is arithmetic and needs no lookup table (``ShardIndex``).
 
+Variable-size records (``cache.positions: targets``, codec.TargetRecordLayout) have ``record`` 0
+in the header and end the file with a table of ``count + 1`` little-endian u64 offsets (record j
+is body bytes ``[t[j], t[j + 1])``, ``t[0] = 0``); the body checksum covers records and table.
+
 A shard is self-verifying: header checksum, expected size and body checksum. That lets a resumed
 cache job trust a complete shard written before a crash without any other file, and lets the
 reader detect a truncated or corrupted shard on first use (a ``ValueError`` naming the file).
@@ -26,6 +30,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 MAGIC = b"KDTCACH1"
 VERSION = 1
@@ -81,6 +87,16 @@ class ShardIndex:
         return shard, HEADER_BYTES + i * self.record_bytes
 
 
+def table_bytes(count: int) -> int:
+    """Bytes of the record offset table that ends a shard of variable-size records."""
+    return 8 * (count + 1)
+
+
+def record_offsets(shard: np.ndarray, count: int) -> np.ndarray:
+    """The offset table (u64 [count + 1], body-relative) of a mapped shard of variable-size records."""
+    return shard[shard.shape[0] - table_bytes(count):].view("<u8")
+
+
 def pack_header(first: int, count: int, record_bytes: int, identity: bytes, body_crc: int) -> bytes:
     head = HEADER.pack(MAGIC, VERSION, HEADER_BYTES, first, count, record_bytes, identity[:16], body_crc, 0)
     return head[:60] + struct.pack("<I", zlib.crc32(head[:60]))
@@ -102,11 +118,13 @@ def verify_shard(path: Path, first: int, count: int, record_bytes: int, identity
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"cache shard {path} is missing")
-    expected = HEADER_BYTES + count * record_bytes
     size = path.stat().st_size
-    if size != expected:
-        raise ValueError(f"cache shard {path} is truncated or oversized: {size} bytes, expected {expected} "
-                         f"({count} records of {record_bytes} bytes + {HEADER_BYTES}-byte header)")
+    table = table_bytes(count) if record_bytes == 0 else 0
+    expected = HEADER_BYTES + count * record_bytes if record_bytes else None
+    if (expected is not None and size != expected) or size < HEADER_BYTES + table:
+        raise ValueError(f"cache shard {path} is truncated or oversized: {size} bytes, expected "
+                         + (f"{expected} ({count} records of {record_bytes} bytes + {HEADER_BYTES}-byte header)"
+                            if expected is not None else f"at least {HEADER_BYTES + table} (header and offset table)"))
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
         magic, version, hbytes, h_first, h_count, h_record, h_ident, body_crc, head_crc = HEADER.unpack(head)
@@ -123,6 +141,14 @@ def verify_shard(path: Path, first: int, count: int, record_bytes: int, identity
         if crc is not None and crc != body_crc:
             raise ValueError(f"cache shard {path}: checksum {body_crc:#010x} in its header differs from "
                              f"{crc:#010x} in the manifest")
+        if record_bytes == 0:
+            f.seek(size - table)
+            offsets = np.frombuffer(f.read(table), dtype="<u8")
+            if offsets[0] != 0 or np.any(np.diff(offsets.astype(np.int64)) < 0) or \
+                    int(offsets[-1]) != size - HEADER_BYTES - table:
+                raise ValueError(f"cache shard {path} is truncated or corrupted: its record offset table does not "
+                                 f"match its {size} bytes")
+            f.seek(HEADER_BYTES)
         actual = 0
         while chunk := f.read(_CRC_CHUNK):
             actual = zlib.crc32(chunk, actual)

@@ -34,7 +34,9 @@ def _tmp_name(index: int) -> str:
 
 
 class ShardWriter:
-    """One shard: ``append`` records in sample order, then ``commit`` (or ``abort``)."""
+    """One shard: ``append`` records in sample order, then ``commit`` (or ``abort``).
+    ``record_bytes`` 0: variable-size records, appended as a list of uint8 arrays; ``commit``
+    writes their offset table at the end (shard.py)."""
 
     def __init__(self, root: str | os.PathLike, index: int, first: int, count: int, record_bytes: int,
                  identity: bytes):
@@ -44,17 +46,32 @@ class ShardWriter:
         self._f = open(self.tmp, "wb")
         self._f.write(b"\0" * HEADER_BYTES)  # placeholder until the body checksum is known
         self._crc, self._written = 0, 0
+        self._offsets = [0]
 
-    def append(self, records: np.ndarray) -> None:
-        assert records.dtype == np.uint8 and records.ndim == 2 and records.shape[1] == self.record_bytes, records.shape
-        assert self._written + records.shape[0] <= self.count, "more records than the shard holds"
-        buf = np.ascontiguousarray(records)
+    def append(self, records) -> None:
+        if self.record_bytes == 0:
+            assert all(r.dtype == np.uint8 and r.ndim == 1 for r in records)
+            for r in records:
+                self._offsets.append(self._offsets[-1] + r.shape[0])
+            buf = np.concatenate(records) if len(records) else np.zeros(0, dtype=np.uint8)
+            n = len(records)
+        else:
+            assert records.dtype == np.uint8 and records.ndim == 2 and records.shape[1] == self.record_bytes, \
+                records.shape
+            buf, n = np.ascontiguousarray(records), records.shape[0]
+        assert self._written + n <= self.count, "more records than the shard holds"
         self._crc = crc32_of(buf, self._crc)
         self._f.write(memoryview(buf).cast("B"))
-        self._written += records.shape[0]
+        self._written += n
 
     def commit(self) -> ShardInfo:
         assert self._written == self.count, f"shard {self.index}: {self._written} of {self.count} records written"
+        size = HEADER_BYTES + self.count * self.record_bytes
+        if self.record_bytes == 0:
+            table = np.asarray(self._offsets, dtype="<u8")
+            self._crc = crc32_of(table, self._crc)
+            self._f.write(memoryview(table).cast("B"))
+            size = HEADER_BYTES + self._offsets[-1] + table.nbytes
         self._f.seek(0)
         self._f.write(pack_header(self.first, self.count, self.record_bytes, self.identity, self._crc))
         self._f.flush()
@@ -62,8 +79,7 @@ class ShardWriter:
         self._f.close()
         os.replace(self.tmp, self.final)
         fsync_dir(self.root)
-        return ShardInfo(self.final.name, self.first, self.count, HEADER_BYTES + self.count * self.record_bytes,
-                         self._crc)
+        return ShardInfo(self.final.name, self.first, self.count, size, self._crc)
 
     def abort(self) -> None:
         if not self._f.closed:
