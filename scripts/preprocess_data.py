@@ -30,8 +30,8 @@ demo's SentencePiece tokenizer, which has no chat template of its own:
 A .jsonl input holds one {"text": ...} object per line (see --json-key); a .txt input holds one
 document per line, or one per file with --txt-document-per-file; a .parquet input (Hugging Face
 datasets) one document per row of its --json-key column. .jsonl and .txt may be .gz or .zst
-compressed. Each document ends with the
-tokenizer's EOS id unless --no-append-eos.
+compressed. Each text document ends with the
+tokenizer's EOS id unless --no-append-eos (conversations only with --append-eos).
 """
 
 import argparse
@@ -61,8 +61,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json-key", help="text field of .jsonl records / text column of .parquet (default: text); "
                                            "with --format chat, the messages field (default: messages)")
     parser.add_argument("--txt-document-per-file", action="store_true", help="a .txt file is one document")
-    parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
-                        help="end each document with the EOS id (default: on)")
+    parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=None,
+                        help="end each document with the EOS id (default: on for text, off for conversations, "
+                             "which their template delimits)")
     parser.add_argument("--workers", type=int, default=1, help="encoding processes (order is preserved)")
     args = parser.parse_args(argv)
     if args.demo_corpus_out and not args.demo_corpus:

@@ -159,14 +159,17 @@ def _write_chats(path: Path, records: list) -> Path:
 
 def test_preprocessed_mask_is_the_encoders_bit_for_bit(hf_chat, tmp_path):
     """encode_files(format='chat'): tokens and loss mask on disk are the encoder's, conversations
-    separated by a context EOS, those without a reply skipped; workers do not change a bit."""
+    laid end to end (with --append-eos: separated by a context EOS), those without a reply
+    skipped; workers do not change a bit."""
     folder = hf_chat["dirs"]["chatml"]
     tok = Tokenizer(str(folder))
     records = [{"messages": c} for c in CONVERSATIONS] * 5 + [{"prompt": CONVERSATIONS[0][:1],
                                                                "completion": CONVERSATIONS[0][1:]}]
     chats = _write_chats(tmp_path / "chats.jsonl", records)
-    meta = encode_files([str(chats)], str(folder), str(tmp_path / "one"), format="chat")
-    meta2 = encode_files([str(chats)], str(folder), str(tmp_path / "two"), format="chat", workers=2)
+    meta = encode_files([str(chats)], str(folder), str(tmp_path / "one"), format="chat", append_eos=True)
+    meta2 = encode_files([str(chats)], str(folder), str(tmp_path / "two"), format="chat", append_eos=True, workers=2)
+    plain = encode_files([str(chats)], str(folder), str(tmp_path / "plain"), format="chat")
+    assert plain["append_eos"] is False and plain["num_tokens"] == meta["num_tokens"] - 11
     assert meta["skipped"] == 5 and meta["num_documents"] == 11 and meta["loss_mask"] is True
     template = ChatTemplate(None, tok)
     want_ids, want_mask = [], []

@@ -33,8 +33,9 @@ class _TextEncoder:
 
 class _ChatEncoder(_TextEncoder):
     """A batch of (location, record) conversations -> (ids, target flags) pairs (kdtrain/data/chat.py),
-    None for a conversation without a reply. The EOS id that separates conversations is context:
-    each reply's own end-of-turn text (or the plain template's EOS) is what teaches stopping."""
+    None for a conversation without a reply. An EOS id appended after a conversation (only when
+    asked for) is context: each reply's own end-of-turn text (or the plain template's EOS) is what
+    teaches stopping."""
 
     def __init__(self, tokenizer_path: str, append_eos: bool, template: str | None, key: str):
         super().__init__(tokenizer_path, append_eos)
@@ -87,7 +88,7 @@ def encode_files(
     *,
     json_key: str | None = None,
     txt_document_per_file: bool = False,
-    append_eos: bool = True,
+    append_eos: bool | None = None,
     workers: int = 1,
     format: str = "text",
     chat_template: str | None = None,
@@ -96,7 +97,9 @@ def encode_files(
 
     ``format="chat"`` reads conversation records (kdtrain/data/chat.py; ``json_key`` defaults to
     ``messages``, ``chat_template`` is None for the tokenizer's own, ``"plain"`` or a Jinja file)
-    and also writes the loss mask that makes the replies the only targets.
+    and also writes the loss mask that makes the replies the only targets. ``append_eos`` (the EOS
+    id after each document) defaults to on for text and off for conversations, whose template
+    already marks where each one starts and ends.
     Returns the metadata written plus `bytes` (size of the .bin) and `seconds`.
     """
     start = time.perf_counter()
@@ -111,6 +114,8 @@ def encode_files(
     for path in input_files:
         check_input_file(path)
     key = json_key or ("messages" if format == "chat" else "text")
+    if append_eos is None:
+        append_eos = format == "text"
     encoder_args = (format, tokenizer_path, append_eos, chat_template, key)
     encode = _make_encoder(*encoder_args)  # checks the tokenizer and template before any work
     tok = encode.tok
