@@ -15,9 +15,10 @@ to stop). The cut points come from rendering prefixes of the conversation, as ge
     reply i starts at  len(render(messages[:i], add_generation_prompt=True))
     reply i ends at    len(render(messages[:i + 1]))
 
-This needs a template whose render of a prefix is a prefix of the render of the whole (true of
-the Llama 3, Qwen2.5, Mistral and Gemma templates); one that rewrites earlier turns (e.g. drops
-the reasoning of past replies) is refused, naming the record.
+This needs a template whose render of a prefix is a prefix of the render of the whole, as
+turn-by-turn templates do (ChatML, e.g. Qwen2.5's with its default system prompt; Llama-3-style
+headers); one that rewrites earlier turns (drops the reasoning of past replies, or moves the
+system prompt into the last user turn) is refused, naming the record.
 
 Templates: the tokenizer's own (``chat_template.jinja`` or ``chat_template`` in
 ``tokenizer_config.json`` beside a Hugging Face ``tokenizer.json``), a Jinja file, or ``plain``
