@@ -90,6 +90,54 @@ def test_ids_and_targets_equal_transformers_assistant_mask(hf_chat, layout):
     assert template.segments(CONVERSATIONS[2], "conv") == []
 
 
+# Tool use in OpenAI's format, in a ChatML layout: schemas in the system turn, calls in the reply.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n{% generation %}"
+    "{% if m.content %}{{ m.content }}{% endif %}{% for c in m.tool_calls or [] %}"
+    "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endgeneration %}"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Find a definition.",
+                                           "parameters": {"type": "object", "properties": {"name": {"type": "string"}}}}}]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "What does zip do?"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": {"name": "zip"}}}]},
+    {"role": "tool", "content": "zip(*iterables): pairs items."},
+    {"role": "assistant", "content": "It pairs items of several iterables."}]
+
+
+def test_tool_calls_are_replies_and_tool_results_context(hf_chat, tmp_path):
+    """An assistant message that calls a tool (content null) is a reply, the tool's result is
+    context, and the record's tools reach the template: the same ids and targets as transformers'
+    apply_chat_template(tools=...) with its assistant mask."""
+    folder = hf_chat["dirs"]["chatml"]
+    (tmp_path / "tools.jinja").write_text(TOOLS_TEMPLATE)
+    tok = Tokenizer(str(folder))
+    template = ChatTemplate(str(tmp_path / "tools.jinja"), tok)
+    reference = hf_chat["transformers"].AutoTokenizer.from_pretrained(folder)
+    reference.chat_template = TOOLS_TEMPLATE
+    ref = reference.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    segments = template.segments(TOOL_CONVERSATION, "rec", TOOLS)
+    ids, mask = encode_segments(tok, segments)
+    assert ids == ref["input_ids"] and mask == [bool(x) for x in ref["assistant_masks"]]
+    replies = tok.decode(np.array(ids)[mask])
+    assert '<tool_call>{"name": "lookup"' in replies and "pairs items." not in replies.split("</tool_call>")[0]
+    assert "zip(*iterables)" in tok.decode(np.array(ids)[~np.array(mask)]) and "Tools: [" in segments[0][0]
+    # Through preprocessing, tools read from the record.
+    chats = _write_chats(tmp_path / "tools.jsonl", [{"messages": TOOL_CONVERSATION, "tools": TOOLS}])
+    encode_files([str(chats)], str(folder), str(tmp_path / "t"), format="chat", chat_template=str(tmp_path / "tools.jinja"))
+    ds = open_indexed_dataset(str(tmp_path / "t"))
+    assert ds.tokens.tolist() == ids and ds.loss_mask(0, ds.num_tokens).tolist() == mask
+    with pytest.raises(ValueError, match="plain template does not render tools"):
+        ChatTemplate("plain", tok).segments(TOOL_CONVERSATION, "rec")
+    with pytest.raises(ValueError, match=r"messages\[0\] must be an object"):
+        from kdtrain.data.chat import record_messages
+        record_messages({"messages": [{"role": "user", "content": None}]}, "rec")
+
+
 def test_prompt_completion_records(hf_chat, tiny_corpus):
     from kdtrain.data.chat import record_messages
 

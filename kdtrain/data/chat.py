@@ -7,6 +7,10 @@ Records (one per line of a .jsonl, one per row of a .parquet), in the formats ch
 * ``{"prompt": [messages], "completion": [messages]}``: the same, prompt then completion;
 * ``{"prompt": str, "completion": str}``: plain text, no template; the completion is the target.
 
+Tool use in OpenAI's format works through the template: assistant messages with ``tool_calls``
+(content empty or null) are replies like any other, ``tool`` messages are context, and a record's
+``tools`` list reaches the template as ``tools``.
+
 A rendered conversation is cut into segments: context (system and user turns, and the text the
 template puts before each reply, e.g. ``<|im_start|>assistant\\n``) and targets (each assistant
 reply with the template's end-of-turn text, e.g. ``...<|im_end|>\\n``, so the student also learns
@@ -33,7 +37,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -46,17 +50,24 @@ PLAIN = "plain"
 
 
 def _messages(value: Any, where: str, field: str) -> list[dict]:
+    """Checked messages: a string ``role`` and a string ``content``, which an assistant message
+    calling tools (``tool_calls``, OpenAI's format) may leave empty or null. Other keys go to the
+    template as they are."""
     if not isinstance(value, list) or not value:
         raise ValueError(f"{where}: {field!r} must be a non-empty list of messages, got {type(value).__name__}")
     for j, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: {field}[{j}] must be an object with string 'role' and 'content' "
-                             f"(got {m!r:.120})")
+        content = m.get("content") if isinstance(m, dict) else None
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and bool(m.get("tool_calls"))
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(content, str) or (calls and content is None)):
+            raise ValueError(f"{where}: {field}[{j}] must be an object with string 'role' and 'content' (null "
+                             f"only for an assistant message with tool_calls; got {m!r:.120})")
     return value
 
 
 def record_messages(record: dict, where: str, key: str = "messages") -> list[dict] | tuple[str, str]:
-    """The conversation of a record: its messages, or (prompt, completion) text for plain pairs."""
+    """The conversation of a record: its messages, or (prompt, completion) text for plain pairs.
+    (A record's ``tools``, the function schemas of tool-use data, are passed to ``segments``.)"""
     if key in record:
         return _messages(record[key], where, key)
     if "prompt" in record and "completion" in record:
@@ -161,21 +172,28 @@ class ChatTemplate:
             raise ValueError(f"chat template {self.name} does not parse ({type(e).__name__}: {e})") from None
         specials = _special_texts(tokenizer)
 
-        def render(messages: list[dict], add_generation_prompt: bool) -> str:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+        def render(messages: list[dict], add_generation_prompt: bool, tools=None) -> str:
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                   **specials)
 
         self._render = render
 
-    def segments(self, conversation: list[dict] | tuple[str, str], where: str) -> list[Segment]:
+    def segments(self, conversation: list[dict] | tuple[str, str], where: str,
+                 tools: Optional[list] = None) -> list[Segment]:
+        """Context and reply segments of a conversation; ``tools`` (a record's function schemas)
+        go to the template as transformers passes them."""
         if isinstance(conversation, tuple):  # plain prompt / completion text
             prompt, completion = conversation
             return _nonempty([(prompt, False), (completion, True)])
         if not any(m["role"] == "assistant" for m in conversation):
             return []  # nothing to learn from: skipped by the caller
         if self._render is None:
+            if tools or any(m.get("tool_calls") for m in conversation):
+                raise ValueError(f"{where}: the plain template does not render tools or tool calls; use the "
+                                 "tokenizer's chat template or --chat-template FILE.jinja")
             return _plain_segments(conversation, self.eos_id)
         try:
-            return _template_segments(self._render, conversation)
+            return _template_segments(lambda m, g: self._render(m, g, tools), conversation)
         except ValueError as e:
             raise ValueError(f"{where}: {e} (chat template {self.name})") from None
         except Exception as e:  # jinja2 errors while rendering (UndefinedError, SecurityError, ...)

@@ -45,7 +45,10 @@ class _ChatEncoder(_TextEncoder):
     def __call__(self, records: list[tuple[str, dict]]) -> list:
         out = []
         for where, record in records:
-            segments = self.template.segments(record_messages(record, where, self.key), where)
+            tools = record.get("tools")
+            if tools is not None and not isinstance(tools, list):
+                raise ValueError(f"{where}: 'tools' must be a list of function schemas, got {type(tools).__name__}")
+            segments = self.template.segments(record_messages(record, where, self.key), where, tools)
             if not any(target for _, target in segments):
                 out.append(None)
                 continue
