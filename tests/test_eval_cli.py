@@ -35,12 +35,19 @@ def test_eval_reproduces_the_runs_held_out_loss(world_of_one, tiny_chat_corpus, 
     stream = main(["eval", "--model", str(tmp_path / "ckpt"), "--data", tiny_chat_corpus["prefix"], "--seq-length",
                    "32", "--split", "0.9", "0.1", "--max-windows", "16", "--device", "cpu"])
     assert stream == 0 and f"{got['targets_loss']:9.4f}" not in capsys.readouterr().out.splitlines()[-1]
+    # Without --data: the data section the run recorded in its checkpoint (packing included).
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--max-windows", "16", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "documents packing" in out and f"{got['targets_loss']:9.4f}" in out.splitlines()[-1]
     n, t = got["tokens"], got["target_tokens"]
     assert got["all_loss"] == pytest.approx((got["targets_loss"] * t + got["context_loss"] * (n - t)) / n, rel=1e-9)
 
     for args, msg in ((["--seq-length", "512"], "exceeds the max_seq_length"),
                       (["--seq-length", "32", "--split", "1.0", "0.0"], "no held-out windows"),
-                      (["--seq-length", "32", "--tokenizer", str(tmp_path / "none.model")], "does not exist")):
+                      (["--seq-length", "32", "--tokenizer", str(tmp_path / "none.model")], "does not exist"),
+                      ([], "--data needs --seq-length")):
         assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", tiny_chat_corpus["prefix"], *args,
                      "--device", "cpu"]) == 2
         assert msg in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--seq-length", "32", "--device", "cpu"]) == 2
+    assert "describe --data" in capsys.readouterr().err

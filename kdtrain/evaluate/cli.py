@@ -1,16 +1,19 @@
 """``kdtrain eval``: held-out next-token loss of checkpoints on a corpus, the same windows for
 every model, whatever each run trained on.
 
-    kdtrain eval --model checkpoints/student-a checkpoints/student-b --data data/chat/chat_document \\
-        --seq-length 1024 --split 0.98 0.02
+    kdtrain eval --model checkpoints/student-a checkpoints/student-b     # the first run's own held-out data
+    kdtrain eval --model checkpoints/student /models/Qwen2.5-0.5B --data data/chat/chat_document \
+        --seq-length 1024 --split 0.98 0.02 --packing documents
 
-``--model`` takes kdtrain checkpoints (any layout) and Hugging Face directories. The windows are
-the held-out split of ``--data`` exactly as a run with the same ``data.seq_length``,
-``data.split``, ``data.seed`` and ``data.packing`` holds it out (the first ``--max-windows`` of them, else all).
-Reported per model, in nats: the loss over the target tokens (on a conversation corpus the
-replies; every token otherwise), over the other tokens (prompts) and over all tokens, with the
-token counts. One process, the whole model on one device (GPU when there is one; bf16 there,
-fp32 on CPU).
+``--model`` takes kdtrain checkpoints (any layout) and Hugging Face directories. The data: without
+``--data``, the ``data`` section the first checkpoint's run recorded (corpora, weights,
+tokenizer, sequence length, split, seed, packing, loss mask), so the windows are that run's
+held-out windows; with ``--data``, those flags (defaults as a run's). Either way the corpus is
+opened as a run opens it (blends, packing, tokenizer and vocabulary checks), and the first
+``--max-windows`` held-out windows (else all) are scored. Reported per model, in nats: the loss
+over the target tokens (on a conversation corpus the replies; every token otherwise), over the
+other tokens (prompts, padding) and over all tokens, with the token counts. One process, the
+whole model on one device (GPU when there is one; bf16 there, fp32 on CPU).
 """
 
 from __future__ import annotations
@@ -47,33 +50,48 @@ def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, de
     return out
 
 
-def evaluate_models(models: Sequence[str], data: Sequence[str], seq_length: int, *,
-                    split: tuple[float, float] = (0.98, 0.02), seed: int = 1234, tokenizer: Optional[str] = None,
-                    packing: str = "stream", max_windows: Optional[int] = None, batch: int = 8,
-                    device: str = "auto") -> dict[str, dict]:
+def run_data_config(model: str):
+    """The DataConfig a kdtrain checkpoint's run recorded; ValueError when there is none."""
+    from ..config import DataConfig, from_dict
+    from ..convert.hf_weights import is_hf_model_dir
+    from ..convert.sources import CheckpointWeights
+
+    if is_hf_model_dir(model):
+        raise ValueError(f"{model} is a Hugging Face directory, which records no training data: pass --data "
+                         "and --seq-length")
+    recorded = CheckpointWeights(model).reader.meta.get("data")
+    if not recorded:
+        raise ValueError(f"checkpoint {model} records no data section: pass --data and --seq-length")
+    return from_dict(DataConfig, recorded, f"{model}: data")
+
+
+def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[int] = None, batch: int = 8,
+                    device: str = "auto") -> tuple[dict[str, dict], object]:
+    """Scores of every model on the held-out windows of ``data`` (a DataConfig; None: the first
+    model's run's). Returns (results by model, the DataConfig used)."""
     import torch
 
     from ..convert.sources import open_weights
-    from ..data.gpt_dataset import GPTWindowDataset
-    from ..data.tokenizer import Tokenizer
     from ..parallel import one_process_world
     from ..training.checkpoint import load_whole_model
+    from ..training.pretrain import open_dataset
 
     if not models:
         raise ValueError("give at least one --model")
     if batch < 1 or (max_windows is not None and max_windows < 1):
         raise ValueError("--batch and --max-windows must be >= 1")
+    data = data if data is not None else run_data_config(models[0])
+    if data.mock:
+        raise ValueError("the run used mock data: pass --data and --seq-length")
+    data.check()
     configs = {m: open_weights(m).cfg for m in models}
-    too_long = [m for m, c in configs.items() if seq_length > c.max_seq_length]
+    too_long = [m for m, c in configs.items() if data.seq_length > c.max_seq_length]
     if too_long:
-        raise ValueError(f"--seq-length {seq_length} exceeds the max_seq_length of {too_long}")
-    fingerprint = Tokenizer(tokenizer).fingerprint if tokenizer else None
-    dataset = GPTWindowDataset(list(data), seq_length, split=tuple(split), seed=seed,
-                               vocab_size=min(c.vocab_size for c in configs.values()), tokenizer_fingerprint=fingerprint,
-                               packing=packing)
+        raise ValueError(f"sequence length {data.seq_length} exceeds the max_seq_length of {too_long}")
+    dataset = open_dataset(data, min(configs.values(), key=lambda c: c.vocab_size))
     windows = dataset.num_valid_windows if max_windows is None else min(max_windows, dataset.num_valid_windows)
     if windows == 0:
-        raise ValueError(f"--data {' '.join(data)} has no held-out windows at --split {list(split)}")
+        raise ValueError(f"data {list(data.path)} has no held-out windows at split {list(data.split)}")
     results = {}
     with one_process_world(device) as env:
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
@@ -81,19 +99,32 @@ def evaluate_models(models: Sequence[str], data: Sequence[str], seq_length: int,
             cfg, net = load_whole_model(m, env.device, dtype, "eval --model", configs[m])
             results[m] = heldout_losses(net, cfg.vocab_size, dataset, windows, batch, env.device)
             del net
-    return results
+    return results, data
 
 
 def _run(args) -> int:
-    results = evaluate_models(args.model, args.data, args.seq_length, split=tuple(args.split), seed=args.seed,
-                              tokenizer=args.tokenizer, packing=args.packing, max_windows=args.max_windows,
-                              batch=args.batch,
-                              device=args.device)
+    from ..config import DataConfig
+
+    data = None
+    if args.data:
+        if args.seq_length is None:
+            raise ValueError("--data needs --seq-length (the run's data.seq_length)")
+        given = {"split": None if args.split is None else tuple(args.split), "seed": args.seed,
+                 "packing": args.packing, "tokenizer": args.tokenizer}
+        data = DataConfig(path=list(args.data), seq_length=args.seq_length, loss_mask=not args.every_token,
+                          **{k: v for k, v in given.items() if v is not None})
+    elif any(v is not None for v in (args.seq_length, args.tokenizer, args.packing, args.split, args.seed)) or \
+            args.every_token:
+        raise ValueError("--seq-length, --split, --seed, --packing, --tokenizer and --every-token describe --data; "
+                         "without --data the first checkpoint's run data is used as it was")
+    results, data = evaluate_models(args.model, data, max_windows=args.max_windows, batch=args.batch,
+                                    device=args.device)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     first = next(iter(results.values()))
-    print(f"{'model':40s} {'targets':>9s} {'context':>9s} {'all':>9s}   "
-          f"({first['tokens']} held-out tokens, {first['target_tokens']} targets)")
+    print(f"data: {', '.join(data.path)}, seq {data.seq_length}, split {list(data.split)}, {data.packing} packing: "
+          f"{first['tokens']} held-out tokens, {first['target_tokens']} targets")
+    print(f"{'model':40s} {'targets':>9s} {'context':>9s} {'all':>9s}")
     for m, r in results.items():
         print(f"{Path(m).name:40s} {r['targets_loss']:9.4f} {r['context_loss']:9.4f} {r['all_loss']:9.4f}")
     return 0
@@ -103,12 +134,13 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="held-out loss of checkpoints or HF models on a corpus",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", required=True, help="kdtrain checkpoints or Hugging Face directories")
-    p.add_argument("--data", nargs="+", required=True, help="indexed dataset prefixes (a run's data.path)")
-    p.add_argument("--seq-length", type=int, required=True, help="a run's data.seq_length")
-    p.add_argument("--split", type=float, nargs=2, default=(0.98, 0.02), help="a run's data.split")
-    p.add_argument("--seed", type=int, default=1234, help="a run's data.seed")
-    p.add_argument("--tokenizer", help="checked against the corpus' tokenizer fingerprint")
-    p.add_argument("--packing", choices=("stream", "documents"), default="stream", help="a run's data.packing")
+    p.add_argument("--data", nargs="+", help="indexed dataset prefixes (default: the first checkpoint's run data)")
+    p.add_argument("--seq-length", type=int, help="with --data: the run's data.seq_length")
+    p.add_argument("--split", type=float, nargs=2, help="with --data: the run's data.split (default 0.98 0.02)")
+    p.add_argument("--seed", type=int, help="with --data: the run's data.seed (default 1234)")
+    p.add_argument("--packing", choices=("stream", "documents"), help="with --data: the run's data.packing")
+    p.add_argument("--tokenizer", help="with --data: checked against the corpus' tokenizer fingerprint")
+    p.add_argument("--every-token", action="store_true", help="with --data: ignore the corpus' loss mask")
     p.add_argument("--max-windows", type=int, help="only the first N held-out windows")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
