@@ -131,12 +131,12 @@ def _own_template(tokenizer: Tokenizer) -> tuple[str, str] | None:
 
 def _special_texts(tokenizer: Tokenizer) -> dict[str, str]:
     """bos_token / eos_token / ... as the template sees them (their text in the tokenizer's config)."""
-    from kdtrain.data.hf_tokenizer import _special_token
+    from kdtrain.data.hf_tokenizer import special_token_text
 
     folder = tokenizer_file(tokenizer.path).parent
     out = {}
     for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        text = _special_token(folder, key)
+        text = special_token_text(folder, key)
         if text is not None:
             out[key] = text
     return out

@@ -27,7 +27,7 @@ from kdtrain.data.tokenizer import Tokenizer
 _EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
 
-def _special_token(folder: Path, key: str) -> Optional[str]:
+def special_token_text(folder: Path, key: str) -> Optional[str]:
     """The ``key`` token's text from the tokenizer's config files, or None."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         f = folder / name
@@ -62,7 +62,7 @@ class HFTokenizer(Tokenizer):
         self._vocab_size = max(vocab.values()) + 1
         self._special = {}
         for key in ("eos_token", "bos_token", "pad_token"):
-            text = _special_token(f.parent, key)
+            text = special_token_text(f.parent, key)
             if text is not None and text not in vocab:
                 raise ValueError(f"tokenizer {f}: {key} {text!r} (from its config files) is not in its vocabulary")
             self._special[key] = vocab[text] if text is not None else -1
