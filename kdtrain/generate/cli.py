@@ -84,8 +84,7 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
         _, net = load_whole_model(model, env.device, dtype, "generate --model", cfg)
         # Each row: its prompt, then room for its reply (the prompt lengths differ by row).
-        length = max(len(ids) for ids in encoded) + max_new_tokens
-        windows = torch.zeros(len(encoded), length, dtype=torch.long)
+        windows = torch.zeros(len(encoded), longest, dtype=torch.long)
         for i, ids in enumerate(encoded):
             windows[i, :len(ids)] = torch.tensor(ids)
         starts = [len(ids) for ids in encoded]
