@@ -104,6 +104,7 @@ class Runs:
         if world == 1:
             jobs.append(("chat-ref", "distill_gpt.py", chat))
             jobs.append(("chat-onpolicy-ref", "distill_gpt.py", chat + ONPOLICY))
+            jobs.append(("chat-onpolicy-all-ref", "distill_gpt.py", chat + ONPOLICY + ["onpolicy.replies=all"]))
             chat_cache = self.root / "chat-teacher-cache"
             jobs.append(("chat-fp32-cache", "cache_teacher.py", [
                 "--config", "tiny", "--out", str(chat_cache), *chat, f"data.tokenizer={c['tokenizer']}",
@@ -114,6 +115,8 @@ class Runs:
             jobs.append(("chat-layout", "distill_gpt.py", chat + CHAT_LAYOUT))
             jobs.append(("chat-onpolicy-layout", "distill_gpt.py",
                          chat + ONPOLICY + CHAT_LAYOUT + ["onpolicy.sample_batch=1"]))
+            jobs.append(("chat-onpolicy-all-layout", "distill_gpt.py",
+                         chat + ONPOLICY + CHAT_LAYOUT + ["onpolicy.replies=all", "onpolicy.sample_batch=3"]))
         if world == 1:  # cached k is 16
             jobs.append(("refused-topk", "distill_gpt.py",
                          ["teacher.source=cache", f"teacher.cache={self.cache_dir}", "teacher.topk=32"]))
@@ -251,18 +254,19 @@ def test_onpolicy_with_a_cache_runs_sampled_steps_live(runs):
             assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}"
 
 
-@pytest.mark.parametrize("mode", ["data", "onpolicy"])
+@pytest.mark.parametrize("mode", ["data", "onpolicy", "onpolicy-all"])
 def test_conversation_data_reproduces_across_layouts(runs, mode):
     """Replies as the only targets: each student replica's micro-batches hold different numbers of
     them, and every rank normalises by the global count, so the two-replica run is the one-rank
     run; the held-out loss is taken over replies too. On-policy steps on conversations: the
     student writes each window's first reply from the conversation before it (rows with other
     prompt lengths, sampled one at a time in the two-replica run), and trains on those tokens."""
-    names = ("chat-ref", "chat-layout") if mode == "data" else ("chat-onpolicy-ref", "chat-onpolicy-layout")
+    names = {"data": ("chat-ref", "chat-layout"), "onpolicy": ("chat-onpolicy-ref", "chat-onpolicy-layout"),
+             "onpolicy-all": ("chat-onpolicy-all-ref", "chat-onpolicy-all-layout")}[mode]
     ref, got = runs.get(names[0], world=1)["metrics"], runs.get(names[1], world=2)["metrics"]
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
     for s in sorted(ref):
-        for k in ("loss", "kd_loss", "grad_norm") + (("sampled_tokens",) if mode == "onpolicy" else ()):
+        for k in ("loss", "kd_loss", "grad_norm") + (("sampled_tokens",) if mode != "data" else ()):
             assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}: {got[s][k]} vs {ref[s][k]}"
     valid = [read_metrics(runs.root / name, "valid") for name in names]
     assert valid[0][4]["valid_loss"] == pytest.approx(valid[1][4]["valid_loss"], rel=RTOL)
@@ -274,6 +278,11 @@ def test_conversation_data_reproduces_across_layouts(runs, mode):
         assert all(0 < ref[s]["sampled_tokens"] < 25 * 8 for s in (2, 4)), [ref[s]["sampled_tokens"] for s in ref]
         plain = runs.get("onpolicy-ref", world=1)["metrics"]
         assert [plain[s]["sampled_tokens"] for s in (2, 4)] == [25 * 8, 25 * 8]
+    if mode == "onpolicy-all":
+        # Every reply that starts in a window, not only the first: at least as many tokens on
+        # step 2 (the same windows and the same first replies; later steps train other weights).
+        first = runs.get("chat-onpolicy-ref", world=1)["metrics"]
+        assert ref[2]["sampled_tokens"] >= first[2]["sampled_tokens"] > 0
 
 
 def test_conversation_student_from_the_cache_follows_the_online_run(runs):

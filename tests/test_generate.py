@@ -105,27 +105,54 @@ def test_picked_tokens_follow_the_softmax():
     assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
 
 
-def test_replies_keep_their_prompts_and_stop_at_the_stop_token(world_of_one):
-    """sample_replies: each row samples from its own start (the rows before it are fed their own
-    tokens), as ``sample`` does with that row's prompt alone, until the stop token (included);
-    the tokens after it, and every token of a row whose start is past the end, keep their values."""
+def _check_rewritten(model, windows, spans, got, flags, ids, stop, **kw):
+    """Every sampled run of a row equals sampling freely from exactly the tokens before it (ending
+    at the first stop token), and the other positions are the row's given tokens outside its
+    replies, in order, then padding (0)."""
+    from kdtrain.models.generate import sample
+
+    T = windows.shape[1]
+    for i in range(windows.shape[0]):
+        f = flags[i].tolist()
+        runs, q = [], None
+        for t, on in enumerate(f + [False]):
+            if on and q is None:
+                q = t
+            elif not on and q is not None:
+                runs.append((q, t))
+                q = None
+        assert len(runs) <= len(spans[i])
+        for q, r in runs:
+            free = sample(model, got[i:i + 1, :q], T, sample_ids=[ids[i]], **kw)[0]
+            assert torch.equal(got[i, q:r], free[q:r]), (i, q, r)
+            if r < T:  # it stopped
+                assert int(got[i, r - 1]) == stop and stop not in free[q:r - 1].tolist()
+        keep, at = [], 0
+        for s0, e0 in spans[i][:len(runs)]:
+            keep += windows[i, at:s0].tolist()
+            at = e0
+        keep += windows[i, at:].tolist()
+        rest = got[i][~flags[i]].tolist()
+        assert rest == (keep + [0] * T)[:len(rest)], i
+
+
+def test_replies_are_sampled_in_place_and_the_data_resumes_after_them(world_of_one):
+    """sample_replies: each row samples where its replies start (rows not sampling are fed their
+    own tokens), stops at the stop token, and the row's given tokens resume from the end of the
+    reply it replaced; each sampled run is what ``sample`` draws from the same prefix alone."""
     from kdtrain.models.generate import sample, sample_replies
 
     model = _model("llama")
-    windows = torch.randint(0, V, (3, T), generator=torch.Generator().manual_seed(4))
-    starts, ids, kw = [5, 9, T + 3], [7, 8, 9], dict(vocab_size=V, temperature=1.0, seed=2)
-    free = [sample(model, windows[i:i + 1, :starts[i]], T, sample_ids=[ids[i]], **kw)[0] for i in range(2)]
-    stop = int(free[0][starts[0] + 3])  # row 0 samples it within four tokens
-    got, ends = sample_replies(model, windows, starts, sample_ids=ids, stop_token=stop, **kw)
-    for i in range(2):
-        sampled = free[i][starts[i]:]
-        hits = (sampled == stop).nonzero()
-        end = starts[i] + int(hits[0]) + 1 if len(hits) else T
-        assert ends[i] == end and end <= (starts[0] + 4 if i == 0 else T)
-        assert torch.equal(got[i, :starts[i]], windows[i, :starts[i]])
-        assert torch.equal(got[i, starts[i]:end], free[i][starts[i]:end])
-        assert torch.equal(got[i, end:], windows[i, end:])
-    assert ends[2] == T and torch.equal(got[2], windows[2])
-    # Without a stop token every row samples to the end, as ``sample`` does.
-    got, ends = sample_replies(model, windows, starts, sample_ids=ids, **kw)
-    assert ends == [T, T, T] and all(torch.equal(got[i], free[i]) for i in range(2))
+    windows = torch.randint(1, V, (4, T), generator=torch.Generator().manual_seed(4))
+    ids, kw = [7, 8, 9, 10], dict(vocab_size=V, temperature=1.0, seed=2)
+    spans = [[(5, 9)], [(3, 6), (9, 12), (14, 18)], [(9, T)], []]
+    stop = int(sample(model, windows[:1, :5], T, sample_ids=[7], **kw)[0, 7])  # row 0 stops within 3 tokens
+    got, flags = sample_replies(model, windows, spans, sample_ids=ids, stop_token=stop, **kw)
+    assert flags[0, 5] and not flags[0, :5].any() and flags[0].sum() <= 3 and not flags[3].any()
+    assert torch.equal(got[3], windows[3])
+    _check_rewritten(model, windows, spans, got, flags, ids, stop, **kw)
+    # Without a stop token each row samples from its first reply to the end, as ``sample`` does.
+    got, flags = sample_replies(model, windows, spans, sample_ids=ids, **kw)
+    for i, row in enumerate(spans[:3]):
+        assert flags[i].tolist() == [t >= row[0][0] for t in range(T)]
+        assert torch.equal(got[i], sample(model, windows[i:i + 1, :row[0][0]], T, sample_ids=[ids[i]], **kw)[0])

@@ -122,17 +122,20 @@ class OnPolicyConfig:
 
     What the student writes: on documents, everything after each window's first
     ``prompt_length`` tokens. On conversations (a corpus with a loss mask, ``data.loss_mask``
-    true), each window's first reply that starts inside it: the prompt is the window up to that
-    reply (the conversation so far), and the student writes until it samples ``stop_token``
-    (default: the corpus' EOS id, which ends each reply in the plain template and is the
-    end-of-turn token of Hugging Face chat tokenizers; -1: never stop) or the window ends. The
-    rest of the window keeps the data and is not trained; a window in which no reply starts
-    trains nothing on that step."""
+    true), the replies that start inside the window (``replies: first``, the default: the first
+    one; ``all``: each of them): the prompt is the window up to the reply (the conversation so
+    far), the student writes until it samples ``stop_token`` (default: the corpus' EOS id, which
+    ends each reply in the plain template and is the end-of-turn token of Hugging Face chat
+    tokenizers; -1: never stop) or the window ends, and the data's next turn follows its reply.
+    Only what the student wrote is trained; a window in which no reply starts trains nothing on
+    that step. ``all`` decodes through the whole window (one forward per token) where ``first``
+    stops after the first reply, so it costs more sampling time for more trained tokens."""
 
     fraction: float = 0.0
     prompt_length: int = 128
     temperature: float = 1.0
     stop_token: Optional[int] = None
+    replies: Literal["first", "all"] = "first"
     # Rows per sampling call (0: all of a replica's samples of the step at once). Decoding is one
     # forward per token, bound by launch overhead at small batches: larger calls amortise it, at
     # the memory of their key/value cache.

@@ -266,11 +266,12 @@ def encode_segments(tokenizer: Tokenizer, segments: Sequence[Segment]) -> tuple[
     return ids, mask
 
 
-def first_reply_start(label_flags: np.ndarray) -> int:
-    """Where the first reply that starts inside a window begins, as a token index of the window
-    (``S + 1`` tokens; ``label_flags`` [S] flags tokens 1..S): the first ``j >= 2`` whose token is
-    a target and whose previous token is not; ``S + 1`` when there is none. A reply already under
-    way at the window's start is not a start: its question is outside the window."""
-    f = np.asarray(label_flags, dtype=bool)
-    starts = np.flatnonzero(f[1:] & ~f[:-1])
-    return int(starts[0]) + 2 if starts.size else f.size + 1
+def reply_spans(label_flags: np.ndarray) -> list[tuple[int, int]]:
+    """The replies that start inside a window, as token ranges ``[start, end)`` of the window
+    (``S + 1`` tokens; ``label_flags`` [S] flags tokens 1..S): maximal runs of target tokens
+    whose previous token is not one. A reply already under way at the window's start (a run from
+    token 1) is not one: its question is outside the window."""
+    f = np.concatenate([[False, False], np.asarray(label_flags, dtype=bool)])  # tokens 0..S, and one before
+    edges = np.flatnonzero(f[1:] != f[:-1])  # token index where a run of flags starts or ends (+1 shift)
+    bounds = edges.reshape(-1, 2) if len(edges) % 2 == 0 else np.append(edges, len(f) - 1).reshape(-1, 2)
+    return [(int(a), int(b)) for a, b in bounds if a >= 2]

@@ -88,12 +88,12 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         for i, ids in enumerate(encoded):
             windows[i, :len(ids)] = torch.tensor(ids)
         starts = [len(ids) for ids in encoded]
-        out, ends = sample_replies(net, windows.to(env.device), starts, vocab_size=cfg.vocab_size,
-                                   temperature=temperature, seed=seed, sample_ids=range(len(encoded)),
-                                   stop_token=stop)
+        out, sampled = sample_replies(net, windows.to(env.device), [[(s, longest)] for s in starts],
+                                      vocab_size=cfg.vocab_size, temperature=temperature, seed=seed,
+                                      sample_ids=range(len(encoded)), stop_token=stop)
     results = []
     for i, p in enumerate(prompts):
-        end = min(ends[i], starts[i] + max_new_tokens)
+        end = min(starts[i] + int(sampled[i].sum()), starts[i] + max_new_tokens)
         ids = out[i, starts[i]:end].tolist()
         results.append({"prompt": p, "ids": ids, "text": tok.decode(ids), "stopped": bool(ids) and ids[-1] == stop})
     return results

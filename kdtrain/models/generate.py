@@ -2,10 +2,10 @@
 
 ``sample(model, prompts, total_length, ...)`` extends each prompt to ``total_length`` tokens, one
 token at a time, on a model held whole in depth (pp = 1, any tensor parallelism).
-``sample_replies(model, windows, starts, ...)`` does the same with a prompt length per row
-(conversations: each window up to its first reply) and stops a row at its end-of-turn token; the
-rest of the row keeps its given tokens. Rows are decoded together from the shortest prompt: a row
-still inside its prompt is fed its own token instead of a sample (teacher forcing).
+``sample_replies(model, windows, spans, ...)`` rewrites the replies of each row instead
+(conversations: the model writes a reply where the data has one, stops at its end-of-turn token,
+and the data's next turn follows). Rows are decoded together from the shortest prompt: a row
+that is not sampling is fed its own next token (teacher forcing).
 
 Key/value cache. Layers on the direct forward (models/layer.py, the local spec) keep each
 position's keys and values in a preallocated ``[total_length, b, groups, head_dim]`` cache: the
@@ -119,47 +119,76 @@ def sample(model, prompts: torch.Tensor, total_length: int, *, vocab_size: int, 
     assert 0 < P < total_length, (P, total_length)
     tokens = torch.zeros(b, total_length, dtype=torch.long, device=prompts.device)
     tokens[:, :P] = prompts
-    return sample_replies(model, tokens, [P] * b, vocab_size=vocab_size, temperature=temperature, seed=seed,
-                          sample_ids=sample_ids, tp_group=tp_group)[0]
+    return sample_replies(model, tokens, [[(P, total_length)]] * b, vocab_size=vocab_size, temperature=temperature,
+                          seed=seed, sample_ids=sample_ids, tp_group=tp_group)[0]
 
 
 @torch.no_grad()
-def sample_replies(model, windows: torch.Tensor, starts: Sequence[int], *, vocab_size: int, temperature: float,
-                   seed: int, sample_ids: Sequence[int], stop_token: Optional[int] = None,
-                   tp_group=None) -> tuple[torch.Tensor, list[int]]:
-    """Row ``i`` of ``windows`` [b, L] keeps its tokens before ``starts[i]`` and samples the ones from
-    there until it samples ``stop_token`` (included) or reaches L; the tokens after keep their
-    given values. Returns the new windows and, per row, the position after its last sampled token
-    (``starts[i]`` itself when it samples nothing: ``starts[i] >= L``). The uniform of token ``t``
-    of row ``i`` is ``u(seed, sample_ids[i], t)``, as for ``sample``."""
+def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]], *, vocab_size: int,
+                   temperature: float, seed: int, sample_ids: Sequence[int], stop_token: Optional[int] = None,
+                   pad_id: int = 0, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewrite each row of ``windows`` [b, L] with the model's own replies.
+
+    ``spans[i]``: the replies of row i as token ranges ``[start, end)`` of the given row, in order
+    (start >= 1). The row is fed its given tokens up to the first start; from there the model
+    samples until it samples ``stop_token`` (included) or the row is full; then the given tokens
+    resume from that reply's ``end``, right after the sampled ones, up to the next start, and so
+    on; given tokens that run out are followed by ``pad_id``. Returns the new rows and the flags
+    [b, L] (bool) of the sampled positions. The uniform of output position ``t`` of row ``i`` is
+    ``u(seed, sample_ids[i], t)``, as for ``sample``, so a row is the same in any batch or layout.
+    With one span per row and no stop token this is ``sample``."""
     if not (model.pre_process and model.post_process):
         raise ValueError("sampling needs the whole model on one rank in depth (pp = 1)")
     b, L = windows.shape
-    assert len(sample_ids) == b == len(starts) and min(starts) > 0, (len(sample_ids), b, starts)
+    assert len(sample_ids) == b == len(spans), (len(sample_ids), b, len(spans))
+    assert all(s >= 1 for row in spans for s, _ in row), spans
     device = windows.device
-    first = min(min(starts), L)
     tokens = windows.clone()
-    ends = [min(s, L) for s in starts]
+    flags = torch.zeros(b, L, dtype=torch.bool, device=device)
+    first = min([row[0][0] for row in spans if row] + [L])
     if first >= L:
-        return tokens, ends
+        return tokens, flags
+    # Span tables padded with a start no row reaches; per-row state: the next given token to feed
+    # (src), the current or next span (rep), and whether the row is sampling.
+    R = max(len(row) for row in spans) + 1
+    never = 2 * L + 1
+    starts = torch.full((b, R), never, dtype=torch.long)
+    ends = torch.full((b, R), never, dtype=torch.long)
+    for i, row in enumerate(spans):
+        for j, (s, e) in enumerate(row):
+            starts[i, j], ends[i, j] = s, e
+    starts, ends = starts.to(device), ends.to(device)
+    given = torch.cat([windows, torch.full((b, 1), pad_id, dtype=windows.dtype, device=device)], dim=1)
+    rows = torch.arange(b, device=device)
+    src = torch.full((b,), first, dtype=torch.long, device=device)
+    rep = torch.zeros(b, dtype=torch.long, device=device)
+    sampling = torch.zeros(b, dtype=torch.bool, device=device)
+    u = None
+    if temperature > 0:  # row i, column t - first: the uniform of output position t of sample_ids[i]
+        u = torch.from_numpy(uniforms(seed, sample_ids, first, L)).to(device)
     was_training = model.training
     model.eval()
-    start_t = torch.tensor(starts, device=device)
-    done = start_t >= L  # rows that sample nothing, or have sampled their stop token
-    end_t = start_t.clamp(max=L).clone()
-    u = None
-    if temperature > 0:  # row i, column t - first: the uniform of token t of sample_ids[i]
-        u = torch.from_numpy(uniforms(seed, sample_ids, first, L)).to(device)
 
-    def step(logits_bVl, t):
+    def step(logits_bVl, t) -> bool:
+        """Place position t; True when no row samples again (the rest is given tokens)."""
         picked = pick_tokens(logits_bVl, vocab_size, temperature, None if u is None else u[:, t - first], tp_group)
-        sampling = (start_t <= t) & ~done
-        tokens[:, t] = torch.where(sampling, picked, tokens[:, t])
-        end_t.copy_(torch.where(sampling, t + 1, end_t))
+        sampling.logical_or_(src == starts[rows, rep])
+        tokens[:, t] = torch.where(sampling, picked, given[rows, src.clamp(max=L)])
+        flags[:, t] = sampling
+        src.add_((~sampling).long())
         if stop_token is not None:
-            done.logical_or_(sampling & (picked == stop_token))
-        # A device sync: only now and then, and only where rows can finish early.
-        return stop_token is not None and t % 16 == 15 and bool(done.all())
+            stopped = sampling & (picked == stop_token)
+            src.copy_(torch.where(stopped, ends[rows, rep], src))
+            rep.add_(stopped.long())
+            sampling.logical_and_(~stopped)
+        if t % 16 != 15:  # a device sync: only now and then
+            return False
+        return not bool((sampling | (starts[rows, rep] < never)).any())
+
+    def fill_rest(t) -> None:
+        """Positions after t take the given tokens from each row's src on (then padding)."""
+        idx = (src.unsqueeze(1) + torch.arange(L - t - 1, device=device).unsqueeze(0)).clamp(max=L)
+        tokens[:, t + 1:] = given.gather(1, idx)
 
     try:
         if _cached_layers(model):
@@ -177,6 +206,7 @@ def sample_replies(model, windows: torch.Tensor, starts: Sequence[int], *, vocab
             logits = _forward_positions(model, tokens[:, :first], 0, rope, caches)
             for t in range(first, L):
                 if step(logits, t):
+                    fill_rest(t)
                     break
                 if t + 1 < L:
                     logits = _forward_positions(model, tokens[:, t:t + 1], t, rope, caches)
@@ -184,7 +214,8 @@ def sample_replies(model, windows: torch.Tensor, starts: Sequence[int], *, vocab
             for t in range(first, L):
                 pos = torch.arange(t, device=device).unsqueeze(0).expand(b, t)
                 if step(model(tokens[:, :t], pos, None)[-1], t):
+                    fill_rest(t)
                     break
     finally:
         model.train(was_training)
-    return tokens, end_t.tolist()
+    return tokens, flags

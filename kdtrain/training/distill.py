@@ -131,14 +131,15 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     and the label flags [G, seq] of the sampled tokens, on every rank.
 
     What is sampled (OnPolicyConfig): after each window's first ``onpolicy.prompt_length``
-    tokens, or, on conversations, each window's first reply until the stop token. Each student
-    replica samples its own samples, ``onpolicy.sample_batch`` rows per call (all of them when 0);
-    one world all-reduce (tensor rank 0 of each student replica contributes, every other rank adds
-    zeros) hands every rank the whole step with each row's sampled span, since a teacher replica
-    serves other replicas' samples. A disaggregated teacher waits in it for the step's samples:
-    on-policy steps cannot run ahead. The sampling is keyed by sample id, so the windows do not
-    depend on the layout. ``student`` is None on teacher-only ranks."""
-    from ..data.chat import first_reply_start
+    tokens, or, on conversations, the window's first reply (``onpolicy.replies: all``: every
+    reply), each until the stop token, the data's next turn following. Each student replica
+    samples its own samples, ``onpolicy.sample_batch`` rows per call (all of them when 0); one
+    world all-reduce (tensor rank 0 of each student replica contributes, every other rank adds
+    zeros) hands every rank the whole step with the flags, since a teacher replica serves other
+    replicas' samples. A disaggregated teacher waits in it for the step's samples: on-policy steps
+    cannot run ahead. The sampling is keyed by sample id, so the windows do not depend on the
+    layout. ``student`` is None on teacher-only ranks."""
+    from ..data.chat import reply_spans
     from ..models.generate import sample_replies
 
     tr, op = cfg.training, cfg.onpolicy
@@ -148,28 +149,26 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     if replies:
         stop = dataset.eos_id if op.stop_token is None else op.stop_token
         stop = None if stop is None or stop < 0 else stop
-    out = torch.zeros(G, length + 2, dtype=torch.long, device=device)  # the window, then its sampled span
+    out = torch.zeros(G, 2 * length, dtype=torch.long, device=device)  # the window, then its sampled flags
     ids = replica_sample_ids(first, G, groups.dp_rank, groups.layout.dp) if student is not None else range(0)
     rows = op.sample_batch or max(1, len(ids))
     for i in range(0, len(ids), rows):
         chunk = ids[i:i + rows]
         windows = torch.from_numpy(np.stack([dataset.train_sample(g) for g in chunk])).to(device)
-        starts = ([first_reply_start(dataset.train_loss_mask(g)) for g in chunk] if replies
-                  else [op.prompt_length] * len(chunk))
-        seqs, ends = sample_replies(student.model, windows, starts, vocab_size=cfg.student.model.vocab_size,
-                                    temperature=op.temperature, seed=tr.seed, sample_ids=chunk, stop_token=stop,
-                                    tp_group=groups.pgc.tp)
+        if replies:
+            spans = [reply_spans(dataset.train_loss_mask(g)) for g in chunk]
+            spans = spans if op.replies == "all" else [row[:1] for row in spans]
+        else:
+            spans = [[(op.prompt_length, length)]] * len(chunk)
+        seqs, flags = sample_replies(student.model, windows, spans, vocab_size=cfg.student.model.vocab_size,
+                                     temperature=op.temperature, seed=tr.seed, sample_ids=chunk, stop_token=stop,
+                                     pad_id=dataset.eos_id or 0, tp_group=groups.pgc.tp)
         if groups.tp_rank == 0:
-            rows_out = out[chunk.start - first:chunk.stop - first]
-            rows_out[:, :length] = seqs
-            rows_out[:, length] = torch.tensor(starts, device=device).clamp(max=length)
-            rows_out[:, length + 1] = torch.tensor(ends, device=device)
+            out[chunk.start - first:chunk.stop - first] = torch.cat([seqs, flags.long()], dim=1)
     dist.all_reduce(out)
     out = out.cpu().numpy()
-    # Label i predicts token i + 1: the sampled tokens [start, end) are the labels [start-1, end-1).
-    i = np.arange(length - 1)[None, :]
-    flags = (i >= out[:, length, None] - 1) & (i < out[:, length + 1, None] - 1)
-    return out[:, :length], flags
+    # Label i predicts token i + 1: a sampled token t is the label t - 1.
+    return out[:, :length], out[:, length + 1:].astype(bool)
 
 
 def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
