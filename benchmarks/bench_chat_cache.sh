@@ -9,17 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench_chat_cache.sh OUT_DIR}
-WORK=${WORK:-/tmp/kdtrain-pruned-init}
-NPROC=${NPROC:-2}
 STEPS=${STEPS:-120}
-PY=${PYTHON:-python}
-DEMO_DATA="$WORK/data"
-if [ ! -f "$WORK/checkpoints/chat-teacher/latest" ]; then
-  echo "no chat teacher in $WORK: run WORK=$WORK bash benchmarks/bench_chat.sh first" >&2
-  exit 2
-fi
+NEED=(chat-teacher)
+source benchmarks/chat_runs.sh
 mkdir -p "$OUT"
-CHAT=("data.path=[$DEMO_DATA/demo_chat_document]" "data.tokenizer=$DEMO_DATA/tokenizer.model" "data.split=[0.9,0.1]")
 for dtype in bf16 fp8; do
   for pos in all targets; do
     rm -rf "$WORK/cache/chat-$dtype-$pos"

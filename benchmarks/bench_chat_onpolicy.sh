@@ -11,20 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench_chat_onpolicy.sh OUT_DIR}
-WORK=${WORK:-/tmp/kdtrain-pruned-init}
-NPROC=${NPROC:-2}
 STEPS=${STEPS:-30}
-PY=${PYTHON:-python}
-DEMO_DATA="$WORK/data"
-for need in chat-teacher doc-student; do
-  if [ ! -f "$WORK/checkpoints/$need/latest" ]; then
-    echo "no $need in $WORK: run WORK=$WORK bash benchmarks/bench_chat.sh first" >&2
-    exit 2
-  fi
-done
+NEED=(chat-teacher doc-student)
+source benchmarks/chat_runs.sh
 mkdir -p "$OUT"
-CHAT=("data.path=[$DEMO_DATA/demo_chat_document]" "data.tokenizer=$DEMO_DATA/tokenizer.model" "data.split=[0.9,0.1]"
-      "data.packing=documents")
+CHAT+=("data.packing=documents")
 for mode in first all; do
   rm -rf "$WORK/runs/onpolicy-$mode" "$WORK/checkpoints/onpolicy-$mode"
   "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" scripts/distill_gpt.py \
