@@ -79,6 +79,8 @@ def test_a_sample_depends_on_its_id_not_its_batch(world_of_one):
     (["onpolicy.temperature=-1"], "onpolicy.temperature"),
     (["onpolicy.stop_token=-2"], "onpolicy.stop_token"),
     (["onpolicy.stop_token=512"], "onpolicy.stop_token"),  # the tiny vocabulary has 512 ids
+    (["onpolicy.top_k=-1"], "onpolicy.top_k"),
+    (["onpolicy.top_p=0"], "onpolicy.top_p"),
 ])
 def test_onpolicy_config_errors_name_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -103,6 +105,52 @@ def test_picked_tokens_follow_the_softmax():
     assert (freq[:6] - probs).abs().max() < 0.01, (freq, probs)
     assert torch.equal(pick_tokens(logits.expand(3, -1), 6, 0.0, None, None), torch.full((3,), 5))
     assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.8), (4, 0.7), (1, 1.0)])
+def test_top_k_and_top_p_draw_from_the_renormalised_head(top_k, top_p):
+    """top_k keeps the k most likely ids, top_p then the smallest prefix of them (by probability)
+    holding top_p of their mass; the draws follow the renormalised softmax over what is kept."""
+    from kdtrain.models.generate import pick_tokens, uniforms
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, 3.0, 9.0, 9.0])  # ids 6, 7: padding (vocab 6)
+    n, temperature = 40000, 1.5
+    u = torch.from_numpy(uniforms(11, list(range(n)), 0, 1)[:, 0])
+    picked = pick_tokens(logits.expand(n, -1), 6, temperature, u, None, top_k, top_p)
+    freq = torch.bincount(picked, minlength=8).double() / n
+    z = logits[:6].double() / temperature
+    keep = z.argsort(descending=True)[:top_k or 6]
+    probs = torch.softmax(z[keep], dim=0)
+    keep = keep[(probs.cumsum(0) - probs) < top_p]
+    want = torch.zeros(8, dtype=torch.float64)
+    want[keep] = torch.softmax(z[keep], dim=0)
+    assert (freq - want).abs().max() < 0.01, (freq, want)
+    assert set(picked.unique().tolist()) == set(keep.tolist())
+
+
+def _tp_pick(rank, world, logits, u, top_k, top_p, out):
+    from kdtrain.models.generate import pick_tokens
+
+    group = torch.distributed.new_group([0, 1])
+    width = logits.shape[1] // world
+    got = pick_tokens(logits[:, rank * width:(rank + 1) * width], 300, 0.9, u, group, top_k, top_p)
+    torch.save(got, f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 1.0), (0, 0.9), (50, 0.5)])
+def test_filtered_draws_do_not_depend_on_tensor_parallelism(tmp_path, top_k, top_p):
+    """Two tensor ranks, each with half of the vocabulary (the last ids padding), pick exactly the
+    tokens one rank picks from the whole row."""
+    from conftest import run_spawn
+    from kdtrain.models.generate import pick_tokens, uniforms
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 320, generator=g) * 3
+    u = torch.from_numpy(uniforms(3, list(range(64)), 0, 1)[:, 0])
+    want = pick_tokens(logits, 300, 0.9, u, None, top_k, top_p)
+    run_spawn(2, _tp_pick, logits, u, top_k, top_p, str(tmp_path / "picked"), tmp_path=tmp_path)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"picked.{rank}"), want), rank
 
 
 def _check_rewritten(model, windows, spans, got, flags, ids, stop, **kw):

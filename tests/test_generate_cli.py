@@ -67,6 +67,10 @@ def test_greedy_chat_replies_equal_transformers_generate(hf_chat_model, world_of
     a, b = (generate(str(folder), PROMPTS, chat=True, temperature=1.0, seed=s, max_new_tokens=8, device="cpu")
             for s in (3, 3))
     assert a == b
+    # Sampling among the single most likely token is greedy decoding.
+    top1 = generate(str(folder), PROMPTS, chat=True, temperature=1.0, top_k=1, seed=3, max_new_tokens=12,
+                    device="cpu")
+    assert [r["ids"] for r in top1] == [r["ids"] for r in got]
 
 
 def test_cli_output_and_errors(hf_chat_model, capsys, tmp_path):
@@ -79,7 +83,8 @@ def test_cli_output_and_errors(hf_chat_model, capsys, tmp_path):
     assert rec["prompt"] == PROMPTS[0] and 1 <= len(rec["ids"]) <= 4
     for args, msg in ((["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
                       (["--max-new-tokens", "500"], "exceed the model's max_seq_length 128"),
-                      (["--temperature", "-1"], "--temperature must be >= 0")):
+                      (["--temperature", "-1"], "--temperature must be >= 0"),
+                      (["--top-p", "0"], "--top-p in (0, 1]")):
         assert main(["generate", "--model", str(folder), "--prompt", "x", "--device", "cpu", *args]) == 2
         assert msg in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2

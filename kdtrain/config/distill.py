@@ -136,6 +136,10 @@ class OnPolicyConfig:
     temperature: float = 1.0
     stop_token: Optional[int] = None
     replies: Literal["first", "all"] = "first"
+    # Draw only among the top_k most likely tokens (0: all), then the smallest of those holding
+    # top_p of their probability (1: all); transformers' order (models/generate.py).
+    top_k: int = 0
+    top_p: float = 1.0
     # Rows per sampling call (0: all of a replica's samples of the step at once). Decoding is one
     # forward per token, bound by launch overhead at small batches: larger calls amortise it, at
     # the memory of their key/value cache.
@@ -148,6 +152,10 @@ class OnPolicyConfig:
             raise field_error(where, "prompt_length", f"must be >= 1, got {self.prompt_length}")
         if self.temperature < 0:
             raise field_error(where, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise field_error(where, "top_k", f"must be >= 0 (0 = no limit), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise field_error(where, "top_p", f"must be in (0, 1], got {self.top_p}")
         if self.stop_token is not None and self.stop_token < -1:
             raise field_error(where, "stop_token", f"must be a token id, or -1 for none, got {self.stop_token}")
         if self.sample_batch < 0:

@@ -9,7 +9,8 @@ says before and after distillation.
 with. ``--chat`` renders each prompt as a user turn (after ``--system``) with the tokenizer's chat
 template, or ``--chat-template FILE|plain``, and stops a reply at the EOS id. Prompts of different
 lengths are decoded together (kdtrain/models/generate.py: key/value cache, layout-independent
-sampling keyed by ``--seed`` and the prompt's index); ``--temperature 0`` is greedy. The whole
+sampling keyed by ``--seed`` and the prompt's index); ``--temperature 0`` is greedy, and
+``--top-k`` / ``--top-p`` restrict a sampled draw to the most likely tokens. The whole
 model runs on one device (GPU when there is one), in bf16 on GPU and fp32 on CPU.
 """
 
@@ -40,7 +41,8 @@ def default_tokenizer(model: str) -> Optional[str]:
 
 def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None, chat: bool = False,
              chat_template: Optional[str] = None, system: Optional[str] = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, seed: int = 0, device: str = "auto") -> list[dict]:
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             device: str = "auto") -> list[dict]:
     """One ``{"prompt", "ids", "text", "stopped"}`` per prompt: the new token ids, their text, and
     whether the reply ended with the EOS id."""
     import torch
@@ -58,6 +60,8 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"--top-k must be >= 0 and --top-p in (0, 1], got {top_k} and {top_p}")
     tokenizer = tokenizer or default_tokenizer(model)
     if tokenizer is None:
         raise ValueError(f"no tokenizer for {model}: pass --tokenizer (a SentencePiece .model, or a Hugging Face "
@@ -90,7 +94,7 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         starts = [len(ids) for ids in encoded]
         out, sampled = sample_replies(net, windows.to(env.device), [[(s, longest)] for s in starts],
                                       vocab_size=cfg.vocab_size, temperature=temperature, seed=seed,
-                                      sample_ids=range(len(encoded)), stop_token=stop)
+                                      sample_ids=range(len(encoded)), stop_token=stop, top_k=top_k, top_p=top_p)
     results = []
     for i, p in enumerate(prompts):
         end = min(starts[i] + int(sampled[i].sum()), starts[i] + max_new_tokens)
@@ -106,7 +110,7 @@ def _run(args) -> int:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     results = generate(args.model, prompts, tokenizer=args.tokenizer, chat=args.chat, chat_template=args.chat_template,
                        system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       seed=args.seed, device=args.device)
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
     for r in results:
         if args.json:
             print(json.dumps(r, ensure_ascii=False))
@@ -127,6 +131,8 @@ def register(sub) -> None:
     p.add_argument("--system", help="with --chat: a system message before each prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="draw among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="then among the smallest set holding this mass (1: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+FILTER_POOL = 1024  # candidates of a top-p draw without top-k: the nucleus is taken among these
 
 
 def uniforms(seed: int, sample_ids: Sequence[int], start: int, stop: int) -> np.ndarray:
@@ -49,10 +50,44 @@ def uniforms(seed: int, sample_ids: Sequence[int], start: int, stop: int) -> np.
     return ((x >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
 
+def _pick_filtered(z: torch.Tensor, first: int, u: torch.Tensor, top_k: int, top_p: float, tp_group) -> torch.Tensor:
+    """Sampling restricted to the most likely tokens: the ``top_k`` largest of ``z`` (this rank's
+    slice [b, V/tp], starting at id ``first``; ``top_k`` 0: the ``FILTER_POOL`` largest), then the
+    smallest of those, by probability, whose mass reaches ``top_p`` of theirs (transformers'
+    order: top-k, then top-p on the renormalised rest). Each rank offers its own largest; one
+    all-gather gives every rank the same candidates, ranked by value then id, and the token is
+    picked by inversion over the kept ones in id order, so the result is the same in any layout
+    (up to exact ties of logits at the cut)."""
+    b, width = z.shape
+    k = top_k if top_k > 0 else FILTER_POOL
+    vals, idx = z.topk(min(k, width), dim=-1)
+    ids = (idx + first).double()
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        both = torch.stack([vals, ids])
+        gathered = [torch.empty_like(both) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(gathered, both, group=tp_group)
+        vals, ids = torch.cat(gathered, dim=-1)
+    order = ids.argsort(dim=-1, stable=True)  # rank by value, ties to the lower id
+    vals, ids = vals.gather(-1, order), ids.gather(-1, order)
+    order = vals.argsort(dim=-1, descending=True, stable=True)[:, :k]
+    vals, ids = vals.gather(-1, order), ids.gather(-1, order)
+    p = torch.exp(vals - vals[:, :1])  # descending; -inf (padding) -> 0
+    if top_p < 1.0:
+        mass = p.cumsum(dim=-1)
+        keep = (mass - p) < top_p * mass[:, -1:]  # the tokens before it hold less than top_p: kept
+        p = p * keep
+    by_id = ids.argsort(dim=-1)
+    p, ids = p.gather(-1, by_id), ids.gather(-1, by_id)
+    cdf = p.cumsum(dim=-1)
+    j = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp_(max=p.shape[-1] - 1)
+    return ids.gather(-1, j)[:, 0].long()
+
+
 def pick_tokens(logits_bVl: torch.Tensor, vocab_size: int, temperature: float, u: Optional[torch.Tensor],
-                tp_group) -> torch.Tensor:
+                tp_group, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Next tokens [b] from this rank's vocabulary slice of the last position's logits [b, V/tp]
-    (see the module docstring); ``u`` [b] float64 uniforms, unused when ``temperature`` is 0."""
+    (see the module docstring); ``u`` [b] float64 uniforms, unused when ``temperature`` is 0.
+    ``top_k`` > 0 / ``top_p`` < 1 restrict the draw to the most likely tokens (_pick_filtered)."""
     b, width = logits_bVl.shape
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     rank = 0 if tp_group is None else dist.get_rank(tp_group)
@@ -70,6 +105,8 @@ def pick_tokens(logits_bVl: torch.Tensor, vocab_size: int, temperature: float, u
         cand = torch.stack(gathered)
         return cand[cand[..., 0].argmax(dim=0), torch.arange(b, device=cand.device), 1].long()
     z = z / temperature
+    if top_k > 0 or top_p < 1.0:
+        return _pick_filtered(z, first, u, top_k, top_p, tp_group)
     top = z.max(dim=-1, keepdim=True).values
     if tp > 1:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
@@ -126,7 +163,8 @@ def sample(model, prompts: torch.Tensor, total_length: int, *, vocab_size: int, 
 @torch.no_grad()
 def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]], *, vocab_size: int,
                    temperature: float, seed: int, sample_ids: Sequence[int], stop_token: Optional[int] = None,
-                   pad_id: int = 0, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   pad_id: int = 0, tp_group=None, top_k: int = 0,
+                   top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewrite each row of ``windows`` [b, L] with the model's own replies.
 
     ``spans[i]``: the replies of row i as token ranges ``[start, end)`` of the given row, in order
@@ -136,7 +174,8 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
     on; given tokens that run out are followed by ``pad_id``. Returns the new rows and the flags
     [b, L] (bool) of the sampled positions. The uniform of output position ``t`` of row ``i`` is
     ``u(seed, sample_ids[i], t)``, as for ``sample``, so a row is the same in any batch or layout.
-    With one span per row and no stop token this is ``sample``."""
+    With one span per row and no stop token this is ``sample``. ``top_k`` / ``top_p``: see
+    ``pick_tokens``."""
     if not (model.pre_process and model.post_process):
         raise ValueError("sampling needs the whole model on one rank in depth (pp = 1)")
     b, L = windows.shape
@@ -171,7 +210,8 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
 
     def step(logits_bVl, t) -> bool:
         """Place position t; True when no row samples again (the rest is given tokens)."""
-        picked = pick_tokens(logits_bVl, vocab_size, temperature, None if u is None else u[:, t - first], tp_group)
+        picked = pick_tokens(logits_bVl, vocab_size, temperature, None if u is None else u[:, t - first], tp_group,
+                             top_k, top_p)
         sampling.logical_or_(src == starts[rows, rep])
         tokens[:, t] = torch.where(sampling, picked, given[rows, src.clamp(max=L)])
         flags[:, t] = sampling

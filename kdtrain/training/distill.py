@@ -162,7 +162,8 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
             spans = [[(op.prompt_length, length)]] * len(chunk)
         seqs, flags = sample_replies(student.model, windows, spans, vocab_size=cfg.student.model.vocab_size,
                                      temperature=op.temperature, seed=tr.seed, sample_ids=chunk, stop_token=stop,
-                                     pad_id=dataset.eos_id or 0, tp_group=groups.pgc.tp)
+                                     pad_id=dataset.eos_id or 0, tp_group=groups.pgc.tp, top_k=op.top_k,
+                                     top_p=op.top_p)
         if groups.tp_rank == 0:
             out[chunk.start - first:chunk.stop - first] = torch.cat([seqs, flags.long()], dim=1)
     dist.all_reduce(out)
