@@ -195,12 +195,12 @@ def test_replies_are_sampled_in_place_and_the_data_resumes_after_them(world_of_o
     ids, kw = [7, 8, 9, 10], dict(vocab_size=V, temperature=1.0, seed=2)
     spans = [[(5, 9)], [(3, 6), (9, 12), (14, 18)], [(9, T)], []]
     stop = int(sample(model, windows[:1, :5], T, sample_ids=[7], **kw)[0, 7])  # row 0 stops within 3 tokens
-    got, flags = sample_replies(model, windows, spans, sample_ids=ids, stop_token=stop, **kw)
+    got, flags, _ = sample_replies(model, windows, spans, sample_ids=ids, stop_token=stop, **kw)
     assert flags[0, 5] and not flags[0, :5].any() and flags[0].sum() <= 3 and not flags[3].any()
     assert torch.equal(got[3], windows[3])
     _check_rewritten(model, windows, spans, got, flags, ids, stop, **kw)
     # Without a stop token each row samples from its first reply to the end, as ``sample`` does.
-    got, flags = sample_replies(model, windows, spans, sample_ids=ids, **kw)
+    got, flags, _ = sample_replies(model, windows, spans, sample_ids=ids, **kw)
     for i, row in enumerate(spans[:3]):
         assert flags[i].tolist() == [t >= row[0][0] for t in range(T)]
         assert torch.equal(got[i], sample(model, windows[i:i + 1, :row[0][0]], T, sample_ids=[ids[i]], **kw)[0])

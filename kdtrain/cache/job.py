@@ -26,7 +26,7 @@ from ..config.distill import DistillConfig
 from ..config.loader import field_error
 from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import PayloadSpec
-from ..training.batches import make_microbatch
+from ..training.batches import make_microbatch, stack_rows
 from ..training.pretrain import open_dataset, resolve_dtype
 from ..training.teacher import Teacher
 from .codec import RecordLayout, TargetRecordLayout, bytes_per_token, live_payload_bytes_per_token, shard_samples_for
@@ -147,11 +147,12 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
         writer = ShardWriter(job.out, i, samples.start, len(samples), index.record_bytes, identity) if writes else None
         try:
             for s0 in range(samples.start, samples.stop, m):
-                windows = np.stack([dataset.train_sample(g) for g in range(s0, s0 + m)])
-                mb = make_microbatch(windows, env.device)
+                batch = range(s0, s0 + m)
+                windows = np.stack([dataset.train_sample(g) for g in batch])
+                mb = make_microbatch(windows, env.device, positions=stack_rows(dataset.train_positions, batch))
                 payload = teacher.serve(mb)
                 if writer is not None and targets:
-                    flags = np.stack([dataset.train_loss_mask(g) for g in range(s0, s0 + m)])
+                    flags = np.stack([dataset.train_loss_mask(g) for g in batch])
                     writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.lse, flags))
                 elif writer is not None:
                     writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.lse))

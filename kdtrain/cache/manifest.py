@@ -66,8 +66,9 @@ def tokenizer_identity(path: Optional[str]) -> Optional[dict]:
 
 
 def dataset_identity(data: DataConfig, targets: bool = False) -> dict:
-    """What fixes the token windows of train sample g: corpus files, shuffle seed and split; with
-    ``targets`` also which labels are targets (each corpus' loss mask and data.loss_mask)."""
+    """What fixes the token windows of train sample g and the teacher's view of them: corpus files,
+    shuffle seed, split, packing and attention; with ``targets`` also which labels are targets
+    (each corpus' loss mask and data.loss_mask)."""
     if data.mock:
         return {"mock": True, "seed": data.seed}
     prefixes = []
@@ -85,6 +86,8 @@ def dataset_identity(data: DataConfig, targets: bool = False) -> dict:
         out["weights"] = [float(w) for w in data.weights]
     if data.packing != "stream":  # other windows (recorded only when not the default, as before)
         out["packing"] = data.packing
+    if data.attention != "window":  # the teacher saw each document alone: other logits
+        out["attention"] = data.attention
     if targets:
         out["loss_mask"] = data.loss_mask
     return out

@@ -239,6 +239,7 @@ class DistillConfig:
                                   f"micro-batches per step do not split evenly over the {role}'s dp={dp} replicas")
         if not self.data.path and not self.data.mock:
             raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes, or mock: true)")
+        self.data.check_precision(self.precision)
         if self.onpolicy.fraction > 0:
             self._check_onpolicy(spans)
         return spans

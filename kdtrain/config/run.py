@@ -65,6 +65,10 @@ class DataConfig:
     # boundaries) or "documents" (whole documents per window, padded: no reply without its
     # question; kdtrain/data/packing.py).
     packing: Literal["stream", "documents"] = "stream"
+    # What a token attends to: "window" (every earlier token of its window, Megatron-LM's default)
+    # or "documents" (the earlier tokens of its own document, positions counted from the document's
+    # start: each document as if alone; kdtrain/models/documents.py).
+    attention: Literal["window", "documents"] = "window"
 
     def check(self, where: str = "data") -> None:
         if self.weights is not None:
@@ -78,6 +82,16 @@ class DataConfig:
         if any(f < 0 for f in self.split) or not 0.0 < sum(self.split) <= 1.0 + 1e-9 or self.split[0] <= 0:
             raise field_error(where, "split", f"train/held-out fractions must be >= 0, sum to <= 1, "
                               f"train > 0; got {list(self.split)}")
+        if self.attention == "documents" and self.mock:
+            raise field_error(where, "attention", "documents: mock data has no documents (use a corpus, or "
+                              "attention: window)")
+
+    def check_precision(self, precision: "PrecisionConfig", where: str = "data") -> None:
+        """Data options the precision options cannot serve."""
+        if self.attention == "documents" and precision.cuda_graphs:
+            raise field_error(where, "attention", "documents gives every micro-batch its own attention mask, which "
+                              "precision.cuda_graphs (layers captured once, without a mask) cannot replay: set "
+                              "precision.cuda_graphs=false or data.attention=window")
 
 
 @dataclass
@@ -212,6 +226,7 @@ class PretrainConfig:
                               f"{t.micro_batch_size}*{dp}")
         if not self.data.path and not self.data.mock:
             raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes, or mock: true)")
+        self.data.check_precision(self.precision)
         return self
 
 

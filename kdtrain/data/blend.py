@@ -45,8 +45,8 @@ def blend_schedule(weights: list[float], block: int = BLOCK) -> tuple[np.ndarray
 
 
 class BlendedWindowDataset:
-    """The GPTWindowDataset interface (train_sample, valid_sample and the split sizes) over
-    several corpora mixed by weight."""
+    """The GPTWindowDataset interface (train/valid samples, their loss masks and positions, the
+    split sizes) over several corpora mixed by weight."""
 
     def __init__(self, components: list[GPTWindowDataset], weights: list[float]):
         assert len(components) == len(weights) >= 1 and all(w > 0 for w in weights), weights
@@ -90,6 +90,10 @@ class BlendedWindowDataset:
         c, local = self.source_of(g)
         return self._mask_or_ones(self.components[c].train_loss_mask(local))
 
+    def train_positions(self, g: int) -> np.ndarray | None:
+        c, local = self.source_of(g)
+        return self.components[c].train_positions(local)
+
     def valid_source_of(self, j: int) -> tuple[int, int]:
         """(corpus, that corpus' own held-out window) of held-out sample ``j``."""
         if not 0 <= j < self.num_valid_windows:
@@ -108,6 +112,10 @@ class BlendedWindowDataset:
             return None
         c, local = self.valid_source_of(j)
         return self._mask_or_ones(self.components[c].valid_loss_mask(local))
+
+    def valid_positions(self, j: int) -> np.ndarray | None:
+        c, local = self.valid_source_of(j)
+        return self.components[c].valid_positions(local)
 
     @property
     def eos_id(self) -> int | None:

@@ -14,6 +14,11 @@ A corpus written from conversations carries a loss mask (kdtrain/data/indexed.py
 ``*_loss_mask`` methods return the target flags of a window's S labels (its tokens 1..S), with
 every token of an unmasked corpus a target and padding never one, or None when every label of
 every window is a target.
+
+With ``document_positions`` (``data.attention: documents``) the ``*_positions`` methods return each
+window token's position in its document (0 where a document, a packed piece or the padding
+starts, and at the window's first token), from which the model masks attention between documents
+(kdtrain/models/documents.py); without, they return None.
 """
 
 from __future__ import annotations
@@ -26,6 +31,16 @@ from kdtrain.data.indexed import IndexedTokens, meta_path, open_indexed_dataset
 from kdtrain.data.packing import pack_documents
 
 PACKINGS = ("stream", "documents")
+
+
+def positions_from_starts(length: int, starts: np.ndarray) -> np.ndarray:
+    """int64 [length]: each token's offset from the last document start at or before it, given the
+    offsets ``starts`` (any order, repeats allowed) where documents start; offset 0 always starts one."""
+    marks = np.zeros(length, dtype=bool)
+    marks[0] = True
+    marks[np.asarray(starts, dtype=np.int64)] = True
+    index = np.arange(length, dtype=np.int64)
+    return index - np.maximum.accumulate(np.where(marks, index, 0))
 
 
 def _floor_fraction(n: int, fraction: float) -> int:
@@ -44,6 +59,7 @@ class GPTWindowDataset:
         tokenizer_fingerprint: str | None = None,
         loss_mask: bool = True,
         packing: str = "stream",
+        document_positions: bool = False,
     ):
         if isinstance(prefixes, str):
             prefixes = [prefixes]
@@ -101,6 +117,12 @@ class GPTWindowDataset:
         self.conversations = loss_mask and any(stream.has_loss_mask for stream in self.streams)
         self.has_loss_mask = self.conversations or self.packed is not None
         self._pad_id = self.eos_id if self.eos_id is not None else 0
+        self.document_positions = document_positions
+        self._doc_starts = None  # stream positions where documents start (stream windows)
+        if document_positions and self.packed is None:
+            self._doc_starts = np.concatenate(
+                [start + np.cumsum(s.document_lengths) - s.document_lengths
+                 for start, s in zip(self._starts[:-1].tolist(), self.streams)])
 
     @staticmethod
     def _check_stream(stream: IndexedTokens, vocab_size: int | None, fingerprint: str | None) -> None:
@@ -189,6 +211,20 @@ class GPTWindowDataset:
             at += n
         return out[1:]
 
+    def window_positions(self, w: int) -> np.ndarray | None:
+        """Each of window w's S + 1 tokens' position in its document (int64), or None without
+        ``document_positions``."""
+        if not self.document_positions:
+            return None
+        self._check_window(w)
+        length = self.seq_length + 1
+        if self.packed is None:
+            a = w * self.seq_length
+            lo, hi = np.searchsorted(self._doc_starts, [a + 1, a + length])
+            return positions_from_starts(length, self._doc_starts[lo:hi] - a)
+        ends = np.cumsum([n for _, n in self.packed.pieces(w)])  # each piece starts a document; so does padding
+        return positions_from_starts(length, ends[ends < length])
+
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self._n_train)
@@ -209,6 +245,9 @@ class GPTWindowDataset:
     def train_loss_mask(self, g: int) -> np.ndarray | None:
         return self.window_loss_mask(self.train_window_index(g))
 
+    def train_positions(self, g: int) -> np.ndarray | None:
+        return self.window_positions(self.train_window_index(g))
+
     def valid_sample(self, j: int) -> np.ndarray:
         """Held-out sample j in [0, num_valid_windows), in corpus order."""
         if not 0 <= j < self._n_valid:
@@ -219,3 +258,8 @@ class GPTWindowDataset:
         if not 0 <= j < self._n_valid:
             raise IndexError(f"held-out sample index {j} out of range [0, {self._n_valid})")
         return self.window_loss_mask(self._n_train + int(j))
+
+    def valid_positions(self, j: int) -> np.ndarray | None:
+        if not 0 <= j < self._n_valid:
+            raise IndexError(f"held-out sample index {j} out of range [0, {self._n_valid})")
+        return self.window_positions(self._n_train + int(j))

@@ -33,3 +33,9 @@ class MockWindowDataset:
 
     def valid_loss_mask(self, j: int) -> None:
         return None
+
+    def train_positions(self, g: int) -> None:
+        return None
+
+    def valid_positions(self, j: int) -> None:
+        return None

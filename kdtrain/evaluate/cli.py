@@ -31,15 +31,16 @@ def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, de
     import torch
     import torch.nn.functional as F
 
+    from ..training.batches import make_microbatch, stack_rows
+
     sums = {k: [0.0, 0] for k in ("targets", "context", "all")}
     with torch.no_grad():
         for start in range(0, windows, batch):
             ids = range(start, min(start + batch, windows))
-            w = torch.from_numpy(np.stack([dataset.valid_sample(j) for j in ids])).to(device)
-            tokens, labels = w[:, :-1], w[:, 1:]
-            pos = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-            logits = model(tokens, pos, None)[..., :vocab_size].float()  # [s, b, V]
-            nll = F.cross_entropy(logits.permute(1, 2, 0), labels, reduction="none")  # [b, s]
+            mb = make_microbatch(np.stack([dataset.valid_sample(j) for j in ids]), device,
+                                 positions=stack_rows(dataset.valid_positions, ids))
+            logits = mb.forward(model)[..., :vocab_size].float()  # [s, b, V]
+            nll = F.cross_entropy(logits.permute(1, 2, 0), mb.labels, reduction="none")  # [b, s]
             mask = (torch.from_numpy(np.stack([dataset.valid_loss_mask(j) for j in ids])).to(device)
                     if dataset.has_loss_mask else torch.ones_like(nll, dtype=torch.bool))
             for key, m in (("targets", mask), ("context", ~mask), ("all", torch.ones_like(mask))):

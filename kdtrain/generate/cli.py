@@ -92,7 +92,7 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         for i, ids in enumerate(encoded):
             windows[i, :len(ids)] = torch.tensor(ids)
         starts = [len(ids) for ids in encoded]
-        out, sampled = sample_replies(net, windows.to(env.device), [[(s, longest)] for s in starts],
+        out, sampled, _ = sample_replies(net, windows.to(env.device), [[(s, longest)] for s in starts],
                                       vocab_size=cfg.vocab_size, temperature=temperature, seed=seed,
                                       sample_ids=range(len(encoded)), stop_token=stop, top_k=top_k, top_p=top_p)
     results = []

@@ -4,6 +4,10 @@ Drop-in for megatron-core's ``DotProductAttention`` in the local layer spec: sam
 ``[s, b, heads, head_dim]`` inputs and ``[s, b, heads * head_dim]`` output. It needs no global
 memory buffer and no CUDA RNG tracker, so it runs on CPU, and on GPU SDPA dispatches to
 flash/memory-efficient kernels. Causal masking and grouped-query attention are native to SDPA.
+
+``attention_mask`` is None (causal attention over the whole sequence) or a bool tensor
+broadcastable to ``[b, heads, s, s]`` in SDPA's convention, True = may attend, which replaces the
+causal mask: the layers pass ``DocumentMask.allowed`` (documents.py) there.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class SDPAttention(MegatronModule):
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
+            q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None, scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0,
             enable_gqa=self.heads_per_rank != self.groups_per_rank,
         )

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .documents import DocumentMask
+
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 FILTER_POOL = 1024  # candidates of a top-p draw without top-k: the nucleus is taken among these
 
@@ -134,15 +136,28 @@ def _cached_layers(model) -> bool:
     return all(getattr(layer, "direct", False) for layer in model.decoder.layers)
 
 
-def _forward_positions(model, tokens: torch.Tensor, offset: int, rope, caches) -> torch.Tensor:
+def _forward_positions(model, tokens: torch.Tensor, offset: int, rope, caches,
+                       doc_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Logits [b, V/tp] of the last of positions ``[offset, offset + n)``, given their tokens [b, n]
-    (every position's keys and values go into the cache)."""
+    (every position's keys and values go into the cache). ``doc_pos`` [b, n]: their positions in
+    their documents (attention within documents): a query at ``offset + i`` then sees the keys
+    from its document's start ``offset + i - doc_pos[:, i]`` to itself, and rotates by its
+    document position (models/documents.py's rule)."""
     b, n = tokens.shape
-    pos = torch.arange(offset, offset + n, device=tokens.device).unsqueeze(0).expand(b, n)
+    allowed = None
+    if doc_pos is None:
+        pos = torch.arange(offset, offset + n, device=tokens.device).unsqueeze(0).expand(b, n)
+        cos_sin = None if rope is None else (rope[0][offset:offset + n], rope[1][offset:offset + n])
+    else:
+        pos = doc_pos
+        cos_sin = None if rope is None else tuple(r[:, 0, 0][pos.t()].unsqueeze(2) for r in rope)  # [n, b, 1, d]
+        query = torch.arange(offset, offset + n, device=tokens.device)
+        keys = torch.arange(offset + n, device=tokens.device)
+        start = query[None, :] - pos  # [b, n]
+        allowed = ((keys[None, None, :] >= start[:, :, None]) & (keys[None, None, :] <= query[None, :, None])).unsqueeze(1)
     hidden = model.embedding(input_ids=tokens, position_ids=pos)
-    cos_sin = None if rope is None else (rope[0][offset:offset + n], rope[1][offset:offset + n])
     for layer, kv in zip(model.decoder.layers, caches):
-        hidden = layer.cached_forward(hidden, cos_sin, kv, offset)
+        hidden = layer.cached_forward(hidden, cos_sin, kv, offset, allowed)
     # Only the last position's logits are needed (a prompt's full [P, b, V] would be the largest
     # tensor of the whole call).
     return model._postprocess(model.decoder.final_layernorm(hidden[-1:]))[-1]
@@ -160,22 +175,37 @@ def sample(model, prompts: torch.Tensor, total_length: int, *, vocab_size: int, 
                           seed=seed, sample_ids=sample_ids, tp_group=tp_group)[0]
 
 
+def _continued_positions(out_pos_t: torch.Tensor, given_pos: torch.Tensor) -> torch.Tensor:
+    """Document positions of given tokens that follow a token at position ``out_pos_t`` [b]:
+    ``given_pos`` [b, n] are their positions in the data, where only the document starts (0) carry
+    over; the others count on from the token before."""
+    k = torch.arange(1, given_pos.shape[1] + 1, device=given_pos.device).unsqueeze(0)
+    last_start = torch.where(given_pos == 0, k, torch.zeros_like(k)).cummax(dim=1).values
+    return torch.where(last_start > 0, k - last_start, out_pos_t.unsqueeze(1) + k)
+
+
 @torch.no_grad()
 def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]], *, vocab_size: int,
                    temperature: float, seed: int, sample_ids: Sequence[int], stop_token: Optional[int] = None,
-                   pad_id: int = 0, tp_group=None, top_k: int = 0,
-                   top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   pad_id: int = 0, tp_group=None, top_k: int = 0, top_p: float = 1.0,
+                   positions: Optional[torch.Tensor] = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Rewrite each row of ``windows`` [b, L] with the model's own replies.
 
     ``spans[i]``: the replies of row i as token ranges ``[start, end)`` of the given row, in order
     (start >= 1). The row is fed its given tokens up to the first start; from there the model
     samples until it samples ``stop_token`` (included) or the row is full; then the given tokens
     resume from that reply's ``end``, right after the sampled ones, up to the next start, and so
-    on; given tokens that run out are followed by ``pad_id``. Returns the new rows and the flags
-    [b, L] (bool) of the sampled positions. The uniform of output position ``t`` of row ``i`` is
-    ``u(seed, sample_ids[i], t)``, as for ``sample``, so a row is the same in any batch or layout.
-    With one span per row and no stop token this is ``sample``. ``top_k`` / ``top_p``: see
-    ``pick_tokens``."""
+    on; given tokens that run out are followed by ``pad_id``. Returns the new rows, the flags
+    [b, L] (bool) of the sampled positions, and the new rows' document positions (or None). The
+    uniform of output position ``t`` of row ``i`` is ``u(seed, sample_ids[i], t)``, as for
+    ``sample``, so a row is the same in any batch or layout. With one span per row and no stop
+    token this is ``sample``. ``top_k`` / ``top_p``: see ``pick_tokens``.
+
+    ``positions`` [b, L]: the given tokens' positions in their documents (attention within
+    documents, models/documents.py). Each token then attends only within its document, as in
+    training: a sampled token continues the document it follows, a given token that starts a
+    document in the data starts one in the new row, and the returned positions say so."""
     if not (model.pre_process and model.post_process):
         raise ValueError("sampling needs the whole model on one rank in depth (pp = 1)")
     b, L = windows.shape
@@ -202,6 +232,11 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
     src = torch.full((b,), first, dtype=torch.long, device=device)
     rep = torch.zeros(b, dtype=torch.long, device=device)
     sampling = torch.zeros(b, dtype=torch.bool, device=device)
+    out_pos = given_pos = None
+    if positions is not None:
+        assert positions.shape == (b, L), (positions.shape, b, L)
+        out_pos = positions.clone()
+        given_pos = torch.cat([positions, torch.ones(b, 1, dtype=positions.dtype, device=device)], dim=1)
     u = None
     if temperature > 0:  # row i, column t - first: the uniform of output position t of sample_ids[i]
         u = torch.from_numpy(uniforms(seed, sample_ids, first, L)).to(device)
@@ -215,6 +250,9 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
         sampling.logical_or_(src == starts[rows, rep])
         tokens[:, t] = torch.where(sampling, picked, given[rows, src.clamp(max=L)])
         flags[:, t] = sampling
+        if out_pos is not None:
+            starts_doc = ~sampling & (given_pos[rows, src.clamp(max=L)] == 0)
+            out_pos[:, t] = torch.where(starts_doc, torch.zeros_like(src), out_pos[:, t - 1] + 1)
         src.add_((~sampling).long())
         if stop_token is not None:
             stopped = sampling & (picked == stop_token)
@@ -229,6 +267,8 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
         """Positions after t take the given tokens from each row's src on (then padding)."""
         idx = (src.unsqueeze(1) + torch.arange(L - t - 1, device=device).unsqueeze(0)).clamp(max=L)
         tokens[:, t + 1:] = given.gather(1, idx)
+        if out_pos is not None:
+            out_pos[:, t + 1:] = _continued_positions(out_pos[:, t], given_pos.gather(1, idx))
 
     try:
         if _cached_layers(model):
@@ -243,19 +283,24 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
             if getattr(model, "rotary_pos_emb", None) is not None and model.position_embedding_type == "rope":
                 freqs = model.rotary_pos_emb(L)
                 rope = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
-            logits = _forward_positions(model, tokens[:, :first], 0, rope, caches)
+            logits = _forward_positions(model, tokens[:, :first], 0, rope, caches,
+                                        None if out_pos is None else out_pos[:, :first])
             for t in range(first, L):
                 if step(logits, t):
                     fill_rest(t)
                     break
                 if t + 1 < L:
-                    logits = _forward_positions(model, tokens[:, t:t + 1], t, rope, caches)
+                    logits = _forward_positions(model, tokens[:, t:t + 1], t, rope, caches,
+                                                None if out_pos is None else out_pos[:, t:t + 1])
         else:
             for t in range(first, L):
-                pos = torch.arange(t, device=device).unsqueeze(0).expand(b, t)
-                if step(model(tokens[:, :t], pos, None)[-1], t):
+                if out_pos is None:
+                    logits = model(tokens[:, :t], torch.arange(t, device=device).unsqueeze(0).expand(b, t), None)
+                else:
+                    logits = model(tokens[:, :t], out_pos[:, :t], DocumentMask(out_pos[:, :t].contiguous()))
+                if step(logits[-1], t):
                     fill_rest(t)
                     break
     finally:
         model.train(was_training)
-    return tokens, flags
+    return tokens, flags, out_pos

@@ -24,6 +24,7 @@ from ..parallel import RoleGroups
 from .attention import SDPAttention
 from .compile import check_compile_support, compile_layers
 from .cuda_graphs import attach_layer_graphs, check_graph_support
+from .documents import DocumentMask
 from .init import init_parameters
 from .layer import DirectTransformerLayer
 from .params import ParamSpec, param_specs
@@ -101,6 +102,19 @@ class KDGPTModel(GPTModel):
 
     param_specs: dict[str, ParamSpec]
     layer_offset: int
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+        """megatron-core's forward; ``attention_mask``: None (causal over the window) or a
+        ``DocumentMask`` (attention within documents, documents.py), which only kdtrain's direct
+        layers apply."""
+        if isinstance(attention_mask, DocumentMask):
+            stock = [layer.layer_number for layer in self.decoder.layers if not getattr(layer, "direct", False)]
+            if stock:
+                raise ValueError(
+                    f"data.attention: documents needs kdtrain's local layers, but layers {stock} are "
+                    + ("Transformer Engine layers: set KDTRAIN_NO_TE=1" if self.transformer_layer_spec.module
+                       is not DirectTransformerLayer else "on megatron-core's stock forward (kdtrain/models/layer.py)"))
+        return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
 
     def _postprocess(self, hidden_states, **unused):
         if not self.post_process:

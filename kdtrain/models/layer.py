@@ -36,6 +36,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .attention import SDPAttention
+from .documents import DocumentMask
 
 
 def _qk_norms(attn) -> Optional[tuple[torch.nn.Module, torch.nn.Module]]:
@@ -111,12 +112,19 @@ class DirectTransformerLayer(TransformerLayer):
                 or rotary_pos_cos_sin is not None or attention_bias is not None
                 or inference_context is not None or packed_seq_params is not None or kwargs
                 or (rotary_pos_emb is not None and rotary_pos_emb.shape[-1] != self._head_dim)):
+            if isinstance(attention_mask, DocumentMask):
+                raise ValueError(f"data.attention: documents: layer {self.layer_number} runs megatron-core's stock "
+                                 "forward here, which has no attention within documents (kdtrain/models/layer.py)")
             return super().forward(
                 hidden_states, attention_mask=attention_mask, context=context, context_mask=context_mask,
                 rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
                 rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
                 inference_context=inference_context, packed_seq_params=packed_seq_params,
                 sequence_len_offset=sequence_len_offset, padding_mask=padding_mask, **kwargs)
+        if isinstance(attention_mask, DocumentMask):  # per-row rotary positions, the documents' mask
+            if rotary_pos_emb is not None:
+                rotary_pos_emb = attention_mask.rope(rotary_pos_emb)
+            attention_mask = attention_mask.allowed
         if self.graphs is not None:
             out = self.graphs.run(self, hidden_states, attention_mask, rotary_pos_emb)
             if out is not None:
@@ -155,19 +163,22 @@ class DirectTransformerLayer(TransformerLayer):
             # elementwise operations as rotating each, in half the kernels), then split.
             qk, value = torch.split(qkv, [(hpg + 1) * d, d], dim=3)
             cos, sin = self.rope_tables(freqs, qkv.dtype)
-            qk = _rotate(qk.view(seq, batch, -1, hpg + 1, d), cos.unsqueeze(1), sin.unsqueeze(1))
+            qk = _rotate(qk.view(seq, batch, -1, hpg + 1, d), cos.unsqueeze(-2), sin.unsqueeze(-2))
             query, key = qk[..., :hpg, :], qk[..., hpg, :]
         query = query.reshape(seq, batch, -1, d)
         out, bias = _linear(attn.linear_proj, attn.core_attention(query, key, value, attention_mask))
         return self._bias_dropout_add(out, bias, x)
 
     def cached_forward(self, x: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]],
-                       kv: tuple[torch.Tensor, torch.Tensor], offset: int) -> torch.Tensor:
+                       kv: tuple[torch.Tensor, torch.Tensor], offset: int,
+                       allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
         """No-grad forward of ``n`` new positions ``[offset, offset + n)`` of ``x`` [n, b, h] with a
         key/value cache (generate.py): their keys and values go into ``kv`` (two ``[max_len, b,
-        groups, head_dim]`` tensors), and the queries attend to cached positions ``<= own``. The
-        same operations as ``direct_forward`` on the whole sequence; ``cos_sin``: the rotary
-        tables of the new positions (None without rotary embedding)."""
+        groups, head_dim]`` tensors), and the queries attend to cached positions ``<= own``, or to
+        those ``allowed`` [b, 1, n, offset + n] marks (attention within documents). The same
+        operations as ``direct_forward`` on the whole sequence; ``cos_sin``: the rotary tables of
+        the new positions, ``[n, 1, 1, d]`` or per row ``[n, b, 1, d]`` (None without rotary
+        embedding)."""
         assert self._direct, "cached_forward needs a layer the direct forward covers"
         attn = self.self_attention
         n, batch = x.shape[0], x.shape[1]
@@ -184,7 +195,9 @@ class DirectTransformerLayer(TransformerLayer):
         v_cache[offset:offset + n] = value
         total = offset + n
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, k_cache[:total], v_cache[:total]))
-        if n == 1:  # one new query sees every cached key
+        if allowed is not None:
+            mask, causal = allowed, False
+        elif n == 1:  # one new query sees every cached key
             mask, causal = None, False
         elif offset == 0:
             mask, causal = None, True

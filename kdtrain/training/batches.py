@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..models.documents import DocumentMask
+
 
 @dataclass
 class MicroBatch:
@@ -22,21 +24,32 @@ class MicroBatch:
     loss_mask: torch.Tensor  # [b, s] float32, 1 = counted
     position_ids: torch.Tensor  # [b, s] int64
     num_tokens: int  # loss_mask.sum(), known on the host (no device sync to count it)
+    attention_mask: Optional[DocumentMask] = None  # None: causal over the window
+
+    def forward(self, model):
+        """The model's output on this micro-batch's inputs."""
+        return model(self.tokens, self.position_ids, self.attention_mask)
 
 
-def make_microbatch(windows: np.ndarray, device: torch.device, targets: Optional[np.ndarray] = None) -> MicroBatch:
+def make_microbatch(windows: np.ndarray, device: torch.device, targets: Optional[np.ndarray] = None,
+                    positions: Optional[np.ndarray] = None) -> MicroBatch:
     """``windows`` [b, s + 1] token ids -> inputs/labels shifted by one; labels whose ``targets``
     [b, s] flag is False are not counted (conversations: the prompts; on-policy windows: all but
-    the student's samples)."""
+    the student's samples). ``positions`` [b, s + 1]: each window token's position in its
+    document (attention within documents, models/documents.py); None: attention over the window."""
     w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
     tokens, labels = w[:, :-1], w[:, 1:]
     b, s = tokens.shape
     assert targets is None or targets.shape == (b, s), (None if targets is None else targets.shape, b, s)
-    pos = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(b, s)
+    assert positions is None or positions.shape == (b, s + 1), (None if positions is None else positions.shape, b, s)
+    if positions is None:
+        pos = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(b, s).contiguous().to(device)
+    else:
+        pos = torch.from_numpy(np.ascontiguousarray(positions[:, :-1], dtype=np.int64)).to(device)
     mask = torch.ones(b, s, dtype=torch.float32) if targets is None else torch.from_numpy(targets.astype(np.float32))
     num_tokens = b * s if targets is None else int(mask.sum())
-    return MicroBatch(tokens.contiguous().to(device), labels.contiguous().to(device), mask.to(device),
-                      pos.contiguous().to(device), num_tokens)
+    return MicroBatch(tokens.contiguous().to(device), labels.contiguous().to(device), mask.to(device), pos,
+                      num_tokens, None if positions is None else DocumentMask(pos))
 
 
 def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int) -> range:
@@ -45,16 +58,25 @@ def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int
     return range(start, start + per_replica)
 
 
+def stack_rows(rows: Optional[Callable[[int], Optional[np.ndarray]]], ids) -> Optional[np.ndarray]:
+    """``rows(j)`` of every sample id stacked, or None when there is no callable or it gives None."""
+    if rows is None:
+        return None
+    out = [rows(j) for j in ids]
+    return None if out[0] is None else np.stack(out)
+
+
 def microbatches(sample: Callable[[int], np.ndarray], first: int, global_batch: int, micro_batch: int,
                  dp_rank: int, dp_size: int, device: torch.device,
-                 targets: Optional[Callable[[int], Optional[np.ndarray]]] = None) -> list[MicroBatch]:
+                 targets: Optional[Callable[[int], Optional[np.ndarray]]] = None,
+                 positions: Optional[Callable[[int], Optional[np.ndarray]]] = None) -> list[MicroBatch]:
     """This replica's micro-batches of the global batch that starts at sample ``first``;
-    ``targets(j)``: sample j's label flags (a dataset's ``*_loss_mask``), None for all."""
+    ``targets(j)``: sample j's label flags (a dataset's ``*_loss_mask``), None for all;
+    ``positions(j)``: its tokens' positions in their documents (a dataset's ``*_positions``)."""
     ids = replica_sample_ids(first, global_batch, dp_rank, dp_size)
     out = []
     for i in range(0, len(ids), micro_batch):
         chunk = ids[i: i + micro_batch]
-        flags = None if targets is None else [targets(j) for j in chunk]
-        flags = None if flags is None or flags[0] is None else np.stack(flags)
-        out.append(make_microbatch(np.stack([sample(j) for j in chunk]), device, flags))
+        out.append(make_microbatch(np.stack([sample(j) for j in chunk]), device, stack_rows(targets, chunk),
+                                   stack_rows(positions, chunk)))
     return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import Pairing, PayloadSpec
 from ..stream.channel import PayloadChannel
 from .auto_split import resolve_auto_split
-from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids
+from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids, stack_rows
 from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
 from .optimizer import lr_at
@@ -67,7 +68,7 @@ def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timer
     loss_cfg = cfg.loss if loss_cfg is None else loss_cfg
 
     def forward_step(model, mb: SeqMicroBatch):
-        output = model(mb.tokens, mb.position_ids, None)
+        output = mb.forward(model)
 
         def loss_func(logits_SBVl: torch.Tensor, total_tokens):
             t0 = time.perf_counter()
@@ -107,14 +108,16 @@ def sample_ids_of(o: int, pairing: Pairing, first: int, global_batch: int, micro
     return tuple(replica_sample_ids(first, global_batch, r, pairing.dp_student)[j * micro_batch:(j + 1) * micro_batch])
 
 
-def teacher_microbatches(sample, pairing: Pairing, first: int, global_batch: int,
-                         micro_batch: int, teacher_replica: int, device) -> list[tuple[int, MicroBatch]]:
+def teacher_microbatches(sample, pairing: Pairing, first: int, global_batch: int, micro_batch: int,
+                         teacher_replica: int, device, positions=None) -> list[tuple[int, MicroBatch]]:
     """(sequence number, micro-batch) pairs a teacher replica serves this step, in order;
-    ``sample(g)``: the window of dataset sample ``g``."""
+    ``sample(g)``: the window of dataset sample ``g``, ``positions(g)`` its document positions
+    (None, or a callable returning None: attention over the window)."""
     out = []
     for o in pairing.teacher_work(teacher_replica):
         ids = sample_ids_of(o, pairing, first, global_batch, micro_batch)
-        out.append((o, make_microbatch(np.stack([sample(i) for i in ids]), device)))
+        out.append((o, make_microbatch(np.stack([sample(i) for i in ids]), device,
+                                       positions=stack_rows(positions, ids))))
     return out
 
 
@@ -126,9 +129,10 @@ def onpolicy_step(step: int, cfg: DistillConfig) -> bool:
 
 
 def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, first: int, groups,
-                    device) -> tuple[np.ndarray, np.ndarray]:
+                    device) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """The step's windows [G, seq + 1] with the student's samples written in (models/generate.py),
-    and the label flags [G, seq] of the sampled tokens, on every rank.
+    the label flags [G, seq] of the sampled tokens and, with attention within documents, the new
+    windows' document positions [G, seq + 1] (else None), on every rank.
 
     What is sampled (OnPolicyConfig): after each window's first ``onpolicy.prompt_length``
     tokens, or, on conversations, the window's first reply (``onpolicy.replies: all``: every
@@ -149,27 +153,32 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     if replies:
         stop = dataset.eos_id if op.stop_token is None else op.stop_token
         stop = None if stop is None or stop < 0 else stop
-    out = torch.zeros(G, 2 * length, dtype=torch.long, device=device)  # the window, then its sampled flags
+    documents = cfg.data.attention == "documents"
+    # Per sample: the window, its sampled flags, and its document positions.
+    out = torch.zeros(G, (3 if documents else 2) * length, dtype=torch.long, device=device)
     ids = replica_sample_ids(first, G, groups.dp_rank, groups.layout.dp) if student is not None else range(0)
     rows = op.sample_batch or max(1, len(ids))
     for i in range(0, len(ids), rows):
         chunk = ids[i:i + rows]
         windows = torch.from_numpy(np.stack([dataset.train_sample(g) for g in chunk])).to(device)
+        positions = (torch.from_numpy(np.stack([dataset.train_positions(g) for g in chunk])).to(device)
+                     if documents else None)
         if replies:
             spans = [reply_spans(dataset.train_loss_mask(g)) for g in chunk]
             spans = spans if op.replies == "all" else [row[:1] for row in spans]
         else:
             spans = [[(op.prompt_length, length)]] * len(chunk)
-        seqs, flags = sample_replies(student.model, windows, spans, vocab_size=cfg.student.model.vocab_size,
-                                     temperature=op.temperature, seed=tr.seed, sample_ids=chunk, stop_token=stop,
-                                     pad_id=dataset.eos_id or 0, tp_group=groups.pgc.tp, top_k=op.top_k,
-                                     top_p=op.top_p)
+        seqs, flags, new_pos = sample_replies(
+            student.model, windows, spans, vocab_size=cfg.student.model.vocab_size, temperature=op.temperature,
+            seed=tr.seed, sample_ids=chunk, stop_token=stop, pad_id=dataset.eos_id or 0, tp_group=groups.pgc.tp,
+            top_k=op.top_k, top_p=op.top_p, positions=positions)
         if groups.tp_rank == 0:
-            out[chunk.start - first:chunk.stop - first] = torch.cat([seqs, flags.long()], dim=1)
+            out[chunk.start - first:chunk.stop - first] = torch.cat(
+                [seqs, flags.long()] + ([new_pos] if documents else []), dim=1)
     dist.all_reduce(out)
     out = out.cpu().numpy()
     # Label i predicts token i + 1: a sampled token t is the label t - 1.
-    return out[:, :length], out[:, length + 1:].astype(bool)
+    return out[:, :length], out[:, length + 1:2 * length].astype(bool), out[:, 2 * length:] if documents else None
 
 
 def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
@@ -301,18 +310,20 @@ def distill(cfg: DistillConfig) -> dict:
         source = channel if live else cached
         s_tp.start()
         timers["teacher_wait_s"] = 0.0
-        sample_fn, targets, loss_cfg = dataset.train_sample, dataset.train_loss_mask, cfg.loss
+        sample_fn, targets, positions = dataset.train_sample, dataset.train_loss_mask, dataset.train_positions
+        loss_cfg = cfg.loss
         if onpolicy:
             t0 = time.perf_counter()
-            windows, sampled = sampled_windows(student, dataset, cfg, first, s_groups, env.device)
+            windows, sampled, doc_pos = sampled_windows(student, dataset, cfg, first, s_groups, env.device)
             timers["sample_s"] = time.perf_counter() - t0
             timers["sampled_tokens"] = int(sampled.sum())
             sample_fn, targets = (lambda g: windows[g - first]), (lambda g: sampled[g - first])
+            positions = None if doc_pos is None else (lambda g: doc_pos[g - first])
             loss_cfg = dataclasses.replace(cfg.loss, alpha=0.0)
         s_items, upcoming = [], []
         if student is not None:
             mbs = microbatches(sample_fn, first, tr.global_batch_size, tr.micro_batch_size,
-                               s_groups.dp_rank, s_layout.dp, env.device, targets=targets)
+                               s_groups.dp_rank, s_layout.dp, env.device, targets=targets, positions=positions)
             upcoming = pairing.student_work(s_groups.dp_rank)
             s_items = [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)]
             upcoming = list(upcoming)
@@ -323,7 +334,7 @@ def distill(cfg: DistillConfig) -> dict:
                 source.post(upcoming)
         if teacher is not None and live:
             for o, mb in teacher_microbatches(sample_fn, pairing, first, tr.global_batch_size, tr.micro_batch_size,
-                                              t_groups.dp_rank, env.device):
+                                              t_groups.dp_rank, env.device, positions):
                 started = teacher_side.begin()
                 payload = teacher.serve(mb)
                 teacher_side.end(started)

@@ -38,7 +38,7 @@ def lm_forward_step(vocab_size: int, tp_group) -> ForwardStep:
     """Next-token cross entropy on vocab-parallel logits (Megatron-LM's forward_step contract)."""
 
     def forward_step(model: KDGPTModel, mb: MicroBatch):
-        output = model(mb.tokens, mb.position_ids, None)  # last stage: logits [s, b, V/tp]
+        output = mb.forward(model)  # last stage: logits [s, b, V/tp]
 
         def loss_func(logits_SBVl: torch.Tensor, total_tokens):
             losses_SB = vocab_parallel_cross_entropy(logits_SBVl, mb.labels.t(), vocab_size, tp_group)
@@ -65,11 +65,12 @@ def open_dataset(data: DataConfig, model: ModelConfig):
     if data.weights is None:
         return GPTWindowDataset(data.path, data.seq_length, split=tuple(data.split), seed=data.seed,
                                 vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint, loss_mask=data.loss_mask,
-                                packing=data.packing)
+                                packing=data.packing, document_positions=data.attention == "documents")
     # Weighted corpora: each its own windows, split and shuffle (seeded apart), mixed by blend.py.
     return BlendedWindowDataset([GPTWindowDataset([p], data.seq_length, split=tuple(data.split), seed=data.seed + i,
                                                   vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint,
-                                                  loss_mask=data.loss_mask, packing=data.packing)
+                                                  loss_mask=data.loss_mask, packing=data.packing,
+                                                  document_positions=data.attention == "documents")
                                  for i, p in enumerate(data.path)], data.weights)
 
 
@@ -83,6 +84,8 @@ def describe_dataset(dataset, data: DataConfig) -> str:
         line += f", whole documents per window ({100 * dataset.padding_share:.1f}% padding)"
     if dataset.conversations:
         line += ", conversations: the replies are the targets"
+    if data.attention == "documents":
+        line += ", attention within documents"
     return line
 
 
@@ -124,7 +127,8 @@ def evaluate(role: Role, dataset: GPTWindowDataset, t: TrainingConfig, forward_s
     for b in range(t.eval_batches):
         mbs = microbatches(lambda j: dataset.valid_sample(j % n_valid), b * t.global_batch_size,
                            t.global_batch_size, t.micro_batch_size, role.groups.dp_rank, role.groups.layout.dp, device,
-                           targets=lambda j: dataset.valid_loss_mask(j % n_valid))
+                           targets=lambda j: dataset.valid_loss_mask(j % n_valid),
+                           positions=lambda j: dataset.valid_positions(j % n_valid))
         for k, v in eval_step(role.schedule, forward_step, mbs, role.groups, LM_REPORT_KEYS).items():
             sums[k] += v
     role.model.train()
@@ -165,7 +169,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         profiler.begin(step + 1)
         lr = lr_at(step, cfg.optimizer, t.train_steps)
         mbs = microbatches(dataset.train_sample, step * t.global_batch_size, t.global_batch_size,
-                           t.micro_batch_size, groups.dp_rank, par.dp, env.device, targets=dataset.train_loss_mask)
+                           t.micro_batch_size, groups.dp_rank, par.dp, env.device, targets=dataset.train_loss_mask,
+                           positions=dataset.train_positions)
         throughput.start()
         result = train_step(role.schedule, forward_step, mbs, role.grads, role.optimizer, groups, lr,
                             cfg.optimizer.clip_grad, cfg.model.tie_embeddings, LM_REPORT_KEYS)

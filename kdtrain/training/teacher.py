@@ -41,7 +41,7 @@ class Teacher:
         self.device = device
 
     def _forward_step(self, model: KDGPTModel, mb: MicroBatch):
-        output = model(mb.tokens, mb.position_ids, None)
+        output = mb.forward(model)
 
         def to_payload(logits_SBVl: torch.Tensor, total_tokens):
             payload = self.spec.empty(self.device)

@@ -1,0 +1,55 @@
+"""Attention within documents (``data.attention: documents``).
+
+A training window holds the end of one document and the start of the next (stream windows) or
+several whole documents (``data.packing: documents``). By default every token attends to every
+earlier token of its window, whatever document that token is in, and its position is its offset
+in the window (Megatron-LM's default). With attention within documents a token attends only to
+the earlier tokens of its own document and its position counts from that document's first token
+in the window: every document of the window is computed as if it were alone
+(tests/test_documents.py checks exactly that, against one forward per document and against
+Hugging Face models run on each document).
+
+What a micro-batch carries is ``positions`` [b, s]: each token's position in its document, 0
+where a document starts (and at the window's first token, which may be inside one). Documents are
+the runs that start at a 0, so ``segment = cumsum(positions == 0)`` numbers them, and
+
+- ``allowed`` [b, 1, s, s] (bool, SDPA's convention: True = may attend): query i sees key j iff
+  ``j <= i`` and ``segment[j] == segment[i]``. Built once per micro-batch, shared by every layer
+  and every head. Every query sees at least itself, so no softmax row is empty.
+- ``rope(table)``: the rotary table ``[S, 1, 1, d]`` gathered at the positions, ``[s, b, 1, d]``,
+  which the layers' rotation broadcasts over heads exactly like the shared table. Gathered once
+  per micro-batch and reused by every layer (the layers cache cos/sin per table object).
+- learned absolute position embeddings read ``positions`` as the model's ``position_ids``.
+
+Cost: the mask holds b * s * s bytes, and with an explicit mask CUDA's SDPA runs its memory-
+efficient kernel rather than flash attention. The key/value-cached decoder (generate.py) applies
+the same rule position by position.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class DocumentMask:
+    """The attention mask and rotary positions of one micro-batch's documents (the module
+    docstring); passed to the model as its ``attention_mask``."""
+
+    def __init__(self, positions: torch.Tensor):
+        assert positions.dim() == 2 and positions.dtype == torch.int64, (positions.shape, positions.dtype)
+        self.positions = positions  # [b, s]
+        segment = (positions == 0).cumsum(dim=1)
+        s = positions.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=positions.device).tril_()
+        self.allowed = ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)  # [b, 1, s, s]
+        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (table, gathered)
+
+    def rope(self, table: torch.Tensor) -> torch.Tensor:
+        """The rotary table ``[>= s, 1, 1, d]`` at each token's position: ``[s, b, 1, d]``."""
+        if torch.compiler.is_compiling():  # computed in the graph (no Python-side cache there)
+            return table[:, 0, 0][self.positions.t()].unsqueeze(2)
+        if self._rope is None or self._rope[0] is not table:
+            self._rope = (table, table[:, 0, 0][self.positions.t()].unsqueeze(2))
+        return self._rope[1]

@@ -1,0 +1,174 @@
+"""Attention within documents (kdtrain/models/documents.py, ``data.attention: documents``).
+
+The defining property: a window of several documents, run with their DocumentMask, gives every
+document the logits a forward of that document alone gives (Llama-style GQA with rotary, Qwen3's
+query/key norms, GPT-2's learned positions; on the direct layers and compiled ones), and so the
+logits a Hugging Face model gives for it. Positions come from the dataset's documents
+(stream windows, packed windows, blends); the cached decoder follows the same rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kdtrain.config import ModelConfig
+from kdtrain.data.gpt_dataset import positions_from_starts
+from kdtrain.models.documents import DocumentMask
+
+V = 97
+
+
+def _model(kind: str, layers: int = 2):
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    common = dict(name=kind, num_layers=layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
+                  vocab_size=V, max_seq_length=64, init_std=0.1)
+    cfg = {"llama": ModelConfig(**common, num_query_groups=2),
+           "qwen3": ModelConfig(**common, num_query_groups=2, kv_channels=24, qk_layernorm=True, tie_embeddings=True),
+           "gpt2": ModelConfig(**common, normalization="layernorm", activation="gelu_tanh",
+                               position_embedding="learned", add_bias_linear=True, tie_embeddings=True)}[kind]
+    cfg.check()
+    return build_gpt(cfg, build_role_groups(RoleLayout("m", 0, 1, 1, 1)), device=torch.device("cpu"),
+                     dtype=torch.float32, seed=0)
+
+
+def _alone(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits [n, V] of one document [n] run by itself."""
+    pos = torch.arange(len(tokens)).unsqueeze(0)
+    return model(tokens.unsqueeze(0), pos, None)[:, 0, :V]
+
+
+def test_positions_from_starts():
+    assert positions_from_starts(7, np.array([3, 5])).tolist() == [0, 1, 2, 0, 1, 0, 1]
+    assert positions_from_starts(4, np.array([], dtype=np.int64)).tolist() == [0, 1, 2, 3]
+    assert positions_from_starts(3, np.array([0, 0, 2])).tolist() == [0, 1, 0]
+
+
+def test_mask_is_causal_within_documents():
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 0, 1]])
+    allowed = DocumentMask(pos).allowed
+    assert allowed.shape == (2, 1, 5, 5)
+    seg = [[0, 0, 0, 1, 1], [0, 0, 1, 2, 2]]
+    for b in range(2):
+        for i in range(5):
+            for j in range(5):
+                assert bool(allowed[b, 0, i, j]) == (j <= i and seg[b][i] == seg[b][j]), (b, i, j)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
+def test_each_document_as_if_alone(kind, world_of_one):
+    model = _model(kind).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = [[5, 9, 2], [16], [1, 7, 8]]  # three rows of 16 tokens
+    tokens = torch.randint(0, V, (3, 16), generator=g)
+    pos = torch.tensor(np.stack([positions_from_starts(16, np.cumsum(row)[:-1]) for row in lengths]))
+    with torch.no_grad():
+        packed = model(tokens, pos, DocumentMask(pos))[..., :V]  # [s, b, V]
+        window = model(tokens, torch.arange(16).expand(3, 16), None)[..., :V]
+        for b, row in enumerate(lengths):
+            at = 0
+            for n in row:
+                alone = _alone(model, tokens[b, at:at + n])
+                torch.testing.assert_close(packed[at:at + n, b], alone, rtol=1e-5, atol=1e-5)
+                at += n
+    # Without the mask the later documents see the earlier ones: different logits.
+    assert not torch.allclose(packed[5:, 0], window[5:, 0], atol=1e-3)
+    torch.testing.assert_close(packed[:, 1], window[:, 1], rtol=1e-5, atol=1e-5)  # one document: the same
+
+
+def test_gradients_do_not_cross_documents(world_of_one):
+    """The loss of the second document has no gradient with respect to the first one's
+    embeddings (what 'not attended' means for training)."""
+    model = _model("llama")
+    tokens = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(3))
+    pos = torch.tensor(positions_from_starts(12, np.array([4])))[None]
+    emb = model.embedding(input_ids=tokens, position_ids=pos).detach().requires_grad_()
+    out = model(tokens, pos, DocumentMask(pos), decoder_input=emb)
+    out[4:].float().pow(2).sum().backward()
+    assert float(emb.grad[:4].abs().max()) == 0.0 and float(emb.grad[4:].abs().max()) > 0.0
+
+
+def test_stock_layers_refused(world_of_one):
+    model = _model("llama")
+    for layer in model.decoder.layers:
+        layer._direct = False
+    pos = torch.tensor([[0, 1, 0, 1]])
+    try:
+        with pytest.raises(ValueError, match="data.attention: documents needs kdtrain's local layers"):
+            model(torch.zeros(1, 4, dtype=torch.long), pos, DocumentMask(pos))
+    finally:
+        for layer in model.decoder.layers:
+            layer._direct = True
+
+
+def _doc_id_of_tokens(lengths) -> np.ndarray:
+    """Document index of every token of documents of the given lengths laid end to end."""
+    return np.repeat(np.arange(len(lengths)), lengths)
+
+
+def _expected_positions(doc_of: np.ndarray) -> np.ndarray:
+    """Offsets from the start of each run of equal document ids (the window's first token starts one)."""
+    starts = np.flatnonzero(np.diff(doc_of)) + 1
+    return positions_from_starts(len(doc_of), starts)
+
+
+def test_stream_windows_restart_positions_at_document_starts(tmp_path):
+    from kdtrain.data import write_indexed_dataset
+    from kdtrain.data.gpt_dataset import GPTWindowDataset
+
+    rng = np.random.default_rng(0)
+    lengths = [[7, 1, 30, 12, 5], [9, 40, 3]]  # two corpora: their boundary is a document boundary too
+    for i, ls in enumerate(lengths):
+        write_indexed_dataset(str(tmp_path / f"c{i}"), [rng.integers(1, 50, n) for n in ls], 50, {"eos_id": 0})
+    prefixes = [str(tmp_path / f"c{i}") for i in range(2)]
+    S = 10
+    ds = GPTWindowDataset(prefixes, S, split=(0.8, 0.2), document_positions=True)
+    plain = GPTWindowDataset(prefixes, S, split=(0.8, 0.2))
+    doc_of = _doc_id_of_tokens(lengths[0] + lengths[1])
+    for w in range(ds.num_windows):
+        got = ds.window_positions(w)
+        assert got.dtype == np.int64 and got.shape == (S + 1,)
+        assert np.array_equal(got, _expected_positions(doc_of[w * S: w * S + S + 1])), w
+    assert np.array_equal(ds.train_positions(3), ds.window_positions(ds.train_window_index(3)))
+    assert np.array_equal(ds.valid_positions(0), ds.window_positions(ds.num_train_windows))
+    assert plain.train_positions(0) is None and plain.valid_positions(0) is None
+
+
+def test_packed_windows_restart_positions_at_pieces_and_padding(tmp_path):
+    from kdtrain.data import write_indexed_dataset
+    from kdtrain.data.blend import BlendedWindowDataset
+    from kdtrain.data.gpt_dataset import GPTWindowDataset
+
+    rng = np.random.default_rng(1)
+    lengths = [5, 12, 9, 30, 2, 17, 8, 11]
+    write_indexed_dataset(str(tmp_path / "c"), [rng.integers(1, 50, n) for n in lengths], 50, {"eos_id": 0})
+    S = 16
+    ds = GPTWindowDataset([str(tmp_path / "c")], S, split=(1.0, 0.0), packing="documents", document_positions=True)
+    for w in range(ds.num_windows):
+        pieces = [n for _, n in ds.packed.pieces(w)]
+        fill = sum(pieces)
+        # Each piece its own document; the padding (if any) one more.
+        piece_of = np.repeat(np.arange(len(pieces) + 1), pieces + [S + 1 - fill])
+        assert np.array_equal(ds.window_positions(w), _expected_positions(piece_of)), w
+    # A blend hands out its corpora's positions for the samples it takes from them.
+    other = GPTWindowDataset([str(tmp_path / "c")], S, split=(1.0, 0.0), seed=9, document_positions=True)
+    blend = BlendedWindowDataset([ds, other], [0.5, 0.5])
+    for g in range(6):
+        c, local = blend.source_of(g)
+        assert np.array_equal(blend.train_positions(g), blend.components[c].train_positions(local))
+
+
+def test_microbatch_carries_the_documents():
+    from kdtrain.training.batches import make_microbatch
+
+    windows = np.arange(2 * 9).reshape(2, 9)
+    positions = np.stack([positions_from_starts(9, np.array([3])), positions_from_starts(9, np.array([]))])
+    mb = make_microbatch(windows, torch.device("cpu"), positions=positions)
+    assert torch.equal(mb.position_ids, torch.from_numpy(positions[:, :-1]))
+    assert torch.equal(mb.attention_mask.positions, mb.position_ids)
+    assert not bool(mb.attention_mask.allowed[0, 0, 3, 2]) and bool(mb.attention_mask.allowed[1, 0, 3, 2])
+    plain = make_microbatch(windows, torch.device("cpu"))
+    assert plain.attention_mask is None and torch.equal(plain.position_ids, torch.arange(8).expand(2, 8))
