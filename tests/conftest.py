@@ -102,6 +102,25 @@ def tiny_chat_corpus(tiny_corpus) -> dict:
     return dict(tiny_corpus, prefix=prefix, corpus=chats)
 
 
+@pytest.fixture(scope="session")
+def short_chat_corpus(tmp_path_factory) -> str:
+    """400 random conversations of 8-40 tokens in the tiny 512-id vocabulary (a prompt, then a
+    reply ending in the EOS id 0, the reply the target): most 32-token windows hold a document
+    start with a reply after it (attention within documents). Returns the prefix."""
+    import numpy as np
+
+    from kdtrain.data import write_indexed_dataset
+
+    prefix = tmp_path_factory.mktemp("short-chats") / "chats"
+    rng = np.random.default_rng(0)
+    docs = []
+    for n in rng.integers(8, 41, size=400):
+        prompt = int(rng.integers(2, n - 2))
+        docs.append((np.append(rng.integers(1, 512, n - 1), 0), np.arange(n) >= prompt))
+    write_indexed_dataset(str(prefix), docs, 512, {"eos_id": 0})
+    return str(prefix)
+
+
 def _spawn_entry(rank, world, init_file, fn, args):
     import torch.distributed as dist
 

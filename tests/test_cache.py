@@ -293,6 +293,8 @@ def test_targets_cache_serves_the_targets_and_is_smaller(caches):
         CacheReader(caches["root"] / "targets").check(_run_cfg(caches["chat"], "data.loss_mask=false"))
     with pytest.raises(ValueError, match="dataset mismatch"):
         CacheReader(caches["root"] / "targets").check(_run_cfg(caches["chat"], "data.packing=documents"))
+    with pytest.raises(ValueError, match="dataset mismatch"):  # the teacher attended across documents
+        CacheReader(caches["root"] / "targets").check(_run_cfg(caches["chat"], "data.attention=documents"))
 
 
 @pytest.mark.slow

@@ -430,3 +430,32 @@ def test_teacher_digest_of_hf_dir(converted, tmp_path):
     data[-1] ^= 1
     f.write_bytes(bytes(data))
     assert teacher_weights_digest(str(copy)) != teacher_weights_digest(str(src))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2"])
+def test_documents_in_one_window_match_hf_on_each_alone(converted, world_of_one, arch):
+    """data.attention: documents: documents packed into one window (DocumentMask) get, each, the
+    logits Hugging Face computes for that document alone (llama3 rope scaling, QKV bias, query/key
+    norms, learned positions)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from kdtrain.data.gpt_dataset import positions_from_starts
+    from kdtrain.models.documents import DocumentMask
+    from kdtrain.training.checkpoint import load_model_weights
+
+    a = converted["archs"][arch]
+    model, params = _tp1_model(a["cfg"])
+    load_model_weights(a["hf"], a["cfg"], params, "teacher")
+    hf = AutoModelForCausalLM.from_pretrained(a["hf"])
+    lengths = [[3, 9, 4], [S]]
+    tokens = converted["tokens"]
+    pos = torch.tensor(np.stack([positions_from_starts(S, np.cumsum(row)[:-1]) for row in lengths]))
+    with torch.no_grad():
+        got = model(tokens, pos, DocumentMask(pos)).transpose(0, 1)[..., :VOCAB]
+    for b, row in enumerate(lengths):
+        at = 0
+        for n in row:
+            ref = _logits(hf, tokens[b:b + 1, at:at + n])[0]
+            assert (got[b, at:at + n] - ref).abs().max().item() <= ATOL, (arch, b, at)
+            at += n

@@ -63,6 +63,14 @@ ONPOLICY_LAYOUTS = {"onpolicy-TP2": (2, ["teacher.tp=2", "student.tp=2"]),
 # targets grows through Adam to ~1e-5 of the gradient norm within four steps.)
 CHAT_LAYOUT = ["student.dp=2"]
 
+# Attention within documents, on short conversations (conftest.short_chat_corpus: most windows
+# hold a document start with replies after it), every reply of half the steps sampled. Two ranks:
+# a colocated teacher in two pipeline stages (the masks on both) and two student replicas
+# sampling 3 rows per call. DOCS_WINDOW: the same run with attention over the window.
+DOCS_WINDOW = ["onpolicy.replies=all"] + ONPOLICY
+DOCS = ["data.attention=documents"] + DOCS_WINDOW
+DOCS_LAYOUT = ["teacher.pp=2", "student.dp=2", "onpolicy.sample_batch=3"]
+
 # Runs that must fail with a user error, each the last job of its launch (it ends the launch).
 FAILING = {1: "refused-topk", 2: "mismatched-vocab"}
 
@@ -75,8 +83,9 @@ class Runs:
     and a student whose vocabulary differs from the teacher's; on 4 ranks the disaggregated
     layouts."""
 
-    def __init__(self, corpus, chat_corpus, root: Path):
+    def __init__(self, corpus, chat_corpus, short_chats: str, root: Path):
         self.corpus, self.chat, self.root, self.results, self.launched = corpus, chat_corpus, root, {}, set()
+        self.short_chats = short_chats
         self.cache_dir = root / "teacher-cache"
 
     def _jobs(self, world: int) -> list[tuple[str, str, list[str]]]:
@@ -110,6 +119,17 @@ class Runs:
                 "--config", "tiny", "--out", str(chat_cache), *chat, f"data.tokenizer={c['tokenizer']}",
                 "cache.dtype=fp32", "cache.positions=targets"]))
             jobs.append(("chat-cache", "distill_gpt.py", chat + ["teacher.source=cache", f"teacher.cache={chat_cache}"]))
+        short = [f"data.path=[{self.short_chats}]"]
+        if world == 1:
+            jobs.append(("docs-ref", "distill_gpt.py", short + DOCS))
+            jobs.append(("docs-window", "distill_gpt.py", short + DOCS_WINDOW))
+            docs_cache = self.root / "docs-teacher-cache"
+            jobs.append(("docs-fp32-cache", "cache_teacher.py", [
+                "--config", "tiny", "--out", str(docs_cache), *short, f"data.tokenizer={c['tokenizer']}",
+                "cache.dtype=fp32", "data.attention=documents"]))
+            # Data steps from the cache, sampled steps live.
+            jobs.append(("docs-mixed", "distill_gpt.py", short + DOCS + [
+                "teacher.source=mixed", f"teacher.cache={docs_cache}", "teacher.live_fraction=0.0"]))
         if world == 2:
             jobs.append(("auto", "distill_gpt.py", ["split.mode=auto"]))
             jobs.append(("chat-layout", "distill_gpt.py", chat + CHAT_LAYOUT))
@@ -117,6 +137,7 @@ class Runs:
                          chat + ONPOLICY + CHAT_LAYOUT + ["onpolicy.sample_batch=1"]))
             jobs.append(("chat-onpolicy-all-layout", "distill_gpt.py",
                          chat + ONPOLICY + CHAT_LAYOUT + ["onpolicy.replies=all", "onpolicy.sample_batch=3"]))
+            jobs.append(("docs-layout", "distill_gpt.py", short + DOCS + DOCS_LAYOUT))
         if world == 1:  # cached k is 16
             jobs.append(("refused-topk", "distill_gpt.py",
                          ["teacher.source=cache", f"teacher.cache={self.cache_dir}", "teacher.topk=32"]))
@@ -147,8 +168,8 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_corpus, tiny_chat_corpus, tmp_path_factory):
-    return Runs(tiny_corpus, tiny_chat_corpus, tmp_path_factory.mktemp("distill-runs"))
+def runs(tiny_corpus, tiny_chat_corpus, short_chat_corpus, tmp_path_factory):
+    return Runs(tiny_corpus, tiny_chat_corpus, short_chat_corpus, tmp_path_factory.mktemp("distill-runs"))
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +314,31 @@ def test_conversation_student_from_the_cache_follows_the_online_run(runs):
     for s in sorted(ref):
         for k in ("loss", "kd_loss", "grad_norm"):
             assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}"
+
+
+@pytest.mark.parametrize("other", ["docs-layout", "docs-mixed"])
+def test_attention_within_documents_reproduces_across_layouts_and_from_the_cache(runs, other):
+    """data.attention: documents, on data steps and on steps where the student writes every reply
+    (sampling within documents too): a pipelined teacher with two student replicas, and data steps
+    from a cache written with the same attention, are the one-rank online run. The option changes
+    the run: its first step, whose windows hold a document start, has another loss than the same
+    run with attention over the window."""
+    ref = runs.get("docs-ref", world=1)
+    got = runs.get(other, world=2 if other == "docs-layout" else 1)["metrics"]
+    assert "attention within documents" in ref["stdout"]
+    ref = ref["metrics"]
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4] and [ref[s]["onpolicy"] for s in ref] == [0, 1, 0, 1]
+    for s in sorted(ref):
+        for k in ("loss", "kd_loss", "grad_norm", "sampled_tokens"):
+            assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}: {got[s][k]} vs {ref[s][k]}"
+    if other == "docs-mixed":
+        assert [got[s]["teacher_live"] for s in sorted(got)] == [0, 1, 0, 1]
+    else:
+        valid = [read_metrics(runs.root / name, "valid") for name in ("docs-ref", other)]
+        assert valid[0][4]["valid_loss"] == pytest.approx(valid[1][4]["valid_loss"], rel=RTOL)
+    from kdtrain.data.gpt_dataset import GPTWindowDataset
+
+    ds = GPTWindowDataset([runs.short_chats], 32, document_positions=True)
+    assert sum((ds.train_positions(g)[1:-1] == 0).any() for g in range(8)) >= 4  # step 1's samples
+    window = runs.get("docs-window", world=1)["metrics"]
+    assert abs(window[1]["loss"] - ref[1]["loss"]) > 1e-4 * abs(ref[1]["loss"])

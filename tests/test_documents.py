@@ -9,6 +9,8 @@ logits a Hugging Face model gives for it. Positions come from the dataset's docu
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -172,3 +174,79 @@ def test_microbatch_carries_the_documents():
     assert not bool(mb.attention_mask.allowed[0, 0, 3, 2]) and bool(mb.attention_mask.allowed[1, 0, 3, 2])
     plain = make_microbatch(windows, torch.device("cpu"))
     assert plain.attention_mask is None and torch.equal(plain.position_ids, torch.arange(8).expand(2, 8))
+
+
+def _compiled_documents(rank, world):
+    import os
+
+    from torch._dynamo.utils import counters
+
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    os.environ["KDTRAIN_COMPILE_BACKEND"] = "aot_eager"
+    cfg = ModelConfig(name="llama", num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=96, vocab_size=V, max_seq_length=64, init_std=0.1)
+    cfg.check()
+    groups = build_role_groups(RoleLayout("m", 0, 1, 1, 1))
+    eager, compiled = (build_gpt(cfg, groups, device=torch.device("cpu"), dtype=torch.float32, seed=2, compile=c)
+                       for c in (False, True))
+    tokens = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(1))
+    counters.clear()
+    for step in range(2):  # a new DocumentMask (other documents) on the second call: no recompilation
+        pos = torch.tensor(np.stack([positions_from_starts(20, np.array([3 + step, 11])),
+                                     positions_from_starts(20, np.array([7 - step]))]))
+        for model in (eager, compiled):
+            model.zero_grad()
+            logits = model(tokens, pos, DocumentMask(pos))
+            logits.float().square().mean().backward()
+            model.logits = logits.detach()
+        torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_compiled_layers_attend_within_documents(tmp_path):
+    """precision.compile with data.attention: documents: the compiled layers take the mask and the
+    gathered rotary table as graph inputs (no break, one graph for every layer and batch) and
+    compute what the eager layers compute."""
+    from conftest import run_spawn
+
+    run_spawn(1, _compiled_documents, tmp_path=tmp_path)
+
+
+@pytest.mark.slow
+def test_pretraining_within_documents_across_stages_and_in_eval(world_of_one, short_chat_corpus, tmp_path, capsys):
+    """Pretraining with data.attention: documents on short conversations: two pipeline stages
+    (the masks on both, and through their backward) follow the one-rank run; ``kdtrain eval``
+    reproduces the run's logged held-out loss from the data section the checkpoint recorded (the
+    attention with it), and attention over the window gives another."""
+    from conftest import read_metrics, run_torchrun
+    from kdtrain.cli import main
+    from kdtrain.config import load_pretrain_config
+    from kdtrain.training.pretrain import pretrain
+
+    data = [f"data.path=[{short_chat_corpus}]", "data.seq_length=32", "data.split=[0.9,0.1]",
+            "data.attention=documents", "training.train_steps=4", "training.eval_batches=1",
+            "training.global_batch_size=8", "training.micro_batch_size=2", "precision.device=cpu"]
+    pretrain(load_pretrain_config("tiny", data + [f"logging.dir={tmp_path / 'one'}",
+                                                  f"checkpoint.dir={tmp_path / 'ckpt'}"]))
+    run_torchrun(2, "pretrain_gpt.py", ["--config", "tiny", *data, "parallel.pp=2", f"logging.dir={tmp_path / 'pp2'}"])
+    one, pp2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "pp2")
+    assert sorted(one) == sorted(pp2) == [1, 2, 3, 4]
+    for s in one:
+        for k in ("loss", "grad_norm"):
+            assert pp2[s][k] == pytest.approx(one[s][k], rel=1e-5, abs=1e-7), (s, k)
+    logged = read_metrics(tmp_path / "one", "valid")[4]["valid_loss"]
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--max-windows", "8", "--device", "cpu",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    assert "attention within the documents" in capsys.readouterr().out
+    got = json.loads((tmp_path / "eval.json").read_text())[str(tmp_path / "ckpt")]["targets_loss"]
+    assert got == pytest.approx(logged, rel=1e-5)
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", short_chat_corpus, "--seq-length", "32",
+                 "--split", "0.9", "0.1", "--attention", "window", "--max-windows", "8", "--device", "cpu",
+                 "--out", str(tmp_path / "window.json")]) == 0
+    window = json.loads((tmp_path / "window.json").read_text())[str(tmp_path / "ckpt")]["targets_loss"]
+    assert abs(window - got) > 1e-4 * got

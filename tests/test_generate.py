@@ -204,3 +204,42 @@ def test_replies_are_sampled_in_place_and_the_data_resumes_after_them(world_of_o
     for i, row in enumerate(spans[:3]):
         assert flags[i].tolist() == [t >= row[0][0] for t in range(T)]
         assert torch.equal(got[i], sample(model, windows[i:i + 1, :row[0][0]], T, sample_ids=[ids[i]], **kw)[0])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_replies_within_documents_are_sampled_as_if_alone(kind, world_of_one):
+    """With document positions (data.attention: documents) a reply is what sampling writes from
+    its own document alone; the returned positions restart where the data's next document starts
+    in the rewritten row; and the training forward on the rewritten row with those positions
+    (DocumentMask) picks the same greedy tokens, so the cached decoder attends as training does."""
+    import numpy as np
+
+    from kdtrain.data.gpt_dataset import positions_from_starts
+    from kdtrain.models.documents import DocumentMask
+    from kdtrain.models.generate import sample, sample_replies
+
+    model = _model(kind)
+    windows = torch.randint(1, V, (2, T), generator=torch.Generator().manual_seed(5))
+    starts = [6, 9]  # row 0: documents [0, 6) and [6, T), its reply in the second; row 1: [0, 9), [9, T)
+    positions = torch.tensor(np.stack([positions_from_starts(T, np.array([s])) for s in starts]))
+    spans = [[(10, 14)], [(4, 7)]]
+    kw = dict(vocab_size=V, temperature=0.0, seed=0)
+    stop = int(sample(model, windows[1:2, :4], T, sample_ids=[1], **kw)[0, 5])  # row 1 stops within 2 tokens
+    got, flags, pos = sample_replies(model, windows, spans, sample_ids=[0, 1], stop_token=stop, positions=positions,
+                                     **kw)
+    # Row 0 writes from its document alone: the same tokens as sampling from [6, 10) by itself.
+    n0 = int(flags[0].sum())
+    alone = sample(model, windows[0:1, 6:10], T - 6, sample_ids=[0], **kw)[0]
+    assert n0 > 0 and torch.equal(got[0, 10:10 + n0], alone[4:4 + n0])
+    assert pos[0].tolist() == positions_from_starts(T, np.array([6])).tolist()  # one document continues
+    # Row 1 stopped; the data resumed at 7 and its second document (data position 9) starts at 4 + n1 + 2.
+    n1 = int(flags[1].sum())
+    assert 1 <= n1 <= 2 and int(got[1, 4 + n1 - 1]) == stop
+    assert torch.equal(got[1, 4 + n1:4 + n1 + T - 7], windows[1, 7:])  # then padding
+    assert pos[1].tolist() == positions_from_starts(T, np.array([4 + n1 + 2])).tolist()
+    with torch.no_grad():
+        logits = model(got[:, :-1], pos[:, :-1], DocumentMask(pos[:, :-1].contiguous()))[..., :V]
+    forced = logits.argmax(-1).t()  # [b, T - 1]: the greedy next token of every position
+    for i in range(2):
+        t = torch.nonzero(flags[i])[:, 0]
+        assert torch.equal(forced[i, t - 1], got[i, t]), i

@@ -7,7 +7,7 @@ every model, whatever each run trained on.
 
 ``--model`` takes kdtrain checkpoints (any layout) and Hugging Face directories. The data: without
 ``--data``, the ``data`` section the first checkpoint's run recorded (corpora, weights,
-tokenizer, sequence length, split, seed, packing, loss mask), so the windows are that run's
+tokenizer, sequence length, split, seed, packing, attention, loss mask), so the windows are that run's
 held-out windows; with ``--data``, those flags (defaults as a run's). Either way the corpus is
 opened as a run opens it (blends, packing, tokenizer and vocabulary checks), and the first
 ``--max-windows`` held-out windows (else all) are scored. Reported per model, in nats: the loss
@@ -111,20 +111,20 @@ def _run(args) -> int:
         if args.seq_length is None:
             raise ValueError("--data needs --seq-length (the run's data.seq_length)")
         given = {"split": None if args.split is None else tuple(args.split), "seed": args.seed,
-                 "packing": args.packing, "tokenizer": args.tokenizer}
+                 "packing": args.packing, "attention": args.attention, "tokenizer": args.tokenizer}
         data = DataConfig(path=list(args.data), seq_length=args.seq_length, loss_mask=not args.every_token,
                           **{k: v for k, v in given.items() if v is not None})
-    elif any(v is not None for v in (args.seq_length, args.tokenizer, args.packing, args.split, args.seed)) or \
-            args.every_token:
-        raise ValueError("--seq-length, --split, --seed, --packing, --tokenizer and --every-token describe --data; "
-                         "without --data the first checkpoint's run data is used as it was")
+    elif any(v is not None for v in (args.seq_length, args.tokenizer, args.packing, args.attention, args.split,
+                                     args.seed)) or args.every_token:
+        raise ValueError("--seq-length, --split, --seed, --packing, --attention, --tokenizer and --every-token "
+                         "describe --data; without --data the first checkpoint's run data is used as it was")
     results, data = evaluate_models(args.model, data, max_windows=args.max_windows, batch=args.batch,
                                     device=args.device)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     first = next(iter(results.values()))
-    print(f"data: {', '.join(data.path)}, seq {data.seq_length}, split {list(data.split)}, {data.packing} packing: "
-          f"{first['tokens']} held-out tokens, {first['target_tokens']} targets")
+    print(f"data: {', '.join(data.path)}, seq {data.seq_length}, split {list(data.split)}, {data.packing} packing, "
+          f"attention within the {data.attention}: {first['tokens']} held-out tokens, {first['target_tokens']} targets")
     print(f"{'model':40s} {'targets':>9s} {'context':>9s} {'all':>9s}")
     for m, r in results.items():
         print(f"{Path(m).name:40s} {r['targets_loss']:9.4f} {r['context_loss']:9.4f} {r['all_loss']:9.4f}")
@@ -140,6 +140,7 @@ def register(sub) -> None:
     p.add_argument("--split", type=float, nargs=2, help="with --data: the run's data.split (default 0.98 0.02)")
     p.add_argument("--seed", type=int, help="with --data: the run's data.seed (default 1234)")
     p.add_argument("--packing", choices=("stream", "documents"), help="with --data: the run's data.packing")
+    p.add_argument("--attention", choices=("window", "documents"), help="with --data: the run's data.attention")
     p.add_argument("--tokenizer", help="with --data: checked against the corpus' tokenizer fingerprint")
     p.add_argument("--every-token", action="store_true", help="with --data: ignore the corpus' loss mask")
     p.add_argument("--max-windows", type=int, help="only the first N held-out windows")

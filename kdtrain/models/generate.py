@@ -216,7 +216,7 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
     flags = torch.zeros(b, L, dtype=torch.bool, device=device)
     first = min([row[0][0] for row in spans if row] + [L])
     if first >= L:
-        return tokens, flags
+        return tokens, flags, None if positions is None else positions.clone()
     # Span tables padded with a start no row reaches; per-row state: the next given token to feed
     # (src), the current or next span (rep), and whether the row is sampling.
     R = max(len(row) for row in spans) + 1

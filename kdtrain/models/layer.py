@@ -11,7 +11,8 @@ Llama decoder layer.
 ``DirectTransformerLayer`` keeps the stock module tree (same submodules, parameter names, state
 dict, checkpoints and conversions) and replaces only ``forward`` for the configurations kdtrain
 builds: dense pre-norm GPT layers, causal self-attention on SDPA (with or without per-head query
-and key norms), no inference context, packed sequences or cross-attention. It runs the same
+and key norms; over the window, or within documents given a ``DocumentMask``: documents.py), no
+inference context, packed sequences or cross-attention. It runs the same
 operations in the same order, so its outputs and gradients equal the stock layer's (bitwise on
 CPU, tests/test_layer.py). Differences in how, not what:
 
