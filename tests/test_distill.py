@@ -27,11 +27,12 @@ def _args(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
 
 
 # (ranks, overrides, payloads that cross ranks per step). The tiny run has 4 micro-batches a step.
-# Colocated TP=2 with identical layouts hands payloads over in place (zero copies); colocated
+# Colocated TP=2 with identical layouts hands payloads over in place (zero copies; its student
+# recomputes its activations in the backward, tensor-parallel collectives included); colocated
 # teacher PP=2 on ranks 0-1 serves the student replica on rank 1 locally and sends to rank 0.
 LAYOUTS = {
     "disagg-tTP2-sDP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.tp=2", "student.dp=2"], 4),
-    "coloc-TP2": (2, ["teacher.tp=2", "student.tp=2"], 0),
+    "coloc-TP2-recompute": (2, ["teacher.tp=2", "student.tp=2", "training.recompute=true"], 0),
     "disagg-tPP2-sPP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.pp=2", "student.pp=2"], 4),
     "coloc-tPP2-sDP2": (2, ["teacher.pp=2", "student.dp=2"], 2),
 }

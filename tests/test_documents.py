@@ -220,7 +220,7 @@ def test_compiled_layers_attend_within_documents(tmp_path):
 @pytest.mark.slow
 def test_pretraining_within_documents_across_stages_and_in_eval(world_of_one, short_chat_corpus, tmp_path, capsys):
     """Pretraining with data.attention: documents on short conversations: two pipeline stages
-    (the masks on both, and through their backward) follow the one-rank run; ``kdtrain eval``
+    (the masks on both, and through their backward, recomputed) follow the one-rank run; ``kdtrain eval``
     reproduces the run's logged held-out loss from the data section the checkpoint recorded (the
     attention with it), and attention over the window gives another."""
     from conftest import read_metrics, run_torchrun
@@ -233,7 +233,8 @@ def test_pretraining_within_documents_across_stages_and_in_eval(world_of_one, sh
             "training.global_batch_size=8", "training.micro_batch_size=2", "precision.device=cpu"]
     pretrain(load_pretrain_config("tiny", data + [f"logging.dir={tmp_path / 'one'}",
                                                   f"checkpoint.dir={tmp_path / 'ckpt'}"]))
-    run_torchrun(2, "pretrain_gpt.py", ["--config", "tiny", *data, "parallel.pp=2", f"logging.dir={tmp_path / 'pp2'}"])
+    run_torchrun(2, "pretrain_gpt.py", ["--config", "tiny", *data, "parallel.pp=2", "training.recompute=true",
+                                        f"logging.dir={tmp_path / 'pp2'}"])
     one, pp2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "pp2")
     assert sorted(one) == sorted(pp2) == [1, 2, 3, 4]
     for s in one:

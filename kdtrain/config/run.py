@@ -94,6 +94,13 @@ class DataConfig:
                               "precision.cuda_graphs=false or data.attention=window")
 
 
+def check_recompute(training: "TrainingConfig", precision: "PrecisionConfig") -> None:
+    if training.recompute and precision.cuda_graphs:
+        raise field_error("training", "recompute", "a CUDA-graphed layer replays its captured forward and backward "
+                          "and cannot run its forward again in the backward: set training.recompute=false or "
+                          "precision.cuda_graphs=false")
+
+
 @dataclass
 class TrainingConfig:
     micro_batch_size: int = 4
@@ -103,6 +110,10 @@ class TrainingConfig:
     eval_batches: int = 4  # global batches per evaluation
     seed: int = 1234  # model init seed
     exit_interval: Optional[int] = None  # stop (after saving) once this many steps ran in this job
+    # Full activation recomputation of the trained model (kdtrain/models/layer.py): each transformer
+    # layer keeps only its input for the backward and runs its forward again there. Activation
+    # memory per layer drops to one [s, b, h] tensor for about a third more compute.
+    recompute: bool = False
 
     def check(self, where: str = "training") -> None:
         for name in ("micro_batch_size", "global_batch_size", "train_steps"):
@@ -227,6 +238,7 @@ class PretrainConfig:
         if not self.data.path and not self.data.mock:
             raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes, or mock: true)")
         self.data.check_precision(self.precision)
+        check_recompute(self.training, self.precision)
         return self
 
 

@@ -126,10 +126,11 @@ class KDGPTModel(GPTModel):
 
 def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dtype: torch.dtype,
               seed: int, use_te: Optional[bool] = None, compile: bool = False,
-              cuda_graphs: bool = False) -> KDGPTModel:
+              cuda_graphs: bool = False, recompute: bool = False) -> KDGPTModel:
     """This rank's pipeline stage of a GPT, initialised from ``seed`` (layout-independent);
     ``compile``: torch.compile its transformer layers (see compile.py); ``cuda_graphs``: prepare
-    them for replay as CUDA graphs (cuda_graphs.py; ``capture_layer_graphs`` captures)."""
+    them for replay as CUDA graphs (cuda_graphs.py; ``capture_layer_graphs`` captures);
+    ``recompute``: its layers recompute their activations in the backward (layer.py)."""
     layout = groups.layout
     cfg.check_layout(layout.tp, layout.pp, f"{layout.name}.parallel")
     if compile:
@@ -180,6 +181,13 @@ def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dty
     model.layer_offset = get_transformer_layer_offset(tcfg, pp_rank=groups.pp_rank)
     model.param_specs = param_specs(model, cfg, groups.tp_rank, layout.tp, model.layer_offset)
     init_parameters(model, model.param_specs, cfg, seed)
+    if recompute:
+        stock = [layer.layer_number for layer in model.decoder.layers if not getattr(layer, "direct", False)]
+        if stock:
+            raise ValueError(f"training.recompute needs kdtrain's local layers, but layers {stock} of "
+                             f"{cfg.name!r} are not (Transformer Engine's: set KDTRAIN_NO_TE=1)")
+        for layer in model.decoder.layers:
+            layer.recompute = True
     if compile:
         compile_layers(model)
     if cuda_graphs:

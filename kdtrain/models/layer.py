@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.identity_op import IdentityOp
+from torch.utils.checkpoint import checkpoint
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .attention import SDPAttention
@@ -99,6 +100,7 @@ class DirectTransformerLayer(TransformerLayer):
         self._rope_cache: tuple = ()
         self._qk_norms = _qk_norms(attn)
         self.graphs = None  # a LayerGraphs when precision.cuda_graphs (cuda_graphs.py); not a submodule
+        self.recompute = False  # training.recompute: keep only the input for the backward (build_gpt sets it)
 
     @property
     def direct(self) -> bool:
@@ -130,6 +132,12 @@ class DirectTransformerLayer(TransformerLayer):
             out = self.graphs.run(self, hidden_states, attention_mask, rotary_pos_emb)
             if out is not None:
                 return out, None
+        if self.recompute and torch.is_grad_enabled() and hidden_states.requires_grad:
+            # Full recomputation: autograd keeps the layer's inputs, not its activations, and runs
+            # the forward again when the backward reaches it. Non-reentrant checkpointing restores
+            # the RNG state first (dropout draws the same masks), and torch.compile traces it.
+            return checkpoint(self.direct_forward, hidden_states, attention_mask, rotary_pos_emb,
+                              use_reentrant=False), None
         return self.direct_forward(hidden_states, attention_mask, rotary_pos_emb), None
 
     def direct_forward(self, hidden_states: torch.Tensor, attention_mask,

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", choices=("auto", "colocated", "disaggregated"), default="auto",
                    help="restrict the table to one split")
     p.add_argument("--recompute", choices=("never", "always", "auto"), default="never",
-                   help="student full activation recomputation (auto: let the planner choose)")
+                   help="student full activation recomputation, training.recompute (auto: let the planner choose)")
     p.add_argument("--distributed-optimizer", choices=("auto", "on", "off"), default="auto",
                    help="student ZeRO-1 (optimizer.distributed)")
     p.add_argument("--cuda-graphs", action="store_true",

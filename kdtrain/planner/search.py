@@ -199,7 +199,8 @@ class Plan:
         out = {"split.mode": self.split, "teacher.tp": self.teacher.tp, "teacher.pp": self.teacher.pp,
                "teacher.dp": self.teacher.dp, "student.tp": self.student.tp, "student.pp": self.student.pp,
                "student.dp": self.student.dp, "training.micro_batch_size": self.micro_batch,
-               "optimizer.distributed": self.distributed_optimizer, "split.teacher_ranks": None}
+               "optimizer.distributed": self.distributed_optimizer, "training.recompute": self.recompute,
+               "split.teacher_ranks": None}
         if self.split == "disaggregated":
             out["split.teacher_ranks"] = self.teacher_ranks
         return out

@@ -44,7 +44,7 @@ def resolve_auto_split(cfg: DistillConfig, world_size: int, device: torch.device
             micro_batch=cfg.training.micro_batch_size, topk=cfg.teacher.topk, profile=profile,
             values_bytes=4 if cfg.teacher.values_dtype == "fp32" else 2, depth=sp.depth,
             distributed_optimizer=cfg.optimizer.distributed, dtype_bytes=4 if fp32 else 2,
-            student_graphs=cfg.precision.cuda_graphs)
+            recompute=cfg.training.recompute, student_graphs=cfg.precision.cuda_graphs)
     except ValueError as e:
         raise ValueError(f"split.mode: auto found no plan: {e}") from None
     ov = best.config_overrides()

@@ -262,7 +262,7 @@ def distill(cfg: DistillConfig) -> dict:
         student = build_trainable(cfg.student.model, s_groups, cfg.optimizer, cfg.data.seq_length,
                                   tr.micro_batch_size, env.device, dtype, tr.seed,
                                   compile=cfg.precision.compile and not cfg.precision.cuda_graphs,
-                                  cuda_graphs=cfg.precision.cuda_graphs)
+                                  cuda_graphs=cfg.precision.cuda_graphs, recompute=tr.recompute)
         ck = cfg.checkpoint
         if cfg.student.load and not ck.load:
             ck = dataclasses.replace(ck, load=cfg.student.load)
@@ -287,7 +287,8 @@ def distill(cfg: DistillConfig) -> dict:
                  f"{s_layout.ranks.stop - 1}), {cfg.split.mode}, top-{spec.k}, {cfg.loss.divergence}, "
                  f"{str(dtype).removeprefix('torch.')}, attention="
                  f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
-                 f"{_layer_modes(cfg.precision.compile, cfg.precision.cuda_graphs)}")
+                 f"{_layer_modes(cfg.precision.compile, cfg.precision.cuda_graphs)}"
+                 f"{', recomputed student layers' if tr.recompute else ''}")
     logger.write(describe_dataset(dataset, cfg.data))
 
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length

@@ -106,9 +106,9 @@ class Role:
 
 def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, seq_length: int,
                     micro_batch: int, device: torch.device, dtype: torch.dtype, seed: int,
-                    compile: bool = False, cuda_graphs: bool = False) -> Role:
+                    compile: bool = False, cuda_graphs: bool = False, recompute: bool = False) -> Role:
     model = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed, compile=compile,
-                      cuda_graphs=cuda_graphs)
+                      cuda_graphs=cuda_graphs, recompute=recompute)
     if cuda_graphs:  # now, before any other thread uses the device (see models/cuda_graphs.py)
         capture_layer_graphs(model, micro_batch, seq_length)
     grads = GradBuffer(model, model.param_specs)
@@ -145,7 +145,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     dataset = open_dataset(cfg.data, cfg.model)
     role = build_trainable(cfg.model, groups, cfg.optimizer, cfg.data.seq_length, t.micro_batch_size,
                            env.device, dtype, t.seed, compile=cfg.precision.compile,
-                           cuda_graphs=cfg.precision.cuda_graphs)
+                           cuda_graphs=cfg.precision.cuda_graphs, recompute=t.recompute)
     forward_step = lm_forward_step(cfg.model.vocab_size, groups.pgc.tp)
 
     start_step = restore_role(cfg.checkpoint, cfg.model, role, env.rank)
@@ -157,7 +157,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         f"{env.device.type} rank(s), {str(dtype).removeprefix('torch.')}, attention="
         f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
         f"{', compiled layers' if cfg.precision.compile else ''}"
-        f"{', CUDA-graphed layers' if cfg.precision.cuda_graphs else ''}, start step {start_step}")
+        f"{', CUDA-graphed layers' if cfg.precision.cuda_graphs else ''}"
+        f"{', recomputed layers' if t.recompute else ''}, start step {start_step}")
     logger.write(describe_dataset(dataset, cfg.data))
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     throughput = Throughput(tokens_per_step, t.global_batch_size, cfg.model.flops_per_token(cfg.data.seq_length),
