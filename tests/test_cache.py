@@ -269,7 +269,8 @@ def test_killed_job_resumes_to_a_byte_identical_cache(caches, name, resumed):
 @pytest.mark.slow
 def test_targets_cache_serves_the_targets_and_is_smaller(caches):
     """positions: targets on conversations: at every target position (the replies) the payload is
-    the all-positions cache's, bitwise; the prompts are not stored."""
+    the all-positions cache's (the same ids; values and log-normaliser to fp32 rounding, as the
+    teacher computes the targets' logits alone); the prompts are not stored."""
     from kdtrain.training.pretrain import open_dataset
 
     cfg = _run_cfg(caches["chat"])
@@ -283,8 +284,10 @@ def test_targets_cache_serves_the_targets_and_is_smaller(caches):
             a, b = full.payload(ids, _spec(torch.float32)), part.payload(ids, _spec(torch.float32))
             m = torch.stack([torch.from_numpy(ds.train_loss_mask(g)) for g in ids]).t()
             targets += int(m.sum())
-            for name in ("ids", "values", "lse"):
-                assert torch.equal(getattr(a, name)[m], getattr(b, name)[m]), (j, name)
+            assert torch.equal(a.ids[m], b.ids[m]), j
+            for name in ("values", "lse"):  # the targets' logits come from a smaller matrix product
+                torch.testing.assert_close(getattr(a, name)[m], getattr(b, name)[m], rtol=1e-6, atol=1e-6,
+                                           msg=lambda e: f"{j} {name}: {e}")
             assert int(a.checksum) == int(b.checksum)
     size = {n: sum(s.bytes for s in Manifest.load(caches["root"] / n).shards) for n in ("chat-all", "targets")}
     share = targets / (SAMPLES * 32)

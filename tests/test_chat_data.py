@@ -386,3 +386,54 @@ def test_evaluation_and_steps_count_the_replies_only(world_of_one, tiny_chat_cor
                         cfg.tie_embeddings, LM_REPORT_KEYS)
     assert result.sums["tokens"] == 0 and result.sums["loss_sum"] == 0
     assert result.grad_norm == 0 and not result.skipped
+
+
+def test_logits_are_computed_at_the_targets_only(world_of_one):
+    """A micro-batch with target flags sends only the targets' rows through the output layer
+    (MicroBatch.logit_rows): the same logits there, and the same loss and gradients, as the full
+    logits masked; the teacher's payload at those rows is its full payload's."""
+    from kdtrain.config import load_model_config
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.stream import PayloadSpec
+    from kdtrain.training.batches import make_microbatch
+    from kdtrain.training.pretrain import lm_forward_step
+    from kdtrain.training.teacher import Teacher
+
+    import torch
+
+    S, B, cpu = 16, 3, torch.device("cpu")
+    cfg = load_model_config("tiny")
+    groups = build_role_groups(RoleLayout("rows", 0, 1, 1, 1))
+    model = build_gpt(cfg, groups, device=cpu, dtype=torch.float32, seed=1)
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, cfg.vocab_size, (B, S + 1))
+    targets = rng.random((B, S)) < 0.3
+    mb = make_microbatch(windows, cpu, targets)
+    full = make_microbatch(windows, cpu, targets)
+    full.logit_rows = None  # every row's logits, the prompts masked in the loss
+    shapes = []
+    hook = model.output_layer.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    fwd = lm_forward_step(cfg.vocab_size, None)
+    grads = []
+    for batch in (mb, full):
+        model.zero_grad()
+        out, loss_func = fwd(model, batch)
+        loss, _, _ = loss_func(out, float(targets.sum()))
+        loss.backward()
+        grads.append((out.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    hook.remove()
+    assert shapes == [(int(targets.sum()), 1, cfg.hidden_size), (S, B, cfg.hidden_size)]
+    rows = torch.from_numpy(np.flatnonzero(targets.T))
+    torch.testing.assert_close(grads[0][0][:, 0], grads[1][0].reshape(S * B, -1)[rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=0)
+    for a, b in zip(grads[0][2], grads[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+    teacher = Teacher(cfg, groups, PayloadSpec(S, B, 8, torch.float32), 1.0, None, cpu, torch.float32, seed=1)
+    part, whole = teacher.serve(mb), teacher.serve(full)
+    assert not part.values[~torch.from_numpy(targets.T)].any()  # the other rows: zeros, never read
+    m = torch.from_numpy(targets.T)
+    assert torch.equal(part.ids[m], whole.ids[m]) and int(part.checksum) == int(whole.checksum)
+    torch.testing.assert_close(part.values[m], whole.values[m], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part.lse[m], whole.lse[m], rtol=1e-6, atol=1e-6)

@@ -149,10 +149,11 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
             for s0 in range(samples.start, samples.stop, m):
                 batch = range(s0, s0 + m)
                 windows = np.stack([dataset.train_sample(g) for g in batch])
-                mb = make_microbatch(windows, env.device, positions=stack_rows(dataset.train_positions, batch))
+                # Targets only: the teacher computes the targets' logits alone (Teacher.serve).
+                flags = np.stack([dataset.train_loss_mask(g) for g in batch]) if targets else None
+                mb = make_microbatch(windows, env.device, flags, stack_rows(dataset.train_positions, batch))
                 payload = teacher.serve(mb)
                 if writer is not None and targets:
-                    flags = np.stack([dataset.train_loss_mask(g) for g in batch])
                     writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.lse, flags))
                 elif writer is not None:
                     writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.lse))

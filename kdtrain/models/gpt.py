@@ -97,16 +97,22 @@ class KDGPTModel(GPTModel):
 
     The stock post-processing transposes and copies the logits to ``[b, s, V/tp]`` (or computes a
     cross entropy); the losses here work on the ``[s, b]`` token order, so that copy of the
-    largest activation is skipped.
+    largest activation is skipped. With ``logit_rows`` only those rows of the ``[s * b]`` token
+    order reach the output layer, ``[n, 1, V/tp]``: where only some labels are targets
+    (conversations, sampled replies, padding), the output layer, the teacher's top-k and the
+    student's loss skip the others.
     """
 
     param_specs: dict[str, ParamSpec]
     layer_offset: int
+    _logit_rows: Optional[torch.Tensor] = None  # set for the duration of one forward
 
-    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask, *args, logit_rows: Optional[torch.Tensor] = None,
+                **kwargs):
         """megatron-core's forward; ``attention_mask``: None (causal over the window) or a
         ``DocumentMask`` (attention within documents, documents.py), which only kdtrain's direct
-        layers apply."""
+        layers apply; ``logit_rows``: [n] int64 indices into the ``[s * b]`` token order, the only
+        rows the last stage computes logits for (None: all)."""
         if isinstance(attention_mask, DocumentMask):
             stock = [layer.layer_number for layer in self.decoder.layers if not getattr(layer, "direct", False)]
             if stock:
@@ -114,11 +120,18 @@ class KDGPTModel(GPTModel):
                     f"data.attention: documents needs kdtrain's local layers, but layers {stock} are "
                     + ("Transformer Engine layers: set KDTRAIN_NO_TE=1" if self.transformer_layer_spec.module
                        is not DirectTransformerLayer else "on megatron-core's stock forward (kdtrain/models/layer.py)"))
-        return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        self._logit_rows = logit_rows
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            self._logit_rows = None
 
     def _postprocess(self, hidden_states, **unused):
         if not self.post_process:
             return hidden_states
+        if self._logit_rows is not None:  # [s, b, h] -> the rows' [n, 1, h]
+            hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, self._logit_rows)
+            hidden_states = hidden_states.unsqueeze(1)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden_states, weight=weight)
         return logits

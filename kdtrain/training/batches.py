@@ -25,10 +25,20 @@ class MicroBatch:
     position_ids: torch.Tensor  # [b, s] int64
     num_tokens: int  # loss_mask.sum(), known on the host (no device sync to count it)
     attention_mask: Optional[DocumentMask] = None  # None: causal over the window
+    # [n] int64 rows of the [s * b] token order whose logits are needed (the targets), None: all.
+    logit_rows: Optional[torch.Tensor] = None
 
     def forward(self, model):
-        """The model's output on this micro-batch's inputs."""
-        return model(self.tokens, self.position_ids, self.attention_mask)
+        """The model's output on this micro-batch's inputs: on the last stage the logits of
+        ``logit_rows`` only, [n, 1, V/tp] (all: [s, b, V/tp])."""
+        return model(self.tokens, self.position_ids, self.attention_mask, logit_rows=self.logit_rows)
+
+    def at_logit_rows(self, t_SB: torch.Tensor) -> torch.Tensor:
+        """A per-token tensor [s, b, ...] at the rows the logits have: [n, 1, ...] (unchanged
+        when the logits cover every row)."""
+        if self.logit_rows is None:
+            return t_SB
+        return t_SB.reshape(-1, *t_SB.shape[2:]).index_select(0, self.logit_rows).unsqueeze(1)
 
 
 def make_microbatch(windows: np.ndarray, device: torch.device, targets: Optional[np.ndarray] = None,
@@ -48,8 +58,14 @@ def make_microbatch(windows: np.ndarray, device: torch.device, targets: Optional
         pos = torch.from_numpy(np.ascontiguousarray(positions[:, :-1], dtype=np.int64)).to(device)
     mask = torch.ones(b, s, dtype=torch.float32) if targets is None else torch.from_numpy(targets.astype(np.float32))
     num_tokens = b * s if targets is None else int(mask.sum())
+    rows = None
+    if targets is not None:
+        # The targets' rows in the [s, b] token order the logits have (at least one row, so that
+        # a micro-batch without targets still runs; its loss mask there is 0).
+        rows = torch.from_numpy(np.flatnonzero(targets.T) if targets.any() else np.zeros(1, dtype=np.int64))
+        rows = rows.to(device)
     return MicroBatch(tokens.contiguous().to(device), labels.contiguous().to(device), mask.to(device), pos,
-                      num_tokens, None if positions is None else DocumentMask(pos))
+                      num_tokens, None if positions is None else DocumentMask(pos), rows)
 
 
 def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int) -> range:

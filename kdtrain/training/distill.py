@@ -82,10 +82,13 @@ def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timer
             # them after the step's last backward: a host sync per micro-batch would stop the host
             # from queueing work ahead of the GPU (the kernels ignore out-of-range ids, so a bad
             # payload cannot fault before the check raises, and the update is not applied).
+            # With target flags the logits, and the payload rows read, are the targets' only.
+            at = mb.at_logit_rows
             loss, report = kd_loss(
-                logits_SBVl, payload.ids, payload.values, vocab_size=vocab, tp_group=tp_group, config=loss_cfg,
-                labels_SB=mb.labels.t(), loss_mask_SB=mb.loss_mask.t(), num_tokens=total_tokens,
-                teacher_lse_SB=payload.lse, validate="deferred")
+                logits_SBVl, at(payload.ids), at(payload.values), vocab_size=vocab, tp_group=tp_group,
+                config=loss_cfg, labels_SB=at(mb.labels.t()), loss_mask_SB=at(mb.loss_mask.t()),
+                num_tokens=total_tokens, teacher_lse_SB=None if payload.lse is None else at(payload.lse),
+                validate="deferred")
             tokens = mb.loss_mask.sum()
             loss_sum = report["loss_SB"].sum()
             values_check = report["check"]
@@ -109,15 +112,16 @@ def sample_ids_of(o: int, pairing: Pairing, first: int, global_batch: int, micro
 
 
 def teacher_microbatches(sample, pairing: Pairing, first: int, global_batch: int, micro_batch: int,
-                         teacher_replica: int, device, positions=None) -> list[tuple[int, MicroBatch]]:
+                         teacher_replica: int, device, targets=None, positions=None) -> list[tuple[int, MicroBatch]]:
     """(sequence number, micro-batch) pairs a teacher replica serves this step, in order;
-    ``sample(g)``: the window of dataset sample ``g``, ``positions(g)`` its document positions
-    (None, or a callable returning None: attention over the window)."""
+    ``sample(g)``: the window of dataset sample ``g``, ``targets(g)`` its label flags (the
+    payload then covers those only), ``positions(g)`` its document positions (None, or callables
+    returning None: every label, attention over the window)."""
     out = []
     for o in pairing.teacher_work(teacher_replica):
         ids = sample_ids_of(o, pairing, first, global_batch, micro_batch)
-        out.append((o, make_microbatch(np.stack([sample(i) for i in ids]), device,
-                                       positions=stack_rows(positions, ids))))
+        out.append((o, make_microbatch(np.stack([sample(i) for i in ids]), device, stack_rows(targets, ids),
+                                       stack_rows(positions, ids))))
     return out
 
 
@@ -335,7 +339,7 @@ def distill(cfg: DistillConfig) -> dict:
                 source.post(upcoming)
         if teacher is not None and live:
             for o, mb in teacher_microbatches(sample_fn, pairing, first, tr.global_batch_size, tr.micro_batch_size,
-                                              t_groups.dp_rank, env.device, positions):
+                                              t_groups.dp_rank, env.device, targets, positions):
                 started = teacher_side.begin()
                 payload = teacher.serve(mb)
                 teacher_side.end(started)

@@ -41,8 +41,10 @@ def lm_forward_step(vocab_size: int, tp_group) -> ForwardStep:
         output = mb.forward(model)  # last stage: logits [s, b, V/tp]
 
         def loss_func(logits_SBVl: torch.Tensor, total_tokens):
-            losses_SB = vocab_parallel_cross_entropy(logits_SBVl, mb.labels.t(), vocab_size, tp_group)
-            mask_SB = mb.loss_mask.t()
+            # Logits at the targets' rows only when the micro-batch has target flags: [n, 1, V/tp].
+            losses_SB = vocab_parallel_cross_entropy(logits_SBVl, mb.at_logit_rows(mb.labels.t()), vocab_size,
+                                                     tp_group)
+            mask_SB = mb.at_logit_rows(mb.loss_mask.t())
             loss_sum = (losses_SB * mask_SB).sum()
             num_tokens = mask_SB.sum()
             return loss_sum / total_tokens, num_tokens, {"loss_sum": loss_sum.detach(), "tokens": num_tokens}
