@@ -139,7 +139,8 @@ def test_stream_windows_restart_positions_at_document_starts(tmp_path):
     assert plain.train_positions(0) is None and plain.valid_positions(0) is None
 
 
-def test_packed_windows_restart_positions_at_pieces_and_padding(tmp_path):
+@pytest.mark.parametrize("packing", ["documents", "best_fit"])
+def test_packed_windows_restart_positions_at_pieces_and_padding(tmp_path, packing):
     from kdtrain.data import write_indexed_dataset
     from kdtrain.data.blend import BlendedWindowDataset
     from kdtrain.data.gpt_dataset import GPTWindowDataset
@@ -148,7 +149,7 @@ def test_packed_windows_restart_positions_at_pieces_and_padding(tmp_path):
     lengths = [5, 12, 9, 30, 2, 17, 8, 11]
     write_indexed_dataset(str(tmp_path / "c"), [rng.integers(1, 50, n) for n in lengths], 50, {"eos_id": 0})
     S = 16
-    ds = GPTWindowDataset([str(tmp_path / "c")], S, split=(1.0, 0.0), packing="documents", document_positions=True)
+    ds = GPTWindowDataset([str(tmp_path / "c")], S, split=(1.0, 0.0), packing=packing, document_positions=True)
     for w in range(ds.num_windows):
         pieces = [n for _, n in ds.packed.pieces(w)]
         fill = sum(pieces)

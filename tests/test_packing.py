@@ -36,6 +36,50 @@ def test_next_fit_covers_every_token_once_and_splits_only_long_documents(window)
     assert p.padding_share == pytest.approx(1 - lengths.sum() / (p.num_windows * window))
 
 
+def _reference_best_fit_fills(lengths: list[int], window: int) -> list[int]:
+    """Best fit decreasing, naively: each piece (longest first) into the fullest window it fits."""
+    fills: list[int] = []
+    for n in sorted(lengths, reverse=True):
+        fits = [i for i, f in enumerate(fills) if f + n <= window]
+        if fits:
+            fills[max(fits, key=lambda i: fills[i])] += n
+        else:
+            fills.append(n)
+    return sorted(fills)
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 64])
+def test_best_fit_covers_every_token_once_per_block(window, monkeypatch):
+    from kdtrain.data import packing
+
+    monkeypatch.setattr(packing, "BEST_FIT_BLOCK", 50)
+    lengths = np.random.default_rng(window + 1).integers(0, 40, size=300)
+    p = pack_documents(lengths, window, "best_fit")
+    nf = pack_documents(lengths, window)
+    # The same pieces as next fit (documents cut alike), each in exactly one window.
+    order = np.argsort(p.piece_start)
+    assert np.array_equal(p.piece_start[order], nf.piece_start) and np.array_equal(p.piece_length[order],
+                                                                                   nf.piece_length)
+    fills = np.array([sum(n for _, n in p.pieces(w)) for w in range(p.num_windows)])
+    assert fills.max() <= window and fills.min() > 0
+    # Blocks of 50 pieces keep the corpus order: a block's windows come after the previous block's,
+    # and each block's window fills are those of best fit decreasing on its pieces.
+    window_of = np.repeat(np.arange(p.num_windows), np.diff(p.first_piece))
+    block = np.empty(len(window_of), dtype=np.int64)
+    block[order] = np.arange(len(order)) // 50
+    assert np.all(np.diff(block[np.argsort(window_of, kind="stable")]) >= 0)
+    for b in range(block.max() + 1):
+        mine = sorted(fills[np.unique(window_of[block == b])].tolist())
+        assert mine == _reference_best_fit_fills(p.piece_length[block == b].tolist(), window), b
+    # Within a window the pieces keep the corpus order.
+    for w in range(p.num_windows):
+        starts = [s for s, _ in p.pieces(w)]
+        assert starts == sorted(starts)
+    assert p.num_windows <= nf.num_windows
+    if window >= 16:
+        assert p.padding_share < nf.padding_share
+
+
 def test_packed_windows_hold_whole_documents_padded_with_eos(tmp_path):
     rng = np.random.default_rng(0)
     S, eos = 16, 3
@@ -75,10 +119,33 @@ def test_runs_and_caches_tell_the_packings_apart(tiny_chat_corpus):
     from kdtrain.training.pretrain import describe_dataset, open_dataset
 
     base = [f"data.path=[{tiny_chat_corpus['prefix']}]", "data.seq_length=64"]
-    stream, packed = (load_pretrain_config("tiny", base + [f"data.packing={p}"]) for p in ("stream", "documents"))
+    stream, packed, best = (load_pretrain_config("tiny", base + [f"data.packing={p}"])
+                            for p in ("stream", "documents", "best_fit"))
     assert "packing" not in dataset_identity(stream.data)  # caches written before the option stay valid
     assert dataset_identity(packed.data)["packing"] == "documents"
+    assert dataset_identity(best.data)["packing"] == "best_fit"
     line = describe_dataset(open_dataset(packed.data, packed.model), packed.data)
-    assert "whole documents per window" in line and "% padding" in line and "replies are the targets" in line
+    assert "whole documents per window, in corpus order" in line and "% padding" in line
+    assert "replies are the targets" in line
+    best_ds = open_dataset(best.data, best.model)
+    assert "best fit" in describe_dataset(best_ds, best.data)
+    assert best_ds.padding_share < open_dataset(packed.data, packed.model).padding_share
     with pytest.raises(ValueError, match="data.packing"):
         load_pretrain_config("tiny", base + ["data.packing=greedy"])
+
+
+def test_packing_benchmark_reports_both_strategies(tmp_path, capsys):
+    """benchmarks/bench_packing.py (the committed packing_cpu figures) on synthetic lengths."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_packing.py"))
+    assert bench["main"](["--synthetic", "2000", "--seq-length", "256", "1024", "--out", str(tmp_path / "p.json")]) == 0
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert [r["seq_length"] for r in rows] == [256, 1024] and all(r["documents"] == 2000 for r in rows)
+    for r in rows:
+        nf, bf = r["next_fit"], r["best_fit"]
+        assert bf["windows"] < nf["windows"] and bf["padding_share"] < nf["padding_share"]
+        assert (r["seq_length"] + 1) * nf["windows"] * (1 - nf["padding_share"]) == pytest.approx(r["tokens"], rel=1e-3)
+    assert "lognormal-2000" in capsys.readouterr().out

@@ -62,9 +62,10 @@ class DataConfig:
     # false counts every token, prompts included, in training and evaluation.
     loss_mask: bool = True
     # How windows are cut: "stream" (the corpus as one token stream; documents cross window
-    # boundaries) or "documents" (whole documents per window, padded: no reply without its
-    # question; kdtrain/data/packing.py).
-    packing: Literal["stream", "documents"] = "stream"
+    # boundaries), "documents" (whole documents per window in corpus order, padded: no reply
+    # without its question) or "best_fit" (whole documents, best fit decreasing per block of
+    # documents: less padding; kdtrain/data/packing.py).
+    packing: Literal["stream", "documents", "best_fit"] = "stream"
     # What a token attends to: "window" (every earlier token of its window, Megatron-LM's default)
     # or "documents" (the earlier tokens of its own document, positions counted from the document's
     # start: each document as if alone; kdtrain/models/documents.py).

@@ -7,8 +7,8 @@ held-out split, as contiguous ranges. Training samples are drawn by a per-epoch 
 seeded by (seed, epoch): sample g depends only on g and the seed, never on the parallel layout,
 and resuming after N consumed samples is just continuing at g = N.
 
-With ``packing="documents"`` (kdtrain/data/packing.py) window i holds whole documents instead,
-padded at the end, and the windows no longer overlap.
+With ``packing="documents"`` or ``"best_fit"`` (kdtrain/data/packing.py) window i holds whole
+documents instead, padded at the end, and the windows no longer overlap.
 
 A corpus written from conversations carries a loss mask (kdtrain/data/indexed.py); the
 ``*_loss_mask`` methods return the target flags of a window's S labels (its tokens 1..S), with
@@ -30,7 +30,7 @@ import numpy as np
 from kdtrain.data.indexed import IndexedTokens, meta_path, open_indexed_dataset
 from kdtrain.data.packing import pack_documents
 
-PACKINGS = ("stream", "documents")
+PACKINGS = ("stream", "documents", "best_fit")
 
 
 def positions_from_starts(length: int, starts: np.ndarray) -> np.ndarray:
@@ -87,8 +87,9 @@ class GPTWindowDataset:
         self.total_tokens = int(self._starts[-1])
         window = seq_length + 1
         self.packed = None
-        if packing == "documents":
-            self.packed = pack_documents(np.concatenate([s.document_lengths for s in self.streams]), window)
+        if packing != "stream":
+            self.packed = pack_documents(np.concatenate([s.document_lengths for s in self.streams]), window,
+                                         "best_fit" if packing == "best_fit" else "next_fit")
             self.num_windows = self.packed.num_windows
         elif self.total_tokens < window:
             raise ValueError(

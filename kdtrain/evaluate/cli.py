@@ -139,7 +139,8 @@ def register(sub) -> None:
     p.add_argument("--seq-length", type=int, help="with --data: the run's data.seq_length")
     p.add_argument("--split", type=float, nargs=2, help="with --data: the run's data.split (default 0.98 0.02)")
     p.add_argument("--seed", type=int, help="with --data: the run's data.seed (default 1234)")
-    p.add_argument("--packing", choices=("stream", "documents"), help="with --data: the run's data.packing")
+    p.add_argument("--packing", choices=("stream", "documents", "best_fit"),
+                   help="with --data: the run's data.packing")
     p.add_argument("--attention", choices=("window", "documents"), help="with --data: the run's data.attention")
     p.add_argument("--tokenizer", help="with --data: checked against the corpus' tokenizer fingerprint")
     p.add_argument("--every-token", action="store_true", help="with --data: ignore the corpus' loss mask")

@@ -154,7 +154,8 @@ def _forward_positions(model, tokens: torch.Tensor, offset: int, rope, caches,
         query = torch.arange(offset, offset + n, device=tokens.device)
         keys = torch.arange(offset + n, device=tokens.device)
         start = query[None, :] - pos  # [b, n]
-        allowed = ((keys[None, None, :] >= start[:, :, None]) & (keys[None, None, :] <= query[None, :, None])).unsqueeze(1)
+        allowed = (keys[None, None, :] >= start[:, :, None]) & (keys[None, None, :] <= query[None, :, None])
+        allowed = allowed.unsqueeze(1)  # [b, 1, n, offset + n]
     hidden = model.embedding(input_ids=tokens, position_ids=pos)
     for layer, kv in zip(model.decoder.layers, caches):
         hidden = layer.cached_forward(hidden, cos_sin, kv, offset, allowed)

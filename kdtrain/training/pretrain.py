@@ -82,8 +82,9 @@ def describe_dataset(dataset, data: DataConfig) -> str:
         return f"data: mock tokens, seq {data.seq_length}"
     line = (f"data: {dataset.num_train_windows} train / {dataset.num_valid_windows} held-out windows of "
             f"{data.seq_length} tokens")
-    if data.packing == "documents":
-        line += f", whole documents per window ({100 * dataset.padding_share:.1f}% padding)"
+    if data.packing != "stream":
+        how = "best fit" if data.packing == "best_fit" else "in corpus order"
+        line += f", whole documents per window, {how} ({100 * dataset.padding_share:.1f}% padding)"
     if dataset.conversations:
         line += ", conversations: the replies are the targets"
     if data.attention == "documents":
