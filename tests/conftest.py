@@ -63,6 +63,27 @@ def run_entries(nproc: int, jobs: list[tuple[str, list[str]]], workdir: Path, ti
     return results
 
 
+def small_gpt(kind: str, vocab_size: int, num_layers: int = 2):
+    """A one-rank fp32 CPU GPT of 64 hidden units in one of three shapes: ``llama`` (GQA, SwiGLU,
+    rotary), ``qwen3`` (also per-head query/key norms, head_dim 24, tied embeddings) or ``gpt2``
+    (LayerNorm, GELU, learned positions, biases, tied embeddings)."""
+    import torch
+
+    from kdtrain.config import ModelConfig
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    common = dict(name=kind, num_layers=num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
+                  vocab_size=vocab_size, max_seq_length=64, init_std=0.1)
+    cfg = {"llama": ModelConfig(**common, num_query_groups=2),
+           "qwen3": ModelConfig(**common, num_query_groups=2, kv_channels=24, qk_layernorm=True, tie_embeddings=True),
+           "gpt2": ModelConfig(**common, normalization="layernorm", activation="gelu_tanh",
+                               position_embedding="learned", add_bias_linear=True, tie_embeddings=True)}[kind]
+    cfg.check()
+    return build_gpt(cfg, build_role_groups(RoleLayout("m", 0, 1, 1, 1)), device=torch.device("cpu"),
+                     dtype=torch.float32, seed=0)
+
+
 def read_metrics(run_dir: Path, kind: str = "train") -> dict[int, dict]:
     """metrics.jsonl -> {step: record}; a re-run step (after a resume) keeps its last record."""
     out = {}

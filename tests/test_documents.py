@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import small_gpt
 from kdtrain.config import ModelConfig
 from kdtrain.data.gpt_dataset import positions_from_starts
 from kdtrain.models.documents import DocumentMask
@@ -22,19 +23,8 @@ from kdtrain.models.documents import DocumentMask
 V = 97
 
 
-def _model(kind: str, layers: int = 2):
-    from kdtrain.models import build_gpt
-    from kdtrain.parallel import RoleLayout, build_role_groups
-
-    common = dict(name=kind, num_layers=layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
-                  vocab_size=V, max_seq_length=64, init_std=0.1)
-    cfg = {"llama": ModelConfig(**common, num_query_groups=2),
-           "qwen3": ModelConfig(**common, num_query_groups=2, kv_channels=24, qk_layernorm=True, tie_embeddings=True),
-           "gpt2": ModelConfig(**common, normalization="layernorm", activation="gelu_tanh",
-                               position_embedding="learned", add_bias_linear=True, tie_embeddings=True)}[kind]
-    cfg.check()
-    return build_gpt(cfg, build_role_groups(RoleLayout("m", 0, 1, 1, 1)), device=torch.device("cpu"),
-                     dtype=torch.float32, seed=0)
+def _model(kind: str):
+    return small_gpt(kind, V)
 
 
 def _alone(model, tokens: torch.Tensor) -> torch.Tensor:

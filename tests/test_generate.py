@@ -12,25 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdtrain.config import ModelConfig
+from conftest import small_gpt
 from kdtrain.config.distill import load_distill_config
 
 V, P, T = 211, 5, 20
 
 
 def _model(kind: str):
-    from kdtrain.models import build_gpt
-    from kdtrain.parallel import RoleLayout, build_role_groups
-
-    common = dict(name=kind, num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, vocab_size=V,
-                  max_seq_length=64, init_std=0.1)
-    cfg = {"llama": ModelConfig(**common, num_query_groups=2),
-           "qwen3": ModelConfig(**common, num_query_groups=2, kv_channels=24, qk_layernorm=True, tie_embeddings=True),
-           "gpt2": ModelConfig(**common, normalization="layernorm", activation="gelu_tanh",
-                               position_embedding="learned", add_bias_linear=True, tie_embeddings=True)}[kind]
-    cfg.check()
-    return build_gpt(cfg, build_role_groups(RoleLayout("m", 0, 1, 1, 1)), device=torch.device("cpu"),
-                     dtype=torch.float32, seed=0)
+    return small_gpt(kind, V)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])

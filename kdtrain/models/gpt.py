@@ -114,17 +114,20 @@ class KDGPTModel(GPTModel):
         layers apply; ``logit_rows``: [n] int64 indices into the ``[s * b]`` token order, the only
         rows the last stage computes logits for (None: all)."""
         if isinstance(attention_mask, DocumentMask):
-            stock = [layer.layer_number for layer in self.decoder.layers if not getattr(layer, "direct", False)]
-            if stock:
-                raise ValueError(
-                    f"data.attention: documents needs kdtrain's local layers, but layers {stock} are "
-                    + ("Transformer Engine layers: set KDTRAIN_NO_TE=1" if self.transformer_layer_spec.module
-                       is not DirectTransformerLayer else "on megatron-core's stock forward (kdtrain/models/layer.py)"))
+            self.require_direct_layers("data.attention: documents")
         self._logit_rows = logit_rows
         try:
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         finally:
             self._logit_rows = None
+
+    def require_direct_layers(self, what: str) -> None:
+        """ValueError naming ``what`` unless every layer of this stage runs kdtrain's direct forward."""
+        stock = [layer.layer_number for layer in self.decoder.layers if not getattr(layer, "direct", False)]
+        if stock:
+            why = ("Transformer Engine layers: set KDTRAIN_NO_TE=1" if self.transformer_layer_spec.module
+                   is not DirectTransformerLayer else "on megatron-core's stock forward (kdtrain/models/layer.py)")
+            raise ValueError(f"{what} needs kdtrain's local layers, but layers {stock} are {why}")
 
     def _postprocess(self, hidden_states, **unused):
         if not self.post_process:
@@ -195,10 +198,7 @@ def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dty
     model.param_specs = param_specs(model, cfg, groups.tp_rank, layout.tp, model.layer_offset)
     init_parameters(model, model.param_specs, cfg, seed)
     if recompute:
-        stock = [layer.layer_number for layer in model.decoder.layers if not getattr(layer, "direct", False)]
-        if stock:
-            raise ValueError(f"training.recompute needs kdtrain's local layers, but layers {stock} of "
-                             f"{cfg.name!r} are not (Transformer Engine's: set KDTRAIN_NO_TE=1)")
+        model.require_direct_layers("training.recompute")
         for layer in model.decoder.layers:
             layer.recompute = True
     if compile:
