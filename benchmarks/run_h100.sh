@@ -12,6 +12,7 @@
 #   bash benchmarks/run_h100.sh distill_graphs cache_graphs  # precision.cuda_graphs=true A/B
 #   bash benchmarks/run_h100.sh distill_graphs_compiled      # graphed student, compiled teacher
 #   bash benchmarks/run_h100.sh layer_host                   # per-layer host vs wall time
+#   bash benchmarks/run_h100.sh features features_qwen       # recompute / document attention / target logits A/B
 #   bash benchmarks/run_h100.sh smoke ...                    # first: tiny runs on CUDA (under a minute)
 #   bash benchmarks/run_h100.sh accept                       # the acceptance figures in one call (< 10 min)
 #
@@ -85,6 +86,9 @@ for s in "$@"; do
         "data.path=[]" training.train_steps=3 logging.interval=1 logging.dir="$WORK/smoke_distill" checkpoint.dir=null
       stage smoke_graphs 180 python -m pytest -q -s -m gpu tests/test_cuda_graphs_gpu.py
       stage smoke_sync_free 300 python -m pytest -q -s -m gpu tests/test_sync_free_gpu.py ;;
+    features|features_qwen)  # recomputation, attention within documents, logits at the targets: A/B pairs
+      pair=llama; [ "$s" = features_qwen ] && pair=qwen
+      stage "${s}_bench" 420 python benchmarks/bench_features.py --pair "$pair" --out "$WORK/$s" ;;
     layer_host)
       stage layer_gpu_tests 120 python -m pytest -q -s -m gpu tests/test_layer.py
       stage layer_host_bench 120 python benchmarks/bench_layer_host.py --model llama-150m-32k --out "$WORK/layer_host" ;;
