@@ -12,9 +12,10 @@ Llama decoder layer.
 dict, checkpoints and conversions) and replaces only ``forward`` for the configurations kdtrain
 builds: dense pre-norm GPT layers, causal self-attention on SDPA (with or without per-head query
 and key norms; over the window, or within documents given a ``DocumentMask``: documents.py), no
-inference context, packed sequences or cross-attention. It runs the same
-operations in the same order, so its outputs and gradients equal the stock layer's (bitwise on
-CPU, tests/test_layer.py). Differences in how, not what:
+inference context, packed sequences or cross-attention. It runs the same operations in the same
+order, so its outputs and gradients equal the stock layer's (bitwise on CPU, tests/test_layer.py).
+With ``recompute`` (training.recompute) the forward runs under non-reentrant activation
+checkpointing. Differences in how, not what:
 
 - Linears of a one-rank tensor-parallel group are ``F.linear`` (+ bias as a separate add, as
   megatron does); with tp > 1 the megatron modules run, keeping their overlapped gradient
@@ -34,8 +35,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.identity_op import IdentityOp
-from torch.utils.checkpoint import checkpoint
 from megatron.core.transformer.transformer_layer import TransformerLayer
+from torch.utils.checkpoint import checkpoint
 
 from .attention import SDPAttention
 from .documents import DocumentMask

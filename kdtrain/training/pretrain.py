@@ -38,7 +38,7 @@ def lm_forward_step(vocab_size: int, tp_group) -> ForwardStep:
     """Next-token cross entropy on vocab-parallel logits (Megatron-LM's forward_step contract)."""
 
     def forward_step(model: KDGPTModel, mb: MicroBatch):
-        output = mb.forward(model)  # last stage: logits [s, b, V/tp]
+        output = mb.forward(model)  # last stage: logits [s, b, V/tp], or [n, 1, V/tp] at the targets
 
         def loss_func(logits_SBVl: torch.Tensor, total_tokens):
             # Logits at the targets' rows only when the micro-batch has target flags: [n, 1, V/tp].
