@@ -27,13 +27,16 @@ def _args(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
 
 
 # (ranks, overrides, payloads that cross ranks per step). The tiny run has 4 micro-batches a step.
-# Colocated TP=2 with identical layouts hands payloads over in place (zero copies; its student
+# The disaggregated PP=2 run also evaluates after step 2 (teacher ranks serving mid-run, with the
+# training stream before and after). Colocated TP=2 with identical layouts hands payloads over in
+# place (zero copies; its student
 # recomputes its activations in the backward, tensor-parallel collectives included); colocated
 # teacher PP=2 on ranks 0-1 serves the student replica on rank 1 locally and sends to rank 0.
 LAYOUTS = {
     "disagg-tTP2-sDP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.tp=2", "student.dp=2"], 4),
     "coloc-TP2-recompute": (2, ["teacher.tp=2", "student.tp=2", "training.recompute=true"], 0),
-    "disagg-tPP2-sPP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.pp=2", "student.pp=2"], 4),
+    "disagg-tPP2-sPP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.pp=2", "student.pp=2",
+                             "training.eval_interval=2"], 4),
     "coloc-tPP2-sDP2": (2, ["teacher.pp=2", "student.dp=2"], 2),
 }
 # Students trained from the fp32 cache: (ranks, teacher.source).
@@ -197,6 +200,14 @@ def test_split_and_layout_reproduce_single_process(reference, runs, layout):
         assert got[s]["teacher_compute_s"] > 0 and 0 < got[s]["teacher_busy"]
         assert got[s]["student_wait_s"] >= 0 and got[s]["teacher_wait_s"] >= 0
         assert got[s]["payload_bytes_per_step"] == sent_per_step * PayloadSpec(32, 2, 16, torch.float32).nbytes
+    # The final held-out figures, the divergence to the teacher included: the teacher replicas
+    # serve the held-out batches through the same channel, in every split.
+    ref_valid, valid = (read_metrics(runs.root / name, "valid")[4] for name in ("reference", layout))
+    assert ref_valid["valid_kd_loss"] > 0
+    if "training.eval_interval=2" in extra:
+        assert sorted(read_metrics(runs.root / layout, "valid")) == [2, 4]
+    for k in ("valid_loss", "valid_kd_loss"):
+        assert valid[k] == pytest.approx(ref_valid[k], rel=RTOL, abs=ATOL), k
 
 
 def test_mismatched_vocab_is_a_clear_error(runs):
@@ -216,6 +227,13 @@ def test_student_from_the_cache_follows_the_online_loss_curve(reference, runs, n
             assert got[s][k] == pytest.approx(reference[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}"
     live = [got[s]["teacher_live"] for s in sorted(got)]
     assert live == ([0] * len(live) if source == "cache" else [0, 1, 0, 1]), live
+    # Held-out: the cross entropy always; the divergence where a live teacher runs (mixed).
+    ref_valid, valid = (read_metrics(runs.root / name, "valid")[4] for name in ("reference", f"{nproc}-{source}"))
+    assert valid["valid_loss"] == pytest.approx(ref_valid["valid_loss"], rel=RTOL, abs=ATOL)
+    if source == "cache":
+        assert "valid_kd_loss" not in valid
+    else:
+        assert valid["valid_kd_loss"] == pytest.approx(ref_valid["valid_kd_loss"], rel=RTOL, abs=ATOL)
 
 
 def test_cache_that_does_not_match_the_run_is_refused(runs, tiny_corpus, fp32_cache, tmp_path):
@@ -334,9 +352,10 @@ def test_attention_within_documents_reproduces_across_layouts_and_from_the_cache
             assert got[s][k] == pytest.approx(ref[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}: {got[s][k]} vs {ref[s][k]}"
     if other == "docs-mixed":
         assert [got[s]["teacher_live"] for s in sorted(got)] == [0, 1, 0, 1]
-    else:
+    else:  # held-out loss and divergence to the teacher (its replicas serving the held-out batches)
         valid = [read_metrics(runs.root / name, "valid") for name in ("docs-ref", other)]
-        assert valid[0][4]["valid_loss"] == pytest.approx(valid[1][4]["valid_loss"], rel=RTOL)
+        for k in ("valid_loss", "valid_kd_loss"):
+            assert valid[0][4][k] == pytest.approx(valid[1][4][k], rel=RTOL), k
     from kdtrain.data.gpt_dataset import GPTWindowDataset
 
     ds = GPTWindowDataset([runs.short_chats], 32, document_positions=True)

@@ -18,7 +18,8 @@ and payload bytes/s. The teacher-side figures are means over the teacher ranks a
 since the last log line; they reach the logging rank by one small world all-reduce on logging
 steps only, so the teacher keeps running ahead of the student between them. With on-policy
 steps: ``onpolicy`` (whether the step was one), ``sample_s`` and ``sampled_tokens`` (the
-student's tokens the step trained on).
+student's tokens the step trained on). Held-out records (``evaluate_distill``, every rank): the
+student's cross entropy and, with a live teacher, its divergence to the teacher.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
 from .optimizer import lr_at
 from .profiling import StepProfiler
-from .pretrain import (build_trainable, describe_dataset, evaluate, lm_forward_step, open_dataset, resolve_dtype,
-                       restore_role, save_role)
-from .step import train_step
+from .pretrain import (build_trainable, describe_dataset, evaluate, held_out, lm_forward_step, open_dataset,
+                       resolve_dtype, restore_role, save_role)
+from .step import eval_step, train_step
 from .teacher import Teacher
 
 KD_REPORT_KEYS = ("loss_sum", "kd_sum", "ce_sum", "tokens")
@@ -384,17 +385,19 @@ def distill(cfg: DistillConfig) -> dict:
             summary["train_loss"] = metrics["loss"]
             if log_now:
                 logger.log(step, metrics)
-            if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.train_steps:
-                logger.log(step, _evaluate_student(student, dataset, cfg, s_groups, env.device), kind="valid")
             if cfg.checkpoint.dir and (step == tr.train_steps or (cfg.checkpoint.save_interval
                                                                    and step % cfg.checkpoint.save_interval == 0)):
                 save_role(cfg.checkpoint, cfg.student.model, student, step, tr.global_batch_size,
                           {"kind": "distill", "teacher": to_dict(cfg.teacher.model), "data": to_dict(cfg.data)})
+        if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.train_steps:  # every rank: teachers serve
+            valid = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
+            if student is not None:
+                logger.log(step, valid, kind="valid")
+    final = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
     channel.flush()
     if reader is not None:
         reader.close()
     if student is not None:
-        final = _evaluate_student(student, dataset, cfg, s_groups, env.device)
         if final:
             logger.log(step, final, kind="valid")
         summary.update(final)
@@ -464,10 +467,58 @@ def _layer_modes(compile: bool, cuda_graphs: bool) -> str:
     return (", compiled layers" if compile else "") + (", CUDA-graphed student layers" if cuda_graphs else "")
 
 
-def _evaluate_student(student, dataset, cfg: DistillConfig, groups, device) -> dict:
-    """Held-out next-token cross entropy of the student (comparable with plain pretraining)."""
-    fwd = lm_forward_step(cfg.student.model.vocab_size, groups.pgc.tp)
-    return evaluate(student, dataset, cfg.training, fwd, device)
+def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing, dataset, cfg: DistillConfig,
+                     s_groups, t_groups, device) -> dict:
+    """The student's held-out metrics; every rank calls it at the same steps.
+
+    ``valid_loss`` / ``valid_ppl``: next-token cross entropy over the held-out targets (as in
+    pretraining). ``valid_kd_loss``: the run's divergence to the live teacher on the same windows,
+    per target token, at the teacher's top-k like the training ``kd_loss``: each held-out global
+    batch goes through the step's machinery (the teacher replicas serve its micro-batches over
+    the channel, the student runs them forward only). Runs without a live teacher
+    (``teacher.source: cache``) report only the first two."""
+    out = {}
+    if student is not None:
+        out.update(evaluate(student, dataset, cfg.training, lm_forward_step(cfg.student.model.vocab_size,
+                                                                            s_groups.pgc.tp), device))
+    tr = cfg.training
+    n_valid = dataset.num_valid_windows
+    if cfg.teacher.source == "cache" or n_valid == 0 or tr.eval_batches == 0:
+        return out
+    G, m = tr.global_batch_size, tr.micro_batch_size
+    sample, targets, positions = held_out(dataset)
+    sums = dict.fromkeys(KD_REPORT_KEYS, 0.0)
+    sent = channel.bytes_sent  # the held-out payloads are not a training step's traffic
+    if student is not None:
+        student.model.eval()
+    for b in range(tr.eval_batches):
+        first = b * G
+        items, upcoming = [], []
+        if student is not None:
+            upcoming = pairing.student_work(s_groups.dp_rank)
+            mbs = microbatches(sample, first, G, m, s_groups.dp_rank, s_groups.layout.dp, device, targets=targets,
+                               positions=positions)
+            items = [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)]
+            upcoming = list(upcoming)
+            if s_groups.is_last_stage:
+                channel.post(upcoming)
+        if teacher is not None:
+            for o, mb in teacher_microbatches(sample, pairing, first, G, m, t_groups.dp_rank, device, targets,
+                                              positions):
+                payload = teacher.serve(mb)
+                if payload is not None:
+                    channel.put(o, payload)
+        if student is not None:
+            fwd = kd_forward_step(channel, upcoming, cfg, s_groups.pgc.tp, {"teacher_wait_s": 0.0})
+            for k, v in eval_step(student.schedule, fwd, items, s_groups, KD_REPORT_KEYS).items():
+                sums[k] += v
+        if cfg.split.mode == "colocated":
+            channel.flush()
+    channel.bytes_sent = sent
+    if student is not None:
+        student.model.train()
+        out["valid_kd_loss"] = sums["kd_sum"] / max(sums["tokens"], 1.0)
+    return out
 
 
 def _agree_start_step(start_step: int, s_layout: RoleLayout, device) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -121,17 +122,24 @@ def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, s
     return Role(groups, model, grads, optimizer, schedule)
 
 
+def held_out(dataset) -> tuple[Callable, Callable, Callable]:
+    """(window, target flags, document positions) of held-out sample j, for any j >= 0: an
+    evaluation of several global batches cycles through the held-out windows."""
+    n = dataset.num_valid_windows
+    return (lambda j: dataset.valid_sample(j % n), lambda j: dataset.valid_loss_mask(j % n),
+            lambda j: dataset.valid_positions(j % n))
+
+
 def evaluate(role: Role, dataset: GPTWindowDataset, t: TrainingConfig, forward_step, device) -> dict:
     n_valid = dataset.num_valid_windows
     if n_valid == 0 or t.eval_batches == 0:
         return {}
     sums = {k: 0.0 for k in LM_REPORT_KEYS}
+    sample, targets, positions = held_out(dataset)
     role.model.eval()
     for b in range(t.eval_batches):
-        mbs = microbatches(lambda j: dataset.valid_sample(j % n_valid), b * t.global_batch_size,
-                           t.global_batch_size, t.micro_batch_size, role.groups.dp_rank, role.groups.layout.dp, device,
-                           targets=lambda j: dataset.valid_loss_mask(j % n_valid),
-                           positions=lambda j: dataset.valid_positions(j % n_valid))
+        mbs = microbatches(sample, b * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
+                           role.groups.dp_rank, role.groups.layout.dp, device, targets=targets, positions=positions)
         for k, v in eval_step(role.schedule, forward_step, mbs, role.groups, LM_REPORT_KEYS).items():
             sums[k] += v
     role.model.train()

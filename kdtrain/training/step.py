@@ -78,4 +78,8 @@ def eval_step(schedule: PipelineSchedule, forward_step: ForwardStep, microbatche
     device = schedule.link.device
     total_tokens = global_token_count(microbatches, groups, device)
     reports = schedule.forward_only(forward_step, microbatches, total_tokens)
+    for report in reports:  # input checks the loss deferred (see train_step)
+        check = report.pop("check", None)
+        if check is not None:
+            check()
     return reduce_reports(reports, report_keys, groups, device)
