@@ -150,3 +150,16 @@ def test_distill_overrides_reach_each_role_model():
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="config file not found|unknown pretrain config"):
         load_pretrain_config(str(tmp_path / "missing.yaml"))
+
+
+def test_slurm_launcher_names_its_entry_points():
+    """scripts/slurm_launch.sh: valid shell, and an unknown entry point is refused before Slurm is asked."""
+    import subprocess
+
+    script = CONFIG_DIR.parent / "scripts" / "slurm_launch.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "train.py", "configs/distill/tiny.yaml"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "ENTRY must be pretrain_gpt.py, distill_gpt.py or cache_teacher.py" in proc.stderr
+    header = script.read_text()
+    for entry in ("pretrain_gpt.py", "distill_gpt.py", "cache_teacher.py"):
+        assert f"slurm_launch.sh {entry} configs/" in header and (CONFIG_DIR.parent / "scripts" / entry).is_file()
