@@ -51,3 +51,38 @@ def test_eval_reproduces_the_runs_held_out_loss(world_of_one, tiny_chat_corpus, 
         assert msg in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "ckpt"), "--seq-length", "32", "--device", "cpu"]) == 2
     assert "describe --data" in capsys.readouterr().err
+
+
+def test_eval_with_a_teacher_reproduces_the_runs_held_out_divergence(world_of_one, tiny_corpus, tmp_path, capsys):
+    """``kdtrain eval --teacher``: the divergence to the teacher it computes offline, with the loss
+    and k the distillation run recorded, is the ``valid_kd_loss`` the run logged (computed there
+    through the teacher -> student channel) on the same held-out windows."""
+    from kdtrain.cli import main
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.distill import distill
+    from kdtrain.training.pretrain import pretrain
+
+    data = [f"data.path=[{tiny_corpus['prefix']}]", f"data.tokenizer={tiny_corpus['tokenizer']}"]
+    pretrain(load_pretrain_config("tiny", data + [
+        "precision.device=cpu", "training.train_steps=3", f"logging.dir={tmp_path / 'teacher-run'}",
+        f"checkpoint.dir={tmp_path / 'teacher'}"]))
+    distill(load_distill_config("tiny", data + [
+        "precision.device=cpu", "teacher.random_init=false", f"teacher.load={tmp_path / 'teacher'}",
+        "loss.divergence=jsd", "loss.beta=0.3", "loss.tau=2.0", f"logging.dir={tmp_path / 'run'}",
+        f"checkpoint.dir={tmp_path / 'student'}"]))
+    logged = read_metrics(tmp_path / "run", "valid")[4]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                 "--max-windows", "8", "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
+    got = json.loads((tmp_path / "eval.json").read_text())[str(tmp_path / "student")]
+    assert got["targets_loss"] == pytest.approx(logged["valid_loss"], rel=1e-5)
+    assert got["kd_loss"] == pytest.approx(logged["valid_kd_loss"], rel=1e-5) and got["kd_loss"] > 0
+    assert f"{got['kd_loss']:9.4f}" in capsys.readouterr().out
+    # Other loss settings give another divergence; settings without a teacher are an error.
+    assert main(["eval", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                 "--max-windows", "8", "--device", "cpu", "--divergence", "forward_kl", "--tau", "1.0",
+                 "--out", str(tmp_path / "fkl.json")]) == 0
+    fkl = json.loads((tmp_path / "fkl.json").read_text())[str(tmp_path / "student")]["kd_loss"]
+    assert abs(fkl - got["kd_loss"]) > 1e-3 * got["kd_loss"]
+    assert main(["eval", "--model", str(tmp_path / "student"), "--tau", "2", "--device", "cpu"]) == 2
+    assert "describe the divergence to --teacher" in capsys.readouterr().err

@@ -14,6 +14,14 @@ opened as a run opens it (blends, packing, tokenizer and vocabulary checks), and
 over the target tokens (on a conversation corpus the replies; every token otherwise), over the
 other tokens (prompts, padding) and over all tokens, with the token counts. One process, the
 whole model on one device (GPU when there is one; bf16 there, fp32 on CPU).
+
+``--teacher T`` also reports each model's divergence to the teacher over the target tokens
+(``kd_loss``, per token, at the teacher's top-k as a distillation run computes it): with the
+loss (divergence, beta, tau, tail) and ``teacher.topk`` the first checkpoint's distillation run
+recorded, else forward KL at tau 1 and k 64; ``--divergence``, ``--beta``, ``--tau``, ``--topk``
+override. On a run's own held-out data this is the run's logged ``valid_kd_loss``.
+
+    kdtrain eval --model checkpoints/student-a checkpoints/student-b --teacher checkpoints/teacher
 """
 
 from __future__ import annotations
@@ -24,31 +32,90 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
-def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, device) -> dict:
-    """Cross entropy of ``model`` on the first ``windows`` held-out windows of ``dataset``, split by
-    the dataset's target flags: ``{targets,context,all}_loss`` and the token counts."""
+def _batches(dataset, windows: int, batch: int, device):
+    """(micro-batch of every held-out window, target flags [b, s] bool) of the first ``windows``."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from ..training.batches import make_microbatch, stack_rows
 
-    sums = {k: [0.0, 0] for k in ("targets", "context", "all")}
+    for start in range(0, windows, batch):
+        ids = range(start, min(start + batch, windows))
+        mb = make_microbatch(np.stack([dataset.valid_sample(j) for j in ids]), device,
+                             positions=stack_rows(dataset.valid_positions, ids))
+        mask = (torch.from_numpy(np.stack([dataset.valid_loss_mask(j) for j in ids])).to(device)
+                if dataset.has_loss_mask else torch.ones_like(mb.labels, dtype=torch.bool))
+        yield mb, mask
+
+
+def teacher_payloads(teacher, vocab_size: int, dataset, windows: int, batch: int, device, k: int,
+                     tau: float) -> list:
+    """The teacher's top-k ids, values and log-normaliser at ``tau`` ([s, b, ...], on the host) for
+    each batch of held-out windows, as a distillation run's teacher computes them."""
+    import torch
+
+    from ..stream import vocab_parallel_topk
+
+    out = []
     with torch.no_grad():
-        for start in range(0, windows, batch):
-            ids = range(start, min(start + batch, windows))
-            mb = make_microbatch(np.stack([dataset.valid_sample(j) for j in ids]), device,
-                                 positions=stack_rows(dataset.valid_positions, ids))
-            logits = mb.forward(model)[..., :vocab_size].float()  # [s, b, V]
+        for mb, _ in _batches(dataset, windows, batch, device):
+            ids, values, lse = vocab_parallel_topk(mb.forward(teacher), k, vocab_size, None, tau=tau)
+            out.append((ids.cpu(), values.cpu(), lse.cpu()))
+    return out
+
+
+def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, device, teacher=None) -> dict:
+    """Cross entropy of ``model`` on the first ``windows`` held-out windows of ``dataset``, split by
+    the dataset's target flags: ``{targets,context,all}_loss`` and the token counts; with
+    ``teacher`` = (``teacher_payloads``, KDLossConfig) also ``kd_loss``, the divergence to it per
+    target token."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from ..loss import kd_loss
+
+    sums = {k: [0.0, 0] for k in ("targets", "context", "all")}
+    kd_sum = 0.0
+    with torch.no_grad():
+        for i, (mb, mask) in enumerate(_batches(dataset, windows, batch, device)):
+            raw = mb.forward(model)  # [s, b, padded V]
+            logits = raw[..., :vocab_size].float()
             nll = F.cross_entropy(logits.permute(1, 2, 0), mb.labels, reduction="none")  # [b, s]
-            mask = (torch.from_numpy(np.stack([dataset.valid_loss_mask(j) for j in ids])).to(device)
-                    if dataset.has_loss_mask else torch.ones_like(nll, dtype=torch.bool))
             for key, m in (("targets", mask), ("context", ~mask), ("all", torch.ones_like(mask))):
                 sums[key][0] += float(nll[m].double().sum())
                 sums[key][1] += int(m.sum())
+            if teacher is not None:
+                payloads, cfg = teacher
+                ids, values, lse = (t.to(device) for t in payloads[i])
+                _, report = kd_loss(raw, ids, values, vocab_size=vocab_size, config=dataclasses.replace(cfg, alpha=0.0),
+                                    loss_mask_SB=mask.t().float(), teacher_lse_SB=lse,
+                                    impl="auto" if raw.is_cuda else "reference")
+                kd_sum += float(report["kd_sum"])
     out = {f"{k}_loss": (s / n if n else float("nan")) for k, (s, n) in sums.items()}
     out.update(target_tokens=sums["targets"][1], tokens=sums["all"][1])
+    if teacher is not None:
+        out["kd_loss"] = kd_sum / sums["targets"][1] if sums["targets"][1] else float("nan")
     return out
+
+
+def run_kd_config(model: str, overrides: dict):
+    """(KDLossConfig, k) for ``--teacher``: the loss and ``teacher.topk`` the checkpoint's
+    distillation run recorded (defaults otherwise), then the given overrides."""
+    import dataclasses
+
+    from ..config import from_dict
+    from ..convert.hf_weights import is_hf_model_dir
+    from ..convert.sources import CheckpointWeights
+    from ..loss import KDLossConfig
+
+    meta = {} if is_hf_model_dir(model) else CheckpointWeights(model).reader.meta
+    cfg = from_dict(KDLossConfig, meta["loss"], f"{model}: loss") if meta.get("loss") else KDLossConfig()
+    k = overrides.pop("topk", None) or meta.get("topk") or 64
+    cfg = dataclasses.replace(cfg, **{f: v for f, v in overrides.items() if v is not None})
+    cfg.check("--divergence/--beta/--tau")
+    return cfg, int(k)
 
 
 def run_data_config(model: str):
@@ -67,9 +134,11 @@ def run_data_config(model: str):
 
 
 def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[int] = None, batch: int = 8,
-                    device: str = "auto") -> tuple[dict[str, dict], object]:
+                    device: str = "auto", teacher: Optional[str] = None,
+                    kd_overrides: Optional[dict] = None) -> tuple[dict[str, dict], object]:
     """Scores of every model on the held-out windows of ``data`` (a DataConfig; None: the first
-    model's run's). Returns (results by model, the DataConfig used)."""
+    model's run's), with ``teacher`` also their divergence to it (``run_kd_config``).
+    Returns (results by model, the DataConfig used)."""
     import torch
 
     from ..convert.sources import open_weights
@@ -85,7 +154,12 @@ def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[i
     if data.mock:
         raise ValueError("the run used mock data: pass --data and --seq-length")
     data.check()
-    configs = {m: open_weights(m).cfg for m in models}
+    configs = {m: open_weights(m).cfg for m in [*models, *([teacher] if teacher else [])]}
+    if teacher:
+        other = {m: c.vocab_size for m, c in configs.items() if c.vocab_size != configs[teacher].vocab_size}
+        if other:
+            raise ValueError(f"--teacher {teacher} has vocab_size {configs[teacher].vocab_size}, but {other}: the "
+                             "divergence needs one vocabulary")
     too_long = [m for m, c in configs.items() if data.seq_length > c.max_seq_length]
     if too_long:
         raise ValueError(f"sequence length {data.seq_length} exceeds the max_seq_length of {too_long}")
@@ -96,9 +170,15 @@ def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[i
     results = {}
     with one_process_world(device) as env:
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+        kd = None
+        if teacher:
+            kd_cfg, k = run_kd_config(models[0], dict(kd_overrides or {}))
+            tcfg, net = load_whole_model(teacher, env.device, dtype, "eval --teacher", configs[teacher])
+            kd = (teacher_payloads(net, tcfg.vocab_size, dataset, windows, batch, env.device, k, kd_cfg.tau), kd_cfg)
+            del net
         for m in models:
             cfg, net = load_whole_model(m, env.device, dtype, "eval --model", configs[m])
-            results[m] = heldout_losses(net, cfg.vocab_size, dataset, windows, batch, env.device)
+            results[m] = heldout_losses(net, cfg.vocab_size, dataset, windows, batch, env.device, kd)
             del net
     return results, data
 
@@ -118,16 +198,20 @@ def _run(args) -> int:
                                      args.seed)) or args.every_token:
         raise ValueError("--seq-length, --split, --seed, --packing, --attention, --tokenizer and --every-token "
                          "describe --data; without --data the first checkpoint's run data is used as it was")
+    kd = {"divergence": args.divergence, "beta": args.beta, "tau": args.tau, "topk": args.topk}
+    if not args.teacher and any(v is not None for v in kd.values()):
+        raise ValueError("--divergence, --beta, --tau and --topk describe the divergence to --teacher")
     results, data = evaluate_models(args.model, data, max_windows=args.max_windows, batch=args.batch,
-                                    device=args.device)
+                                    device=args.device, teacher=args.teacher, kd_overrides=kd)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     first = next(iter(results.values()))
     print(f"data: {', '.join(data.path)}, seq {data.seq_length}, split {list(data.split)}, {data.packing} packing, "
           f"attention within the {data.attention}: {first['tokens']} held-out tokens, {first['target_tokens']} targets")
-    print(f"{'model':40s} {'targets':>9s} {'context':>9s} {'all':>9s}")
+    print(f"{'model':40s} {'targets':>9s} {'context':>9s} {'all':>9s}" + (f" {'kd':>9s}" if args.teacher else ""))
     for m, r in results.items():
-        print(f"{Path(m).name:40s} {r['targets_loss']:9.4f} {r['context_loss']:9.4f} {r['all_loss']:9.4f}")
+        print(f"{Path(m).name:40s} {r['targets_loss']:9.4f} {r['context_loss']:9.4f} {r['all_loss']:9.4f}"
+              + (f" {r['kd_loss']:9.4f}" if args.teacher else ""))
     return 0
 
 
@@ -144,6 +228,12 @@ def register(sub) -> None:
     p.add_argument("--attention", choices=("window", "documents"), help="with --data: the run's data.attention")
     p.add_argument("--tokenizer", help="with --data: checked against the corpus' tokenizer fingerprint")
     p.add_argument("--every-token", action="store_true", help="with --data: ignore the corpus' loss mask")
+    p.add_argument("--teacher", help="also each model's divergence to this teacher (checkpoint or HF directory)")
+    p.add_argument("--divergence", choices=("forward_kl", "reverse_kl", "jsd"),
+                   help="with --teacher (default: the run's)")
+    p.add_argument("--beta", type=float, help="with --teacher and jsd (default: the run's)")
+    p.add_argument("--tau", type=float, help="with --teacher: temperature (default: the run's)")
+    p.add_argument("--topk", type=int, help="with --teacher: the teacher's top-k (default: the run's teacher.topk)")
     p.add_argument("--max-windows", type=int, help="only the first N held-out windows")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")

@@ -388,7 +388,8 @@ def distill(cfg: DistillConfig) -> dict:
             if cfg.checkpoint.dir and (step == tr.train_steps or (cfg.checkpoint.save_interval
                                                                    and step % cfg.checkpoint.save_interval == 0)):
                 save_role(cfg.checkpoint, cfg.student.model, student, step, tr.global_batch_size,
-                          {"kind": "distill", "teacher": to_dict(cfg.teacher.model), "data": to_dict(cfg.data)})
+                          {"kind": "distill", "teacher": to_dict(cfg.teacher.model), "data": to_dict(cfg.data),
+                           "loss": to_dict(cfg.loss), "topk": cfg.teacher.topk})
         if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.train_steps:  # every rank: teachers serve
             valid = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
             if student is not None:
