@@ -63,10 +63,11 @@ def run_entries(nproc: int, jobs: list[tuple[str, list[str]]], workdir: Path, ti
     return results
 
 
-def small_gpt(kind: str, vocab_size: int, num_layers: int = 2):
-    """A one-rank fp32 CPU GPT of 64 hidden units in one of three shapes: ``llama`` (GQA, SwiGLU,
+def small_gpt(kind: str, vocab_size: int, num_layers: int = 2, pp: int = 1):
+    """An fp32 CPU GPT of 64 hidden units in one of three shapes: ``llama`` (GQA, SwiGLU,
     rotary), ``qwen3`` (also per-head query/key norms, head_dim 24, tied embeddings) or ``gpt2``
-    (LayerNorm, GELU, learned positions, biases, tied embeddings)."""
+    (LayerNorm, GELU, learned positions, biases, tied embeddings); with ``pp`` > 1 this rank's
+    pipeline stage (a world of ``pp`` ranks; the same weights as the whole model)."""
     import torch
 
     from kdtrain.config import ModelConfig
@@ -80,7 +81,7 @@ def small_gpt(kind: str, vocab_size: int, num_layers: int = 2):
            "gpt2": ModelConfig(**common, normalization="layernorm", activation="gelu_tanh",
                                position_embedding="learned", add_bias_linear=True, tie_embeddings=True)}[kind]
     cfg.check()
-    return build_gpt(cfg, build_role_groups(RoleLayout("m", 0, 1, 1, 1)), device=torch.device("cpu"),
+    return build_gpt(cfg, build_role_groups(RoleLayout("m", 0, 1, pp, 1)), device=torch.device("cpu"),
                      dtype=torch.float32, seed=0)
 
 

@@ -53,11 +53,13 @@ def _from_cache_args(source: str, nproc: int, cache: Path) -> list[str]:
 
 
 # On-policy distillation: half the steps on the student's own samples (prompt: the first 8 tokens),
-# on one rank and in two colocated layouts (the sampling noise is keyed by sample, not by layout).
+# on one rank and in three colocated layouts and a disaggregated one (the sampling noise is keyed by
+# sample, not by layout; the PP=2 student decodes through its two stages).
 ONPOLICY = ["onpolicy.fraction=0.5", "onpolicy.prompt_length=8"]
 # (The DP=2 run also samples in calls of 1 row instead of the replica's 4.) Ranks of each layout:
 ONPOLICY_LAYOUTS = {"onpolicy-TP2": (2, ["teacher.tp=2", "student.tp=2"]),
                     "onpolicy-DP2": (2, ["student.dp=2", "onpolicy.sample_batch=1"]),
+                    "onpolicy-PP2": (2, ["student.pp=2"]),
                     "onpolicy-disagg": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.tp=2",
                                             "student.dp=2"])}
 

@@ -62,7 +62,6 @@ def test_a_sample_depends_on_its_id_not_its_batch(world_of_one):
 
 
 @pytest.mark.parametrize("override,field", [
-    (["student.pp=2"], "student.pp"),
     (["onpolicy.prompt_length=40"], "onpolicy.prompt_length"),
     (["teacher.source=cache", "teacher.cache=/nowhere"], "teacher.source"),
     (["onpolicy.temperature=-1"], "onpolicy.temperature"),
@@ -232,3 +231,45 @@ def test_replies_within_documents_are_sampled_as_if_alone(kind, world_of_one):
     for i in range(2):
         t = torch.nonzero(flags[i])[:, 0]
         assert torch.equal(forced[i, t - 1], got[i, t]), i
+
+
+def _stage_case():
+    """Rows, spans, positions and settings of the pipeline test: a stop token, attention within
+    documents and a temperature draw."""
+    import numpy as np
+
+    from kdtrain.data.gpt_dataset import positions_from_starts
+
+    windows = torch.randint(1, V, (3, T), generator=torch.Generator().manual_seed(8))
+    spans = [[(5, 9)], [(3, 6), (11, 14)], [(8, T)]]
+    positions = torch.tensor(np.stack([positions_from_starts(T, np.array(s)) for s in ([10], [], [4, 12])]))
+    kw = dict(vocab_size=V, temperature=1.0, seed=5, sample_ids=[3, 4, 5], stop_token=int(windows[0, 2]),
+              top_p=0.9)
+    return windows, spans, positions, kw
+
+
+def _sample_on_stages(rank, world, out):
+    from kdtrain.models.generate import DecodeStages, sample_replies
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    model = small_gpt("llama", V, pp=world)
+    groups = build_role_groups(RoleLayout("m", 0, 1, world, 1))
+    windows, spans, positions, kw = _stage_case()
+    got = sample_replies(model, windows, spans, positions=positions, stages=DecodeStages.of(groups), **kw)
+    torch.save(got, f"{out}.{rank}")
+
+
+def test_pipeline_stages_sample_what_the_whole_model_samples(world_of_one, tmp_path):
+    """A model split in two pipeline stages decodes through them (hidden states forward, the last
+    stage's picks broadcast back): every stage returns the rows, flags and positions the whole
+    model returns."""
+    from conftest import run_spawn
+    from kdtrain.models.generate import sample_replies
+
+    windows, spans, positions, kw = _stage_case()
+    want = sample_replies(_model("llama"), windows, spans, positions=positions, **kw)
+    assert want[1].any() and not want[1].all()
+    run_spawn(2, _sample_on_stages, str(tmp_path / "rows"), tmp_path=tmp_path)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rows.{rank}")
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), rank

@@ -242,10 +242,10 @@ class DistillConfig:
         self.data.check_precision(self.precision)
         check_recompute(self.training, self.precision)
         if self.onpolicy.fraction > 0:
-            self._check_onpolicy(spans)
+            self._check_onpolicy()
         return spans
 
-    def _check_onpolicy(self, spans: Spans) -> None:
+    def _check_onpolicy(self) -> None:
         op = self.onpolicy
         if op.stop_token is not None and op.stop_token >= self.student.model.vocab_size:
             raise field_error("onpolicy", "stop_token", f"{op.stop_token} is not an id of the student's vocabulary "
@@ -257,8 +257,6 @@ class DistillConfig:
             raise field_error("teacher", "source", "onpolicy needs the live teacher (a cache holds the data's "
                               "payloads, not those of the student's samples): use online, or mixed (sampled "
                               "steps live, the others from the cache)")
-        if spans.student.pp != 1:
-            raise field_error("student", "pp", "onpolicy samples with the whole student on each rank in depth: pp 1")
 
 
 def load_distill_config(path: Optional[str], overrides=()) -> DistillConfig:

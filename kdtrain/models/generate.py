@@ -1,7 +1,7 @@
 """Sampling continuations from a GPT (the student's own sequences for on-policy distillation).
 
 ``sample(model, prompts, total_length, ...)`` extends each prompt to ``total_length`` tokens, one
-token at a time, on a model held whole in depth (pp = 1, any tensor parallelism).
+token at a time, on a model held whole in depth (any tensor parallelism).
 ``sample_replies(model, windows, spans, ...)`` rewrites the replies of each row instead
 (conversations: the model writes a reply where the data has one, stops at its end-of-turn token,
 and the data's next turn follows). Rows are decoded together from the shortest prompt: a row
@@ -12,6 +12,12 @@ position's keys and values in a preallocated ``[total_length, b, groups, head_di
 prompt is one forward, every new token a one-position forward attending to the cache. Other
 layers (Transformer Engine's spec) fall back to re-running the whole prefix per token; the tokens
 are the same, the cost quadratic.
+
+Pipeline stages (``stages``, a model split in depth): every forward passes the new positions'
+hidden states from stage to stage (point to point), the last stage picks the tokens and
+broadcasts them over the pipeline group, and every stage then advances the same per-row state,
+so all stages hold the same rows. A token costs one hop per stage; the key/value caches stay
+with their layers.
 
 Randomness that does not depend on the layout. Token ``t`` of sample ``g`` is drawn from
 ``softmax(logits / temperature)`` over the real vocabulary by inversion: one uniform ``u(seed, g, t)``
@@ -26,6 +32,7 @@ of the cumulative sum). ``temperature = 0`` is greedy.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -132,14 +139,37 @@ def pick_tokens(logits_bVl: torch.Tensor, vocab_size: int, temperature: float, u
     return idx
 
 
+@dataclass(frozen=True)
+class DecodeStages:
+    """This rank's pipeline neighbours for decoding: global ranks of the previous and next stage
+    (None at the ends), of the last stage (whose picks all follow) and the pipeline group."""
+
+    prev: Optional[int]
+    next: Optional[int]
+    last: int
+    group: object
+
+    @classmethod
+    def of(cls, groups) -> Optional["DecodeStages"]:
+        """From a role's RoleGroups; None when the role has one stage."""
+        pp = groups.layout.pp
+        if pp == 1:
+            return None
+        r = groups.pp_rank
+        return cls(None if r == 0 else groups.stage_rank(r - 1), None if r == pp - 1 else groups.stage_rank(r + 1),
+                   groups.stage_rank(pp - 1), groups.pgc.pp)
+
+
 def _cached_layers(model) -> bool:
     return all(getattr(layer, "direct", False) for layer in model.decoder.layers)
 
 
 def _forward_positions(model, tokens: torch.Tensor, offset: int, rope, caches,
-                       doc_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       doc_pos: Optional[torch.Tensor] = None,
+                       stages: Optional[DecodeStages] = None) -> Optional[torch.Tensor]:
     """Logits [b, V/tp] of the last of positions ``[offset, offset + n)``, given their tokens [b, n]
-    (every position's keys and values go into the cache). ``doc_pos`` [b, n]: their positions in
+    (every position's keys and values go into the cache); on a pipeline stage before the last,
+    the hidden states go to the next stage and the result is None. ``doc_pos`` [b, n]: their positions in
     their documents (attention within documents): a query at ``offset + i`` then sees the keys
     from its document's start ``offset + i - doc_pos[:, i]`` to itself, and rotates by its
     document position (models/documents.py's rule)."""
@@ -156,9 +186,16 @@ def _forward_positions(model, tokens: torch.Tensor, offset: int, rope, caches,
         start = query[None, :] - pos  # [b, n]
         allowed = (keys[None, None, :] >= start[:, :, None]) & (keys[None, None, :] <= query[None, :, None])
         allowed = allowed.unsqueeze(1)  # [b, 1, n, offset + n]
-    hidden = model.embedding(input_ids=tokens, position_ids=pos)
+    if model.pre_process:
+        hidden = model.embedding(input_ids=tokens, position_ids=pos)
+    else:
+        hidden = torch.empty(n, b, model.config.hidden_size, dtype=caches[0][0].dtype, device=tokens.device)
+        dist.recv(hidden, stages.prev, group=stages.group)
     for layer, kv in zip(model.decoder.layers, caches):
         hidden = layer.cached_forward(hidden, cos_sin, kv, offset, allowed)
+    if not model.post_process:
+        dist.send(hidden.contiguous(), stages.next, group=stages.group)
+        return None
     # Only the last position's logits are needed (a prompt's full [P, b, V] would be the largest
     # tensor of the whole call).
     return model._postprocess(model.decoder.final_layernorm(hidden[-1:]))[-1]
@@ -189,7 +226,7 @@ def _continued_positions(out_pos_t: torch.Tensor, given_pos: torch.Tensor) -> to
 def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]], *, vocab_size: int,
                    temperature: float, seed: int, sample_ids: Sequence[int], stop_token: Optional[int] = None,
                    pad_id: int = 0, tp_group=None, top_k: int = 0, top_p: float = 1.0,
-                   positions: Optional[torch.Tensor] = None,
+                   positions: Optional[torch.Tensor] = None, stages: Optional[DecodeStages] = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Rewrite each row of ``windows`` [b, L] with the model's own replies.
 
@@ -206,9 +243,12 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
     ``positions`` [b, L]: the given tokens' positions in their documents (attention within
     documents, models/documents.py). Each token then attends only within its document, as in
     training: a sampled token continues the document it follows, a given token that starts a
-    document in the data starts one in the new row, and the returned positions say so."""
-    if not (model.pre_process and model.post_process):
-        raise ValueError("sampling needs the whole model on one rank in depth (pp = 1)")
+    document in the data starts one in the new row, and the returned positions say so.
+
+    ``stages``: this rank's stage of a model split in depth (the module docstring); every stage
+    calls this with the same rows and returns the same result."""
+    if not (model.pre_process and model.post_process) and stages is None:
+        raise ValueError("sampling from one pipeline stage needs its neighbours (stages)")
     b, L = windows.shape
     assert len(sample_ids) == b == len(spans), (len(sample_ids), b, len(spans))
     assert all(s >= 1 for row in spans for s, _ in row), spans
@@ -246,8 +286,13 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
 
     def step(logits_bVl, t) -> bool:
         """Place position t; True when no row samples again (the rest is given tokens)."""
-        picked = pick_tokens(logits_bVl, vocab_size, temperature, None if u is None else u[:, t - first], tp_group,
-                             top_k, top_p)
+        if logits_bVl is not None:
+            picked = pick_tokens(logits_bVl, vocab_size, temperature, None if u is None else u[:, t - first],
+                                 tp_group, top_k, top_p)
+        else:  # a stage before the last: the last stage's picks
+            picked = torch.empty(b, dtype=torch.long, device=device)
+        if stages is not None:
+            dist.broadcast(picked, src=stages.last, group=stages.group)
         sampling.logical_or_(src == starts[rows, rep])
         tokens[:, t] = torch.where(sampling, picked, given[rows, src.clamp(max=L)])
         flags[:, t] = sampling
@@ -285,14 +330,17 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
                 freqs = model.rotary_pos_emb(L)
                 rope = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
             logits = _forward_positions(model, tokens[:, :first], 0, rope, caches,
-                                        None if out_pos is None else out_pos[:, :first])
+                                        None if out_pos is None else out_pos[:, :first], stages)
             for t in range(first, L):
                 if step(logits, t):
                     fill_rest(t)
                     break
                 if t + 1 < L:
                     logits = _forward_positions(model, tokens[:, t:t + 1], t, rope, caches,
-                                                None if out_pos is None else out_pos[:, t:t + 1])
+                                                None if out_pos is None else out_pos[:, t:t + 1], stages)
+        elif stages is not None:
+            raise ValueError("sampling from pipeline stages needs kdtrain's local layers (the key/value-cached "
+                             "decoder)")
         else:
             for t in range(first, L):
                 if out_pos is None:
