@@ -273,3 +273,32 @@ def test_pipeline_stages_sample_what_the_whole_model_samples(world_of_one, tmp_p
     for rank in range(2):
         got = torch.load(tmp_path / f"rows.{rank}")
         assert all(torch.equal(a, b) for a, b in zip(got, want)), rank
+
+
+def test_given_stretches_go_through_the_model_in_one_forward(world_of_one, monkeypatch):
+    """Where no row samples for a while (between one reply's stop and the next reply's start),
+    the given tokens go through the model in one forward instead of one each, and the rows are
+    those the whole-prefix decoder (no key/value cache, one position at a time) writes."""
+    import kdtrain.models.generate as generate
+
+    model = small_gpt("llama", V, num_layers=2)
+    L = 60
+    windows = torch.randint(1, V, (2, L), generator=torch.Generator().manual_seed(9))
+    spans = [[(4, 8), (45, 50)], [(6, 9), (40, 44)]]
+    kw = dict(vocab_size=V, temperature=1.0, seed=1, sample_ids=[0, 1])
+    stop = int(generate.sample_replies(model, windows, [[(4, 8)], [(6, 9)]], **kw)[0][0, 5])  # an early stop
+    sizes = []
+    forward = generate._forward_positions
+    monkeypatch.setattr(generate, "_forward_positions",
+                        lambda m, tokens, *a, **k: (sizes.append(tokens.shape[1]), forward(m, tokens, *a, **k))[1])
+    got, flags, _ = generate.sample_replies(model, windows, spans, stop_token=stop, **kw)
+    assert max(sizes[1:]) > 1 and len(sizes) < L - 4, sizes  # a stretch went in one forward
+    for layer in model.decoder.layers:
+        layer._direct = False
+    try:
+        want, want_flags, _ = generate.sample_replies(model, windows, spans, stop_token=stop, **kw)
+    finally:
+        for layer in model.decoder.layers:
+            layer._direct = True
+    assert torch.equal(got, want) and torch.equal(flags, want_flags)
+    assert flags[:, 40:].any()  # the second replies were sampled after the stretch

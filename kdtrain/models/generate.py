@@ -309,12 +309,22 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
             return False
         return not bool((sampling | (starts[rows, rep] < never)).any())
 
-    def fill_rest(t) -> None:
-        """Positions after t take the given tokens from each row's src on (then padding)."""
-        idx = (src.unsqueeze(1) + torch.arange(L - t - 1, device=device).unsqueeze(0)).clamp(max=L)
-        tokens[:, t + 1:] = given.gather(1, idx)
+    def feed_given(t, count) -> None:
+        """Positions t + 1 .. t + count take the given tokens from each row's src on (then padding)."""
+        idx = (src.unsqueeze(1) + torch.arange(count, device=device).unsqueeze(0)).clamp(max=L)
+        tokens[:, t + 1:t + 1 + count] = given.gather(1, idx)
         if out_pos is not None:
-            out_pos[:, t + 1:] = _continued_positions(out_pos[:, t], given_pos.gather(1, idx))
+            out_pos[:, t + 1:t + 1 + count] = _continued_positions(out_pos[:, t], given_pos.gather(1, idx))
+        src.add_(count)
+
+    def given_run(t) -> int:
+        """How many positions after t every row takes given tokens before any row samples again
+        (0 while one samples): they go through the model in one forward, not one each. Read from
+        the device with step's periodic check only, so a gap costs at most 15 single forwards."""
+        if t % 16 != 15:
+            return 0
+        gap = int(torch.where(sampling, torch.full_like(src, -1), starts[rows, rep] - src).min())
+        return max(0, min(gap, L - 1 - t))
 
     try:
         if _cached_layers(model):
@@ -331,13 +341,20 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
                 rope = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
             logits = _forward_positions(model, tokens[:, :first], 0, rope, caches,
                                         None if out_pos is None else out_pos[:, :first], stages)
-            for t in range(first, L):
+            t = first
+            while t < L:
                 if step(logits, t):
-                    fill_rest(t)
+                    feed_given(t, L - t - 1)
                     break
-                if t + 1 < L:
-                    logits = _forward_positions(model, tokens[:, t:t + 1], t, rope, caches,
-                                                None if out_pos is None else out_pos[:, t:t + 1], stages)
+                n = 1 + given_run(t)  # positions t .. t + n - 1 go through the model next
+                if n > 1:
+                    feed_given(t, n - 1)
+                if t + n >= L:
+                    break
+                chunk = slice(t, t + n)
+                logits = _forward_positions(model, tokens[:, chunk], t, rope, caches,
+                                            None if out_pos is None else out_pos[:, chunk], stages)
+                t += n
         elif stages is not None:
             raise ValueError("sampling from pipeline stages needs kdtrain's local layers (the key/value-cached "
                              "decoder)")
@@ -348,7 +365,7 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
                 else:
                     logits = model(tokens[:, :t], out_pos[:, :t], DocumentMask(out_pos[:, :t].contiguous()))
                 if step(logits[-1], t):
-                    fill_rest(t)
+                    feed_given(t, L - t - 1)
                     break
     finally:
         model.train(was_training)
