@@ -6,8 +6,8 @@ earlier token of its window, whatever document that token is in, and its positio
 in the window (Megatron-LM's default). With attention within documents a token attends only to
 the earlier tokens of its own document and its position counts from that document's first token
 in the window: every document of the window is computed as if it were alone
-(tests/test_documents.py checks exactly that, against one forward per document and against
-Hugging Face models run on each document).
+(tests/test_documents.py checks exactly that against one forward per document, and
+tests/test_convert_hf.py against Hugging Face models run on each document).
 
 What a micro-batch carries is ``positions`` [b, s]: each token's position in its document, 0
 where a document starts (and at the window's first token, which may be inside one). Documents are
