@@ -88,7 +88,7 @@ def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timer
             loss, report = kd_loss(
                 logits_SBVl, at(payload.ids), at(payload.values), vocab_size=vocab, tp_group=tp_group,
                 config=loss_cfg, labels_SB=at(mb.labels.t()), loss_mask_SB=at(mb.loss_mask.t()),
-                num_tokens=total_tokens, teacher_lse_SB=None if payload.lse is None else at(payload.lse),
+                num_tokens=total_tokens, teacher_lse_SB=at(payload.lse),
                 validate="deferred")
             tokens = mb.loss_mask.sum()
             loss_sum = report["loss_SB"].sum()
@@ -124,6 +124,33 @@ def teacher_microbatches(sample, pairing: Pairing, first: int, global_batch: int
         out.append((o, make_microbatch(np.stack([sample(i) for i in ids]), device, stack_rows(targets, ids),
                                        stack_rows(positions, ids))))
     return out
+
+
+def student_items(sample, targets, positions, first: int, pairing: Pairing, tr, groups,
+                  device) -> tuple[list["SeqMicroBatch"], list[int]]:
+    """This student replica's micro-batches of the global batch at ``first`` with their sequence
+    numbers, and those numbers (the payloads it will take, in order)."""
+    upcoming = list(pairing.student_work(groups.dp_rank))
+    mbs = microbatches(sample, first, tr.global_batch_size, tr.micro_batch_size, groups.dp_rank, groups.layout.dp,
+                       device, targets=targets, positions=positions)
+    return [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)], upcoming
+
+
+def serve_batch(teacher: Teacher, channel: PayloadChannel, sample, targets, positions, first: int,
+                pairing: Pairing, tr, groups, device, stats: Optional["TeacherSideStats"] = None) -> None:
+    """This teacher replica's micro-batches of the global batch at ``first``, served in order
+    into the channel (``stats``: time the forwards and the hand-overs)."""
+    for o, mb in teacher_microbatches(sample, pairing, first, tr.global_batch_size, tr.micro_batch_size,
+                                      groups.dp_rank, device, targets, positions):
+        started = stats.begin() if stats is not None else None
+        payload = teacher.serve(mb)
+        if stats is not None:
+            stats.end(started)
+        if payload is not None:
+            t1 = time.perf_counter()
+            channel.put(o, payload)
+            if stats is not None:
+                stats.blocked_s += time.perf_counter() - t1
 
 
 def onpolicy_step(step: int, cfg: DistillConfig) -> bool:
@@ -328,26 +355,15 @@ def distill(cfg: DistillConfig) -> dict:
             loss_cfg = dataclasses.replace(cfg.loss, alpha=0.0)
         s_items, upcoming = [], []
         if student is not None:
-            mbs = microbatches(sample_fn, first, tr.global_batch_size, tr.micro_batch_size,
-                               s_groups.dp_rank, s_layout.dp, env.device, targets=targets, positions=positions)
-            upcoming = pairing.student_work(s_groups.dp_rank)
-            s_items = [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)]
-            upcoming = list(upcoming)
+            s_items, upcoming = student_items(sample_fn, targets, positions, first, pairing, tr, s_groups, env.device)
             if not live:
                 cached.start_step({o: sample_ids_of(o, pairing, first, tr.global_batch_size, tr.micro_batch_size)
                                    for o in upcoming})
             if s_groups.is_last_stage:
                 source.post(upcoming)
         if teacher is not None and live:
-            for o, mb in teacher_microbatches(sample_fn, pairing, first, tr.global_batch_size, tr.micro_batch_size,
-                                              t_groups.dp_rank, env.device, targets, positions):
-                started = teacher_side.begin()
-                payload = teacher.serve(mb)
-                teacher_side.end(started)
-                if payload is not None:
-                    t1 = time.perf_counter()
-                    channel.put(o, payload)
-                    teacher_side.blocked_s += time.perf_counter() - t1
+            serve_batch(teacher, channel, sample_fn, targets, positions, first, pairing, tr, t_groups, env.device,
+                        teacher_side)
         result = None
         if student is not None:
             fwd = kd_forward_step(source, upcoming, cfg, s_groups.pgc.tp, timers, loss_cfg)
@@ -486,29 +502,20 @@ def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing
     n_valid = dataset.num_valid_windows
     if cfg.teacher.source == "cache" or n_valid == 0 or tr.eval_batches == 0:
         return out
-    G, m = tr.global_batch_size, tr.micro_batch_size
     sample, targets, positions = held_out(dataset)
     sums = dict.fromkeys(KD_REPORT_KEYS, 0.0)
     sent = channel.bytes_sent  # the held-out payloads are not a training step's traffic
     if student is not None:
         student.model.eval()
     for b in range(tr.eval_batches):
-        first = b * G
+        first = b * tr.global_batch_size
         items, upcoming = [], []
         if student is not None:
-            upcoming = pairing.student_work(s_groups.dp_rank)
-            mbs = microbatches(sample, first, G, m, s_groups.dp_rank, s_groups.layout.dp, device, targets=targets,
-                               positions=positions)
-            items = [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)]
-            upcoming = list(upcoming)
+            items, upcoming = student_items(sample, targets, positions, first, pairing, tr, s_groups, device)
             if s_groups.is_last_stage:
                 channel.post(upcoming)
         if teacher is not None:
-            for o, mb in teacher_microbatches(sample, pairing, first, G, m, t_groups.dp_rank, device, targets,
-                                              positions):
-                payload = teacher.serve(mb)
-                if payload is not None:
-                    channel.put(o, payload)
+            serve_batch(teacher, channel, sample, targets, positions, first, pairing, tr, t_groups, device)
         if student is not None:
             fwd = kd_forward_step(channel, upcoming, cfg, s_groups.pgc.tp, {"teacher_wait_s": 0.0})
             for k, v in eval_step(student.schedule, fwd, items, s_groups, KD_REPORT_KEYS).items():
