@@ -15,9 +15,9 @@ The models, the derivation of the closed form and the CLI are documented in docs
 
 from .memory import ModelShape, RankMemory, payload_nbytes
 from .profiles import BUILTIN_PROFILES, HardwareProfile, get_profile, load_profile, save_profile
-from .search import Layout, Plan, Problem, SearchResult, auto_plan, make_problem, search_plans
+from .search import Layout, Plan, Problem, Sampling, SearchResult, auto_plan, make_problem, search_plans
 from .inflection import Condition, condition, disaggregated_optimum
 
 __all__ = ["auto_plan", "search_plans", "condition", "Condition", "disaggregated_optimum", "make_problem", "Plan",
-           "Problem", "Layout", "SearchResult", "ModelShape", "RankMemory", "payload_nbytes", "HardwareProfile",
+           "Problem", "Sampling", "Layout", "SearchResult", "ModelShape", "RankMemory", "payload_nbytes", "HardwareProfile",
            "BUILTIN_PROFILES", "get_profile", "load_profile", "save_profile"]

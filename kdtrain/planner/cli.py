@@ -2,7 +2,7 @@
 
     kdtrain plan --teacher llama-3.1-8b --student llama-3.2-1b --world-size 64 --gpus-per-node 8 \
         --seq-len 4096 --global-batch 1024 [--topk 64] [--profile h100-80gb|FILE] [--json] [--top 10]
-        [--cuda-graphs]
+        [--cuda-graphs] [--onpolicy-fraction 0.5 --prompt-len 256 --sample-batch 0]
     kdtrain plan ... --sweep world_size [--values 8,64,512] [--plot sweep.png]
     kdtrain plan ... --sweep all --plot docs/planner_sweep.png      (every quantity, one panel each)
     kdtrain calibrate --out profiles/h100.json --model llama-1.2b-32k --seq-len 1024 --micro-batch 4 \
@@ -47,6 +47,12 @@ def register(subparsers) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="precision.cuda_graphs: the student's layers replay as CUDA graphs (tp = pp = 1)")
     p.add_argument("--depth", type=int, default=2, help="split.depth: micro-batches the teacher may run ahead")
+    p.add_argument("--onpolicy-fraction", type=float, default=0.0,
+                   help="onpolicy.fraction: share of steps on the student's own samples (0: none)")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="onpolicy.prompt_length: positions before the first sampled one (default: half the window)")
+    p.add_argument("--sample-batch", type=int, default=0, help="onpolicy.sample_batch: rows per sampling call "
+                   "(0: all of a replica's rows)")
     p.add_argument("--values-dtype", choices=("fp32", "bf16"), default="fp32", help="teacher.values_dtype")
     p.add_argument("--top", type=int, default=10, help="rows in the table")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -78,7 +84,7 @@ def register(subparsers) -> None:
 def _problem(args):
     from ..config import load_model_config
     from .profiles import get_profile
-    from .search import make_problem
+    from .search import Sampling, make_problem
 
     if args.top < 1:
         raise ValueError(f"--top: must be >= 1, got {args.top}")
@@ -87,12 +93,18 @@ def _problem(args):
     teacher = load_model_config(args.teacher, "--teacher")
     student = load_model_config(args.student, "--student")
     mbs = tuple(args.micro_batch) if args.micro_batch else None
+    onpolicy = None
+    if args.onpolicy_fraction:
+        onpolicy = Sampling(args.onpolicy_fraction, args.seq_len // 2 if args.prompt_len is None else args.prompt_len,
+                            args.sample_batch)
+    elif args.prompt_len is not None or args.sample_batch:
+        raise ValueError("--prompt-len and --sample-batch describe on-policy steps: give --onpolicy-fraction too")
     return make_problem(teacher, student, args.world_size, gpn, args.seq_len, args.global_batch, args.topk,
                         profile, micro_batches=mbs, depth=args.depth,
                         values_bytes=4 if args.values_dtype == "fp32" else 2,
                         recompute={"never": False, "always": True, "auto": None}[args.recompute],
                         distributed_optimizer={"auto": None, "on": True, "off": False}[args.distributed_optimizer],
-                        student_graphs=args.cuda_graphs)
+                        student_graphs=args.cuda_graphs, onpolicy=onpolicy)
 
 
 def _table(plans, world_size: int) -> str:

@@ -18,6 +18,9 @@ Per rank of a trained student (tp x pp x dp, pipeline stage r, dtype bytes ``d``
     activations (1F1B) = min(pp - r, M) * (L / pp) * A_layer + (last stage) logits + loss grad
                   full recomputation: A_layer -> d * n * h (each layer keeps only its input),
                   plus one layer's A_layer while that layer is recomputed in the backward
+                  on-policy steps: the larger of that and what sampling holds (before the
+                  step's forwards): the key/value cache of the stage's layers for the whole
+                  window, [S + 1, rows, kv/tp] per layer, plus the prompt forward's transients
 
 The lean teacher holds ``d * P_r`` weights, one micro-batch's transient inference tensors and the
 payload buffers (top-k ids/values, log-normaliser, checksum).
@@ -231,12 +234,30 @@ class RankMemory:
                                                                "payload", "total")}
 
 
+def sampling_bytes(m: ModelShape, tp: int, pp: int, pp_rank: int, seq: int, rows: int, prompt: int,
+                   d: int = 2) -> float:
+    """Peak bytes a student stage holds while it samples ``rows`` windows of ``seq + 1`` tokens
+    in one call (models/generate.py): the preallocated key/value cache of its layers,
+    ``2 x [seq + 1, rows, groups/tp, head_dim]`` each, plus the first forward over the ``prompt``
+    positions (one layer's inference tensors, the hidden states sent or received between stages,
+    and on the last stage the fp32 logits of the last position and the sampler's copies of them)."""
+    kv = (m.layers // pp) * (seq + 1) * rows * m.kv_width / tp * d
+    tokens = rows * prompt
+    act = layer_inference_bytes(m, tp, tokens, d) + (d * tokens * m.hidden if pp > 1 else 0)
+    if pp_rank == pp - 1:
+        act += 3 * 4 * rows * m.padded_vocab(tp) / tp
+    return float(kv + act)
+
+
 def student_stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_rank: int, seq: int, micro_batch: int,
                          microbatches: int, payload_bytes: float = 0.0, d: int = 2,
-                         distributed_optimizer: bool = False, recompute: bool = False) -> RankMemory:
+                         distributed_optimizer: bool = False, recompute: bool = False,
+                         sampling: float = 0.0) -> RankMemory:
     """A trained student rank on stage ``pp_rank`` running 1F1B over ``microbatches`` micro-batches
     (per replica) of ``micro_batch`` samples; ``payload_bytes`` = payload buffers it holds.
-    ``recompute``: full activation recomputation (every layer re-runs its forward in the backward)."""
+    ``recompute``: full activation recomputation (every layer re-runs its forward in the backward).
+    ``sampling``: bytes its on-policy sampling holds (``sampling_bytes``; before the step's
+    forwards, so the larger of the two counts)."""
     n = stage_params(m, tp, pp, pp_rank)
     if distributed_optimizer and dp > 1:
         opt = optimizer_bytes(max(owned_params(m, tp, pp, pp_rank, dp)), d)
@@ -255,7 +276,7 @@ def student_stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_rank: int,
         # Final norm input and output-layer input, then the vocab-parallel logits and the KD
         # loss's logit gradient (computed in the forward), both in the model dtype.
         act += d * 2 * tokens * m.hidden + 2 * d * tokens * m.padded_vocab(tp) / tp
-    return RankMemory(float(d * n), 4.0 * n, opt, float(act), float(payload_bytes))
+    return RankMemory(float(d * n), 4.0 * n, opt, float(max(act, sampling)), float(payload_bytes))
 
 
 def teacher_stage_memory(m: ModelShape, tp: int, pp: int, pp_rank: int, seq: int, micro_batch: int, k: int,

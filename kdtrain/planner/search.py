@@ -19,6 +19,19 @@ Step time (see timing.py for a role's parts):
                    runs at most ``depth`` micro-batches ahead, so it idles while the student
                    reduces gradients, updates and refills its pipeline
 
+On-policy runs (``Problem.onpolicy``: a fraction f of the steps on the student's own samples)
+average the two kinds of step, T = (1 - f) T + f T_sampled. A sampled step first has every
+student replica write its rows (timing.sampling_time; the windows then reach every rank in one
+all-reduce), and only then may the teacher start:
+
+    colocated      T_sampled = T_sample + T
+    disaggregated  T_sampled = T_sample + max(T_teacher + its pipeline fill + the student's
+                                              work after the last payload (gap + one forward),
+                                              T_student + the first payload through the teacher's
+                                              stages and the link, T_link)
+                   (the teacher idles while the student samples, and cannot run ahead: no
+                   sampling time is hidden, T_sampled >= T_sample + T)
+
 Pruning (what keeps 1024 ranks under a second): for a disaggregated split only the 3 fastest
 fitting layouts of each role for its span size are paired, and span sizes are limited to
 ``tp*pp*dp`` with dp dividing the micro-batches per step.
@@ -32,12 +45,30 @@ from functools import lru_cache
 from typing import Optional
 
 from ..config import ModelConfig
-from .memory import GiB, ModelShape, RankMemory, payload_nbytes, student_stage_memory, teacher_stage_memory
+from .memory import (GiB, ModelShape, RankMemory, payload_nbytes, sampling_bytes, student_stage_memory,
+                     teacher_stage_memory)
 from .profiles import HardwareProfile, get_profile
-from .timing import Placement, RoleTime, student_time, teacher_time
+from .timing import Placement, RoleTime, allreduce_time, link, sampling_time, student_time, teacher_time
 
 MAX_TOPK = 1024  # the fused loss kernel's limit (kdtrain/config/distill.py)
 TOP_PER_SPAN = 3
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """On-policy steps (the distill config's ``onpolicy``): the share of steps on the student's
+    own samples, the positions of each window before the first sampled one (``prompt_length``;
+    on conversations, where a window's first reply starts, which the planner takes to be there
+    too) and the rows per sampling call (``sample_batch``; 0: all of a replica's rows at once)."""
+
+    fraction: float
+    prompt: int
+    sample_batch: int = 0
+
+    def calls(self, rows: int) -> tuple[int, int]:
+        """(rows per call, calls) for a replica with ``rows`` rows per step."""
+        per_call = min(self.sample_batch or rows, rows)
+        return per_call, -(-rows // per_call)
 
 
 @dataclass(frozen=True)
@@ -62,6 +93,7 @@ class Problem:
     # precision.cuda_graphs: the student's layers replay as CUDA graphs, which needs tp = pp = 1 and
     # no recomputation (kdtrain/models/cuda_graphs.py); its host time per layer is one replay.
     student_graphs: bool = False
+    onpolicy: Optional[Sampling] = None  # None: every step distils on the data
 
     def check(self) -> None:
         for flag, v in (("--world-size", self.world_size), ("--gpus-per-node", self.gpus_per_node),
@@ -88,6 +120,14 @@ class Problem:
                              "(--recompute never, or no CUDA graphs)")
         if self.dtype_bytes not in (2, 4) or self.values_bytes not in (2, 4):
             raise ValueError(f"dtype bytes must be 2 (bf16) or 4 (fp32), got {self.dtype_bytes}/{self.values_bytes}")
+        if self.onpolicy is not None:
+            o = self.onpolicy
+            if not 0.0 < o.fraction <= 1.0:
+                raise ValueError(f"--onpolicy-fraction: must be in (0, 1], got {o.fraction}")
+            if not 1 <= o.prompt <= self.seq_len:
+                raise ValueError(f"--prompt-len: must be in [1, --seq-len {self.seq_len}], got {o.prompt}")
+            if o.sample_batch < 0:
+                raise ValueError(f"--sample-batch: must be >= 0, got {o.sample_batch}")
         self.profile.check("--profile")
 
     def micro_batch_candidates(self) -> list[int]:
@@ -137,6 +177,7 @@ class Plan:
     global_batch: int
     recompute: bool = False
     step_time: float = math.inf
+    sample_time: float = 0.0  # on-policy: seconds the student samples on a sampled step
     memory: dict = field(default_factory=dict)  # "teacher"/"student" (disaggregated) or "rank": RankMemory
     times: dict = field(default_factory=dict)  # named parts of the step, seconds
     bottleneck: str = ""
@@ -191,8 +232,9 @@ class Plan:
     def describe(self) -> str:
         mem = ", ".join(f"{k} {v.total / GiB:.1f} GiB" for k, v in self.memory.items())
         zero = (" zero1" if self.distributed_optimizer else "") + (" recompute" if self.recompute else "")
+        sampling = f", sampling {self.sample_time * 1e3:.1f} ms per sampled step" if self.sample_time else ""
         return (f"{self.label()} mb={self.micro_batch}{zero}: {self.samples_per_s:.2f} samples/s "
-                f"(step {self.step_time * 1e3:.1f} ms), {mem}, bottleneck {self.bottleneck}")
+                f"(step {self.step_time * 1e3:.1f} ms{sampling}), {mem}, bottleneck {self.bottleneck}")
 
     def config_overrides(self) -> dict:
         """The distill config fields this plan sets (``section.field: value``)."""
@@ -209,7 +251,7 @@ class Plan:
         return {"split": self.split, "teacher_ranks": self.teacher_ranks, "student_ranks": self.student_ranks,
                 "teacher": vars(self.teacher), "student": vars(self.student), "micro_batch": self.micro_batch,
                 "distributed_optimizer": self.distributed_optimizer, "recompute": self.recompute, "samples_per_s": self.samples_per_s,
-                "step_time_s": self.step_time, "bottleneck": self.bottleneck,
+                "step_time_s": self.step_time, "sample_time_s": self.sample_time, "bottleneck": self.bottleneck,
                 "memory_gib": {k: v.as_gib() for k, v in self.memory.items()},
                 "times_s": self.times, "reject": self.reject, "describe": self.describe()}
 
@@ -228,9 +270,12 @@ def _student_stages(p: Problem, lay: Layout, mb: int, zero: bool, payloads: int,
                     rc: bool = False) -> tuple[RankMemory, ...]:
     nb = payload_nbytes(p.seq_len, mb, p.topk, p.values_bytes)
     m_per = p.global_batch // mb // lay.dp
-    return tuple(student_stage_memory(p.student, lay.tp, lay.pp, lay.dp, r, p.seq_len, mb, m_per,
-                                      payloads * nb if r == lay.pp - 1 else 0.0, p.dtype_bytes, zero, rc)
-                 for r in range(lay.pp))
+    rows = p.onpolicy.calls(p.global_batch // lay.dp)[0] if p.onpolicy else 0
+    return tuple(student_stage_memory(
+        p.student, lay.tp, lay.pp, lay.dp, r, p.seq_len, mb, m_per, payloads * nb if r == lay.pp - 1 else 0.0,
+        p.dtype_bytes, zero, rc,
+        sampling_bytes(p.student, lay.tp, lay.pp, r, p.seq_len, rows, p.onpolicy.prompt, p.dtype_bytes) if rows else 0.0)
+        for r in range(lay.pp))
 
 
 @lru_cache(maxsize=1 << 16)
@@ -246,6 +291,19 @@ def _student_time(p: Problem, lay: Layout, mb: int, offset: int, zero: bool, bca
     return student_time(p.student, lay.tp, lay.pp, lay.dp, p.seq_len, mb, p.global_batch // mb // lay.dp,
                         p.profile, Placement(offset, p.gpus_per_node), nb, p.dtype_bytes, zero, rc,
                         graphed=p.student_graphs)
+
+
+@lru_cache(maxsize=1 << 16)
+def _sample_time(p: Problem, lay: Layout) -> float:
+    """Seconds of a sampled step before the teacher may start: each student replica samples its
+    rows (all replicas at once), then one world all-reduce hands every rank the windows, their
+    flags and document positions (int64, kdtrain/training/distill.py). 0 without on-policy steps."""
+    if p.onpolicy is None:
+        return 0.0
+    rows, calls = p.onpolicy.calls(p.global_batch // lay.dp)
+    t = sampling_time(p.student, lay.tp, lay.pp, p.seq_len, rows, calls, p.onpolicy.prompt, p.profile, p.dtype_bytes)
+    bw, lat = link(p.profile, p.world_size <= p.gpus_per_node)
+    return t + allreduce_time(p.global_batch * 3 * (p.seq_len + 1) * 8, p.world_size, bw, lat)
 
 
 def _worst(stages: tuple[RankMemory, ...]) -> RankMemory:
@@ -310,11 +368,14 @@ def evaluate_colocated(p: Problem, t: Layout, s: Layout, mb: int, zero: bool, rc
         bw, lat = _payload_link(p, W <= G)
         link_busy = max(m_t, m_s) * (nb / bw + lat)
         payload = max(0.0, link_busy - tt.total) + nb / bw + lat
-    plan.step_time = tt.total + st.total + payload
-    plan.times = {"teacher": tt.total, "student": st.total, "payload": payload}
+    plan.sample_time = _sample_time(p, s)
+    f = p.onpolicy.fraction if p.onpolicy else 0.0
+    plan.step_time = tt.total + st.total + payload + f * plan.sample_time
+    plan.times = {"teacher": tt.total, "student": st.total, "payload": payload, "sampling": f * plan.sample_time}
     parts = {f"teacher {k}": v for k, v in tt.parts().items()}
     parts.update({f"student {k}": v for k, v in st.parts().items()})
     parts["payload"] = payload
+    parts["student sampling"] = f * plan.sample_time
     plan.bottleneck = _name_bottleneck(parts)
     return plan
 
@@ -341,7 +402,21 @@ def evaluate_disaggregated(p: Problem, t: Layout, s: Layout, mb: int, zero: bool
     role, plan.step_time = max(candidates.items(), key=lambda kv: kv[1])
     plan.times = {"teacher": tt.total, "teacher stall": stall, "student": st.total, "first payload": first,
                   "payload link": t_link}
-    if role == "teacher":
+    sampling = 0.0  # per step, averaged: what sampled steps add over data steps
+    if p.onpolicy is not None:
+        f, plan.sample_time = p.onpolicy.fraction, _sample_time(p, s)
+        # The teacher starts with the samples: it fills its pipeline and the student's first
+        # payload waits for one micro-batch through every teacher stage and the link; after the
+        # teacher's last payload the student still trains on it, reduces and updates (its gap
+        # and one forward), where on a data step the teacher would already be running ahead.
+        sampled = plan.sample_time + max(tt.total + (t.pp - 1) * tt.per_microbatch + st.gap + st.forward_per_microbatch,
+                                         st.total + t.pp * tt.per_microbatch + x_one, t_link)
+        sampling = f * (sampled - plan.step_time)
+        plan.step_time += sampling
+        plan.times["sampling"] = sampling
+    if sampling > max(candidates.values()):
+        plan.bottleneck = "student sampling (teacher idle)"
+    elif role == "teacher":
         parts = {**tt.parts(), "stall on student gap": stall}
         plan.bottleneck = "teacher: " + _name_bottleneck(parts)
     elif role == "student":
@@ -432,7 +507,10 @@ def _best_by_span(p: Problem, role: str, mb: int, W: int) -> dict[int, list[tupl
                 for zero, rc in student_options(p, dp):
                     mem = _worst(_student_stages(p, lay, mb, zero, p.depth + 1, rc))
                     if mem.total <= p.profile.usable_memory:
-                        opts.append((lay, (zero, rc), _student_time(p, lay, mb, W - ranks, zero, True, rc).total))
+                        t_s = _student_time(p, lay, mb, W - ranks, zero, True, rc).total
+                        if p.onpolicy is not None:
+                            t_s += p.onpolicy.fraction * _sample_time(p, lay)
+                        opts.append((lay, (zero, rc), t_s))
             out.setdefault(ranks, []).extend(opts)
     return {r: [(lay, z) for lay, z, _ in sorted(v, key=lambda x: x[2])[:TOP_PER_SPAN]]
             for r, v in out.items() if v}
@@ -451,7 +529,7 @@ def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size
               seq_len: int, global_batch: int, micro_batch: Optional[int] = None, topk: int = 64, profile=None, *,
               values_bytes: int = 4, depth: int = 2, distributed_optimizer: Optional[bool] = None,
               dtype_bytes: int = 2, recompute: Optional[bool] = False,
-              student_graphs: bool = False) -> tuple[Plan, Optional[Plan]]:
+              student_graphs: bool = False, onpolicy: Optional[Sampling] = None) -> tuple[Plan, Optional[Plan]]:
     """Pick the split for ``split: auto``: ``(best, runner_up)`` by predicted samples/s.
 
     Arguments: the teacher and student ``ModelConfig``; ``world_size`` ranks with ``gpus_per_node``
@@ -464,7 +542,9 @@ def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size
     (``optimizer.distributed``; ``None`` lets the planner choose), ``dtype_bytes`` (2 for bf16
     weights and activations, 4 for fp32), ``recompute`` (student full recomputation: ``False``
     never, ``True`` always, ``None`` planner's choice), ``student_graphs``
-    (``precision.cuda_graphs``: only student layouts with tp = pp = 1, host time of graph replays).
+    (``precision.cuda_graphs``: only student layouts with tp = pp = 1, host time of graph replays),
+    ``onpolicy`` (a :class:`Sampling` for runs with ``onpolicy.fraction`` > 0: the sampled steps'
+    time and key/value cache).
 
     Each plan exposes ``mode`` ('colocated' | 'disaggregated'), ``teacher_ranks`` /
     ``student_ranks`` (disaggregated: the teacher owns ranks ``[0, teacher_ranks)``, the student
@@ -482,7 +562,7 @@ def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size
     p = make_problem(teacher_model, student_model, world_size, gpus_per_node, seq_len, global_batch, topk,
                      "h100-80gb" if profile is None else profile, micro_batches=mbs, values_bytes=values_bytes,
                      depth=depth, distributed_optimizer=distributed_optimizer, dtype_bytes=dtype_bytes,
-                     recompute=recompute, student_graphs=student_graphs)
+                     recompute=recompute, student_graphs=student_graphs, onpolicy=onpolicy)
     res = search_plans(p)
     if not res.plans:
         why = res.closest_rejects[0].reject if res.closest_rejects else (

@@ -25,6 +25,20 @@ A role's step over M micro-batches per replica:
                                gradient zero / norm / clip over the stage)
                              [+ ZeRO-1 parameter broadcast from the owners]
 
+On-policy sampling (a student replica writing its rows of a step, models/generate.py), per call
+of r rows: one forward over the P prompt positions, then one forward per decoded position, each
+through every pipeline stage in turn (one hop per boundary):
+
+    token     = max(device, host) + tp comm + pp hops
+    device    = max(bytes / HBM bw, FLOPs / profile.achieved_flops(r, width))
+                bytes = every weight on the tensor rank (d * params/tp) + the key/value cache read
+                        (layers * r * context * kv/tp * d, context = P + decoded/2 on average)
+    host      = (layers + 1) * layer_overhead_s    (a forward per token; + 1: output layer, sampler)
+    tp comm   = 2 all-reduces of [r, hidden] per layer + 3 small ones for the draw
+
+The decoded positions are an upper bound (S + 1 - P): a call ends early when every row has
+stopped.
+
 Collective bandwidth is the intra-node (NVLink) figure when the group lies inside one node, else
 the inter-node per-GPU NIC figure (ring collectives are limited by their slowest hop).
 """
@@ -212,3 +226,29 @@ def student_time(m: ModelShape, tp: int, pp: int, dp: int, seq: int, micro_batch
     # its last backward, and during the reduction and the update.
     rt.gap = (pp - 1) * t_f + per_mb - t_f + rt.dp_comm + rt.optimizer
     return rt
+
+
+def sampling_time(m: ModelShape, tp: int, pp: int, seq: int, rows: int, calls: int, prompt: int,
+                  profile: HardwareProfile, d: int = 2) -> float:
+    """Seconds a student replica spends sampling one step's rows: ``calls`` calls of ``rows`` rows,
+    each a forward over the first ``prompt`` positions and one per position after them up to the
+    window's ``seq + 1`` tokens (see the module docstring)."""
+    if calls == 0:
+        return 0.0
+    positions = seq + 1 - prompt
+    bw, lat = profile.intra_node_bw, profile.intra_node_latency  # stages and TP groups inside a node
+    # The prompt: a forward of rows x prompt tokens through each stage in turn.
+    p_compute, p_tp, _ = _stage_pass(m, tp, pp, prompt, rows, profile, 1, d)
+    prefill = pp * (p_compute + p_tp) + (pp - 1) * (lat + rows * prompt * m.hidden * d / bw)
+    # One decoded position: the whole model's weights and the cache read once for r new tokens.
+    context = prompt + positions / 2
+    weights = d * sum(stage_params(m, tp, pp, r) for r in range(pp))
+    cache = m.layers * rows * context * m.kv_width / tp * d
+    flops = rows * (m.layers * m.layer_forward_flops(context) + m.output_forward_flops()) / tp
+    width = min(m.q_width // tp, m.ffn // tp, m.hidden)
+    device = max((weights + cache) / profile.memory_bw, flops / profile.achieved_flops(rows, width))
+    host = (m.layers + 1) * profile.layer_overhead_s
+    tp_comm = 2 * m.layers * allreduce_time(rows * m.hidden * d, tp, bw, lat) + 3 * allreduce_time(8 * rows, tp, bw, lat)
+    hops = (pp - 1) * (lat + rows * m.hidden * d / bw) + (lat if pp > 1 else 0.0)  # + the tokens' broadcast
+    token = max(device, host) + tp_comm + hops
+    return calls * (prefill + positions * token)
