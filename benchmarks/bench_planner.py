@@ -12,9 +12,11 @@ colocated kdtrain step runs on one rank (kdtrain's GPTModel builder, bf16, mock 
 teacher's forwards and vocab-parallel top-k payloads for every micro-batch, then the student's
 1F1B step with the top-k KD loss, gradient buffer and AdamW) and times it, and measures the
 student's activation peak in a separate forward/backward (CUDA: peak allocated minus the bytes
-held before it); (3) asks the planner for the same step (``evaluate_colocated`` on a world of one)
-with the calibrated and with the built-in profile, and writes ``DIR/planner_bench.json`` and
-``DIR/planner_bench.md``.
+held before it), then one on-policy sampling call of the student over the step's rows (every
+position after the first half of each window; models/generate.py) and its memory peak; (3) asks
+the planner for the same step (``evaluate_colocated`` on a world of one) and the same sampling
+call (``timing.sampling_time``, ``memory.sampling_bytes``) with the calibrated and with the
+built-in profile, and writes ``DIR/planner_bench.json`` and ``DIR/planner_bench.md``.
 
 CPU smoke (tiny models, fp32, a few seconds; what the tests run):
 
@@ -46,9 +48,11 @@ from kdtrain.loss import KDLossConfig, _ext, kd_loss
 from kdtrain.models import build_gpt
 from kdtrain.parallel import RoleLayout, build_role_groups, init_distributed, shutdown_distributed
 from kdtrain.planner.calibrate import calibrate
-from kdtrain.planner.memory import GiB, ModelShape, student_stage_memory
+from kdtrain.models.generate import sample_replies
+from kdtrain.planner.memory import GiB, ModelShape, sampling_bytes, student_stage_memory
 from kdtrain.planner.profiles import HardwareProfile, get_profile, load_profile
 from kdtrain.planner.search import Layout, evaluate_colocated, make_problem
+from kdtrain.planner.timing import sampling_time
 from kdtrain.stream import vocab_parallel_topk
 from kdtrain.training.batches import make_microbatch
 from kdtrain.training.pretrain import build_trainable
@@ -130,6 +134,36 @@ class ColocatedStep:
         med = [sorted(col)[len(col) // 2] for col in zip(*rows)]
         return {"step_s": med[0], "teacher_s": med[1], "student_s": med[2]}
 
+    def sampling(self, steps: int) -> dict:
+        """Median seconds of one sampling call of the student over every row of the step (the
+        windows' second halves sampled), after an untimed call, and its peak bytes above what was
+        held before it (NaN off CUDA)."""
+        windows = torch.cat([torch.cat([m.tokens, m.labels[:, -1:]], dim=1) for m in self.mbs])
+        rows, length = windows.shape
+        spans = [[(length // 2, length)]] * rows
+        model = self.student.model
+
+        def call():
+            sample_replies(model, windows, spans, vocab_size=self.scfg.vocab_size, temperature=1.0, seed=0,
+                           sample_ids=range(rows))
+        call()
+        self.sync()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            call()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        peak = float("nan")
+        if self.cuda:
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            call()
+            self.sync()
+            peak = float(torch.cuda.max_memory_allocated(self.device) - before)
+        return {"sample_s": sorted(times)[len(times) // 2], "sample_bytes": peak, "rows": rows,
+                "prompt": length // 2}
+
     def activation_peak(self) -> float:
         """Peak bytes allocated during the student's forward/backward above what it held before
         (weights, gradient buffer, Adam state, payloads); NaN off CUDA."""
@@ -156,16 +190,26 @@ def predict(profile, tname: str, sname: str, seq: int, mb: int, n_mb: int, topk:
 
 
 def score(row: dict, profile, builtin, d: int) -> dict:
-    """Fill a row's predictions (calibrated and built-in profile, student activations) and errors."""
+    """Fill a row's predictions (calibrated and built-in profile, student activations, sampling)
+    and errors."""
     shape = (row["seq_len"], row["micro_batch"], row["microbatches"], row["topk"], d)
     meas = row["measured"]
     pc, pb = predict(profile, row["teacher"], row["student"], *shape), predict(builtin, row["teacher"],
                                                                                row["student"], *shape)
-    act = student_stage_memory(ModelShape.of(load_model_config(row["student"])), 1, 1, 1, 0, row["seq_len"],
-                               row["micro_batch"], row["microbatches"], d=d).activations
-    return {**row, "predicted_calibrated": pc, "predicted_builtin": pb, "predicted_activation_bytes": act,
-            "error_calibrated": _err(pc["step_s"], meas["step_s"]), "error_builtin": _err(pb["step_s"], meas["step_s"]),
-            "error_activation": _err(act, meas["activation_bytes"])}
+    student = ModelShape.of(load_model_config(row["student"]))
+    act = student_stage_memory(student, 1, 1, 1, 0, row["seq_len"], row["micro_batch"], row["microbatches"],
+                               d=d).activations
+    out = {**row, "predicted_calibrated": pc, "predicted_builtin": pb, "predicted_activation_bytes": act,
+           "error_calibrated": _err(pc["step_s"], meas["step_s"]), "error_builtin": _err(pb["step_s"], meas["step_s"]),
+           "error_activation": _err(act, meas["activation_bytes"])}
+    if "sample_s" in meas:  # rows stored before sampling was measured have none
+        rows, prompt = meas["rows"], meas["prompt"]
+        sc, sb = (sampling_time(student, 1, 1, row["seq_len"], rows, 1, prompt, p, d) for p in (profile, builtin))
+        nbytes = sampling_bytes(student, 1, 1, 0, row["seq_len"], rows, prompt, d)
+        out.update(predicted_sample_s_calibrated=sc, predicted_sample_s_builtin=sb, predicted_sample_bytes=nbytes,
+                   error_sample_calibrated=_err(sc, meas["sample_s"]), error_sample_builtin=_err(sb, meas["sample_s"]),
+                   error_sample_bytes=_err(nbytes, meas["sample_bytes"]))
+    return out
 
 
 def rescore(path: str, out: Path) -> dict:
@@ -217,6 +261,24 @@ def markdown(result: dict) -> str:
             f"{1e3 * pc['step_s']:.1f} ({1e3 * pc['teacher_s']:.1f} + {1e3 * pc['student_s']:.1f}) | "
             f"{_pct(r['error_calibrated'])} | {1e3 * pb['step_s']:.1f} | {_pct(r['error_builtin'])} | {act} | "
             f"{r['predicted_activation_bytes'] / GiB:.2f} | {_pct(r['error_activation'])} |")
+    sampled = [r for r in result["rows"] if "predicted_sample_s_calibrated" in r]
+    if sampled:
+        decode = (f"; host time of a decode forward: {1e3 * cal['decode_layer_s']:.2f} ms per layer + "
+                  f"{1e3 * cal['decode_token_s']:.2f} ms, fitted to sampling calls of {cal['small_model']} "
+                  f"({1e3 * cal['decode_s']:.1f} ms) and of it cut to one layer ({1e3 * cal['decode_one_layer_s']:.1f} ms)"
+                  if "decode_s" in cal else "")
+        lines += ["", "On-policy sampling: one call of the student over the step's rows (micro-batch x M), every "
+                  f"position after the first half of each window sampled{decode}.", "",
+                  "| student | rows x window | measured ms | predicted ms, calibrated | error | predicted ms, built-in "
+                  "| error | measured GiB | predicted GiB | error |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sampled:
+            m = r["measured"]
+            nb = "n/a" if m["sample_bytes"] != m["sample_bytes"] else f"{m['sample_bytes'] / GiB:.3f}"
+            lines.append(
+                f"| {r['student']} | {m['rows']} x {r['seq_len'] + 1} | {1e3 * m['sample_s']:.1f} | "
+                f"{1e3 * r['predicted_sample_s_calibrated']:.1f} | {_pct(r['error_sample_calibrated'])} | "
+                f"{1e3 * r['predicted_sample_s_builtin']:.1f} | {_pct(r['error_sample_builtin'])} | {nb} | "
+                f"{r['predicted_sample_bytes'] / GiB:.3f} | {_pct(r['error_sample_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -293,6 +355,7 @@ def main(argv=None) -> int:
                                   env.device, dtype)
             meas = bench.timed(args.steps)
             meas["activation_bytes"] = bench.activation_peak()
+            meas.update(bench.sampling(args.steps))
             del bench
             if cuda:
                 torch.cuda.empty_cache()
@@ -301,7 +364,9 @@ def main(argv=None) -> int:
                                "measured": meas}, profile, builtin, d))
             row = rows[-1]
             print(f"{tname} -> {sname}: measured {1e3 * meas['step_s']:.1f} ms, predicted "
-                  f"{1e3 * row['predicted_calibrated']['step_s']:.1f} ms ({_pct(row['error_calibrated'])})", flush=True)
+                  f"{1e3 * row['predicted_calibrated']['step_s']:.1f} ms ({_pct(row['error_calibrated'])}); sampling "
+                  f"{1e3 * meas['sample_s']:.1f} ms, predicted {1e3 * row['predicted_sample_s_calibrated']:.1f} ms "
+                  f"({_pct(row['error_sample_calibrated'])})", flush=True)
         result = {"device": torch.cuda.get_device_name(env.device) if cuda else f"cpu ({platform.processor() or 'x86'})",
                   "date": datetime.date.today().isoformat(), "command": "python " + " ".join(
                       ["benchmarks/bench_planner.py", *(sys.argv[1:] if argv is None else argv)]),

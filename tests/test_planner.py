@@ -401,6 +401,13 @@ def test_calibrate_on_cpu_writes_a_loadable_profile(world_of_one, tmp_path, caps
         assert meas["predicted_step_time_s"] == pytest.approx(meas["step_time_s"], rel=0.02)
     if 0 < prof.layer_overhead_s < 0.05:
         assert meas["small_predicted_step_time_s"] == pytest.approx(meas["small_step_time_s"], rel=0.02)
+    # Decoding: the two host figures reproduce both sampling calls (the small model at its 4
+    # layers and cut to one), unless the slope was clamped at 0.
+    assert prof.decode_layer_s == meas["decode_layer_s"] >= 0 and prof.decode_token_s == meas["decode_token_s"] >= 0
+    assert meas["decode_s"] > 0 and meas["decode_one_layer_s"] > 0
+    if prof.decode_layer_s > 0 and prof.decode_token_s > 0:
+        assert meas["predicted_decode_s"] == pytest.approx(meas["decode_s"], rel=0.02)
+        assert meas["predicted_decode_one_layer_s"] == pytest.approx(meas["decode_one_layer_s"], rel=0.02)
     proc = _cli(capsys, "plan", "--teacher", "demo-teacher", "--student", "demo-student", "--world-size", "4",
                 "--seq-len", "256", "--global-batch", "16", "--profile", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -434,9 +441,11 @@ def test_bench_planner_cpu_tiny(world_of_one, tmp_path):
     result = json.loads((tmp_path / "planner_bench.json").read_text())
     (row,) = result["rows"]
     assert row["measured"]["step_s"] > 0 and row["predicted_calibrated"]["step_s"] > 0
+    assert row["measured"]["sample_s"] > 0 and row["predicted_sample_s_calibrated"] > 0
     assert load_profile(tmp_path / "profile.json").name == result["profile"]["name"]
     table = (tmp_path / "planner_bench.md").read_text()
     assert [ln for ln in table.splitlines() if ln.startswith("| tiny -> tiny | 32 x 2 x 2 |")]
+    assert [ln for ln in table.splitlines() if ln.startswith("| tiny | 4 x 33 |")]
 
 
 def test_query_key_norm_activation_bytes_are_what_autograd_saves(world_of_one):
@@ -526,12 +535,13 @@ def test_onpolicy_steps_in_the_plan():
         d0 = evaluate_disaggregated(data, Layout(1, 1, 4), Layout(1, 1, 4), 4, False)
         d1 = evaluate_disaggregated(p, Layout(1, 1, 4), Layout(1, 1, 4), 4, False)
         assert d1.step_time >= d0.step_time + f * d1.sample_time
-    # Launch-bound decoding: every position costs one forward of host time per layer (+ the sampler).
+    # Launch-bound decoding: every position costs one decode forward of host time.
     m, prof = ModelShape.of(s), get_profile("h100-80gb")
     one = sampling_time(m, 1, 1, 4096, 8, 1, 1024, prof)
     assert sampling_time(m, 1, 1, 4096, 8, 2, 1024, prof) == pytest.approx(2 * one)
     per_position = (one - sampling_time(m, 1, 1, 4096, 8, 1, 4096, prof)) / (4096 - 1023 - 1)
-    assert per_position == pytest.approx((m.layers + 1) * prof.layer_overhead_s, rel=0.05)
+    assert per_position == pytest.approx(prof.decode_host_s(m.layers), rel=0.05)
+    assert prof.decode_host_s(m.layers) == (m.layers + 1) * prof.layer_overhead_s  # not measured on the H100 yet
     # Memory: 2048 rows per step over 8 replicas = 256 rows of 8193 tokens in one call.
     big = dict(seq_len=8192, global_batch=2048)
     all_rows = make_problem(t, s, 8, 8, micro_batches=(1,), onpolicy=Sampling(0.5, 4096), topk=64, **big)

@@ -9,7 +9,11 @@ Measured on one device (CUDA when available, else CPU, so the path is tested any
   one micro-batch), large enough to keep the device busy, fits ``elementwise_bytes`` (the
   memory-bound traffic per activation element) so that the time model reproduces it; with
   ``--small-model``, a small model's step, bound by the host's kernel launches, fits
-  ``layer_overhead_s``. The model's GEMMs are taken to run at the measured GEMM rate.
+  ``layer_overhead_s``. The model's GEMMs are taken to run at the measured GEMM rate;
+* decoding: with ``--small-model``, one on-policy sampling call of that model (models/generate.py:
+  its micro-batch of rows, every position after the window's first quarter sampled) and of the
+  same model cut to one layer fit the host time of a key/value-cached decode forward, per layer
+  (``decode_layer_s``, the slope) and for the rest of a position (``decode_token_s``).
 
 Network figures (NVLink, NIC, latencies, GPUs per node) cannot be measured from one process: they
 are kept from ``--base`` (one GPU on a workstation says nothing about the nodes a plan targets). The JSON holds ``profile`` (what ``--profile FILE`` loads) and
@@ -79,6 +83,65 @@ def measure_step(model_name: str, seq_len: int, micro_batch: int, iters: int, de
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     return _timed(lambda: train_step(role.schedule, fwd, [mb], role.grads, role.optimizer, groups, 1e-5, 1.0,
                                      cfg.tie_embeddings, LM_REPORT_KEYS), sync, iters)
+
+
+def measure_decode(cfg, seq_len: int, rows: int, iters: int, device, dtype) -> tuple[float, int]:
+    """Median seconds of one sampling call of the model ``cfg`` (a ``ModelConfig``) over ``rows``
+    random windows of ``seq_len + 1`` tokens, sampling every position after the first quarter;
+    and that prompt length."""
+    import numpy as np
+    import torch
+
+    from ..models import build_gpt
+    from ..models.generate import sample_replies
+    from ..parallel import RoleLayout, build_role_groups
+
+    model = build_gpt(cfg, build_role_groups(RoleLayout(f"calibrate-decode-{cfg.num_layers}", 0, 1, 1, 1)),
+                      device=device, dtype=dtype, seed=1)
+    prompt = max(1, seq_len // 4)
+    windows = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, seq_len + 1))).to(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    spans = [[(prompt, seq_len + 1)]] * rows
+    return _timed(lambda: sample_replies(model, windows, spans, vocab_size=cfg.vocab_size, temperature=1.0, seed=0,
+                                         sample_ids=range(rows)), sync, iters), prompt
+
+
+def predicted_decode(profile, cfg, seq_len: int, rows: int, prompt: int, d: int) -> float:
+    """The planner's seconds for ``measure_decode``'s call (``cfg``: a ModelConfig or model name)."""
+    from ..config import load_model_config
+    from .memory import ModelShape
+    from .timing import sampling_time
+
+    cfg = load_model_config(cfg, "--small-model") if isinstance(cfg, str) else cfg
+    return sampling_time(ModelShape.of(cfg), 1, 1, seq_len, rows, 1, prompt, profile, d)
+
+
+def fit_decode(profile, cfg, seq_len: int, rows: int, iters: int, device, dtype, d: int):
+    """``profile`` with ``decode_layer_s`` and ``decode_token_s`` fitted to sampling calls of
+    ``cfg`` at its depth and cut to one layer; and the measurements."""
+    import dataclasses
+
+    depths = sorted({cfg.num_layers, 1}, reverse=True)
+    host, measured = {}, {}
+    for layers in depths:
+        c = dataclasses.replace(cfg, num_layers=layers)
+        t, prompt = measure_decode(c, seq_len, rows, iters, device, dtype)
+        # The host time per position that makes the model reproduce the call (all of it put in
+        # decode_token_s for now).
+        host[layers] = _bisect(lambda x: predicted_decode(profile.replace(decode_layer_s=0.0, decode_token_s=x), c,
+                                                          seq_len, rows, prompt, d), t, 0.0, 0.05)
+        measured[layers] = t
+    if len(depths) == 2:
+        per_layer = max(0.0, (host[depths[0]] - host[1]) / (depths[0] - 1))
+        rest = max(0.0, host[1] - per_layer)
+    else:  # a one-layer model: the two parts cannot be told apart
+        per_layer = rest = host[1] / 2
+    profile = profile.replace(decode_layer_s=per_layer, decode_token_s=rest)
+    return profile, {"decode_prompt": prompt, "decode_s": measured[depths[0]], "decode_one_layer_s": measured[1],
+                     "decode_layer_s": per_layer, "decode_token_s": rest,
+                     "predicted_decode_s": predicted_decode(profile, cfg, seq_len, rows, prompt, d),
+                     "predicted_decode_one_layer_s": predicted_decode(
+                         profile, dataclasses.replace(cfg, num_layers=1), seq_len, rows, prompt, d)}
 
 
 def predicted_step(profile, model_name: str, seq_len: int, micro_batch: int, d: int) -> float:
@@ -177,6 +240,12 @@ def calibrate(out: str, base=None, model: str = "demo-student", seq_len: int = 2
                       if small_model else None)
         profile = fit_profile(profile, (model, seq_len, micro_batch, step),
                               (small_model, small_seq_len, small_micro_batch, small_step) if small_model else None, d)
+        decode: dict = {}
+        if small_model:
+            from ..config import load_model_config
+
+            profile, decode = fit_decode(profile, load_model_config(small_model, "--small-model"), small_seq_len,
+                                         small_micro_batch, iters, dev, dtype, d)
         measurements = {
             "device": str(dev) if not cuda else torch.cuda.get_device_name(dev),
             "matmul_tflops": big / 1e12, "matmul_small_tflops": small / 1e12, "copy_gbps": copy_bw / 1e9,
@@ -189,7 +258,7 @@ def calibrate(out: str, base=None, model: str = "demo-student", seq_len: int = 2
             measurements.update(small_model=small_model, small_seq_len=small_seq_len,
                                 small_micro_batch=small_micro_batch, small_step_time_s=small_step,
                                 small_predicted_step_time_s=predicted_step(profile, small_model, small_seq_len,
-                                                                           small_micro_batch, d))
+                                                                           small_micro_batch, d), **decode)
         save_profile(profile, out, measurements)
         return {"profile": profile, "measurements": measurements}
     finally:

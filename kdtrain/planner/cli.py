@@ -191,5 +191,8 @@ def run_calibrate(args) -> int:
     m = result["measurements"]
     print(f"device {m['device']}: matmul {m['matmul_tflops']:.3f} TFLOP/s, copy {m['copy_gbps']:.1f} GB/s, "
           f"{args.model} step {m['step_time_s'] * 1e3:.1f} ms -> {m['elementwise_bytes']:.1f} B per activation "
-          f"element, host {m['layer_overhead_s'] * 1e3:.2f} ms per layer pass; profile written to {args.out}")
+          f"element, host {m['layer_overhead_s'] * 1e3:.2f} ms per layer pass"
+          + (f"; a decode forward {m['decode_layer_s'] * 1e3:.2f} ms per layer + {m['decode_token_s'] * 1e3:.2f} ms"
+             if "decode_s" in m else "")
+          + f"; profile written to {args.out}")
     return 0

@@ -21,7 +21,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 GB = 1e9
 GiB = 2.0**30
@@ -54,14 +54,28 @@ class HardwareProfile:
     # HBM bytes the memory-bound ops of a layer move per element of their activations per forward
     # (see ModelShape.elementwise_width); the backward moves twice that.
     elementwise_bytes: float = 0.0
+    # Host time of one key/value-cached decode forward (on-policy sampling, models/generate.py):
+    # ``decode_layer_s`` per layer plus ``decode_token_s`` for the rest of a position (embedding,
+    # output layer, the draw, the decoder's bookkeeping). None: not measured, taken as
+    # ``layer_overhead_s`` each (`kdtrain calibrate --small-model` measures both).
+    decode_layer_s: Optional[float] = None
+    decode_token_s: Optional[float] = None
+
+    def decode_host_s(self, layers: int) -> float:
+        """Host seconds of one decode forward of a ``layers``-layer model."""
+        per_layer = self.layer_overhead_s if self.decode_layer_s is None else self.decode_layer_s
+        rest = self.layer_overhead_s if self.decode_token_s is None else self.decode_token_s
+        return layers * per_layer + rest
 
     def check(self, where: str = "profile") -> None:
         for f in dataclasses.fields(self):
             if f.name == "name":
                 continue
             v = getattr(self, f.name)
-            if f.name in ("memory_reserve_bytes", "layer_overhead_s", "tokens_half", "width_half",
-                          "intra_node_latency", "inter_node_latency", "elementwise_bytes"):
+            if f.name.startswith("decode_") and v is None:
+                continue
+            if f.name in ("memory_reserve_bytes", "decode_layer_s", "decode_token_s", "layer_overhead_s", "tokens_half",
+                          "width_half", "intra_node_latency", "inter_node_latency", "elementwise_bytes"):
                 ok = v >= 0
             elif f.name == "model_efficiency":
                 ok = 0 < v <= 1

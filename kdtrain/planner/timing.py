@@ -33,7 +33,9 @@ through every pipeline stage in turn (one hop per boundary):
     device    = max(bytes / HBM bw, FLOPs / profile.achieved_flops(r, width))
                 bytes = every weight on the tensor rank (d * params/tp) + the key/value cache read
                         (layers * r * context * kv/tp * d, context = P + decoded/2 on average)
-    host      = (layers + 1) * layer_overhead_s    (a forward per token; + 1: output layer, sampler)
+    host      = layers * decode_layer_s + decode_token_s   (a cached forward per position, and what
+                the rest of the position costs: output layer, draw, bookkeeping; calibrated apart
+                from training passes)
     tp comm   = 2 all-reduces of [r, hidden] per layer + 3 small ones for the draw
 
 The decoded positions are an upper bound (S + 1 - P): a call ends early when every row has
@@ -247,7 +249,7 @@ def sampling_time(m: ModelShape, tp: int, pp: int, seq: int, rows: int, calls: i
     flops = rows * (m.layers * m.layer_forward_flops(context) + m.output_forward_flops()) / tp
     width = min(m.q_width // tp, m.ffn // tp, m.hidden)
     device = max((weights + cache) / profile.memory_bw, flops / profile.achieved_flops(rows, width))
-    host = (m.layers + 1) * profile.layer_overhead_s
+    host = profile.decode_host_s(m.layers)
     tp_comm = 2 * m.layers * allreduce_time(rows * m.hidden * d, tp, bw, lat) + 3 * allreduce_time(8 * rows, tp, bw, lat)
     hops = (pp - 1) * (lat + rows * m.hidden * d / bw) + (lat if pp > 1 else 0.0)  # + the tokens' broadcast
     token = max(device, host) + tp_comm + hops
