@@ -57,7 +57,7 @@ for s in "$@"; do
     distill)
       stage distill_bench 300 python benchmarks/bench_distill.py --out "$WORK/distill" ;;
     planner)
-      stage planner_bench 240 python benchmarks/bench_planner.py --out "$WORK/planner" ;;
+      stage planner_bench 320 python benchmarks/bench_planner.py --out "$WORK/planner" ;;
     trl)
       stage trl_bench 420 python benchmarks/bench_vs_trl.py --preset llama --preset qwen --out "$WORK/trl" ;;
     cache)
