@@ -363,6 +363,33 @@ def test_cli_table_json_and_errors(capsys):
     assert proc.returncode == 2 and "--profile" in proc.stderr
 
 
+def test_cli_plans_a_run_config_as_split_auto_does(capsys):
+    """``kdtrain plan --config`` plans the problem ``split: auto`` plans for the same config and
+    overrides (one mapping, planner/from_config.py): the same best plan, micro-batch and on-policy
+    steps; the flags that describe the run are refused beside it."""
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.auto_split import resolve_auto_split
+
+    overrides = ["data.mock=true", "data.path=[]", "onpolicy.fraction=0.5", "onpolicy.prompt_length=8",
+                 "training.micro_batch_size=2", "precision.dtype=bf16"]
+    config = str(REPO / "configs/distill/tiny.yaml")
+    proc = _cli(capsys, "plan", "--config", config, *overrides, "--world-size", "4", "--gpus-per-node", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    best = json.loads(proc.stdout)["plans"][0]
+    assert best["micro_batch"] == 2 and best["sample_time_s"] > 0
+    cfg = load_distill_config(config, overrides + ["split.mode=auto", "split.profile=h100-80gb"])
+    resolved, lines = resolve_auto_split(cfg, 4, torch.device("cpu"), gpus_per_node=4)
+    assert best["describe"] in lines[0]
+    assert (resolved.split.mode, resolved.student.dp) == (best["split"], best["student"]["dp"])
+    proc = _cli(capsys, "plan", "--config", config, *overrides, "--world-size", "4", "--seq-len", "64")
+    assert proc.returncode == 2 and "--seq-len: with --config" in proc.stderr
+    proc = _cli(capsys, "plan", "--world-size", "4", "--teacher", "tiny", "--student", "tiny", "--seq-len", "32",
+                "--global-batch", "8", "training.seed=1")
+    assert proc.returncode == 2 and "training.seed=1: overrides go with --config" in proc.stderr
+    proc = _cli(capsys, "plan", "--world-size", "4", "--teacher", "tiny")
+    assert proc.returncode == 2 and "--student: required" in proc.stderr
+
+
 def test_sweep_reports_regime_change_and_writes_png(tmp_path, capsys):
     from kdtrain.cli import main
 

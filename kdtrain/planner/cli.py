@@ -3,6 +3,7 @@
     kdtrain plan --teacher llama-3.1-8b --student llama-3.2-1b --world-size 64 --gpus-per-node 8 \
         --seq-len 4096 --global-batch 1024 [--topk 64] [--profile h100-80gb|FILE] [--json] [--top 10]
         [--cuda-graphs] [--onpolicy-fraction 0.5 --prompt-len 256 --sample-batch 0]
+    kdtrain plan --config configs/distill/llama-3.1-8b-to-3.2-1b-8xh100.yaml --world-size 8 [KEY=VALUE ...]
     kdtrain plan ... --sweep world_size [--values 8,64,512] [--plot sweep.png]
     kdtrain plan ... --sweep all --plot docs/planner_sweep.png      (every quantity, one panel each)
     kdtrain calibrate --out profiles/h100.json --model llama-1.2b-32k --seq-len 1024 --micro-batch 4 \
@@ -29,31 +30,36 @@ def _csv(kind):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="rank teacher/student splits by predicted samples/s")
-    p.add_argument("--teacher", required=True, help="teacher model (name under configs/models/ or YAML)")
-    p.add_argument("--student", required=True, help="student model (name under configs/models/ or YAML)")
+    p.add_argument("--config", default=None, help="a distillation run config: its models, window, batch, top-k, "
+                   "optimizer, recomputation, CUDA graphs and on-policy steps (instead of the flags below)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="with --config: overrides, as the scripts take")
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: the profile's")
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--global-batch", type=int, required=True, help="samples per step")
-    p.add_argument("--topk", type=int, default=64)
     p.add_argument("--profile", default="h100-80gb", help="built-in name or a `kdtrain calibrate` JSON")
-    p.add_argument("--micro-batch", type=_csv(int), default=None, help="only these micro-batch sizes")
     p.add_argument("--split", choices=("auto", "colocated", "disaggregated"), default="auto",
                    help="restrict the table to one split")
-    p.add_argument("--recompute", choices=("never", "always", "auto"), default="never",
-                   help="student full activation recomputation, training.recompute (auto: let the planner choose)")
-    p.add_argument("--distributed-optimizer", choices=("auto", "on", "off"), default="auto",
-                   help="student ZeRO-1 (optimizer.distributed)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="precision.cuda_graphs: the student's layers replay as CUDA graphs (tp = pp = 1)")
-    p.add_argument("--depth", type=int, default=2, help="split.depth: micro-batches the teacher may run ahead")
-    p.add_argument("--onpolicy-fraction", type=float, default=0.0,
-                   help="onpolicy.fraction: share of steps on the student's own samples (0: none)")
-    p.add_argument("--prompt-len", type=int, default=None,
-                   help="onpolicy.prompt_length: positions before the first sampled one (default: half the window)")
-    p.add_argument("--sample-batch", type=int, default=0, help="onpolicy.sample_batch: rows per sampling call "
-                   "(0: all of a replica's rows)")
-    p.add_argument("--values-dtype", choices=("fp32", "bf16"), default="fp32", help="teacher.values_dtype")
+    run = p.add_argument_group("the run (without --config)")
+    run.add_argument("--teacher", help="teacher model (name under configs/models/ or YAML)")
+    run.add_argument("--student", help="student model (name under configs/models/ or YAML)")
+    run.add_argument("--seq-len", type=int)
+    run.add_argument("--global-batch", type=int, help="samples per step")
+    run.add_argument("--topk", type=int, help="teacher.topk (default 64)")
+    run.add_argument("--micro-batch", type=_csv(int), help="only these micro-batch sizes")
+    run.add_argument("--recompute", choices=("never", "always", "auto"),
+                     help="student full activation recomputation, training.recompute (default never; auto: let the "
+                          "planner choose)")
+    run.add_argument("--distributed-optimizer", choices=("auto", "on", "off"),
+                     help="student ZeRO-1 (optimizer.distributed; default auto)")
+    run.add_argument("--cuda-graphs", action="store_const", const=True,
+                     help="precision.cuda_graphs: the student's layers replay as CUDA graphs (tp = pp = 1)")
+    run.add_argument("--depth", type=int, help="split.depth: micro-batches the teacher may run ahead (default 2)")
+    run.add_argument("--onpolicy-fraction", type=float,
+                     help="onpolicy.fraction: share of steps on the student's own samples (default 0: none)")
+    run.add_argument("--prompt-len", type=int,
+                     help="onpolicy.prompt_length: positions before the first sampled one (default: half the window)")
+    run.add_argument("--sample-batch", type=int, help="onpolicy.sample_batch: rows per sampling call "
+                     "(default 0: all of a replica's rows)")
+    run.add_argument("--values-dtype", choices=("fp32", "bf16"), help="teacher.values_dtype (default fp32)")
     p.add_argument("--top", type=int, default=10, help="rows in the table")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--sweep", default=None,
@@ -81,6 +87,12 @@ def register(subparsers) -> None:
     c.set_defaults(func=run_calibrate)
 
 
+# The flags that describe the run, and their defaults without --config.
+RUN_FLAGS = {"teacher": None, "student": None, "seq_len": None, "global_batch": None, "topk": 64, "micro_batch": None,
+             "recompute": "never", "distributed_optimizer": "auto", "cuda_graphs": False, "depth": 2,
+             "onpolicy_fraction": 0.0, "prompt_len": None, "sample_batch": 0, "values_dtype": "fp32"}
+
+
 def _problem(args):
     from ..config import load_model_config
     from .profiles import get_profile
@@ -90,6 +102,17 @@ def _problem(args):
         raise ValueError(f"--top: must be >= 1, got {args.top}")
     profile = get_profile(args.profile)
     gpn = args.gpus_per_node or profile.gpus_per_node
+    given = [k for k in RUN_FLAGS if getattr(args, k) is not None]
+    if args.config:
+        return _problem_from_config(args, profile, gpn, given)
+    if args.overrides:
+        raise ValueError(f"{args.overrides[0]}: overrides go with --config")
+    missing = [k for k in ("teacher", "student", "seq_len", "global_batch") if getattr(args, k) is None]
+    if missing:
+        raise ValueError(f"--{missing[0].replace('_', '-')}: required (or give a run config with --config)")
+    for k, default in RUN_FLAGS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     teacher = load_model_config(args.teacher, "--teacher")
     student = load_model_config(args.student, "--student")
     mbs = tuple(args.micro_batch) if args.micro_batch else None
@@ -105,6 +128,24 @@ def _problem(args):
                         recompute={"never": False, "always": True, "auto": None}[args.recompute],
                         distributed_optimizer={"auto": None, "on": True, "off": False}[args.distributed_optimizer],
                         student_graphs=args.cuda_graphs, onpolicy=onpolicy)
+
+
+def _problem_from_config(args, profile, gpn: int, given: list[str]):
+    """The problem of a distillation config, as ``split: auto`` sees it (bf16 unless the config says
+    fp32: plans are for GPUs)."""
+    from ..config.distill import load_distill_config
+    from .from_config import plan_inputs
+    from .search import make_problem
+
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')}: with --config the run's own settings are planned; "
+                         f"change them as overrides (KEY=VALUE)")
+    cfg = load_distill_config(args.config, args.overrides)
+    kw = plan_inputs(cfg, fp32=cfg.precision.dtype == "fp32")
+    teacher, student = kw.pop("teacher_model"), kw.pop("student_model")
+    seq, batch, topk = kw.pop("seq_len"), kw.pop("global_batch"), kw.pop("topk")
+    return make_problem(teacher, student, args.world_size, gpn, seq, batch, topk, profile,
+                        micro_batches=(kw.pop("micro_batch"),), **kw)
 
 
 def _table(plans, world_size: int) -> str:

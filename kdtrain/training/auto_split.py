@@ -32,22 +32,17 @@ def device_profile(device: torch.device) -> str:
 def resolve_auto_split(cfg: DistillConfig, world_size: int, device: torch.device,
                        gpus_per_node: Optional[int] = None) -> tuple[DistillConfig, list[str]]:
     """``cfg`` with the planner's best plan applied, and log lines naming it and the runner-up."""
-    from ..planner import Sampling, auto_plan
+    from ..planner import auto_plan
+    from ..planner.from_config import plan_inputs
 
     sp = cfg.split
     gpn = sp.gpus_per_node or gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     profile = sp.profile or device_profile(device)
     fp32 = cfg.precision.dtype == "fp32" or (cfg.precision.dtype == "auto" and device.type != "cuda")
-    op = cfg.onpolicy
-    onpolicy = (Sampling(op.fraction, min(op.prompt_length, cfg.data.seq_length), op.sample_batch)
-                if op.fraction > 0 else None)
+    inputs = plan_inputs(cfg, fp32)
     try:
-        best, runner_up = auto_plan(
-            cfg.teacher.model, cfg.student.model, world_size, gpn, cfg.data.seq_length, cfg.training.global_batch_size,
-            micro_batch=cfg.training.micro_batch_size, topk=cfg.teacher.topk, profile=profile,
-            values_bytes=4 if cfg.teacher.values_dtype == "fp32" else 2, depth=sp.depth,
-            distributed_optimizer=cfg.optimizer.distributed, dtype_bytes=4 if fp32 else 2,
-            recompute=cfg.training.recompute, student_graphs=cfg.precision.cuda_graphs, onpolicy=onpolicy)
+        best, runner_up = auto_plan(inputs.pop("teacher_model"), inputs.pop("student_model"), world_size, gpn,
+                                    profile=profile, **inputs)
     except ValueError as e:
         raise ValueError(f"split.mode: auto found no plan: {e}") from None
     ov = best.config_overrides()
