@@ -302,3 +302,50 @@ def test_given_stretches_go_through_the_model_in_one_forward(world_of_one, monke
             layer._direct = True
     assert torch.equal(got, want) and torch.equal(flags, want_flags)
     assert flags[:, 40:].any()  # the second replies were sampled after the stretch
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
+def test_fixed_shape_decode_step_samples_what_the_decoder_samples(kind, world_of_one, monkeypatch):
+    """``graphs=True`` (decode_graph.py; eager on CPU, the code a CUDA graph records): every
+    single-position forward runs with fixed shapes (device slot, attention over the whole zeroed
+    cache under a mask) and the rows, flags and document positions equal the ordinary cached
+    decoder's, over a window and within documents, with a stop token, given stretches and a nucleus
+    draw; each position's logits agree to fp32 rounding."""
+    import numpy as np
+
+    import kdtrain.models.decode_graph as decode_graph
+    from kdtrain.models.generate import sample_replies
+
+    model = _model(kind)
+    windows, spans, positions, kw = _stage_case()
+    steps = []
+    forward = decode_graph.DecodeStep._forward
+    monkeypatch.setattr(decode_graph.DecodeStep, "_forward", lambda self: (steps.append(1), forward(self))[1])
+    for pos in (None, positions):
+        want = sample_replies(model, windows, spans, positions=pos, **kw)
+        n = len(steps)
+        got = sample_replies(model, windows, spans, positions=pos, graphs=True, **kw)
+        assert len(steps) > n + 5  # the fixed-shape step ran
+        for a, b in zip(got, want):
+            assert (a is None and b is None) or torch.equal(a, b), kind
+    # The logits of one position: the step against the ordinary forward of the same prefix.
+    b, L = 3, T
+    groups, d = model.decoder.layers[0].self_attention.num_query_groups_per_partition, \
+        model.decoder.layers[0].self_attention.hidden_size_per_attention_head
+    caches = [(torch.zeros(L, b, groups, d), torch.zeros(L, b, groups, d)) for _ in model.decoder.layers]
+    rope = None
+    if kind != "gpt2":
+        freqs = model.rotary_pos_emb(L)
+        rope = (torch.cos(freqs), torch.sin(freqs))
+    from kdtrain.models.generate import _forward_positions
+
+    starts = torch.tensor(np.stack([np.where(np.arange(L) >= 7, 7, 0) * (i > 0) for i in range(b)]))  # row 0: window
+    doc = torch.arange(L).unsqueeze(0) - starts  # rows 1, 2: a document from slot 7 on
+    with torch.no_grad():
+        _forward_positions(model, windows[:, :12], 0, rope, caches, doc[:, :12].contiguous())
+        want = _forward_positions(model, windows[:, 12:13], 12, rope, caches, doc[:, 12:13].contiguous())
+        step = decode_graph.DecodeStep(model, caches, rope, b, L, graph=False)
+        got = step(windows[:, 12], doc[:, 12], 12, starts[:, 12])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="CUDA device"):
+        decode_graph.DecodeStep(model, caches, rope, b, L, graph=True)

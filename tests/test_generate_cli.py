@@ -84,7 +84,8 @@ def test_cli_output_and_errors(hf_chat_model, capsys, tmp_path):
     for args, msg in ((["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
                       (["--max-new-tokens", "500"], "exceed the model's max_seq_length 128"),
                       (["--temperature", "-1"], "--temperature must be >= 0"),
-                      (["--top-p", "0"], "--top-p in (0, 1]")):
+                      (["--top-p", "0"], "--top-p in (0, 1]"),
+                      (["--cuda-graphs"], "--cuda-graphs: CUDA graphs need a CUDA device")):
         assert main(["generate", "--model", str(folder), "--prompt", "x", "--device", "cpu", *args]) == 2
         assert msg in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2

@@ -142,7 +142,8 @@ class OnPolicyConfig:
     top_p: float = 1.0
     # Rows per sampling call (0: all of a replica's samples of the step at once). Decoding is one
     # forward per token, bound by launch overhead at small batches: larger calls amortise it, at
-    # the memory of their key/value cache.
+    # the memory of their key/value cache; with precision.cuda_graphs each token's forward replays
+    # as one CUDA graph (models/decode_graph.py).
     sample_batch: int = 0
 
     def check(self, where: str = "onpolicy") -> None:

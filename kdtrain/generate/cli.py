@@ -11,7 +11,8 @@ template, or ``--chat-template FILE|plain``, and stops a reply at the EOS id. Pr
 lengths are decoded together (kdtrain/models/generate.py: key/value cache, layout-independent
 sampling keyed by ``--seed`` and the prompt's index); ``--temperature 0`` is greedy, and
 ``--top-k`` / ``--top-p`` restrict a sampled draw to the most likely tokens. The whole
-model runs on one device (GPU when there is one), in bf16 on GPU and fp32 on CPU.
+model runs on one device (GPU when there is one), in bf16 on GPU and fp32 on CPU; on a GPU,
+``--cuda-graphs`` replays each position's forward as one CUDA graph (models/decode_graph.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def default_tokenizer(model: str) -> Optional[str]:
 def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None, chat: bool = False,
              chat_template: Optional[str] = None, system: Optional[str] = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             device: str = "auto") -> list[dict]:
+             device: str = "auto", cuda_graphs: bool = False) -> list[dict]:
     """One ``{"prompt", "ids", "text", "stopped"}`` per prompt: the new token ids, their text, and
     whether the reply ended with the EOS id."""
     import torch
@@ -85,6 +86,8 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
                          f"{cfg.max_seq_length}")
     stop = tok.eos_id if tok.eos_id >= 0 else None
     with one_process_world(device) as env:
+        if cuda_graphs and env.device.type != "cuda":
+            raise ValueError(f"--cuda-graphs: CUDA graphs need a CUDA device, this runs on {env.device.type}")
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
         _, net = load_whole_model(model, env.device, dtype, "generate --model", cfg)
         # Each row: its prompt, then room for its reply (the prompt lengths differ by row).
@@ -94,7 +97,8 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         starts = [len(ids) for ids in encoded]
         out, sampled, _ = sample_replies(net, windows.to(env.device), [[(s, longest)] for s in starts],
                                       vocab_size=cfg.vocab_size, temperature=temperature, seed=seed,
-                                      sample_ids=range(len(encoded)), stop_token=stop, top_k=top_k, top_p=top_p)
+                                      sample_ids=range(len(encoded)), stop_token=stop, top_k=top_k, top_p=top_p,
+                                      graphs=cuda_graphs)
     results = []
     for i, p in enumerate(prompts):
         end = min(starts[i] + int(sampled[i].sum()), starts[i] + max_new_tokens)
@@ -110,7 +114,8 @@ def _run(args) -> int:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     results = generate(args.model, prompts, tokenizer=args.tokenizer, chat=args.chat, chat_template=args.chat_template,
                        system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device,
+                       cuda_graphs=args.cuda_graphs)
     for r in results:
         if args.json:
             print(json.dumps(r, ensure_ascii=False))
@@ -135,5 +140,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="then among the smallest set holding this mass (1: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each position's forward as one CUDA graph "
+                   "(CUDA only)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
     p.set_defaults(func=_run)

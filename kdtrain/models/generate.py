@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .decode_graph import DecodeStep
 from .documents import DocumentMask
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
@@ -227,7 +228,7 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
                    temperature: float, seed: int, sample_ids: Sequence[int], stop_token: Optional[int] = None,
                    pad_id: int = 0, tp_group=None, top_k: int = 0, top_p: float = 1.0,
                    positions: Optional[torch.Tensor] = None, stages: Optional[DecodeStages] = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                   graphs: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Rewrite each row of ``windows`` [b, L] with the model's own replies.
 
     ``spans[i]``: the replies of row i as token ranges ``[start, end)`` of the given row, in order
@@ -246,9 +247,17 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
     document in the data starts one in the new row, and the returned positions say so.
 
     ``stages``: this rank's stage of a model split in depth (the module docstring); every stage
-    calls this with the same rows and returns the same result."""
+    calls this with the same rows and returns the same result.
+
+    ``graphs``: each single-position forward runs as one fixed-shape step (decode_graph.py),
+    replayed as a CUDA graph on a CUDA device (eagerly elsewhere); the same tokens. Needs the
+    whole model on one tensor rank and kdtrain's local layers."""
     if not (model.pre_process and model.post_process) and stages is None:
         raise ValueError("sampling from one pipeline stage needs its neighbours (stages)")
+    if graphs and (stages is not None or (tp_group is not None and dist.get_world_size(tp_group) > 1)
+                   or not _cached_layers(model)):
+        raise ValueError("graphed decoding needs the whole model on one rank (tp = pp = 1) with kdtrain's local "
+                         "layers")
     b, L = windows.shape
     assert len(sample_ids) == b == len(spans), (len(sample_ids), b, len(spans))
     assert all(s >= 1 for row in spans for s, _ in row), spans
@@ -332,13 +341,16 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
             layer0 = model.decoder.layers[0]
             groups = layer0.self_attention.num_query_groups_per_partition
             d = layer0.self_attention.hidden_size_per_attention_head
-            caches = [(torch.empty(L, b, groups, d, dtype=dtype, device=device),
-                       torch.empty(L, b, groups, d, dtype=dtype, device=device))
+            # Zeroed for the fixed-shape step, which reads every slot (masked ones with zero weight).
+            alloc = torch.zeros if graphs else torch.empty
+            caches = [(alloc(L, b, groups, d, dtype=dtype, device=device),
+                       alloc(L, b, groups, d, dtype=dtype, device=device))
                       for _ in model.decoder.layers]
             rope = None
             if getattr(model, "rotary_pos_emb", None) is not None and model.position_embedding_type == "rope":
                 freqs = model.rotary_pos_emb(L)
                 rope = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+            decode = DecodeStep(model, caches, rope, b, L, graph=device.type == "cuda") if graphs else None
             logits = _forward_positions(model, tokens[:, :first], 0, rope, caches,
                                         None if out_pos is None else out_pos[:, :first], stages)
             t = first
@@ -352,8 +364,12 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
                 if t + n >= L:
                     break
                 chunk = slice(t, t + n)
-                logits = _forward_positions(model, tokens[:, chunk], t, rope, caches,
-                                            None if out_pos is None else out_pos[:, chunk], stages)
+                if decode is not None and n == 1:
+                    pos_t = out_pos[:, t] if out_pos is not None else torch.full_like(src, t)
+                    logits = decode(tokens[:, t], pos_t, t, t - pos_t)  # a row sees its document from its start
+                else:
+                    logits = _forward_positions(model, tokens[:, chunk], t, rope, caches,
+                                                None if out_pos is None else out_pos[:, chunk], stages)
                 t += n
         elif stages is not None:
             raise ValueError("sampling from pipeline stages needs kdtrain's local layers (the key/value-cached "

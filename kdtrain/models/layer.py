@@ -180,15 +180,21 @@ class DirectTransformerLayer(TransformerLayer):
         return self._bias_dropout_add(out, bias, x)
 
     def cached_forward(self, x: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]],
-                       kv: tuple[torch.Tensor, torch.Tensor], offset: int,
-                       allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       kv: tuple[torch.Tensor, torch.Tensor], offset, allowed: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
         """No-grad forward of ``n`` new positions ``[offset, offset + n)`` of ``x`` [n, b, h] with a
         key/value cache (generate.py): their keys and values go into ``kv`` (two ``[max_len, b,
         groups, head_dim]`` tensors), and the queries attend to cached positions ``<= own``, or to
         those ``allowed`` [b, 1, n, offset + n] marks (attention within documents). The same
         operations as ``direct_forward`` on the whole sequence; ``cos_sin``: the rotary tables of
         the new positions, ``[n, 1, 1, d]`` or per row ``[n, b, 1, d]`` (None without rotary
-        embedding)."""
+        embedding).
+
+        ``offset`` as a one-element device tensor (one new position, decode_graph.py): the same
+        with fixed shapes, nothing read on the host, so the call can be captured in a CUDA graph:
+        the key and value go to that slot, and the query attends over the whole cache under
+        ``allowed`` [b, 1, 1, max_len] (required; unwritten slots must hold finite values, e.g.
+        zeros, since a masked key still multiplies its value by a zero weight)."""
         assert self._direct, "cached_forward needs a layer the direct forward covers"
         attn = self.self_attention
         n, batch = x.shape[0], x.shape[1]
@@ -201,10 +207,17 @@ class DirectTransformerLayer(TransformerLayer):
         if cos_sin is not None:
             query, key = _rotate(query, *cos_sin), _rotate(key, *cos_sin)
         k_cache, v_cache = kv
-        k_cache[offset:offset + n] = key
-        v_cache[offset:offset + n] = value
-        total = offset + n
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, k_cache[:total], v_cache[:total]))
+        if isinstance(offset, torch.Tensor):
+            assert n == 1 and allowed is not None, (n, allowed is None)
+            k_cache.index_copy_(0, offset, key)
+            v_cache.index_copy_(0, offset, value)
+            keys, values, total = k_cache, v_cache, k_cache.shape[0]
+        else:
+            k_cache[offset:offset + n] = key
+            v_cache[offset:offset + n] = value
+            total = offset + n
+            keys, values = k_cache[:total], v_cache[:total]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, keys, values))
         if allowed is not None:
             mask, causal = allowed, False
         elif n == 1:  # one new query sees every cached key

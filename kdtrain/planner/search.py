@@ -301,7 +301,8 @@ def _sample_time(p: Problem, lay: Layout) -> float:
     if p.onpolicy is None:
         return 0.0
     rows, calls = p.onpolicy.calls(p.global_batch // lay.dp)
-    t = sampling_time(p.student, lay.tp, lay.pp, p.seq_len, rows, calls, p.onpolicy.prompt, p.profile, p.dtype_bytes)
+    t = sampling_time(p.student, lay.tp, lay.pp, p.seq_len, rows, calls, p.onpolicy.prompt, p.profile, p.dtype_bytes,
+                      graphed=p.student_graphs)
     bw, lat = link(p.profile, p.world_size <= p.gpus_per_node)
     return t + allreduce_time(p.global_batch * 3 * (p.seq_len + 1) * 8, p.world_size, bw, lat)
 

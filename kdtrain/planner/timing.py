@@ -35,7 +35,7 @@ through every pipeline stage in turn (one hop per boundary):
                         (layers * r * context * kv/tp * d, context = P + decoded/2 on average)
     host      = layers * decode_layer_s + decode_token_s   (a cached forward per position, and what
                 the rest of the position costs: output layer, draw, bookkeeping; calibrated apart
-                from training passes)
+                from training passes; with precision.cuda_graphs the layers are one graph replay)
     tp comm   = 2 all-reduces of [r, hidden] per layer + 3 small ones for the draw
 
 The decoded positions are an upper bound (S + 1 - P): a call ends early when every row has
@@ -231,10 +231,12 @@ def student_time(m: ModelShape, tp: int, pp: int, dp: int, seq: int, micro_batch
 
 
 def sampling_time(m: ModelShape, tp: int, pp: int, seq: int, rows: int, calls: int, prompt: int,
-                  profile: HardwareProfile, d: int = 2) -> float:
+                  profile: HardwareProfile, d: int = 2, graphed: bool = False) -> float:
     """Seconds a student replica spends sampling one step's rows: ``calls`` calls of ``rows`` rows,
     each a forward over the first ``prompt`` positions and one per position after them up to the
-    window's ``seq + 1`` tokens (see the module docstring)."""
+    window's ``seq + 1`` tokens (see the module docstring). ``graphed``: each position's model
+    forward replays as one CUDA graph (precision.cuda_graphs, tp = pp = 1): its host time is one
+    replay instead of the layers' launches."""
     if calls == 0:
         return 0.0
     positions = seq + 1 - prompt
@@ -249,7 +251,7 @@ def sampling_time(m: ModelShape, tp: int, pp: int, seq: int, rows: int, calls: i
     flops = rows * (m.layers * m.layer_forward_flops(context) + m.output_forward_flops()) / tp
     width = min(m.q_width // tp, m.ffn // tp, m.hidden)
     device = max((weights + cache) / profile.memory_bw, flops / profile.achieved_flops(rows, width))
-    host = profile.decode_host_s(m.layers)
+    host = profile.decode_host_s(0) + GRAPH_REPLAY_S if graphed else profile.decode_host_s(m.layers)
     tp_comm = 2 * m.layers * allreduce_time(rows * m.hidden * d, tp, bw, lat) + 3 * allreduce_time(8 * rows, tp, bw, lat)
     hops = (pp - 1) * (lat + rows * m.hidden * d / bw) + (lat if pp > 1 else 0.0)  # + the tokens' broadcast
     token = max(device, host) + tp_comm + hops

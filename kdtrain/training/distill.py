@@ -170,7 +170,8 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     tokens, or, on conversations, the window's first reply (``onpolicy.replies: all``: every
     reply), each until the stop token, the data's next turn following. Each student replica
     samples its own samples, ``onpolicy.sample_batch`` rows per call (all of them when 0), all
-    its pipeline stages together; one world all-reduce (tensor rank 0 of each student replica's
+    its pipeline stages together (with ``precision.cuda_graphs`` each position's forward replays
+    as one CUDA graph, models/decode_graph.py); one world all-reduce (tensor rank 0 of each student replica's
     last stage contributes, every other rank adds zeros) hands every rank the whole step with the
     flags, since a teacher replica serves other replicas' samples. A disaggregated teacher waits in it for the step's samples: on-policy steps
     cannot run ahead. The sampling is keyed by sample id, so the windows do not depend on the
@@ -203,7 +204,8 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
         seqs, flags, new_pos = sample_replies(
             student.model, windows, spans, vocab_size=cfg.student.model.vocab_size, temperature=op.temperature,
             seed=tr.seed, sample_ids=chunk, stop_token=stop, pad_id=dataset.eos_id or 0, tp_group=groups.pgc.tp,
-            top_k=op.top_k, top_p=op.top_p, positions=positions, stages=DecodeStages.of(groups))
+            top_k=op.top_k, top_p=op.top_p, positions=positions, stages=DecodeStages.of(groups),
+            graphs=cfg.precision.cuda_graphs)
         if groups.tp_rank == 0 and groups.is_last_stage:  # every stage holds the same rows
             out[chunk.start - first:chunk.stop - first] = torch.cat(
                 [seqs, flags.long()] + ([new_pos] if documents else []), dim=1)
