@@ -12,6 +12,7 @@
 #   bash benchmarks/run_h100.sh distill_graphs cache_graphs  # precision.cuda_graphs=true A/B
 #   bash benchmarks/run_h100.sh distill_graphs_compiled      # graphed student, compiled teacher
 #   bash benchmarks/run_h100.sh layer_host                   # per-layer host vs wall time
+#   bash benchmarks/run_h100.sh decode_graphs                # graphed decoding: equality and timings
 #   bash benchmarks/run_h100.sh features features_qwen       # recompute / document attention / target logits A/B
 #   bash benchmarks/run_h100.sh smoke ...                    # first: tiny runs on CUDA (under a minute)
 #   bash benchmarks/run_h100.sh accept                       # the acceptance figures in one call (< 10 min)
@@ -89,6 +90,8 @@ for s in "$@"; do
     features|features_qwen)  # recomputation, attention within documents, logits at the targets: A/B pairs
       pair=llama; [ "$s" = features_qwen ] && pair=qwen
       stage "${s}_bench" 420 python benchmarks/bench_features.py --pair "$pair" --out "$WORK/$s" ;;
+    decode_graphs)
+      stage decode_graphs_test 180 python -m pytest -q -s -m gpu tests/test_cuda_graphs_gpu.py -k decoding ;;
     layer_host)
       stage layer_gpu_tests 120 python -m pytest -q -s -m gpu tests/test_layer.py
       stage layer_host_bench 120 python benchmarks/bench_layer_host.py --model llama-150m-32k --out "$WORK/layer_host" ;;
@@ -96,7 +99,7 @@ for s in "$@"; do
       # The fused-loss kernel's just-in-time build (~35 s of nvcc) runs beside the GPU test.
       python -c "from kdtrain.loss import load_kernels; load_kernels()" > "$WORK/accept_kernel_build.log" 2>&1 &
       build=$!
-      if stage accept_graphs 70 python -m pytest -q -s -m gpu tests/test_cuda_graphs_gpu.py; then
+      if stage accept_graphs 70 python -m pytest -q -s -m gpu tests/test_cuda_graphs_gpu.py -k train_like_eager; then
         kd=kdtrain-colocated-graphs; graphs=--cuda-graphs
       else
         kd=kdtrain-colocated; graphs=
