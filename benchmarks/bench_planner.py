@@ -265,7 +265,8 @@ def markdown(result: dict) -> str:
     if sampled:
         decode = (f"; host time of a decode forward: {1e3 * cal['decode_layer_s']:.2f} ms per layer + "
                   f"{1e3 * cal['decode_token_s']:.2f} ms, fitted to sampling calls of {cal['small_model']} "
-                  f"({1e3 * cal['decode_s']:.1f} ms) and of it cut to one layer ({1e3 * cal['decode_one_layer_s']:.1f} ms)"
+                  f"({1e3 * cal['decode_s']:.1f} ms) and of it cut to one layer "
+                  f"({1e3 * cal['decode_one_layer_s']:.1f} ms)"
                   if "decode_s" in cal else "")
         lines += ["", "On-policy sampling: one call of the student over the step's rows (micro-batch x M), every "
                   f"position after the first half of each window sampled{decode}.", "",

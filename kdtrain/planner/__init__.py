@@ -19,5 +19,5 @@ from .search import Layout, Plan, Problem, Sampling, SearchResult, auto_plan, ma
 from .inflection import Condition, condition, disaggregated_optimum
 
 __all__ = ["auto_plan", "search_plans", "condition", "Condition", "disaggregated_optimum", "make_problem", "Plan",
-           "Problem", "Sampling", "Layout", "SearchResult", "ModelShape", "RankMemory", "payload_nbytes", "HardwareProfile",
-           "BUILTIN_PROFILES", "get_profile", "load_profile", "save_profile"]
+           "Problem", "Sampling", "Layout", "SearchResult", "ModelShape", "RankMemory", "payload_nbytes",
+           "HardwareProfile", "BUILTIN_PROFILES", "get_profile", "load_profile", "save_profile"]
