@@ -171,6 +171,40 @@ def test_importance_finds_planted_signals(world_of_one):
     assert sel.hidden == [9, 33]
 
 
+def test_importance_counts_data_tokens_and_attends_within_documents(world_of_one):
+    """Calibration as the run sees it (importance.CalibrationBatch): the padding after a packed
+    window's data counts in no score (the window scores as its data alone), and with attention
+    within documents a window holding documents A and B scores as the token-weighted mean of A and
+    B scored alone (every per-token activation is the one of its document alone)."""
+    from kdtrain.data.gpt_dataset import positions_from_starts
+    from kdtrain.prune.importance import CalibrationBatch, activation_importance
+
+    cfg = _cfg("llama")
+    model = _model(cfg)
+    tokens = torch.randint(1, V, (1, S), generator=torch.Generator().manual_seed(3))
+
+    def close(a, b, hidden=True):
+        pairs = [(a.layers, b.layers), *zip(a.ffn, b.ffn), *zip(a.groups, b.groups)]
+        for x, y in pairs + ([(a.hidden, b.hidden)] if hidden else []):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+    padded = tokens.clone()
+    padded[0, 7:] = 0  # padding after 7 data tokens
+    close(activation_importance(model, [CalibrationBatch(padded, content=torch.tensor([7]))]),
+          activation_importance(model, [tokens[:, :7]]))
+    # Two documents: A = [0, 5), B = [5, S).
+    positions = torch.from_numpy(positions_from_starts(S, np.array([5]))).unsqueeze(0)
+    whole = activation_importance(model, [CalibrationBatch(tokens, positions)])
+    a, b = activation_importance(model, [tokens[:, :5]]), activation_importance(model, [tokens[:, 5:]])
+    # One sample: a score is its mean over the tokens (the hidden score, an L2 norm over every
+    # layer's norms, does not mix linearly and is left out).
+    mix = lambda x, y: (5 * x + (S - 5) * y) / S  # noqa: E731
+    close(whole, type(a)(layers=mix(a.layers, b.layers), hidden=None, ffn=[mix(x, y) for x, y in zip(a.ffn, b.ffn)],
+                         groups=[mix(x, y) for x, y in zip(a.groups, b.groups)], samples=1), hidden=False)
+    window = activation_importance(model, [tokens])
+    assert not torch.allclose(window.hidden, whole.hidden, rtol=1e-4)  # attention over the window differs
+
+
 def test_prune_cli_from_hf_teacher(tmp_path):
     """``kdtrain prune`` on a Hugging Face teacher with calibration data: the student (fewer layers,
     narrower MLP, fewer query groups and hidden channels) loads as a kdtrain model and exports to
@@ -190,12 +224,14 @@ def test_prune_cli_from_hf_teacher(tmp_path):
     assert main(["prune", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "pruned"), "--num-layers", "3",
                  "--ffn-hidden-size", "64", "--num-query-groups", "1", "--hidden-size", "56",
                  "--data", str(tmp_path / "calib"), "--seq-length", "32", "--calib-samples", "16",
-                 "--device", "cpu"]) == 0
+                 "--packing", "best_fit", "--attention", "documents", "--device", "cpu"]) == 0
     cfg = load_model_config(str(tmp_path / "pruned" / "model.yaml"))
     assert (cfg.num_layers, cfg.ffn_hidden_size, cfg.num_query_groups, cfg.hidden_size, cfg.kv_channels) == \
         (3, 64, 1, 56, 16)
     record = json.loads((tmp_path / "pruned" / "prune.json").read_text())
     assert record["importance"]["samples"] == 16 and record["layer_order"] == "influence"
+    assert record["calibration"] == {"data": [str(tmp_path / "calib")], "seq_length": 32, "packing": "best_fit",
+                                     "attention": "documents"}
     tokens = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(9))
 
     def kl_to_teacher(model):

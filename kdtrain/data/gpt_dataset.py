@@ -212,6 +212,13 @@ class GPTWindowDataset:
             at += n
         return out[1:]
 
+    def window_content(self, w: int) -> int:
+        """How many of window w's S + 1 tokens are data (the rest, of packed windows, padding)."""
+        self._check_window(w)
+        if self.packed is None:
+            return self.seq_length + 1
+        return sum(n for _, n in self.packed.pieces(w))
+
     def window_positions(self, w: int) -> np.ndarray | None:
         """Each of window w's S + 1 tokens' position in its document (int64), or None without
         ``document_positions``."""
@@ -248,6 +255,9 @@ class GPTWindowDataset:
 
     def train_positions(self, g: int) -> np.ndarray | None:
         return self.window_positions(self.train_window_index(g))
+
+    def train_content(self, g: int) -> int:
+        return self.window_content(self.train_window_index(g))
 
     def valid_sample(self, j: int) -> np.ndarray:
         """Held-out sample j in [0, num_valid_windows), in corpus order."""

@@ -9,8 +9,9 @@ the teacher's. Layers: ``--keep-layers 0-15,20,31`` explicitly, or ``--num-layer
 Block Influence when calibration data is given (``--layer-order uniform``: evenly spaced, first
 and last kept). Width targets (``--hidden-size``, ``--ffn-hidden-size``, ``--num-query-groups``)
 keep the most important channels, neurons and query groups (importance.py), measured on
-``--calib-samples`` windows of ``--data`` (an indexed dataset in the teacher's tokenization),
-with the whole teacher on one device (GPU when there is one). Writes a layout-free checkpoint
+``--calib-samples`` windows of ``--data`` (an indexed dataset in the teacher's tokenization, cut
+and attended as the distillation run will: ``--packing``, ``--attention``; padding counts in no
+score), with the whole teacher on one device (GPU when there is one). Writes a layout-free checkpoint
 (``OUT/latest``, ``OUT/step_0000000``), ``OUT/model.yaml`` and ``OUT/prune.json`` (the selection
 and the scores it came from). Then distil with ``student.model=OUT/model.yaml student.load=OUT``.
 """
@@ -42,21 +43,31 @@ def parse_layers(text: str) -> list[int]:
 
 
 def calibration_batches(data: list[str], cfg: ModelConfig, seq_length: int, samples: int, micro_batch: int,
-                        device: torch.device, tokenizer: Optional[str] = None):
-    """The first ``samples`` training windows of the indexed dataset, ``micro_batch`` at a time."""
+                        device: torch.device, tokenizer: Optional[str] = None, packing: str = "stream",
+                        attention: str = "window"):
+    """The first ``samples`` training windows of the indexed dataset, ``micro_batch`` at a time, cut
+    and attended as a run with that ``packing`` and ``attention`` (data.packing, data.attention)
+    cuts and attends them (importance.CalibrationBatch)."""
+    import numpy as np
     import torch
 
     from ..data.gpt_dataset import GPTWindowDataset
     from ..data.tokenizer import Tokenizer
+    from .importance import CalibrationBatch
 
     fingerprint = Tokenizer(tokenizer).fingerprint if tokenizer else None
     ds = GPTWindowDataset(data, seq_length, split=(1.0, 0.0), seed=1234, vocab_size=cfg.vocab_size,
-                          tokenizer_fingerprint=fingerprint)
+                          tokenizer_fingerprint=fingerprint, packing=packing,
+                          document_positions=attention == "documents")
     samples = min(samples, ds.num_train_windows)
     for start in range(0, samples, micro_batch):
-        rows = [torch.from_numpy(ds.train_sample(g)[:seq_length].astype("int64"))
-                for g in range(start, min(start + micro_batch, samples))]
-        yield torch.stack(rows).to(device)
+        ids = range(start, min(start + micro_batch, samples))
+        tokens = torch.from_numpy(np.stack([ds.train_sample(g)[:seq_length] for g in ids]).astype("int64"))
+        positions = None
+        if attention == "documents":
+            positions = torch.from_numpy(np.stack([ds.train_positions(g)[:seq_length] for g in ids])).to(device)
+        content = torch.tensor([min(ds.train_content(g), seq_length) for g in ids], device=device)
+        yield CalibrationBatch(tokens.to(device), positions, content)
 
 
 def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str = "auto"):
@@ -80,7 +91,8 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
           ffn_hidden_size: Optional[int] = None, num_query_groups: Optional[int] = None,
           data: Optional[list[str]] = None, tokenizer: Optional[str] = None, seq_length: int = 1024,
           calib_samples: int = 256, micro_batch: int = 4, device: str = "auto",
-          shard_bytes: int = 2 * 10**9, vocab_size: Optional[int] = None) -> tuple[ModelConfig, Selection]:
+          shard_bytes: int = 2 * 10**9, vocab_size: Optional[int] = None, packing: str = "stream",
+          attention: str = "window") -> tuple[ModelConfig, Selection]:
     from ..config import to_dict
     from ..convert.hf_import import write_model_yaml
     from ..convert.sources import open_weights
@@ -89,6 +101,9 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
 
     if layer_order not in ("influence", "uniform"):
         raise ValueError(f"--layer-order {layer_order!r}: influence or uniform")
+    if packing not in ("stream", "documents", "best_fit") or attention not in ("window", "documents"):
+        raise ValueError(f"--packing {packing!r} / --attention {attention!r}: stream, documents or best_fit / "
+                         f"window or documents")
     weights = open_weights(src)
     if vocab_size is not None and vocab_size != weights.cfg.vocab_size:
         if not hasattr(weights, "trim_vocab"):
@@ -105,7 +120,7 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
         if not data:
             raise ValueError("prune: width targets need calibration data (--data PREFIX, the teacher's tokenization)")
         scores = measure_importance(src, cfg, lambda dev: calibration_batches(
-            data, cfg, seq_length, calib_samples, micro_batch, dev, tokenizer), device)
+            data, cfg, seq_length, calib_samples, micro_batch, dev, tokenizer, packing, attention), device)
     elif by_influence:
         layer_order = "uniform"  # no data: evenly spaced
     sel = build_selection(
@@ -116,7 +131,9 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
         num_query_groups=num_query_groups, group_scores=None if scores is None else scores.groups)
     student = pruned_config(cfg, sel, name or Path(out).name)
     record = {"source": str(Path(src).resolve()), "teacher": to_dict(cfg), "layer_order": layer_order,
-              "selection": sel.to_dict(), "importance": None if scores is None else scores.to_dict()}
+              "selection": sel.to_dict(), "importance": None if scores is None else scores.to_dict(),
+              "calibration": None if scores is None else {"data": list(data), "seq_length": seq_length,
+                                                          "packing": packing, "attention": attention}}
     write_global_checkpoint(out, student, pruned_names(student), lambda k: prune_tensor(k, weights.tensor, cfg, sel),
                             {"kind": "prune", "prune": {k: record[k] for k in ("source", "layer_order", "selection")}},
                             shard_bytes)
@@ -133,6 +150,7 @@ def _run(args) -> int:
                  ffn_hidden_size=args.ffn_hidden_size, num_query_groups=args.num_query_groups, data=args.data,
                  tokenizer=args.tokenizer, seq_length=args.seq_length, calib_samples=args.calib_samples,
                  micro_batch=args.micro_batch, device=args.device, shard_bytes=int(args.shard_gb * 10**9),
+                 packing=args.packing, attention=args.attention,
                  vocab_size=args.vocab_size)
     print(f"{s.name}: {s.num_params() / 1e6:.2f}M parameters, {s.num_layers} layers, hidden {s.hidden_size}, "
           f"ffn {s.ffn_hidden_size}, {s.num_attention_heads} heads / {s.num_query_groups} groups -> {args.out}")
@@ -157,6 +175,10 @@ def register(subparsers) -> None:
     p.add_argument("--data", nargs="+", default=None, help="indexed dataset prefix(es) for calibration")
     p.add_argument("--tokenizer", default=None, help="the data's tokenizer (checked against the dataset)")
     p.add_argument("--seq-length", type=int, default=1024)
+    p.add_argument("--packing", default="stream", choices=["stream", "documents", "best_fit"],
+                   help="how calibration windows are cut: the distillation run's data.packing")
+    p.add_argument("--attention", default="window", choices=["window", "documents"],
+                   help="what calibration tokens attend to: the run's data.attention")
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

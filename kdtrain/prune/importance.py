@@ -12,18 +12,32 @@ One forward pass over calibration samples, with hooks on the modules the layer f
   (Men et al., 2024, "ShortGPT"): a layer that hardly changes the residual stream scores near 0.
 
 Magnitudes are reduced as Minitron found best: mean of ``|value|`` over a sample's tokens, then the
-L2 norm over samples. Calibration runs on one device with the whole model (TP = PP = 1).
+L2 norm over samples. Calibration runs on one device with the whole model (TP = PP = 1), with the
+attention the distillation run will use (over the window, or within documents) and over the data
+tokens only: the padding of packed windows counts in no score.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..models import KDGPTModel
+from ..models.documents import DocumentMask
+
+
+@dataclass
+class CalibrationBatch:
+    """Token windows [b, s]; each token's position in its document (attention within documents,
+    else None: over the window); and how many leading tokens of each window are data ([b], None:
+    all of them)."""
+
+    tokens: torch.Tensor
+    positions: Optional[torch.Tensor] = None
+    content: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -40,13 +54,14 @@ class Importance:
 
 
 class _SumSq:
-    """Accumulates the L2-over-samples of per-sample means over tokens of ``|x|`` ([s, b, n] input)."""
+    """Accumulates the L2-over-samples of per-sample means over tokens of ``|x|`` ([s, b, n] input;
+    ``weight`` [s, b, 1]: 1 on the tokens that count, 0 on padding)."""
 
     def __init__(self):
         self.sq = None
 
-    def add(self, x: torch.Tensor) -> None:
-        per_sample = x.float().abs().mean(dim=0)  # [b, n]
+    def add(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        per_sample = (x.float().abs() * weight).sum(dim=0) / weight.sum(dim=0)  # [b, n]
         s = per_sample.pow(2).sum(dim=0)
         self.sq = s if self.sq is None else self.sq + s
 
@@ -55,8 +70,9 @@ class _SumSq:
 
 
 @torch.no_grad()
-def activation_importance(model: KDGPTModel, batches: Iterable[torch.Tensor]) -> Importance:
-    """Scores of ``model`` (one rank holding it whole) over token batches ``[b, s]`` on its device."""
+def activation_importance(model: KDGPTModel, batches: Iterable[Union[torch.Tensor, CalibrationBatch]]) -> Importance:
+    """Scores of ``model`` (one rank holding it whole) over calibration batches on its device (a
+    plain [b, s] token tensor: attention over the window, every token counted)."""
     if model.pre_process is False or model.post_process is False or model.config.tensor_model_parallel_size != 1:
         raise ValueError("prune: importance is measured on a whole model (tp = pp = 1)")
     cfg = model.config
@@ -68,9 +84,10 @@ def activation_importance(model: KDGPTModel, batches: Iterable[torch.Tensor]) ->
     influence = torch.zeros(len(layers), dtype=torch.float64)
     tokens_seen = 0
     handles = []
+    weight = None  # [s, b, 1] of the batch in flight: 1 on data tokens, 0 on padding
 
     def norm_hook(_module, _args, out):
-        hidden.add(out)
+        hidden.add(out, weight)
 
     def mlp_hook(i):
         fc1 = layers[i].mlp.linear_fc1
@@ -82,13 +99,13 @@ def activation_importance(model: KDGPTModel, batches: Iterable[torch.Tensor]) ->
                 h = cfg.activation_func(gate) * up
             else:
                 h = cfg.activation_func(h)
-            ffn[i].add(h)
+            ffn[i].add(h, weight)
         return hook
 
     def attn_hook(i):
         def hook(_module, _args, out):
             s, b, _ = out.shape
-            heads_acc[i].add(out.float().view(s, b, heads, -1).norm(dim=-1))
+            heads_acc[i].add(out.float().view(s, b, heads, -1).norm(dim=-1), weight)
         return hook
 
     def layer_hook(i):
@@ -96,7 +113,7 @@ def activation_importance(model: KDGPTModel, batches: Iterable[torch.Tensor]) ->
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = out[0] if isinstance(out, tuple) else out
             cos = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [s, b]
-            influence[i] += float((1.0 - cos).sum())
+            influence[i] += float(((1.0 - cos) * weight[..., 0]).sum())
         return hook
 
     for i, layer in enumerate(layers):
@@ -109,12 +126,20 @@ def activation_importance(model: KDGPTModel, batches: Iterable[torch.Tensor]) ->
     model.eval()
     samples = 0
     try:
-        for tokens in batches:
+        for batch in batches:
+            if isinstance(batch, torch.Tensor):
+                batch = CalibrationBatch(batch)
+            tokens = batch.tokens
             b, s = tokens.shape
-            pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-            model(tokens, pos, None)
+            index = torch.arange(s, device=tokens.device)
+            content = torch.full((b,), s, device=tokens.device) if batch.content is None else batch.content
+            weight = (index[:, None] < content[None, :]).float().unsqueeze(-1)  # [s, b, 1]
+            if batch.positions is None:
+                model(tokens, index.unsqueeze(0).expand(b, s), None)
+            else:
+                model(tokens, batch.positions, DocumentMask(batch.positions))
             samples += b
-            tokens_seen += b * s
+            tokens_seen += int(content.sum())
     finally:
         for h in handles:
             h.remove()
