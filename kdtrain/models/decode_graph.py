@@ -72,8 +72,12 @@ class DecodeStep:
                 self._forward()
         torch.cuda.current_stream(self.slot.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.logits = self._forward()
+        try:
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logits = self._forward()
+        except RuntimeError as e:
+            raise RuntimeError(f"capturing a decode step as a CUDA graph failed ({e}); sample without graphs "
+                               "(precision.cuda_graphs=false, or kdtrain generate without --cuda-graphs)") from e
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, first_key: torch.Tensor
                  ) -> torch.Tensor:
