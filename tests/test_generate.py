@@ -349,3 +349,45 @@ def test_fixed_shape_decode_step_samples_what_the_decoder_samples(kind, world_of
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="CUDA device"):
         decode_graph.DecodeStep(model, caches, rope, b, L, graph=True)
+
+
+def test_fixed_shape_decode_step_reads_nothing_on_the_host(world_of_one):
+    """What CUDA-graph capture needs, checked on CPU: the fixed-shape step's ops (every op torch
+    dispatches while it runs) include none that reads a device value on the host or sizes its
+    output by data (``.item()``, ``nonzero``, boolean indexing, ...) and none that makes a tensor
+    from host data; the ordinary decoder's position (a slice at a host offset) is not held to this."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import kdtrain.models.decode_graph as decode_graph
+
+    host_reads = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique_dim",
+                  "_unique2", "unique_consecutive", "argwhere", "repeat_interleave", "lift_fresh", "masked_scatter"}
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for kind in ("llama", "qwen3", "gpt2"):
+        model = _model(kind)
+        b, L = 3, T
+        attn = model.decoder.layers[0].self_attention
+        caches = [(torch.zeros(L, b, attn.num_query_groups_per_partition, attn.hidden_size_per_attention_head),
+                   torch.zeros(L, b, attn.num_query_groups_per_partition, attn.hidden_size_per_attention_head))
+                  for _ in model.decoder.layers]
+        rope = None
+        if kind != "gpt2":
+            freqs = model.rotary_pos_emb(L)
+            rope = (torch.cos(freqs), torch.sin(freqs))
+        step = decode_graph.DecodeStep(model, caches, rope, b, L, graph=False)
+        step.tokens.copy_(torch.randint(0, V, (b, 1)))
+        step.slot.fill_(9)
+        step.positions.fill_(9)
+        with torch.no_grad(), Ops() as ops:
+            step._forward()
+        assert not ops.names & host_reads, (kind, ops.names & host_reads)
+        assert "index_copy_" in ops.names and "embedding" in ops.names  # the step did run
