@@ -81,6 +81,7 @@ def _tiny_run(**sections):
     ({"parallel": {"tp": 2}}, 3, "parallel.tp"),  # 2 does not divide a world of 3
     ({"data": {"path": ["x"], "seq_length": 4096}}, 1, "data.seq_length"),  # above max_seq_length
     ({"training": {"micro_batch_size": 4, "global_batch_size": 12}}, 2, "training.global_batch_size"),
+    ({"training": {"exit_interval": 4}}, 1, "training.exit_interval"),  # stopping early without checkpoint.dir
 ])
 def test_impossible_layouts_name_the_field(overrides, world, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -122,6 +123,8 @@ def test_bad_values_name_the_field(tmp_path):
         load_pretrain_config(str(f), ["training.micro_batch_size=2.5"])
     with pytest.raises(ValueError, match="unknown models config 'nope'"):
         load_pretrain_config(str(f), ["model=nope"])
+    with pytest.raises(ValueError, match=r"training\.exit_interval: must be >= 1"):
+        load_pretrain_config(str(f), ["training.exit_interval=0"])
 
 
 def test_overrides_reach_nested_fields_and_named_models(tmp_path):
@@ -145,6 +148,8 @@ def test_distill_overrides_reach_each_role_model():
     assert (cfg.student.model.name, cfg.student.model.hidden_size, cfg.student.model.num_layers) == ("demo-student", 64, 2)
     with pytest.raises(ValueError, match="student.model.hidden_sise"):
         load_distill_config("tiny", ["student.model.hidden_sise=64"])
+    with pytest.raises(ValueError, match=r"training\.exit_interval: stopping early needs checkpoint\.dir"):
+        load_distill_config("tiny", ["training.exit_interval=2"]).validate(2)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

@@ -27,7 +27,7 @@ from ..loss import KDLossConfig
 from .loader import field_error, from_dict
 from .model import ModelConfig, load_model_config
 from .run import (CheckpointConfig, DataConfig, DistributedConfig, LoggingConfig, OptimizerConfig, ParallelConfig,
-                  PrecisionConfig, TrainingConfig, check_recompute, load_run_dict)
+                  PrecisionConfig, TrainingConfig, check_exit, check_recompute, load_run_dict)
 
 MAX_TOPK = 1024  # the fused loss kernel's limit
 
@@ -242,6 +242,7 @@ class DistillConfig:
             raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes, or mock: true)")
         self.data.check_precision(self.precision)
         check_recompute(self.training, self.precision)
+        check_exit(self.training, self.checkpoint)
         if self.onpolicy.fraction > 0:
             self._check_onpolicy()
         return spans

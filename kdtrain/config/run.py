@@ -95,6 +95,12 @@ class DataConfig:
                               "precision.cuda_graphs=false or data.attention=window")
 
 
+def check_exit(training: "TrainingConfig", checkpoint: "CheckpointConfig") -> None:
+    if training.exit_interval is not None and not checkpoint.dir:
+        raise field_error("training", "exit_interval", "stopping early needs checkpoint.dir (else the steps run so far "
+                          "are lost and the same command cannot resume)")
+
+
 def check_recompute(training: "TrainingConfig", precision: "PrecisionConfig") -> None:
     if training.recompute and precision.cuda_graphs:
         raise field_error("training", "recompute", "a CUDA-graphed layer replays its captured forward and backward "
@@ -110,7 +116,8 @@ class TrainingConfig:
     eval_interval: int = 0  # steps between held-out evaluations; 0 = only at the end
     eval_batches: int = 4  # global batches per evaluation
     seed: int = 1234  # model init seed
-    exit_interval: Optional[int] = None  # stop (after saving) once this many steps ran in this job
+    # Stop (after saving a checkpoint) once this many steps ran in this job; the same command resumes.
+    exit_interval: Optional[int] = None
     # Full activation recomputation of the trained model (kdtrain/models/layer.py): each transformer
     # layer keeps only its input for the backward and runs its forward again there. Activation
     # memory per layer drops to one [s, b, h] tensor for about a third more compute.
@@ -122,6 +129,8 @@ class TrainingConfig:
                 raise field_error(where, name, f"must be >= 1, got {getattr(self, name)}")
         if self.eval_interval < 0 or self.eval_batches < 0:
             raise field_error(where, "eval_interval", "must be >= 0")
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise field_error(where, "exit_interval", f"must be >= 1 (steps of this job), got {self.exit_interval}")
         if self.global_batch_size % self.micro_batch_size:
             raise field_error(where, "global_batch_size",
                               f"{self.global_batch_size} not divisible by micro_batch_size={self.micro_batch_size}")
@@ -240,6 +249,7 @@ class PretrainConfig:
             raise field_error("data", "path", "no dataset given (list of indexed-dataset prefixes, or mock: true)")
         self.data.check_precision(self.precision)
         check_recompute(self.training, self.precision)
+        check_exit(self.training, self.checkpoint)
         return self
 
 

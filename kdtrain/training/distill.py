@@ -381,6 +381,7 @@ def distill(cfg: DistillConfig) -> dict:
         rates = s_tp.stop()
         step += 1
         profiler.end(step)
+        stop_now = tr.exit_interval is not None and step - start_step >= tr.exit_interval
         log_now = step % cfg.logging.interval == 0 or step == tr.train_steps
         t_stats = teacher_side.collect() if log_now else {}  # collective: every rank, same steps
         if result is not None:
@@ -403,8 +404,8 @@ def distill(cfg: DistillConfig) -> dict:
             summary["train_loss"] = metrics["loss"]
             if log_now:
                 logger.log(step, metrics)
-            if cfg.checkpoint.dir and (step == tr.train_steps or (cfg.checkpoint.save_interval
-                                                                   and step % cfg.checkpoint.save_interval == 0)):
+            if cfg.checkpoint.dir and (stop_now or step == tr.train_steps
+                                       or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
                 save_role(cfg.checkpoint, cfg.student.model, student, step, tr.global_batch_size,
                           {"kind": "distill", "teacher": to_dict(cfg.teacher.model), "data": to_dict(cfg.data),
                            "loss": to_dict(cfg.loss), "topk": cfg.teacher.topk})
@@ -412,7 +413,12 @@ def distill(cfg: DistillConfig) -> dict:
             valid = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
             if student is not None:
                 logger.log(step, valid, kind="valid")
-    final = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
+        if stop_now:  # the same step on every rank (start_step is agreed), teacher ranks included
+            logger.write(f"exit_interval reached: stopping after step {step}")
+            break
+    final = {}
+    if step == tr.train_steps:
+        final = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
     channel.flush()
     if reader is not None:
         reader.close()

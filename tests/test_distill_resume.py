@@ -1,0 +1,74 @@
+"""Stopping a distillation run and resuming it continues the uninterrupted run's curve.
+
+``training.exit_interval=4`` stops after step 4 (a checkpoint is written there on every rank's
+role: the student's weights, optimizer state and RNG; the teacher is rebuilt from its own
+weights), and the same command resumes from it. The student's later steps, its held-out losses
+and the teacher's payloads must be those of the run that never stopped (fp32 on CPU: 1e-6). Two
+2-rank layouts, each with half the steps on the student's own samples (keyed by sample id, so
+the samples must repeat exactly): a disaggregated split (the teacher's rank runs ahead of the
+student and must stop at the same step), and a colocated one with two student replicas under
+ZeRO-1 (each rank writes its optimizer shard) whose data steps come from a teacher cache with
+half of them live (the cache reader and its prefetcher restart mid-run).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import read_metrics, run_entries
+
+pytestmark = pytest.mark.slow
+STEPS, STOP = 8, 4
+ONPOLICY = ["onpolicy.fraction=0.5", "onpolicy.prompt_length=8"]
+LAYOUTS = {
+    "disagg": ["split.mode=disaggregated", "split.teacher_ranks=1"],
+    "zero1-mixed": ["student.dp=2", "optimizer.distributed=true", "teacher.source=mixed", "teacher.live_fraction=0.5"],
+}
+
+
+@pytest.fixture(scope="module")
+def resumed(tiny_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill-resume")
+    data = [f"data.path=[{tiny_corpus['prefix']}]", f"data.tokenizer={tiny_corpus['tokenizer']}"]
+    cache = root / "cache"
+    jobs = [("cache_teacher.py", ["--config", "tiny", "--out", str(cache), *data, "cache.dtype=fp32",
+                                  f"training.train_steps={STEPS}"])]
+    for name, layout in LAYOUTS.items():
+        common = ["--config", "tiny", *data, *ONPOLICY, *layout, f"training.train_steps={STEPS}",
+                  "training.eval_interval=2", "logging.interval=1"]
+        if "teacher.source=mixed" in layout:
+            common.append(f"teacher.cache={cache}")
+        jobs.append(("distill_gpt.py", [*common, f"logging.dir={root / name / 'ref'}"]))
+        stopped = [*common, f"logging.dir={root / name / 'run'}", f"checkpoint.dir={root / name / 'ckpt'}"]
+        jobs.append(("distill_gpt.py", [*stopped, f"training.exit_interval={STOP}"]))
+        jobs.append(("distill_gpt.py", stopped))
+    outputs = run_entries(2, jobs, root / "launch")
+    return root, outputs
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_resumed_run_continues_the_uninterrupted_curve(resumed, name):
+    root, outputs = resumed
+    ref = read_metrics(root / name / "ref")
+    got = read_metrics(root / name / "run")
+    assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
+    assert {s for s in ref if ref[s].get("onpolicy")} == {2, 4, 6, 8}  # sampled steps on both sides of the stop
+    assert (root / name / "ckpt" / f"step_{STOP:07d}").is_dir()  # written by the stop (no save_interval)
+    for s in range(1, STEPS + 1):
+        for key in ("loss", "kd_loss", "grad_norm"):
+            assert got[s][key] == pytest.approx(ref[s][key], rel=1e-6, abs=1e-9), (name, s, key)
+        if "sampled_tokens" in ref[s]:
+            assert got[s]["sampled_tokens"] == ref[s]["sampled_tokens"], (name, s)
+    ref_valid, got_valid = read_metrics(root / name / "ref", "valid"), read_metrics(root / name / "run", "valid")
+    assert sorted(ref_valid) == sorted(got_valid) == [2, 4, 6, 8]
+    for s in ref_valid:
+        for key in ("valid_loss", "valid_kd_loss"):
+            assert got_valid[s][key] == pytest.approx(ref_valid[s][key], rel=1e-6), (name, s, key)
+    first_half = outputs[1 + 3 * list(LAYOUTS).index(name) + 1]["stdout"]
+    assert f"exit_interval reached: stopping after step {STOP}" in first_half
+    # The second job resumed at step 5: each step was trained (and logged) once in the two jobs.
+    logged = [json.loads(line)["step"] for line in (root / name / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert logged == list(range(1, STEPS + 1)), logged
