@@ -371,14 +371,17 @@ def test_cli_plans_a_run_config_as_split_auto_does(capsys):
     from kdtrain.training.auto_split import resolve_auto_split
 
     overrides = ["data.mock=true", "data.path=[]", "onpolicy.fraction=0.5", "onpolicy.prompt_length=8",
-                 "training.micro_batch_size=2", "precision.dtype=bf16"]
+                 "training.micro_batch_size=2", "precision.dtype=bf16", "split.profile=a100-80gb",
+                 "split.gpus_per_node=4"]
     config = str(REPO / "configs/distill/tiny.yaml")
-    proc = _cli(capsys, "plan", "--config", config, *overrides, "--world-size", "4", "--gpus-per-node", "4", "--json")
+    proc = _cli(capsys, "plan", "--config", config, *overrides, "--world-size", "4", "--json")
     assert proc.returncode == 0, proc.stderr
-    best = json.loads(proc.stdout)["plans"][0]
+    out = json.loads(proc.stdout)
+    best = out["plans"][0]
+    assert (out["profile"], out["gpus_per_node"]) == ("a100-80gb", 4)  # the config's split.profile and node size
     assert best["micro_batch"] == 2 and best["sample_time_s"] > 0
-    cfg = load_distill_config(config, overrides + ["split.mode=auto", "split.profile=h100-80gb"])
-    resolved, lines = resolve_auto_split(cfg, 4, torch.device("cpu"), gpus_per_node=4)
+    cfg = load_distill_config(config, overrides + ["split.mode=auto"])
+    resolved, lines = resolve_auto_split(cfg, 4, torch.device("cpu"))
     assert best["describe"] in lines[0]
     assert (resolved.split.mode, resolved.student.dp) == (best["split"], best["student"]["dp"])
     proc = _cli(capsys, "plan", "--config", config, *overrides, "--world-size", "4", "--seq-len", "64")

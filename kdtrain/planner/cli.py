@@ -34,8 +34,10 @@ def register(subparsers) -> None:
                    "optimizer, recomputation, CUDA graphs and on-policy steps (instead of the flags below)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="with --config: overrides, as the scripts take")
     p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, default=None, help="default: the profile's")
-    p.add_argument("--profile", default="h100-80gb", help="built-in name or a `kdtrain calibrate` JSON")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="default: with --config its split.gpus_per_node, else the profile's")
+    p.add_argument("--profile", default=None, help="built-in name or a `kdtrain calibrate` JSON (default: with "
+                   "--config its split.profile, else h100-80gb)")
     p.add_argument("--split", choices=("auto", "colocated", "disaggregated"), default="auto",
                    help="restrict the table to one split")
     run = p.add_argument_group("the run (without --config)")
@@ -100,11 +102,11 @@ def _problem(args):
 
     if args.top < 1:
         raise ValueError(f"--top: must be >= 1, got {args.top}")
-    profile = get_profile(args.profile)
-    gpn = args.gpus_per_node or profile.gpus_per_node
     given = [k for k in RUN_FLAGS if getattr(args, k) is not None]
     if args.config:
-        return _problem_from_config(args, profile, gpn, given)
+        return _problem_from_config(args, given)
+    profile = get_profile(args.profile or "h100-80gb")
+    gpn = args.gpus_per_node or profile.gpus_per_node
     if args.overrides:
         raise ValueError(f"{args.overrides[0]}: overrides go with --config")
     missing = [k for k in ("teacher", "student", "seq_len", "global_batch") if getattr(args, k) is None]
@@ -130,17 +132,21 @@ def _problem(args):
                         student_graphs=args.cuda_graphs, onpolicy=onpolicy)
 
 
-def _problem_from_config(args, profile, gpn: int, given: list[str]):
+def _problem_from_config(args, given: list[str]):
     """The problem of a distillation config, as ``split: auto`` sees it (bf16 unless the config says
-    fp32: plans are for GPUs)."""
+    fp32: plans are for GPUs; the config's split.profile and split.gpus_per_node unless the flags
+    say otherwise)."""
     from ..config.distill import load_distill_config
     from .from_config import plan_inputs
+    from .profiles import get_profile
     from .search import make_problem
 
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')}: with --config the run's own settings are planned; "
                          f"change them as overrides (KEY=VALUE)")
     cfg = load_distill_config(args.config, args.overrides)
+    profile = get_profile(args.profile or cfg.split.profile or "h100-80gb")
+    gpn = args.gpus_per_node or cfg.split.gpus_per_node or profile.gpus_per_node
     kw = plan_inputs(cfg, fp32=cfg.precision.dtype == "fp32")
     teacher, student = kw.pop("teacher_model"), kw.pop("student_model")
     seq, batch, topk = kw.pop("seq_len"), kw.pop("global_batch"), kw.pop("topk")
