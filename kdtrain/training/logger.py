@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -57,9 +58,14 @@ class RunLogger:
             import wandb
 
             online = bool(cfg.wandb_project) and bool(os.environ.get("WANDB_API_KEY"))
+            # One wandb run per run directory: a job that resumes it (exit_interval, preemption)
+            # continues the same run instead of starting a new one.
+            id_file = self.dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(project=cfg.wandb_project or "kdtrain", entity=cfg.wandb_entity,
                                     name=name, dir=str(self.dir), mode="online" if online else "offline",
-                                    config=run_config, resume="allow")
+                                    config=run_config, id=run_id, resume="allow")
         if cfg.progress_bar:
             from tqdm import tqdm
 

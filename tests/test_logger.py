@@ -1,0 +1,30 @@
+"""Run logging (kdtrain/training/logger.py): a job that resumes a run directory appends to the same
+metrics file and continues the same wandb run (offline here: no project, no key)."""
+
+from __future__ import annotations
+
+import json
+
+from kdtrain.config.run import LoggingConfig
+from kdtrain.training.logger import RunLogger
+
+
+def test_a_resumed_job_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = LoggingConfig(dir=str(tmp_path / "run"), progress_bar=False, tensorboard=False, wandb=True)
+    ids = []
+    for step in (1, 2):  # two jobs: the second resumes after step 1
+        logger = RunLogger(cfg, True, total_steps=2, start_step=step - 1, run_config={"x": 1}, name="run")
+        logger.log(step, {"loss": 1.0 / step})
+        ids.append(logger.wandb.id)
+        logger.close()
+    assert ids[0] == ids[1] == (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    offline = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(ids[0]) for name in offline)  # `wandb sync` joins them
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    other = RunLogger(LoggingConfig(dir=str(tmp_path / "other"), progress_bar=False, tensorboard=False, wandb=True),
+                      True, total_steps=1, start_step=0, name="other")
+    assert other.wandb.id != ids[0]  # another run directory, another run
+    other.close()
