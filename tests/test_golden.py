@@ -55,6 +55,7 @@ VALID_KEYS = ("valid_loss", "valid_kd_loss")
 # normalisation hides from the losses); the learning rate is exact arithmetic.
 TOLERANCE = {"lr": (1e-9, 0.0), "grad_norm": (3e-2, 0.0)}
 LOSS_TOLERANCE = (5e-4, 5e-5)
+LOSS_KEYS = ("loss", "kd_loss", "ce_loss", "valid_loss", "valid_kd_loss")
 
 
 class _Lcg:
@@ -210,7 +211,8 @@ VARIANTS = [
                     "distill-chat": ["optimizer.lr=1.01e-3"]}),
     ("clip_grad 1 -> 0.2", {}, {"distill": ["optimizer.clip_grad=0.2"], "distill-chat": ["optimizer.clip_grad=0.2"]}),
     ("tau 1 -> 1.01", {}, {"distill": ["loss.tau=1.01"], "distill-chat": ["loss.tau=1.01"]}),
-    ("weight_decay 0.1 -> 0.09", {}, {run: ["optimizer.weight_decay=0.09"] for run in ("pretrain", "distill", "distill-chat")}),
+    ("weight_decay 0.1 -> 0.09", {}, {run: ["optimizer.weight_decay=0.09"]
+                                      for run in ("pretrain", "distill", "distill-chat")}),
     ("jsd beta 0.5 -> 0.505", {}, {"distill": ["loss.beta=0.505"]}),
 ]
 
@@ -222,8 +224,9 @@ def sensitivity(out: Path) -> None:
         lines = [f"{'variant':26s} {'losses':>8s} {'grad_norm':>9s}  flagged", "-" * 56]
         stored = json.loads(GOLDEN.read_text())["curves"] if GOLDEN.is_file() else None
         if stored is not None:
-            lines.append(f"{'stored curves':26s} {worst_ratio(base, stored, ('loss', 'kd_loss', 'ce_loss', 'valid_loss', 'valid_kd_loss')):8.3f} "
-                         f"{worst_ratio(base, stored, ('grad_norm',)):9.3f}  {'yes' if differences(base, stored) else 'no'}")
+            lines.append(f"{'stored curves':26s} {worst_ratio(base, stored, LOSS_KEYS):8.3f} "
+                         f"{worst_ratio(base, stored, ('grad_norm',)):9.3f}  "
+                         f"{'yes' if differences(base, stored) else 'no'}")
         for i, (label, env, overrides) in enumerate(VARIANTS):
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
@@ -232,7 +235,7 @@ def sensitivity(out: Path) -> None:
             finally:
                 for k, v in saved.items():
                     os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-            losses = worst_ratio(got, base, ("loss", "kd_loss", "ce_loss", "valid_loss", "valid_kd_loss"))
+            losses = worst_ratio(got, base, LOSS_KEYS)
             lines.append(f"{label:26s} {losses:8.3f} {worst_ratio(got, base, ('grad_norm',)):9.3f}  "
                          f"{'yes' if differences(got, base) else 'no'}")
             print(lines[-1], flush=True)

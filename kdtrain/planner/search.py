@@ -271,11 +271,13 @@ def _student_stages(p: Problem, lay: Layout, mb: int, zero: bool, payloads: int,
     nb = payload_nbytes(p.seq_len, mb, p.topk, p.values_bytes)
     m_per = p.global_batch // mb // lay.dp
     rows = p.onpolicy.calls(p.global_batch // lay.dp)[0] if p.onpolicy else 0
-    return tuple(student_stage_memory(
-        p.student, lay.tp, lay.pp, lay.dp, r, p.seq_len, mb, m_per, payloads * nb if r == lay.pp - 1 else 0.0,
-        p.dtype_bytes, zero, rc,
-        sampling_bytes(p.student, lay.tp, lay.pp, r, p.seq_len, rows, p.onpolicy.prompt, p.dtype_bytes) if rows else 0.0)
-        for r in range(lay.pp))
+
+    def sampling(r: int) -> float:
+        return sampling_bytes(p.student, lay.tp, lay.pp, r, p.seq_len, rows, p.onpolicy.prompt, p.dtype_bytes) \
+            if rows else 0.0
+    return tuple(student_stage_memory(p.student, lay.tp, lay.pp, lay.dp, r, p.seq_len, mb, m_per,
+                                      payloads * nb if r == lay.pp - 1 else 0.0, p.dtype_bytes, zero, rc, sampling(r))
+                 for r in range(lay.pp))
 
 
 @lru_cache(maxsize=1 << 16)

@@ -252,7 +252,8 @@ def sampling_time(m: ModelShape, tp: int, pp: int, seq: int, rows: int, calls: i
     width = min(m.q_width // tp, m.ffn // tp, m.hidden)
     device = max((weights + cache) / profile.memory_bw, flops / profile.achieved_flops(rows, width))
     host = profile.decode_host_s(0) + GRAPH_REPLAY_S if graphed else profile.decode_host_s(m.layers)
-    tp_comm = 2 * m.layers * allreduce_time(rows * m.hidden * d, tp, bw, lat) + 3 * allreduce_time(8 * rows, tp, bw, lat)
+    tp_comm = (2 * m.layers * allreduce_time(rows * m.hidden * d, tp, bw, lat)
+               + 3 * allreduce_time(8 * rows, tp, bw, lat))  # + the draw's three small collectives
     hops = (pp - 1) * (lat + rows * m.hidden * d / bw) + (lat if pp > 1 else 0.0)  # + the tokens' broadcast
     token = max(device, host) + tp_comm + hops
     return calls * (prefill + positions * token)
