@@ -329,15 +329,10 @@ def test_fixed_shape_decode_step_samples_what_the_decoder_samples(kind, world_of
         for a, b in zip(got, want):
             assert (a is None and b is None) or torch.equal(a, b), kind
     # The logits of one position: the step against the ordinary forward of the same prefix.
+    from kdtrain.models.generate import _forward_positions, decode_state
+
     b, L = 3, T
-    groups, d = model.decoder.layers[0].self_attention.num_query_groups_per_partition, \
-        model.decoder.layers[0].self_attention.hidden_size_per_attention_head
-    caches = [(torch.zeros(L, b, groups, d), torch.zeros(L, b, groups, d)) for _ in model.decoder.layers]
-    rope = None
-    if kind != "gpt2":
-        freqs = model.rotary_pos_emb(L)
-        rope = (torch.cos(freqs), torch.sin(freqs))
-    from kdtrain.models.generate import _forward_positions
+    caches, rope = decode_state(model, b, L, torch.device("cpu"), zeroed=True)
 
     starts = torch.tensor(np.stack([np.where(np.arange(L) >= 7, 7, 0) * (i > 0) for i in range(b)]))  # row 0: window
     doc = torch.arange(L).unsqueeze(0) - starts  # rows 1, 2: a document from slot 7 on
@@ -345,7 +340,7 @@ def test_fixed_shape_decode_step_samples_what_the_decoder_samples(kind, world_of
         _forward_positions(model, windows[:, :12], 0, rope, caches, doc[:, :12].contiguous())
         want = _forward_positions(model, windows[:, 12:13], 12, rope, caches, doc[:, 12:13].contiguous())
         step = decode_graph.DecodeStep(model, caches, rope, b, L, graph=False)
-        got = step(windows[:, 12], doc[:, 12], 12, starts[:, 12])
+        got = step(windows[:, 12], 12, doc[:, 12])  # rows 1, 2 see slots 7.. (12 - their position 5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="CUDA device"):
         decode_graph.DecodeStep(model, caches, rope, b, L, graph=True)
@@ -359,6 +354,7 @@ def test_fixed_shape_decode_step_reads_nothing_on_the_host(world_of_one):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import kdtrain.models.decode_graph as decode_graph
+    from kdtrain.models.generate import decode_state
 
     host_reads = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique_dim",
                   "_unique2", "unique_consecutive", "argwhere", "repeat_interleave", "lift_fresh", "masked_scatter"}
@@ -375,14 +371,7 @@ def test_fixed_shape_decode_step_reads_nothing_on_the_host(world_of_one):
     for kind in ("llama", "qwen3", "gpt2"):
         model = _model(kind)
         b, L = 3, T
-        attn = model.decoder.layers[0].self_attention
-        caches = [(torch.zeros(L, b, attn.num_query_groups_per_partition, attn.hidden_size_per_attention_head),
-                   torch.zeros(L, b, attn.num_query_groups_per_partition, attn.hidden_size_per_attention_head))
-                  for _ in model.decoder.layers]
-        rope = None
-        if kind != "gpt2":
-            freqs = model.rotary_pos_emb(L)
-            rope = (torch.cos(freqs), torch.sin(freqs))
+        caches, rope = decode_state(model, b, L, torch.device("cpu"), zeroed=True)
         step = decode_graph.DecodeStep(model, caches, rope, b, L, graph=False)
         step.tokens.copy_(torch.randint(0, V, (b, 1)))
         step.slot.fill_(9)

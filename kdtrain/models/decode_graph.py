@@ -32,10 +32,9 @@ import torch
 
 
 class DecodeStep:
-    """``step(tokens, positions, slot, first_key) -> logits [b, V]`` for one position of ``b`` rows,
-    over caches of ``length`` slots (``caches``: per layer the key and value tensors of
-    generate.py, zero-initialised; ``rope``: its (cos, sin) tables or None). ``graph``: capture on
-    the first call (CUDA only)."""
+    """``step(tokens, slot, positions) -> logits [b, V]`` for one position of ``b`` rows, over
+    caches of ``length`` slots (``caches``, ``rope``: generate.decode_state's, the caches zeroed).
+    ``graph``: capture on the first call (CUDA only)."""
 
     def __init__(self, model, caches: list, rope: Optional[tuple], rows: int, length: int, graph: bool):
         device = caches[0][0].device
@@ -79,15 +78,19 @@ class DecodeStep:
             raise RuntimeError(f"capturing a decode step as a CUDA graph failed ({e}); sample without graphs "
                                "(precision.cuda_graphs=false, or kdtrain generate without --cuda-graphs)") from e
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, first_key: torch.Tensor
-                 ) -> torch.Tensor:
-        """Logits [b, V/tp] of position ``slot`` given its ``tokens`` [b], their ``positions`` [b]
-        and the first cache slot each row attends to (``first_key`` [b]). The graph's output
-        buffer is overwritten by the next call: read it before then."""
+    def __call__(self, tokens: torch.Tensor, slot: int, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [b, V/tp] of position ``slot`` given its ``tokens`` [b] and their positions in their
+        documents ([b]; a row then sees its document from its start, ``slot - position``), or None:
+        attention over the window, every row at position ``slot``. The graph's output buffer is
+        overwritten by the next call: read it before then."""
         self.tokens.copy_(tokens.view(-1, 1))
-        self.positions.copy_(positions.view(-1, 1))
         self.slot.fill_(slot)
-        self.first_key.copy_(first_key)
+        if positions is None:
+            self.positions.fill_(slot)
+            self.first_key.zero_()
+        else:
+            self.positions.copy_(positions.view(-1, 1))
+            self.first_key.copy_(positions).neg_().add_(slot)
         if not self.use_graph:
             return self._forward()
         if self.graph is None:

@@ -161,6 +161,24 @@ class DecodeStages:
                    groups.stage_rank(pp - 1), groups.pgc.pp)
 
 
+def decode_state(model, rows: int, length: int, device, zeroed: bool = False) -> tuple[list, Optional[tuple]]:
+    """The key/value caches of the key/value-cached decoder for ``rows`` rows of ``length``
+    positions (per layer of this stage, two ``[length, rows, groups/tp, head_dim]`` tensors in the
+    model's dtype; ``zeroed``: filled with zeros, else uninitialised) and the rotary (cos, sin)
+    tables of those positions (None without rotary embedding)."""
+    dtype = next(model.parameters()).dtype
+    attn = model.decoder.layers[0].self_attention
+    shape = (length, rows, attn.num_query_groups_per_partition, attn.hidden_size_per_attention_head)
+    alloc = torch.zeros if zeroed else torch.empty
+    caches = [(alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
+              for _ in model.decoder.layers]
+    rope = None
+    if getattr(model, "rotary_pos_emb", None) is not None and model.position_embedding_type == "rope":
+        freqs = model.rotary_pos_emb(length)
+        rope = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+    return caches, rope
+
+
 def _cached_layers(model) -> bool:
     return all(getattr(layer, "direct", False) for layer in model.decoder.layers)
 
@@ -337,19 +355,8 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
 
     try:
         if _cached_layers(model):
-            dtype = next(model.parameters()).dtype
-            layer0 = model.decoder.layers[0]
-            groups = layer0.self_attention.num_query_groups_per_partition
-            d = layer0.self_attention.hidden_size_per_attention_head
             # Zeroed for the fixed-shape step, which reads every slot (masked ones with zero weight).
-            alloc = torch.zeros if graphs else torch.empty
-            caches = [(alloc(L, b, groups, d, dtype=dtype, device=device),
-                       alloc(L, b, groups, d, dtype=dtype, device=device))
-                      for _ in model.decoder.layers]
-            rope = None
-            if getattr(model, "rotary_pos_emb", None) is not None and model.position_embedding_type == "rope":
-                freqs = model.rotary_pos_emb(L)
-                rope = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+            caches, rope = decode_state(model, b, L, device, zeroed=graphs)
             decode = DecodeStep(model, caches, rope, b, L, graph=device.type == "cuda") if graphs else None
             logits = _forward_positions(model, tokens[:, :first], 0, rope, caches,
                                         None if out_pos is None else out_pos[:, :first], stages)
@@ -365,8 +372,7 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
                     break
                 chunk = slice(t, t + n)
                 if decode is not None and n == 1:
-                    pos_t = out_pos[:, t] if out_pos is not None else torch.full_like(src, t)
-                    logits = decode(tokens[:, t], pos_t, t, t - pos_t)  # a row sees its document from its start
+                    logits = decode(tokens[:, t], t, None if out_pos is None else out_pos[:, t])
                 else:
                     logits = _forward_positions(model, tokens[:, chunk], t, rope, caches,
                                                 None if out_pos is None else out_pos[:, chunk], stages)
