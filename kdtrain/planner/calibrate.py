@@ -107,12 +107,10 @@ def measure_decode(cfg, seq_len: int, rows: int, iters: int, device, dtype) -> t
 
 
 def predicted_decode(profile, cfg, seq_len: int, rows: int, prompt: int, d: int) -> float:
-    """The planner's seconds for ``measure_decode``'s call (``cfg``: a ModelConfig or model name)."""
-    from ..config import load_model_config
+    """The planner's seconds for ``measure_decode``'s call of the model ``cfg`` (a ModelConfig)."""
     from .memory import ModelShape
     from .timing import sampling_time
 
-    cfg = load_model_config(cfg, "--small-model") if isinstance(cfg, str) else cfg
     return sampling_time(ModelShape.of(cfg), 1, 1, seq_len, rows, 1, prompt, profile, d)
 
 
