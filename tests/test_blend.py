@@ -150,3 +150,28 @@ def test_pretraining_on_blended_corpora_learns(world_of_one, tiny_corpus, tmp_pa
     assert train[12]["loss"] < 0.9 * train[1]["loss"]  # from ln(512) = 6.24 at init
     valid = read_metrics(tmp_path / "run", "valid")
     assert np.isfinite(valid[12]["valid_loss"])
+
+
+def test_onpolicy_samples_each_window_as_its_corpus_is(tiny_corpus, tiny_chat_corpus):
+    """On-policy steps on a blend of conversations and documents: a document window is written
+    after the prompt, a conversation window at its replies (before, the blend's loss mask made
+    every document window look like a reply under way: nothing was sampled there)."""
+    from kdtrain.config.distill import OnPolicyConfig
+    from kdtrain.data.chat import reply_spans
+    from kdtrain.training.distill import onpolicy_spans
+
+    seq = 64
+    ds = BlendedWindowDataset([GPTWindowDataset([tiny_corpus["prefix"]], seq, seed=1),
+                               GPTWindowDataset([tiny_chat_corpus["prefix"]], seq, seed=2)], [1.0, 1.0])
+    ids = range(40)
+    kinds = [ds.source_of(g)[0] for g in ids]
+    assert set(kinds) == {0, 1}
+    for replies in ("first", "all"):
+        spans = onpolicy_spans(ds, ids, OnPolicyConfig(fraction=1.0, prompt_length=16, replies=replies), seq + 1)
+        for g, kind, row in zip(ids, kinds, spans):
+            if kind == 0:
+                assert row == [(16, seq + 1)], g
+            else:
+                expect = reply_spans(ds.train_loss_mask(g))
+                assert row == (expect if replies == "all" else expect[:1]), g
+        assert any(row for row, kind in zip(spans, kinds) if kind == 1)

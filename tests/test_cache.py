@@ -396,6 +396,27 @@ def test_other_dataset_and_tokenizer_are_mismatches(caches, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_mixed_runs_live_teacher_must_be_the_cached_one(caches):
+    """Mixed runs serve some steps live: a seeded random live teacher of another seed would mix two
+    teachers' payloads (the caches here are of the tiny config's random teacher, seed 1234 + 1)."""
+    reader = CacheReader(caches["root"] / "fp32")
+    reader.check(_run_cfg(caches["corpus"]), teacher_weights=True)
+    with pytest.raises(ValueError, match=r"teacher mismatch: .*random weights of seed 1235, .*random weights of seed 8"):
+        reader.check(_run_cfg(caches["corpus"], "training.seed=7"), teacher_weights=True)
+
+
+def test_caching_needs_teacher_weights_whatever_the_source_says(world_of_one, tiny_corpus, tmp_path):
+    """The config a student reads the cache with (source: cache, no teacher weights) is refused by
+    the job that writes the cache: it would otherwise cache a randomly initialised teacher."""
+    from kdtrain.cache.job import run_cache_job
+
+    run = _run_cfg(tiny_corpus, "teacher.random_init=false", "teacher.source=cache", f"teacher.cache={tmp_path}")
+    with pytest.raises(ValueError, match=r"teacher\.load: a teacher needs weights"):
+        run_cache_job(run, _job(tmp_path / "cache", "fp32"))
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
 def test_resume_into_a_directory_of_another_cache_is_refused(caches):
     from kdtrain.cache.job import build_manifest
     from kdtrain.cache.writer import prepare

@@ -126,11 +126,18 @@ def _damaged(root):
     with pytest.raises(ValueError, match="has shape|lacks"):
         load_weights(CheckpointReader(path), other.params)
 
-    # Truncated shard file.
+    # A truncated shard file (its size is recorded), one unreadable at its size, a missing one.
     shard = next((path / "shards").glob("*.pt"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match=rf"shard .*{shard.name} has {len(data) // 3} bytes, meta.json records "
+                       rf"{len(data)}: the file is truncated"):
+        CheckpointReader(path)
+    shard.write_bytes(bytes(len(data)))
     with pytest.raises(ValueError, match="cannot read checkpoint shard"):
+        CheckpointReader(path)
+    shard.unlink()
+    with pytest.raises(ValueError, match=rf"shard .*{shard.name} is missing"):
         CheckpointReader(path)
 
     # Corrupt metadata, and a 'latest' pointer to nothing.
@@ -146,3 +153,50 @@ def _damaged(root):
 
 def test_damaged_or_mismatched_checkpoint_gives_a_clear_error(world_of_one, tmp_path):
     _damaged(tmp_path / "ck")
+
+
+def test_a_resumed_job_must_continue_the_recorded_run(world_of_one, tmp_path):
+    """Resuming with another global batch, sample stream, corpus or kind of run would silently
+    skip or repeat data from the recorded step: each is an error naming the field."""
+    import dataclasses
+
+    from kdtrain.config import CheckpointConfig, DataConfig, to_dict
+    from kdtrain.training.pretrain import restore_role, save_role
+
+    root = tmp_path / "ck"
+    cfg, groups, role = _build("tiny")
+    data = DataConfig(path=["/corpora/web_text_document"], seq_length=16)
+    run = {"kind": "pretrain", "global_batch_size": 8, "data": to_dict(data)}
+    ck = CheckpointConfig(dir=str(root), keep=1)
+    for _, p in role.params:  # one update, so that there is optimizer state to resume
+        p.main_grad = torch.ones_like(p)
+    role.optimizer.step(1e-3)
+    save_role(ck, cfg, role, 100, run)
+
+    def restore(ck=ck, **changes):
+        changed = {**run, "data": to_dict(DataConfig(**{**to_dict(data), **changes.pop("data", {})})), **changes}
+        return restore_role(ck, cfg, role, 0, changed)
+
+    assert restore() == 100
+    # The corpus moved: its files keep their names.
+    assert restore(data={"path": ["/mnt/elsewhere/web_text_document"]}) == 100
+    for changes, match in [
+        ({"global_batch_size": 16}, r"training\.global_batch_size: 16 here, 8 in .*step_0000100"),
+        ({"data": {"seed": 7}}, r"data\.seed: 7 here, 1234 in"),
+        ({"data": {"seq_length": 32}}, r"data\.seq_length: 32 here, 16 in"),
+        ({"data": {"packing": "best_fit"}}, r"data\.packing: 'best_fit' here, 'stream' in"),
+        ({"data": {"path": ["/corpora/code_document"]}}, r"data\.path: .*another corpus"),
+        ({"kind": "distill"}, r"checkpoint\.dir: .* holds a pretrain checkpoint and this is a distill run"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            restore(**changes)
+
+    # resume: false into a directory holding a run's checkpoints would prune the new run's first
+    # (by step number: the old step 100 outlives a new step 10 with keep=1).
+    import dataclasses
+
+    fresh = dataclasses.replace(ck, resume=False)
+    with pytest.raises(ValueError, match=r"checkpoint\.resume: false, but checkpoint\.dir .* holds checkpoints"):
+        restore(ck=fresh)
+    assert restore(ck=dataclasses.replace(fresh, dir=str(root.parent / "new"))) == 0
+

@@ -82,6 +82,10 @@ def _tiny_run(**sections):
     ({"data": {"path": ["x"], "seq_length": 4096}}, 1, "data.seq_length"),  # above max_seq_length
     ({"training": {"micro_batch_size": 4, "global_batch_size": 12}}, 2, "training.global_batch_size"),
     ({"training": {"exit_interval": 4}}, 1, "training.exit_interval"),  # stopping early without checkpoint.dir
+    # stopping early where the same command would start again from step 0
+    ({"training": {"exit_interval": 4}, "checkpoint": {"dir": "ck", "resume": False}}, 1, "training.exit_interval"),
+    # a profile that would never be written
+    ({"training": {"train_steps": 10}, "logging": {"profile_steps": [8, 12]}}, 1, "logging.profile_steps"),
 ])
 def test_impossible_layouts_name_the_field(overrides, world, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -127,6 +131,41 @@ def test_bad_values_name_the_field(tmp_path):
         load_pretrain_config(str(f), ["training.exit_interval=0"])
 
 
+@pytest.mark.parametrize("override,field", [
+    ("optimizer.decay_steps=5", "optimizer.decay_steps"),  # with warmup_steps=5: nothing left to decay over
+    ("optimizer.decay_steps=-1", "optimizer.decay_steps"),
+    ("optimizer.eps=0", "optimizer.eps"),
+    ("optimizer.clip_grad=-1", "optimizer.clip_grad"),
+    ("distributed.timeout_s=0", "distributed.timeout_s"),
+    ("logging.peak_tflops=-989", "logging.peak_tflops"),
+    ("model.rope_theta=0", "model.rope_theta"),
+    ("model.rope_scaling_factor=-8", "model.rope_scaling_factor"),
+    ("model.norm_epsilon=-1e-5", "model.norm_epsilon"),
+])
+def test_out_of_range_values_name_the_field(tmp_path, override, field):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: tiny\ndata: {path: [x]}\noptimizer: {warmup_steps: 5}\n")
+    load_pretrain_config(str(f), ["optimizer.decay_steps=6"])  # the first step after warm-up decays
+    with pytest.raises(ValueError, match=field.replace(".", r"\.") + ": "):
+        load_pretrain_config(str(f), [override])
+
+
+@pytest.mark.parametrize("overrides,field", [
+    # the same initial weights given twice
+    (["student.load=a", "checkpoint.load=b"], "student.load"),
+    # a run's teachers send logits and the log-normaliser
+    (["loss.values_are_logprobs=true"], "loss.values_are_logprobs"),
+    # the world group's timeout would end a stalled transfer before the stream's
+    (["split.timeout_s=900", "distributed.timeout_s=600"], "split.timeout_s"),
+    (["training.exit_interval=2", "checkpoint.dir=ck", "checkpoint.resume=false"], "training.exit_interval"),
+])
+def test_distill_cross_section_errors_name_the_field(overrides, field):
+    from kdtrain.config.distill import load_distill_config
+
+    with pytest.raises(ValueError, match=field.replace(".", r"\.") + ": "):
+        load_distill_config("tiny", overrides).validate(2)
+
+
 def test_overrides_reach_nested_fields_and_named_models(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("model: tiny\ndata: {path: [x], seq_length: 32}\n")
@@ -168,3 +207,16 @@ def test_slurm_launcher_names_its_entry_points():
     header = script.read_text()
     for entry in ("pretrain_gpt.py", "distill_gpt.py", "cache_teacher.py"):
         assert f"slurm_launch.sh {entry} configs/" in header and (CONFIG_DIR.parent / "scripts" / entry).is_file()
+
+
+def test_a_cache_runs_teacher_layout_constrains_nothing():
+    """With teacher.source: cache no teacher is built: the tp/pp/dp of the job that wrote the cache
+    (kept in a shared config) do not have to fit the student's world."""
+    from kdtrain.config.distill import load_distill_config
+
+    cached = ["teacher.source=cache", "teacher.cache=c", "teacher.tp=4", "teacher.dp=1"]
+    with pytest.raises(ValueError, match=r"teacher\.(tp|dp)"):
+        load_distill_config("tiny", cached[2:]).validate(2)
+    spans = load_distill_config("tiny", cached + ["student.tp=2"]).validate(2)
+    assert (spans.teacher.tp, spans.teacher.pp, spans.teacher.dp) == (spans.student.tp, spans.student.pp,
+                                                                     spans.student.dp) == (2, 1, 1)

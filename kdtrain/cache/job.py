@@ -97,6 +97,7 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
     env = init_distributed(run.precision.device, run.distributed.backend, run.distributed.timeout_s)
     par = run.teacher.parallel.resolve(env.world_size, "teacher")
     run.teacher.model.check_layout(par.tp, par.pp, "teacher")
+    run.teacher.check_weights()  # whatever teacher.source says: this job runs the teacher
     if run.data.seq_length > run.teacher.model.max_seq_length:
         raise field_error("data", "seq_length", f"{run.data.seq_length} exceeds max_seq_length="
                           f"{run.teacher.model.max_seq_length} of the teacher model {run.teacher.model.name!r}")

@@ -233,7 +233,8 @@ class Manifest:
 
         A run with a smaller ``teacher.topk`` than the cache is accepted: the cached ids are sorted
         by descending logit, so the first k entries are the run's top-k. ``teacher_weights=True``
-        also hashes the run's teacher checkpoint (mixed online/cached runs; costs a full read)."""
+        also checks the live teacher's weights (mixed online/cached runs): hashes its checkpoint (a
+        full read), or, for a seeded random teacher, compares the seed."""
         def fail(name: str, cache_val, run_val, hint: str = "") -> ValueError:
             return ValueError(f"{where}: {name} mismatch: the cache was written with {name} = {cache_val}, "
                               f"the run has {run_val}{hint}")
@@ -266,7 +267,14 @@ class Manifest:
             diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
             raise fail("teacher", f"model {theirs.get('name')!r}", f"model {ours.get('name')!r} (teacher.model; "
                        f"differing fields {diff})")
-        if teacher_weights:
+        if teacher_weights and run.teacher.load is None:  # a seeded random live teacher (benchmarks, tests)
+            seed = run.training.seed + 1
+            if self.teacher["weights_sha256"] is not None or self.teacher.get("random_init_seed") != seed:
+                written = (f"weights from {self.teacher['load']}" if self.teacher["weights_sha256"] is not None
+                           else f"random weights of seed {self.teacher.get('random_init_seed')}")
+                raise fail("teacher", written, f"random weights of seed {seed} (teacher.random_init, "
+                           "training.seed + 1)")
+        elif teacher_weights:
             digest = teacher_weights_digest(run.teacher.load)
             if digest != self.teacher["weights_sha256"]:
                 raise fail("teacher", f"weights {self.teacher['weights_sha256']} from {self.teacher['load']}",

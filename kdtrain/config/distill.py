@@ -27,7 +27,7 @@ from ..loss import KDLossConfig
 from .loader import field_error, from_dict
 from .model import ModelConfig, load_model_config
 from .run import (CheckpointConfig, DataConfig, DistributedConfig, LoggingConfig, OptimizerConfig, ParallelConfig,
-                  PrecisionConfig, TrainingConfig, check_exit, check_recompute, load_run_dict)
+                  PrecisionConfig, TrainingConfig, check_exit, check_profile, check_recompute, load_run_dict)
 
 MAX_TOPK = 1024  # the fused loss kernel's limit
 
@@ -62,8 +62,11 @@ class TeacherConfig:
             raise field_error(where, "live_fraction", f"must be in [0, 1], got {self.live_fraction}")
         if self.live_fraction and self.source != "mixed":
             raise field_error(where, "live_fraction", "only for source: mixed")
-        if self.source == "cache":
-            return  # no teacher is built: its weights are in the cache
+        if self.source != "cache":  # with source: cache no teacher is built: its payloads are in the cache
+            self.check_weights(where)
+
+    def check_weights(self, where: str = "teacher") -> None:
+        """For every job that builds the teacher (training with a live teacher, writing a cache)."""
         if self.load is None and not self.random_init:
             raise field_error(where, "load", "a teacher needs weights: a kdtrain checkpoint or a Hugging Face "
                               "model directory (or random_init: true for benchmarks)")
@@ -128,7 +131,8 @@ class OnPolicyConfig:
     ends each reply in the plain template and is the end-of-turn token of Hugging Face chat
     tokenizers; -1: never stop) or the window ends, and the data's next turn follows its reply.
     Only what the student wrote is trained; a window in which no reply starts trains nothing on
-    that step. ``all`` decodes through the whole window (one forward per token) where ``first``
+    that step. A blend of both kinds (``data.weights``) treats each window as its corpus is; the
+    stop token then ends document samples too. ``all`` decodes through the whole window (one forward per token) where ``first``
     stops after the first reply, so it costs more sampling time for more trained tokens."""
 
     fraction: float = 0.0
@@ -194,6 +198,11 @@ class DistillConfig:
         if sp.mode == "colocated":
             if sp.teacher_ranks is not None:
                 raise field_error("split", "teacher_ranks", "only for mode: disaggregated (colocated roles share all ranks)")
+            if t.source == "cache":
+                # No teacher is built: its (unused) groups mirror the student's, so the teacher's
+                # tp/pp/dp (those of the job that wrote the cache) constrain nothing here.
+                spar = s.parallel.resolve(world_size, "student")
+                return Spans(0, spar, 0, spar)
             return Spans(0, t.parallel.resolve(world_size, "teacher"), 0, s.parallel.resolve(world_size, "student"))
         wt = sp.teacher_ranks
         if wt is None:
@@ -219,7 +228,8 @@ class DistillConfig:
                               "student: use split.mode: colocated")
         spans = self.resolve_spans(world_size)
         tm, sm = self.teacher.model, self.student.model
-        tm.check_layout(spans.teacher.tp, spans.teacher.pp, "teacher")
+        if self.teacher.source != "cache":
+            tm.check_layout(spans.teacher.tp, spans.teacher.pp, "teacher")
         sm.check_layout(spans.student.tp, spans.student.pp, "student")
         if tm.vocab_size != sm.vocab_size:
             raise field_error("student", "model", f"vocab_size {sm.vocab_size} of student {sm.name!r} differs from "
@@ -243,6 +253,18 @@ class DistillConfig:
         self.data.check_precision(self.precision)
         check_recompute(self.training, self.precision)
         check_exit(self.training, self.checkpoint)
+        check_profile(self.logging, self.training)
+        if self.loss.values_are_logprobs:
+            raise field_error("loss", "values_are_logprobs", "a run's teacher (live or cached) sends its top-k logits "
+                              "and log-normaliser, never log-probs: leave it false (it is for calling the loss "
+                              "directly on log-probs)")
+        if self.split.timeout_s > self.distributed.timeout_s:
+            raise field_error("split", "timeout_s", f"{self.split.timeout_s} exceeds distributed.timeout_s="
+                              f"{self.distributed.timeout_s}, the world group's timeout, which ends a stalled "
+                              "transfer first: raise distributed.timeout_s too")
+        if self.student.load and self.checkpoint.load and self.student.load != self.checkpoint.load:
+            raise field_error("student", "load", f"{self.student.load!r} and checkpoint.load {self.checkpoint.load!r} "
+                              "both give the student's initial weights: set one")
         if self.onpolicy.fraction > 0:
             self._check_onpolicy()
         return spans

@@ -65,6 +65,12 @@ class ModelConfig:
             raise field_error(where, "init_std", f"must be positive, got {self.init_std}")
         if self.rope_scaling_factor is not None and self.position_embedding != "rope":
             raise field_error(where, "rope_scaling_factor", "only valid with position_embedding: rope")
+        for name in ("rope_theta", "rope_scaling_factor"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise field_error(where, name, f"must be a positive number, got {value}")
+        if not (math.isfinite(self.norm_epsilon) and self.norm_epsilon >= 0):
+            raise field_error(where, "norm_epsilon", f"must be >= 0, got {self.norm_epsilon}")
 
     # ---- derived quantities -------------------------------------------------------------------
     def padded_vocab_size(self, tp: int = 1) -> int:

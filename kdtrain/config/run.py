@@ -99,6 +99,15 @@ def check_exit(training: "TrainingConfig", checkpoint: "CheckpointConfig") -> No
     if training.exit_interval is not None and not checkpoint.dir:
         raise field_error("training", "exit_interval", "stopping early needs checkpoint.dir (else the steps run so far "
                           "are lost and the same command cannot resume)")
+    if training.exit_interval is not None and not checkpoint.resume:
+        raise field_error("training", "exit_interval", "stopping early needs checkpoint.resume: true (else the same "
+                          "command starts again from step 0 instead of going on)")
+
+
+def check_profile(logging: "LoggingConfig", training: "TrainingConfig") -> None:
+    if logging.profile_steps is not None and logging.profile_steps[1] > training.train_steps:
+        raise field_error("logging", "profile_steps", f"{list(logging.profile_steps)} ends after the last step, "
+                          f"training.train_steps={training.train_steps} (the profile would never be written)")
 
 
 def check_recompute(training: "TrainingConfig", precision: "PrecisionConfig") -> None:
@@ -160,8 +169,16 @@ class OptimizerConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise field_error(where, name, f"must be in [0, 1), got {getattr(self, name)}")
-        if self.weight_decay < 0 or self.clip_grad < 0 or self.eps <= 0:
-            raise field_error(where, "weight_decay", "weight_decay and clip_grad must be >= 0, eps > 0")
+        for name in ("weight_decay", "clip_grad"):
+            if getattr(self, name) < 0:
+                raise field_error(where, name, f"must be >= 0, got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise field_error(where, "eps", f"must be > 0, got {self.eps}")
+        # decay_steps counts from step 0, warm-up included: the decay runs over the steps after it.
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise field_error(where, "decay_steps", f"{self.decay_steps} leaves no steps to decay over after "
+                              f"warmup_steps={self.warmup_steps} (it counts from step 0; leave it unset to decay "
+                              "until training.train_steps)")
 
 
 @dataclass
@@ -195,6 +212,9 @@ class LoggingConfig:
     def check(self, where: str = "logging") -> None:
         if self.interval < 1:
             raise field_error(where, "interval", f"must be >= 1, got {self.interval}")
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            raise field_error(where, "peak_tflops", f"must be a positive number of TFLOP/s per device (unset: look "
+                              f"up the device), got {self.peak_tflops}")
         if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
             raise field_error(where, "profile_steps", f"[first, last] with 1 <= first <= last, "
                               f"got {list(self.profile_steps)}")
@@ -219,6 +239,10 @@ class CheckpointConfig:
 class DistributedConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on cuda, gloo on cpu
     timeout_s: float = 600.0  # a collective or peer stalled this long ends the job
+
+    def check(self, where: str = "distributed") -> None:
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise field_error(where, "timeout_s", f"must be a positive number of seconds, got {self.timeout_s}")
 
 
 @dataclass
@@ -250,6 +274,7 @@ class PretrainConfig:
         self.data.check_precision(self.precision)
         check_recompute(self.training, self.precision)
         check_exit(self.training, self.checkpoint)
+        check_profile(self.logging, self.training)
         return self
 
 

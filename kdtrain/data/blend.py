@@ -94,6 +94,10 @@ class BlendedWindowDataset:
         c, local = self.source_of(g)
         return self.components[c].train_positions(local)
 
+    def train_is_conversation(self, g: int) -> bool:
+        c, local = self.source_of(g)
+        return self.components[c].train_is_conversation(local)
+
     def valid_source_of(self, j: int) -> tuple[int, int]:
         """(corpus, that corpus' own held-out window) of held-out sample ``j``."""
         if not 0 <= j < self.num_valid_windows:

@@ -259,6 +259,11 @@ class GPTWindowDataset:
     def train_content(self, g: int) -> int:
         return self.window_content(self.train_window_index(g))
 
+    def train_is_conversation(self, g: int) -> bool:
+        """Whether train sample ``g``'s mask marks replies (else: every token, or padding only).
+        One dataset is one kind: its streams are packed together."""
+        return self.conversations
+
     def valid_sample(self, j: int) -> np.ndarray:
         """Held-out sample j in [0, num_valid_windows), in corpus order."""
         if not 0 <= j < self._n_valid:

@@ -37,5 +37,8 @@ class MockWindowDataset:
     def train_positions(self, g: int) -> None:
         return None
 
+    def train_is_conversation(self, g: int) -> bool:
+        return False
+
     def valid_positions(self, j: int) -> None:
         return None

@@ -3,7 +3,7 @@
 Layout on disk::
 
     <dir>/latest                      name of the newest complete checkpoint ("step_0000100")
-    <dir>/step_0000100/meta.json      step, consumed samples, configs, layout, shard file list
+    <dir>/step_0000100/meta.json      step, consumed samples, configs, layout, shard files and sizes
     <dir>/step_0000100/shards/rank00003.pt   {global param name: piece}, one file per writing rank
     <dir>/step_0000100/rng/rank00003.pt      RNG states of each rank
 
@@ -130,8 +130,9 @@ def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int)
     root = Path(root)
     name = _step_name(step)
     tmp, final = root / f"{name}.tmp", root / name
-    files = sorted(p.name for p in (tmp / "shards").glob("*.pt"))
-    meta = dict(meta, version=FORMAT_VERSION, step=step, shard_files=files, saved_at=time.time())
+    files = sorted((tmp / "shards").glob("*.pt"))
+    meta = dict(meta, version=FORMAT_VERSION, step=step, shard_files=[f.name for f in files],
+                shard_bytes={f.name: f.stat().st_size for f in files}, saved_at=time.time())
     _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
     aside = root / f"{name}.old"
     if final.exists():
@@ -207,8 +208,15 @@ class CheckpointReader:
         if self.meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{meta_file}: checkpoint format {self.meta.get('version')} != {FORMAT_VERSION}")
         self.pieces: dict[str, list[dict]] = {}
+        sizes = self.meta.get("shard_bytes", {})  # absent in checkpoints of earlier versions
         for fname in self.meta["shard_files"]:
             f = self.path / "shards" / fname
+            if not f.is_file():
+                raise ValueError(f"checkpoint shard {f} is missing (meta.json lists it): the checkpoint was copied "
+                                 "or moved incompletely")
+            if fname in sizes and f.stat().st_size != sizes[fname]:
+                raise ValueError(f"checkpoint shard {f} has {f.stat().st_size} bytes, meta.json records "
+                                 f"{sizes[fname]}: the file is truncated or was replaced (an interrupted copy?)")
             try:
                 data = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
             except Exception as e:  # truncated or corrupt file
@@ -304,6 +312,50 @@ def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch
     net = build_gpt(cfg, build_role_groups(RoleLayout(what, 0, 1, 1, 1)), device=device, dtype=dtype, seed=0)
     load_model_weights(path, cfg, [(net.param_specs[n], p) for n, p in net.named_parameters()], what)
     return cfg, net.eval()
+
+
+# What fixes the order of the samples a run draws: a resumed job that changed one of these would
+# continue a different sample stream from the recorded step (skipping or repeating data) silently.
+RESUME_DATA_FIELDS = ("seq_length", "seed", "split", "weights", "packing", "attention", "loss_mask", "mock")
+
+
+def check_resume(meta: dict, path: Path, run: dict) -> None:
+    """A job that resumes from ``path`` continues the run recorded there: same kind of run, same
+    global batch (the data position is ``step * global_batch_size``) and the same sample stream.
+    ``run`` is what ``save_role`` records for this job (kind, global_batch_size, data, ...)."""
+    fresh = "start a new run from its weights with checkpoint.load in another checkpoint.dir"
+    kind = meta.get("kind")
+    if kind != run["kind"]:
+        raise ValueError(f"checkpoint.dir: {path} holds a {kind} checkpoint and this is a {run['kind']} run; "
+                         f"{fresh}")
+    step, consumed = int(meta.get("step", 0)), meta.get("consumed_samples")
+    batch = run["global_batch_size"]
+    if step and consumed is not None and consumed != step * batch:
+        raise ValueError(f"training.global_batch_size: {batch} here, {consumed // step} in {path} (its step {step} "
+                         f"consumed {consumed} samples): resuming would skip or repeat data; resume with "
+                         f"global_batch_size={consumed // step} or {fresh}")
+    # Compare the JSON forms (tuples are lists there).
+    saved, ours = meta.get("data", {}), json.loads(json.dumps(run["data"], default=str))
+    for k in RESUME_DATA_FIELDS:
+        if k in saved and saved[k] != ours.get(k):
+            raise ValueError(f"data.{k}: {ours.get(k)!r} here, {saved[k]!r} in {path}: resuming would continue "
+                             f"another sample stream from step {step}; resume with the recorded value or {fresh}")
+    if "path" in saved:
+        # A corpus may move between jobs; its files keep their names.
+        if [Path(p).name for p in saved["path"]] != [Path(p).name for p in ours.get("path", [])]:
+            raise ValueError(f"data.path: {ours.get('path')} here, {saved['path']} in {path}: resuming would "
+                             f"continue on another corpus; {fresh}")
+
+
+def refuse_other_runs(ck_dir: str | os.PathLike) -> None:
+    """``checkpoint.resume: false`` into a directory that holds checkpoints would mix two runs there,
+    and pruning (by step number) would delete the new run's checkpoints before the old ones."""
+    root = Path(ck_dir)
+    done = sorted(p.name for p in root.glob("step_*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
+    if done:
+        raise ValueError(f"checkpoint.resume: false, but checkpoint.dir {root} holds checkpoints of a run "
+                         f"({done[-1]}, ...): saving there would mix the two runs and prune the new one's "
+                         "checkpoints first; use a new checkpoint.dir, remove the old checkpoints, or resume")
 
 
 def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None:

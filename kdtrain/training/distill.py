@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from ..cache.source import CachedPayloads
 from ..config import to_dict
-from ..config.distill import DistillConfig
+from ..config.distill import DistillConfig, OnPolicyConfig
 from ..data.gpt_dataset import GPTWindowDataset
 from ..loss import kd_loss
 from ..models import transformer_engine_available
@@ -176,7 +176,6 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     flags, since a teacher replica serves other replicas' samples. A disaggregated teacher waits in it for the step's samples: on-policy steps
     cannot run ahead. The sampling is keyed by sample id, so the windows do not depend on the
     layout. ``student`` is None on teacher-only ranks."""
-    from ..data.chat import reply_spans
     from ..models.generate import DecodeStages, sample_replies
 
     tr, op = cfg.training, cfg.onpolicy
@@ -196,11 +195,7 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
         windows = torch.from_numpy(np.stack([dataset.train_sample(g) for g in chunk])).to(device)
         positions = (torch.from_numpy(np.stack([dataset.train_positions(g) for g in chunk])).to(device)
                      if documents else None)
-        if replies:
-            spans = [reply_spans(dataset.train_loss_mask(g)) for g in chunk]
-            spans = spans if op.replies == "all" else [row[:1] for row in spans]
-        else:
-            spans = [[(op.prompt_length, length)]] * len(chunk)
+        spans = onpolicy_spans(dataset, chunk, op, length)
         seqs, flags, new_pos = sample_replies(
             student.model, windows, spans, vocab_size=cfg.student.model.vocab_size, temperature=op.temperature,
             seed=tr.seed, sample_ids=chunk, stop_token=stop, pad_id=dataset.eos_id or 0, tp_group=groups.pgc.tp,
@@ -239,15 +234,16 @@ def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
 def open_cache(cfg: DistillConfig, rank: int):
     """The teacher cache of a cache/mixed run, checked against the run (None when online).
 
-    The cheap checks run on every rank (they agree); a mixed run also hashes the live teacher's
-    checkpoint against the cache's, once on rank 0, and every rank raises on a mismatch."""
+    The cheap checks run on every rank (they agree); a mixed run also checks that the live teacher's
+    weights are the cache's (hashing its checkpoint once on rank 0), and every rank raises on a
+    mismatch."""
     if cfg.teacher.source == "online":
         return None
     from ..cache import CacheReader
 
     reader = CacheReader(cfg.teacher.cache)
     reader.check(cfg)
-    if cfg.teacher.source == "mixed" and cfg.teacher.load is not None:
+    if cfg.teacher.source == "mixed":
         error = [None]
         if rank == 0:
             try:
@@ -300,7 +296,9 @@ def distill(cfg: DistillConfig) -> dict:
         ck = cfg.checkpoint
         if cfg.student.load and not ck.load:
             ck = dataclasses.replace(ck, load=cfg.student.load)
-        start_step = restore_role(ck, cfg.student.model, student, env.rank, what="student")
+        run = {"kind": "distill", "global_batch_size": tr.global_batch_size, "data": to_dict(cfg.data),
+               "teacher": to_dict(cfg.teacher.model), "loss": to_dict(cfg.loss), "topk": cfg.teacher.topk}
+        start_step = restore_role(ck, cfg.student.model, student, env.rank, run, what="student")
     # Teacher-only ranks learn the resume step from the student's checkpoint, read by all ranks.
     start_step = _agree_start_step(start_step, s_layout, env.device)
 
@@ -315,8 +313,9 @@ def distill(cfg: DistillConfig) -> dict:
                      f"{mem['teacher_trainable_equiv_bytes'] / 2**20:.1f} MiB)")
     for line in plan_lines:
         logger.write(line)
-    logger.write(f"kdtrain distill: {cfg.teacher.model.name} (tp={t_layout.tp} pp={t_layout.pp} dp={t_layout.dp}, "
-                 f"ranks {t_layout.ranks.start}-{t_layout.ranks.stop - 1}) -> {cfg.student.model.name} "
+    where = (f"cache {cfg.teacher.cache}" if cfg.teacher.source == "cache" else
+             f"tp={t_layout.tp} pp={t_layout.pp} dp={t_layout.dp}, ranks {t_layout.ranks.start}-{t_layout.ranks.stop - 1}")
+    logger.write(f"kdtrain distill: {cfg.teacher.model.name} ({where}) -> {cfg.student.model.name} "
                  f"(tp={s_layout.tp} pp={s_layout.pp} dp={s_layout.dp}, ranks {s_layout.ranks.start}-"
                  f"{s_layout.ranks.stop - 1}), {cfg.split.mode}, top-{spec.k}, {cfg.loss.divergence}, "
                  f"{str(dtype).removeprefix('torch.')}, attention="
@@ -406,9 +405,7 @@ def distill(cfg: DistillConfig) -> dict:
                 logger.log(step, metrics)
             if cfg.checkpoint.dir and (stop_now or step == tr.train_steps
                                        or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
-                save_role(cfg.checkpoint, cfg.student.model, student, step, tr.global_batch_size,
-                          {"kind": "distill", "teacher": to_dict(cfg.teacher.model), "data": to_dict(cfg.data),
-                           "loss": to_dict(cfg.loss), "topk": cfg.teacher.topk})
+                save_role(cfg.checkpoint, cfg.student.model, student, step, run)
         if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.train_steps:  # every rank: teachers serve
             valid = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
             if student is not None:
@@ -535,6 +532,18 @@ def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing
         student.model.train()
         out["valid_kd_loss"] = sums["kd_sum"] / max(sums["tokens"], 1.0)
     return out
+
+
+def onpolicy_spans(dataset, ids, op: OnPolicyConfig, length: int) -> list[list[tuple[int, int]]]:
+    """Per train sample of ``ids``, the token ranges of its window the student writes on an
+    on-policy step: the replies that start in it on conversations (the first, or all), else all
+    after the first ``op.prompt_length`` tokens; each window by its own corpus (a blend may mix
+    conversations and documents)."""
+    from ..data.chat import reply_spans
+
+    spans = [reply_spans(dataset.train_loss_mask(g)) if dataset.train_is_conversation(g)
+             else [(op.prompt_length, length)] for g in ids]
+    return spans if op.replies == "all" else [row[:1] for row in spans]
 
 
 def _agree_start_step(start_step: int, s_layout: RoleLayout, device) -> int:

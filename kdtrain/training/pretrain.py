@@ -16,8 +16,8 @@ from ..models import KDGPTModel, build_gpt, transformer_engine_available
 from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
-from .checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint, load_model_weights,
-                         load_training_state, restore_rng, save_checkpoint)
+from .checkpoint import (CheckpointReader, check_checkpoint_model, check_resume, latest_checkpoint, load_model_weights,
+                         load_training_state, refuse_other_runs, restore_rng, save_checkpoint)
 from .grads import GradBuffer
 from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
@@ -159,7 +159,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                            cuda_graphs=cfg.precision.cuda_graphs, recompute=t.recompute)
     forward_step = lm_forward_step(cfg.model.vocab_size, groups.pgc.tp)
 
-    start_step = restore_role(cfg.checkpoint, cfg.model, role, env.rank)
+    run = {"kind": "pretrain", "global_batch_size": t.global_batch_size, "data": to_dict(cfg.data)}
+    start_step = restore_role(cfg.checkpoint, cfg.model, role, env.rank, run)
     writer = env.rank == 0
     logger = RunLogger(cfg.logging, writer, t.train_steps, start_step, run_config=to_dict(cfg), name=cfg.model.name)
     logger.write(
@@ -200,8 +201,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         stop_now = t.exit_interval is not None and step - start_step >= t.exit_interval
         if cfg.checkpoint.dir and (stop_now or step == t.train_steps
                                    or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
-            save_role(cfg.checkpoint, cfg.model, role, step, t.global_batch_size,
-                      {"kind": "pretrain", "data": to_dict(cfg.data)})
+            save_role(cfg.checkpoint, cfg.model, role, step, run)
         if stop_now:
             logger.write(f"exit_interval reached: stopping after step {step}")
             break
@@ -215,12 +215,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
     return summary
 
 
-def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int, what: str = "model") -> int:
-    """Resume from ``ck.dir`` (weights, optimizer, RNG; returns the step) or load ``ck.load`` weights."""
+def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int, run: dict,
+                 what: str = "model") -> int:
+    """Resume from ``ck.dir`` (weights, optimizer, RNG; returns the step) or load ``ck.load`` weights.
+    ``run`` is what this job's checkpoints record (``save_role``); a resumed checkpoint must agree."""
+    if ck.dir and not ck.resume:
+        refuse_other_runs(ck.dir)
     path = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
     if path is not None:
         reader = CheckpointReader(path)
         check_checkpoint_model(reader, model)
+        check_resume(reader.meta, path, run)
         load_training_state(reader, role.optimizer)
         if reader.meta.get("layout") == _layout_meta(role.groups):
             restore_rng(path, rank)
@@ -235,9 +240,11 @@ def _layout_meta(groups: RoleGroups) -> dict:
     return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "rank_offset": lay.rank_offset}
 
 
-def save_role(ck: CheckpointConfig, model: ModelConfig, role: Role, step: int, global_batch: int, extra: dict) -> None:
-    """Collective over the role's ranks."""
+def save_role(ck: CheckpointConfig, model: ModelConfig, role: Role, step: int, run: dict) -> None:
+    """Collective over the role's ranks. ``run``: kind, global_batch_size, data (and what else the
+    loop records), checked when a later job resumes (``check_resume``)."""
     g = role.groups
-    meta = {"model": to_dict(model), "layout": _layout_meta(g), "consumed_samples": step * global_batch, **extra}
+    meta = {"model": to_dict(model), "layout": _layout_meta(g),
+            "consumed_samples": step * run["global_batch_size"], **run}
     save_checkpoint(ck.dir, step, role.params, role.optimizer, g.dp_rank, g.role_group,
                     g.layout.rank_offset, meta, ck.keep)
