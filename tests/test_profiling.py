@@ -83,3 +83,20 @@ def test_bench_distill_reports_profiles_of_the_entry_points(tmp_path):
         assert res["runs"][name]["steps_timed"] == 4 - res["warmup"], name
     assert res["profiles"]["distill"]["by_category_s_per_step"].get("topk", 0) > 0  # the teacher's top-k
     assert "Profiled steps" in (tmp_path / "bench_distill.md").read_text()
+
+
+def test_a_job_that_starts_or_stops_inside_the_window_writes_what_it_recorded(tmp_path):
+    """A resumed job starting at step 3 of window [2, 5] records from 3; a job stopping after
+    step 4 (training.exit_interval) writes steps 3-4 instead of never writing the profile."""
+    prof = StepProfiler((2, 5), str(tmp_path), rank=0, device=torch.device("cpu"))
+    a = torch.randn(64, 64)
+    written = []
+    for step in (3, 4):  # the job's steps: resumed after 2, stops after 4
+        prof.begin(step)
+        a = torch.tanh(a @ a)
+        out = prof.end(step, stopping=step == 4)
+        if out is not None:
+            written.append((step, out["steps"]))
+    assert written == [(4, 2)]
+    summary = json.loads((tmp_path / "profile" / "rank0_summary.json").read_text())
+    assert next(t for t in summary["top"] if t["name"] == "aten::mm")["count"] == 2

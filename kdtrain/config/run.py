@@ -206,7 +206,8 @@ class LoggingConfig:
     wandb_entity: Optional[str] = None
     peak_tflops: Optional[float] = None  # per-device dense peak for MFU; None = look up the device
     # [first, last] steps (1-based, as logged) to record with torch.profiler: summary, operator
-    # table and trace per rank under <dir>/profile/ (kdtrain/training/profiling.py).
+    # table and trace per rank under <dir>/profile/ (kdtrain/training/profiling.py); a job that
+    # resumes or stops (exit_interval) inside the window records the window's steps it runs.
     profile_steps: Optional[tuple[int, int]] = None
 
     def check(self, where: str = "logging") -> None:

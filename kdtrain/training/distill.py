@@ -379,8 +379,8 @@ def distill(cfg: DistillConfig) -> dict:
             teacher_side.end_step(channel)
         rates = s_tp.stop()
         step += 1
-        profiler.end(step)
         stop_now = tr.exit_interval is not None and step - start_step >= tr.exit_interval
+        profiler.end(step, stopping=stop_now)
         log_now = step % cfg.logging.interval == 0 or step == tr.train_steps
         t_stats = teacher_side.collect() if log_now else {}  # collective: every rank, same steps
         if result is not None:

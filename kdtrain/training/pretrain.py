@@ -189,7 +189,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                             cfg.optimizer.clip_grad, cfg.model.tie_embeddings, LM_REPORT_KEYS)
         rates = throughput.stop()
         step += 1
-        profiler.end(step)
+        stop_now = t.exit_interval is not None and step - start_step >= t.exit_interval
+        profiler.end(step, stopping=stop_now)
         loss = result.sums["loss_sum"] / max(result.sums["tokens"], 1.0)
         metrics = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
                    "consumed_samples": step * t.global_batch_size, **rates}
@@ -198,7 +199,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
             logger.log(step, metrics)
         if t.eval_interval and step % t.eval_interval == 0 and step < t.train_steps:
             logger.log(step, evaluate(role, dataset, t, forward_step, env.device), kind="valid")
-        stop_now = t.exit_interval is not None and step - start_step >= t.exit_interval
         if cfg.checkpoint.dir and (stop_now or step == t.train_steps
                                    or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
             save_role(cfg.checkpoint, cfg.model, role, step, run)

@@ -123,7 +123,10 @@ class StepProfiler:
             prof.begin(step + 1)
             ...  # the step
             step += 1
-            prof.end(step)
+            prof.end(step, stopping=job_ends_here)
+
+    A job that resumes inside the window records from its first step; one that stops inside it
+    (``stopping``) writes the steps it recorded.
     """
 
     def __init__(self, window: Optional[tuple[int, int]], log_dir: str, rank: int, device: torch.device):
@@ -131,14 +134,17 @@ class StepProfiler:
         self.out_dir = Path(log_dir) / "profile"
         self._prof = None
         self._t0 = 0.0
+        self._first = 0  # the first recorded step
+        self._started = False
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def begin(self, step: int) -> None:
-        if self.window is None or step != self.window[0]:
+        if self.window is None or self._started or not self.window[0] <= step <= self.window[1]:
             return
+        self._started, self._first = True, step
         acts = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -147,12 +153,13 @@ class StepProfiler:
         self._prof.__enter__()
         self._t0 = time.perf_counter()
 
-    def end(self, step: int) -> Optional[dict]:
-        if self._prof is None or step != self.window[1]:
+    def end(self, step: int, stopping: bool = False) -> Optional[dict]:
+        """After ``step``: writes the recording (steps first recorded..step) at the window's last
+        step, or earlier when the job is ``stopping``; else None."""
+        if self._prof is None or (step != self.window[1] and not stopping):
             return None
         self._sync()
         wall = time.perf_counter() - self._t0
         self._prof.__exit__(None, None, None)
         prof, self._prof = self._prof, None
-        first, last = self.window
-        return write_profile(prof, self.out_dir, f"rank{self.rank}", last - first + 1, wall)
+        return write_profile(prof, self.out_dir, f"rank{self.rank}", step - self._first + 1, wall)
