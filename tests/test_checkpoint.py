@@ -193,8 +193,6 @@ def test_a_resumed_job_must_continue_the_recorded_run(world_of_one, tmp_path):
 
     # resume: false into a directory holding a run's checkpoints would prune the new run's first
     # (by step number: the old step 100 outlives a new step 10 with keep=1).
-    import dataclasses
-
     fresh = dataclasses.replace(ck, resume=False)
     with pytest.raises(ValueError, match=r"checkpoint\.resume: false, but checkpoint\.dir .* holds checkpoints"):
         restore(ck=fresh)
