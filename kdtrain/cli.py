@@ -22,6 +22,15 @@ import importlib.util
 import sys
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it is None or the help already says what it is."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _info(args) -> int:
     import torch
 

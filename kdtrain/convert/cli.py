@@ -9,7 +9,8 @@ A run can also load a Hugging Face directory directly (``teacher.load: DIR``, ``
 
 from __future__ import annotations
 
-import argparse
+
+from ..cli import DefaultsHelp
 
 
 def _hf_to_kdtrain(args) -> int:
@@ -43,7 +44,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="Hugging Face <-> kdtrain checkpoints")
     sub = p.add_subparsers(dest="convert_command", required=True)
     a = sub.add_parser("hf-to-kdtrain", help="HF safetensors model dir -> kdtrain checkpoint + model YAML",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     a.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors)")
     a.add_argument("--out", required=True, help="output checkpoint directory (gets latest, step_0000000, model.yaml)")
     a.add_argument("--name", default=None, help="model name (default: the HF directory's name)")
@@ -53,7 +54,7 @@ def register(subparsers) -> None:
                    help="size of each checkpoint shard file (host memory needed is about one shard)")
     a.set_defaults(func=_hf_to_kdtrain)
     b = sub.add_parser("kdtrain-to-hf", help="kdtrain checkpoint -> HF model dir (config.json + model.safetensors)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     b.add_argument("--ckpt", required=True, help="checkpoint directory (its latest step) or a step_N directory")
     b.add_argument("--model", default=None, help="model config (name or YAML); default: the one the checkpoint records")
     b.add_argument("--out", required=True, help="output HF model directory")

@@ -18,10 +18,11 @@ and the scores it came from). Then distil with ``student.model=OUT/model.yaml st
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
+
+from ..cli import DefaultsHelp
 
 if TYPE_CHECKING:  # torch and the model code load only when a command runs (`kdtrain --help` stays fast)
     import torch
@@ -160,7 +161,7 @@ def _run(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("prune", help="a student pruned from the teacher (depth and width), for student.load",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelp)
     p.add_argument("--src", required=True, help="teacher: Hugging Face directory or kdtrain checkpoint")
     p.add_argument("--out", required=True, help="output checkpoint directory (gets model.yaml and prune.json)")
     p.add_argument("--name", default=None, help="student model name (default: the output directory's name)")
