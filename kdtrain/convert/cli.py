@@ -9,7 +9,6 @@ A run can also load a Hugging Face directory directly (``teacher.load: DIR``, ``
 
 from __future__ import annotations
 
-
 from ..cli import DefaultsHelp
 
 
