@@ -9,6 +9,8 @@ cache equals what a live teacher with ``values_dtype: bf16`` sends); fp8 stays w
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +442,19 @@ def test_prefetch_serves_in_order_skips_and_falls_back(caches):
             p = reader.payload(mbs[j], spec)
             assert torch.equal(p.ids, live[j]["ids"]) and torch.equal(p.values, live[j]["values"])
         assert reader.pending() == 0
+    with CacheReader(caches["root"] / "fp32", depth=2) as reader:
+        # Skipping results the worker already holds while it waits for room (depth reached): the
+        # skip frees the room and must wake the worker, else both threads wait forever.
+        reader.prefetch(mbs, spec)
+        deadline = time.monotonic() + 60
+        while len(reader._done) < reader.depth and time.monotonic() < deadline:  # the worker is full
+            time.sleep(0.01)
+        got = []
+        consumer = threading.Thread(target=lambda: got.append(reader.payload(mbs[3], spec)), daemon=True)
+        consumer.start()
+        consumer.join(60)
+        assert not consumer.is_alive(), "payload() of a micro-batch behind skipped, finished ones never returned"
+        assert torch.equal(got[0].ids, live[3]["ids"])
         p = reader.payload(mbs[2], spec)  # not announced (any more): decoded synchronously
         assert torch.equal(p.lse, live[2]["lse"])
         reader.prefetch(mbs[:3], spec)

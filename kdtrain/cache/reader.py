@@ -263,6 +263,7 @@ class CacheReader:
             for _ in range(pos):  # skipped by the consumer: forget them
                 seq, _ = self._order.popleft()
                 self._drop(seq)
+            self._cv.notify_all()  # dropped results free room: a worker waiting on depth goes on
             seq, _ = self._order.popleft()
             while seq not in self._done:
                 if self._closed:
