@@ -6,6 +6,7 @@ TP=2 runs are in test_kd_loss_tp.py; the CUDA kernels themselves in test_kd_loss
 
 import json
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -541,3 +542,21 @@ def test_benchmark_smoke_on_cpu(tmp_path):
     assert {"reference", "emulated", "dense_torch_jsd"} <= impls
     assert all(r["ms"] > 0 for r in data["results"] if "error" not in r)
     assert "| impl |" in (tmp_path / "bench_kd_loss.md").read_text()
+
+
+def test_a_leftover_kernel_build_lock_is_an_error_not_a_hang(monkeypatch, tmp_path):
+    """torch waits for its extension build lock without a bound; a build killed midway leaves the
+    lock, so kdtrain waits a bounded time for it and then names the file."""
+    import threading
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / _ext.JIT_NAME / "lock"
+    lock.parent.mkdir(parents=True)
+    _ext.wait_for_build_lock(timeout_s=0.1)  # no lock: returns at once
+    lock.touch()
+    with pytest.raises(RuntimeError, match=f"build lock {re.escape(str(lock))} has been held .* Delete it"):
+        _ext.wait_for_build_lock(timeout_s=0.3, poll_s=0.05)
+    # Another rank's build releasing the lock in time: the wait ends.
+    threading.Timer(0.2, lock.unlink).start()
+    _ext.wait_for_build_lock(timeout_s=30, poll_s=0.05)
+    assert not lock.exists()

@@ -5,18 +5,25 @@ machine), else a just-in-time build with ``torch.utils.cpp_extension.load`` from
 ``csrc/`` (CUDA available, the sources present, ``KDTRAIN_NO_JIT`` unset), else nothing: the
 caller falls back to the reference. The outcome is cached per process; :func:`extension_status`
 says what happened (for logs and the benchmark).
+
+A build killed midway (a sibling rank failed, preemption) leaves torch's build lock behind, and
+torch waits for it without a bound: every later job would hang in its first loss. So the lock is
+waited for here, at most ``KDTRAIN_JIT_LOCK_WAIT_S`` seconds (default 900: other ranks of this
+node building), and then it is an error naming the file.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
+JIT_NAME = "kdtrain_kd_loss_jit"
 _REQUIRED = ("kd_pass1", "kd_pass2", "kd_scale_grad_")
 _state: dict = {"tried": False, "module": None, "status": "not loaded yet"}
 
@@ -31,8 +38,26 @@ def _jit_build():
     sources = sorted(str(p) for p in CSRC.glob("*.cu")) + sorted(str(p) for p in CSRC.glob("*.cpp"))
     if not sources:
         raise RuntimeError(f"no CUDA sources under {CSRC}")
-    return load(name="kdtrain_kd_loss_jit", sources=sources, extra_include_paths=[str(CSRC)],
+    return load(name=JIT_NAME, sources=sources, extra_include_paths=[str(CSRC)],
                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"], verbose=False)
+
+
+def wait_for_build_lock(timeout_s: Optional[float] = None, poll_s: float = 1.0) -> None:
+    """Return once no just-in-time build holds torch's lock for it; raise RuntimeError naming the
+    lock file if it stays longer than ``timeout_s`` (a killed build's leftover)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("KDTRAIN_JIT_LOCK_WAIT_S", "900"))
+    lock = Path(_get_build_directory(JIT_NAME, False)) / "lock"
+    start = time.monotonic()
+    while lock.exists():
+        if time.monotonic() - start > timeout_s:
+            raise RuntimeError(f"the KD-loss kernels' just-in-time build lock {lock} has been held for over "
+                               f"{timeout_s:.0f} s: a build killed midway left it. Delete it (no build running), "
+                               "or build once with `pip install --no-build-isolation -e .`, or set "
+                               "KDTRAIN_NO_JIT=1 for the reference loss")
+        time.sleep(poll_s)
 
 
 def load_kernels(jit: Optional[bool] = None):
@@ -60,6 +85,7 @@ def load_kernels(jit: Optional[bool] = None):
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         _state["status"] += "; nvcc not found for a just-in-time build"
         return None
+    wait_for_build_lock()  # outside the try: a stale lock is an error, not a silent fallback
     try:
         mod = _jit_build()
     except Exception as e:  # a failed build must not stop training: the reference still works
