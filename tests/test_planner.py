@@ -4,6 +4,7 @@ closed-form inflection condition against brute force, CLI, sweep plot, calibrate
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -506,3 +507,30 @@ def test_query_key_norm_activation_bytes_are_what_autograd_saves(world_of_one):
         saved[qk] = sum(n for ptr, n in storages.items() if ptr not in params)
         planned[qk] = layer_activation_bytes(ModelShape.of(cfg), 1, 64, d=4)
     assert saved[True] - saved[False] == planned[True] - planned[False] > 0
+
+
+def _plan_with_own_inputs(rank, world, out):
+    from kdtrain.training.auto_split import agree_planner_inputs
+
+    agree_planner_inputs("h100-80gb", 8)  # the same everywhere: passes
+    try:
+        agree_planner_inputs("h100-80gb" if rank == 0 else "a100-40gb", 8)
+        result = "agreed"
+    except ValueError as e:
+        result = str(e)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+def test_ranks_with_different_planner_inputs_refuse_to_plan(tmp_path):
+    """split.mode: auto on nodes of different GPUs: each rank would plan for its own GPU and build
+    other process groups (a hang); every rank raises the same error instead."""
+    import json
+
+    from conftest import run_spawn
+
+    run_spawn(2, _plan_with_own_inputs, str(tmp_path), tmp_path=tmp_path)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1]
+    assert re.search(r"ranks see different planner inputs \(rank 0: profile h100-80gb, 8 per node; rank 1: "
+                     r"profile a100-40gb, 8 per node\).*split\.profile", results[0]), results[0]

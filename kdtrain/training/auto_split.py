@@ -1,7 +1,9 @@
 """``split.mode: auto``: the planner (kdtrain/planner) picks the split and both roles' layouts.
 
-Every rank runs the same pure-Python search on the same inputs, so all ranks agree without
-communication. The plan sets ``split.mode``, ``split.teacher_ranks`` and ``tp``/``pp``/``dp`` of
+Every rank runs the same pure-Python search on the same inputs, so all ranks agree. The inputs
+a rank reads from its own node (its GPU's profile, its node's size) are compared first: ranks that
+disagree (a job over nodes of different GPUs) would build different process groups and hang, so
+that is an error asking for ``split.profile`` and ``split.gpus_per_node``. The plan sets ``split.mode``, ``split.teacher_ranks`` and ``tp``/``pp``/``dp`` of
 both roles; the micro-batch size, optimizer (ZeRO-1 or not), sequence length, top-k and payload
 dtype stay as configured and are inputs to the search.
 """
@@ -13,6 +15,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..config.distill import DistillConfig
 
@@ -29,6 +32,21 @@ def device_profile(device: torch.device) -> str:
     return "h100-80gb"  # H100 and anything newer or unknown
 
 
+def agree_planner_inputs(profile: str, gpus_per_node: int) -> None:
+    """ValueError on every rank unless all ranks plan with the same profile and node size."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (profile, gpus_per_node))
+    if len(set(seen)) > 1:
+        first = {}
+        for rank, inputs in enumerate(seen):
+            first.setdefault(inputs, rank)
+        views = "; ".join(f"rank {r}: profile {p}, {g} per node" for (p, g), r in first.items())
+        raise ValueError(f"split.mode: auto: ranks see different planner inputs ({views}), so they would plan "
+                         "different layouts: set split.profile and split.gpus_per_node")
+
+
 def resolve_auto_split(cfg: DistillConfig, world_size: int, device: torch.device,
                        gpus_per_node: Optional[int] = None) -> tuple[DistillConfig, list[str]]:
     """``cfg`` with the planner's best plan applied, and log lines naming it and the runner-up."""
@@ -38,6 +56,7 @@ def resolve_auto_split(cfg: DistillConfig, world_size: int, device: torch.device
     sp = cfg.split
     gpn = sp.gpus_per_node or gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     profile = sp.profile or device_profile(device)
+    agree_planner_inputs(profile, gpn)
     fp32 = cfg.precision.dtype == "fp32" or (cfg.precision.dtype == "auto" and device.type != "cuda")
     inputs = plan_inputs(cfg, fp32)
     try:
