@@ -8,8 +8,10 @@ writes the payloads (the top-k is identical on every tensor rank). Micro-batches
 own (``training.micro_batch_size`` consecutive samples, aligned the way the training loop cuts
 them), so each cached payload is what the live teacher computes for that micro-batch.
 
-Rank 0 decides alone, before anyone writes, which shards already exist and verify (resume) and
-broadcasts that; at the end it gathers the writers' shard checksums and commits the manifest.
+Before anyone writes, rank 0 checks the directory against the job and writes the draft manifest;
+then every rank verifies a share of the shards already on disk (a resumed job) and all gather
+which are complete. At the end rank 0 gathers the writers' shard checksums and commits the
+manifest.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..training.pretrain import open_dataset, resolve_dtype
 from ..training.teacher import Teacher
 from .codec import RecordLayout, TargetRecordLayout, bytes_per_token, live_payload_bytes_per_token, shard_samples_for
 from .manifest import Manifest, dataset_identity, teacher_identity, tokenizer_identity
-from .writer import ShardWriter, finalize, plan_shards, prepare
+from .writer import ShardWriter, finalize, plan_shards, prepare, verify_existing
 
 SHARD_TARGET_BYTES = 256 << 20
 
@@ -111,13 +113,20 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
     if env.rank == 0:
         try:
             manifest = build_manifest(run, job, dtype, {"tp": par.tp, "pp": par.pp, "dp": par.dp})
-            state = [(manifest, prepare(job.out, manifest), None)]
+            prepare(job.out, manifest)
+            state = [(manifest, None)]
         except ValueError as e:
-            state = [(None, None, str(e))]
+            state = [(None, str(e))]
     dist.broadcast_object_list(state, src=0)
-    manifest, done, error = state[0]
+    manifest, error = state[0]
     if error is not None:
         raise ValueError(error)
+    # A resumed job's shards on disk: every rank verifies a share (rank 0 alone would keep the
+    # others waiting in the gather for the whole read of a large cache, past the job's timeout).
+    shares: list = [None] * env.world_size
+    dist.all_gather_object(shares, verify_existing(
+        job.out, manifest, range(env.rank, manifest.index.num_shards, env.world_size)))
+    done = {i: info for share in shares for i, info in share.items()}
 
     rec = manifest.layout
     index = manifest.index

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -94,12 +94,10 @@ class ShardWriter:
             self.abort()
 
 
-def prepare(root: str | os.PathLike, manifest: Manifest) -> dict[int, ShardInfo]:
-    """Single-process start of a (possibly resumed) job: returns the verified complete shards.
-
-    Creates ``root``; refuses a directory holding a different cache; removes temp files; verifies
-    existing shards of the plan; writes ``manifest`` as incomplete. Call before any shard writer
-    starts (the job's rank 0, then a broadcast of the result)."""
+def prepare(root: str | os.PathLike, manifest: Manifest) -> None:
+    """Single-process start of a (possibly resumed) job: creates ``root``; refuses a directory
+    holding a different cache; removes temp files; writes ``manifest`` as incomplete. Call before
+    any shard writer starts (the job's rank 0, then a broadcast), then :func:`verify_existing`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if (root / MANIFEST).is_file():
@@ -118,10 +116,19 @@ def prepare(root: str | os.PathLike, manifest: Manifest) -> dict[int, ShardInfo]
                          f"directory")
     for tmp in root.glob(".shard_*.bin.tmp"):  # left by a killed writer: never trusted
         tmp.unlink()
+    draft = Manifest(**{**manifest.__dict__, "shards": [], "complete": False})
+    draft.save(root)
+
+
+def verify_existing(root: str | os.PathLike, manifest: Manifest, shards: Iterable[int]) -> dict[int, ShardInfo]:
+    """The complete, verified shard files among ``shards`` (indices of the plan) under ``root``
+    (after :func:`prepare`, before any writer starts). Ranks of a resumed job each verify a share
+    and gather the results: reading a large cache back is the slow part of a resume."""
+    root = Path(root)
     identity = bytes.fromhex(manifest.identity())
     index = manifest.index
     done: dict[int, ShardInfo] = {}
-    for i in range(index.num_shards):
+    for i in shards:
         samples = index.samples_of(i)
         path = root / shard_name(i)
         if not path.exists():
@@ -130,8 +137,6 @@ def prepare(root: str | os.PathLike, manifest: Manifest) -> dict[int, ShardInfo]
             done[i] = verify_shard(path, samples.start, len(samples), index.record_bytes, identity)
         except ValueError:
             pass  # partial, stale or corrupt: rewritten by the job (atomically replaces the file)
-    draft = Manifest(**{**manifest.__dict__, "shards": [], "complete": False})
-    draft.save(root)
     return done
 
 

@@ -170,7 +170,8 @@ class PayloadChannel:
         ok = self._guard(lambda: work.wait(self.timeout), what)
         if ok is False:
             raise StreamError(f"rank {self.rank}: {what} timed out after {self.timeout.total_seconds():.0f}s "
-                              f"(split.timeout_s); the peer rank died or stalled")
+                              f"(split.timeout_s); the peer rank died or stalled (if it is only slow, e.g. a "
+                              f"pipeline stage far behind, raise split.timeout_s)")
 
     def pending(self) -> int:
         return len(self._sends) + len(self._recvs) + len(self._local)

@@ -382,6 +382,8 @@ def distill(cfg: DistillConfig) -> dict:
         stop_now = tr.exit_interval is not None and step - start_step >= tr.exit_interval
         profiler.end(step, stopping=stop_now)
         log_now = step % cfg.logging.interval == 0 or step == tr.train_steps
+        save_now = bool(cfg.checkpoint.dir) and (stop_now or step == tr.train_steps or (
+            cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0))
         t_stats = teacher_side.collect() if log_now else {}  # collective: every rank, same steps
         if result is not None:
             sums = result.sums
@@ -403,9 +405,10 @@ def distill(cfg: DistillConfig) -> dict:
             summary["train_loss"] = metrics["loss"]
             if log_now:
                 logger.log(step, metrics)
-            if cfg.checkpoint.dir and (stop_now or step == tr.train_steps
-                                       or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
+            if save_now:
                 save_role(cfg.checkpoint, cfg.student.model, student, step, run)
+        if save_now:
+            _teachers_wait_for_students(cfg)
         if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.train_steps:  # every rank: teachers serve
             valid = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
             if student is not None:
@@ -507,6 +510,7 @@ def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing
     n_valid = dataset.num_valid_windows
     if cfg.teacher.source == "cache" or n_valid == 0 or tr.eval_batches == 0:
         return out
+    _teachers_wait_for_students(cfg)  # while the students ran the pass above
     sample, targets, positions = held_out(dataset)
     sums = dict.fromkeys(KD_REPORT_KEYS, 0.0)
     sent = channel.bytes_sent  # the held-out payloads are not a training step's traffic
@@ -532,6 +536,15 @@ def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing
         student.model.train()
         out["valid_kd_loss"] = sums["kd_sum"] / max(sums["tokens"], 1.0)
     return out
+
+
+def _teachers_wait_for_students(cfg: DistillConfig) -> None:
+    """Disaggregated teacher ranks wait here (a world barrier, bounded by distributed.timeout_s
+    like any collective) while the students work alone (a checkpoint save, the held-out LM pass):
+    else they would wait in their next send, whose bound split.timeout_s is meant for a peer that
+    died, and a slow save would end the job as one."""
+    if cfg.split.mode == "disaggregated":
+        dist.barrier()
 
 
 def onpolicy_spans(dataset, ids, op: OnPolicyConfig, length: int) -> list[list[tuple[int, int]]]:
