@@ -155,6 +155,8 @@ def test_out_of_range_values_name_the_field(tmp_path, override, field):
     (["student.load=a", "checkpoint.load=b"], "student.load"),
     # a run's teachers send logits and the log-normaliser
     (["loss.values_are_logprobs=true"], "loss.values_are_logprobs"),
+    # a token id excluded from the KD and CE terms but not from the held-out losses
+    (["loss.ignore_index=2"], "loss.ignore_index"),
     # the world group's timeout would end a stalled transfer before the stream's
     (["split.timeout_s=900", "distributed.timeout_s=600"], "split.timeout_s"),
     (["training.exit_interval=2", "checkpoint.dir=ck", "checkpoint.resume=false"], "training.exit_interval"),

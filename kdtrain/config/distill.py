@@ -258,6 +258,10 @@ class DistillConfig:
             raise field_error("loss", "values_are_logprobs", "a run's teacher (live or cached) sends its top-k logits "
                               "and log-normaliser, never log-probs: leave it false (it is for calling the loss "
                               "directly on log-probs)")
+        if self.loss.ignore_index != KDLossConfig.ignore_index:
+            raise field_error("loss", "ignore_index", f"{self.loss.ignore_index}: a run's labels are token ids and its "
+                              "targets come from the data's masks (data.loss_mask, data.packing), which the held-out "
+                              "losses use too; ignore_index is for calling the loss directly")
         if self.split.timeout_s > self.distributed.timeout_s:
             raise field_error("split", "timeout_s", f"{self.split.timeout_s} exceeds distributed.timeout_s="
                               f"{self.distributed.timeout_s}, the world group's timeout, which ends a stalled "
