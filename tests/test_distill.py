@@ -364,3 +364,38 @@ def test_attention_within_documents_reproduces_across_layouts_and_from_the_cache
     assert sum((ds.train_positions(g)[1:-1] == 0).any() for g in range(8)) >= 4  # step 1's samples
     window = runs.get("docs-window", world=1)["metrics"]
     assert abs(window[1]["loss"] - ref[1]["loss"]) > 1e-4 * abs(ref[1]["loss"])
+
+
+def _distill_with_slow_saves(rank, world, root):
+    import json
+    import time
+
+    import kdtrain.training.distill as loop
+    from kdtrain.config.distill import load_distill_config
+
+    real_save = loop.save_role
+
+    def slow_save(*args, **kwargs):  # a large student on a slow file system
+        time.sleep(3.0)
+        return real_save(*args, **kwargs)
+
+    loop.save_role = slow_save
+    cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=disaggregated", "split.teacher_ranks=1",
+                                       "split.timeout_s=1", f"checkpoint.dir={root}/ck", "checkpoint.save_interval=1",
+                                       "training.train_steps=3", f"logging.dir={root}/run"])
+    summary = loop.distill(cfg)
+    with open(f"{root}/rank{rank}.json", "w") as f:
+        json.dump(summary.get("step"), f)
+
+
+def test_a_slow_student_save_does_not_time_out_the_teachers_stream(tmp_path):
+    """Disaggregated: while the student saves (3 s here), the teacher waits in a world barrier
+    (bounded by distributed.timeout_s), not in its next send, bounded by split.timeout_s (1 s
+    here), which is meant for a dead peer: the run completes and saves every step."""
+    import json
+
+    from conftest import run_spawn
+
+    run_spawn(2, _distill_with_slow_saves, str(tmp_path), tmp_path=tmp_path)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == [3, 3]
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_0000003"
