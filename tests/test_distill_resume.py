@@ -44,8 +44,15 @@ def resumed(tiny_corpus, tmp_path_factory):
         stopped = [*common, f"logging.dir={root / name / 'run'}", f"checkpoint.dir={root / name / 'ckpt'}"]
         jobs.append(("distill_gpt.py", [*stopped, f"training.exit_interval={STOP}"]))
         jobs.append(("distill_gpt.py", stopped))
+    jobs.append(("distill_gpt.py", stopped))  # the finished command again: nothing left to train
     outputs = run_entries(2, jobs, root / "launch")
     return root, outputs
+
+
+def test_rerunning_a_finished_command_says_there_is_nothing_to_train(resumed):
+    root, outputs = resumed
+    assert f"resumed from step {STEPS} of" in outputs[-1]["stdout"]
+    assert f"training.train_steps={STEPS} already reached: nothing to train" in outputs[-1]["stdout"]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -66,8 +73,9 @@ def test_resumed_run_continues_the_uninterrupted_curve(resumed, name):
     for s in ref_valid:
         for key in ("valid_loss", "valid_kd_loss"):
             assert got_valid[s][key] == pytest.approx(ref_valid[s][key], rel=1e-6), (name, s, key)
-    first_half = outputs[1 + 3 * list(LAYOUTS).index(name) + 1]["stdout"]
+    first_half, second_half = (outputs[1 + 3 * list(LAYOUTS).index(name) + i]["stdout"] for i in (1, 2))
     assert f"exit_interval reached: stopping after step {STOP}" in first_half
+    assert f"resumed from step {STOP} of {root / name / 'ckpt'}" in second_half
     # The second job resumed at step 5: each step was trained (and logged) once in the two jobs.
     logged = [json.loads(line)["step"] for line in (root / name / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "train"]

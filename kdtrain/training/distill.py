@@ -48,8 +48,8 @@ from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
 from .optimizer import lr_at
 from .profiling import StepProfiler
-from .pretrain import (build_trainable, describe_dataset, evaluate, held_out, lm_forward_step, open_dataset,
-                       resolve_dtype, restore_role, save_role)
+from .pretrain import (build_trainable, describe_dataset, describe_start, evaluate, held_out, lm_forward_step,
+                       open_dataset, resolve_dtype, restore_role, save_role)
 from .step import eval_step, train_step
 from .teacher import Teacher
 
@@ -323,6 +323,8 @@ def distill(cfg: DistillConfig) -> dict:
                  f"{_layer_modes(cfg.precision.compile, cfg.precision.cuda_graphs)}"
                  f"{', recomputed student layers' if tr.recompute else ''}")
     logger.write(describe_dataset(dataset, cfg.data))
+    if (line := describe_start(cfg.checkpoint, start_step, tr.train_steps)) is not None:
+        logger.write(line)
 
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length
     seq = cfg.data.seq_length

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -172,6 +172,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         f"{', CUDA-graphed layers' if cfg.precision.cuda_graphs else ''}"
         f"{', recomputed layers' if t.recompute else ''}, start step {start_step}")
     logger.write(describe_dataset(dataset, cfg.data))
+    if (line := describe_start(cfg.checkpoint, start_step, t.train_steps)) is not None:
+        logger.write(line)
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     throughput = Throughput(tokens_per_step, t.global_batch_size, cfg.model.flops_per_token(cfg.data.seq_length),
                             env.world_size, peak_tflops(env.device, cfg.logging.peak_tflops), env.device)
@@ -233,6 +235,19 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
     if ck.load:
         load_model_weights(ck.load, model, role.params, what)
     return 0
+
+
+def describe_start(ck: CheckpointConfig, start_step: int, train_steps: int) -> Optional[str]:
+    """The log line of a resumed job (None for a fresh one): where it resumed, and that it has
+    nothing to train when the checkpoint already reached ``train_steps`` (a rerun of a finished
+    command, or another run's directory)."""
+    if start_step == 0:
+        return None
+    line = f"resumed from step {start_step} of {ck.dir} (checkpoint.resume)"
+    if start_step >= train_steps:
+        line += (f"; training.train_steps={train_steps} already reached: nothing to train (a new run needs a new "
+                 "checkpoint.dir)")
+    return line
 
 
 def _layout_meta(groups: RoleGroups) -> dict:
