@@ -4,9 +4,11 @@
 
     # disaggregated: teacher TP=2 on ranks 0-1, student DP=2 on ranks 2-3
     torchrun --nproc_per_node=4 scripts/distill_gpt.py --config configs/distill/demo.yaml \
-        split.mode=disaggregated split.teacher_ranks=2 teacher.tp=2
+        split.mode=disaggregated split.teacher_ranks=2 teacher.tp=2 \
+        logging.dir=runs/demo-disagg checkpoint.dir=checkpoints/demo-disagg
 
-Any config field can be overridden as ``section.field=value`` after the options.
+Any config field can be overridden as ``section.field=value`` after the options. A
+``checkpoint.dir`` that holds a run's checkpoints resumes that run: a new run needs its own.
 """
 
 import argparse

@@ -1,9 +1,11 @@
 """Pretrain a GPT with tensor, pipeline and data parallelism (torchrun; gloo on CPU, NCCL on GPU).
 
     torchrun --nproc_per_node=4 scripts/pretrain_gpt.py --config configs/pretrain/demo.yaml \
-        parallel.tp=2 parallel.pp=2 training.train_steps=50
+        parallel.tp=2 parallel.pp=2 training.train_steps=50 \
+        logging.dir=runs/demo-tp2-pp2 checkpoint.dir=checkpoints/demo-tp2-pp2
 
-Any config field can be overridden as ``section.field=value`` after the options.
+Any config field can be overridden as ``section.field=value`` after the options. A
+``checkpoint.dir`` that holds a run's checkpoints resumes that run: a new run needs its own.
 Single process: ``python scripts/pretrain_gpt.py --config configs/pretrain/demo.yaml``.
 """
 
