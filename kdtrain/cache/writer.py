@@ -9,9 +9,8 @@ on disk before the name existed; a crash at any point leaves either the old stat
 Resuming. Before any writer starts, rank 0 of the job removes temp files (:func:`prepare`), then
 the ranks verify the existing final shards of the plan, a share each (:func:`verify_existing`:
 header, size, body checksum, identity stamp, sample range): verified shards are kept, anything
-else is rewritten. Shard bytes depend only on the teacher and
-the samples, never on which job wrote them, so a resumed cache is byte-identical to one written
-in one go. A manifest whose identity (teacher, data, tokenizer, k, tau, dtype, shard size)
+else is rewritten. Shard bytes depend only on the teacher and the samples, never on which job
+wrote them, so a resumed cache is byte-identical to one written in one go. A manifest whose identity (teacher, data, tokenizer, k, tau, dtype, shard size)
 differs from the new job's is an error: the directory holds another cache.
 
 The manifest is written first with ``complete: false`` (a reader refuses it) and rewritten with

@@ -132,8 +132,9 @@ class OnPolicyConfig:
     tokenizers; -1: never stop) or the window ends, and the data's next turn follows its reply.
     Only what the student wrote is trained; a window in which no reply starts trains nothing on
     that step. A blend of both kinds (``data.weights``) treats each window as its corpus is; the
-    stop token then ends document samples too. ``all`` decodes through the whole window (one forward per token) where ``first``
-    stops after the first reply, so it costs more sampling time for more trained tokens."""
+    stop token then ends document samples too. ``all`` decodes through the whole window (one
+    forward per token) where ``first`` stops after the first reply, so it costs more sampling
+    time for more trained tokens."""
 
     fraction: float = 0.0
     prompt_length: int = 128

@@ -3,9 +3,10 @@
 Every rank runs the same pure-Python search on the same inputs, so all ranks agree. The inputs
 a rank reads from its own node (its GPU's profile, its node's size) are compared first: ranks that
 disagree (a job over nodes of different GPUs) would build different process groups and hang, so
-that is an error asking for ``split.profile`` and ``split.gpus_per_node``. The plan sets ``split.mode``, ``split.teacher_ranks`` and ``tp``/``pp``/``dp`` of
-both roles; the micro-batch size, optimizer (ZeRO-1 or not), sequence length, top-k and payload
-dtype stay as configured and are inputs to the search.
+that is an error asking for ``split.profile`` and ``split.gpus_per_node``. The plan sets
+``split.mode``, ``split.teacher_ranks`` and ``tp``/``pp``/``dp`` of both roles; the micro-batch
+size, optimizer (ZeRO-1 or not), sequence length, top-k and payload dtype stay as configured and
+are inputs to the search.
 """
 
 from __future__ import annotations

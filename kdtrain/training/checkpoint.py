@@ -182,14 +182,19 @@ def write_global_checkpoint(out: str | os.PathLike, model: ModelConfig, names, t
     return commit_checkpoint(out, 0, meta, keep=1)
 
 
+def complete_steps(root: Path) -> list[Path]:
+    """The step directories under ``root`` that are not a save in progress or a set-aside copy,
+    oldest first."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
+
+
 def _prune(root: Path, keep: int) -> None:
     """Keep the ``keep`` newest complete checkpoints; drop the debris of interrupted saves
     (``.tmp``) and copies set aside by an interrupted re-save (``.old``): ``latest`` now names a
     complete checkpoint."""
     for debris in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
         shutil.rmtree(debris, ignore_errors=True)
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
-    for old in done[:-keep]:
+    for old in complete_steps(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -350,11 +355,10 @@ def check_resume(meta: dict, path: Path, run: dict) -> None:
 def refuse_other_runs(ck_dir: str | os.PathLike) -> None:
     """``checkpoint.resume: false`` into a directory that holds checkpoints would mix two runs there,
     and pruning (by step number) would delete the new run's checkpoints before the old ones."""
-    root = Path(ck_dir)
-    done = sorted(p.name for p in root.glob("step_*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
+    done = complete_steps(Path(ck_dir))
     if done:
-        raise ValueError(f"checkpoint.resume: false, but checkpoint.dir {root} holds checkpoints of a run "
-                         f"({done[-1]}, ...): saving there would mix the two runs and prune the new one's "
+        raise ValueError(f"checkpoint.resume: false, but checkpoint.dir {ck_dir} holds checkpoints of a run "
+                         f"({done[-1].name}, ...): saving there would mix the two runs and prune the new one's "
                          "checkpoints first; use a new checkpoint.dir, remove the old checkpoints, or resume")
 
 

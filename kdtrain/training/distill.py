@@ -49,7 +49,7 @@ from .metrics import Throughput, peak_tflops
 from .optimizer import lr_at
 from .profiling import StepProfiler
 from .pretrain import (build_trainable, describe_dataset, describe_start, evaluate, held_out, lm_forward_step,
-                       open_dataset, resolve_dtype, restore_role, save_role)
+                       open_dataset, resolve_dtype, restore_role, save_due, save_role)
 from .step import eval_step, train_step
 from .teacher import Teacher
 
@@ -286,6 +286,9 @@ def distill(cfg: DistillConfig) -> dict:
         teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,
                           tr.seed + 1, compile=cfg.precision.compile)
     start_step = 0
+    # What the student's checkpoints record, checked when a later job resumes them.
+    run = {"kind": "distill", "global_batch_size": tr.global_batch_size, "data": to_dict(cfg.data),
+           "teacher": to_dict(cfg.teacher.model), "loss": to_dict(cfg.loss), "topk": cfg.teacher.topk}
     if s_groups.is_member:
         # With both precision options the student's layers are graphed and the teacher's compiled
         # (a layer is either; the teacher's no-grad forward is not graphed).
@@ -296,8 +299,6 @@ def distill(cfg: DistillConfig) -> dict:
         ck = cfg.checkpoint
         if cfg.student.load and not ck.load:
             ck = dataclasses.replace(ck, load=cfg.student.load)
-        run = {"kind": "distill", "global_batch_size": tr.global_batch_size, "data": to_dict(cfg.data),
-               "teacher": to_dict(cfg.teacher.model), "loss": to_dict(cfg.loss), "topk": cfg.teacher.topk}
         start_step = restore_role(ck, cfg.student.model, student, env.rank, run, what="student")
     # Teacher-only ranks learn the resume step from the student's checkpoint, read by all ranks.
     start_step = _agree_start_step(start_step, s_layout, env.device)
@@ -313,8 +314,8 @@ def distill(cfg: DistillConfig) -> dict:
                      f"{mem['teacher_trainable_equiv_bytes'] / 2**20:.1f} MiB)")
     for line in plan_lines:
         logger.write(line)
-    where = (f"cache {cfg.teacher.cache}" if cfg.teacher.source == "cache" else
-             f"tp={t_layout.tp} pp={t_layout.pp} dp={t_layout.dp}, ranks {t_layout.ranks.start}-{t_layout.ranks.stop - 1}")
+    where = (f"cache {cfg.teacher.cache}" if cfg.teacher.source == "cache" else f"tp={t_layout.tp} pp={t_layout.pp} "
+             f"dp={t_layout.dp}, ranks {t_layout.ranks.start}-{t_layout.ranks.stop - 1}")
     logger.write(f"kdtrain distill: {cfg.teacher.model.name} ({where}) -> {cfg.student.model.name} "
                  f"(tp={s_layout.tp} pp={s_layout.pp} dp={s_layout.dp}, ranks {s_layout.ranks.start}-"
                  f"{s_layout.ranks.stop - 1}), {cfg.split.mode}, top-{spec.k}, {cfg.loss.divergence}, "
@@ -384,8 +385,7 @@ def distill(cfg: DistillConfig) -> dict:
         stop_now = tr.exit_interval is not None and step - start_step >= tr.exit_interval
         profiler.end(step, stopping=stop_now)
         log_now = step % cfg.logging.interval == 0 or step == tr.train_steps
-        save_now = bool(cfg.checkpoint.dir) and (stop_now or step == tr.train_steps or (
-            cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0))
+        save_now = save_due(cfg.checkpoint, step, tr.train_steps, stop_now)
         t_stats = teacher_side.collect() if log_now else {}  # collective: every rank, same steps
         if result is not None:
             sums = result.sums

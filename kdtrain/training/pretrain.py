@@ -201,8 +201,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             logger.log(step, metrics)
         if t.eval_interval and step % t.eval_interval == 0 and step < t.train_steps:
             logger.log(step, evaluate(role, dataset, t, forward_step, env.device), kind="valid")
-        if cfg.checkpoint.dir and (stop_now or step == t.train_steps
-                                   or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
+        if save_due(cfg.checkpoint, step, t.train_steps, stop_now):
             save_role(cfg.checkpoint, cfg.model, role, step, run)
         if stop_now:
             logger.write(f"exit_interval reached: stopping after step {step}")
@@ -235,6 +234,12 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
     if ck.load:
         load_model_weights(ck.load, model, role.params, what)
     return 0
+
+
+def save_due(ck: CheckpointConfig, step: int, train_steps: int, stopping: bool) -> bool:
+    """Whether a checkpoint is written after ``step``: every ``save_interval`` steps, at the last
+    step and when the job stops early (``training.exit_interval``)."""
+    return bool(ck.dir) and (stopping or step == train_steps or bool(ck.save_interval and step % ck.save_interval == 0))
 
 
 def describe_start(ck: CheckpointConfig, start_step: int, train_steps: int) -> Optional[str]:
