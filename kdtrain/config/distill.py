@@ -281,7 +281,9 @@ class DistillConfig:
                               f"(vocab_size {self.student.model.vocab_size})")
         if op.prompt_length > self.data.seq_length:
             raise field_error("onpolicy", "prompt_length", f"{op.prompt_length} leaves no token to sample in windows "
-                              f"of data.seq_length + 1 = {self.data.seq_length + 1}")
+                              f"of data.seq_length + 1 = {self.data.seq_length + 1} (it applies to document "
+                              "windows; conversation windows sample their replies whatever it is, but it must still "
+                              "fit: lower it)")
         if self.teacher.source == "cache":
             raise field_error("teacher", "source", "onpolicy needs the live teacher (a cache holds the data's "
                               "payloads, not those of the student's samples): use online, or mixed (sampled "
