@@ -13,6 +13,30 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def sigkill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (a node going down). torchrun starts each worker
+    in a session of its own, so killing torchrun's process group leaves the workers running."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:  # the launcher first: it must not see its workers die and act on it
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_torchrun(nproc: int, script: str, args: list[str], timeout: float = 300, check: bool = True,
                  env: dict | None = None) -> subprocess.CompletedProcess:
     """Launch ``scripts/<script>`` under torchrun on CPU (gloo) and wait, bounded in time."""

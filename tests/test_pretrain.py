@@ -3,8 +3,8 @@ loss curve, a killed run resumes onto the same curve, and checkpoints reshard ac
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_metrics, run_entries, run_torchrun
+from conftest import REPO, read_metrics, run_entries, run_torchrun, sigkill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -141,12 +141,18 @@ def test_sigkill_then_resume_continues_the_same_curve(runs, tiny_corpus, tmp_pat
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    sigkill_tree(proc.pid)  # torchrun and its workers (each in a session of its own)
     proc.wait(timeout=60)
     killed_at = int(latest.read_text().strip().split("_")[1])
     assert 4 <= killed_at < steps
 
-    run_torchrun(2, "pretrain_gpt.py", args)
+    out = run_torchrun(2, "pretrain_gpt.py", args).stdout
+    # The second job resumed (a job that started over would also reproduce the curve: it is
+    # deterministic): it says so, and steps up to the checkpoint were logged by the first job only.
+    assert f"resumed from step {killed_at} of {ckpt}" in out, out[-2000:]
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert all(logged.count(s) == 1 for s in range(1, killed_at + 1)), logged
     resumed = read_metrics(run_dir)
     assert sorted(resumed) == list(range(1, steps + 1))
     for s in range(killed_at + 1, steps + 1):
