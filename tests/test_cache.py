@@ -8,6 +8,7 @@ cache equals what a live teacher with ``values_dtype: bf16`` sends); fp8 stays w
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -165,7 +166,8 @@ def _write_caches(rank, world, corpus, chat_corpus, root):
     with pytest.raises(_Crash):
         run_cache_job(chats, _job(root / "targets-resumed", "fp32", positions="targets"), on_shard=crash_first,
                       log=quiet)
-    run_cache_job(chats, _job(root / "targets-resumed", "fp32", positions="targets"), log=quiet)
+    summary = run_cache_job(chats, _job(root / "targets-resumed", "fp32", positions="targets"), log=quiet)
+    assert summary["shards_reused"] == 1, summary  # the shard written before the crash, not rewritten
 
     # Crash after two shards; then leave what a SIGKILL mid-write could: a half-written temp file
     # and (worse than any real crash: renames are atomic) a truncated and a corrupted final shard.
@@ -495,13 +497,16 @@ def test_sigkilled_cache_job_restarts_to_an_identical_cache(tmp_path):
         proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
         assert not Manifest.load(killed).complete
-        subprocess.run(cmd(killed), env=env, check=True, capture_output=True, timeout=300)
+        restart = subprocess.run(cmd(killed), env=env, check=True, capture_output=True, text=True, timeout=300)
         out, _ = uninterrupted.communicate(timeout=300)
     finally:
         if uninterrupted.poll() is None:
             uninterrupted.kill()
             uninterrupted.wait()
     assert uninterrupted.returncode == 0, out[-3000:]
+    # The restart kept the shards complete before the kill (at least the 3 waited for).
+    reused = re.search(r"(\d+) shards already complete", restart.stdout)
+    assert reused and int(reused.group(1)) >= 3, restart.stdout[-2000:]
     names = sorted(p.name for p in whole.iterdir())
     assert names == sorted(p.name for p in killed.iterdir())  # no temp files left behind
     for name in names:
