@@ -461,13 +461,30 @@ def test_compressed_inputs_read_like_jsonl(corpus, tmp_path):
     txt.write_bytes(gzip.compress(b"first line\n\nsecond line\n"))
     assert list(iter_documents(str(txt))) == ["first line", "second line"]
     assert list(iter_documents(str(txt), txt_document_per_file=True)) == ["first line\n\nsecond line\n"]
-    try:
-        import zstandard
-    except ImportError:
-        return
+
+
+def test_zstd_inputs_read_like_jsonl(corpus, tmp_path):
+    zstandard = pytest.importorskip("zstandard")  # the [data] extra
     zst = tmp_path / "corpus.jsonl.zst"
     zst.write_bytes(zstandard.ZstdCompressor().compress(corpus["jsonl"].read_bytes()))
-    assert list(iter_documents(str(zst))) == docs
+    assert list(iter_documents(str(zst))) == list(iter_documents(str(corpus["jsonl"])))
+
+
+def test_zstd_input_without_the_package_names_it(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_zstandard(name, *args, **kwargs):
+        if name == "zstandard":
+            raise ImportError("No module named 'zstandard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_zstandard)
+    zst = tmp_path / "corpus.jsonl.zst"
+    zst.write_bytes(b"\x28\xb5\x2f\xfd")  # a zstd frame's magic number
+    with pytest.raises(ValueError, match=r"corpus\.jsonl\.zst: reading \.zst needs the zstandard package"):
+        list(iter_documents(str(zst)))
 
 
 def test_parquet_inputs_read_like_jsonl(corpus, tmp_path):

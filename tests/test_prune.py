@@ -256,9 +256,10 @@ def test_prune_cli_from_hf_teacher(tmp_path):
                  "--calib-samples", "16", "--device", "cpu"]) == 0
     pruned, scratch = student_and_random(tmp_path / "mild")
     assert pruned < 0.5 * scratch, (pruned, scratch)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:  # argparse: the two depth options exclude each other
         main(["prune", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "x"), "--num-layers", "2",
               "--keep-layers", "0,1"])
+    assert exited.value.code == 2
     assert main(["prune", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "y"),
                  "--ffn-hidden-size", "32"]) == 2  # width without calibration data: a clear error
     # Depth only (no calibration), the padded vocabulary trimmed to the tokenizer's ids.
