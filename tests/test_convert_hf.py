@@ -166,9 +166,18 @@ def _layouts_worker(rank, world, archs, tokens, resave_root):
     print(f"rank {rank} max abs logit errors: {json.dumps(errors)}")
 
 
-def test_logits_match_hf_tp1_tp2_pp2(converted, tmp_path):
+@pytest.fixture(scope="module")
+def resaved_tp2(converted, tmp_path_factory):
+    """Every layout's logits checked against HF's (in the workers), and each model re-saved from
+    TP=2 (sharded pieces, padded vocabulary): the directory of those checkpoints."""
     archs = {n: (a["kd"], a["hf"], a["logits"]) for n, a in converted["archs"].items()}
-    run_spawn(2, _layouts_worker, archs, converted["tokens"], converted["root"] / "resaved_tp2", tmp_path=tmp_path)
+    out = converted["root"] / "resaved_tp2"
+    run_spawn(2, _layouts_worker, archs, converted["tokens"], out, tmp_path=tmp_path_factory.mktemp("tp2"))
+    return out
+
+
+def test_logits_match_hf_tp1_tp2_pp2(resaved_tp2, converted):
+    assert sorted(p.name for p in resaved_tp2.iterdir()) == sorted(converted["archs"])
 
 
 def _assert_same_hf(src_dir, dst_dir, tokens, exact_logits=True):
@@ -199,15 +208,11 @@ def test_round_trip_hf_kdtrain_hf(converted, tmp_path):
         _assert_same_hf(a["hf"], out, converted["tokens"])
 
 
-def test_export_from_tp2_checkpoint(converted, tmp_path):
-    """Depends on test_logits_match_hf_tp1_tp2_pp2 having re-saved each model from TP=2."""
+def test_export_from_tp2_checkpoint(resaved_tp2, converted, tmp_path):
     from kdtrain.convert.hf_export import export_hf
 
-    resaved = converted["root"] / "resaved_tp2"
-    if not resaved.exists():
-        pytest.skip("TP=2 re-saved checkpoints not present (run the whole module)")
     for name, a in converted["archs"].items():
-        out = export_hf(resaved / name, tmp_path / f"from_tp2_{name}")  # model config from the checkpoint
+        out = export_hf(resaved_tp2 / name, tmp_path / f"from_tp2_{name}")  # model config from the checkpoint
         _assert_same_hf(a["hf"], out, converted["tokens"])
 
 
