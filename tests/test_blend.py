@@ -128,14 +128,19 @@ def test_run_config_and_cache_identity(corpora, tmp_path):
         _blend(corpora[:2], [1.0, 1e-5])
 
 
-def test_pretraining_on_blended_corpora_learns(world_of_one, tiny_corpus, tmp_path):
+def test_pretraining_on_blended_corpora_learns(world_of_one, tiny_corpus, tmp_path, monkeypatch):
     """The entry point end to end on two weighted corpora (the demo corpus and a second copy of it
     under another prefix): training windows come from both, the model learns, and the held-out
     evaluation reads both corpora's held-out windows."""
     import shutil
 
+    import kdtrain.training.pretrain as loop
     from conftest import read_metrics
     from kdtrain.training.pretrain import pretrain
+
+    opened = []
+    real_open = loop.open_dataset
+    monkeypatch.setattr(loop, "open_dataset", lambda *a, **k: opened.append(real_open(*a, **k)) or opened[-1])
 
     second = tmp_path / "second"
     for ext in (".bin", ".idx", ".meta.json"):
@@ -150,6 +155,14 @@ def test_pretraining_on_blended_corpora_learns(world_of_one, tiny_corpus, tmp_pa
     assert train[12]["loss"] < 0.9 * train[1]["loss"]  # from ln(512) = 6.24 at init
     valid = read_metrics(tmp_path / "run", "valid")
     assert np.isfinite(valid[12]["valid_loss"])
+    # What the run drew: its 12 steps' samples come from both corpora, about 3:1, and its one
+    # held-out batch reads both.
+    (ds,) = opened
+    assert isinstance(ds, BlendedWindowDataset) and len(ds.components) == 2
+    drawn = [ds.source_of(g)[0] for g in range(12 * cfg.training.global_batch_size)]
+    assert 0.6 < drawn.count(0) / len(drawn) < 0.9, drawn.count(0)
+    held_out = {ds.valid_source_of(j)[0] for j in range(cfg.training.global_batch_size)}
+    assert held_out == {0, 1}
 
 
 def test_onpolicy_samples_each_window_as_its_corpus_is(tiny_corpus, tiny_chat_corpus):
