@@ -409,6 +409,23 @@ def test_a_mixed_runs_live_teacher_must_be_the_cached_one(caches):
         reader.check(_run_cfg(caches["corpus"], "training.seed=7"), teacher_weights=True)
 
 
+@pytest.mark.slow
+def test_a_mixed_runs_live_teacher_computes_at_the_caches_precision(world_of_one, caches):
+    """The fp32 caches here were written by a teacher computing in fp32: a mixed run whose live
+    teacher computes in bf16 would mix two precisions' payloads."""
+    from kdtrain.training.distill import open_cache
+
+    mixed = _run_cfg(caches["corpus"], "teacher.source=mixed", f"teacher.cache={caches['root'] / 'fp32'}",
+                     "teacher.live_fraction=0.5")
+    assert open_cache(mixed, 0, torch.float32) is not None
+    with pytest.raises(ValueError, match=r"precision\.dtype: the live teacher of this mixed run computes in "
+                                         r"bfloat16, .* in float32.*precision\.dtype=fp32"):
+        open_cache(mixed, 0, torch.bfloat16)
+    # A run on the cache alone has no live teacher to disagree.
+    cached = _run_cfg(caches["corpus"], "teacher.source=cache", f"teacher.cache={caches['root'] / 'fp32'}")
+    assert open_cache(cached, 0, torch.bfloat16) is not None
+
+
 def test_caching_needs_teacher_weights_whatever_the_source_says(world_of_one, tiny_corpus, tmp_path):
     """The config a student reads the cache with (source: cache, no teacher weights) is refused by
     the job that writes the cache: it would otherwise cache a randomly initialised teacher."""

@@ -231,18 +231,25 @@ def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
     return not covered or int((step + 1) * f) > int(step * f)
 
 
-def open_cache(cfg: DistillConfig, rank: int):
+def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype):
     """The teacher cache of a cache/mixed run, checked against the run (None when online).
 
-    The cheap checks run on every rank (they agree); a mixed run also checks that the live teacher's
-    weights are the cache's (hashing its checkpoint once on rank 0), and every rank raises on a
-    mismatch."""
+    The cheap checks run on every rank (they agree); a mixed run also checks that the live teacher
+    (computing in ``dtype``) is the cache's: the same precision, and the same weights (hashing its
+    checkpoint once on rank 0); every rank raises on a mismatch."""
     if cfg.teacher.source == "online":
         return None
     from ..cache import CacheReader
 
     reader = CacheReader(cfg.teacher.cache)
     reader.check(cfg)
+    cached_dtype, live_dtype = reader.manifest.teacher.get("dtype"), str(dtype).removeprefix("torch.")
+    if cfg.teacher.source == "mixed" and cached_dtype != live_dtype:
+        names = {"float32": "fp32", "bfloat16": "bf16"}
+        raise ValueError(f"precision.dtype: the live teacher of this mixed run computes in {live_dtype}, the cache "
+                         f"{cfg.teacher.cache} was written by a teacher computing in {cached_dtype}: live and cached "
+                         f"payloads would differ by rounding; set precision.dtype="
+                         f"{names.get(cached_dtype, cached_dtype)} or rewrite the cache")
     if cfg.teacher.source == "mixed":
         error = [None]
         if rank == 0:
@@ -279,7 +286,7 @@ def distill(cfg: DistillConfig) -> dict:
     channel = PayloadChannel(pairing, t_layout, s_layout, spec, s_groups.pgc.tp if s_groups.is_member else None,
                              env.device, cfg.split.timeout_s, send_depth=depth, recv_depth=depth)
 
-    reader = open_cache(cfg, env.rank)
+    reader = open_cache(cfg, env.rank, dtype)
     cached = CachedPayloads(reader, spec, pairing, env.device) if reader is not None else None
     teacher = student = None
     if t_groups.is_member and cfg.teacher.source != "cache":
