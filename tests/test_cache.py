@@ -404,9 +404,9 @@ def test_a_mixed_runs_live_teacher_must_be_the_cached_one(caches):
     """Mixed runs serve some steps live: a seeded random live teacher of another seed would mix two
     teachers' payloads (the caches here are of the tiny config's random teacher, seed 1234 + 1)."""
     reader = CacheReader(caches["root"] / "fp32")
-    reader.check(_run_cfg(caches["corpus"]), teacher_weights=True)
+    reader.check(_run_cfg(caches["corpus"]), live_teacher_dtype="float32")
     with pytest.raises(ValueError, match=r"teacher mismatch: .*random weights of seed 1235, .*random weights of seed 8"):
-        reader.check(_run_cfg(caches["corpus"], "training.seed=7"), teacher_weights=True)
+        reader.check(_run_cfg(caches["corpus"], "training.seed=7"), live_teacher_dtype="float32")
 
 
 @pytest.mark.slow

@@ -227,14 +227,15 @@ class Manifest:
                 return name
         return None
 
-    def check_against(self, run, where: str = "cache", teacher_weights: bool = False) -> None:
+    def check_against(self, run, where: str = "cache", live_teacher_dtype: Optional[str] = None) -> None:
         """Raise ValueError naming the field where distillation run config ``run`` (a DistillConfig)
         disagrees with this cache: vocab_size, seq_length, k, tau, dataset, tokenizer, teacher.
 
         A run with a smaller ``teacher.topk`` than the cache is accepted: the cached ids are sorted
-        by descending logit, so the first k entries are the run's top-k. ``teacher_weights=True``
-        also checks the live teacher's weights (mixed online/cached runs): hashes its checkpoint (a
-        full read), or, for a seeded random teacher, compares the seed."""
+        by descending logit, so the first k entries are the run's top-k. ``live_teacher_dtype`` (mixed
+        online/cached runs: the live teacher's compute dtype, e.g. "bfloat16") also checks that the
+        live teacher is the cache's: the same precision, and the same weights (hashes its checkpoint,
+        a full read, or, for a seeded random teacher, compares the seed)."""
         def fail(name: str, cache_val, run_val, hint: str = "") -> ValueError:
             return ValueError(f"{where}: {name} mismatch: the cache was written with {name} = {cache_val}, "
                               f"the run has {run_val}{hint}")
@@ -267,14 +268,23 @@ class Manifest:
             diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
             raise fail("teacher", f"model {theirs.get('name')!r}", f"model {ours.get('name')!r} (teacher.model; "
                        f"differing fields {diff})")
-        if teacher_weights and run.teacher.load is None:  # a seeded random live teacher (benchmarks, tests)
+        if live_teacher_dtype is None:
+            return
+        cached_dtype = self.teacher.get("dtype")
+        if live_teacher_dtype != cached_dtype:
+            names = {"float32": "fp32", "bfloat16": "bf16"}
+            raise ValueError(f"precision.dtype: the live teacher of this mixed run computes in {live_teacher_dtype}, "
+                             f"the {where} was written by a teacher computing in {cached_dtype}: live and cached "
+                             f"payloads would differ by rounding; set precision.dtype="
+                             f"{names.get(cached_dtype, cached_dtype)} or rewrite the cache")
+        if run.teacher.load is None:  # a seeded random live teacher (benchmarks, tests)
             seed = run.training.seed + 1
             if self.teacher["weights_sha256"] is not None or self.teacher.get("random_init_seed") != seed:
                 written = (f"weights from {self.teacher['load']}" if self.teacher["weights_sha256"] is not None
                            else f"random weights of seed {self.teacher.get('random_init_seed')}")
                 raise fail("teacher", written, f"random weights of seed {seed} (teacher.random_init, "
                            "training.seed + 1)")
-        elif teacher_weights:
+        else:
             digest = teacher_weights_digest(run.teacher.load)
             if digest != self.teacher["weights_sha256"]:
                 raise fail("teacher", f"weights {self.teacher['weights_sha256']} from {self.teacher['load']}",

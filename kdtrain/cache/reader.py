@@ -106,9 +106,10 @@ class CacheReader:
     def covers(self, sample_ids: Sequence[int]) -> bool:
         return all(0 <= int(g) < self.num_samples for g in sample_ids)
 
-    def check(self, run, teacher_weights: bool = False) -> None:
-        """ValueError naming the field where run config ``run`` (DistillConfig) and the cache disagree."""
-        self.manifest.check_against(run, where=f"cache {self.path}", teacher_weights=teacher_weights)
+    def check(self, run, live_teacher_dtype: Optional[str] = None) -> None:
+        """ValueError naming the field where run config ``run`` (DistillConfig) and the cache disagree;
+        with ``live_teacher_dtype`` (a mixed run's live teacher) also its precision and weights."""
+        self.manifest.check_against(run, where=f"cache {self.path}", live_teacher_dtype=live_teacher_dtype)
 
     # -- shards -----------------------------------------------------------------------------------
     def _shard(self, i: int) -> np.ndarray:

@@ -243,18 +243,11 @@ def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype):
 
     reader = CacheReader(cfg.teacher.cache)
     reader.check(cfg)
-    cached_dtype, live_dtype = reader.manifest.teacher.get("dtype"), str(dtype).removeprefix("torch.")
-    if cfg.teacher.source == "mixed" and cached_dtype != live_dtype:
-        names = {"float32": "fp32", "bfloat16": "bf16"}
-        raise ValueError(f"precision.dtype: the live teacher of this mixed run computes in {live_dtype}, the cache "
-                         f"{cfg.teacher.cache} was written by a teacher computing in {cached_dtype}: live and cached "
-                         f"payloads would differ by rounding; set precision.dtype="
-                         f"{names.get(cached_dtype, cached_dtype)} or rewrite the cache")
     if cfg.teacher.source == "mixed":
         error = [None]
         if rank == 0:
             try:
-                reader.check(cfg, teacher_weights=True)
+                reader.check(cfg, live_teacher_dtype=str(dtype).removeprefix("torch."))
             except ValueError as e:
                 error = [str(e)]
         if dist.get_world_size() > 1:
