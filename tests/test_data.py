@@ -524,3 +524,20 @@ def test_broken_compressed_and_parquet_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"x.parquet.gz has unsupported suffix '.parquet.gz'"):
         (tmp_path / "x.parquet.gz").write_bytes(b"x")
         list(iter_documents(str(tmp_path / "x.parquet.gz")))
+
+
+def test_mock_data_follows_the_split_and_names_what_it_ignores():
+    from kdtrain.config.run import DataConfig
+    from kdtrain.config.model import load_model_config
+    from kdtrain.training.pretrain import describe_dataset, open_dataset
+
+    model = load_model_config("tiny")
+    data = DataConfig(path=["data/tiny/text"], mock=True, seq_length=16, split=(1.0, 0.0))
+    ds = open_dataset(data, model)
+    assert ds.num_valid_windows == 0  # no held-out share asked for, none evaluated
+    line = describe_dataset(ds, data)
+    assert "0 held-out windows" in line and "data.path not used" in line, line
+    data = DataConfig(mock=True, seq_length=16)
+    ds = open_dataset(data, model)
+    assert ds.num_valid_windows > 0 and "not used" not in describe_dataset(ds, data)
+    assert ds.train_sample(3).shape == (17,) and ds.train_sample(3).max() < model.vocab_size

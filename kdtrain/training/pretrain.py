@@ -56,8 +56,9 @@ def lm_forward_step(vocab_size: int, tp_group) -> ForwardStep:
 
 
 def open_dataset(data: DataConfig, model: ModelConfig):
-    if data.mock:
-        return MockWindowDataset(data.seq_length, model.vocab_size, data.seed)
+    if data.mock:  # data.split[1] == 0 asks for no held-out windows, as it does of a corpus
+        return MockWindowDataset(data.seq_length, model.vocab_size, data.seed,
+                                 num_valid=1024 if data.split[1] > 0 else 0)
     fingerprint = None
     if data.tokenizer:
         tok = Tokenizer(data.tokenizer)
@@ -80,7 +81,11 @@ def open_dataset(data: DataConfig, model: ModelConfig):
 def describe_dataset(dataset, data: DataConfig) -> str:
     """One log line: windows, packing and what the targets are."""
     if data.mock:
-        return f"data: mock tokens, seq {data.seq_length}"
+        ignored = [f"data.{k}" for k in ("path", "weights", "tokenizer") if getattr(data, k)]
+        if data.packing != "stream":
+            ignored.append("data.packing")
+        return (f"data: mock tokens, seq {data.seq_length}, {dataset.num_valid_windows} held-out windows"
+                + (f" ({', '.join(ignored)} not used)" if ignored else ""))
     line = (f"data: {dataset.num_train_windows} train / {dataset.num_valid_windows} held-out windows of "
             f"{data.seq_length} tokens")
     if data.packing != "stream":
