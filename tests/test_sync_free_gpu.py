@@ -67,4 +67,8 @@ def test_distillation_step_has_no_host_sync_per_micro_batch(tmp_path, extra):
             innermost = next(f"{Path(fn).name}:{name}" for fn, name in reversed(stack) if "kdtrain" in fn)
             inside.append((innermost, names))
     print(f"{len(records)} synchronizing calls in the run, {len(inside)} inside a step's passes")
+    # Positive control: the step's boundary syncs (the gradient norm and the report read back on
+    # the host) must be seen, else the recorder saw nothing and the assertion below proves nothing.
+    assert any(any("kdtrain" in fn for fn, _ in stack) for stack in records), \
+        "no synchronizing call recorded from kdtrain at all: the sync-debug recorder is not working"
     assert not inside, f"host syncs inside the teacher's forwards / the student's passes: {inside[:5]}"
