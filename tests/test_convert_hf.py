@@ -33,8 +33,10 @@ def _hf_models() -> dict:
                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     return {
         # Llama 3.1 style: GQA, llama3 rope scaling, untied output layer.
+        # End tokens other than LlamaConfig's defaults (1, 2): an export must keep them.
         "llama": lambda: LlamaForCausalLM(LlamaConfig(**common, max_position_embeddings=16384, rms_norm_eps=1e-5,
-                                                      rope_parameters=llama3_rope, tie_word_embeddings=False)),
+                                                      rope_parameters=llama3_rope, tie_word_embeddings=False,
+                                                      bos_token_id=4, eos_token_id=0, pad_token_id=3)),
         # Qwen2: QKV bias, tied embeddings, rope theta 1e6.
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common, max_position_embeddings=128, tie_word_embeddings=True,
                                                       rope_parameters={"rope_type": "default",
@@ -206,6 +208,15 @@ def test_round_trip_hf_kdtrain_hf(converted, tmp_path):
         assert cfg["vocab_size"] == VOCAB and cfg["architectures"] == json.loads(
             (a["hf"] / "config.json").read_text())["architectures"]
         _assert_same_hf(a["hf"], out, converted["tokens"])
+        # The end tokens survive (generate stops where the source model stopped), and the
+        # generation defaults come along.
+        src, back = (transformers.AutoConfig.from_pretrained(d) for d in (a["hf"], out))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            assert getattr(back, key) == getattr(src, key), (name, key)
+        if (a["hf"] / "generation_config.json").is_file():
+            gen = transformers.GenerationConfig.from_pretrained(out)
+            assert gen.to_dict() == transformers.GenerationConfig.from_pretrained(a["hf"]).to_dict(), name
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "back_llama").eos_token_id == 0
 
 
 def test_export_from_tp2_checkpoint(resaved_tp2, converted, tmp_path):
@@ -269,6 +280,18 @@ def test_import_errors_name_the_culprit(converted, tmp_path):
     bad = _copy_hf(q3, tmp_path / "q3swa", {"layer_types": ["full_attention", "sliding_attention"]})
     with pytest.raises(ValueError, match="sliding-window layers"):
         import_hf(bad, tmp_path / "o7")
+    # A key/value head count the weights do not have: the fused tensor's parts are named before
+    # they are fused (and nothing is left in the new output directory).
+    bad = _copy_hf(src, tmp_path / "kv", {"num_key_value_heads": 4})
+    with pytest.raises(ValueError, match=r"k_proj\.weight has shape \(32, 64\), config.json implies \(64, 64\)"):
+        import_hf(bad, tmp_path / "o8")
+    assert not (tmp_path / "o8").exists()
+    bad = _copy_hf(src, tmp_path / "nofactor", {"rope_scaling": {"rope_type": "llama3"}, "rope_parameters": None})
+    with pytest.raises(ValueError, match="needs its scaling 'factor'"):
+        import_hf(bad, tmp_path / "o9")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="afile: exists and is not a directory"):
+        import_hf(src, tmp_path / "afile")
 
 
 def test_vocab_trim_and_export_config_checks(converted, tmp_path):
@@ -292,6 +315,32 @@ def test_vocab_trim_and_export_config_checks(converted, tmp_path):
         hf_config_from_model(converted["archs"]["llama"]["cfg"], "qwen3")
     exported = hf_config_from_model(q3)
     assert exported["architectures"] == ["Qwen3ForCausalLM"] and exported["head_dim"] == 24
+
+
+def test_export_checks_before_writing_and_replaces_an_earlier_export(converted, tmp_path):
+    """A refused export leaves no directory behind; an export into an earlier one's directory
+    leaves none of that model's tokenizer or generation files; Qwen3's head_dim default."""
+    from kdtrain.convert.hf_config import model_config_from_hf
+    from kdtrain.convert.hf_export import export_hf
+
+    qwen2 = converted["archs"]["qwen2"]
+    with pytest.raises(ValueError, match="add_qkv_bias without add_bias_linear"):
+        export_hf(qwen2["kd"], tmp_path / "refused", arch="llama")
+    assert not (tmp_path / "refused").exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="--out .*afile: exists and is not a directory"):
+        export_hf(qwen2["kd"], tmp_path / "afile")
+    out = export_hf(converted["archs"]["llama"]["kd"], tmp_path / "reused")
+    assert (out / "generation_config.json").is_file()
+    (out / "tokenizer.json").write_text("{}")  # as if an earlier export had written another tokenizer
+    export_hf(qwen2["kd"], out, tokenizer=None)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert (json.loads((out / "generation_config.json").read_text())
+            == json.loads((qwen2["hf"] / "generation_config.json").read_text()))  # Qwen2's, not Llama's
+    # Qwen3 config files may leave head_dim out: transformers then uses 128, not hidden / heads.
+    hf = json.loads((converted["archs"]["qwen3"]["hf"] / "config.json").read_text())
+    del hf["head_dim"]
+    assert model_config_from_hf(hf, "q3")[0].kv_channels == 128
 
 
 # ---- Hugging Face directories used as they are, and large-model conversion -----------------------

@@ -172,6 +172,9 @@ def test_exported_student_carries_the_run_s_tokenizer(hf, tmp_path):
     assert tok.eos_token == EOS
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert loaded.config.vocab_size == 400
+    # The student learned to stop at the run tokenizer's end token, not at the imported model's (2).
+    assert loaded.config.eos_token_id == Tokenizer(str(hf["dir"])).eos_id != 2
+    assert not (tmp_path / "out" / "generation_config.json").exists()  # the source's names eos 2
 
     # none: model only; an explicit SentencePiece model or a larger vocabulary: clear errors.
     export_hf(tmp_path / "ckpt", tmp_path / "bare", tokenizer=None)

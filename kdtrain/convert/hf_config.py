@@ -28,6 +28,11 @@ ARCH_SHORT = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3":
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                     "gelu_fast": "gelu_tanh"}
+# The token ids generation reads from config.json, and what transformers assumes where a file
+# leaves one out (its config classes' defaults): an exported config.json always states all three,
+# so a missing id can never turn into Llama's 1 / 2.
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_DEFAULT_SPECIAL_IDS = {"LlamaForCausalLM": (1, 2, None), "GPT2LMHeadModel": (50256, 50256, None)}
 
 
 def architecture_of(hf: dict, where: str = "config.json") -> str:
@@ -60,6 +65,8 @@ def _rope(hf: dict, where: str) -> tuple[float, Optional[float]]:
         if float(spec.get(key, value)) != value:
             raise ValueError(f"{where}: rope {key}={spec.get(key)} is not supported "
                              f"(the kdtrain GPT implements Llama-3 scaling with {key}={value})")
+    if spec.get("factor") is None:
+        raise ValueError(f"{where}: rope_type 'llama3' needs its scaling 'factor'")
     return float(theta), float(spec["factor"])
 
 
@@ -100,7 +107,8 @@ def model_config_from_hf(hf: dict, name: str, where: str = "config.json") -> tup
         theta, factor = _rope(hf, where)
         heads = _get(hf, "num_attention_heads", where)
         h = _get(hf, "hidden_size", where)
-        head_dim = hf.get("head_dim") or h // heads
+        # transformers' Qwen3 default head_dim is 128 whatever the hidden size; the others derive it.
+        head_dim = hf.get("head_dim") or (128 if arch == "Qwen3ForCausalLM" else h // heads)
         bias_all = qkv_bias = qk_norm = False
         if arch == "Qwen3ForCausalLM":
             if hf.get("attention_bias"):
@@ -131,6 +139,13 @@ def model_config_from_hf(hf: dict, name: str, where: str = "config.json") -> tup
         raise ValueError(f"{where}: {e}") from None
 
 
+def special_ids_from_hf(hf: dict, arch: str) -> dict:
+    """``{bos,eos,pad}_token_id`` as transformers reads them from ``hf`` (a config.json): the stored
+    value (an int, a list of ints for several end tokens, or None) or the class default."""
+    defaults = _DEFAULT_SPECIAL_IDS.get(arch, (None, None, None))
+    return {key: hf.get(key, default) for key, default in zip(SPECIAL_IDS, defaults)}
+
+
 def default_architecture(cfg: ModelConfig) -> str:
     """The HF architecture a kdtrain model exports to."""
     if cfg.normalization == "layernorm" or cfg.position_embedding == "learned" or cfg.activation != "swiglu":
@@ -149,8 +164,10 @@ def _require(cfg: ModelConfig, arch: str, **expected) -> None:
                              f"(needs {key}={value!r})")
 
 
-def hf_config_from_model(cfg: ModelConfig, arch: Optional[str] = None, dtype: str = "float32") -> dict:
-    """config.json contents for ``cfg`` (``arch``: an architecture name or llama/qwen2/gpt2)."""
+def hf_config_from_model(cfg: ModelConfig, arch: Optional[str] = None, dtype: str = "float32",
+                         special_ids: Optional[dict] = None) -> dict:
+    """config.json contents for ``cfg`` (``arch``: an architecture name or llama/qwen2/gpt2);
+    ``special_ids``: ``{bos,eos,pad}_token_id`` (written as given, None for the ones not known)."""
     arch = ARCH_SHORT.get(arch, arch) if arch else default_architecture(cfg)
     if arch not in ARCHITECTURES:
         raise ValueError(f"--arch {arch!r}: not one of {list(ARCH_SHORT)}")
@@ -166,8 +183,7 @@ def hf_config_from_model(cfg: ModelConfig, arch: Optional[str] = None, dtype: st
                "activation_function": "gelu" if cfg.activation == "gelu" else "gelu_new",
                "resid_pdrop": cfg.hidden_dropout, "embd_pdrop": cfg.hidden_dropout,
                "attn_pdrop": cfg.attention_dropout, "scale_attn_weights": True,
-               "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-               "bos_token_id": None, "eos_token_id": None}
+               "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
     else:
         _require(cfg, arch, normalization="rmsnorm", position_embedding="rope", activation="swiglu",
                  qk_layernorm=arch == "Qwen3ForCausalLM")
@@ -195,6 +211,7 @@ def hf_config_from_model(cfg: ModelConfig, arch: Optional[str] = None, dtype: st
         else:
             _require(cfg, arch, add_qkv_bias=False, add_bias_linear=False)
             out.update(model_type="qwen3", attention_bias=False, use_sliding_window=False)
+    out.update({key: (special_ids or {}).get(key) for key in SPECIAL_IDS})
     out.update(tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std, dtype=dtype,
                torch_dtype=dtype, kdtrain_model=to_dict(cfg))
     return out

@@ -11,10 +11,18 @@ transformers writes them), so host memory stays near one file's worth whatever t
 
 Tokenizer: with ``tokenizer="auto"`` (the default), when the run that wrote the checkpoint
 tokenized its data with a Hugging Face tokenizer (``data.tokenizer``, recorded in the checkpoint),
-its files (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``,
+or the checkpoint was imported from a Hugging Face directory that holds one, its files
+(``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``,
 ``chat_template.jinja``) are copied beside the weights, so ``AutoTokenizer.from_pretrained(out)``
-works, chat template included; a path names the tokenizer instead, ``None`` writes none. A SentencePiece model is not written (transformers needs a
-tokenizer class for it): the directory then holds the model only.
+works, chat template included; a path names the tokenizer instead, ``None`` writes none. A
+SentencePiece model is not written (transformers needs a tokenizer class for it): the directory
+then holds the model only.
+
+End tokens: config.json always states ``bos/eos/pad_token_id`` (transformers would otherwise
+fill in its class defaults, Llama's 1 and 2, and ``generate`` would not stop at the real end
+token): those of the imported Hugging Face model (with its ``generation_config.json``) unless
+the exported tokenizer ends documents with another token, else the exported tokenizer's, else
+null (``special_ids``).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 
 from ..config import ModelConfig, from_dict, load_model_config
 from ..training.checkpoint import CheckpointReader, check_checkpoint_model
-from .hf_config import ARCH_SHORT, default_architecture, hf_config_from_model
+from .hf_config import ARCH_SHORT, SPECIAL_IDS, default_architecture, hf_config_from_model
 from .hf_weights import INDEX_FILE, SINGLE_FILE
 from .layout import TO_HF, RuleSet
 from .sources import check_complete, open_checkpoint, read_global
@@ -41,8 +49,8 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' own default split
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def export_tokenizer(tokenizer: str, cfg: ModelConfig, out: Path, where: str = "--tokenizer") -> list[str]:
-    """Copy a Hugging Face tokenizer's files into ``out``; the names written."""
+def open_tokenizer(tokenizer: str, cfg: ModelConfig, where: str = "--tokenizer"):
+    """(its tokenizer.json, the Tokenizer) of a Hugging Face tokenizer that fits ``cfg``'s vocabulary."""
     from ..data.tokenizer import Tokenizer, tokenizer_file
 
     try:
@@ -56,6 +64,11 @@ def export_tokenizer(tokenizer: str, cfg: ModelConfig, out: Path, where: str = "
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"{where}: tokenizer {tokenizer} has {tok.vocab_size} ids but model {cfg.name!r} has "
                          f"vocab_size={cfg.vocab_size}")
+    return src, tok
+
+
+def copy_tokenizer(src: Path, out: Path) -> list[str]:
+    """Copy the files of the tokenizer whose tokenizer.json is ``src`` into ``out``; the names written."""
     written = []
     for name in TOKENIZER_FILES:
         f = src if name == "tokenizer.json" else src.parent / name
@@ -68,26 +81,60 @@ def export_tokenizer(tokenizer: str, cfg: ModelConfig, out: Path, where: str = "
 
 
 def recorded_tokenizer(reader: CheckpointReader) -> Optional[str]:
-    """The Hugging Face tokenizer the checkpoint's run read its data with, when it still exists."""
+    """The Hugging Face tokenizer the checkpoint's run read its data with, or for an imported
+    checkpoint the one beside its source weights, when it still exists."""
     from ..data.tokenizer import is_hf_tokenizer
 
-    path = (reader.meta.get("data") or {}).get("tokenizer")
-    try:
-        return str(path) if path and is_hf_tokenizer(path) else None
-    except ValueError:  # moved or deleted since the run
-        return None
+    source = reader.meta.get("source") or {}
+    for path in ((reader.meta.get("data") or {}).get("tokenizer"), source.get("hf_dir")):
+        try:
+            if path and is_hf_tokenizer(path):
+                return str(path)
+        except ValueError:  # moved or deleted since
+            pass
+    return None
+
+
+def special_ids(reader: CheckpointReader, tok) -> tuple[dict, bool]:
+    """(``{bos,eos,pad}_token_id`` for config.json, whether they are the recorded source's).
+
+    An imported checkpoint records its Hugging Face model's ids (several end tokens, e.g.
+    Llama-3-Instruct's, included); they are kept unless the exported tokenizer ``tok`` ends
+    documents with another token (a model trained on data of another tokenizer learned to stop
+    at that one), in which case, as without a record, the tokenizer's ids are written; without
+    either, None."""
+    recorded = (reader.meta.get("source") or {}).get("special_ids")
+    if recorded is not None:
+        eos = recorded.get("eos_token_id")
+        if tok is None or tok.eos_id in (eos if isinstance(eos, list) else [eos]):
+            return {key: recorded.get(key) for key in SPECIAL_IDS}, True
+    if tok is None:
+        return {key: None for key in SPECIAL_IDS}, False
+    ids = (tok.bos_id, tok.eos_id, tok.pad_id)
+    return {key: (i if i >= 0 else None) for key, i in zip(SPECIAL_IDS, ids)}, False
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[str | ModelConfig] = None,
               arch: Optional[str] = None, dtype: str = "fp32", tokenizer: Optional[str] = "auto",
               shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write ``out/config.json``, the weights (``model.safetensors``, or index + files of about
-    ``shard_bytes`` each) and the tokenizer's files (see the module docstring for ``tokenizer``);
-    returns ``out``."""
+    ``shard_bytes`` each), the tokenizer's files (see the module docstring for ``tokenizer``) and,
+    for a checkpoint imported from Hugging Face, its ``generation_config.json``; returns ``out``.
+    Everything is checked before ``out`` is touched; tokenizer and generation files of an earlier
+    export into ``out`` that this one does not write are removed (they would describe another model)."""
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: not one of {list(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
     reader = open_checkpoint(ckpt)
     if model is None:
         if "model" not in reader.meta:
@@ -99,15 +146,23 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     check_complete(reader, cfg)
     if tokenizer == "auto":
         tokenizer = recorded_tokenizer(reader)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:  # first: a bad tokenizer fails before the weights are read
-        export_tokenizer(tokenizer, cfg, out)
     arch = ARCH_SHORT.get(arch, arch) if arch else default_architecture(cfg)
-    hf_cfg = hf_config_from_model(cfg, arch, _HF_DTYPE_NAMES[DTYPES[dtype]])
+    src, tok = open_tokenizer(tokenizer, cfg) if tokenizer is not None else (None, None)
+    ids, from_source = special_ids(reader, tok)
+    hf_cfg = hf_config_from_model(cfg, arch, _HF_DTYPE_NAMES[DTYPES[dtype]], ids)
+    # The source's generation defaults (sampling settings, end tokens) go with its ids only.
+    generation = (reader.meta.get("source") or {}).get("generation_config") if from_source else None
+    out.mkdir(parents=True, exist_ok=True)
+    written = copy_tokenizer(src, out) if src is not None else []
+    if generation is not None:
+        _write_json(out / "generation_config.json", generation)
+        written.append("generation_config.json")
+    for stale in (*TOKENIZER_FILES, "generation_config.json"):
+        if stale not in written:
+            (out / stale).unlink(missing_ok=True)
     write_safetensors(out, RuleSet(TO_HF[arch](cfg)), lambda key: read_global(reader, cfg, key),
                       DTYPES[dtype], shard_bytes)
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    _write_json(out / "config.json", hf_cfg)
     return out
 
 

@@ -25,7 +25,7 @@ import yaml
 
 from ..config import ModelConfig, to_dict
 from ..training.checkpoint import write_global_checkpoint
-from .hf_weights import HFModel
+from .hf_weights import HFModel, read_generation_config
 
 DEFAULT_SHARD_BYTES = 2 << 30
 
@@ -54,9 +54,12 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, name: Optional[
     if vocab_size is not None:
         hf.trim_vocab(vocab_size)
     source = str(Path(hf_dir).resolve())
+    # The special ids and the generation defaults travel with the weights: an export writes them
+    # back (hf_export.py), so the model still stops at its end token.
+    record = {"hf_dir": source, "architecture": hf.arch, "special_ids": hf.special_ids,
+              "generation_config": read_generation_config(hf_dir)}
     # Each tensor is read and converted when written (shape-checked against config.json).
-    step_dir = write_global_checkpoint(out, hf.cfg, hf.names(), hf.tensor,
-                                       {"kind": "hf-import", "source": {"hf_dir": source, "architecture": hf.arch}},
+    step_dir = write_global_checkpoint(out, hf.cfg, hf.names(), hf.tensor, {"kind": "hf-import", "source": record},
                                        shard_bytes)
     write_model_yaml(Path(out) / "model.yaml", hf.cfg, f"{hf.arch} imported from {source} by kdtrain convert")
     return hf.cfg, step_dir

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
-from .hf_config import model_config_from_hf
+from .hf_config import model_config_from_hf, special_ids_from_hf
 from .layout import IGNORED_SUFFIXES, TO_KDTRAIN, RuleSet, expected_shapes, fuse_qkv
 
 _GPT2_PREFIX = "transformer."
@@ -56,6 +56,20 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f}: not valid JSON: {e}") from None
+
+
+def read_generation_config(path: str | os.PathLike) -> Optional[dict]:
+    """``generation_config.json`` of a Hugging Face directory (end tokens, sampling defaults), or None."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return None
+    try:
+        value = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{f}: not a JSON object")
+    return value
 
 
 def safetensors_files(path: str | os.PathLike) -> tuple[list[str], Optional[dict]]:
@@ -129,6 +143,7 @@ class HFModel:
         hf = read_hf_config(self.path)
         self.cfg, self.arch = model_config_from_hf(hf, name or self.path.resolve().name,
                                                    str(self.path / "config.json"))
+        self.special_ids = special_ids_from_hf(hf, self.arch)
         self.files = SafetensorsDir(self.path)
         names = self.files.names()
         # Older GPT-2 checkpoints store names without the "transformer." prefix.
@@ -201,18 +216,10 @@ class HFModel:
     def _fused_part(self, rule, expected: tuple[int, ...], start: int, stop: int) -> Optional[torch.Tensor]:
         """Rows [start, stop) of a fused QKV or [gate; up] tensor from row ranges of its parts, or
         None when the range does not split cleanly (then the caller converts the whole tensor)."""
-        cfg, rest = self.cfg, expected[1:]
+        cfg = self.cfg
         d, groups = cfg.kv_channels, cfg.num_query_groups
         hpg = cfg.num_attention_heads // groups
-        if rule.kind == "qkv":
-            shapes = [(groups * hpg * d, *rest), (groups * d, *rest), (groups * d, *rest)]
-        else:
-            shapes = [(cfg.ffn_hidden_size, *rest)] * 2
-        for src, shape in zip(rule.inputs, shapes):
-            stored = self.files.shape(self._stored_name(src))
-            if stored != shape:
-                raise ValueError(f"{self.path}: tensor {src} has shape {stored}, config.json implies {shape} "
-                                 f"(config and weights disagree)")
+        self._check_fused_sources(rule, expected)
         if rule.kind == "qkv":
             block = (hpg + 2) * d  # rows of one query group in the fused layout
             if start % block or stop % block:
@@ -228,8 +235,26 @@ class HFModel:
             return self._read_part(rule.inputs[1], 0, start - f, stop - f)
         return None
 
+    def _check_fused_sources(self, rule, expected: tuple[int, ...]) -> None:
+        """The parts of a fused QKV or [gate; up] tensor have the shapes config.json implies (checked
+        from the headers, before the fusion reshapes them)."""
+        cfg, rest = self.cfg, expected[1:]
+        d, groups = cfg.kv_channels, cfg.num_query_groups
+        if rule.kind == "qkv":
+            shapes = [(cfg.num_attention_heads * d, *rest), (groups * d, *rest), (groups * d, *rest)]
+        else:
+            shapes = [(cfg.ffn_hidden_size, *rest)] * 2
+        for src, shape in zip(rule.inputs, shapes):
+            stored = self.files.shape(self._stored_name(src))
+            if stored != shape:
+                raise ValueError(f"{self.path}: tensor {src} has shape {stored}, config.json implies {shape} "
+                                 f"(config and weights disagree)")
+
     def tensor(self, name: str) -> torch.Tensor:
         """Global (TP=1, unpadded) kdtrain parameter ``name`` in the stored dtype."""
+        rule = self.rules.by_output[name]
+        if rule.kind in ("qkv", "gated"):
+            self._check_fused_sources(rule, self._shapes[name])
         t = self.rules.compute(name, self._get)
         self.elements_read += t.numel()
         if tuple(t.shape) != self._shapes[name]:

@@ -158,11 +158,27 @@ def write_global_checkpoint(out: str | os.PathLike, model: ModelConfig, names, t
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory (the checkpoint directory goes there)")
     others = sorted(p.name for p in out.glob("step_*") if p.is_dir() and not p.name.startswith(_step_name(0)))
     if others:  # writing here would prune a run's checkpoints
         raise ValueError(f"{out} holds other checkpoints ({others[0]}, ...); write to a new directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmp = begin_checkpoint(out, 0)
+    try:
+        _write_global_shards(tmp, names, tensor, shard_bytes)
+    except BaseException:  # a bad source tensor (ValueError) or an interrupt: leave nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    meta = {"model": to_dict(model), "layout": {"tp": 1, "pp": 1, "dp": 1, "rank_offset": 0},
+            "consumed_samples": 0, **meta}
+    return commit_checkpoint(out, 0, meta, keep=1)
+
+
+def _write_global_shards(tmp: Path, names, tensor, shard_bytes: int) -> None:
     part: dict[str, dict] = {}
     size = nfiles = 0
     for key in names:
@@ -177,9 +193,6 @@ def write_global_checkpoint(out: str | os.PathLike, model: ModelConfig, names, t
             part, size, nfiles = {}, 0, nfiles + 1
     if part:
         write_shard(tmp, f"part{nfiles:05d}.pt", part)
-    meta = {"model": to_dict(model), "layout": {"tp": 1, "pp": 1, "dp": 1, "rank_offset": 0},
-            "consumed_samples": 0, **meta}
-    return commit_checkpoint(out, 0, meta, keep=1)
 
 
 def complete_steps(root: Path) -> list[Path]:
