@@ -144,17 +144,39 @@ def test_prompt_completion_records(hf_chat, tiny_corpus):
     template = ChatTemplate(None, Tokenizer(str(hf_chat["dirs"]["chatml"])))
     conv = record_messages({"prompt": CONVERSATIONS[0][:1], "completion": CONVERSATIONS[0][1:]}, "rec")
     assert template.segments(conv, "rec") == template.segments(CONVERSATIONS[0], "rec")
-    # Plain text pairs: no template; the completion is the target, encoded on its own.
+    # Plain text pairs: no template; the completion, encoded on its own, and the EOS are the targets.
     sp = Tokenizer(tiny_corpus["tokenizer"])
     pair = record_messages({"prompt": "Q: two and two?", "completion": " four"}, "rec")
     ids, mask = encode_segments(sp, ChatTemplate("plain", sp).segments(pair, "rec"))
-    assert ids == sp.encode("Q: two and two?") + sp.encode(" four")
-    assert mask == [False] * len(sp.encode("Q: two and two?")) + [True] * len(sp.encode(" four"))
+    assert ids == sp.encode("Q: two and two?") + sp.encode(" four") + [sp.eos_id]
+    assert mask == [False] * len(sp.encode("Q: two and two?")) + [True] * (len(sp.encode(" four")) + 1)
     for bad, msg in (({"text": "x"}, r"needs 'messages'.*keys \['text'\]"),
                      ({"messages": []}, "non-empty list"),
                      ({"messages": [{"role": "user", "content": ["part"]}]}, r"messages\[0\] must be an object")):
         with pytest.raises(ValueError, match=msg):
             record_messages(bad, "rec")
+
+
+def test_text_pairs_end_with_a_target_eos_and_need_no_template(tiny_corpus, tmp_path):
+    """{"prompt": str, "completion": str} records teach stopping: each completion is followed by
+    the EOS id as a target (with append_eos too: no second, context EOS), and a tokenizer without
+    a chat template preprocesses them without --chat-template; only message lists need one."""
+    tok = Tokenizer(tiny_corpus["tokenizer"])
+    pairs = [("Q: two and two?", " four"), ("Q: capital of France?", " Paris"), ("Q: 3*3?", " nine")]
+    chats = _write_chats(tmp_path / "pairs.jsonl", [{"prompt": q, "completion": a} for q, a in pairs])
+    want_ids, want_mask = [], []
+    for q, a in pairs:
+        want_ids += tok.encode(q) + tok.encode(a) + [tok.eos_id]
+        want_mask += [False] * len(tok.encode(q)) + [True] * (len(tok.encode(a)) + 1)
+    for name, template, append_eos in (("own", None, False), ("plain", "plain", False), ("eos", None, True)):
+        meta = encode_files([str(chats)], tiny_corpus["tokenizer"], str(tmp_path / name), format="chat",
+                            chat_template=template, append_eos=append_eos)
+        ds = open_indexed_dataset(str(tmp_path / name))
+        assert ds.tokens.tolist() == want_ids and ds.loss_mask(0, ds.num_tokens).tolist() == want_mask
+        assert meta["num_documents"] == 3 and meta["chat_template"] == template
+    messages = _write_chats(tmp_path / "messages.jsonl", [{"messages": CONVERSATIONS[0]}])
+    with pytest.raises(ValueError, match="messages.jsonl:1: tokenizer .* has no chat template.*--chat-template"):
+        encode_files([str(messages)], tiny_corpus["tokenizer"], str(tmp_path / "m"), format="chat")
 
 
 def test_plain_template_ends_each_reply_with_eos(tiny_corpus):
@@ -168,6 +190,41 @@ def test_plain_template_ends_each_reply_with_eos(tiny_corpus):
     assert first[:-1].tolist() == tok.encode(" It adds one.\n")
     assert tok.decode(second[:-1]) == tok.decode(tok.encode(CONVERSATIONS[1][4]["content"]))
     assert "User: and g?" in tok.decode(ids[~np.array(mask)])
+
+
+# Qwen2.5's layout: a default system prompt unless the first message is one, so the template
+# reads messages[0] and cannot render an empty conversation.
+QWEN = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+        "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+        "{%- for m in messages %}{%- if not (m.role == 'system' and loop.first) %}{%- if m.role == 'assistant' %}"
+        "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- m.content + '<|im_end|>\\n' }}{% endgeneration %}"
+        "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endif %}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_conversation_opening_with_a_reply(hf_chat, tmp_path):
+    """A conversation whose first message is the assistant's, with a template that reads
+    messages[0]: the same ids and targets as transformers (the opening reply is a target, the
+    default system prompt and its header context), in preprocessing as well."""
+    folder = hf_chat["dirs"]["chatml"]
+    (tmp_path / "qwen.jinja").write_text(QWEN)
+    tok = Tokenizer(str(folder))
+    template = ChatTemplate(str(tmp_path / "qwen.jinja"), tok)
+    reference = hf_chat["transformers"].AutoTokenizer.from_pretrained(folder)
+    reference.chat_template = QWEN
+    opening = [{"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "hello"}]
+    for conv in (opening, opening[:1], [{"role": "system", "content": "Be terse."}] + opening, CONVERSATIONS[1]):
+        ref = reference.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = encode_segments(tok, template.segments(conv, "rec"))
+        assert ids == ref["input_ids"] and mask == [bool(x) for x in ref["assistant_masks"]]
+    ids, mask = encode_segments(tok, template.segments(opening, "rec"))
+    assert tok.decode(np.array(ids)[mask]) == "How can I help?<|im_end|>\nhello<|im_end|>\n"
+    chats = _write_chats(tmp_path / "chats.jsonl", [{"messages": c} for c in (CONVERSATIONS[0], opening)])
+    meta = encode_files([str(chats)], str(folder), str(tmp_path / "q"), format="chat",
+                        chat_template=str(tmp_path / "qwen.jinja"))
+    ds = open_indexed_dataset(str(tmp_path / "q"))
+    assert meta["num_documents"] == 2 and ds.loss_mask(0, ds.num_tokens).tolist()[-len(mask):] == mask
 
 
 def test_templates_that_cannot_be_cut_are_refused(hf_chat, tmp_path):
@@ -187,8 +244,8 @@ def test_templates_that_cannot_be_cut_are_refused(hf_chat, tmp_path):
     refusing.write_text("{{ raise_exception('roles must alternate') }}")
     with pytest.raises(ValueError, match="rec: .*refused the conversation: roles must alternate"):
         ChatTemplate(str(refusing), tok).segments(CONVERSATIONS[0], "rec")
-    with pytest.raises(ValueError, match="has no chat template.*--chat-template"):
-        ChatTemplate(None, _no_template(hf_chat, tmp_path))
+    with pytest.raises(ValueError, match="rec: tokenizer .* has no chat template.*--chat-template"):
+        ChatTemplate(None, _no_template(hf_chat, tmp_path)).segments(CONVERSATIONS[0], "rec")
     with pytest.raises(ValueError, match="nope.jinja does not exist"):
         ChatTemplate(str(tmp_path / "nope.jinja"), tok)
 

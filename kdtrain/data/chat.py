@@ -5,7 +5,8 @@ Records (one per line of a .jsonl, one per row of a .parquet), in the formats ch
 * ``{"messages": [{"role": "system" | "user" | "assistant" | ..., "content": str}, ...]}``
   (the key is ``--json-key``; default ``messages``): rendered with a chat template;
 * ``{"prompt": [messages], "completion": [messages]}``: the same, prompt then completion;
-* ``{"prompt": str, "completion": str}``: plain text, no template; the completion is the target.
+* ``{"prompt": str, "completion": str}``: plain text, no template (none is needed); the completion
+  and the EOS id after it are the targets, prompt and completion encoded each on its own.
 
 Tool use in OpenAI's format works through the template: assistant messages with ``tool_calls``
 (content empty or null) are replies like any other, ``tool`` messages are context, and a record's
@@ -18,6 +19,10 @@ to stop). The cut points come from rendering prefixes of the conversation, as ge
 
     reply i starts at  len(render(messages[:i], add_generation_prompt=True))
     reply i ends at    len(render(messages[:i + 1]))
+
+A conversation that opens with a reply has an empty prefix, which templates that read
+``messages[0]`` cannot render (Qwen2.5's checks it for a system prompt); that reply starts after
+the first generation prompt (``<|im_start|>assistant\\n``) in ``render(messages[:1])``.
 
 This needs a template whose render of a prefix is a prefix of the render of the whole, as
 turn-by-turn templates do (ChatML, e.g. Qwen2.5's with its default system prompt; Llama-3-style
@@ -148,6 +153,7 @@ class ChatTemplate:
     def __init__(self, spec: str | None, tokenizer: Tokenizer):
         """``spec``: None for the tokenizer's own template, ``"plain"``, or a Jinja file."""
         self.eos_id = tokenizer.eos_id
+        self._missing: Optional[str] = None  # why messages cannot be rendered (no template found)
         if spec == PLAIN:
             if self.eos_id < 0:
                 raise ValueError(f"the plain chat template ends replies with EOS, but tokenizer {tokenizer.path} has none")
@@ -156,9 +162,12 @@ class ChatTemplate:
         if spec is None:
             found = _own_template(tokenizer)
             if found is None:
-                raise ValueError(f"tokenizer {tokenizer.path} has no chat template (chat_template.jinja or "
+                # Plain prompt / completion text needs none: the error waits for a list of messages.
+                self.name, self._render = None, None
+                self._missing = (f"tokenizer {tokenizer.path} has no chat template (chat_template.jinja or "
                                  "tokenizer_config.json's chat_template); pass --chat-template FILE.jinja or "
-                                 f"--chat-template {PLAIN}")
+                                 f"--chat-template {PLAIN} (plain prompt / completion text needs none)")
+                return
             source, self.name = found
         else:
             path = Path(spec)
@@ -182,11 +191,14 @@ class ChatTemplate:
                  tools: Optional[list] = None) -> list[Segment]:
         """Context and reply segments of a conversation; ``tools`` (a record's function schemas)
         go to the template as transformers passes them."""
-        if isinstance(conversation, tuple):  # plain prompt / completion text
+        if isinstance(conversation, tuple):  # plain prompt / completion text: the EOS teaches stopping
             prompt, completion = conversation
-            return _nonempty([(prompt, False), (completion, True)])
+            eos = [(self.eos_id, True)] if self.eos_id >= 0 else []
+            return _nonempty([(prompt, False), (completion, True)] + eos)
         if not any(m["role"] == "assistant" for m in conversation):
             return []  # nothing to learn from: skipped by the caller
+        if self._missing:
+            raise ValueError(f"{where}: {self._missing}")
         if self._render is None:
             if tools or any(m.get("tool_calls") for m in conversation):
                 raise ValueError(f"{where}: the plain template does not render tools or tool calls; use the "
@@ -203,6 +215,8 @@ class ChatTemplate:
     def prompt(self, messages: list[dict]) -> list[Segment]:
         """The conversation so far followed by the start of the assistant's turn: what a model
         continues with its reply (all context)."""
+        if self._missing:
+            raise ValueError(self._missing)
         if self._render is None:
             return [(text, False) for text, _ in _plain_segments(messages, self.eos_id)] + [("Assistant: ", False)]
         return [(self._render(messages, True), False)]
@@ -232,7 +246,8 @@ def _template_segments(render: Callable[[list, bool], str], messages: list[dict]
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before, through = render(messages[:i], True), render(messages[:i + 1], False)
+        through = render(messages[:i + 1], False)
+        before = render(messages[:i], True) if i else _opening_prefix(render, through)
         start, end = len(before), len(through)
         if not (full.startswith(before) and full.startswith(through) and pos <= start <= end):
             raise ValueError(f"the template's render of messages[:{i + 1}] is not a prefix of the whole "
@@ -242,6 +257,26 @@ def _template_segments(render: Callable[[list, bool], str], messages: list[dict]
         pos = end
     out.append((full[pos:], False))
     return _nonempty(out)
+
+
+def _opening_prefix(render: Callable[[list, bool], str], through: str) -> str:
+    """What precedes a conversation's opening reply, ``render([], True)`` where the template can
+    render no messages, else the text of ``through`` (the render of that reply alone) up to the
+    end of its first generation prompt, the one added after a user turn."""
+    try:
+        before = render([], True)
+        if through.startswith(before):
+            return before
+    except Exception:  # the template reads messages[0]
+        pass
+    probe = [{"role": "user", "content": "?"}]
+    context, prompted = render(probe, False), render(probe, True)
+    header = prompted[len(context):] if prompted.startswith(context) else ""
+    at = through.find(header) if header else -1
+    if at < 0:
+        raise ValueError("the conversation opens with a reply, the template cannot render the empty prefix "
+                         "before it, and its render holds no generation prompt to start the reply after")
+    return through[:at + len(header)]
 
 
 def encode_segments(tokenizer: Tokenizer, segments: Sequence[Segment]) -> tuple[list[int], list[bool]]:
