@@ -33,7 +33,9 @@ def measure(name: str, lengths: np.ndarray, seq_lengths: list[int]) -> list[dict
             t0 = time.perf_counter()
             packed = pack_documents(lengths, seq + 1, strategy)
             row[strategy] = {"windows": packed.num_windows, "padding_share": round(packed.padding_share, 4),
-                             "pack_s": round(time.perf_counter() - t0, 3)}
+                             "pack_s": round(time.perf_counter() - t0, 3),
+                             # pieces that continue a longer document (each repeats one token)
+                             "continuations": int(packed.piece_continues.sum())}
         rows.append(row)
         nf, bf = row["next_fit"], row["best_fit"]
         print(f"{name:22s} {row['documents']:>9d} docs  seq {seq:>5d}  windows {nf['windows']:>8d} -> {bf['windows']:>8d}"

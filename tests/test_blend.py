@@ -188,3 +188,29 @@ def test_onpolicy_samples_each_window_as_its_corpus_is(tiny_corpus, tiny_chat_co
                 expect = reply_spans(ds.train_loss_mask(g))
                 assert row == (expect if replies == "all" else expect[:1]), g
         assert any(row for row, kind in zip(spans, kinds) if kind == 1)
+
+
+def test_a_corpus_too_small_for_a_held_out_window_only_trains(tmp_path):
+    """In a blend, a corpus whose share of held-out windows rounds to none trains and the
+    evaluation reads the others (the skip existed, but the corpus refused to open first); when no
+    corpus has a held-out window the run is refused, naming data.split."""
+    from kdtrain.training.pretrain import open_dataset
+
+    rng = np.random.default_rng(0)
+    write_indexed_dataset(str(tmp_path / "big"), [rng.integers(1, 50, 40) for _ in range(100)], 64, {"eos_id": 0})
+    write_indexed_dataset(str(tmp_path / "small"), [rng.integers(1, 50, 40) for _ in range(3)], 64, {"eos_id": 0})
+    model = load_model_config("tiny")
+    data = DataConfig(path=[str(tmp_path / "big"), str(tmp_path / "small")], weights=[0.5, 0.5], seq_length=16,
+                      split=(0.95, 0.05))
+    ds = open_dataset(data, model)
+    big, small = ds.components
+    assert small.num_valid_windows == 0 < big.num_valid_windows == ds.num_valid_windows
+    assert small.num_train_windows > 0
+    assert {ds.source_of(g)[0] for g in range(64)} == {0, 1}
+    for j in range(ds.num_valid_windows):
+        assert np.array_equal(ds.valid_sample(j), big.valid_sample(j))
+    data.path, data.weights = [str(tmp_path / "small")] * 2, [0.5, 0.5]
+    with pytest.raises(ValueError, match="data.split: held-out share 0.05 requested, but none of the corpora"):
+        open_dataset(data, model)
+    with pytest.raises(ValueError, match="held-out split 0.05 requested"):  # one corpus, no weights: as before
+        GPTWindowDataset([str(tmp_path / "small")], 16, split=(0.95, 0.05))

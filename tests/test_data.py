@@ -541,3 +541,37 @@ def test_mock_data_follows_the_split_and_names_what_it_ignores():
     ds = open_dataset(data, model)
     assert ds.num_valid_windows > 0 and "not used" not in describe_dataset(ds, data)
     assert ds.train_sample(3).shape == (17,) and ds.train_sample(3).max() < model.vocab_size
+
+
+def test_corpora_of_different_tokenizers_are_not_read_together(tmp_path):
+    """Concatenated or blended, corpora whose metadata record different tokenizers are refused,
+    naming both (they opened, their ids mixed, when no data.tokenizer was configured)."""
+    from kdtrain.config.run import DataConfig
+    from kdtrain.config.model import load_model_config
+    from kdtrain.training.pretrain import open_dataset
+
+    rng = np.random.default_rng(0)
+    for name, fp in (("a", "aaaa"), ("b", "bbbb"), ("a2", "aaaa")):
+        write_indexed_dataset(str(tmp_path / name), [rng.integers(1, 50, 40) for _ in range(20)], 64,
+                              {"tokenizer_fingerprint": fp, "eos_id": 0})
+    with pytest.raises(ValueError, match=r"corpus .*/a was tokenized with tokenizer aaaa and corpus .*/b with bbbb"):
+        GPTWindowDataset([str(tmp_path / "a"), str(tmp_path / "b")], 16)
+    model = load_model_config("tiny")
+    with pytest.raises(ValueError, match="tokenized with tokenizer aaaa"):
+        open_dataset(DataConfig(path=[str(tmp_path / "a"), str(tmp_path / "b")], weights=[1.0, 1.0],
+                                seq_length=16), model)
+    assert open_dataset(DataConfig(path=[str(tmp_path / "a"), str(tmp_path / "a2")], weights=[1.0, 1.0],
+                                   seq_length=16, split=(1.0, 0.0)), model).num_train_windows > 0
+
+
+def test_a_corpus_without_an_end_token_pads_with_id_0(tmp_path):
+    """Packed windows of a corpus written by a tokenizer without EOS (recorded as -1 by older
+    releases, null now) are padded with id 0, not -1 (an index error in the embedding)."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 50, n) for n in (5, 9, 3, 12)]
+    for name, eos in (("old", -1), ("new", None)):
+        write_indexed_dataset(str(tmp_path / name), docs, 64, {"eos_id": eos})
+        ds = GPTWindowDataset([str(tmp_path / name)], 15, split=(1.0, 0.0), packing="documents")
+        assert ds.eos_id is None
+        windows = np.stack([ds.window(w) for w in range(ds.num_windows)])
+        assert windows.min() == 0 and (windows >= 0).all()

@@ -141,7 +141,7 @@ def test_packed_windows_restart_positions_at_pieces_and_padding(tmp_path, packin
     S = 16
     ds = GPTWindowDataset([str(tmp_path / "c")], S, split=(1.0, 0.0), packing=packing, document_positions=True)
     for w in range(ds.num_windows):
-        pieces = [n for _, n in ds.packed.pieces(w)]
+        pieces = [n for _, n, _ in ds.packed.pieces(w)]
         fill = sum(pieces)
         # Each piece its own document; the padding (if any) one more.
         piece_of = np.repeat(np.arange(len(pieces) + 1), pieces + [S + 1 - fill])

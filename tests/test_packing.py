@@ -11,29 +11,65 @@ from kdtrain.data import GPTWindowDataset, write_indexed_dataset
 from kdtrain.data.packing import pack_documents
 
 
-@pytest.mark.parametrize("window", [1, 7, 16, 64])
+def _labels(p) -> np.ndarray:
+    """Stream positions of the pieces' tokens in piece order, without each continuation's first
+    token (it ends the piece before): every document token once when the cuts share one token."""
+    return np.concatenate([np.arange(s + c, s + n) for s, n, c in zip(p.piece_start, p.piece_length,
+                                                                    p.piece_continues)])
+
+
+@pytest.mark.parametrize("window", [2, 7, 16, 64])
 def test_next_fit_covers_every_token_once_and_splits_only_long_documents(window):
     lengths = np.random.default_rng(window).integers(0, 40, size=300)
     p = pack_documents(lengths, window)
-    # The pieces, in order, are the documents laid end to end (empty ones have none).
-    assert np.array_equal(np.concatenate([np.arange(s, s + n) for s, n in zip(p.piece_start, p.piece_length)]),
-                          np.arange(lengths.sum()))
-    fills = [sum(n for _, n in p.pieces(w)) for w in range(p.num_windows)]
+    # The pieces, in order, are the documents laid end to end (empty ones have none); a long
+    # document's consecutive pieces share one token, like consecutive stream windows.
+    assert np.array_equal(_labels(p), np.arange(lengths.sum()))
+    fills = [sum(n for _, n, _ in p.pieces(w)) for w in range(p.num_windows)]
     assert max(fills) <= window and min(fills) > 0
     # Next fit: each window's first piece did not fit in what the previous window had left.
     for w in range(1, p.num_windows):
         assert fills[w - 1] + p.pieces(w)[0][1] > window
-    # A document no longer than a window lies in one window; a longer one in full pieces.
+    # A document no longer than a window lies in one window; a longer one in full pieces, each
+    # starting where the one before ends (S = window - 1 tokens further on).
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     window_of = np.repeat(np.arange(p.num_windows), np.diff(p.first_piece))
+    stride = window - 1
     for d in np.flatnonzero(lengths):
         pieces = np.flatnonzero((p.piece_start >= bounds[d]) & (p.piece_start < bounds[d + 1]))
+        assert not p.piece_continues[pieces[0]] and p.piece_continues[pieces[1:]].all()
         if lengths[d] <= window:
             assert len(pieces) == 1
         else:
-            assert len(pieces) == -(-lengths[d] // window) and np.all(p.piece_length[pieces[:-1]] == window)
+            assert np.all(p.piece_length[pieces[:-1]] == window)
+            assert np.array_equal(np.diff(p.piece_start[pieces]), np.full(len(pieces) - 1, stride))
+            assert p.piece_start[pieces[-1]] + p.piece_length[pieces[-1]] == bounds[d + 1]
             assert len(set(window_of[pieces])) == len(pieces)
-    assert p.padding_share == pytest.approx(1 - lengths.sum() / (p.num_windows * window))
+    assert p.padding_share == pytest.approx(1 - p.piece_length.sum() / (p.num_windows * window))
+
+
+@pytest.mark.parametrize("strategy", ["next_fit", "best_fit"])
+def test_the_held_out_part_is_the_end_of_the_corpus(strategy, monkeypatch):
+    """The split is made on whole documents in corpus order before packing: the held-out windows
+    hold the last documents, long and short alike (best fit once held only the short ones: the
+    windows it opened last)."""
+    from kdtrain.data import packing
+
+    monkeypatch.setattr(packing, "BEST_FIT_BLOCK", 64)
+    lengths = np.random.default_rng(7).integers(2, 60, size=500)
+    p = pack_documents(lengths, 33, strategy, split=(0.9, 0.05))
+    n_train, n_valid = p.group_windows
+    assert n_train + n_valid == p.num_windows
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    doc_of = lambda w: {int(np.searchsorted(bounds, s, side="right")) - 1 for s, _, _ in p.pieces(w)}
+    train = set().union(*(doc_of(w) for w in range(n_train)))
+    held = set().union(*(doc_of(w) for w in range(n_train, p.num_windows)))
+    # Consecutive runs: train first, then held out, then (the last 5% of the tokens) unused.
+    assert train == set(range(len(train))) and held == set(range(len(train), len(train) + len(held)))
+    assert bounds[len(train)] <= 0.9 * bounds[-1] < bounds[len(train) + 1]
+    assert bounds[len(train) + len(held)] <= 0.95 * bounds[-1] < bounds[len(train) + len(held) + 1]
+    held_lengths = lengths[sorted(held)]
+    assert held_lengths.max() > 45 and held_lengths.min() < 10  # long and short documents alike
 
 
 def _reference_best_fit_fills(lengths: list[int], window: int) -> list[int]:
@@ -48,7 +84,7 @@ def _reference_best_fit_fills(lengths: list[int], window: int) -> list[int]:
     return sorted(fills)
 
 
-@pytest.mark.parametrize("window", [1, 7, 16, 64])
+@pytest.mark.parametrize("window", [2, 7, 16, 64])
 def test_best_fit_covers_every_token_once_per_block(window, monkeypatch):
     from kdtrain.data import packing
 
@@ -57,10 +93,10 @@ def test_best_fit_covers_every_token_once_per_block(window, monkeypatch):
     p = pack_documents(lengths, window, "best_fit")
     nf = pack_documents(lengths, window)
     # The same pieces as next fit (documents cut alike), each in exactly one window.
-    order = np.argsort(p.piece_start)
-    assert np.array_equal(p.piece_start[order], nf.piece_start) and np.array_equal(p.piece_length[order],
-                                                                                   nf.piece_length)
-    fills = np.array([sum(n for _, n in p.pieces(w)) for w in range(p.num_windows)])
+    order = np.argsort(p.piece_start, kind="stable")
+    for field in ("piece_start", "piece_length", "piece_continues"):
+        assert np.array_equal(getattr(p, field)[order], getattr(nf, field)), field
+    fills = np.array([sum(n for _, n, _ in p.pieces(w)) for w in range(p.num_windows)])
     assert fills.max() <= window and fills.min() > 0
     # Blocks of 50 pieces keep the corpus order: a block's windows come after the previous block's,
     # and each block's window fills are those of best fit decreasing on its pieces.
@@ -73,7 +109,7 @@ def test_best_fit_covers_every_token_once_per_block(window, monkeypatch):
         assert mine == _reference_best_fit_fills(p.piece_length[block == b].tolist(), window), b
     # Within a window the pieces keep the corpus order.
     for w in range(p.num_windows):
-        starts = [s for s, _ in p.pieces(w)]
+        starts = [s for s, _, _ in p.pieces(w)]
         assert starts == sorted(starts)
     assert p.num_windows <= nf.num_windows
     if window >= 16:
@@ -91,20 +127,26 @@ def test_packed_windows_hold_whole_documents_padded_with_eos(tmp_path):
     docs = [d for d, _ in masked] + [np.asarray(ds.streams[1].tokens[:10]), np.asarray(ds.streams[1].tokens[10:])]
     flags = [m for _, m in masked] + [np.ones(10, bool), np.ones(6, bool)]
     assert ds.conversations and ds.has_loss_mask
-    seen = []
+    tokens, token_flags = [], []  # per piece, in window order (= corpus order: next fit)
     for w in range(ds.num_windows):
-        tokens, labels = ds.window(w), ds.window_loss_mask(w)
-        token_flags = np.concatenate([[False], labels])
-        n = sum(k for _, k in ds.packed.pieces(w))
-        assert np.all(tokens[n:] == eos) and not token_flags[n:].any()  # padding: EOS, never a target
-        seen.append((tokens[:n], token_flags[:n]))
-    got_tokens = np.concatenate([t for t, _ in seen])
-    assert np.array_equal(got_tokens, np.concatenate(docs))
-    # The flags are the documents' own (the first token of a window has no label, so no flag).
-    starts = np.cumsum([0] + [len(t) for t, _ in seen[:-1]])
-    want = np.concatenate(flags)
-    for (t, f), at in zip(seen, starts):
-        assert np.array_equal(f[1:], want[at + 1: at + len(t)])
+        window, flags_w = ds.window(w), np.concatenate([[False], ds.window_loss_mask(w)])
+        at = 0
+        for _, n, continues in ds.packed.pieces(w):
+            # A continuation repeats the last token of the piece before, never as a target.
+            tokens.append(window[at + continues: at + n])
+            token_flags.append(flags_w[at + continues: at + n])
+            assert not (continues and flags_w[at])
+            at += n
+        assert np.all(window[at:] == eos) and not flags_w[at:].any()  # padding: EOS, never a target
+    assert np.array_equal(np.concatenate(tokens), np.concatenate(docs))
+    # The flags are the documents' own, except at a window's first token (it has no label).
+    got, want = np.concatenate(token_flags), np.concatenate(flags)
+    first = ds.packed.first_piece[:-1]
+    first = first[~ds.packed.piece_continues[first]]  # (a continuation's first kept token is a label)
+    window_starts = np.cumsum([0] + [len(t) for t in tokens[:-1]])[first]
+    keep = np.ones(len(want), bool)
+    keep[window_starts] = False
+    assert np.array_equal(got[keep], want[keep]) and not got[window_starts].any()
     # A text corpus packed by documents has flags too: only the padding is not a target.
     text = GPTWindowDataset([str(tmp_path / "t")], S, split=(1.0, 0.0), packing="documents")
     assert not text.conversations and text.has_loss_mask and text.num_windows == 1
@@ -123,6 +165,7 @@ def test_runs_and_caches_tell_the_packings_apart(tiny_chat_corpus):
                             for p in ("stream", "documents", "best_fit"))
     assert "packing" not in dataset_identity(stream.data)  # caches written before the option stay valid
     assert dataset_identity(packed.data)["packing"] == "documents"
+    assert dataset_identity(packed.data)["packing_rule"] == 2  # caches of the windows before the split-first rule
     assert dataset_identity(best.data)["packing"] == "best_fit"
     line = describe_dataset(open_dataset(packed.data, packed.model), packed.data)
     assert "whole documents per window, in corpus order" in line and "% padding" in line
@@ -147,5 +190,34 @@ def test_packing_benchmark_reports_both_strategies(tmp_path, capsys):
     for r in rows:
         nf, bf = r["next_fit"], r["best_fit"]
         assert bf["windows"] < nf["windows"] and bf["padding_share"] < nf["padding_share"]
-        assert (r["seq_length"] + 1) * nf["windows"] * (1 - nf["padding_share"]) == pytest.approx(r["tokens"], rel=1e-3)
+        for packed in (nf, bf):  # window tokens that are not padding: the documents', plus one per cut
+            assert packed["continuations"] == nf["continuations"] > 0
+            assert ((r["seq_length"] + 1) * packed["windows"] * (1 - packed["padding_share"])
+                    == pytest.approx(r["tokens"] + packed["continuations"], rel=1e-3))
     assert "lognormal-2000" in capsys.readouterr().out
+
+
+def test_an_evaluation_counts_each_held_out_window_once(tmp_path):
+    """Fewer held-out windows than eval_batches x global_batch samples: the evaluation runs the
+    batches the windows fill, and the samples padding the last batch weigh nothing (they once
+    counted the first windows twice)."""
+    from kdtrain.config.run import TrainingConfig
+    from kdtrain.training.pretrain import held_out
+
+    rng = np.random.default_rng(1)
+    docs = [(rng.integers(1, 50, n), rng.random(n) < 0.6) for n in rng.integers(5, 30, size=40)]
+    write_indexed_dataset(str(tmp_path / "c"), docs, 50, {"eos_id": 0})
+    ds = GPTWindowDataset([str(tmp_path / "c")], 16, split=(0.88, 0.12), packing="best_fit")
+    n = ds.num_valid_windows
+    assert 4 < n < 8
+    batches, sample, targets, _ = held_out(ds, TrainingConfig(global_batch_size=4, micro_batch_size=2,
+                                                              eval_batches=5))
+    assert batches == 2  # not 5: two batches of 4 hold the n windows
+    for j in range(n):
+        assert np.array_equal(sample(j), ds.valid_sample(j)) and np.array_equal(targets(j), ds.valid_loss_mask(j))
+    for j in range(n, 2 * 4):
+        assert np.array_equal(sample(j), ds.valid_sample(j - n)) and not targets(j).any()
+    # Enough windows: the flags are the dataset's own.
+    batches, _, targets, _ = held_out(ds, TrainingConfig(global_batch_size=2, micro_batch_size=2, eval_batches=2))
+    assert batches == 2 and all(targets(j) is ds.valid_loss_mask(j) or np.array_equal(targets(j), ds.valid_loss_mask(j))
+                                for j in range(4))

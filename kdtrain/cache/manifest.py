@@ -86,6 +86,9 @@ def dataset_identity(data: DataConfig, targets: bool = False) -> dict:
         out["weights"] = [float(w) for w in data.weights]
     if data.packing != "stream":  # other windows (recorded only when not the default, as before)
         out["packing"] = data.packing
+        # Version of the packing rule: 2 splits before packing and cuts long documents into pieces
+        # sharing one token (packing.py); a cache of the earlier windows does not match.
+        out["packing_rule"] = 2
     if data.attention != "window":  # the teacher saw each document alone: other logits
         out["attention"] = data.attention
     if targets:

@@ -8,7 +8,8 @@ seeded by (seed, epoch): sample g depends only on g and the seed, never on the p
 and resuming after N consumed samples is just continuing at g = N.
 
 With ``packing="documents"`` or ``"best_fit"`` (kdtrain/data/packing.py) window i holds whole
-documents instead, padded at the end, and the windows no longer overlap.
+documents instead, padded at the end, and the windows no longer overlap; the split is then made
+on whole documents in corpus order (token fractions), before packing.
 
 A corpus written from conversations carries a loss mask (kdtrain/data/indexed.py); the
 ``*_loss_mask`` methods return the target flags of a window's S labels (its tokens 1..S), with
@@ -48,6 +49,20 @@ def _floor_fraction(n: int, fraction: float) -> int:
     return math.floor(round(n * fraction, 9))
 
 
+def check_same_tokenizer(streams: list[IndexedTokens]) -> None:
+    """Corpora read together must have been tokenized alike (their metadata's fingerprints): ids of
+    two tokenizers mixed in one run would train on nonsense without a word."""
+    seen: dict[str, str] = {}
+    for stream in streams:
+        fp = (stream.meta or {}).get("tokenizer_fingerprint")
+        if fp is not None:
+            seen.setdefault(fp, stream.prefix)
+    if len(seen) > 1:
+        (fa, a), (fb, b) = list(seen.items())[:2]
+        raise ValueError(f"data.path: corpus {a} was tokenized with tokenizer {fa} and corpus {b} with {fb} "
+                         f"({meta_path(a)}, {meta_path(b)}): tokenize every corpus with the model's tokenizer")
+
+
 class GPTWindowDataset:
     def __init__(
         self,
@@ -60,6 +75,7 @@ class GPTWindowDataset:
         loss_mask: bool = True,
         packing: str = "stream",
         document_positions: bool = False,
+        require_held_out: bool = True,
     ):
         if isinstance(prefixes, str):
             prefixes = [prefixes]
@@ -81,6 +97,7 @@ class GPTWindowDataset:
         self.streams: list[IndexedTokens] = [open_indexed_dataset(p) for p in self.prefixes]
         for stream in self.streams:
             self._check_stream(stream, vocab_size, tokenizer_fingerprint)
+        check_same_tokenizer(self.streams)
 
         lengths = np.array([s.num_tokens for s in self.streams], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -89,8 +106,9 @@ class GPTWindowDataset:
         self.packed = None
         if packing != "stream":
             self.packed = pack_documents(np.concatenate([s.document_lengths for s in self.streams]), window,
-                                         "best_fit" if packing == "best_fit" else "next_fit")
+                                         "best_fit" if packing == "best_fit" else "next_fit", self.split)
             self.num_windows = self.packed.num_windows
+            self._n_train, self._n_valid = self.packed.group_windows
         elif self.total_tokens < window:
             raise ValueError(
                 f"corpus {', '.join(self.prefixes)} has {self.total_tokens} tokens, fewer than one window "
@@ -98,14 +116,14 @@ class GPTWindowDataset:
             )
         else:
             self.num_windows = (self.total_tokens - 1) // seq_length
-        self._n_train = _floor_fraction(self.num_windows, self.split[0])
-        self._n_valid = _floor_fraction(self.num_windows, self.split[1])
+            self._n_train = _floor_fraction(self.num_windows, self.split[0])
+            self._n_valid = _floor_fraction(self.num_windows, self.split[1])
         if self._n_train < 1:
             raise ValueError(
                 f"train split {self.split[0]} of the {self.num_windows} windows of corpus "
                 f"{', '.join(self.prefixes)} is empty"
             )
-        if self.split[1] > 0 and self._n_valid < 1:
+        if self.split[1] > 0 and self._n_valid < 1 and require_held_out:
             raise ValueError(
                 f"held-out split {self.split[1]} requested, but corpus {', '.join(self.prefixes)} has only "
                 f"{self.num_windows} windows of seq_length+1={window} tokens, so it gets none; use a larger "
@@ -147,7 +165,8 @@ class GPTWindowDataset:
     def eos_id(self) -> int | None:
         """The EOS id the corpora were written with (their metadata), None when unknown or not shared."""
         ids = {None if s.meta is None else s.meta.get("eos_id") for s in self.streams}
-        return ids.pop() if len(ids) == 1 else None
+        eos = ids.pop() if len(ids) == 1 else None
+        return eos if eos is not None and eos >= 0 else None  # -1: written by a tokenizer without one
 
     @property
     def padding_share(self) -> float:
@@ -193,7 +212,7 @@ class GPTWindowDataset:
             return self._read(w * self.seq_length, self.seq_length + 1)
         out = np.full(self.seq_length + 1, self._pad_id, dtype=np.int64)
         at = 0
-        for pos, n in self.packed.pieces(w):
+        for pos, n, _ in self.packed.pieces(w):
             out[at: at + n] = self._read(pos, n)
             at += n
         return out
@@ -207,8 +226,11 @@ class GPTWindowDataset:
             return self._read(w * self.seq_length + 1, self.seq_length, flags=True)
         out = np.zeros(self.seq_length + 1, dtype=bool)
         at = 0
-        for pos, n in self.packed.pieces(w):
+        for pos, n, continues in self.packed.pieces(w):
             out[at: at + n] = self._read(pos, n, flags=True)
+            # A continuation's first token was a label in the piece before; here it would be the
+            # label of another document's last token.
+            out[at] &= not continues
             at += n
         return out[1:]
 
@@ -217,7 +239,7 @@ class GPTWindowDataset:
         self._check_window(w)
         if self.packed is None:
             return self.seq_length + 1
-        return sum(n for _, n in self.packed.pieces(w))
+        return sum(n for _, n, _ in self.packed.pieces(w))
 
     def window_positions(self, w: int) -> np.ndarray | None:
         """Each of window w's S + 1 tokens' position in its document (int64), or None without
@@ -230,7 +252,7 @@ class GPTWindowDataset:
             a = w * self.seq_length
             lo, hi = np.searchsorted(self._doc_starts, [a + 1, a + length])
             return positions_from_starts(length, self._doc_starts[lo:hi] - a)
-        ends = np.cumsum([n for _, n in self.packed.pieces(w)])  # each piece starts a document; so does padding
+        ends = np.cumsum([n for _, n, _ in self.packed.pieces(w)])  # each piece starts a document; so does padding
         return positions_from_starts(length, ends[ends < length])
 
     def _permutation(self, epoch: int) -> np.ndarray:

@@ -130,7 +130,7 @@ def encode_files(
     metadata = {
         "tokenizer_path": os.path.abspath(tok.path),
         "tokenizer_fingerprint": tok.fingerprint,
-        "eos_id": tok.eos_id,
+        "eos_id": tok.eos_id if tok.eos_id >= 0 else None,
         "append_eos": append_eos,
         "inputs": [os.path.abspath(p) for p in input_files],
         "format": format,

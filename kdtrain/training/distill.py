@@ -513,12 +513,12 @@ def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing
     if cfg.teacher.source == "cache" or n_valid == 0 or tr.eval_batches == 0:
         return out
     _teachers_wait_for_students(cfg)  # while the students ran the pass above
-    sample, targets, positions = held_out(dataset)
+    batches, sample, targets, positions = held_out(dataset, tr)
     sums = dict.fromkeys(KD_REPORT_KEYS, 0.0)
     sent = channel.bytes_sent  # the held-out payloads are not a training step's traffic
     if student is not None:
         student.model.eval()
-    for b in range(tr.eval_batches):
+    for b in range(batches):
         first = b * tr.global_batch_size
         items, upcoming = [], []
         if student is not None:

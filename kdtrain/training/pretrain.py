@@ -6,10 +6,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from ..config import CheckpointConfig, DataConfig, ModelConfig, PretrainConfig, TrainingConfig, to_dict
 from ..data import BlendedWindowDataset, GPTWindowDataset, Tokenizer
+from ..data.gpt_dataset import check_same_tokenizer
 from ..data.mock import MockWindowDataset
 from ..loss import vocab_parallel_cross_entropy
 from ..models import KDGPTModel, build_gpt, transformer_engine_available
@@ -70,12 +72,19 @@ def open_dataset(data: DataConfig, model: ModelConfig):
         return GPTWindowDataset(data.path, data.seq_length, split=tuple(data.split), seed=data.seed,
                                 vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint, loss_mask=data.loss_mask,
                                 packing=data.packing, document_positions=data.attention == "documents")
-    # Weighted corpora: each its own windows, split and shuffle (seeded apart), mixed by blend.py.
-    return BlendedWindowDataset([GPTWindowDataset([p], data.seq_length, split=tuple(data.split), seed=data.seed + i,
-                                                  vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint,
-                                                  loss_mask=data.loss_mask, packing=data.packing,
-                                                  document_positions=data.attention == "documents")
-                                 for i, p in enumerate(data.path)], data.weights)
+    # Weighted corpora: each its own windows, split and shuffle (seeded apart), mixed by blend.py;
+    # a corpus too small for a held-out window trains only (the evaluation reads the others).
+    parts = [GPTWindowDataset([p], data.seq_length, split=tuple(data.split), seed=data.seed + i,
+                              vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint, loss_mask=data.loss_mask,
+                              packing=data.packing, document_positions=data.attention == "documents",
+                              require_held_out=False)
+             for i, p in enumerate(data.path)]
+    check_same_tokenizer([s for part in parts for s in part.streams])
+    if data.split[1] > 0 and not any(part.num_valid_windows for part in parts):
+        raise ValueError(f"data.split: held-out share {data.split[1]} requested, but none of the corpora "
+                         f"{list(data.path)} gets a held-out window; use larger corpora, a larger held-out "
+                         "fraction or split[1]=0")
+    return BlendedWindowDataset(parts, data.weights)
 
 
 def describe_dataset(dataset, data: DataConfig) -> str:
@@ -127,12 +136,24 @@ def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, s
     return Role(groups, model, grads, optimizer, schedule)
 
 
-def held_out(dataset) -> tuple[Callable, Callable, Callable]:
-    """(window, target flags, document positions) of held-out sample j, for any j >= 0: an
-    evaluation of several global batches cycles through the held-out windows."""
-    n = dataset.num_valid_windows
-    return (lambda j: dataset.valid_sample(j % n), lambda j: dataset.valid_loss_mask(j % n),
-            lambda j: dataset.valid_positions(j % n))
+def held_out(dataset, t: TrainingConfig) -> tuple[int, Callable, Callable, Callable]:
+    """(global batches, window, target flags, document positions of held-out sample j) of one
+    evaluation: ``t.eval_batches`` batches, fewer when the held-out windows fill fewer. Each window
+    counts once: the samples that pad the last batch past the held-out windows repeat the first
+    ones with no target, so they weigh nothing in the losses."""
+    n, g = dataset.num_valid_windows, t.global_batch_size
+    batches = min(t.eval_batches, -(-n // g))
+
+    def targets(j: int) -> Optional[np.ndarray]:
+        mask = dataset.valid_loss_mask(j % n)
+        if batches * g <= n:
+            return mask
+        mask = np.ones(len(dataset.valid_sample(0)) - 1, dtype=bool) if mask is None else mask.copy()
+        if j >= n:
+            mask[:] = False
+        return mask
+
+    return (batches, lambda j: dataset.valid_sample(j % n), targets, lambda j: dataset.valid_positions(j % n))
 
 
 def evaluate(role: Role, dataset: GPTWindowDataset, t: TrainingConfig, forward_step, device) -> dict:
@@ -140,9 +161,9 @@ def evaluate(role: Role, dataset: GPTWindowDataset, t: TrainingConfig, forward_s
     if n_valid == 0 or t.eval_batches == 0:
         return {}
     sums = {k: 0.0 for k in LM_REPORT_KEYS}
-    sample, targets, positions = held_out(dataset)
+    batches, sample, targets, positions = held_out(dataset, t)
     role.model.eval()
-    for b in range(t.eval_batches):
+    for b in range(batches):
         mbs = microbatches(sample, b * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
                            role.groups.dp_rank, role.groups.layout.dp, device, targets=targets, positions=positions)
         for k, v in eval_step(role.schedule, forward_step, mbs, role.groups, LM_REPORT_KEYS).items():
