@@ -161,12 +161,13 @@ def test_a_resumed_job_must_continue_the_recorded_run(world_of_one, tmp_path):
     import dataclasses
 
     from kdtrain.config import CheckpointConfig, DataConfig, to_dict
+    from kdtrain.training.checkpoint import run_record
     from kdtrain.training.pretrain import restore_role, save_role
 
     root = tmp_path / "ck"
     cfg, groups, role = _build("tiny")
     data = DataConfig(path=["/corpora/web_text_document"], seq_length=16)
-    run = {"kind": "pretrain", "global_batch_size": 8, "data": to_dict(data)}
+    run = {"kind": "pretrain", "global_batch_size": 8, "data": to_dict(data), "corpus_bytes": [4096]}
     ck = CheckpointConfig(dir=str(root), keep=1)
     for _, p in role.params:  # one update, so that there is optimizer state to resume
         p.main_grad = torch.ones_like(p)
@@ -187,6 +188,8 @@ def test_a_resumed_job_must_continue_the_recorded_run(world_of_one, tmp_path):
         ({"data": {"packing": "best_fit"}}, r"data\.packing: 'best_fit' here, 'stream' in"),
         ({"data": {"path": ["/corpora/code_document"]}}, r"data\.path: .*another corpus"),
         ({"kind": "distill"}, r"checkpoint\.dir: .* holds a pretrain checkpoint and this is a distill run"),
+        # Tokenized again in place: same name, other tokens.
+        ({"corpus_bytes": [5000]}, r"data\.path: /corpora/web_text_document\.bin has 5000 bytes here, 4096 when"),
     ]:
         with pytest.raises(ValueError, match=match):
             restore(**changes)
@@ -197,4 +200,7 @@ def test_a_resumed_job_must_continue_the_recorded_run(world_of_one, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint\.resume: false, but checkpoint\.dir .* holds checkpoints"):
         restore(ck=fresh)
     assert restore(ck=dataclasses.replace(fresh, dir=str(root.parent / "new"))) == 0
+    # What the loops record: the token file's size beside the data section.
+    (tmp_path / "c.bin").write_bytes(b"\0" * 12)
+    assert run_record("pretrain", 8, DataConfig(path=[str(tmp_path / "c")]))["corpus_bytes"] == [12]
 

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig, to_dict
+from ..config import DataConfig, ModelConfig, to_dict
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer
 
@@ -337,6 +337,16 @@ def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch
 RESUME_DATA_FIELDS = ("seq_length", "seed", "split", "weights", "packing", "attention", "loss_mask", "mock")
 
 
+def run_record(kind: str, global_batch_size: int, data: DataConfig, **extra) -> dict:
+    """What a run's checkpoints record about it (``save_role``), checked when a job resumes
+    (``check_resume``): the kind of run, the global batch, the data section and the size of
+    each corpus' token file (a corpus tokenized again in place keeps its name, not its size)."""
+    sizes = None if data.mock else [os.path.getsize(f"{p}.bin") if os.path.isfile(f"{p}.bin") else None
+                                    for p in data.path]
+    return {"kind": kind, "global_batch_size": global_batch_size, "data": to_dict(data), "corpus_bytes": sizes,
+            **extra}
+
+
 def check_resume(meta: dict, path: Path, run: dict) -> None:
     """A job that resumes from ``path`` continues the run recorded there: same kind of run, same
     global batch (the data position is ``step * global_batch_size``) and the same sample stream.
@@ -363,6 +373,10 @@ def check_resume(meta: dict, path: Path, run: dict) -> None:
         if [Path(p).name for p in saved["path"]] != [Path(p).name for p in ours.get("path", [])]:
             raise ValueError(f"data.path: {ours.get('path')} here, {saved['path']} in {path}: resuming would "
                              f"continue on another corpus; {fresh}")
+    for prefix, was, now in zip(ours.get("path", []), meta.get("corpus_bytes") or [], run.get("corpus_bytes") or []):
+        if was is not None and now is not None and was != now:
+            raise ValueError(f"data.path: {prefix}.bin has {now} bytes here, {was} when {path} was saved (tokenized "
+                             f"again or changed since): resuming would continue another sample stream; {fresh}")
 
 
 def refuse_other_runs(ck_dir: str | os.PathLike) -> None:

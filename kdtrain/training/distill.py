@@ -43,6 +43,7 @@ from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import Pairing, PayloadSpec
 from ..stream.channel import PayloadChannel
 from .auto_split import resolve_auto_split
+from .checkpoint import run_record
 from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids, stack_rows
 from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
@@ -287,8 +288,8 @@ def distill(cfg: DistillConfig) -> dict:
                           tr.seed + 1, compile=cfg.precision.compile)
     start_step = 0
     # What the student's checkpoints record, checked when a later job resumes them.
-    run = {"kind": "distill", "global_batch_size": tr.global_batch_size, "data": to_dict(cfg.data),
-           "teacher": to_dict(cfg.teacher.model), "loss": to_dict(cfg.loss), "topk": cfg.teacher.topk}
+    run = run_record("distill", tr.global_batch_size, cfg.data, teacher=to_dict(cfg.teacher.model),
+                     loss=to_dict(cfg.loss), topk=cfg.teacher.topk)
     if s_groups.is_member:
         # With both precision options the student's layers are graphed and the teacher's compiled
         # (a layer is either; the teacher's no-grad forward is not graphed).

@@ -19,7 +19,7 @@ from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
 from .checkpoint import (CheckpointReader, check_checkpoint_model, check_resume, latest_checkpoint, load_model_weights,
-                         load_training_state, refuse_other_runs, restore_rng, save_checkpoint)
+                         load_training_state, refuse_other_runs, restore_rng, run_record, save_checkpoint)
 from .grads import GradBuffer
 from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
@@ -185,7 +185,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                            cuda_graphs=cfg.precision.cuda_graphs, recompute=t.recompute)
     forward_step = lm_forward_step(cfg.model.vocab_size, groups.pgc.tp)
 
-    run = {"kind": "pretrain", "global_batch_size": t.global_batch_size, "data": to_dict(cfg.data)}
+    run = run_record("pretrain", t.global_batch_size, cfg.data)
     start_step = restore_role(cfg.checkpoint, cfg.model, role, env.rank, run)
     writer = env.rank == 0
     logger = RunLogger(cfg.logging, writer, t.train_steps, start_step, run_config=to_dict(cfg), name=cfg.model.name)
