@@ -337,6 +337,24 @@ def test_export_checks_before_writing_and_replaces_an_earlier_export(converted, 
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert (json.loads((out / "generation_config.json").read_text())
             == json.loads((qwen2["hf"] / "generation_config.json").read_text()))  # Qwen2's, not Llama's
+    # --dtype auto: the source's dtype for an imported checkpoint, the run's precision for a trained
+    # one (recorded with its checkpoints), else fp32.
+    from kdtrain.convert.hf_export import auto_dtype
+
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # the fp32 source
+    assert auto_dtype({"dtype": "bfloat16", "source": {"dtype": "float32"}}) == "bf16"
+    assert auto_dtype({"source": {"dtype": "float16"}}) == "fp16" and auto_dtype({}) == "fp32"
+    bf16 = tmp_path / "hf_bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(qwen2["hf"], dtype=torch.bfloat16).save_pretrained(bf16)
+    from kdtrain.convert.hf_import import import_hf
+
+    import_hf(bf16, tmp_path / "kd_bf16")
+    back = export_hf(tmp_path / "kd_bf16", tmp_path / "back_bf16")
+    assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+
+    src, got = load_file(bf16 / "model.safetensors"), load_file(back / "model.safetensors")
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], src[k]) for k in src)  # bit for bit
     # Qwen3 config files may leave head_dim out: transformers then uses 128, not hidden / heads.
     hf = json.loads((converted["archs"]["qwen3"]["hf"] / "config.json").read_text())
     del hf["head_dim"]

@@ -8,6 +8,8 @@ its logits are the kdtrain student's, and its chat template is the teacher's."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -80,6 +82,10 @@ def test_hf_teacher_to_hf_student(world_of_one, tmp_path):
     assert "<|im_start|>assistant" in tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(model) is type(student0) and model.config.hidden_size == 32
+    # It stops where the data's documents end (the teacher tokenizer's EOS), in the run's precision.
+    assert model.config.eos_token_id == teacher_tok.eos_token_id is not None
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads(next((tmp_path / "ckpt").glob("step_*/meta.json")).read_text())["dtype"] == "float32"
     # The exported student is the distilled one: its logits are the kdtrain student's, not the
     # initial weights'.
     from kdtrain.config import load_model_config

@@ -59,7 +59,9 @@ def register(subparsers) -> None:
     b.add_argument("--out", required=True, help="output HF model directory")
     b.add_argument("--arch", default=None, choices=["llama", "qwen2", "qwen3", "gpt2"],
                    help="HF architecture (default: derived from the model config)")
-    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights' dtype; auto: the precision the run trained in (the master weights rounded "
+                        "to it), an imported checkpoint's source dtype, else fp32")
     b.add_argument("--tokenizer", default="auto",
                    help="Hugging Face tokenizer.json or its directory to copy into --out; auto: the run's "
                         "data.tokenizer when it is one; none: no tokenizer")

@@ -43,6 +43,16 @@ from .sources import check_complete, open_checkpoint, read_global
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_SHORT = {name: short for short, dt in DTYPES.items() for name in (_HF_DTYPE_NAMES[dt], str(dt))}
+
+
+def auto_dtype(meta: dict) -> str:
+    """``--dtype auto``: the precision the checkpoint's run computed in (``precision.dtype``), or for
+    an imported checkpoint its Hugging Face model's dtype; fp32 when neither is recorded."""
+    for name in (meta.get("dtype"), (meta.get("source") or {}).get("dtype")):
+        if name in _SHORT:
+            return _SHORT[name]
+    return "fp32"
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' own default split
 # chat_template.jinja: where transformers keeps a chat model's template (its tokenizer_config.json
 # may hold it instead); the exported student answers in the format it was distilled on.
@@ -121,7 +131,7 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[str | ModelConfig] = None,
-              arch: Optional[str] = None, dtype: str = "fp32", tokenizer: Optional[str] = "auto",
+              arch: Optional[str] = None, dtype: str = "auto", tokenizer: Optional[str] = "auto",
               shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write ``out/config.json``, the weights (``model.safetensors``, or index + files of about
     ``shard_bytes`` each), the tokenizer's files (see the module docstring for ``tokenizer``) and,
@@ -130,12 +140,14 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     export into ``out`` that this one does not write are removed (they would describe another model)."""
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: not one of {list(DTYPES)}")
+    if dtype not in (*DTYPES, "auto"):
+        raise ValueError(f"--dtype {dtype!r}: not one of {[*DTYPES, 'auto']}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     reader = open_checkpoint(ckpt)
+    if dtype == "auto":
+        dtype = auto_dtype(reader.meta)
     if model is None:
         if "model" not in reader.meta:
             raise ValueError(f"checkpoint {reader.path} records no model config; pass --model")

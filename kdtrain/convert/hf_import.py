@@ -57,7 +57,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, name: Optional[
     # The special ids and the generation defaults travel with the weights: an export writes them
     # back (hf_export.py), so the model still stops at its end token.
     record = {"hf_dir": source, "architecture": hf.arch, "special_ids": hf.special_ids,
-              "generation_config": read_generation_config(hf_dir)}
+              "generation_config": read_generation_config(hf_dir), "dtype": hf.dtype}
     # Each tensor is read and converted when written (shape-checked against config.json).
     step_dir = write_global_checkpoint(out, hf.cfg, hf.names(), hf.tensor, {"kind": "hf-import", "source": record},
                                        shard_bytes)

@@ -144,6 +144,7 @@ class HFModel:
         self.cfg, self.arch = model_config_from_hf(hf, name or self.path.resolve().name,
                                                    str(self.path / "config.json"))
         self.special_ids = special_ids_from_hf(hf, self.arch)
+        self.dtype = hf.get("dtype") or hf.get("torch_dtype")  # what transformers loads it as (or None)
         self.files = SafetensorsDir(self.path)
         names = self.files.names()
         # Older GPT-2 checkpoints store names without the "transformer." prefix.

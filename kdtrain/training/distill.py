@@ -289,7 +289,7 @@ def distill(cfg: DistillConfig) -> dict:
     start_step = 0
     # What the student's checkpoints record, checked when a later job resumes them.
     run = run_record("distill", tr.global_batch_size, cfg.data, teacher=to_dict(cfg.teacher.model),
-                     loss=to_dict(cfg.loss), topk=cfg.teacher.topk)
+                     loss=to_dict(cfg.loss), topk=cfg.teacher.topk, dtype=str(dtype).removeprefix("torch."))
     if s_groups.is_member:
         # With both precision options the student's layers are graphed and the teacher's compiled
         # (a layer is either; the teacher's no-grad forward is not graphed).
