@@ -6,7 +6,7 @@ import torch
 
 
 
-def _build(model_name: str):
+def _build(model_name: str, dtype: torch.dtype = torch.float32, seed: int = 3):
     from kdtrain.config import OptimizerConfig, load_model_config
     from kdtrain.parallel import RoleLayout, build_role_groups
     from kdtrain.training.pretrain import build_trainable
@@ -14,7 +14,7 @@ def _build(model_name: str):
     cfg = load_model_config(model_name)
     groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
     role = build_trainable(cfg, groups, OptimizerConfig(), seq_length=16, micro_batch=1,
-                           device=torch.device("cpu"), dtype=torch.float32, seed=3)
+                           device=torch.device("cpu"), dtype=dtype, seed=seed)
     return cfg, groups, role
 
 
@@ -204,3 +204,31 @@ def test_a_resumed_job_must_continue_the_recorded_run(world_of_one, tmp_path):
     (tmp_path / "c.bin").write_bytes(b"\0" * 12)
     assert run_record("pretrain", 8, DataConfig(path=[str(tmp_path / "c")]))["corpus_bytes"] == [12]
 
+
+
+def test_loaded_weights_reach_the_fp32_masters_of_a_bf16_model(world_of_one, tmp_path):
+    """``checkpoint.load`` / ``student.load`` into a bf16 model: the optimizer's fp32 masters (cloned
+    from the random init when it was built) take the loaded fp32 values too. They did not: the
+    first update copied the masters back and the run went on from its random init (bf16 is the
+    default on GPUs, so every GPU run started from weights)."""
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.training.pretrain import restore_role
+
+    cfg, groups, src = _build("tiny", seed=11)  # the weights to start from, fp32
+    _save(tmp_path / "src", 0, src, groups, cfg)
+    loaded = {n: p.detach().clone() for n, p in src.model.named_parameters()}
+    _, _, role = _build("tiny", dtype=torch.bfloat16, seed=3)
+    assert restore_role(CheckpointConfig(load=str(tmp_path / "src")), cfg, role, 0,
+                        {"kind": "pretrain", "global_batch_size": 1, "data": {}}) == 0
+    names = {id(p): n for n, p in role.model.named_parameters()}
+    masters = role.optimizer.separate_masters()
+    assert len(masters) == len(names)  # every bf16 parameter has an fp32 master
+    for pid, master in masters.items():
+        assert torch.equal(master, loaded[names[pid]]), names[pid]  # the stored fp32 values, exactly
+    for _, p in role.params:  # one update with zero gradients and no weight decay: nothing moves
+        p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
+    for g in role.optimizer.opt.param_groups:
+        g["weight_decay"] = 0.0
+    role.optimizer.step(1e-3)
+    for n, p in role.model.named_parameters():
+        assert torch.equal(p, loaded[n].to(torch.bfloat16)), n

@@ -296,10 +296,12 @@ def copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor,
 
 
 def load_model_weights(path: str | os.PathLike, model: ModelConfig,
-                       params: list[tuple[ParamSpec, torch.nn.Parameter]], what: str) -> None:
+                       params: list[tuple[ParamSpec, torch.nn.Parameter]], what: str,
+                       masters: Optional[dict[int, torch.Tensor]] = None) -> None:
     """``{what}.load``: this rank's weights from a kdtrain checkpoint (a run's checkpoint dir, i.e.
     its latest step, or one step dir) written with any layout, or from a Hugging Face model
-    directory (convert/hf_weights.py: each rank reads and converts only its own parameters)."""
+    directory (convert/hf_weights.py: each rank reads and converts only its own parameters);
+    ``masters`` as for ``load_weights``."""
     from ..convert.hf_weights import HFWeights, is_hf_model_dir  # convert imports this module
 
     if is_hf_model_dir(path):
@@ -313,7 +315,7 @@ def load_model_weights(path: str | os.PathLike, model: ModelConfig,
             check_checkpoint_model(reader, model)
         except ValueError as e:
             raise ValueError(f"{what}.load: {e}") from None
-    load_weights(reader, params)
+    load_weights(reader, params, masters)
 
 
 def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype, what: str,
@@ -401,17 +403,24 @@ def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None
 
 
 @torch.no_grad()
-def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]]) -> None:
-    """Model weights only (teacher, fine-tuning, evaluation)."""
+def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]],
+                 masters: Optional[dict[int, torch.Tensor]] = None) -> None:
+    """Model weights only (teacher, fine-tuning, evaluation, a trained model's start). ``masters``:
+    the fp32 master weight of a parameter by ``id``, where an optimizer keeps one apart from a
+    bf16 parameter (``AdamWOptimizer.separate_masters``); it gets the stored fp32 values too, else
+    the first update would start from the weights the optimizer was built with."""
     missing = {s.global_name for s, _ in params} - reader.names()
     if missing:
         raise ValueError(f"checkpoint {reader.path} lacks {len(missing)} parameters of this model, "
                          f"e.g. {sorted(missing)[:3]} (different model config?)")
+    masters = masters or {}
     for spec, p in params:
         buf = torch.empty(p.shape, dtype=torch.float32)
         buf.zero_()
         reader.read_into(spec, "master", buf)
         p.copy_(buf.to(p.dtype))
+        if id(p) in masters:
+            masters[id(p)].copy_(buf)
 
 
 @torch.no_grad()

@@ -98,6 +98,11 @@ class AdamWOptimizer:
             for t, new in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
                 t.copy_(new)
 
+    def separate_masters(self) -> dict[int, torch.Tensor]:
+        """The fp32 master weights kept apart from their (bf16) parameters, by ``id`` of the
+        parameter: whatever writes weights into the parameters (a ``load``) must write these too."""
+        return {id(p): master for _, p, master in self.owned if master is not p}
+
     # ---- checkpointing: per global parameter, layout-independent --------------------------------
     def state_for(self, spec: ParamSpec) -> dict[str, torch.Tensor]:
         """Adam moments (and the fp32 master weight, when it is not the parameter itself) of an

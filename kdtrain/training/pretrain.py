@@ -258,7 +258,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
             restore_rng(path, rank)
         return int(reader.meta["step"])
     if ck.load:
-        load_model_weights(ck.load, model, role.params, what)
+        load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters())
     return 0
 
 
