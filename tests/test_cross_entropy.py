@@ -1,5 +1,6 @@
 """Vocab-parallel cross entropy: equals torch's over the real vocabulary, on 1 and 2 tensor ranks."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -44,22 +45,25 @@ def test_vocab_shard_bounds():
     assert vocab_shard(256, 2, 401) == (512, 0)
 
 
-def _tp2_worker(rank, world, logits, labels, grad_out, expected_loss, expected_grad):
+def _tp2_worker(rank, world, logits, labels, grad_out, expected_loss, expected_grad, vocab):
     import torch.distributed as dist
 
     local = logits.chunk(world, dim=-1)[rank].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(local, labels, 401, dist.group.WORLD)
+    loss = vocab_parallel_cross_entropy(local, labels, vocab, dist.group.WORLD)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
     (grad,) = torch.autograd.grad(loss, local, grad_out)
     torch.testing.assert_close(grad, expected_grad.chunk(world, dim=-1)[rank], rtol=1e-12, atol=1e-12)
 
 
-def test_two_tensor_ranks_equal_one(tmp_path):
+# 401: a real id in each shard; 200: the second rank's shard is all padding (its -inf target
+# column once made every rank's loss NaN).
+@pytest.mark.parametrize("vocab", [401, 200])
+def test_two_tensor_ranks_equal_one(tmp_path, vocab):
     torch.manual_seed(2)
     logits = torch.randn(7, 5, 512, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 401, (7, 5))
-    labels[0, 0], labels[1, 0] = 0, 400  # first and last real id, one in each shard
+    labels = torch.randint(0, vocab, (7, 5))
+    labels[0, 0], labels[1, 0] = 0, vocab - 1  # first and last real id
     grad_out = torch.rand(7, 5, dtype=torch.float64)
-    loss = _reference(logits, labels, 401)
+    loss = _reference(logits, labels, vocab)
     (grad,) = torch.autograd.grad(loss, logits, grad_out)
-    run_spawn(2, _tp2_worker, logits.detach(), labels, grad_out, loss.detach(), grad, tmp_path=tmp_path)
+    run_spawn(2, _tp2_worker, logits.detach(), labels, grad_out, loss.detach(), grad, vocab, tmp_path=tmp_path)

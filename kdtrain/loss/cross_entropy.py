@@ -36,12 +36,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         x = logits_SBVl.to(compute_dtype, copy=True)
         if real < local_vocab:
             x[..., real:] = float("-inf")
-        row_max = x.max(dim=-1).values if real > 0 else torch.full(x.shape[:-1], float("-inf"), device=x.device)
+        row_max = x.max(dim=-1).values if real > 0 else torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype,
+                                                                    device=x.device)
         _all_reduce(row_max, dist.ReduceOp.MAX, tp_group)
         x.sub_(row_max.unsqueeze(-1))
         in_shard = (labels_SB >= start) & (labels_SB < start + real)
         local_ids = (labels_SB - start).clamp(0, local_vocab - 1)
-        target = x.gather(-1, local_ids.unsqueeze(-1)).squeeze(-1) * in_shard
+        # where, not a product: on a rank whose shard is all padding the gathered value is -inf
+        # and -inf * 0 is NaN (the sum over ranks then spreads it to every rank).
+        target = torch.where(in_shard, x.gather(-1, local_ids.unsqueeze(-1)).squeeze(-1), 0.0)
         x.exp_()
         stats = torch.stack([x.sum(dim=-1), target])
         _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
