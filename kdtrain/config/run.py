@@ -152,7 +152,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     decay_steps: Optional[int] = None  # None = training.train_steps
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # decoupled (AdamW); not on 1-D parameters (biases, norm weights), as in megatron-core
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
