@@ -116,6 +116,43 @@ def test_top_k_and_top_p_draw_from_the_renormalised_head(top_k, top_p):
     assert set(picked.unique().tolist()) == set(keep.tolist())
 
 
+def test_ties_at_the_top_k_cut_go_to_the_lower_ids():
+    """Three ids share the largest logit and top_k=2 keeps two: the lower ids, whatever order
+    topk happens to return them in."""
+    from kdtrain.models.generate import pick_tokens, uniforms
+
+    n = 4000
+    u = torch.from_numpy(uniforms(1, list(range(n)), 0, 1)[:, 0])
+    for logits in (torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 3.0, 1.0, 3.0, 3.0, 2.0])):
+        picked = pick_tokens(logits.expand(n, -1), 6, 1.0, u, None, 2, 1.0)
+        tied = (logits == 3.0).nonzero()[:, 0].tolist()
+        assert set(picked.tolist()) == set(tied[:2]), (logits, picked.unique())
+
+
+def test_top_p_takes_the_nucleus_of_the_whole_vocabulary():
+    """top_p without top_k over a flat distribution of 8192 ids: the nucleus holds thousands of
+    ids, far more than the first candidate pool (FILTER_POOL); every draw lies in it and draws
+    reach past the pool (it was taken among the pool's 1024 ids, against the pool's own mass)."""
+    from kdtrain.models.generate import FILTER_POOL, pick_tokens, uniforms
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8192, generator=g) * 0.5
+    z = logits.double()
+    probs = torch.softmax(z, 0)
+    order = probs.argsort(descending=True)
+    sorted_p = probs[order]
+    nucleus = order[(sorted_p.cumsum(0) - sorted_p) < 0.9]
+    assert len(nucleus) > 4 * FILTER_POOL
+    n = 20000
+    u = torch.from_numpy(uniforms(5, list(range(n)), 0, 1)[:, 0])
+    picked = torch.cat([pick_tokens(logits.expand(1000, -1), 8192, 1.0, u[i:i + 1000], None, 0, 0.9)
+                        for i in range(0, n, 1000)])
+    rank = torch.empty(8192, dtype=torch.long)
+    rank[order] = torch.arange(8192)
+    assert set(picked.tolist()) <= set(nucleus.tolist())
+    assert (rank[picked] >= FILTER_POOL).float().mean() > 0.5  # most of the nucleus' mass lies past the pool
+
+
 def _tp_pick(rank, world, logits, u, top_k, top_p, out):
     from kdtrain.models.generate import pick_tokens
 
@@ -125,15 +162,18 @@ def _tp_pick(rank, world, logits, u, top_k, top_p, out):
     torch.save(got, f"{out}.{rank}")
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 1.0), (0, 0.9), (50, 0.5)])
-def test_filtered_draws_do_not_depend_on_tensor_parallelism(tmp_path, top_k, top_p):
+@pytest.mark.parametrize("top_k,top_p,ties", [(0, 1.0, False), (20, 1.0, False), (0, 0.9, False), (50, 0.5, False),
+                                              (20, 1.0, True), (0, 0.9, True)])
+def test_filtered_draws_do_not_depend_on_tensor_parallelism(tmp_path, top_k, top_p, ties):
     """Two tensor ranks, each with half of the vocabulary (the last ids padding), pick exactly the
-    tokens one rank picks from the whole row."""
+    tokens one rank picks from the whole row; also with many tied logits (as bf16 gives)."""
     from conftest import run_spawn
     from kdtrain.models.generate import pick_tokens, uniforms
 
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(64, 320, generator=g) * 3
+    if ties:
+        logits = logits.round()
     u = torch.from_numpy(uniforms(3, list(range(64)), 0, 1)[:, 0])
     want = pick_tokens(logits, 300, 0.9, u, None, top_k, top_p)
     run_spawn(2, _tp_pick, logits, u, top_k, top_p, str(tmp_path / "picked"), tmp_path=tmp_path)
@@ -166,7 +206,9 @@ def _check_rewritten(model, windows, spans, got, flags, ids, stop, **kw):
         keep, at = [], 0
         for s0, e0 in spans[i][:len(runs)]:
             keep += windows[i, at:s0].tolist()
-            at = e0
+            # The data resumes after the data reply's own last stop token (or at the span's end).
+            inside = (windows[i, s0:e0] == stop).nonzero()[:, 0].tolist() if stop is not None else []
+            at = s0 + inside[-1] + 1 if inside else e0
         keep += windows[i, at:].tolist()
         rest = got[i][~flags[i]].tolist()
         assert rest == (keep + [0] * T)[:len(rest)], i
@@ -192,6 +234,23 @@ def test_replies_are_sampled_in_place_and_the_data_resumes_after_them(world_of_o
     for i, row in enumerate(spans[:3]):
         assert flags[i].tolist() == [t >= row[0][0] for t in range(T)]
         assert torch.equal(got[i], sample(model, windows[i:i + 1, :row[0][0]], T, sample_ids=[ids[i]], **kw)[0])
+
+
+def test_the_template_s_text_after_a_reply_s_end_token_is_kept(world_of_one, monkeypatch):
+    """ChatML puts a newline after each <|im_end|>, inside the data's reply span: a student that
+    writes the data's reply and stops must get the newline back before the next turn (the data
+    resumed at the span's end, after it)."""
+    import kdtrain.models.generate as generate
+
+    model = _model("llama")
+    stop, newline = 5, 6
+    #            user turn       | reply (span 4..9: "11 12 13 <stop> <newline>") | next user turn
+    row = torch.tensor([[1, 2, 3, 4, 11, 12, 13, stop, newline, 21, 22, 23, stop, newline, 1, 2]])
+    reply = iter([11, 12, 13, stop])
+    monkeypatch.setattr(generate, "pick_tokens", lambda *a, **k: torch.tensor([next(reply, 0)]))
+    got, flags, _ = generate.sample_replies(model, row, [[(4, 9)]], vocab_size=V, temperature=0.0, seed=0,
+                                            sample_ids=[0], stop_token=stop)
+    assert torch.equal(got, row) and flags[0].tolist() == [4 <= t < 8 for t in range(16)]
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -43,7 +43,7 @@ from .decode_graph import DecodeStep
 from .documents import DocumentMask
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-FILTER_POOL = 1024  # candidates of a top-p draw without top-k: the nucleus is taken among these
+FILTER_POOL = 1024  # first candidates of a top-p draw without top-k (grown until they hold the nucleus)
 
 
 def uniforms(seed: int, sample_ids: Sequence[int], start: int, stop: int) -> np.ndarray:
@@ -60,31 +60,66 @@ def uniforms(seed: int, sample_ids: Sequence[int], start: int, stop: int) -> np.
     return ((x >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
 
-def _pick_filtered(z: torch.Tensor, first: int, u: torch.Tensor, top_k: int, top_p: float, tp_group) -> torch.Tensor:
-    """Sampling restricted to the most likely tokens: the ``top_k`` largest of ``z`` (this rank's
-    slice [b, V/tp], starting at id ``first``; ``top_k`` 0: the ``FILTER_POOL`` largest), then the
-    smallest of those, by probability, whose mass reaches ``top_p`` of theirs (transformers'
-    order: top-k, then top-p on the renormalised rest). Each rank offers its own largest; one
-    all-gather gives every rank the same candidates, ranked by value then id, and the token is
-    picked by inversion over the kept ones in id order, so the result is the same in any layout
-    (up to exact ties of logits at the cut)."""
-    b, width = z.shape
-    k = top_k if top_k > 0 else FILTER_POOL
-    vals, idx = z.topk(min(k, width), dim=-1)
+def _local_top(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, column) of the ``n`` largest of each row of ``z``, ranked by value then column:
+    ``topk`` picks among values tied at its cut arbitrarily, so when the ``n``-th value also occurs
+    outside the ``n`` picked (and is a real logit, not padding) a stable sort decides instead."""
+    vals, idx = z.topk(n, dim=-1)
+    cut = vals[:, -1:]
+    tied_outside = ((z == cut).sum(dim=-1) != (vals == cut).sum(dim=-1)) & (cut[:, 0] > float("-inf"))
+    if bool(tied_outside.any()):
+        vals, idx = z.sort(dim=-1, descending=True, stable=True)
+        vals, idx = vals[:, :n], idx[:, :n]
+    return vals, idx
+
+
+def _candidates(z: torch.Tensor, first: int, n: int, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) [b, n] of the ``n`` most likely tokens over every tensor rank's slice, ranked
+    by value then id (ties to the lower id): each rank offers its own ``n`` largest, one all-gather."""
+    vals, idx = _local_top(z, min(n, z.shape[-1]))
     ids = (idx + first).double()
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         both = torch.stack([vals, ids])
         gathered = [torch.empty_like(both) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(gathered, both, group=tp_group)
         vals, ids = torch.cat(gathered, dim=-1)
-    order = ids.argsort(dim=-1, stable=True)  # rank by value, ties to the lower id
+    order = ids.argsort(dim=-1, stable=True)
     vals, ids = vals.gather(-1, order), ids.gather(-1, order)
-    order = vals.argsort(dim=-1, descending=True, stable=True)[:, :k]
-    vals, ids = vals.gather(-1, order), ids.gather(-1, order)
-    p = torch.exp(vals - vals[:, :1])  # descending; -inf (padding) -> 0
+    order = vals.argsort(dim=-1, descending=True, stable=True)[:, :n]
+    return vals.gather(-1, order), ids.gather(-1, order)
+
+
+def _pick_filtered(z: torch.Tensor, first: int, u: torch.Tensor, top_k: int, top_p: float, tp_group) -> torch.Tensor:
+    """Sampling restricted to the most likely tokens, in transformers' order: the ``top_k``
+    largest of ``z`` (this rank's slice [b, V/tp], starting at id ``first``; 0: all), then the
+    smallest of those, by probability, whose mass reaches ``top_p`` of theirs (of the whole
+    vocabulary's without top-k). Candidates are ranked by value then id, and the token is picked
+    by inversion over the kept ones in id order, so the result is the same in any layout.
+
+    Without top-k the nucleus is looked for among the ``FILTER_POOL`` most likely tokens first;
+    when they hold less than ``top_p`` of the whole mass (a flat distribution, a large vocabulary)
+    the pool grows eightfold until they do, up to the whole vocabulary."""
+    tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+    width = z.shape[-1]
+    top = z.max(dim=-1, keepdim=True).values
+    if tp > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
+    total = None
+    if top_k == 0:  # the whole vocabulary's mass, relative to the global maximum (padding: 0)
+        total = torch.exp(z - top).sum(dim=-1, keepdim=True)
+        if tp > 1:
+            dist.all_reduce(total, group=tp_group)
+    n = top_k if top_k > 0 else FILTER_POOL
+    while True:
+        vals, ids = _candidates(z, first, n, tp_group)
+        p = torch.exp(vals - top)  # descending; -inf (padding) -> 0
+        if total is None or n >= width * tp or bool((p.sum(dim=-1, keepdim=True) >= top_p * total).all()):
+            break
+        n *= 8
     if top_p < 1.0:
         mass = p.cumsum(dim=-1)
-        keep = (mass - p) < top_p * mass[:, -1:]  # the tokens before it hold less than top_p: kept
+        ref = mass[:, -1:] if total is None else total
+        keep = (mass - p) < top_p * ref  # the tokens before it hold less than top_p: kept
         p = p * keep
     by_id = ids.argsort(dim=-1)
     p, ids = p.gather(-1, by_id), ids.gather(-1, by_id)
@@ -252,8 +287,10 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
     ``spans[i]``: the replies of row i as token ranges ``[start, end)`` of the given row, in order
     (start >= 1). The row is fed its given tokens up to the first start; from there the model
     samples until it samples ``stop_token`` (included) or the row is full; then the given tokens
-    resume from that reply's ``end``, right after the sampled ones, up to the next start, and so
-    on; given tokens that run out are followed by ``pad_id``. Returns the new rows, the flags
+    resume, right after the sampled ones, from just after the data reply's own last
+    ``stop_token`` (its ``end`` when it has none: what a template writes after the end of a turn,
+    ChatML's newline, is kept), up to the next start, and so on; given tokens that run out are
+    followed by ``pad_id``. Returns the new rows, the flags
     [b, L] (bool) of the sampled positions, and the new rows' document positions (or None). The
     uniform of output position ``t`` of row ``i`` is ``u(seed, sample_ids[i], t)``, as for
     ``sample``, so a row is the same in any batch or layout. With one span per row and no stop
@@ -291,9 +328,15 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
     never = 2 * L + 1
     starts = torch.full((b, R), never, dtype=torch.long)
     ends = torch.full((b, R), never, dtype=torch.long)
+    host = windows.cpu() if stop_token is not None else None
     for i, row in enumerate(spans):
         for j, (s, e) in enumerate(row):
             starts[i, j], ends[i, j] = s, e
+            if host is not None:  # resume after the data reply's own stop token: what the template
+                # puts after the end of a turn (ChatML's newline) is not part of the reply
+                at = (host[i, s:e] == stop_token).nonzero()
+                if len(at):
+                    ends[i, j] = s + int(at[-1]) + 1
     starts, ends = starts.to(device), ends.to(device)
     given = torch.cat([windows, torch.full((b, 1), pad_id, dtype=windows.dtype, device=device)], dim=1)
     rows = torch.arange(b, device=device)

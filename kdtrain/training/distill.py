@@ -297,6 +297,9 @@ def distill(cfg: DistillConfig) -> dict:
                                   tr.micro_batch_size, env.device, dtype, tr.seed,
                                   compile=cfg.precision.compile and not cfg.precision.cuda_graphs,
                                   cuda_graphs=cfg.precision.cuda_graphs, recompute=tr.recompute)
+        if cfg.onpolicy.fraction > 0 and s_layout.pp > 1:  # found now, not at the first on-policy step
+            student.model.require_direct_layers("on-policy sampling from pipeline stages (onpolicy.fraction > 0, "
+                                                "student pp > 1)")
         ck = cfg.checkpoint
         if cfg.student.load and not ck.load:
             ck = dataclasses.replace(ck, load=cfg.student.load)
