@@ -29,7 +29,7 @@ the GPU, counting its read and its write). Bytes that must move:
 ``shard = V/8`` is the work of one rank of a TP=8 split (its 1/8 of the columns, the whole
 payload) on one GPU, without the all-reduces. Dense and Liger baselines have no top-k and no
 sharding: they run at k = 64 on the full vocabulary only. Loss: JSD beta = 0.5, tau = 1, tail
-bucket with the teacher's log-normaliser, bf16 logits (fp32 on CPU), grad_output = 1 (so the
+bucket with the teacher's tail log-mass, bf16 logits (fp32 on CPU), grad_output = 1 (so the
 fused backward skips its scaling pass), input validation off (it costs one small reduction and a
 host sync per call).
 
@@ -103,7 +103,7 @@ def make_inputs(tokens, vocab, k, shard, dtype, device, need_teacher):
     offset = torch.randint(0, vocab, (tokens, 1), generator=g, device=device)
     ids = ((offset + torch.arange(k, device=device) * (vocab // k)) % vocab).to(torch.int32)
     vals = torch.sort(4 * torch.randn(tokens, k, generator=g, device=device), dim=-1, descending=True).values
-    lse = torch.logsumexp(vals, -1) + 0.5  # some mass outside the top-k
+    lse = torch.logsumexp(vals, -1) + 0.5  # the tail's log-mass: some mass outside the top-k
     teacher = (2 * torch.randn(tokens, 1, vocab, generator=g, device=device)).to(dtype) if need_teacher else None
     return student, ids.view(tokens, 1, k), vals.view(tokens, 1, k), lse.view(tokens, 1), teacher
 
@@ -129,7 +129,7 @@ def step_fn(impl, student, ids, vals, lse, teacher, vocab, cfg):
 
         def fwd():
             with single_pass(allow_single):
-                return kd_loss(student, ids, vals, vocab_size=vocab, config=cfg, teacher_lse_SB=lse,
+                return kd_loss(student, ids, vals, vocab_size=vocab, config=cfg, teacher_tail_lse_SB=lse,
                                validate=False, impl=which)[0]
     elif impl == "dense_torch_jsd":
         def fwd():

@@ -107,7 +107,7 @@ class ColocatedStep:
         def loss_func(logits_SBVl, total_tokens):
             ids, values, lse = self.queue.pop(0)
             loss, rep = kd_loss(logits_SBVl, ids, values, vocab_size=self.scfg.vocab_size, config=self.loss_cfg,
-                                num_tokens=total_tokens, teacher_lse_SB=lse)
+                                num_tokens=total_tokens, teacher_tail_lse_SB=lse)
             return loss, m.loss_mask.sum(), {"tokens": rep["tokens"]}
         return out, loss_func
 

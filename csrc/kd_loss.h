@@ -49,14 +49,14 @@ struct KDPass2Args {
   const int32_t* ids;          // [rows, k]
   int k;
   const float* values;         // [rows, k] teacher logits or log-probs
-  const float* teacher_lse;    // [rows] (values_mode == 1) or nullptr
+  const float* teacher_tail_lse;  // [rows] logsumexp(z / tau) outside K (values_mode == 1) or nullptr
   const int64_t* labels;       // [rows] or nullptr
   const float* m2;             // [rows], global
   const float* stats;          // [rows, 4 + k], global
   const float* row_weight;     // [rows]
   float tau, beta, kd_scale, alpha, log_floor;
   int divergence;              // 0 forward KL, 1 reverse KL, 2 JSD with 0 < beta < 1
-  int values_mode;             // 0 log-probs, 1 logits with teacher_lse, 2 logits normalised over K
+  int values_mode;             // 0 log-probs, 1 logits with teacher_tail_lse, 2 logits normalised over K
   bool tail;                   // tail bucket (true) or renormalisation over K (false)
   bool has_tail;               // k < vocab_size: the tail bucket exists
   void* grad;                  // out [rows, vl] in the logits dtype, or nullptr (loss only)

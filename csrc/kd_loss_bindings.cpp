@@ -61,9 +61,9 @@ const int64_t* optional_labels(const std::optional<at::Tensor>& labels, const at
   return labels->data_ptr<int64_t>();
 }
 
-// Checks shared by kd_pass2 and kd_fused_single; returns (teacher lse, labels) pointers.
+// Checks shared by kd_pass2 and kd_fused_single; returns (teacher tail lse, labels) pointers.
 std::pair<const float*, const int64_t*> check_pass2_inputs(const at::Tensor& logits, const at::Tensor& values,
-                                                           const std::optional<at::Tensor>& teacher_lse,
+                                                           const std::optional<at::Tensor>& teacher_tail_lse,
                                                            const std::optional<at::Tensor>& labels,
                                                            const at::Tensor& row_weight, int64_t divergence,
                                                            double beta, int64_t values_mode, double alpha,
@@ -79,9 +79,10 @@ std::pair<const float*, const int64_t*> check_pass2_inputs(const at::Tensor& log
   TORCH_CHECK(alpha >= 0 && alpha <= 1, op, ": alpha must be in [0, 1], got ", alpha);
   const float* lse = nullptr;
   if (values_mode == 1) {
-    TORCH_CHECK(teacher_lse.has_value() && teacher_lse->defined(), op, ": values_mode 1 needs teacher_lse");
-    check_tensor(*teacher_lse, logits, op, "teacher lse", at::kFloat, {rows});
-    lse = teacher_lse->data_ptr<float>();
+    TORCH_CHECK(teacher_tail_lse.has_value() && teacher_tail_lse->defined(), op,
+                ": values_mode 1 needs teacher_tail_lse");
+    check_tensor(*teacher_tail_lse, logits, op, "teacher tail lse", at::kFloat, {rows});
+    lse = teacher_tail_lse->data_ptr<float>();
   }
   const int64_t* lab = optional_labels(labels, logits, op);
   TORCH_CHECK(alpha == 0 || lab != nullptr, op, ": alpha > 0 needs labels");
@@ -103,7 +104,7 @@ kdtrain::KDPass2Args pass2_args(const at::Tensor& logits, const at::Tensor& ids,
   a.ids = ids.data_ptr<int32_t>();
   a.k = static_cast<int>(ids.size(1));
   a.values = values.data_ptr<float>();
-  a.teacher_lse = lse;
+  a.teacher_tail_lse = lse;
   a.labels = lab;
   a.m2 = nullptr;
   a.stats = nullptr;
@@ -160,7 +161,8 @@ std::vector<at::Tensor> kd_pass1(const at::Tensor& logits, const at::Tensor& ids
 }
 
 std::vector<at::Tensor> kd_pass2(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& values,
-                                 const std::optional<at::Tensor>& teacher_lse, const std::optional<at::Tensor>& labels,
+                                 const std::optional<at::Tensor>& teacher_tail_lse,
+                                 const std::optional<at::Tensor>& labels,
                                  const at::Tensor& m2, const at::Tensor& stats, const at::Tensor& row_weight,
                                  int64_t start, int64_t real, double tau, int64_t divergence, double beta, bool tail,
                                  bool has_tail, int64_t values_mode, double kd_scale, double alpha, double log_floor,
@@ -171,7 +173,7 @@ std::vector<at::Tensor> kd_pass2(const at::Tensor& logits, const at::Tensor& ids
   const int64_t rows = logits.size(0), k = ids.size(1);
   check_tensor(m2, logits, op, "row max m2", at::kFloat, {rows});
   check_tensor(stats, logits, op, "stats", at::kFloat, {rows, 4 + k});
-  const auto [lse, lab] = check_pass2_inputs(logits, values, teacher_lse, labels, row_weight, divergence, beta,
+  const auto [lse, lab] = check_pass2_inputs(logits, values, teacher_tail_lse, labels, row_weight, divergence, beta,
                                              values_mode, alpha, k, op);
   at::Tensor grad = write_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   at::Tensor terms = at::empty({rows, 2}, logits.options().dtype(at::kFloat));
@@ -214,7 +216,7 @@ std::tuple<int64_t, int64_t, std::string> kd_single_info(const at::Tensor& logit
 }
 
 std::vector<at::Tensor> kd_fused_single(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& values,
-                                        const std::optional<at::Tensor>& teacher_lse,
+                                        const std::optional<at::Tensor>& teacher_tail_lse,
                                         const std::optional<at::Tensor>& labels, const at::Tensor& row_weight,
                                         int64_t start, int64_t real, double tau, int64_t divergence, double beta,
                                         bool tail, bool has_tail, int64_t values_mode, double kd_scale, double alpha,
@@ -223,7 +225,7 @@ std::vector<at::Tensor> kd_fused_single(const at::Tensor& logits, const at::Tens
   check_logits_ids(logits, ids, start, real, tau, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), k = ids.size(1);
-  const auto [lse, lab] = check_pass2_inputs(logits, values, teacher_lse, labels, row_weight, divergence, beta,
+  const auto [lse, lab] = check_pass2_inputs(logits, values, teacher_tail_lse, labels, row_weight, divergence, beta,
                                              values_mode, alpha, k, op);
   const kdtrain::KDSinglePlan plan = single_plan(logits, k);
   TORCH_CHECK(plan.cluster > 0, op, ": the single-read path is unavailable for logits of shape ", logits.sizes(),
@@ -255,13 +257,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("ids"), py::arg("labels"), py::arg("start"), py::arg("real"), py::arg("tau"),
         py::arg("dense"), py::arg("ce"));
   m.def("kd_pass2", &kd_pass2, "Pass 2: per-token loss terms and the gradient of the shard",
-        py::arg("logits"), py::arg("ids"), py::arg("values"), py::arg("teacher_lse"), py::arg("labels"),
+        py::arg("logits"), py::arg("ids"), py::arg("values"), py::arg("teacher_tail_lse"), py::arg("labels"),
         py::arg("m2"), py::arg("stats"), py::arg("row_weight"), py::arg("start"), py::arg("real"), py::arg("tau"),
         py::arg("divergence"), py::arg("beta"), py::arg("tail"), py::arg("has_tail"), py::arg("values_mode"),
         py::arg("kd_scale"), py::arg("alpha"), py::arg("log_floor"), py::arg("write_grad"));
   m.def("kd_fused_single", &kd_fused_single,
         "Single-read path (one vocab shard, sm_90+): pass 1 + pass 2 in one cluster kernel, same result as kd_pass2",
-        py::arg("logits"), py::arg("ids"), py::arg("values"), py::arg("teacher_lse"), py::arg("labels"),
+        py::arg("logits"), py::arg("ids"), py::arg("values"), py::arg("teacher_tail_lse"), py::arg("labels"),
         py::arg("row_weight"), py::arg("start"), py::arg("real"), py::arg("tau"), py::arg("divergence"),
         py::arg("beta"), py::arg("tail"), py::arg("has_tail"), py::arg("values_mode"), py::arg("kd_scale"),
         py::arg("alpha"), py::arg("log_floor"), py::arg("write_grad"));

@@ -241,7 +241,11 @@ __device__ inline RowTerms row_terms(const KDPass2Args& a, int64_t row, const Ro
                                      float* lq, float* aux, float* red) {
   const int k = a.k;
   const float tau = a.tau;
-  const float lse_t = a.values_mode == 1 ? a.teacher_lse[row] : 0.f;
+  // values_mode 1 in tail mode: the teacher's distribution is the softmax over K and one more
+  // outcome, the tail, whose logit is the teacher's own logsumexp over the ids outside K (exact
+  // for a confident teacher, where 1 - sum_K p would be lost in rounding).
+  const bool own_tail = a.values_mode == 1 && a.tail;
+  const float tail_t = own_tail ? a.teacher_tail_lse[row] : kNegInf;
   const float* vals = a.values + row * k;
 
   // Step 1: s_K = z_K / tau and the teacher's (possibly unnormalised) log p at K.
@@ -249,7 +253,7 @@ __device__ inline RowTerms row_terms(const KDPass2Args& a, int64_t row, const Ro
   for (int i = threadIdx.x; i < k; i += kThreads) {
     const float s = zK[i] / tau;  // divisions here (k per row) keep s and log p correctly rounded
     const float v = vals[i];
-    const float lp = a.values_mode == 0 ? v : v / tau - lse_t;
+    const float lp = a.values_mode == 0 ? v : v / tau;
     lq[i] = s;
     aux[i] = lp;
     mx_p = fmaxf(mx_p, lp);
@@ -258,11 +262,11 @@ __device__ inline RowTerms row_terms(const KDPass2Args& a, int64_t row, const Ro
   // Step 2: normalisers. Each log-distribution is (x - shift) - log(sum): subtracting the shift
   // first (x and shift are close) keeps the large parts exact instead of rounding shift + log(sum).
   float shift_p = 0.f, lsum_p = 0.f;
-  if (a.values_mode == 2 || !a.tail) {
-    shift_p = block_max(mx_p, red);
+  if (a.values_mode != 0 || !a.tail) {
+    shift_p = fmaxf(block_max(mx_p, red), tail_t);
     float acc = 0.f;
     for (int i = threadIdx.x; i < k; i += kThreads) acc += expf(aux[i] - shift_p);
-    lsum_p = logf(block_sum(acc, red));
+    lsum_p = logf(block_sum(acc, red) + (own_tail ? expf(tail_t - shift_p) : 0.f));
   }
   float shift_q, lsum_q;
   if (a.tail) {
@@ -293,9 +297,16 @@ __device__ inline RowTerms row_terms(const KDPass2Args& a, int64_t row, const Ro
   r.A = 0.f;
   // Step 4: the tail bucket (every thread computes the same scalars).
   if (a.tail && a.has_tail) {
-    // Teacher logits without a normaliser are normalised over K: their tail is 0 by definition.
-    const float Pt = a.values_mode == 2 ? 0.f : fmaxf(1.f - block_sum(p_loc, red), 0.f);
-    const float logPt = Pt > 0.f ? logf(Pt) : a.log_floor;
+    // Teacher logits without a tail are normalised over K: their tail is 0 by definition.
+    // Log-probs: the tail is what K leaves of 1.
+    float Pt, logPt;
+    if (own_tail) {
+      logPt = fmaxf((tail_t - shift_p) - lsum_p, a.log_floor);
+      Pt = expf(logPt);
+    } else {
+      Pt = a.values_mode == 2 ? 0.f : fmaxf(1.f - block_sum(p_loc, red), 0.f);
+      logPt = Pt > 0.f ? logf(Pt) : a.log_floor;
+    }
     const bool tpos = rs.T > 0.f;
     const float logQt = tpos ? logf(rs.T) - logf(rs.Z) : a.log_floor;
     const float Qt = expf(logQt);

@@ -8,11 +8,13 @@
 // ----------------------------------------------------------------------------------------------
 // Notation (one row). z: student logits of the full vocabulary (this block sees one shard),
 // s = z / tau, lse = log sum_j exp(s_j) over all real columns of all shards, q_j = exp(s_j - lse).
-// K: the teacher's k distinct top ids; p_i the teacher probabilities at K (from its logits and
-// log-normaliser, or its log-probs, or normalised over K when no normaliser was sent).
+// K: the teacher's k distinct top ids; p_i the teacher probabilities at K: from its logits and
+// the logsumexp of its logits outside K (the softmax over K and the tail as one more outcome), or
+// its log-probs, or normalised over K when no tail was sent.
 //
 // Support of the divergence, n outcomes:
-//   tail mode   : i in K plus, when k < V, the tail bucket t with P_t = max(0, 1 - sum_K p),
+//   tail mode   : i in K plus, when k < V, the tail bucket t with P_t = exp(tail - lse_T) from the
+//                 teacher's own tail sum (log-probs: max(0, 1 - sum_K p)),
 //                 Q_t = T / Z where T = sum_{j not in K} exp(s_j - m), Z = sum_j exp(s_j - m).
 //                 An empty bucket's log is floored at log_floor (its 0 * log 0 terms vanish).
 //   renorm mode : i in K, P_i = p_i / sum_K p, Q_i = exp(s_{K_i}) / sum_K exp(s_K).

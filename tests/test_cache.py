@@ -75,12 +75,15 @@ def test_record_round_trip_and_topk_prefix(dtype):
     rec = layout.encode(tokens, ids, vals, lse)
     assert rec.shape == (B, layout.record_bytes) and layout.record_bytes % 8 == 0
     d = layout.decode(rec)
-    assert torch.equal(d["tokens"], tokens) and torch.equal(d["ids"], ids) and torch.equal(d["lse"], lse)
+    assert torch.equal(d["tokens"], tokens) and torch.equal(d["ids"], ids) and torch.equal(d["tail_lse"], lse)
     assert [int(c) for c in d["checksum"]] == [int(token_checksum(tokens[b])) for b in range(B)]
     ref = decode_values(encode_values(vals, dtype), dtype)
     assert torch.equal(d["values"], ref)
-    d2 = layout.decode(rec, k=2)
+    d2 = layout.decode(rec, k=2, tau=0.7)
     assert torch.equal(d2["ids"], ids[..., :2]) and torch.equal(d2["values"], ref[..., :2])
+    # The dropped entries join the tail, as a live teacher at top-2 sends it.
+    want = torch.logsumexp(torch.cat([ref[..., 2:].float() / 0.7, lse.unsqueeze(-1)], -1), -1)
+    torch.testing.assert_close(d2["tail_lse"], want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])
@@ -103,12 +106,14 @@ def test_target_records_hold_the_flagged_positions_only(dtype):
     assert len(recs[1]) == layout.head_bytes and len(recs[2]) == layout.max_record_bytes
     d, ref = layout.decode(recs), full.decode(full.encode(tokens, ids, vals, lse))
     m = torch.from_numpy(flags).t()
-    for name in ("ids", "values", "lse"):
+    for name in ("ids", "values", "tail_lse"):
         assert torch.equal(d[name][m], ref[name][m]), name
     assert torch.equal(d["tokens"], tokens) and torch.equal(d["checksum"], ref["checksum"])
     assert torch.equal(d["targets"], torch.from_numpy(flags))
-    assert bool(torch.isfinite(d["values"].float()).all()) and bool(torch.isfinite(d["lse"]).all())
-    assert torch.equal(layout.decode(recs, k=2)["ids"][m], ref["ids"][..., :2][m])
+    assert bool(torch.isfinite(d["values"].float()).all()) and bool(torch.isfinite(d["tail_lse"]).all())
+    d2, ref2 = layout.decode(recs, k=2, tau=0.7), full.decode(full.encode(tokens, ids, vals, lse), k=2, tau=0.7)
+    for name in ("ids", "values", "tail_lse"):
+        assert torch.equal(d2[name][m], ref2[name][m]), name
     bad = recs[0].copy()
     bad[8] += 1  # the target count no longer matches the record
     with pytest.raises(ValueError, match="does not hold"):
@@ -205,7 +210,7 @@ def _write_caches(rank, world, corpus, chat_corpus, root):
             mb = make_microbatch(np.stack([dataset.train_sample(g) for g in range(s0, s0 + MB)]), torch.device("cpu"))
             p = teacher.serve(mb)
             assert int(p.checksum) == int(token_checksum(mb.tokens))
-            out.append({"ids": p.ids.clone(), "values": p.values.clone(), "lse": p.lse.clone(),
+            out.append({"ids": p.ids.clone(), "values": p.values.clone(), "tail_lse": p.tail_lse.clone(),
                         "checksum": p.checksum.clone(), "tokens": mb.tokens.clone()})
         ref[name] = out
     torch.save(ref, root / "live.pt")
@@ -237,7 +242,7 @@ def test_cache_returns_the_live_teachers_payload_bitwise(caches):
             for j, want in enumerate(live[ref]):
                 p = reader.payload(list(range(j * MB, (j + 1) * MB)), _spec(spec_dtype))
                 assert p.values.dtype == spec_dtype and p.ids.dtype == torch.int32
-                assert torch.equal(p.ids, want["ids"]) and torch.equal(p.lse, want["lse"]), (cache, j)
+                assert torch.equal(p.ids, want["ids"]) and torch.equal(p.tail_lse, want["tail_lse"]), (cache, j)
                 assert torch.equal(p.values, want["values"]), (cache, j)
                 assert int(p.checksum) == int(want["checksum"]) == int(token_checksum(want["tokens"]))
                 assert torch.equal(reader.tokens(range(j * MB, (j + 1) * MB)), want["tokens"])
@@ -250,7 +255,7 @@ def test_fp8_cache_is_within_the_documented_bound_and_smaller_k_is_a_prefix(cach
         for j, want in enumerate(live):
             ids = list(range(j * MB, (j + 1) * MB))
             p = fp8.payload(ids, _spec(torch.float32))
-            assert torch.equal(p.ids, want["ids"]) and torch.equal(p.lse, want["lse"])
+            assert torch.equal(p.ids, want["ids"]) and torch.equal(p.tail_lse, want["tail_lse"])
             assert bool(((p.values - want["values"]).abs() <= fp8_error_bound(want["values"])).all())
             q = fp32.payload(ids, _spec(torch.float32, k=5))
             assert torch.equal(q.ids, want["ids"][..., :5]) and torch.equal(q.values, want["values"][..., :5])
@@ -273,7 +278,7 @@ def test_killed_job_resumes_to_a_byte_identical_cache(caches, name, resumed):
 @pytest.mark.slow
 def test_targets_cache_serves_the_targets_and_is_smaller(caches):
     """positions: targets on conversations: at every target position (the replies) the payload is
-    the all-positions cache's (the same ids; values and log-normaliser to fp32 rounding, as the
+    the all-positions cache's (the same ids; values and tail log-mass to fp32 rounding, as the
     teacher computes the targets' logits alone); the prompts are not stored."""
     from kdtrain.training.pretrain import open_dataset
 
@@ -289,7 +294,7 @@ def test_targets_cache_serves_the_targets_and_is_smaller(caches):
             m = torch.stack([torch.from_numpy(ds.train_loss_mask(g)) for g in ids]).t()
             targets += int(m.sum())
             assert torch.equal(a.ids[m], b.ids[m]), j
-            for name in ("values", "lse"):  # the targets' logits come from a smaller matrix product
+            for name in ("values", "tail_lse"):  # the targets' logits come from a smaller matrix product
                 torch.testing.assert_close(getattr(a, name)[m], getattr(b, name)[m], rtol=1e-6, atol=1e-6,
                                            msg=lambda e: f"{j} {name}: {e}")
             assert int(a.checksum) == int(b.checksum)
@@ -475,7 +480,7 @@ def test_prefetch_serves_in_order_skips_and_falls_back(caches):
         assert not consumer.is_alive(), "payload() of a micro-batch behind skipped, finished ones never returned"
         assert torch.equal(got[0].ids, live[3]["ids"])
         p = reader.payload(mbs[2], spec)  # not announced (any more): decoded synchronously
-        assert torch.equal(p.lse, live[2]["lse"])
+        assert torch.equal(p.tail_lse, live[2]["tail_lse"])
         reader.prefetch(mbs[:3], spec)
         reader.cancel()
         assert reader.pending() == 0

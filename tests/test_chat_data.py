@@ -493,4 +493,4 @@ def test_logits_are_computed_at_the_targets_only(world_of_one):
     m = torch.from_numpy(targets.T)
     assert torch.equal(part.ids[m], whole.ids[m]) and int(part.checksum) == int(whole.checksum)
     torch.testing.assert_close(part.values[m], whole.values[m], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(part.lse[m], whole.lse[m], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(part.tail_lse[m], whole.tail_lse[m], rtol=1e-6, atol=1e-6)

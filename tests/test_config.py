@@ -153,7 +153,7 @@ def test_out_of_range_values_name_the_field(tmp_path, override, field):
 @pytest.mark.parametrize("overrides,field", [
     # the same initial weights given twice
     (["student.load=a", "checkpoint.load=b"], "student.load"),
-    # a run's teachers send logits and the log-normaliser
+    # a run's teachers send logits and the tail's log-mass
     (["loss.values_are_logprobs=true"], "loss.values_are_logprobs"),
     # a token id excluded from the KD and CE terms but not from the held-out losses
     (["loss.ignore_index=2"], "loss.ignore_index"),

@@ -72,7 +72,7 @@ def _host_checks(lib_path: str) -> None:
     class Pass2(C.Structure):
         _fields_ = [("logits", C.c_void_p), ("rows", C.c_int64), ("vl", C.c_int64), ("start", C.c_int64),
                     ("real", C.c_int64), ("ids", C.c_void_p), ("k", C.c_int), ("values", C.c_void_p),
-                    ("teacher_lse", C.c_void_p), ("labels", C.c_void_p), ("m2", C.c_void_p), ("stats", C.c_void_p),
+                    ("teacher_tail_lse", C.c_void_p), ("labels", C.c_void_p), ("m2", C.c_void_p), ("stats", C.c_void_p),
                     ("row_weight", C.c_void_p), ("tau", C.c_float), ("beta", C.c_float), ("kd_scale", C.c_float),
                     ("alpha", C.c_float), ("log_floor", C.c_float), ("divergence", C.c_int),
                     ("values_mode", C.c_int), ("tail", C.c_bool), ("has_tail", C.c_bool), ("grad", C.c_void_p),
@@ -111,36 +111,36 @@ def _host_checks(lib_path: str) -> None:
            torch.float16: (1e-4, 2.0 ** -9, 1e-4)}
     failures = []
 
-    def data(S, V, Vl, k, dtype, seed, tau, mode="lse", misaligned=False):
+    def data(S, V, Vl, k, dtype, seed, tau, mode="tail_lse", misaligned=False):
         g = torch.Generator().manual_seed(seed)
         student = (3 * torch.randn(S, 1, Vl, generator=g)).to(dtype)
         if misaligned:  # storage offset of one element: rows and base not 16-byte aligned
             student = torch.cat([torch.zeros(1, dtype=dtype), student.flatten()])[1:].view(S, 1, Vl)
         teacher = 3 * torch.randn(S, 1, V, generator=g)
         vals, ids = torch.topk(teacher, k, dim=-1)
-        lse = torch.logsumexp(teacher / tau, -1)
+        tail = torch.logsumexp((teacher / tau).scatter(-1, ids, float("-inf")), -1)
         if mode == "logprobs":
-            vals = vals / tau - lse[..., None]
+            vals = vals / tau - torch.logsumexp(teacher / tau, -1)[..., None]
         labels = torch.randint(0, V, (S, 1), generator=g)
         mask = (torch.rand(S, 1, generator=g) > 0.2).float()
         mask[-1] = 1.0  # at least one valid token
         if S > 2:
             labels[0, 0] = -100
-        return student, ids.int(), vals, (lse if mode == "lse" else None), labels, mask
+        return student, ids.int(), vals, (tail if mode == "tail_lse" else None), labels, mask
 
     def run(host, student, ids, vals, lse, labels, mask, cfg, vocab, scale):
         if not host:
             student, vals = student.double(), vals.double()
             lse = lse.double() if lse is not None else None
         x = student.clone().requires_grad_()
-        kw = dict(vocab_size=vocab, config=cfg, teacher_lse_SB=lse, labels_SB=labels, loss_mask_SB=mask,
+        kw = dict(vocab_size=vocab, config=cfg, teacher_tail_lse_SB=lse, labels_SB=labels, loss_mask_SB=mask,
                   num_tokens=None, validate=True)
         loss, rep = (_kd_loss_two_pass(x, ids, vals, backend=backend, tp_group=None, **kw) if host
                      else kd_loss(x, ids, vals, impl="reference", **kw))
         (scale * loss).backward()
         return loss.detach(), x.grad
 
-    def check(name, cfg, dtype, shape, mode="lse", misaligned=False, scale=2.0):
+    def check(name, cfg, dtype, shape, mode="tail_lse", misaligned=False, scale=2.0):
         S, V, Vl, k = shape
         d = data(S, V, Vl, k, dtype, seed=len(failures) + S + k, tau=cfg.tau, mode=mode, misaligned=misaligned)
         (la, ga), (lb, gb) = run(True, *d, cfg, V, scale), run(False, *d, cfg, V, scale)
@@ -157,7 +157,7 @@ def _host_checks(lib_path: str) -> None:
     for (div, beta), tail, dtype in itertools.product(divs, ["tail", "renorm"], [torch.float32, torch.bfloat16]):
         cfg = KDLossConfig(divergence=div, beta=beta, tail=tail, tau=1.5, scale_by_tau_sq=True, alpha=0.2)
         check(f"{div}(beta={beta}) {tail}", cfg, dtype, (4, 1271, 1280, 50))
-    for mode, dtype in itertools.product(["lse", "logits", "logprobs"], [torch.float32, torch.float16]):
+    for mode, dtype in itertools.product(["tail_lse", "logits", "logprobs"], [torch.float32, torch.float16]):
         cfg = KDLossConfig(divergence="jsd", beta=0.3, values_are_logprobs=mode == "logprobs", alpha=0.1)
         check(f"odd 3x1271 k=401 values={mode}", cfg, dtype, (3, 1271, 1271, 401), mode=mode)
     cfg = KDLossConfig(divergence="jsd", beta=0.5, alpha=0.1, tau=0.8)
@@ -225,7 +225,7 @@ def _single_checks(lib_path: str) -> None:
     class Pass2(C.Structure):
         _fields_ = [("logits", C.c_void_p), ("rows", C.c_int64), ("vl", C.c_int64), ("start", C.c_int64),
                     ("real", C.c_int64), ("ids", C.c_void_p), ("k", C.c_int), ("values", C.c_void_p),
-                    ("teacher_lse", C.c_void_p), ("labels", C.c_void_p), ("m2", C.c_void_p), ("stats", C.c_void_p),
+                    ("teacher_tail_lse", C.c_void_p), ("labels", C.c_void_p), ("m2", C.c_void_p), ("stats", C.c_void_p),
                     ("row_weight", C.c_void_p), ("tau", C.c_float), ("beta", C.c_float), ("kd_scale", C.c_float),
                     ("alpha", C.c_float), ("log_floor", C.c_float), ("divergence", C.c_int),
                     ("values_mode", C.c_int), ("tail", C.c_bool), ("has_tail", C.c_bool), ("grad", C.c_void_p),
@@ -255,7 +255,7 @@ def _single_checks(lib_path: str) -> None:
             perms[1] = torch.cat([ends, perms[1][(perms[1] != 0) & (perms[1] != real - 1)]])
         ids = torch.stack([q[:k] for q in perms]).int()
         vals = torch.sort(3 * torch.randn(rows, k, generator=g), -1, descending=True).values
-        lse = torch.logsumexp(vals, -1) + 0.5
+        tail_lse = torch.logsumexp(vals, -1) + 0.5  # some mass outside K
         if mode == 0:
             vals = vals / tau - (torch.logsumexp(vals / tau, -1) + 0.3)[:, None]
         labels = torch.randint(0, real, (rows,), generator=g)
@@ -265,11 +265,11 @@ def _single_checks(lib_path: str) -> None:
             grad = torch.empty_like(logits) if write_grad else torch.empty(0)
             terms = torch.empty(rows, 2)
             lab = labels if alpha > 0 else None
-            a = Pass2(ptr(logits), rows, vl, 0, real, ptr(ids), k, ptr(vals), ptr(lse) if mode == 1 else None,
+            a = Pass2(ptr(logits), rows, vl, 0, real, ptr(ids), k, ptr(vals), ptr(tail_lse) if mode == 1 else None,
                       ptr(lab), None, None, ptr(rw), tau, 0.4, 1.5, alpha, LOG_FLOOR, div, mode, tail, k < real,
                       ptr(grad) if write_grad else None, ptr(terms))
             rc = lib.emu_single(codes[dtype], C.byref(a), cluster)
-            g_e, t_e = emu.fused_single(logits, ids, vals, lse if mode == 1 else None, lab, rw, 0, real, tau, div,
+            g_e, t_e = emu.fused_single(logits, ids, vals, tail_lse if mode == 1 else None, lab, rw, 0, real, tau, div,
                                         0.4, tail, k < real, mode, 1.5, alpha, LOG_FLOOR, write_grad)
             ok = rc == 0 and torch.allclose(terms, t_e.float(), rtol=1e-5, atol=1e-6)
             if write_grad:

@@ -54,8 +54,14 @@ def make_data(S=5, B=3, V=37, seed=0, dtype=torch.float64, scale=2.0):
 
 
 def topk(teacher, k, tau):
+    """(ids, values, the teacher's tail log-mass: logsumexp of teacher / tau outside the top-k)."""
     vals, ids = torch.topk(teacher, k, dim=-1)
-    return ids.to(torch.int32), vals, torch.logsumexp(teacher / tau, -1)
+    return ids.to(torch.int32), vals, torch.logsumexp((teacher / tau).scatter(-1, ids, float("-inf")), -1)
+
+
+def full_lse(vals, tail, tau):
+    """The teacher's whole log-normaliser from its top-k logits and tail log-mass."""
+    return torch.logaddexp(torch.logsumexp(vals / tau, -1), tail)
 
 
 def run(impl, student, ids, vals, grad_scale=1.0, **kw):
@@ -79,7 +85,7 @@ def test_k_equal_v_matches_dense_fp64(impl, div, beta, tail, tau, sq):
     cfg = KDLossConfig(divergence=div, beta=beta, tau=tau, scale_by_tau_sq=sq, tail=tail)
     student, teacher, _ = make_data()
     ids, vals, lse = topk(teacher, teacher.shape[-1], tau)
-    loss, grad, rep = run(impl, student, ids, vals, vocab_size=37, config=cfg, teacher_lse_SB=lse)
+    loss, grad, rep = run(impl, student, ids, vals, vocab_size=37, config=cfg, teacher_tail_lse_SB=lse)
     y = student.clone().requires_grad_()
     ref = dense(y, teacher, cfg).mean()
     ref.backward()
@@ -96,14 +102,14 @@ def test_trl_convention(beta):
     student, teacher, _ = make_data(seed=7)
     cfg = KDLossConfig(divergence="jsd", beta=beta, tau=1.3)
     ids, vals, lse = topk(teacher, 37, 1.3)
-    loss, _ = kd_loss_reference(student, ids, vals, vocab_size=37, config=cfg, teacher_lse_SB=lse)
+    loss, _ = kd_loss_reference(student, ids, vals, vocab_size=37, config=cfg, teacher_tail_lse_SB=lse)
     expect = trl_dense(student, teacher, beta, 1.3)
     torch.testing.assert_close(loss, expect.mean(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(kd_dense_reference(student, teacher, cfg), expect, rtol=1e-10, atol=1e-12)
     named = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta)
     if named:
         same, _ = kd_loss_reference(student, ids, vals, vocab_size=37, config=KDLossConfig(divergence=named, tau=1.3),
-                                    teacher_lse_SB=lse)
+                                    teacher_tail_lse_SB=lse)
         torch.testing.assert_close(loss, same, rtol=0, atol=0)
     else:  # symmetric at 0.5: swapping the roles gives the same value
         assert 0 < float(loss) < math.log(2)
@@ -117,7 +123,7 @@ def test_tail_bucket_equals_dense_over_k_plus_one_outcomes(impl):
     cfg = KDLossConfig(divergence="jsd", beta=0.3, tau=1.5)
     student, teacher, _ = make_data(V=50)
     ids, vals, lse = topk(teacher, 7, cfg.tau)
-    loss, _, _ = run(impl, student, ids, vals, vocab_size=50, config=cfg, teacher_lse_SB=lse)
+    loss, _, _ = run(impl, student, ids, vals, vocab_size=50, config=cfg, teacher_tail_lse_SB=lse)
     p, q = F.softmax(teacher / cfg.tau, -1), F.softmax(student / cfg.tau, -1)
     pk, qk = p.gather(-1, ids.long()), q.gather(-1, ids.long())
     P = torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], -1)
@@ -141,8 +147,8 @@ def test_renorm_and_teacher_value_modes(impl):
     torch.testing.assert_close(loss, (P * (P.log() - logQ)).sum(-1).mean(), rtol=1e-10, atol=1e-12)
 
     cfg_t = KDLossConfig(divergence="reverse_kl", tau=tau)
-    with_lse, g1, _ = run(impl, student, ids, vals, vocab_size=40, config=cfg_t, teacher_lse_SB=lse)
-    logprobs = vals / tau - lse[..., None]
+    with_lse, g1, _ = run(impl, student, ids, vals, vocab_size=40, config=cfg_t, teacher_tail_lse_SB=lse)
+    logprobs = vals / tau - full_lse(vals, lse, tau)[..., None]
     cfg_lp = KDLossConfig(divergence="reverse_kl", tau=tau, values_are_logprobs=True)
     as_lp, g2, _ = run(impl, student, ids, logprobs, vocab_size=40, config=cfg_lp)
     torch.testing.assert_close(with_lse, as_lp, rtol=1e-12, atol=1e-12)
@@ -165,7 +171,7 @@ def test_gradcheck_reference_fp64(div, beta, tail):
     ids, vals, lse = topk(teacher, 4, cfg.tau)
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
     x = student.clone().requires_grad_()
-    f = lambda x: kd_loss_reference(x, ids, vals, vocab_size=11, config=cfg, teacher_lse_SB=lse, labels_SB=labels,
+    f = lambda x: kd_loss_reference(x, ids, vals, vocab_size=11, config=cfg, teacher_tail_lse_SB=lse, labels_SB=labels,
                                     loss_mask_SB=mask, num_tokens=7.0)[0]
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
 
@@ -180,7 +186,7 @@ def test_emulated_gradient_is_the_finite_difference_fp64(div, beta, tail):
     student = torch.cat([student, torch.zeros(2, 2, 2, dtype=torch.float64)], -1)  # 2 padding columns
     ids, vals, lse = topk(teacher, 3, cfg.tau)
     mask = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
-    kw = dict(vocab_size=9, config=cfg, teacher_lse_SB=lse, labels_SB=labels, loss_mask_SB=mask, num_tokens=5.0)
+    kw = dict(vocab_size=9, config=cfg, teacher_tail_lse_SB=lse, labels_SB=labels, loss_mask_SB=mask, num_tokens=5.0)
     _, grad, _ = run("emulated", student, ids, vals, **kw)
     fd = torch.zeros_like(student)
     h = 1e-6
@@ -202,7 +208,7 @@ def _variants():
     out = []
     for div, beta in DIVS:
         for tail in ("tail", "renorm"):
-            for mode in ("lse", "logits", "logprobs"):
+            for mode in ("tail_lse", "logits", "logprobs"):
                 if mode == "logits" and tail == "tail" and (div == "reverse_kl" or (div == "jsd" and beta == 1.0)):
                     continue  # refused: see test_reverse_kl_without_teacher_tail_is_refused
                 out.append((div, beta, tail, mode))
@@ -221,12 +227,12 @@ def test_emulated_equals_reference(div, beta, tail, mode, dtype):
     student = torch.cat([student, torch.randn(5, 3, 3, dtype=dtype)], -1)  # padded table
     ids, vals, lse = topk(teacher, 7, tau)
     if mode == "logprobs":
-        vals = vals / tau - lse[..., None]
+        vals = vals / tau - full_lse(vals, lse, tau)[..., None]
     labels[0, 0] = -100
     mask = torch.ones(5, 3)
     mask[2, 1] = 0
     kw = dict(vocab_size=37, config=cfg, labels_SB=labels, loss_mask_SB=mask,
-              teacher_lse_SB=lse if mode == "lse" else None)
+              teacher_tail_lse_SB=lse if mode == "tail_lse" else None)
     la, ga, ra = run("reference", student, ids, vals, grad_scale=2.5, **kw)
     lb, gb, rb = run("emulated", student, ids, vals, grad_scale=2.5, **kw)
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
@@ -244,7 +250,7 @@ def test_odd_shapes_low_precision(dtype):
     cfg = KDLossConfig(divergence="jsd", beta=0.4, tau=1.2, alpha=0.1)
     student, teacher, labels = make_data(S=41, B=1, V=1271, seed=5, dtype=dtype)
     ids, vals, lse = topk(teacher.float(), 401, cfg.tau)
-    kw = dict(vocab_size=1271, config=cfg, labels_SB=labels, teacher_lse_SB=lse, num_tokens=50)
+    kw = dict(vocab_size=1271, config=cfg, labels_SB=labels, teacher_tail_lse_SB=lse, num_tokens=50)
     la, ga, _ = run("reference", student, ids, vals.to(torch.bfloat16), grad_scale=64.0, **kw)
     lb, gb, _ = run("emulated", student, ids, vals.to(torch.bfloat16), grad_scale=64.0, **kw)
     assert gb.dtype == dtype
@@ -259,7 +265,7 @@ def test_fp16_gradients_keep_their_scale():
     cfg = KDLossConfig()
     student, teacher, _ = make_data(S=4, B=2, V=300, seed=9, dtype=torch.float16, scale=3.0)
     ids, vals, lse = topk(teacher.float(), 8, 1.0)
-    kw = dict(vocab_size=300, config=cfg, teacher_lse_SB=lse, num_tokens=1e6)
+    kw = dict(vocab_size=300, config=cfg, teacher_tail_lse_SB=lse, num_tokens=1e6)
     _, ga, _ = run("reference", student.float(), ids, vals, grad_scale=2.0 ** 16, **kw)
     _, gb, _ = run("emulated", student, ids, vals, grad_scale=2.0 ** 16, **kw)
     nonzero = ga.abs() > 6e-8 * 4  # representable in fp16 after scaling
@@ -278,7 +284,7 @@ def test_masks_ignore_index_and_num_tokens(impl):
     labels[1, :] = -100
     mask = torch.ones(5, 3, dtype=torch.bool)
     mask[3, 2] = False
-    kw = dict(vocab_size=37, config=cfg, teacher_lse_SB=lse)
+    kw = dict(vocab_size=37, config=cfg, teacher_tail_lse_SB=lse)
     loss, grad, rep = run(impl, student, ids, vals, labels_SB=labels, loss_mask_SB=mask, **kw)
     valid = mask & (labels != -100)
     assert rep["tokens"] == valid.sum() == 11
@@ -286,7 +292,7 @@ def test_masks_ignore_index_and_num_tokens(impl):
     # Same loss from the valid tokens alone; an explicit global count rescales the sum.
     keep = valid.flatten()
     sub = lambda t: t.reshape(15, 1, *t.shape[2:])[keep]
-    loss_sub, _, _ = run(impl, sub(student), sub(ids), sub(vals), labels_SB=sub(labels), teacher_lse_SB=sub(lse),
+    loss_sub, _, _ = run(impl, sub(student), sub(ids), sub(vals), labels_SB=sub(labels), teacher_tail_lse_SB=sub(lse),
                          vocab_size=37, config=cfg)
     torch.testing.assert_close(loss, loss_sub, rtol=1e-12, atol=1e-12)
     loss_n, grad_n, rep_n = run(impl, student, ids, vals, labels_SB=labels, loss_mask_SB=mask, num_tokens=44, **kw)
@@ -305,7 +311,7 @@ def test_alpha_mixes_hard_label_cross_entropy(impl):
     student, teacher, labels = make_data()
     labels[0, 0] = -100
     ids, vals, lse = topk(teacher, 37, 2.0)
-    loss, _, rep = run(impl, student, ids, vals, vocab_size=37, config=cfg, teacher_lse_SB=lse, labels_SB=labels)
+    loss, _, rep = run(impl, student, ids, vals, vocab_size=37, config=cfg, teacher_tail_lse_SB=lse, labels_SB=labels)
     valid = labels != -100
     ce = F.cross_entropy(student.reshape(-1, 37), labels.reshape(-1), ignore_index=-100, reduction="sum")
     kd = (dense(student, teacher, cfg) * valid).sum()
@@ -313,7 +319,7 @@ def test_alpha_mixes_hard_label_cross_entropy(impl):
     torch.testing.assert_close(loss, (0.6 * kd + 0.4 * ce) / valid.sum())
     # alpha = 1: pure CE, exactly F.cross_entropy's gradient.
     only_ce, g, _ = run(impl, student, ids, vals, vocab_size=37, config=KDLossConfig(alpha=1.0, tau=2.0),
-                        teacher_lse_SB=lse, labels_SB=labels)
+                        teacher_tail_lse_SB=lse, labels_SB=labels)
     y = student.clone().requires_grad_()
     F.cross_entropy(y.reshape(-1, 37), labels.reshape(-1), ignore_index=-100).backward()
     torch.testing.assert_close(only_ce, ce / valid.sum())
@@ -326,8 +332,8 @@ def test_padding_columns_and_grad_output(impl):
     student, teacher, _ = make_data(V=30)
     padded = torch.cat([student, torch.full((5, 3, 2), 40.0, dtype=torch.float64)], -1)
     ids, vals, lse = topk(teacher, 6, 0.7)
-    loss, gpad, _ = run(impl, padded, ids, vals, grad_scale=3.0, vocab_size=30, config=cfg, teacher_lse_SB=lse)
-    ref, gref, _ = run(impl, student, ids, vals, grad_scale=3.0, vocab_size=30, config=cfg, teacher_lse_SB=lse)
+    loss, gpad, _ = run(impl, padded, ids, vals, grad_scale=3.0, vocab_size=30, config=cfg, teacher_tail_lse_SB=lse)
+    ref, gref, _ = run(impl, student, ids, vals, grad_scale=3.0, vocab_size=30, config=cfg, teacher_tail_lse_SB=lse)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(gpad[..., :30], gref)
     assert gpad[..., 30:].abs().max() == 0
@@ -339,11 +345,11 @@ def test_fused_function_plumbing():
     student, teacher, _ = make_data()
     ids, vals, lse = topk(teacher, 5, 1.0)
     with torch.no_grad():
-        a, _ = kd_loss(student, ids, vals, vocab_size=37, config=cfg, teacher_lse_SB=lse, impl="emulated")
-    b, _ = kd_loss_reference(student, ids, vals, vocab_size=37, config=cfg, teacher_lse_SB=lse)
+        a, _ = kd_loss(student, ids, vals, vocab_size=37, config=cfg, teacher_tail_lse_SB=lse, impl="emulated")
+    b, _ = kd_loss_reference(student, ids, vals, vocab_size=37, config=cfg, teacher_tail_lse_SB=lse)
     torch.testing.assert_close(a, b)
     x = student.clone().requires_grad_()
-    loss, _ = kd_loss(x, ids, vals, vocab_size=37, config=cfg, teacher_lse_SB=lse, impl="emulated")
+    loss, _ = kd_loss(x, ids, vals, vocab_size=37, config=cfg, teacher_tail_lse_SB=lse, impl="emulated")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward twice"):
         loss.backward()
@@ -354,7 +360,7 @@ def test_fused_function_plumbing():
 
 @pytest.mark.parametrize("bad,match", [
     ("id_high", "out of range"), ("id_neg", "out of range"), ("nan", "NaN/inf"), ("inf", "NaN/inf"),
-    ("lse_nan", "log-normaliser contains"), ("shape", "does not match"), ("k_shape", "do not match"),
+    ("lse_nan", "tail log-mass contains"), ("shape", "does not match"), ("k_shape", "do not match"),
     ("k", "exceeds the vocabulary"), ("dup", "repeat an id"), ("ids_float", "int32 or int64"),
     ("vals_int", "floating point"), ("labels", "labels are outside"), ("mask_shape", "loss mask shape"),
     ("device", "are on meta"), ("logprobs", "look like logits"), ("table", "ids beyond the table"),
@@ -367,7 +373,7 @@ def test_bad_payload_gives_a_clear_error(bad, match, impl, validate):
     checks from ``report["check"]()``; either way the same clear error."""
     student, teacher, labels = make_data(V=12)
     ids, vals, lse = topk(teacher, 4, 1.0)
-    kw = dict(vocab_size=12, config=KDLossConfig(alpha=0.5), teacher_lse_SB=lse, labels_SB=labels)
+    kw = dict(vocab_size=12, config=KDLossConfig(alpha=0.5), teacher_tail_lse_SB=lse, labels_SB=labels)
     if bad == "id_high":
         ids[1, 1, 2] = 12
     elif bad == "id_neg":
@@ -425,7 +431,7 @@ def test_kernel_topk_limit_and_reverse_kl_without_teacher_tail():
         for impl in IMPLS:
             with pytest.raises(ValueError, match="needs the teacher's tail mass"):
                 kd_loss(student, ids, vals, vocab_size=1100, config=cfg, impl=impl)
-        kd_loss(student, ids, vals, vocab_size=1100, config=cfg, teacher_lse_SB=lse, impl="reference")  # fine
+        kd_loss(student, ids, vals, vocab_size=1100, config=cfg, teacher_tail_lse_SB=lse, impl="reference")  # fine
     with pytest.raises(ValueError, match="needs labels"):
         kd_loss(student, ids, vals, vocab_size=1100, config=KDLossConfig(alpha=0.1), impl="emulated")
 
@@ -455,11 +461,11 @@ def test_fallback_warns_exactly_once(monkeypatch):
     ids, vals, lse = topk(teacher, 5, 1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        losses = [kd_loss(student, ids, vals, vocab_size=37, config=KDLossConfig(), teacher_lse_SB=lse)[0]
+        losses = [kd_loss(student, ids, vals, vocab_size=37, config=KDLossConfig(), teacher_tail_lse_SB=lse)[0]
                   for _ in range(3)]
     fallback = [w for w in caught if "fused KD loss unavailable" in str(w.message)]
     assert len(fallback) == 1 and "logits on cpu" in str(fallback[0].message)
-    ref, _ = kd_loss_reference(student, ids, vals, vocab_size=37, config=KDLossConfig(), teacher_lse_SB=lse)
+    ref, _ = kd_loss_reference(student, ids, vals, vocab_size=37, config=KDLossConfig(), teacher_tail_lse_SB=lse)
     assert all(torch.equal(x, ref) for x in losses)
     with pytest.raises(ValueError, match="impl='fused' cannot run"):
         kd_loss(student, ids, vals, vocab_size=37, config=KDLossConfig(), impl="fused")
@@ -476,7 +482,7 @@ def test_single_read_dispatch(monkeypatch):
     cfg = KDLossConfig(divergence="jsd", beta=0.5, alpha=0.3, tau=1.5)
     student, teacher, labels = make_data()
     ids, vals, lse = topk(teacher, 5, 1.5)
-    kw = dict(vocab_size=37, config=cfg, teacher_lse_SB=lse, labels_SB=labels)
+    kw = dict(vocab_size=37, config=cfg, teacher_tail_lse_SB=lse, labels_SB=labels)
 
     def fwd_bwd():
         x = student.clone().requires_grad_()
@@ -560,3 +566,30 @@ def test_a_leftover_kernel_build_lock_is_an_error_not_a_hang(monkeypatch, tmp_pa
     threading.Timer(0.2, lock.unlink).start()
     _ext.wait_for_build_lock(timeout_s=30, poll_s=0.05)
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("div", ["reverse_kl", "forward_kl", "jsd"])
+def test_a_confident_teacher_s_tail_is_charged_exactly(impl, div):
+    """A teacher 30 nats sure of one token leaves about 1e-10 to its tail: from its own tail sum
+    the loss equals the divergence over the k + 1 buckets computed from the whole softmax in fp64.
+    (From the whole log-normaliser, 1 - sum_K p rounded to 0 and reverse KL charged a uniform
+    student 86.8 per token for the floor of an empty tail instead of 23.1.)"""
+    V, k = 1000, 8
+    teacher = torch.randn(3, 2, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5
+    teacher[..., 7] = 30.0
+    student = torch.randn(3, 2, V, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.5
+    ids, vals, tail = topk(teacher, k, 1.0)
+    cfg = KDLossConfig(divergence=div, beta=0.5)
+    loss, _, _ = run(impl, student.float(), ids, vals.float(), vocab_size=V, config=cfg,
+                     teacher_tail_lse_SB=tail.float())
+    p, q = F.softmax(teacher, -1), F.softmax(student, -1)
+    pk, qk = p.gather(-1, ids.long()), q.gather(-1, ids.long())
+    p_tail = torch.exp(torch.logsumexp(teacher.scatter(-1, ids.long(), float("-inf")), -1)
+                       - torch.logsumexp(teacher, -1))  # summed outside K, in fp64
+    P = torch.cat([pk, p_tail.unsqueeze(-1)], -1)
+    Q = torch.cat([qk, (1 - qk.sum(-1)).unsqueeze(-1)], -1)
+    kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)
+    M = 0.5 * P + 0.5 * Q
+    want = {"forward_kl": kl(P, Q), "reverse_kl": kl(Q, P), "jsd": 0.5 * kl(P, M) + 0.5 * kl(Q, M)}[div].mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-6)

@@ -80,18 +80,18 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _data(S, B, V, Vl, k, dtype, seed, tau=1.0, mode="lse"):
+def _data(S, B, V, Vl, k, dtype, seed, tau=1.0, mode="tail_lse"):
     g = torch.Generator(device="cuda").manual_seed(seed)
     student = (3 * torch.randn(S, B, Vl, generator=g, device="cuda")).to(dtype)
     teacher = 3 * torch.randn(S, B, V, generator=g, device="cuda")
     vals, ids = torch.topk(teacher, k, dim=-1)
-    lse = torch.logsumexp(teacher / tau, -1)
+    tail = torch.logsumexp((teacher / tau).scatter(-1, ids, float("-inf")), -1)
     if mode == "logprobs":
-        vals = vals / tau - lse[..., None]
+        vals = vals / tau - torch.logsumexp(teacher / tau, -1)[..., None]
     labels = torch.randint(0, V, (S, B), generator=g, device="cuda")
     labels[0, 0] = -100
     mask = (torch.rand(S, B, generator=g, device="cuda") > 0.1).float()
-    return student, ids.int(), vals, (lse if mode == "lse" else None), labels, mask
+    return student, ids.int(), vals, (tail if mode == "tail_lse" else None), labels, mask
 
 
 def _run(impl, student, ids, vals, lse, labels, mask, cfg, vocab, grad_scale=1.0, path=None):
@@ -101,7 +101,7 @@ def _run(impl, student, ids, vals, lse, labels, mask, cfg, vocab, grad_scale=1.0
         student, vals = student.double(), vals.double()
         lse = lse.double() if lse is not None else None
     x = student.clone().requires_grad_()
-    loss, rep = kd_loss(x, ids, vals, vocab_size=vocab, config=cfg, teacher_lse_SB=lse, labels_SB=labels,
+    loss, rep = kd_loss(x, ids, vals, vocab_size=vocab, config=cfg, teacher_tail_lse_SB=lse, labels_SB=labels,
                         loss_mask_SB=mask, impl=impl)
     if path is not None:
         _check_path(path, student, ids.shape[-1])
@@ -144,7 +144,7 @@ def test_kernel_matches_reference(kernels, path, div, beta, tail, dtype):
     _compare(f"{div}(beta={beta}) {tail}", dtype, a, b, path)
 
 
-@pytest.mark.parametrize("mode", ["lse", "logits", "logprobs"])
+@pytest.mark.parametrize("mode", ["tail_lse", "logits", "logprobs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_odd_shapes_and_teacher_value_modes(kernels, path, mode, dtype):
     """41 tokens x vocab 1271 (rows not 16-byte aligned) x k = 401, each teacher value mode, tau = 1."""
@@ -177,11 +177,12 @@ def test_edge_cases(kernels, path, case):
         data[0] = view
     if case == "no-grad":
         with torch.no_grad():
-            la, ra = kd_loss(data[0], *data[1:3], vocab_size=V, config=cfg, teacher_lse_SB=data[3],
+            la, ra = kd_loss(data[0], *data[1:3], vocab_size=V, config=cfg, teacher_tail_lse_SB=data[3],
                              labels_SB=data[4], loss_mask_SB=data[5], impl="fused")
         _check_path(path, data[0], k)
         lb, rb = kd_loss(data[0].double(), data[1], data[2].double(), vocab_size=V, config=cfg,
-                         teacher_lse_SB=data[3].double(), labels_SB=data[4], loss_mask_SB=data[5], impl="reference")
+                         teacher_tail_lse_SB=data[3].double(), labels_SB=data[4], loss_mask_SB=data[5],
+                         impl="reference")
         torch.testing.assert_close(la.double(), lb, rtol=1e-4, atol=1e-6)
         RECORDS.append(dict(name=case, path=path, dtype="bfloat16", grad_abs=0.0, grad_max=0.0, ok=True,
                             loss_rel=abs(la.item() - lb.item()) / abs(lb.item())))

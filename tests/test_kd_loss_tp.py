@@ -13,16 +13,16 @@ from kdtrain.loss import KDLossConfig, kd_loss
 
 CASES = [
     # name, config, vocab, local vocab, k, teacher values
-    ("fkl-tail", KDLossConfig(), 1271, 640, 401, "lse"),
+    ("fkl-tail", KDLossConfig(), 1271, 640, 401, "tail_lse"),
     ("jsd-alpha-tau2", KDLossConfig(divergence="jsd", beta=0.5, tau=2.0, alpha=0.3, scale_by_tau_sq=True),
-     1271, 640, 401, "lse"),
+     1271, 640, 401, "tail_lse"),
     ("rkl-renorm", KDLossConfig(divergence="reverse_kl", tail="renorm"), 1271, 640, 401, "logits"),
-    ("jsd1-tail", KDLossConfig(divergence="jsd", beta=1.0, tau=0.7), 1271, 640, 33, "lse"),
+    ("jsd1-tail", KDLossConfig(divergence="jsd", beta=1.0, tau=0.7), 1271, 640, 33, "tail_lse"),
     ("renorm-alpha", KDLossConfig(divergence="jsd", beta=0.2, tail="renorm", alpha=0.5, tau=1.5), 1271, 640, 64,
      "logits"),
     ("fkl-logprobs", KDLossConfig(values_are_logprobs=True, tau=1.3), 1271, 640, 17, "logprobs"),
     # Shard 1 holds only padding (vocab 300 < 320 = its first id).
-    ("empty-shard", KDLossConfig(divergence="jsd", beta=0.7, alpha=0.2), 300, 320, 50, "lse"),
+    ("empty-shard", KDLossConfig(divergence="jsd", beta=0.7, alpha=0.2), 300, 320, 50, "tail_lse"),
 ]
 
 
@@ -56,15 +56,15 @@ def spawn(world: int, fn, *args, tmp_path, timeout: float = 180.0) -> None:
 
 def _payload(teacher, k, vocab, tau, mode):
     vals, ids = torch.topk(teacher[..., :vocab], k, dim=-1)
-    lse = torch.logsumexp(teacher[..., :vocab] / tau, -1)
+    tail = torch.logsumexp((teacher[..., :vocab] / tau).scatter(-1, ids, float("-inf")), -1)
     if mode == "logprobs":
-        vals = vals / tau - lse[..., None]
-    return ids.to(torch.int32), vals, (lse if mode == "lse" else None)
+        vals = vals / tau - torch.logsumexp(teacher[..., :vocab] / tau, -1)[..., None]
+    return ids.to(torch.int32), vals, (tail if mode == "tail_lse" else None)
 
 
 def _run(x, ids, vals, lse, labels, mask, cfg, vocab, impl, group=None):
     x = x.clone().requires_grad_()
-    loss, rep = kd_loss(x, ids, vals, vocab_size=vocab, config=cfg, tp_group=group, teacher_lse_SB=lse,
+    loss, rep = kd_loss(x, ids, vals, vocab_size=vocab, config=cfg, tp_group=group, teacher_tail_lse_SB=lse,
                         labels_SB=labels, loss_mask_SB=mask, impl=impl)
     (2.0 * loss).backward()
     return loss.detach(), x.grad, rep
@@ -104,7 +104,7 @@ def _tp_cases(rank, world):
     student = (3 * torch.randn(41, 1, 1280, generator=g)).to(torch.bfloat16)
     teacher = 3 * torch.randn(41, 1, 1271, generator=g)
     labels = torch.randint(0, 1271, (41, 1), generator=g)
-    ids, vals, lse = _payload(teacher, 64, 1271, 1.0, "lse")
+    ids, vals, lse = _payload(teacher, 64, 1271, 1.0, "tail_lse")
     shard = slice(rank * 640, (rank + 1) * 640)
     l1, g1, _ = _run(student, ids, vals, lse, labels, None, cfg, 1271, "emulated")
     l2, g2, _ = _run(student[..., shard], ids, vals, lse, labels, None, cfg, 1271, "emulated", group)

@@ -1,5 +1,6 @@
 """Teacher -> student streaming: pairing, payload format, vocab-parallel top-k, the p2p channel."""
 
+import math
 import os
 import time
 
@@ -41,12 +42,12 @@ def test_payload_views_share_one_buffer():
         p = spec.empty(torch.device("cpu"))
         p.ids.copy_(torch.arange(105, dtype=torch.int32).view(5, 3, 7))
         p.values.fill_(1.5)
-        p.lse.fill_(-2.0)
+        p.tail_lse.fill_(-2.0)
         p.checksum.fill_(-(2**62))
-        assert p.ids.shape == p.values.shape == (5, 3, 7) and p.lse.shape == (5, 3)
+        assert p.ids.shape == p.values.shape == (5, 3, 7) and p.tail_lse.shape == (5, 3)
         assert p.values.dtype == dtype and p.buffer.numel() == spec.nbytes
         assert int(p.checksum) == -(2**62) and int(p.ids[4, 2, 6]) == 104
-        assert float(p.values[0, 0, 0]) == 1.5 and float(p.lse[4, 2]) == -2.0
+        assert float(p.values[0, 0, 0]) == 1.5 and float(p.tail_lse[4, 2]) == -2.0
 
 
 def test_token_checksum_sees_order_and_content():
@@ -63,9 +64,10 @@ def test_token_checksum_sees_order_and_content():
 
 
 def _dense_topk(logits, k, vocab, tau):
+    """(ids, values, logsumexp of logits / tau outside the top-k) in fp64."""
     real = logits[..., :vocab].double()
     v, i = torch.topk(real, k, dim=-1)
-    return i, v, torch.logsumexp(real / tau, dim=-1)
+    return i, v, torch.logsumexp((real / tau).scatter(-1, i, float("-inf")), dim=-1)
 
 
 def test_topk_single_rank_excludes_padding():
@@ -73,30 +75,53 @@ def test_topk_single_rank_excludes_padding():
     vocab, padded = 101, 128
     logits = torch.randn(6, 2, padded, generator=g)
     logits[..., vocab:] = 100.0  # padding columns must never win
-    ids, vals, lse = vocab_parallel_topk(logits, 9, vocab, None, tau=2.0)
-    ref_i, ref_v, ref_lse = _dense_topk(logits, 9, vocab, 2.0)
+    ids, vals, tail = vocab_parallel_topk(logits, 9, vocab, None, tau=2.0)
+    ref_i, ref_v, ref_tail = _dense_topk(logits, 9, vocab, 2.0)
     assert ids.dtype == torch.int32 and torch.equal(ids.long(), ref_i)
     torch.testing.assert_close(vals.double(), ref_v)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tail.double(), ref_tail, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="exceeds the vocabulary"):
         vocab_parallel_topk(logits, 102, vocab, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_topk_normaliser_is_the_plain_formula_bitwise(dtype):
-    """The normaliser's single-read max and in-place chunks compute, bit for bit, the plain
-    ``m = max(x / tau); m + log(sum(exp(x / tau - m)))`` on the upcast logits, and leave the
+def test_topk_tail_is_the_plain_formula_bitwise(dtype):
+    """The tail's in-place chunks compute, bit for bit, the plain ``m = max(x / tau) outside K;
+    m + log(sum over the ids outside K of exp(x / tau - m))`` on the upcast logits, and leave the
     logits unchanged (fp32 ones too)."""
     g = torch.Generator().manual_seed(3)
     vocab = 1000
     logits = (4 * torch.randn(37, 3, 1024, generator=g)).to(dtype)
     before = logits.clone()
     for tau in (1.0, 0.25, 0.7, 2.0):
-        _, _, lse = vocab_parallel_topk(logits, 8, vocab, None, tau=tau, chunk_bytes=5000)  # ~4 rows per chunk
-        x = logits[..., :vocab].float() / tau
+        ids, _, tail = vocab_parallel_topk(logits, 8, vocab, None, tau=tau, chunk_bytes=5000)  # ~4 rows per chunk
+        x = (logits[..., :vocab].float() / tau).scatter(-1, ids.long(), float("-inf"))
         m = x.amax(dim=-1)
-        assert torch.equal(lse, m + (x - m[..., None]).exp().sum(dim=-1).log()), (dtype, tau)
+        assert torch.equal(tail, m + (x - m[..., None]).exp().sum(dim=-1).log()), (dtype, tau)
     assert torch.equal(logits, before)
+    _, _, tail = vocab_parallel_topk(logits, vocab, vocab, None)  # the top-k are the whole vocabulary
+    assert torch.equal(tail, torch.full_like(tail, float("-inf")))
+
+
+def test_a_confident_teacher_s_tail_is_exact():
+    """One logit 30 above 999 others: the tail holds about 1e-10 of the mass, far below fp32's
+    resolution of 1 - sum_K p, and the teacher's own sum gets it to fp32 rounding (the loss then
+    charges reverse KL for that tail, not for the floor of an empty one)."""
+    from kdtrain.loss import KDLossConfig, kd_loss_reference
+
+    logits = torch.zeros(2, 1, 1000)
+    logits[..., 7] = 30.0
+    ids, vals, tail = vocab_parallel_topk(logits, 8, 1000, None)
+    _, _, want = _dense_topk(logits, 8, 1000, 1.0)
+    torch.testing.assert_close(tail.double(), want, rtol=1e-6, atol=0)  # log(992) - 30, about -23.1
+    student = torch.zeros(2, 1, 1000)  # uniform: most of its mass is in the tail
+    cfg = KDLossConfig(divergence="reverse_kl")
+    loss, _ = kd_loss_reference(student, ids, vals, vocab_size=1000, config=cfg, teacher_tail_lse_SB=tail)
+    p = torch.softmax(logits[0, 0].double(), 0)
+    q_t, p_t = 992 / 1000, float(p.sum() - p[ids[0, 0].long()].sum())
+    exact = (torch.full((8,), 1e-3, dtype=torch.float64) * (torch.log(torch.tensor(1e-3)) - p[ids[0, 0].long()].log())
+             ).sum() + q_t * (math.log(q_t) - math.log(p_t))
+    assert abs(float(loss) - float(exact)) < 1e-4 * float(exact)  # 23.06 (a floored tail gave 86.8)
 
 
 def _topk_tp(rank, world, logits, k, vocab, tau):
@@ -104,11 +129,11 @@ def _topk_tp(rank, world, logits, k, vocab, tau):
 
     shard = logits.shape[-1] // world
     local = logits[..., rank * shard:(rank + 1) * shard].contiguous()
-    ids, vals, lse = vocab_parallel_topk(local, k, vocab, dist.group.WORLD, tau=tau, chunk_bytes=512)
-    ref_i, ref_v, ref_lse = _dense_topk(logits, k, vocab, tau)
+    ids, vals, tail = vocab_parallel_topk(local, k, vocab, dist.group.WORLD, tau=tau, chunk_bytes=512)
+    ref_i, ref_v, ref_tail = _dense_topk(logits, k, vocab, tau)
     assert torch.equal(ids.long(), ref_i), (rank, ids, ref_i)
     torch.testing.assert_close(vals.double(), ref_v)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tail.double(), ref_tail, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [5, 40])  # 40 > real ids of the last shard (vocab 70 over 2 x 64)
@@ -144,7 +169,7 @@ def _make_payload(spec, o):
     p = spec.empty(torch.device("cpu"))
     p.ids.fill_(o)
     p.values.fill_(float(o) + 0.5)
-    p.lse.fill_(-float(o))
+    p.tail_lse.fill_(-float(o))
     p.checksum.copy_(token_checksum(_tokens(o)))
     return p
 
@@ -181,7 +206,7 @@ def _channel_roundtrip(rank, world, corrupt, deferred=False):
                     ch.get(o, _tokens(o))
             return
         p = ch.get(o, _tokens(o))
-        assert int(p.ids[0, 0, 0]) == o and float(p.values[1, 1, 2]) == o + 0.5 and float(p.lse[3, 1]) == -o
+        assert int(p.ids[0, 0, 0]) == o and float(p.values[1, 1, 2]) == o + 0.5 and float(p.tail_lse[3, 1]) == -o
     assert ch.bytes_received == len(work) * spec.nbytes
 
 

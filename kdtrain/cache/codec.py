@@ -1,19 +1,22 @@
-"""Encoding of one cached sample: packed top-k ids, top-k values, log-normaliser, input tokens.
+"""Encoding of one cached sample: packed top-k ids, top-k values, the tail's log-mass, input tokens.
 
 A *record* holds everything the student needs for one dataset sample of ``S`` tokens: the
-teacher's top-k ids and values per token, the log-normaliser ``lse`` (for the exact tail mass),
+teacher's top-k ids and values per token, the log-mass of the rest ``tail_lse`` (for the exact
+tail mass: logsumexp of ``logits / tau`` over the ids outside the top-k),
 the ``S`` input tokens (so the reader can rebuild the micro-batch checksum that the student
 compares with its own tokens, exactly as for a live payload) and an int64 checksum of those
 tokens (catches a reader that maps the wrong record). Records have a fixed size, so a sample's
 place in a shard is arithmetic. Fields, each starting at a multiple of its element size::
 
-    checksum int64 (1) | lse fp32 (S) | [fp8 only: offset fp32 (S), scale fp32 (S)]
+    checksum int64 (1) | tail_lse fp32 (S) | [fp8 only: offset fp32 (S), scale fp32 (S)]
     | values (S*k, 4/2/2/1 bytes) | ids packed (S*k x b bits) | tokens packed (S x b bits) | pad to 8
 
 Ids and tokens use ``b = ceil(log2 V)`` bits each (15 bits for V = 32000, 18 for 151936 and
 262144), little-endian bit order, in blocks of 8 values = ``b`` bytes (see ``pack_bits``).
 
-Values (the teacher's raw top-k logits, sorted descending; ``lse`` is of ``logits / tau``):
+Values (the teacher's raw top-k logits, sorted descending; ``tail_lse`` is of ``logits / tau``).
+A cache of top-K read at k < K keeps the first k and folds the other K - k into the tail
+(``fold_tail``), so it gives the tail a live teacher at top-k sends:
 
 * ``fp32``: exact.  ``bf16``: round-to-nearest-even of the fp32 logits, i.e. bitwise what a live
   teacher with ``values_dtype: bf16`` sends.  ``fp16``: relative error <= 2^-11, |logit| < 65504.
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -160,6 +163,18 @@ def decode_values(fields: dict[str, np.ndarray], dtype: str) -> torch.Tensor:
     raise ValueError(f"cache.dtype: {dtype!r} is not one of {list(VALUE_DTYPES)}")
 
 
+def fold_tail(values: torch.Tensor, tail_lse: torch.Tensor, k: int, tau: Optional[float]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` of the stored top-K ``values`` [..., K] and the tail of that top-k: the
+    stored tail with the other K - k values folded in, ``logaddexp(tail, logsumexp(v[k:] / tau))``
+    (the tail a live teacher sends at top-k)."""
+    if k == values.shape[-1]:
+        return values, tail_lse
+    assert tau is not None and tau > 0, "reading fewer than the stored top-K needs the cache's tau"
+    dropped = torch.logsumexp(values[..., k:].to(torch.float32) / tau, dim=-1)
+    return values[..., :k], torch.logaddexp(tail_lse, dropped)
+
+
 def fp8_error_bound(values: torch.Tensor) -> torch.Tensor:
     """Documented worst-case |decoded - original| of the fp8 codec for fp32 ``values`` [..., k]."""
     v = values.to(torch.float32)
@@ -192,7 +207,7 @@ class RecordLayout:
     def fields(self) -> list[tuple[str, int, int]]:
         """(name, byte offset, byte size) of each field, in record order."""
         S, nk, vb = self.seq_length, self.seq_length * self.k, _VALUE_BYTES[self.values_dtype]
-        sizes = [("checksum", 8), ("lse", 4 * S)]
+        sizes = [("checksum", 8), ("tail_lse", 4 * S)]
         if self.values_dtype == "fp8":
             sizes += [("offset", 4 * S), ("scale", 4 * S)]
         sizes += [("values", nk * vb), ("ids", packed_bytes(nk, self.bits)), ("tokens", packed_bytes(S, self.bits))]
@@ -212,7 +227,7 @@ class RecordLayout:
                 "fields": {name: [off, size] for name, off, size in self.fields()}}
 
     def encode(self, tokens_BS: torch.Tensor, ids_SBK: torch.Tensor, values_SBK: torch.Tensor,
-               lse_SB: torch.Tensor) -> np.ndarray:
+               tail_lse_SB: torch.Tensor) -> np.ndarray:
         """One micro-batch of the teacher's output -> uint8 [B, record_bytes], one record per sample."""
         B, S = tokens_BS.shape
         assert S == self.seq_length and ids_SBK.shape == (S, B, self.k), (tokens_BS.shape, ids_SBK.shape)
@@ -220,7 +235,7 @@ class RecordLayout:
         tokens = tokens_BS.detach().cpu().to(torch.int64)
         arrays = {
             "checksum": np.array([int(token_checksum(tokens[b])) for b in range(B)], dtype=np.int64).view(np.uint8),
-            "lse": lse_SB.detach().to(torch.float32).cpu().t().contiguous().numpy(),
+            "tail_lse": tail_lse_SB.detach().to(torch.float32).cpu().t().contiguous().numpy(),
             "ids": pack_bits(ids_SBK.detach().cpu().permute(1, 0, 2).reshape(B, -1).numpy(), self.bits),
             "tokens": pack_bits(tokens.numpy(), self.bits),
         }
@@ -230,12 +245,13 @@ class RecordLayout:
             out[:, off:off + size] = np.ascontiguousarray(arrays[name]).reshape(B, -1).view(np.uint8)
         return out
 
-    def decode(self, records: np.ndarray, k: int | None = None) -> dict[str, torch.Tensor]:
+    def decode(self, records: np.ndarray, k: int | None = None, tau: Optional[float] = None
+               ) -> dict[str, torch.Tensor]:
         """uint8 [B, record_bytes] -> tokens [B, S] int64, ids [S, B, k] int32, values [S, B, k]
-        (stored dtype; fp8 -> fp32), lse [S, B] fp32, checksum [B] int64 (of each sample's tokens).
+        (stored dtype; fp8 -> fp32), tail_lse [S, B] fp32, checksum [B] int64 (of each sample's tokens).
 
         ``k`` <= the stored k keeps the first k entries (the top-k prefix: ids are sorted by
-        descending logit)."""
+        descending logit) and folds the others into the tail (``tau``: the cache's temperature)."""
         k = self.k if k is None else k
         assert 1 <= k <= self.k
         B, S = records.shape[0], self.seq_length
@@ -247,16 +263,16 @@ class RecordLayout:
                    for name, a in f.items() if name in ("values", "offset", "scale")}
         per_row["values"] = per_row["values"].view(
             {"fp32": np.uint32, "bf16": np.uint16, "fp16": np.uint16, "fp8": np.uint8}[self.values_dtype])
-        per_row["values"] = per_row["values"][..., :k]
         for name in ("offset", "scale"):
             if name in per_row:
                 per_row[name] = per_row[name].view(np.uint32)[..., 0]
-        values = decode_values(per_row, self.values_dtype)
-        lse = np.ascontiguousarray(f["lse"]).view(np.float32)
+        values = decode_values(per_row, self.values_dtype)  # [B, S, K]
+        tail_lse = torch.from_numpy(np.ascontiguousarray(f["tail_lse"]).view(np.float32).reshape(B, S))
+        values, tail_lse = fold_tail(values, tail_lse, k, tau)
         return {"tokens": torch.from_numpy(tokens),
                 "ids": torch.from_numpy(ids.astype(np.int32)).permute(1, 0, 2),
                 "values": values.permute(1, 0, 2),
-                "lse": torch.from_numpy(lse).t(),
+                "tail_lse": tail_lse.t(),
                 "checksum": torch.from_numpy(np.ascontiguousarray(f["checksum"]).view(np.int64).reshape(B))}
 
 
@@ -275,8 +291,7 @@ class TargetRecordLayout:
 
     ``n`` is the number of targets of the sample; the rows are the target positions in order.
     Decoding gives the full [S, B, k] payload, the other positions a placeholder that no loss
-    reads (ids 0..k-1, values 0, log-normaliser log V: finite, the uniform distribution), since
-    their loss weight is 0."""
+    reads (ids 0..k-1, values 0, tail log-mass log V: finite), since their loss weight is 0."""
 
     seq_length: int
     k: int
@@ -297,7 +312,7 @@ class TargetRecordLayout:
     def fields(self, n: int) -> list[tuple[str, int, int]]:
         """(name, byte offset, byte size) of the per-target fields of a record with ``n`` targets."""
         nk, vb = n * self.k, _VALUE_BYTES[self.values_dtype]
-        sizes = [("lse", 4 * n)]
+        sizes = [("tail_lse", 4 * n)]
         if self.values_dtype == "fp8":
             sizes += [("offset", 4 * n), ("scale", 4 * n)]
         sizes += [("values", nk * vb), ("ids", packed_bytes(nk, self.bits))]
@@ -320,7 +335,7 @@ class TargetRecordLayout:
                 "head_bytes": self.head_bytes}
 
     def encode(self, tokens_BS: torch.Tensor, ids_SBK: torch.Tensor, values_SBK: torch.Tensor,
-               lse_SB: torch.Tensor, targets_BS: np.ndarray) -> list[np.ndarray]:
+               tail_lse_SB: torch.Tensor, targets_BS: np.ndarray) -> list[np.ndarray]:
         """One micro-batch of the teacher's output and the label flags [B, S] -> one uint8 record
         per sample, holding the flagged positions only."""
         B, S = tokens_BS.shape
@@ -328,7 +343,7 @@ class TargetRecordLayout:
         tokens = tokens_BS.detach().cpu().to(torch.int64)
         ids = ids_SBK.detach().cpu().permute(1, 0, 2)  # [B, S, k]
         values = values_SBK.detach().cpu().permute(1, 0, 2)
-        lse = lse_SB.detach().to(torch.float32).cpu().t()
+        tail_lse = tail_lse_SB.detach().to(torch.float32).cpu().t()
         tbits, mbits = packed_bytes(S, self.bits), -(-S // 8)
         out = []
         for b in range(B):
@@ -341,7 +356,7 @@ class TargetRecordLayout:
             at = 16 + _pad8(tbits)
             rec[at:at + mbits] = np.packbits(targets_BS[b].astype(bool), bitorder="little")
             idx = torch.from_numpy(rows)
-            arrays = {"lse": lse[b, idx].contiguous().numpy(),
+            arrays = {"tail_lse": tail_lse[b, idx].contiguous().numpy(),
                       "ids": pack_bits(ids[b, idx].reshape(1, -1).numpy(), self.bits)[0]}
             arrays.update(encode_values(values[b, idx].contiguous(), self.values_dtype))
             for name, off, size in self.fields(n):
@@ -349,7 +364,8 @@ class TargetRecordLayout:
             out.append(rec)
         return out
 
-    def decode(self, records: Sequence[np.ndarray], k: int | None = None) -> dict[str, torch.Tensor]:
+    def decode(self, records: Sequence[np.ndarray], k: int | None = None, tau: Optional[float] = None
+               ) -> dict[str, torch.Tensor]:
         """Records -> the same tensors as ``RecordLayout.decode``, plus ``targets`` [B, S] bool."""
         k = self.k if k is None else k
         assert 1 <= k <= self.k
@@ -358,7 +374,8 @@ class TargetRecordLayout:
         stored = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float32}
         ids = torch.arange(k, dtype=torch.int32).expand(B, S, k).clone()
         values = torch.zeros(B, S, k, dtype=stored[self.values_dtype])
-        lse = torch.full((B, S), math.log(self.vocab_size), dtype=torch.float32)
+        # Rows that are not targets are never read: any finite tail will do.
+        tail_lse = torch.full((B, S), math.log(self.vocab_size), dtype=torch.float32)
         tokens = np.empty((B, S), dtype=np.int64)
         targets = np.zeros((B, S), dtype=bool)
         checksum = np.empty(B, dtype=np.int64)
@@ -381,19 +398,22 @@ class TargetRecordLayout:
                                             .astype(np.int32))
             per_row = {"values": np.ascontiguousarray(f["values"]).view(
                 {"fp32": np.uint32, "bf16": np.uint16, "fp16": np.uint16, "fp8": np.uint8}[self.values_dtype])
-                .reshape(n, self.k)[:, :k]}
+                .reshape(n, self.k)}
             for name in ("offset", "scale"):
                 if name in f:
                     per_row[name] = np.ascontiguousarray(f[name]).view(np.uint32)
-            values[b, rows] = decode_values(per_row, self.values_dtype).to(values.dtype)
-            lse[b, rows] = torch.from_numpy(np.ascontiguousarray(f["lse"]).view(np.float32))
+            row_values, row_tail = fold_tail(decode_values(per_row, self.values_dtype),
+                                             torch.from_numpy(np.ascontiguousarray(f["tail_lse"]).view(np.float32)),
+                                             k, tau)
+            values[b, rows] = row_values.to(values.dtype)
+            tail_lse[b, rows] = row_tail
         return {"tokens": torch.from_numpy(tokens), "ids": ids.permute(1, 0, 2), "values": values.permute(1, 0, 2),
-                "lse": lse.t(), "checksum": torch.from_numpy(checksum), "targets": torch.from_numpy(targets)}
+                "tail_lse": tail_lse.t(), "checksum": torch.from_numpy(checksum), "targets": torch.from_numpy(targets)}
 
 
 def bytes_per_token(vocab_size: int, k: int, dtype: str, seq_length: int | None = None) -> float:
     """Stored bytes per token: exact for a given ``seq_length`` (record size / S), else the
-    asymptotic per-token cost (lse + k packed ids + k values + one packed token [+ fp8 offset/scale])."""
+    asymptotic per-token cost (tail_lse + k packed ids + k values + one packed token [+ fp8 offset/scale])."""
     if seq_length is not None:
         return RecordLayout(seq_length, k, vocab_size, dtype).record_bytes / seq_length
     if dtype not in VALUE_DTYPES:
@@ -403,7 +423,7 @@ def bytes_per_token(vocab_size: int, k: int, dtype: str, seq_length: int | None 
 
 
 def live_payload_bytes_per_token(k: int, values_dtype: str = "fp32") -> float:
-    """What the online teacher sends per token (int32 ids, fp32|bf16 values, fp32 lse), for comparison."""
+    """What the online teacher sends per token (int32 ids, fp32|bf16 values, fp32 tail_lse), for comparison."""
     return 4 + k * 4 + k * (4 if values_dtype == "fp32" else 2)
 
 

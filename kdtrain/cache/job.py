@@ -164,9 +164,9 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
                 mb = make_microbatch(windows, env.device, flags, stack_rows(dataset.train_positions, batch))
                 payload = teacher.serve(mb)
                 if writer is not None and targets:
-                    writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.lse, flags))
+                    writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.tail_lse, flags))
                 elif writer is not None:
-                    writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.lse))
+                    writer.append(rec.encode(mb.tokens, payload.ids, payload.values, payload.tail_lse))
             if writer is not None:
                 written.append(writer.commit())
         except BaseException:

@@ -40,7 +40,9 @@ from .shard import ShardIndex, ShardInfo, fsync_dir
 POSITIONS = ("all", "targets")
 
 FORMAT = "kdtrain-topk-cache"
-VERSION = 1
+# 2: each token stores the logsumexp of the teacher's logits outside its top-k (version 1 stored
+# the full log-normaliser, from which a confident teacher's tail cannot be recovered).
+VERSION = 2
 MANIFEST = "manifest.json"
 _HASH_CHUNK = 16 << 20
 
@@ -203,7 +205,8 @@ class Manifest:
             raise ValueError(f"cache manifest {path} is corrupt: {e}") from None
         if d.get("format") != FORMAT or d.get("version") != VERSION:
             raise ValueError(f"cache manifest {path}: format {d.get('format')!r} version {d.get('version')} "
-                             f"is not {FORMAT!r} version {VERSION}")
+                             f"is not {FORMAT!r} version {VERSION} (written by another kdtrain release: write the "
+                             "cache again with scripts/cache_teacher.py)")
         try:
             m = cls(teacher=d["teacher"], tokenizer=d["tokenizer"], dataset=d["dataset"],
                     seq_length=int(d["seq_length"]), vocab_size=int(d["vocab_size"]), k=int(d["k"]),
@@ -252,7 +255,7 @@ class Manifest:
             raise fail("k", self.k, f"{run.teacher.topk} (teacher.topk)",
                        "; a cache serves any k up to the one it was written with")
         if float(run.loss.tau) != self.tau:
-            raise fail("tau", self.tau, f"{run.loss.tau} (loss.tau)", "; the cached log-normaliser depends on tau")
+            raise fail("tau", self.tau, f"{run.loss.tau} (loss.tau)", "; the cached tail log-mass depends on tau")
         data = dataset_identity(run.data, targets=self.positions == "targets")
         if self.positions == "targets" and data.get("loss_mask") != self.dataset.get("loss_mask"):
             raise fail("data.loss_mask", self.dataset.get("loss_mask"), data.get("loss_mask"),

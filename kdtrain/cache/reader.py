@@ -25,9 +25,10 @@ Contract with the distillation loop (``teacher.source: cache`` or ``mixed``):
   are dropped when a later one is requested, so consumption must follow announcement order for the
   prefetch to help; a payload is never wrong, only possibly late. ``payload.ids`` is int32
   [S, B, k], ``payload.values`` in ``spec.values_dtype`` (bitwise equal to the live teacher's for
-  an fp32 cache, and for a bf16 cache read with a bf16 spec), ``payload.lse`` fp32 [S, B],
+  an fp32 cache, and for a bf16 cache read with a bf16 spec), ``payload.tail_lse`` fp32 [S, B],
   ``payload.checksum`` = ``token_checksum`` of the cached input tokens laid out [B, S] like
-  ``MicroBatch.tokens``. ``spec.k`` may be smaller than the cached k (the top-k prefix).
+  ``MicroBatch.tokens``. ``spec.k`` may be smaller than the cached k (the top-k prefix, the others
+  folded into the tail).
   ``reader.covers(ids)`` tells whether samples are cached (mixed mode falls back to the teacher).
 
 * ``reader.close()`` (or ``with CacheReader(...) as reader``) stops the thread.
@@ -172,7 +173,7 @@ class CacheReader:
         self._check_spec(sample_ids, spec)
         rec = self.records(sample_ids)
         try:
-            d = self.layout.decode(rec, k=spec.k)
+            d = self.layout.decode(rec, k=spec.k, tau=self.manifest.tau)
         except ValueError as e:
             raise ValueError(f"cache {self.path}: samples {list(sample_ids)}: {e}") from None
         tokens = d["tokens"]
@@ -185,13 +186,13 @@ class CacheReader:
         p = Payload(spec, buf)
         p.ids.copy_(d["ids"])
         p.values.copy_(d["values"])
-        p.lse.copy_(d["lse"])
+        p.tail_lse.copy_(d["tail_lse"])
         p.checksum.copy_(token_checksum(tokens))
         return p
 
     def tokens(self, sample_ids: Sequence[int]) -> torch.Tensor:
         """Cached input tokens [B, S] int64 of the given samples."""
-        return self.layout.decode(self.records(sample_ids), k=1)["tokens"]
+        return self.layout.decode(self.records(sample_ids), k=1, tau=self.manifest.tau)["tokens"]
 
     def payload(self, sample_ids: Sequence[int], spec: PayloadSpec,
                 device: Optional[torch.device] = None) -> Payload:

@@ -257,8 +257,8 @@ class DistillConfig:
         check_profile(self.logging, self.training)
         if self.loss.values_are_logprobs:
             raise field_error("loss", "values_are_logprobs", "a run's teacher (live or cached) sends its top-k logits "
-                              "and log-normaliser, never log-probs: leave it false (it is for calling the loss "
-                              "directly on log-probs)")
+                              "and the log-mass of the rest, never log-probs: leave it false (it is for calling the "
+                              "loss directly on log-probs)")
         if self.loss.ignore_index != KDLossConfig.ignore_index:
             raise field_error("loss", "ignore_index", f"{self.loss.ignore_index}: a run's labels are token ids and its "
                               "targets come from the data's masks (data.loss_mask, data.packing), which the held-out "

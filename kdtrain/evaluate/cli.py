@@ -50,7 +50,7 @@ def _batches(dataset, windows: int, batch: int, device):
 
 def teacher_payloads(teacher, vocab_size: int, dataset, windows: int, batch: int, device, k: int,
                      tau: float) -> list:
-    """The teacher's top-k ids, values and log-normaliser at ``tau`` ([s, b, ...], on the host) for
+    """The teacher's top-k ids, values and tail log-mass at ``tau`` ([s, b, ...], on the host) for
     each batch of held-out windows, as a distillation run's teacher computes them."""
     import torch
 
@@ -59,8 +59,8 @@ def teacher_payloads(teacher, vocab_size: int, dataset, windows: int, batch: int
     out = []
     with torch.no_grad():
         for mb, _ in _batches(dataset, windows, batch, device):
-            ids, values, lse = vocab_parallel_topk(mb.forward(teacher), k, vocab_size, None, tau=tau)
-            out.append((ids.cpu(), values.cpu(), lse.cpu()))
+            ids, values, tail_lse = vocab_parallel_topk(mb.forward(teacher), k, vocab_size, None, tau=tau)
+            out.append((ids.cpu(), values.cpu(), tail_lse.cpu()))
     return out
 
 
@@ -88,9 +88,9 @@ def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, de
                 sums[key][1] += int(m.sum())
             if teacher is not None:
                 payloads, cfg = teacher
-                ids, values, lse = (t.to(device) for t in payloads[i])
+                ids, values, tail_lse = (t.to(device) for t in payloads[i])
                 _, report = kd_loss(raw, ids, values, vocab_size=vocab_size, config=dataclasses.replace(cfg, alpha=0.0),
-                                    loss_mask_SB=mask.t().float(), teacher_lse_SB=lse,
+                                    loss_mask_SB=mask.t().float(), teacher_tail_lse_SB=tail_lse,
                                     impl="auto" if raw.is_cuda else "reference")
                 kd_sum += float(report["kd_sum"])
     out = {f"{k}_loss": (s / n if n else float("nan")) for k, (s, n) in sums.items()}

@@ -64,11 +64,11 @@ class KDLossConfig:
         return (1.0 - self.alpha) * (self.tau ** 2 if self.scale_by_tau_sq else 1.0)
 
 
-def check_teacher_tail(config: KDLossConfig, has_lse: bool, k: int, vocab_size: int) -> None:
+def check_teacher_tail(config: KDLossConfig, has_tail_lse: bool, k: int, vocab_size: int) -> None:
     """Reverse KL in tail mode needs the teacher's tail mass (else KL(Q||P) is infinite)."""
     reverse = config.divergence == "reverse_kl" or (config.divergence == "jsd" and config.beta == 1.0)
-    if reverse and config.tail == "tail" and not has_lse and not config.values_are_logprobs and k < vocab_size:
-        raise ValueError("reverse KL with tail='tail' needs the teacher's tail mass: pass teacher_lse_SB (or "
+    if reverse and config.tail == "tail" and not has_tail_lse and not config.values_are_logprobs and k < vocab_size:
+        raise ValueError("reverse KL with tail='tail' needs the teacher's tail mass: pass teacher_tail_lse_SB (or "
                          "log-prob values), or use tail='renorm'; without it the teacher tail is 0 and "
                          "KL(student||teacher) is infinite")
 
@@ -78,7 +78,7 @@ def _shape(t) -> tuple:
 
 
 def check_kd_inputs(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_SBK: torch.Tensor,
-                    vocab_size: int, teacher_lse_SB: Optional[torch.Tensor] = None,
+                    vocab_size: int, teacher_tail_lse_SB: Optional[torch.Tensor] = None,
                     labels_SB: Optional[torch.Tensor] = None, loss_mask_SB: Optional[torch.Tensor] = None, *,
                     config: Optional[KDLossConfig] = None, tp_size: int = 1, max_k: Optional[int] = None,
                     check_values: bool = True) -> None:
@@ -87,7 +87,8 @@ def check_kd_inputs(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_
     Host-side checks: ranks, shapes, dtypes, devices, ``1 <= k <= vocab_size`` (and ``<= max_k``),
     the vocab table covering ``vocab_size`` over ``tp_size`` shards. With ``check_values``, one
     fused reduction (one host sync) checks: ids in ``[0, vocab_size)``, no repeated id within a
-    token's top-k, finite teacher values and log-normaliser, log-probs ``<= 0`` when
+    token's top-k, finite teacher values, a tail log-mass that is not NaN or +inf (-inf: no mass
+    outside K), log-probs ``<= 0`` when
     ``config.values_are_logprobs``, and labels in ``[0, vocab_size)`` or ``ignore_index`` when
     the hard-label CE is on (``config.alpha > 0``).
     """
@@ -121,13 +122,13 @@ def check_kd_inputs(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_
         raise ValueError(f"teacher top-k ids must be int32 or int64, got {topk_ids_SBK.dtype}")
     if not topk_values_SBK.is_floating_point():
         raise ValueError(f"teacher top-k values must be floating point, got {topk_values_SBK.dtype}")
-    optional = {"teacher log-normaliser": teacher_lse_SB, "labels": labels_SB, "loss mask": loss_mask_SB}
+    optional = {"teacher tail log-mass": teacher_tail_lse_SB, "labels": labels_SB, "loss mask": loss_mask_SB}
     for name, t in optional.items():
         if t is not None and (not isinstance(t, torch.Tensor) or _shape(t) != (S, B)):
             raise ValueError(f"{name} shape {_shape(t) if isinstance(t, torch.Tensor) else type(t)} does not match "
                              f"[S, B] = {(S, B)}")
-    if teacher_lse_SB is not None and not teacher_lse_SB.is_floating_point():
-        raise ValueError(f"teacher log-normaliser must be floating point, got {teacher_lse_SB.dtype}")
+    if teacher_tail_lse_SB is not None and not teacher_tail_lse_SB.is_floating_point():
+        raise ValueError(f"teacher tail log-mass must be floating point, got {teacher_tail_lse_SB.dtype}")
     if labels_SB is not None and (labels_SB.is_floating_point() or labels_SB.is_complex()):
         raise ValueError(f"labels must be integer token ids, got {labels_SB.dtype}")
     dev = logits_SBVl.device
@@ -135,18 +136,18 @@ def check_kd_inputs(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_
         if t is not None and t.device != dev:
             raise ValueError(f"{name} are on {t.device} but the student logits are on {dev}")
     if config is not None:
-        check_teacher_tail(config, teacher_lse_SB is not None, k, vocab_size)
+        check_teacher_tail(config, teacher_tail_lse_SB is not None, k, vocab_size)
     if not check_values or topk_ids_SBK.numel() == 0:
         return
-    raise_for_kd_input_stats(kd_input_stats(topk_ids_SBK, topk_values_SBK, vocab_size, teacher_lse_SB, labels_SB,
+    raise_for_kd_input_stats(kd_input_stats(topk_ids_SBK, topk_values_SBK, vocab_size, teacher_tail_lse_SB, labels_SB,
                                             config), vocab_size, config)
 
 
 def kd_input_stats(topk_ids_SBK: torch.Tensor, topk_values_SBK: torch.Tensor, vocab_size: int,
-                   teacher_lse_SB: Optional[torch.Tensor] = None, labels_SB: Optional[torch.Tensor] = None,
+                   teacher_tail_lse_SB: Optional[torch.Tensor] = None, labels_SB: Optional[torch.Tensor] = None,
                    config: Optional[KDLossConfig] = None) -> torch.Tensor:
     """The value checks of :func:`check_kd_inputs` as one float64 device tensor, without a host
-    sync: [min id, max id, non-finite values, repeated ids, non-finite log-normaliser, max value
+    sync: [min id, max id, non-finite values, repeated ids, NaN/+inf tail log-masses, max value
     (log-probs only), bad labels (CE only)]. :func:`raise_for_kd_input_stats` reads it."""
     dev = topk_ids_SBK.device
     k = topk_ids_SBK.shape[-1]
@@ -161,7 +162,11 @@ def kd_input_stats(topk_ids_SBK: torch.Tensor, topk_values_SBK: torch.Tensor, vo
         stats.append((srt[:, 1:] == srt[:, :-1]).sum().double())
     else:
         stats.append(zero)
-    stats.append((~torch.isfinite(teacher_lse_SB.detach())).sum().double() if teacher_lse_SB is not None else zero)
+    if teacher_tail_lse_SB is not None:  # -inf is a tail of no mass; NaN and +inf are not masses
+        tail = teacher_tail_lse_SB.detach()
+        stats.append((torch.isnan(tail) | torch.isposinf(tail)).sum().double())
+    else:
+        stats.append(zero)
     logprobs = config is not None and config.values_are_logprobs
     stats.append(vals.max().double() if logprobs else zero)
     if labels_SB is not None and config is not None and config.alpha > 0:
@@ -174,15 +179,15 @@ def kd_input_stats(topk_ids_SBK: torch.Tensor, topk_values_SBK: torch.Tensor, vo
 
 def raise_for_kd_input_stats(stats: torch.Tensor, vocab_size: int, config: Optional[KDLossConfig] = None) -> None:
     """Raise ``ValueError`` for what :func:`kd_input_stats` found (one host sync)."""
-    lo, hi, nonfinite, dups, lse_bad, vmax, bad_labels = stats.tolist()
+    lo, hi, nonfinite, dups, tail_bad, vmax, bad_labels = stats.tolist()
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"teacher top-k ids out of range [0, {vocab_size}): min {int(lo)}, max {int(hi)}")
     if nonfinite:
         raise ValueError(f"teacher top-k values contain {int(nonfinite)} NaN/inf entries")
     if dups:
         raise ValueError(f"teacher top-k ids repeat an id within a token's top-k ({int(dups)} repeats)")
-    if lse_bad:
-        raise ValueError(f"teacher log-normaliser contains {int(lse_bad)} NaN/inf entries")
+    if tail_bad:
+        raise ValueError(f"teacher tail log-mass contains {int(tail_bad)} NaN/+inf entries")
     if config is not None and config.values_are_logprobs and vmax > LOGPROB_SLACK:
         raise ValueError(f"values_are_logprobs is set but a teacher value is {vmax:.4g} > 0: these look like logits")
     if bad_labels:

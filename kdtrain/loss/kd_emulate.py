@@ -21,16 +21,16 @@ With ``dense=False`` (renorm without CE) the sums are skipped (0) and ``m2 = 0``
 passes the caller makes the statistics global: MAX all-reduce of ``m2``, rescale of the sums to
 the global max, one SUM all-reduce of ``stats``.
 
-``pass2(logits, ids, values [N, k], teacher_lse [N] | None, labels | None, m2, stats,
+``pass2(logits, ids, values [N, k], teacher_tail_lse [N] | None, labels | None, m2, stats,
 row_weight [N], start, real, tau, divergence, beta, tail, has_tail, values_mode, kd_scale,
 alpha, log_floor, write_grad) -> (grad [N, Vl] in the logits dtype | None, terms [N, 2])``:
 per-token ``terms = (kd_scale * D, CE)`` (0 where ``row_weight == 0``) and
 ``grad = row_weight * d loss_t / d z`` with ``loss_t = (1 - alpha) * terms[0] + alpha * terms[1]``.
 ``divergence``: 0 forward KL, 1 reverse KL, 2 JSD with ``0 < beta < 1``; ``values_mode``:
-0 log-probs, 1 logits with ``teacher_lse``, 2 logits normalised over K (teacher tail 0);
+0 log-probs, 1 logits with ``teacher_tail_lse``, 2 logits normalised over K (teacher tail 0);
 ``tail``: tail bucket (else renormalisation over K); ``has_tail``: ``k < vocab_size``.
 
-``fused_single(logits, ids, values, teacher_lse, labels, row_weight, start, real, tau, divergence,
+``fused_single(logits, ids, values, teacher_tail_lse, labels, row_weight, start, real, tau, divergence,
 beta, tail, has_tail, values_mode, kd_scale, alpha, log_floor, write_grad) -> (grad | None, terms)``:
 the single-read path for one vocab shard (``csrc/kd_loss_single.cu``), the same result as pass 2
 after pass 1 with no reduction between them; ``single_supported(logits, k)`` says whether it runs.
@@ -108,7 +108,7 @@ class TorchKernels:
                 stats[:, 2] = torch.where(lab_in, zy, torch.zeros((), dtype=cd, device=z.device))
         return m2, stats
 
-    def pass2(self, logits, ids, values, teacher_lse, labels, m2, stats, row_weight, start: int, real: int,
+    def pass2(self, logits, ids, values, teacher_tail_lse, labels, m2, stats, row_weight, start: int, real: int,
               tau: float, divergence: int, beta: float, tail: bool, has_tail: bool, values_mode: int,
               kd_scale: float, alpha: float, log_floor: float, write_grad: bool):
         cd = stats.dtype
@@ -119,10 +119,16 @@ class TorchKernels:
         rw = row_weight.to(cd)
         sK = zK / tau
         v = values.to(cd)
+        logP_t1 = None  # values_mode 1: the teacher's own tail, log P_t
         if values_mode == 0:
             lp = v
+        elif values_mode == 1 and tail:  # softmax over K and the tail bucket (logit teacher_tail_lse)
+            s, tl = v / tau, teacher_tail_lse.to(cd)[:, None]
+            shift = torch.maximum(s.amax(1, keepdim=True), tl)
+            lsum = (torch.exp(s - shift).sum(1, keepdim=True) + torch.exp(tl - shift)).log()
+            lp, logP_t1 = (s - shift) - lsum, ((tl - shift) - lsum)[:, 0]
         elif values_mode == 1:
-            lp = v / tau - teacher_lse.to(cd)[:, None]
+            lp = v / tau
         else:
             lp = torch.log_softmax(v / tau, dim=1)
         if tail:
@@ -134,8 +140,12 @@ class TorchKernels:
         D, W = d.sum(1), w.sum(1)
         A = torch.zeros_like(D)  # gradient coefficient of the columns outside K (tail mode)
         if tail and has_tail:
-            P_t = torch.zeros_like(D) if values_mode == 2 else (1.0 - P.sum(1)).clamp(min=0.0)
-            logP_t = torch.where(P_t > 0, torch.where(P_t > 0, P_t, 1.0).log(), torch.full_like(P_t, log_floor))
+            if logP_t1 is not None:
+                logP_t = logP_t1.clamp(min=log_floor)
+                P_t = logP_t.exp()
+            else:
+                P_t = torch.zeros_like(D) if values_mode == 2 else (1.0 - P.sum(1)).clamp(min=0.0)
+                logP_t = torch.where(P_t > 0, torch.where(P_t > 0, P_t, 1.0).log(), torch.full_like(P_t, log_floor))
             tpos = T > 0
             logQ_t = torch.where(tpos, torch.where(tpos, T, 1.0).log() - torch.where(Z > 0, Z, 1.0).log(),
                                  torch.full_like(T, log_floor))
@@ -187,12 +197,12 @@ class TorchKernels:
     def single_supported(self, logits, k: int) -> bool:
         return True
 
-    def fused_single(self, logits, ids, values, teacher_lse, labels, row_weight, start: int, real: int, tau: float,
+    def fused_single(self, logits, ids, values, teacher_tail_lse, labels, row_weight, start: int, real: int, tau: float,
                      divergence: int, beta: float, tail: bool, has_tail: bool, values_mode: int, kd_scale: float,
                      alpha: float, log_floor: float, write_grad: bool):
         ce = alpha > 0
         m2, stats = self.pass1(logits, ids, labels if ce else None, start, real, tau, tail or ce, ce)
-        return self.pass2(logits, ids, values, teacher_lse, labels, m2, stats, row_weight, start, real, tau,
+        return self.pass2(logits, ids, values, teacher_tail_lse, labels, m2, stats, row_weight, start, real, tau,
                           divergence, beta, tail, has_tail, values_mode, kd_scale, alpha, log_floor, write_grad)
 
     @staticmethod

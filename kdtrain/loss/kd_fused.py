@@ -92,7 +92,7 @@ class KernelParams:
     beta: float
     tail: bool
     has_tail: bool
-    values_mode: int  # 0 log-probs, 1 logits + teacher lse, 2 logits normalised over K
+    values_mode: int  # 0 log-probs, 1 logits + teacher tail lse, 2 logits normalised over K
     kd_scale: float
     alpha: float
     log_floor: float
@@ -103,13 +103,13 @@ class KernelParams:
         return self.tail or self.alpha > 0
 
     @staticmethod
-    def build(cfg: KDLossConfig, start: int, real: int, k: int, vocab_size: int, has_lse: bool) -> "KernelParams":
+    def build(cfg: KDLossConfig, start: int, real: int, k: int, vocab_size: int, has_tail_lse: bool) -> "KernelParams":
         div = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}[cfg.divergence]
         if div == 2 and cfg.beta == 0.0:
             div = 0
         elif div == 2 and cfg.beta == 1.0:
             div = 1
-        mode = 0 if cfg.values_are_logprobs else (1 if has_lse else 2)
+        mode = 0 if cfg.values_are_logprobs else (1 if has_tail_lse else 2)
         return KernelParams(start, real, float(cfg.tau), div, float(cfg.beta), cfg.tail == "tail", k < vocab_size,
                             mode, (cfg.tau ** 2 if cfg.scale_by_tau_sq else 1.0), float(cfg.alpha), LOG_FLOOR)
 
@@ -125,11 +125,11 @@ class CudaKernels:
     def pass1(self, logits, ids, labels, start, real, tau, dense, ce):
         return self.m.kd_pass1(logits, ids, labels, start, real, tau, dense, ce)
 
-    def pass2(self, logits, ids, values, teacher_lse, labels, m2, stats, row_weight, start, real, tau, divergence,
-              beta, tail, has_tail, values_mode, kd_scale, alpha, log_floor, write_grad):
-        grad, terms = self.m.kd_pass2(logits, ids, values, teacher_lse, labels, m2, stats, row_weight, start, real,
-                                      tau, divergence, beta, tail, has_tail, values_mode, kd_scale, alpha, log_floor,
-                                      write_grad)
+    def pass2(self, logits, ids, values, teacher_tail_lse, labels, m2, stats, row_weight, start, real, tau,
+              divergence, beta, tail, has_tail, values_mode, kd_scale, alpha, log_floor, write_grad):
+        grad, terms = self.m.kd_pass2(logits, ids, values, teacher_tail_lse, labels, m2, stats, row_weight, start,
+                                      real, tau, divergence, beta, tail, has_tail, values_mode, kd_scale, alpha,
+                                      log_floor, write_grad)
         return (grad if write_grad else None), terms
 
     def single_supported(self, logits, k: int) -> bool:
@@ -142,10 +142,10 @@ class CudaKernels:
             return 0, 0, "the kernel module has no single-read path (rebuild)"
         return tuple(self.m.kd_single_info(logits, k))
 
-    def fused_single(self, logits, ids, values, teacher_lse, labels, row_weight, start, real, tau, divergence, beta,
-                     tail, has_tail, values_mode, kd_scale, alpha, log_floor, write_grad):
-        grad, terms = self.m.kd_fused_single(logits, ids, values, teacher_lse, labels, row_weight, start, real, tau,
-                                             divergence, beta, tail, has_tail, values_mode, kd_scale, alpha,
+    def fused_single(self, logits, ids, values, teacher_tail_lse, labels, row_weight, start, real, tau, divergence,
+                     beta, tail, has_tail, values_mode, kd_scale, alpha, log_floor, write_grad):
+        grad, terms = self.m.kd_fused_single(logits, ids, values, teacher_tail_lse, labels, row_weight, start, real,
+                                             tau, divergence, beta, tail, has_tail, values_mode, kd_scale, alpha,
                                              log_floor, write_grad)
         return (grad if write_grad else None), terms
 
@@ -169,14 +169,14 @@ def _reduce_between_passes(m2, stats, tau: float, group, dense: bool):
 
 
 class FusedKDLoss(torch.autograd.Function):
-    """(logits [N, Vl], ids [N, k], values [N, k], teacher lse [N] | None, labels [N] | None,
+    """(logits [N, Vl], ids [N, k], values [N, k], teacher tail lse [N] | None, labels [N] | None,
     row_weight [N], post_scale, params, tp_group, backend) -> (loss, terms [N, 2]).
 
     ``loss = post_scale * sum_t row_weight_t * ((1 - alpha) * terms[t, 0] + alpha * terms[t, 1])``;
     ``terms`` (per-token KD and CE) carry no gradient."""
 
     @staticmethod
-    def forward(ctx, logits, ids, values, teacher_lse, labels, row_weight, post_scale, params: KernelParams,
+    def forward(ctx, logits, ids, values, teacher_tail_lse, labels, row_weight, post_scale, params: KernelParams,
                 tp_group, backend):
         global _last_path
         ce = params.alpha > 0
@@ -185,8 +185,8 @@ class FusedKDLoss(torch.autograd.Function):
         if (single_shard and single_pass_enabled() and hasattr(backend, "fused_single")
                 and backend.single_supported(logits, ids.shape[1])):
             _last_path = "single"
-            grad, terms = backend.fused_single(logits, ids, values, teacher_lse, labels if ce else None, row_weight,
-                                               params.start, params.real, params.tau, params.divergence,
+            grad, terms = backend.fused_single(logits, ids, values, teacher_tail_lse, labels if ce else None,
+                                               row_weight, params.start, params.real, params.tau, params.divergence,
                                                params.beta, params.tail, params.has_tail, params.values_mode,
                                                params.kd_scale, params.alpha, params.log_floor, write_grad)
         else:
@@ -195,7 +195,7 @@ class FusedKDLoss(torch.autograd.Function):
                                       params.dense, ce)
             if not single_shard:
                 m2, stats = _reduce_between_passes(m2, stats, params.tau, tp_group, params.dense)
-            grad, terms = backend.pass2(logits, ids, values, teacher_lse, labels if ce else None, m2, stats,
+            grad, terms = backend.pass2(logits, ids, values, teacher_tail_lse, labels if ce else None, m2, stats,
                                         row_weight, params.start, params.real, params.tau, params.divergence,
                                         params.beta, params.tail, params.has_tail, params.values_mode,
                                         params.kd_scale, params.alpha, params.log_floor, write_grad)
@@ -256,7 +256,7 @@ def select_impl(logits: torch.Tensor, k: int, impl: str = "auto") -> tuple[str, 
 def kd_loss(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_SBK: torch.Tensor, *,
             vocab_size: int, config: KDLossConfig, tp_group=None, labels_SB: Optional[torch.Tensor] = None,
             loss_mask_SB: Optional[torch.Tensor] = None, num_tokens=None,
-            teacher_lse_SB: Optional[torch.Tensor] = None, validate: Union[bool, str] = True,
+            teacher_tail_lse_SB: Optional[torch.Tensor] = None, validate: Union[bool, str] = True,
             impl: str = "auto") -> tuple[torch.Tensor, dict]:
     """Top-k KD loss (+ optional hard-label CE) over vocab-parallel student logits.
 
@@ -280,12 +280,12 @@ def kd_loss(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_S
     deferred = validate == "deferred"
     if deferred:  # host-side checks now; the value checks' reduction is read by report["check"]()
         tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-        check_kd_inputs(logits_SBVl, topk_ids_SBK, topk_values_SBK, vocab_size, teacher_lse_SB, labels_SB,
+        check_kd_inputs(logits_SBVl, topk_ids_SBK, topk_values_SBK, vocab_size, teacher_tail_lse_SB, labels_SB,
                         loss_mask_SB, config=cfg, tp_size=tp, check_values=False,
                         max_k=KERNEL_MAX_TOPK if choice == "fused" else None)
-        stats = kd_input_stats(topk_ids_SBK, topk_values_SBK, vocab_size, teacher_lse_SB, labels_SB, cfg)
+        stats = kd_input_stats(topk_ids_SBK, topk_values_SBK, vocab_size, teacher_tail_lse_SB, labels_SB, cfg)
     kwargs = dict(vocab_size=vocab_size, config=cfg, tp_group=tp_group, labels_SB=labels_SB,
-                  loss_mask_SB=loss_mask_SB, num_tokens=num_tokens, teacher_lse_SB=teacher_lse_SB,
+                  loss_mask_SB=loss_mask_SB, num_tokens=num_tokens, teacher_tail_lse_SB=teacher_tail_lse_SB,
                   validate=bool(validate) and not deferred)
     if choice == "reference":
         if why != "requested":
@@ -301,14 +301,14 @@ def kd_loss(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_S
 
 
 def _kd_loss_two_pass(logits_SBVl, topk_ids_SBK, topk_values_SBK, *, backend, vocab_size, config, tp_group,
-                      labels_SB, loss_mask_SB, num_tokens, teacher_lse_SB, validate):
+                      labels_SB, loss_mask_SB, num_tokens, teacher_tail_lse_SB, validate):
     cfg = config
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     if cfg.alpha > 0 and labels_SB is None:
         raise ValueError("loss.alpha > 0 needs labels for the hard-label cross entropy")
     if validate:
-        check_kd_inputs(logits_SBVl, topk_ids_SBK, topk_values_SBK, vocab_size, teacher_lse_SB, labels_SB,
+        check_kd_inputs(logits_SBVl, topk_ids_SBK, topk_values_SBK, vocab_size, teacher_tail_lse_SB, labels_SB,
                         loss_mask_SB, config=cfg, tp_size=tp,
                         max_k=KERNEL_MAX_TOPK if isinstance(backend, CudaKernels) else None)
     if isinstance(num_tokens, (int, float)) and not num_tokens > 0:
@@ -316,9 +316,9 @@ def _kd_loss_two_pass(logits_SBVl, topk_ids_SBK, topk_values_SBK, *, backend, vo
     S, B, Vl = logits_SBVl.shape
     k = topk_ids_SBK.shape[-1]
     N = S * B
-    check_teacher_tail(cfg, teacher_lse_SB is not None, k, vocab_size)
+    check_teacher_tail(cfg, teacher_tail_lse_SB is not None, k, vocab_size)
     start, real = vocab_shard(Vl, tp_rank, vocab_size)
-    params = KernelParams.build(cfg, start, real, k, vocab_size, teacher_lse_SB is not None)
+    params = KernelParams.build(cfg, start, real, k, vocab_size, teacher_tail_lse_SB is not None)
     cd = backend.compute_dtype(logits_SBVl) if isinstance(backend, TorchKernels) else torch.float32
 
     logits = logits_SBVl.reshape(N, Vl)
@@ -326,7 +326,7 @@ def _kd_loss_two_pass(logits_SBVl, topk_ids_SBK, topk_values_SBK, *, backend, vo
         logits = logits.contiguous()
     ids = topk_ids_SBK.reshape(N, k).to(torch.int32).contiguous()
     values = topk_values_SBK.detach().reshape(N, k).to(cd).contiguous()
-    lse = teacher_lse_SB.detach().reshape(N).to(cd).contiguous() if teacher_lse_SB is not None else None
+    tail_lse = teacher_tail_lse_SB.detach().reshape(N).to(cd).contiguous() if teacher_tail_lse_SB is not None else None
     labels = labels_SB.reshape(N).to(torch.int64).contiguous() if cfg.alpha > 0 else None
     valid = token_weights(loss_mask_SB, labels_SB, cfg.ignore_index,
                           torch.empty((S, B, 0), dtype=cd, device=logits.device)).reshape(N)
@@ -335,7 +335,7 @@ def _kd_loss_two_pass(logits_SBVl, topk_ids_SBK, topk_values_SBK, *, backend, vo
         row_weight, post_scale = valid.contiguous(), 1.0 / n
     else:
         row_weight, post_scale = (valid / n).to(cd).contiguous(), 1.0
-    loss, terms = FusedKDLoss.apply(logits, ids, values, lse, labels, row_weight, post_scale, params, tp_group,
+    loss, terms = FusedKDLoss.apply(logits, ids, values, tail_lse, labels, row_weight, post_scale, params, tp_group,
                                     backend)
     kd_t, ce_t = terms[:, 0], terms[:, 1]
     loss_t = (1.0 - cfg.alpha) * kd_t + cfg.alpha * ce_t

@@ -1,28 +1,31 @@
 """Top-k distillation loss over vocab-parallel student logits: the pure-torch reference (the spec).
 
 Per token, the teacher sends its top-k ids ``K`` (distinct global ids) with values ``v``: its
-logits, or its log-probs at temperature ``tau`` (``values_are_logprobs``), and optionally its
-log-normaliser ``lse_T = logsumexp(z_T / tau)`` over the full vocabulary. The student holds one
-vocabulary shard of its logits ``z_S`` (columns ``>= vocab_size`` of a padded table are excluded).
+logits, or its log-probs at temperature ``tau`` (``values_are_logprobs``), and optionally the
+log-mass of its tail ``tail_T = logsumexp over the ids outside K of z_T / tau`` (what a top-k
+leaves out, summed over those ids by the teacher itself: exact however confident the teacher is).
+The student holds one vocabulary shard of its logits ``z_S`` (columns ``>= vocab_size`` of a
+padded table are excluded).
 
     q_i = exp(z_S,i / tau - lse_S)        lse_S exact over the full vocabulary (all TP shards)
-    p_i = exp(v_i / tau - lse_T)          logits with lse_T
+    p_i = exp(v_i / tau - lse_T)          logits with tail_T: lse_T = logaddexp(logsumexp_K(v / tau), tail_T)
         = exp(v_i)                        log-probs, taken as given
-        = softmax_K(v / tau)_i            logits without lse_T: the top-k hold all teacher mass
+        = softmax_K(v / tau)_i            logits without tail_T: the top-k hold all teacher mass
 
 Tail handling over the support:
 
-* ``tail`` (default): when ``k < vocab_size`` a (k+1)-th bucket holds ``P_t = max(0, 1 - sum_K p)``
-  and ``Q_t = 1 - sum_K q``, so both are distributions over k+1 outcomes. ``Q_t`` is summed
-  directly over the ids outside K (no ``1 - sum`` cancellation). When ``k == vocab_size`` there
-  is no bucket (both tails are 0 exactly). An empty tail bucket has its log floored at
-  ``LOG_FLOOR = log(2^-126)`` (about -87.3, in every dtype) and contributes ``0 * log 0 = 0`` as
-  the first argument of a KL, so no NaN/inf enters values or gradients. A floored student tail
-  (its sum-exp underflowed) is a constant: no gradient flows through it. With logits and no
-  ``lse_T`` the teacher tail is 0; reverse KL (and JSD with beta = 1) then refuses to run in
-  ``tail`` mode, since KL(Q||P) would be infinite: pass ``lse_T``, log-probs, or use ``renorm``.
-  (A teacher top-k mass that rounds to >= 1, e.g. from bf16 values, also gives ``P_t = 0``;
-  reverse KL then charges ``Q_t * (log Q_t + 87.3)`` for the student's tail: send fp32 values.)
+* ``tail`` (default): when ``k < vocab_size`` a (k+1)-th bucket holds the teacher's ``P_t =
+  exp(tail_T - lse_T)`` (log-probs: ``max(0, 1 - sum_K p)``) and the student's ``Q_t = 1 -
+  sum_K q``, so both are distributions over k+1 outcomes. ``Q_t`` is summed directly over the ids
+  outside K, as ``tail_T`` is: no ``1 - sum`` cancellation, which would lose a confident
+  teacher's tail (about 1e-10 next to a top-1 probability of 1) in rounding and charge reverse KL
+  for a tail of 0. When ``k == vocab_size`` there is no bucket (both tails are 0 exactly). An
+  empty tail bucket has its log floored at ``LOG_FLOOR = log(2^-126)`` (about -87.3, in every
+  dtype) and contributes ``0 * log 0 = 0`` as the first argument of a KL, so no NaN/inf enters
+  values or gradients. A floored student tail (its sum-exp underflowed) is a constant: no
+  gradient flows through it. With logits and no ``tail_T`` the teacher tail is 0; reverse KL (and
+  JSD with beta = 1) then refuses to run in ``tail`` mode, since KL(Q||P) would be infinite: pass
+  ``tail_T``, log-probs, or use ``renorm``.
 * ``renorm``: both renormalised over K: ``P = softmax_K(log p)``, ``Q = softmax_K(z_S / tau)``.
 
 Divergences over that support, TRL's generalized JSD convention (``GKDTrainer.generalized_jsd_loss``):
@@ -105,19 +108,26 @@ def token_weights(loss_mask_SB, labels_SB, ignore_index: int, like: torch.Tensor
     return valid
 
 
-def teacher_logprobs(values: torch.Tensor, teacher_lse: Optional[torch.Tensor], config: KDLossConfig) -> torch.Tensor:
-    """log p over the top-k ids (see the module docstring), in ``values``' dtype."""
+def teacher_logprobs(values: torch.Tensor, teacher_tail_lse: Optional[torch.Tensor], config: KDLossConfig
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(log p over the top-k ids, log P_t of the tail or None when not known from the inputs),
+    in ``values``' dtype (see the module docstring)."""
     if config.values_are_logprobs:
-        return values
-    if teacher_lse is not None:
-        return values / config.tau - teacher_lse.unsqueeze(-1)
-    return torch.log_softmax(values / config.tau, dim=-1)
+        return values, None
+    s = values / config.tau
+    if teacher_tail_lse is not None:
+        # Softmax over k + 1 outcomes, the tail one with logit tail_T: shifted by their maximum.
+        tail = teacher_tail_lse.unsqueeze(-1)
+        shift = torch.maximum(s.amax(dim=-1, keepdim=True), tail).detach()
+        lse = shift + torch.logaddexp(torch.logsumexp(s - shift, dim=-1, keepdim=True), tail - shift)
+        return s - lse, (tail - lse).squeeze(-1)
+    return torch.log_softmax(s, dim=-1), None
 
 
 def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_SBK: torch.Tensor, *,
                       vocab_size: int, config: KDLossConfig, tp_group=None,
                       labels_SB: Optional[torch.Tensor] = None, loss_mask_SB: Optional[torch.Tensor] = None,
-                      num_tokens=None, teacher_lse_SB: Optional[torch.Tensor] = None,
+                      num_tokens=None, teacher_tail_lse_SB: Optional[torch.Tensor] = None,
                       validate: bool = True) -> tuple[torch.Tensor, dict]:
     """Returns ``(loss, report)``: loss = sum over valid tokens / num_tokens (a scalar with autograd
     to ``logits_SBVl``, fp32, or fp64 for fp64 logits); report holds ``kd_sum``, ``ce_sum`` (sums over
@@ -129,11 +139,11 @@ def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, top
     if cfg.alpha > 0 and labels_SB is None:
         raise ValueError("loss.alpha > 0 needs labels for the hard-label cross entropy")
     if validate:
-        check_kd_inputs(logits_SBVl, topk_ids_SBK, topk_values_SBK, vocab_size, teacher_lse_SB, labels_SB,
+        check_kd_inputs(logits_SBVl, topk_ids_SBK, topk_values_SBK, vocab_size, teacher_tail_lse_SB, labels_SB,
                         loss_mask_SB, config=cfg, tp_size=tp)
     Vl, k = logits_SBVl.shape[-1], topk_ids_SBK.shape[-1]
     start, real = vocab_shard(Vl, tp_rank, vocab_size)
-    check_teacher_tail(cfg, teacher_lse_SB is not None, k, vocab_size)
+    check_teacher_tail(cfg, teacher_tail_lse_SB is not None, k, vocab_size)
     dtype = torch.float64 if logits_SBVl.dtype == torch.float64 else torch.float32
 
     z = logits_SBVl.to(dtype)
@@ -168,7 +178,8 @@ def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, top
     sum_exp, tail_exp, s_K = stats[..., 0], stats[..., 1], stats[..., 2:2 + k]
 
     v = topk_values_SBK.to(dtype)
-    logp = teacher_logprobs(v, teacher_lse_SB.to(dtype) if teacher_lse_SB is not None else None, cfg)
+    logp, logp_tail = teacher_logprobs(v, teacher_tail_lse_SB.to(dtype) if teacher_tail_lse_SB is not None
+                                       else None, cfg)
     if cfg.tail == "renorm":
         logP = torch.log_softmax(logp, dim=-1)
         logQ = torch.log_softmax(s_K, dim=-1)
@@ -176,12 +187,15 @@ def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, top
         logq = (s_K - row_max.unsqueeze(-1)) - sum_exp.log().unsqueeze(-1)
         logP, logQ = logp, logq
         if k < vocab_size:
-            if teacher_lse_SB is None and not cfg.values_are_logprobs:  # normalised over K: no tail
-                p_tail = torch.zeros_like(sum_exp)
+            if logp_tail is not None:  # the teacher's own tail sum
+                logp_tail = logp_tail.clamp(min=LOG_FLOOR)
             else:
-                p_tail = (1.0 - logp.exp().sum(-1)).clamp(min=0.0)
-            logp_tail = torch.where(p_tail > 0, torch.where(p_tail > 0, p_tail, 1.0).log(),
-                                    torch.full_like(p_tail, LOG_FLOOR))
+                if cfg.values_are_logprobs:
+                    p_tail = (1.0 - logp.exp().sum(-1)).clamp(min=0.0)
+                else:  # normalised over K: no tail
+                    p_tail = torch.zeros_like(sum_exp)
+                logp_tail = torch.where(p_tail > 0, torch.where(p_tail > 0, p_tail, 1.0).log(),
+                                        torch.full_like(p_tail, LOG_FLOOR))
             has_q = tail_exp > 0
             logq_tail = torch.where(has_q, torch.where(has_q, tail_exp, 1.0).log() - sum_exp.log(),
                                     torch.full_like(tail_exp, LOG_FLOOR))

@@ -23,7 +23,7 @@ Per rank of a trained student (tp x pp x dp, pipeline stage r, dtype bytes ``d``
                   window, [S + 1, rows, kv/tp] per layer, plus the prompt forward's transients
 
 The lean teacher holds ``d * P_r`` weights, one micro-batch's transient inference tensors and the
-payload buffers (top-k ids/values, log-normaliser, checksum).
+payload buffers (top-k ids/values, tail log-mass, checksum).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timer
             loss, report = kd_loss(
                 logits_SBVl, at(payload.ids), at(payload.values), vocab_size=vocab, tp_group=tp_group,
                 config=loss_cfg, labels_SB=at(mb.labels.t()), loss_mask_SB=at(mb.loss_mask.t()),
-                num_tokens=total_tokens, teacher_lse_SB=at(payload.lse),
+                num_tokens=total_tokens, teacher_tail_lse_SB=at(payload.tail_lse),
                 validate="deferred")
             tokens = mb.loss_mask.sum()
             loss_sum = report["loss_SB"].sum()

@@ -4,7 +4,7 @@ No gradients, no gradient buffer, no optimizer state, no data-parallel wrapper: 
 built in the run dtype (bf16 on GPU), loaded from a kdtrain checkpoint (any TP/PP layout) or a Hugging Face directory, set to
 ``requires_grad=False`` and run under ``torch.no_grad`` in eval mode. Its forward reuses the
 role's pipeline schedule (forward only); on the last stage the vocab-parallel logits become the
-payload (top-k ids and logits, log-normaliser at the loss temperature, checksum of the input
+payload (top-k ids and logits, the log-mass of the rest at the loss temperature, checksum of the input
 tokens) and are dropped. A micro-batch with target flags gets logits, and so a payload, at its
 targets only (MicroBatch.logit_rows): the student reads nothing else.
 """
@@ -46,18 +46,18 @@ class Teacher:
 
         def to_payload(logits_SBVl: torch.Tensor, total_tokens):
             payload = self.spec.empty(self.device)
-            ids, values, lse = vocab_parallel_topk(logits_SBVl, self.spec.k, self.cfg.vocab_size,
-                                                   self.groups.pgc.tp, tau=self.tau)
+            ids, values, tail_lse = vocab_parallel_topk(logits_SBVl, self.spec.k, self.cfg.vocab_size,
+                                                        self.groups.pgc.tp, tau=self.tau)
             if mb.logit_rows is None:
                 payload.ids.copy_(ids)
                 payload.values.copy_(values)
-                payload.lse.copy_(lse)
+                payload.tail_lse.copy_(tail_lse)
             else:  # logits of the targets only: their rows are filled, the others zero (never read)
                 payload.buffer.zero_()
                 rows, k = mb.logit_rows, self.spec.k
                 payload.ids.view(-1, k).index_copy_(0, rows, ids.view(-1, k).to(payload.ids.dtype))
                 payload.values.view(-1, k).index_copy_(0, rows, values.view(-1, k).to(payload.values.dtype))
-                payload.lse.view(-1).index_copy_(0, rows, lse.view(-1))
+                payload.tail_lse.view(-1).index_copy_(0, rows, tail_lse.view(-1))
             payload.checksum.copy_(token_checksum(mb.tokens))
             zero = logits_SBVl.new_zeros(())
             return zero, zero, {"payload": payload}
