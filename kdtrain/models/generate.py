@@ -11,7 +11,8 @@ Key/value cache. Layers on the direct forward (models/layer.py, the local spec) 
 position's keys and values in a preallocated ``[total_length, b, groups, head_dim]`` cache: the
 prompt is one forward, every new token a one-position forward attending to the cache. Other
 layers (Transformer Engine's spec) fall back to re-running the whole prefix per token; the tokens
-are the same, the cost quadratic.
+are the same (in fp32; in bf16 up to rounding: the paths' logits differ by about one bf16 step, so
+a draw near a boundary of the cumulative sum can differ), the cost quadratic.
 
 Pipeline stages (``stages``, a model split in depth): every forward passes the new positions'
 hidden states from stage to stage (point to point), the last stage picks the tokens and
@@ -305,8 +306,9 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
     calls this with the same rows and returns the same result.
 
     ``graphs``: each single-position forward runs as one fixed-shape step (decode_graph.py),
-    replayed as a CUDA graph on a CUDA device (eagerly elsewhere); the same tokens. Needs the
-    whole model on one tensor rank and kdtrain's local layers."""
+    replayed as a CUDA graph on a CUDA device (eagerly elsewhere); the same tokens (in bf16 up to
+    rounding, as for the key/value cache). Needs the whole model on one tensor rank and kdtrain's
+    local layers."""
     if not (model.pre_process and model.post_process) and stages is None:
         raise ValueError("sampling from one pipeline stage needs its neighbours (stages)")
     if graphs and (stages is not None or (tp_group is not None and dist.get_world_size(tp_group) > 1)
