@@ -19,6 +19,7 @@
 Both need a C++20 compiler and the CUDA headers (found through nvcc: skipped without it). The
 checks run in a child process: a hang or crash in an emulated kernel must not take pytest with it."""
 
+import ctypes as C
 import itertools
 import os
 import subprocess
@@ -29,6 +30,25 @@ from csrc_host import (CLUSTER_HARNESS, HARNESS, NVCC, REPO, host_compile, host_
                        host_single_source)
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH (it locates the CUDA headers)")
+
+
+class Pass1(C.Structure):
+    """kdtrain::KDPass1Args (csrc/kd_loss.h), field for field."""
+    _fields_ = [("logits", C.c_void_p), ("rows", C.c_int64), ("vl", C.c_int64), ("start", C.c_int64),
+                ("real", C.c_int64), ("ids", C.c_void_p), ("k", C.c_int), ("labels", C.c_void_p),
+                ("tau", C.c_float), ("dense", C.c_bool), ("ce", C.c_bool), ("m2", C.c_void_p),
+                ("stats", C.c_void_p)]
+
+
+class Pass2(C.Structure):
+    """kdtrain::KDPass2Args (csrc/kd_loss.h), field for field."""
+    _fields_ = [("logits", C.c_void_p), ("rows", C.c_int64), ("vl", C.c_int64), ("start", C.c_int64),
+                ("real", C.c_int64), ("ids", C.c_void_p), ("k", C.c_int), ("values", C.c_void_p),
+                ("teacher_tail_lse", C.c_void_p), ("labels", C.c_void_p), ("m2", C.c_void_p),
+                ("stats", C.c_void_p), ("row_weight", C.c_void_p), ("tau", C.c_float), ("beta", C.c_float),
+                ("kd_scale", C.c_float), ("alpha", C.c_float), ("log_floor", C.c_float), ("divergence", C.c_int),
+                ("values_mode", C.c_int), ("tail", C.c_bool), ("has_tail", C.c_bool), ("grad", C.c_void_p),
+                ("terms", C.c_void_p)]
 
 
 def _run_checks(*args: str, timeout: int) -> str:
@@ -52,8 +72,6 @@ def test_single_read_kernel_in_host_emulation(tmp_path):
 
 def _host_checks(lib_path: str) -> None:
     """Child process (a hang or crash in the emulated kernels must not take pytest with it)."""
-    import ctypes as C
-
     import torch
 
     from kdtrain.loss import KDLossConfig, kd_loss
@@ -62,21 +80,6 @@ def _host_checks(lib_path: str) -> None:
     from kdtrain.loss.kd_fused import CudaKernels, _kd_loss_two_pass
 
     lib = C.CDLL(lib_path)
-
-    class Pass1(C.Structure):
-        _fields_ = [("logits", C.c_void_p), ("rows", C.c_int64), ("vl", C.c_int64), ("start", C.c_int64),
-                    ("real", C.c_int64), ("ids", C.c_void_p), ("k", C.c_int), ("labels", C.c_void_p),
-                    ("tau", C.c_float), ("dense", C.c_bool), ("ce", C.c_bool), ("m2", C.c_void_p),
-                    ("stats", C.c_void_p)]
-
-    class Pass2(C.Structure):
-        _fields_ = [("logits", C.c_void_p), ("rows", C.c_int64), ("vl", C.c_int64), ("start", C.c_int64),
-                    ("real", C.c_int64), ("ids", C.c_void_p), ("k", C.c_int), ("values", C.c_void_p),
-                    ("teacher_tail_lse", C.c_void_p), ("labels", C.c_void_p), ("m2", C.c_void_p), ("stats", C.c_void_p),
-                    ("row_weight", C.c_void_p), ("tau", C.c_float), ("beta", C.c_float), ("kd_scale", C.c_float),
-                    ("alpha", C.c_float), ("log_floor", C.c_float), ("divergence", C.c_int),
-                    ("values_mode", C.c_int), ("tail", C.c_bool), ("has_tail", C.c_bool), ("grad", C.c_void_p),
-                    ("terms", C.c_void_p)]
 
     assert lib.emu_sizeof(1) == C.sizeof(Pass1) and lib.emu_sizeof(2) == C.sizeof(Pass2), "kd_loss.h changed"
     codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -213,23 +216,12 @@ def _host_checks(lib_path: str) -> None:
 
 def _single_checks(lib_path: str) -> None:
     """Child process: the cluster kernel (forced cluster sizes) against the torch emulation."""
-    import ctypes as C
-
     import torch
 
     from kdtrain.loss.kd_checks import LOG_FLOOR
     from kdtrain.loss.kd_emulate import TorchKernels
 
     lib = C.CDLL(lib_path)
-
-    class Pass2(C.Structure):
-        _fields_ = [("logits", C.c_void_p), ("rows", C.c_int64), ("vl", C.c_int64), ("start", C.c_int64),
-                    ("real", C.c_int64), ("ids", C.c_void_p), ("k", C.c_int), ("values", C.c_void_p),
-                    ("teacher_tail_lse", C.c_void_p), ("labels", C.c_void_p), ("m2", C.c_void_p), ("stats", C.c_void_p),
-                    ("row_weight", C.c_void_p), ("tau", C.c_float), ("beta", C.c_float), ("kd_scale", C.c_float),
-                    ("alpha", C.c_float), ("log_floor", C.c_float), ("divergence", C.c_int),
-                    ("values_mode", C.c_int), ("tail", C.c_bool), ("has_tail", C.c_bool), ("grad", C.c_void_p),
-                    ("terms", C.c_void_p)]
 
     codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
     ptr = lambda t: None if t is None else t.data_ptr()
