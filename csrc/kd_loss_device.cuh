@@ -301,7 +301,8 @@ __device__ inline RowTerms row_terms(const KDPass2Args& a, int64_t row, const Ro
     // Log-probs: the tail is what K leaves of 1.
     float Pt, logPt;
     if (own_tail) {
-      logPt = fmaxf((tail_t - shift_p) - lsum_p, a.log_floor);
+      // Floored only when empty: a tail far below 2^-126 keeps its exact log (reverse KL charges it).
+      logPt = tail_t > kNegInf ? (tail_t - shift_p) - lsum_p : a.log_floor;
       Pt = expf(logPt);
     } else {
       Pt = a.values_mode == 2 ? 0.f : fmaxf(1.f - block_sum(p_loc, red), 0.f);

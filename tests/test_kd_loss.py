@@ -570,14 +570,16 @@ def test_a_leftover_kernel_build_lock_is_an_error_not_a_hang(monkeypatch, tmp_pa
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("div", ["reverse_kl", "forward_kl", "jsd"])
-def test_a_confident_teacher_s_tail_is_charged_exactly(impl, div):
+@pytest.mark.parametrize("lead", [30.0, 100.0])
+def test_a_confident_teacher_s_tail_is_charged_exactly(impl, div, lead):
     """A teacher 30 nats sure of one token leaves about 1e-10 to its tail: from its own tail sum
     the loss equals the divergence over the k + 1 buckets computed from the whole softmax in fp64.
     (From the whole log-normaliser, 1 - sum_K p rounded to 0 and reverse KL charged a uniform
-    student 86.8 per token for the floor of an empty tail instead of 23.1.)"""
+    student 86.8 per token for the floor of an empty tail instead of 23.1.) At 100 nats the tail,
+    about e^-93, lies below the floor of an empty bucket (log 2^-126) and keeps its own log."""
     V, k = 1000, 8
     teacher = torch.randn(3, 2, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5
-    teacher[..., 7] = 30.0
+    teacher[..., 7] = lead
     student = torch.randn(3, 2, V, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.5
     ids, vals, tail = topk(teacher, k, 1.0)
     cfg = KDLossConfig(divergence=div, beta=0.5)

@@ -101,6 +101,10 @@ def test_topk_tail_is_the_plain_formula_bitwise(dtype):
     assert torch.equal(logits, before)
     _, _, tail = vocab_parallel_topk(logits, vocab, vocab, None)  # the top-k are the whole vocabulary
     assert torch.equal(tail, torch.full_like(tail, float("-inf")))
+    masked = torch.full((2, 1, 16), float("-inf"))
+    masked[..., :10] = torch.randn(2, 1, 10)  # no finite logit outside the top-10: an empty tail, not NaN
+    _, _, tail = vocab_parallel_topk(masked, 10, 16, None)
+    assert torch.equal(tail, torch.full_like(tail, float("-inf")))
 
 
 def test_a_confident_teacher_s_tail_is_exact():

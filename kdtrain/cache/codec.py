@@ -286,7 +286,7 @@ class TargetRecordLayout:
     (``cache.positions: targets``; conversations: the replies). Fields, 8-byte aligned where noted::
 
         checksum int64 | n u32 | pad u32 | tokens packed (S x b bits, to 8) | targets bitmap (S bits, to 8)
-        | lse fp32 (n) | [fp8 only: offset fp32 (n), scale fp32 (n)] | values (n*k) | ids packed (n*k x b bits)
+        | tail_lse fp32 (n) | [fp8 only: offset fp32 (n), scale fp32 (n)] | values (n*k) | ids packed (n*k x b bits)
         | pad to 8
 
     ``n`` is the number of targets of the sample; the rows are the target positions in order.

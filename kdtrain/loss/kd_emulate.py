@@ -140,8 +140,8 @@ class TorchKernels:
         D, W = d.sum(1), w.sum(1)
         A = torch.zeros_like(D)  # gradient coefficient of the columns outside K (tail mode)
         if tail and has_tail:
-            if logP_t1 is not None:
-                logP_t = logP_t1.clamp(min=log_floor)
+            if logP_t1 is not None:  # floored only when the tail is empty (-inf)
+                logP_t = torch.where(torch.isfinite(logP_t1), logP_t1, torch.full_like(logP_t1, log_floor))
                 P_t = logP_t.exp()
             else:
                 P_t = torch.zeros_like(D) if values_mode == 2 else (1.0 - P.sum(1)).clamp(min=0.0)

@@ -21,11 +21,12 @@ Tail handling over the support:
   teacher's tail (about 1e-10 next to a top-1 probability of 1) in rounding and charge reverse KL
   for a tail of 0. When ``k == vocab_size`` there is no bucket (both tails are 0 exactly). An
   empty tail bucket has its log floored at ``LOG_FLOOR = log(2^-126)`` (about -87.3, in every
-  dtype) and contributes ``0 * log 0 = 0`` as the first argument of a KL, so no NaN/inf enters
-  values or gradients. A floored student tail (its sum-exp underflowed) is a constant: no
-  gradient flows through it. With logits and no ``tail_T`` the teacher tail is 0; reverse KL (and
-  JSD with beta = 1) then refuses to run in ``tail`` mode, since KL(Q||P) would be infinite: pass
-  ``tail_T``, log-probs, or use ``renorm``.
+  dtype; a teacher tail sent as ``tail_T`` is floored only when it is empty, -inf) and contributes
+  ``0 * log 0 = 0`` as the first argument of a KL, so no NaN/inf enters values or gradients. A
+  floored student tail (its sum-exp underflowed) is a constant: no gradient flows through it.
+  With logits and no ``tail_T`` the teacher tail is 0; reverse KL (and JSD with beta = 1) then
+  refuses to run in ``tail`` mode, since KL(Q||P) would be infinite: pass ``tail_T``, log-probs,
+  or use ``renorm``.
 * ``renorm``: both renormalised over K: ``P = softmax_K(log p)``, ``Q = softmax_K(z_S / tau)``.
 
 Divergences over that support, TRL's generalized JSD convention (``GKDTrainer.generalized_jsd_loss``):
@@ -187,8 +188,8 @@ def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, top
         logq = (s_K - row_max.unsqueeze(-1)) - sum_exp.log().unsqueeze(-1)
         logP, logQ = logp, logq
         if k < vocab_size:
-            if logp_tail is not None:  # the teacher's own tail sum
-                logp_tail = logp_tail.clamp(min=LOG_FLOOR)
+            if logp_tail is not None:  # the teacher's own tail sum: floored only when empty
+                logp_tail = torch.where(torch.isfinite(logp_tail), logp_tail, torch.full_like(logp_tail, LOG_FLOOR))
             else:
                 if cfg.values_are_logprobs:
                     p_tail = (1.0 - logp.exp().sum(-1)).clamp(min=0.0)

@@ -164,7 +164,7 @@ def optimizer_bytes(n: int, d: int) -> float:
 
 
 def payload_nbytes(seq: int, micro_batch: int, k: int, values_bytes: int = 4) -> int:
-    """Bytes of one teacher payload (kdtrain/stream/payload.py layout): checksum int64, lse fp32
+    """Bytes of one teacher payload (kdtrain/stream/payload.py layout): checksum int64, tail_lse fp32
     per token, top-k ids int32 and values (fp32 or bf16) per token."""
     n = seq * micro_batch
     return 8 + 4 * n + 4 * n * k + values_bytes * n * k

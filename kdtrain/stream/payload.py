@@ -135,6 +135,7 @@ def vocab_parallel_topk(logits_SBVl: torch.Tensor, k: int, vocab_size: int, tp_g
     # x -> x / tau is monotonic and rounds the maximal element alike: float(max x) / tau equals
     # max(float(x) / tau) bitwise, so the shift is the largest tail element itself.
     tail_max = cand_vals[..., k] / tau
+    shift = torch.where(torch.isfinite(tail_max), tail_max, 0.0)  # no finite logit outside K: a sum of 0
     tail_sum = torch.zeros((S, B), dtype=torch.float32, device=device)
     if real > 0:
         # The top-k columns of this shard are set to -inf before the exponentials: amin makes the
@@ -150,8 +151,8 @@ def vocab_parallel_topk(logits_SBVl: torch.Tensor, k: int, vocab_size: int, tp_g
             if tau != 1.0:
                 t.div_(tau)
             t.scatter_reduce_(-1, idx[c], fill[c], reduce="amin")
-            tail_sum[c] = t.sub_(tail_max[c, :, None]).exp_().sum(dim=-1)
+            tail_sum[c] = t.sub_(shift[c, :, None]).exp_().sum(dim=-1)
     if tp > 1:
         dist.all_reduce(tail_sum, group=tp_group)
-    tail_lse = tail_max + tail_sum.log()
+    tail_lse = shift + tail_sum.log()
     return top_ids.to(torch.int32), top_vals.to(logits_SBVl.dtype), tail_lse
