@@ -291,8 +291,8 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
     resume, right after the sampled ones, from just after the data reply's own last
     ``stop_token`` (its ``end`` when it has none: what a template writes after the end of a turn,
     ChatML's newline, is kept), up to the next start, and so on; given tokens that run out are
-    followed by ``pad_id``. Returns the new rows, the flags
-    [b, L] (bool) of the sampled positions, and the new rows' document positions (or None). The
+    followed by ``pad_id``. Returns the new rows, the flags [b, L] (bool) of the sampled
+    positions, and the new rows' document positions (or None). The
     uniform of output position ``t`` of row ``i`` is ``u(seed, sample_ids[i], t)``, as for
     ``sample``, so a row is the same in any batch or layout. With one span per row and no stop
     token this is ``sample``. ``top_k`` / ``top_p``: see ``pick_tokens``.

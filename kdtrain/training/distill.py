@@ -43,8 +43,8 @@ from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import Pairing, PayloadSpec
 from ..stream.channel import PayloadChannel
 from .auto_split import resolve_auto_split
-from .checkpoint import run_record
 from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids, stack_rows
+from .checkpoint import run_record
 from .logger import RunLogger
 from .metrics import Throughput, peak_tflops
 from .optimizer import lr_at
