@@ -102,21 +102,20 @@ def _pick_filtered(z: torch.Tensor, first: int, u: torch.Tensor, top_k: int, top
     the pool grows eightfold until they do, up to the whole vocabulary."""
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     width = z.shape[-1]
-    top = z.max(dim=-1, keepdim=True).values
-    if tp > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
+    n = top_k if top_k > 0 else FILTER_POOL
+    vals, ids = _candidates(z, first, n, tp_group)
+    top = vals[:, :1]  # the global maximum: the candidates are ranked and hold every rank's largest
     total = None
     if top_k == 0:  # the whole vocabulary's mass, relative to the global maximum (padding: 0)
         total = torch.exp(z - top).sum(dim=-1, keepdim=True)
         if tp > 1:
             dist.all_reduce(total, group=tp_group)
-    n = top_k if top_k > 0 else FILTER_POOL
     while True:
-        vals, ids = _candidates(z, first, n, tp_group)
         p = torch.exp(vals - top)  # descending; -inf (padding) -> 0
         if total is None or n >= width * tp or bool((p.sum(dim=-1, keepdim=True) >= top_p * total).all()):
             break
         n *= 8
+        vals, ids = _candidates(z, first, n, tp_group)
     if top_p < 1.0:
         mass = p.cumsum(dim=-1)
         ref = mass[:, -1:] if total is None else total

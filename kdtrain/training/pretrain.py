@@ -143,12 +143,13 @@ def held_out(dataset, t: TrainingConfig) -> tuple[int, Callable, Callable, Calla
     ones with no target, so they weigh nothing in the losses."""
     n, g = dataset.num_valid_windows, t.global_batch_size
     batches = min(t.eval_batches, -(-n // g))
+    labels = len(dataset.valid_sample(0)) - 1 if batches * g > n else 0  # per window, when some repeat
 
     def targets(j: int) -> Optional[np.ndarray]:
         mask = dataset.valid_loss_mask(j % n)
-        if batches * g <= n:
+        if not labels:
             return mask
-        mask = np.ones(len(dataset.valid_sample(0)) - 1, dtype=bool) if mask is None else mask.copy()
+        mask = np.ones(labels, dtype=bool) if mask is None else mask.copy()
         if j >= n:
             mask[:] = False
         return mask
