@@ -1,6 +1,6 @@
 """``kdtrain generate`` on a Hugging Face chat model read straight from its directory: greedy
 replies are the tokens ``transformers``' own greedy ``generate`` produces from the same chat
-prompt (fp32 on CPU), prompts of different lengths decode together, a reply stops at the EOS id,
+prompt (fp32 on CPU), prompts of different lengths decode together, a reply stops at an end token,
 and bad arguments are clear errors."""
 
 from __future__ import annotations
@@ -90,3 +90,34 @@ def test_cli_output_and_errors(hf_chat_model, capsys, tmp_path):
         assert msg in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_reply_stops_at_any_end_token_the_model_names(hf_chat_model, tmp_path, world_of_one):
+    """Llama-3-Instruct-style: generation_config.json lists end tokens besides the tokenizer's EOS.
+    A reply stops at the first of them, as transformers' generate (reading the same file) does, for
+    the Hugging Face directory and for a kdtrain checkpoint imported from it."""
+    import shutil
+
+    from kdtrain.convert.hf_import import import_hf
+    from kdtrain.generate.cli import end_tokens, generate
+
+    folder, model, tok = hf_chat_model
+    free = generate(str(folder), PROMPTS[:1], chat=True, max_new_tokens=12, device="cpu")[0]["ids"]
+    other = next(i for i in free if i != tok.eos_token_id)  # a token the greedy reply writes
+    hf = tmp_path / "hf"
+    shutil.copytree(folder, hf)
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_token_id, other]}))
+    imported = tmp_path / "ckpt"
+    import_hf(hf, imported)
+    for where in (hf, imported):
+        want = list(dict.fromkeys([tok.eos_token_id, other, model.config.eos_token_id]))
+        assert end_tokens(str(where), type("T", (), {"eos_id": tok.eos_token_id})()) == want
+        got = generate(str(where), PROMPTS[:1], chat=True, max_new_tokens=12, device="cpu", tokenizer=str(folder))[0]
+        assert got["ids"] == free[:free.index(other) + 1] and got["stopped"], (got, free)
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    config = transformers.GenerationConfig.from_pretrained(hf)
+    with torch.no_grad():
+        ref = model.generate(ids, generation_config=config, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert ref == got["ids"]

@@ -7,7 +7,10 @@ says before and after distillation.
 ``--model`` is a kdtrain checkpoint (any layout) or a Hugging Face directory; the tokenizer is
 ``--tokenizer``, else the HF directory's own, else the one the checkpoint's run read its data
 with. ``--chat`` renders each prompt as a user turn (after ``--system``) with the tokenizer's chat
-template, or ``--chat-template FILE|plain``, and stops a reply at the EOS id. Prompts of different
+template, or ``--chat-template FILE|plain``. A reply stops at an end token: the tokenizer's EOS
+and those the model names (a Hugging Face directory's ``generation_config.json`` / ``config.json``
+``eos_token_id``, kept by an import: Llama-3-Instruct ends a turn with ``<|eot_id|>``, its
+tokenizer's EOS is ``<|end_of_text|>``). Prompts of different
 lengths are decoded together (kdtrain/models/generate.py: key/value cache, layout-independent
 sampling keyed by ``--seed`` and the prompt's index); ``--temperature 0`` is greedy, and
 ``--top-k`` / ``--top-p`` restrict a sampled draw to the most likely tokens. The whole
@@ -40,12 +43,36 @@ def default_tokenizer(model: str) -> Optional[str]:
         return None
 
 
+def _ids(value) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def end_tokens(model: str, tok) -> list[int]:
+    """The ids that end a reply: the tokenizer's EOS, then the end tokens the model itself names
+    (those of a Hugging Face directory, or of the one a kdtrain checkpoint was imported from)."""
+    from ..convert.hf_weights import is_hf_model_dir, read_generation_config, read_hf_config
+    from ..convert.sources import CheckpointWeights
+
+    if is_hf_model_dir(model):
+        named = [(read_generation_config(model) or {}).get("eos_token_id"),
+                 read_hf_config(model).get("eos_token_id")]
+    else:
+        source = CheckpointWeights(model).reader.meta.get("source") or {}
+        named = [(source.get("generation_config") or {}).get("eos_token_id"),
+                 (source.get("special_ids") or {}).get("eos_token_id")]
+    ids = _ids(tok.eos_id)
+    for value in named:
+        ids += [i for i in _ids(value) if i not in ids]
+    return ids
+
+
 def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None, chat: bool = False,
              chat_template: Optional[str] = None, system: Optional[str] = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              device: str = "auto", cuda_graphs: bool = False) -> list[dict]:
     """One ``{"prompt", "ids", "text", "stopped"}`` per prompt: the new token ids, their text, and
-    whether the reply ended with the EOS id."""
+    whether the reply ended with an end token (``end_tokens``)."""
     import torch
 
     from ..convert.sources import open_weights
@@ -84,7 +111,7 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
     if longest > cfg.max_seq_length:
         raise ValueError(f"prompt + --max-new-tokens = {longest} tokens exceed the model's max_seq_length "
                          f"{cfg.max_seq_length}")
-    stop = tok.eos_id if tok.eos_id >= 0 else None
+    stops = [i for i in end_tokens(model, tok) if i < cfg.vocab_size]
     with one_process_world(device) as env:
         if cuda_graphs and env.device.type != "cuda":
             raise ValueError(f"--cuda-graphs: CUDA graphs need a CUDA device, this runs on {env.device.type}")
@@ -97,13 +124,13 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         starts = [len(ids) for ids in encoded]
         out, sampled, _ = sample_replies(net, windows.to(env.device), [[(s, longest)] for s in starts],
                                       vocab_size=cfg.vocab_size, temperature=temperature, seed=seed,
-                                      sample_ids=range(len(encoded)), stop_token=stop, top_k=top_k, top_p=top_p,
+                                      sample_ids=range(len(encoded)), stop_token=stops or None, top_k=top_k, top_p=top_p,
                                       graphs=cuda_graphs)
     results = []
     for i, p in enumerate(prompts):
         end = min(starts[i] + int(sampled[i].sum()), starts[i] + max_new_tokens)
         ids = out[i, starts[i]:end].tolist()
-        results.append({"prompt": p, "ids": ids, "text": tok.decode(ids), "stopped": bool(ids) and ids[-1] == stop})
+        results.append({"prompt": p, "ids": ids, "text": tok.decode(ids), "stopped": bool(ids) and ids[-1] in stops})
     return results
 
 

@@ -34,7 +34,7 @@ of the cumulative sum). ``temperature = 0`` is greedy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -278,15 +278,16 @@ def _continued_positions(out_pos_t: torch.Tensor, given_pos: torch.Tensor) -> to
 
 @torch.no_grad()
 def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]], *, vocab_size: int,
-                   temperature: float, seed: int, sample_ids: Sequence[int], stop_token: Optional[int] = None,
-                   pad_id: int = 0, tp_group=None, top_k: int = 0, top_p: float = 1.0,
+                   temperature: float, seed: int, sample_ids: Sequence[int],
+                   stop_token: Union[int, Sequence[int], None] = None, pad_id: int = 0, tp_group=None, top_k: int = 0, top_p: float = 1.0,
                    positions: Optional[torch.Tensor] = None, stages: Optional[DecodeStages] = None,
                    graphs: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Rewrite each row of ``windows`` [b, L] with the model's own replies.
 
     ``spans[i]``: the replies of row i as token ranges ``[start, end)`` of the given row, in order
     (start >= 1). The row is fed its given tokens up to the first start; from there the model
-    samples until it samples ``stop_token`` (included) or the row is full; then the given tokens
+    samples until it samples ``stop_token`` (included; one id or several, any of which ends a
+    reply) or the row is full; then the given tokens
     resume, right after the sampled ones, from just after the data reply's own last
     ``stop_token`` (its ``end`` when it has none: what a template writes after the end of a turn,
     ChatML's newline, is kept), up to the next start, and so on; given tokens that run out are
@@ -329,16 +330,21 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
     never = 2 * L + 1
     starts = torch.full((b, R), never, dtype=torch.long)
     ends = torch.full((b, R), never, dtype=torch.long)
-    host = windows.cpu() if stop_token is not None else None
+    stops = None
+    if stop_token is not None:
+        stops = torch.tensor([stop_token] if isinstance(stop_token, int) else list(stop_token), dtype=torch.long)
+    host = windows.cpu() if stops is not None else None
     for i, row in enumerate(spans):
         for j, (s, e) in enumerate(row):
             starts[i, j], ends[i, j] = s, e
             if host is not None:  # resume after the data reply's own stop token: what the template
                 # puts after the end of a turn (ChatML's newline) is not part of the reply
-                at = (host[i, s:e] == stop_token).nonzero()
+                at = torch.isin(host[i, s:e], stops).nonzero()
                 if len(at):
                     ends[i, j] = s + int(at[-1]) + 1
     starts, ends = starts.to(device), ends.to(device)
+    if stops is not None:
+        stops = stops.to(device)
     given = torch.cat([windows, torch.full((b, 1), pad_id, dtype=windows.dtype, device=device)], dim=1)
     rows = torch.arange(b, device=device)
     src = torch.full((b,), first, dtype=torch.long, device=device)
@@ -371,8 +377,8 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
             starts_doc = ~sampling & (given_pos[rows, src.clamp(max=L)] == 0)
             out_pos[:, t] = torch.where(starts_doc, torch.zeros_like(src), out_pos[:, t - 1] + 1)
         src.add_((~sampling).long())
-        if stop_token is not None:
-            stopped = sampling & (picked == stop_token)
+        if stops is not None:
+            stopped = sampling & torch.isin(picked, stops)
             src.copy_(torch.where(stopped, ends[rows, rep], src))
             rep.add_(stopped.long())
             sampling.logical_and_(~stopped)
