@@ -399,3 +399,45 @@ def test_a_slow_student_save_does_not_time_out_the_teachers_stream(tmp_path):
     run_spawn(2, _distill_with_slow_saves, str(tmp_path), tmp_path=tmp_path)
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == [3, 3]
     assert (tmp_path / "ck" / "latest").read_text().strip() == "step_0000003"
+
+
+def _distill_recording_order(rank, world, root):
+    import json
+    import time
+
+    import kdtrain.training.distill as loop
+    from kdtrain.config.distill import load_distill_config
+
+    events, real_serve, real_step = [], loop.serve_batch, loop.train_step
+
+    def serve_batch(*args, **kwargs):  # the teacher starts a step's micro-batches
+        events.append(time.time())
+        return real_serve(*args, **kwargs)
+
+    def train_step(*args, **kwargs):  # a student slower than its teacher
+        time.sleep(0.5)
+        result = real_step(*args, **kwargs)
+        events.append(time.time())
+        return result
+
+    loop.serve_batch, loop.train_step = serve_batch, train_step
+    cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=disaggregated", "split.teacher_ranks=1",
+                                       "training.train_steps=4", "training.eval_batches=0", "logging.interval=1",
+                                       f"logging.dir={root}/run"])
+    loop.distill(cfg)
+    with open(f"{root}/rank{rank}.json", "w") as f:
+        json.dump(events, f)
+
+
+def test_a_disaggregated_teacher_serves_the_next_step_while_the_student_finishes_one(tmp_path):
+    """Logging every step (the default), the teacher's statistics reach the logging rank by a
+    world all-reduce the teacher does not wait for: it starts step t+1's micro-batches before the
+    (slower) student has finished step t, instead of idling at every step's end."""
+    import json
+
+    from conftest import run_spawn
+
+    run_spawn(2, _distill_recording_order, str(tmp_path), tmp_path=tmp_path)
+    teacher_starts, student_ends = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert len(teacher_starts) == len(student_ends) == 4
+    assert all(teacher_starts[t + 1] < student_ends[t] for t in range(3)), (teacher_starts, student_ends)

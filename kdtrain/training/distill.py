@@ -16,7 +16,9 @@ last stage blocked on a payload), ``student_wait_s`` (a teacher rank blocked han
 over), ``teacher_compute_s`` and ``teacher_busy`` (its share of the step), teacher TFLOP/s and MFU,
 and payload bytes/s. The teacher-side figures are means over the teacher ranks and the steps
 since the last log line; they reach the logging rank by one small world all-reduce on logging
-steps only, so the teacher keeps running ahead of the student between them. With on-policy
+steps, which a teacher-only rank (disaggregated) starts without waiting for it: the teacher goes
+on serving the next step while the students finish theirs (waiting would hold it at every
+logging step, i.e. every step with the default ``logging.interval: 1``). With on-policy
 steps: ``onpolicy`` (whether the step was one), ``sample_s`` and ``sampled_tokens`` (the
 student's tokens the step trained on). Held-out records (``evaluate_distill``, every rank): the
 student's cross entropy and, with a live teacher, its divergence to the teacher.
@@ -390,7 +392,8 @@ def distill(cfg: DistillConfig) -> dict:
         profiler.end(step, stopping=stop_now)
         log_now = step % cfg.logging.interval == 0 or step == tr.train_steps
         save_now = save_due(cfg.checkpoint, step, tr.train_steps, stop_now)
-        t_stats = teacher_side.collect() if log_now else {}  # collective: every rank, same steps
+        # collective: every rank, same steps; only ranks that log wait for it
+        t_stats = teacher_side.collect(wait=student is not None) if log_now else {}
         if result is not None:
             sums = result.sums
             n = max(sums["tokens"], 1.0)
@@ -426,6 +429,7 @@ def distill(cfg: DistillConfig) -> dict:
     if step == tr.train_steps:
         final = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
     channel.flush()
+    teacher_side.finish()
     if reader is not None:
         reader.close()
     if student is not None:
@@ -440,7 +444,7 @@ def distill(cfg: DistillConfig) -> dict:
 class TeacherSideStats:
     """Teacher-side timers and payload bytes, accumulated per rank and averaged over the teacher
     ranks and steps of a logging window by :meth:`collect` (a world all-reduce: every rank calls
-    it on the same steps)."""
+    it on the same steps; a rank that does not log leaves it running, :meth:`finish` waits)."""
 
     def __init__(self, device):
         self.device = device
@@ -448,6 +452,7 @@ class TeacherSideStats:
         self.bytes_sent = 0.0
         self.steps = 0
         self._events: list = []  # (start, end) CUDA events of the teacher forwards not yet read
+        self._pending = None  # (work, tensor) of a reduction started without waiting
 
     def begin(self):
         """Start timing one teacher forward. On GPU a CUDA event, read at :meth:`collect`: the
@@ -472,18 +477,32 @@ class TeacherSideStats:
         channel.bytes_sent = 0
         self.steps += 1
 
-    def collect(self) -> dict:
+    def finish(self) -> None:
+        """Wait for a reduction :meth:`collect` left running."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+    def collect(self, wait: bool = True) -> dict:
+        """The window's means (``{}`` without teacher ranks, or when ``wait`` is False). With
+        ``wait`` False (a rank that does not log) the all-reduce is only started: the rank goes on
+        with its next forwards and the reduction completes when the logging ranks join it."""
+        self.finish()
         for start, end in self._events:
             end.synchronize()
             self.compute_s += start.elapsed_time(end) / 1e3
         self._events.clear()
         vec = torch.tensor([self.compute_s, self.blocked_s, self.bytes_sent, float(self.steps > 0), self.steps],
                            dtype=torch.float64, device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(vec)
-        compute, blocked, sent, ranks, rank_steps = vec.tolist()
         self.compute_s = self.blocked_s = self.bytes_sent = 0.0
         self.steps = 0
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(vec, async_op=True)
+            if not wait:
+                self._pending = (work, vec)
+                return {}
+            work.wait()
+        compute, blocked, sent, ranks, rank_steps = vec.tolist()
         if not ranks:
             return {}
         steps = rank_steps / ranks
