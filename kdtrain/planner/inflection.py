@@ -8,7 +8,7 @@ data-parallel gradient reduction and optimizer). Write ``a = B c_t`` and ``b = B
 
 Disaggregated, ``W_t + W_s = W``, the roles run concurrently and the step is the slowest of
 
-    teacher  a / W_t + sigma    sigma = max(0, student gap - depth * teacher forward per micro-batch)
+    teacher  a / W_t + sigma    sigma = max(0, student gap - (depth + 1) * teacher forward per micro-batch)
     student  b / W_s + g        g = g_s + x_1, x_1 = first payload of a step not hidden by the fill
     link     max(N / dp_t, N / dp_s) * (payload bytes / BW + latency),  N = B / micro_batch
 
@@ -168,7 +168,7 @@ def condition(p: Problem, colocated_step: Optional[float] = None) -> Condition:
                 for zero, rc in student_options(p, dp):
                     st = _student_time(p, s_lay, mb, max(0, W - s_lay.ranks), zero, True, rc)
                     c_s = st.per_microbatch * unit / mb
-                    sigma = max(0.0, st.gap - p.depth * t_fwd)
+                    sigma = max(0.0, st.gap - (p.depth + 1) * t_fwd)
                     first = max(0.0, x_one - (s_pp - 1) * st.forward_per_microbatch)
                     g = st.bubble + st.dp_comm + st.optimizer + first
                     cond = _rounded(p, T_c, a, B * c_s, g, sigma, mb, x_one, t_lay, s_lay, zero, rc)
@@ -204,7 +204,7 @@ def _rounded(p: Problem, T_c: float, a: float, b: float, g: float, sigma: float,
         # where these ranks sit.
         first = max(0.0, x_one - (s_lay.pp - 1) * st.forward_per_microbatch)
         g_at = st.bubble + st.dp_comm + st.optimizer + first
-        sigma_at = max(0.0, st.gap - p.depth * tt.forward_per_microbatch)
+        sigma_at = max(0.0, st.gap - (p.depth + 1) * tt.forward_per_microbatch)
         link = max(n_mb // t_at.dp, n_mb // s_at.dp) * x_one
         step = max(tt.total + sigma_at, st.total + first, link)
         if out is None or step < out.step:

@@ -15,9 +15,9 @@ Step time (see timing.py for a role's parts):
                        behind the teacher's forwards (0 when both roles share one layout: the
                        payload never leaves the rank)
     disaggregated  T = max(T_teacher + stall, T_student + first payload, T_link)
-                   stall = max(0, student gap - depth * teacher micro-batch time): the teacher
-                   runs at most ``depth`` micro-batches ahead, so it idles while the student
-                   reduces gradients, updates and refills its pipeline
+                   stall = max(0, student gap - (depth + 1) * teacher micro-batch time): the
+                   teacher fills its ``depth`` sends in flight and computes one more, then idles
+                   while the student reduces gradients, updates and refills its pipeline
 
 On-policy runs (``Problem.onpolicy``: a fraction f of the steps on the student's own samples)
 average the two kinds of step, T = (1 - f) T + f T_sampled. A sampled step first has every
@@ -399,7 +399,8 @@ def evaluate_disaggregated(p: Problem, t: Layout, s: Layout, mb: int, zero: bool
     m_t, m_s = p.global_batch // mb // t.dp, p.global_batch // mb // s.dp
     x_one = nb / bw + lat
     t_link = max(m_t, m_s) * x_one  # the busiest sender (teacher last stage) or receiver
-    stall = max(0.0, st.gap - p.depth * tt.forward_per_microbatch)
+    # During the student's gap the teacher fills its `depth` sends in flight and computes one more.
+    stall = max(0.0, st.gap - (p.depth + 1) * tt.forward_per_microbatch)
     first = max(0.0, x_one - (s.pp - 1) * st.forward_per_microbatch)
     candidates = {"teacher": tt.total + stall, "student": st.total + first, "payload link": t_link}
     role, plan.step_time = max(candidates.items(), key=lambda kv: kv[1])

@@ -153,11 +153,19 @@ def _stage_pass(m: ModelShape, tp: int, pp: int, seq: int, micro_batch: int, pro
     # (their input gradients); a recomputed forward repeats the forward's two.
     ar_per_layer = {1: 2, 3: 4, 4: 6}[passes]
     tp_comm = ar_per_layer * layers * allreduce_time(n * m.hidden * d, tp, bw, lat)
-    vl = m.padded_vocab(tp) / tp
-    # Top-k + normaliser (teacher) read the logits about 3 times; the KD loss's two passes read
-    # them and write the gradient (student): both ~3 logits-sized passes.
-    logits = 3 * n * vl * d / profile.memory_bw
+    # The student's KD loss (two passes) reads its logits twice and writes their gradient once;
+    # the teacher's top-k costs its own (teacher_logits_bytes).
+    logits = 3 * n * m.padded_vocab(tp) / tp * d / profile.memory_bw
     return compute, tp_comm, logits
+
+
+def teacher_logits_bytes(d: int) -> int:
+    """HBM bytes per element of the teacher's logits shard that ``vocab_parallel_topk`` moves
+    (stream/payload.py): ``torch.topk`` reads them (d); the tail's eager passes over fp32 chunks
+    each go through memory (chunks far above L2): the upcast reads d and writes 4, the shift and
+    the exponential read and write 4 each, the sum reads 4. Total 2d + 24 (28 in bf16: 14 reads of
+    the bf16 logits), with loss.tau != 1 one more fp32 division (+8), not counted."""
+    return 2 * d + 24
 
 
 def _pp_hop(m: ModelShape, tp: int, pp: int, dp: int, seq: int, micro_batch: int, profile: HardwareProfile,
@@ -171,13 +179,14 @@ def _pp_hop(m: ModelShape, tp: int, pp: int, dp: int, seq: int, micro_batch: int
 def teacher_time(m: ModelShape, tp: int, pp: int, dp: int, seq: int, micro_batch: int, microbatches: int, k: int,
                  profile: HardwareProfile, pl: Placement, colocated: bool, d: int = 2) -> RoleTime:
     """One step of the lean teacher: ``microbatches`` forwards per replica (+ top-k)."""
-    compute, tp_comm, logits = _stage_pass(m, tp, pp, seq, micro_batch, profile, 1, d)
+    compute, tp_comm, _ = _stage_pass(m, tp, pp, seq, micro_batch, profile, 1, d)
     n = seq * micro_batch
+    logits = n * m.padded_vocab(tp) / tp * teacher_logits_bytes(d) / profile.memory_bw
     bw, lat = profile.intra_node_bw, profile.intra_node_latency
-    # Vocab-parallel top-k: all-gather of k candidates (fp32 value + int64 id) per tensor rank and
-    # two all-reduces of one fp32 per token (max, sum-exp).
+    # Vocab-parallel top-k: two ring all-gathers of each rank's k + 1 candidates (fp32 values,
+    # int64 ids) and one all-reduce of the tail's sum, one fp32 per token.
     if tp > 1:
-        tp_comm += (tp - 1) * n * k * 12 / bw + 2 * allreduce_time(4 * n, tp, bw, lat) + (tp - 1) * lat
+        tp_comm += (tp - 1) * n * (k + 1) * 12 / bw + 2 * (tp - 1) * lat + allreduce_time(4 * n, tp, bw, lat)
     hop = _pp_hop(m, tp, pp, dp, seq, micro_batch, profile, pl, d)
     per_mb = compute + logits + tp_comm + hop
     fill = (pp - 1) * per_mb if colocated else 0.0
