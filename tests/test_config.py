@@ -222,3 +222,52 @@ def test_a_cache_runs_teacher_layout_constrains_nothing():
     spans = load_distill_config("tiny", cached + ["student.tp=2"]).validate(2)
     assert (spans.teacher.tp, spans.teacher.pp, spans.teacher.dp) == (spans.student.tp, spans.student.pp,
                                                                      spans.student.dp) == (2, 1, 1)
+
+
+def test_a_key_written_twice_is_refused(tmp_path):
+    """Plain YAML keeps the second ``optimizer:`` and drops the first without a word."""
+    f = tmp_path / "run.yaml"
+    f.write_text("model: tiny\ndata: {path: [x]}\noptimizer: {lr: 1.0e-3}\ntraining: {}\noptimizer: {}\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: not valid YAML.*'optimizer' appears twice"):
+        load_pretrain_config(str(f))
+
+
+def test_string_fields_take_an_overrides_text_and_refuse_a_files_number(tmp_path):
+    """YAML reads `0100` as octal 64 and `off` as False: a string field takes an override's text as
+    typed, and a file's unquoted number or boolean is an error asking for quotes (what was meant is
+    not known); number fields still read overrides as numbers."""
+    f = tmp_path / "run.yaml"
+    f.write_text("model: tiny\ndata: {path: [x]}\n")
+    cfg = load_pretrain_config(str(f), ["checkpoint.dir=0100", "logging.dir=off", "model.name=1.10",
+                                        "training.train_steps=0x10", "optimizer.lr=1e-3"])
+    assert (cfg.checkpoint.dir, cfg.logging.dir, cfg.model.name) == ("0100", "off", "1.10")
+    assert cfg.training.train_steps == 16 and cfg.optimizer.lr == pytest.approx(1e-3)
+    f.write_text("model: tiny\ndata: {path: [x]}\nlogging: {dir: off}\n")
+    with pytest.raises(ValueError, match=r"logging\.dir: expected a string, got False .*quote it"):
+        load_pretrain_config(str(f))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.lr=.inf", r"optimizer\.lr: expected a finite number"),
+    ("optimizer.weight_decay=.nan", r"optimizer\.weight_decay: expected a finite number"),
+    ("optimizer.lr=nan", r"optimizer\.lr: expected a finite number"),
+    ("model.init_std=.nan", r"model\.init_std: expected a finite number"),
+    ("training.train_steps=.inf", r"training\.train_steps: expected an integer"),
+    ("training.train_steps=1e400", r"training\.train_steps: expected an integer"),
+    ("training.eval_batches=-1", r"training\.eval_batches: must be >= 0"),
+    ("model.kv_channels=0", r"model\.kv_channels: must be >= 1"),
+    ("model.kv_channels=15", r"model\.kv_channels: rotary embeddings .* must be even"),
+])
+def test_non_finite_and_impossible_values_name_the_field(tmp_path, override, message):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: tiny\ndata: {path: [x]}\n")
+    with pytest.raises(ValueError, match=message):
+        load_pretrain_config(str(f), [override])
+
+
+def test_large_integers_stay_exact_and_typos_get_a_suggestion(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: tiny\ndata: {path: [x], seed: 9007199254740993}\n")
+    assert load_pretrain_config(str(f)).data.seed == 9007199254740993  # not rounded through a float
+    with pytest.raises(ValueError, match=r"optimizer\.weight_decai: unknown key \(did you mean optimizer\.weight_decay\?"):
+        load_pretrain_config(str(f), ["optimizer.weight_decai=0.1"])

@@ -8,6 +8,8 @@ at once instead of deep inside megatron-core.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import types
 import typing
@@ -20,12 +22,27 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = Path(os.environ.get("KDTRAIN_CONFIG_DIR", REPO_ROOT / "configs"))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (the plain loader keeps
+    the last and silently drops the first, e.g. a second ``optimizer:`` section)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if data is None:
@@ -47,6 +64,19 @@ def resolve_config_path(ref: str, kind: str) -> Path:
     raise ValueError(f"unknown {kind} config {ref!r}: not a file and not one of {known}")
 
 
+class OverrideText(str):
+    """A command-line override's text that YAML reads as a number or a boolean: a string field
+    takes the text as typed (``checkpoint.dir=0100`` is ``'0100'``, not octal 64;
+    ``logging.dir=off`` is ``'off'``), any other field the YAML value (``parsed``)."""
+
+    parsed: Any
+
+    def __new__(cls, text: str, parsed: Any):
+        obj = super().__new__(cls, text)
+        obj.parsed = parsed
+        return obj
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ValueError(f"override {item!r}: expected key.path=value")
@@ -58,6 +88,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, (bool, int, float)):
+        value = OverrideText(raw.strip(), value)
     return key.split("."), value
 
 
@@ -97,8 +129,21 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _wants_text(tp: Any) -> bool:
+    """A field an override's text goes to as typed: ``str`` or a union of ``str`` with no
+    number or boolean (``Optional[str]``, ``str | list[str]``)."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        return str in args and not any(a in (bool, int, float) for a in args)
+    return False
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert one YAML value against a type annotation."""
+    if isinstance(value, OverrideText):
+        value = str(value) if _wants_text(tp) else value.parsed
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -155,11 +200,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):  # `1e6` and `4_096` are strings to PyYAML
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
         try:
             f = float(value)
         except ValueError:
             raise ValueError(f"{where}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ValueError(f"{where}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
@@ -167,10 +219,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
+        if isinstance(value, (bool, int, float)):
+            # YAML read the file's text as a number or boolean (`0100` is octal 64, `off` False):
+            # what was meant is not known.
+            raise ValueError(f"{where}: expected a string, got {value!r} (YAML reads the text as a "
+                             f"{type(value).__name__}: quote it)")
         if isinstance(value, (dict, list)):
             raise ValueError(f"{where}: expected a string, got {value!r}")
         return str(value)
@@ -187,8 +247,10 @@ def from_dict(cls, data: dict | None, where: str = ""):
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
+        close = difflib.get_close_matches(str(unknown[0]), sorted(names), n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
         raise ValueError(
-            f"{prefix}{unknown[0]}: unknown key (valid keys{' in ' + where if where else ''}: {sorted(names)})"
+            f"{prefix}{unknown[0]}: unknown key ({hint}valid keys{' in ' + where if where else ''}: {sorted(names)})"
         )
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -58,6 +58,11 @@ class ModelConfig:
                                   f"{self.hidden_size} not divisible by num_attention_heads={self.num_attention_heads}"
                                   " (set kv_channels explicitly)")
             self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.kv_channels < 1:
+            raise field_error(where, "kv_channels", f"must be >= 1, got {self.kv_channels}")
+        if self.position_embedding == "rope" and self.kv_channels % 2:
+            raise field_error(where, "kv_channels", f"rotary embeddings rotate pairs of channels: the head size "
+                              f"must be even, got {self.kv_channels}")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise field_error(where, name, f"must be in [0, 1), got {getattr(self, name)}")

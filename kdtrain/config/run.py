@@ -136,8 +136,9 @@ class TrainingConfig:
         for name in ("micro_batch_size", "global_batch_size", "train_steps"):
             if getattr(self, name) < 1:
                 raise field_error(where, name, f"must be >= 1, got {getattr(self, name)}")
-        if self.eval_interval < 0 or self.eval_batches < 0:
-            raise field_error(where, "eval_interval", "must be >= 0")
+        for name in ("eval_interval", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise field_error(where, name, f"must be >= 0, got {getattr(self, name)}")
         if self.exit_interval is not None and self.exit_interval < 1:
             raise field_error(where, "exit_interval", f"must be >= 1 (steps of this job), got {self.exit_interval}")
         if self.global_batch_size % self.micro_batch_size:
