@@ -56,7 +56,13 @@ def _model(args) -> int:
     from kdtrain.config import load_model_config
 
     m = load_model_config(args.name)
-    m.check_layout(args.tp, args.pp, "--")
+    for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise ValueError(f"{flag}: must be >= 1, got {value}")
+    try:
+        m.check_layout(args.tp, args.pp, "")
+    except ValueError as e:  # "tp: 3 does not divide ..."
+        raise ValueError(f"--{e}") from None
     print(f"{m.name}: {m.num_params() / 1e6:.2f}M parameters ({m.num_params(include_embedding=False) / 1e6:.2f}M "
           f"without input embeddings), {m.num_layers} layers, hidden {m.hidden_size}")
     print(f"vocab {m.vocab_size} -> padded {m.padded_vocab_size(args.tp)} for tp={args.tp}")

@@ -271,3 +271,13 @@ def test_large_integers_stay_exact_and_typos_get_a_suggestion(tmp_path):
     assert load_pretrain_config(str(f)).data.seed == 9007199254740993  # not rounded through a float
     with pytest.raises(ValueError, match=r"optimizer\.weight_decai: unknown key \(did you mean optimizer\.weight_decay\?"):
         load_pretrain_config(str(f), ["optimizer.weight_decai=0.1"])
+
+
+def test_model_command_names_its_flags(capsys):
+    from kdtrain.cli import main
+
+    assert main(["model", "tiny", "--tp", "2"]) == 0 and "padded 512 for tp=2" in capsys.readouterr().out
+    for args, message in ((["--pp", "0"], "--pp: must be >= 1"), (["--tp", "-2"], "--tp: must be >= 1"),
+                          (["--tp", "3"], "--tp: 3 does not divide num_attention_heads=4")):
+        assert main(["model", "tiny", *args]) == 2
+        assert message in capsys.readouterr().err

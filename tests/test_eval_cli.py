@@ -86,3 +86,8 @@ def test_eval_with_a_teacher_reproduces_the_runs_held_out_divergence(world_of_on
     assert abs(fkl - got["kd_loss"]) > 1e-3 * got["kd_loss"]
     assert main(["eval", "--model", str(tmp_path / "student"), "--tau", "2", "--device", "cpu"]) == 2
     assert "describe the divergence to --teacher" in capsys.readouterr().err
+    for args, message in ((["--topk", "0"], "--topk must be >= 1"),  # not the run's k in disguise
+                          (["--out", str(tmp_path / "missing" / "x.json")], "its directory does not exist")):
+        assert main(["eval", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                     "--device", "cpu", *args]) == 2
+        assert message in capsys.readouterr().err

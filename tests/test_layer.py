@@ -19,7 +19,8 @@ SMALL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_siz
              vocab_size=300, max_seq_length=64)
 FAMILIES = {
     "llama (rmsnorm, swiglu, GQA, rope scaling)": ("llama-3.2-1b", dict(num_query_groups=2)),
-    "gpt2 (layernorm, gelu, biases, learned positions)": ("gpt2-124m", dict(num_query_groups=4)),
+    "gpt2 (layernorm, gelu_tanh, biases, learned positions)": ("gpt2-124m", dict(num_query_groups=4)),
+    "exact gelu": ("gpt2-124m", dict(num_query_groups=4, activation="gelu")),
     "qwen2.5 (qkv bias only, tied embeddings)": ("qwen2.5-0.5b", dict(num_query_groups=2)),
     "qwen3 (query/key norms, head dim != hidden/heads)": ("qwen3-0.6b", dict(num_query_groups=2, kv_channels=24)),
     "tiny with dropout": ("tiny", dict(hidden_dropout=0.1, attention_dropout=0.1)),
@@ -70,7 +71,7 @@ def test_direct_layer_equals_stock_megatron_layer(world_of_one, family):
 
 
 @pytest.mark.parametrize("family", ["llama (rmsnorm, swiglu, GQA, rope scaling)",
-                                    "gpt2 (layernorm, gelu, biases, learned positions)"])
+                                    "gpt2 (layernorm, gelu_tanh, biases, learned positions)"])
 def test_direct_layer_bf16_and_no_grad(world_of_one, family):
     """bf16 models hold every parameter in bf16 (megatron-core creates norms and the position
     embedding in fp32, which made a bf16 GPT-2 fail in its first linear); then as above."""
@@ -134,7 +135,7 @@ def _tp2_equal(rank, world):
 
     groups = build_role_groups(RoleLayout("model", 0, 2, 1, 1))
     for name, over in (FAMILIES["llama (rmsnorm, swiglu, GQA, rope scaling)"],
-                       FAMILIES["gpt2 (layernorm, gelu, biases, learned positions)"],
+                       FAMILIES["gpt2 (layernorm, gelu_tanh, biases, learned positions)"],
                        FAMILIES["qwen3 (query/key norms, head dim != hidden/heads)"]):
         cfg, model = _model(name, over, groups)
         assert all(layer._direct for layer in model.decoder.layers)

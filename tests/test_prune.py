@@ -262,6 +262,13 @@ def test_prune_cli_from_hf_teacher(tmp_path):
     assert exited.value.code == 2
     assert main(["prune", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "y"),
                  "--ffn-hidden-size", "32"]) == 2  # width without calibration data: a clear error
+    for args in (["--out", str(tmp_path / "hf"), "--num-layers", "2"],  # would overwrite the teacher
+                 ["--out", str(tmp_path / "y"), "--keep-layers", "1-"],  # a range without its end
+                 ["--out", str(tmp_path / "y"), "--ffn-hidden-size", "32", "--data", str(tmp_path / "calib"),
+                  "--seq-length", "65"],  # beyond the teacher's positions
+                 ["--out", str(tmp_path / "y"), "--num-layers", "2", "--micro-batch", "0"]):
+        assert main(["prune", "--src", str(tmp_path / "hf"), *args]) == 2, args
+    assert (tmp_path / "hf" / "config.json").is_file() and not (tmp_path / "y").exists()
     # Depth only (no calibration), the padded vocabulary trimmed to the tokenizer's ids.
     assert main(["prune", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "z"), "--keep-layers", "0,3",
                  "--vocab-size", str(V - 11)]) == 0

@@ -112,7 +112,11 @@ def run_kd_config(model: str, overrides: dict):
 
     meta = {} if is_hf_model_dir(model) else CheckpointWeights(model).reader.meta
     cfg = from_dict(KDLossConfig, meta["loss"], f"{model}: loss") if meta.get("loss") else KDLossConfig()
-    k = overrides.pop("topk", None) or meta.get("topk") or 64
+    k = overrides.pop("topk", None)
+    if k is None:
+        k = meta.get("topk") or 64
+    elif k < 1:
+        raise ValueError(f"--topk must be >= 1, got {k}")
     cfg = dataclasses.replace(cfg, **{f: v for f, v in overrides.items() if v is not None})
     cfg.check("--divergence/--beta/--tau")
     return cfg, int(k)
@@ -198,6 +202,8 @@ def _run(args) -> int:
                                      args.seed)) or args.every_token:
         raise ValueError("--seq-length, --split, --seed, --packing, --attention, --tokenizer and --every-token "
                          "describe --data; without --data the first checkpoint's run data is used as it was")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise ValueError(f"--out {args.out}: its directory does not exist")
     kd = {"divergence": args.divergence, "beta": args.beta, "tau": args.tau, "topk": args.topk}
     if not args.teacher and any(v is not None for v in kd.values()):
         raise ValueError("--divergence, --beta, --tau and --topk describe the divergence to --teacher")
@@ -236,6 +242,6 @@ def register(sub) -> None:
     p.add_argument("--topk", type=int, help="with --teacher: the teacher's top-k (default: the run's teacher.topk)")
     p.add_argument("--max-windows", type=int, help="only the first N held-out windows")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPU when there is one")
     p.add_argument("--out", help="also write the results as JSON")
     p.set_defaults(func=_run)

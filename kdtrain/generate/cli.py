@@ -166,7 +166,7 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="draw among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="then among the smallest set holding this mass (1: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPU when there is one")
     p.add_argument("--cuda-graphs", action="store_true", help="replay each position's forward as one CUDA graph "
                    "(CUDA only)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")

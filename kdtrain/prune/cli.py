@@ -36,8 +36,10 @@ def parse_layers(text: str) -> list[int]:
     out: list[int] = []
     try:
         for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+            lo, dash, hi = part.strip().partition("-")
+            if dash and not hi:
+                raise ValueError(part)  # `1-`: a range without its end
+            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
     except ValueError:
         raise ValueError(f"--keep-layers {text!r}: expected indices and ranges like 0-11,14,15") from None
     return sorted(set(out))
@@ -83,7 +85,9 @@ def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str 
         if env.world_size != 1:
             raise ValueError("kdtrain prune runs as one process (the teacher whole on one device)")
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
-        _, model = load_whole_model(src, env.device, dtype, "prune --src", cfg)
+        # kdtrain's local layers: Transformer Engine fuses the norms into the next linear (the
+        # norm modules the hooks read would be identities, seeing the un-normalised stream).
+        _, model = load_whole_model(src, env.device, dtype, "prune --src", cfg, use_te=False)
         return activation_importance(model, batches_fn(env.device))
 
 
@@ -100,6 +104,11 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
     from ..training.checkpoint import write_global_checkpoint
     from .select import build_selection, prune_tensor, pruned_config, pruned_names
 
+    if Path(out).resolve() == Path(src).resolve():
+        raise ValueError(f"--out {out}: is --src; write the pruned student to another directory (the teacher "
+                         "would be overwritten)")
+    if calib_samples < 1 or micro_batch < 1:
+        raise ValueError(f"--calib-samples and --micro-batch must be >= 1, got {calib_samples} and {micro_batch}")
     if layer_order not in ("influence", "uniform"):
         raise ValueError(f"--layer-order {layer_order!r}: influence or uniform")
     if packing not in ("stream", "documents", "best_fit") or attention not in ("window", "documents"):
@@ -120,6 +129,9 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
     if narrower or (by_influence and data):
         if not data:
             raise ValueError("prune: width targets need calibration data (--data PREFIX, the teacher's tokenization)")
+        if not 1 <= seq_length <= cfg.max_seq_length:
+            raise ValueError(f"--seq-length {seq_length}: calibration windows must fit the teacher's "
+                             f"max_seq_length={cfg.max_seq_length} ({src})")
         scores = measure_importance(src, cfg, lambda dev: calibration_batches(
             data, cfg, seq_length, calib_samples, micro_batch, dev, tokenizer, packing, attention), device)
     elif by_influence:
@@ -182,7 +194,7 @@ def register(subparsers) -> None:
                    help="what calibration tokens attend to: the run's data.attention")
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--shard-gb", type=float, default=2.0)
     p.add_argument("--vocab-size", type=int, default=None,
                    help="keep the first N rows of a Hugging Face teacher's (padded) vocabulary table")

@@ -319,17 +319,19 @@ def load_model_weights(path: str | os.PathLike, model: ModelConfig,
 
 
 def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype, what: str,
-                     model: Optional[ModelConfig] = None):
+                     model: Optional[ModelConfig] = None, use_te: Optional[bool] = None):
     """(config, model) of a kdtrain checkpoint or Hugging Face directory held whole on one device
     (tp = pp = 1), in eval mode, for the tools that run a model alone (prune, generate, eval).
-    The config is the one ``path`` records unless ``model`` is given. Needs a process group
+    The config is the one ``path`` records unless ``model`` is given; ``use_te``: as ``build_gpt``
+    (False: kdtrain's local layers, whose modules hooks can read). Needs a process group
     (``parallel.one_process_world``)."""
     from ..convert.sources import open_weights
     from ..models import build_gpt
     from ..parallel import RoleLayout, build_role_groups
 
     cfg = model if model is not None else open_weights(path).cfg
-    net = build_gpt(cfg, build_role_groups(RoleLayout(what, 0, 1, 1, 1)), device=device, dtype=dtype, seed=0)
+    net = build_gpt(cfg, build_role_groups(RoleLayout(what, 0, 1, 1, 1)), device=device, dtype=dtype, seed=0,
+                    use_te=use_te)
     load_model_weights(path, cfg, [(net.param_specs[n], p) for n, p in net.named_parameters()], what)
     return cfg, net.eval()
 
