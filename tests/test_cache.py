@@ -453,6 +453,28 @@ def test_resume_into_a_directory_of_another_cache_is_refused(caches):
         prepare(caches["root"] / "fp32", m)
 
 
+@pytest.mark.slow
+def test_a_rerun_that_would_shrink_a_cache_is_refused(caches, tmp_path):
+    """Rerunning the job without its ``--samples`` (the default is smaller) would have been taken
+    for a resume and deleted the shards beyond; a file where the directory should be is named."""
+    from kdtrain.cache.job import build_manifest
+    from kdtrain.cache.writer import prepare
+
+    root = caches["root"] / "fp32"
+    shards = sorted(p.name for p in root.glob("shard_*.bin"))
+    job = _job(root, "fp32")
+    job.samples = SHARD
+    small = build_manifest(_run_cfg(caches["corpus"]), job, torch.float32, {})
+    with pytest.raises(ValueError, match=rf"holds a cache of {SAMPLES} samples and this job writes {SHARD}.*"
+                                         rf"cache\.samples={SAMPLES}"):
+        prepare(root, small)
+    assert sorted(p.name for p in root.glob("shard_*.bin")) == shards and len(shards) > 1
+    assert CacheReader(root).manifest.complete
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="cache.out: cannot create the directory"):
+        prepare(tmp_path / "afile", small)
+
+
 # -- prefetch ----------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -229,6 +229,8 @@ def test_student_from_the_cache_follows_the_online_loss_curve(reference, runs, n
             assert got[s][k] == pytest.approx(reference[s][k], rel=RTOL, abs=ATOL), f"step {s} {k}"
     live = [got[s]["teacher_live"] for s in sorted(got)]
     assert live == ([0] * len(live) if source == "cache" else [0, 1, 0, 1]), live
+    # Teacher throughput only where a teacher ran.
+    assert all((got[s]["teacher_tflops_per_device"] > 0) == bool(got[s]["teacher_live"]) for s in got)
     # Held-out: the cross entropy always; the divergence where a live teacher runs (mixed).
     ref_valid, valid = (read_metrics(runs.root / name, "valid")[4] for name in ("reference", f"{nproc}-{source}"))
     assert valid["valid_loss"] == pytest.approx(ref_valid["valid_loss"], rel=RTOL, abs=ATOL)
@@ -246,6 +248,18 @@ def test_cache_that_does_not_match_the_run_is_refused(runs, tiny_corpus, fp32_ca
                                                    f"teacher.cache={fp32_cache}", "split.mode=disaggregated",
                                                    "split.teacher_ranks=1"), check=False, timeout=120)
     assert proc.returncode != 0 and "split.mode" in proc.stderr, proc.stderr[-2000:]
+    # A cache two steps short: refused before the first step (it used to fail at step 5 of 6, the
+    # training lost); a mixed run says from which step every step runs the live teacher.
+    longer = ["training.train_steps=6", "training.eval_batches=0", f"teacher.cache={fp32_cache}"]
+    proc = run_torchrun(1, "distill_gpt.py", _args(tiny_corpus, tmp_path / "short", "teacher.source=cache", *longer),
+                        check=False, timeout=120)
+    assert proc.returncode != 0 and "holds 32 samples but step 6 needs samples up to 47" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert not (tmp_path / "short" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "short")
+    proc = run_torchrun(1, "distill_gpt.py", _args(tiny_corpus, tmp_path / "mixed", "teacher.source=mixed",
+                                                   "teacher.live_fraction=0", *longer), timeout=180)
+    assert "steps 5-6 run the live teacher" in proc.stdout, proc.stdout[-2000:]
+    assert [r["teacher_live"] for _, r in sorted(read_metrics(tmp_path / "mixed").items())] == [0, 0, 0, 0, 1, 1]
 
 
 def test_split_auto_runs_the_planners_plan(reference, runs):
@@ -441,3 +455,15 @@ def test_a_disaggregated_teacher_serves_the_next_step_while_the_student_finishes
     teacher_starts, student_ends = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert len(teacher_starts) == len(student_ends) == 4
     assert all(teacher_starts[t + 1] < student_ends[t] for t in range(3)), (teacher_starts, student_ends)
+
+
+@pytest.mark.parametrize("fraction,count", [(0.29, 29), (0.57, 57), (0.58, 58), (0.1, 10), (1 / 3, 33), (1.0, 100),
+                                            (0.0, 0)])
+def test_a_fraction_of_the_steps_is_that_many_steps(fraction, count):
+    """On-policy and mixed-teacher steps: f of 100 steps is f * 100 of them (in floats, 29 * 0.29
+    falls below 8.41 and 0.29 of 100 steps gave 28)."""
+    from kdtrain.training.distill import spread_step
+
+    picked = [t for t in range(100) if spread_step(t, fraction)]
+    assert len(picked) == count
+    assert all(b - a <= -(-100 // max(count, 1)) for a, b in zip(picked, picked[1:]))  # spread, not bunched

@@ -99,7 +99,12 @@ def prepare(root: str | os.PathLike, manifest: Manifest) -> None:
     holding a different cache; removes temp files; writes ``manifest`` as incomplete. Call before
     any shard writer starts (the job's rank 0, then a broadcast), then :func:`verify_existing`."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise ValueError(f"cache.out: cannot create the directory {root}: {e.strerror}") from None
+    if (root / MANIFEST).is_dir():
+        raise ValueError(f"cache.out: {root / MANIFEST} is a directory; remove it or choose another directory")
     if (root / MANIFEST).is_file():
         try:
             old = Manifest.load(root)
@@ -111,6 +116,10 @@ def prepare(root: str | os.PathLike, manifest: Manifest) -> None:
             raise ValueError(f"cache.out: {root} holds a cache of a different job ({field} differs: "
                              f"{old.to_dict()[field]!r} there, {manifest.to_dict()[field]!r} now); remove it "
                              f"or choose another directory")
+        if old.num_samples > manifest.num_samples:  # a rerun without its --samples: the rest would go
+            raise ValueError(f"cache.out: {root} holds a cache of {old.num_samples} samples and this job writes "
+                             f"{manifest.num_samples}: it would delete the samples beyond; pass cache.samples="
+                             f"{old.num_samples} (or more) to resume or extend it, or choose another directory")
     elif any(root.glob("shard_*.bin")):
         raise ValueError(f"cache.out: {root} holds shard files but no {MANIFEST}; remove them or choose another "
                          f"directory")

@@ -27,8 +27,10 @@ student's cross entropy and, with a live teacher, its divergence to the teacher.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 import numpy as np
@@ -54,7 +56,7 @@ from .profiling import StepProfiler
 from .pretrain import (build_trainable, describe_dataset, describe_start, evaluate, held_out, lm_forward_step,
                        open_dataset, resolve_dtype, restore_role, save_due, save_role)
 from .step import eval_step, train_step
-from .teacher import Teacher
+from .teacher import Teacher, TeacherSideStats
 
 KD_REPORT_KEYS = ("loss_sum", "kd_sum", "ce_sum", "tokens")
 
@@ -140,7 +142,7 @@ def student_items(sample, targets, positions, first: int, pairing: Pairing, tr, 
 
 
 def serve_batch(teacher: Teacher, channel: PayloadChannel, sample, targets, positions, first: int,
-                pairing: Pairing, tr, groups, device, stats: Optional["TeacherSideStats"] = None) -> None:
+                pairing: Pairing, tr, groups, device, stats: Optional[TeacherSideStats] = None) -> None:
     """This teacher replica's micro-batches of the global batch at ``first``, served in order
     into the channel (``stats``: time the forwards and the hand-overs)."""
     for o, mb in teacher_microbatches(sample, pairing, first, tr.global_batch_size, tr.micro_batch_size,
@@ -156,11 +158,18 @@ def serve_batch(teacher: Teacher, channel: PayloadChannel, sample, targets, posi
                 stats.blocked_s += time.perf_counter() - t1
 
 
+def spread_step(step: int, fraction: float) -> bool:
+    """Whether ``step`` is one of a ``fraction`` of the steps spread evenly: floor((t+1) f) >
+    floor(t f), in exact arithmetic on the fraction as written (0.29 is 29/100: in floats
+    29 * 0.29 < 8.41 would lose a step in 100)."""
+    f = Fraction(repr(fraction))
+    return f > 0 and math.floor((step + 1) * f) > math.floor(step * f)
+
+
 def onpolicy_step(step: int, cfg: DistillConfig) -> bool:
     """Whether the student samples the sequences of ``step`` (``onpolicy.fraction`` of the steps,
     spread evenly like the mixed teacher's live steps; the same answer on every rank)."""
-    f = cfg.onpolicy.fraction
-    return f > 0 and int((step + 1) * f) > int(step * f)
+    return spread_step(step, cfg.onpolicy.fraction)
 
 
 def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, first: int, groups,
@@ -230,8 +239,16 @@ def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
                              f"samples up to {(step + 1) * G - 1}: write a larger cache (--samples) or use "
                              f"teacher.source: mixed")
         return False
-    f = t.live_fraction
-    return not covered or int((step + 1) * f) > int(step * f)
+    return not covered or spread_step(step, t.live_fraction)
+
+
+def cache_steps(cfg: DistillConfig, reader) -> tuple[int, int]:
+    """(steps the run's cache covers, the steps that read it): a step reads the cache unless it
+    samples on-policy (its payloads then come from a live teacher)."""
+    G, steps = cfg.training.global_batch_size, cfg.training.train_steps
+    reading = 0 if cfg.onpolicy.fraction >= 1 else next(
+        (t + 1 for t in range(steps - 1, -1, -1) if not onpolicy_step(t, cfg)), 0)
+    return min(reader.num_samples // G, steps), reading
 
 
 def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype):
@@ -246,6 +263,12 @@ def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype):
 
     reader = CacheReader(cfg.teacher.cache)
     reader.check(cfg)
+    covered, reading = cache_steps(cfg, reader)
+    if cfg.teacher.source == "cache" and covered < reading:  # found now, not after hours of training
+        G = cfg.training.global_batch_size
+        raise ValueError(f"teacher.cache {cfg.teacher.cache} holds {reader.num_samples} samples but step {reading} "
+                         f"needs samples up to {reading * G - 1}: write a larger cache (--samples) or use "
+                         f"teacher.source: mixed")
     if cfg.teacher.source == "mixed":
         error = [None]
         if rank == 0:
@@ -330,6 +353,10 @@ def distill(cfg: DistillConfig) -> dict:
                  f"{_layer_modes(cfg.precision.compile, cfg.precision.cuda_graphs)}"
                  f"{', recomputed student layers' if tr.recompute else ''}")
     logger.write(describe_dataset(dataset, cfg.data))
+    if reader is not None and cfg.teacher.source == "mixed" and cache_steps(cfg, reader)[0] < tr.train_steps:
+        covered = cache_steps(cfg, reader)[0]
+        logger.write(f"teacher.cache holds {reader.num_samples} samples, steps 1-{covered}: steps {covered + 1}-"
+                     f"{tr.train_steps} run the live teacher")
     if (line := describe_start(cfg.checkpoint, start_step, tr.train_steps)) is not None:
         logger.write(line)
 
@@ -400,7 +427,9 @@ def distill(cfg: DistillConfig) -> dict:
             metrics = {"loss": sums["loss_sum"] / n, "kd_loss": sums["kd_sum"] / n, "ce_loss": sums["ce_sum"] / n,
                        "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
                        "consumed_samples": step * tr.global_batch_size, **rates,
-                       "teacher_tflops_per_device": teacher_flops * rates["tokens_per_s"] / t_layout.num_ranks / 1e12,
+                       # a cached step ran no teacher
+                       "teacher_tflops_per_device": live * teacher_flops * rates["tokens_per_s"] / t_layout.num_ranks
+                       / 1e12,
                        "teacher_wait_s": timers["teacher_wait_s"], "teacher_live": int(live), **t_stats}
             if cfg.onpolicy.fraction > 0:
                 metrics["onpolicy"] = int(onpolicy)
@@ -439,75 +468,6 @@ def distill(cfg: DistillConfig) -> dict:
     summary["step"] = step
     logger.close()
     return summary
-
-
-class TeacherSideStats:
-    """Teacher-side timers and payload bytes, accumulated per rank and averaged over the teacher
-    ranks and steps of a logging window by :meth:`collect` (a world all-reduce: every rank calls
-    it on the same steps; a rank that does not log leaves it running, :meth:`finish` waits)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.compute_s = self.blocked_s = 0.0
-        self.bytes_sent = 0.0
-        self.steps = 0
-        self._events: list = []  # (start, end) CUDA events of the teacher forwards not yet read
-        self._pending = None  # (work, tensor) of a reduction started without waiting
-
-    def begin(self):
-        """Start timing one teacher forward. On GPU a CUDA event, read at :meth:`collect`: the
-        device time of the teacher's kernels without a host sync per forward, which would keep
-        the host from queueing the student's work while the GPU runs the teacher's."""
-        if self.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            return start
-        return time.perf_counter()
-
-    def end(self, start) -> None:
-        if self.device.type == "cuda":
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events.append((start, end))
-        else:
-            self.compute_s += time.perf_counter() - start
-
-    def end_step(self, channel: PayloadChannel) -> None:
-        self.bytes_sent += channel.bytes_sent
-        channel.bytes_sent = 0
-        self.steps += 1
-
-    def finish(self) -> None:
-        """Wait for a reduction :meth:`collect` left running."""
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
-
-    def collect(self, wait: bool = True) -> dict:
-        """The window's means (``{}`` without teacher ranks, or when ``wait`` is False). With
-        ``wait`` False (a rank that does not log) the all-reduce is only started: the rank goes on
-        with its next forwards and the reduction completes when the logging ranks join it."""
-        self.finish()
-        for start, end in self._events:
-            end.synchronize()
-            self.compute_s += start.elapsed_time(end) / 1e3
-        self._events.clear()
-        vec = torch.tensor([self.compute_s, self.blocked_s, self.bytes_sent, float(self.steps > 0), self.steps],
-                           dtype=torch.float64, device=self.device)
-        self.compute_s = self.blocked_s = self.bytes_sent = 0.0
-        self.steps = 0
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            work = dist.all_reduce(vec, async_op=True)
-            if not wait:
-                self._pending = (work, vec)
-                return {}
-            work.wait()
-        compute, blocked, sent, ranks, rank_steps = vec.tolist()
-        if not ranks:
-            return {}
-        steps = rank_steps / ranks
-        return {"teacher_compute_s": compute / ranks / steps, "student_wait_s": blocked / ranks / steps,
-                "payload_bytes_per_step": sent / steps}
 
 
 def _layer_modes(compile: bool, cuda_graphs: bool) -> str:

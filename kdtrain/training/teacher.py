@@ -6,19 +6,23 @@ built in the run dtype (bf16 on GPU), loaded from a kdtrain checkpoint (any TP/P
 role's pipeline schedule (forward only); on the last stage the vocab-parallel logits become the
 payload (top-k ids and logits, the log-mass of the rest at the loss temperature, checksum of the input
 tokens) and are dropped. A micro-batch with target flags gets logits, and so a payload, at its
-targets only (MicroBatch.logit_rows): the student reads nothing else.
+targets only (MicroBatch.logit_rows): the student reads nothing else. ``TeacherSideStats``: what
+the teacher ranks did in a logging window, for the student's log.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..models import KDGPTModel, build_gpt
 from ..parallel import RoleGroups
 from ..stream import Payload, PayloadSpec, token_checksum, vocab_parallel_topk
+from ..stream.channel import PayloadChannel
 from .batches import MicroBatch
 from .checkpoint import load_model_weights
 from .pipeline import PipelineSchedule
@@ -80,3 +84,72 @@ class Teacher:
         trainable = weights + 4 * n + master + 8 * n
         return {"teacher_params": float(n), "teacher_weight_bytes": float(weights),
                 "teacher_trainable_equiv_bytes": float(trainable)}
+
+
+class TeacherSideStats:
+    """Teacher-side timers and payload bytes, accumulated per rank and averaged over the teacher
+    ranks and steps of a logging window by :meth:`collect` (a world all-reduce: every rank calls
+    it on the same steps; a rank that does not log leaves it running, :meth:`finish` waits)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.compute_s = self.blocked_s = 0.0
+        self.bytes_sent = 0.0
+        self.steps = 0
+        self._events: list = []  # (start, end) CUDA events of the teacher forwards not yet read
+        self._pending = None  # (work, tensor) of a reduction started without waiting
+
+    def begin(self):
+        """Start timing one teacher forward. On GPU a CUDA event, read at :meth:`collect`: the
+        device time of the teacher's kernels without a host sync per forward, which would keep
+        the host from queueing the student's work while the GPU runs the teacher's."""
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def end(self, start) -> None:
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((start, end))
+        else:
+            self.compute_s += time.perf_counter() - start
+
+    def end_step(self, channel: PayloadChannel) -> None:
+        self.bytes_sent += channel.bytes_sent
+        channel.bytes_sent = 0
+        self.steps += 1
+
+    def finish(self) -> None:
+        """Wait for a reduction :meth:`collect` left running."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+    def collect(self, wait: bool = True) -> dict:
+        """The window's means (``{}`` without teacher ranks, or when ``wait`` is False). With
+        ``wait`` False (a rank that does not log) the all-reduce is only started: the rank goes on
+        with its next forwards and the reduction completes when the logging ranks join it."""
+        self.finish()
+        for start, end in self._events:
+            end.synchronize()
+            self.compute_s += start.elapsed_time(end) / 1e3
+        self._events.clear()
+        vec = torch.tensor([self.compute_s, self.blocked_s, self.bytes_sent, float(self.steps > 0), self.steps],
+                           dtype=torch.float64, device=self.device)
+        self.compute_s = self.blocked_s = self.bytes_sent = 0.0
+        self.steps = 0
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(vec, async_op=True)
+            if not wait:
+                self._pending = (work, vec)
+                return {}
+            work.wait()
+        compute, blocked, sent, ranks, rank_steps = vec.tolist()
+        if not ranks:
+            return {}
+        steps = rank_steps / ranks
+        return {"teacher_compute_s": compute / ranks / steps, "student_wait_s": blocked / ranks / steps,
+                "payload_bytes_per_step": sent / steps}
