@@ -281,3 +281,13 @@ def test_model_command_names_its_flags(capsys):
                           (["--tp", "3"], "--tp: 3 does not divide num_attention_heads=4")):
         assert main(["model", "tiny", *args]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_split_gpus_per_node_must_be_positive(value):
+    """0 is not "unset": it was taken as falsy and replaced by torchrun's LOCAL_WORLD_SIZE."""
+    from kdtrain.config.distill import load_distill_config
+
+    with pytest.raises(ValueError, match=r"^split\.gpus_per_node: must be >= 1"):
+        load_distill_config("tiny", ["data.mock=true", "split.mode=auto", f"split.gpus_per_node={value}"])
+    assert load_distill_config("tiny", ["data.mock=true", "split.gpus_per_node=1"]).split.gpus_per_node == 1

@@ -199,6 +199,43 @@ def test_auto_split_plans_the_run_s_cuda_graphs():
     assert rates["true"] > 1.5 * rates["false"], rates
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["student.model=demo-student"], r"student\.model: vocab_size 4096 .* differs from the teacher's 512"),
+    (["data.seq_length=200"], r"data\.seq_length: 200 exceeds max_seq_length=128 of the teacher"),
+    (["split.profile=h1OO"], r"split\.profile: 'h1OO' is neither a built-in profile"),
+    (["precision.cuda_graphs=true", "training.recompute=true"], r"precision\.cuda_graphs: .*training\.recompute=false"),
+    (["teacher.source=cache", "teacher.cache=/nonexistent"], r"split\.mode: teacher\.source: cache .* colocated"),
+    (["teacher.model=llama-3.1-8b", "student.model=llama-3.2-1b", "data.seq_length=4096", "split.profile=a100-40gb"],
+     r"split\.mode: auto found no plan for llama-3\.1-8b -> llama-3\.2-1b on 2 ranks .*GiB over"),
+])
+def test_auto_split_errors_name_the_config_fields(overrides, message):
+    """``split.mode: auto`` plans before ``cfg.validate``: the planner's input errors name the config's
+    fields (not ``kdtrain plan``'s flags), and a cache teacher, which has nothing to plan, is refused
+    whatever the world size."""
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.auto_split import resolve_auto_split
+
+    cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=auto", *overrides])
+    with pytest.raises(ValueError, match="^" + message) as e:
+        resolve_auto_split(cfg, 2, torch.device("cpu"), gpus_per_node=2)
+    assert " --" not in str(e.value), e.value
+
+
+def test_cli_config_errors_name_the_config_fields(capsys):
+    """``kdtrain plan --config``: the run's settings are named by their config fields, the flags by
+    their flags; ``--gpus-per-node 0`` is an error, not the profile's node size."""
+    config = str(REPO / "configs/distill/tiny.yaml")
+    proc = _cli(capsys, "plan", "--config", config, "data.mock=true", "data.seq_length=200", "--world-size", "2")
+    assert proc.returncode == 2 and "data.seq_length: 200 exceeds" in proc.stderr, proc.stderr
+    proc = _cli(capsys, "plan", "--config", config, "data.mock=true", "split.profile=h1OO", "--world-size", "2")
+    assert proc.returncode == 2 and "split.profile: 'h1OO'" in proc.stderr, proc.stderr
+    proc = _cli(capsys, "plan", "--config", config, "data.mock=true", "--world-size", "2", "--gpus-per-node", "0")
+    assert proc.returncode == 2 and "--gpus-per-node: must be >= 1, got 0" in proc.stderr, proc.stderr
+    proc = _cli(capsys, "plan", "--teacher", "tiny", "--student", "tiny", "--seq-len", "32", "--global-batch", "8",
+                "--world-size", "2", "--gpus-per-node", "0")
+    assert proc.returncode == 2 and "--gpus-per-node: must be >= 1, got 0" in proc.stderr, proc.stderr
+
+
 def _check_invariants(p, plan):
     t, s, W = plan.teacher, plan.student, p.world_size
     n_mb = p.global_batch // plan.micro_batch

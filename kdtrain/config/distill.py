@@ -111,6 +111,9 @@ class SplitConfig:
             raise field_error(where, "depth", f"must be >= 1, got {self.depth}")
         if self.timeout_s <= 0:
             raise field_error(where, "timeout_s", f"must be positive, got {self.timeout_s}")
+        if self.gpus_per_node is not None and self.gpus_per_node < 1:
+            raise field_error(where, "gpus_per_node", f"must be >= 1 (or unset: torchrun's LOCAL_WORLD_SIZE), "
+                              f"got {self.gpus_per_node}")
 
 
 @dataclass

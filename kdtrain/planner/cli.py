@@ -106,7 +106,7 @@ def _problem(args):
     if args.config:
         return _problem_from_config(args, given)
     profile = get_profile(args.profile or "h100-80gb")
-    gpn = args.gpus_per_node or profile.gpus_per_node
+    gpn = profile.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
     if args.overrides:
         raise ValueError(f"{args.overrides[0]}: overrides go with --config")
     missing = [k for k in ("teacher", "student", "seq_len", "global_batch") if getattr(args, k) is None]
@@ -139,19 +139,24 @@ def _problem_from_config(args, given: list[str]):
     from ..config.distill import load_distill_config
     from .from_config import plan_inputs
     from .profiles import get_profile
-    from .search import make_problem
+    from .search import CLI_NAMES, CONFIG_NAMES, make_problem
 
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')}: with --config the run's own settings are planned; "
                          f"change them as overrides (KEY=VALUE)")
     cfg = load_distill_config(args.config, args.overrides)
-    profile = get_profile(args.profile or cfg.split.profile or "h100-80gb")
-    gpn = args.gpus_per_node or cfg.split.gpus_per_node or profile.gpus_per_node
+    # Errors name the config's fields, or the flags where the flags gave the value.
+    names = {**CONFIG_NAMES, "world_size": CLI_NAMES["world_size"]}
+    for key in ("profile", "gpus_per_node"):
+        if getattr(args, key) is not None:
+            names[key] = CLI_NAMES[key]
+    profile = get_profile(args.profile or cfg.split.profile or "h100-80gb", names["profile"])
+    gpn = next(g for g in (args.gpus_per_node, cfg.split.gpus_per_node, profile.gpus_per_node) if g is not None)
     kw = plan_inputs(cfg, fp32=cfg.precision.dtype == "fp32")
     teacher, student = kw.pop("teacher_model"), kw.pop("student_model")
     seq, batch, topk = kw.pop("seq_len"), kw.pop("global_batch"), kw.pop("topk")
     return make_problem(teacher, student, args.world_size, gpn, seq, batch, topk, profile,
-                        micro_batches=(kw.pop("micro_batch"),), **kw)
+                        micro_batches=(kw.pop("micro_batch"),), names=names, **kw)
 
 
 def _table(plans, world_size: int) -> str:

@@ -42,7 +42,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 from ..config import ModelConfig
 from .memory import (GiB, ModelShape, RankMemory, payload_nbytes, sampling_bytes, student_stage_memory,
@@ -71,9 +72,25 @@ class Sampling:
         return per_call, -(-rows // per_call)
 
 
+# What Problem.check's errors call each input: `kdtrain plan`'s flags, or the distill config's
+# fields where the inputs come from a run config (`split.mode: auto`, `kdtrain plan --config`).
+CLI_NAMES = MappingProxyType({
+    "world_size": "--world-size", "gpus_per_node": "--gpus-per-node", "profile": "--profile",
+    "student": "--student", "seq_len": "--seq-len", "global_batch": "--global-batch", "topk": "--topk",
+    "micro_batch": "--micro-batch", "depth": "split.depth", "no_recompute": "--recompute never",
+    "onpolicy_fraction": "--onpolicy-fraction", "prompt_len": "--prompt-len", "sample_batch": "--sample-batch"})
+CONFIG_NAMES = MappingProxyType({
+    "world_size": "the world size", "gpus_per_node": "split.gpus_per_node", "profile": "split.profile",
+    "student": "student.model", "seq_len": "data.seq_length", "global_batch": "training.global_batch_size",
+    "topk": "teacher.topk", "micro_batch": "training.micro_batch_size", "depth": "split.depth",
+    "no_recompute": "training.recompute=false", "onpolicy_fraction": "onpolicy.fraction",
+    "prompt_len": "onpolicy.prompt_length", "sample_batch": "onpolicy.sample_batch"})
+
+
 @dataclass(frozen=True)
 class Problem:
-    """Everything a search needs; ``check()`` raises ValueError naming the CLI flag."""
+    """Everything a search needs; ``check()`` raises ValueError naming the input as ``names`` calls
+    it (``CLI_NAMES`` or ``CONFIG_NAMES``)."""
 
     teacher: ModelShape
     student: ModelShape
@@ -94,41 +111,45 @@ class Problem:
     # no recomputation (kdtrain/models/cuda_graphs.py); its host time per layer is one replay.
     student_graphs: bool = False
     onpolicy: Optional[Sampling] = None  # None: every step distils on the data
+    names: Mapping[str, str] = field(default_factory=lambda: CLI_NAMES, compare=False, repr=False)  # for errors
 
     def check(self) -> None:
-        for flag, v in (("--world-size", self.world_size), ("--gpus-per-node", self.gpus_per_node),
-                        ("--seq-len", self.seq_len), ("--global-batch", self.global_batch)):
+        n = self.names
+        for key, v in (("world_size", self.world_size), ("gpus_per_node", self.gpus_per_node),
+                       ("seq_len", self.seq_len), ("global_batch", self.global_batch)):
             if v < 1:
-                raise ValueError(f"{flag}: must be >= 1, got {v}")
+                raise ValueError(f"{n[key]}: must be >= 1, got {v}")
         if self.teacher.vocab != self.student.vocab:
-            raise ValueError(f"--student: vocab_size {self.student.vocab} differs from the teacher's "
-                             f"{self.teacher.vocab}: distillation needs one tokenizer")
+            raise ValueError(f"{n['student']}: vocab_size {self.student.vocab} of the student {self.student.name!r} "
+                             f"differs from the teacher's {self.teacher.vocab} ({self.teacher.name!r}): "
+                             "distillation needs one tokenizer")
         if not 1 <= self.topk <= min(MAX_TOPK, self.teacher.vocab):
-            raise ValueError(f"--topk: must be in [1, {min(MAX_TOPK, self.teacher.vocab)}], got {self.topk}")
+            raise ValueError(f"{n['topk']}: must be in [1, {min(MAX_TOPK, self.teacher.vocab)}], got {self.topk}")
         for role, m in (("teacher", self.teacher), ("student", self.student)):
             if self.seq_len > m.max_seq:
-                raise ValueError(f"--seq-len: {self.seq_len} exceeds max_seq_length={m.max_seq} of the {role} {m.name!r}")
+                raise ValueError(f"{n['seq_len']}: {self.seq_len} exceeds max_seq_length={m.max_seq} of the {role} "
+                                 f"{m.name!r}")
         if self.micro_batches is not None:
             bad = [b for b in self.micro_batches if b < 1 or self.global_batch % b]
             if bad or not self.micro_batches:
-                raise ValueError(f"--micro-batch: {bad or 'none given'}: each must divide --global-batch "
+                raise ValueError(f"{n['micro_batch']}: {bad or 'none given'}: each must divide {n['global_batch']} "
                                  f"{self.global_batch}")
         if self.depth < 1:
-            raise ValueError(f"split.depth: must be >= 1, got {self.depth}")
+            raise ValueError(f"{n['depth']}: must be >= 1, got {self.depth}")
         if self.student_graphs and self.recompute:
-            raise ValueError("precision.cuda_graphs: the graphed student layers cannot be recomputed "
-                             "(--recompute never, or no CUDA graphs)")
+            raise ValueError(f"precision.cuda_graphs: the graphed student layers cannot be recomputed "
+                             f"({n['no_recompute']}, or no CUDA graphs)")
         if self.dtype_bytes not in (2, 4) or self.values_bytes not in (2, 4):
             raise ValueError(f"dtype bytes must be 2 (bf16) or 4 (fp32), got {self.dtype_bytes}/{self.values_bytes}")
         if self.onpolicy is not None:
             o = self.onpolicy
             if not 0.0 < o.fraction <= 1.0:
-                raise ValueError(f"--onpolicy-fraction: must be in (0, 1], got {o.fraction}")
+                raise ValueError(f"{n['onpolicy_fraction']}: must be in (0, 1], got {o.fraction}")
             if not 1 <= o.prompt <= self.seq_len:
-                raise ValueError(f"--prompt-len: must be in [1, --seq-len {self.seq_len}], got {o.prompt}")
+                raise ValueError(f"{n['prompt_len']}: must be in [1, {n['seq_len']} {self.seq_len}], got {o.prompt}")
             if o.sample_batch < 0:
-                raise ValueError(f"--sample-batch: must be >= 0, got {o.sample_batch}")
-        self.profile.check("--profile")
+                raise ValueError(f"{n['sample_batch']}: must be >= 0, got {o.sample_batch}")
+        self.profile.check(n["profile"])
 
     def micro_batch_candidates(self) -> list[int]:
         if self.micro_batches is not None:
@@ -524,7 +545,7 @@ def make_problem(teacher_model, student_model, world_size: int, gpus_per_node: i
                  global_batch: int, topk: int = 64, profile="h100-80gb", **kw) -> Problem:
     """A :class:`Problem` from model configs (``ModelConfig`` or ``ModelShape``) and a profile (name,
     JSON path or ``HardwareProfile``); ``kw``: the other ``Problem`` fields."""
-    prof = get_profile(profile)
+    prof = get_profile(profile, kw.get("names", CLI_NAMES)["profile"])
     return Problem(ModelShape.of(teacher_model), ModelShape.of(student_model), world_size, gpus_per_node, seq_len,
                    global_batch, topk, prof, **kw)
 
@@ -533,7 +554,8 @@ def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size
               seq_len: int, global_batch: int, micro_batch: Optional[int] = None, topk: int = 64, profile=None, *,
               values_bytes: int = 4, depth: int = 2, distributed_optimizer: Optional[bool] = None,
               dtype_bytes: int = 2, recompute: Optional[bool] = False,
-              student_graphs: bool = False, onpolicy: Optional[Sampling] = None) -> tuple[Plan, Optional[Plan]]:
+              student_graphs: bool = False, onpolicy: Optional[Sampling] = None,
+              names: Mapping[str, str] = CLI_NAMES) -> tuple[Plan, Optional[Plan]]:
     """Pick the split for ``split: auto``: ``(best, runner_up)`` by predicted samples/s.
 
     Arguments: the teacher and student ``ModelConfig``; ``world_size`` ranks with ``gpus_per_node``
@@ -548,7 +570,8 @@ def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size
     never, ``True`` always, ``None`` planner's choice), ``student_graphs``
     (``precision.cuda_graphs``: only student layouts with tp = pp = 1, host time of graph replays),
     ``onpolicy`` (a :class:`Sampling` for runs with ``onpolicy.fraction`` > 0: the sampled steps'
-    time and key/value cache).
+    time and key/value cache), ``names`` (what input errors call the inputs: ``CLI_NAMES``, or
+    ``CONFIG_NAMES`` for a run config's ``split.mode: auto``).
 
     Each plan exposes ``mode`` ('colocated' | 'disaggregated'), ``teacher_ranks`` /
     ``student_ranks`` (disaggregated: the teacher owns ranks ``[0, teacher_ranks)``, the student
@@ -566,13 +589,13 @@ def auto_plan(teacher_model: ModelConfig, student_model: ModelConfig, world_size
     p = make_problem(teacher_model, student_model, world_size, gpus_per_node, seq_len, global_batch, topk,
                      "h100-80gb" if profile is None else profile, micro_batches=mbs, values_bytes=values_bytes,
                      depth=depth, distributed_optimizer=distributed_optimizer, dtype_bytes=dtype_bytes,
-                     recompute=recompute, student_graphs=student_graphs, onpolicy=onpolicy)
+                     recompute=recompute, student_graphs=student_graphs, onpolicy=onpolicy, names=names)
     res = search_plans(p)
     if not res.plans:
         why = res.closest_rejects[0].reject if res.closest_rejects else (
             "no tp x pp x dp satisfies the layout rules (tp divides heads, query groups, ffn and the GPUs "
             "per node; pp divides the layers; dp divides global_batch / micro_batch)")
-        raise ValueError(f"split: auto found no plan for {p.teacher.name} -> {p.student.name} on {world_size} "
+        raise ValueError(f"split.mode: auto found no plan for {p.teacher.name} -> {p.student.name} on {world_size} "
                          f"ranks (seq {seq_len}, global batch {global_batch}): {why}")
     best = res.plans[0]
     other = res.best("disaggregated" if best.split == "colocated" else "colocated")

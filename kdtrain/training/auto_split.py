@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.distill import DistillConfig
+from ..config.loader import field_error
 
 
 def device_profile(device: torch.device) -> str:
@@ -53,18 +54,21 @@ def resolve_auto_split(cfg: DistillConfig, world_size: int, device: torch.device
     """``cfg`` with the planner's best plan applied, and log lines naming it and the runner-up."""
     from ..planner import auto_plan
     from ..planner.from_config import plan_inputs
+    from ..planner.search import CONFIG_NAMES
 
     sp = cfg.split
-    gpn = sp.gpus_per_node or gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if cfg.teacher.source == "cache":
+        raise field_error("split", "mode", "teacher.source: cache trains the student on every rank: "
+                          "use split.mode: colocated (nothing to plan)")
+    gpn = next(g for g in (sp.gpus_per_node, gpus_per_node, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+               if g is not None)
     profile = sp.profile or device_profile(device)
     agree_planner_inputs(profile, gpn)
     fp32 = cfg.precision.dtype == "fp32" or (cfg.precision.dtype == "auto" and device.type != "cuda")
     inputs = plan_inputs(cfg, fp32)
-    try:
-        best, runner_up = auto_plan(inputs.pop("teacher_model"), inputs.pop("student_model"), world_size, gpn,
-                                    profile=profile, **inputs)
-    except ValueError as e:
-        raise ValueError(f"split.mode: auto found no plan: {e}") from None
+    # This runs before cfg.validate: the planner's input errors name the config's fields.
+    best, runner_up = auto_plan(inputs.pop("teacher_model"), inputs.pop("student_model"), world_size, gpn,
+                                profile=profile, names=CONFIG_NAMES, **inputs)
     ov = best.config_overrides()
     out = dataclasses.replace(
         cfg,
