@@ -4,6 +4,7 @@ closed-form inflection condition against brute force, CLI, sweep plot, calibrate
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 
@@ -234,6 +235,72 @@ def test_cli_config_errors_name_the_config_fields(capsys):
     proc = _cli(capsys, "plan", "--teacher", "tiny", "--student", "tiny", "--seq-len", "32", "--global-batch", "8",
                 "--world-size", "2", "--gpus-per-node", "0")
     assert proc.returncode == 2 and "--gpus-per-node: must be >= 1, got 0" in proc.stderr, proc.stderr
+
+
+def test_colocated_payload_is_priced_as_the_channel_routes_it():
+    """Teacher tp2 x dp1 and student tp1 x dp2 on the same 2 ranks: each student replica's rank is
+    one of the teacher's last-stage ranks, so the channel moves nothing (zero-copy), as with one
+    layout for both roles. The plan charges no payload time, and each rank holds only its own
+    replica's payloads (a step's N / 2), not the teacher's N plus N / 2 received ones."""
+    tiny = load_model_config("tiny")
+    p = make_problem(tiny, tiny, 2, 2, 64, 8, 8, "cpu", micro_batches=(1,))
+    nb = payload_nbytes(64, 1, 8)
+    same = evaluate_colocated(p, Layout(1, 1, 2), Layout(1, 1, 2), 1, False)
+    plan = evaluate_colocated(p, Layout(2, 1, 1), Layout(1, 1, 2), 1, False)
+    for pl in (same, plan):
+        assert pl.times["payload"] == 0.0
+        assert pl.memory["rank"].payload == 4 * nb  # 8 micro-batches per step, 4 per student replica
+    # Teacher tp1 x dp2, student tp2 x dp1: rank 1's payloads are sent to rank 0 (which hands its
+    # own over in place) and broadcast in the student's TP group.
+    moved = evaluate_colocated(p, Layout(1, 1, 2), Layout(2, 1, 1), 1, False)
+    assert moved.times["payload"] > 0 and moved.memory["rank"].payload == 8 * nb
+
+
+def test_colocated_routes_match_the_channel(world_of_one):
+    """The planner's colocated traffic (routing.py) is what PayloadChannel.route does for every
+    micro-batch, over every pair of layouts of up to 8 ranks and two cycles of the pairing."""
+    from collections import Counter
+
+    from kdtrain.parallel import RoleLayout
+    from kdtrain.planner.routing import colocated_held, colocated_routes
+    from kdtrain.stream import Pairing, PayloadSpec
+    from kdtrain.stream.channel import PayloadChannel
+
+    spec = PayloadSpec(seq_length=4, micro_batch=1, k=2, values_dtype=torch.float32)
+    checked = zero_copies = 0
+    for world in range(1, 9):
+        layouts = [(tp, pp, world // (tp * pp)) for tp in range(1, world + 1) for pp in range(1, world + 1)
+                   if world % (tp * pp) == 0]
+        for t in layouts:
+            for s in layouts:
+                n = 2 * math.lcm(t[2], s[2])
+                ch = PayloadChannel(Pairing(n, t[2], s[2]), RoleLayout("teacher", 0, *t), RoleLayout("student", 0, *s),
+                                    spec, None, torch.device("cpu"), 1.0, None, None)
+                sends, recvs, held, bcast = Counter(), Counter(), Counter(), False
+                for o in range(n):
+                    zero_copy, src, dst = ch.route(o)
+                    if zero_copy:
+                        held.update(ch._last_ranks(o)[1])
+                        zero_copies += 1
+                        continue
+                    bcast = bcast or s[0] > 1
+                    held[dst] += 1
+                    if src != dst:
+                        sends[src] += 1
+                        recvs[dst] += 1
+                        held[src] += 1
+                routes = colocated_routes(t, s, n)
+                assert (routes.sends, routes.receives, routes.broadcast) == \
+                    (max(sends.values(), default=0), max(recvs.values(), default=0), bcast), (t, s)
+                assert colocated_held(t, s, n)[0] == held, (t, s)
+                # The worst rank of each pair of stages some rank is on.
+                by_stages = {}
+                for x in range(world):
+                    key = (x // (t[0] * t[2]), x // (s[0] * s[2]))
+                    by_stages[key] = max(by_stages.get(key, 0), held[x])
+                assert routes.held == by_stages, (t, s)
+                checked += 1
+    assert checked == 254 and zero_copies > 0
 
 
 def _check_invariants(p, plan):

@@ -240,3 +240,29 @@ def _dead_teacher(rank, world):
 
 def test_dead_teacher_rank_gives_a_clear_error_within_the_timeout(tmp_path):
     run_spawn(4, _dead_teacher, tmp_path=tmp_path)
+
+
+# -- channel: colocated teacher tp2 x dp1 and student tp1 x dp2 on ranks 0-1 (zero-copy) ----------
+
+def _colocated_zero_copy(rank, world):
+    from kdtrain.parallel import RoleLayout
+    from kdtrain.stream.channel import PayloadChannel
+
+    spec = PayloadSpec(seq_length=4, micro_batch=2, k=3, values_dtype=torch.float32)
+    pairing = Pairing(4, 1, 2)
+    ch = PayloadChannel(pairing, RoleLayout("teacher", 0, 2, 1, 1), RoleLayout("student", 0, 1, 1, 2), spec,
+                        student_tp_group=None, device=torch.device("cpu"), timeout_s=20.0,
+                        send_depth=None, recv_depth=None)
+    work = pairing.student_work(rank)  # student replica r is rank r
+    assert all(ch.route(o) == (True, 0, rank) for o in work)
+    for o in pairing.teacher_work(0):  # both ranks are the teacher's last stage
+        ch.put(o, _make_payload(spec, o))
+    # Each rank keeps only its own student replica's payloads: the others' are never taken.
+    assert ch.pending() == len(work) == 2, (rank, ch.pending())
+    for o in work:
+        assert int(ch.get(o, _tokens(o)).ids[0, 0, 0]) == o
+    assert ch.pending() == 0 and ch.bytes_sent == ch.bytes_received == 0
+
+
+def test_colocated_zero_copy_keeps_only_the_rank_s_own_payloads(tmp_path):
+    run_spawn(2, _colocated_zero_copy, tmp_path=tmp_path)

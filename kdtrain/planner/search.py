@@ -12,8 +12,9 @@ per step.
 Step time (see timing.py for a role's parts):
 
     colocated      T = T_teacher(incl. pipeline fill) + T_student + payload time not hidden
-                       behind the teacher's forwards (0 when both roles share one layout: the
-                       payload never leaves the rank)
+                       behind the teacher's forwards (0 when no payload leaves its rank: each
+                       student replica's last-stage ranks are the serving teacher replica's,
+                       as with one layout for both roles; routing.py)
     disaggregated  T = max(T_teacher + stall, T_student + first payload, T_link)
                    stall = max(0, student gap - (depth + 1) * teacher micro-batch time): the
                    teacher fills its ``depth`` sends in flight and computes one more, then idles
@@ -49,6 +50,7 @@ from ..config import ModelConfig
 from .memory import (GiB, ModelShape, RankMemory, payload_nbytes, sampling_bytes, student_stage_memory,
                      teacher_stage_memory)
 from .profiles import HardwareProfile, get_profile
+from .routing import colocated_routes
 from .timing import Placement, RoleTime, allreduce_time, link, sampling_time, student_time, teacher_time
 
 MAX_TOPK = 1024  # the fused loss kernel's limit (kdtrain/config/distill.py)
@@ -365,33 +367,30 @@ def evaluate_colocated(p: Problem, t: Layout, s: Layout, mb: int, zero: bool, rc
     W, G = p.world_size, p.gpus_per_node
     assert t.ranks == W and s.ranks == W, (t, s, W)
     plan = Plan("colocated", t, s, mb, zero, W, p.global_batch, rc)
-    same = (t.tp, t.pp, t.dp) == (s.tp, s.pp, s.dp)  # zero-copy: the payload never leaves the rank
-    m_t, m_s = p.global_batch // mb // t.dp, p.global_batch // mb // s.dp
-    # A colocated rank runs all its teacher micro-batches first: every payload of the step is
-    # alive until the student consumes it (plus the posted receives when it must move).
-    t_st = _teacher_stages(p, t, mb, m_t)
-    s_st = _student_stages(p, s, mb, zero, 0 if same else m_s, rc)
-    # Rank r is on teacher stage r // (tp*dp) and student stage r // (tp*dp) of the other role;
-    # both indices only step up at stage boundaries, so the boundaries enumerate every pairing.
+    # Payloads move as the channel routes them: zero-copy where the student replica's last-stage
+    # ranks are all the serving teacher replica's (routing.py).
+    routes = colocated_routes((t.tp, t.pp, t.dp), (s.tp, s.pp, s.dp), p.global_batch // mb)
+    nb = payload_nbytes(p.seq_len, mb, p.topk, p.values_bytes)
+    t_st = _teacher_stages(p, t, mb, 0)
+    s_st = _student_stages(p, s, mb, zero, 0, rc)
+    # Rank r is on teacher stage r // (tp*dp) and student stage r // (tp*dp) of the other role.
     worst, worst_total = None, -1.0
-    starts = sorted({i * t.tp * t.dp for i in range(t.pp)} | {i * s.tp * s.dp for i in range(s.pp)})
-    for r in starts:
-        a, b = t_st[r // (t.tp * t.dp)], s_st[r // (s.tp * s.dp)]
+    for (i, j), n_held in sorted(routes.held.items()):
+        a, b = t_st[i], s_st[j]
         # Teacher tensors are freed before the student's step: activations do not add up.
         mem = RankMemory(a.weights + b.weights, b.grads, b.optimizer, max(a.activations, b.activations),
-                         a.payload + b.payload)
+                         n_held * nb)
         if mem.total > worst_total:
             worst, worst_total = mem, mem.total
     plan.memory = {"rank": worst}
     plan.reject = _over("colocated", worst, p)
     tt = _teacher_time(p, t, mb, 0, True)
-    st = _student_time(p, s, mb, 0, zero, not same, rc)
-    nb = payload_nbytes(p.seq_len, mb, p.topk, p.values_bytes)
+    st = _student_time(p, s, mb, 0, zero, routes.broadcast, rc)
     payload = 0.0
-    if not same:
+    busiest = max(routes.sends, routes.receives)
+    if busiest:
         bw, lat = _payload_link(p, W <= G)
-        link_busy = max(m_t, m_s) * (nb / bw + lat)
-        payload = max(0.0, link_busy - tt.total) + nb / bw + lat
+        payload = max(0.0, busiest * (nb / bw + lat) - tt.total) + nb / bw + lat
     plan.sample_time = _sample_time(p, s)
     f = p.onpolicy.fraction if p.onpolicy else 0.0
     plan.step_time = tt.total + st.total + payload + f * plan.sample_time

@@ -4,13 +4,15 @@ Routing of sequence number ``o`` (see pairing.py) served by teacher replica ``t`
 replica ``r``:
 
 * **zero-copy**: every last-stage rank of student replica ``r`` is also a last-stage rank of
-  teacher replica ``t`` (colocated roles with the same layout). The top-k payload is identical on
-  all of a teacher's tensor ranks, so each rank uses the one it computed: nothing moves.
+  teacher replica ``t`` (colocated roles: the same layout, or e.g. a teacher tp2 x dp1 serving a
+  student tp1 x dp2 on the same two ranks). The top-k payload is identical on all of a teacher's
+  tensor ranks, so each of the student's ranks keeps the one it computed: nothing moves.
 * otherwise the teacher's last-stage tensor-rank 0 sends the payload (one message) to the
   student's last-stage tensor-rank 0 (a local hand-over when that is the same rank), which
   broadcasts it inside the student's tensor-parallel group.
 
-The decision is a function of the two layouts only, so every rank makes the same one.
+The decision is a function of the two layouts only, so every rank makes the same one; the rule
+(kdtrain/planner/routing.py) is the one the planner prices.
 
 Flow control. The sender keeps at most ``depth`` payloads in flight and waits for the oldest
 before posting more; the receiver posts its receives up to ``depth`` sequence numbers ahead. Both
@@ -35,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import RoleLayout
+from ..planner.routing import last_stage_ranks, payload_route
 from .pairing import Pairing
 from .payload import Payload, PayloadSpec, token_checksum
 
@@ -43,8 +46,8 @@ class StreamError(RuntimeError):
     """The teacher -> student stream broke: dead or stalled peer, or mismatched data."""
 
 
-def _last_stage_ranks(layout: RoleLayout, replica: int) -> list[int]:
-    return [layout.rank_of(i, replica, layout.pp - 1) for i in range(layout.tp)]
+def _last_stage_ranks(layout: RoleLayout, replica: int) -> range:
+    return last_stage_ranks(layout.rank_offset, layout.tp, layout.pp, layout.dp, replica)
 
 
 class PayloadChannel:
@@ -67,19 +70,24 @@ class PayloadChannel:
         self._unverified: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (o, src, got, expected)
 
     # -- routing ------------------------------------------------------------------------------
-    def route(self, o: int) -> tuple[bool, int, int]:
-        """(zero_copy, src rank, dst rank) of sequence number ``o``."""
+    def _last_ranks(self, o: int) -> tuple[range, range]:
+        """Last-stage ranks of the teacher replica serving ``o`` and of the student replica taking it."""
         r, _ = self.pairing.student_of(o)
         t = self.pairing.teacher_of(o)
-        t_last, s_last = _last_stage_ranks(self.teacher, t), _last_stage_ranks(self.student, r)
-        return set(s_last) <= set(t_last), t_last[0], s_last[0]
+        return _last_stage_ranks(self.teacher, t), _last_stage_ranks(self.student, r)
+
+    def route(self, o: int) -> tuple[bool, int, int]:
+        """(zero_copy, src rank, dst rank) of sequence number ``o``."""
+        return payload_route(*self._last_ranks(o))
 
     # -- teacher side -------------------------------------------------------------------------
     def put(self, o: int, payload: Payload) -> None:
         """Called on every last-stage rank of the serving teacher replica, in increasing ``o``."""
-        zero_copy, src, dst = self.route(o)
+        t_last, s_last = self._last_ranks(o)
+        zero_copy, src, dst = payload_route(t_last, s_last)
         if zero_copy:
-            self._local[o] = payload
+            if self.rank in s_last:  # the teacher's other tensor ranks serve another student replica
+                self._local[o] = payload
             return
         if self.rank != src:
             return
