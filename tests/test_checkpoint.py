@@ -232,3 +232,64 @@ def test_loaded_weights_reach_the_fp32_masters_of_a_bf16_model(world_of_one, tmp
     role.optimizer.step(1e-3)
     for n, p in role.model.named_parameters():
         assert torch.equal(p, loaded[n].to(torch.bfloat16)), n
+
+
+def test_training_only_fields_may_differ_from_the_checkpoints_model(world_of_one, tmp_path):
+    """Fine-tuning with dropout, another init_std or (rotary positions) a longer context loads the
+    weights; a field that changes them is still refused."""
+    import dataclasses
+
+    from kdtrain.training.checkpoint import CheckpointReader, check_checkpoint_model
+
+    cfg, groups, role = _build("tiny")
+    path = _save(tmp_path / "ck", 1, role, groups, cfg)
+    for change in ({"hidden_dropout": 0.1, "attention_dropout": 0.1}, {"init_std": 0.01},
+                   {"max_seq_length": 4 * cfg.max_seq_length}, {"make_vocab_size_divisible_by": 64}):
+        check_checkpoint_model(CheckpointReader(path), dataclasses.replace(cfg, **change))
+    for change, field in (({"norm_epsilon": 1e-3}, "norm_epsilon"), ({"rope_theta": 500000.0}, "rope_theta")):
+        with pytest.raises(ValueError, match=f"different model: {field}"):
+            check_checkpoint_model(CheckpointReader(path), dataclasses.replace(cfg, **change))
+
+
+def test_pruning_keeps_the_step_latest_names(world_of_one, tmp_path):
+    """A save killed between its rename and the ``latest`` update leaves a complete step newer
+    than ``latest``; the resumed job saves an older step, and pruning to the newest by number
+    deleted the step ``latest`` then named (the next resume failed). Steps sort by number."""
+    from kdtrain.config import to_dict
+    from kdtrain.training.checkpoint import complete_steps, latest_checkpoint, save_checkpoint
+
+    cfg, groups, role = _build("tiny")
+    root = tmp_path / "ck"
+    for step in (3, 6):
+        _save(root, step, role, groups, cfg)
+    (root / "latest").write_text("step_0000003")  # killed before step 6's latest update
+
+    meta = {"model": to_dict(cfg), "layout": {"tp": 1, "pp": 1, "dp": 1, "rank_offset": 0}}
+    save_checkpoint(root, 4, role.params, role.optimizer, 0, groups.role_group, 0, meta, keep=1)
+    assert latest_checkpoint(root).name == "step_0000004"
+    assert [p.name for p in complete_steps(root)] == ["step_0000004"]
+    for step in (9_999_999, 10_000_000):
+        save_checkpoint(root, step, role.params, role.optimizer, 0, groups.role_group, 0, meta, keep=2)
+    assert [p.name for p in complete_steps(root)] == ["step_9999999", "step_10000000"]
+    assert latest_checkpoint(root).name == "step_10000000"
+
+
+def test_a_run_whose_steps_were_all_skipped_resumes(world_of_one, tmp_path):
+    """Non-finite gradient norms skip the update: a checkpoint saved before any update holds Adam's
+    initial state (it had none and was refused as weights-only), and the resumed optimizer's first
+    update is a fresh one's."""
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.training.pretrain import restore_role, save_role
+
+    cfg, groups, role = _build("tiny")
+    ck, run = CheckpointConfig(dir=str(tmp_path / "ck")), {"kind": "pretrain", "global_batch_size": 8, "data": {}}
+    save_role(ck, cfg, role, 1, run)  # after a skipped step: no optimizer.step yet
+    _, _, resumed = _build("tiny", seed=5)
+    assert restore_role(ck, cfg, resumed, 0, run) == 1
+    before = {spec.global_name: p.detach().clone() for spec, p in role.params}
+    for r in (role, resumed):
+        for i, (_, p) in enumerate(r.params):
+            p.main_grad.fill_(0.01 * (i + 1))
+        r.optimizer.step(1e-3)
+    for (spec, a), (_, b) in zip(role.params, resumed.params):
+        assert torch.equal(a, b) and not torch.equal(a, before[spec.global_name]), spec.global_name

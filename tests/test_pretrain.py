@@ -174,3 +174,36 @@ def test_bad_input_gives_a_clear_error(runs):
     assert proc["returncode"] != 0 and "0" not in proc["rc"], proc["rc"]
     assert "error: parallel.tp: tp*pp = 3*1 = 3 does not divide the 2 ranks" in proc["stderr"]
     assert "megatron/core" not in proc["stderr"]  # no stack trace from inside megatron-core
+
+
+def _pretrain_with_dropout(rank, world, root, tp):
+    import torch
+
+    import kdtrain.training.pretrain as loop
+    from kdtrain.config import load_pretrain_config
+
+    roles, real = [], loop.build_trainable
+    loop.build_trainable = lambda *a, **k: roles.append(real(*a, **k)) or roles[-1]
+    summary = loop.pretrain(load_pretrain_config("tiny", [
+        "data.mock=true", f"parallel.tp={tp}", "model.hidden_dropout=0.1", "model.attention_dropout=0.1",
+        "training.train_steps=3", "training.eval_batches=0", f"logging.dir={root}/run{rank}"]))
+    norms = {n: p.detach().clone() for n, p in roles[0].model.named_parameters() if "layernorm" in n}
+    torch.save({"norms": norms, "loss": summary["train_loss"]}, f"{root}/rank{rank}.pt")
+
+
+def test_dropout_is_seeded_alike_on_the_tensor_ranks(tmp_path):
+    """Hidden dropout after a row-parallel all-reduce acts on activations every tensor rank holds
+    alike: each must drop the same elements, or the replicated norm weights (whose gradients
+    follow) drift apart between the ranks, unnoticed (a checkpoint keeps tensor rank 0's copy).
+    And a run with dropout is reproducible: two identical runs, the same loss."""
+    import torch
+
+    from conftest import run_spawn
+
+    run_spawn(2, _pretrain_with_dropout, str(tmp_path), 2, tmp_path=tmp_path)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert a["norms"] and all(torch.equal(a["norms"][n], b["norms"][n]) for n in a["norms"]), \
+        max(float((a["norms"][n] - b["norms"][n]).abs().max()) for n in a["norms"])
+    (tmp_path / "again").mkdir()
+    run_spawn(2, _pretrain_with_dropout, str(tmp_path / "again"), 2, tmp_path=tmp_path)
+    assert torch.load(tmp_path / "again" / "rank0.pt")["loss"] == a["loss"]

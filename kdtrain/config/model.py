@@ -140,6 +140,23 @@ class ModelConfig:
         return 3 * forward if training else forward
 
 
+# Fields that leave a model's weights and forward pass as they are: stored weights load into a
+# model that differs in them (dropout is a training choice; init_std is overwritten by the load;
+# the loaders pad or trim the vocabulary to any multiple; the name is a label).
+TRAINING_ONLY_FIELDS = ("name", "init_std", "hidden_dropout", "attention_dropout", "make_vocab_size_divisible_by")
+
+
+def weight_differences(stored: dict, model: ModelConfig, free: tuple[str, ...] = ()) -> list[str]:
+    """The fields of ``model`` whose value in ``stored`` (a model config as a dict) would change
+    its weights, besides ``free``: all but the training-only ones and, with rotary positions
+    (no position table), ``max_seq_length``, the run's choice."""
+    free = TRAINING_ONLY_FIELDS + tuple(free)
+    if model.position_embedding == "rope" and stored.get("position_embedding", "rope") == "rope":
+        free += ("max_seq_length",)
+    ours = to_dict(model)
+    return sorted(k for k in set(ours) | set(stored) if k not in free and stored.get(k) != ours.get(k))
+
+
 def _from_hf(path: str, where: str) -> ModelConfig:
     from ..convert.hf_config import model_config_from_hf  # convert imports config
     from ..convert.hf_weights import read_hf_config

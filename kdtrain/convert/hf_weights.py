@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
+from ..config.model import weight_differences
 from .hf_config import model_config_from_hf, special_ids_from_hf
 from .layout import IGNORED_SUFFIXES, TO_KDTRAIN, RuleSet, expected_shapes, fuse_qkv
 
@@ -36,9 +37,8 @@ _GPT2_PREFIX = "transformer."
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
 # Vocabulary tables: their rows may be trimmed to a smaller model vocab (padded HF tables).
 VOCAB_TABLES = ("embedding.word_embeddings.weight", "output_layer.weight")
-# Model-config fields that do not shape or change the forward pass: they may differ from the
-# Hugging Face config when a run names its own model YAML for a Hugging Face ``load``.
-TRAINING_ONLY_FIELDS = ("name", "init_std", "hidden_dropout", "attention_dropout", "make_vocab_size_divisible_by")
+# Model-config fields that do not shape or change the forward pass may differ from the Hugging
+# Face config when a run names its own model YAML for a Hugging Face ``load`` (TRAINING_ONLY_FIELDS).
 
 
 def is_hf_model_dir(path: str | os.PathLike) -> bool:
@@ -270,10 +270,7 @@ def check_model_matches(hf: HFModel, model: ModelConfig, what: str) -> None:
     """``model`` (the run's config) describes the Hugging Face model, up to training-only fields
     and a vocabulary no larger than the stored table (which is then trimmed)."""
     ours, theirs = dataclasses.asdict(model), dataclasses.asdict(hf.cfg)
-    free = TRAINING_ONLY_FIELDS + ("vocab_size",)
-    if model.position_embedding == "rope":  # no table: the longest sequence is the run's choice
-        free += ("max_seq_length",)
-    diff = sorted(k for k in ours if k not in free and ours[k] != theirs.get(k))
+    diff = weight_differences(theirs, model, free=("vocab_size",))
     if diff:
         k = diff[0]
         raise ValueError(f"{what}.load: {hf.path} is a different model: {k} = {theirs.get(k)!r} in its "

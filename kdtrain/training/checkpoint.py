@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import DataConfig, ModelConfig, to_dict
+from ..config.model import weight_differences
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer
 
@@ -195,19 +196,28 @@ def _write_global_shards(tmp: Path, names, tensor, shard_bytes: int) -> None:
         write_shard(tmp, f"part{nfiles:05d}.pt", part)
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
 def complete_steps(root: Path) -> list[Path]:
     """The step directories under ``root`` that are not a save in progress or a set-aside copy,
-    oldest first."""
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
+    oldest first (by step: from step 10^7 on the names no longer sort)."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and p.suffix not in (".tmp", ".old")
+                   and p.name.removeprefix("step_").isdigit()), key=_step_of)
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Keep the ``keep`` newest complete checkpoints; drop the debris of interrupted saves
-    (``.tmp``) and copies set aside by an interrupted re-save (``.old``): ``latest`` now names a
-    complete checkpoint."""
+    """Keep the ``keep`` newest complete checkpoints up to the one ``latest`` names; drop the
+    debris of interrupted saves (``.tmp``), copies set aside by an interrupted re-save (``.old``)
+    and steps newer than ``latest``: a save killed between its rename and the ``latest`` update
+    leaves one, the job resumed from an older step, and keeping the newest by number would delete
+    the step ``latest`` names."""
     for debris in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
         shutil.rmtree(debris, ignore_errors=True)
-    for old in complete_steps(root)[:-keep]:
+    committed = _step_of(root / (root / "latest").read_text().strip())
+    steps = complete_steps(root)
+    for old in [p for p in steps if _step_of(p) > committed] + [p for p in steps if _step_of(p) <= committed][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -394,10 +404,11 @@ def refuse_other_runs(ck_dir: str | os.PathLike) -> None:
 
 
 def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None:
-    """Same architecture as the checkpoint (the name may differ)."""
+    """Same weights as the checkpoint's model (training-only fields such as dropout, and with
+    rotary positions the longest sequence, may differ: config/model.py weight_differences)."""
     saved = dict(reader.meta.get("model", {}))
     ours = to_dict(model)
-    diff = sorted(k for k in set(saved) | set(ours) if k != "name" and saved.get(k) != ours.get(k))
+    diff = weight_differences(saved, model)
     if diff:
         k = diff[0]
         raise ValueError(f"checkpoint {reader.path} was written for a different model: {k} = {saved.get(k)!r} "

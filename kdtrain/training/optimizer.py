@@ -113,6 +113,10 @@ class AdamWOptimizer:
                 out = {} if master is p else {"master": master.detach()}
                 if st:
                     out.update(exp_avg=st["exp_avg"], exp_avg_sq=st["exp_avg_sq"], step=st["step"])
+                else:  # no update yet (every step so far skipped): Adam's initial state, so the
+                    # checkpoint still resumes as a run's
+                    zeros = torch.zeros_like(master, dtype=torch.float32)
+                    out.update(exp_avg=zeros, exp_avg_sq=zeros, step=torch.zeros((), dtype=torch.float32))
                 return out
         raise KeyError(spec.global_name)
 
