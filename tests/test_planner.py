@@ -222,6 +222,24 @@ def test_auto_split_errors_name_the_config_fields(overrides, message):
     assert " --" not in str(e.value), e.value
 
 
+def test_auto_split_places_the_teacher_where_the_plan_priced_it():
+    """The planner prices a disaggregated split with the teacher on ranks [0, Wt) (its node
+    crossings, its student TP groups kept inside nodes): ``split.mode: auto`` runs it there, and
+    says so when the config asked for the teacher last."""
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.auto_split import resolve_auto_split
+
+    for first in ("true", "false"):
+        cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=auto", f"split.teacher_first={first}",
+                                           "split.profile=cpu"])
+        out, lines = resolve_auto_split(cfg, 3, torch.device("cpu"), gpus_per_node=3)
+        assert out.split.mode == "disaggregated" and out.split.teacher_first
+        spans = out.validate(3)
+        assert (spans.teacher_offset, spans.student_offset) == (0, out.split.teacher_ranks) == (0, 1)
+        overridden = [ln for ln in lines if "split.teacher_first: false overridden" in ln]
+        assert len(overridden) == (first == "false"), lines
+
+
 def test_cli_config_errors_name_the_config_fields(capsys):
     """``kdtrain plan --config``: the run's settings are named by their config fields, the flags by
     their flags; ``--gpus-per-node 0`` is an error, not the profile's node size."""

@@ -100,7 +100,7 @@ class SplitConfig:
     # size (kdtrain/training/auto_split.py; `kdtrain plan` shows the ranking).
     mode: Literal["colocated", "disaggregated", "auto"] = "colocated"
     teacher_ranks: Optional[int] = None  # disaggregated: ranks given to the teacher
-    teacher_first: bool = True  # disaggregated: teacher on the low ranks
+    teacher_first: bool = True  # disaggregated: teacher on the low ranks (auto: always, as the planner prices it)
     depth: int = 2  # disaggregated: micro-batches the teacher may run ahead of the student
     timeout_s: float = 300.0  # a peer silent this long ends the job with an error
     profile: Optional[str] = None  # auto: planner profile name or `kdtrain calibrate` JSON (None: this device)

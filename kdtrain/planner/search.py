@@ -260,12 +260,13 @@ class Plan:
                 f"(step {self.step_time * 1e3:.1f} ms{sampling}), {mem}, bottleneck {self.bottleneck}")
 
     def config_overrides(self) -> dict:
-        """The distill config fields this plan sets (``section.field: value``)."""
+        """The distill config fields this plan sets (``section.field: value``). The teacher comes
+        first (ranks ``[0, Wt)``): the placement the plan is priced for."""
         out = {"split.mode": self.split, "teacher.tp": self.teacher.tp, "teacher.pp": self.teacher.pp,
                "teacher.dp": self.teacher.dp, "student.tp": self.student.tp, "student.pp": self.student.pp,
                "student.dp": self.student.dp, "training.micro_batch_size": self.micro_batch,
                "optimizer.distributed": self.distributed_optimizer, "training.recompute": self.recompute,
-               "split.teacher_ranks": None}
+               "split.teacher_ranks": None, "split.teacher_first": True}
         if self.split == "disaggregated":
             out["split.teacher_ranks"] = self.teacher_ranks
         return out

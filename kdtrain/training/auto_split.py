@@ -4,7 +4,8 @@ Every rank runs the same pure-Python search on the same inputs, so all ranks agr
 a rank reads from its own node (its GPU's profile, its node's size) are compared first: ranks that
 disagree (a job over nodes of different GPUs) would build different process groups and hang, so
 that is an error asking for ``split.profile`` and ``split.gpus_per_node``. The plan sets
-``split.mode``, ``split.teacher_ranks`` and ``tp``/``pp``/``dp`` of both roles; the micro-batch
+``split.mode``, ``split.teacher_ranks`` and ``tp``/``pp``/``dp`` of both roles, and puts the teacher
+first (``split.teacher_first: true``, the placement the planner prices); the micro-batch
 size, optimizer (ZeRO-1 or not), sequence length, top-k and payload dtype stay as configured and
 are inputs to the search.
 """
@@ -72,9 +73,13 @@ def resolve_auto_split(cfg: DistillConfig, world_size: int, device: torch.device
     ov = best.config_overrides()
     out = dataclasses.replace(
         cfg,
-        split=dataclasses.replace(sp, mode=ov["split.mode"], teacher_ranks=ov["split.teacher_ranks"]),
+        split=dataclasses.replace(sp, mode=ov["split.mode"], teacher_ranks=ov["split.teacher_ranks"],
+                                  teacher_first=ov["split.teacher_first"]),
         teacher=dataclasses.replace(cfg.teacher, tp=ov["teacher.tp"], pp=ov["teacher.pp"], dp=ov["teacher.dp"]),
         student=dataclasses.replace(cfg.student, tp=ov["student.tp"], pp=ov["student.pp"], dp=ov["student.dp"]))
     lines = [f"split auto ({world_size} ranks, {gpn} per node, profile {profile}): {best.describe()}",
              f"  runner-up: {runner_up.describe() if runner_up is not None else 'none fits'}"]
+    if not sp.teacher_first and best.mode == "disaggregated":
+        lines.append(f"  split.teacher_first: false overridden: the plan is priced (node crossings, TP groups "
+                     f"inside nodes) with the teacher on ranks 0-{best.teacher_ranks - 1}, which is where it runs")
     return out, lines
