@@ -38,6 +38,9 @@ LAYOUTS = {
     "disagg-tPP2-sPP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.pp=2", "student.pp=2",
                              "training.eval_interval=2"], 4),
     "coloc-tPP2-sDP2": (2, ["teacher.pp=2", "student.dp=2"], 2),
+    # Each student replica's rank holds the payload of its own micro-batches (teacher TP=2 on both
+    # ranks): zero copies although the layouts differ.
+    "coloc-tTP2-sDP2": (2, ["teacher.tp=2", "student.dp=2"], 0),
 }
 # Students trained from the fp32 cache: (ranks, teacher.source).
 FROM_CACHE = [(1, "cache"), (2, "cache"), (1, "mixed")]
