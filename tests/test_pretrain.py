@@ -207,3 +207,28 @@ def test_dropout_is_seeded_alike_on_the_tensor_ranks(tmp_path):
     (tmp_path / "again").mkdir()
     run_spawn(2, _pretrain_with_dropout, str(tmp_path / "again"), 2, tmp_path=tmp_path)
     assert torch.load(tmp_path / "again" / "rank0.pt")["loss"] == a["loss"]
+
+
+def test_weights_trained_on_another_tokenizers_ids_are_refused(world_of_one, tiny_corpus, tmp_path):
+    """checkpoint.load of a model trained on ids of another tokenizer with the same vocabulary size:
+    every row means another token, so it is refused (the corpora record their tokenizer), while
+    the run's own tokenizer loads."""
+    from kdtrain.config import load_pretrain_config
+    from kdtrain.data import build_demo_corpus, train_tokenizer
+    from kdtrain.data.preprocess import encode_files
+    from kdtrain.training.pretrain import pretrain
+
+    def run(prefix, *extra):
+        return pretrain(load_pretrain_config("tiny", [f"data.path=[{prefix}]", "precision.device=cpu",
+                                                      "training.train_steps=1", "training.eval_batches=0",
+                                                      f"logging.dir={tmp_path / 'log'}", *extra]))
+
+    run(tiny_corpus["prefix"], f"checkpoint.dir={tmp_path / 'a'}")
+    other = tmp_path / "other.jsonl"
+    build_demo_corpus(str(other), max_documents=60)
+    tok = train_tokenizer([str(other)], str(tmp_path / "tok"), vocab_size=512)  # other pieces, same size
+    encode_files([str(other)], tok, str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"\.load: .* was trained on ids of tokenizer .*this run.s data is "
+                                         r"of tokenizer"):
+        run(tmp_path / "other", f"checkpoint.load={tmp_path / 'a'}")
+    run(tiny_corpus["prefix"], f"checkpoint.load={tmp_path / 'a'}")

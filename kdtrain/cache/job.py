@@ -29,6 +29,7 @@ from ..config.loader import field_error
 from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import PayloadSpec
 from ..training.batches import make_microbatch, stack_rows
+from ..training.checkpoint import data_tokenizer
 from ..training.pretrain import open_dataset, resolve_dtype
 from ..training.teacher import Teacher
 from .codec import RecordLayout, TargetRecordLayout, bytes_per_token, live_payload_bytes_per_token, shard_samples_for
@@ -137,7 +138,7 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
         raise field_error("cache", "positions", "targets: every label of this corpus is a target (no loss mask, "
                           "windows not packed by documents); use positions: all")
     teacher = Teacher(run.teacher.model, groups, spec, run.loss.tau, run.teacher.load, env.device, dtype,
-                      run.training.seed + 1, compile=run.precision.compile)
+                      run.training.seed + 1, compile=run.precision.compile, tokenizer=data_tokenizer(run.data))
     identity = bytes.fromhex(manifest.identity())
     writes = groups.is_last_stage and groups.tp_rank == 0
     todo = plan_shards(index.num_shards, par.dp, groups.dp_rank, set(done))

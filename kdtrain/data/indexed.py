@@ -129,6 +129,11 @@ def _read_meta(prefix: str) -> dict | None:
     return meta
 
 
+def corpus_tokenizer(prefix: str) -> str | None:
+    """The fingerprint of the tokenizer a corpus was written with (its metadata), or None."""
+    return (_read_meta(prefix) or {}).get("tokenizer_fingerprint")
+
+
 def _check_idx_layout(idx_file: str) -> None:
     """Header and size checks, so megatron-core only ever reads a well-formed index."""
     with open(idx_file, "rb") as f:

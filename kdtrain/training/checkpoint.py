@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import DataConfig, ModelConfig, to_dict
+from ..data import Tokenizer
+from ..data.indexed import corpus_tokenizer
 from ..config.model import weight_differences
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer
@@ -307,11 +309,13 @@ def copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor,
 
 def load_model_weights(path: str | os.PathLike, model: ModelConfig,
                        params: list[tuple[ParamSpec, torch.nn.Parameter]], what: str,
-                       masters: Optional[dict[int, torch.Tensor]] = None) -> None:
+                       masters: Optional[dict[int, torch.Tensor]] = None, tokenizer: Optional[str] = None) -> None:
     """``{what}.load``: this rank's weights from a kdtrain checkpoint (a run's checkpoint dir, i.e.
     its latest step, or one step dir) written with any layout, or from a Hugging Face model
     directory (convert/hf_weights.py: each rank reads and converts only its own parameters);
-    ``masters`` as for ``load_weights``."""
+    ``masters`` as for ``load_weights``. ``tokenizer``: the fingerprint of the loading run's
+    tokenizer (``data_tokenizer``); a checkpoint trained on ids of another is refused (same
+    vocabulary size or not, its rows mean other tokens)."""
     from ..convert.hf_weights import HFWeights, is_hf_model_dir  # convert imports this module
 
     if is_hf_model_dir(path):
@@ -325,6 +329,12 @@ def load_model_weights(path: str | os.PathLike, model: ModelConfig,
             check_checkpoint_model(reader, model)
         except ValueError as e:
             raise ValueError(f"{what}.load: {e}") from None
+        theirs = reader.meta.get("tokenizer_fingerprint")
+        if tokenizer is not None and theirs is not None and theirs != tokenizer:
+            tok = (reader.meta.get("data") or {}).get("tokenizer")
+            raise ValueError(f"{what}.load: {reader.path} was trained on ids of tokenizer {theirs}"
+                             f"{f' ({tok})' if tok else ''}, this run's data is of tokenizer {tokenizer}: the "
+                             "model's rows would mean other tokens")
     load_weights(reader, params, masters)
 
 
@@ -351,14 +361,26 @@ def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch
 RESUME_DATA_FIELDS = ("seq_length", "seed", "split", "weights", "packing", "attention", "loss_mask", "mock")
 
 
+def data_tokenizer(data: DataConfig) -> Optional[str]:
+    """The fingerprint of the tokenizer the run's ids come from: its corpora's (their metadata),
+    else ``data.tokenizer``'s; None for mock data or corpora that record none."""
+    if data.mock:
+        return None
+    for prefix in data.path:
+        if (fp := corpus_tokenizer(prefix)) is not None:
+            return fp
+    return Tokenizer(data.tokenizer).fingerprint if data.tokenizer else None
+
+
 def run_record(kind: str, global_batch_size: int, data: DataConfig, **extra) -> dict:
     """What a run's checkpoints record about it (``save_role``), checked when a job resumes
     (``check_resume``): the kind of run, the global batch, the data section and the size of
-    each corpus' token file (a corpus tokenized again in place keeps its name, not its size)."""
+    each corpus' token file (a corpus tokenized again in place keeps its name, not its size);
+    and the tokenizer of its ids (checked when another run loads the weights)."""
     sizes = None if data.mock else [os.path.getsize(f"{p}.bin") if os.path.isfile(f"{p}.bin") else None
                                     for p in data.path]
     return {"kind": kind, "global_batch_size": global_batch_size, "data": to_dict(data), "corpus_bytes": sizes,
-            **extra}
+            "tokenizer_fingerprint": data_tokenizer(data), **extra}
 
 
 def check_resume(meta: dict, path: Path, run: dict) -> None:

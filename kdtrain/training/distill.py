@@ -307,14 +307,14 @@ def distill(cfg: DistillConfig) -> dict:
 
     reader = open_cache(cfg, env.rank, dtype)
     cached = CachedPayloads(reader, spec, pairing, env.device) if reader is not None else None
-    teacher = student = None
-    if t_groups.is_member and cfg.teacher.source != "cache":
-        teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,
-                          tr.seed + 1, compile=cfg.precision.compile)
-    start_step = 0
     # What the student's checkpoints record, checked when a later job resumes them.
     run = run_record("distill", tr.global_batch_size, cfg.data, teacher=to_dict(cfg.teacher.model),
                      loss=to_dict(cfg.loss), topk=cfg.teacher.topk, dtype=str(dtype).removeprefix("torch."))
+    teacher = student = None
+    if t_groups.is_member and cfg.teacher.source != "cache":
+        teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,
+                          tr.seed + 1, compile=cfg.precision.compile, tokenizer=run["tokenizer_fingerprint"])
+    start_step = 0
     if s_groups.is_member:
         # With both precision options the student's layers are graphed and the teacher's compiled
         # (a layer is either; the teacher's no-grad forward is not graphed).

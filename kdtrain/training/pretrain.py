@@ -265,7 +265,8 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
             restore_rng(path, rank)
         return int(reader.meta["step"])
     if ck.load:
-        load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters())
+        load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
+                           run.get("tokenizer_fingerprint"))
     return 0
 
 

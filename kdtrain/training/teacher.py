@@ -31,7 +31,7 @@ from .pipeline import PipelineSchedule
 class Teacher:
     def __init__(self, model_cfg: ModelConfig, groups: RoleGroups, spec: PayloadSpec, tau: float,
                  load: Optional[str], device: torch.device, dtype: torch.dtype, seed: int,
-                 compile: bool = False):
+                 compile: bool = False, tokenizer: Optional[str] = None):
         self.cfg, self.groups, self.spec, self.tau = model_cfg, groups, spec, tau
         self.model: KDGPTModel = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed,
                                            compile=compile)
@@ -40,7 +40,7 @@ class Teacher:
             p.requires_grad_(False)
         if load is not None:
             params = [(self.model.param_specs[n], p) for n, p in self.model.named_parameters()]
-            load_model_weights(load, model_cfg, params, "teacher")
+            load_model_weights(load, model_cfg, params, "teacher", tokenizer=tokenizer)
         self.schedule = PipelineSchedule(self.model, groups, (spec.seq_length, spec.micro_batch,
                                                               model_cfg.hidden_size), dtype, device)
         self.device = device
