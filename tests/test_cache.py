@@ -427,7 +427,8 @@ def test_a_mixed_runs_live_teacher_computes_at_the_caches_precision(world_of_one
                                          r"bfloat16, .* in float32.*precision\.dtype=fp32"):
         open_cache(mixed, 0, torch.bfloat16)
     # A run on the cache alone has no live teacher to disagree.
-    cached = _run_cfg(caches["corpus"], "teacher.source=cache", f"teacher.cache={caches['root'] / 'fp32'}")
+    cached = _run_cfg(caches["corpus"], "teacher.source=cache", f"teacher.cache={caches['root'] / 'fp32'}",
+                      "training.train_steps=2")  # the steps the cache covers
     assert open_cache(cached, 0, torch.bfloat16) is not None
 
 
