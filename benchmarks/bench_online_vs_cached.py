@@ -4,6 +4,7 @@
     python benchmarks/bench_online_vs_cached.py --cpu-tiny --out /tmp/bench_cache                  # CI smoke
     python benchmarks/bench_online_vs_cached.py --cuda-graphs --out DIR   # student layers as CUDA graphs
     python benchmarks/bench_online_vs_cached.py --runs online,cached --steps 20 --out DIR   # the ratio only
+    python benchmarks/bench_online_vs_cached.py ... --budget 140   # end within 140 s, keep what finished
 
 Runs of the real entry points, one process each (mock tokens, the distill config's seeded random
 teacher; student budget ``--steps`` x global batch):
@@ -14,8 +15,11 @@ teacher; student budget ``--steps`` x global batch):
 
 Reported per run: process wall time (start-up included, the same for every run), the student
 phase's time (sum of its step times), student-phase
-samples/s (median over the steps after --warmup) and the student's final held-out loss. The
-report is rewritten after every run, so a run cut short by a time limit keeps what finished. The
+samples/s (median over the steps after --warmup) and the student's final held-out loss, and
+whether the fused KD-loss kernels loaded (else every run used the reference loss). The report is
+rewritten after every run, so a run cut short by a time limit keeps what finished; with
+``--budget`` a run past it is stopped (with what it started) and later ones are skipped, each
+named under ``not_run``; the teacher cache is deleted however the command ends. The
 break-even: with ``r`` student runs (or epochs) over the same samples, caching wins when
 ``r * T_online > T_cache + r * T_cached``, i.e. ``r > T_cache / (T_online - T_cached)``; the
 report states that ``r`` from the measured times. Writes bench_online_vs_cached.{json,md}.
@@ -35,16 +39,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.entry_runs import (CPU_FP32, MOCK, REPO, add_run_args, launch, resolve_run_args,  # noqa: E402
-                                   run_entry, run_overrides, train_records)
+from benchmarks.entry_runs import (CPU_FP32, MOCK, REPO, LaunchTimeout, add_run_args, launch,  # noqa: E402
+                                   resolve_run_args, run_entry, run_overrides, stop_on_sigterm, train_records)
 from kdtrain.config.distill import load_distill_config  # noqa: E402
 
 GPU = dict(config="configs/distill/llama-1.2b-to-150m-h100.yaml", steps=30, device=[], eval_batches=2)
 CPU_TINY = dict(config="configs/distill/tiny.yaml", steps=6, device=CPU_FP32, eval_batches=1)
 
 
-def distill(config: str, overrides: list[str], log_dir: Path, warmup: int) -> dict:
-    wall, recs = run_entry("distill_gpt.py", config, overrides, log_dir)
+MIN_RUN_S = 20.0  # --budget: a run is not started with less time than this left
+REPORT_MARGIN_S = 5.0  # --budget: kept back for the last report
+
+
+def distill(config: str, overrides: list[str], log_dir: Path, warmup: int, timeout=None) -> dict:
+    wall, recs = run_entry("distill_gpt.py", config, overrides, log_dir, timeout)
     train = train_records(recs)
     steady = train_records(recs, warmup)
     valid = [r for r in recs if r.get("kind") == "valid"]
@@ -66,7 +74,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dtype", default="bf16")
     ap.add_argument("--runs", default="online,cached,mixed",
                     help="comma list out of online, cached, mixed (the cache pass runs when cached or mixed does)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for this whole command (run_h100.sh: its stage's limit less a margin): a run "
+                         "past what is left is stopped, one that cannot start in time is skipped, and the report "
+                         "says which")
     args = ap.parse_args(argv)
+    stop_on_sigterm()
+    deadline = None if args.budget is None else time.monotonic() + args.budget
     wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
     if not wanted or set(wanted) - {"online", "cached", "mixed"}:
         raise ValueError(f"--runs {args.runs!r}: a non-empty comma list out of online, cached, mixed")
@@ -86,11 +100,16 @@ def main(argv=None) -> int:
                  "global_batch_size": tr.global_batch_size, "seq_length": cfg.data.seq_length,
                  "topk": cfg.teacher.topk, "cache_dtype": args.cache_dtype, "live_fraction": args.live_fraction,
                  "compile": cfg.precision.compile, "cuda_graphs": cfg.precision.cuda_graphs,
-                 "runs": {}}
+                 "runs": {}, "not_run": {}}
     runs = res["runs"]
     # Byte-compile once and build the KD kernels (just in time on first use): equal start-ups.
-    launch(["-c", "import kdtrain.training.distill, kdtrain.cache.job; from kdtrain.loss import load_kernels; "
-                  "load_kernels()"])
+    # The kernels' status goes into the report: without them the runs use the reference loss.
+    _, said = launch(["-c", "import json, kdtrain.training.distill, kdtrain.cache.job; "
+                            "from kdtrain.loss._ext import extension_status, load_kernels; m = load_kernels(); "
+                            "print(json.dumps({'status': extension_status(), 'loaded': m is not None}))"])
+    res["kernel"] = json.loads(said.strip().splitlines()[-1])
+    if args.cpu_tiny:
+        res["kernel"]["status"] = "not used on CPU (pure-torch loss)"
 
     def report() -> None:
         on, ca, c = runs.get("online"), runs.get("cached"), runs.get("cache")
@@ -99,29 +118,50 @@ def main(argv=None) -> int:
             saved = on["wall_s"] - ca["wall_s"]
             res["break_even_reuses"] = c["wall_s"] / saved if saved > 0 else None
         res["complete"] = set(wanted) <= set(runs)
-        (out / "bench_online_vs_cached.json").write_text(json.dumps(res, indent=2) + "\n")
-        (out / "bench_online_vs_cached.md").write_text(markdown(res))
+        for name, text in (("bench_online_vs_cached.json", json.dumps(res, indent=2) + "\n"),
+                           ("bench_online_vs_cached.md", markdown(res))):
+            tmp = out / f"{name}.part"  # never half a report, for a reader or a run killed mid-write
+            tmp.write_text(text)
+            tmp.replace(out / name)
 
-    if "online" in wanted:
-        runs["online"] = distill(config, common, out / "logs" / "online", warmup)
+    def attempt(name: str, run) -> bool:
+        """Run ``run(timeout)`` as ``runs[name]`` unless --budget is spent; a run stopped by the
+        budget is recorded in ``not_run`` (the report stays valid); False when it did not finish."""
+        left = None if deadline is None else deadline - time.monotonic() - REPORT_MARGIN_S
+        if left is not None and left < MIN_RUN_S:
+            res["not_run"][name] = f"no time left: {max(left, 0.0):.0f} s of --budget {args.budget:.0f} s remained"
+        else:
+            try:
+                runs[name] = run(left)
+            except LaunchTimeout as e:
+                res["not_run"][name] = f"stopped at the --budget limit ({left:.0f} s left when it started): " + \
+                    str(e).splitlines()[0]
         report()
-    if {"cached", "mixed"} & set(wanted):
-        wall, _ = launch([str(REPO / "scripts" / "cache_teacher.py"), "--config", config, "--out", str(cache_dir),
-                          "--samples", str(steps * tr.global_batch_size), f"cache.dtype={args.cache_dtype}", *common])
-        size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
-        runs["cache"] = {"wall_s": wall, "bytes": size,
-                         "bytes_per_token": size / (steps * tr.global_batch_size * cfg.data.seq_length)}
-        report()
-        src = [f"teacher.cache={cache_dir}"]
-        if "cached" in wanted:
-            runs["cached"] = distill(config, [*common, "teacher.source=cache", *src], out / "logs" / "cached", warmup)
-            report()
-        if "mixed" in wanted:
-            runs["mixed"] = distill(config, [*common, "teacher.source=mixed", *src,
-                                             f"teacher.live_fraction={args.live_fraction}"], out / "logs" / "mixed",
-                                    warmup)
-            report()
-    shutil.rmtree(cache_dir, ignore_errors=True)
+        return name in runs
+
+    try:
+        if "online" in wanted:
+            attempt("online", lambda t: distill(config, common, out / "logs" / "online", warmup, t))
+        if {"cached", "mixed"} & set(wanted):
+            def cache_pass(t):
+                wall, _ = launch([str(REPO / "scripts" / "cache_teacher.py"), "--config", config, "--out",
+                                  str(cache_dir), "--samples", str(steps * tr.global_batch_size),
+                                  f"cache.dtype={args.cache_dtype}", *common], t)
+                size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+                return {"wall_s": wall, "bytes": size,
+                        "bytes_per_token": size / (steps * tr.global_batch_size * cfg.data.seq_length)}
+
+            if attempt("cache", cache_pass):
+                src = [f"teacher.cache={cache_dir}"]
+                if "cached" in wanted:
+                    attempt("cached", lambda t: distill(config, [*common, "teacher.source=cache", *src],
+                                                        out / "logs" / "cached", warmup, t))
+                if "mixed" in wanted:
+                    attempt("mixed", lambda t: distill(config, [*common, "teacher.source=mixed", *src,
+                                                                f"teacher.live_fraction={args.live_fraction}"],
+                                                       out / "logs" / "mixed", warmup, t))
+    finally:  # hundreds of MB, and a killed pass leaves partial shards: never left for the results
+        shutil.rmtree(cache_dir, ignore_errors=True)
     print(markdown(res))
     return 0
 
@@ -154,6 +194,10 @@ def markdown(res: dict) -> str:
                   "samples/s. Caching pays off "
                   + (f"from {be:.2f} student runs over the same samples (cache pass / wall time saved per run)."
                      if be is not None else "never here (the cached run was not faster end to end).")]
+    for name, why in (res.get("not_run") or {}).items():
+        lines += ["", f"Not run: {name}: {why}."]
+    if res.get("kernel"):
+        lines += ["", f"Fused KD-loss kernels: {res['kernel']['status']}."]
     if not res.get("complete", True):
         lines += ["", "Incomplete: the benchmark stopped before every requested run finished."]
     lines.append("")

@@ -63,13 +63,26 @@ Reported per system: samples/s and tokens/s (mean step time over the steps after
 TRL's step is timed from its on_step_begin to its on_step_end callback, which leaves out its data
 loading and logging; kdtrain's is its own step timer, which leaves out its logging), MFU on GPU
 ((student training + teacher forward FLOPs per token) x tokens/s / (devices x bf16 peak)), peak
-memory per device (CUDA max allocated, also max reserved; on CPU the process's max RSS), losses
-per step, the common evaluation, the TRL version and every flag; with ``--profile``, a torch.profiler
-summary of two extra steps per system (kdtrain.training.profiling: the device's busy share of the
-step, kernels per step, kernel time by category), which is where the "why" of a ratio comes from.
+memory per device (``peak_memory_gib``: CUDA max allocated, on CPU the process's max RSS;
+``peak_reserved_gib``: CUDA max reserved), losses per step, the common evaluation, the TRL
+version and every flag; with ``--profile``, a torch.profiler summary of two extra steps per system
+(kdtrain.training.profiling: the device's busy share of the step, kernels per step, kernel time by
+category; kdtrain also writes its Chrome trace, TRL does not), which is where the "why" of a ratio
+comes from. Memory is compared (speedups, chart, accept_report.py) by peak reserved on CUDA: a
+CUDA-graphed student's graph pools stay reserved between replays, which max allocated misses.
 Output: ``OUT/bench_<preset>.json``
 and ``OUT/bench_<preset>.png`` per preset; models and checkpoints go to ``--work`` (default
 ``OUT/work``).
+
+Under a time limit (run_h100.sh): ``--budget S`` ends the command within S seconds (each system's
+``--timeout`` cut to what is left, a system with too little left skipped with the reason); the
+report is rewritten after every system, and a system's row as soon as its training ends, before
+kdtrain's export or either system's evaluation, so a run cut off then keeps its timings (its
+``eval_status`` says why the score is missing). A worker runs in its own process group and is
+stopped with everything it started (torchrun's ranks) on a timeout or when this command is
+stopped. ``--systems 'A|B,...'`` runs B only when A fails or is skipped (the eager student after a
+failed graphed one). kdtrain's end-of-run checkpoint, which only feeds the export, holds the
+weights (and fp32 masters) without Adam's moments.
 """
 
 from __future__ import annotations
@@ -86,13 +99,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl_systems import (CPU_SYSTEMS, PRESETS, REPO, SYSTEMS, collect_kdtrain, custom_preset,  # noqa: E402
-                            prebuild_kernel, prepare_models, run_kdtrain_rank, run_trl)
+from entry_runs import stop_group, stop_on_sigterm  # noqa: E402
+from vs_trl_systems import (CPU_SYSTEMS, MEMORY_COMPARED_NOTE, PRESETS, REPO, SYSTEMS, collect_kdtrain,  # noqa: E402
+                            compared_memory, custom_preset, prebuild_kernel, prepare_models, run_kdtrain_rank,
+                            run_trl, trained_row)
+
+REPORT_MARGIN_S = 8.0  # --budget: what is kept back for the last report and the cleanup
+MIN_SYSTEM_S = 20.0  # --budget: a system is not started with less time than this left
 
 
 # ---- orchestration --------------------------------------------------------------------------------
-def _run_worker(job_file: Path, system: str, timeout: float, nproc: int, log_path: Path) -> tuple[int, str]:
-    """Run one system in a child process; returns (exit code, the log's most telling tail)."""
+def _run_worker(job_file: Path, system: str, timeout: float, nproc: int, log_path: Path,
+                poll=None) -> tuple[int, str]:
+    """Run one system in a child process (its own process group, ended with everything it started
+    on a timeout or when this process is stopped); returns (exit code, the log's most telling
+    tail). ``poll()`` is called about once a second while it runs; it returns True when it needs
+    no more calls."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TRL_EXPERIMENTAL_SILENCE="1")
     me = [str(Path(__file__).resolve()), "--worker", system, "--job", str(job_file)]
@@ -101,10 +123,22 @@ def _run_worker(job_file: Path, system: str, timeout: float, nproc: int, log_pat
     else:
         cmd = [sys.executable, *me]
     with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        end, rc = time.monotonic() + timeout, None
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
+            while True:
+                try:
+                    rc = proc.wait(timeout=max(0.05, min(1.0, end - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if poll is not None and poll():
+                    poll = None
+                if time.monotonic() >= end:
+                    rc = 124
+                    break
+        finally:  # also after a timeout, or when this process is stopped (SIGTERM: see main)
+            stop_group(proc)  # what the worker left running (nothing, normally)
     text = log_path.read_text(errors="replace")
     at = text.find("Traceback (most recent call last)")  # the first child's error, not the launcher's
     tail = text[at:at + 3000] if at >= 0 else text[-3000:]
@@ -155,9 +189,10 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["results"] if r["status"] == "ok"]
+    rows = [{**r, "memory_compared_gib": compared_memory(r)[0]} for r in result["results"] if r["status"] == "ok"]
+    reserved = any(r.get("peak_reserved_gib") is not None for r in rows)
     panels = [("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"), ("mfu", "MFU"),
-              ("peak_memory_gib", "peak memory / device (GiB)"),
+              ("memory_compared_gib", "peak reserved / device (GiB)" if reserved else "peak memory / device (GiB)"),
               ("eval_full_vocab_jsd", f"full-vocab JSD after {result['settings']['steps']} steps")]
     panels = [p for p in panels if any(r[p[0]] is not None for r in rows)]
     if not rows or not panels:
@@ -248,8 +283,9 @@ def run_preset(name: str, args, out: Path, work: Path, on_update=None) -> dict:
                   "timing": f"mean over steps {warmup + 1}..{steps}; TRL on_step_begin->on_step_end, kdtrain's step "
                             "timer; logging excluded in both",
                   "mfu": "(student training + teacher forward FLOPs/token) x tokens/s / (devices x bf16 peak)",
-                  "peak_memory": "max over devices; CUDA max allocated (peak_reserved_gib: max reserved), or "
-                                 "process max RSS on CPU"},
+                  "peak_memory": "max over devices; peak_memory_gib: CUDA max allocated, or process max RSS on "
+                                 "CPU; peak_reserved_gib: CUDA max reserved",
+                  "peak_memory_compared": MEMORY_COMPARED_NOTE},
         "models": {role: {"hf_config": preset[role], "params": _num_params(job[f"{role}_yaml"]),
                           **({"dir": preset[f"{role}_dir"]} if preset.get(f"{role}_dir") else {})}
                    for role in ("teacher", "student")},
@@ -259,12 +295,24 @@ def run_preset(name: str, args, out: Path, work: Path, on_update=None) -> dict:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     systems = args.systems or (SYSTEMS if cuda else CPU_SYSTEMS)
-    for i, system in enumerate(systems):
-        results.append(_run_system(system, job, job_file, n_dev, args, name))
-        report.update(speedups=_speedups(results), complete=i == len(systems) - 1,
+
+    def publish(rows: list[dict], complete: bool) -> None:
+        report.update(results=rows, speedups=_speedups(rows), complete=complete,
                       created=time.strftime("%Y-%m-%dT%H:%M:%S"))
         if on_update is not None:
             on_update(report)
+
+    for i, entry in enumerate(systems):
+        # "A|B": B runs only when A did not end with a row (failed or skipped), e.g. the eager
+        # student when the graphed one fails; every attempt keeps its row.
+        for system in entry.split("|"):
+            row = _run_system(system, job, job_file, n_dev, args, name,
+                              on_trained=lambda r: publish([*results, r], False))
+            results.append(row)
+            publish(list(results), False)
+            if row["status"] == "ok":
+                break
+        publish(results, i == len(systems) - 1)
     return report
 
 
@@ -272,10 +320,15 @@ RESULT_KEYS = ("samples_per_s", "tokens_per_s", "mfu", "step_time_s", "peak_memo
                "eval_full_vocab_jsd")
 
 
-def _run_system(system: str, job: dict, job_file: Path, n_dev: int, args, name: str) -> dict:
-    """One system's result row (status ok / skipped / failed with the reason)."""
+def _run_system(system: str, job: dict, job_file: Path, n_dev: int, args, name: str, on_trained=None) -> dict:
+    """One system's result row (status ok / skipped / failed with the reason). ``on_trained(row)``
+    gets the row as soon as the system's training has finished (its evaluation pending), so that
+    a report written then keeps the timings if the run is cut off later."""
     res = {"system": system, "status": "ok", "reason": None}
     reason = skip_reason(system, job, n_dev, args.force_disaggregated)
+    left = None if args.deadline is None else args.deadline - time.monotonic() - REPORT_MARGIN_S
+    if not reason and left is not None and left < MIN_SYSTEM_S:
+        reason = f"no time left: {max(left, 0.0):.0f} s of --budget {args.budget:.0f} s remained"
     if reason:
         res.update(status="skipped", reason=reason)
     else:
@@ -283,8 +336,23 @@ def _run_system(system: str, job: dict, job_file: Path, n_dev: int, args, name: 
         if system.startswith("kdtrain"):
             shutil.rmtree(Path(job["work"]) / system, ignore_errors=True)  # a stale checkpoint would resume
             (Path(job["work"]) / system).mkdir(parents=True)
+        else:
+            for stale in (f"{system}.json", f"{system}.trained.json"):
+                (Path(job["work"]) / stale).unlink(missing_ok=True)
+        timeout = args.timeout if left is None else min(args.timeout, left)
+        pending: list[dict] = []
+
+        def poll() -> bool:
+            row = trained_row(job, system, nproc)
+            if row is None:
+                return False
+            pending.append({**res, **row, "eval_status": "pending (export and evaluation running)"})
+            if on_trained is not None:
+                on_trained(_complete_row(dict(pending[-1])))
+            return True
+
         t1 = time.perf_counter()
-        rc, log = _run_worker(job_file, system, args.timeout, nproc, Path(job["work"]) / f"{system}.log")
+        rc, log = _run_worker(job_file, system, timeout, nproc, Path(job["work"]) / f"{system}.log", poll)
         res["process_wall_s"] = time.perf_counter() - t1
         print(f"[{name}] {system}: exit {rc} after {res['process_wall_s']:.1f} s", flush=True)
         try:
@@ -294,23 +362,42 @@ def _run_system(system: str, job: dict, job_file: Path, n_dev: int, args, name: 
                 res.update(collect_kdtrain(job, system.removeprefix("kdtrain-"), nproc))
             else:
                 res.update(json.loads((Path(job["work"]) / f"{system}.json").read_text()))
+            res["eval_status"] = "done"
         except (RuntimeError, OSError, KeyError, IndexError, ValueError) as e:
-            res.update(status="failed", reason=f"{e}; {log}")
+            trained = pending[-1] if pending else trained_row(job, system, nproc)
+            if trained is not None:  # trained and timed; the export or evaluation did not finish
+                res.update({**trained, "process_wall_s": res["process_wall_s"],
+                            "eval_status": f"not finished: {e}; {log}"})
+            else:
+                res.update(status="failed", reason=f"{e}; {log}")
+    return _complete_row(res)
+
+
+def _complete_row(res: dict) -> dict:
     for k in RESULT_KEYS:
         res.setdefault(k, None)
     return res
 
 
 def _speedups(results: list[dict]) -> dict:
-    """kdtrain / TRL ratios of samples/s and of peak memory, for every pair that ran."""
+    """kdtrain / TRL ratios of samples/s and of peak memory (the compared figure: peak reserved on
+    CUDA, see vs_trl_systems.MEMORY_COMPARED_NOTE), for every pair that ran."""
     by = {r["system"]: r for r in results if r["status"] == "ok"}
     return {f"{ours}/{base}": {"samples_per_s": by[ours]["samples_per_s"] / by[base]["samples_per_s"],
-                               "peak_memory": by[ours]["peak_memory_gib"] / by[base]["peak_memory_gib"]}
+                               "peak_memory": compared_memory(by[ours])[0] / compared_memory(by[base])[0]}
             for base in ("trl-gkd", "trl-gkd-liger", "trl-gkd-compiled")
             for ours in ("kdtrain-colocated", "kdtrain-colocated-compiled", "kdtrain-colocated-graphs",
                          "kdtrain-colocated-graphs-compiled",
                          "kdtrain-disaggregated")
             if base in by and ours in by}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file, so a reader (or a process killed mid-write) never
+    sees half a report."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _num_params(yaml_path: str) -> int:
@@ -340,12 +427,17 @@ def main(argv=None) -> int:
                     help="multiply the random teacher's logits (its final-norm weight) by this; 6 gives a trained "
                          "model's peakedness (~3 nats, top-64 mass ~0.9). Same teacher for every system")
     ap.add_argument("--systems", default=None, help=f"comma list out of {SYSTEMS} (default: all of them on GPU, "
-                                                    f"{CPU_SYSTEMS} on CPU)")
+                                                    f"{CPU_SYSTEMS} on CPU); 'A|B' runs B only when A fails or "
+                                                    "is skipped (e.g. kdtrain-colocated-graphs|kdtrain-colocated)")
     ap.add_argument("--profile", action="store_true",
                     help="every system runs 2 more steps under torch.profiler (left out of the timing); the "
                          "summary (device-busy share, kernels, time by category) goes into the report")
     ap.add_argument("--force-disaggregated", action="store_true", help="run (d) on one GPU too (2 ranks share it)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per system")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for this whole command (run_h100.sh: its stage's time limit less a margin): each "
+                         "system's --timeout is cut to what is left, and one is skipped with the reason when too "
+                         "little is, so the report holds whatever finished in time")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the models and exported students in --work (default: delete them, keep the logs)")
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -357,18 +449,28 @@ def main(argv=None) -> int:
         if args.worker.startswith("kdtrain"):
             run_kdtrain_rank(job, args.worker.removeprefix("kdtrain-"))
         else:
-            res = run_trl(job, liger=args.worker == "trl-gkd-liger", compile=args.worker == "trl-gkd-compiled")
-            (Path(job["work"]) / f"{args.worker}.json").write_text(json.dumps(res, default=str))
+            def trained(res, path=Path(job["work"]) / f"{args.worker}.trained.json"):
+                _write_atomic(path, json.dumps(res, default=str))
+
+            res = run_trl(job, liger=args.worker == "trl-gkd-liger", compile=args.worker == "trl-gkd-compiled",
+                          on_trained=trained)
+            _write_atomic(Path(job["work"]) / f"{args.worker}.json", json.dumps(res, default=str))
         return 0
 
     import torch
+
+    # A time limit's SIGTERM (run_h100.sh's `timeout`) ends this process through Python's exit path,
+    # so _run_worker's cleanup stops the running worker's process group (a group of its own, which
+    # the limit's signal does not reach) instead of leaving it on the GPU.
+    stop_on_sigterm()
+    args.deadline = None if args.budget is None else time.monotonic() + args.budget
 
     if not args.out:
         ap.error("--out is required")
     if not 0.0 <= args.beta <= 1.0:
         raise ValueError(f"--beta {args.beta}: must be in [0, 1]")
     args.systems = [s.strip() for s in (args.systems or "").split(",") if s.strip()]
-    bad = [s for s in args.systems if s not in SYSTEMS]
+    bad = [s for entry in args.systems for s in entry.split("|") if s not in SYSTEMS]
     if bad:
         raise ValueError(f"--systems: {bad} not in {SYSTEMS}")
     if (args.teacher_hf is None) != (args.student_hf is None):
@@ -392,15 +494,17 @@ def main(argv=None) -> int:
         json_path = out / f"bench_{name}.json"
 
         def write(report, json_path=json_path, name=name):
-            json_path.write_text(json.dumps(report, indent=1, default=str))
+            _write_atomic(json_path, json.dumps(report, indent=1, default=str))
             plot(report, out / f"bench_{name}.png")
 
         result = run_preset(name, args, out, work, on_update=write)
         for r in result["results"]:
             if r["status"] == "ok":
+                jsd = r["eval_full_vocab_jsd"]
                 print(f"[{name}] {r['system']:22s} {r['samples_per_s']:9.2f} samples/s {r['tokens_per_s']:11.1f} tokens/s"
-                      f"  mfu {r['mfu'] or 0:.3f}  peak {r['peak_memory_gib']:.2f} GiB  loss {r['final_loss']:.4g}"
-                      f"  eval JSD {r['eval_full_vocab_jsd']:.4g}")
+                      f"  mfu {r['mfu'] or 0:.3f}  peak {r['peak_memory_gib']:.2f} GiB"
+                      f" (compared: {compared_memory(r)[0]:.2f})  loss {r['final_loss']:.4g}"
+                      f"  eval JSD {'not measured' if jsd is None else format(jsd, '.4g')}")
             else:
                 print(f"[{name}] {r['system']:22s} {r['status']}: {(r['reason'] or '').splitlines()[0]}")
         print(f"[{name}] speedups {json.dumps(result['speedups'])}\nwrote {json_path}", flush=True)

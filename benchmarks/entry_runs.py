@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 MOCK = ["data.mock=true", "data.path=[]"]  # seeded random tokens: no corpus needed
@@ -48,22 +50,66 @@ def resolve_run_args(args, default_steps: int) -> tuple[int, int, Path]:
     return steps, warmup, out
 
 
-def launch(args: list[str]) -> tuple[float, str]:
-    """Run ``python ARGS`` from the repository root; (wall seconds, stdout); raise on failure."""
+def stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """End a child started with ``start_new_session=True`` and every process it started (torchrun's
+    ranks, data workers): SIGTERM to its process group, SIGKILL to what is left after ``grace_s``."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end:
+        proc.poll()  # reaps the leader, so that the group empties
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (a time limit's ``timeout``) into a normal exit, so that the cleanups of
+    :func:`launch` (and the callers' ``finally`` blocks) run and no child is left on the GPU."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+class LaunchTimeout(RuntimeError):
+    """A launched script ran past its time limit (and was stopped)."""
+
+
+def launch(args: list[str], timeout: Optional[float] = None) -> tuple[float, str]:
+    """Run ``python ARGS`` from the repository root; (wall seconds, stdout); raise on failure, and
+    :class:`LaunchTimeout` after ``timeout`` seconds (the run and what it started are stopped)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     print("$", " ".join(args), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        out, err = proc.communicate()
+        raise LaunchTimeout(f"{args[0]} stopped after its {timeout:.0f} s limit:\n{out[-3000:]}\n{err[-5000:]}") from None
+    finally:
+        stop_group(proc)  # also when this process is being stopped (stop_on_sigterm)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}")
     print(f"  {wall:.1f} s", flush=True)
-    return wall, proc.stdout
+    return wall, out
 
 
-def run_entry(script: str, config: str, overrides: list[str], log_dir: Path) -> tuple[float, list[dict]]:
+def run_entry(script: str, config: str, overrides: list[str], log_dir: Path,
+              timeout: Optional[float] = None) -> tuple[float, list[dict]]:
     """One run of ``scripts/<script>`` logging every step to ``log_dir``: (wall seconds, records)."""
-    wall, _ = launch([str(REPO / "scripts" / script), "--config", config, *overrides, f"logging.dir={log_dir}", *LOG])
+    wall, _ = launch([str(REPO / "scripts" / script), "--config", config, *overrides, f"logging.dir={log_dir}", *LOG],
+                     timeout)
     return wall, [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -81,6 +82,16 @@ def profile_window(job: dict):
     return [job["steps"] + 1, run_steps(job)] if job.get("profile") else None
 
 
+# What the systems' memory is compared by. CUDA max allocated understates a CUDA-graphed run: a
+# graph's private memory pool keeps its blocks reserved between replays (and the replays allocate
+# nothing), so the allocated peak misses memory no other tensor can use. The caching allocator's
+# peak reserved counts those pools, and TRL's and kdtrain's allocations alike (TRL empties the cache
+# every micro-batch, which only lowers its reserved figure): the like-for-like figure on CUDA.
+MEMORY_COMPARED_NOTE = ("compared by peak reserved on CUDA (torch.cuda.max_memory_reserved: the device memory the "
+                        "process's caching allocator held, CUDA-graph pools included; max allocated, "
+                        "peak_memory_gib, misses a graphed run's pools), by the process's max RSS on CPU")
+
+
 def _peak_memory(job: dict) -> dict:
     import torch
 
@@ -89,6 +100,14 @@ def _peak_memory(job: dict) -> dict:
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "peak_memory_kind": "cuda_max_allocated"}
     return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
             "peak_reserved_gib": None, "peak_memory_kind": "cpu_max_rss"}
+
+
+def compared_memory(row: dict) -> tuple[Optional[float], str]:
+    """(GiB, key) of the memory figure a system is compared by: peak reserved where the row has it
+    (CUDA), else its peak memory (CPU max RSS)."""
+    if row.get("peak_reserved_gib") is not None:
+        return row["peak_reserved_gib"], "peak_reserved_gib"
+    return row.get("peak_memory_gib"), "peak_memory_gib"
 
 
 def _flops_per_token(job: dict) -> float:
@@ -185,7 +204,37 @@ def _tokenizer(vocab_size: int):
                                    pad_token="t0", unk_token="t0", eos_token="t1")
 
 
-def run_trl(job: dict, liger: bool, compile: bool = False) -> dict:
+def _summary_profiler(window, out_dir: str, device):
+    """kdtrain's StepProfiler for TRL's steps, writing the summary and the operator table but no
+    Chrome trace: exporting it takes seconds per system and nothing returns it (run_h100.sh packs
+    kdtrain's traces only)."""
+    import torch
+
+    from kdtrain.training.profiling import StepProfiler, summarize
+
+    class SummaryOnly(StepProfiler):
+        def end(self, step: int, stopping: bool = False):
+            if self._prof is None or (step != self.window[1] and not stopping):
+                return None
+            self._sync()
+            wall = time.perf_counter() - self._t0
+            self._prof.__exit__(None, None, None)
+            prof, self._prof = self._prof, None
+            steps = step - self._first + 1
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            summary = summarize(prof, steps, wall)
+            tag = f"rank{self.rank}"
+            (self.out_dir / f"{tag}_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            sort_by = "self_cuda_time_total" if summary["device"] == "cuda" else "self_cpu_time_total"
+            (self.out_dir / f"{tag}_ops.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60))
+            return summary
+
+    return SummaryOnly(window, out_dir, 0, torch.device(device))
+
+
+def run_trl(job: dict, liger: bool, compile: bool = False, on_trained: Optional[Callable[[dict], None]] = None) -> dict:
+    """TRL's GKDTrainer run; ``on_trained(result)`` gets the result before the evaluation (its
+    ``eval_full_vocab_jsd`` None), so a run cut off during the evaluation keeps its timings."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -218,10 +267,10 @@ def run_trl(job: dict, liger: bool, compile: bool = False) -> dict:
     student = _load_hf(job["student_hf"], job, teacher=False)
     teacher = _load_hf(job["teacher_hf"], job, teacher=True)
     step_times: list[float] = []
-    from kdtrain.training.profiling import StepProfiler, read_profiles
+    from kdtrain.training.profiling import read_profiles
 
     window = profile_window(job)
-    profiler = StepProfiler(tuple(window) if window else None, args.output_dir, 0, torch.device(job["device"]))
+    profiler = _summary_profiler(tuple(window) if window else None, args.output_dir, job["device"])
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **k):
@@ -247,13 +296,17 @@ def run_trl(job: dict, liger: bool, compile: bool = False) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     flags = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool, type(None), list))}
     flags["not_in_this_version"] = sorted(set(wanted) - known)
-    jsd = eval_full_vocab_jsd(trainer.model, trainer.teacher_model, job)
-    phases = {"setup": t0 - t_start, "train": t1 - t0, "eval": time.perf_counter() - t1}
     profile = read_profiles(args.output_dir)
-    return {"num_devices": 1, **_rates(job, step_times, 1), **mem, "peak_memory_per_device_gib": [mem["peak_memory_gib"]],
-            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-            "loss_kind": "generalized JSD, full vocabulary", "losses": losses, "phases_s": phases,
-            "eval_full_vocab_jsd": jsd, "flags": flags, **({"profile": profile} if profile else {})}
+    res = {"num_devices": 1, **_rates(job, step_times, 1), **mem, "peak_memory_per_device_gib": [mem["peak_memory_gib"]],
+           "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+           "loss_kind": "generalized JSD, full vocabulary", "losses": losses,
+           "phases_s": {"setup": t0 - t_start, "train": t1 - t0},
+           "eval_full_vocab_jsd": None, "flags": flags, **({"profile": profile} if profile else {})}
+    if on_trained is not None:
+        on_trained(res)
+    res["eval_full_vocab_jsd"] = eval_full_vocab_jsd(trainer.model, trainer.teacher_model, job)
+    res["phases_s"]["eval"] = time.perf_counter() - t1
+    return res
 
 
 # ---- (c)/(d) kdtrain ------------------------------------------------------------------------------
@@ -284,9 +337,39 @@ def kdtrain_config(job: dict, variant: str) -> dict:
     }
 
 
+class _WeightsOnly:
+    """An optimizer as the checkpoint writer sees it, minus Adam's moments: the bench saves the
+    trained student only to export it, so the checkpoint holds the parameters and their fp32
+    master weights (which the export prefers), not the optimizer state (the Qwen pair's 0.5B
+    student: ~3 GB instead of ~7 GB written and deleted per run)."""
+
+    def __init__(self, optimizer):
+        self._opt = optimizer
+
+    def __getattr__(self, name):
+        return getattr(self._opt, name)
+
+    def state_for(self, spec):
+        return {k: v for k, v in self._opt.state_for(spec).items() if k == "master"}
+
+
+def _save_weights_only() -> None:
+    """Make distill's end-of-run checkpoint weights only (see :class:`_WeightsOnly`)."""
+    import kdtrain.training.distill as distill_mod
+
+    save_role = distill_mod.save_role
+
+    def weights_only(ck, model, role, step, run):
+        return save_role(ck, model, dataclasses.replace(role, optimizer=_WeightsOnly(role.optimizer)), step, run)
+
+    distill_mod.save_role = weights_only
+
+
 def run_kdtrain_rank(job: dict, variant: str) -> None:
-    """One torchrun rank: distill; write this rank's peak memory; the last rank (the student's
-    writer in both splits) exports the trained student to HF and scores it."""
+    """One torchrun rank: distill; write this rank's peak memory (``rank<R>.json``, phase
+    "trained": what the report's row needs but the evaluation); the last rank (the student's
+    writer in both splits) then exports the trained student to HF, scores it and rewrites its
+    record with the score (phase "done")."""
     import torch
     import yaml
 
@@ -302,26 +385,33 @@ def run_kdtrain_rank(job: dict, variant: str) -> None:
     if job["device"] == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
+    _save_weights_only()
     t0 = time.perf_counter()
     try:
         distill(load_distill_config(str(cfg_path)))
     finally:
-        rec = {**_peak_memory(job), "phases_s": {"distill": time.perf_counter() - t0}}
+        rec = {**_peak_memory(job), "phases_s": {"distill": time.perf_counter() - t0}, "phase": "trained"}
         shutdown_distributed()
+    (run_dir / f"rank{rank}.json").write_text(json.dumps(rec))
     if rank == world - 1:
         from kdtrain.convert.hf_export import export_hf
 
         t1 = time.perf_counter()
         hf_dir = export_hf(cfg_dict["checkpoint"]["dir"], run_dir / "hf_student")
-        shutil.rmtree(cfg_dict["checkpoint"]["dir"])  # optimizer state: large and no longer needed
+        shutil.rmtree(cfg_dict["checkpoint"]["dir"])  # no longer needed
         t2 = time.perf_counter()
         rec["eval_full_vocab_jsd"] = eval_full_vocab_jsd(_load_hf(str(hf_dir), job, False),
                                                          _load_hf(job["teacher_hf"], job, True), job)
         rec["phases_s"].update(export=t2 - t1, eval=time.perf_counter() - t2)
-    (run_dir / f"rank{rank}.json").write_text(json.dumps(rec))
+        rec["phase"] = "done"
+        tmp = run_dir / f"rank{rank}.json.part"
+        tmp.write_text(json.dumps(rec))
+        tmp.replace(run_dir / f"rank{rank}.json")
 
 
 def collect_kdtrain(job: dict, variant: str, nproc: int) -> dict:
+    """The report's row of a kdtrain run from its logs: after the run, or (``eval_full_vocab_jsd``
+    None) once every rank has written its "trained" record, before the export and evaluation."""
     from kdtrain.training.profiling import read_profiles
 
     cfg_dict = kdtrain_config(job, variant)
@@ -340,9 +430,24 @@ def collect_kdtrain(job: dict, variant: str, nproc: int) -> dict:
             "peak_memory_per_device_gib": mem, "peak_memory_kind": ranks[0]["peak_memory_kind"],
             "first_loss": losses[0], "final_loss": losses[-1],
             "loss_kind": f"generalized JSD over the teacher's top-{job['topk']} + tail bucket", "losses": losses,
-            "phases_s": ranks[-1]["phases_s"], "eval_full_vocab_jsd": ranks[-1]["eval_full_vocab_jsd"],
+            "phases_s": ranks[-1]["phases_s"], "eval_full_vocab_jsd": ranks[-1].get("eval_full_vocab_jsd"),
             "teacher_wait_s": [r.get("teacher_wait_s") for r in steps], "flags": cfg_dict,
             **({"profile": read_profiles(run_dir)} if job.get("profile") else {})}
+
+
+def trained_row(job: dict, system: str, nproc: int) -> Optional[dict]:
+    """A system's row once its training has finished but before its evaluation ended (None until
+    then): what a run cut off during its export or evaluation still reports."""
+    try:
+        if system.startswith("kdtrain"):
+            run_dir = Path(job["work"]) / system
+            if not all((run_dir / f"rank{r}.json").is_file() for r in range(nproc)):
+                return None
+            return collect_kdtrain(job, system.removeprefix("kdtrain-"), nproc)
+        path = Path(job["work"]) / f"{system}.trained.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, KeyError, IndexError, ValueError):  # a file being written: try again later
+        return None
 
 
 # ---- preparation ---------------------------------------------------------------------------------
@@ -416,9 +521,13 @@ def prepare_models(job: dict, preset: dict) -> None:
 def prebuild_kernel(job: dict) -> dict:
     """Build (or load from the extension cache) the fused KD-loss kernel once, outside the timings."""
     if job["device"] != "cuda":
-        return {"status": "not used on CPU (pure-torch loss)", "build_s": 0.0}
+        return {"status": "not used on CPU (pure-torch loss)", "loaded": False, "build_s": 0.0}
     from kdtrain.loss._ext import extension_status, load_kernels
 
     t0 = time.perf_counter()
-    load_kernels()
-    return {"status": extension_status(), "build_s": time.perf_counter() - t0}
+    loaded = load_kernels() is not None
+    status = extension_status()
+    if not loaded:  # kdtrain then runs the pure-torch reference loss: slower, and the report must say so
+        print(f"warning: the fused KD-loss kernels did not load, kdtrain runs the reference loss: {status}",
+              file=sys.stderr, flush=True)
+    return {"status": status, "loaded": loaded, "build_s": time.perf_counter() - t0}

@@ -147,3 +147,84 @@ def test_profiled_systems_report_where_the_step_goes(tmp_path):
         prof = x["profile"]["0"]
         assert prof["steps"] == 2 and prof["wall_s_per_step"] > 0 and prof["by_category_s_per_step"], x["system"]
         assert len(x["step_times_s"]) == r["settings"]["steps"] + 2  # timed + profiled
+
+
+def _fake_job(tmp_path) -> dict:
+    return {"work": str(tmp_path), "teacher_yaml": "t.yaml", "teacher_ckpt": "t", "student_yaml": "s.yaml",
+            "student_ckpt": "s", "topk": 4, "seq_length": 8, "data_seed": 1, "beta": 0.5, "micro_batch": 1,
+            "global_batch": 2, "steps": 3, "warmup": 1, "seed": 1, "lr": 1e-4, "weight_decay": 0.0,
+            "adam_betas": [0.9, 0.95], "adam_eps": 1e-8, "clip_grad": 1.0, "device": "cpu", "precision": "fp32"}
+
+
+def test_a_row_outlives_a_cut_evaluation(tmp_path, monkeypatch):
+    """A system whose training finished but whose export/evaluation was cut off (a time limit)
+    keeps its row: its timings are published as soon as the training ends (on_trained), and the
+    final row says why the held-out score is missing. A system with nothing trained fails, and
+    one that cannot start within --budget is skipped with the reason."""
+    import argparse
+    import time
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_vs_trl as B
+
+    job = _fake_job(tmp_path)
+    args = argparse.Namespace(force_disaggregated=False, deadline=None, budget=None, timeout=60.0)
+
+    def trained_then_cut(job_file, system, timeout, nproc, log_path, poll=None):
+        run = tmp_path / system
+        if system.startswith("kdtrain"):
+            (run / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 1.0 / s,
+                                                                   "step_time_s": 0.5}) + "\n" for s in (1, 2, 3)))
+            (run / "rank0.json").write_text(json.dumps({"peak_memory_gib": 1.0, "peak_reserved_gib": None,
+                                                        "peak_memory_kind": "cpu_max_rss",
+                                                        "phases_s": {"distill": 2.0}, "phase": "trained"}))
+        else:
+            (tmp_path / f"{system}.trained.json").write_text(json.dumps({
+                "samples_per_s": 4.0, "peak_memory_gib": 2.0, "eval_full_vocab_jsd": None, "losses": [1.0]}))
+        assert poll() is True
+        return 124, "timed out after 60 s; log"
+
+    for system in ("kdtrain-colocated", "trl-gkd"):
+        published = []
+        monkeypatch.setattr(B, "_run_worker", trained_then_cut)
+        row = B._run_system(system, job, tmp_path / "job.json", 1, args, "fake", on_trained=published.append)
+        assert row["status"] == "ok" and row["eval_full_vocab_jsd"] is None, row
+        assert row["eval_status"].startswith("not finished: exit code 124"), row["eval_status"]
+        assert row["samples_per_s"] == 4.0  # TRL: as written; kdtrain: 2 samples / 0.5 s
+        assert len(published) == 1 and published[0]["eval_status"].startswith("pending"), published
+
+    monkeypatch.setattr(B, "_run_worker", lambda *a, **k: (1, "log: Traceback"))
+    row = B._run_system("kdtrain-colocated", job, tmp_path / "job.json", 1, args, "fake")
+    assert row["status"] == "failed" and row["reason"].startswith("exit code 1"), row
+
+    args.deadline, args.budget = time.monotonic() + 10.0, 100.0
+    row = B._run_system("trl-gkd", job, tmp_path / "job.json", 1, args, "fake")
+    assert row["status"] == "skipped" and row["reason"].startswith("no time left"), row
+
+
+def test_worker_timeout_stops_the_whole_process_group(tmp_path):
+    """A worker past its time limit is stopped with every process it started (torchrun's ranks
+    would otherwise stay on the GPU through the next system's run)."""
+    import time
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from entry_runs import stop_group
+
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    for _ in range(100):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    grandchild = int(pid_file.read_text())
+    stop_group(proc, grace_s=2.0)
+    assert proc.poll() is not None
+    time.sleep(0.3)
+    try:
+        os.kill(grandchild, 0)
+        alive = Path(f"/proc/{grandchild}/stat").read_text().split()[2] != "Z"  # a zombie is gone
+    except ProcessLookupError:
+        alive = False
+    assert not alive

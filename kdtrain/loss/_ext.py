@@ -77,7 +77,10 @@ def load_kernels(jit: Optional[bool] = None):
     if jit is None:
         jit = os.environ.get("KDTRAIN_NO_JIT", "0") != "1"
     if not jit:
-        _state["status"] += "; just-in-time build disabled (KDTRAIN_NO_JIT=1)"
+        # KDTRAIN_NO_JIT_REASON: why a launcher set KDTRAIN_NO_JIT (e.g. benchmarks/run_h100.sh after
+        # a failed build), carried into this status so that the reports built on it say why.
+        why = os.environ.get("KDTRAIN_NO_JIT_REASON", "").strip()
+        _state["status"] += "; just-in-time build disabled (KDTRAIN_NO_JIT=1" + (f": {why[:500]}" if why else "") + ")"
         return None
     if not torch.cuda.is_available():
         _state["status"] += "; no CUDA device for a just-in-time build"
