@@ -204,34 +204,6 @@ def _tokenizer(vocab_size: int):
                                    pad_token="t0", unk_token="t0", eos_token="t1")
 
 
-def _summary_profiler(window, out_dir: str, device):
-    """kdtrain's StepProfiler for TRL's steps, writing the summary and the operator table but no
-    Chrome trace: exporting it takes seconds per system and nothing returns it (run_h100.sh packs
-    kdtrain's traces only)."""
-    import torch
-
-    from kdtrain.training.profiling import StepProfiler, summarize
-
-    class SummaryOnly(StepProfiler):
-        def end(self, step: int, stopping: bool = False):
-            if self._prof is None or (step != self.window[1] and not stopping):
-                return None
-            self._sync()
-            wall = time.perf_counter() - self._t0
-            self._prof.__exit__(None, None, None)
-            prof, self._prof = self._prof, None
-            steps = step - self._first + 1
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            summary = summarize(prof, steps, wall)
-            tag = f"rank{self.rank}"
-            (self.out_dir / f"{tag}_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            sort_by = "self_cuda_time_total" if summary["device"] == "cuda" else "self_cpu_time_total"
-            (self.out_dir / f"{tag}_ops.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60))
-            return summary
-
-    return SummaryOnly(window, out_dir, 0, torch.device(device))
-
-
 def run_trl(job: dict, liger: bool, compile: bool = False, on_trained: Optional[Callable[[dict], None]] = None) -> dict:
     """TRL's GKDTrainer run; ``on_trained(result)`` gets the result before the evaluation (its
     ``eval_full_vocab_jsd`` None), so a run cut off during the evaluation keeps its timings."""
@@ -267,10 +239,13 @@ def run_trl(job: dict, liger: bool, compile: bool = False, on_trained: Optional[
     student = _load_hf(job["student_hf"], job, teacher=False)
     teacher = _load_hf(job["teacher_hf"], job, teacher=True)
     step_times: list[float] = []
-    from kdtrain.training.profiling import read_profiles
+    from kdtrain.training.profiling import StepProfiler, read_profiles
 
     window = profile_window(job)
-    profiler = _summary_profiler(tuple(window) if window else None, args.output_dir, job["device"])
+    # No Chrome trace for TRL's steps: exporting it takes seconds per system and nothing returns it
+    # (run_h100.sh packs kdtrain's traces only).
+    profiler = StepProfiler(tuple(window) if window else None, args.output_dir, 0, torch.device(job["device"]),
+                            trace=False)
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **k):

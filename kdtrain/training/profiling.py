@@ -94,13 +94,16 @@ def summarize(prof, steps: int, wall_s: float, top: int = 25) -> dict:
     return out
 
 
-def write_profile(prof, out_dir: Path, tag: str, steps: int, wall_s: float) -> dict:
-    """Summary JSON, operator table and gzipped trace of ``prof`` under ``out_dir``."""
+def write_profile(prof, out_dir: Path, tag: str, steps: int, wall_s: float, trace: bool = True) -> dict:
+    """Summary JSON, operator table and (``trace``) gzipped Chrome trace of ``prof`` under
+    ``out_dir``; the trace's export takes seconds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(prof, steps, wall_s)
     (out_dir / f"{tag}_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     sort_by = "self_cuda_time_total" if summary["device"] == "cuda" else "self_cpu_time_total"
     (out_dir / f"{tag}_ops.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60))
+    if not trace:
+        return summary
     raw = out_dir / f"{tag}_trace.json"
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
@@ -129,8 +132,9 @@ class StepProfiler:
     (``stopping``) writes the steps it recorded.
     """
 
-    def __init__(self, window: Optional[tuple[int, int]], log_dir: str, rank: int, device: torch.device):
-        self.window, self.rank, self.device = window, rank, device
+    def __init__(self, window: Optional[tuple[int, int]], log_dir: str, rank: int, device: torch.device,
+                 trace: bool = True):
+        self.window, self.rank, self.device, self.trace = window, rank, device, trace
         self.out_dir = Path(log_dir) / "profile"
         self._prof = None
         self._t0 = 0.0
@@ -162,4 +166,4 @@ class StepProfiler:
         wall = time.perf_counter() - self._t0
         self._prof.__exit__(None, None, None)
         prof, self._prof = self._prof, None
-        return write_profile(prof, self.out_dir, f"rank{self.rank}", step - self._first + 1, wall)
+        return write_profile(prof, self.out_dir, f"rank{self.rank}", step - self._first + 1, wall, self.trace)
