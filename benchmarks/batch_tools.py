@@ -10,7 +10,7 @@ few seconds during one): the archive is written under a temporary name and renam
 out: weights and checkpoints (*.pt, *.distcp, *.safetensors, *.bin), partial files (*.tmp,
 *.part: e.g. the ``.shard_NNNNNN.bin.tmp`` a killed cache pass leaves, up to 256 MB), teacher
 caches (a directory with the cache's manifest.json beside its shards), and profiler traces (up to
-two of kdtrain's go to traces.tgz). The device tool returns files of at most 16 MiB: when the
+two of kdtrain's go to traces.tgz). Results come back as files of at most 16 MiB: when the
 archive would be larger, files over 1 MiB are dropped (largest first), and if that is not enough
 only the reports are kept (JSON, markdown, text, PNG, the tails of logs); what was dropped is
 listed in PACKING.txt inside the archive, so a batch never loses everything to one big file.
@@ -88,7 +88,7 @@ def _tar(work: Path, members: list[Path], dropped: list[str], tails: bool, dest:
             except (OSError, tarfile.TarError):  # a file that vanished or changed while being read
                 continue
         if dropped:
-            data = ("Left out of this archive to keep it under the device tool's 16 MiB per returned file:\n"
+            data = ("Left out of this archive to keep it under 16 MiB per returned file:\n"
                     + "".join(f"{line}\n" for line in dropped)).encode()
             info = tarfile.TarInfo("PACKING.txt")
             info.size = len(data)

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                 runs[name] = run(left)
             except LaunchTimeout as e:
                 res["not_run"][name] = f"stopped at the --budget limit ({left:.0f} s left when it started): " + \
-                    str(e).splitlines()[0]
+                    (str(e).splitlines() or [''])[0]
         report()
         return name in runs
 

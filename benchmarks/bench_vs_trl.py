@@ -506,7 +506,7 @@ def main(argv=None) -> int:
                       f" (compared: {compared_memory(r)[0]:.2f})  loss {r['final_loss']:.4g}"
                       f"  eval JSD {'not measured' if jsd is None else format(jsd, '.4g')}")
             else:
-                print(f"[{name}] {r['system']:22s} {r['status']}: {(r['reason'] or '').splitlines()[0]}")
+                print(f"[{name}] {r['system']:22s} {r['status']}: {((r['reason'] or '').splitlines() or [''])[0]}")
         print(f"[{name}] speedups {json.dumps(result['speedups'])}\nwrote {json_path}", flush=True)
         ok &= all(r["status"] != "failed" for r in result["results"])
         if not args.keep_work:  # gigabytes of safetensors and checkpoints; the logs stay

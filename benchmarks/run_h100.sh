@@ -16,9 +16,9 @@
 #   bash benchmarks/run_h100.sh features features_qwen       # recompute / document attention / target logits A/B
 #   bash benchmarks/run_h100.sh smoke ...                    # first: tiny runs on CUDA (under a minute)
 #   bash benchmarks/run_h100.sh accept                       # the acceptance figures in one call (< 10 min)
-#   bash benchmarks/run_h100.sh accept_qwen accept_cache accept_verdict   # redo cut stages (machine still warm)
+#   bash benchmarks/run_h100.sh accept_qwen accept_cache accept_verdict   # redo cut stages in a later call
 #
-# `accept` fits one call of at most 600 s (15-minute device budget: one machine start + one call):
+# `accept` fits one command of at most 600 s:
 #
 #   stage          nominal s  what (estimates from the 2026-11-23 H100 runs in benchmarks/results/)
 #   accept_gate        60     the real CUDA-graph capture test (2 tests, must pass, not skip), beside

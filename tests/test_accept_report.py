@@ -166,12 +166,24 @@ def test_cli_writes_and_installs(tmp_path):
     assert bad.returncode == 2 and "is not a directory" in bad.stderr
 
 
+def test_a_graphed_row_whose_eager_fallback_ran_does_not_block_the_install(tmp_path):
+    root = _batch(tmp_path / "batch")
+    _edit(root / "accept_llama" / "bench_llama.json",
+          lambda r: r["results"].append(_row("kdtrain-colocated-graphs", 0, 0, None, status="failed")))
+    from accept_report import batch_problems
+
+    assert batch_problems(root) == []
+    _edit(root / "accept_llama" / "bench_llama.json",
+          lambda r: r["results"][2].update(status="failed"))  # and the eager one too
+    assert any("kdtrain-colocated" in p for p in batch_problems(root))
+
+
 @pytest.mark.parametrize("spoil", ["no_cache", "failed_row", "incomplete", "unscored", "kernel", "mixed_devices"])
 def test_install_refuses_an_incomplete_batch_unless_forced(tmp_path, spoil):
     root = _batch(tmp_path / "batch", with_cache=spoil != "no_cache")
     llama = root / "accept_llama" / "bench_llama.json"
     if spoil == "failed_row":
-        _edit(llama, lambda r: r["results"].append(_row("kdtrain-colocated-graphs", 0, 0, None, status="failed")))
+        _edit(llama, lambda r: r["results"][1].update(status="failed"))  # TRL with Liger
     elif spoil == "incomplete":
         _edit(llama, lambda r: r.update(complete=False))
     elif spoil == "unscored":
