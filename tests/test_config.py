@@ -291,3 +291,15 @@ def test_split_gpus_per_node_must_be_positive(value):
     with pytest.raises(ValueError, match=r"^split\.gpus_per_node: must be >= 1"):
         load_distill_config("tiny", ["data.mock=true", "split.mode=auto", f"split.gpus_per_node={value}"])
     assert load_distill_config("tiny", ["data.mock=true", "split.gpus_per_node=1"]).split.gpus_per_node == 1
+
+
+def test_yaml_merge_keys_and_list_overrides(tmp_path):
+    """The duplicate-key check leaves YAML merge keys alone (`<<: *base`, then an override of one
+    of its keys), and an override's text reaches a list of strings as typed."""
+    from kdtrain.config.loader import load_yaml
+
+    f = tmp_path / "run.yaml"
+    f.write_text("a: &b {lr: 1.0e-3, min_lr: 1.0e-4}\noptimizer:\n  <<: *b\n  lr: 2.0e-3\n")
+    assert load_yaml(f)["optimizer"] == {"lr": 2.0e-3, "min_lr": 1.0e-4}
+    f.write_text("model: tiny\ndata: {path: [x]}\n")
+    assert load_pretrain_config(str(f), ["data.path=2024"]).data.path == ["2024"]

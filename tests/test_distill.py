@@ -431,9 +431,9 @@ def _distill_recording_order(rank, world, root):
         events.append(time.time())
         return real_serve(*args, **kwargs)
 
-    def train_step(*args, **kwargs):  # a student slower than its teacher
-        time.sleep(0.5)
+    def train_step(*args, **kwargs):  # a student slower than its teacher, after its last payload
         result = real_step(*args, **kwargs)
+        time.sleep(1.0)
         events.append(time.time())
         return result
 

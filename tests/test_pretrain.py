@@ -232,3 +232,10 @@ def test_weights_trained_on_another_tokenizers_ids_are_refused(world_of_one, tin
                                          r"of tokenizer"):
         run(tmp_path / "other", f"checkpoint.load={tmp_path / 'a'}")
     run(tiny_corpus["prefix"], f"checkpoint.load={tmp_path / 'a'}")
+    # A student pruned from the model keeps the record (kdtrain prune).
+    from kdtrain.prune.cli import prune
+    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint
+
+    prune(str(tmp_path / "a"), str(tmp_path / "pruned"), keep_layers=[0], device="cpu")
+    assert CheckpointReader(latest_checkpoint(tmp_path / "pruned")).meta["tokenizer_fingerprint"] == \
+        CheckpointReader(latest_checkpoint(tmp_path / "a")).meta["tokenizer_fingerprint"] is not None

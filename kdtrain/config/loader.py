@@ -29,11 +29,16 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
-            seen.add(key)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # an unhashable key: the parent names it
+                break
         return super().construct_mapping(node, deep=deep)
 
 
@@ -130,13 +135,15 @@ def _type_name(tp) -> str:
 
 
 def _wants_text(tp: Any) -> bool:
-    """A field an override's text goes to as typed: ``str`` or a union of ``str`` with no
-    number or boolean (``Optional[str]``, ``str | list[str]``)."""
-    if tp is str:
+    """A field an override's text goes to as typed: ``str``, a list of them (``data.path=2024``
+    is the corpus ``2024``), or a union of those with no number or boolean (``Optional[str]``,
+    ``str | list[str]``)."""
+    origin = typing.get_origin(tp)
+    if tp is str or (origin in (list, tuple) and typing.get_args(tp)[:1] == (str,)):
         return True
-    if typing.get_origin(tp) in (Union, types.UnionType):
+    if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
-        return str in args and not any(a in (bool, int, float) for a in args)
+        return any(_wants_text(a) for a in args) and not any(a in (bool, int, float) for a in args)
     return False
 
 

@@ -147,9 +147,11 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
               "selection": sel.to_dict(), "importance": None if scores is None else scores.to_dict(),
               "calibration": None if scores is None else {"data": list(data), "seq_length": seq_length,
                                                           "packing": packing, "attention": attention}}
+    # The tokenizer of the source's training ids stays the student's (checked when it is loaded).
+    fingerprint = weights.reader.meta.get("tokenizer_fingerprint") if hasattr(weights, "reader") else None
     write_global_checkpoint(out, student, pruned_names(student), lambda k: prune_tensor(k, weights.tensor, cfg, sel),
-                            {"kind": "prune", "prune": {k: record[k] for k in ("source", "layer_order", "selection")}},
-                            shard_bytes)
+                            {"kind": "prune", "prune": {k: record[k] for k in ("source", "layer_order", "selection")},
+                             "tokenizer_fingerprint": fingerprint}, shard_bytes)
     write_model_yaml(Path(out) / "model.yaml", student,
                      f"{student.num_params() / 1e6:.1f}M-parameter student pruned from {record['source']} by kdtrain prune")
     (Path(out) / "prune.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -355,7 +355,8 @@ def distill(cfg: DistillConfig) -> dict:
     logger.write(describe_dataset(dataset, cfg.data))
     if reader is not None and cfg.teacher.source == "mixed" and cache_steps(cfg, reader)[0] < tr.train_steps:
         covered = cache_steps(cfg, reader)[0]
-        logger.write(f"teacher.cache holds {reader.num_samples} samples, steps 1-{covered}: steps {covered + 1}-"
+        held = f"steps 1-{covered}" if covered else "no whole step"
+        logger.write(f"teacher.cache holds {reader.num_samples} samples ({held}): steps {covered + 1}-"
                      f"{tr.train_steps} run the live teacher")
     if (line := describe_start(cfg.checkpoint, start_step, tr.train_steps)) is not None:
         logger.write(line)
@@ -419,7 +420,7 @@ def distill(cfg: DistillConfig) -> dict:
         profiler.end(step, stopping=stop_now)
         log_now = step % cfg.logging.interval == 0 or step == tr.train_steps
         save_now = save_due(cfg.checkpoint, step, tr.train_steps, stop_now)
-        # collective: every rank, same steps; only ranks that log wait for it
+        # collective: every rank, same steps; teacher-only ranks start it without waiting
         t_stats = teacher_side.collect(wait=student is not None) if log_now else {}
         if result is not None:
             sums = result.sums

@@ -89,7 +89,7 @@ class Teacher:
 class TeacherSideStats:
     """Teacher-side timers and payload bytes, accumulated per rank and averaged over the teacher
     ranks and steps of a logging window by :meth:`collect` (a world all-reduce: every rank calls
-    it on the same steps; a rank that does not log leaves it running, :meth:`finish` waits)."""
+    it on the same steps; a teacher-only rank leaves it running, :meth:`finish` waits)."""
 
     def __init__(self, device):
         self.device = device
@@ -123,14 +123,15 @@ class TeacherSideStats:
         self.steps += 1
 
     def finish(self) -> None:
-        """Wait for a reduction :meth:`collect` left running."""
+        """Wait for a reduction :meth:`collect` left running (on NCCL: order it before the
+        stream's later work)."""
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
 
     def collect(self, wait: bool = True) -> dict:
         """The window's means (``{}`` without teacher ranks, or when ``wait`` is False). With
-        ``wait`` False (a rank that does not log) the all-reduce is only started: the rank goes on
+        ``wait`` False (a teacher-only rank, whose result nobody logs) the all-reduce is only started: the rank goes on
         with its next forwards and the reduction completes when the logging ranks join it."""
         self.finish()
         for start, end in self._events:
