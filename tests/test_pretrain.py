@@ -228,7 +228,7 @@ def test_weights_trained_on_another_tokenizers_ids_are_refused(world_of_one, tin
     build_demo_corpus(str(other), max_documents=60)
     tok = train_tokenizer([str(other)], str(tmp_path / "tok"), vocab_size=512)  # other pieces, same size
     encode_files([str(other)], tok, str(tmp_path / "other"))
-    with pytest.raises(ValueError, match=r"\.load: .* was trained on ids of tokenizer .*this run.s data is "
+    with pytest.raises(ValueError, match=r"checkpoint\.load: .* was trained on ids of tokenizer .*this run.s data is "
                                          r"of tokenizer"):
         run(tmp_path / "other", f"checkpoint.load={tmp_path / 'a'}")
     run(tiny_corpus["prefix"], f"checkpoint.load={tmp_path / 'a'}")

@@ -325,10 +325,10 @@ def distill(cfg: DistillConfig) -> dict:
         if cfg.onpolicy.fraction > 0 and s_layout.pp > 1:  # found now, not at the first on-policy step
             student.model.require_direct_layers("on-policy sampling from pipeline stages (onpolicy.fraction > 0, "
                                                 "student pp > 1)")
-        ck = cfg.checkpoint
+        ck, load_from = cfg.checkpoint, "checkpoint"
         if cfg.student.load and not ck.load:
-            ck = dataclasses.replace(ck, load=cfg.student.load)
-        start_step = restore_role(ck, cfg.student.model, student, env.rank, run, what="student")
+            ck, load_from = dataclasses.replace(ck, load=cfg.student.load), "student"
+        start_step = restore_role(ck, cfg.student.model, student, env.rank, run, what=load_from)
     # Teacher-only ranks learn the resume step from the student's checkpoint, read by all ranks.
     start_step = _agree_start_step(start_step, s_layout, env.device)
 

@@ -250,9 +250,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int, run: dict,
-                 what: str = "model") -> int:
+                 what: str = "checkpoint") -> int:
     """Resume from ``ck.dir`` (weights, optimizer, RNG; returns the step) or load ``ck.load`` weights.
-    ``run`` is what this job's checkpoints record (``save_role``); a resumed checkpoint must agree."""
+    ``run`` is what this job's checkpoints record (``save_role``); a resumed checkpoint must agree.
+    ``what``: the config section whose ``load`` gave ``ck.load`` (named in errors)."""
     if ck.dir and not ck.resume:
         refuse_other_runs(ck.dir)
     path = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
