@@ -4,6 +4,7 @@ metrics file and continues the same wandb run (offline here: no project, no key)
 from __future__ import annotations
 
 import json
+import re
 
 from kdtrain.config.run import LoggingConfig
 from kdtrain.training.logger import RunLogger
@@ -21,10 +22,23 @@ def test_a_resumed_job_continues_the_same_wandb_run(tmp_path, monkeypatch):
         logger.close()
     assert ids[0] == ids[1] == (tmp_path / "run" / "wandb_run_id").read_text().strip()
     offline = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and all(name.endswith(ids[0]) for name in offline)  # `wandb sync` joins them
+    # `wandb sync` joins them (two jobs within one second get the directory name with a "-1")
+    assert len(offline) == 2 and all(re.fullmatch(rf"offline-run-\d+_\d+-{ids[0]}(-\d+)?", n) for n in offline), offline
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     other = RunLogger(LoggingConfig(dir=str(tmp_path / "other"), progress_bar=False, tensorboard=False, wandb=True),
                       True, total_steps=1, start_step=0, name="other")
     assert other.wandb.id != ids[0]  # another run directory, another run
     other.close()
+
+
+def test_wandb_mode_from_the_environment_decides(tmp_path, monkeypatch):
+    """WANDB_MODE=disabled writes no wandb files (the logger's own offline mode overrode it)."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = LoggingConfig(dir=str(tmp_path / "run"), progress_bar=False, tensorboard=False, wandb=True)
+    logger = RunLogger(cfg, True, total_steps=1, start_step=0, name="run")
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert not list((tmp_path / "run").glob("wandb/*run-*"))
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]

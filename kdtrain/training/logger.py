@@ -1,7 +1,8 @@
 """Run logging on the writer rank: progress bar, metrics.jsonl, TensorBoard and wandb.
 
 wandb runs offline (files under the run dir, ``wandb sync`` later) unless a project is given and
-an API key is available, in which case it logs online.
+an API key is available (``WANDB_API_KEY``, or ``wandb login``'s entry in ~/.netrc), in which case
+it logs online; ``WANDB_MODE`` (online, offline, disabled), when set, decides.
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ _BAR_FIELDS = {
 }
 
 
+def _wandb_key_available() -> bool:
+    """An API key in the environment or saved by ``wandb login`` (~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 class RunLogger:
     def __init__(self, cfg: LoggingConfig, enabled: bool, total_steps: int, start_step: int,
                  run_config: Optional[dict] = None, name: str = "run"):
@@ -57,14 +70,15 @@ class RunLogger:
         if cfg.wandb:
             import wandb
 
-            online = bool(cfg.wandb_project) and bool(os.environ.get("WANDB_API_KEY"))
+            online = bool(cfg.wandb_project) and _wandb_key_available()
             # One wandb run per run directory: a job that resumes it (exit_interval, preemption)
             # continues the same run instead of starting a new one.
             id_file = self.dir / "wandb_run_id"
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(project=cfg.wandb_project or "kdtrain", entity=cfg.wandb_entity,
-                                    name=name, dir=str(self.dir), mode="online" if online else "offline",
+                                    name=name, dir=str(self.dir),
+                                    mode=os.environ.get("WANDB_MODE") or ("online" if online else "offline"),
                                     config=run_config, id=run_id, resume="allow")
         if cfg.progress_bar:
             from tqdm import tqdm
