@@ -225,7 +225,7 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
 def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
     """Whether the live teacher serves ``step`` (the same answer on every rank).
 
-    online: always. cache: never (a step the cache does not cover is an error). mixed: on a
+    online: always. cache: never (``open_cache`` refused a cache short of the run). mixed: on a
     ``live_fraction`` of the steps, spread evenly (step t is live when floor((t+1) f) > floor(t f)),
     and on every step the cache does not cover."""
     t = cfg.teacher
@@ -234,21 +234,14 @@ def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
     G = cfg.training.global_batch_size
     covered = reader.covers(range(step * G, (step + 1) * G))
     if t.source == "cache":
-        if not covered:
-            raise ValueError(f"teacher.cache {t.cache} holds {reader.num_samples} samples but step {step + 1} needs "
-                             f"samples up to {(step + 1) * G - 1}: write a larger cache (--samples) or use "
-                             f"teacher.source: mixed")
+        assert covered, (step, reader.num_samples)
         return False
     return not covered or spread_step(step, t.live_fraction)
 
 
-def cache_steps(cfg: DistillConfig, reader) -> tuple[int, int]:
-    """(steps the run's cache covers, the steps that read it): a step reads the cache unless it
-    samples on-policy (its payloads then come from a live teacher)."""
-    G, steps = cfg.training.global_batch_size, cfg.training.train_steps
-    reading = 0 if cfg.onpolicy.fraction >= 1 else next(
-        (t + 1 for t in range(steps - 1, -1, -1) if not onpolicy_step(t, cfg)), 0)
-    return min(reader.num_samples // G, steps), reading
+def cache_steps(cfg: DistillConfig, reader) -> int:
+    """The steps of the run its cache covers, from the first."""
+    return min(reader.num_samples // cfg.training.global_batch_size, cfg.training.train_steps)
 
 
 def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype):
@@ -263,12 +256,12 @@ def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype):
 
     reader = CacheReader(cfg.teacher.cache)
     reader.check(cfg)
-    covered, reading = cache_steps(cfg, reader)
-    if cfg.teacher.source == "cache" and covered < reading:  # found now, not after hours of training
-        G = cfg.training.global_batch_size
-        raise ValueError(f"teacher.cache {cfg.teacher.cache} holds {reader.num_samples} samples but step {reading} "
-                         f"needs samples up to {reading * G - 1}: write a larger cache (--samples) or use "
-                         f"teacher.source: mixed")
+    # Found now, not after hours of training (a cache run samples no steps on-policy: validate).
+    steps = cfg.training.train_steps
+    if cfg.teacher.source == "cache" and cache_steps(cfg, reader) < steps:
+        raise ValueError(f"teacher.cache {cfg.teacher.cache} holds {reader.num_samples} samples but step {steps} "
+                         f"needs samples up to {steps * cfg.training.global_batch_size - 1}: write a larger cache "
+                         f"(--samples) or use teacher.source: mixed")
     if cfg.teacher.source == "mixed":
         error = [None]
         if rank == 0:
@@ -353,8 +346,8 @@ def distill(cfg: DistillConfig) -> dict:
                  f"{_layer_modes(cfg.precision.compile, cfg.precision.cuda_graphs)}"
                  f"{', recomputed student layers' if tr.recompute else ''}")
     logger.write(describe_dataset(dataset, cfg.data))
-    if reader is not None and cfg.teacher.source == "mixed" and cache_steps(cfg, reader)[0] < tr.train_steps:
-        covered = cache_steps(cfg, reader)[0]
+    covered = cache_steps(cfg, reader) if reader is not None else tr.train_steps
+    if cfg.teacher.source == "mixed" and covered < tr.train_steps:
         held = f"steps 1-{covered}" if covered else "no whole step"
         logger.write(f"teacher.cache holds {reader.num_samples} samples ({held}): steps {covered + 1}-"
                      f"{tr.train_steps} run the live teacher")
