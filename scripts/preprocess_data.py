@@ -31,7 +31,9 @@ A .jsonl input holds one {"text": ...} object per line (see --json-key); a .txt 
 document per line, or one per file with --txt-document-per-file; a .parquet input (Hugging Face
 datasets) one document per row of its --json-key column. .jsonl and .txt may be .gz or .zst
 compressed. Each text document ends with the
-tokenizer's EOS id unless --no-append-eos (conversations only with --append-eos).
+tokenizer's EOS id unless --no-append-eos (conversations only with --append-eos), and starts as the
+tokenizer's own convention says (Llama tokenizers: with BOS; GPT-2 / Qwen: without), or as
+--prepend-bos / --no-prepend-bos says.
 """
 
 import argparse
@@ -64,6 +66,9 @@ def main(argv=None) -> int:
     parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=None,
                         help="end each document with the EOS id (default: on for text, off for conversations, "
                              "which their template delimits)")
+    parser.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="start each text document with the BOS id (default: as the tokenizer's own "
+                             "convention, e.g. yes for Llama tokenizers, no for GPT-2 / Qwen)")
     parser.add_argument("--workers", type=int, default=1, help="encoding processes (order is preserved)")
     args = parser.parse_args(argv)
     if args.demo_corpus_out and not args.demo_corpus:
@@ -81,7 +86,8 @@ def main(argv=None) -> int:
             inputs = [out]
         stats = encode_files(
             inputs, args.tokenizer, args.output_prefix, json_key=args.json_key,
-            txt_document_per_file=args.txt_document_per_file, append_eos=args.append_eos, workers=args.workers,
+            txt_document_per_file=args.txt_document_per_file, append_eos=args.append_eos,
+            prepend_bos=args.prepend_bos, workers=args.workers,
             format=args.format, chat_template=args.chat_template,
         )
     except ValueError as e:

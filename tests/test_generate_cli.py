@@ -121,3 +121,37 @@ def test_a_reply_stops_at_any_end_token_the_model_names(hf_chat_model, tmp_path,
         ref = model.generate(ids, generation_config=config, max_new_tokens=12, do_sample=False,
                              pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
     assert ref == got["ids"]
+
+
+def test_a_plain_prompt_starts_with_bos_as_the_tokenizer_s_convention_says(hf_chat_model, tmp_path, world_of_one):
+    """A Llama-3-style tokenizer puts BOS before every text: a plain prompt gets it, as transformers'
+    default call gives it (and as preprocessing wrote the corpus); --no-prepend-bos leaves it out."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    from kdtrain.generate.cli import generate
+
+    folder, model, tok = hf_chat_model
+    hf = tmp_path / "hf"
+    shutil.copytree(folder, hf)
+    bpe = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    bpe.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[
+        ("<|endoftext|>", bpe.token_to_id("<|endoftext|>"))])
+    bpe.save(str(hf / "tokenizer.json"))
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    (hf / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|endoftext|>"}))
+    ref_tok = transformers.AutoTokenizer.from_pretrained(hf)
+    refs = {}
+    for prepend, ids in ((None, ref_tok("def f(x):")["input_ids"]),
+                         (False, ref_tok("def f(x):", add_special_tokens=False)["input_ids"])):
+        assert (ids[0] == ref_tok.bos_token_id) == (prepend is None)
+        with torch.no_grad():
+            refs[prepend] = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
+                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                                           max_length=None)[0, len(ids):].tolist()
+    assert refs[None] != refs[False]  # the start token changes this model's greedy continuation
+    for prepend, ref in refs.items():
+        assert generate(str(hf), ["def f(x):"], max_new_tokens=20, device="cpu", prepend_bos=prepend)[0]["ids"] == ref
+    with pytest.raises(ValueError, match="--prepend-bos / --no-prepend-bos apply to plain prompts"):
+        generate(str(hf), ["x"], chat=True, device="cpu", prepend_bos=True)

@@ -203,3 +203,76 @@ def test_a_model_directory_with_only_a_sentencepiece_model(hf, tmp_path):
     tok, ref = Tokenizer(str(d)), Tokenizer(spm)
     assert type(tok).__name__ == "SentencePieceTokenizer" and tok.fingerprint == ref.fingerprint
     assert tok.encode(SAMPLES[0]) == ref.encode(SAMPLES[0]) and tok.eos_id == ref.eos_id
+
+
+BOS = "<|begin_of_text|>"
+
+
+def _with_bos_template(hf, where: Path) -> Path:
+    """The fixture's tokenizer as Llama 3 ships its own: a BOS special token that tokenizer.json's
+    template puts before every text (transformers' default call adds it)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import processors
+
+    bpe = Backend.from_file(str(hf["dir"] / "tokenizer.json"))
+    bpe.add_special_tokens([BOS])
+    bos = bpe.token_to_id(BOS)
+    bpe.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=BOS).save_pretrained(where)
+    return where
+
+
+def test_documents_start_as_the_tokenizer_s_convention_says(hf, tmp_path):
+    """A Llama-3-style tokenizer starts every text with BOS; preprocessing writes what transformers'
+    default call gives (then EOS), unless --no-prepend-bos; GPT-2 / Qwen-style tokenizers add nothing."""
+    import subprocess
+    import sys
+
+    llama = _with_bos_template(hf, tmp_path / "llama3-style")
+    tok, reference = Tokenizer(str(llama)), transformers.AutoTokenizer.from_pretrained(llama)
+    assert tok.document_prefix == [tok.bos_id] == [reference.convert_tokens_to_ids(BOS)]
+    assert Tokenizer(str(hf["dir"])).document_prefix == []
+    texts = hf["texts"]
+    prefix = str(tmp_path / "bos")
+    meta = encode_files([str(hf["jsonl"])], str(llama), prefix)
+    assert meta["document_prefix"] == [tok.bos_id]
+    want = [reference(t)["input_ids"] + [tok.eos_id] for t in texts]
+    assert want[0][0] == tok.bos_id and want[0][1] != tok.bos_id
+    assert open_indexed_dataset(prefix).tokens.tolist() == [i for w in want for i in w]
+    # The script's flag: no BOS, the tokens of the plain encoding.
+    repo = Path(__file__).resolve().parents[1]
+    plain = str(tmp_path / "plain")
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "preprocess_data.py"), "--input", str(hf["jsonl"]),
+                           "--tokenizer", str(llama), "--output-prefix", plain, "--no-prepend-bos"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert open_indexed_dataset(plain).tokens.tolist() == [i for t in texts for i in tok.encode(t) + [tok.eos_id]]
+    assert open_indexed_dataset(plain).meta["document_prefix"] == []
+    # Asked for where it cannot apply: clear errors.
+    with pytest.raises(ValueError, match="prepend_bos .*tokenizer .* has no BOS token"):
+        encode_files([str(hf["jsonl"])], str(hf["dir"]), str(tmp_path / "x"), prepend_bos=True)
+    with pytest.raises(ValueError, match="prepend_bos .* applies to format='text' only"):
+        encode_files([str(hf["jsonl"])], str(llama), str(tmp_path / "x"), format="chat", prepend_bos=False)
+
+
+def test_a_sentencepiece_directory_states_its_bos_in_its_config(hf, tmp_path):
+    """A directory with only tokenizer.model (Llama 2) prepends BOS when its tokenizer_config.json
+    says ``add_bos_token: true``, as transformers' Llama tokenizer does; a bare .model adds nothing."""
+    import shutil
+
+    from kdtrain.data import train_tokenizer
+
+    spm = train_tokenizer([str(hf["jsonl"])], str(tmp_path / "spm"), vocab_size=320)
+    d = tmp_path / "llama2-style"
+    d.mkdir()
+    shutil.copy(spm, d / "tokenizer.model")
+    assert Tokenizer(spm).document_prefix == [] and Tokenizer(str(d)).document_prefix == []
+    (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    tok = Tokenizer(str(d))
+    assert tok.document_prefix == [tok.bos_id] and tok.bos_id >= 0
+    prefix = str(tmp_path / "corpus")
+    encode_files([str(hf["jsonl"])], str(d), prefix)
+    ds = open_indexed_dataset(prefix)
+    first = ds.tokens[:ds.document_lengths[0]].tolist()
+    assert first == [tok.bos_id] + tok.encode(hf["texts"][0]) + [tok.eos_id]

@@ -9,9 +9,10 @@ add_special_tokens=False)``.
 Special ids come from the files beside ``tokenizer.json``: ``tokenizer_config.json``, then
 ``special_tokens_map.json`` (``eos_token`` / ``bos_token`` / ``pad_token``, as a string or as
 ``{"content": ...}``); an EOS not named there is looked up among the usual end-of-text tokens.
-Text is encoded without template tokens (no BOS added; as transformers does, the text of an added
-special token inside a document still becomes that token): the preprocessor separates documents
-with the EOS id, as for SentencePiece tokenizers.
+Text is encoded without template tokens (as transformers does, the text of an added special token
+inside a document still becomes that token); ``document_prefix`` gives the ids the tokenizer's
+template puts before a text (Llama's BOS), which the preprocessor writes at each document's start,
+and it separates documents with the EOS id, as for SentencePiece tokenizers.
 """
 
 from __future__ import annotations
@@ -84,6 +85,19 @@ class HFTokenizer(Tokenizer):
     @property
     def pad_id(self) -> int:
         return self._special["pad_token"]
+
+    @property
+    def document_prefix(self) -> list[int]:
+        # The ids tokenizer.json's post-processor (template) puts before a single text: Llama 3's
+        # adds <|begin_of_text|>, Llama 2's <s>, GPT-2's and Qwen's nothing. transformers (5.x)
+        # applies that template by default; ids it appends (an EOS) are left to ``append_eos``.
+        probe = "a"
+        plain = self._tok.encode(probe, add_special_tokens=False).ids
+        templated = self._tok.encode(probe, add_special_tokens=True).ids
+        for start in range(len(templated) - len(plain) + 1):
+            if templated[start:start + len(plain)] == plain:
+                return templated[:start]
+        return []
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

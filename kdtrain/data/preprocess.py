@@ -18,17 +18,33 @@ FORMATS = ("text", "chat")
 _worker_encoder = None
 
 
-class _TextEncoder:
-    """A batch of documents -> their ids, each followed by the EOS id when ``append_eos``."""
+def bos_ids(tok: Tokenizer, prepend_bos: bool | None, where: str) -> list[int]:
+    """The ids a plain text starts with: the tokenizer's own convention (``document_prefix``) when
+    ``prepend_bos`` is None, ``[]`` when False, the BOS id when True (ValueError if it has none)."""
+    if prepend_bos is None:
+        return tok.document_prefix
+    if not prepend_bos:
+        return []
+    if tok.document_prefix:
+        return tok.document_prefix
+    if tok.bos_id < 0:
+        raise ValueError(f"{where}: tokenizer {tok.path} has no BOS token to prepend")
+    return [tok.bos_id]
 
-    def __init__(self, tokenizer_path: str, append_eos: bool):
+
+class _TextEncoder:
+    """A batch of documents -> their ids, each after the ``bos`` ids and followed by the EOS id
+    when ``append_eos``."""
+
+    def __init__(self, tokenizer_path: str, append_eos: bool, prepend_bos: bool | None):
         self.tok = Tokenizer(tokenizer_path)
         if append_eos and self.tok.eos_id < 0:
             raise ValueError(f"tokenizer {tokenizer_path} has no EOS token; pass append_eos=False (--no-append-eos)")
         self.eos = [self.tok.eos_id] if append_eos else []
+        self.bos = bos_ids(self.tok, prepend_bos, "prepend_bos (--prepend-bos)")
 
     def __call__(self, texts: list[str]) -> list:
-        return [ids + self.eos for ids in self.tok.encode_batch(texts)]
+        return [self.bos + ids + self.eos for ids in self.tok.encode_batch(texts)]
 
 
 class _ChatEncoder(_TextEncoder):
@@ -38,7 +54,7 @@ class _ChatEncoder(_TextEncoder):
     teaches stopping."""
 
     def __init__(self, tokenizer_path: str, append_eos: bool, template: str | None, key: str):
-        super().__init__(tokenizer_path, append_eos)
+        super().__init__(tokenizer_path, append_eos, prepend_bos=False)
         self.template = ChatTemplate(template, self.tok)
         self.key = key
 
@@ -72,10 +88,11 @@ def _encode_in_worker(batch: list) -> list:
     return _worker_encoder(batch)
 
 
-def _make_encoder(fmt: str, tokenizer_path: str, append_eos: bool, template: str | None, key: str):
+def _make_encoder(fmt: str, tokenizer_path: str, append_eos: bool, template: str | None, key: str,
+                  prepend_bos: bool | None):
     if fmt == "chat":
         return _ChatEncoder(tokenizer_path, append_eos, template, key)
-    return _TextEncoder(tokenizer_path, append_eos)
+    return _TextEncoder(tokenizer_path, append_eos, prepend_bos)
 
 
 def _batches(docs: Iterable, size: int) -> Iterator[list]:
@@ -92,6 +109,7 @@ def encode_files(
     json_key: str | None = None,
     txt_document_per_file: bool = False,
     append_eos: bool | None = None,
+    prepend_bos: bool | None = None,
     workers: int = 1,
     format: str = "text",
     chat_template: str | None = None,
@@ -102,7 +120,10 @@ def encode_files(
     ``messages``, ``chat_template`` is None for the tokenizer's own, ``"plain"`` or a Jinja file)
     and also writes the loss mask that makes the replies the only targets. ``append_eos`` (the EOS
     id after each document) defaults to on for text and off for conversations, whose template
-    already marks where each one starts and ends.
+    already marks where each one starts and ends. ``prepend_bos`` (text only) starts each document
+    with the BOS id; by default as the tokenizer's own convention does (``document_prefix``:
+    Llama-family tokenizers do, GPT-2 / Qwen and kdtrain's SentencePiece models do not), so a teacher
+    sees its documents as it was trained on them.
     Returns the metadata written plus `bytes` (size of the .bin) and `seconds`.
     """
     start = time.perf_counter()
@@ -114,12 +135,15 @@ def encode_files(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if chat_template is not None and format != "chat":
         raise ValueError("a chat template applies to format='chat' (--format chat) only")
+    if prepend_bos is not None and format == "chat":
+        raise ValueError("prepend_bos (--prepend-bos) applies to format='text' only: a chat template writes "
+                         "its own start tokens")
     for path in input_files:
         check_input_file(path)
     key = json_key or ("messages" if format == "chat" else "text")
     if append_eos is None:
         append_eos = format == "text"
-    encoder_args = (format, tokenizer_path, append_eos, chat_template, key)
+    encoder_args = (format, tokenizer_path, append_eos, chat_template, key, prepend_bos)
     encode = _make_encoder(*encoder_args)  # checks the tokenizer and template before any work
     tok = encode.tok
     if format == "chat":
@@ -132,6 +156,7 @@ def encode_files(
         "tokenizer_fingerprint": tok.fingerprint,
         "eos_id": tok.eos_id if tok.eos_id >= 0 else None,
         "append_eos": append_eos,
+        "document_prefix": encode.bos,
         "inputs": [os.path.abspath(p) for p in input_files],
         "format": format,
     }

@@ -9,8 +9,8 @@ SentencePiece model deterministically.
   distilled on the teacher's own tokenization (kdtrain/data/hf_tokenizer.py); a directory with
   only a SentencePiece ``tokenizer.model`` (older Llama/Mistral releases) opens that.
 
-Both encode plain text without special tokens; documents are separated by the EOS id when the
-corpus is preprocessed. A tokenizer's fingerprint is the first 16 hex digits of the sha256 of the
+Both encode plain text without special tokens; when the corpus is preprocessed, documents start
+with the tokenizer's ``document_prefix`` (Llama's BOS) and are separated by the EOS id. A tokenizer's fingerprint is the first 16 hex digits of the sha256 of the
 file that defines it (``tokenizer_file``): datasets and teacher caches record it, and a run whose
 ``data.tokenizer`` differs is refused.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from abc import ABC, abstractmethod
@@ -125,6 +126,14 @@ class Tokenizer(ABC):
     def pad_id(self) -> int:
         """Padding id, or -1."""
 
+    @property
+    def document_prefix(self) -> list[int]:
+        """The ids the tokenizer's own convention puts before a text (what ``transformers`` adds by
+        default): ``[bos_id]`` for Llama-family tokenizers, nothing for GPT-2 / Qwen or kdtrain's own.
+        ``preprocess_data.py`` and ``kdtrain generate`` start each plain-text document with them
+        unless told otherwise (``--prepend-bos`` / ``--no-prepend-bos``)."""
+        return []
+
     def encode(self, text: str) -> list[int]:
         """Ids of ``text``, no template tokens added."""
         return self.encode_batch([text])[0]
@@ -165,6 +174,19 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def pad_id(self) -> int:
         return self._sp.pad_id()
+
+    @property
+    def document_prefix(self) -> list[int]:
+        # A bare SentencePiece model says nothing; a Hugging Face directory holding only a
+        # tokenizer.model (older Llama / Mistral releases) states ``add_bos_token`` in its config.
+        config = self._file.parent / "tokenizer_config.json"
+        if self.bos_id < 0 or not config.is_file():
+            return []
+        try:
+            add_bos = json.loads(config.read_text()).get("add_bos_token")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"tokenizer {config}: not a JSON object ({e})") from None
+        return [self.bos_id] if add_bos is True else []
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)

@@ -10,7 +10,8 @@ with. ``--chat`` renders each prompt as a user turn (after ``--system``) with th
 template, or ``--chat-template FILE|plain``. A reply stops at an end token: the tokenizer's EOS
 and those the model names (a Hugging Face directory's ``generation_config.json`` / ``config.json``
 ``eos_token_id``, kept by an import: Llama-3-Instruct ends a turn with ``<|eot_id|>``, its
-tokenizer's EOS is ``<|end_of_text|>``). Prompts of different
+tokenizer's EOS is ``<|end_of_text|>``). A plain prompt starts as preprocessed documents do (the
+tokenizer's convention: BOS for Llama tokenizers; ``--prepend-bos`` / ``--no-prepend-bos``). Prompts of different
 lengths are decoded together (kdtrain/models/generate.py: key/value cache, layout-independent
 sampling keyed by ``--seed`` and the prompt's index); ``--temperature 0`` is greedy, and
 ``--top-k`` / ``--top-p`` restrict a sampled draw to the most likely tokens. The whole
@@ -70,13 +71,15 @@ def end_tokens(model: str, tok) -> list[int]:
 def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None, chat: bool = False,
              chat_template: Optional[str] = None, system: Optional[str] = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             device: str = "auto", cuda_graphs: bool = False) -> list[dict]:
+             device: str = "auto", cuda_graphs: bool = False, prepend_bos: Optional[bool] = None) -> list[dict]:
     """One ``{"prompt", "ids", "text", "stopped"}`` per prompt: the new token ids, their text, and
-    whether the reply ended with an end token (``end_tokens``)."""
+    whether the reply ended with an end token (``end_tokens``). A plain prompt starts as the corpus
+    documents did (``prepend_bos``, the preprocessor's rule: None = the tokenizer's convention)."""
     import torch
 
     from ..convert.sources import open_weights
     from ..data.chat import ChatTemplate, encode_segments
+    from ..data.preprocess import bos_ids
     from ..data.tokenizer import Tokenizer
     from ..models.generate import sample_replies
     from ..parallel import one_process_world
@@ -90,6 +93,9 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"--top-k must be >= 0 and --top-p in (0, 1], got {top_k} and {top_p}")
+    if prepend_bos is not None and (chat or chat_template):
+        raise ValueError("--prepend-bos / --no-prepend-bos apply to plain prompts: a chat template writes its own "
+                         "start tokens")
     tokenizer = tokenizer or default_tokenizer(model)
     if tokenizer is None:
         raise ValueError(f"no tokenizer for {model}: pass --tokenizer (a SentencePiece .model, or a Hugging Face "
@@ -104,7 +110,8 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         head = [{"role": "system", "content": system}] if system else []
         encoded = [encode_segments(tok, template.prompt(head + [{"role": "user", "content": p}]))[0] for p in prompts]
     else:
-        encoded = tok.encode_batch(prompts)
+        bos = bos_ids(tok, prepend_bos, "--prepend-bos")
+        encoded = [bos + ids for ids in tok.encode_batch(prompts)]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("a prompt encodes to no tokens")
     longest = max(len(ids) for ids in encoded) + max_new_tokens
@@ -142,7 +149,7 @@ def _run(args) -> int:
     results = generate(args.model, prompts, tokenizer=args.tokenizer, chat=args.chat, chat_template=args.chat_template,
                        system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device,
-                       cuda_graphs=args.cuda_graphs)
+                       cuda_graphs=args.cuda_graphs, prepend_bos=args.prepend_bos)
     for r in results:
         if args.json:
             print(json.dumps(r, ensure_ascii=False))
@@ -161,6 +168,9 @@ def register(sub) -> None:
     p.add_argument("--chat", action="store_true", help="prompts are user turns, rendered with the chat template")
     p.add_argument("--chat-template", metavar="FILE|plain", help="implies --chat; default: the tokenizer's own")
     p.add_argument("--system", help="with --chat: a system message before each prompt")
+    p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start a plain prompt with the BOS id (default: as the tokenizer's convention, which "
+                        "is also what preprocess_data.py did unless told otherwise)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="draw among the k most likely tokens (0: all)")
