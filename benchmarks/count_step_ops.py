@@ -17,7 +17,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -66,10 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     args = ap.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     cfg = dataclasses.replace(load_model_config("llama-150m-32k"), hidden_size=64, ffn_hidden_size=128,
                               num_attention_heads=4, num_query_groups=2, vocab_size=512)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -187,16 +187,12 @@ def run_spawn(world: int, fn, *args, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def world_of_one():
-    """A one-process gloo world inside the test process. Rendezvous by explicit address, not by
-    environment variables, so subprocesses and spawned workers of the tests do not inherit it."""
-    import socket
-
+    """A one-process gloo world inside the test process. Rendezvous through an in-process store,
+    not environment variables (subprocesses and spawned workers of the tests do not inherit it) nor
+    a port (which another process could take between picking and binding it)."""
     import torch.distributed as dist
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:

@@ -6,8 +6,9 @@ JOBS.json: ``{"jobs": [{"script": "pretrain_gpt.py", "args": [...], "log": DIR},
 rank runs the jobs in order, each through the script's own ``main(argv)`` (so through
 ``kdtrain.parallel.run_job``, which tears the process group down at the end of each job; the
 next job starts a new one). The first job joins torchrun's store like any launch; each later job
-gets a fresh TCPStore on rank 0, on a port rank 0 publishes in torchrun's store (a process group
-re-created on the same store would find the previous group's keys). A job's stdout and stderr
+gets a fresh TCPStore that rank 0 hosts on a port the system picks (bound as it is picked, so no
+other process can take it), published in torchrun's store; every rank joins it as a client (a
+process group re-created on the same store would find the previous group's keys). A job's stdout and stderr
 (file descriptors 1 and 2, so native output too) go to ``DIR/rank<r>.out`` and
 ``DIR/rank<r>.err``, its exit code to ``DIR/rank<r>.rc``. The first job that fails ends the
 launch with its exit code; later jobs are not run. What this saves is the ~10 s of imports each
@@ -19,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import sys
 import traceback
 from datetime import timedelta
@@ -48,17 +48,21 @@ def _run(main, args: list[str]) -> int:
     return int(rc or 0)
 
 
-def _fresh_store_port(index: int, agent_store) -> None:
-    """Point env:// at a new store for job ``index``: rank 0 hosts it on a free port."""
+def _fresh_store(index: int, agent_store, hosted: list) -> None:
+    """Point env:// at a new store for job ``index``, hosted by rank 0 (kept in ``hosted`` until the
+    launch ends, so no rank loses it while finishing a job) and joined by every rank as a client."""
+    from torch.distributed import TCPStore
+
     key = f"run_entries/job{index}/port"
     if int(os.environ["RANK"]) == 0:
-        with socket.socket() as s:
-            s.bind((os.environ["MASTER_ADDR"], 0))
-            port = s.getsockname()[1]
-        agent_store.set(key, str(port))
+        store = TCPStore(os.environ["MASTER_ADDR"], 0, int(os.environ["WORLD_SIZE"]), is_master=True,
+                         wait_for_workers=False, timeout=timedelta(seconds=300))
+        hosted.append(store)
+        agent_store.set(key, str(store.port))
+        port = store.port
     else:
         port = int(agent_store.get(key))
-    os.environ.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="False")
+    os.environ.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
 
 
 def main() -> int:
@@ -66,6 +70,7 @@ def main() -> int:
     rank = int(os.environ.get("RANK", 0))
     entries: dict = {}
     agent_store = None
+    hosted: list = []
     for index, job in enumerate(jobs):
         if index > 0 and "MASTER_ADDR" in os.environ:
             if agent_store is None:
@@ -73,7 +78,7 @@ def main() -> int:
 
                 agent_store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                        int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timedelta(seconds=300))
-            _fresh_store_port(index, agent_store)
+            _fresh_store(index, agent_store, hosted)
         log = Path(job["log"])
         log.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()

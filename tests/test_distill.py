@@ -393,12 +393,12 @@ def _distill_with_slow_saves(rank, world, root):
     real_save = loop.save_role
 
     def slow_save(*args, **kwargs):  # a large student on a slow file system
-        time.sleep(3.0)
+        time.sleep(4.0)
         return real_save(*args, **kwargs)
 
     loop.save_role = slow_save
     cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=disaggregated", "split.teacher_ranks=1",
-                                       "split.timeout_s=1", f"checkpoint.dir={root}/ck", "checkpoint.save_interval=1",
+                                       "split.timeout_s=2", f"checkpoint.dir={root}/ck", "checkpoint.save_interval=1",
                                        "training.train_steps=3", f"logging.dir={root}/run"])
     summary = loop.distill(cfg)
     with open(f"{root}/rank{rank}.json", "w") as f:
@@ -406,8 +406,8 @@ def _distill_with_slow_saves(rank, world, root):
 
 
 def test_a_slow_student_save_does_not_time_out_the_teachers_stream(tmp_path):
-    """Disaggregated: while the student saves (3 s here), the teacher waits in a world barrier
-    (bounded by distributed.timeout_s), not in its next send, bounded by split.timeout_s (1 s
+    """Disaggregated: while the student saves (4 s here), the teacher waits in a world barrier
+    (bounded by distributed.timeout_s), not in its next send, bounded by split.timeout_s (2 s
     here), which is meant for a dead peer: the run completes and saves every step."""
     import json
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,12 +29,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     """Join the torchrun job (or start a one-process world when launched with plain ``python``).
 
@@ -50,11 +43,14 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python script.py`: a world of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        rendezvous = {}
+        if "RANK" not in os.environ:
+            # Plain `python script.py`: a world of one, whose rendezvous is an in-process store (no
+            # port to pick, so nothing another process could take between picking and binding it).
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            rendezvous = dict(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if dev.type == "cuda" else None, **rendezvous)
     return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), dev, backend)
 
 
@@ -68,7 +64,7 @@ def one_process_world(device: str = "auto"):
     """A one-process world for tools that hold a whole model on one device (megatron's parallel
     layers need a process group); taken down again, with the environment it set, when this made
     it, so a caller's own process group or environment is left as it was. Yields the DistEnv."""
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     saved = {k: os.environ.get(k) for k in keys}
     created = not dist.is_initialized()
     env = init_distributed(device)
