@@ -51,7 +51,8 @@ from kdtrain.planner.calibrate import calibrate
 from kdtrain.models.generate import sample_replies
 from kdtrain.planner.memory import GiB, ModelShape, sampling_bytes, student_stage_memory
 from kdtrain.planner.profiles import HardwareProfile, get_profile, load_profile
-from kdtrain.planner.search import Layout, evaluate_colocated, make_problem
+from kdtrain.planner.problem import Layout
+from kdtrain.planner.search import evaluate_colocated, make_problem
 from kdtrain.planner.timing import sampling_time
 from kdtrain.stream import vocab_parallel_topk
 from kdtrain.training.batches import make_microbatch

@@ -11,7 +11,8 @@ from conftest import REPO
 from kdtrain.config import load_model_config
 from kdtrain.planner import get_profile, make_problem, search_plans
 from kdtrain.planner.memory import ModelShape
-from kdtrain.planner.search import Layout, evaluate_colocated
+from kdtrain.planner.problem import Layout
+from kdtrain.planner.search import evaluate_colocated
 
 
 def test_sampling_cache_bytes_are_what_the_decoder_allocates(world_of_one, monkeypatch):

@@ -98,7 +98,8 @@ RUN_FLAGS = {"teacher": None, "student": None, "seq_len": None, "global_batch": 
 def _problem(args):
     from ..config import load_model_config
     from .profiles import get_profile
-    from .search import Sampling, make_problem
+    from .problem import Sampling
+    from .search import make_problem
 
     if args.top < 1:
         raise ValueError(f"--top: must be >= 1, got {args.top}")
@@ -139,7 +140,8 @@ def _problem_from_config(args, given: list[str]):
     from ..config.distill import load_distill_config
     from .from_config import plan_inputs
     from .profiles import get_profile
-    from .search import CLI_NAMES, CONFIG_NAMES, make_problem
+    from .problem import CLI_NAMES, CONFIG_NAMES
+    from .search import make_problem
 
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')}: with --config the run's own settings are planned; "

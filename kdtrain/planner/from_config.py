@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .search import Sampling
+from .problem import Sampling
 
 if TYPE_CHECKING:
     from ..config.distill import DistillConfig

@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .memory import payload_nbytes
-from .search import Layout, Problem, _student_stages, _student_time, _teacher_stages, _teacher_time, _worst, \
-    search_plans, student_options
+from .problem import Layout, Problem
+from .search import _student_stages, _student_time, _teacher_stages, _teacher_time, _worst, search_plans, \
+    student_options
 
 
 def disaggregated_optimum(a: float, b: float, g: float, sigma: float, W: float) -> tuple[float, float]:

@@ -17,7 +17,8 @@ from typing import Optional
 
 from .memory import ModelShape
 from .inflection import condition
-from .search import MAX_TOPK, Plan, Problem, search_plans
+from .problem import MAX_TOPK, Plan, Problem
+from .search import search_plans
 
 QUANTITIES = {
     "world_size": [8, 16, 32, 64, 128, 256, 512, 1024],

@@ -55,7 +55,7 @@ def resolve_auto_split(cfg: DistillConfig, world_size: int, device: torch.device
     """``cfg`` with the planner's best plan applied, and log lines naming it and the runner-up."""
     from ..planner import auto_plan
     from ..planner.from_config import plan_inputs
-    from ..planner.search import CONFIG_NAMES
+    from ..planner.problem import CONFIG_NAMES
 
     sp = cfg.split
     if cfg.teacher.source == "cache":
