@@ -251,7 +251,7 @@ __device__ inline RowTerms row_terms(const KDPass2Args& a, int64_t row, const Ro
   // Step 1: s_K = z_K / tau and the teacher's (possibly unnormalised) log p at K.
   float mx_p = kNegInf, mx_s = kNegInf;
   for (int i = threadIdx.x; i < k; i += kThreads) {
-    const float s = zK[i] / tau;  // divisions here (k per row) keep s and log p correctly rounded
+    const float s = zK[i] / tau;  // a division per K entry (k per row), not a multiply by 1/tau
     const float v = vals[i];
     const float lp = a.values_mode == 0 ? v : v / tau;
     lq[i] = s;

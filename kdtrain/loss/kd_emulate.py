@@ -192,6 +192,8 @@ class TorchKernels:
                 e1 = torch.exp2(z.gather(1, local.clamp(max=real - 1)) * LOG2E - (tau * m2)[:, None])
                 vals = vals + B2[:, None] * e1 - L2[:, None] * (local == y_local[:, None])
             g.scatter_(1, local, vals)
+        # A masked row is all zeros, as the kernel writes it (whatever its logits hold, NaN included).
+        g = torch.where(live[:, None], g, zero)
         return g[:, :Vl].to(logits.dtype), terms
 
     def single_supported(self, logits, k: int) -> bool:

@@ -213,7 +213,7 @@ class FusedKDLoss(torch.autograd.Function):
                                "once: backward twice through it (retain_graph) is not supported")
         ctx.grad_buf = None
         fdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        factor = (grad_loss.to(fdt) * ctx.post_scale).reshape(1)
+        factor = (grad_loss.to(fdt) * ctx.post_scale).to(fdt).reshape(1)  # post_scale may be a float64 count
         ctx.backend.scale_grad_(grad, factor)
         return grad, None, None, None, None, None, None, None, None, None
 

@@ -147,7 +147,12 @@ def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, top
     check_teacher_tail(cfg, teacher_tail_lse_SB is not None, k, vocab_size)
     dtype = torch.float64 if logits_SBVl.dtype == torch.float64 else torch.float32
 
-    z = logits_SBVl.to(dtype)
+    # Masked tokens do not enter the loss: their inputs are replaced by zeros before any math, so a
+    # non-finite logit there (0 * NaN is NaN) reaches neither the loss nor the gradient, as in the
+    # fused path, which skips rows of weight 0.
+    valid = token_weights(loss_mask_SB, labels_SB, cfg.ignore_index, logits_SBVl).to(dtype)
+    live = valid > 0
+    z = torch.where(live.unsqueeze(-1), logits_SBVl.to(dtype), torch.zeros((), dtype=dtype, device=valid.device))
     if real < Vl:  # padding columns of the vocab table are not part of any distribution
         z = torch.cat([z[..., :real], torch.full_like(z[..., real:], float("-inf"))], dim=-1)
     s = z / cfg.tau
@@ -178,9 +183,10 @@ def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, top
         stats = _SumOverTP.apply(stats, tp_group)
     sum_exp, tail_exp, s_K = stats[..., 0], stats[..., 1], stats[..., 2:2 + k]
 
-    v = topk_values_SBK.to(dtype)
-    logp, logp_tail = teacher_logprobs(v, teacher_tail_lse_SB.to(dtype) if teacher_tail_lse_SB is not None
-                                       else None, cfg)
+    v = torch.where(live.unsqueeze(-1), topk_values_SBK.to(dtype), torch.zeros((), dtype=dtype, device=z.device))
+    tail_lse = None if teacher_tail_lse_SB is None else \
+        torch.where(live, teacher_tail_lse_SB.to(dtype), torch.zeros((), dtype=dtype, device=z.device))
+    logp, logp_tail = teacher_logprobs(v, tail_lse, cfg)
     if cfg.tail == "renorm":
         logP = torch.log_softmax(logp, dim=-1)
         logQ = torch.log_softmax(s_K, dim=-1)
@@ -206,7 +212,6 @@ def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, top
     if cfg.scale_by_tau_sq:
         kd_SB = kd_SB * cfg.tau ** 2
 
-    valid = token_weights(loss_mask_SB, labels_SB, cfg.ignore_index, kd_SB)
     ce_SB = torch.zeros_like(kd_SB)
     if cfg.alpha > 0:
         target, sum_exp1 = stats[..., 2 + k], stats[..., 3 + k]
