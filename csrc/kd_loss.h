@@ -16,11 +16,13 @@ enum class KDDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kKDMaxTopK = 1024;
 
 // Pass 1: per row (token) of the local shard, online row max / sum-exp, the tail sum outside
-// the top-k set K, and the gathers. Outputs (fp32):
-//   m2[row]              max_j z_j * log2(e) / tau over the real columns (base-2 units), -inf if
-//                        the shard has no real column, 0 when !dense
+// the top-k set K (with its own maximum), and the gathers. Outputs (fp32):
+//   m2[row, 0]           m2  = max_j z_j * log2(e) / tau over the real columns (base-2 units), -inf
+//                        if the shard has no real column, 0 when !dense
+//   m2[row, 1]           mt2 = the same maximum over the real columns outside K (-inf if none),
+//                        0 when !dense
 //   stats[row, 0]        Z  = sum_j 2^(z_j log2e / tau - m2)
-//   stats[row, 1]        T  = the same sum over the real columns outside K
+//   stats[row, 1]        T  = sum over the real columns outside K of 2^(z_j log2e / tau - mt2)
 //   stats[row, 2]        z_label if the label falls in this shard (and ce) else 0
 //   stats[row, 3]        Z1 = sum_j 2^(z_j log2e - tau m2)  (CE at temperature 1; only if ce)
 //   stats[row, 4 + i]    z_{K_i} if K_i falls in this shard else 0
@@ -36,7 +38,7 @@ struct KDPass1Args {
   float tau;
   bool dense;             // compute the full-vocab statistics (else only the gathers)
   bool ce;                // hard-label CE is on
-  float* m2;              // out [rows]
+  float* m2;              // out [rows, 2]: (m2, mt2)
   float* stats;           // out [rows, 4 + k]
 };
 
@@ -51,7 +53,7 @@ struct KDPass2Args {
   const float* values;         // [rows, k] teacher logits or log-probs
   const float* teacher_tail_lse;  // [rows] logsumexp(z / tau) outside K (values_mode == 1) or nullptr
   const int64_t* labels;       // [rows] or nullptr
-  const float* m2;             // [rows], global
+  const float* m2;             // [rows, 2]: (m2, mt2), global
   const float* stats;          // [rows, 4 + k], global
   const float* row_weight;     // [rows]
   float tau, beta, kd_scale, alpha, log_floor;

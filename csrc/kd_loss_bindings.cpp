@@ -139,7 +139,7 @@ std::vector<at::Tensor> kd_pass1(const at::Tensor& logits, const at::Tensor& ids
   TORCH_CHECK(!dense || smem <= max_smem, op, ": a local vocab of ", logits.size(1), " columns needs a ", smem,
               "-byte K bitmap, more than the ", max_smem, " bytes of shared memory per block: use more TP shards");
   auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor m2 = at::empty({rows}, opts);
+  at::Tensor m2 = at::empty({rows, 2}, opts);
   at::Tensor stats = at::empty({rows, 4 + k}, opts);
   kdtrain::KDPass1Args a;
   a.logits = logits.data_ptr();
@@ -171,7 +171,7 @@ std::vector<at::Tensor> kd_pass2(const at::Tensor& logits, const at::Tensor& ids
   check_logits_ids(logits, ids, start, real, tau, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), k = ids.size(1);
-  check_tensor(m2, logits, op, "row max m2", at::kFloat, {rows});
+  check_tensor(m2, logits, op, "row and tail maxima m2", at::kFloat, {rows, 2});
   check_tensor(stats, logits, op, "stats", at::kFloat, {rows, 4 + k});
   const auto [lse, lab] = check_pass2_inputs(logits, values, teacher_tail_lse, labels, row_weight, divergence, beta,
                                              values_mode, alpha, k, op);

@@ -107,43 +107,65 @@ __device__ inline float block_max(float v, float* red) {
 
 // ------------------------------------------------------------------------ pass-1 statistics
 
-// Online (max, sum-exp) state in base 2: z = sum 2^(x - m) over all columns, t over the columns
-// outside K, z1 = sum 2^(tau (x - m)) for the temperature-1 CE normaliser.
+// Online (max, sum-exp) state in base 2, two groups of columns with a running maximum each:
+// zk = sum 2^(x - m) over the columns of K, where m is the maximum over all columns, and
+// t = sum 2^(x - mt) over the columns outside K, where mt is the maximum over those columns; z1 =
+// sum 2^(tau (x - m)) over all columns for the temperature-1 CE normaliser. The tail keeps its own
+// maximum so that it cannot underflow however far below the top-k it lies (a collapsed student at
+// a low temperature: 2^(x - m) is 0 for every tail column once they are ~126 units below m, and
+// the tail bucket would lose all of its gradient). Each column still costs one exponential.
 struct Online {
-  float m, z, t, z1;
+  float m, zk, mt, t, z1;
 };
+constexpr int kOnlineFloats = 5;
 
 __device__ __forceinline__ void online_merge(Online& a, const Online& b, float tau, bool ce1) {
+  // Commutative: both shuffle partners compute identical bits. 2^-inf = 0 for an empty side.
   const float mn = fmaxf(a.m, b.m);
-  if (mn == kNegInf) return;  // both empty
-  const float fa = exp2f(a.m - mn), fb = exp2f(b.m - mn);  // 2^-inf = 0 for an empty side
-  a.z = a.z * fa + b.z * fb;  // commutative: both shuffle partners compute identical bits
-  a.t = a.t * fa + b.t * fb;
+  if (mn == kNegInf) return;  // both empty (then both tails are empty too)
+  const float fa = exp2f(a.m - mn), fb = exp2f(b.m - mn);
+  a.zk = a.zk * fa + b.zk * fb;
   if (ce1) a.z1 = a.z1 * exp2f(tau * (a.m - mn)) + b.z1 * exp2f(tau * (b.m - mn));
   a.m = mn;
+  const float mtn = fmaxf(a.mt, b.mt);
+  if (mtn == kNegInf) return;  // no column outside K on either side
+  a.t = a.t * exp2f(a.mt - mtn) + b.t * exp2f(b.mt - mtn);
+  a.mt = mtn;
 }
 
 // Add n values x (already in base-2 units) whose K-membership is bit i of in_k.
 template <int N>
 __device__ __forceinline__ void online_add(Online& s, const float* x, uint32_t in_k, float tau, bool ce1) {
-  float vmax = x[0];
+  float vmax = x[0], tmax = (in_k & 1u) ? kNegInf : x[0];
 #pragma unroll
-  for (int i = 1; i < N; ++i) vmax = fmaxf(vmax, x[i]);
+  for (int i = 1; i < N; ++i) {
+    vmax = fmaxf(vmax, x[i]);
+    tmax = ((in_k >> i) & 1u) ? tmax : fmaxf(tmax, x[i]);
+  }
   if (vmax > s.m) {  // rescale once per vector, not per element
-    const float f = exp2f(s.m - vmax);
-    s.z *= f;
-    s.t *= f;
+    s.zk *= exp2f(s.m - vmax);
     if (ce1) s.z1 *= exp2f(tau * (s.m - vmax));
     s.m = vmax;
   }
+  if (tmax > s.mt) {
+    s.t *= exp2f(s.mt - tmax);
+    s.mt = tmax;
+  }
   const float ms = s.m == kNegInf ? 0.f : s.m;  // all -inf so far: every term is 0
+  const float mts = s.mt == kNegInf ? 0.f : s.mt;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const float e = exp2f(x[i] - ms);
-    s.z += e;
-    s.t += ((in_k >> i) & 1u) ? 0.f : e;
+    const bool in = (in_k >> i) & 1u;
+    const float e = exp2f(x[i] - (in ? ms : mts));
+    s.zk += in ? e : 0.f;
+    s.t += in ? 0.f : e;
     if (ce1) s.z1 += exp2f(tau * (x[i] - ms));
   }
+}
+
+// Z = sum 2^(x - m) over all columns, from the two groups.
+__device__ __forceinline__ float online_total(const Online& s) {
+  return s.mt == kNegInf ? s.zk : s.zk + s.t * exp2f(s.mt - s.m);
 }
 
 // Bits col .. col+31 of the K bitmap (the bitmap has one spare zero word at the end).
@@ -153,30 +175,33 @@ __device__ __forceinline__ uint32_t k_bits(const uint32_t* bitmap, int64_t col) 
   return static_cast<uint32_t>(win >> (col & 31));
 }
 
-// Block reduction of the online states: butterfly within warps, then the warps in order. red4
-// holds 4 * kWarps floats. Every thread merges the warp partials in the same order, so every
-// thread returns the same bits.
-__device__ inline Online block_online(Online s, float tau, bool ce1, float* red4) {
+// Block reduction of the online states: butterfly within warps, then the warps in order. red5
+// holds kOnlineFloats * kWarps floats. Every thread merges the warp partials in the same order,
+// so every thread returns the same bits.
+__device__ inline Online block_online(Online s, float tau, bool ce1, float* red5) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     Online b;
     b.m = __shfl_xor_sync(0xffffffffu, s.m, o);
-    b.z = __shfl_xor_sync(0xffffffffu, s.z, o);
+    b.zk = __shfl_xor_sync(0xffffffffu, s.zk, o);
+    b.mt = __shfl_xor_sync(0xffffffffu, s.mt, o);
     b.t = __shfl_xor_sync(0xffffffffu, s.t, o);
     b.z1 = __shfl_xor_sync(0xffffffffu, s.z1, o);
     online_merge(s, b, tau, ce1);
   }
   if ((threadIdx.x & 31) == 0) {
     const int w = threadIdx.x >> 5;
-    red4[w] = s.m;
-    red4[kWarps + w] = s.z;
-    red4[2 * kWarps + w] = s.t;
-    red4[3 * kWarps + w] = s.z1;
+    red5[w] = s.m;
+    red5[kWarps + w] = s.zk;
+    red5[2 * kWarps + w] = s.mt;
+    red5[3 * kWarps + w] = s.t;
+    red5[4 * kWarps + w] = s.z1;
   }
   __syncthreads();
-  Online r{red4[0], red4[kWarps], red4[2 * kWarps], red4[3 * kWarps]};
+  Online r{red5[0], red5[kWarps], red5[2 * kWarps], red5[3 * kWarps], red5[4 * kWarps]};
   for (int w = 1; w < kWarps; ++w)
-    online_merge(r, Online{red4[w], red4[kWarps + w], red4[2 * kWarps + w], red4[3 * kWarps + w]}, tau, ce1);
+    online_merge(r, Online{red5[w], red5[kWarps + w], red5[2 * kWarps + w], red5[3 * kWarps + w],
+                           red5[4 * kWarps + w]}, tau, ce1);
   return r;
 }
 
@@ -202,9 +227,11 @@ __device__ __forceinline__ void divergence_terms(int div, float beta, float P, f
   }
 }
 
-// Dense part of the gradient row: g_j = A2 e_j + B2 e1_j - [j = y] L2 on real columns, 0 on padding.
+// Dense part of the gradient row: g_j = A2 et_j + B2 e1_j - [j = y] L2 on real columns, 0 on
+// padding, with et_j = 2^(s2_j - mk) relative to the tail's maximum mk (the row maximum when the
+// row has no column outside K). The columns of K are overwritten afterwards (k_column_value).
 struct DenseCoef {
-  float c, m2, tau_m2, A2, B2, AB, L2;
+  float c, mk, tau_m2, A2, B2, AB, L2;
   int64_t real, y_local;
   bool kd, ce, same_exp;
 };
@@ -212,10 +239,10 @@ struct DenseCoef {
 __device__ __forceinline__ float dense_value(const DenseCoef& d, float z, int64_t j) {
   if (j >= d.real) return 0.f;
   float v;
-  if (d.same_exp) {  // tau == 1: e1 == e
-    v = d.AB * exp2f(fmaf(z, d.c, -d.m2));
+  if (d.same_exp) {  // tau == 1: e1_j = et_j 2^(mk - m2), folded into AB
+    v = d.AB * exp2f(fmaf(z, d.c, -d.mk));
   } else {
-    v = d.kd ? d.A2 * exp2f(fmaf(z, d.c, -d.m2)) : 0.f;
+    v = d.kd ? d.A2 * exp2f(fmaf(z, d.c, -d.mk)) : 0.f;
     if (d.ce) v += d.B2 * exp2f(fmaf(z, kLog2e, -d.tau_m2));
   }
   return j == d.y_local ? v - d.L2 : v;
@@ -223,9 +250,10 @@ __device__ __forceinline__ float dense_value(const DenseCoef& d, float z, int64_
 
 
 // The globally reduced statistics of one row (pass 1 + the cross-rank reduction, or the
-// cluster reduction of the single-read kernel).
+// cluster reduction of the single-read kernel): the row maximum m2 and the tail's own maximum
+// mt2 (base 2; -inf when no real column lies outside K), Z relative to m2, T relative to mt2.
 struct RowStats {
-  float m2, Z, T, zy, Z1;
+  float m2, mt2, Z, T, zy, Z1;
 };
 
 // Per-row results of steps 1-4: D (divergence), W = sum_i w_i, A (tail coefficient), CE.
@@ -309,7 +337,7 @@ __device__ inline RowTerms row_terms(const KDPass2Args& a, int64_t row, const Ro
       logPt = Pt > 0.f ? logf(Pt) : a.log_floor;
     }
     const bool tpos = rs.T > 0.f;
-    const float logQt = tpos ? logf(rs.T) - logf(rs.Z) : a.log_floor;
+    const float logQt = tpos ? fmaf(rs.mt2 - rs.m2, kLn2, logf(rs.T)) - logf(rs.Z) : a.log_floor;
     const float Qt = expf(logQt);
     float dt, wt;
     divergence_terms(a.divergence, a.beta, Pt, logPt, Qt, logQt, dt, wt);
@@ -331,11 +359,13 @@ __device__ inline DenseCoef grad_coefs(const KDPass2Args& a, int64_t row, const 
   for (int i = threadIdx.x; i < a.k; i += kThreads) aux[i] = coef * (aux[i] - expf(lq[i]) * rt.W);
   DenseCoef dc;
   dc.c = kLog2e * inv_tau;
-  dc.m2 = rs.m2;
+  dc.mk = rs.mt2 == kNegInf ? rs.m2 : rs.mt2;  // rt.A is relative to mt2 (and 0 without a tail)
   dc.tau_m2 = tau * rs.m2;
   dc.A2 = coef * rt.A;
   dc.B2 = a.alpha > 0.f ? wr * a.alpha / rs.Z1 : 0.f;
-  dc.AB = dc.A2 + dc.B2;
+  // At tau == 1 one exponential serves both parts: B2 e1_j = B2 2^(mk - m2) et_j. 2^(mk - m2) <= 1,
+  // and a product that underflows is a CE gradient below 2^-126 on the columns outside K.
+  dc.AB = dc.A2 + dc.B2 * (dc.mk == rs.m2 ? 1.f : exp2f(dc.mk - rs.m2));
   dc.L2 = wr * a.alpha;
   dc.real = a.real;
   dc.y_local = -1;

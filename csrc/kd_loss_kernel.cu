@@ -15,7 +15,9 @@
 // Support of the divergence, n outcomes:
 //   tail mode   : i in K plus, when k < V, the tail bucket t with P_t = exp(tail - lse_T) from the
 //                 teacher's own tail sum (log-probs: max(0, 1 - sum_K p)),
-//                 Q_t = T / Z where T = sum_{j not in K} exp(s_j - m), Z = sum_j exp(s_j - m).
+//                 Q_t = exp(m_t - m) T / Z where T = sum_{j not in K} exp(s_j - m_t), Z = sum_j exp(s_j - m),
+//                 m = max_j s_j, m_t = max_{j not in K} s_j: the tail sum has its own shift, so a
+//                 tail far below the top-k (a collapsed student, a low tau) does not underflow.
 //                 An empty bucket's log is floored at log_floor (its 0 * log 0 terms vanish).
 //   renorm mode : i in K, P_i = p_i / sum_K p, Q_i = exp(s_{K_i}) / sum_K exp(s_K).
 //
@@ -35,7 +37,7 @@
 //              bucket : log Q_t = log T - log Z           -> d/ds_j = [j not in K] q_j / Q_t - q_j
 //   so with W = sum_{all outcomes} w_i:
 //     dD/ds_{K_i}       = w_i - Q_i W                                            (Q_i = q_{K_i})
-//     dD/ds_j, j not K  = q_j (w_t / Q_t - W) = e_j (w_t - Q_t W) / T,  e_j = exp(s_j - m)
+//     dD/ds_j, j not K  = q_j (w_t / Q_t - W) = et_j (w_t - Q_t W) / T,  et_j = exp(s_j - m_t)
 //   An empty student tail (T == 0, floored) is a constant: w_t = 0 and the coefficient is 0.
 //   renorm mode : log Q_i = s_{K_i} - log sum_K exp(s_K) -> dD/ds_{K_i} = w_i - Q_i W, else 0.
 //
@@ -44,13 +46,14 @@
 // Gradient written by pass 2 (row weight w_r = valid / num_tokens; for fp16 logits w_r = valid and
 // 1 / num_tokens is applied by the backward scaling, so fp16 gradients do not underflow):
 //   g_j = w_r [ (1-alpha) c / tau * dD/ds_j + alpha (exp(z_j - tau m) / Z1 - [j = y]) ]
-// i.e. a dense part  A' e_j + B' e1_j  over all real columns (A' from the tail coefficient,
+// i.e. a dense part  A' et_j + B' e1_j  over all real columns (A' from the tail coefficient,
 // B' = w_r alpha / Z1, e1_j = exp(z_j - tau m)), a -w_r alpha at the label, and at the ids of K
 // the dense KD part replaced by (1-alpha) c / tau (w_i - Q_i W). Pass 2 writes the dense part
 // with vector stores, synchronises the block, then overwrites the k columns of K (a column is
 // written by one thread after the barrier, so the row is deterministic).
 //
-// Exponentials use base 2: s2_j = z_j * log2(e) / tau, m2 = max s2, e_j = 2^(s2_j - m2).
+// Exponentials use base 2: s2_j = z_j * log2(e) / tau, m2 = max s2, mt2 = max over j not in K,
+// et_j = 2^(s2_j - mt2).
 // ----------------------------------------------------------------------------------------------
 
 #include "kd_loss.h"
@@ -68,7 +71,7 @@ using namespace kd;  // NOLINT: the helpers of kd_loss_device.cuh
 template <typename T>
 __global__ void __launch_bounds__(kThreads) kd_pass1_kernel(const KDPass1Args a) {
   extern __shared__ uint32_t bitmap[];  // K membership of this shard's columns
-  __shared__ float red4[4 * kWarps];
+  __shared__ float red5[kOnlineFloats * kWarps];
   constexpr int V = VecWidth<T>::value;
   const int64_t row = blockIdx.x;
   const int k = a.k;
@@ -92,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) kd_pass1_kernel(const KDPass1Args a)
   }
   if (!a.dense) {  // renorm without CE: only the gathers are needed
     if (threadIdx.x == 0) {
-      a.m2[row] = 0.f;
+      a.m2[2 * row] = a.m2[2 * row + 1] = 0.f;
       st[0] = st[1] = st[3] = 0.f;
     }
     return;
@@ -110,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) kd_pass1_kernel(const KDPass1Args a)
   const float c = kLog2e / a.tau;
   const float tau = a.tau;
   const bool ce1 = a.ce && tau != 1.f;  // at tau == 1 the CE normaliser equals Z
-  Online s{kNegInf, 0.f, 0.f, 0.f};
+  Online s{kNegInf, 0.f, kNegInf, 0.f, 0.f};
   const RowSplit sp = split_row(x, real);
   for (int64_t j = threadIdx.x; j < sp.head; j += kThreads) {
     const float v = to_f(x[j]) * c;
@@ -141,12 +144,14 @@ __global__ void __launch_bounds__(kThreads) kd_pass1_kernel(const KDPass1Args a)
     online_add<1>(s, &v, k_bits(bitmap, j), tau, ce1);
   }
 
-  const Online r = block_online(s, tau, ce1, red4);
+  const Online r = block_online(s, tau, ce1, red5);
   if (threadIdx.x == 0) {
-    a.m2[row] = r.m;
-    st[0] = r.z;
+    const float Z = online_total(r);
+    a.m2[2 * row] = r.m;
+    a.m2[2 * row + 1] = r.mt;
+    st[0] = Z;
     st[1] = r.t;
-    st[3] = a.ce ? (ce1 ? r.z1 : r.z) : 0.f;
+    st[3] = a.ce ? (ce1 ? r.z1 : Z) : 0.f;
   }
 }
 
@@ -214,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) kd_pass2_kernel(const KDPass2Args a,
     return;
   }
 
-  const RowStats rs{a.m2[row], st[0], st[1], st[2], st[3]};
+  const RowStats rs{a.m2[2 * row], a.m2[2 * row + 1], st[0], st[1], st[2], st[3]};
   // Steps 1-4 (kd_loss_device.cuh): loss terms; lq = log Q at K, aux = w_i.
   const RowTerms rt = row_terms(a, row, rs, st + 4, lq, aux, red);
   if (threadIdx.x == 0) {

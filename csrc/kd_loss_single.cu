@@ -10,7 +10,7 @@
 //   2. Local statistics from shared memory: exactly pass 1's online (max, sum-exp) at tau over the
 //      slice's real columns, the sum over the columns outside the teacher's top-k K (a K bitmap of
 //      the slice), and the temperature-1 sum-exp when the CE is on. The block reduces them
-//      (kd_loss_device.cuh: block_online) and thread 0 publishes (m, z, t, z1) in `part`.
+//      (kd_loss_device.cuh: block_online) and thread 0 publishes (m, zk, mt, t, z1) in `part`.
 //   3. Cluster reduction through distributed shared memory (DSMEM):
 //        cluster_sync #1  - every CTA's slice and `part` are complete and visible cluster-wide
 //                           (barrier.cluster arrive.release / wait.acquire by every thread), and
@@ -23,7 +23,7 @@
 //        arrive #2        - each thread signals that its remote reads are done (release).
 //        merge            - every thread of every CTA merges allp[0..C-1] in rank order: the same
 //                           bits everywhere, no atomics, so the result is deterministic and all
-//                           CTAs agree on the global (m2, Z, T, Z1) without further exchange.
+//                           CTAs agree on the global (m2, mt2, Z, T, Z1) without further exchange.
 //        wait #2          - at the very end: no CTA exits (its shared memory is released) while
 //                           another CTA of the cluster may still be reading it.
 //      All CTAs of a cluster belong to the same row, so they take the same branches: either all
@@ -91,9 +91,10 @@ namespace {
 
 using namespace kd;  // NOLINT: the helpers of kd_loss_device.cuh
 
-// Floats after the slice buffer and the bitmap: lq[k], aux[k], red4[4 kWarps], red[kWarps],
-// part[4], allp[4 kKDSingleMaxCluster], misc[4].
-constexpr int kSingleFixedFloats = 5 * kWarps + 4 + 4 * kKDSingleMaxCluster + 4;
+// Floats after the slice buffer and the bitmap: lq[k], aux[k], red5[kOnlineFloats kWarps], red[kWarps],
+// part[kOnlineFloats], allp[kOnlineFloats kKDSingleMaxCluster], misc[4].
+constexpr int kSingleFixedFloats =
+    (kOnlineFloats + 1) * kWarps + kOnlineFloats + kOnlineFloats * kKDSingleMaxCluster + 4;
 
 #if KD_SINGLE_DEVICE_CODE  // (the sm_80 build has an empty kernel: no unused helpers)
 // Contiguous columns [c0, c1) of one CTA; xs[i] <-> column body0 - V + i; nbody 16-byte vectors
@@ -174,11 +175,11 @@ __global__ void __launch_bounds__(kThreads, 3)
   uint32_t* bitmap = reinterpret_cast<uint32_t*>(smem + slice_bytes);
   float* lq = reinterpret_cast<float*>(bitmap + bitmap_words);
   float* aux = lq + k;
-  float* red4 = aux + k;
-  float* red = red4 + 4 * kWarps;
-  float* part = red + kWarps;                   // this CTA's (m, z, t, z1), read by the cluster
-  float* allp = part + 4;                       // every rank's part, in rank order
-  float* misc = allp + 4 * kKDSingleMaxCluster;  // misc[0] = z_y
+  float* red5 = aux + k;
+  float* red = red5 + kOnlineFloats * kWarps;
+  float* part = red + kWarps;                   // this CTA's (m, zk, mt, t, z1), read by the cluster
+  float* allp = part + kOnlineFloats;           // every rank's part, in rank order
+  float* misc = allp + kOnlineFloats * kKDSingleMaxCluster;  // misc[0] = z_y
 
   const int C = static_cast<int>(cluster_size());
   const int rank = static_cast<int>(cluster_rank());
@@ -235,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const float c = kLog2e / tau;
   const bool ce = a.alpha > 0.f && a.labels != nullptr;
   const bool ce1 = ce && tau != 1.f;  // at tau == 1 the CE normaliser equals Z
-  Online s{kNegInf, 0.f, 0.f, 0.f};
+  Online s{kNegInf, 0.f, kNegInf, 0.f, 0.f};
   const int64_t head_end = sl.body0 < e_real ? sl.body0 : e_real;
   for (int64_t j = sl.c0 + threadIdx.x; j < head_end; j += kThreads) {
     const float v = to_f(xs[j - base]) * c;
@@ -259,12 +260,13 @@ __global__ void __launch_bounds__(kThreads, 3)
     const float v = to_f(xs[j - base]) * c;
     online_add<1>(s, &v, k_bits(bitmap, j - base), tau, ce1);
   }
-  const Online blk = block_online(s, tau, ce1, red4);
+  const Online blk = block_online(s, tau, ce1, red5);
   if (threadIdx.x == 0) {
     part[0] = blk.m;
-    part[1] = blk.z;
-    part[2] = blk.t;
-    part[3] = blk.z1;
+    part[1] = blk.zk;
+    part[2] = blk.mt;
+    part[3] = blk.t;
+    part[4] = blk.z1;
   }
 
   // 3. Cluster reduction (see the header comment).
@@ -272,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   if (threadIdx.x < C) {
     const float* rp = cluster_map(part, static_cast<unsigned>(threadIdx.x));
 #pragma unroll
-    for (int f = 0; f < 4; ++f) allp[4 * threadIdx.x + f] = rp[f];
+    for (int f = 0; f < kOnlineFloats; ++f) allp[kOnlineFloats * threadIdx.x + f] = rp[f];
   }
   for (int i = threadIdx.x; i < k; i += kThreads) {  // raw student logits at K, from the owner's slice
     const int64_t local = static_cast<int64_t>(ids[i]) - a.start;
@@ -298,10 +300,13 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
   cluster_arrive();  // #2 (arrive): this thread's remote reads are done
   __syncthreads();   // allp and misc visible to the whole block
-  Online tot{allp[0], allp[1], allp[2], allp[3]};
-  for (int q = 1; q < C; ++q) online_merge(tot, Online{allp[4 * q], allp[4 * q + 1], allp[4 * q + 2], allp[4 * q + 3]},
-                                           tau, ce1);
-  const RowStats rs{tot.m, tot.z, tot.t, misc[0], ce ? (ce1 ? tot.z1 : tot.z) : 0.f};
+  Online tot{allp[0], allp[1], allp[2], allp[3], allp[4]};
+  for (int q = 1; q < C; ++q) {
+    const float* p = allp + kOnlineFloats * q;
+    online_merge(tot, Online{p[0], p[1], p[2], p[3], p[4]}, tau, ce1);
+  }
+  const float Z = online_total(tot);
+  const RowStats rs{tot.m, tot.mt, Z, tot.t, misc[0], ce ? (ce1 ? tot.z1 : Z) : 0.f};
 
   // 4. Loss terms: pass 2's steps 1-4, identical in every CTA; rank 0 writes them.
   const RowTerms rt = row_terms(a, row, rs, lq, lq, aux, red);

@@ -88,7 +88,7 @@ def _host_checks(lib_path: str) -> None:
     class HostModule:  # the bindings' interface, on CPU tensors
         def kd_pass1(self, logits, ids, labels, start, real, tau, dense, ce):
             rows, k = ids.shape
-            m2, stats = torch.empty(rows), torch.empty(rows, 4 + k)
+            m2, stats = torch.empty(rows, 2), torch.empty(rows, 4 + k)
             a = Pass1(ptr(logits), rows, logits.shape[1], start, real, ptr(ids), k, ptr(labels), tau, dense, ce,
                       ptr(m2), ptr(stats))
             assert lib.emu_pass1(codes[logits.dtype], C.byref(a)) == 0
@@ -114,13 +114,15 @@ def _host_checks(lib_path: str) -> None:
            torch.float16: (1e-4, 2.0 ** -9, 1e-4)}
     failures = []
 
-    def data(S, V, Vl, k, dtype, seed, tau, mode="tail_lse", misaligned=False):
+    def data(S, V, Vl, k, dtype, seed, tau, mode="tail_lse", misaligned=False, collapsed=False):
         g = torch.Generator().manual_seed(seed)
         student = (3 * torch.randn(S, 1, Vl, generator=g)).to(dtype)
         if misaligned:  # storage offset of one element: rows and base not 16-byte aligned
             student = torch.cat([torch.zeros(1, dtype=dtype), student.flatten()])[1:].view(S, 1, Vl)
         teacher = 3 * torch.randn(S, 1, V, generator=g)
         vals, ids = torch.topk(teacher, k, dim=-1)
+        if collapsed:  # the student's tail 100 below its top-k, past fp32's range relative to the top
+            student = (student.float() / 3).scatter(-1, ids, 100.0).to(dtype)
         tail = torch.logsumexp((teacher / tau).scatter(-1, ids, float("-inf")), -1)
         if mode == "logprobs":
             vals = vals / tau - torch.logsumexp(teacher / tau, -1)[..., None]
@@ -143,9 +145,10 @@ def _host_checks(lib_path: str) -> None:
         (scale * loss).backward()
         return loss.detach(), x.grad
 
-    def check(name, cfg, dtype, shape, mode="tail_lse", misaligned=False, scale=2.0):
+    def check(name, cfg, dtype, shape, mode="tail_lse", misaligned=False, scale=2.0, collapsed=False):
         S, V, Vl, k = shape
-        d = data(S, V, Vl, k, dtype, seed=len(failures) + S + k, tau=cfg.tau, mode=mode, misaligned=misaligned)
+        d = data(S, V, Vl, k, dtype, seed=len(failures) + S + k, tau=cfg.tau, mode=mode, misaligned=misaligned,
+                 collapsed=collapsed)
         (la, ga), (lb, gb) = run(True, *d, cfg, V, scale), run(False, *d, cfg, V, scale)
         lr, gr, ga_tol = tol[dtype]
         diff = (ga.double() - gb).abs()
@@ -169,6 +172,9 @@ def _host_checks(lib_path: str) -> None:
     check("k=1, grad_output=1", cfg, torch.float32, (2, 301, 304, 1), scale=1.0)
     check("k=V", KDLossConfig(divergence="reverse_kl"), torch.float32, (2, 129, 129, 129))
     check("K bitmap above 48 KiB", cfg, torch.bfloat16, (1, 400_003, 400_008, 16))
+    for div, tau in (("forward_kl", 0.5), ("jsd", 1.0)):  # tau 1: one exponential for the KD and CE parts
+        check(f"collapsed student {div} tau={tau}", KDLossConfig(divergence=div, tau=tau, alpha=0.1),
+              torch.float32, (3, 1271, 1280, 40), collapsed=True)
 
     # The raw interface against the torch emulation: shards without real columns, renorm without
     # the dense pass, masked rows, loss-only calls, the scaling kernel.
@@ -228,7 +234,7 @@ def _single_checks(lib_path: str) -> None:
     emu = TorchKernels()
     failures = []
     g = torch.Generator().manual_seed(0)
-    cases = [  # (dtype, vl, real, k, cluster, offset elements, divergence, tail, values_mode, alpha, tau)
+    cases = [  # (dtype, vl, real, k, cluster, offset elements, divergence, tail, values_mode, alpha, tau[, collapsed])
         (torch.bfloat16, 1280, 1271, 50, 4, 0, 2, True, 1, 0.2, 1.5),
         (torch.bfloat16, 1001, 999, 33, 8, 1, 2, True, 1, 0.1, 0.8),    # misaligned rows and base
         (torch.float32, 777, 777, 777, 2, 0, 1, True, 1, 0.0, 1.0),     # k = V: no tail
@@ -236,8 +242,10 @@ def _single_checks(lib_path: str) -> None:
         (torch.bfloat16, 300, 290, 20, 16, 0, 2, False, 2, 0.0, 0.7),   # renorm without CE, empty ranks
         (torch.float32, 5, 5, 3, 4, 1, 2, True, 2, 0.3, 1.2),           # row shorter than a vector
         (torch.bfloat16, 4099, 4099, 64, 1, 5, 2, True, 1, 0.2, 1.0),   # one CTA
+        (torch.float32, 1280, 1271, 50, 4, 0, 0, True, 1, 0.1, 0.5, True),  # a tail 200 nats below its top-k
+        (torch.bfloat16, 999, 999, 16, 2, 1, 2, True, 1, 0.2, 1.0, True),   # the same at tau 1 (AB folded)
     ]
-    for n, (dtype, vl, real, k, cluster, off, div, tail, mode, alpha, tau) in enumerate(cases):
+    for n, (dtype, vl, real, k, cluster, off, div, tail, mode, alpha, tau, *collapsed) in enumerate(cases):
         rows = 3
         buf = (3 * torch.randn(rows * vl + off, generator=g)).to(dtype)
         logits = buf[off:].view(rows, vl)  # storage offset: base misaligned by `off` elements
@@ -246,6 +254,8 @@ def _single_checks(lib_path: str) -> None:
             ends = torch.tensor([0, real - 1])
             perms[1] = torch.cat([ends, perms[1][(perms[1] != 0) & (perms[1] != real - 1)]])
         ids = torch.stack([q[:k] for q in perms]).int()
+        if collapsed:  # the student's logits outside K 100 below those in K
+            logits.copy_((logits.float() / 3).scatter(-1, ids.long(), 100.0).to(dtype))
         vals = torch.sort(3 * torch.randn(rows, k, generator=g), -1, descending=True).values
         tail_lse = torch.logsumexp(vals, -1) + 0.5  # some mass outside K
         if mode == 0:

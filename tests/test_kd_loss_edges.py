@@ -40,3 +40,38 @@ def test_masked_tokens_with_non_finite_logits_do_not_reach_the_loss():
         assert torch.equal(got, want), (impl, got, want)
         assert torch.equal(bad.grad, clean.grad), impl
         assert bad.grad[1, 0].abs().sum() == 0 and bad.grad[2, 1].abs().sum() == 0
+
+
+def test_a_student_tail_far_below_its_top_k_keeps_its_mass_and_gradient():
+    """A collapsed student at a low temperature: every logit outside the teacher's top-k lies 60
+    below the top-k (120 nats at tau = 0.5), past fp32's exponent range relative to the row
+    maximum, while the teacher keeps 20% of its mass outside K. The tail bucket is summed relative
+    to its own maximum, so the fp32 loss and gradient equal the fp64 ones (before, the tail
+    underflowed to 0 and the whole row lost its gradient)."""
+    import math
+
+    V, k, tau = 64, 4, 0.5
+    zs = torch.zeros(2, 1, V)
+    zs[..., :k] = 60.0
+    zs[1, 0, k:] = torch.linspace(-3.0, 3.0, V - k)  # a tail with a shape of its own
+    zt = torch.zeros(2, 1, V)
+    zt[..., :k] = tau * math.log(0.8 * (V - k) / (0.2 * k))  # teacher tail mass 0.2
+    ids = torch.arange(k).view(1, 1, k).expand(2, 1, k).to(torch.int32)
+    tail = torch.logsumexp(zt[..., k:] / tau, -1)
+    for div, beta in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5)):
+        cfg = KDLossConfig(divergence=div, beta=beta, tau=tau, alpha=0.1)
+        labels = torch.tensor([[1], [9]])
+        out = {}
+        for impl, dtype in (("reference", torch.float64), *((i, torch.float32) for i in IMPLS)):
+            x = zs.to(dtype).clone().requires_grad_(True)
+            loss, _ = kd_loss(x, ids, zt[..., :k].to(dtype), vocab_size=V, config=cfg, teacher_tail_lse_SB=tail.to(dtype),
+                              labels_SB=labels, impl=impl)
+            loss.backward()
+            out[impl, dtype] = loss.item(), x.grad.double()
+        want, want_grad = out["reference", torch.float64]
+        assert want_grad[..., k:].abs().sum() > 1e-3  # the tail has a gradient to give
+        for impl in IMPLS:
+            got, grad = out[impl, torch.float32]
+            assert abs(got - want) <= 1e-5 * abs(want), (div, impl, got, want)
+            # fp32 with logits of 120 / ln 2 base-2 units: ~1e-5 of rounding, relative to the largest entry
+            assert torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-4 * want_grad.abs().max()), (div, impl)

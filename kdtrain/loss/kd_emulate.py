@@ -9,17 +9,20 @@ CUDA block per row, and materialises full-vocab tensors (it is a test vehicle, n
 Kernel interface (units: ``m2`` is in base 2, ``m2 = max_j z_j * log2(e) / tau``):
 
 ``pass1(logits [N, Vl], ids [N, k] int32, labels [N] int64 | None, start, real, tau, dense, ce)
--> (m2 [N], stats [N, 4 + k])``, over the shard's real columns ``[0, real)``:
+-> (m2 [N, 2], stats [N, 4 + k])``, over the shard's real columns ``[0, real)``; ``m2[:, 0]`` is
+the row maximum ``m2`` above, ``m2[:, 1]`` the same maximum over the columns outside K, ``mt2``
+(-inf when there is none):
 
     stats[:, 0] = Z  = sum_j 2^(z_j log2e / tau - m2)             (student sum-exp, KD temperature)
-    stats[:, 1] = T  = the same sum over the columns outside K      (student tail, summed directly)
+    stats[:, 1] = T  = sum_{j not in K} 2^(z_j log2e / tau - mt2)  (student tail, summed directly,
+                                                                    relative to its own maximum)
     stats[:, 2] = z_y  if the label falls in this shard else 0      (CE target logit)
     stats[:, 3] = Z1 = sum_j 2^(z_j log2e - tau m2)                 (CE sum-exp at temperature 1)
     stats[:, 4+i] = z_{K_i} if K_i falls in this shard else 0       (raw student logits at K)
 
 With ``dense=False`` (renorm without CE) the sums are skipped (0) and ``m2 = 0``. Between the
-passes the caller makes the statistics global: MAX all-reduce of ``m2``, rescale of the sums to
-the global max, one SUM all-reduce of ``stats``.
+passes the caller makes the statistics global: MAX all-reduce of ``m2``, rescale of each sum to
+its global maximum, one SUM all-reduce of ``stats``.
 
 ``pass2(logits, ids, values [N, k], teacher_tail_lse [N] | None, labels | None, m2, stats,
 row_weight [N], start, real, tau, divergence, beta, tail, has_tail, values_mode, kd_scale,
@@ -81,7 +84,7 @@ class TorchKernels:
         k = ids.shape[1]
         z = logits[:, :real].to(cd)
         stats = torch.zeros(N, 4 + k, dtype=cd, device=logits.device)
-        m2 = torch.zeros(N, dtype=cd, device=logits.device)
+        m2 = torch.zeros(N, 2, dtype=cd, device=logits.device)
         ids = ids.long()
         in_shard = (ids >= start) & (ids < start + real)
         local = (ids - start).clamp(0, max(real - 1, 0))
@@ -90,15 +93,16 @@ class TorchKernels:
                 m2.fill_(float("-inf"))
             else:
                 s2 = z * (LOG2E / tau)
-                m2 = s2.amax(dim=1)
-                safe = torch.where(m2 == float("-inf"), torch.zeros_like(m2), m2)
-                e = torch.exp2(s2 - safe[:, None])
                 spare = torch.where(in_shard, local, torch.full_like(local, real))
                 outside = torch.ones(N, real + 1, dtype=torch.bool, device=z.device).scatter(1, spare, False)[:, :real]
+                s2_tail = torch.where(outside, s2, float("-inf"))
+                m2 = torch.stack([s2.amax(dim=1), s2_tail.amax(dim=1)], dim=1)
+                safe = torch.where(m2 == float("-inf"), torch.zeros_like(m2), m2)
+                e = torch.exp2(s2 - safe[:, :1])
                 stats[:, 0] = e.sum(1)
-                stats[:, 1] = (e * outside).sum(1)
+                stats[:, 1] = torch.exp2(s2_tail - safe[:, 1:]).sum(1)
                 if ce:
-                    stats[:, 3] = stats[:, 0] if tau == 1.0 else torch.exp2(tau * (s2 - safe[:, None])).sum(1)
+                    stats[:, 3] = stats[:, 0] if tau == 1.0 else torch.exp2(tau * (s2 - safe[:, :1])).sum(1)
         if real > 0:
             stats[:, 4:] = torch.where(in_shard, z.gather(1, local), torch.zeros((), dtype=cd, device=z.device))
             if ce and labels is not None:
@@ -115,6 +119,7 @@ class TorchKernels:
         N, Vl = logits.shape
         zero = torch.zeros((), dtype=cd, device=stats.device)
         Z, T, zy, Z1, zK = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], stats[:, 4:]
+        m2, mt2 = m2[:, 0], m2[:, 1]
         live = row_weight != 0
         rw = row_weight.to(cd)
         sK = zK / tau
@@ -147,7 +152,9 @@ class TorchKernels:
                 P_t = torch.zeros_like(D) if values_mode == 2 else (1.0 - P.sum(1)).clamp(min=0.0)
                 logP_t = torch.where(P_t > 0, torch.where(P_t > 0, P_t, 1.0).log(), torch.full_like(P_t, log_floor))
             tpos = T > 0
-            logQ_t = torch.where(tpos, torch.where(tpos, T, 1.0).log() - torch.where(Z > 0, Z, 1.0).log(),
+            # T is relative to the tail's own maximum: log Q_t = (mt2 - m2) ln 2 + log T - log Z.
+            gap = torch.where(tpos, mt2 - m2, zero) * LN2
+            logQ_t = torch.where(tpos, gap + torch.where(tpos, T, 1.0).log() - torch.where(Z > 0, Z, 1.0).log(),
                                  torch.full_like(T, log_floor))
             Q_t = logQ_t.exp()
             d_t, w_t = divergence_terms(P_t, logP_t, Q_t, logQ_t, divergence, beta)
@@ -173,8 +180,9 @@ class TorchKernels:
         if real > 0:
             z = logits[:, :real].to(cd)
             acc = torch.zeros_like(z)
-            if tail and has_tail:
-                acc += A2[:, None] * torch.exp2(z * (LOG2E / tau) - m2[:, None])
+            if tail and has_tail:  # A is relative to the tail's maximum (0 for a row without a tail)
+                mk = torch.where(mt2 == float("-inf"), m2, mt2)
+                acc += A2[:, None] * torch.exp2(z * (LOG2E / tau) - mk[:, None])
             if alpha > 0:
                 acc += B2[:, None] * torch.exp2(z * LOG2E - (tau * m2)[:, None])
             g[:, :real] = acc

@@ -154,15 +154,16 @@ class CudaKernels:
 
 
 def _reduce_between_passes(m2, stats, tau: float, group, dense: bool):
-    """Make pass-1 statistics global: MAX of the row maxima, rescale, one SUM of the packed stats."""
+    """Make pass-1 statistics global: one MAX of the (row, tail) maxima [N, 2], each sum rescaled
+    to its global maximum (Z and Z1 to the row's, T to the tail's), one SUM of the packed stats."""
     if dense:
         m_glob = m2.clone()
         dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=group)
         live = m2 > float("-inf")
         zero = torch.zeros((), dtype=m2.dtype, device=m2.device)
-        f = torch.where(live, torch.exp2(m2 - m_glob), zero)
-        stats[:, 0:2] *= f[:, None]
-        stats[:, 3] *= torch.where(live, torch.exp2(tau * (m2 - m_glob)), zero)
+        f = torch.where(live, torch.exp2(m2 - m_glob), zero)  # [N, 2]: (row, tail) factors
+        stats[:, 0:2] *= f
+        stats[:, 3] *= torch.where(live[:, 0], torch.exp2(tau * (m2[:, 0] - m_glob[:, 0])), zero)
         m2 = m_glob
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
     return m2, stats

@@ -19,7 +19,8 @@ Tail handling over the support:
   sum_K q``, so both are distributions over k+1 outcomes. ``Q_t`` is summed directly over the ids
   outside K, as ``tail_T`` is: no ``1 - sum`` cancellation, which would lose a confident
   teacher's tail (about 1e-10 next to a top-1 probability of 1) in rounding and charge reverse KL
-  for a tail of 0. When ``k == vocab_size`` there is no bucket (both tails are 0 exactly). An
+  for a tail of 0; and it is summed relative to its own maximum, so a student tail far below its
+  top-k (a collapsed student at a low temperature) keeps its value and its gradient. When ``k == vocab_size`` there is no bucket (both tails are 0 exactly). An
   empty tail bucket has its log floored at ``LOG_FLOOR = log(2^-126)`` (about -87.3, in every
   dtype; a teacher tail sent as ``tail_T`` is floored only when it is empty, -inf) and contributes
   ``0 * log 0 = 0`` as the first argument of a KL, so no NaN/inf enters values or gradients. A
@@ -42,7 +43,7 @@ ignore_index)`` and ``num_tokens`` defaults to the local number of valid tokens 
 pass the global count so that gradient accumulation and data parallelism are exact.
 
 Tensor parallelism: every TP rank computes the same per-token loss. The shard-local pieces (row
-max; sum-exp; sum-exp outside K; the student logits at the ids of K that fall in this shard; the
+max and the maximum outside K; sum-exp; sum-exp outside K, relative to its own maximum; the student logits at the ids of K that fall in this shard; the
 CE target logit and temperature-1 sum-exp) are combined by one MAX and one SUM all-reduce. The
 SUM's backward is the identity (each rank holds a replica of everything downstream), so autograd
 gives each rank the exact gradient of its own shard.
@@ -157,20 +158,24 @@ def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, top
         z = torch.cat([z[..., :real], torch.full_like(z[..., real:], float("-inf"))], dim=-1)
     s = z / cfg.tau
 
-    # Shard-local statistics, shifted by the global row max (a constant: no gradient through it).
-    row_max = s.detach().amax(dim=-1)
-    if tp > 1:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-    ex = (s - row_max.unsqueeze(-1)).exp()
     ids = topk_ids_SBK.long()
     in_shard = (ids >= start) & (ids < start + real)
     local_ids = (ids - start).clamp(0, Vl - 1)
     s_K = torch.where(in_shard, s.gather(-1, local_ids), torch.zeros((), dtype=dtype, device=s.device))
     # Columns of this shard outside K (ids of other shards go to a spare column that is dropped).
     spare = torch.where(in_shard, ids - start, torch.full_like(ids, Vl))
-    outside_K = torch.ones(ex.shape[:-1] + (Vl + 1,), dtype=torch.bool, device=ex.device).scatter(
+    outside_K = torch.ones(s.shape[:-1] + (Vl + 1,), dtype=torch.bool, device=s.device).scatter(
         -1, spare, False)[..., :Vl]
-    packed = [ex.sum(-1, keepdim=True), (ex * outside_K).sum(-1, keepdim=True), s_K]
+    s_tail = torch.where(outside_K, s, float("-inf"))
+    # Shard-local statistics, shifted by global maxima (constants: no gradient through them): the
+    # row's, and the tail's own, so that a tail far below the top-k cannot underflow to 0.
+    maxima = torch.stack([s.detach().amax(dim=-1), s_tail.detach().amax(dim=-1)], dim=-1)
+    if tp > 1:
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=tp_group)
+    safe = torch.where(maxima == float("-inf"), torch.zeros_like(maxima), maxima)
+    row_max, tail_max = safe[..., 0], safe[..., 1]
+    ex = (s - row_max.unsqueeze(-1)).exp()
+    packed = [ex.sum(-1, keepdim=True), (s_tail - tail_max.unsqueeze(-1)).exp().sum(-1, keepdim=True), s_K]
     if cfg.alpha > 0:
         lab = labels_SB.long()
         lab_in = (lab >= start) & (lab < start + real)
@@ -204,8 +209,8 @@ def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, top
                 logp_tail = torch.where(p_tail > 0, torch.where(p_tail > 0, p_tail, 1.0).log(),
                                         torch.full_like(p_tail, LOG_FLOOR))
             has_q = tail_exp > 0
-            logq_tail = torch.where(has_q, torch.where(has_q, tail_exp, 1.0).log() - sum_exp.log(),
-                                    torch.full_like(tail_exp, LOG_FLOOR))
+            logq_tail = torch.where(has_q, (tail_max - row_max) + torch.where(has_q, tail_exp, 1.0).log()
+                                    - sum_exp.log(), torch.full_like(tail_exp, LOG_FLOOR))
             logP = torch.cat([logp, logp_tail.unsqueeze(-1)], dim=-1)
             logQ = torch.cat([logq, logq_tail.unsqueeze(-1)], dim=-1)
     kd_SB = divergence(logP, logQ, cfg)
