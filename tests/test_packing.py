@@ -221,3 +221,54 @@ def test_an_evaluation_counts_each_held_out_window_once(tmp_path):
     batches, _, targets, _ = held_out(ds, TrainingConfig(global_batch_size=2, micro_batch_size=2, eval_batches=2))
     assert batches == 2 and all(targets(j) is ds.valid_loss_mask(j) or np.array_equal(targets(j), ds.valid_loss_mask(j))
                                 for j in range(4))
+
+
+def test_a_packed_piece_that_carries_a_reply_on_is_not_a_new_reply(tmp_path):
+    """Best fit can put the continuation of a conversation cut inside its reply after another
+    conversation: its targets start one token into the piece, which looks like a reply starting
+    there. On-policy steps must not sample a "reply" to a one-token prompt taken from the middle
+    of the old one: the window's reply spans leave it out, and keep the real reply before it."""
+    from kdtrain.config.distill import OnPolicyConfig
+    from kdtrain.data.chat import reply_spans
+    from kdtrain.training.distill import onpolicy_spans
+
+    S = 32
+    docs = [(np.r_[np.arange(50, 60), np.arange(60, 69), 0], np.r_[[False] * 10, [True] * 10]),  # 20 tokens
+            (np.r_[np.arange(1, 7), np.arange(10, 39), 0], np.r_[[False] * 6, [True] * 30])]  # 36 > the window
+    prefix = str(tmp_path / "spans")
+    write_indexed_dataset(prefix, docs, 97, {"eos_id": 0})
+    ds = GPTWindowDataset([prefix], S, split=(1.0, 0.0), packing="best_fit", document_positions=True)
+    carrier = [w for w in range(ds.num_windows) if any(c for _, _, c in ds.packed.pieces(w)[1:])]
+    assert carrier, [ds.packed.pieces(w) for w in range(ds.num_windows)]
+    for w in carrier:
+        (_, first, _), (_, _, continues) = ds.packed.pieces(w)[:2]
+        assert continues
+        naive = reply_spans(ds.window_loss_mask(w))
+        assert any(a == first + 1 for a, _ in naive)  # what the flags alone suggest
+        assert all(a != first + 1 for a, _ in ds.window_reply_spans(w)), ds.window_reply_spans(w)
+        assert ds.window_reply_spans(w) == [(10, 20)]  # the short conversation's reply stays
+    for g in range(ds.num_train_windows):
+        row = onpolicy_spans(ds, [g], OnPolicyConfig(fraction=1.0, replies="all"), S + 1)[0]
+        assert row == ds.train_reply_spans(g)
+
+
+def test_concatenated_conversations_and_documents_are_told_apart_per_window(tmp_path):
+    """``data.path`` may list a conversation corpus and a document corpus together: each window is
+    sampled on-policy as the corpus it reads is (before, every window counted as a conversation,
+    and a document window, all targets, offered no reply: nothing was sampled there)."""
+    from kdtrain.config.distill import OnPolicyConfig
+    from kdtrain.training.distill import onpolicy_spans
+
+    S = 16
+    chat = [(np.r_[np.arange(1, 9), np.arange(9, 15), 0], np.r_[[False] * 8, [True] * 7]) for _ in range(6)]
+    text = [np.arange(20, 60) for _ in range(3)]
+    write_indexed_dataset(str(tmp_path / "chat"), chat, 97, {"eos_id": 0})
+    write_indexed_dataset(str(tmp_path / "text"), text, 97, {"eos_id": 0})
+    ds = GPTWindowDataset([str(tmp_path / "chat"), str(tmp_path / "text")], S, split=(1.0, 0.0))
+    kinds = [ds.window_is_conversation(w) for w in range(ds.num_windows)]
+    assert kinds[0] and not kinds[-1], kinds
+    op = OnPolicyConfig(fraction=1.0, prompt_length=4, replies="all")
+    for g in range(ds.num_train_windows):
+        row = onpolicy_spans(ds, [g], op, S + 1)[0]
+        w = ds.train_window_index(g)
+        assert row == (ds.window_reply_spans(w) if kinds[w] else [(4, S + 1)]), (w, row)

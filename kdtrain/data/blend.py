@@ -98,6 +98,10 @@ class BlendedWindowDataset:
         c, local = self.source_of(g)
         return self.components[c].train_is_conversation(local)
 
+    def train_reply_spans(self, g: int) -> list[tuple[int, int]]:
+        c, local = self.source_of(g)
+        return self.components[c].train_reply_spans(local)
+
     def valid_source_of(self, j: int) -> tuple[int, int]:
         """(corpus, that corpus' own held-out window) of held-out sample ``j``."""
         if not 0 <= j < self.num_valid_windows:

@@ -281,10 +281,49 @@ class GPTWindowDataset:
     def train_content(self, g: int) -> int:
         return self.window_content(self.train_window_index(g))
 
+    def window_is_conversation(self, w: int) -> bool:
+        """Whether window w reads a corpus whose mask marks replies (else every token is a target,
+        or padding only): decided by the corpora the window reads, since ``data.path`` may list
+        conversations and documents together."""
+        if not self.conversations:
+            return False
+        if all(stream.has_loss_mask for stream in self.streams):
+            return True
+        self._check_window(w)
+        if self.packed is None:
+            spans = [(w * self.seq_length, self.seq_length + 1)]
+        else:
+            spans = [(pos, n) for pos, n, _ in self.packed.pieces(w)]
+        for pos, n in spans:
+            lo = int(np.searchsorted(self._starts, pos, side="right")) - 1
+            hi = int(np.searchsorted(self._starts, pos + n - 1, side="right")) - 1
+            if any(self.streams[i].has_loss_mask for i in range(lo, hi + 1)):
+                return True
+        return False
+
+    def window_reply_spans(self, w: int) -> list[tuple[int, int]]:
+        """The replies that start in window w (``chat.reply_spans`` of its target flags), less the
+        rest of a reply that a packed piece carries on: a piece that continues a conversation cut
+        inside a reply (its first token a target in the corpus) starts with that reply under way,
+        though in the window its targets begin after the piece's first token."""
+        from kdtrain.data.chat import reply_spans
+
+        spans = reply_spans(self.window_loss_mask(w))
+        if self.packed is None:
+            return spans
+        carried, at = set(), 0
+        for pos, n, continues in self.packed.pieces(w):
+            if continues and self._read(pos, 1, flags=True)[0]:
+                carried.add(at + 1)
+            at += n
+        return [span for span in spans if span[0] not in carried]
+
     def train_is_conversation(self, g: int) -> bool:
-        """Whether train sample ``g``'s mask marks replies (else: every token, or padding only).
-        One dataset is one kind: its streams are packed together."""
-        return self.conversations
+        """Whether train sample ``g``'s mask marks replies (``window_is_conversation``)."""
+        return self.window_is_conversation(self.train_window_index(g))
+
+    def train_reply_spans(self, g: int) -> list[tuple[int, int]]:
+        return self.window_reply_spans(self.train_window_index(g))
 
     def valid_sample(self, j: int) -> np.ndarray:
         """Held-out sample j in [0, num_valid_windows), in corpus order."""

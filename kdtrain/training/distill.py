@@ -531,9 +531,7 @@ def onpolicy_spans(dataset, ids, op: OnPolicyConfig, length: int) -> list[list[t
     on-policy step: the replies that start in it on conversations (the first, or all), else all
     after the first ``op.prompt_length`` tokens; each window by its own corpus (a blend may mix
     conversations and documents)."""
-    from ..data.chat import reply_spans
-
-    spans = [reply_spans(dataset.train_loss_mask(g)) if dataset.train_is_conversation(g)
+    spans = [dataset.train_reply_spans(g) if dataset.train_is_conversation(g)
              else [(op.prompt_length, length)] for g in ids]
     return spans if op.replies == "all" else [row[:1] for row in spans]
 
