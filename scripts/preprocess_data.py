@@ -33,7 +33,8 @@ datasets) one document per row of its --json-key column. .jsonl and .txt may be 
 compressed. Each text document ends with the
 tokenizer's EOS id unless --no-append-eos (conversations only with --append-eos), and starts as the
 tokenizer's own convention says (Llama tokenizers: with BOS; GPT-2 / Qwen: without), or as
---prepend-bos / --no-prepend-bos says.
+--prepend-bos / --no-prepend-bos says; so does a plain {"prompt": str, "completion": str} pair (a
+chat template writes its own start tokens).
 """
 
 import argparse
@@ -67,8 +68,9 @@ def main(argv=None) -> int:
                         help="end each document with the EOS id (default: on for text, off for conversations, "
                              "which their template delimits)")
     parser.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
-                        help="start each text document with the BOS id (default: as the tokenizer's own "
-                             "convention, e.g. yes for Llama tokenizers, no for GPT-2 / Qwen)")
+                        help="start each text document (and plain prompt/completion pair) with the BOS id "
+                             "(default: as the tokenizer's own convention, e.g. yes for Llama tokenizers, no "
+                             "for GPT-2 / Qwen)")
     parser.add_argument("--workers", type=int, default=1, help="encoding processes (order is preserved)")
     args = parser.parse_args(argv)
     if args.demo_corpus_out and not args.demo_corpus:

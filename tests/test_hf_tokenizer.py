@@ -252,8 +252,16 @@ def test_documents_start_as_the_tokenizer_s_convention_says(hf, tmp_path):
     # Asked for where it cannot apply: clear errors.
     with pytest.raises(ValueError, match="prepend_bos .*tokenizer .* has no BOS token"):
         encode_files([str(hf["jsonl"])], str(hf["dir"]), str(tmp_path / "x"), prepend_bos=True)
-    with pytest.raises(ValueError, match="prepend_bos .* applies to format='text' only"):
-        encode_files([str(hf["jsonl"])], str(llama), str(tmp_path / "x"), format="chat", prepend_bos=False)
+    # A plain prompt / completion pair (no template renders it) starts as a text document does.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "def f(x):", "completion": " return x"}) + "\n")
+    for flag, lead in ((None, [tok.bos_id]), (False, [])):
+        meta = encode_files([str(pairs)], str(llama), str(tmp_path / f"pairs{flag}"), format="chat", prepend_bos=flag)
+        ds = open_indexed_dataset(str(tmp_path / f"pairs{flag}"))
+        want = lead + tok.encode("def f(x):") + tok.encode(" return x") + [tok.eos_id]
+        assert ds.tokens.tolist() == want and meta["document_prefix"] == lead
+        assert ds.loss_mask(0, len(want)).tolist() == [False] * (len(want) - len(tok.encode(" return x")) - 1) + \
+            [True] * (len(tok.encode(" return x")) + 1)
 
 
 def test_a_sentencepiece_directory_states_its_bos_in_its_config(hf, tmp_path):

@@ -6,7 +6,8 @@ Records (one per line of a .jsonl, one per row of a .parquet), in the formats ch
   (the key is ``--json-key``; default ``messages``): rendered with a chat template;
 * ``{"prompt": [messages], "completion": [messages]}``: the same, prompt then completion;
 * ``{"prompt": str, "completion": str}``: plain text, no template (none is needed); the completion
-  and the EOS id after it are the targets, prompt and completion encoded each on its own.
+  and the EOS id after it are the targets, prompt and completion encoded each on its own (the
+  preprocessor starts the pair with the tokenizer's BOS convention, as a text document).
 
 Tool use in OpenAI's format works through the template: assistant messages with ``tool_calls``
 (content empty or null) are replies like any other, ``tool`` messages are context, and a record's

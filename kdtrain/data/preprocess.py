@@ -51,10 +51,12 @@ class _ChatEncoder(_TextEncoder):
     """A batch of (location, record) conversations -> (ids, target flags) pairs (kdtrain/data/chat.py),
     None for a conversation without a reply. An EOS id appended after a conversation (only when
     asked for) is context: each reply's own end-of-turn text (or the plain template's EOS) is what
-    teaches stopping."""
+    teaches stopping. A plain prompt / completion pair, which no template renders, starts with the
+    ``bos`` ids as a text document does (context); a template writes its own start tokens."""
 
-    def __init__(self, tokenizer_path: str, append_eos: bool, template: str | None, key: str):
-        super().__init__(tokenizer_path, append_eos, prepend_bos=False)
+    def __init__(self, tokenizer_path: str, append_eos: bool, template: str | None, key: str,
+                 prepend_bos: bool | None):
+        super().__init__(tokenizer_path, append_eos, prepend_bos)
         self.template = ChatTemplate(template, self.tok)
         self.key = key
 
@@ -64,7 +66,10 @@ class _ChatEncoder(_TextEncoder):
             tools = record.get("tools")
             if tools is not None and not isinstance(tools, list):
                 raise ValueError(f"{where}: 'tools' must be a list of function schemas, got {type(tools).__name__}")
-            segments = self.template.segments(record_messages(record, where, self.key), where, tools)
+            conversation = record_messages(record, where, self.key)
+            segments = self.template.segments(conversation, where, tools)
+            if isinstance(conversation, tuple) and segments:  # a plain pair: no template
+                segments = [(i, False) for i in self.bos] + segments
             if not any(target for _, target in segments):
                 out.append(None)
                 continue
@@ -91,7 +96,7 @@ def _encode_in_worker(batch: list) -> list:
 def _make_encoder(fmt: str, tokenizer_path: str, append_eos: bool, template: str | None, key: str,
                   prepend_bos: bool | None):
     if fmt == "chat":
-        return _ChatEncoder(tokenizer_path, append_eos, template, key)
+        return _ChatEncoder(tokenizer_path, append_eos, template, key, prepend_bos)
     return _TextEncoder(tokenizer_path, append_eos, prepend_bos)
 
 
@@ -120,10 +125,11 @@ def encode_files(
     ``messages``, ``chat_template`` is None for the tokenizer's own, ``"plain"`` or a Jinja file)
     and also writes the loss mask that makes the replies the only targets. ``append_eos`` (the EOS
     id after each document) defaults to on for text and off for conversations, whose template
-    already marks where each one starts and ends. ``prepend_bos`` (text only) starts each document
-    with the BOS id; by default as the tokenizer's own convention does (``document_prefix``:
-    Llama-family tokenizers do, GPT-2 / Qwen and kdtrain's SentencePiece models do not), so a teacher
-    sees its documents as it was trained on them.
+    already marks where each one starts and ends. ``prepend_bos`` starts each text document (and
+    each plain prompt / completion pair, which no template renders) with the BOS id; by default as
+    the tokenizer's own convention does (``document_prefix``: Llama-family tokenizers do, GPT-2 /
+    Qwen and kdtrain's SentencePiece models do not), so a teacher sees its documents as it was
+    trained on them.
     Returns the metadata written plus `bytes` (size of the .bin) and `seconds`.
     """
     start = time.perf_counter()
@@ -135,9 +141,6 @@ def encode_files(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if chat_template is not None and format != "chat":
         raise ValueError("a chat template applies to format='chat' (--format chat) only")
-    if prepend_bos is not None and format == "chat":
-        raise ValueError("prepend_bos (--prepend-bos) applies to format='text' only: a chat template writes "
-                         "its own start tokens")
     for path in input_files:
         check_input_file(path)
     key = json_key or ("messages" if format == "chat" else "text")
