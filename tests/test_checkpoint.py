@@ -1,6 +1,9 @@
 """Checkpoint atomicity and clear errors for damaged or mismatched checkpoints (a gloo world of one
 inside the test process, conftest.world_of_one)."""
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -204,6 +207,137 @@ def test_a_resumed_job_must_continue_the_recorded_run(world_of_one, tmp_path):
     (tmp_path / "c.bin").write_bytes(b"\0" * 12)
     assert run_record("pretrain", 8, DataConfig(path=[str(tmp_path / "c")]))["corpus_bytes"] == [12]
 
+
+
+def _distill_run(**changes):
+    """What distill's loop records (run_record's call in training/distill.py), with ``changes``."""
+    from kdtrain.config import DataConfig, OptimizerConfig, load_model_config, to_dict
+    from kdtrain.loss import KDLossConfig
+    from kdtrain.training.checkpoint import run_record
+
+    teacher = to_dict(load_model_config("tiny"))
+    teacher.update(changes.pop("teacher", {}))
+    loss = to_dict(KDLossConfig(**changes.pop("loss", {})))
+    opt = to_dict(OptimizerConfig(**{"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, **changes.pop("optimizer", {})}))
+    base = dict(teacher=teacher, loss=loss, topk=16, dtype="float32", teacher_load="/ckpts/demo-teacher",
+                optimizer=opt, train_steps=6)
+    return run_record("distill", 8, DataConfig(mock=True, seq_length=16), **{**base, **changes})
+
+
+def _save_distill_run(root, run):
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.training.pretrain import save_role
+
+    cfg, groups, role = _build("tiny")
+    for _, p in role.params:  # one update, so that there is optimizer state to resume
+        p.main_grad = torch.ones_like(p)
+    role.optimizer.step(1e-3)
+    ck = CheckpointConfig(dir=str(root), keep=1)
+    save_role(ck, cfg, role, 3, run)
+    return ck, cfg, role
+
+
+def test_a_resumed_distillation_keeps_its_teacher_loss_and_precision(world_of_one, tmp_path):
+    """Another teacher (weights, checkpoint, top-k), KD loss or dtype from the recorded step on
+    would silently train the rest of the run towards another target: each is an error naming the
+    field. Training-only teacher fields may differ, and a checkpoint that records none of these
+    (written before they were checked) resumes."""
+    import warnings
+
+    from kdtrain.training.pretrain import restore_role
+
+    ck, cfg, role = _save_distill_run(tmp_path / "ck", _distill_run())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to report either
+        assert restore_role(ck, cfg, role, 0, _distill_run()) == 3
+    # Training-only fields of the teacher, and its checkpoint moved elsewhere (same name).
+    assert restore_role(ck, cfg, role, 0, _distill_run(teacher={"hidden_dropout": 0.1, "name": "t"},
+                                                       teacher_load="/mnt/elsewhere/demo-teacher")) == 3
+    for changes, match in [
+        ({"teacher": {"num_layers": 2}}, r"teacher\.model\.num_layers: 2 here, 4 in .*step_0000003: resuming at "
+                                         r"step 3 would distil the rest of the run from another teacher"),
+        ({"teacher_load": "/ckpts/other-teacher"}, r"teacher\.load: /ckpts/other-teacher here, "
+                                                   r"/ckpts/demo-teacher in .*step_0000003"),
+        ({"topk": 4}, r"teacher\.topk: 4 here, 16 in .*step_0000003"),
+        ({"loss": {"divergence": "reverse_kl"}}, r"loss\.divergence: 'reverse_kl' here, 'forward_kl' in"),
+        ({"loss": {"tau": 2.0}}, r"loss\.tau: 2\.0 here, 1\.0 in"),
+        ({"loss": {"alpha": 0.5}}, r"loss\.alpha: 0\.5 here, 0\.0 in"),
+        ({"dtype": "bfloat16"}, r"precision\.dtype: 'bfloat16' here, 'float32' in .*step_0000003"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            restore_role(ck, cfg, role, 0, _distill_run(**changes))
+    for changes in ({"topk": 4}, {"dtype": "bfloat16"}):
+        with pytest.raises(ValueError, match="resume with the recorded value or start a new run"):
+            restore_role(ck, cfg, role, 0, _distill_run(**changes))
+
+    # A checkpoint of an earlier version records none of them: any value resumes.
+    old = {k: v for k, v in _distill_run().items()
+           if k not in ("teacher", "loss", "topk", "dtype", "teacher_load", "optimizer", "train_steps")}
+    ck, cfg, role = _save_distill_run(tmp_path / "old", old)
+    assert restore_role(ck, cfg, role, 0, _distill_run(teacher={"num_layers": 2}, topk=4, dtype="bfloat16",
+                                                       loss={"tau": 2.0}, train_steps=12)) == 3
+
+
+def test_a_resume_reports_changed_optimizer_settings(world_of_one, tmp_path):
+    """Extending a run (training.train_steps) or changing optimizer settings is allowed, but the
+    learning rate follows the new schedule from the resumed step (it can jump): every changed
+    field is reported once, with its recorded and new values, by the rank that writes the log."""
+    import warnings
+
+    from kdtrain.training.pretrain import restore_role
+
+    ck, cfg, role = _save_distill_run(tmp_path / "ck", _distill_run())
+    with pytest.warns(UserWarning) as record:
+        assert restore_role(ck, cfg, role, 0, _distill_run(train_steps=12, optimizer={"lr": 3e-2, "eps": 1e-6})) == 3
+    assert len(record) == 1
+    message = str(record[0].message)
+    for part in (r"optimizer\.lr: 0\.003 -> 0\.03", r"optimizer\.eps: 1e-08 -> 1e-06",
+                 r"training\.train_steps: 6 -> 12", r"step_0000003", r"learning rate from step 4 on follows the new"):
+        assert re.search(part, message), (part, message)
+    assert "weight_decay" not in message
+    # Another rank writes this run's log (a distillation's student after a disaggregated
+    # teacher): this one says nothing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert restore_role(ck, cfg, role, 0, _distill_run(train_steps=12, log_rank=1)) == 3
+        # ZeRO-1 or not is a layout, not a setting of the updates.
+        assert restore_role(ck, cfg, role, 0, _distill_run(optimizer={"distributed": True})) == 3
+
+
+def test_a_save_reaches_the_disk_before_latest_names_it(world_of_one, tmp_path, monkeypatch):
+    """Every shard and RNG file is fsynced by the rank that wrote it, and the directories that
+    name them before ``latest`` is replaced: after a crash of the machine ``latest`` could name a
+    step whose files never reached the disk. The root is synced after the renames."""
+    import kdtrain.training.checkpoint as ckpt
+
+    root = tmp_path / "ck"
+    cfg, groups, role = _build("tiny")
+    events = []
+    real_fsync, real_replace = ckpt.os.fsync, ckpt.os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "fsync", fsync)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    _save(root, 1, role, groups, cfg)
+    latest = events.index(("replace", str(root / "latest")))
+    synced = [path for what, path in events[:latest] if what == "fsync"]
+    tmp = root / "step_0000001.tmp"
+    for path in (tmp / "shards" / "rank00000.pt", tmp / "rng" / "rank00000.pt", tmp / "shards", tmp / "rng",
+                 tmp / "meta.json", tmp):
+        assert str(path) in synced, (path, events)
+    # The step's rename is durable before ``latest`` names it, and ``latest`` after.
+    step = events.index(("replace", str(root / "step_0000001")))
+    assert ("fsync", str(root)) in events[step:latest]
+    assert ("fsync", str(root)) in events[latest:]
+    # One fsync per file written.
+    assert len([p for p in synced if p.endswith(".pt")]) == 2
 
 
 def test_loaded_weights_reach_the_fp32_masters_of_a_bf16_model(world_of_one, tmp_path):

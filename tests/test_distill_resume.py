@@ -80,3 +80,24 @@ def test_resumed_run_continues_the_uninterrupted_curve(resumed, name):
     logged = [json.loads(line)["step"] for line in (root / name / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "train"]
     assert logged == list(range(1, STEPS + 1)), logged
+
+
+def test_a_resume_with_other_settings_is_reported_once_or_refused(tmp_path):
+    """A resumed job that extends the run or changes the optimizer goes on, the changes reported
+    once by the rank that writes the log (here the student's, after a disaggregated teacher rank);
+    another top-k (or teacher, loss, dtype: tests/test_checkpoint.py) is refused, naming the field."""
+    common = ["--config", "tiny", "data.mock=true", *LAYOUTS["disagg"], f"checkpoint.dir={tmp_path / 'ckpt'}",
+              "training.exit_interval=2", "training.eval_batches=0"]
+    jobs = [("distill_gpt.py", [*common, "training.train_steps=4", f"logging.dir={tmp_path / 'a'}"]),
+            ("distill_gpt.py", [*common, "training.train_steps=6", "optimizer.lr=1e-2",
+                                f"logging.dir={tmp_path / 'b'}"]),
+            ("distill_gpt.py", [*common, "training.train_steps=6", "teacher.topk=4", f"logging.dir={tmp_path / 'c'}"])]
+    outputs = run_entries(2, jobs, tmp_path / "launch", last_fails=True)
+    extended = outputs[1]
+    assert "resumed from step 2 of" in extended["stdout"]
+    assert extended["stderr"].count("kdtrain: resuming") == 1, extended["stderr"]
+    assert ("(optimizer.lr: 0.003 -> 0.01; training.train_steps: 4 -> 6): the run goes on with the new values, the "
+            "learning rate from step 3 on follows the new schedule") in extended["stderr"]
+    refused = outputs[2]
+    assert refused["returncode"] != 0
+    assert "error: teacher.topk: 4 here, 16 in" in refused["stderr"], refused["stderr"][-3000:]

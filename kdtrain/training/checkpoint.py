@@ -17,9 +17,10 @@ other (pretrain with TP=1, distil with a TP=2 teacher).
 
 Atomicity: everything is written under ``step_N.tmp/``; after all ranks finish, the role's first
 rank writes meta.json, renames the directory to ``step_N`` and then replaces ``latest``. A crash at
-any point leaves ``latest`` on the previous complete checkpoint. Saving a step that exists (a
-resumed run reaching it again) first moves the old copy to ``step_N.old``, which
-``latest_checkpoint`` falls back to if the crash comes between the two renames.
+any point leaves ``latest`` on the previous complete checkpoint; so does a crash of the machine:
+each rank fsyncs the files it wrote, the first rank the directories before and after the renames.
+Saving a step that exists (a resumed run reaching it again) first moves the old copy to
+``step_N.old``, which ``latest_checkpoint`` falls back to if the crash comes between the two renames.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +39,7 @@ import torch.distributed as dist
 from ..config import DataConfig, ModelConfig, to_dict
 from ..data import Tokenizer
 from ..data.indexed import corpus_tokenizer
-from ..config.model import weight_differences
+from ..config.model import load_model_config, weight_differences
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer
 
@@ -50,6 +52,15 @@ def _fsync_write(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a written file, or a directory (its entries: the files created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _barrier(group) -> None:
@@ -100,6 +111,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / "rng" / f"rank{rank:05d}.pt")
+    _fsync_path(tmp / "rng" / f"rank{rank:05d}.pt")
     _barrier(role_group)
 
     if rank == writer_rank:
@@ -125,6 +137,7 @@ def begin_checkpoint(root: str | os.PathLike, step: int) -> Path:
 def write_shard(tmp: Path, fname: str, pieces: dict) -> None:
     """One shard file ``{global name: piece}`` of the checkpoint being written in ``tmp``."""
     torch.save({"version": FORMAT_VERSION, "pieces": pieces}, tmp / "shards" / fname)
+    _fsync_path(tmp / "shards" / fname)
 
 
 def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int) -> Path:
@@ -136,7 +149,12 @@ def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int)
     files = sorted((tmp / "shards").glob("*.pt"))
     meta = dict(meta, version=FORMAT_VERSION, step=step, shard_files=[f.name for f in files],
                 shard_bytes={f.name: f.stat().st_size for f in files}, saved_at=time.time())
+    # The files are synced by the ranks that wrote them; their names (and meta.json's) are synced
+    # here, and each rename before the next, so that ``latest`` never reaches the disk first.
+    for d in ("shards", "rng"):
+        _fsync_path(tmp / d)
     _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
+    _fsync_path(tmp)
     aside = root / f"{name}.old"
     if final.exists():
         # Re-saving a step (a resumed run reaching it again): the complete copy is moved aside,
@@ -146,8 +164,10 @@ def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int)
             shutil.rmtree(aside)  # stale: ``final`` is complete
         os.replace(final, aside)
     os.replace(tmp, final)
+    _fsync_path(root)
     _fsync_write(root / "latest.tmp", name)
     os.replace(root / "latest.tmp", root / "latest")
+    _fsync_path(root)
     _prune(root, keep)  # also removes the set-aside copy
     return final
 
@@ -372,21 +392,27 @@ def data_tokenizer(data: DataConfig) -> Optional[str]:
     return Tokenizer(data.tokenizer).fingerprint if data.tokenizer else None
 
 
-def run_record(kind: str, global_batch_size: int, data: DataConfig, **extra) -> dict:
+def run_record(kind: str, global_batch_size: int, data: DataConfig, log_rank: int = 0, **extra) -> dict:
     """What a run's checkpoints record about it (``save_role``), checked when a job resumes
     (``check_resume``): the kind of run, the global batch, the data section and the size of
     each corpus' token file (a corpus tokenized again in place keeps its name, not its size);
-    and the tokenizer of its ids (checked when another run loads the weights)."""
+    and the tokenizer of its ids (checked when another run loads the weights). ``extra``: what
+    the loops add, also checked: ``dtype``; for distillation ``teacher`` (its model config),
+    ``teacher_load``, ``topk`` and ``loss``; ``optimizer`` and ``train_steps``, reported when they
+    change. ``log_rank``: the global rank that writes the run's log (reports the changes)."""
     sizes = None if data.mock else [os.path.getsize(f"{p}.bin") if os.path.isfile(f"{p}.bin") else None
                                     for p in data.path]
     return {"kind": kind, "global_batch_size": global_batch_size, "data": to_dict(data), "corpus_bytes": sizes,
-            "tokenizer_fingerprint": data_tokenizer(data), **extra}
+            "tokenizer_fingerprint": data_tokenizer(data), "log_rank": log_rank, **extra}
 
 
-def check_resume(meta: dict, path: Path, run: dict) -> None:
+def check_resume(meta: dict, path: Path, run: dict) -> list[str]:
     """A job that resumes from ``path`` continues the run recorded there: same kind of run, same
-    global batch (the data position is ``step * global_batch_size``) and the same sample stream.
-    ``run`` is what ``save_role`` records for this job (kind, global_batch_size, data, ...)."""
+    global batch (the data position is ``step * global_batch_size``), the same sample stream, and
+    the same teacher, top-k, KD loss and dtype. ``run`` is what ``save_role`` records for this job
+    (kind, global_batch_size, data, ...). Other optimizer settings or ``train_steps`` (extending a
+    run) are allowed: returns them as "field: old -> new", which ``run["log_rank"]`` also warns of.
+    Fields a checkpoint of an earlier version does not record are not checked."""
     fresh = "start a new run from its weights with checkpoint.load in another checkpoint.dir"
     kind = meta.get("kind")
     if kind != run["kind"]:
@@ -413,6 +439,60 @@ def check_resume(meta: dict, path: Path, run: dict) -> None:
         if was is not None and now is not None and was != now:
             raise ValueError(f"data.path: {prefix}.bin has {now} bytes here, {was} when {path} was saved (tokenized "
                              f"again or changed since): resuming would continue another sample stream; {fresh}")
+    _check_same_target(meta, path, run, step, fresh)
+    return _report_changes(meta, path, run, step)
+
+
+def _check_same_target(meta: dict, path: Path, run: dict, step: int, fresh: str) -> None:
+    """The teacher, top-k, KD loss and dtype a resumed job trains with are the recorded ones."""
+    def refuse(field: str, here, there, why: str):
+        raise ValueError(f"{field}: {here} here, {there} in {path}: resuming at step {step} would {why}; resume "
+                         f"with the recorded value or {fresh}")
+
+    ours = json.loads(json.dumps({k: run.get(k) for k in ("teacher", "loss")}, default=str))
+    if meta.get("teacher") is not None and ours["teacher"] is not None:
+        saved = meta["teacher"]
+        # Fields that change the teacher's weights or outputs; training-only ones (dropout) may differ.
+        diff = weight_differences(saved, load_model_config(ours["teacher"], "teacher.model"))
+        if diff:
+            k = diff[0]
+            refuse(f"teacher.model.{k}", repr(ours["teacher"].get(k)), repr(saved.get(k)),
+                   f"distil the rest of the run from another teacher (differing fields: {diff})")
+    was, now = meta.get("teacher_load"), run.get("teacher_load")
+    # A teacher checkpoint may move between jobs; it keeps its name.
+    if was is not None and now is not None and Path(was).name != Path(now).name:
+        refuse("teacher.load", now, was, "distil the rest of the run from another teacher")
+    if meta.get("topk") is not None and run.get("topk") is not None and meta["topk"] != run["topk"]:
+        refuse("teacher.topk", run["topk"], meta["topk"], "train the rest of the run on another objective")
+    for k, was in (meta.get("loss") or {}).items():
+        if ours["loss"] is not None and was != ours["loss"].get(k):
+            refuse(f"loss.{k}", repr(ours["loss"].get(k)), repr(was), "train the rest of the run on another objective")
+    if meta.get("dtype") is not None and run.get("dtype") is not None and meta["dtype"] != run["dtype"]:
+        refuse("precision.dtype", repr(run["dtype"]), repr(meta["dtype"]),
+               "continue the run in another precision (its loss curve and updates change)")
+
+
+# Not a setting of the updates: ZeRO-1 or not is a layout, which a checkpoint does not fix.
+_UNREPORTED_OPTIMIZER_FIELDS = ("distributed",)
+
+
+def _report_changes(meta: dict, path: Path, run: dict, step: int) -> list[str]:
+    """Optimizer settings and ``train_steps`` that differ from the recorded ones, warned of once
+    (by the rank that writes the log): a resumed job's learning rate follows the new schedule."""
+    changes = []
+    saved, ours = meta.get("optimizer"), json.loads(json.dumps(run.get("optimizer"), default=str))
+    if saved is not None and ours is not None:
+        changes += [f"optimizer.{k}: {was!r} -> {ours.get(k)!r}" for k, was in saved.items()
+                    if k not in _UNREPORTED_OPTIMIZER_FIELDS and was != ours.get(k)]
+    was, now = meta.get("train_steps"), run.get("train_steps")
+    if was is not None and now is not None and was != now:
+        changes.append(f"training.train_steps: {was} -> {now}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if changes and rank == run.get("log_rank", 0):
+        warnings.warn(f"kdtrain: resuming {path} with other settings than it records ({'; '.join(changes)}): the "
+                      f"run goes on with the new values, the learning rate from step {step + 1} on follows the "
+                      "new schedule (it may jump)", UserWarning, stacklevel=3)
+    return changes
 
 
 def refuse_other_runs(ck_dir: str | os.PathLike) -> None:

@@ -301,8 +301,10 @@ def distill(cfg: DistillConfig) -> dict:
     reader = open_cache(cfg, env.rank, dtype)
     cached = CachedPayloads(reader, spec, pairing, env.device) if reader is not None else None
     # What the student's checkpoints record, checked when a later job resumes them.
-    run = run_record("distill", tr.global_batch_size, cfg.data, teacher=to_dict(cfg.teacher.model),
-                     loss=to_dict(cfg.loss), topk=cfg.teacher.topk, dtype=str(dtype).removeprefix("torch."))
+    run = run_record("distill", tr.global_batch_size, cfg.data, log_rank=s_layout.rank_offset,
+                     teacher=to_dict(cfg.teacher.model), teacher_load=cfg.teacher.load, loss=to_dict(cfg.loss),
+                     topk=cfg.teacher.topk, dtype=str(dtype).removeprefix("torch."),
+                     optimizer=to_dict(cfg.optimizer), train_steps=tr.train_steps)
     teacher = student = None
     if t_groups.is_member and cfg.teacher.source != "cache":
         teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,

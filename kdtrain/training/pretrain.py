@@ -192,7 +192,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                            cuda_graphs=cfg.precision.cuda_graphs, recompute=t.recompute)
     forward_step = lm_forward_step(cfg.model.vocab_size, groups.pgc.tp)
 
-    run = run_record("pretrain", t.global_batch_size, cfg.data, dtype=str(dtype).removeprefix("torch."))
+    run = run_record("pretrain", t.global_batch_size, cfg.data, dtype=str(dtype).removeprefix("torch."),
+                     optimizer=to_dict(cfg.optimizer), train_steps=t.train_steps)
     start_step = restore_role(cfg.checkpoint, cfg.model, role, env.rank, run)
     writer = env.rank == 0
     logger = RunLogger(cfg.logging, writer, t.train_steps, start_step, run_config=to_dict(cfg), name=cfg.model.name)
