@@ -470,3 +470,24 @@ def test_a_fraction_of_the_steps_is_that_many_steps(fraction, count):
     picked = [t for t in range(100) if spread_step(t, fraction)]
     assert len(picked) == count
     assert all(b - a <= -(-100 // max(count, 1)) for a, b in zip(picked, picked[1:]))  # spread, not bunched
+
+
+def _distill_with_student_stages(rank, world, root):
+    import kdtrain.training.distill as loop
+    from kdtrain.config.distill import load_distill_config
+
+    cfg = load_distill_config("tiny", ["data.mock=true", "student.pp=2", "training.train_steps=3",
+                                       "training.eval_batches=0", f"logging.dir={root}/run"])
+    loop.distill(cfg)
+
+
+def test_teacher_wait_reaches_the_log_when_the_student_has_stages(tmp_path):
+    """The student's wait for payloads is timed where its loss runs, the last pipeline stage; the
+    log line is written by its first rank, stage 0, which waited for nothing: the figure is the
+    longest wait of any student rank (before, it read 0.0 on every step with student.pp > 1)."""
+    from conftest import run_spawn
+
+    run_spawn(2, _distill_with_student_stages, str(tmp_path), tmp_path=tmp_path)
+    logged = read_metrics(tmp_path / "run")
+    assert sorted(logged) == [1, 2, 3]
+    assert all(rec["teacher_wait_s"] > 0 for rec in logged.values()), logged

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import re
 import sys
 import time
 from pathlib import Path
@@ -239,3 +240,28 @@ def test_weights_trained_on_another_tokenizers_ids_are_refused(world_of_one, tin
     prune(str(tmp_path / "a"), str(tmp_path / "pruned"), keep_layers=[0], device="cpu")
     assert CheckpointReader(latest_checkpoint(tmp_path / "pruned")).meta["tokenizer_fingerprint"] == \
         CheckpointReader(latest_checkpoint(tmp_path / "a")).meta["tokenizer_fingerprint"] is not None
+
+
+def test_a_diverged_run_stops_on_its_last_good_checkpoint(world_of_one, tmp_path):
+    """A learning rate far too large: the gradient norm turns non-finite and every step from then
+    on is skipped. training.max_skipped_steps in a row end the run with an error naming the field
+    (before, it trained on to the end, logging nan); the step that ends it saves nothing (the
+    checkpoints before it hold the weights of the last update, which skipped steps do not change)
+    and each skipped step is logged."""
+    from conftest import read_metrics
+    from kdtrain.config import load_pretrain_config
+    from kdtrain.training.checkpoint import latest_checkpoint
+    from kdtrain.training.pretrain import pretrain
+
+    cfg = load_pretrain_config("tiny", [
+        "data.mock=true", "precision.device=cpu", "training.train_steps=20", "training.eval_batches=0",
+        "optimizer.lr=1e4", "optimizer.min_lr=0", "training.max_skipped_steps=3", "logging.interval=5",
+        f"logging.dir={tmp_path / 'log'}", f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.save_interval=1"])
+    with pytest.raises(ValueError, match=r"training\.max_skipped_steps: 3 steps in a row \(steps (\d+)-(\d+)\) had "
+                                         r"a non-finite gradient norm") as e:
+        pretrain(cfg)
+    first, last = (int(x) for x in re.search(r"steps (\d+)-(\d+)", str(e.value)).groups())
+    assert last - first == 2 and last < 20
+    logged = read_metrics(tmp_path / "log")
+    assert all(logged[s]["skipped"] == 1 for s in range(first, last + 1))  # off the 5-step interval too
+    assert latest_checkpoint(str(tmp_path / "ck")).name == f"step_{last - 1:07d}"

@@ -131,12 +131,16 @@ class TrainingConfig:
     # layer keeps only its input for the backward and runs its forward again there. Activation
     # memory per layer drops to one [s, b, h] tensor for about a third more compute.
     recompute: bool = False
+    # A step whose gradient norm is not finite is skipped (no update); this many in a row end the
+    # run with an error instead of training on, logging nan, with weights that no longer change.
+    # 0: never stop.
+    max_skipped_steps: int = 10
 
     def check(self, where: str = "training") -> None:
         for name in ("micro_batch_size", "global_batch_size", "train_steps"):
             if getattr(self, name) < 1:
                 raise field_error(where, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_interval", "eval_batches"):
+        for name in ("eval_interval", "eval_batches", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise field_error(where, name, f"must be >= 0, got {getattr(self, name)}")
         if self.exit_interval is not None and self.exit_interval < 1:

@@ -12,7 +12,7 @@ Colocated roles run both halves on every rank, teacher first; disaggregated role
 disjoint ranks at the same time. Every rank builds both roles' process groups (collective).
 
 Logged per step besides the student's loss and throughput: ``teacher_wait_s`` (the student's
-last stage blocked on a payload), ``student_wait_s`` (a teacher rank blocked handing a payload
+last stage blocked on a payload, the longest of the student's ranks), ``student_wait_s`` (a teacher rank blocked handing a payload
 over), ``teacher_compute_s`` and ``teacher_busy`` (its share of the step), teacher TFLOP/s and MFU,
 and payload bytes/s. The teacher-side figures are means over the teacher ranks and the steps
 since the last log line; they reach the logging rank by one small world all-reduce on logging
@@ -55,7 +55,7 @@ from .optimizer import lr_at
 from .profiling import StepProfiler
 from .pretrain import (build_trainable, describe_dataset, describe_start, evaluate, held_out, lm_forward_step,
                        open_dataset, resolve_dtype, restore_role, save_due, save_role)
-from .step import eval_step, train_step
+from .step import SkippedSteps, eval_step, train_step
 from .teacher import Teacher, TeacherSideStats
 
 KD_REPORT_KEYS = ("loss_sum", "kd_sum", "ce_sum", "tokens")
@@ -366,6 +366,7 @@ def distill(cfg: DistillConfig) -> dict:
     timers = {"teacher_wait_s": 0.0}
     teacher_side = TeacherSideStats(env.device)
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
+    skips = SkippedSteps(tr.max_skipped_steps)
     step = start_step
     while step < tr.train_steps:
         profiler.begin(step + 1)
@@ -417,6 +418,12 @@ def distill(cfg: DistillConfig) -> dict:
         save_now = save_due(cfg.checkpoint, step, tr.train_steps, stop_now)
         # collective: every rank, same steps; teacher-only ranks start it without waiting
         t_stats = teacher_side.collect(wait=student is not None) if log_now else {}
+        if result is not None and log_now and s_layout.num_ranks > 1:
+            # The wait is timed where the loss runs (the last stage); the log line takes the
+            # longest of any student rank (the logging rank is stage 0 when student.pp > 1).
+            wait = torch.tensor([timers["teacher_wait_s"]], dtype=torch.float64, device=env.device)
+            dist.all_reduce(wait, op=dist.ReduceOp.MAX, group=s_groups.role_group)
+            timers["teacher_wait_s"] = float(wait.item())
         if result is not None:
             sums = result.sums
             n = max(sums["tokens"], 1.0)
@@ -437,8 +444,11 @@ def distill(cfg: DistillConfig) -> dict:
             if peak:
                 metrics["teacher_mfu"] = metrics["teacher_tflops_per_device"] / peak
             summary["train_loss"] = metrics["loss"]
-            if log_now:
+            if log_now or result.skipped:
                 logger.log(step, metrics)
+            # Before a save: the step that ends a diverged run saves nothing. Teacher-only ranks
+            # learn of it as of a dead peer (their next send times out; torchrun stops the job).
+            skips.update(step, result)
             if save_now:
                 save_role(cfg.checkpoint, cfg.student.model, student, step, run)
         if save_now:
@@ -461,6 +471,9 @@ def distill(cfg: DistillConfig) -> dict:
         if final:
             logger.log(step, final, kind="valid")
         summary.update(final)
+        summary["skipped_steps"] = skips.total
+        if skips.total:
+            logger.write(f"{skips.total} step(s) of this job skipped for a non-finite gradient norm")
     summary["step"] = step
     logger.close()
     return summary

@@ -26,7 +26,7 @@ from .metrics import Throughput, peak_tflops
 from .optimizer import AdamWOptimizer, lr_at
 from .pipeline import ForwardStep, PipelineSchedule
 from .profiling import StepProfiler
-from .step import eval_step, train_step
+from .step import SkippedSteps, eval_step, train_step
 
 LM_REPORT_KEYS = ("loss_sum", "tokens")
 
@@ -213,6 +213,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                             env.world_size, peak_tflops(env.device, cfg.logging.peak_tflops), env.device)
     summary: dict = {"start_step": start_step}
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
+    skips = SkippedSteps(t.max_skipped_steps)
     step = start_step
     while step < t.train_steps:
         profiler.begin(step + 1)
@@ -231,8 +232,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         metrics = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
                    "consumed_samples": step * t.global_batch_size, **rates}
         summary["train_loss"] = loss
-        if step % cfg.logging.interval == 0 or step == t.train_steps:
+        if step % cfg.logging.interval == 0 or step == t.train_steps or result.skipped:
             logger.log(step, metrics)
+        skips.update(step, result)  # before a save: the step that ends a diverged run saves nothing
         if t.eval_interval and step % t.eval_interval == 0 and step < t.train_steps:
             logger.log(step, evaluate(role, dataset, t, forward_step, env.device), kind="valid")
         if save_due(cfg.checkpoint, step, t.train_steps, stop_now):
@@ -246,6 +248,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
             logger.log(step, final, kind="valid")
         summary.update(final)
     summary["step"] = step
+    summary["skipped_steps"] = skips.total
+    if skips.total:
+        logger.write(f"{skips.total} step(s) of this job skipped for a non-finite gradient norm")
     logger.close()
     return summary
 

@@ -25,6 +25,29 @@ class StepResult:
     skipped: bool  # non-finite gradient: the update was not applied
 
 
+class SkippedSteps:
+    """Steps skipped for a non-finite gradient norm: their total, and the run stopped once
+    ``limit`` come in a row (``training.max_skipped_steps``; 0 never stops). The same on every rank:
+    the norm is reduced over the whole model before the decision."""
+
+    def __init__(self, limit: int):
+        self.limit, self.total, self.streak = limit, 0, 0
+
+    def update(self, step: int, result: StepResult) -> None:
+        """After ``step`` (1-based): count it; ValueError when the streak reaches the limit."""
+        if not result.skipped:
+            self.streak = 0
+            return
+        self.total += 1
+        self.streak += 1
+        if self.limit and self.streak >= self.limit:
+            raise ValueError(
+                f"training.max_skipped_steps: {self.streak} steps in a row (steps {step - self.streak + 1}-{step}) "
+                f"had a non-finite gradient norm ({result.grad_norm}) and were skipped: the run diverged. Resume "
+                "from the last checkpoint (skipped steps leave the weights as they were) with a lower "
+                "optimizer.lr or more warmup, or raise the limit (0: never stop)")
+
+
 def global_token_count(microbatches: Sequence, groups: RoleGroups, device: torch.device) -> torch.Tensor:
     """Valid tokens in the whole global batch (summed over data-parallel replicas)."""
     # A fill kernel, not a host-to-device copy (which would wait for the work already queued).
