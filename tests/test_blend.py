@@ -171,7 +171,7 @@ def test_onpolicy_samples_each_window_as_its_corpus_is(tiny_corpus, tiny_chat_co
     every document window look like a reply under way: nothing was sampled there)."""
     from kdtrain.config.distill import OnPolicyConfig
     from kdtrain.data.chat import reply_spans
-    from kdtrain.training.distill import onpolicy_spans
+    from kdtrain.training.onpolicy import onpolicy_spans
 
     seq = 64
     ds = BlendedWindowDataset([GPTWindowDataset([tiny_corpus["prefix"]], seq, seed=1),
@@ -214,3 +214,25 @@ def test_a_corpus_too_small_for_a_held_out_window_only_trains(tmp_path):
         open_dataset(data, model)
     with pytest.raises(ValueError, match="held-out split 0.05 requested"):  # one corpus, no weights: as before
         GPTWindowDataset([str(tmp_path / "small")], 16, split=(0.95, 0.05))
+
+
+def test_a_stop_token_that_ends_no_reply_is_refused(tiny_chat_corpus):
+    """On-policy on conversations: a stop token the corpus' replies never contain would let every
+    sampled reply run to the window's end (a base tokenizer's EOS next to a chat template's own
+    end-of-turn token). The run is refused at start, naming the field and the ids the replies end
+    with; the corpus' own EOS (the plain template ends each reply with it) and -1 pass."""
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.onpolicy import check_stop_token
+
+    ds = GPTWindowDataset([tiny_chat_corpus["prefix"]], 64, seed=2)
+    absent = next(i for i in range(511, 0, -1)
+                  if all(i not in ds.train_sample(g)[a:b] for g in range(64) for a, b in ds.train_reply_spans(g)))
+    for stop, refused in ((None, False), (-1, False), (absent, True)):
+        extra = [] if stop is None else [f"onpolicy.stop_token={stop}"]
+        cfg = load_distill_config("tiny", ["data.mock=true", "onpolicy.fraction=0.5", *extra])
+        if refused:
+            with pytest.raises(ValueError, match=rf"onpolicy\.stop_token: id {absent} occurs in none of the \d+ "
+                                                 r"whole replies .*\(the replies end with ids \d+"):
+                check_stop_token(ds, cfg)
+        else:
+            check_stop_token(ds, cfg)

@@ -465,7 +465,7 @@ def test_a_disaggregated_teacher_serves_the_next_step_while_the_student_finishes
 def test_a_fraction_of_the_steps_is_that_many_steps(fraction, count):
     """On-policy and mixed-teacher steps: f of 100 steps is f * 100 of them (in floats, 29 * 0.29
     falls below 8.41 and 0.29 of 100 steps gave 28)."""
-    from kdtrain.training.distill import spread_step
+    from kdtrain.training.onpolicy import spread_step
 
     picked = [t for t in range(100) if spread_step(t, fraction)]
     assert len(picked) == count

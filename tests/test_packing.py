@@ -230,7 +230,7 @@ def test_a_packed_piece_that_carries_a_reply_on_is_not_a_new_reply(tmp_path):
     of the old one: the window's reply spans leave it out, and keep the real reply before it."""
     from kdtrain.config.distill import OnPolicyConfig
     from kdtrain.data.chat import reply_spans
-    from kdtrain.training.distill import onpolicy_spans
+    from kdtrain.training.onpolicy import onpolicy_spans
 
     S = 32
     docs = [(np.r_[np.arange(50, 60), np.arange(60, 69), 0], np.r_[[False] * 10, [True] * 10]),  # 20 tokens
@@ -257,7 +257,7 @@ def test_concatenated_conversations_and_documents_are_told_apart_per_window(tmp_
     sampled on-policy as the corpus it reads is (before, every window counted as a conversation,
     and a document window, all targets, offered no reply: nothing was sampled there)."""
     from kdtrain.config.distill import OnPolicyConfig
-    from kdtrain.training.distill import onpolicy_spans
+    from kdtrain.training.onpolicy import onpolicy_spans
 
     S = 16
     chat = [(np.r_[np.arange(1, 9), np.arange(9, 15), 0], np.r_[[False] * 8, [True] * 7]) for _ in range(6)]

@@ -132,7 +132,8 @@ class OnPolicyConfig:
     one; ``all``: each of them): the prompt is the window up to the reply (the conversation so
     far), the student writes until it samples ``stop_token`` (default: the corpus' EOS id, which
     ends each reply in the plain template and is the end-of-turn token of Hugging Face chat
-    tokenizers; -1: never stop) or the window ends, and the data's next turn follows its reply.
+    tokenizers; a run whose stop token ends none of the replies of its first windows is refused
+    at start; -1: never stop) or the window ends, and the data's next turn follows its reply.
     Only what the student wrote is trained; a window in which no reply starts trains nothing on
     that step. A blend of both kinds (``data.weights``) treats each window as its corpus is; the
     stop token then ends document samples too. ``all`` decodes through the whole window (one

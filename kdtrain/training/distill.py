@@ -27,10 +27,8 @@ student's cross entropy and, with a live teacher, its divergence to the teacher.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Optional
 
 import numpy as np
@@ -39,8 +37,7 @@ import torch.distributed as dist
 
 from ..cache.source import CachedPayloads
 from ..config import to_dict
-from ..config.distill import DistillConfig, OnPolicyConfig
-from ..data.gpt_dataset import GPTWindowDataset
+from ..config.distill import DistillConfig
 from ..loss import kd_loss
 from ..models import transformer_engine_available
 from ..parallel import RoleLayout, build_role_groups, init_distributed
@@ -56,6 +53,7 @@ from .profiling import StepProfiler
 from .pretrain import (build_trainable, describe_dataset, describe_start, evaluate, held_out, lm_forward_step,
                        open_dataset, resolve_dtype, restore_role, save_due, save_role)
 from .step import SkippedSteps, eval_step, train_step
+from .onpolicy import check_stop_token, onpolicy_step, sampled_windows, spread_step
 from .teacher import Teacher, TeacherSideStats
 
 KD_REPORT_KEYS = ("loss_sum", "kd_sum", "ce_sum", "tokens")
@@ -158,70 +156,6 @@ def serve_batch(teacher: Teacher, channel: PayloadChannel, sample, targets, posi
                 stats.blocked_s += time.perf_counter() - t1
 
 
-def spread_step(step: int, fraction: float) -> bool:
-    """Whether ``step`` is one of a ``fraction`` of the steps spread evenly: floor((t+1) f) >
-    floor(t f), in exact arithmetic on the fraction as written (0.29 is 29/100: in floats
-    29 * 0.29 < 8.41 would lose a step in 100)."""
-    f = Fraction(repr(fraction))
-    return f > 0 and math.floor((step + 1) * f) > math.floor(step * f)
-
-
-def onpolicy_step(step: int, cfg: DistillConfig) -> bool:
-    """Whether the student samples the sequences of ``step`` (``onpolicy.fraction`` of the steps,
-    spread evenly like the mixed teacher's live steps; the same answer on every rank)."""
-    return spread_step(step, cfg.onpolicy.fraction)
-
-
-def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, first: int, groups,
-                    device) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """The step's windows [G, seq + 1] with the student's samples written in (models/generate.py),
-    the label flags [G, seq] of the sampled tokens and, with attention within documents, the new
-    windows' document positions [G, seq + 1] (else None), on every rank.
-
-    What is sampled (OnPolicyConfig): after each window's first ``onpolicy.prompt_length``
-    tokens, or, on conversations, the window's first reply (``onpolicy.replies: all``: every
-    reply), each until the stop token, the data's next turn following. Each student replica
-    samples its own samples, ``onpolicy.sample_batch`` rows per call (all of them when 0), all
-    its pipeline stages together (with ``precision.cuda_graphs`` each position's forward replays
-    as one CUDA graph, models/decode_graph.py); one world all-reduce (tensor rank 0 of each student replica's
-    last stage contributes, every other rank adds zeros) hands every rank the whole step with the
-    flags, since a teacher replica serves other replicas' samples. A disaggregated teacher waits in it for the step's samples: on-policy steps
-    cannot run ahead. The sampling is keyed by sample id, so the windows do not depend on the
-    layout. ``student`` is None on teacher-only ranks."""
-    from ..models.generate import DecodeStages, sample_replies
-
-    tr, op = cfg.training, cfg.onpolicy
-    G, length = tr.global_batch_size, cfg.data.seq_length + 1
-    replies = dataset.conversations
-    stop = None
-    if replies:
-        stop = dataset.eos_id if op.stop_token is None else op.stop_token
-        stop = None if stop is None or stop < 0 else stop
-    documents = cfg.data.attention == "documents"
-    # Per sample: the window, its sampled flags, and its document positions.
-    out = torch.zeros(G, (3 if documents else 2) * length, dtype=torch.long, device=device)
-    ids = replica_sample_ids(first, G, groups.dp_rank, groups.layout.dp) if student is not None else range(0)
-    rows = op.sample_batch or max(1, len(ids))
-    for i in range(0, len(ids), rows):
-        chunk = ids[i:i + rows]
-        windows = torch.from_numpy(np.stack([dataset.train_sample(g) for g in chunk])).to(device)
-        positions = (torch.from_numpy(np.stack([dataset.train_positions(g) for g in chunk])).to(device)
-                     if documents else None)
-        spans = onpolicy_spans(dataset, chunk, op, length)
-        seqs, flags, new_pos = sample_replies(
-            student.model, windows, spans, vocab_size=cfg.student.model.vocab_size, temperature=op.temperature,
-            seed=tr.seed, sample_ids=chunk, stop_token=stop, pad_id=dataset.eos_id or 0, tp_group=groups.pgc.tp,
-            top_k=op.top_k, top_p=op.top_p, positions=positions, stages=DecodeStages.of(groups),
-            graphs=cfg.precision.cuda_graphs)
-        if groups.tp_rank == 0 and groups.is_last_stage:  # every stage holds the same rows
-            out[chunk.start - first:chunk.stop - first] = torch.cat(
-                [seqs, flags.long()] + ([new_pos] if documents else []), dim=1)
-    dist.all_reduce(out)
-    out = out.cpu().numpy()
-    # Label i predicts token i + 1: a sampled token t is the label t - 1.
-    return out[:, :length], out[:, length + 1:2 * length].astype(bool), out[:, 2 * length:] if documents else None
-
-
 def live_teacher_step(step: int, cfg: DistillConfig, reader) -> bool:
     """Whether the live teacher serves ``step`` (the same answer on every rank).
 
@@ -291,6 +225,7 @@ def distill(cfg: DistillConfig) -> dict:
     s_groups = build_role_groups(s_layout, timeout_s=cfg.distributed.timeout_s)
 
     dataset = open_dataset(cfg.data, cfg.student.model)
+    check_stop_token(dataset, cfg)
     pairing = Pairing(tr.global_batch_size // tr.micro_batch_size, t_layout.dp, s_layout.dp)
     spec = PayloadSpec(cfg.data.seq_length, tr.micro_batch_size, cfg.teacher.topk,
                        torch.float32 if cfg.teacher.values_dtype == "fp32" else torch.bfloat16)
@@ -539,16 +474,6 @@ def _teachers_wait_for_students(cfg: DistillConfig) -> None:
     died, and a slow save would end the job as one."""
     if cfg.split.mode == "disaggregated":
         dist.barrier()
-
-
-def onpolicy_spans(dataset, ids, op: OnPolicyConfig, length: int) -> list[list[tuple[int, int]]]:
-    """Per train sample of ``ids``, the token ranges of its window the student writes on an
-    on-policy step: the replies that start in it on conversations (the first, or all), else all
-    after the first ``op.prompt_length`` tokens; each window by its own corpus (a blend may mix
-    conversations and documents)."""
-    spans = [dataset.train_reply_spans(g) if dataset.train_is_conversation(g)
-             else [(op.prompt_length, length)] for g in ids]
-    return spans if op.replies == "all" else [row[:1] for row in spans]
 
 
 def _agree_start_step(start_step: int, s_layout: RoleLayout, device) -> int:
