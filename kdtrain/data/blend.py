@@ -103,7 +103,9 @@ class BlendedWindowDataset:
         return self.components[c].train_reply_spans(local)
 
     def valid_source_of(self, j: int) -> tuple[int, int]:
-        """(corpus, that corpus' own held-out window) of held-out sample ``j``."""
+        """(corpus, that corpus' own held-out window) of held-out sample ``j``: the blend's schedule
+        over the corpora with held-out windows, each corpus' windows cycled (a weighted sample: a
+        corpus whose weight asks for more samples than it has windows repeats some)."""
         if not 0 <= j < self.num_valid_windows:
             raise IndexError(f"held-out sample index {j} out of range [0, {self.num_valid_windows})")
         block, i = divmod(int(j), BLOCK)

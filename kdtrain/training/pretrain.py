@@ -144,9 +144,11 @@ def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, s
 
 def held_out(dataset, t: TrainingConfig) -> tuple[int, Callable, Callable, Callable]:
     """(global batches, window, target flags, document positions of held-out sample j) of one
-    evaluation: ``t.eval_batches`` batches, fewer when the held-out windows fill fewer. Each window
-    counts once: the samples that pad the last batch past the held-out windows repeat the first
-    ones with no target, so they weigh nothing in the losses."""
+    evaluation: ``t.eval_batches`` batches, fewer when the held-out windows fill fewer. Each of a
+    corpus' windows counts once: the samples that pad the last batch past the held-out windows
+    repeat the first ones with no target, so they weigh nothing in the losses. A blend's held-out
+    samples follow its weights over its corpora's held-out windows (blend.py): a weighted sample,
+    in which a corpus with more weight than windows repeats some and another may leave some out."""
     n, g = dataset.num_valid_windows, t.global_batch_size
     batches = min(t.eval_batches, -(-n // g))
     labels = len(dataset.valid_sample(0)) - 1 if batches * g > n else 0  # per window, when some repeat
