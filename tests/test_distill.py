@@ -491,3 +491,20 @@ def test_teacher_wait_reaches_the_log_when_the_student_has_stages(tmp_path):
     logged = read_metrics(tmp_path / "run")
     assert sorted(logged) == [1, 2, 3]
     assert all(rec["teacher_wait_s"] > 0 for rec in logged.values()), logged
+
+
+def test_a_log_line_reports_the_interval_s_mean(world_of_one, tmp_path):
+    """logging.interval=2 in distillation: the line of step 2 holds the mean losses of steps 1 and
+    2 (the same run logged every step), the teacher's busy share of the same steps' mean time."""
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.distill import distill
+
+    for every in (1, 2):
+        distill(load_distill_config("tiny", ["data.mock=true", "training.train_steps=4", "training.eval_batches=0",
+                                             f"logging.interval={every}", f"logging.dir={tmp_path / str(every)}"]))
+    one, two = read_metrics(tmp_path / "1"), read_metrics(tmp_path / "2")
+    assert sorted(one) == [1, 2, 3, 4] and sorted(two) == [2, 4]
+    for s in (2, 4):
+        for k in ("loss", "kd_loss"):
+            assert two[s][k] == pytest.approx((one[s - 1][k] + one[s][k]) / 2, rel=1e-6), k
+        assert 0 < two[s]["teacher_busy"] <= 1.0

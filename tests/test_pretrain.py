@@ -265,3 +265,24 @@ def test_a_diverged_run_stops_on_its_last_good_checkpoint(world_of_one, tmp_path
     logged = read_metrics(tmp_path / "log")
     assert all(logged[s]["skipped"] == 1 for s in range(first, last + 1))  # off the 5-step interval too
     assert latest_checkpoint(str(tmp_path / "ck")).name == f"step_{last - 1:07d}"
+
+
+def test_a_log_line_reports_the_interval_s_mean(world_of_one, tmp_path):
+    """logging.interval=2: the line of step 2 reports the mean loss of steps 1 and 2 (the same
+    steps logged one by one, equal token counts) and their mean step time, not step 2's alone."""
+    from conftest import read_metrics
+    from kdtrain.config import load_pretrain_config
+    from kdtrain.training.pretrain import pretrain
+
+    for every in (1, 2):
+        pretrain(load_pretrain_config("tiny", [
+            "data.mock=true", "precision.device=cpu", "training.train_steps=4", "training.eval_batches=0",
+            f"logging.interval={every}", f"logging.dir={tmp_path / str(every)}"]))
+    one, two = read_metrics(tmp_path / "1"), read_metrics(tmp_path / "2")
+    assert sorted(one) == [1, 2, 3, 4] and sorted(two) == [2, 4]
+    for s in (2, 4):
+        assert two[s]["loss"] == pytest.approx((one[s - 1]["loss"] + one[s]["loss"]) / 2, rel=1e-6)
+        assert two[s]["loss"] != pytest.approx(one[s]["loss"], rel=1e-6)
+        assert two[s]["lr"] == one[s]["lr"] and two[s]["grad_norm"] == pytest.approx(one[s]["grad_norm"], rel=1e-6)
+        batch = two[s]["consumed_samples"] / s
+        assert two[s]["samples_per_s"] == pytest.approx(batch / two[s]["step_time_s"])  # the interval's mean step

@@ -203,6 +203,8 @@ class PrecisionConfig:
 @dataclass
 class LoggingConfig:
     dir: str = "runs/default"  # metrics.jsonl, TensorBoard events, wandb files
+    # Steps per log line (also the last step, a job's last step and a skipped step). A line reports
+    # the mean loss and throughput of the steps since the last one, and its own step's lr and norm.
     interval: int = 1
     progress_bar: bool = True
     tensorboard: bool = True

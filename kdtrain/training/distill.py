@@ -47,7 +47,7 @@ from .auto_split import resolve_auto_split
 from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids, stack_rows
 from .checkpoint import run_record
 from .logger import RunLogger
-from .metrics import Throughput, peak_tflops
+from .metrics import IntervalSums, Throughput, peak_tflops
 from .optimizer import lr_at
 from .profiling import StepProfiler
 from .pretrain import (build_trainable, describe_dataset, describe_start, evaluate, held_out, lm_forward_step,
@@ -302,6 +302,7 @@ def distill(cfg: DistillConfig) -> dict:
     teacher_side = TeacherSideStats(env.device)
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
     skips = SkippedSteps(tr.max_skipped_steps)
+    interval = IntervalSums()
     step = start_step
     while step < tr.train_steps:
         profiler.begin(step + 1)
@@ -345,30 +346,37 @@ def distill(cfg: DistillConfig) -> dict:
             teacher_side.blocked_s += time.perf_counter() - t0
         if teacher is not None:
             teacher_side.end_step(channel)
-        rates = s_tp.stop()
+        seconds = s_tp.stop()["step_time_s"]
+        if result is not None:  # the interval's sums: reports, the teacher's live steps, the waits
+            interval.add({**result.sums, "live": float(live), "teacher_wait_s": timers["teacher_wait_s"]}, seconds)
         step += 1
         stop_now = tr.exit_interval is not None and step - start_step >= tr.exit_interval
         profiler.end(step, stopping=stop_now)
-        log_now = step % cfg.logging.interval == 0 or step == tr.train_steps
+        log_now = step % cfg.logging.interval == 0 or step == tr.train_steps or stop_now
         save_now = save_due(cfg.checkpoint, step, tr.train_steps, stop_now)
         # collective: every rank, same steps; teacher-only ranks start it without waiting
         t_stats = teacher_side.collect(wait=student is not None) if log_now else {}
-        if result is not None and log_now and s_layout.num_ranks > 1:
-            # The wait is timed where the loss runs (the last stage); the log line takes the
-            # longest of any student rank (the logging rank is stage 0 when student.pp > 1).
-            wait = torch.tensor([timers["teacher_wait_s"]], dtype=torch.float64, device=env.device)
-            dist.all_reduce(wait, op=dist.ReduceOp.MAX, group=s_groups.role_group)
-            timers["teacher_wait_s"] = float(wait.item())
         if result is not None:
-            sums = result.sums
+            summary["train_loss"] = result.sums["loss_sum"] / max(result.sums["tokens"], 1.0)
+        if result is not None and (log_now or result.skipped):
+            # The steps since the last line: their mean losses, throughput and waits; this step's
+            # lr, norm and flags. t_stats are the teacher ranks' means over the same steps.
+            sums, seconds, steps = interval.take()
+            if log_now and s_layout.num_ranks > 1:
+                # The wait is timed where the loss runs (the last stage); the line takes the
+                # longest of any student rank (the logging rank is stage 0 when student.pp > 1).
+                wait = torch.tensor([sums["teacher_wait_s"]], dtype=torch.float64, device=env.device)
+                dist.all_reduce(wait, op=dist.ReduceOp.MAX, group=s_groups.role_group)
+                sums["teacher_wait_s"] = float(wait.item())
+            rates = s_tp.rates(seconds, steps)
             n = max(sums["tokens"], 1.0)
             metrics = {"loss": sums["loss_sum"] / n, "kd_loss": sums["kd_sum"] / n, "ce_loss": sums["ce_sum"] / n,
                        "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
                        "consumed_samples": step * tr.global_batch_size, **rates,
-                       # a cached step ran no teacher
-                       "teacher_tflops_per_device": live * teacher_flops * rates["tokens_per_s"] / t_layout.num_ranks
-                       / 1e12,
-                       "teacher_wait_s": timers["teacher_wait_s"], "teacher_live": int(live), **t_stats}
+                       # cached steps ran no teacher
+                       "teacher_tflops_per_device": sums["live"] / steps * teacher_flops * rates["tokens_per_s"]
+                       / t_layout.num_ranks / 1e12,
+                       "teacher_wait_s": sums["teacher_wait_s"] / steps, "teacher_live": int(live), **t_stats}
             if cfg.onpolicy.fraction > 0:
                 metrics["onpolicy"] = int(onpolicy)
                 metrics["sample_s"] = timers["sample_s"] if onpolicy else 0.0
@@ -378,9 +386,8 @@ def distill(cfg: DistillConfig) -> dict:
                 metrics["payload_bytes_per_s"] = t_stats["payload_bytes_per_step"] / rates["step_time_s"]
             if peak:
                 metrics["teacher_mfu"] = metrics["teacher_tflops_per_device"] / peak
-            summary["train_loss"] = metrics["loss"]
-            if log_now or result.skipped:
-                logger.log(step, metrics)
+            logger.log(step, metrics)
+        if result is not None:
             # Before a save: the step that ends a diverged run saves nothing. Teacher-only ranks
             # learn of it as of a dead peer (their next send times out; torchrun stops the job).
             skips.update(step, result)

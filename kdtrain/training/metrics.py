@@ -60,8 +60,13 @@ class Throughput:
         self._t0 = time.perf_counter()
 
     def stop(self) -> dict:
+        """The step's rates (``rates`` of its wall time)."""
         self._sync()
-        dt = time.perf_counter() - self._t0
+        return self.rates(time.perf_counter() - self._t0)
+
+    def rates(self, seconds: float, steps: int = 1) -> dict:
+        """Rates of ``steps`` steps that took ``seconds`` in all (step_time_s is their mean)."""
+        dt = seconds / steps
         tokens_per_s = self.tokens_per_step / dt
         tflops = self.flops_per_token * tokens_per_s / self.num_devices / 1e12
         out = {"step_time_s": dt, "tokens_per_s": tokens_per_s, "samples_per_s": self.samples_per_step / dt,
@@ -70,4 +75,28 @@ class Throughput:
             out["mfu"] = tflops / self.peak
         if self.device.type == "cuda":  # high-water mark since the start of the run
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return out
+
+
+class IntervalSums:
+    """The steps since the last log line (``logging.interval``): their report sums and wall time,
+    so that a line reports the interval's mean loss and its throughput, not the last step's alone
+    (Megatron's habit). ``take()`` returns them and starts a new interval."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, sums: dict[str, float], seconds: float) -> None:
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.seconds += seconds
+        self.steps += 1
+
+    def take(self) -> tuple[dict[str, float], float, int]:
+        out = (self.sums, self.seconds, self.steps)
+        self._reset()
         return out

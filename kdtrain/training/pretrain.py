@@ -22,7 +22,7 @@ from .checkpoint import (CheckpointReader, check_checkpoint_model, check_resume,
                          load_training_state, refuse_other_runs, restore_rng, run_record, save_checkpoint)
 from .grads import GradBuffer
 from .logger import RunLogger
-from .metrics import Throughput, peak_tflops
+from .metrics import IntervalSums, Throughput, peak_tflops
 from .optimizer import AdamWOptimizer, lr_at
 from .pipeline import ForwardStep, PipelineSchedule
 from .profiling import StepProfiler
@@ -216,6 +216,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     summary: dict = {"start_step": start_step}
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
     skips = SkippedSteps(t.max_skipped_steps)
+    interval = IntervalSums()
     step = start_step
     while step < t.train_steps:
         profiler.begin(step + 1)
@@ -226,15 +227,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
         throughput.start()
         result = train_step(role.schedule, forward_step, mbs, role.grads, role.optimizer, groups, lr,
                             cfg.optimizer.clip_grad, cfg.model.tie_embeddings, LM_REPORT_KEYS)
-        rates = throughput.stop()
+        interval.add(result.sums, throughput.stop()["step_time_s"])
         step += 1
         stop_now = t.exit_interval is not None and step - start_step >= t.exit_interval
         profiler.end(step, stopping=stop_now)
-        loss = result.sums["loss_sum"] / max(result.sums["tokens"], 1.0)
-        metrics = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm, "skipped": int(result.skipped),
-                   "consumed_samples": step * t.global_batch_size, **rates}
-        summary["train_loss"] = loss
-        if step % cfg.logging.interval == 0 or step == t.train_steps or result.skipped:
+        summary["train_loss"] = result.sums["loss_sum"] / max(result.sums["tokens"], 1.0)
+        if step % cfg.logging.interval == 0 or step == t.train_steps or result.skipped or stop_now:
+            # The steps since the last line: their mean loss and throughput, this step's lr and norm.
+            sums, seconds, steps = interval.take()
+            metrics = {"loss": sums["loss_sum"] / max(sums["tokens"], 1.0), "lr": lr, "grad_norm": result.grad_norm,
+                       "skipped": int(result.skipped), "consumed_samples": step * t.global_batch_size,
+                       **throughput.rates(seconds, steps)}
             logger.log(step, metrics)
         skips.update(step, result)  # before a save: the step that ends a diverged run saves nothing
         if t.eval_interval and step % t.eval_interval == 0 and step < t.train_steps:
