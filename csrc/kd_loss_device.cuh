@@ -207,6 +207,16 @@ __device__ inline Online block_online(Online s, float tau, bool ce1, float* red5
 
 // ------------------------------------------------------------------- pass-2 per-row math
 
+// log(X / M) for the mixture M = a Y + b X (a + b = 1), from d = log Y - log X:
+// -logaddexp(log a + d, log b). As log X - log M it is a difference of two O(1) logs whose value
+// is O(a) for a small weight, lost to rounding; from d, with log a and log b exact, it keeps full
+// precision (kdtrain/loss/kd_reference.py: log_ratio_to_mix).
+__device__ __forceinline__ float log_ratio_to_mix(float d, float log_a, float log_b) {
+  const float u = d + log_a;
+  const float hi = fmaxf(u, log_b), lo = fminf(u, log_b);
+  return -(hi + log1pf(expf(lo - hi)));
+}
+
 // d_i and w_i = dD/dlog Q_i of one outcome (see the header comment); 0 * log 0 = 0.
 __device__ __forceinline__ void divergence_terms(int div, float beta, float P, float logP, float Q, float logQ,
                                                  float& d, float& w) {
@@ -217,12 +227,10 @@ __device__ __forceinline__ void divergence_terms(int div, float beta, float P, f
     d = Q > 0.f ? Q * (logQ - logP) : 0.f;
     w = d;
   } else {
-    // log M = logaddexp(log beta + log P, log(1 - beta) + log Q), computed stably.
-    const float a = logf(beta) + logP, b = log1pf(-beta) + logQ;
-    const float hi = fmaxf(a, b), lo = fminf(a, b);
-    const float logM = hi + log1pf(expf(lo - hi));
-    const float kq = Q > 0.f ? Q * (logQ - logM) : 0.f;
-    d = beta * (P > 0.f ? P * (logP - logM) : 0.f) + (1.f - beta) * kq;
+    // log beta and log(1 - beta) from beta itself: 1 - beta rounds away most of a small beta.
+    const float lb = logf(beta), l1b = log1pf(-beta);
+    const float kq = Q > 0.f ? Q * log_ratio_to_mix(logP - logQ, lb, l1b) : 0.f;  // Q log(Q / M)
+    d = beta * (P > 0.f ? P * log_ratio_to_mix(logQ - logP, l1b, lb) : 0.f) + (1.f - beta) * kq;
     w = (1.f - beta) * kq;
   }
 }

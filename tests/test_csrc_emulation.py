@@ -172,6 +172,8 @@ def _host_checks(lib_path: str) -> None:
     check("k=1, grad_output=1", cfg, torch.float32, (2, 301, 304, 1), scale=1.0)
     check("k=V", KDLossConfig(divergence="reverse_kl"), torch.float32, (2, 129, 129, 129))
     check("K bitmap above 48 KiB", cfg, torch.bfloat16, (1, 400_003, 400_008, 16))
+    check("jsd beta=1e-6 (log1p/expm1 form)", KDLossConfig(divergence="jsd", beta=1e-6), torch.float32,
+          (3, 1271, 1280, 40))
     for div, tau in (("forward_kl", 0.5), ("jsd", 1.0)):  # tau 1: one exponential for the KD and CE parts
         check(f"collapsed student {div} tau={tau}", KDLossConfig(divergence=div, tau=tau, alpha=0.1),
               torch.float32, (3, 1271, 1280, 40), collapsed=True)

@@ -75,3 +75,29 @@ def test_a_student_tail_far_below_its_top_k_keeps_its_mass_and_gradient():
             assert abs(got - want) <= 1e-5 * abs(want), (div, impl, got, want)
             # fp32 with logits of 120 / ln 2 base-2 units: ~1e-5 of rounding, relative to the largest entry
             assert torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-4 * want_grad.abs().max()), (div, impl)
+
+
+def test_jsd_with_a_small_beta_keeps_its_gradient_in_fp32():
+    """Generalized JSD's gradient is (1 - beta) Q log(Q / M), O(beta) next to O(1) log-terms:
+    written as log Q - logaddexp(...) it was lost to fp32 rounding for a small beta (1% error at
+    1e-6, 60% at 1e-8). Computed from log P - log Q, as -logaddexp(log beta + log P - log Q,
+    log(1 - beta)), the fp32 loss and gradient follow fp64 at every beta."""
+    S, B, V, k = 4, 2, 200, 16
+    g = torch.Generator().manual_seed(3)
+    zs = 2 * torch.randn(S, B, V, generator=g, dtype=torch.float64)
+    ids, vals, tail = _teacher(S, B, V, k, seed=4)
+    for beta in (1e-2, 1e-4, 1e-6, 1e-8, 1 - 1e-6):
+        cfg = KDLossConfig(divergence="jsd", beta=beta)
+        out = {}
+        for impl, dtype in (("reference", torch.float64), *((i, torch.float32) for i in IMPLS)):
+            x = zs.to(dtype).clone().requires_grad_(True)
+            loss, _ = kd_loss(x, ids, vals.to(dtype), vocab_size=V, config=cfg, teacher_tail_lse_SB=tail.to(dtype),
+                              impl=impl)
+            loss.backward()
+            out[impl, dtype] = loss.item(), x.grad.double()
+        want, want_grad = out["reference", torch.float64]
+        for impl in IMPLS:
+            got, grad = out[impl, torch.float32]
+            assert abs(got - want) <= 1e-5 * abs(want), (beta, impl, got, want)
+            err = ((grad - want_grad).norm() / want_grad.norm()).item()
+            assert err < 1e-5, (beta, impl, err)

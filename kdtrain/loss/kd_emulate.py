@@ -48,6 +48,8 @@ import math
 
 import torch
 
+from .kd_reference import log_ratio_to_mix
+
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
@@ -62,10 +64,11 @@ def divergence_terms(P, logP, Q, logQ, divergence: int, beta: float):
     if divergence == 1:  # KL(Q||P): dD/dlogQ = Q (log Q - log P) + Q; the "+ Q" is a constant shift
         d = torch.where(Q > 0, Q * (logQ - logP), zero)
         return d, d
-    # JSD: M = beta P + (1 - beta) Q; dD/dQ_i = (1 - beta) log(Q_i / M_i) exactly.
-    logM = torch.logaddexp(logP + math.log(beta), logQ + math.log1p(-beta))
-    kl_q = torch.where(Q > 0, Q * (logQ - logM), zero)
-    d = beta * torch.where(P > 0, P * (logP - logM), zero) + (1.0 - beta) * kl_q
+    # JSD: M = beta P + (1 - beta) Q; dD/dQ_i = (1 - beta) log(Q_i / M_i) exactly. The log ratios
+    # to M in the form that keeps a small beta exact (kd_reference.log_ratio_to_mix).
+    log_beta, log_1m_beta = math.log(beta), math.log1p(-beta)
+    kl_q = torch.where(Q > 0, Q * log_ratio_to_mix(logP - logQ, log_beta, log_1m_beta), zero)
+    d = beta * torch.where(P > 0, P * log_ratio_to_mix(logQ - logP, log_1m_beta, log_beta), zero) + (1.0 - beta) * kl_q
     return d, (1.0 - beta) * kl_q
 
 

@@ -89,6 +89,14 @@ def _kl_terms(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torc
     return a * torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
 
 
+def log_ratio_to_mix(d: torch.Tensor, log_a: float, log_b: float) -> torch.Tensor:
+    """log(X / M) for the mixture M = a Y + b X (a + b = 1), from d = log Y - log X:
+    -logaddexp(log a + d, log b). Written as ``log X - log M`` it is the difference of two O(1)
+    logs whose value is O(a) for a small weight a, lost to rounding (at beta = 1e-6 the JSD
+    gradient was 1% off in fp32); from d, with log a and log b exact, it keeps full precision."""
+    return -torch.logaddexp(d + log_a, torch.full_like(d, log_b))
+
+
 def divergence(logP: torch.Tensor, logQ: torch.Tensor, config: KDLossConfig) -> torch.Tensor:
     """Chosen divergence between teacher P and student Q (log-probabilities), summed over the last dim."""
     P, Q = logP.exp(), logQ.exp()
@@ -97,8 +105,12 @@ def divergence(logP: torch.Tensor, logQ: torch.Tensor, config: KDLossConfig) -> 
         return _kl_terms(P, logP, logQ).sum(-1)
     if config.divergence == "reverse_kl" or (config.divergence == "jsd" and beta == 1.0):
         return _kl_terms(Q, logQ, logP).sum(-1)
-    logM = torch.logaddexp(logP + math.log(beta), logQ + math.log1p(-beta))
-    return beta * _kl_terms(P, logP, logM).sum(-1) + (1.0 - beta) * _kl_terms(Q, logQ, logM).sum(-1)
+    zero = torch.zeros((), dtype=P.dtype, device=P.device)
+    log_beta, log_1m_beta = math.log(beta), math.log1p(-beta)
+    log_q_m = log_ratio_to_mix(logP - logQ, log_beta, log_1m_beta)  # log(Q / M)
+    log_p_m = log_ratio_to_mix(logQ - logP, log_1m_beta, log_beta)  # log(P / M)
+    return (beta * (P * torch.where(P > 0, log_p_m, zero)).sum(-1)
+            + (1.0 - beta) * (Q * torch.where(Q > 0, log_q_m, zero)).sum(-1))
 
 
 def token_weights(loss_mask_SB, labels_SB, ignore_index: int, like: torch.Tensor) -> torch.Tensor:
