@@ -22,7 +22,8 @@
 #
 #   stage          nominal s  what (estimates from the 2026-11-23 H100 runs in benchmarks/results/)
 #   accept_gate        60     the real CUDA-graph capture test (2 tests, must pass, not skip), beside
-#                             the fused-loss kernel's just-in-time build (~35 s of nvcc)
+#                             the fused-loss kernel's just-in-time build (~35 s of nvcc) and then its
+#                             bf16 GPU tests against the reference (~10 s; else the reference loss)
 #   accept_llama      160     TRL GKD vs kdtrain, Llama pair: ~10 start + 27 prep + 36 TRL + ~65 kdtrain
 #                             (graphed; weights-only checkpoint) + profiles = ~140
 #   accept_qwen       195     the same for the Qwen pair: ~10 + 25 prep + 52 TRL + ~85 kdtrain = ~172
@@ -108,11 +109,19 @@ raise SystemExit(0 if m is not None else 1)'
 kernel_build() {  # the fused-loss kernels (prebuilt or just-in-time); the outcome in kernel_build.log
   timeout -k 10 "${1:-240}" python -c "$KERNEL_PY" > "$WORK/kernel_build.log" 2>&1
 }
+kernel_check() {  # kernel_check LIMIT: the built kernels against the reference on this GPU (bf16 cases, ~10 s)
+  rm -f "$WORK/kernel_check.xml"
+  timeout -k 5 "$1" python -m pytest -q -x -m gpu tests/test_kd_loss_gpu.py -k "test_kernel_matches_reference and bfloat16" \
+    -p no:cacheprovider --junitxml="$WORK/kernel_check.xml" > "$WORK/kernel_check.log" 2>&1
+  python benchmarks/batch_tools.py gate "$WORK/kernel_check.xml" > "$WORK/kernel_check.txt"
+}
 kernel_record() {  # kernel_record RC: kernel_status.txt from kernel_build.log; the environment after a failure
   local rc=$1 line
   line=$(grep -E '^(loaded|failed): ' "$WORK/kernel_build.log" | tail -n 1)
   [ -n "$line" ] || line="failed: exit $rc: $(tail -n 3 "$WORK/kernel_build.log" | tr '\n' ' ' | cut -c1-400)"
-  if [ "$rc" -ne 0 ]; then case $line in loaded:*) line="failed: exit $rc after ${line#loaded: }" ;; esac; fi
+  if [ "$rc" -eq 3 ]; then  # built, but kernel_check did not pass: the reference loss from here on
+    line="failed: built, but the GPU check against the reference did not pass ($(cat "$WORK/kernel_check.txt" 2>/dev/null))"
+  elif [ "$rc" -ne 0 ]; then case $line in loaded:*) line="failed: exit $rc after ${line#loaded: }" ;; esac; fi
   echo "$line" > "$WORK/kernel_status.txt"
   echo "=== fused KD-loss kernels: $line"
   kernel_env
@@ -127,10 +136,12 @@ accept_mode() {  # graphs or eager: the gate's outcome, or an earlier stage's (a
   if [ -f "$WORK/accept_mode.txt" ]; then cut -d: -f1 "$WORK/accept_mode.txt"; else echo graphs; fi
 }
 accept_gate() {
-  # The fused-loss kernel's just-in-time build runs beside the GPU test.
+  # The fused-loss kernel's just-in-time build runs beside the GPU test, then a few of its GPU
+  # tests against the reference (exit 3 when they do not pass: the batch then uses the reference).
   local limit build rc
   limit=$(accept_limit 60 60)
-  kernel_build $((limit + 30)) &  # ~35 s measured; a killed build would leave kdtrain on the reference loss
+  # ~35 s build measured; a killed build would leave kdtrain on the reference loss
+  { kernel_build $((limit + 30)); b=$?; if [ "$b" -eq 0 ] && ! kernel_check 40; then b=3; fi; exit "$b"; } &
   build=$!
   rm -f "$WORK/accept_gate.xml"
   stage accept_gate "$limit" python -m pytest -q -s -m gpu tests/test_cuda_graphs_gpu.py -k train_like_eager \
