@@ -167,8 +167,11 @@ def test_runs_and_caches_tell_the_packings_apart(tiny_chat_corpus):
     assert dataset_identity(packed.data)["packing"] == "documents"
     assert dataset_identity(packed.data)["packing_rule"] == 2  # caches of the windows before the split-first rule
     assert dataset_identity(best.data)["packing"] == "best_fit"
-    line = describe_dataset(open_dataset(packed.data, packed.model), packed.data)
+    packed_ds = open_dataset(packed.data, packed.model)
+    line = describe_dataset(packed_ds, packed.data)
     assert "whole documents per window, in corpus order" in line and "% padding" in line
+    cut = sum(c for w in range(packed_ds.num_windows) for _, _, c in packed_ds.packed.pieces(w))
+    assert packed_ds.cut_documents == cut and (f"{cut} pieces continue a document cut" in line) == (cut > 0)
     assert "replies are the targets" in line
     best_ds = open_dataset(best.data, best.model)
     assert "best fit" in describe_dataset(best_ds, best.data)
@@ -240,6 +243,7 @@ def test_a_packed_piece_that_carries_a_reply_on_is_not_a_new_reply(tmp_path):
     ds = GPTWindowDataset([prefix], S, split=(1.0, 0.0), packing="best_fit", document_positions=True)
     carrier = [w for w in range(ds.num_windows) if any(c for _, _, c in ds.packed.pieces(w)[1:])]
     assert carrier, [ds.packed.pieces(w) for w in range(ds.num_windows)]
+    assert ds.cut_documents == 1  # the long conversation's second piece
     for w in carrier:
         (_, first, _), (_, _, continues) = ds.packed.pieces(w)[:2]
         assert continues

@@ -145,6 +145,10 @@ class BlendedWindowDataset:
         windows = [c.num_train_windows + c.num_valid_windows for c in self.components]
         return sum(c.padding_share * n for c, n in zip(self.components, windows)) / sum(windows)
 
+    @property
+    def cut_documents(self) -> int:
+        return sum(c.cut_documents for c in self.components)
+
     def _mask_or_ones(self, mask: np.ndarray | None) -> np.ndarray:
         # A corpus without a mask, blended with one that has it: all its tokens are targets.
         return np.ones(self.components[0].seq_length, dtype=bool) if mask is None else mask

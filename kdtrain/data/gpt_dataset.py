@@ -174,6 +174,11 @@ class GPTWindowDataset:
         return 0.0 if self.packed is None else self.packed.padding_share
 
     @property
+    def cut_documents(self) -> int:
+        """Packed pieces that continue a document cut at a window's end (0 without packing)."""
+        return 0 if self.packed is None else self.packed.cut_documents
+
+    @property
     def num_train_windows(self) -> int:
         return self._n_train
 

@@ -51,6 +51,12 @@ class PackedWindows:
     def padding_share(self) -> float:
         return 1.0 - float(self.piece_length.sum()) / max(1, self.num_windows * self.window)
 
+    @property
+    def cut_documents(self) -> int:
+        """Pieces that continue a document cut at a window's end (a document longer than a window,
+        or than what the window had left, in ``stream`` fill)."""
+        return int(self.piece_continues.sum())
+
     def pieces(self, w: int) -> list[tuple[int, int, bool]]:
         """(stream position, length, continues a document) of the pieces of window ``w``, in order."""
         lo, hi = int(self.first_piece[w]), int(self.first_piece[w + 1])

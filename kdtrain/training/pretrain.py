@@ -99,7 +99,10 @@ def describe_dataset(dataset, data: DataConfig) -> str:
             f"{data.seq_length} tokens")
     if data.packing != "stream":
         how = "best fit" if data.packing == "best_fit" else "in corpus order"
-        line += f", whole documents per window, {how} ({100 * dataset.padding_share:.1f}% padding)"
+        line += f", whole documents per window, {how} ({100 * dataset.padding_share:.1f}% padding"
+        if dataset.cut_documents:  # a long document's later pieces lose the context before them
+            line += f", {dataset.cut_documents} pieces continue a document cut at a window's end"
+        line += ")"
     if dataset.conversations:
         line += ", conversations: the replies are the targets"
     if data.attention == "documents":
