@@ -120,7 +120,9 @@ struct Online {
 constexpr int kOnlineFloats = 5;
 
 __device__ __forceinline__ void online_merge(Online& a, const Online& b, float tau, bool ce1) {
-  // Commutative: both shuffle partners compute identical bits. 2^-inf = 0 for an empty side.
+  // 2^-inf = 0 for an empty side. (Shuffle partners may round differently where nvcc contracts
+  // a*b + c*d into an FMA; only lane 0's result is kept and the warps merge in a fixed order, so
+  // the block's result is deterministic.)
   const float mn = fmaxf(a.m, b.m);
   if (mn == kNegInf) return;  // both empty (then both tails are empty too)
   const float fa = exp2f(a.m - mn), fb = exp2f(b.m - mn);

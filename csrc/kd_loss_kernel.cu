@@ -34,7 +34,7 @@
 //
 // Chain rule to s (dlog Q_i / ds_j for the two parametrisations of Q):
 //   tail mode, i in K : log Q_i = s_{K_i} - lse          -> d/ds_j = [j = K_i] - q_j
-//              bucket : log Q_t = log T - log Z           -> d/ds_j = [j not in K] q_j / Q_t - q_j
+//              bucket : log Q_t = (m_t - m) + log T - log Z  -> d/ds_j = [j not in K] q_j / Q_t - q_j
 //   so with W = sum_{all outcomes} w_i:
 //     dD/ds_{K_i}       = w_i - Q_i W                                            (Q_i = q_{K_i})
 //     dD/ds_j, j not K  = q_j (w_t / Q_t - W) = et_j (w_t - Q_t W) / T,  et_j = exp(s_j - m_t)

@@ -227,6 +227,10 @@ def test_a_stop_token_that_ends_no_reply_is_refused(tiny_chat_corpus):
     ds = GPTWindowDataset([tiny_chat_corpus["prefix"]], 64, seed=2)
     absent = next(i for i in range(511, 0, -1)
                   if all(i not in ds.train_sample(g)[a:b] for g in range(64) for a, b in ds.train_reply_spans(g)))
+    no_eos = GPTWindowDataset([tiny_chat_corpus["prefix"]], 64, seed=2)
+    no_eos.__class__ = type("NoEos", (GPTWindowDataset,), {"eos_id": None})  # a corpus that records none
+    with pytest.raises(ValueError, match=r"onpolicy\.stop_token: unset, and the corpus records no EOS id"):
+        check_stop_token(no_eos, load_distill_config("tiny", ["data.mock=true", "onpolicy.fraction=0.5"]))
     for stop, refused in ((None, False), (-1, False), (absent, True)):
         extra = [] if stop is None else [f"onpolicy.stop_token={stop}"]
         cfg = load_distill_config("tiny", ["data.mock=true", "onpolicy.fraction=0.5", *extra])

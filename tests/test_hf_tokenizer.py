@@ -266,7 +266,8 @@ def test_documents_start_as_the_tokenizer_s_convention_says(hf, tmp_path):
 
 def test_a_sentencepiece_directory_states_its_bos_in_its_config(hf, tmp_path):
     """A directory with only tokenizer.model (Llama 2) prepends BOS when its tokenizer_config.json
-    says ``add_bos_token: true``, as transformers' Llama tokenizer does; a bare .model adds nothing."""
+    says ``add_bos_token: true``, or names a Llama tokenizer without the key (transformers' default
+    for those), as transformers' Llama tokenizer does; a bare .model adds nothing."""
     import shutil
 
     from kdtrain.data import train_tokenizer
@@ -276,6 +277,10 @@ def test_a_sentencepiece_directory_states_its_bos_in_its_config(hf, tmp_path):
     d.mkdir()
     shutil.copy(spm, d / "tokenizer.model")
     assert Tokenizer(spm).document_prefix == [] and Tokenizer(str(d)).document_prefix == []
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": False}))
+    assert Tokenizer(str(d)).document_prefix == []
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))  # its default: on
+    assert Tokenizer(str(d)).document_prefix == [Tokenizer(str(d)).bos_id]
     (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
     tok = Tokenizer(str(d))
     assert tok.document_prefix == [tok.bos_id] and tok.bos_id >= 0

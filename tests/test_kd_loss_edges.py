@@ -101,3 +101,18 @@ def test_jsd_with_a_small_beta_keeps_its_gradient_in_fp32():
             assert abs(got - want) <= 1e-5 * abs(want), (beta, impl, got, want)
             err = ((grad - want_grad).norm() / want_grad.norm()).item()
             assert err < 1e-5, (beta, impl, err)
+
+
+def test_fractional_token_weights_keep_their_precision_with_bf16_logits():
+    """A loss mask of fractional weights (0.3, 0.7) weighs tokens in the loss's fp32 arithmetic,
+    not rounded to the logits' bf16 (0.3 -> 0.30078): the reference and the emulated kernel path
+    give the same loss for bf16 logits."""
+    S, B, V, k = 4, 1, 64, 8
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(S, B, V, generator=g).bfloat16()
+    ids, vals, tail = _teacher(S, B, V, k, seed=6)
+    mask = torch.tensor([[0.3], [1.0], [0.7], [1.0]])
+    cfg = KDLossConfig(divergence="forward_kl")
+    got = {impl: kd_loss(z, ids, vals, vocab_size=V, config=cfg, teacher_tail_lse_SB=tail, loss_mask_SB=mask,
+                         impl=impl)[0].item() for impl in IMPLS}
+    assert abs(got["reference"] - got["emulated"]) <= 1e-6 * abs(got["emulated"]), got

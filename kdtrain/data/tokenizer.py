@@ -183,9 +183,12 @@ class SentencePieceTokenizer(Tokenizer):
         if self.bos_id < 0 or not config.is_file():
             return []
         try:
-            add_bos = json.loads(config.read_text()).get("add_bos_token")
+            settings = json.loads(config.read_text())
+            add_bos = settings.get("add_bos_token")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise ValueError(f"tokenizer {config}: not a JSON object ({e})") from None
+        if add_bos is None:  # transformers' Llama tokenizers add BOS unless told otherwise
+            add_bos = "Llama" in str(settings.get("tokenizer_class", ""))
         return [self.bos_id] if add_bos is True else []
 
     def encode(self, text: str) -> list[int]:

@@ -9,7 +9,7 @@ Two paths compute the same loss terms and gradient (same formulas, fp32 arithmet
   thread-block cluster per row: each CTA stages a contiguous slice of the row in shared memory
   (16-byte ``cp.async`` copies), computes pass 1's statistics of the slice from shared memory, and
   the CTAs exchange them through distributed shared memory: after a cluster barrier every CTA
-  reads every rank's partial (max, sum-exp, tail sum, CE sum-exp) and merges them in rank order,
+  reads every rank's partial (max, sum-exp, tail max, tail sum, CE sum-exp) and merges them in rank order,
   so all CTAs hold bit-identical global statistics with no atomics; the student logits at the
   teacher's top-k ids and the CE label are read from the owning CTA's slice. Each CTA then
   evaluates pass 2's per-row terms (the same device functions) and writes its slice's gradient
@@ -24,12 +24,13 @@ Two paths compute the same loss terms and gradient (same formulas, fp32 arithmet
 
 Forward of the two-pass path (per token = one row of the ``[S*B, Vl]`` local logits):
 
-1. ``pass1`` streams the shard once: row max and sum-exp of ``z / tau`` (online), the sum-exp of
-   the columns outside the teacher's top-k K (the student tail, summed directly), the student
+1. ``pass1`` streams the shard once: row max and sum-exp of ``z / tau`` (online), the max and
+   sum-exp of the columns outside the teacher's top-k K (the student tail, summed directly
+   relative to its own maximum, so it cannot underflow below a far larger top-k), the student
    logits at the ids of K that fall in this shard, and for the hard-label CE the target logit
    and the temperature-1 sum-exp.
 2. Between the passes the statistics become global over the TP group: one MAX all-reduce of the
-   row maxima, a rescale of the sums to the global max, one SUM all-reduce of the packed
+   (row, tail) maxima, a rescale of each sum to its global maximum, one SUM all-reduce of the packed
    ``[S*B, 4 + k]`` statistics (every rank then holds all k student logits of K).
 3. ``pass2`` computes the per-token loss terms from the statistics and the teacher payload, then
    streams the shard again writing ``row_weight * d loss_t / d z`` into a buffer in the logits'

@@ -163,7 +163,8 @@ def kd_loss_reference(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, top
     # Masked tokens do not enter the loss: their inputs are replaced by zeros before any math, so a
     # non-finite logit there (0 * NaN is NaN) reaches neither the loss nor the gradient, as in the
     # fused path, which skips rows of weight 0.
-    valid = token_weights(loss_mask_SB, labels_SB, cfg.ignore_index, logits_SBVl).to(dtype)
+    valid = token_weights(loss_mask_SB, labels_SB, cfg.ignore_index,
+                          torch.empty(logits_SBVl.shape[:2] + (0,), dtype=dtype, device=logits_SBVl.device))
     live = valid > 0
     z = torch.where(live.unsqueeze(-1), logits_SBVl.to(dtype), torch.zeros((), dtype=dtype, device=valid.device))
     if real < Vl:  # padding columns of the vocab table are not part of any distribution

@@ -360,9 +360,10 @@ def distill(cfg: DistillConfig) -> dict:
             summary["train_loss"] = result.sums["loss_sum"] / max(result.sums["tokens"], 1.0)
         if result is not None and (log_now or result.skipped):
             # The steps since the last line: their mean losses, throughput and waits; this step's
-            # lr, norm and flags. t_stats are the teacher ranks' means over the same steps.
-            sums, seconds, steps = interval.take()
-            if log_now and s_layout.num_ranks > 1:
+            # lr, norm and flags. t_stats are the teacher ranks' means over the same steps, so a
+            # skipped step logged between lines reports the interval so far without ending it.
+            sums, seconds, steps = interval.take(reset=log_now)
+            if s_layout.num_ranks > 1:  # log_now and skipped are alike on every student rank
                 # The wait is timed where the loss runs (the last stage); the line takes the
                 # longest of any student rank (the logging rank is stage 0 when student.pp > 1).
                 wait = torch.tensor([sums["teacher_wait_s"]], dtype=torch.float64, device=env.device)

@@ -96,7 +96,9 @@ class IntervalSums:
         self.seconds += seconds
         self.steps += 1
 
-    def take(self) -> tuple[dict[str, float], float, int]:
-        out = (self.sums, self.seconds, self.steps)
-        self._reset()
+    def take(self, reset: bool = True) -> tuple[dict[str, float], float, int]:
+        """(sums, seconds, steps) so far; a new interval starts unless ``reset`` is False."""
+        out = (dict(self.sums), self.seconds, self.steps)
+        if reset:
+            self._reset()
         return out

@@ -118,7 +118,10 @@ def check_stop_token(dataset, cfg: DistillConfig, windows: int = 64) -> None:
                 ends.update(reply[-2:])
     if replies == 0:
         return
-    named = f"unset, and the corpus' EOS id {stop}" if op.stop_token is None else f"id {stop}"
+    if stop is None:  # unset, and the corpus records no EOS id
+        named = "unset, and the corpus records no EOS id to stop at: none"
+    else:
+        named = f"unset, and the corpus' EOS id {stop}" if op.stop_token is None else f"id {stop}"
     common = ", ".join(str(i) for i, _ in ends.most_common(3))
     raise ValueError(f"onpolicy.stop_token: {named} occurs in none of the {replies} whole replies of the "
                      f"first {holding} training windows with replies, so a sampled reply would never stop; set "
