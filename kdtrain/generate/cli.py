@@ -11,10 +11,10 @@ template, or ``--chat-template FILE|plain``. A reply stops at an end token: the 
 and those the model names (a Hugging Face directory's ``generation_config.json`` / ``config.json``
 ``eos_token_id``, kept by an import: Llama-3-Instruct ends a turn with ``<|eot_id|>``, its
 tokenizer's EOS is ``<|end_of_text|>``). A plain prompt starts as preprocessed documents do (the
-tokenizer's convention: BOS for Llama tokenizers; ``--prepend-bos`` / ``--no-prepend-bos``). Prompts of different
-lengths are decoded together (kdtrain/models/generate.py: key/value cache, layout-independent
-sampling keyed by ``--seed`` and the prompt's index); ``--temperature 0`` is greedy, and
-``--top-k`` / ``--top-p`` restrict a sampled draw to the most likely tokens. The whole
+tokenizer's convention: BOS for Llama tokenizers; ``--prepend-bos`` / ``--no-prepend-bos``).
+Prompts of different lengths are decoded together (kdtrain/models/generate.py: key/value cache,
+layout-independent sampling keyed by ``--seed`` and the prompt's index); ``--temperature 0`` is
+greedy, and ``--top-k`` / ``--top-p`` restrict a sampled draw to the most likely tokens. The whole
 model runs on one device (GPU when there is one), in bf16 on GPU and fp32 on CPU; on a GPU,
 ``--cuda-graphs`` replays each position's forward as one CUDA graph (models/decode_graph.py).
 """
