@@ -9,10 +9,11 @@ SentencePiece model deterministically.
   distilled on the teacher's own tokenization (kdtrain/data/hf_tokenizer.py); a directory with
   only a SentencePiece ``tokenizer.model`` (older Llama/Mistral releases) opens that.
 
-Both encode plain text without special tokens; when the corpus is preprocessed, documents start
-with the tokenizer's ``document_prefix`` (Llama's BOS) and are separated by the EOS id. A tokenizer's fingerprint is the first 16 hex digits of the sha256 of the
-file that defines it (``tokenizer_file``): datasets and teacher caches record it, and a run whose
-``data.tokenizer`` differs is refused.
+Both encode plain text without special tokens; when the corpus is preprocessed, documents start with
+the tokenizer's ``document_prefix`` (Llama's BOS) and are separated by the EOS id. A tokenizer's
+fingerprint is the first 16 hex digits of the sha256 of the file that defines it
+(``tokenizer_file``): datasets and teacher caches record it, and a run whose ``data.tokenizer``
+differs is refused.
 """
 
 from __future__ import annotations

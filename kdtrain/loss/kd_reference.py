@@ -15,19 +15,19 @@ padded table are excluded).
 Tail handling over the support:
 
 * ``tail`` (default): when ``k < vocab_size`` a (k+1)-th bucket holds the teacher's ``P_t =
-  exp(tail_T - lse_T)`` (log-probs: ``max(0, 1 - sum_K p)``) and the student's ``Q_t = 1 -
-  sum_K q``, so both are distributions over k+1 outcomes. ``Q_t`` is summed directly over the ids
-  outside K, as ``tail_T`` is: no ``1 - sum`` cancellation, which would lose a confident
-  teacher's tail (about 1e-10 next to a top-1 probability of 1) in rounding and charge reverse KL
-  for a tail of 0; and it is summed relative to its own maximum, so a student tail far below its
-  top-k (a collapsed student at a low temperature) keeps its value and its gradient. When ``k == vocab_size`` there is no bucket (both tails are 0 exactly). An
-  empty tail bucket has its log floored at ``LOG_FLOOR = log(2^-126)`` (about -87.3, in every
-  dtype; a teacher tail sent as ``tail_T`` is floored only when it is empty, -inf) and contributes
-  ``0 * log 0 = 0`` as the first argument of a KL, so no NaN/inf enters values or gradients. A
-  floored student tail (its sum-exp underflowed) is a constant: no gradient flows through it.
-  With logits and no ``tail_T`` the teacher tail is 0; reverse KL (and JSD with beta = 1) then
-  refuses to run in ``tail`` mode, since KL(Q||P) would be infinite: pass ``tail_T``, log-probs,
-  or use ``renorm``.
+  exp(tail_T - lse_T)`` (log-probs: ``max(0, 1 - sum_K p)``) and the student's ``Q_t = 1 - sum_K
+  q``, so both are distributions over k+1 outcomes. ``Q_t`` is summed directly over the ids outside
+  K, as ``tail_T`` is: no ``1 - sum`` cancellation, which would lose a confident teacher's tail
+  (about 1e-10 next to a top-1 probability of 1) in rounding and charge reverse KL for a tail of 0;
+  and it is summed relative to its own maximum, so a student tail far below its top-k (a collapsed
+  student at a low temperature) keeps its value and its gradient. When ``k == vocab_size`` there is
+  no bucket (both tails are 0 exactly). An empty tail bucket has its log floored at ``LOG_FLOOR =
+  log(2^-126)`` (about -87.3, in every dtype; a teacher tail sent as ``tail_T`` is floored only when
+  it is empty, -inf) and contributes ``0 * log 0 = 0`` as the first argument of a KL, so no NaN/inf
+  enters values or gradients. A floored student tail (no finite logit outside K) is a constant: no
+  gradient flows through it. With logits and no ``tail_T`` the teacher tail is 0; reverse KL (and
+  JSD with beta = 1) then refuses to run in ``tail`` mode, since KL(Q||P) would be infinite: pass
+  ``tail_T``, log-probs, or use ``renorm``.
 * ``renorm``: both renormalised over K: ``P = softmax_K(log p)``, ``Q = softmax_K(z_S / tau)``.
 
 Divergences over that support, TRL's generalized JSD convention (``GKDTrainer.generalized_jsd_loss``):
@@ -42,11 +42,11 @@ loss is ``sum_t valid_t * loss_t / num_tokens`` where ``valid_t = loss_mask_t * 
 ignore_index)`` and ``num_tokens`` defaults to the local number of valid tokens (at least 1);
 pass the global count so that gradient accumulation and data parallelism are exact.
 
-Tensor parallelism: every TP rank computes the same per-token loss. The shard-local pieces (row
-max and the maximum outside K; sum-exp; sum-exp outside K, relative to its own maximum; the student logits at the ids of K that fall in this shard; the
-CE target logit and temperature-1 sum-exp) are combined by one MAX and one SUM all-reduce. The
-SUM's backward is the identity (each rank holds a replica of everything downstream), so autograd
-gives each rank the exact gradient of its own shard.
+Tensor parallelism: every TP rank computes the same per-token loss. The shard-local pieces (row max
+and the maximum outside K; sum-exp; sum-exp outside K, relative to its own maximum; the student
+logits at the ids of K that fall in this shard; the CE target logit and temperature-1 sum-exp) are
+combined by one MAX and one SUM all-reduce. The SUM's backward is the identity (each rank holds a
+replica of everything downstream), so autograd gives each rank the exact gradient of its own shard.
 """
 
 from __future__ import annotations

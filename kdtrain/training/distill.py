@@ -11,17 +11,17 @@ Data flow of one step t (global samples [t*G, (t+1)*G), N = G/m micro-batches):
 Colocated roles run both halves on every rank, teacher first; disaggregated roles run them on
 disjoint ranks at the same time. Every rank builds both roles' process groups (collective).
 
-Logged per step besides the student's loss and throughput: ``teacher_wait_s`` (the student's
-last stage blocked on a payload, the longest of the student's ranks), ``student_wait_s`` (a teacher rank blocked handing a payload
-over), ``teacher_compute_s`` and ``teacher_busy`` (its share of the step), teacher TFLOP/s and MFU,
-and payload bytes/s. The teacher-side figures are means over the teacher ranks and the steps
-since the last log line; they reach the logging rank by one small world all-reduce on logging
-steps, which a teacher-only rank (disaggregated) starts without waiting for it: the teacher goes
-on serving the next step while the students finish theirs (waiting would hold it at every
-logging step, i.e. every step with the default ``logging.interval: 1``). With on-policy
-steps: ``onpolicy`` (whether the step was one), ``sample_s`` and ``sampled_tokens`` (the
-student's tokens the step trained on). Held-out records (``evaluate_distill``, every rank): the
-student's cross entropy and, with a live teacher, its divergence to the teacher.
+Logged per step besides the student's loss and throughput: ``teacher_wait_s`` (the student's last
+stage blocked on a payload, the longest of the student's ranks), ``student_wait_s`` (a teacher rank
+blocked handing a payload over), ``teacher_compute_s`` and ``teacher_busy`` (its share of the step),
+teacher TFLOP/s and MFU, and payload bytes/s. The teacher-side figures are means over the teacher
+ranks and the steps since the last log line; they reach the logging rank by one small world
+all-reduce on logging steps, which a teacher-only rank (disaggregated) starts without waiting for
+it: the teacher goes on serving the next step while the students finish theirs (waiting would hold
+it at every logging step, i.e. every step with the default ``logging.interval: 1``). With on-policy
+steps: ``onpolicy`` (whether the step was one), ``sample_s`` and ``sampled_tokens`` (the student's
+tokens the step trained on). Held-out records (``evaluate_distill``, every rank): the student's
+cross entropy and, with a live teacher, its divergence to the teacher.
 """
 
 from __future__ import annotations

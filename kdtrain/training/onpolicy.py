@@ -37,16 +37,16 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     the label flags [G, seq] of the sampled tokens and, with attention within documents, the new
     windows' document positions [G, seq + 1] (else None), on every rank.
 
-    What is sampled (OnPolicyConfig): after each window's first ``onpolicy.prompt_length``
-    tokens, or, on conversations, the window's first reply (``onpolicy.replies: all``: every
-    reply), each until the stop token, the data's next turn following. Each student replica
-    samples its own samples, ``onpolicy.sample_batch`` rows per call (all of them when 0), all
-    its pipeline stages together (with ``precision.cuda_graphs`` each position's forward replays
-    as one CUDA graph, models/decode_graph.py); one world all-reduce (tensor rank 0 of each student replica's
-    last stage contributes, every other rank adds zeros) hands every rank the whole step with the
-    flags, since a teacher replica serves other replicas' samples. A disaggregated teacher waits in it for the step's samples: on-policy steps
-    cannot run ahead. The sampling is keyed by sample id, so the windows do not depend on the
-    layout. ``student`` is None on teacher-only ranks."""
+    What is sampled (OnPolicyConfig): after each window's first ``onpolicy.prompt_length`` tokens,
+    or, on conversations, the window's first reply (``onpolicy.replies: all``: every reply), each
+    until the stop token, the data's next turn following. Each student replica samples its own
+    samples, ``onpolicy.sample_batch`` rows per call (all of them when 0), all its pipeline stages
+    together (with ``precision.cuda_graphs`` each position's forward replays as one CUDA graph,
+    models/decode_graph.py); one world all-reduce (tensor rank 0 of each student replica's last
+    stage contributes, every other rank adds zeros) hands every rank the whole step with the flags,
+    since a teacher replica serves other replicas' samples. A disaggregated teacher waits in it for
+    the step's samples: on-policy steps cannot run ahead. The sampling is keyed by sample id, so the
+    windows do not depend on the layout. ``student`` is None on teacher-only ranks."""
     from ..models.generate import DecodeStages, sample_replies
 
     tr, op = cfg.training, cfg.onpolicy
