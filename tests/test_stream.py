@@ -178,7 +178,13 @@ def _make_payload(spec, o):
     return p
 
 
-def _channel_roundtrip(rank, world, corrupt, deferred=False):
+def _wait_for(folder, names, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while not all(os.path.exists(os.path.join(folder, n)) for n in names) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _channel_roundtrip(rank, world, corrupt, deferred=False, done_dir=None):
     from kdtrain.stream.channel import StreamError
 
     rank, ch, pairing, spec = _channel_setup(world)
@@ -189,7 +195,12 @@ def _channel_roundtrip(rank, world, corrupt, deferred=False):
             if not (corrupt and rank == 0):
                 ch.flush()
             else:
-                time.sleep(1.0)  # let the receiver fail first; its error is what the test checks
+                # The corrupt payload's receiver stops at it, so no flush here. It stays alive until
+                # every payload is sent (its posted receives take them), and this rank until every
+                # other receiver has taken its own: an exit would close their connections (files as
+                # the signals: bounded waits, not fixed sleeps).
+                open(os.path.join(done_dir, "sent"), "w").close()
+                _wait_for(done_dir, [f"done{r}" for r in range(2) if 1 not in pairing.student_work(r)])
         except StreamError:
             # The receiver of the corrupt payload stops at it and exits; a later send to that
             # rank may then fail (connection closed), which is the sender's correct reaction.
@@ -208,10 +219,13 @@ def _channel_roundtrip(rank, world, corrupt, deferred=False):
             else:
                 with pytest.raises(StreamError, match="different tokens"):
                     ch.get(o, _tokens(o))
+            _wait_for(done_dir, ["sent"])
             return
         p = ch.get(o, _tokens(o))
         assert int(p.ids[0, 0, 0]) == o and float(p.values[1, 1, 2]) == o + 0.5 and float(p.tail_lse[3, 1]) == -o
     assert ch.bytes_received == len(work) * spec.nbytes
+    if done_dir is not None:
+        open(os.path.join(done_dir, f"done{r}"), "w").close()
 
 
 def test_channel_delivers_in_order_across_roles(tmp_path):
@@ -220,7 +234,7 @@ def test_channel_delivers_in_order_across_roles(tmp_path):
 
 @pytest.mark.parametrize("deferred", [False, True])
 def test_channel_checksum_mismatch_is_an_error(tmp_path, deferred):
-    run_spawn(4, _channel_roundtrip, True, deferred, tmp_path=tmp_path)
+    run_spawn(4, _channel_roundtrip, True, deferred, str(tmp_path), tmp_path=tmp_path)
 
 
 def _dead_teacher(rank, world):
