@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from kdtrain.data.chat import reply_spans
 from kdtrain.data.indexed import IndexedTokens, meta_path, open_indexed_dataset
 from kdtrain.data.packing import pack_documents
 
@@ -311,8 +312,6 @@ class GPTWindowDataset:
         rest of a reply that a packed piece carries on: a piece that continues a conversation cut
         inside a reply (its first token a target in the corpus) starts with that reply under way,
         though in the window its targets begin after the piece's first token."""
-        from kdtrain.data.chat import reply_spans
-
         spans = reply_spans(self.window_loss_mask(w))
         if self.packed is None:
             return spans

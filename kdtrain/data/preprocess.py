@@ -11,25 +11,11 @@ from typing import Iterable, Iterator, Sequence
 from kdtrain.data.chat import ChatTemplate, encode_segments, record_messages
 from kdtrain.data.indexed import bin_path, write_indexed_dataset
 from kdtrain.data.sources import check_input_file, iter_documents, iter_records
-from kdtrain.data.tokenizer import Tokenizer
+from kdtrain.data.tokenizer import Tokenizer, bos_ids
 
 _BATCH_DOCUMENTS = 64
 FORMATS = ("text", "chat")
 _worker_encoder = None
-
-
-def bos_ids(tok: Tokenizer, prepend_bos: bool | None, where: str) -> list[int]:
-    """The ids a plain text starts with: the tokenizer's own convention (``document_prefix``) when
-    ``prepend_bos`` is None, ``[]`` when False, the BOS id when True (ValueError if it has none)."""
-    if prepend_bos is None:
-        return tok.document_prefix
-    if not prepend_bos:
-        return []
-    if tok.document_prefix:
-        return tok.document_prefix
-    if tok.bos_id < 0:
-        raise ValueError(f"{where}: tokenizer {tok.path} has no BOS token to prepend")
-    return [tok.bos_id]
 
 
 class _TextEncoder:

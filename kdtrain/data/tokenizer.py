@@ -148,6 +148,20 @@ class Tokenizer(ABC):
         """The text of ``ids``."""
 
 
+def bos_ids(tok: "Tokenizer", prepend_bos: bool | None, where: str) -> list[int]:
+    """The ids a plain text starts with: the tokenizer's own convention (``document_prefix``) when
+    ``prepend_bos`` is None, ``[]`` when False, the BOS id when True (ValueError if it has none)."""
+    if prepend_bos is None:
+        return tok.document_prefix
+    if not prepend_bos:
+        return []
+    if tok.document_prefix:
+        return tok.document_prefix
+    if tok.bos_id < 0:
+        raise ValueError(f"{where}: tokenizer {tok.path} has no BOS token to prepend")
+    return [tok.bos_id]
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model file."""
 

@@ -79,8 +79,7 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
 
     from ..convert.sources import open_weights
     from ..data.chat import ChatTemplate, encode_segments
-    from ..data.preprocess import bos_ids
-    from ..data.tokenizer import Tokenizer
+    from ..data.tokenizer import Tokenizer, bos_ids
     from ..models.generate import sample_replies
     from ..parallel import one_process_world
     from ..training.checkpoint import load_whole_model
