@@ -432,6 +432,28 @@ def test_a_mixed_runs_live_teacher_computes_at_the_caches_precision(world_of_one
     assert open_cache(cached, 0, torch.bfloat16) is not None
 
 
+def test_a_run_records_the_teacher_of_its_cache(caches):
+    """A cache or mixed run's checkpoints record the cache's teacher (its checkpoint and the hash
+    of its weights, which a resume compares), where the payloads come from and their precision."""
+    from kdtrain.config import to_dict
+    from kdtrain.training.distill import teacher_record
+
+    online = _run_cfg(caches["corpus"], "teacher.values_dtype=bf16").teacher
+    assert teacher_record(online, None) == {
+        "teacher": to_dict(online.model), "teacher_load": None, "teacher_weights_sha256": None,
+        "teacher_source": "online", "teacher_values_dtype": "bf16"}
+    reader = CacheReader(caches["root"] / "fp8")
+    reader.manifest.teacher = {**reader.manifest.teacher, "load": "/ckpts/teacher", "weights_sha256": "ab" * 32}
+    cached = _run_cfg(caches["corpus"], "teacher.source=cache", f"teacher.cache={reader.path}").teacher
+    assert teacher_record(cached, reader) == {
+        "teacher": to_dict(cached.model), "teacher_load": "/ckpts/teacher", "teacher_weights_sha256": "ab" * 32,
+        "teacher_source": "cache", "teacher_values_dtype": "fp8"}
+    mixed = _run_cfg(caches["corpus"], "teacher.source=mixed", f"teacher.cache={reader.path}",
+                     "teacher.load=/mnt/teacher", "teacher.random_init=false").teacher
+    assert teacher_record(mixed, reader)["teacher_values_dtype"] == "fp8 cached, fp32 live"
+    assert teacher_record(mixed, reader)["teacher_load"] == "/mnt/teacher"
+
+
 def test_caching_needs_teacher_weights_whatever_the_source_says(world_of_one, tiny_corpus, tmp_path):
     """The config a student reads the cache with (source: cache, no teacher weights) is refused by
     the job that writes the cache: it would otherwise cache a randomly initialised teacher."""

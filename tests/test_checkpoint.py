@@ -179,7 +179,7 @@ def test_a_resumed_job_must_continue_the_recorded_run(world_of_one, tmp_path):
 
     def restore(ck=ck, **changes):
         changed = {**run, "data": to_dict(DataConfig(**{**to_dict(data), **changes.pop("data", {})})), **changes}
-        return restore_role(ck, cfg, role, 0, changed)
+        return restore_role(ck, cfg, role, 0, changed).step
 
     assert restore() == 100
     # The corpus moved: its files keep their names.
@@ -220,6 +220,7 @@ def _distill_run(**changes):
     loss = to_dict(KDLossConfig(**changes.pop("loss", {})))
     opt = to_dict(OptimizerConfig(**{"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, **changes.pop("optimizer", {})}))
     base = dict(teacher=teacher, loss=loss, topk=16, dtype="float32", teacher_load="/ckpts/demo-teacher",
+                teacher_weights_sha256=None, teacher_source="online", teacher_values_dtype="fp32",
                 optimizer=opt, train_steps=6)
     return run_record("distill", 8, DataConfig(mock=True, seq_length=16), **{**base, **changes})
 
@@ -238,26 +239,26 @@ def _save_distill_run(root, run):
 
 
 def test_a_resumed_distillation_keeps_its_teacher_loss_and_precision(world_of_one, tmp_path):
-    """Another teacher (weights, checkpoint, top-k), KD loss or dtype from the recorded step on
-    would silently train the rest of the run towards another target: each is an error naming the
-    field. Training-only teacher fields may differ, and a checkpoint that records none of these
-    (written before they were checked) resumes."""
-    import warnings
-
+    """Another teacher (weights, checkpoint, a cache of another checkpoint, top-k), KD loss or
+    dtype from the recorded step on would silently train the rest of the run towards another
+    target: each is an error naming the field. Training-only teacher fields may differ, and a
+    checkpoint that records none of these (written before they were checked) resumes."""
     from kdtrain.training.pretrain import restore_role
 
-    ck, cfg, role = _save_distill_run(tmp_path / "ck", _distill_run())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing to report either
-        assert restore_role(ck, cfg, role, 0, _distill_run()) == 3
-    # Training-only fields of the teacher, and its checkpoint moved elsewhere (same name).
+    ck, cfg, role = _save_distill_run(tmp_path / "ck", _distill_run(teacher_weights_sha256="ab" * 32))
+    assert restore_role(ck, cfg, role, 0, _distill_run(teacher_weights_sha256="ab" * 32)) == (3, ())
+    # Training-only fields of the teacher, and its checkpoint moved elsewhere (same name); an
+    # online job knows no hash of the weights.
     assert restore_role(ck, cfg, role, 0, _distill_run(teacher={"hidden_dropout": 0.1, "name": "t"},
-                                                       teacher_load="/mnt/elsewhere/demo-teacher")) == 3
+                                                       teacher_load="/mnt/elsewhere/demo-teacher")).step == 3
     for changes, match in [
         ({"teacher": {"num_layers": 2}}, r"teacher\.model\.num_layers: 2 here, 4 in .*step_0000003: resuming at "
                                          r"step 3 would distil the rest of the run from another teacher"),
         ({"teacher_load": "/ckpts/other-teacher"}, r"teacher\.load: /ckpts/other-teacher here, "
                                                    r"/ckpts/demo-teacher in .*step_0000003"),
+        # A cache written by another checkpoint of the same name.
+        ({"teacher_weights_sha256": "cd" * 32}, r"teacher\.cache: teacher weights cdcdcdcd.* here, teacher weights "
+                                                r"abababab.* in .*step_0000003: .*another teacher"),
         ({"topk": 4}, r"teacher\.topk: 4 here, 16 in .*step_0000003"),
         ({"loss": {"divergence": "reverse_kl"}}, r"loss\.divergence: 'reverse_kl' here, 'forward_kl' in"),
         ({"loss": {"tau": 2.0}}, r"loss\.tau: 2\.0 here, 1\.0 in"),
@@ -272,36 +273,36 @@ def test_a_resumed_distillation_keeps_its_teacher_loss_and_precision(world_of_on
 
     # A checkpoint of an earlier version records none of them: any value resumes.
     old = {k: v for k, v in _distill_run().items()
-           if k not in ("teacher", "loss", "topk", "dtype", "teacher_load", "optimizer", "train_steps")}
+           if k not in ("teacher", "loss", "topk", "dtype", "teacher_load", "optimizer", "train_steps",
+                        "teacher_source", "teacher_values_dtype")}
     ck, cfg, role = _save_distill_run(tmp_path / "old", old)
     assert restore_role(ck, cfg, role, 0, _distill_run(teacher={"num_layers": 2}, topk=4, dtype="bfloat16",
-                                                       loss={"tau": 2.0}, train_steps=12)) == 3
+                                                       loss={"tau": 2.0}, train_steps=12,
+                                                       teacher_source="cache")) == (3, ())
 
 
-def test_a_resume_reports_changed_optimizer_settings(world_of_one, tmp_path):
-    """Extending a run (training.train_steps) or changing optimizer settings is allowed, but the
-    learning rate follows the new schedule from the resumed step (it can jump): every changed
-    field is reported once, with its recorded and new values, by the rank that writes the log."""
-    import warnings
-
-    from kdtrain.training.pretrain import restore_role
+def test_a_resume_reports_changed_settings_in_the_run_log(world_of_one, tmp_path):
+    """Extending a run (training.train_steps), changing optimizer settings or serving the payloads
+    from a cache (or in another precision) is allowed, but the learning rate follows the new
+    schedule from the resumed step (it can jump) and the payloads' rounding changes: the resumed
+    job's log line names every changed field with its recorded and new values."""
+    from kdtrain.training.pretrain import describe_start, restore_role
 
     ck, cfg, role = _save_distill_run(tmp_path / "ck", _distill_run())
-    with pytest.warns(UserWarning) as record:
-        assert restore_role(ck, cfg, role, 0, _distill_run(train_steps=12, optimizer={"lr": 3e-2, "eps": 1e-6})) == 3
-    assert len(record) == 1
-    message = str(record[0].message)
-    for part in (r"optimizer\.lr: 0\.003 -> 0\.03", r"optimizer\.eps: 1e-08 -> 1e-06",
-                 r"training\.train_steps: 6 -> 12", r"step_0000003", r"learning rate from step 4 on follows the new"):
-        assert re.search(part, message), (part, message)
-    assert "weight_decay" not in message
-    # Another rank writes this run's log (a distillation's student after a disaggregated
-    # teacher): this one says nothing.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert restore_role(ck, cfg, role, 0, _distill_run(train_steps=12, log_rank=1)) == 3
-        # ZeRO-1 or not is a layout, not a setting of the updates.
-        assert restore_role(ck, cfg, role, 0, _distill_run(optimizer={"distributed": True})) == 3
+    start = restore_role(ck, cfg, role, 0, _distill_run(train_steps=12, optimizer={"lr": 3e-2, "eps": 1e-6},
+                                                        teacher_source="cache", teacher_values_dtype="fp8_e4m3"))
+    assert start.step == 3
+    line = describe_start(ck, start, 12)
+    for part in (r"resumed from step 3 of .*ck \(checkpoint\.resume\) with other settings than it records",
+                 r"optimizer\.lr: 0\.003 -> 0\.03", r"optimizer\.eps: 1e-08 -> 1e-06",
+                 r"training\.train_steps: 6 -> 12", r"teacher\.source: online -> cache",
+                 r"teacher\.values_dtype: fp32 -> fp8_e4m3", r"learning rate from step 4 on follows the new"):
+        assert re.search(part, line), (part, line)
+    assert "weight_decay" not in line and "nothing to train" not in line
+    # ZeRO-1 or not is a layout, not a setting of the updates.
+    start = restore_role(ck, cfg, role, 0, _distill_run(optimizer={"distributed": True}))
+    assert start == (3, ()) and describe_start(ck, start, 6) == (
+        f"resumed from step 3 of {ck.dir} (checkpoint.resume)")
 
 
 def test_a_save_reaches_the_disk_before_latest_names_it(world_of_one, tmp_path, monkeypatch):
@@ -353,7 +354,7 @@ def test_loaded_weights_reach_the_fp32_masters_of_a_bf16_model(world_of_one, tmp
     loaded = {n: p.detach().clone() for n, p in src.model.named_parameters()}
     _, _, role = _build("tiny", dtype=torch.bfloat16, seed=3)
     assert restore_role(CheckpointConfig(load=str(tmp_path / "src")), cfg, role, 0,
-                        {"kind": "pretrain", "global_batch_size": 1, "data": {}}) == 0
+                        {"kind": "pretrain", "global_batch_size": 1, "data": {}}) == (0, ())
     names = {id(p): n for n, p in role.model.named_parameters()}
     masters = role.optimizer.separate_masters()
     assert len(masters) == len(names)  # every bf16 parameter has an fp32 master
@@ -419,7 +420,7 @@ def test_a_run_whose_steps_were_all_skipped_resumes(world_of_one, tmp_path):
     ck, run = CheckpointConfig(dir=str(tmp_path / "ck")), {"kind": "pretrain", "global_batch_size": 8, "data": {}}
     save_role(ck, cfg, role, 1, run)  # after a skipped step: no optimizer.step yet
     _, _, resumed = _build("tiny", seed=5)
-    assert restore_role(ck, cfg, resumed, 0, run) == 1
+    assert restore_role(ck, cfg, resumed, 0, run).step == 1
     before = {spec.global_name: p.detach().clone() for spec, p in role.params}
     for r in (role, resumed):
         for i, (_, p) in enumerate(r.params):

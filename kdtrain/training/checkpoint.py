@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -392,18 +391,19 @@ def data_tokenizer(data: DataConfig) -> Optional[str]:
     return Tokenizer(data.tokenizer).fingerprint if data.tokenizer else None
 
 
-def run_record(kind: str, global_batch_size: int, data: DataConfig, log_rank: int = 0, **extra) -> dict:
+def run_record(kind: str, global_batch_size: int, data: DataConfig, **extra) -> dict:
     """What a run's checkpoints record about it (``save_role``), checked when a job resumes
     (``check_resume``): the kind of run, the global batch, the data section and the size of
     each corpus' token file (a corpus tokenized again in place keeps its name, not its size);
     and the tokenizer of its ids (checked when another run loads the weights). ``extra``: what
     the loops add, also checked: ``dtype``; for distillation ``teacher`` (its model config),
-    ``teacher_load``, ``topk`` and ``loss``; ``optimizer`` and ``train_steps``, reported when they
-    change. ``log_rank``: the global rank that writes the run's log (reports the changes)."""
+    ``teacher_load``, ``teacher_weights_sha256`` (known when a cache serves the payloads),
+    ``topk`` and ``loss``; ``optimizer``, ``train_steps``, ``teacher_source`` and
+    ``teacher_values_dtype``, reported when they change."""
     sizes = None if data.mock else [os.path.getsize(f"{p}.bin") if os.path.isfile(f"{p}.bin") else None
                                     for p in data.path]
     return {"kind": kind, "global_batch_size": global_batch_size, "data": to_dict(data), "corpus_bytes": sizes,
-            "tokenizer_fingerprint": data_tokenizer(data), "log_rank": log_rank, **extra}
+            "tokenizer_fingerprint": data_tokenizer(data), **extra}
 
 
 def check_resume(meta: dict, path: Path, run: dict) -> list[str]:
@@ -411,7 +411,7 @@ def check_resume(meta: dict, path: Path, run: dict) -> list[str]:
     global batch (the data position is ``step * global_batch_size``), the same sample stream, and
     the same teacher, top-k, KD loss and dtype. ``run`` is what ``save_role`` records for this job
     (kind, global_batch_size, data, ...). Other optimizer settings or ``train_steps`` (extending a
-    run) are allowed: returns them as "field: old -> new", which ``run["log_rank"]`` also warns of.
+    run, payloads from a cache) are allowed: returns them as "field: old -> new" for the run's log.
     Fields a checkpoint of an earlier version does not record are not checked."""
     fresh = "start a new run from its weights with checkpoint.load in another checkpoint.dir"
     kind = meta.get("kind")
@@ -440,7 +440,7 @@ def check_resume(meta: dict, path: Path, run: dict) -> list[str]:
             raise ValueError(f"data.path: {prefix}.bin has {now} bytes here, {was} when {path} was saved (tokenized "
                              f"again or changed since): resuming would continue another sample stream; {fresh}")
     _check_same_target(meta, path, run, step, fresh)
-    return _report_changes(meta, path, run, step)
+    return _report_changes(meta, run)
 
 
 def _check_same_target(meta: dict, path: Path, run: dict, step: int, fresh: str) -> None:
@@ -462,6 +462,12 @@ def _check_same_target(meta: dict, path: Path, run: dict, step: int, fresh: str)
     # A teacher checkpoint may move between jobs; it keeps its name.
     if was is not None and now is not None and Path(was).name != Path(now).name:
         refuse("teacher.load", now, was, "distil the rest of the run from another teacher")
+    # Known when a cache served the payloads (its manifest hashes the teacher's weights): a cache
+    # of another checkpoint of the same name and shape is another teacher too.
+    was, now = meta.get("teacher_weights_sha256"), run.get("teacher_weights_sha256")
+    if was is not None and now is not None and was != now:
+        refuse("teacher.cache", f"teacher weights {now[:16]}", f"teacher weights {was[:16]}",
+               "distil the rest of the run from another teacher")
     if meta.get("topk") is not None and run.get("topk") is not None and meta["topk"] != run["topk"]:
         refuse("teacher.topk", run["topk"], meta["topk"], "train the rest of the run on another objective")
     for k, was in (meta.get("loss") or {}).items():
@@ -476,22 +482,20 @@ def _check_same_target(meta: dict, path: Path, run: dict, step: int, fresh: str)
 _UNREPORTED_OPTIMIZER_FIELDS = ("distributed",)
 
 
-def _report_changes(meta: dict, path: Path, run: dict, step: int) -> list[str]:
-    """Optimizer settings and ``train_steps`` that differ from the recorded ones, warned of once
-    (by the rank that writes the log): a resumed job's learning rate follows the new schedule."""
+def _report_changes(meta: dict, run: dict) -> list[str]:
+    """Settings that may change when a run resumes, as "field: old -> new": the optimizer's and
+    ``train_steps`` (the learning rate follows the new schedule, it may jump), and where the
+    teacher's payloads come from and in which precision (their rounding changes)."""
     changes = []
     saved, ours = meta.get("optimizer"), json.loads(json.dumps(run.get("optimizer"), default=str))
     if saved is not None and ours is not None:
         changes += [f"optimizer.{k}: {was!r} -> {ours.get(k)!r}" for k, was in saved.items()
                     if k not in _UNREPORTED_OPTIMIZER_FIELDS and was != ours.get(k)]
-    was, now = meta.get("train_steps"), run.get("train_steps")
-    if was is not None and now is not None and was != now:
-        changes.append(f"training.train_steps: {was} -> {now}")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if changes and rank == run.get("log_rank", 0):
-        warnings.warn(f"kdtrain: resuming {path} with other settings than it records ({'; '.join(changes)}): the "
-                      f"run goes on with the new values, the learning rate from step {step + 1} on follows the "
-                      "new schedule (it may jump)", UserWarning, stacklevel=3)
+    for key, field in (("train_steps", "training.train_steps"), ("teacher_source", "teacher.source"),
+                       ("teacher_values_dtype", "teacher.values_dtype")):
+        was, now = meta.get(key), run.get(key)
+        if was is not None and now is not None and was != now:
+            changes.append(f"{field}: {was} -> {now}")
     return changes
 
 

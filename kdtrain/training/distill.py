@@ -51,7 +51,7 @@ from .metrics import IntervalSums, Throughput, peak_tflops
 from .optimizer import lr_at
 from .profiling import StepProfiler
 from .pretrain import (build_trainable, describe_dataset, describe_start, evaluate, held_out, lm_forward_step,
-                       open_dataset, resolve_dtype, restore_role, save_due, save_role)
+                       open_dataset, resolve_dtype, restore_role, save_due, save_role, Start)
 from .step import SkippedSteps, eval_step, train_step
 from .onpolicy import check_stop_token, onpolicy_step, sampled_windows, spread_step
 from .teacher import Teacher, TeacherSideStats
@@ -210,6 +210,23 @@ def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype):
     return reader
 
 
+def teacher_record(t, reader) -> dict:
+    """What a run's checkpoints record of its teacher section ``t`` (``check_resume``): the model,
+    the checkpoint the payloads come from (a cache's is in its manifest, with the hash of its
+    weights), where the payloads come from and their precision."""
+    rec = {"teacher": to_dict(t.model), "teacher_load": t.load, "teacher_weights_sha256": None,
+           "teacher_source": t.source, "teacher_values_dtype": t.values_dtype}
+    if reader is not None:
+        written_by = reader.manifest.teacher
+        rec["teacher_weights_sha256"] = written_by.get("weights_sha256")
+        if t.source == "cache":
+            rec["teacher_load"] = written_by.get("load")
+            rec["teacher_values_dtype"] = reader.manifest.values_dtype
+        else:
+            rec["teacher_values_dtype"] = f"{reader.manifest.values_dtype} cached, {t.values_dtype} live"
+    return rec
+
+
 def distill(cfg: DistillConfig) -> dict:
     env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
     plan_lines = []
@@ -236,15 +253,14 @@ def distill(cfg: DistillConfig) -> dict:
     reader = open_cache(cfg, env.rank, dtype)
     cached = CachedPayloads(reader, spec, pairing, env.device) if reader is not None else None
     # What the student's checkpoints record, checked when a later job resumes them.
-    run = run_record("distill", tr.global_batch_size, cfg.data, log_rank=s_layout.rank_offset,
-                     teacher=to_dict(cfg.teacher.model), teacher_load=cfg.teacher.load, loss=to_dict(cfg.loss),
-                     topk=cfg.teacher.topk, dtype=str(dtype).removeprefix("torch."),
+    run = run_record("distill", tr.global_batch_size, cfg.data, **teacher_record(cfg.teacher, reader),
+                     loss=to_dict(cfg.loss), topk=cfg.teacher.topk, dtype=str(dtype).removeprefix("torch."),
                      optimizer=to_dict(cfg.optimizer), train_steps=tr.train_steps)
     teacher = student = None
     if t_groups.is_member and cfg.teacher.source != "cache":
         teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,
                           tr.seed + 1, compile=cfg.precision.compile, tokenizer=run["tokenizer_fingerprint"])
-    start_step = 0
+    start = Start(0)
     if s_groups.is_member:
         # With both precision options the student's layers are graphed and the teacher's compiled
         # (a layer is either; the teacher's no-grad forward is not graphed).
@@ -258,9 +274,9 @@ def distill(cfg: DistillConfig) -> dict:
         ck, load_from = cfg.checkpoint, "checkpoint"
         if cfg.student.load and not ck.load:
             ck, load_from = dataclasses.replace(ck, load=cfg.student.load), "student"
-        start_step = restore_role(ck, cfg.student.model, student, env.rank, run, what=load_from)
+        start = restore_role(ck, cfg.student.model, student, env.rank, run, what=load_from)
     # Teacher-only ranks learn the resume step from the student's checkpoint, read by all ranks.
-    start_step = _agree_start_step(start_step, s_layout, env.device)
+    start_step = _agree_start_step(start.step, s_layout, env.device)
 
     writer = env.rank == s_layout.rank_offset
     logger = RunLogger(cfg.logging, writer, tr.train_steps, start_step, run_config=to_dict(cfg),
@@ -288,7 +304,7 @@ def distill(cfg: DistillConfig) -> dict:
         held = f"steps 1-{covered}" if covered else "no whole step"
         logger.write(f"teacher.cache holds {reader.num_samples} samples ({held}): steps {covered + 1}-"
                      f"{tr.train_steps} run the live teacher")
-    if (line := describe_start(cfg.checkpoint, start_step, tr.train_steps)) is not None:
+    if (line := describe_start(cfg.checkpoint, start, tr.train_steps)) is not None:
         logger.write(line)
 
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length

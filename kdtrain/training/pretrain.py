@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -199,7 +199,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     run = run_record("pretrain", t.global_batch_size, cfg.data, dtype=str(dtype).removeprefix("torch."),
                      optimizer=to_dict(cfg.optimizer), train_steps=t.train_steps)
-    start_step = restore_role(cfg.checkpoint, cfg.model, role, env.rank, run)
+    start = restore_role(cfg.checkpoint, cfg.model, role, env.rank, run)
+    start_step = start.step
     writer = env.rank == 0
     logger = RunLogger(cfg.logging, writer, t.train_steps, start_step, run_config=to_dict(cfg), name=cfg.model.name)
     logger.write(
@@ -211,7 +212,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         f"{', CUDA-graphed layers' if cfg.precision.cuda_graphs else ''}"
         f"{', recomputed layers' if t.recompute else ''}, start step {start_step}")
     logger.write(describe_dataset(dataset, cfg.data))
-    if (line := describe_start(cfg.checkpoint, start_step, t.train_steps)) is not None:
+    if (line := describe_start(cfg.checkpoint, start, t.train_steps)) is not None:
         logger.write(line)
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     throughput = Throughput(tokens_per_step, t.global_batch_size, cfg.model.flops_per_token(cfg.data.seq_length),
@@ -263,9 +264,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
     return summary
 
 
+class Start(NamedTuple):
+    """Where a job starts: ``step`` (0, or the resumed checkpoint's), and the settings that
+    differ from what the resumed checkpoint records (``check_resume``: "field: old -> new")."""
+    step: int
+    changes: tuple = ()
+
+
 def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int, run: dict,
-                 what: str = "checkpoint") -> int:
-    """Resume from ``ck.dir`` (weights, optimizer, RNG; returns the step) or load ``ck.load`` weights.
+                 what: str = "checkpoint") -> Start:
+    """Resume from ``ck.dir`` (weights, optimizer, RNG) or load ``ck.load`` weights.
     ``run`` is what this job's checkpoints record (``save_role``); a resumed checkpoint must agree.
     ``what``: the config section whose ``load`` gave ``ck.load`` (named in errors)."""
     if ck.dir and not ck.resume:
@@ -274,15 +282,15 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
     if path is not None:
         reader = CheckpointReader(path)
         check_checkpoint_model(reader, model)
-        check_resume(reader.meta, path, run)
+        changes = check_resume(reader.meta, path, run)
         load_training_state(reader, role.optimizer)
         if reader.meta.get("layout") == _layout_meta(role.groups):
             restore_rng(path, rank)
-        return int(reader.meta["step"])
+        return Start(int(reader.meta["step"]), tuple(changes))
     if ck.load:
         load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
                            run.get("tokenizer_fingerprint"))
-    return 0
+    return Start(0)
 
 
 def save_due(ck: CheckpointConfig, step: int, train_steps: int, stopping: bool) -> bool:
@@ -291,13 +299,18 @@ def save_due(ck: CheckpointConfig, step: int, train_steps: int, stopping: bool) 
     return bool(ck.dir) and (stopping or step == train_steps or bool(ck.save_interval and step % ck.save_interval == 0))
 
 
-def describe_start(ck: CheckpointConfig, start_step: int, train_steps: int) -> Optional[str]:
-    """The log line of a resumed job (None for a fresh one): where it resumed, and that it has
-    nothing to train when the checkpoint already reached ``train_steps`` (a rerun of a finished
-    command, or another run's directory)."""
+def describe_start(ck: CheckpointConfig, start: Start, train_steps: int) -> Optional[str]:
+    """The log line of a resumed job (None for a fresh one): where it resumed, the settings that
+    differ from the checkpoint's record, and that it has nothing to train when the checkpoint
+    already reached ``train_steps`` (a rerun of a finished command, or another run's directory)."""
+    start_step = start.step
     if start_step == 0:
         return None
     line = f"resumed from step {start_step} of {ck.dir} (checkpoint.resume)"
+    if start.changes:
+        line += (f" with other settings than it records ({'; '.join(start.changes)}): the run goes on with "
+                 f"the new values; the learning rate from step {start_step + 1} on follows the new schedule "
+                 "(it may jump)")
     if start_step >= train_steps:
         line += (f"; training.train_steps={train_steps} already reached: nothing to train (a new run needs a new "
                  "checkpoint.dir)")
