@@ -494,17 +494,32 @@ def test_teacher_wait_reaches_the_log_when_the_student_has_stages(tmp_path):
 
 
 def test_a_log_line_reports_the_interval_s_mean(world_of_one, tmp_path):
-    """logging.interval=2 in distillation: the line of step 2 holds the mean losses of steps 1 and
-    2 (the same run logged every step), the teacher's busy share of the same steps' mean time."""
+    """logging.interval in distillation: a line holds the mean losses of the steps since the last
+    one (the same run logged every step), the teacher's busy share of their mean time, and their
+    counts: live-teacher and on-policy steps, sampling time and sampled tokens."""
     from kdtrain.config.distill import load_distill_config
     from kdtrain.training.distill import distill
 
-    for every in (1, 2):
-        distill(load_distill_config("tiny", ["data.mock=true", "training.train_steps=4", "training.eval_batches=0",
-                                             f"logging.interval={every}", f"logging.dir={tmp_path / str(every)}"]))
-    one, two = read_metrics(tmp_path / "1"), read_metrics(tmp_path / "2")
-    assert sorted(one) == [1, 2, 3, 4] and sorted(two) == [2, 4]
-    for s in (2, 4):
-        for k in ("loss", "kd_loss"):
-            assert two[s][k] == pytest.approx((one[s - 1][k] + one[s][k]) / 2, rel=1e-6), k
-        assert 0 < two[s]["teacher_busy"] <= 1.0
+    for every in (1, 2, 4):
+        cfg = load_distill_config("tiny", ["data.mock=true", "training.train_steps=4", "training.eval_batches=0",
+                                           *ONPOLICY, f"logging.interval={every}",
+                                           f"logging.dir={tmp_path / str(every)}"])
+        distill(cfg)
+    one = read_metrics(tmp_path / "1")
+    assert sorted(one) == [1, 2, 3, 4] and [one[s]["onpolicy"] for s in sorted(one)] == [0, 1, 0, 1]
+    # Each step's loss is its mean per trained token: a data step trains every label of its
+    # windows, an on-policy step the tokens the student sampled; a line holds the mean per token.
+    tokens = {s: one[s]["sampled_tokens"] if one[s]["onpolicy"] else
+              cfg.training.global_batch_size * cfg.data.seq_length for s in one}
+    for every in (2, 4):
+        lines = read_metrics(tmp_path / str(every))
+        assert sorted(lines) == list(range(every, 5, every))
+        for s, line in lines.items():
+            steps = range(s - every + 1, s + 1)
+            for k in ("loss", "kd_loss"):
+                mean = sum(one[i][k] * tokens[i] for i in steps) / sum(tokens[i] for i in steps)
+                assert line[k] == pytest.approx(mean, rel=1e-6), (every, s, k)
+            assert 0 < line["teacher_busy"] <= 1.0
+            assert line["teacher_live"] == every and line["onpolicy"] == every // 2
+            assert line["sampled_tokens"] == sum(one[i]["sampled_tokens"] for i in steps) > 0
+            assert line["sample_s"] > 0

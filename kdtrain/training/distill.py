@@ -18,9 +18,11 @@ teacher TFLOP/s and MFU, and payload bytes/s. The teacher-side figures are means
 ranks and the steps since the last log line; they reach the logging rank by one small world
 all-reduce on logging steps, which a teacher-only rank (disaggregated) starts without waiting for
 it: the teacher goes on serving the next step while the students finish theirs (waiting would hold
-it at every logging step, i.e. every step with the default ``logging.interval: 1``). With on-policy
-steps: ``onpolicy`` (whether the step was one), ``sample_s`` and ``sampled_tokens`` (the student's
-tokens the step trained on). Held-out records (``evaluate_distill``, every rank): the student's
+it at every logging step, i.e. every step with the default ``logging.interval: 1``). Losses, rates
+and waits are the means of the steps since the last line; counts are theirs: ``teacher_live``
+(steps a live teacher served) and, with on-policy steps, ``onpolicy`` (the on-policy steps),
+``sample_s`` and ``sampled_tokens`` (their sampling time and the student's tokens they trained on,
+in all). Held-out records (``evaluate_distill``, every rank): the student's
 cross entropy and, with a live teacher, its divergence to the teacher.
 """
 
@@ -364,7 +366,9 @@ def distill(cfg: DistillConfig) -> dict:
             teacher_side.end_step(channel)
         seconds = s_tp.stop()["step_time_s"]
         if result is not None:  # the interval's sums: reports, the teacher's live steps, the waits
-            interval.add({**result.sums, "live": float(live), "teacher_wait_s": timers["teacher_wait_s"]}, seconds)
+            interval.add({**result.sums, "live": float(live), "teacher_wait_s": timers["teacher_wait_s"],
+                          "onpolicy": float(onpolicy), "sample_s": timers["sample_s"] if onpolicy else 0.0,
+                          "sampled_tokens": timers["sampled_tokens"] if onpolicy else 0.0}, seconds)
         step += 1
         stop_now = tr.exit_interval is not None and step - start_step >= tr.exit_interval
         profiler.end(step, stopping=stop_now)
@@ -393,11 +397,11 @@ def distill(cfg: DistillConfig) -> dict:
                        # cached steps ran no teacher
                        "teacher_tflops_per_device": sums["live"] / steps * teacher_flops * rates["tokens_per_s"]
                        / t_layout.num_ranks / 1e12,
-                       "teacher_wait_s": sums["teacher_wait_s"] / steps, "teacher_live": int(live), **t_stats}
-            if cfg.onpolicy.fraction > 0:
-                metrics["onpolicy"] = int(onpolicy)
-                metrics["sample_s"] = timers["sample_s"] if onpolicy else 0.0
-                metrics["sampled_tokens"] = timers["sampled_tokens"] if onpolicy else 0
+                       "teacher_wait_s": sums["teacher_wait_s"] / steps, "teacher_live": int(sums["live"]),
+                       **t_stats}
+            if cfg.onpolicy.fraction > 0:  # the interval's on-policy steps and their totals
+                metrics.update(onpolicy=int(sums["onpolicy"]), sample_s=sums["sample_s"],
+                               sampled_tokens=int(sums["sampled_tokens"]))
             if "teacher_compute_s" in t_stats:
                 metrics["teacher_busy"] = t_stats["teacher_compute_s"] / rates["step_time_s"]
                 metrics["payload_bytes_per_s"] = t_stats["payload_bytes_per_step"] / rates["step_time_s"]
