@@ -136,7 +136,8 @@ def _tp2_equal(rank, world):
     groups = build_role_groups(RoleLayout("model", 0, 2, 1, 1))
     for name, over in (FAMILIES["llama (rmsnorm, swiglu, GQA, rope scaling)"],
                        FAMILIES["gpt2 (layernorm, gelu_tanh, biases, learned positions)"],
-                       FAMILIES["qwen3 (query/key norms, head dim != hidden/heads)"]):
+                       FAMILIES["qwen3 (query/key norms, head dim != hidden/heads)"],
+                       FAMILIES["tiny with dropout"]):
         cfg, model = _model(name, over, groups)
         assert all(layer._direct for layer in model.decoder.layers)
         _assert_same(_run(model, cfg, True), _run(model, cfg, False), f"{name} tp=2 rank {rank}")
@@ -144,6 +145,41 @@ def _tp2_equal(rank, world):
 
 def test_direct_layer_equals_stock_tensor_parallel(tmp_path):
     run_spawn(2, _tp2_equal, tmp_path=tmp_path)
+
+
+def test_attention_dropout_draws_independent_masks_on_each_tensor_rank():
+    """With several tensor ranks each holds other heads: their attention dropout must draw
+    independent masks (the same inputs give other outputs on each rank), while the ranks' shared
+    generator stream (hidden dropout's) stays in step: advanced alike on every rank, and a rerun
+    from the same state (recomputation, a resume) draws the same masks again."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from kdtrain.config import load_model_config
+    from kdtrain.models import transformer_config
+    from kdtrain.models.attention import SDPAttention
+
+    cfg = dataclasses.replace(load_model_config("tiny"), attention_dropout=0.5)
+    tcfg = transformer_config(cfg, 2, 1, torch.float32, torch.device("cpu"))
+
+    def attention(tp: int, rank: int) -> SDPAttention:
+        group = SimpleNamespace(size=lambda: tp, rank=lambda: rank)
+        return SDPAttention(tcfg, 1, AttnMaskType.causal, "self", pg_collection=SimpleNamespace(tp=group))
+
+    heads, d = cfg.num_attention_heads // 2, cfg.hidden_size // cfg.num_attention_heads
+    q, k, v = torch.randn(3, 16, 2, heads, d, generator=torch.Generator().manual_seed(0)).unbind(0)
+    out, states = {}, {}
+    for tp, rank in ((2, 0), (2, 1), (1, 0)):
+        torch.manual_seed(7)
+        out[tp, rank] = attention(tp, rank)(q, k, v, None)
+        states[tp, rank] = torch.get_rng_state()
+    assert not torch.equal(out[2, 0], out[2, 1])
+    assert torch.equal(states[2, 0], states[2, 1])
+    torch.manual_seed(7)
+    assert torch.equal(attention(2, 1)(q, k, v, None), out[2, 1])
+    # Dropout is on: without it the outputs agree on every rank.
+    assert not torch.equal(out[2, 0], attention(2, 0).eval()(q, k, v, None))
 
 
 def test_unsupported_configs_use_the_stock_forward(world_of_one):

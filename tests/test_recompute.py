@@ -95,6 +95,33 @@ def test_compiled_layers_recompute(tmp_path):
     run_spawn(1, _compiled_recompute, tmp_path=tmp_path)
 
 
+def _tensor_parallel_dropout(rank, world):
+    from kdtrain.models import build_gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    cfg = ModelConfig(name="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=96, vocab_size=V, max_seq_length=64, init_std=0.1, hidden_dropout=0.1,
+                      attention_dropout=0.3)
+    groups = build_role_groups(RoleLayout("m", 0, 2, 1, 1))
+    plain, recomputed = (build_gpt(cfg, groups, device=torch.device("cpu"), dtype=torch.float32, seed=3,
+                                   recompute=r) for r in (False, True))
+    tokens = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads, _ = _step(plain, tokens)
+    loss, grads, _ = _step(recomputed, tokens)
+    assert torch.equal(loss, ref_loss)
+    for name, g in ref_grads.items():
+        assert torch.equal(grads[name], g), name
+
+
+def test_recompute_redraws_the_tensor_ranks_attention_dropout(tmp_path):
+    """With tp=2 each tensor rank's attention dropout draws from its own fork of the generator
+    (kdtrain/models/attention.py): the recomputed forward draws the same masks (bitwise-equal
+    gradients with hidden and attention dropout on)."""
+    from conftest import run_spawn
+
+    run_spawn(2, _tensor_parallel_dropout, tmp_path=tmp_path)
+
+
 def test_recompute_with_cuda_graphs_is_refused():
     from kdtrain.config import load_pretrain_config
     from kdtrain.config.distill import load_distill_config

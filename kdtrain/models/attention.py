@@ -8,10 +8,21 @@ flash/memory-efficient kernels. Causal masking and grouped-query attention are n
 ``attention_mask`` is None (causal attention over the whole sequence) or a bool tensor
 broadcastable to ``[b, heads, s, s]`` in SDPA's convention, True = may attend, which replaces the
 causal mask: the layers pass ``DocumentMask.allowed`` (documents.py) there.
+
+Attention dropout with several tensor ranks: the ranks of a stage share one generator stream
+(their hidden dropout after a row-parallel all-reduce must drop the same elements of the same
+replicated activations), but each holds other heads, whose attention dropout must draw
+independent masks (with the shared stream, head h of rank 0 and head h of rank 1 were dropped
+alike). Megatron forks a per-tensor-rank generator kept beside the default one; here each call
+draws a seed from the shared stream (the same on every tensor rank, which keeps the stream in
+step) and runs SDPA on a fork of the device's generator seeded with ``seed + tensor rank``.
+Activation recomputation and checkpoints need nothing more: they restore the shared stream, from
+which the same seed is drawn again.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -32,6 +43,7 @@ class SDPAttention(MegatronModule):
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"SDPAttention supports causal masks only, got {attn_mask_type}")
         tp = pg_collection.tp.size()
+        self.tp_size, self.tp_rank = tp, pg_collection.tp.rank()
         self.heads_per_rank = config.num_attention_heads // tp
         self.groups_per_rank = config.num_query_groups // tp
         self.softmax_scale = softmax_scale  # None: SDPA's 1/sqrt(head_dim)
@@ -45,9 +57,25 @@ class SDPAttention(MegatronModule):
         seq, batch = query.shape[0], query.shape[1]
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None, scale=self.softmax_scale,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            enable_gqa=self.heads_per_rank != self.groups_per_rank,
-        )
+        dropout = self.dropout_p if self.training else 0.0
+        rng = (tensor_rank_generator(q.device, self.tp_rank) if dropout > 0.0 and self.tp_size > 1
+               else contextlib.nullcontext())
+        with rng:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None, scale=self.softmax_scale,
+                dropout_p=dropout, enable_gqa=self.heads_per_rank != self.groups_per_rank,
+            )
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+
+@contextlib.contextmanager
+def tensor_rank_generator(device: torch.device, tp_rank: int):
+    """Run the block on the device's generator seeded for this tensor rank, then give the shared
+    stream back, advanced by one draw (the seed) on every tensor rank alike (module docstring).
+    The seed comes from the CPU generator whatever the device (no device-to-host copy); on CUDA,
+    the block's draws are the current device's."""
+    seed = int(torch.randint(0, 2**62, (1,)))
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        (torch.cuda.manual_seed if cuda else torch.manual_seed)(seed + tp_rank)
+        yield

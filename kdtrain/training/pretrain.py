@@ -133,8 +133,9 @@ def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, s
     # Dropout draws from the process's global generators (CPU and CUDA): seeded from the run's
     # seed, one stream per pipeline stage and the same on every tensor rank of a stage, whose
     # hidden dropout after a row-parallel all-reduce must drop the same elements of the same
-    # replicated activations (unseeded, the copies of the norm weights drifted apart). A resume
-    # restores the saved state over it (restore_role).
+    # replicated activations (unseeded, the copies of the norm weights drifted apart); attention
+    # dropout forks it per tensor rank (models/attention.py). A resume restores the saved state
+    # over it (restore_role).
     torch.manual_seed(seed + 100 * groups.pp_rank)
     if cuda_graphs:  # now, before any other thread uses the device (see models/cuda_graphs.py)
         capture_layer_graphs(model, micro_batch, seq_length)
