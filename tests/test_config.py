@@ -79,6 +79,7 @@ def _tiny_run(**sections):
     ({"parallel": {"pp": 3}}, 3, "parallel.pp"),  # 3 does not divide 4 layers
     ({"parallel": {"tp": 2, "dp": 3}}, 4, "parallel.dp"),  # 2*1*3 != 4
     ({"parallel": {"tp": 2}}, 3, "parallel.tp"),  # 2 does not divide a world of 3
+    ({"parallel": {"pp": 2}}, 1, "parallel.pp"),
     ({"data": {"path": ["x"], "seq_length": 4096}}, 1, "data.seq_length"),  # above max_seq_length
     ({"training": {"micro_batch_size": 4, "global_batch_size": 12}}, 2, "training.global_batch_size"),
     ({"training": {"exit_interval": 4}}, 1, "training.exit_interval"),  # stopping early without checkpoint.dir
@@ -244,6 +245,25 @@ def test_string_fields_take_an_overrides_text_and_refuse_a_files_number(tmp_path
     assert cfg.training.train_steps == 16 and cfg.optimizer.lr == pytest.approx(1e-3)
     f.write_text("model: tiny\ndata: {path: [x]}\nlogging: {dir: off}\n")
     with pytest.raises(ValueError, match=r"logging\.dir: expected a string, got False .*quote it"):
+        load_pretrain_config(str(f))
+
+
+def test_an_empty_value_is_not_the_text_none(tmp_path):
+    """`logging.dir=` (or `dir:` with nothing after it in a file) is an error naming the field: it
+    wrote the run's files into ./None; an empty optional field still means None."""
+    f = tmp_path / "run.yaml"
+    f.write_text("model: tiny\ndata: {path: [x]}\n")
+    for override, field in (("logging.dir=", r"logging\.dir"), ("data.path=", r"data\.path"),
+                            ("model.name=", r"model\.name")):
+        with pytest.raises(ValueError, match=field + r": must be set \(the value is empty\)"):
+            load_pretrain_config(str(f), [override])
+    f.write_text("model: tiny\ndata: {path: [x]}\nlogging:\n  dir:\n")
+    with pytest.raises(ValueError, match=r"logging\.dir: must be set"):
+        load_pretrain_config(str(f))
+    f.write_text("model: tiny\ndata: {path: [x]}\n")
+    assert load_pretrain_config(str(f), ["checkpoint.dir="]).checkpoint.dir is None
+    f.write_bytes(b"model: tiny\n\xff\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: not UTF-8 text \(byte 12\)"):
         load_pretrain_config(str(f))
 
 

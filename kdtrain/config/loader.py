@@ -47,9 +47,11 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_StrictLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): a config is a YAML file") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -180,6 +182,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ValueError(f"{where}: {value!r} is not one of {list(choices)}")
     if origin in (list, tuple):
+        if value is None:  # `key=` or `key:` with nothing after it
+            raise ValueError(f"{where}: must be set (the value is empty)")
         if not isinstance(value, (list, tuple)):
             value = [value]
         args = typing.get_args(tp)
@@ -233,6 +237,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected a finite number, got {value!r}")
         return f
     if tp is str:
+        if value is None:  # `key=` or `key:` with nothing after it, not the text "None"
+            raise ValueError(f"{where}: must be set (the value is empty)")
         if isinstance(value, (bool, int, float)):
             # YAML read the file's text as a number or boolean (`0100` is octal 64, `off` False):
             # what was meant is not known.

@@ -32,11 +32,14 @@ class ParallelConfig:
     def resolve(self, num_ranks: int, where: str = "parallel") -> "ParallelConfig":
         """Fill in dp and check tp * pp * dp == num_ranks."""
         mp = self.tp * self.pp
+        # The field to blame: the one that is not 1 (both: tp, the first).
+        culprit = "pp" if self.tp == 1 and self.pp > 1 else "tp"
         if self.dp is None and num_ranks % mp:
-            raise field_error(where, "tp", f"tp*pp = {self.tp}*{self.pp} = {mp} does not divide the {num_ranks} ranks")
+            raise field_error(where, culprit, f"tp*pp = {self.tp}*{self.pp} = {mp} does not divide the {num_ranks} "
+                              "ranks")
         dp = self.dp if self.dp is not None else num_ranks // mp
         if dp < 1 or mp * dp != num_ranks:
-            raise field_error(where, "dp" if self.dp is not None else "tp",
+            raise field_error(where, "dp" if self.dp is not None else culprit,
                               f"tp*pp*dp = {self.tp}*{self.pp}*{dp} = {mp * dp} != {num_ranks} ranks")
         return ParallelConfig(self.tp, self.pp, dp)
 
