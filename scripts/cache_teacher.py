@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="cache directory (same as cache.out=...)")
     parser.add_argument("--samples", type=int, help="number of training samples to cache (same as cache.samples=...)")
     parser.add_argument("overrides", nargs="*", help="cache.field=value and section.field=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
     cache_over = [o for o in args.overrides if o.lstrip("-").startswith("cache.")]
     run_over = [o for o in args.overrides if o not in cache_over]
     log = (lambda msg: print(msg, flush=True)) if int(os.environ.get("RANK", 0)) == 0 else (lambda msg: None)

@@ -1,6 +1,7 @@
 """Config loading and validation: every shipped config loads; user errors name the field."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -323,3 +324,24 @@ def test_yaml_merge_keys_and_list_overrides(tmp_path):
     assert load_yaml(f)["optimizer"] == {"lr": 2.0e-3, "min_lr": 1.0e-4}
     f.write_text("model: tiny\ndata: {path: [x]}\n")
     assert load_pretrain_config(str(f), ["data.path=2024"]).data.path == ["2024"]
+
+
+@pytest.mark.parametrize("script,target", [("pretrain_gpt", "pretrain"), ("distill_gpt", "distill"),
+                                           ("cache_teacher", "run_cache_job")])
+def test_entry_points_take_overrides_before_and_after_their_options(script, target, monkeypatch):
+    """`distill_gpt.py data.mock=true --config tiny training.train_steps=1`: overrides on both
+    sides of an option (argparse's plain parser called the later ones unrecognized arguments)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"entry_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen = []
+    monkeypatch.setattr(module, "run_job", lambda job, **kw: job() or 0)
+    monkeypatch.setattr(module, target, lambda cfg, *a, **kw: seen.append(cfg))
+    argv = ["data.mock=true", "--config", "tiny", "training.train_steps=3"]
+    if script == "cache_teacher":
+        argv += ["--out", "somewhere", "cache.dtype=bf16", "teacher.random_init=true"]
+    assert module.main(argv) == 0
+    assert seen[0].data.mock and seen[0].training.train_steps == 3
