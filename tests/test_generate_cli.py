@@ -85,7 +85,9 @@ def test_cli_output_and_errors(hf_chat_model, capsys, tmp_path):
                       (["--max-new-tokens", "500"], "exceed the model's max_seq_length 128"),
                       (["--temperature", "-1"], "--temperature must be >= 0"),
                       (["--top-p", "0"], "--top-p in (0, 1]"),
-                      (["--cuda-graphs"], "--cuda-graphs: CUDA graphs need a CUDA device")):
+                      (["--cuda-graphs"], "--cuda-graphs: CUDA graphs need a CUDA device"),
+                      (["--prompts-file", str(tmp_path / "none.txt")],
+                       f"--prompts-file {tmp_path / 'none.txt'}: cannot read it")):
         assert main(["generate", "--model", str(folder), "--prompt", "x", "--device", "cpu", *args]) == 2
         assert msg in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
@@ -155,3 +157,37 @@ def test_a_plain_prompt_starts_with_bos_as_the_tokenizer_s_convention_says(hf_ch
         assert generate(str(hf), ["def f(x):"], max_new_tokens=20, device="cpu", prepend_bos=prepend)[0]["ids"] == ref
     with pytest.raises(ValueError, match="--prepend-bos / --no-prepend-bos apply to plain prompts"):
         generate(str(hf), ["x"], chat=True, device="cpu", prepend_bos=True)
+
+
+def test_a_checkpoint_refuses_a_tokenizer_other_than_its_runs(tiny_corpus, tmp_path, capsys, world_of_one):
+    """A kdtrain checkpoint records the fingerprint of the tokenizer its ids came from: generate
+    refuses another one (here one with fewer ids, which a vocabulary-size check lets through), as
+    --tokenizer or as the run's data.tokenizer rewritten since, naming both."""
+    import shutil
+
+    from kdtrain.cli import main
+    from kdtrain.config import load_pretrain_config
+    from kdtrain.data import train_tokenizer
+    from kdtrain.data.tokenizer import Tokenizer
+    from kdtrain.training.pretrain import pretrain
+
+    run_tok = tmp_path / "run.model"
+    shutil.copy(tiny_corpus["tokenizer"], run_tok)
+    pretrain(load_pretrain_config("tiny", [
+        f"data.path=[{tiny_corpus['prefix']}]", f"data.tokenizer={run_tok}", "precision.device=cpu",
+        "training.train_steps=1", f"logging.dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]))
+    other = train_tokenizer([str(tiny_corpus["corpus"])], str(tmp_path / "other"), vocab_size=300)
+    theirs, ours = Tokenizer(str(run_tok)).fingerprint, Tokenizer(other).fingerprint
+    base = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "def f", "--max-new-tokens", "2",
+            "--device", "cpu"]
+    for args in ([], ["--tokenizer", tiny_corpus["tokenizer"]]):  # the run's, by default and by another path
+        assert main(base + args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(base + ["--tokenizer", other]) == 2
+    err = capsys.readouterr().err
+    assert f"--tokenizer {other} (fingerprint {ours}) is not the tokenizer of" in err
+    assert f"trained on ids of tokenizer {theirs} ({run_tok})" in err
+    shutil.copy(other, run_tok)  # the run's tokenizer file retrained in place
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert f"data.tokenizer {run_tok} has changed since" in err and ours in err and theirs in err

@@ -6,7 +6,8 @@ says before and after distillation.
 
 ``--model`` is a kdtrain checkpoint (any layout) or a Hugging Face directory; the tokenizer is
 ``--tokenizer``, else the HF directory's own, else the one the checkpoint's run read its data
-with. ``--chat`` renders each prompt as a user turn (after ``--system``) with the tokenizer's chat
+with; a checkpoint that records the tokenizer of its training ids (its fingerprint) refuses any
+other. ``--chat`` renders each prompt as a user turn (after ``--system``) with the tokenizer's chat
 template, or ``--chat-template FILE|plain``. A reply stops at an end token: the tokenizer's EOS
 and those the model names (a Hugging Face directory's ``generation_config.json`` / ``config.json``
 ``eos_token_id``, kept by an import: Llama-3-Instruct ends a turn with ``<|eot_id|>``, its
@@ -42,6 +43,25 @@ def default_tokenizer(model: str) -> Optional[str]:
         return str(tokenizer_file(path)) if path else None
     except ValueError:  # moved or deleted since the run
         return None
+
+
+def check_tokenizer(reader, tok, given: bool = True) -> None:
+    """``tok`` is the tokenizer whose ids the checkpoint was trained on, when it records that
+    (``tokenizer_fingerprint``, as ``load_model_weights`` checks it for a run): with another one,
+    even of the same size, the model's rows mean other tokens and the replies are noise.
+    ``given``: ``tok`` is ``--tokenizer`` (else the run's ``data.tokenizer``, changed since)."""
+    theirs = reader.meta.get("tokenizer_fingerprint")
+    if theirs is None or theirs == tok.fingerprint:
+        return
+    path = (reader.meta.get("data") or {}).get("tokenizer")
+    run = f"tokenizer {theirs}{f' ({path})' if path else ''}"
+    if given:
+        raise ValueError(f"--tokenizer {tok.path} (fingerprint {tok.fingerprint}) is not the tokenizer of "
+                         f"{reader.path}, which was trained on ids of {run}: the model's rows would mean other "
+                         "tokens")
+    raise ValueError(f"the run's data.tokenizer {tok.path} has changed since {reader.path} was trained: its "
+                     f"fingerprint is {tok.fingerprint}, the model was trained on ids of tokenizer {theirs}; pass "
+                     "--tokenizer with the tokenizer the run read its data with")
 
 
 def _ids(value) -> list[int]:
@@ -95,12 +115,16 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
     if prepend_bos is not None and (chat or chat_template):
         raise ValueError("--prepend-bos / --no-prepend-bos apply to plain prompts: a chat template writes its own "
                          "start tokens")
+    given = tokenizer is not None
     tokenizer = tokenizer or default_tokenizer(model)
     if tokenizer is None:
         raise ValueError(f"no tokenizer for {model}: pass --tokenizer (a SentencePiece .model, or a Hugging Face "
                          "tokenizer.json or its directory)")
     tok = Tokenizer(tokenizer)
-    cfg = open_weights(model).cfg
+    weights = open_weights(model)
+    cfg = weights.cfg
+    if hasattr(weights, "reader"):  # a kdtrain checkpoint (a Hugging Face directory records no fingerprint)
+        check_tokenizer(weights.reader, tok, given)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but model {model} has "
                          f"vocab_size={cfg.vocab_size}: not the model's tokenizer")
@@ -140,11 +164,21 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
     return results
 
 
+def read_prompts(path: str) -> list[str]:
+    """The non-blank lines of a ``--prompts-file``, one prompt each."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:  # missing, a directory, unreadable
+        raise ValueError(f"--prompts-file {path}: cannot read it: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {path}: not UTF-8 text ({e.reason})") from None
+
+
 def _run(args) -> int:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        prompts += read_prompts(args.prompts_file)
     results = generate(args.model, prompts, tokenizer=args.tokenizer, chat=args.chat, chat_template=args.chat_template,
                        system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device,
