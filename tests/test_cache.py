@@ -476,6 +476,23 @@ def test_resume_into_a_directory_of_another_cache_is_refused(caches):
         prepare(caches["root"] / "fp32", m)
 
 
+def test_a_directory_of_other_files_is_not_a_cache_out(caches, tmp_path):
+    """cache.out naming a checkpoint directory (or any directory of other files) would mix the
+    cache's files into it: refused; an empty directory is taken."""
+    from kdtrain.cache.job import build_manifest
+    from kdtrain.cache.writer import prepare
+
+    m = build_manifest(_run_cfg(caches["corpus"]), _job(tmp_path / "ck", "fp32"), torch.float32, {})
+    (tmp_path / "ck" / "step_0000002").mkdir(parents=True)
+    (tmp_path / "ck" / "latest").write_text("step_0000002")
+    with pytest.raises(ValueError, match=r"cache\.out: .*ck is not empty and holds no cache \(latest, "
+                                         r"step_0000002\); choose an empty or new directory"):
+        prepare(tmp_path / "ck", m)
+    (tmp_path / "empty").mkdir()
+    prepare(tmp_path / "empty", m)
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+
+
 @pytest.mark.slow
 def test_a_rerun_that_would_shrink_a_cache_is_refused(caches, tmp_path):
     """Rerunning the job without its ``--samples`` (the default is smaller) would have been taken

@@ -428,3 +428,51 @@ def test_a_run_whose_steps_were_all_skipped_resumes(world_of_one, tmp_path):
         r.optimizer.step(1e-3)
     for (spec, a), (_, b) in zip(role.params, resumed.params):
         assert torch.equal(a, b) and not torch.equal(a, before[spec.global_name]), spec.global_name
+
+
+def test_steps_without_latest_are_resumed_not_pruned(world_of_one, tmp_path):
+    """A first save killed between its rename and writing ``latest`` (or step directories copied
+    without it) leaves complete steps and no ``latest``: the job resumes from the newest; treated
+    as an empty directory, the new run's first save pruned them as newer than ``latest``."""
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.training.checkpoint import latest_checkpoint
+    from kdtrain.training.pretrain import restore_role, save_role
+
+    cfg, groups, role = _build("tiny")
+    ck, run = CheckpointConfig(dir=str(tmp_path / "ck"), keep=3), {"kind": "pretrain", "global_batch_size": 8,
+                                                                   "data": {}}
+    for step in (2, 5):
+        save_role(ck, cfg, role, step, run)
+    (tmp_path / "ck" / "latest").unlink()
+    (tmp_path / "ck" / "step_0000007.tmp").mkdir()  # an unfinished save is not a step
+    assert latest_checkpoint(ck.dir) == tmp_path / "ck" / "step_0000005"
+    assert restore_role(ck, cfg, role, 0, run).step == 5
+    save_role(ck, cfg, role, 6, run)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["latest", "step_0000002", "step_0000005",
+                                                                   "step_0000006"]
+    assert latest_checkpoint(tmp_path / "empty") is None
+
+
+def test_output_directories_are_checked_before_training(world_of_one, tmp_path):
+    """A logging or checkpoint directory below a file, or a checkpoint's step directory given as
+    checkpoint.dir, is an error naming the field at the start: the run trained to its first save
+    and crashed there with an OSError, or started a new run inside the old checkpoint."""
+    from kdtrain.config import CheckpointConfig, LoggingConfig
+    from kdtrain.config.run import load_pretrain_config
+    from kdtrain.training.pretrain import check_output_dirs, pretrain, save_role
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"logging\.dir: cannot create the directory .*afile/run: Not a directory"):
+        check_output_dirs(LoggingConfig(dir=str(tmp_path / "afile" / "run")), CheckpointConfig())
+    cfg, groups, role = _build("tiny")
+    save_role(CheckpointConfig(dir=str(tmp_path / "ck")), cfg, role, 2, {"kind": "pretrain", "global_batch_size": 8,
+                                                                         "data": {}})
+    with pytest.raises(ValueError, match=r"checkpoint\.dir: .*step_0000002 is one checkpoint \(a step directory\): "
+                                         r"give its parent .*ck to resume"):
+        check_output_dirs(LoggingConfig(dir=str(tmp_path / "run")), CheckpointConfig(dir=str(tmp_path / "ck" /
+                                                                                             "step_0000002")))
+    with pytest.raises(ValueError, match=r"checkpoint\.dir: cannot create the directory .*afile/ck"):
+        pretrain(load_pretrain_config("tiny", ["data.mock=true", f"logging.dir={tmp_path / 'run'}",
+                                               f"checkpoint.dir={tmp_path / 'afile' / 'ck'}",
+                                               "training.eval_batches=0"]))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

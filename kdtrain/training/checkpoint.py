@@ -68,11 +68,15 @@ def _barrier(group) -> None:
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
-    """The newest complete checkpoint under ``root``, or None if there is none."""
+    """The newest complete checkpoint under ``root``, or None if there is none: the step that
+    ``latest`` names, or without ``latest`` the newest complete step (a first save killed between
+    its rename and writing ``latest``, or step directories copied without it; its meta.json is
+    written before the rename). Treated as none, the first save pruned those steps."""
     root = Path(root)
     marker = root / "latest"
     if not marker.is_file():
-        return None
+        done = [p for p in complete_steps(root) if (p / "meta.json").is_file()]
+        return done[-1] if done else None
     path = root / marker.read_text().strip()
     if not (path / "meta.json").is_file():
         aside = path.with_name(path.name + ".old")  # a re-save of that step crashed mid-rename
@@ -497,6 +501,24 @@ def _report_changes(meta: dict, run: dict) -> list[str]:
         if was is not None and now is not None and was != now:
             changes.append(f"{field}: {was} -> {now}")
     return changes
+
+
+def check_output_dir(path: str | os.PathLike, field: str) -> None:
+    """Create ``path`` (a run's logging or checkpoint directory) at the start, so that a path
+    below a file or without permission is an error naming ``field`` before any training, not a
+    traceback at the first save; a checkpoint's step directory given as ``checkpoint.dir`` is
+    refused (the run would start afresh inside it)."""
+    path = Path(path)
+    if field == "checkpoint.dir" and path.name.removeprefix("step_").isdigit() and (path / "meta.json").is_file():
+        raise ValueError(f"checkpoint.dir: {path} is one checkpoint (a step directory): give its parent "
+                         f"{path.parent} to resume that run, or checkpoint.load={path} with a new checkpoint.dir "
+                         "to start a new run from its weights")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise ValueError(f"{field}: cannot create the directory {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{field}: the directory {path} is not writable")
 
 
 def refuse_other_runs(ck_dir: str | os.PathLike) -> None:

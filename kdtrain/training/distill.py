@@ -52,8 +52,8 @@ from .logger import RunLogger
 from .metrics import IntervalSums, Throughput, peak_tflops
 from .optimizer import lr_at
 from .profiling import StepProfiler
-from .pretrain import (build_trainable, describe_dataset, describe_start, evaluate, held_out, lm_forward_step,
-                       open_dataset, resolve_dtype, restore_role, save_due, save_role, Start)
+from .pretrain import (Start, build_trainable, check_output_dirs, describe_dataset, describe_start, evaluate, held_out,
+                       lm_forward_step, open_dataset, resolve_dtype, restore_role, save_due, save_role)
 from .step import SkippedSteps, eval_step, train_step
 from .onpolicy import check_stop_token, onpolicy_step, sampled_windows, spread_step
 from .teacher import Teacher, TeacherSideStats
@@ -235,6 +235,7 @@ def distill(cfg: DistillConfig) -> dict:
     if cfg.split.mode == "auto":
         cfg, plan_lines = resolve_auto_split(cfg, env.world_size, env.device)
     spans = cfg.validate(env.world_size)
+    check_output_dirs(cfg.logging, cfg.checkpoint)
     tr, dtype = cfg.training, resolve_dtype(cfg.precision.dtype, env.device)
     colocated = cfg.split.mode == "colocated"
 

@@ -18,8 +18,9 @@ from ..models import KDGPTModel, build_gpt, transformer_engine_available
 from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
-from .checkpoint import (CheckpointReader, check_checkpoint_model, check_resume, latest_checkpoint, load_model_weights,
-                         load_training_state, refuse_other_runs, restore_rng, run_record, save_checkpoint)
+from .checkpoint import (CheckpointReader, check_checkpoint_model, check_output_dir, check_resume, latest_checkpoint,
+                         load_model_weights, load_training_state, refuse_other_runs, restore_rng, run_record,
+                         save_checkpoint)
 from .grads import GradBuffer
 from .logger import RunLogger
 from .metrics import IntervalSums, Throughput, peak_tflops
@@ -189,6 +190,7 @@ def evaluate(role: Role, dataset: GPTWindowDataset, t: TrainingConfig, forward_s
 def pretrain(cfg: PretrainConfig) -> dict:
     env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
     cfg.validate(env.world_size)
+    check_output_dirs(cfg.logging, cfg.checkpoint)
     par, t = cfg.parallel, cfg.training
     dtype = resolve_dtype(cfg.precision.dtype, env.device)
     groups = build_role_groups(RoleLayout("model", 0, par.tp, par.pp, par.dp), timeout_s=cfg.distributed.timeout_s)
@@ -270,6 +272,14 @@ class Start(NamedTuple):
     differ from what the resumed checkpoint records (``check_resume``: "field: old -> new")."""
     step: int
     changes: tuple = ()
+
+
+def check_output_dirs(logging_cfg, ck: CheckpointConfig) -> None:
+    """On every rank at the start of a run, so that all of them stop with the same error: the
+    run's logging and checkpoint directories can be written (checkpoint.check_output_dir)."""
+    check_output_dir(logging_cfg.dir, "logging.dir")
+    if ck.dir:
+        check_output_dir(ck.dir, "checkpoint.dir")
 
 
 def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int, run: dict,
