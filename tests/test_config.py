@@ -81,6 +81,7 @@ def _tiny_run(**sections):
     ({"parallel": {"tp": 2, "dp": 3}}, 4, "parallel.dp"),  # 2*1*3 != 4
     ({"parallel": {"tp": 2}}, 3, "parallel.tp"),  # 2 does not divide a world of 3
     ({"parallel": {"pp": 2}}, 1, "parallel.pp"),
+    ({"data": {"path": ["corpora/web", "corpora/./web"]}}, 1, "data.path: corpora/./web is listed twice"),
     ({"data": {"path": ["x"], "seq_length": 4096}}, 1, "data.seq_length"),  # above max_seq_length
     ({"training": {"micro_batch_size": 4, "global_batch_size": 12}}, 2, "training.global_batch_size"),
     ({"training": {"exit_interval": 4}}, 1, "training.exit_interval"),  # stopping early without checkpoint.dir
