@@ -71,7 +71,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     """The newest complete checkpoint under ``root``, or None if there is none: the step that
     ``latest`` names, or without ``latest`` the newest complete step (a first save killed between
     its rename and writing ``latest``, or step directories copied without it; its meta.json is
-    written before the rename). Treated as none, the first save pruned those steps."""
+    written before the rename): ignored, they would be pruned by the new run's first save."""
     root = Path(root)
     marker = root / "latest"
     if not marker.is_file():
