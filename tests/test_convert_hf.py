@@ -531,3 +531,72 @@ def test_documents_in_one_window_match_hf_on_each_alone(converted, world_of_one,
             ref = _logits(hf, tokens[b:b + 1, at:at + n])[0]
             assert (got[b, at:at + n] - ref).abs().max().item() <= ATOL, (arch, b, at)
             at += n
+
+
+def test_a_config_json_that_is_not_an_object_is_refused(tmp_path, capsys):
+    """A config.json holding a list (or any non-object) is an error naming the file, not an
+    AttributeError from deep inside the converter."""
+    from kdtrain.cli import main
+    from kdtrain.convert.hf_weights import HFModel
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('[{"architectures": ["LlamaForCausalLM"]}]')
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"hf/config\.json: not a JSON object .*holds an array"):
+        HFModel(tmp_path / "hf")
+    assert main(["convert", "hf-to-kdtrain", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "kd")]) == 2
+    assert f"{tmp_path / 'hf' / 'config.json'}: not a JSON object" in capsys.readouterr().err
+
+
+def test_out_below_a_file_is_refused_before_the_weights_are_read(converted, tmp_path, capsys, monkeypatch):
+    """Both directions check that --out can be created before reading any weights."""
+    from kdtrain.cli import main
+    from kdtrain.convert import hf_weights
+    from kdtrain.training import checkpoint
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("weights read before --out was checked")
+
+    monkeypatch.setattr(hf_weights.HFModel, "tensor", no_reading)
+    monkeypatch.setattr(checkpoint.CheckpointReader, "read_into", no_reading)
+    a = converted["archs"]["qwen2"]
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile" / "sub", tmp_path / "afile" / "sub" / "deeper"):
+        for cmd in (["hf-to-kdtrain", "--hf", str(a["hf"])], ["kdtrain-to-hf", "--ckpt", str(a["kd"])]):
+            assert main(["convert", *cmd, "--out", str(out)]) == 2, (cmd, out)
+            err = capsys.readouterr().err
+            assert f"error: --out {out}: cannot create the directory, {tmp_path / 'afile'} is not a directory" in err
+    assert main(["convert", "hf-to-kdtrain", "--hf", str(a["hf"]), "--out", str(tmp_path / "afile")]) == 2
+    assert "--out" in capsys.readouterr().err and (tmp_path / "afile").is_file()
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(converted, tmp_path, capsys):
+    """NaN or infinity in a source tensor is refused when it is converted (whole, or the part of a
+    fused tensor one rank reads), naming the Hugging Face tensor; nothing is written. Vocabulary
+    rows trimmed away do not count."""
+    from safetensors.torch import load_file, save_file
+
+    from kdtrain.cli import main
+    from kdtrain.convert.hf_import import import_hf
+    from kdtrain.convert.hf_weights import HFModel
+
+    src = converted["archs"]["qwen2"]["hf"]
+    qkv = "decoder.layers.1.self_attention.linear_qkv.weight"
+    # (source tensor, entry, value, kdtrain tensor, the rows of it one rank reads: query group 0)
+    cases = (("model.layers.1.self_attn.k_proj.weight", (3, 5), float("inf"), qkv, 64),
+             ("model.norm.weight", (7,), float("nan"), "decoder.final_layernorm.weight", 32),
+             ("model.embed_tokens.weight", (VOCAB - 1, 2), float("-inf"), "embedding.word_embeddings.weight", VOCAB))
+    for i, (hf_name, where, value, kd_name, rows) in enumerate(cases):
+        bad = _copy_hf(src, tmp_path / f"bad{i}")
+        tensors = load_file(bad / "model.safetensors")
+        tensors[hf_name][where] = value
+        save_file(tensors, str(bad / "model.safetensors"))
+        out = tmp_path / f"out{i}"
+        assert main(["convert", "hf-to-kdtrain", "--hf", str(bad), "--out", str(out)]) == 2
+        assert f"tensor {hf_name} (kdtrain {kd_name}) holds NaN or infinite values" in capsys.readouterr().err
+        assert not out.exists()
+        with pytest.raises(ValueError, match=f"tensor {hf_name} holds NaN or infinite values"):
+            HFModel(bad).part(kd_name, 0, 0, rows)
+    # The last vocabulary row is padding once the table is trimmed: the rest converts.
+    cfg, _ = import_hf(tmp_path / "bad2", tmp_path / "trimmed", vocab_size=VOCAB - 1)
+    assert cfg.vocab_size == VOCAB - 1

@@ -9,12 +9,31 @@ A run can also load a Hugging Face directory directly (``teacher.load: DIR``, ``
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ..cli import DefaultsHelp
+
+
+def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> None:
+    """``out`` is a directory, or one that can be created: not a file, not below one, and its
+    nearest existing ancestor writable. Checked before any weights are read; nothing is created."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {out}: exists and is not a directory")
+    above = path
+    while not os.path.lexists(above) and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"{flag} {out}: cannot create the directory, {above} is not a directory")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: cannot write there, {above} is not writable")
 
 
 def _hf_to_kdtrain(args) -> int:
     from .hf_import import import_hf
 
+    check_out_dir(args.out)
     cfg, step_dir = import_hf(args.hf, args.out, args.name, args.vocab_size, _shard_bytes(args))
     print(f"{cfg.name}: {cfg.num_params() / 1e6:.2f}M parameters -> checkpoint {step_dir}")
     print(f"model config: {args.out}/model.yaml  (use teacher.load={args.out} teacher.model={args.out}/model.yaml)")
@@ -24,6 +43,7 @@ def _hf_to_kdtrain(args) -> int:
 def _kdtrain_to_hf(args) -> int:
     from .hf_export import export_hf
 
+    check_out_dir(args.out)
     tokenizer = None if args.tokenizer == "none" else args.tokenizer
     out = export_hf(args.ckpt, args.out, args.model, args.arch, args.dtype, tokenizer, _shard_bytes(args))
     tok = "and the tokenizer (tokenizer.json)" if (out / "tokenizer.json").is_file() else \

@@ -80,6 +80,8 @@ def _get(hf: dict, key: str, where: str, default: Any = None):
 
 def model_config_from_hf(hf: dict, name: str, where: str = "config.json") -> tuple[ModelConfig, str]:
     """A ModelConfig reproducing the HF model, and its architecture name."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: not a JSON object (got a {type(hf).__name__})")
     arch = architecture_of(hf, where)
     if arch == "GPT2LMHeadModel":
         act = _get(hf, "activation_function", where, "gelu_new")

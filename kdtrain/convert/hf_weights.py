@@ -41,6 +41,17 @@ VOCAB_TABLES = ("embedding.word_embeddings.weight", "output_layer.weight")
 # Face config when a run names its own model YAML for a Hugging Face ``load`` (TRAINING_ONLY_FIELDS).
 
 
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinite entry in ``t``. One pass, nothing allocated: NaN propagates through the
+    minimum and maximum, an infinity ends up as one of them."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous():
+        t = t.t()  # a transposed view: the same entries, read in memory order
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def is_hf_model_dir(path: str | os.PathLike) -> bool:
     """A directory with ``config.json`` and safetensors weights (and no kdtrain checkpoint marker)."""
     p = Path(path)
@@ -48,14 +59,23 @@ def is_hf_model_dir(path: str | os.PathLike) -> bool:
             and ((p / SINGLE_FILE).is_file() or (p / INDEX_FILE).is_file()))
 
 
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
 def read_hf_config(path: str | os.PathLike) -> dict:
+    """``config.json`` of a Hugging Face directory: a JSON object, else a ValueError naming the file."""
     f = Path(path) / "config.json"
     if not f.is_file():
         raise ValueError(f"{path}: no config.json (not a Hugging Face model directory)")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        value = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f}: not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{f}: not a JSON object (a model config maps its settings to values; this file holds "
+                         f"{_JSON_KINDS.get(type(value), type(value).__name__)})")
+    return value
 
 
 def read_generation_config(path: str | os.PathLike) -> Optional[dict]:
@@ -136,7 +156,8 @@ class HFModel:
     Opening reads ``config.json`` and the safetensors headers only and checks that the tensors
     present are exactly those the architecture's conversion rules need (a missing or unexpected
     tensor is a ValueError naming it); ``tensor(name)`` reads and converts one parameter and
-    checks its shape against the config."""
+    checks its shape against the config, and that it holds no NaN or infinity (``part`` too:
+    such weights are refused, naming the tensor, before a conversion writes or a run loads them)."""
 
     def __init__(self, hf_dir: str | os.PathLike, name: Optional[str] = None):
         self.path = Path(hf_dir)
@@ -212,7 +233,17 @@ class HFModel:
     def _read_part(self, hf_name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         t = self.files.get_part(self._stored_name(hf_name), dim, start, stop)
         self.elements_read += t.numel()
+        if not is_finite(t):
+            self._refuse_non_finite([hf_name])
         return t
+
+    def _refuse_non_finite(self, sources: list[str], name: Optional[str] = None) -> None:
+        """A ValueError naming the source tensors (of ``sources``) that hold NaN or infinite values."""
+        bad = [n for n in sources if not is_finite(self._get(n))] if len(sources) > 1 else sources
+        stored = ", ".join(self._stored_name(n) for n in (bad or sources))
+        into = f" (kdtrain {name})" if name else ""
+        raise ValueError(f"{self.path}: tensor {stored}{into} holds NaN or infinite values: the weights are "
+                         "corrupt or come from a diverged run (they would make every loss NaN)")
 
     def _fused_part(self, rule, expected: tuple[int, ...], start: int, stop: int) -> Optional[torch.Tensor]:
         """Rows [start, stop) of a fused QKV or [gate; up] tensor from row ranges of its parts, or
@@ -263,6 +294,8 @@ class HFModel:
                              f"{self._shapes[name]} (config and weights disagree)")
         if name in VOCAB_TABLES and self.cfg.vocab_size < t.shape[0]:
             t = t[:self.cfg.vocab_size]
+        if not is_finite(t):  # after the trim: padding rows no model reads do not count
+            self._refuse_non_finite(list(rule.inputs), name)
         return t
 
 
