@@ -276,6 +276,38 @@ def test_prune_cli_from_hf_teacher(tmp_path):
     assert (z.num_layers, z.vocab_size) == (2, V - 11)
 
 
+def test_keep_layers_named_twice_and_an_unwritable_out_are_errors(tmp_path, capsys, monkeypatch):
+    """``--keep-layers 1,1,2`` names layer 1 twice: an error, not a student of 2 layers. An --out
+    below a regular file is refused before the teacher is read or scored."""
+    from kdtrain.cli import main
+    from kdtrain.convert.layout import expected_shapes
+    from kdtrain.prune import cli as prune_cli
+    from kdtrain.prune.cli import parse_layers
+    from kdtrain.training.checkpoint import write_global_checkpoint
+
+    assert parse_layers("2,0-1") == [0, 1, 2]
+    for text, twice in (("1,1,2", "layer 1 "), ("0-3,2,3", "layers 2, 3 ")):
+        with pytest.raises(ValueError, match=f"--keep-layers '{text}': {twice}named more than once"):
+            parse_layers(text)
+    cfg = _cfg("llama")
+    cfg.check()
+    state = {k: torch.randn(s) for k, s in expected_shapes(cfg).items()}
+    write_global_checkpoint(tmp_path / "teacher", cfg, list(state), state.__getitem__, {}, 10**9)
+    base = ["prune", "--src", str(tmp_path / "teacher"), "--device", "cpu"]
+    assert main(base + ["--out", str(tmp_path / "s"), "--keep-layers", "1,1,2"]) == 2
+    assert "layer 1 named more than once" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the teacher was scored before --out was checked")
+
+    monkeypatch.setattr(prune_cli, "measure_importance", no_scoring)
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "student"
+    for args in (["--keep-layers", "0,2"], ["--ffn-hidden-size", "64", "--data", str(tmp_path / "calib")]):
+        assert main(base + ["--out", str(out), *args]) == 2, args
+        assert f"--out {out}: cannot create the directory" in capsys.readouterr().err
+
+
 def test_kdtrain_help_does_not_import_torch():
     """The command's sub-commands register without loading torch or the model code."""
     import subprocess

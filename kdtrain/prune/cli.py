@@ -19,6 +19,7 @@ and the scores it came from). Then distil with ``student.model=OUT/model.yaml st
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # torch and the model code load only when a command runs (`kd
 
 
 def parse_layers(text: str) -> list[int]:
-    """``0-11,14,15`` -> [0, ..., 11, 14, 15]."""
+    """``0-11,14,15`` -> [0, ..., 11, 14, 15]; a layer named twice (``1,1``, ``0-3,2``) is an error."""
     out: list[int] = []
     try:
         for part in text.split(","):
@@ -42,7 +43,11 @@ def parse_layers(text: str) -> list[int]:
             out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
     except ValueError:
         raise ValueError(f"--keep-layers {text!r}: expected indices and ranges like 0-11,14,15") from None
-    return sorted(set(out))
+    twice = sorted(i for i, n in Counter(out).items() if n > 1)
+    if twice:
+        raise ValueError(f"--keep-layers {text!r}: layer{'s' if len(twice) > 1 else ''} "
+                         f"{', '.join(map(str, twice))} named more than once (each teacher layer is kept once)")
+    return sorted(out)
 
 
 def calibration_batches(data: list[str], cfg: ModelConfig, seq_length: int, samples: int, micro_batch: int,
@@ -99,6 +104,7 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
           shard_bytes: int = 2 * 10**9, vocab_size: Optional[int] = None, packing: str = "stream",
           attention: str = "window") -> tuple[ModelConfig, Selection]:
     from ..config import to_dict
+    from ..convert.cli import check_out_dir
     from ..convert.hf_import import write_model_yaml
     from ..convert.sources import open_weights
     from ..training.checkpoint import write_global_checkpoint
@@ -107,6 +113,7 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
     if Path(out).resolve() == Path(src).resolve():
         raise ValueError(f"--out {out}: is --src; write the pruned student to another directory (the teacher "
                          "would be overwritten)")
+    check_out_dir(out)  # before the teacher is read and scored
     if calib_samples < 1 or micro_batch < 1:
         raise ValueError(f"--calib-samples and --micro-batch must be >= 1, got {calib_samples} and {micro_batch}")
     if layer_order not in ("influence", "uniform"):
