@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, run_spawn
 from kdtrain.config import load_model_config
-from kdtrain.planner import auto_plan, get_profile, load_profile, make_problem, search_plans
+from kdtrain.planner import auto_plan, get_profile, load_profile, make_problem, save_profile, search_plans
 from kdtrain.planner.inflection import condition
 from kdtrain.planner.memory import (GiB, ModelShape, layer_activation_bytes, optimizer_bytes, owned_params,
                                     payload_nbytes, stage_param_list, stage_params, student_stage_memory, teacher_stage_memory)
@@ -506,6 +506,25 @@ def test_calibrate_on_cpu_writes_a_loadable_profile(world_of_one, tmp_path, caps
                 "--seq-len", "256", "--global-batch", "16", "--profile", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["profile"] == prof.name
+
+
+def test_calibrate_checks_out_before_measuring(tmp_path, capsys, monkeypatch):
+    """An --out that cannot be written (below a regular file, or a directory) is an error naming
+    it before anything is measured, not a FileExistsError after the measurements."""
+    from kdtrain.planner import calibrate
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured before --out was checked")
+
+    monkeypatch.setattr(calibrate, "measure_matmul", no_measuring)
+    (tmp_path / "afile").write_text("")
+    below = f"cannot create its directory, {tmp_path / 'afile'} is not a directory"
+    for out, message in ((tmp_path / "afile" / "x.json", below), (tmp_path / "afile" / "sub" / "x.json", below),
+                         (tmp_path, "is a directory")):
+        proc = _cli(capsys, "calibrate", "--out", str(out), "--model", "tiny", "--device", "cpu")
+        assert proc.returncode == 2 and f"error: --out {out}: {message}" in proc.stderr, proc.stderr
+    with pytest.raises(ValueError, match=f"cannot write profile {tmp_path / 'afile' / 'x.json'}"):
+        save_profile(get_profile("cpu"), tmp_path / "afile" / "x.json")
 
 
 def test_calibrate_compiled_layers(world_of_one, tmp_path, capsys, monkeypatch):

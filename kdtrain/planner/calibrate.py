@@ -26,7 +26,7 @@ import os
 import time
 from typing import Optional
 
-from .profiles import GiB, get_profile, save_profile
+from .profiles import GiB, check_profile_path, get_profile, save_profile
 
 
 def _timed(fn, sync, iters: int) -> float:
@@ -208,6 +208,7 @@ def calibrate(out: str, base=None, model: str = "demo-student", seq_len: int = 2
     small_seq_len, small_micro_batch = small_seq_len or seq_len, small_micro_batch or micro_batch
     if min(iters, seq_len, micro_batch, small_seq_len, small_micro_batch) < 1:
         raise ValueError("--iters, --seq-len, --micro-batch, --small-seq-len and --small-micro-batch must be >= 1")
+    check_profile_path(out)  # before minutes of measuring
     started_here = not torch.distributed.is_initialized()
     env = init_distributed(device)
     try:

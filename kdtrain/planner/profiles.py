@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -168,10 +169,29 @@ def load_profile(path, where: str = "--profile") -> HardwareProfile:
     return profile
 
 
+def check_profile_path(path, where: str = "--out") -> None:
+    """A profile JSON can be written at ``path``: not a directory, its folder one that exists or
+    can be created (not below a file) and writable. Checked before measuring; nothing is created."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{where} {path}: is a directory (name the profile JSON file to write)")
+    above = p.parent
+    while not os.path.lexists(above) and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"{where} {path}: cannot create its directory, {above} is not a directory")
+    target = p if p.exists() else above
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"{where} {path}: cannot write there, {target} is not writable")
+
+
 def save_profile(profile: HardwareProfile, path, measurements: dict | None = None) -> None:
     profile.check()
     out = {"profile": dataclasses.asdict(profile)}
     if measurements:
         out["measurements"] = measurements
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=2) + "\n")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=2) + "\n")
+    except OSError as e:  # a file in the way, no permission, a full disk
+        raise ValueError(f"cannot write profile {path}: {e.strerror or e}") from None
