@@ -77,7 +77,12 @@ def test_eval_with_a_teacher_reproduces_the_runs_held_out_divergence(world_of_on
     got = json.loads((tmp_path / "eval.json").read_text())[str(tmp_path / "student")]
     assert got["targets_loss"] == pytest.approx(logged["valid_loss"], rel=1e-5)
     assert got["kd_loss"] == pytest.approx(logged["valid_kd_loss"], rel=1e-5) and got["kd_loss"] > 0
-    assert f"{got['kd_loss']:9.4f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{got['kd_loss']:9.4f}" in out
+    # A corpus without a loss mask: every token is a target, there is no context loss to report.
+    assert got["context_loss"] is None and got["all_loss"] == got["targets_loss"]
+    assert out.splitlines()[-1].split()[1:] == [f"{got['targets_loss']:.4f}", "-", f"{got['all_loss']:.4f}",
+                                                f"{got['kd_loss']:.4f}"] and "nan" not in out
     # Other loss settings give another divergence; settings without a teacher are an error.
     assert main(["eval", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
                  "--max-windows", "8", "--device", "cpu", "--divergence", "forward_kl", "--tau", "1.0",

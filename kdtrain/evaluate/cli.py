@@ -12,8 +12,9 @@ held-out windows; with ``--data``, those flags (defaults as a run's). Either way
 opened as a run opens it (blends, packing, tokenizer and vocabulary checks), and the first
 ``--max-windows`` held-out windows (else all) are scored. Reported per model, in nats: the loss
 over the target tokens (on a conversation corpus the replies; every token otherwise), over the
-other tokens (prompts, padding) and over all tokens, with the token counts. One process, the
-whole model on one device (GPU when there is one; bf16 there, fp32 on CPU).
+other tokens (prompts, padding; ``-``, and null in ``--out``, where every token is a target) and
+over all tokens, with the token counts. One process, the whole model on one device (GPU when there
+is one; bf16 there, fp32 on CPU).
 
 ``--teacher T`` also reports each model's divergence to the teacher over the target tokens
 (``kd_loss``, per token, at the teacher's top-k as a distillation run computes it): with the
@@ -66,9 +67,9 @@ def teacher_payloads(teacher, vocab_size: int, dataset, windows: int, batch: int
 
 def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, device, teacher=None) -> dict:
     """Cross entropy of ``model`` on the first ``windows`` held-out windows of ``dataset``, split by
-    the dataset's target flags: ``{targets,context,all}_loss`` and the token counts; with
-    ``teacher`` = (``teacher_payloads``, KDLossConfig) also ``kd_loss``, the divergence to it per
-    target token."""
+    the dataset's target flags: ``{targets,context,all}_loss`` (None over no tokens: the context
+    of a corpus without a loss mask) and the token counts; with ``teacher`` = (``teacher_payloads``,
+    KDLossConfig) also ``kd_loss``, the divergence to it per target token."""
     import dataclasses
 
     import torch
@@ -93,11 +94,17 @@ def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, de
                                     loss_mask_SB=mask.t().float(), teacher_tail_lse_SB=tail_lse,
                                     impl="auto" if raw.is_cuda else "reference")
                 kd_sum += float(report["kd_sum"])
-    out = {f"{k}_loss": (s / n if n else float("nan")) for k, (s, n) in sums.items()}
+    # A loss over no tokens (the context of a corpus without a loss mask) is None: there is none.
+    out = {f"{k}_loss": (s / n if n else None) for k, (s, n) in sums.items()}
     out.update(target_tokens=sums["targets"][1], tokens=sums["all"][1])
     if teacher is not None:
-        out["kd_loss"] = kd_sum / sums["targets"][1] if sums["targets"][1] else float("nan")
+        out["kd_loss"] = kd_sum / sums["targets"][1] if sums["targets"][1] else None
     return out
+
+
+def _cell(loss: Optional[float]) -> str:
+    """A loss in the table: ``-`` where it covers no tokens."""
+    return f"{'-':>9s}" if loss is None else f"{loss:9.4f}"
 
 
 def run_kd_config(model: str, overrides: dict):
@@ -216,8 +223,8 @@ def _run(args) -> int:
           f"attention within the {data.attention}: {first['tokens']} held-out tokens, {first['target_tokens']} targets")
     print(f"{'model':40s} {'targets':>9s} {'context':>9s} {'all':>9s}" + (f" {'kd':>9s}" if args.teacher else ""))
     for m, r in results.items():
-        print(f"{Path(m).name:40s} {r['targets_loss']:9.4f} {r['context_loss']:9.4f} {r['all_loss']:9.4f}"
-              + (f" {r['kd_loss']:9.4f}" if args.teacher else ""))
+        print(f"{Path(m).name:40s} {_cell(r['targets_loss'])} {_cell(r['context_loss'])} {_cell(r['all_loss'])}"
+              + (f" {_cell(r['kd_loss'])}" if args.teacher else ""))
     return 0
 
 
