@@ -233,9 +233,20 @@ def test_weights_trained_on_another_tokenizers_ids_are_refused(world_of_one, tin
                                          r"of tokenizer"):
         run(tmp_path / "other", f"checkpoint.load={tmp_path / 'a'}")
     run(tiny_corpus["prefix"], f"checkpoint.load={tmp_path / 'a'}")
-    # A student pruned from the model keeps the record (kdtrain prune).
+    # The tools that run a model alone on a corpus refuse it too: held-out losses, pruning's
+    # calibration.
+    from kdtrain.config import DataConfig
+    from kdtrain.evaluate.cli import evaluate_models
     from kdtrain.prune.cli import prune
     from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint
+
+    with pytest.raises(ValueError, match=r"eval --model\.load: .* was trained on ids of tokenizer"):
+        evaluate_models([str(tmp_path / "a")], DataConfig(path=[str(tmp_path / "other")], seq_length=32),
+                        max_windows=2, device="cpu")
+    with pytest.raises(ValueError, match=r"prune --src\.load: .* was trained on ids of tokenizer"):
+        prune(str(tmp_path / "a"), str(tmp_path / "bad"), num_layers=1, data=[str(tmp_path / "other")],
+              seq_length=32, calib_samples=2, device="cpu")
+    # A student pruned from the model keeps the record (kdtrain prune).
 
     prune(str(tmp_path / "a"), str(tmp_path / "pruned"), keep_layers=[0], device="cpu")
     assert CheckpointReader(latest_checkpoint(tmp_path / "pruned")).meta["tokenizer_fingerprint"] == \

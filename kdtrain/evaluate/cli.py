@@ -154,7 +154,7 @@ def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[i
 
     from ..convert.sources import open_weights
     from ..parallel import one_process_world
-    from ..training.checkpoint import load_whole_model
+    from ..training.checkpoint import data_tokenizer, load_whole_model
     from ..training.pretrain import open_dataset
 
     if not models:
@@ -179,16 +179,18 @@ def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[i
     if windows == 0:
         raise ValueError(f"data {list(data.path)} has no held-out windows at split {list(data.split)}")
     results = {}
+    ids_of = data_tokenizer(data)  # models trained on another tokenizer's ids are refused
     with one_process_world(device) as env:
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
         kd = None
         if teacher:
             kd_cfg, k = run_kd_config(models[0], dict(kd_overrides or {}))
-            tcfg, net = load_whole_model(teacher, env.device, dtype, "eval --teacher", configs[teacher])
+            tcfg, net = load_whole_model(teacher, env.device, dtype, "eval --teacher", configs[teacher],
+                                         tokenizer=ids_of)
             kd = (teacher_payloads(net, tcfg.vocab_size, dataset, windows, batch, env.device, k, kd_cfg.tau), kd_cfg)
             del net
         for m in models:
-            cfg, net = load_whole_model(m, env.device, dtype, "eval --model", configs[m])
+            cfg, net = load_whole_model(m, env.device, dtype, "eval --model", configs[m], tokenizer=ids_of)
             results[m] = heldout_losses(net, cfg.vocab_size, dataset, windows, batch, env.device, kd)
             del net
     return results, data

@@ -78,8 +78,11 @@ def calibration_batches(data: list[str], cfg: ModelConfig, seq_length: int, samp
         yield CalibrationBatch(tokens.to(device), positions, content)
 
 
-def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str = "auto"):
-    """Build the whole teacher on one device, load ``src`` and score it (importance.py)."""
+def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str = "auto",
+                       tokenizer: Optional[str] = None):
+    """Build the whole teacher on one device, load ``src`` and score it (importance.py) on
+    ``batches_fn``'s ids, of tokenizer ``tokenizer`` (a fingerprint; another than the teacher's
+    training ids' is refused)."""
     import torch
 
     from ..parallel import one_process_world
@@ -92,7 +95,7 @@ def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str 
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
         # kdtrain's local layers: Transformer Engine fuses the norms into the next linear (the
         # norm modules the hooks read would be identities, seeing the un-normalised stream).
-        _, model = load_whole_model(src, env.device, dtype, "prune --src", cfg, use_te=False)
+        _, model = load_whole_model(src, env.device, dtype, "prune --src", cfg, use_te=False, tokenizer=tokenizer)
         return activation_importance(model, batches_fn(env.device))
 
 
@@ -103,11 +106,11 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
           calib_samples: int = 256, micro_batch: int = 4, device: str = "auto",
           shard_bytes: int = 2 * 10**9, vocab_size: Optional[int] = None, packing: str = "stream",
           attention: str = "window") -> tuple[ModelConfig, Selection]:
-    from ..config import to_dict
+    from ..config import DataConfig, to_dict
     from ..convert.cli import check_out_dir
     from ..convert.hf_import import write_model_yaml
     from ..convert.sources import open_weights
-    from ..training.checkpoint import write_global_checkpoint
+    from ..training.checkpoint import data_tokenizer, write_global_checkpoint
     from .select import build_selection, prune_tensor, pruned_config, pruned_names
 
     if Path(out).resolve() == Path(src).resolve():
@@ -139,8 +142,9 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
         if not 1 <= seq_length <= cfg.max_seq_length:
             raise ValueError(f"--seq-length {seq_length}: calibration windows must fit the teacher's "
                              f"max_seq_length={cfg.max_seq_length} ({src})")
+        ids_of = data_tokenizer(DataConfig(path=list(data), tokenizer=tokenizer))
         scores = measure_importance(src, cfg, lambda dev: calibration_batches(
-            data, cfg, seq_length, calib_samples, micro_batch, dev, tokenizer, packing, attention), device)
+            data, cfg, seq_length, calib_samples, micro_batch, dev, tokenizer, packing, attention), device, ids_of)
     elif by_influence:
         layer_order = "uniform"  # no data: evenly spaced
     sel = build_selection(

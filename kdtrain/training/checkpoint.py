@@ -362,11 +362,13 @@ def load_model_weights(path: str | os.PathLike, model: ModelConfig,
 
 
 def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype, what: str,
-                     model: Optional[ModelConfig] = None, use_te: Optional[bool] = None):
+                     model: Optional[ModelConfig] = None, use_te: Optional[bool] = None,
+                     tokenizer: Optional[str] = None):
     """(config, model) of a kdtrain checkpoint or Hugging Face directory held whole on one device
     (tp = pp = 1), in eval mode, for the tools that run a model alone (prune, generate, eval).
     The config is the one ``path`` records unless ``model`` is given; ``use_te``: as ``build_gpt``
-    (False: kdtrain's local layers, whose modules hooks can read). Needs a process group
+    (False: kdtrain's local layers, whose modules hooks can read); ``tokenizer``: the fingerprint
+    of the ids the tool feeds it, as for ``load_model_weights``. Needs a process group
     (``parallel.one_process_world``)."""
     from ..convert.sources import open_weights
     from ..models import build_gpt
@@ -375,7 +377,8 @@ def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch
     cfg = model if model is not None else open_weights(path).cfg
     net = build_gpt(cfg, build_role_groups(RoleLayout(what, 0, 1, 1, 1)), device=device, dtype=dtype, seed=0,
                     use_te=use_te)
-    load_model_weights(path, cfg, [(net.param_specs[n], p) for n, p in net.named_parameters()], what)
+    load_model_weights(path, cfg, [(net.param_specs[n], p) for n, p in net.named_parameters()], what,
+                       tokenizer=tokenizer)
     return cfg, net.eval()
 
 
