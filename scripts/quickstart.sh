@@ -7,7 +7,9 @@
 #   5. print the held-out loss of the teacher, the distilled student and the scratch student.
 #
 #   bash scripts/quickstart.sh                                  # defaults
-#   TEACHER_STEPS=100 STUDENT_STEPS=50 bash scripts/quickstart.sh loss.divergence=jsd
+#   RUN_ROOT=jsd TEACHER_STEPS=100 STUDENT_STEPS=50 bash scripts/quickstart.sh loss.divergence=jsd
+#
+# Runs resume from their checkpoints under RUN_ROOT: other settings need their own RUN_ROOT.
 #
 # Extra arguments are config overrides of the distillation run (configs/distill/demo.yaml).
 # Environment: NPROC (ranks, default 2), DEMO_DATA (default data/demo), RUN_ROOT (default .:
