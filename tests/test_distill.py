@@ -437,25 +437,34 @@ def _distill_recording_order(rank, world, root):
         events.append(time.time())
         return result
 
-    loop.serve_batch, loop.train_step = serve_batch, train_step
+    timed, real_start = [], loop.Throughput.start
+
+    def start(self):  # a device-wide sync on GPU
+        timed.append(1)
+        return real_start(self)
+
+    loop.serve_batch, loop.train_step, loop.Throughput.start = serve_batch, train_step, start
     cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=disaggregated", "split.teacher_ranks=1",
                                        "training.train_steps=4", "training.eval_batches=0", "logging.interval=1",
                                        f"logging.dir={root}/run"])
     loop.distill(cfg)
     with open(f"{root}/rank{rank}.json", "w") as f:
-        json.dump(events, f)
+        json.dump({"events": events, "timed_steps": len(timed)}, f)
 
 
 def test_a_disaggregated_teacher_serves_the_next_step_while_the_student_finishes_one(tmp_path):
     """Logging every step (the default), the teacher's statistics reach the logging rank by a
     world all-reduce the teacher does not wait for: it starts step t+1's micro-batches before the
-    (slower) student has finished step t, instead of idling at every step's end."""
+    (slower) student has finished step t, instead of idling at every step's end. Nor does it time
+    steps (on GPU a device-wide sync, which waits for the payloads in flight)."""
     import json
 
     from conftest import run_spawn
 
     run_spawn(2, _distill_recording_order, str(tmp_path), tmp_path=tmp_path)
-    teacher_starts, student_ends = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    teacher, student = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert (teacher["timed_steps"], student["timed_steps"]) == (0, 4)
+    teacher_starts, student_ends = teacher["events"], student["events"]
     assert len(teacher_starts) == len(student_ends) == 4
     assert all(teacher_starts[t + 1] < student_ends[t] for t in range(3)), (teacher_starts, student_ends)
 

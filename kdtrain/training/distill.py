@@ -330,7 +330,10 @@ def distill(cfg: DistillConfig) -> dict:
         # A cache holds the data's payloads: steps on the student's samples need the live teacher.
         live = onpolicy or live_teacher_step(step, cfg, reader)
         source = channel if live else cached
-        s_tp.start()
+        if student is not None:
+            # A device-wide sync: on a teacher-only rank it would wait for the payloads in flight
+            # and the statistics' reduction, holding the teacher to the students' pace.
+            s_tp.start()
         timers["teacher_wait_s"] = 0.0
         sample_fn, targets, positions = dataset.train_sample, dataset.train_loss_mask, dataset.train_positions
         loss_cfg = cfg.loss
@@ -365,7 +368,7 @@ def distill(cfg: DistillConfig) -> dict:
             teacher_side.blocked_s += time.perf_counter() - t0
         if teacher is not None:
             teacher_side.end_step(channel)
-        seconds = s_tp.stop()["step_time_s"]
+        seconds = s_tp.stop()["step_time_s"] if student is not None else 0.0
         if result is not None:  # the interval's sums: reports, the teacher's live steps, the waits
             interval.add({**result.sums, "live": float(live), "teacher_wait_s": timers["teacher_wait_s"],
                           "onpolicy": float(onpolicy), "sample_s": timers["sample_s"] if onpolicy else 0.0,
