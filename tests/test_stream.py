@@ -280,3 +280,66 @@ def _colocated_zero_copy(rank, world):
 
 def test_colocated_zero_copy_keeps_only_the_rank_s_own_payloads(tmp_path):
     run_spawn(2, _colocated_zero_copy, tmp_path=tmp_path)
+
+
+def _stream_order_deadlocks(ops: dict, key) -> bool:
+    """NCCL's rule, simulated: each communicator (``key(src, dst)``) runs a rank's operations on
+    it in the order posted, and a send completes only with the matching receive, both at the
+    head of their ranks' queues. ``ops``: rank -> [(o, src, dst)] in posting order."""
+    from collections import defaultdict, deque
+
+    queues = defaultdict(deque)  # (rank, communicator) -> posted operations
+    for rank, posted in ops.items():
+        for o, src, dst in posted:
+            queues[rank, key(src, dst)].append((o, src, dst))
+    progress = True
+    while progress:
+        progress = False
+        for (rank, comm), q in list(queues.items()):
+            if not q:
+                continue
+            o, src, dst = q[0]
+            peer = dst if rank == src else src
+            other = queues.get((peer, comm))
+            if other and other[0] == (o, src, dst):
+                q.popleft(), other.popleft()
+                progress = True
+    return any(queues.values())
+
+
+def test_colocated_streams_cannot_deadlock_on_nccls_per_communicator_order(world_of_one):
+    """A colocated rank posts a step's receives, then its sends (channel.py). With one
+    communicator per pair of ranks, a pair sending both ways deadlocks under NCCL (each receive
+    waits for a send queued behind the peer's receive; gloo does not serialize them, so the CPU
+    runs cannot show it): teacher tp1 x dp6 serving student tp2 x dp3 on 6 ranks, for one. One
+    group per direction (PayloadChannel.direction) leaves no such cycle in any colocated layout
+    of up to 12 ranks."""
+    import math
+
+    from kdtrain.parallel import RoleLayout
+    from kdtrain.stream.channel import PayloadChannel
+
+    spec = PayloadSpec(seq_length=4, micro_batch=1, k=2, values_dtype=torch.float32)
+    per_pair, by_direction, checked = [], 0, 0
+    for world in range(1, 13):
+        layouts = [(tp, pp, world // (tp * pp)) for tp in range(1, world + 1) for pp in range(1, world + 1)
+                   if world % (tp * pp) == 0]
+        for t in layouts:
+            for s in layouts:
+                n = 2 * math.lcm(t[2], s[2])
+                ch = PayloadChannel(Pairing(n, t[2], s[2]), RoleLayout("teacher", 0, *t),
+                                    RoleLayout("student", 0, *s), spec, None, torch.device("cpu"), 1.0, None, None,
+                                    connect=False)
+                recvs, sends = {r: [] for r in range(world)}, {r: [] for r in range(world)}
+                for o in range(n):
+                    zero_copy, src, dst = ch.route(o)
+                    if not zero_copy and src != dst:
+                        recvs[dst].append((o, src, dst))
+                        sends[src].append((o, src, dst))
+                ops = {r: recvs[r] + sends[r] for r in range(world)}
+                if _stream_order_deadlocks(ops, lambda a, b: frozenset((a, b))):
+                    per_pair.append((t, s))
+                by_direction += _stream_order_deadlocks(ops, lambda a, b: (PayloadChannel.direction(a, b), a, b))
+                checked += 1
+    assert ((1, 1, 6), (2, 1, 3)) in per_pair, per_pair[:5]
+    assert by_direction == 0 and checked > 400, (by_direction, checked)

@@ -21,6 +21,18 @@ teacher and student and runs the teacher's micro-batches of a step before the st
 posts all of the step's receives first and lets sends drain at the end of the step
 (``depth=None``).
 
+Communicators. NCCL runs the operations of one communicator in order on one stream, and torch
+gives each pair of ranks one communicator (per group) for point-to-point traffic. A colocated
+rank that both receives from and sends to the same peer (roles in different layouts, e.g. a
+teacher tp1 x dp6 serving a student tp2 x dp3) posts its receives before its sends: on a shared
+communicator each side's receive would wait for the other's send, queued behind the other's
+receive, forever (gloo does not serialize them). Each direction therefore has its own group
+(lower to higher rank, higher to lower), whose pair communicators carry one direction only.
+NCCL also creates a pair's communicator at its first message, blocking both ranks until both
+arrive; in the step's own order rank A could wait for B, B for C and C for A. The channel opens
+every pair it will use at construction, in one global order (the smallest pair not yet open has
+both its ranks waiting on it, so each is opened in turn).
+
 Failure. Every wait is bounded by ``timeout_s``; a peer that died (connection closed) or stalled
 (timeout) raises ``StreamError`` naming both ranks and the micro-batch. The student checks the
 payload's token checksum against its own micro-batch: a mismatch means the two sides disagree on
@@ -55,7 +67,7 @@ class PayloadChannel:
 
     def __init__(self, pairing: Pairing, teacher: RoleLayout, student: RoleLayout, spec: PayloadSpec,
                  student_tp_group, device: torch.device, timeout_s: float,
-                 send_depth: Optional[int], recv_depth: Optional[int]):
+                 send_depth: Optional[int], recv_depth: Optional[int], connect: bool = True):
         self.pairing, self.teacher, self.student, self.spec = pairing, teacher, student, spec
         self.student_tp_group = student_tp_group
         self.device = device
@@ -68,6 +80,9 @@ class PayloadChannel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._unverified: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (o, src, got, expected)
+        self._directions = None  # (lower -> higher, higher -> lower) groups, when payloads move
+        if connect:  # False: routing only (no messages; the planner's tests)
+            self._connect()
 
     # -- routing ------------------------------------------------------------------------------
     def _last_ranks(self, o: int) -> tuple[range, range]:
@@ -79,6 +94,37 @@ class PayloadChannel:
     def route(self, o: int) -> tuple[bool, int, int]:
         """(zero_copy, src rank, dst rank) of sequence number ``o``."""
         return payload_route(*self._last_ranks(o))
+
+    # -- communicators (module docstring) ------------------------------------------------------
+    def _connect(self) -> None:
+        """World-collective (every rank constructs the channel): the direction groups, then one
+        message on each (src, dst) pair the step's routes use, in one global order."""
+        pairs = set()
+        for o in range(self.pairing.num_microbatches):
+            zero_copy, src, dst = self.route(o)
+            if not zero_copy and src != dst:
+                pairs.add((src, dst))
+        if not pairs:  # the same on every rank: a function of the layouts
+            return
+        self._directions = (dist.new_group(), dist.new_group())
+        token = torch.zeros(1, dtype=torch.int32, device=self.device)
+        for src, dst in sorted(pairs, key=lambda p: (min(p), max(p), p[0])):
+            if self.rank in (src, dst):
+                peer = dst if self.rank == src else src
+                # The peer may still be opening its corpus: the process group's own timeout
+                # (distributed.timeout_s), not split.timeout_s, bounds this wait.
+                op = dist.isend if self.rank == src else dist.irecv
+                self._guard(lambda: op(token, peer, group=self._group(src, dst)).wait(),
+                            f"connecting to rank {peer}")
+
+    @staticmethod
+    def direction(src: int, dst: int) -> int:
+        """Which of the two direction groups carries messages from ``src`` to ``dst``."""
+        return 0 if src < dst else 1
+
+    def _group(self, src: int, dst: int):
+        assert self._directions is not None, "a channel built with connect=False moves no payloads"
+        return self._directions[self.direction(src, dst)]
 
     # -- teacher side -------------------------------------------------------------------------
     def put(self, o: int, payload: Payload) -> None:
@@ -94,7 +140,8 @@ class PayloadChannel:
         if dst == self.rank:
             self._local[o] = payload
             return
-        work = self._guard(lambda: dist.isend(payload.buffer, dst), f"sending micro-batch {o} to student rank {dst}")
+        work = self._guard(lambda: dist.isend(payload.buffer, dst, group=self._group(src, dst)),
+                           f"sending micro-batch {o} to student rank {dst}")
         self._sends.append((o, dst, work))
         self.bytes_sent += self.spec.nbytes
         while self.send_depth is not None and len(self._sends) > self.send_depth:
@@ -123,7 +170,8 @@ class PayloadChannel:
             if zero_copy or dst != self.rank or src == self.rank:
                 continue
             payload = self.spec.empty(self.device)
-            work = self._guard(lambda: dist.irecv(payload.buffer, src), f"receiving micro-batch {o} from teacher rank {src}")
+            work = self._guard(lambda: dist.irecv(payload.buffer, src, group=self._group(src, dst)),
+                               f"receiving micro-batch {o} from teacher rank {src}")
             self._recvs[o] = (payload, work)
 
     def get(self, o: int, tokens: torch.Tensor, verify: bool = True) -> Payload:
