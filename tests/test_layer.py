@@ -147,6 +147,34 @@ def test_direct_layer_equals_stock_tensor_parallel(tmp_path):
     run_spawn(2, _tp2_equal, tmp_path=tmp_path)
 
 
+def test_grouped_query_attention_with_a_mask_gives_each_head_its_groups_keys():
+    """With an explicit mask (attention within documents) SDPA cannot run grouped query heads on
+    CUDA's fast kernels, so each query head gets its group's key and value: the same result as
+    SDPA's own grouped attention."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from kdtrain.config import load_model_config
+    from kdtrain.models import transformer_config
+    from kdtrain.models.attention import SDPAttention
+
+    cfg = dataclasses.replace(load_model_config("tiny"), num_attention_heads=4, num_query_groups=2)
+    group = SimpleNamespace(size=lambda: 1, rank=lambda: 0)
+    attn = SDPAttention(transformer_config(cfg, 1, 1, torch.float32, torch.device("cpu")), 1, AttnMaskType.causal,
+                        "self", pg_collection=SimpleNamespace(tp=group))
+    g = torch.Generator().manual_seed(0)
+    d = cfg.hidden_size // 4
+    q, k, v = torch.randn(16, 2, 4, d, generator=g), torch.randn(16, 2, 2, d, generator=g), torch.randn(16, 2, 2, d,
+                                                                                                         generator=g)
+    segment = torch.tensor([0] * 6 + [1] * 10)
+    mask = (segment[:, None] == segment[None, :]) & torch.ones(16, 16, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), attn_mask=mask,
+                                         enable_gqa=True).permute(2, 0, 1, 3).reshape(16, 2, -1)
+    torch.testing.assert_close(attn(q, k, v, mask), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_attention_dropout_draws_independent_masks_on_each_tensor_rank():
     """With several tensor ranks each holds other heads: their attention dropout must draw
     independent masks (the same inputs give other outputs on each rank), while the ranks' shared

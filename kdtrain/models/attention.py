@@ -58,12 +58,21 @@ class SDPAttention(MegatronModule):
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout = self.dropout_p if self.training else 0.0
+        gqa = self.heads_per_rank != self.groups_per_rank
+        if gqa and attention_mask is not None:
+            # An explicit mask rules out CUDA's flash kernel and the memory-efficient one takes no
+            # grouped query heads: SDPA would fall back to the math kernel, which materialises
+            # [b, heads, s, s] scores per layer. Each query head gets its group's key and value
+            # instead (the same products, so the same result).
+            per_group = self.heads_per_rank // self.groups_per_rank
+            k, v = k.repeat_interleave(per_group, dim=1), v.repeat_interleave(per_group, dim=1)
+            gqa = False
         rng = (tensor_rank_generator(q.device, self.tp_rank) if dropout > 0.0 and self.tp_size > 1
                else contextlib.nullcontext())
         with rng:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None, scale=self.softmax_scale,
-                dropout_p=dropout, enable_gqa=self.heads_per_rank != self.groups_per_rank,
+                dropout_p=dropout, enable_gqa=gqa,
             )
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 

@@ -22,7 +22,8 @@ the runs that start at a 0, so ``segment = cumsum(positions == 0)`` numbers them
 - learned absolute position embeddings read ``positions`` as the model's ``position_ids``.
 
 Cost: the mask holds b * s * s bytes, and with an explicit mask CUDA's SDPA runs its memory-
-efficient kernel rather than flash attention. The key/value-cached decoder (generate.py) applies
+efficient kernel rather than flash attention (which takes no grouped query heads: each query
+head gets its group's key and value, attention.py). The key/value-cached decoder (generate.py) applies
 the same rule position by position.
 """
 
