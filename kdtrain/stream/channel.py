@@ -17,9 +17,10 @@ The decision is a function of the two layouts only, so every rank makes the same
 Flow control. The sender keeps at most ``depth`` payloads in flight and waits for the oldest
 before posting more; the receiver posts its receives up to ``depth`` sequence numbers ahead. Both
 go in increasing ``o`` so the pairing's deadlock-freedom argument holds. A colocated rank is both
-teacher and student and runs the teacher's micro-batches of a step before the student's, so it
-posts all of the step's receives first and lets sends drain at the end of the step
-(``depth=None``).
+teacher and student and runs the teacher's micro-batches of a step before the student's, so its
+sends drain at the end of the step (``send_depth=None``) and it posts each receive when its
+student needs the payload (``recv_depth=1``): NCCL times a wait from the posting, so a receive
+posted before the teacher's micro-batches would count them against ``timeout_s``.
 
 Communicators. NCCL runs the operations of one communicator in order on one stream, and torch
 gives each pair of ranks one communicator (per group) for point-to-point traffic. A colocated

@@ -249,9 +249,12 @@ def distill(cfg: DistillConfig) -> dict:
     pairing = Pairing(tr.global_batch_size // tr.micro_batch_size, t_layout.dp, s_layout.dp)
     spec = PayloadSpec(cfg.data.seq_length, tr.micro_batch_size, cfg.teacher.topk,
                        torch.float32 if cfg.teacher.values_dtype == "fp32" else torch.bfloat16)
-    depth = None if colocated else cfg.split.depth
+    # Colocated: a rank serves its teacher micro-batches, then trains; its sends drain at the end
+    # of the step and each receive is posted when the student needs it (posted before the
+    # teacher's micro-batches, its wait, which NCCL times from the posting, would include them).
     channel = PayloadChannel(pairing, t_layout, s_layout, spec, s_groups.pgc.tp if s_groups.is_member else None,
-                             env.device, cfg.split.timeout_s, send_depth=depth, recv_depth=depth)
+                             env.device, cfg.split.timeout_s, send_depth=None if colocated else cfg.split.depth,
+                             recv_depth=1 if colocated else cfg.split.depth)
 
     reader = open_cache(cfg, env.rank, dtype)
     cached = CachedPayloads(reader, spec, pairing, env.device) if reader is not None else None
@@ -351,7 +354,7 @@ def distill(cfg: DistillConfig) -> dict:
             if not live:
                 cached.start_step({o: sample_ids_of(o, pairing, first, tr.global_batch_size, tr.micro_batch_size)
                                    for o in upcoming})
-            if s_groups.is_last_stage:
+            if s_groups.is_last_stage and not (colocated and live):  # colocated: see the channel
                 source.post(upcoming)
         if teacher is not None and live:
             serve_batch(teacher, channel, sample_fn, targets, positions, first, pairing, tr, t_groups, env.device,
@@ -482,7 +485,7 @@ def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing
         items, upcoming = [], []
         if student is not None:
             items, upcoming = student_items(sample, targets, positions, first, pairing, tr, s_groups, device)
-            if s_groups.is_last_stage:
+            if s_groups.is_last_stage and cfg.split.mode != "colocated":  # colocated: posted when needed
                 channel.post(upcoming)
         if teacher is not None:
             serve_batch(teacher, channel, sample, targets, positions, first, pairing, tr, t_groups, device)
