@@ -118,8 +118,9 @@ class LayerGraphs:
             for layer in self.layers:
                 layer.rope_tables(freqs, hidden.dtype)
         bodies = tuple(_LayerBody(layer, freqs) for layer in self.layers)
-        # Sample inputs: copies of the real hidden states (no draw from the global RNG, so a run's
-        # random streams do not depend on whether it uses graphs).
+        # Sample inputs: copies of the real hidden states (no draw from the global RNG for them;
+        # with dropout on, the capture's warm-up forwards do draw from it, so a run with graphs
+        # then follows other random streams than one without).
         samples = tuple((hidden.detach().clone().requires_grad_(),) for _ in bodies)
         self.graphed = list(self.capture(bodies, samples))
         assert len(self.graphed) == len(self.layers)
