@@ -489,6 +489,7 @@ def test_a_directory_of_other_files_is_not_a_cache_out(caches, tmp_path):
                                          r"step_0000002\); choose an empty or new directory"):
         prepare(tmp_path / "ck", m)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".manifest.json.tmp").write_text("{")  # a job killed writing its first manifest
     prepare(tmp_path / "empty", m)
     assert (tmp_path / "empty" / "manifest.json").is_file()
 

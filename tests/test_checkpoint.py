@@ -299,6 +299,9 @@ def test_a_resume_reports_changed_settings_in_the_run_log(world_of_one, tmp_path
                  r"teacher\.values_dtype: fp32 -> fp8_e4m3", r"learning rate from step 4 on follows the new"):
         assert re.search(part, line), (part, line)
     assert "weight_decay" not in line and "nothing to train" not in line
+    # The payloads' source alone leaves the schedule as it was.
+    line = describe_start(ck, restore_role(ck, cfg, role, 0, _distill_run(teacher_source="cache")), 6)
+    assert "teacher.source: online -> cache" in line and "learning rate" not in line, line
     # ZeRO-1 or not is a layout, not a setting of the updates.
     start = restore_role(ck, cfg, role, 0, _distill_run(optimizer={"distributed": True}))
     assert start == (3, ()) and describe_start(ck, start, 6) == (

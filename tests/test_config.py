@@ -1,5 +1,6 @@
 """Config loading and validation: every shipped config loads; user errors name the field."""
 
+import os
 import re
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def _tiny_run(**sections):
     ({"parallel": {"tp": 2}}, 3, "parallel.tp"),  # 2 does not divide a world of 3
     ({"parallel": {"pp": 2}}, 1, "parallel.pp"),
     ({"data": {"path": ["corpora/web", "corpora/./web"]}}, 1, "data.path: corpora/./web is listed twice"),
+    ({"data": {"path": ["web", os.path.abspath("web")]}}, 1, "is listed twice"),
     ({"data": {"path": ["x"], "seq_length": 4096}}, 1, "data.seq_length"),  # above max_seq_length
     ({"training": {"micro_batch_size": 4, "global_batch_size": 12}}, 2, "training.global_batch_size"),
     ({"training": {"exit_interval": 4}}, 1, "training.exit_interval"),  # stopping early without checkpoint.dir

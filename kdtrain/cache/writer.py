@@ -123,7 +123,7 @@ def prepare(root: str | os.PathLike, manifest: Manifest) -> None:
     elif any(root.glob("shard_*.bin")):
         raise ValueError(f"cache.out: {root} holds shard files but no {MANIFEST}; remove them or choose another "
                          f"directory")
-    elif others := sorted(p.name for p in root.iterdir() if not p.name.startswith(".shard_")):
+    elif others := sorted(p.name for p in root.iterdir() if not p.name.startswith((".shard_", f".{MANIFEST}"))):
         # Another tool's output (a checkpoint directory, a corpus): the cache would mix with it.
         raise ValueError(f"cache.out: {root} is not empty and holds no cache ({', '.join(others[:3])}"
                          f"{', ...' if len(others) > 3 else ''}); choose an empty or new directory")

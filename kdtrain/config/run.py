@@ -78,12 +78,12 @@ class DataConfig:
     def check(self, where: str = "data") -> None:
         seen = set()
         for p in self.path:
-            if os.path.normpath(p) in seen:
+            if os.path.realpath(p) in seen:
                 # The copies' held-out windows are trained on in the other copy (one stream) or
                 # one copy's (blend): the held-out loss would be measured on training data.
                 raise field_error(where, "path", f"{p} is listed twice; to draw a corpus more often than its "
                                   "size, give data.weights")
-            seen.add(os.path.normpath(p))
+            seen.add(os.path.realpath(p))
         if self.weights is not None:
             if len(self.weights) != len(self.path):
                 raise field_error(where, "weights", f"{len(self.weights)} weights for {len(self.path)} paths: give "

@@ -319,9 +319,9 @@ def describe_start(ck: CheckpointConfig, start: Start, train_steps: int) -> Opti
         return None
     line = f"resumed from step {start_step} of {ck.dir} (checkpoint.resume)"
     if start.changes:
-        line += (f" with other settings than it records ({'; '.join(start.changes)}): the run goes on with "
-                 f"the new values; the learning rate from step {start_step + 1} on follows the new schedule "
-                 "(it may jump)")
+        line += f" with other settings than it records ({'; '.join(start.changes)}): the run goes on with the new values"
+        if any(c.startswith(("optimizer.", "training.train_steps")) for c in start.changes):
+            line += f"; the learning rate from step {start_step + 1} on follows the new schedule (it may jump)"
     if start_step >= train_steps:
         line += (f"; training.train_steps={train_steps} already reached: nothing to train (a new run needs a new "
                  "checkpoint.dir)")
