@@ -17,7 +17,8 @@ alike). Megatron forks a per-tensor-rank generator kept beside the default one; 
 draws a seed from the shared stream (the same on every tensor rank, which keeps the stream in
 step) and runs SDPA on a fork of the device's generator seeded with ``seed + tensor rank``.
 Activation recomputation and checkpoints need nothing more: they restore the shared stream, from
-which the same seed is drawn again.
+which the same seed is drawn again. Compiled layers (precision.compile) break their graph at the
+draw, a host value; tensor-parallel layers already break at their overlapped all-reduces.
 """
 
 from __future__ import annotations
