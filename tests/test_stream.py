@@ -308,19 +308,21 @@ def _stream_order_deadlocks(ops: dict, key) -> bool:
 
 
 def test_colocated_streams_cannot_deadlock_on_nccls_per_communicator_order(world_of_one):
-    """A colocated rank posts a step's receives, then its sends (channel.py). With one
-    communicator per pair of ranks, a pair sending both ways deadlocks under NCCL (each receive
-    waits for a send queued behind the peer's receive; gloo does not serialize them, so the CPU
-    runs cannot show it): teacher tp1 x dp6 serving student tp2 x dp3 on 6 ranks, for one. One
-    group per direction (PayloadChannel.direction) leaves no such cycle in any colocated layout
-    of up to 12 ranks."""
+    """A colocated rank posts its teacher's sends, then its student's receives (channel.py).
+    NCCL runs a communicator's operations in posting order; gloo does not serialize them, so the
+    CPU runs cannot show a deadlock. Simulated here: one communicator for the world, or per
+    direction (lower to higher rank and back), deadlocks some colocated layouts (a receive waits
+    behind a send whose receiver waits behind its own send); one per ordered pair
+    (PayloadChannel.pairs: only src's sends and dst's receives, both in increasing o) deadlocks
+    none of up to 12 ranks."""
     import math
 
     from kdtrain.parallel import RoleLayout
     from kdtrain.stream.channel import PayloadChannel
 
     spec = PayloadSpec(seq_length=4, micro_batch=1, k=2, values_dtype=torch.float32)
-    per_pair, by_direction, checked = [], 0, 0
+    keyings = {"world": lambda a, b: 0, "direction": lambda a, b: a < b, "ordered pair": lambda a, b: (a, b)}
+    deadlocked, checked = {name: [] for name in keyings}, 0
     for world in range(1, 13):
         layouts = [(tp, pp, world // (tp * pp)) for tp in range(1, world + 1) for pp in range(1, world + 1)
                    if world % (tp * pp) == 0]
@@ -330,16 +332,17 @@ def test_colocated_streams_cannot_deadlock_on_nccls_per_communicator_order(world
                 ch = PayloadChannel(Pairing(n, t[2], s[2]), RoleLayout("teacher", 0, *t),
                                     RoleLayout("student", 0, *s), spec, None, torch.device("cpu"), 1.0, None, None,
                                     connect=False)
-                recvs, sends = {r: [] for r in range(world)}, {r: [] for r in range(world)}
+                sends, recvs = {r: [] for r in range(world)}, {r: [] for r in range(world)}
                 for o in range(n):
                     zero_copy, src, dst = ch.route(o)
                     if not zero_copy and src != dst:
-                        recvs[dst].append((o, src, dst))
                         sends[src].append((o, src, dst))
-                ops = {r: recvs[r] + sends[r] for r in range(world)}
-                if _stream_order_deadlocks(ops, lambda a, b: frozenset((a, b))):
-                    per_pair.append((t, s))
-                by_direction += _stream_order_deadlocks(ops, lambda a, b: (PayloadChannel.direction(a, b), a, b))
+                        recvs[dst].append((o, src, dst))
+                assert {(src, dst) for r in sends for _, src, dst in sends[r]} == set(ch.pairs())
+                ops = {r: sends[r] + recvs[r] for r in range(world)}
+                for name, key in keyings.items():
+                    if _stream_order_deadlocks(ops, key):
+                        deadlocked[name].append((t, s))
                 checked += 1
-    assert ((1, 1, 6), (2, 1, 3)) in per_pair, per_pair[:5]
-    assert by_direction == 0 and checked > 400, (by_direction, checked)
+    assert deadlocked["world"] and deadlocked["direction"], deadlocked
+    assert not deadlocked["ordered pair"] and checked > 400, (deadlocked["ordered pair"], checked)

@@ -22,17 +22,18 @@ sends drain at the end of the step (``send_depth=None``) and it posts each recei
 student needs the payload (``recv_depth=1``): NCCL times a wait from the posting, so a receive
 posted before the teacher's micro-batches would count them against ``timeout_s``.
 
-Communicators. NCCL runs the operations of one communicator in order on one stream, and torch
-gives each pair of ranks one communicator (per group) for point-to-point traffic. A colocated
-rank that both receives from and sends to the same peer (roles in different layouts, e.g. a
-teacher tp1 x dp6 serving a student tp2 x dp3) posts its receives before its sends: on a shared
-communicator each side's receive would wait for the other's send, queued behind the other's
-receive, forever (gloo does not serialize them). Each direction therefore has its own group
-(lower to higher rank, higher to lower), whose pair communicators carry one direction only.
-NCCL also creates a pair's communicator at its first message, blocking both ranks until both
-arrive; in the step's own order rank A could wait for B, B for C and C for A. The channel opens
-every pair it will use at construction, in one global order (the smallest pair not yet open has
-both its ranks waiting on it, so each is opened in turn).
+Communicators. NCCL runs the point-to-point operations of one communicator in the order they
+were posted: a receive at the head waits for its send, and everything behind it waits too (with
+eagerly initialised groups, torch's default here, a group's sends and receives to any peer share
+its one communicator). A colocated rank posts its sends, then its receives; with the traffic of
+several peers or of both directions on one communicator, the operations at the heads of the
+ranks' queues can wait for each other in a cycle, forever (teacher tp1 x dp6 serving student
+tp2 x dp3 on 6 ranks, for one; gloo does not serialize them, so CPU runs cannot show it). Each ordered pair
+(src, dst) that carries payloads therefore gets its own group: its communicator holds only
+src's sends and dst's receives, both in increasing ``o``. The groups are created on every rank
+in one order (world-collective); where a backend creates a communicator at its first message
+(blocking both ranks until both arrive) each pair sends one token at construction, in one
+global order (the smallest pair not yet open has both its ranks waiting on it).
 
 Failure. Every wait is bounded by ``timeout_s``; a peer that died (connection closed) or stalled
 (timeout) raises ``StreamError`` naming both ranks and the micro-batch. The student checks the
@@ -68,7 +69,8 @@ class PayloadChannel:
 
     def __init__(self, pairing: Pairing, teacher: RoleLayout, student: RoleLayout, spec: PayloadSpec,
                  student_tp_group, device: torch.device, timeout_s: float,
-                 send_depth: Optional[int], recv_depth: Optional[int], connect: bool = True):
+                 send_depth: Optional[int], recv_depth: Optional[int], connect: bool = True,
+                 group_timeout_s: Optional[float] = None):
         self.pairing, self.teacher, self.student, self.spec = pairing, teacher, student, spec
         self.student_tp_group = student_tp_group
         self.device = device
@@ -81,9 +83,9 @@ class PayloadChannel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._unverified: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (o, src, got, expected)
-        self._directions = None  # (lower -> higher, higher -> lower) groups, when payloads move
+        self._pair_groups: dict[tuple[int, int], object] = {}  # (src, dst) -> its group
         if connect:  # False: routing only (no messages; the planner's tests)
-            self._connect()
+            self._connect(group_timeout_s)
 
     # -- routing ------------------------------------------------------------------------------
     def _last_ranks(self, o: int) -> tuple[range, range]:
@@ -97,35 +99,35 @@ class PayloadChannel:
         return payload_route(*self._last_ranks(o))
 
     # -- communicators (module docstring) ------------------------------------------------------
-    def _connect(self) -> None:
-        """World-collective (every rank constructs the channel): the direction groups, then one
-        message on each (src, dst) pair the step's routes use, in one global order."""
+    def pairs(self) -> list[tuple[int, int]]:
+        """The (src, dst) ranks that payloads move between, in the order their groups are made."""
         pairs = set()
-        for o in range(self.pairing.num_microbatches):
+        for o in range(self.pairing.num_microbatches):  # every step routes its o's alike
             zero_copy, src, dst = self.route(o)
             if not zero_copy and src != dst:
                 pairs.add((src, dst))
-        if not pairs:  # the same on every rank: a function of the layouts
-            return
-        self._directions = (dist.new_group(), dist.new_group())
+        return sorted(pairs, key=lambda p: (min(p), max(p), p[0]))
+
+    def _connect(self, timeout_s: Optional[float]) -> None:
+        """World-collective (every rank constructs the channel): a group per pair, then one token
+        on each, in one global order (module docstring). ``timeout_s``: the groups' timeout (the
+        run's distributed.timeout_s; None: torch's default)."""
+        pairs = self.pairs()  # the same on every rank: a function of the layouts
+        kw = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        self._pair_groups = {p: dist.new_group(list(p), **kw) for p in pairs}
         token = torch.zeros(1, dtype=torch.int32, device=self.device)
-        for src, dst in sorted(pairs, key=lambda p: (min(p), max(p), p[0])):
+        for src, dst in pairs:
             if self.rank in (src, dst):
                 peer = dst if self.rank == src else src
-                # The peer may still be opening its corpus: the process group's own timeout
-                # (distributed.timeout_s), not split.timeout_s, bounds this wait.
+                # The peer may still be opening its corpus: the group's timeout bounds this wait.
                 op = dist.isend if self.rank == src else dist.irecv
                 self._guard(lambda: op(token, peer, group=self._group(src, dst)).wait(),
                             f"connecting to rank {peer}")
 
-    @staticmethod
-    def direction(src: int, dst: int) -> int:
-        """Which of the two direction groups carries messages from ``src`` to ``dst``."""
-        return 0 if src < dst else 1
-
     def _group(self, src: int, dst: int):
-        assert self._directions is not None, "a channel built with connect=False moves no payloads"
-        return self._directions[self.direction(src, dst)]
+        assert (src, dst) in self._pair_groups, (f"rank {self.rank}: no group for payloads {src} -> {dst} "
+                                                 "(a channel built with connect=False moves none)")
+        return self._pair_groups[src, dst]
 
     # -- teacher side -------------------------------------------------------------------------
     def put(self, o: int, payload: Payload) -> None:

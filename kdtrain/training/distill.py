@@ -254,7 +254,8 @@ def distill(cfg: DistillConfig) -> dict:
     # teacher's micro-batches, its wait, which NCCL times from the posting, would include them).
     channel = PayloadChannel(pairing, t_layout, s_layout, spec, s_groups.pgc.tp if s_groups.is_member else None,
                              env.device, cfg.split.timeout_s, send_depth=None if colocated else cfg.split.depth,
-                             recv_depth=1 if colocated else cfg.split.depth)
+                             recv_depth=1 if colocated else cfg.split.depth,
+                             group_timeout_s=cfg.distributed.timeout_s)
 
     reader = open_cache(cfg, env.rank, dtype)
     cached = CachedPayloads(reader, spec, pairing, env.device) if reader is not None else None
