@@ -197,3 +197,27 @@ def world_of_one():
         yield
     finally:
         dist.destroy_process_group()
+
+
+def routing_channels(max_world: int):
+    """(world, teacher layout, student layout, channel) for every colocated pair of (tp, pp, dp)
+    layouts of 1..``max_world`` ranks, the channel built for routing only (no messages; a
+    2 * lcm(dp) micro-batch step). Needs a process group (``world_of_one``)."""
+    import math
+
+    import torch
+
+    from kdtrain.parallel import RoleLayout
+    from kdtrain.stream import Pairing, PayloadSpec
+    from kdtrain.stream.channel import PayloadChannel
+
+    spec = PayloadSpec(seq_length=4, micro_batch=1, k=2, values_dtype=torch.float32)
+    for world in range(1, max_world + 1):
+        layouts = [(tp, pp, world // (tp * pp)) for tp in range(1, world + 1) for pp in range(1, world + 1)
+                   if world % (tp * pp) == 0]
+        for t in layouts:
+            for s in layouts:
+                n = 2 * math.lcm(t[2], s[2])
+                yield world, t, s, PayloadChannel(Pairing(n, t[2], s[2]), RoleLayout("teacher", 0, *t),
+                                                  RoleLayout("student", 0, *s), spec, None, torch.device("cpu"), 1.0,
+                                                  None, None, connect=False)

@@ -4,7 +4,6 @@ closed-form inflection condition against brute force, CLI, sweep plot, calibrate
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 
 import pytest
@@ -220,45 +219,36 @@ def test_colocated_routes_match_the_channel(world_of_one):
     micro-batch, over every pair of layouts of up to 8 ranks and two cycles of the pairing."""
     from collections import Counter
 
-    from kdtrain.parallel import RoleLayout
+    from conftest import routing_channels
     from kdtrain.planner.routing import colocated_held, colocated_routes
-    from kdtrain.stream import Pairing, PayloadSpec
-    from kdtrain.stream.channel import PayloadChannel
 
-    spec = PayloadSpec(seq_length=4, micro_batch=1, k=2, values_dtype=torch.float32)
     checked = zero_copies = 0
-    for world in range(1, 9):
-        layouts = [(tp, pp, world // (tp * pp)) for tp in range(1, world + 1) for pp in range(1, world + 1)
-                   if world % (tp * pp) == 0]
-        for t in layouts:
-            for s in layouts:
-                n = 2 * math.lcm(t[2], s[2])
-                ch = PayloadChannel(Pairing(n, t[2], s[2]), RoleLayout("teacher", 0, *t), RoleLayout("student", 0, *s),
-                                    spec, None, torch.device("cpu"), 1.0, None, None, connect=False)
-                sends, recvs, held, bcast = Counter(), Counter(), Counter(), False
-                for o in range(n):
-                    zero_copy, src, dst = ch.route(o)
-                    if zero_copy:
-                        held.update(ch._last_ranks(o)[1])
-                        zero_copies += 1
-                        continue
-                    bcast = bcast or s[0] > 1
-                    held[dst] += 1
-                    if src != dst:
-                        sends[src] += 1
-                        recvs[dst] += 1
-                        held[src] += 1
-                routes = colocated_routes(t, s, n)
-                assert (routes.sends, routes.receives, routes.broadcast) == \
-                    (max(sends.values(), default=0), max(recvs.values(), default=0), bcast), (t, s)
-                assert colocated_held(t, s, n)[0] == held, (t, s)
-                # The worst rank of each pair of stages some rank is on.
-                by_stages = {}
-                for x in range(world):
-                    key = (x // (t[0] * t[2]), x // (s[0] * s[2]))
-                    by_stages[key] = max(by_stages.get(key, 0), held[x])
-                assert routes.held == by_stages, (t, s)
-                checked += 1
+    for world, t, s, ch in routing_channels(8):
+        n = ch.pairing.num_microbatches
+        sends, recvs, held, bcast = Counter(), Counter(), Counter(), False
+        for o in range(n):
+            zero_copy, src, dst = ch.route(o)
+            if zero_copy:
+                held.update(ch._last_ranks(o)[1])
+                zero_copies += 1
+                continue
+            bcast = bcast or s[0] > 1
+            held[dst] += 1
+            if src != dst:
+                sends[src] += 1
+                recvs[dst] += 1
+                held[src] += 1
+        routes = colocated_routes(t, s, n)
+        assert (routes.sends, routes.receives, routes.broadcast) == \
+            (max(sends.values(), default=0), max(recvs.values(), default=0), bcast), (t, s)
+        assert colocated_held(t, s, n)[0] == held, (t, s)
+        # The worst rank of each pair of stages some rank is on.
+        by_stages = {}
+        for x in range(world):
+            key = (x // (t[0] * t[2]), x // (s[0] * s[2]))
+            by_stages[key] = max(by_stages.get(key, 0), held[x])
+        assert routes.held == by_stages, (t, s)
+        checked += 1
     assert checked == 254 and zero_copies > 0
 
 

@@ -311,38 +311,26 @@ def test_colocated_streams_cannot_deadlock_on_nccls_per_communicator_order(world
     """A colocated rank posts its teacher's sends, then its student's receives (channel.py).
     NCCL runs a communicator's operations in posting order; gloo does not serialize them, so the
     CPU runs cannot show a deadlock. Simulated here: one communicator for the world, or per
-    direction (lower to higher rank and back), deadlocks some colocated layouts (a receive waits
-    behind a send whose receiver waits behind its own send); one per ordered pair
+    direction (lower to higher rank and back), deadlocks some colocated layouts (the heads of the
+    ranks' queues wait for each other in a cycle); one per ordered pair
     (PayloadChannel.pairs: only src's sends and dst's receives, both in increasing o) deadlocks
     none of up to 12 ranks."""
-    import math
+    from conftest import routing_channels
 
-    from kdtrain.parallel import RoleLayout
-    from kdtrain.stream.channel import PayloadChannel
-
-    spec = PayloadSpec(seq_length=4, micro_batch=1, k=2, values_dtype=torch.float32)
     keyings = {"world": lambda a, b: 0, "direction": lambda a, b: a < b, "ordered pair": lambda a, b: (a, b)}
     deadlocked, checked = {name: [] for name in keyings}, 0
-    for world in range(1, 13):
-        layouts = [(tp, pp, world // (tp * pp)) for tp in range(1, world + 1) for pp in range(1, world + 1)
-                   if world % (tp * pp) == 0]
-        for t in layouts:
-            for s in layouts:
-                n = 2 * math.lcm(t[2], s[2])
-                ch = PayloadChannel(Pairing(n, t[2], s[2]), RoleLayout("teacher", 0, *t),
-                                    RoleLayout("student", 0, *s), spec, None, torch.device("cpu"), 1.0, None, None,
-                                    connect=False)
-                sends, recvs = {r: [] for r in range(world)}, {r: [] for r in range(world)}
-                for o in range(n):
-                    zero_copy, src, dst = ch.route(o)
-                    if not zero_copy and src != dst:
-                        sends[src].append((o, src, dst))
-                        recvs[dst].append((o, src, dst))
-                assert {(src, dst) for r in sends for _, src, dst in sends[r]} == set(ch.pairs())
-                ops = {r: sends[r] + recvs[r] for r in range(world)}
-                for name, key in keyings.items():
-                    if _stream_order_deadlocks(ops, key):
-                        deadlocked[name].append((t, s))
-                checked += 1
+    for world, t, s, ch in routing_channels(12):
+        sends, recvs = {r: [] for r in range(world)}, {r: [] for r in range(world)}
+        for o in range(ch.pairing.num_microbatches):
+            zero_copy, src, dst = ch.route(o)
+            if not zero_copy and src != dst:
+                sends[src].append((o, src, dst))
+                recvs[dst].append((o, src, dst))
+        assert {(src, dst) for r in sends for _, src, dst in sends[r]} == set(ch.pairs())
+        ops = {r: sends[r] + recvs[r] for r in range(world)}
+        for name, key in keyings.items():
+            if _stream_order_deadlocks(ops, key):
+                deadlocked[name].append((t, s))
+        checked += 1
     assert deadlocked["world"] and deadlocked["direction"], deadlocked
     assert not deadlocked["ordered pair"] and checked > 400, (deadlocked["ordered pair"], checked)
