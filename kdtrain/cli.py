@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
+from pathlib import Path
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -29,6 +31,27 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` or its nearest ancestor that exists (where creating ``path`` would start)."""
+    p = Path(path)
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> None:
+    """``out`` is a directory, or one that can be created: not a file, not below one, and its
+    nearest existing ancestor writable. Checked before any weights are read; nothing is created."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {out}: exists and is not a directory")
+    above = nearest_existing(path)
+    if not above.is_dir():
+        raise ValueError(f"{flag} {out}: cannot create the directory, {above} is not a directory")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: cannot write there, {above} is not writable")
 
 
 def _info(args) -> int:

@@ -9,25 +9,7 @@ A run can also load a Hugging Face directory directly (``teacher.load: DIR``, ``
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from ..cli import DefaultsHelp
-
-
-def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> None:
-    """``out`` is a directory, or one that can be created: not a file, not below one, and its
-    nearest existing ancestor writable. Checked before any weights are read; nothing is created."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {out}: exists and is not a directory")
-    above = path
-    while not os.path.lexists(above) and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        raise ValueError(f"{flag} {out}: cannot create the directory, {above} is not a directory")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {out}: cannot write there, {above} is not writable")
+from ..cli import DefaultsHelp, check_out_dir
 
 
 def _hf_to_kdtrain(args) -> int:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from ..cli import nearest_existing
+
 GB = 1e9
 GiB = 2.0**30
 TFLOPS = 1e12
@@ -175,9 +177,7 @@ def check_profile_path(path, where: str = "--out") -> None:
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{where} {path}: is a directory (name the profile JSON file to write)")
-    above = p.parent
-    while not os.path.lexists(above) and above != above.parent:
-        above = above.parent
+    above = nearest_existing(p.parent)
     if not above.is_dir():
         raise ValueError(f"{where} {path}: cannot create its directory, {above} is not a directory")
     target = p if p.exists() else above

@@ -107,7 +107,7 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
           shard_bytes: int = 2 * 10**9, vocab_size: Optional[int] = None, packing: str = "stream",
           attention: str = "window") -> tuple[ModelConfig, Selection]:
     from ..config import DataConfig, to_dict
-    from ..convert.cli import check_out_dir
+    from ..cli import check_out_dir
     from ..convert.hf_import import write_model_yaml
     from ..convert.sources import open_weights
     from ..training.checkpoint import data_tokenizer, write_global_checkpoint
