@@ -308,6 +308,31 @@ def test_a_resume_reports_changed_settings_in_the_run_log(world_of_one, tmp_path
         f"resumed from step 3 of {ck.dir} (checkpoint.resume)")
 
 
+def test_a_resume_that_cannot_restore_random_states_says_so(world_of_one, tmp_path):
+    """Random states are saved per rank: a resume in another layout, or without this rank's file,
+    restarts dropout and sampling from training.seed, and the resumed job's log line says which."""
+    import json
+
+    from kdtrain.training.pretrain import describe_start, restore_role
+
+    ck, cfg, role = _save_distill_run(tmp_path / "ck", _distill_run())
+    step_dir = tmp_path / "ck" / "step_0000003"
+    saved = torch.load(step_dir / "rng" / "rank00000.pt", weights_only=True)["cpu"]
+    torch.manual_seed(99)
+    assert restore_role(ck, cfg, role, 0, _distill_run()) == (3, ())
+    assert torch.equal(torch.get_rng_state(), saved)
+    (step_dir / "rng" / "rank00000.pt").unlink()
+    start = restore_role(ck, cfg, role, 0, _distill_run())
+    assert start.changes == ("step_0000003/rng/rank00000.pt is missing (random streams restart from training.seed)",)
+    meta = json.loads((step_dir / "meta.json").read_text())
+    meta["layout"] = {"tp": 2, "pp": 1, "dp": 4, "rank_offset": 2}
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    line = describe_start(ck, restore_role(ck, cfg, role, 0, _distill_run()), 6)
+    assert ("with other settings than it records (layout: tp=2 pp=1 dp=4 from rank 2 -> tp=1 pp=1 dp=1 (random "
+            "streams restart from training.seed))") in line, line
+    assert "learning rate" not in line
+
+
 def test_a_save_reaches_the_disk_before_latest_names_it(world_of_one, tmp_path, monkeypatch):
     """Every shard and RNG file is fsynced by the rank that wrote it, and the directories that
     name them before ``latest`` is replaced: after a crash of the machine ``latest`` could name a

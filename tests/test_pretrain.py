@@ -43,7 +43,7 @@ class Runs:
     that launch), the run with an impossible layout."""
 
     def __init__(self, corpus, root: Path):
-        self.corpus, self.root, self.cache, self.launched = corpus, root, {}, set()
+        self.corpus, self.root, self.cache, self.stdout, self.launched = corpus, root, {}, {}, set()
         self.resume_ckpt = root / "resume" / "ckpt"
 
     def _jobs(self, world: int) -> list[tuple[str, list[str], str]]:
@@ -81,6 +81,7 @@ class Runs:
                 continue
             run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("logging.dir="))
             self.cache[key] = read_metrics(run_dir)
+            self.stdout[key] = out["stdout"]
         if world == 1:
             self.resume_latest = (self.resume_ckpt / "latest").read_text().strip()
 
@@ -165,6 +166,8 @@ def test_resume_under_another_layout(runs):
     """Steps 1-4 on one rank, steps 5-8 with TP=2 x PP=2 from its checkpoint: same curve."""
     second = runs.run("resume-b", world=4)
     assert runs.resume_latest == "step_0000004"  # what the first half left (exit_interval=4)
+    assert ("(checkpoint.resume) with other settings than it records (layout: tp=1 pp=1 dp=1 -> tp=2 pp=2 dp=1 "
+            "(random streams restart from training.seed))") in runs.stdout["resume-b"], runs.stdout["resume-b"]
     assert sorted(runs.run("resume-a", world=1)) == [1, 2, 3, 4]
     assert sorted(second) == list(range(5, STEPS + 1))
     _assert_same_curve(second, runs.get(), LAYOUT_RTOL, steps=range(5, STEPS + 1))

@@ -295,8 +295,14 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
         check_checkpoint_model(reader, model)
         changes = check_resume(reader.meta, path, run)
         load_training_state(reader, role.optimizer)
-        if reader.meta.get("layout") == _layout_meta(role.groups):
-            restore_rng(path, rank)
+        saved, ours = reader.meta.get("layout") or {}, _layout_meta(role.groups)
+        # Random states are per rank: in another layout (or without this rank's file) dropout and
+        # on-policy sampling start over from training.seed, which the resumed job's log line says.
+        if saved != ours:
+            changes.append(f"layout: {_describe_layout(saved)} -> {_describe_layout(ours)} (random streams "
+                           "restart from training.seed)")
+        elif not restore_rng(path, rank):
+            changes.append(f"{path.name}/rng/rank{rank:05d}.pt is missing (random streams restart from training.seed)")
         return Start(int(reader.meta["step"]), tuple(changes))
     if ck.load:
         load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
@@ -326,6 +332,11 @@ def describe_start(ck: CheckpointConfig, start: Start, train_steps: int) -> Opti
         line += (f"; training.train_steps={train_steps} already reached: nothing to train (a new run needs a new "
                  "checkpoint.dir)")
     return line
+
+
+def _describe_layout(layout: dict) -> str:
+    text = " ".join(f"{k}={layout.get(k, '?')}" for k in ("tp", "pp", "dp"))
+    return text + (f" from rank {layout['rank_offset']}" if layout.get("rank_offset") else "")
 
 
 def _layout_meta(groups: RoleGroups) -> dict:
