@@ -119,6 +119,19 @@ def read_metrics(run_dir: Path, kind: str = "train") -> dict[int, dict]:
     return out
 
 
+def pretend_transformer_engine(monkeypatch) -> None:
+    """Make ``build_gpt`` see Transformer Engine as importable (its default picks TE layers then),
+    with building its layers an error: a tool that must run on kdtrain's local layers passes
+    ``use_te=False`` and never gets there."""
+    import kdtrain.models.gpt as gpt
+
+    def no_te_layers(*args, **kwargs):
+        raise AssertionError("Transformer Engine layers were built")
+
+    monkeypatch.setattr(gpt, "transformer_engine_available", lambda device: True)
+    monkeypatch.setattr(gpt, "get_gpt_layer_with_transformer_engine_spec", no_te_layers)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> dict:
     """Demo-corpus slice -> 512-id tokenizer -> indexed dataset (about 1 s to build)."""

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import read_metrics
+from conftest import pretend_transformer_engine, read_metrics
 from kdtrain.config import load_pretrain_config
 
 
@@ -53,10 +53,12 @@ def test_eval_reproduces_the_runs_held_out_loss(world_of_one, tiny_chat_corpus, 
     assert "describe --data" in capsys.readouterr().err
 
 
-def test_eval_with_a_teacher_reproduces_the_runs_held_out_divergence(world_of_one, tiny_corpus, tmp_path, capsys):
+def test_eval_with_a_teacher_reproduces_the_runs_held_out_divergence(world_of_one, tiny_corpus, tmp_path, capsys,
+                                                                     monkeypatch):
     """``kdtrain eval --teacher``: the divergence to the teacher it computes offline, with the loss
     and k the distillation run recorded, is the ``valid_kd_loss`` the run logged (computed there
-    through the teacher -> student channel) on the same held-out windows."""
+    through the teacher -> student channel) on the same held-out windows. Eval builds kdtrain's
+    local layers where Transformer Engine imports too (attention within documents needs them)."""
     from kdtrain.cli import main
     from kdtrain.config.distill import load_distill_config
     from kdtrain.training.distill import distill
@@ -72,6 +74,7 @@ def test_eval_with_a_teacher_reproduces_the_runs_held_out_divergence(world_of_on
         f"checkpoint.dir={tmp_path / 'student'}"]))
     logged = read_metrics(tmp_path / "run", "valid")[4]
     capsys.readouterr()
+    pretend_transformer_engine(monkeypatch)
     assert main(["eval", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
                  "--max-windows", "8", "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
     got = json.loads((tmp_path / "eval.json").read_text())[str(tmp_path / "student")]

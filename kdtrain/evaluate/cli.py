@@ -14,7 +14,8 @@ opened as a run opens it (blends, packing, tokenizer and vocabulary checks), and
 over the target tokens (on a conversation corpus the replies; every token otherwise), over the
 other tokens (prompts, padding; ``-``, and null in ``--out``, where every token is a target) and
 over all tokens, with the token counts. One process, the whole model on one device (GPU when there
-is one; bf16 there, fp32 on CPU).
+is one; bf16 there, fp32 on CPU), on kdtrain's local layers (attention within documents needs
+them; Transformer Engine's are not used).
 
 ``--teacher T`` also reports each model's divergence to the teacher over the target tokens
 (``kd_loss``, per token, at the teacher's top-k as a distillation run computes it): with the
@@ -186,11 +187,12 @@ def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[i
         if teacher:
             kd_cfg, k = run_kd_config(models[0], dict(kd_overrides or {}))
             tcfg, net = load_whole_model(teacher, env.device, dtype, "eval --teacher", configs[teacher],
-                                         tokenizer=ids_of)
+                                         use_te=False, tokenizer=ids_of)
             kd = (teacher_payloads(net, tcfg.vocab_size, dataset, windows, batch, env.device, k, kd_cfg.tau), kd_cfg)
             del net
         for m in models:
-            cfg, net = load_whole_model(m, env.device, dtype, "eval --model", configs[m], tokenizer=ids_of)
+            cfg, net = load_whole_model(m, env.device, dtype, "eval --model", configs[m], use_te=False,
+                                        tokenizer=ids_of)
             results[m] = heldout_losses(net, cfg.vocab_size, dataset, windows, batch, env.device, kd)
             del net
     return results, data

@@ -146,7 +146,8 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         if cuda_graphs and env.device.type != "cuda":
             raise ValueError(f"--cuda-graphs: CUDA graphs need a CUDA device, this runs on {env.device.type}")
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
-        _, net = load_whole_model(model, env.device, dtype, "generate --model", cfg)
+        # kdtrain's local layers: the key/value-cached decoder and its graphs run on them only.
+        _, net = load_whole_model(model, env.device, dtype, "generate --model", cfg, use_te=False)
         # Each row: its prompt, then room for its reply (the prompt lengths differ by row).
         windows = torch.zeros(len(encoded), longest, dtype=torch.long)
         for i, ids in enumerate(encoded):
