@@ -270,6 +270,8 @@ def test_split_auto_runs_the_planners_plan(reference, runs):
     single-process run."""
     run = runs.get("auto", world=2)
     assert "split auto (2 ranks" in run["stdout"] and "runner-up:" in run["stdout"], run["stdout"][-2000:]
+    # The KD loss's implementation, resolved and agreed at start-up, is logged once.
+    assert run["stdout"].count("KD loss: pure-torch reference (logits on cpu)") == 1, run["stdout"][-2000:]
     got = run["metrics"]
     for s in sorted(reference):
         assert got[s]["loss"] == pytest.approx(reference[s]["loss"], rel=RTOL, abs=ATOL), f"step {s}"

@@ -1,7 +1,8 @@
 """Top-k KD loss with the student vocab split over TP=2 gloo ranks equals TP=1, for the reference
 and for the fused path's algorithm (emulated kernels: pass 1, MAX + one SUM all-reduce, pass 2).
 
-One spawn runs every case, to pay the process start-up once."""
+One spawn runs every case, to pay the process start-up once; it also checks that the ranks agree on
+the implementation (agree_impl)."""
 
 import os
 import time
@@ -110,6 +111,23 @@ def _tp_cases(rank, world):
     l2, g2, _ = _run(student[..., shard], ids, vals, lse, labels, None, cfg, 1271, "emulated", group)
     torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g2.float(), g1[..., shard].float(), rtol=8e-3, atol=1e-7)
+
+    # A run resolves the implementation at start-up: the same on every rank, or an error on every
+    # rank (the paths' collectives differ: mixed ranks would hang in the first loss).
+    from kdtrain.loss import agree_impl
+
+    assert agree_impl(torch.float32, torch.device("cpu"), 64, group) == ("reference", "logits on cpu")
+    if rank == 1:
+        os.environ["KDTRAIN_KD_IMPL"] = "emulated"
+    try:
+        agree_impl(torch.float32, torch.device("cpu"), 64, group)
+    except RuntimeError as e:
+        mine, other = ("reference", "emulated") if rank == 0 else ("emulated", "reference")
+        assert f"rank {rank} takes {mine} (" in str(e) and f"another rank {other}" in str(e), str(e)
+    else:
+        raise AssertionError("ranks on different KD-loss implementations were not refused")
+    finally:
+        os.environ.pop("KDTRAIN_KD_IMPL", None)
 
 
 def test_tp2_equals_tp1(tmp_path):

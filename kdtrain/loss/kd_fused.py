@@ -255,6 +255,28 @@ def select_impl(logits: torch.Tensor, k: int, impl: str = "auto") -> tuple[str, 
     return "reference", why
 
 
+def agree_impl(dtype: torch.dtype, device: torch.device, k: int, group=None) -> tuple[str, str]:
+    """The (implementation, reason) that ``kd_loss(impl="auto")`` takes for ``dtype`` logits on
+    ``device`` with top-``k`` payloads, resolved now (a kernel build happens at start-up, not in
+    the first step) and checked to be the same on every rank of ``group``. Collective over
+    ``group``. The fused and reference paths issue different collectives over the tensor group,
+    so ranks on different implementations (a kernel build that failed on one node) would hang
+    or mix their statistics at the first loss: that is an error on every rank here instead."""
+    choice, why = select_impl(torch.empty(0, dtype=dtype, device=device), k)
+    if group is not None and dist.get_world_size(group) > 1:
+        code = IMPLS.index(choice)
+        bounds = torch.tensor([code, -code], dtype=torch.int64, device=device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)  # [max, -min] of the codes
+        high, low = int(bounds[0]), -int(bounds[1])
+        if high != low:
+            other = IMPLS[high if high != code else low]
+            raise RuntimeError(
+                f"the KD loss would take different implementations on the ranks of one model: rank "
+                f"{dist.get_rank()} takes {choice} ({why}), another rank {other}. Make the kernels load on every "
+                "node (pip install --no-build-isolation -e .) or set KDTRAIN_KD_IMPL=reference on all ranks")
+    return choice, why
+
+
 def kd_loss(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_SBK: torch.Tensor, *,
             vocab_size: int, config: KDLossConfig, tp_group=None, labels_SB: Optional[torch.Tensor] = None,
             loss_mask_SB: Optional[torch.Tensor] = None, num_tokens=None,

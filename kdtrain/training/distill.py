@@ -40,7 +40,7 @@ import torch.distributed as dist
 from ..cache.source import CachedPayloads
 from ..config import to_dict
 from ..config.distill import DistillConfig
-from ..loss import kd_loss
+from ..loss import agree_impl, kd_loss
 from ..models import transformer_engine_available
 from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import Pairing, PayloadSpec
@@ -59,6 +59,8 @@ from .onpolicy import check_stop_token, onpolicy_step, sampled_windows, spread_s
 from .teacher import Teacher, TeacherSideStats
 
 KD_REPORT_KEYS = ("loss_sum", "kd_sum", "ce_sum", "tokens")
+_KD_IMPL_NAMES = {"fused": "fused CUDA kernels", "reference": "pure-torch reference",
+                  "emulated": "the kernels' algorithm emulated in torch"}
 
 
 @dataclass
@@ -267,7 +269,7 @@ def distill(cfg: DistillConfig) -> dict:
     if t_groups.is_member and cfg.teacher.source != "cache":
         teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,
                           tr.seed + 1, compile=cfg.precision.compile, tokenizer=run["tokenizer_fingerprint"])
-    start = Start(0)
+    start, kd_impl = Start(0), None
     if s_groups.is_member:
         # With both precision options the student's layers are graphed and the teacher's compiled
         # (a layer is either; the teacher's no-grad forward is not graphed).
@@ -282,6 +284,7 @@ def distill(cfg: DistillConfig) -> dict:
         if cfg.student.load and not ck.load:
             ck, load_from = dataclasses.replace(ck, load=cfg.student.load), "student"
         start = restore_role(ck, cfg.student.model, student, env.rank, run, what=load_from)
+        kd_impl = agree_impl(dtype, env.device, spec.k, s_groups.role_group)
     # Teacher-only ranks learn the resume step from the student's checkpoint, read by all ranks.
     start_step = _agree_start_step(start.step, s_layout, env.device)
 
@@ -305,6 +308,8 @@ def distill(cfg: DistillConfig) -> dict:
                  f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
                  f"{_layer_modes(cfg.precision.compile, cfg.precision.cuda_graphs)}"
                  f"{', recomputed student layers' if tr.recompute else ''}")
+    if kd_impl is not None:
+        logger.write(f"KD loss: {_KD_IMPL_NAMES[kd_impl[0]]} ({kd_impl[1]})")
     logger.write(describe_dataset(dataset, cfg.data))
     covered = cache_steps(cfg, reader) if reader is not None else tr.train_steps
     if cfg.teacher.source == "mixed" and covered < tr.train_steps:
