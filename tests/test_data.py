@@ -391,6 +391,43 @@ def test_dataset_errors(tmp_path, two_streams):
         GPTWindowDataset([str(tmp_path / "missing")], 8)
 
 
+def test_vocab_check_reads_the_recorded_largest_id_not_the_data(tmp_path, monkeypatch):
+    prefix = write_stream(tmp_path / "c", [np.array([1, 2, 900] * 50)])
+    meta_file = Path(prefix + ".meta.json")
+    meta = json.loads(meta_file.read_text())
+    assert meta["max_token_id"] == 900
+    scans = []
+    real_max = np.memmap.max
+
+    def no_scan(self, *args, **kwargs):
+        raise AssertionError("the vocabulary check read the whole corpus")
+
+    def counted_scan(self, *args, **kwargs):
+        scans.append(self.filename)
+        return real_max(self, *args, **kwargs)
+
+    monkeypatch.setattr(np.memmap, "max", no_scan)
+    assert GPTWindowDataset([prefix], 8, split=(1.0, 0.0), vocab_size=901).num_train_windows > 0
+    with pytest.raises(ValueError, match=r"corpus .*c contains token id 900 >= vocab_size=512.*tokenizer/vocab"):
+        GPTWindowDataset([prefix], 8, split=(1.0, 0.0), vocab_size=512)
+    meta_file.write_text(json.dumps(dict(meta, max_token_id=1500)))
+    with pytest.raises(ValueError, match=r"corpus .*c contains token id 1500 >= vocab_size=1000"):
+        GPTWindowDataset([prefix], 8, split=(1.0, 0.0), vocab_size=1000)
+    for bad in ("900", -1, 65536, 9.5, True):
+        meta_file.write_text(json.dumps(dict(meta, max_token_id=bad)))
+        with pytest.raises(ValueError, match=r"c\.meta\.json records max_token_id=.*, not a uint16 token id"):
+            open_indexed_dataset(prefix)
+
+    # A corpus without the recorded value (an older writer, another tool) is scanned.
+    monkeypatch.setattr(np.memmap, "max", counted_scan)
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "max_token_id"}))
+    with pytest.raises(ValueError, match=r"corpus .*c contains token id 900 >= vocab_size=512"):
+        GPTWindowDataset([prefix], 8, split=(1.0, 0.0), vocab_size=512)
+    meta_file.unlink()
+    assert GPTWindowDataset([prefix], 8, split=(1.0, 0.0), vocab_size=901).num_train_windows > 0
+    assert scans == [prefix + ".bin"] * 2
+
+
 # ---------------------------------------------------------------- preprocessing
 
 

@@ -3,8 +3,9 @@
 `<prefix>.bin` is the concatenation of all documents' token ids, `<prefix>.idx` megatron-core's
 index of sequence lengths and document boundaries (one sequence per document here), and
 `<prefix>.meta.json` records how the tokens were made (tokenizer path and fingerprint, vocab size,
-eos id, counts, dtype). Writing is atomic: `.idx` is moved into place last, so an interrupted run
-never leaves a pair that opens.
+eos id, counts, dtype) and the largest token id, so that a reader checks the ids against its
+vocabulary without reading the data. Writing is atomic: `.idx` is moved into place last, so an
+interrupted run never leaves a pair that opens.
 
 Conversation data (kdtrain/data/chat.py) adds `<prefix>.loss_mask.bin`: one bit per token of the
 stream (numpy's little-endian bit order, zero-padded to a whole byte), 1 where the token is a
@@ -104,10 +105,16 @@ class IndexedTokens:
         return bits[start - 8 * lo: stop - 8 * lo].astype(bool)
 
     def max_token_id(self) -> int:
-        """Largest token id in the corpus (one pass over the data, then cached)."""
+        """Largest token id in the corpus: the one its metadata records, else one pass over the data."""
         if self._max_token_id is None:
-            self._max_token_id = int(self.tokens.max())
+            recorded = (self.meta or {}).get("max_token_id")
+            # Corpora written before the writer recorded it, or by other tools, have no value: they
+            # are scanned, a read of the whole .bin.
+            self._max_token_id = recorded if recorded is not None else self._scan_max_token_id()
         return self._max_token_id
+
+    def _scan_max_token_id(self) -> int:
+        return int(self.tokens.max())
 
 
 def _document_lengths(sequence_lengths: np.ndarray, document_indices: np.ndarray) -> np.ndarray:
@@ -202,6 +209,9 @@ def open_indexed_dataset(prefix: str) -> IndexedTokens:
             f"metadata file {meta_path(prefix)} records num_tokens={meta['num_tokens']} but {bin_file} "
             f"holds {num_tokens}: stale metadata from another run"
         )
+    top = None if meta is None else meta.get("max_token_id")
+    if top is not None and (type(top) is not int or not 0 <= top <= np.iinfo(dtype).max):
+        raise ValueError(f"metadata file {meta_path(prefix)} records max_token_id={top!r}, not a {dtype} token id")
     tokens = np.memmap(bin_file, dtype=dtype, mode="r", shape=(num_tokens,))
     return IndexedTokens(prefix, tokens, _document_lengths(sequence_lengths, document_indices), meta,
                          _open_loss_mask(prefix, num_tokens, meta))
@@ -256,8 +266,8 @@ def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, met
     A document is a sequence of token ids, or an ``(ids, mask)`` pair with one target flag per id
     (then every document must be a pair, and `<prefix>.loss_mask.bin` is written too).
     `metadata` should carry tokenizer_path, tokenizer_fingerprint and eos_id; vocab_size,
-    num_documents, num_tokens, dtype (and loss_mask, loss_mask_tokens) are filled in here. Empty
-    documents are skipped.
+    num_documents, num_tokens, max_token_id, dtype (and loss_mask, loss_mask_tokens) are filled in
+    here. Empty documents are skipped.
     """
     prefix = str(prefix)
     if not isinstance(vocab_size, int) or vocab_size < 1:
@@ -266,7 +276,7 @@ def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, met
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp-{os.getpid()}"
     tmp_bin, tmp_idx, tmp_meta, tmp_mask = bin_path(tmp), idx_path(tmp), meta_path(tmp), loss_mask_path(tmp)
-    num_documents = num_tokens = 0
+    num_documents = num_tokens = max_token_id = 0
     builder = mask_writer = None
     try:
         builder = _megatron_indexed().IndexedDatasetBuilder(tmp_bin, dtype=dtype.type)
@@ -291,13 +301,15 @@ def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, met
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"document {i} for {prefix} has token id {bad} outside [0, vocab_size={vocab_size})")
             builder.add_document(ids.astype(dtype), [ids.size])
+            max_token_id = max(max_token_id, hi)
             num_documents += 1
             num_tokens += ids.size
         builder.finalize(tmp_idx)
         if num_tokens == 0:
             raise ValueError(f"no tokens to write for {prefix}: the input has no non-empty documents")
         meta = dict(metadata)
-        meta.update(vocab_size=vocab_size, num_documents=num_documents, num_tokens=num_tokens, dtype=dtype.name)
+        meta.update(vocab_size=vocab_size, num_documents=num_documents, num_tokens=num_tokens,
+                    max_token_id=max_token_id, dtype=dtype.name)
         if mask_writer is not None:
             mask_writer.close()
             meta.update(loss_mask=True, loss_mask_tokens=mask_writer.ones)
