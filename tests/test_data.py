@@ -334,6 +334,30 @@ def test_train_order_is_deterministic_per_seed_and_reshuffled_per_epoch(two_stre
         np.testing.assert_array_equal(a.train_sample(g), a.window(a.train_window_index(g)))
 
 
+def test_reading_across_an_epoch_boundary_shuffles_each_epoch_once(two_streams, monkeypatch):
+    prefixes, _ = two_streams
+    ds = GPTWindowDataset(prefixes, 32, seed=4)
+    n = ds.num_train_windows
+    real_rng = np.random.default_rng
+    built = []
+
+    def counted_rng(seed=None):
+        built.append(tuple(int(x) for x in seed))
+        return real_rng(seed)
+
+    monkeypatch.setattr(np.random, "default_rng", counted_rng)
+    # A step that straddles the end of epoch 0, its micro-batches read in interleaved order.
+    samples = [g for k in range(8) for g in (n - 8 + k, n + k)]
+    order = [ds.train_window_index(g) for g in samples]
+    assert built == [(4, 0), (4, 1)]
+    expected = {e: real_rng([4, e]).permutation(n) for e in (0, 1)}
+    assert order == [expected[g // n][g % n] for g in samples]
+    # Two epochs are kept, the least recently used one dropped.
+    for g in (2 * n, n, 0):
+        ds.train_window_index(g)
+    assert built[2:] == [(4, 2), (4, 0)]
+
+
 def test_train_samples_are_resumable(two_streams):
     prefixes, _ = two_streams
     full = GPTWindowDataset(prefixes, 32, seed=5)

@@ -130,8 +130,7 @@ class GPTWindowDataset:
                 f"{self.num_windows} windows of seq_length+1={window} tokens, so it gets none; use a larger "
                 f"corpus, a larger held-out fraction or split[1]=0"
             )
-        self._perm_epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
+        self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation, the last two used
         # Conversations: a corpus' mask marks the replies (loss_mask=False ignores the masks, every
         # token is a target). Packed windows have target flags in any case: padding is none.
         self.conversations = loss_mask and any(stream.has_loss_mask for stream in self.streams)
@@ -262,10 +261,18 @@ class GPTWindowDataset:
         return positions_from_starts(length, ends[ends < length])
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self._n_train)
-            self._perm_epoch = epoch
-        return self._perm
+        # Two epochs are kept: micro-batches of a step that straddles an epoch boundary are read
+        # in interleaved order (a teacher replica serves several students), and each switch would
+        # otherwise shuffle all the windows again.
+        perm = self._perms.pop(epoch, None)
+        if perm is None:
+            # The order of permutation(n_train), which shuffles an int64 arange, at half the memory.
+            perm = np.arange(self._n_train, dtype=np.uint32 if self._n_train <= 2**32 else np.int64)
+            np.random.default_rng([self.seed, epoch]).shuffle(perm)
+            if len(self._perms) == 2:
+                del self._perms[next(iter(self._perms))]
+        self._perms[epoch] = perm  # last in the dict: the most recently used
+        return perm
 
     def train_window_index(self, g: int) -> int:
         """The window that global train sample g reads (any g >= 0; epochs repeat reshuffled)."""
