@@ -504,3 +504,89 @@ def test_output_directories_are_checked_before_training(world_of_one, tmp_path):
                                                f"checkpoint.dir={tmp_path / 'afile' / 'ck'}",
                                                "training.eval_batches=0"]))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _build_dp(dp: int, seed: int, distributed: bool = False, dtype: torch.dtype = torch.bfloat16):
+    """The tiny model on ``dp`` data-parallel replicas (the world's first ``dp`` ranks)."""
+    from kdtrain.config import OptimizerConfig, load_model_config
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.training.pretrain import build_trainable
+
+    cfg = load_model_config("tiny")
+    groups = build_role_groups(RoleLayout("model", 0, 1, 1, dp))
+    role = build_trainable(cfg, groups, OptimizerConfig(distributed=distributed), seq_length=16, micro_batch=1,
+                           device=torch.device("cpu"), dtype=dtype, seed=seed)
+    return cfg, role
+
+
+def _train(role, steps: int) -> None:
+    """``steps`` updates with the same gradients on every replica (what DDP's all-reduce gives)."""
+    for step in range(steps):
+        for i, (_, p) in enumerate(role.params):
+            gen = torch.Generator().manual_seed(1000 * step + i)
+            p.main_grad = 0.01 * torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        role.optimizer.step(1e-2)
+
+
+def _state_of(role) -> dict:
+    """Every parameter, and the fp32 master, Adam moments and step count of the owned ones."""
+    out = {f"param/{spec.global_name}": p.detach().clone() for spec, p in role.params}
+    for spec, _, master in role.optimizer.owned:
+        st = role.optimizer.opt.state[master]
+        out[f"master/{spec.global_name}"] = master.detach().clone()
+        out.update({f"{k}/{spec.global_name}": st[k].detach().clone() for k in ("exp_avg", "exp_avg_sq", "step")})
+    return out
+
+
+def _assert_same_state(got: dict, want: dict) -> None:
+    """Every entry of ``got`` (a replica holds a subset of the optimizer state under ZeRO-1) equals
+    ``want``'s, bit for bit; every parameter is there."""
+    assert {k for k in want if k.startswith("param/")} <= set(got)
+    for k, v in got.items():
+        assert v.dtype == want[k].dtype and torch.equal(v, want[k]), k
+
+
+_DP_RUN = {"kind": "pretrain", "global_batch_size": 8, "data": {}}
+
+
+def _dp_save_and_reload(rank, world, tmp):
+    from pathlib import Path
+
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.training.pretrain import restore_role, save_role
+
+    cfg, role = _build_dp(world, seed=3)
+    _train(role, 2)
+    ck = CheckpointConfig(dir=str(Path(tmp) / "ck"), keep=1)
+    save_role(ck, cfg, role, 2, _DP_RUN)
+    saved = _state_of(role)
+    if rank == 0:
+        torch.save(saved, Path(tmp) / "saved.pt")
+    # Back into the same replicas, and into ZeRO-1 shares of them.
+    for distributed, seed in ((False, 5), (True, 7)):
+        _, other = _build_dp(world, seed=seed, distributed=distributed)
+        assert restore_role(ck, cfg, other, rank, _DP_RUN).step == 2
+        _assert_same_state(_state_of(other), saved)
+        if distributed:
+            assert 0 < len(other.optimizer.owned) < len(other.params)
+
+
+def test_data_parallel_replicas_share_the_writing_of_a_checkpoint(world_of_one, tmp_path):
+    """Without ZeRO-1 every replica holds the whole model and optimizer state, and data-parallel
+    rank 0 alone wrote it (an 8B student at DP=8: one process buffering and writing 112 GB while
+    the others waited at a barrier bounded by the job's timeout). The replicas now write balanced
+    shares; a checkpoint loads the same whoever wrote each piece: into 1 rank, into 2 replicas,
+    into ZeRO-1."""
+    from conftest import run_spawn
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.training.pretrain import restore_role
+
+    run_spawn(2, _dp_save_and_reload, str(tmp_path), tmp_path=tmp_path)
+    shards = sorted((tmp_path / "ck" / "step_0000002" / "shards").glob("*.pt"))
+    assert [f.name for f in shards] == ["rank00000.pt", "rank00001.pt"]
+    sizes = [f.stat().st_size for f in shards]
+    assert max(sizes) < 1.1 * min(sizes), sizes
+
+    cfg, role = _build_dp(1, seed=9)
+    assert restore_role(CheckpointConfig(dir=str(tmp_path / "ck")), cfg, role, 0, _DP_RUN).step == 2
+    _assert_same_state(_state_of(role), torch.load(tmp_path / "saved.pt"))

@@ -10,10 +10,11 @@ Layout on disk::
 A *piece* is a rank's local slice of one global parameter plus where it sits: the sharded
 dimension and ``(global_start, global_stop, local_start)`` ranges (see models/params.py). Each
 global parameter is written once: tensor rank 0 for replicated parameters, the first stage for the
-tied embedding, data-parallel rank 0 (or, with ZeRO-1, the owning rank, which also writes the
-fp32 master weight and Adam moments). Loading copies the overlap of every stored piece with every
-piece the loading rank needs, so a checkpoint written with one TP/PP/DP layout loads into any
-other (pretrain with TP=1, distil with a TP=2 teacher).
+tied embedding, and one data-parallel replica, with its fp32 master weight and Adam moments (with
+ZeRO-1 the owning rank; without, the replicas hold the same state and write balanced shares of
+it). Loading copies the overlap of every stored piece with every piece the loading rank needs,
+whichever file holds it, so a checkpoint written with one TP/PP/DP layout loads into any other
+(pretrain with TP=1, distil with a TP=2 teacher).
 
 Atomicity: everything is written under ``step_N.tmp/``; after all ranks finish, the role's first
 rank writes meta.json, renames the directory to ``step_N`` and then replaces ``latest``. A crash at
@@ -40,7 +41,7 @@ from ..data import Tokenizer
 from ..data.indexed import corpus_tokenizer
 from ..config.model import load_model_config, weight_differences
 from ..models.params import ParamSpec
-from .optimizer import AdamWOptimizer
+from .optimizer import AdamWOptimizer, assign_owners
 
 FORMAT_VERSION = 1
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -97,11 +98,21 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
         begin_checkpoint(root, step)
     _barrier(role_group)
 
-    sharded = optimizer is not None and optimizer.sharded
-    owners = optimizer.owners if sharded else [0] * len(params)
+    # The replica that writes each parameter. With ZeRO-1 its owner, the one rank holding its
+    # master weight and Adam moments. Without, every replica holds the same weights and state:
+    # the same balanced assignment over the pieces this position writes shares the host memory,
+    # bytes and time of a save among the replicas (data-parallel rank 0 alone would hold and
+    # write the whole state while the others wait at the barrier below).
+    writes = [not (spec.tied_copy or spec.tp_duplicate) for spec, _ in params]
+    if optimizer is not None and optimizer.sharded:
+        owners = optimizer.owners
+    else:
+        dp_group = getattr(optimizer, "dp_group", None)
+        dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        owners = assign_owners([p.numel() if w else 0 for (_, p), w in zip(params, writes)], dp_size)
     pieces = {}
-    for (spec, p), owner in zip(params, owners):
-        if spec.tied_copy or spec.tp_duplicate or owner != dp_rank:
+    for (spec, p), owner, write in zip(params, owners, writes):
+        if not write or owner != dp_rank:
             continue
         piece = {"global_shape": list(spec.global_shape), "dim": spec.dim, "ranges": spec.ranges(),
                  "param": p.detach().cpu()}
