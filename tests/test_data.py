@@ -227,6 +227,46 @@ def test_interrupted_rewrite_never_leaves_an_openable_mismatched_pair(tmp_path):
     assert open_indexed_dataset(prefix).num_tokens == 3000
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["tokens", "loss-mask"])
+def test_written_files_reach_the_disk_before_their_names(tmp_path, monkeypatch, masked):
+    prefix = write_stream(tmp_path / "c", synthetic_docs(300))  # files to be replaced
+    docs = synthetic_docs(500, seed=3)
+    if masked:
+        docs = [(d, np.arange(d.size) % 2 == 0) for d in docs]
+    events = []
+    real_fsync, real_replace, real_remove = os.fsync, os.replace, os.remove
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    def remove(path):
+        events.append(("remove", str(path)))
+        return real_remove(path)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "remove", remove)
+    write_indexed_dataset(prefix, docs, VOCAB, {})
+    renames = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "replace"]
+    published = {".bin", ".idx", ".meta.json"} | ({".loss_mask.bin"} if masked else set())
+    assert sorted(dst[len(prefix):] for _, _, dst in renames) == sorted(published)
+    for i, src, _ in renames:
+        assert ("fsync", src) in events[:i], f"{src} renamed before it was synced"
+    # The directory is synced after the old .idx is removed, after the other files are renamed
+    # and after the new .idx is.
+    removed_idx = events.index(("remove", prefix + ".idx"))
+    first, idx_at = renames[0][0], renames[-1][0]
+    assert renames[-1][2] == prefix + ".idx" and removed_idx < first
+    for lo, hi in ((removed_idx, first), (renames[-2][0], idx_at), (idx_at, len(events))):
+        assert ("fsync", str(tmp_path)) in events[lo:hi]
+    assert open_indexed_dataset(prefix).num_tokens == 500
+
+
 def test_open_missing_files(tmp_path):
     prefix = write_stream(tmp_path / "c", synthetic_docs(100))
     os.remove(prefix + ".bin")

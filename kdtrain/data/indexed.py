@@ -4,8 +4,9 @@
 index of sequence lengths and document boundaries (one sequence per document here), and
 `<prefix>.meta.json` records how the tokens were made (tokenizer path and fingerprint, vocab size,
 eos id, counts, dtype) and the largest token id, so that a reader checks the ids against its
-vocabulary without reading the data. Writing is atomic: `.idx` is moved into place last, so an
-interrupted run never leaves a pair that opens.
+vocabulary without reading the data. Writing is atomic and durable: each file is synced to disk
+before it is renamed into place, and `.idx` is renamed last, so neither an interrupted run nor a
+crash of the machine leaves a pair that opens with the wrong data.
 
 Conversation data (kdtrain/data/chat.py) adds `<prefix>.loss_mask.bin`: one bit per token of the
 stream (numpy's little-endian bit order, zero-padded to a whole byte), 1 where the token is a
@@ -254,6 +255,26 @@ class _BitWriter:
         self._f.close()
 
 
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames in ``path`` durable (skipped where a directory cannot be opened or synced).
+    kdtrain.cache.shard.fsync_dir does the same, but kdtrain.cache builds on this package."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _remove(paths: Sequence[str]) -> None:
     for path in paths:
         if os.path.exists(path):
@@ -318,12 +339,21 @@ def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, met
             f.write("\n")
         # .idx goes last: until it is in place, the prefix does not open. A mask left by an
         # earlier dataset under this prefix goes first: it must never pair with these tokens.
-        _remove([idx_path(prefix), loss_mask_path(prefix)])
-        os.replace(tmp_bin, bin_path(prefix))
+        # Each file's data reach the disk before its name does, and the directory is synced after
+        # each step (removals, data files, .idx): a crash cannot keep a step without the one before.
+        published = [(tmp_bin, bin_path(prefix)), (tmp_meta, meta_path(prefix))]
         if mask_writer is not None:
-            os.replace(tmp_mask, loss_mask_path(prefix))
-        os.replace(tmp_meta, meta_path(prefix))
+            published.append((tmp_mask, loss_mask_path(prefix)))
+        for tmp_file, _ in published + [(tmp_idx, None)]:
+            _fsync_file(tmp_file)
+        directory = Path(prefix).parent
+        _remove([idx_path(prefix), loss_mask_path(prefix)])
+        _fsync_dir(directory)
+        for tmp_file, final in published:
+            os.replace(tmp_file, final)
+        _fsync_dir(directory)
         os.replace(tmp_idx, idx_path(prefix))
+        _fsync_dir(directory)
     finally:
         if builder is not None:
             builder.data_file.close()
