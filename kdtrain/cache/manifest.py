@@ -13,7 +13,8 @@
                 target, variable-size records; the dataset section then also holds the sha256 of
                 each corpus' loss mask and whether the run uses it)
     layout:     record bytes, id bits, field offsets (codec.RecordLayout / TargetRecordLayout)
-    shards:     [{file, first_sample, num_samples, bytes, crc32}, ...]
+    shards:     [{file, first_sample, num_samples, bytes, crc32}, ...] (crc32: the shard header's
+                checksum field: of the shard's tables from version 3, of its whole body before)
     identity:   sha256 of the content-defining fields (no paths), also stamped into every shard
     job:        informational (teacher TP/PP/DP, micro-batch); not part of the identity
 
@@ -42,7 +43,12 @@ POSITIONS = ("all", "targets")
 FORMAT = "kdtrain-topk-cache"
 # 2: each token stores the logsumexp of the teacher's logits outside its top-k (version 1 stored
 # the full log-normaliser, from which a confident teacher's tail cannot be recovered).
-VERSION = 2
+# 3: shards carry a checksum per record (shard format 2), so a reader checks what it reads
+# instead of the whole shard first; records and manifest fields are those of version 2.
+VERSION = 3
+# Cache format -> the shard format its shards have. Version 2 caches are still read (each shard
+# verified whole on first use, as when they were written); jobs write the current version only.
+SHARD_VERSIONS = {2: 1, 3: 2}
 MANIFEST = "manifest.json"
 _HASH_CHUNK = 16 << 20
 
@@ -151,6 +157,11 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     complete: bool = False
     positions: str = "all"
+    version: int = VERSION  # cache format (loaded caches: the one they were written in)
+
+    @property
+    def shard_version(self) -> int:
+        return SHARD_VERSIONS[self.version]
 
     @property
     def layout(self) -> RecordLayout | TargetRecordLayout:
@@ -165,7 +176,7 @@ class Manifest:
 
     def identity(self) -> str:
         """Digest of everything that defines the cached bytes (not paths, sizes of the job, or layout)."""
-        key = {"format": FORMAT, "version": VERSION, "teacher": _content(self.teacher),
+        key = {"format": FORMAT, "version": self.version, "teacher": _content(self.teacher),
                "tokenizer": _content(self.tokenizer), "dataset": _content(self.dataset),
                "seq_length": self.seq_length, "vocab_size": self.vocab_size, "k": self.k, "tau": self.tau,
                "values_dtype": self.values_dtype, "shard_samples": self.shard_samples}
@@ -174,7 +185,7 @@ class Manifest:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "complete": self.complete, "identity": self.identity(),
+        return {"format": FORMAT, "version": self.version, "complete": self.complete, "identity": self.identity(),
                 "teacher": self.teacher, "tokenizer": self.tokenizer, "dataset": self.dataset,
                 "seq_length": self.seq_length, "vocab_size": self.vocab_size, "k": self.k, "tau": self.tau,
                 "values_dtype": self.values_dtype, "shard_samples": self.shard_samples,
@@ -203,17 +214,17 @@ class Manifest:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"cache manifest {path} is corrupt: {e}") from None
-        if d.get("format") != FORMAT or d.get("version") != VERSION:
+        if d.get("format") != FORMAT or d.get("version") not in SHARD_VERSIONS:
             raise ValueError(f"cache manifest {path}: format {d.get('format')!r} version {d.get('version')} "
-                             f"is not {FORMAT!r} version {VERSION} (written by another kdtrain release: write the "
-                             "cache again with scripts/cache_teacher.py)")
+                             f"is not {FORMAT!r} version {' or '.join(map(str, SHARD_VERSIONS))} (written by "
+                             "another kdtrain release: write the cache again with scripts/cache_teacher.py)")
         try:
             m = cls(teacher=d["teacher"], tokenizer=d["tokenizer"], dataset=d["dataset"],
                     seq_length=int(d["seq_length"]), vocab_size=int(d["vocab_size"]), k=int(d["k"]),
                     tau=float(d["tau"]), values_dtype=str(d["values_dtype"]), shard_samples=int(d["shard_samples"]),
                     num_samples=int(d["num_samples"]), job=d.get("job", {}),
                     shards=[ShardInfo.from_dict(s) for s in d["shards"]], complete=bool(d["complete"]),
-                    positions=str(d.get("positions", "all")))
+                    positions=str(d.get("positions", "all")), version=int(d["version"]))
             if m.positions not in POSITIONS:
                 raise ValueError(f"positions {m.positions!r} is not one of {list(POSITIONS)}")
         except (KeyError, TypeError, ValueError) as e:

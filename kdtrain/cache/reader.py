@@ -1,4 +1,4 @@
-"""Reading the teacher cache: memory-mapped shards -> the same ``Payload`` a live teacher sends.
+"""Reading the teacher cache: shard records -> the same ``Payload`` a live teacher sends.
 
 Contract with the distillation loop (``teacher.source: cache`` or ``mixed``):
 
@@ -33,10 +33,15 @@ Contract with the distillation loop (``teacher.source: cache`` or ``mixed``):
 
 * ``reader.close()`` (or ``with CacheReader(...) as reader``) stops the thread.
 
-Integrity: every shard is verified once, on first use (size, header, crc32 of the whole body, the
-manifest's identity stamp and checksum); each decoded sample's tokens are checked against the
-record's own checksum. Truncated, corrupted or missing shards raise ``ValueError`` naming the file.
-An incomplete cache (the job was killed) is refused at open.
+Integrity, in proportion to what is read (a replica reads a few samples of a shard per step): when
+a shard is opened, its size, header (the manifest's identity stamp and checksum) and tables (record
+offsets and per-record crc32s, under the header's checksum) are checked; each record is checked
+against its crc32 when it is read, in the prefetch thread for announced micro-batches; each decoded
+sample's tokens against the record's token checksum. Nothing else of the shard is read. Truncated,
+corrupted or missing shards raise ``ValueError`` naming the file (and the sample, for a damaged
+record). Caches of format version 2 have no per-record checksums: each of their shards is verified
+whole on first use. ``verify()`` checks every byte of every shard. An incomplete cache (the job was
+killed) is refused at open.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ import torch
 
 from ..stream import Payload, PayloadSpec, token_checksum
 from .manifest import Manifest
-from .shard import HEADER_BYTES, record_offsets, verify_shard
+from .shard import ShardTables, check_record, open_shard, pread_into, verify_shard
 
 
 class CacheReader:
@@ -70,11 +75,12 @@ class CacheReader:
             raise ValueError(f"cache manifest {self.path}/manifest.json lists {len(self.manifest.shards)} shards, "
                              f"its sample count needs {self.index.num_shards}")
         self._identity = bytes.fromhex(self.manifest.identity())
-        # Open maps, least recently used first (each map holds a file descriptor); shards stay
-        # verified after their map is closed.
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        # Open shards, least recently used first: (file, checked tables). A file object closes its
+        # descriptor when the last reference goes, so a thread still reading a shard that was just
+        # evicted reads on safely. Shards of a version 2 cache stay verified after they are closed.
+        self._open: OrderedDict[int, tuple[object, ShardTables]] = OrderedDict()
         self._verified: set[int] = set()
-        self._map_lock = threading.Lock()
+        self._open_lock = threading.Lock()
         self.max_open_shards = max(1, max_open_shards)
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
@@ -113,49 +119,70 @@ class CacheReader:
         self.manifest.check_against(run, where=f"cache {self.path}", live_teacher_dtype=live_teacher_dtype)
 
     # -- shards -----------------------------------------------------------------------------------
-    def _shard(self, i: int) -> np.ndarray:
-        """Memory map of shard ``i``, verified end to end the first time it is used."""
-        with self._map_lock:
-            m = self._maps.get(i)
-            if m is not None:
-                self._maps.move_to_end(i)
-                return m
+    def _shard(self, i: int) -> tuple[object, ShardTables]:
+        """Shard ``i``'s open file and its checked tables (size, header and tables are checked when
+        it is opened; a version 2 cache's shard is verified whole the first time)."""
+        with self._open_lock:
+            entry = self._open.get(i)
+            if entry is not None:
+                self._open.move_to_end(i)
+                return entry
             info = self.manifest.shards[i]
             file = self.path / info.file
-            if i not in self._verified:
-                samples = self.index.samples_of(i)
-                verify_shard(file, samples.start, len(samples), self.index.record_bytes, self._identity,
-                             crc=info.crc32)
+            samples = self.index.samples_of(i)
+            args = (samples.start, len(samples), self.index.record_bytes, self._identity)
+            version = self.manifest.shard_version
+            if version == 1 and i not in self._verified:
+                verify_shard(file, *args, crc=info.crc32, version=version)
                 self._verified.add(i)
-            elif file.stat().st_size != info.bytes:
-                raise ValueError(f"cache shard {file} changed size since it was verified (truncated?)")
-            m = self._maps[i] = np.memmap(file, dtype=np.uint8, mode="r")
-            while len(self._maps) > self.max_open_shards:
-                self._maps.popitem(last=False)
-            return m
+            try:
+                f = open(file, "rb", buffering=0)
+            except FileNotFoundError:
+                raise ValueError(f"cache shard {file} is missing") from None
+            try:
+                size = os.fstat(f.fileno()).st_size
+                if size != info.bytes:
+                    raise ValueError(f"cache shard {file} is truncated or oversized: {size} bytes, its manifest "
+                                     f"records {info.bytes}" + (" (changed since it was verified)" if version == 1
+                                                                else ""))
+                tables = open_shard(file, f.fileno(), *args, crc=info.crc32, version=version)
+            except BaseException:
+                f.close()
+                raise
+            entry = self._open[i] = (f, tables)
+            while len(self._open) > self.max_open_shards:
+                self._open.popitem(last=False)
+            return entry
 
     def verify(self) -> None:
-        """Verify every shard now (otherwise each is verified on first use)."""
-        for i in range(self.index.num_shards):
-            self._shard(i)
+        """Verify every byte of every shard now (otherwise each record is checked when it is read)."""
+        version = self.manifest.shard_version
+        for i, info in enumerate(self.manifest.shards):
+            samples = self.index.samples_of(i)
+            verify_shard(self.path / info.file, samples.start, len(samples), self.index.record_bytes,
+                         self._identity, crc=info.crc32, version=version)
+            if version == 1:
+                self._verified.add(i)
 
     def records(self, sample_ids: Sequence[int]):
-        """Raw records of the given samples, copied out of the maps: uint8 [B, record_bytes], or
-        for variable-size records (``positions: targets``) a list of B uint8 arrays."""
+        """Raw records of the given samples, read from their shards and checked against their
+        checksums: uint8 [B, record_bytes], or for variable-size records (``positions: targets``) a
+        list of B uint8 arrays."""
         R = self.index.record_bytes
-        if R == 0:
-            out = []
-            for g in sample_ids:
-                shard, _ = self.index.locate(int(g))
-                m = self._shard(shard)
-                t = record_offsets(m, len(self.index.samples_of(shard)))
-                j = int(g) - self.index.samples_of(shard).start
-                out.append(np.array(m[HEADER_BYTES + int(t[j]):HEADER_BYTES + int(t[j + 1])]))
-            return out
-        out = np.empty((len(sample_ids), R), dtype=np.uint8)
+        out = [] if R == 0 else np.empty((len(sample_ids), R), dtype=np.uint8)
         for b, g in enumerate(sample_ids):
-            shard, off = self.index.locate(int(g))
-            out[b] = self._shard(shard)[off:off + R]
+            shard, _ = self.index.locate(int(g))
+            f, tables = self._shard(shard)
+            j = int(g) - tables.first
+            offset, size = tables.span(j)
+            rec = np.empty(size, dtype=np.uint8) if R == 0 else out[b]
+            try:
+                pread_into(f.fileno(), rec, offset)  # holding f: its descriptor stays open
+            except EOFError:
+                raise ValueError(f"cache shard {tables.path} was truncated while in use (sample {g})") from None
+            check_record(tables, j, rec)
+            if R == 0:
+                out.append(rec)
         return out
 
     # -- decoding -------------------------------------------------------------------------------
@@ -303,7 +330,8 @@ class CacheReader:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._maps.clear()
+        with self._open_lock:
+            self._open.clear()
 
     def __enter__(self) -> "CacheReader":
         return self

@@ -1,15 +1,16 @@
 """Writing a cache: one shard at a time, atomically, and resuming a job that was killed.
 
 Atomicity. A shard is written to ``.shard_NNNNNN.bin.tmp`` (hidden name, one writer per shard):
-a header placeholder, the records in order (the body checksum accumulates as they go), then the
-real header; ``fsync`` the file, ``rename`` it to ``shard_NNNNNN.bin`` and ``fsync`` the
+a header placeholder, the records in order (each record's checksum is taken as it goes), the
+tables (record offsets if variable-size, the records' checksums), then the real header (holding
+the tables' checksum); ``fsync`` the file, ``rename`` it to ``shard_NNNNNN.bin`` and ``fsync`` the
 directory. A rename is atomic, so a final name only ever holds a complete shard whose bytes were
 on disk before the name existed; a crash at any point leaves either the old state or a temp file.
 
 Resuming. Before any writer starts, rank 0 of the job removes temp files (:func:`prepare`), then
 the ranks verify the existing final shards of the plan, a share each (:func:`verify_existing`:
-header, size, body checksum, identity stamp, sample range): verified shards are kept, anything
-else is rewritten. Shard bytes depend only on the teacher and the samples, never on which job
+header, size, tables, every record's checksum, identity stamp, sample range): verified shards are
+kept, anything else is rewritten. Shard bytes depend only on the teacher and the samples, never on which job
 wrote them, so a resumed cache is byte-identical to one written in one go. A manifest whose identity (teacher, data, tokenizer, k, tau, dtype, shard size)
 differs from the new job's is an error: the directory holds another cache.
 
@@ -34,9 +35,9 @@ def _tmp_name(index: int) -> str:
 
 
 class ShardWriter:
-    """One shard: ``append`` records in sample order, then ``commit`` (or ``abort``).
-    ``record_bytes`` 0: variable-size records, appended as a list of uint8 arrays; ``commit``
-    writes their offset table at the end (shard.py)."""
+    """One shard (the current shard format, shard.py): ``append`` records in sample order, then
+    ``commit`` (or ``abort``). ``record_bytes`` 0: variable-size records, appended as a list of
+    uint8 arrays; ``commit`` writes their offset table at the end, before the records' checksums."""
 
     def __init__(self, root: str | os.PathLike, index: int, first: int, count: int, record_bytes: int,
                  identity: bytes):
@@ -44,9 +45,10 @@ class ShardWriter:
         self.first, self.count, self.record_bytes, self.identity = first, count, record_bytes, identity
         self.tmp, self.final = self.root / _tmp_name(index), self.root / shard_name(index)
         self._f = open(self.tmp, "wb")
-        self._f.write(b"\0" * HEADER_BYTES)  # placeholder until the body checksum is known
-        self._crc, self._written = 0, 0
+        self._f.write(b"\0" * HEADER_BYTES)  # placeholder until the tables' checksum is known
+        self._written = 0
         self._offsets = [0]
+        self._crcs: list[int] = []  # of each record, in order
 
     def append(self, records) -> None:
         if self.record_bytes == 0:
@@ -55,31 +57,34 @@ class ShardWriter:
                 self._offsets.append(self._offsets[-1] + r.shape[0])
             buf = np.concatenate(records) if len(records) else np.zeros(0, dtype=np.uint8)
             n = len(records)
+            self._crcs += [crc32_of(np.ascontiguousarray(r)) for r in records]
         else:
             assert records.dtype == np.uint8 and records.ndim == 2 and records.shape[1] == self.record_bytes, \
                 records.shape
             buf, n = np.ascontiguousarray(records), records.shape[0]
+            self._crcs += [crc32_of(row) for row in buf]
         assert self._written + n <= self.count, "more records than the shard holds"
-        self._crc = crc32_of(buf, self._crc)
         self._f.write(memoryview(buf).cast("B"))
         self._written += n
 
     def commit(self) -> ShardInfo:
         assert self._written == self.count, f"shard {self.index}: {self._written} of {self.count} records written"
-        size = HEADER_BYTES + self.count * self.record_bytes
-        if self.record_bytes == 0:
-            table = np.asarray(self._offsets, dtype="<u8")
-            self._crc = crc32_of(table, self._crc)
-            self._f.write(memoryview(table).cast("B"))
-            size = HEADER_BYTES + self._offsets[-1] + table.nbytes
+        body = self._offsets[-1] if self.record_bytes == 0 else self.count * self.record_bytes
+        tables = ([np.asarray(self._offsets, dtype="<u8")] if self.record_bytes == 0 else []) + \
+            [np.asarray(self._crcs, dtype="<u4")]
+        crc = 0
+        for t in tables:
+            crc = crc32_of(t, crc)
+            self._f.write(memoryview(t).cast("B"))
+        size = HEADER_BYTES + body + sum(t.nbytes for t in tables)
         self._f.seek(0)
-        self._f.write(pack_header(self.first, self.count, self.record_bytes, self.identity, self._crc))
+        self._f.write(pack_header(self.first, self.count, self.record_bytes, self.identity, crc))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.final)
         fsync_dir(self.root)
-        return ShardInfo(self.final.name, self.first, self.count, size, self._crc)
+        return ShardInfo(self.final.name, self.first, self.count, size, crc)
 
     def abort(self) -> None:
         if not self._f.closed:
@@ -111,6 +116,11 @@ def prepare(root: str | os.PathLike, manifest: Manifest) -> None:
         except ValueError as e:
             raise ValueError(f"cache.out: {root} holds an unreadable cache manifest ({e}); remove it or choose "
                              f"another directory") from None
+        if old.version != manifest.version:  # one cache holds shards of one format
+            raise ValueError(f"cache.out: {root} holds a cache of format version {old.version}, written by an earlier "
+                             f"kdtrain release; this job writes version {manifest.version}. The cache stays "
+                             f"readable as it is; to complete or extend it, remove it (or choose another "
+                             f"directory) and write it again")
         field = old.mismatch(manifest)
         if field is not None:
             raise ValueError(f"cache.out: {root} holds a cache of a different job ({field} differs: "
@@ -147,7 +157,8 @@ def verify_existing(root: str | os.PathLike, manifest: Manifest, shards: Iterabl
         if not path.exists():
             continue
         try:
-            done[i] = verify_shard(path, samples.start, len(samples), index.record_bytes, identity)
+            done[i] = verify_shard(path, samples.start, len(samples), index.record_bytes, identity,
+                                   version=manifest.shard_version)
         except ValueError:
             pass  # partial, stale or corrupt: rewritten by the job (atomically replaces the file)
     return done
