@@ -590,3 +590,62 @@ def test_data_parallel_replicas_share_the_writing_of_a_checkpoint(world_of_one, 
     cfg, role = _build_dp(1, seed=9)
     assert restore_role(CheckpointConfig(dir=str(tmp_path / "ck")), cfg, role, 0, _DP_RUN).step == 2
     _assert_same_state(_state_of(role), torch.load(tmp_path / "saved.pt"))
+
+
+def test_a_bf16_checkpoint_stores_and_reads_each_value_once(world_of_one, tmp_path, monkeypatch):
+    """The bf16 parameter was saved beside its fp32 master (2 of 14 bytes per parameter), though
+    every reader takes the master; a resume read every master twice. Now the pieces hold the
+    master and the moments only, the weights' readers (whole model, export) convert the master,
+    a resume reads each stored value once, and a checkpoint that holds the parameters too loads
+    as before."""
+    import json
+
+    import kdtrain.training.checkpoint as ckpt
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.convert.sources import open_checkpoint, read_global
+    from kdtrain.training.checkpoint import STATE_KEYS, CheckpointReader, load_whole_model
+    from kdtrain.training.pretrain import restore_role, save_role
+
+    cfg, role = _build_dp(1, seed=3)
+    _train(role, 1)
+    ck = CheckpointConfig(dir=str(tmp_path / "ck"), keep=1)
+    save_role(ck, cfg, role, 1, _DP_RUN)
+    want, numel = _state_of(role), sum(p.numel() for _, p in role.params)
+    shard = tmp_path / "ck" / "step_0000001" / "shards" / "rank00000.pt"
+    pieces = torch.load(shard, weights_only=True)["pieces"]
+    assert len(pieces) == len(role.params)
+    assert all("param" not in pc and pc["master"].dtype == torch.float32 for pc in pieces.values())
+    size = shard.stat().st_size
+    assert size < 12.2 * numel, size / numel  # fp32 master and two moments
+
+    def check_readers(path):
+        _, whole = load_whole_model(path, torch.device("cpu"), torch.bfloat16, "model")
+        for n, p in whole.named_parameters():
+            assert torch.equal(p, want[f"param/{whole.param_specs[n].global_name}"]), n
+        reader = open_checkpoint(path)  # what the export reads
+        for spec, _ in role.params:
+            assert torch.equal(read_global(reader, cfg, spec.global_name), want[f"master/{spec.global_name}"])
+        reads = []
+        read_into = CheckpointReader.read_into
+
+        def counted(self, spec, key, out):
+            reads.append((spec.global_name, key))
+            return read_into(self, spec, key, out)
+
+        with monkeypatch.context() as m:
+            m.setattr(ckpt.CheckpointReader, "read_into", counted)
+            _, resumed = _build_dp(1, seed=5)
+            assert restore_role(ck, cfg, resumed, 0, _DP_RUN).step == 1
+        assert sorted(reads) == sorted((spec.global_name, k) for spec, _ in role.params for k in STATE_KEYS)
+        _assert_same_state(_state_of(resumed), want)
+
+    check_readers(tmp_path / "ck")
+    # As checkpoints were written before: each bf16 parameter beside its master.
+    for spec, p in role.params:
+        pieces[spec.global_name]["param"] = p.detach().clone()
+    ckpt.write_shard(shard.parent.parent, shard.name, pieces)
+    meta = json.loads((shard.parent.parent / "meta.json").read_text())
+    meta["shard_bytes"][shard.name] = shard.stat().st_size
+    (shard.parent.parent / "meta.json").write_text(json.dumps(meta))
+    assert shard.stat().st_size > size + 2 * numel
+    check_readers(tmp_path / "ck")

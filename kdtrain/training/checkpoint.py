@@ -8,7 +8,10 @@ Layout on disk::
     <dir>/step_0000100/rng/rank00003.pt      RNG states of each rank
 
 A *piece* is a rank's local slice of one global parameter plus where it sits: the sharded
-dimension and ``(global_start, global_stop, local_start)`` ranges (see models/params.py). Each
+dimension and ``(global_start, global_stop, local_start)`` ranges (see models/params.py), and its
+values: ``master`` (fp32) where the optimizer keeps a master apart from a bf16 parameter, else
+``param``; with optimizer state ``exp_avg``, ``exp_avg_sq`` and ``step``. Readers of the weights
+read ``master``, which falls back on ``param`` (checkpoints of earlier versions hold both). Each
 global parameter is written once: tensor rank 0 for replicated parameters, the first stage for the
 tied embedding, and one data-parallel replica, with its fp32 master weight and Adam moments (with
 ZeRO-1 the owning rank; without, the replicas hold the same state and write balanced shares of
@@ -114,10 +117,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
     for (spec, p), owner, write in zip(params, owners, writes):
         if not write or owner != dp_rank:
             continue
-        piece = {"global_shape": list(spec.global_shape), "dim": spec.dim, "ranges": spec.ranges(),
-                 "param": p.detach().cpu()}
+        piece = {"global_shape": list(spec.global_shape), "dim": spec.dim, "ranges": spec.ranges()}
         if optimizer is not None:
             piece.update({k: v.detach().cpu() for k, v in optimizer.state_for(spec).items()})
+        if "master" not in piece:  # else the (bf16) parameter is the master rounded: not stored
+            piece["param"] = p.detach().cpu()
         pieces[spec.global_name] = piece
     if pieces:
         write_shard(tmp, f"rank{rank:05d}.pt", pieces)
@@ -564,10 +568,7 @@ def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.n
     the fp32 master weight of a parameter by ``id``, where an optimizer keeps one apart from a
     bf16 parameter (``AdamWOptimizer.separate_masters``); it gets the stored fp32 values too, else
     the first update would start from the weights the optimizer was built with."""
-    missing = {s.global_name for s, _ in params} - reader.names()
-    if missing:
-        raise ValueError(f"checkpoint {reader.path} lacks {len(missing)} parameters of this model, "
-                         f"e.g. {sorted(missing)[:3]} (different model config?)")
+    _check_holds(reader, params)
     masters = masters or {}
     for spec, p in params:
         buf = torch.empty(p.shape, dtype=torch.float32)
@@ -578,13 +579,23 @@ def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.n
             masters[id(p)].copy_(buf)
 
 
+def _check_holds(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]]) -> None:
+    missing = {s.global_name for s, _ in params} - reader.names()
+    if missing:
+        raise ValueError(f"checkpoint {reader.path} lacks {len(missing)} parameters of this model, "
+                         f"e.g. {sorted(missing)[:3]} (different model config?)")
+
+
 @torch.no_grad()
 def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer) -> None:
-    """Weights of every parameter, plus master weights and Adam moments of owned ones."""
-    load_weights(reader, optimizer.params)
+    """Weights of every parameter, plus master weights and Adam moments of owned ones; each stored
+    value is read once (an owned parameter's weights are copied from its master)."""
+    _check_holds(reader, optimizer.params)
     if not reader.has_optimizer_state():
         raise ValueError(f"checkpoint {reader.path} has no optimizer state; use checkpoint.load to start "
                          "from its weights instead of resuming")
+    owned = {id(p) for _, p, _ in optimizer.owned}
+    load_weights(reader, [(spec, p) for spec, p in optimizer.params if id(p) not in owned])
     for spec, p, master in optimizer.owned:
         state = {}
         for key in STATE_KEYS:
