@@ -608,6 +608,64 @@ def test_other_dataset_and_tokenizer_are_mismatches(caches, tmp_path):
         reader.check(_run_cfg(corpus, f"data.tokenizer={tok}"))
 
 
+def _corpus_hashes(monkeypatch) -> list[str]:
+    """Names of the corpus files (.idx, loss masks) kdtrain.cache.manifest hashes from now on, in a
+    process that has hashed none yet."""
+    from kdtrain.cache import manifest as mf
+
+    hashed, sha256_file = [], mf.sha256_file
+
+    def counting(path, h=None):
+        if str(path).endswith((".idx", ".loss_mask.bin")):
+            hashed.append(Path(path).name)
+        return sha256_file(path, h)
+
+    monkeypatch.setattr(mf, "sha256_file", counting)
+    monkeypatch.setattr(mf, "_DIGESTS", {}, raising=False)  # digests this process already took
+    return hashed
+
+
+@pytest.mark.slow
+def test_check_reads_no_corpus_file_the_cache_recorded(caches, tmp_path, monkeypatch):
+    """reader.check runs on every rank of a run: hashing each .idx and loss mask there (GBs at
+    scale) would read them once per rank. A file whose size and mtime are the ones the cache job
+    recorded is taken for the one it hashed; other files are hashed once per process; a changed
+    file is still a mismatch."""
+    corpus, chat, root = caches["corpus"], caches["chat"], caches["root"]
+    hashed = _corpus_hashes(monkeypatch)
+    for _ in range(2):  # a mixed run's rank 0 checks twice
+        CacheReader(root / "fp32").check(_run_cfg(corpus))
+        CacheReader(root / "targets").check(_run_cfg(chat))
+        CacheReader(root / "targets").check(_run_cfg(chat), live_teacher_dtype="float32")
+    assert hashed == []
+    # The corpus copied elsewhere: preserving mtimes (rsync -a, cp -p), nothing is read; else each
+    # file is hashed once per process, however often the cache is checked.
+    kept, copied = tmp_path / "kept", tmp_path / "copied"
+    for ext in ("bin", "idx", "meta.json", "loss_mask.bin"):
+        if Path(f"{chat['prefix']}.{ext}").is_file():
+            shutil.copy2(f"{chat['prefix']}.{ext}", f"{kept}.{ext}")
+            shutil.copy(f"{chat['prefix']}.{ext}", f"{copied}.{ext}")
+    for prefix in (kept, copied, copied):
+        CacheReader(root / "targets").check(_run_cfg(chat, f"data.path=[{prefix}]"))
+    assert sorted(hashed) == ["copied.idx", "copied.loss_mask.bin"]
+    with open(f"{copied}.loss_mask.bin", "r+b") as f:  # same size, other targets
+        first = f.read(1)[0]
+        f.seek(0)
+        f.write(bytes([first ^ 1]))
+    with pytest.raises(ValueError, match="dataset mismatch"):
+        CacheReader(root / "targets").check(_run_cfg(chat, f"data.path=[{copied}]"))
+    # A manifest without sizes and mtimes (older caches) is checked by hashing, as before.
+    old = _copy(caches, tmp_path / "old")
+    m = Manifest.load(old)
+    Manifest(**{**m.__dict__, "dataset": {**m.dataset, "prefixes": [
+        {k: v for k, v in p.items() if k != "idx_stat"} for p in m.dataset["prefixes"]]}}).save(old)
+    assert Manifest.load(old).identity() == m.identity()  # sizes and mtimes are not the cache's content
+    hashed.clear()
+    monkeypatch.setattr("kdtrain.cache.manifest._DIGESTS", {})
+    CacheReader(old).check(_run_cfg(corpus))
+    assert hashed == ["text.idx"]
+
+
 @pytest.mark.slow
 def test_a_mixed_runs_live_teacher_must_be_the_cached_one(caches):
     """Mixed runs serve some steps live: a seeded random live teacher of another seed would mix two

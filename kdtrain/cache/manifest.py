@@ -6,20 +6,22 @@
     teacher:    model config, checkpoint path, sha256 of its weight files (or the random-init seed),
                 compute dtype
     tokenizer:  path and fingerprint (sha256[:16] of the model file, as in the dataset metadata)
-    dataset:    per prefix: path, .bin size, sha256 of the .idx; shuffling seed, split (together
-                they fix which window train sample g is); or mock + seed
+    dataset:    per prefix: path, .bin size, sha256 of the .idx and its [size, mtime_ns] (not
+                content: lets a run skip hashing an unchanged file); shuffling seed, split
+                (together they fix which window train sample g is); or mock + seed
     seq_length, vocab_size, k, tau, values_dtype, shard_samples, num_samples
     positions:  "all" (every position, fixed-size records) or "targets" (only where the label is a
-                target, variable-size records; the dataset section then also holds the sha256 of
-                each corpus' loss mask and whether the run uses it)
+                target, variable-size records; the dataset section then also holds the sha256 and
+                [size, mtime_ns] of each corpus' loss mask and whether the run uses it)
     layout:     record bytes, id bits, field offsets (codec.RecordLayout / TargetRecordLayout)
     shards:     [{file, first_sample, num_samples, bytes, crc32}, ...] (crc32: the shard header's
                 checksum field: of the shard's tables from version 3, of its whole body before)
     identity:   sha256 of the content-defining fields (no paths), also stamped into every shard
     job:        informational (teacher TP/PP/DP, micro-batch); not part of the identity
 
-The file is written atomically (temp + fsync + rename) and holds no timestamps, so two runs of
-the same job produce byte-identical manifests. ``check_against(run)`` compares it with a
+The file is written atomically (temp + fsync + rename) and holds no timestamps of its own (only
+the corpus files' mtimes), so two runs of the same job on the same files produce byte-identical
+manifests. ``check_against(run)`` compares it with a
 distillation run config and raises a ``ValueError`` naming the first mismatching field.
 """
 
@@ -73,21 +75,69 @@ def tokenizer_identity(path: Optional[str]) -> Optional[dict]:
     return {"path": str(path), "fingerprint": sha256_file(f)[:16]}
 
 
-def dataset_identity(data: DataConfig, targets: bool = False) -> dict:
+# Corpus file digests this process has taken, by (device, inode, size, mtime_ns, ctime_ns): a
+# process checks a cache against its run more than once (a mixed run's rank 0 twice), and a
+# .idx of 1e8 documents is 2 GB, a loss mask of 1e11 tokens 12.5 GB.
+_DIGESTS: dict[tuple, str] = {}
+# Dataset entries that describe the files on disk, not their content (see corpus_file_digest).
+_STAT_KEYS = ("idx_stat", "loss_mask_stat")
+
+
+def corpus_file_digest(path: Path, recorded: tuple[Optional[str], Optional[list]] = (None, None)
+                       ) -> tuple[str, list[int]]:
+    """(sha256, [size, mtime_ns]) of a corpus file (a .idx or a loss mask).
+
+    ``recorded``: the (sha256, [size, mtime_ns]) a cache manifest holds for the file; when the file
+    has that size and mtime, the recorded sha256 is taken without reading it. Otherwise the file is
+    hashed, once per process while it is unchanged.
+
+    Why not hash on one rank and broadcast: ``CacheReader.check`` runs on every rank of a
+    distillation job, but not the same number of times on each (a mixed run's rank 0 checks again,
+    alone, for its live teacher, then broadcasts the result), and a rank can fail before it (a
+    manifest it cannot read): a collective in here could pair with another one or wait forever. A
+    stat per file is cheap on every rank and never waits for another. Its blind spot is a file
+    rewritten in place with the same size and mtime (a deliberately reset timestamp); a corpus
+    copied with its mtimes (rsync -a, cp -p) or left where the cache job read it is not hashed
+    again, one copied without them is hashed once by each process that checks it."""
+    st = os.stat(path)
+    stat = [st.st_size, st.st_mtime_ns]
+    if recorded[0] is not None and recorded[1] is not None and [int(x) for x in recorded[1]] == stat:
+        return recorded[0], stat
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        digest = sha256_file(path)
+        after = os.stat(path)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != key[2:]:
+            raise ValueError(f"data.path: {path} changed while it was read (is it still being written?)")
+        _DIGESTS[key] = digest
+    return digest, stat
+
+
+def dataset_identity(data: DataConfig, targets: bool = False, recorded: Optional[dict] = None) -> dict:
     """What fixes the token windows of train sample g and the teacher's view of them: corpus files,
     shuffle seed, split, packing and attention; with ``targets`` also which labels are targets
-    (each corpus' loss mask and data.loss_mask)."""
+    (each corpus' loss mask and data.loss_mask).
+
+    ``recorded``: a cache manifest's dataset section; a corpus file with the size and mtime recorded
+    there (same position in data.path) is not read again (``corpus_file_digest``)."""
     if data.mock:
         return {"mock": True, "seed": data.seed}
+    known = recorded.get("prefixes") if recorded and not recorded.get("mock") else None
     prefixes = []
-    for prefix in data.path:
+    for i, prefix in enumerate(data.path):
         idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
         if not idx.is_file() or not bin_.is_file():
             raise ValueError(f"data.path: {prefix} is not an indexed dataset ({idx} / {bin_} missing)")
-        entry = {"path": str(prefix), "bin_bytes": bin_.stat().st_size, "idx_sha256": sha256_file(idx)}
+        rec = known[i] if known is not None and i < len(known) and isinstance(known[i], dict) else {}
+        sha, stat = corpus_file_digest(idx, (rec.get("idx_sha256"), rec.get("idx_stat")))
+        entry = {"path": str(prefix), "bin_bytes": bin_.stat().st_size, "idx_sha256": sha, "idx_stat": stat}
         if targets:
             mask = Path(loss_mask_path(str(prefix)))
-            entry["loss_mask_sha256"] = sha256_file(mask) if mask.is_file() else None
+            entry["loss_mask_sha256"] = None
+            if mask.is_file():
+                entry["loss_mask_sha256"], entry["loss_mask_stat"] = corpus_file_digest(
+                    mask, (rec.get("loss_mask_sha256"), rec.get("loss_mask_stat")))
         prefixes.append(entry)
     out = {"mock": False, "prefixes": prefixes, "seed": data.seed, "split": [float(x) for x in data.split]}
     if data.weights is not None:  # blended corpora: the weights decide which window sample g is
@@ -132,8 +182,9 @@ def teacher_identity(model: ModelConfig, load: Optional[str], seed: int, dtype: 
             "random_init_seed": None if load else seed, "dtype": dtype}
 
 
-def _content(d: Optional[dict], drop=("path", "load")) -> object:
-    """A section without its paths: moving a corpus or checkpoint does not change the cache."""
+def _content(d: Optional[dict], drop=("path", "load") + _STAT_KEYS) -> object:
+    """A section without its paths (moving a corpus or checkpoint does not change the cache) and
+    its files' sizes and mtimes (a copy of a corpus is the same corpus)."""
     if isinstance(d, dict):
         return {k: _content(v, drop) for k, v in d.items() if k not in drop}
     if isinstance(d, list):
@@ -267,7 +318,7 @@ class Manifest:
                        "; a cache serves any k up to the one it was written with")
         if float(run.loss.tau) != self.tau:
             raise fail("tau", self.tau, f"{run.loss.tau} (loss.tau)", "; the cached tail log-mass depends on tau")
-        data = dataset_identity(run.data, targets=self.positions == "targets")
+        data = dataset_identity(run.data, targets=self.positions == "targets", recorded=self.dataset)
         if self.positions == "targets" and data.get("loss_mask") != self.dataset.get("loss_mask"):
             raise fail("data.loss_mask", self.dataset.get("loss_mask"), data.get("loss_mask"),
                        "; the cache holds the teacher's output at the targets only (cache.positions: targets)")
