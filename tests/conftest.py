@@ -181,8 +181,13 @@ def short_chat_corpus(tmp_path_factory) -> str:
 
 
 def _spawn_entry(rank, world, init_file, fn, args):
+    import torch
     import torch.distributed as dist
 
+    # One thread per process, as torchrun's OMP_NUM_THREADS=1 gives the launched tests: several
+    # processes each running a thread per core oversubscribe the cores, and every collective then
+    # waits for a descheduled peer.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
