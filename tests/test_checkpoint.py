@@ -397,6 +397,32 @@ def test_loaded_weights_reach_the_fp32_masters_of_a_bf16_model(world_of_one, tmp
         assert torch.equal(p, loaded[n].to(torch.bfloat16)), n
 
 
+def test_models_built_to_be_loaded_skip_the_random_init(world_of_one, tmp_path, monkeypatch):
+    """A teacher with ``teacher.load`` and the tools' whole models (generate, eval, prune) take every
+    weight from the checkpoint: the random init, which draws each parameter's whole global tensor
+    (for a large teacher gigabytes and seconds), is not run for them; the loaded weights are the
+    checkpoint's (padded vocabulary rows zero). A teacher without a checkpoint is initialised."""
+    import kdtrain.models.gpt as gpt
+    from kdtrain.stream import PayloadSpec
+    from kdtrain.training.checkpoint import load_whole_model
+    from kdtrain.training.teacher import Teacher
+
+    cfg, groups, src = _build("tiny", seed=11)
+    _save(tmp_path / "src", 0, src, groups, cfg)
+    saved = {n: p.detach().clone() for n, p in src.model.named_parameters()}
+    real, inits = gpt.init_parameters, []
+    monkeypatch.setattr(gpt, "init_parameters", lambda *a, **k: inits.append(1) or real(*a, **k))
+    spec = PayloadSpec(16, 1, 8, torch.float32)
+    teacher = Teacher(cfg, groups, spec, 1.0, str(tmp_path / "src"), torch.device("cpu"), torch.float32, seed=5)
+    _, whole = load_whole_model(tmp_path / "src", torch.device("cpu"), torch.float32, "model")
+    assert inits == []
+    for model in (teacher.model, whole):
+        for n, p in model.named_parameters():
+            assert torch.equal(p, saved[n]), n
+    Teacher(cfg, groups, spec, 1.0, None, torch.device("cpu"), torch.float32, seed=5)
+    assert inits == [1]
+
+
 def test_training_only_fields_may_differ_from_the_checkpoints_model(world_of_one, tmp_path):
     """Fine-tuning with dropout, another init_std or (rotary positions) a longer context loads the
     weights; a field that changes them is still refused."""

@@ -141,10 +141,12 @@ class KDGPTModel(GPTModel):
 
 
 def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dtype: torch.dtype,
-              seed: int, use_te: Optional[bool] = None, compile: bool = False,
+              seed: Optional[int], use_te: Optional[bool] = None, compile: bool = False,
               cuda_graphs: bool = False, recompute: bool = False) -> KDGPTModel:
-    """This rank's pipeline stage of a GPT, initialised from ``seed`` (layout-independent);
-    ``compile``: torch.compile its transformer layers (see compile.py); ``cuda_graphs``: prepare
+    """This rank's pipeline stage of a GPT, initialised from ``seed`` (layout-independent), or
+    left uninitialised with ``seed=None``, for a caller that loads every weight next (init
+    draws each parameter's whole global tensor: for a large teacher, gigabytes and seconds of
+    values the load replaces); ``compile``: torch.compile its transformer layers (see compile.py); ``cuda_graphs``: prepare
     them for replay as CUDA graphs (cuda_graphs.py; ``capture_layer_graphs`` captures);
     ``recompute``: its layers recompute their activations in the backward (layer.py)."""
     layout = groups.layout
@@ -196,7 +198,8 @@ def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dty
             module.to(dtype)
     model.layer_offset = get_transformer_layer_offset(tcfg, pp_rank=groups.pp_rank)
     model.param_specs = param_specs(model, cfg, groups.tp_rank, layout.tp, model.layer_offset)
-    init_parameters(model, model.param_specs, cfg, seed)
+    if seed is not None:
+        init_parameters(model, model.param_specs, cfg, seed)
     if recompute:
         model.require_direct_layers("training.recompute")
         for layer in model.decoder.layers:

@@ -390,7 +390,7 @@ def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch
     from ..parallel import RoleLayout, build_role_groups
 
     cfg = model if model is not None else open_weights(path).cfg
-    net = build_gpt(cfg, build_role_groups(RoleLayout(what, 0, 1, 1, 1)), device=device, dtype=dtype, seed=0,
+    net = build_gpt(cfg, build_role_groups(RoleLayout(what, 0, 1, 1, 1)), device=device, dtype=dtype, seed=None,
                     use_te=use_te)
     load_model_weights(path, cfg, [(net.param_specs[n], p) for n, p in net.named_parameters()], what,
                        tokenizer=tokenizer)

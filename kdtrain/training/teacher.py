@@ -33,8 +33,8 @@ class Teacher:
                  load: Optional[str], device: torch.device, dtype: torch.dtype, seed: int,
                  compile: bool = False, tokenizer: Optional[str] = None):
         self.cfg, self.groups, self.spec, self.tau = model_cfg, groups, spec, tau
-        self.model: KDGPTModel = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed,
-                                           compile=compile)
+        self.model: KDGPTModel = build_gpt(model_cfg, groups, device=device, dtype=dtype,
+                                           seed=seed if load is None else None, compile=compile)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
