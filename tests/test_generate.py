@@ -143,7 +143,7 @@ def test_top_p_takes_the_nucleus_of_the_whole_vocabulary():
     sorted_p = probs[order]
     nucleus = order[(sorted_p.cumsum(0) - sorted_p) < 0.9]
     assert len(nucleus) > 4 * FILTER_POOL
-    n = 20000
+    n = 2000  # the share past the pool: 0.73 (binomial sd 0.01)
     u = torch.from_numpy(uniforms(5, list(range(n)), 0, 1)[:, 0])
     picked = torch.cat([pick_tokens(logits.expand(1000, -1), 8192, 1.0, u[i:i + 1000], None, 0, 0.9)
                         for i in range(0, n, 1000)])
