@@ -423,6 +423,27 @@ def test_models_built_to_be_loaded_skip_the_random_init(world_of_one, tmp_path, 
     assert inits == [1]
 
 
+def test_a_whole_model_too_large_for_the_device_is_refused_before_it_is_built(world_of_one, tmp_path, monkeypatch):
+    """generate, eval and prune hold the whole model on one device: one whose weights alone exceed
+    the device's free memory is a clear error naming the model and both sizes, before anything is
+    built (a 70B teacher on an 80 GB GPU failed with an out-of-memory error inside the build)."""
+    import kdtrain.models.gpt as gpt
+    import kdtrain.parallel as parallel
+    from kdtrain.training.checkpoint import load_whole_model
+
+    cfg, groups, src = _build("tiny")
+    _save(tmp_path / "src", 0, src, groups, cfg)
+    need = cfg.num_params() * 4
+    monkeypatch.setattr(parallel, "free_memory_bytes", lambda device: need - 1)
+    monkeypatch.setattr(gpt, "KDGPTModel", None)  # building would fail here
+    with pytest.raises(ValueError, match=rf"generate --model {tmp_path / 'src'}: the whole model \(0\.00B parameters\) "
+                                         rf"needs 0\.0 GiB for its weights in float32, but cpu has 0\.0 GiB free"):
+        load_whole_model(tmp_path / "src", torch.device("cpu"), torch.float32, "generate --model")
+    monkeypatch.undo()
+    monkeypatch.setattr(parallel, "free_memory_bytes", lambda device: need)
+    load_whole_model(tmp_path / "src", torch.device("cpu"), torch.float32, "generate --model")
+
+
 def test_training_only_fields_may_differ_from_the_checkpoints_model(world_of_one, tmp_path):
     """Fine-tuning with dropout, another init_std or (rotary positions) a longer context loads the
     weights; a field that changes them is still refused."""

@@ -7,6 +7,8 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,20 @@ def pick_device(requested: str = "auto") -> torch.device:
             raise ValueError("precision.device: cuda requested but CUDA is not available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def free_memory_bytes(device: torch.device) -> Optional[int]:
+    """Bytes free on ``device``: the GPU's free memory, or the host's available memory (Linux's
+    MemAvailable) for the CPU; None where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 600.0) -> DistEnv:

@@ -387,9 +387,16 @@ def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch
     (``parallel.one_process_world``)."""
     from ..convert.sources import open_weights
     from ..models import build_gpt
-    from ..parallel import RoleLayout, build_role_groups
+    from ..parallel import RoleLayout, build_role_groups, free_memory_bytes
 
     cfg = model if model is not None else open_weights(path).cfg
+    # The weights alone must fit (activations come on top): an early error, not an out-of-memory
+    # failure partway through building a model too large for one device.
+    need, free = cfg.num_params() * torch.empty((), dtype=dtype).element_size(), free_memory_bytes(device)
+    if free is not None and need > free:
+        raise ValueError(f"{what} {path}: the whole model ({cfg.num_params() / 1e9:.2f}B parameters) needs "
+                         f"{need / 2**30:.1f} GiB for its weights in {str(dtype).removeprefix('torch.')}, but "
+                         f"{device} has {free / 2**30:.1f} GiB free (this tool holds the model on one device)")
     net = build_gpt(cfg, build_role_groups(RoleLayout(what, 0, 1, 1, 1)), device=device, dtype=dtype, seed=None,
                     use_te=use_te)
     load_model_weights(path, cfg, [(net.param_specs[n], p) for n, p in net.named_parameters()], what,
