@@ -164,7 +164,7 @@ def test_a_resumed_job_must_continue_the_recorded_run(world_of_one, tmp_path):
     import dataclasses
 
     from kdtrain.config import CheckpointConfig, DataConfig, to_dict
-    from kdtrain.training.checkpoint import run_record
+    from kdtrain.training.resume import run_record
     from kdtrain.training.pretrain import restore_role, save_role
 
     root = tmp_path / "ck"
@@ -213,7 +213,7 @@ def _distill_run(**changes):
     """What distill's loop records (run_record's call in training/distill.py), with ``changes``."""
     from kdtrain.config import DataConfig, OptimizerConfig, load_model_config, to_dict
     from kdtrain.loss import KDLossConfig
-    from kdtrain.training.checkpoint import run_record
+    from kdtrain.training.resume import run_record
 
     teacher = to_dict(load_model_config("tiny"))
     teacher.update(changes.pop("teacher", {}))

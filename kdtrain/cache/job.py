@@ -29,7 +29,7 @@ from ..config.loader import field_error
 from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import PayloadSpec
 from ..training.batches import make_microbatch, stack_rows
-from ..training.checkpoint import data_tokenizer
+from ..training.resume import data_tokenizer
 from ..training.pretrain import open_dataset, resolve_dtype
 from ..training.teacher import Teacher
 from .codec import RecordLayout, TargetRecordLayout, bytes_per_token, live_payload_bytes_per_token, shard_samples_for

@@ -155,7 +155,8 @@ def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[i
 
     from ..convert.sources import open_weights
     from ..parallel import one_process_world
-    from ..training.checkpoint import data_tokenizer, load_whole_model
+    from ..training.checkpoint import load_whole_model
+    from ..training.resume import data_tokenizer
     from ..training.pretrain import open_dataset
 
     if not models:

@@ -110,7 +110,8 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
     from ..cli import check_out_dir
     from ..convert.hf_import import write_model_yaml
     from ..convert.sources import open_weights
-    from ..training.checkpoint import data_tokenizer, write_global_checkpoint
+    from ..training.checkpoint import write_global_checkpoint
+    from ..training.resume import data_tokenizer
     from .select import build_selection, prune_tensor, pruned_config, pruned_names
 
     if Path(out).resolve() == Path(src).resolve():

@@ -47,11 +47,11 @@ from ..stream import Pairing, PayloadSpec
 from ..stream.channel import PayloadChannel
 from .auto_split import resolve_auto_split
 from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids, stack_rows
-from .checkpoint import run_record
 from .logger import RunLogger
 from .metrics import IntervalSums, Throughput, peak_tflops
 from .optimizer import lr_at
 from .profiling import StepProfiler
+from .resume import run_record
 from .pretrain import (Start, build_trainable, check_output_dirs, describe_dataset, describe_start, evaluate, held_out,
                        lm_forward_step, open_dataset, resolve_dtype, restore_role, save_due, save_role)
 from .step import SkippedSteps, eval_step, train_step

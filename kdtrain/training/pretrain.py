@@ -18,15 +18,15 @@ from ..models import KDGPTModel, build_gpt, transformer_engine_available
 from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
-from .checkpoint import (CheckpointReader, check_checkpoint_model, check_output_dir, check_resume, latest_checkpoint,
-                         load_model_weights, load_training_state, refuse_other_runs, restore_rng, run_record,
-                         save_checkpoint)
+from .checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint, load_model_weights,
+                         load_training_state, restore_rng, save_checkpoint)
 from .grads import GradBuffer
 from .logger import RunLogger
 from .metrics import IntervalSums, Throughput, peak_tflops
 from .optimizer import AdamWOptimizer, lr_at
 from .pipeline import ForwardStep, PipelineSchedule
 from .profiling import StepProfiler
+from .resume import check_output_dir, check_resume, refuse_other_runs, run_record
 from .step import SkippedSteps, eval_step, train_step
 
 LM_REPORT_KEYS = ("loss_sum", "tokens")
@@ -276,7 +276,7 @@ class Start(NamedTuple):
 
 def check_output_dirs(logging_cfg, ck: CheckpointConfig) -> None:
     """On every rank at the start of a run, so that all of them stop with the same error: the
-    run's logging and checkpoint directories can be written (checkpoint.check_output_dir)."""
+    run's logging and checkpoint directories can be written (resume.check_output_dir)."""
     check_output_dir(logging_cfg.dir, "logging.dir")
     if ck.dir:
         check_output_dir(ck.dir, "checkpoint.dir")
