@@ -37,8 +37,9 @@ from typing import Optional
 from ..config import DataConfig, ModelConfig, to_dict
 from ..data.tokenizer import tokenizer_file
 from ..data.indexed import loss_mask_path
+from ..durable import fsync_dir
 from .codec import RecordLayout, TargetRecordLayout
-from .shard import ShardIndex, ShardInfo, fsync_dir
+from .shard import ShardIndex, ShardInfo
 
 POSITIONS = ("all", "targets")
 

@@ -258,17 +258,3 @@ def verify_shard(path: Path, first: int, count: int, record_bytes: int, identity
                     raise ValueError(f"cache shard {path}: the record of sample {first + j} is corrupted (checksum "
                                      f"{actual:#010x}, expected {int(tables.crcs[j]):#010x})")
     return ShardInfo(path.name, first, count, size, h_crc)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -26,8 +26,9 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from ..durable import fsync_dir
 from .manifest import MANIFEST, Manifest
-from .shard import HEADER_BYTES, ShardInfo, crc32_of, fsync_dir, pack_header, shard_name, verify_shard
+from .shard import HEADER_BYTES, ShardInfo, crc32_of, pack_header, shard_name, verify_shard
 
 
 def _tmp_name(index: int) -> str:

@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..durable import fsync_dir, fsync_file
+
 
 # megatron-core .idx layout: magic, version, dtype code, sequence count, document count, then
 # int32 sequence lengths, int64 sequence pointers and int64 document indices.
@@ -255,26 +257,6 @@ class _BitWriter:
         self._f.close()
 
 
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames in ``path`` durable (skipped where a directory cannot be opened or synced).
-    kdtrain.cache.shard.fsync_dir does the same, but kdtrain.cache builds on this package."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _remove(paths: Sequence[str]) -> None:
     for path in paths:
         if os.path.exists(path):
@@ -345,15 +327,15 @@ def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, met
         if mask_writer is not None:
             published.append((tmp_mask, loss_mask_path(prefix)))
         for tmp_file, _ in published + [(tmp_idx, None)]:
-            _fsync_file(tmp_file)
+            fsync_file(tmp_file)
         directory = Path(prefix).parent
         _remove([idx_path(prefix), loss_mask_path(prefix)])
-        _fsync_dir(directory)
+        fsync_dir(directory)
         for tmp_file, final in published:
             os.replace(tmp_file, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         os.replace(tmp_idx, idx_path(prefix))
-        _fsync_dir(directory)
+        fsync_dir(directory)
     finally:
         if builder is not None:
             builder.data_file.close()

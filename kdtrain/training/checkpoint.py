@@ -41,27 +41,12 @@ import torch.distributed as dist
 
 from ..config import ModelConfig, to_dict
 from ..config.model import weight_differences
+from ..durable import fsync_dir, fsync_file, write_synced
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer, assign_owners
 
 FORMAT_VERSION = 1
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a written file, or a directory (its entries: the files created or renamed in it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _barrier(group) -> None:
@@ -127,7 +112,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / "rng" / f"rank{rank:05d}.pt")
-    _fsync_path(tmp / "rng" / f"rank{rank:05d}.pt")
+    fsync_file(tmp / "rng" / f"rank{rank:05d}.pt")
     _barrier(role_group)
 
     if rank == writer_rank:
@@ -153,7 +138,7 @@ def begin_checkpoint(root: str | os.PathLike, step: int) -> Path:
 def write_shard(tmp: Path, fname: str, pieces: dict) -> None:
     """One shard file ``{global name: piece}`` of the checkpoint being written in ``tmp``."""
     torch.save({"version": FORMAT_VERSION, "pieces": pieces}, tmp / "shards" / fname)
-    _fsync_path(tmp / "shards" / fname)
+    fsync_file(tmp / "shards" / fname)
 
 
 def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int) -> Path:
@@ -168,9 +153,9 @@ def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int)
     # The files are synced by the ranks that wrote them; their names (and meta.json's) are synced
     # here, and each rename before the next, so that ``latest`` never reaches the disk first.
     for d in ("shards", "rng"):
-        _fsync_path(tmp / d)
-    _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
-    _fsync_path(tmp)
+        fsync_dir(tmp / d)
+    write_synced(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
+    fsync_dir(tmp)
     aside = root / f"{name}.old"
     if final.exists():
         # Re-saving a step (a resumed run reaching it again): the complete copy is moved aside,
@@ -180,10 +165,10 @@ def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int)
             shutil.rmtree(aside)  # stale: ``final`` is complete
         os.replace(final, aside)
     os.replace(tmp, final)
-    _fsync_path(root)
-    _fsync_write(root / "latest.tmp", name)
+    fsync_dir(root)
+    write_synced(root / "latest.tmp", name)
     os.replace(root / "latest.tmp", root / "latest")
-    _fsync_path(root)
+    fsync_dir(root)
     _prune(root, keep)  # also removes the set-aside copy
     return final
 

@@ -1,0 +1,39 @@
+"""Writes that survive a crash of the machine, not only of the process: a file's data is synced
+before a rename publishes it, and the directory after (its entries: the files created, renamed or
+removed in it). Checkpoints, the teacher cache and indexed corpora publish their files this way."""
+
+from __future__ import annotations
+
+import os
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Sync a written file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries created, renamed or removed in ``path`` durable (skipped where a directory
+    cannot be opened or synced: not every platform or file system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` and sync it (publish it with a rename next)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
