@@ -405,18 +405,14 @@ def test_fixed_shape_decode_step_samples_what_the_decoder_samples(kind, world_of
         decode_graph.DecodeStep(model, caches, rope, b, L, graph=True)
 
 
-def test_fixed_shape_decode_step_reads_nothing_on_the_host(world_of_one):
-    """What CUDA-graph capture needs, checked on CPU: the fixed-shape step's ops (every op torch
-    dispatches while it runs) include none that reads a device value on the host or sizes its
-    output by data (``.item()``, ``nonzero``, boolean indexing, ...) and none that makes a tensor
-    from host data; the ordinary decoder's position (a slice at a host offset) is not held to this."""
+# Ops that read a device value on the host or size their output by data (a device sync on CUDA).
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique_dim", "_unique2",
+              "unique_consecutive", "argwhere", "repeat_interleave", "lift_fresh", "masked_scatter"}
+
+
+def _DispatchedOps():
+    """A dispatch mode recording the name of every op torch runs under it (``.names``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    import kdtrain.models.decode_graph as decode_graph
-    from kdtrain.models.generate import decode_state
-
-    host_reads = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique_dim",
-                  "_unique2", "unique_consecutive", "argwhere", "repeat_interleave", "lift_fresh", "masked_scatter"}
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -427,6 +423,39 @@ def test_fixed_shape_decode_step_reads_nothing_on_the_host(world_of_one):
             self.names.add(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
+    return Ops()
+
+
+def test_a_draw_with_top_k_reads_nothing_on_the_host():
+    """The decoder reads the device every 16 positions only; a draw with top-k (alone or with
+    top-p) must not read it at every one: ties at the candidates' cut, which topk resolves
+    arbitrarily, are settled on the device. The draw is the one the lowest-id rule gives (a row of
+    many tied logits, as bf16 gives). Top-p without top-k grows its candidate pool by a host
+    decision (not held to this)."""
+    from kdtrain.models.generate import pick_tokens
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 4, (6, 300), generator=g).float()  # ties everywhere, at every cut
+    u = torch.rand(6, generator=g, dtype=torch.float64)
+    for top_k, top_p in ((20, 1.0), (20, 0.8), (1, 1.0)):
+        with _DispatchedOps() as ops:
+            got = pick_tokens(logits, 300, 1.0, u, None, top_k, top_p)
+        assert "topk" in ops.names and not ops.names & HOST_READS, (top_k, top_p, ops.names & HOST_READS)
+        # The reference: candidates ranked by value, then id; kept by the same rules.
+        order = sorted(range(300), key=lambda c: (-float(logits[0, c]), c))[:top_k]
+        assert int(got[0]) in order
+    # top-1 with ties: the lowest id of the maximum (what greedy decoding picks).
+    assert torch.equal(pick_tokens(logits, 300, 1.0, u, None, 1, 1.0), logits.argmax(dim=-1))
+
+
+def test_fixed_shape_decode_step_reads_nothing_on_the_host(world_of_one):
+    """What CUDA-graph capture needs, checked on CPU: the fixed-shape step's ops (every op torch
+    dispatches while it runs) include none that reads a device value on the host or sizes its
+    output by data (``.item()``, ``nonzero``, boolean indexing, ...) and none that makes a tensor
+    from host data; the ordinary decoder's position (a slice at a host offset) is not held to this."""
+    import kdtrain.models.decode_graph as decode_graph
+    from kdtrain.models.generate import decode_state
+
     for kind in ("llama", "qwen3", "gpt2"):
         model = _model(kind)
         b, L = 3, T
@@ -435,7 +464,7 @@ def test_fixed_shape_decode_step_reads_nothing_on_the_host(world_of_one):
         step.tokens.copy_(torch.randint(0, V, (b, 1)))
         step.slot.fill_(9)
         step.positions.fill_(9)
-        with torch.no_grad(), Ops() as ops:
+        with torch.no_grad(), _DispatchedOps() as ops:
             step._forward()
-        assert not ops.names & host_reads, (kind, ops.names & host_reads)
+        assert not ops.names & HOST_READS, (kind, ops.names & HOST_READS)
         assert "index_copy_" in ops.names and "embedding" in ops.names  # the step did run

@@ -62,16 +62,20 @@ def uniforms(seed: int, sample_ids: Sequence[int], start: int, stop: int) -> np.
 
 
 def _local_top(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, column) of the ``n`` largest of each row of ``z``, ranked by value then column:
-    ``topk`` picks among values tied at its cut arbitrarily, so when the ``n``-th value also occurs
-    outside the ``n`` picked (and is a real logit, not padding) a stable sort decides instead."""
-    vals, idx = z.topk(n, dim=-1)
-    cut = vals[:, -1:]
-    tied_outside = ((z == cut).sum(dim=-1) != (vals == cut).sum(dim=-1)) & (cut[:, 0] > float("-inf"))
-    if bool(tied_outside.any()):
-        vals, idx = z.sort(dim=-1, descending=True, stable=True)
-        vals, idx = vals[:, :n], idx[:, :n]
-    return vals, idx
+    """(values, column) of the ``n`` largest of each row of ``z``, ties at the cut going to the
+    lower columns, unranked (``_candidates`` ranks them). ``topk`` picks among values tied at its
+    cut arbitrarily; a host check for such ties would sync every position of a draw (the decoder
+    syncs every 16), so the set is fixed on the device: every column above the cut, then the
+    lowest columns equal to it until there are ``n`` (a second ``topk`` over a column key lists
+    them). Tied -inf (padding) columns may fill the set; their probability is zero."""
+    cut = z.topk(n, dim=-1).values[:, -1:]
+    above = z > cut
+    tied = z == cut
+    take = above | (tied & (tied.cumsum(dim=-1) <= n - above.sum(dim=-1, keepdim=True)))  # n per row
+    width = z.shape[-1]
+    key = take * (width - torch.arange(width, device=z.device))  # taken columns: > 0, lower column higher
+    idx = key.topk(n, dim=-1).indices
+    return z.gather(-1, idx), idx
 
 
 def _candidates(z: torch.Tensor, first: int, n: int, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
