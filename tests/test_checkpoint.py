@@ -1,6 +1,7 @@
 """Checkpoint atomicity and clear errors for damaged or mismatched checkpoints (a gloo world of one
 inside the test process, conftest.world_of_one)."""
 
+import json
 import os
 import re
 
@@ -129,17 +130,24 @@ def _damaged(root):
     with pytest.raises(ValueError, match="has shape|lacks"):
         load_weights(CheckpointReader(path), other.params)
 
-    # A truncated shard file (its size is recorded), one unreadable at its size, a missing one.
+    # A truncated shard file (its size is recorded), one unreadable at its size, a missing one:
+    # found when the load opens it (meta.json's index says what it holds).
     shard = next((path / "shards").glob("*.pt"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match=rf"shard .*{shard.name} has {len(data) // 3} bytes, meta.json records "
                        rf"{len(data)}: the file is truncated"):
-        CheckpointReader(path)
+        load_weights(CheckpointReader(path), role.params)
     shard.write_bytes(bytes(len(data)))
     with pytest.raises(ValueError, match="cannot read checkpoint shard"):
-        CheckpointReader(path)
+        load_weights(CheckpointReader(path), role.params)
     shard.unlink()
+    with pytest.raises(ValueError, match=rf"shard .*{shard.name} is missing"):
+        load_weights(CheckpointReader(path), role.params)
+    # Without the index (a checkpoint of an earlier version) every file is opened up front.
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["shard_index"]
+    (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=rf"shard .*{shard.name} is missing"):
         CheckpointReader(path)
 
@@ -311,8 +319,6 @@ def test_a_resume_reports_changed_settings_in_the_run_log(world_of_one, tmp_path
 def test_a_resume_that_cannot_restore_random_states_says_so(world_of_one, tmp_path):
     """Random states are saved per rank: a resume in another layout, or without this rank's file,
     restarts dropout and sampling from training.seed, and the resumed job's log line says which."""
-    import json
-
     from kdtrain.training.pretrain import describe_start, restore_role
 
     ck, cfg, role = _save_distill_run(tmp_path / "ck", _distill_run())
@@ -645,8 +651,6 @@ def test_a_bf16_checkpoint_stores_and_reads_each_value_once(world_of_one, tmp_pa
     master and the moments only, the weights' readers (whole model, export) convert the master,
     a resume reads each stored value once, and a checkpoint that holds the parameters too loads
     as before."""
-    import json
-
     import kdtrain.training.checkpoint as ckpt
     from kdtrain.config import CheckpointConfig
     from kdtrain.convert.sources import open_checkpoint, read_global
@@ -687,12 +691,129 @@ def test_a_bf16_checkpoint_stores_and_reads_each_value_once(world_of_one, tmp_pa
         _assert_same_state(_state_of(resumed), want)
 
     check_readers(tmp_path / "ck")
-    # As checkpoints were written before: each bf16 parameter beside its master.
+    # As checkpoints were written before: each bf16 parameter beside its master (and no index).
     for spec, p in role.params:
         pieces[spec.global_name]["param"] = p.detach().clone()
     ckpt.write_shard(shard.parent.parent, shard.name, pieces)
     meta = json.loads((shard.parent.parent / "meta.json").read_text())
     meta["shard_bytes"][shard.name] = shard.stat().st_size
+    del meta["shard_index"]
     (shard.parent.parent / "meta.json").write_text(json.dumps(meta))
     assert shard.stat().st_size > size + 2 * numel
     check_readers(tmp_path / "ck")
+
+
+def _count_shard_opens(m, opened: list) -> None:
+    """Record (in ``opened``) the name of every shard file that ``torch.load`` reads."""
+    real = torch.load
+
+    def load(f, *a, **k):
+        if os.path.basename(os.path.dirname(f)) == "shards":
+            opened.append(os.path.basename(f))
+        return real(f, *a, **k)
+
+    m.setattr(torch, "load", load)
+
+
+def _drop_index(step_dir) -> None:
+    """Make ``step_dir`` a checkpoint as written before meta.json held the shard index."""
+    meta = json.loads((step_dir / "meta.json").read_text())
+    del meta["shard_index"]
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def _pp_save_and_load_stage(rank, world, tmp):
+    import torch.distributed as dist
+    from pathlib import Path
+
+    from kdtrain.config import CheckpointConfig, OptimizerConfig, load_model_config
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.training.pretrain import build_trainable, restore_role, save_role
+
+    cfg = load_model_config("tiny")
+    groups = build_role_groups(RoleLayout("model", 0, 1, 2, 1))
+
+    def build(seed):
+        return build_trainable(cfg, groups, OptimizerConfig(), seq_length=16, micro_batch=1,
+                               device=torch.device("cpu"), dtype=torch.float32, seed=seed)
+
+    role = build(3)
+    _train(role, 2)
+    ck = CheckpointConfig(dir=str(Path(tmp) / "ck"), keep=1)
+    save_role(ck, cfg, role, 2, _DP_RUN)
+    saved = _state_of(role)
+    step_dir = Path(tmp) / "ck" / "step_0000002"
+    found = {}
+    for old_format in (False, True):
+        if old_format:
+            dist.barrier()  # both stages have loaded the indexed checkpoint
+            if rank == 0:
+                _drop_index(step_dir)
+            dist.barrier()
+        opened = []
+        with pytest.MonkeyPatch.context() as m:
+            _count_shard_opens(m, opened)
+            other = build(5)
+            assert restore_role(ck, cfg, other, rank, _DP_RUN).step == 2
+        _assert_same_state(_state_of(other), saved)
+        if not old_format:  # this stage's own file, once
+            assert opened == [f"rank{rank:05d}.pt"], (rank, opened)
+        found[old_format] = opened
+    torch.save(found, Path(tmp) / f"opened{rank}.pt")
+    torch.save(saved, Path(tmp) / f"saved{rank}.pt")
+
+
+def test_a_stage_opens_only_the_shard_files_that_hold_its_parameters(world_of_one, tmp_path, monkeypatch):
+    """Every loading rank opened and unpickled every shard file of a checkpoint (an 8B model at
+    TP=8, PP=8, DP=128 with ZeRO-1: ~1,100 files, 8,192 ranks, ~9 million opens at once on the
+    file system's metadata server). meta.json now says which pieces each file holds, and a rank
+    opens only the files holding values of its own parameters: each pipeline stage its own
+    stage's file, once. A checkpoint without the index (written before) opens every file and
+    loads the same; so does one loaded whole."""
+    from conftest import run_spawn
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.training.pretrain import restore_role
+
+    run_spawn(2, _pp_save_and_load_stage, str(tmp_path), tmp_path=tmp_path)
+    step_dir = tmp_path / "ck" / "step_0000002"
+    files = sorted(f.name for f in (step_dir / "shards").glob("*.pt"))
+    assert files == ["rank00000.pt", "rank00001.pt"]  # one per stage
+    for rank in range(2):
+        found = torch.load(tmp_path / f"opened{rank}.pt")
+        assert found[False] == [f"rank{rank:05d}.pt"], (rank, found)
+        assert sorted(found[True]) == files, (rank, found)
+
+    # Loaded whole (one rank, both stages) from the checkpoint as written before: every file, once.
+    assert "shard_index" not in json.loads((step_dir / "meta.json").read_text())
+    cfg, role = _build_dp(1, seed=9, dtype=torch.float32)
+    opened = []
+    with monkeypatch.context() as m:
+        _count_shard_opens(m, opened)
+        assert restore_role(CheckpointConfig(dir=str(tmp_path / "ck")), cfg, role, 0, _DP_RUN).step == 2
+    assert sorted(opened) == files
+    saved = {k: v for rank in range(2) for k, v in torch.load(tmp_path / f"saved{rank}.pt").items()}
+    _assert_same_state(_state_of(role), saved)
+
+
+def test_reading_one_parameter_opens_only_the_shard_file_holding_it(world_of_one, tmp_path, monkeypatch):
+    """A converted or pruned checkpoint (whole parameters in files of about ``shard_bytes``) is read
+    one parameter at a time by the export and by pruning: each read opens the file that holds the
+    parameter, once; listing the names and checking for optimizer state open none."""
+    from kdtrain.convert.sources import CheckpointWeights
+    from kdtrain.training.checkpoint import write_global_checkpoint
+
+    cfg, _, role = _build("tiny")
+    state = {spec.global_name: p.detach().clone() for spec, p in role.params}
+    step = write_global_checkpoint(tmp_path / "kd", cfg, list(state), state.__getitem__, {}, shard_bytes=1)
+    files = sorted(f.name for f in (step / "shards").glob("*.pt"))
+    assert len(files) == len(state)  # a file per parameter
+    opened = []
+    with monkeypatch.context() as m:
+        _count_shard_opens(m, opened)
+        weights = CheckpointWeights(tmp_path / "kd")  # checks that every parameter is there
+        assert opened == [] and not weights.reader.has_optimizer_state()
+        first = weights.names()[0]
+        assert torch.equal(weights.tensor(first), state[first]) and len(opened) == 1
+        for name in weights.names():
+            assert torch.equal(weights.tensor(name), state[name]), name
+    assert sorted(opened) == files

@@ -3,7 +3,8 @@
 Layout on disk::
 
     <dir>/latest                      name of the newest complete checkpoint ("step_0000100")
-    <dir>/step_0000100/meta.json      step, consumed samples, configs, layout, shard files and sizes
+    <dir>/step_0000100/meta.json      step, consumed samples, configs, layout, shard files, their
+                                      sizes and index (which pieces each file holds)
     <dir>/step_0000100/shards/rank00003.pt   {global param name: piece}, one file per writing rank
     <dir>/step_0000100/rng/rank00003.pt      RNG states of each rank
 
@@ -18,6 +19,14 @@ ZeRO-1 the owning rank; without, the replicas hold the same state and write bala
 it). Loading copies the overlap of every stored piece with every piece the loading rank needs,
 whichever file holds it, so a checkpoint written with one TP/PP/DP layout loads into any other
 (pretrain with TP=1, distil with a TP=2 teacher).
+
+meta.json's ``shard_index`` maps each shard file to the headers of its pieces (``{global name:
+{global_shape, dim, ranges, keys}}``, ``keys`` naming the stored values), gathered from the writing
+ranks when the save commits. A reader opens a shard file only when a parameter it is asked for
+overlaps one of that file's pieces: a rank loads from the few files of its own stage and tensor
+slice, not from all of them (an 8B model at TP=8, PP=8, DP=128 with ZeRO-1 writes ~1,100 files,
+which 8,192 ranks each opened and unpickled). Files the index does not describe (every file of a
+checkpoint written before it existed) are opened when the reader is made, as they always were.
 
 Atomicity: everything is written under ``step_N.tmp/``; after all ranks finish, the role's first
 rank writes meta.json, renames the directory to ``step_N`` and then replaces ``latest``. A crash at
@@ -47,6 +56,7 @@ from .optimizer import AdamWOptimizer, assign_owners
 
 FORMAT_VERSION = 1
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+HEADER_KEYS = ("global_shape", "dim", "ranges")  # where a piece sits; its other keys are values
 
 
 def _barrier(group) -> None:
@@ -96,7 +106,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
         dp_group = getattr(optimizer, "dp_group", None)
         dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         owners = assign_owners([p.numel() if w else 0 for (_, p), w in zip(params, writes)], dp_size)
-    pieces = {}
+    pieces, index = {}, {}
     for (spec, p), owner, write in zip(params, owners, writes):
         if not write or owner != dp_rank:
             continue
@@ -107,18 +117,37 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
             piece["param"] = p.detach().cpu()
         pieces[spec.global_name] = piece
     if pieces:
-        write_shard(tmp, f"rank{rank:05d}.pt", pieces)
+        index[f"rank{rank:05d}.pt"] = write_shard(tmp, f"rank{rank:05d}.pt", pieces)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / "rng" / f"rank{rank:05d}.pt")
     fsync_file(tmp / "rng" / f"rank{rank:05d}.pt")
-    _barrier(role_group)
+    # Every rank sends the headers of what it wrote to the committing rank once its files are
+    # written and synced, so the gather is also the barrier before the commit: meta.json's index
+    # is learnt without opening a single shard file.
+    index = _gather_index(index, role_group, writer_rank)
 
     if rank == writer_rank:
-        commit_checkpoint(root, step, meta, keep)
+        commit_checkpoint(root, step, meta, keep, index)
     _barrier(role_group)
     return final
+
+
+def _gather_index(index: dict, group, dst: int) -> dict:
+    """The union of every rank's ``{shard file: headers}`` at global rank ``dst`` (the others get
+    their own back). Collective over ``group``; returns at ``dst`` after every rank has called it."""
+    if not dist.is_initialized():
+        return index
+    parts = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+    dist.gather_object(index, parts, dst=dst, group=group)
+    if parts is None:
+        return index
+    merged = {}
+    for part in parts:
+        assert not merged.keys() & part.keys(), sorted(merged.keys() & part.keys())  # one writer per file
+        merged.update(part)
+    return merged
 
 
 def _step_name(step: int) -> str:
@@ -135,21 +164,32 @@ def begin_checkpoint(root: str | os.PathLike, step: int) -> Path:
     return tmp
 
 
-def write_shard(tmp: Path, fname: str, pieces: dict) -> None:
-    """One shard file ``{global name: piece}`` of the checkpoint being written in ``tmp``."""
+def write_shard(tmp: Path, fname: str, pieces: dict) -> dict[str, dict]:
+    """One shard file ``{global name: piece}`` of the checkpoint being written in ``tmp``; returns
+    its entry of meta.json's index (``{global name: header}``), which the commit records."""
     torch.save({"version": FORMAT_VERSION, "pieces": pieces}, tmp / "shards" / fname)
     fsync_file(tmp / "shards" / fname)
+    return {name: piece_header(piece) for name, piece in pieces.items()}
 
 
-def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int) -> Path:
+def piece_header(piece: dict) -> dict:
+    """Where a piece sits and which values it stores, without the values (the index's entry)."""
+    return {"global_shape": list(piece["global_shape"]), "dim": piece["dim"],
+            "ranges": [list(r) for r in piece["ranges"]], "keys": sorted(k for k in piece if k not in HEADER_KEYS)}
+
+
+def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int, index: dict[str, dict]) -> Path:
     """Publish a filled ``step_N.tmp``: write meta.json, rename it to ``step_N``, point ``latest``
-    at it and prune (one writer, after every shard is on disk)."""
+    at it and prune (one writer, after every shard is on disk). ``index``: what each shard file
+    holds, ``{file name: write_shard's return}`` from every writer."""
     root = Path(root)
     name = _step_name(step)
     tmp, final = root / f"{name}.tmp", root / name
     files = sorted((tmp / "shards").glob("*.pt"))
+    assert sorted(index) == [f.name for f in files], (sorted(index), [f.name for f in files])
     meta = dict(meta, version=FORMAT_VERSION, step=step, shard_files=[f.name for f in files],
-                shard_bytes={f.name: f.stat().st_size for f in files}, saved_at=time.time())
+                shard_bytes={f.name: f.stat().st_size for f in files}, saved_at=time.time(),
+                shard_index={f.name: index[f.name] for f in files})
     # The files are synced by the ranks that wrote them; their names (and meta.json's) are synced
     # here, and each rename before the next, so that ``latest`` never reaches the disk first.
     for d in ("shards", "rng"):
@@ -191,7 +231,7 @@ def write_global_checkpoint(out: str | os.PathLike, model: ModelConfig, names, t
     out.mkdir(parents=True, exist_ok=True)
     tmp = begin_checkpoint(out, 0)
     try:
-        _write_global_shards(tmp, names, tensor, shard_bytes)
+        index = _write_global_shards(tmp, names, tensor, shard_bytes)
     except BaseException:  # a bad source tensor (ValueError) or an interrupt: leave nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         if created and not any(out.iterdir()):
@@ -199,11 +239,12 @@ def write_global_checkpoint(out: str | os.PathLike, model: ModelConfig, names, t
         raise
     meta = {"model": to_dict(model), "layout": {"tp": 1, "pp": 1, "dp": 1, "rank_offset": 0},
             "consumed_samples": 0, **meta}
-    return commit_checkpoint(out, 0, meta, keep=1)
+    return commit_checkpoint(out, 0, meta, keep=1, index=index)
 
 
-def _write_global_shards(tmp: Path, names, tensor, shard_bytes: int) -> None:
+def _write_global_shards(tmp: Path, names, tensor, shard_bytes: int) -> dict[str, dict]:
     part: dict[str, dict] = {}
+    index: dict[str, dict] = {}
     size = nfiles = 0
     for key in names:
         t = tensor(key).contiguous()
@@ -213,10 +254,11 @@ def _write_global_shards(tmp: Path, names, tensor, shard_bytes: int) -> None:
         part[key] = {"global_shape": list(t.shape), "dim": spec.dim, "ranges": spec.ranges(), "param": t}
         size += t.numel() * t.element_size()
         if size >= shard_bytes:
-            write_shard(tmp, f"part{nfiles:05d}.pt", part)
+            index[f"part{nfiles:05d}.pt"] = write_shard(tmp, f"part{nfiles:05d}.pt", part)
             part, size, nfiles = {}, 0, nfiles + 1
     if part:
-        write_shard(tmp, f"part{nfiles:05d}.pt", part)
+        index[f"part{nfiles:05d}.pt"] = write_shard(tmp, f"part{nfiles:05d}.pt", part)
+    return index
 
 
 def _step_of(path: Path) -> int:
@@ -245,7 +287,10 @@ def _prune(root: Path, keep: int) -> None:
 
 
 class CheckpointReader:
-    """Index of the pieces of one checkpoint; copies any parameter into any layout."""
+    """Index of the pieces of one checkpoint; copies any parameter into any layout.
+
+    A shard file is opened (memory-mapped) the first time a piece of it is needed; meta.json's
+    index says which pieces each file holds. Files it does not describe are opened here."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -258,52 +303,92 @@ class CheckpointReader:
             raise ValueError(f"corrupt checkpoint metadata {meta_file}: {e}") from None
         if self.meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{meta_file}: checkpoint format {self.meta.get('version')} != {FORMAT_VERSION}")
-        self.pieces: dict[str, list[dict]] = {}
-        sizes = self.meta.get("shard_bytes", {})  # absent in checkpoints of earlier versions
+        self._files: dict[str, dict] = {}  # file name -> {global name: piece}, of the files opened
+        # Each global parameter's pieces, in file order: (file name, header).
+        self._where: dict[str, list[tuple[str, dict]]] = {}
+        index = self.meta.get("shard_index") or {}  # absent in checkpoints of earlier versions
         for fname in self.meta["shard_files"]:
-            f = self.path / "shards" / fname
-            if not f.is_file():
-                raise ValueError(f"checkpoint shard {f} is missing (meta.json lists it): the checkpoint was copied "
-                                 "or moved incompletely")
-            if fname in sizes and f.stat().st_size != sizes[fname]:
-                raise ValueError(f"checkpoint shard {f} has {f.stat().st_size} bytes, meta.json records "
-                                 f"{sizes[fname]}: the file is truncated or was replaced (an interrupted copy?)")
-            try:
-                data = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
-            except Exception as e:  # truncated or corrupt file
-                raise ValueError(f"cannot read checkpoint shard {f}: {e}") from None
-            for gname, piece in data["pieces"].items():
-                self.pieces.setdefault(gname, []).append(piece)
+            headers = index.get(fname)
+            if headers is None:
+                headers = {gname: piece_header(piece) for gname, piece in self._open(fname).items()}
+            for gname, header in headers.items():
+                self._where.setdefault(gname, []).append((fname, header))
+
+    def _open(self, fname: str) -> dict:
+        """``{global name: piece}`` of shard file ``fname``, loaded on first use."""
+        if fname in self._files:
+            return self._files[fname]
+        f = self.path / "shards" / fname
+        if not f.is_file():
+            raise ValueError(f"checkpoint shard {f} is missing (meta.json lists it): the checkpoint was copied "
+                             "or moved incompletely")
+        sizes = self.meta.get("shard_bytes", {})  # absent in checkpoints of earlier versions
+        if fname in sizes and f.stat().st_size != sizes[fname]:
+            raise ValueError(f"checkpoint shard {f} has {f.stat().st_size} bytes, meta.json records "
+                             f"{sizes[fname]}: the file is truncated or was replaced (an interrupted copy?)")
+        try:
+            data = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
+        except Exception as e:  # truncated or corrupt file
+            raise ValueError(f"cannot read checkpoint shard {f}: {e}") from None
+        self._files[fname] = data["pieces"]
+        return data["pieces"]
+
+    def _piece(self, gname: str, fname: str) -> dict:
+        piece = self._open(fname).get(gname)
+        if piece is None:
+            raise ValueError(f"checkpoint {self.path}: meta.json places a piece of {gname} in shard {fname}, which "
+                             "has none (the file was replaced?)")
+        return piece
+
+    @property
+    def pieces(self) -> dict[str, list[dict]]:
+        """Every stored piece by global name. Opens every shard file: for inspecting a checkpoint."""
+        return {gname: [self._piece(gname, f) for f, _ in where] for gname, where in self._where.items()}
 
     def names(self) -> set[str]:
-        return set(self.pieces)
+        return set(self._where)
 
     def has_optimizer_state(self) -> bool:
-        return any("exp_avg" in p for ps in self.pieces.values() for p in ps)
+        return any("exp_avg" in h["keys"] for where in self._where.values() for _, h in where)
 
     def read_into(self, spec: ParamSpec, key: str, out: torch.Tensor) -> None:
         """Fill ``out`` (this rank's local tensor for ``spec``) with ``key`` of the stored pieces."""
-        if spec.global_name not in self.pieces:
+        if spec.global_name not in self._where:
             raise ValueError(f"checkpoint {self.path} has no parameter {spec.global_name!r}")
         copied = 0
-        for piece in self.pieces[spec.global_name]:
-            if tuple(piece["global_shape"]) != spec.global_shape:
-                raise ValueError(f"checkpoint {self.path}: {spec.global_name} has shape {tuple(piece['global_shape'])}, "
-                                 f"the model expects {spec.global_shape} (different model config?)")
+        for fname, header in self._where[spec.global_name]:
+            if tuple(header["global_shape"]) != spec.global_shape:
+                raise ValueError(f"checkpoint {self.path}: {spec.global_name} has shape "
+                                 f"{tuple(header['global_shape'])}, the model expects {spec.global_shape} "
+                                 "(different model config?)")
+            if not _overlaps(header["dim"], header["ranges"], spec.dim, spec.ranges()):
+                continue  # none of this rank's values: its file stays closed
+            piece = self._piece(spec.global_name, fname)
             src = piece.get(key)
             if src is None and key == "master":
                 src = piece["param"]
             if src is None:
                 raise ValueError(f"checkpoint {self.path}: {spec.global_name} has no {key!r} (saved without optimizer state?)")
             copied += copy_overlap(src, piece["dim"], piece["ranges"], out, spec.dim, spec.ranges())
+        # Pieces skipped above copy nothing either way: a piece missing from the files still
+        # leaves ``copied`` short here.
         expected = sum(g1 - g0 for g0, g1, _ in spec.ranges()) * (out.numel() // out.shape[spec.dim])
         if copied != expected:
             raise ValueError(f"checkpoint {self.path}: {spec.global_name} is incomplete "
                              f"({copied} of {expected} values found; a shard file is missing?)")
 
     def read_step_state(self, spec: ParamSpec) -> torch.Tensor:
-        piece = self.pieces[spec.global_name][0]
-        return piece["step"]
+        """Adam's step count of ``spec`` (every piece holds it), from a file already open if one holds it."""
+        where = self._where[spec.global_name]
+        fname = next((f for f, _ in where if f in self._files), where[0][0])
+        return self._piece(spec.global_name, fname)["step"]
+
+
+def _overlaps(src_dim: int, src_ranges, dst_dim: int, dst_ranges) -> bool:
+    """Whether ``copy_overlap`` of the two pieces copies anything."""
+    if src_dim != dst_dim:
+        return bool(src_ranges) and bool(dst_ranges)
+    return any(max(s0, d0) < min(s1, d1) for s0, s1, _ in src_ranges for d0, d1, _ in dst_ranges)
 
 
 def copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor, dst_dim: int, dst_ranges) -> int:
