@@ -4,6 +4,8 @@ padding fills the rest and is never a target; runs and caches tell the two packi
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -114,6 +116,121 @@ def test_best_fit_covers_every_token_once_per_block(window, monkeypatch):
     assert p.num_windows <= nf.num_windows
     if window >= 16:
         assert p.padding_share < nf.padding_share
+
+
+def _reference_pack(lengths: list[int], window: int, strategy: str, split: tuple[float, ...],
+                    block: int) -> dict[str, list]:
+    """pack_documents written plainly, one document, piece and window at a time: the definition
+    the fast packing must match exactly (resumed runs and the golden loss curves read its windows)."""
+    # The split: part i ends at the last document that ends within the first
+    # split[0] + ... + split[i] of the tokens (at least where the part before ended).
+    total, ends = sum(lengths), list(itertools.accumulate(lengths))
+    bounds = [0]
+    for f in np.cumsum(split):
+        cut = np.floor(round(total * float(f), 9))
+        bounds.append(max(bounds[-1], sum(1 for e in ends if e <= cut)))
+    out = {"piece_start": [], "piece_length": [], "piece_continues": [], "first_piece": [], "groups": []}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        pieces = []  # (stream position, length, continues): piece k of a document holds [k S, k S + L)
+        for d in range(a, b):
+            k = 0
+            while lengths[d]:
+                at = k * (window - 1)
+                pieces.append((ends[d] - lengths[d] + at, min(window, lengths[d] - at), k > 0))
+                if at + window >= lengths[d]:
+                    break
+                k += 1
+        windows: list[list[int]] = []  # the pieces of each window
+        if strategy == "next_fit":  # a piece that does not fit in what the window has left starts the next
+            fill = window
+            for i, (_, n, _) in enumerate(pieces):
+                if fill + n > window:
+                    windows.append([])
+                    fill = 0
+                windows[-1].append(i)
+                fill += n
+        else:
+            for lo in range(0, len(pieces), block):  # best fit decreasing per block
+                room, given = [], []  # the block's windows: room left, and when they were given it
+                by_length = sorted(range(lo, min(lo + block, len(pieces))), key=lambda i: -pieces[i][1])
+                for t, i in enumerate(by_length):
+                    n = pieces[i][1]
+                    fits = [w for w in range(len(room)) if room[w] >= n]
+                    if fits:  # the least room that holds it; among equals, the room given last
+                        w = min(fits, key=lambda w: (room[w], -given[w]))
+                    else:
+                        w = len(room)
+                        room.append(window)
+                        given.append(t)
+                        windows.append([])
+                    room[w] -= n
+                    given[w] = t
+                    windows[len(windows) - len(room) + w].append(i)
+        offset = len(out["piece_start"])
+        for w in windows:
+            out["first_piece"].append(offset)
+            for i in sorted(w):  # a window's pieces in corpus order
+                for key, value in zip(("piece_start", "piece_length", "piece_continues"), pieces[i]):
+                    out[key].append(value)
+                offset += 1
+        out["groups"].append(len(windows))
+    out["first_piece"].append(len(out["piece_start"]))
+    return out
+
+
+def _reference_cases():
+    """Document lengths that reach the edges: empty corpora and parts, documents of 0, 1 and 2
+    tokens, of exactly a window and one more, very long ones, equal lengths (chains of windows
+    that never merge), window 2."""
+    rng = np.random.default_rng(11)
+    cases = [([], 2), ([0, 0], 5), ([1], 2), ([2], 2), ([3], 2), ([5, 0, 5, 1], 5), ([6, 6, 6], 5),
+             ([40], 2), ([1] * 9, 2), ([2] * 9, 3), ([1, 0, 1, 2, 0], 2)]
+    for window in (2, 3, 5, 8, 17, 64):
+        edge = [0, 1, 2, window - 1, window, window + 1, 2 * window, 7 * window + 3]
+        for size in (1, 3, 30, 150):
+            cases.append((rng.choice(edge, size).tolist(), window))
+            cases.append((rng.integers(0, 2 * window, size).tolist(), window))
+            cases.append(([int(rng.integers(1, window + 1))] * size, window))
+    return cases
+
+
+@pytest.mark.parametrize("strategy", ["next_fit", "best_fit"])
+def test_packing_is_exactly_the_plain_definition(strategy, monkeypatch):
+    """The fast packers (next fit by merging walks, best fit by a stack of open windows) give the
+    very arrays of the plain one-window-at-a-time definition, for small and one-piece blocks,
+    walkers that start close or far apart, and splits with empty parts."""
+    from kdtrain.data import packing
+
+    splits = [(1.0,), (0.9, 0.1), (0.5, 0.0), (0.0, 0.3), (0.3, 0.3), (0.6, 0.4)]
+    checked = 0
+    for c, (lengths, window) in enumerate(_reference_cases()):
+        split = splits[c % len(splits)]
+        block = (4096, 5, 1)[c % 3]
+        monkeypatch.setattr(packing, "BEST_FIT_BLOCK", block)
+        monkeypatch.setattr(packing, "WALK_WINDOWS", (64, 1, 3)[c % 3])
+        got = pack_documents(np.array(lengths, dtype=np.int64), window, strategy, split)
+        want = _reference_pack(lengths, window, strategy, split, block)
+        for field in ("piece_start", "piece_length", "piece_continues", "first_piece"):
+            value = getattr(got, field)
+            assert value.dtype == (bool if field == "piece_continues" else np.int64), field
+            assert value.tolist() == want[field], (field, lengths, window, split, block)
+        assert got.group_windows == tuple(want["groups"]) and got.window == window
+        checked += sum(want["groups"])
+    assert checked > 2000
+    # Larger corpora with the default block: a window filling up on top of best fit's stack, and
+    # next fit's walkers in numbers (their vectorised search), merging, and windows of many tiny
+    # pieces that reach past the search's usual span.
+    monkeypatch.setattr(packing, "BEST_FIT_BLOCK", 4096)
+    rng = np.random.default_rng(3)
+    for lengths, window, walk in [(np.maximum(1, rng.lognormal(np.log(20), 0.9, 2500)).astype(int), 33, 64),
+                                  (np.maximum(1, rng.lognormal(np.log(20), 0.9, 2500)).astype(int), 129, 1),
+                                  (rng.choice([1, 1, 1, 2, 3, 100, 300], 3000), 64, 1),
+                                  (rng.choice([1, 1, 1, 2, 3, 100, 300], 3000), 64, 4)]:
+        monkeypatch.setattr(packing, "WALK_WINDOWS", walk)
+        got = pack_documents(lengths, window, strategy, (0.97, 0.03))
+        want = _reference_pack(lengths.tolist(), window, strategy, (0.97, 0.03), 4096)
+        for field in ("piece_start", "piece_length", "piece_continues", "first_piece"):
+            assert getattr(got, field).tolist() == want[field], (field, window, walk)
 
 
 def test_packed_windows_hold_whole_documents_padded_with_eos(tmp_path):

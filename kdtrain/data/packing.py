@@ -29,6 +29,7 @@ the corpus whatever the strategy.
 
 from __future__ import annotations
 
+from bisect import insort
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,7 @@ class PackedWindows:
 
 
 BEST_FIT_BLOCK = 4096  # pieces per best-fit block
+WALK_WINDOWS = 64  # next fit: windows between two walkers' starting pieces
 
 
 def _cut(starts: np.ndarray, lengths: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,16 +81,74 @@ def _cut(starts: np.ndarray, lengths: np.ndarray, window: int) -> tuple[np.ndarr
 
 
 def _next_fit(piece_length: np.ndarray, window: int) -> np.ndarray:
-    """first_piece of next-fit windows, one window at a time: the window that starts at piece i
-    takes the pieces whose running total stays within ``window`` (a binary search in the
-    cumulative lengths), so the loop runs once per window, not per document."""
-    ends = np.cumsum(piece_length)
-    first = [0]
-    while first[-1] < len(piece_length):
-        i = first[-1]
-        base = int(ends[i - 1]) if i else 0
-        first.append(int(np.searchsorted(ends, base + window, side="right")))
-    return np.asarray(first, dtype=np.int64)
+    """first_piece of next-fit windows. The window that starts at piece i ends before piece
+    ``jump(i)``, the first piece whose end passes ``start(i) + window``; the windows start at 0,
+    jump(0), jump(jump(0)), ... up to the end.
+
+    Walking that chain one window at a time costs a numpy call per window. Instead walkers start
+    every ``WALK_WINDOWS`` windows' worth of pieces and all step at once. A walker stops when it
+    lands on a piece some walker has already stepped from: the rest of its chain is known. Chains
+    from different pieces soon meet (and then stay together), so a walk takes about
+    ``WALK_WINDOWS`` steps plus the few windows it needs to meet the next walker's chain, and
+    nearly only the pieces that start windows are stepped from. Chains that never meet (pieces of
+    a few repeated lengths) only make walks longer: no piece is stepped from twice.
+
+    The chain from piece 0 is then walker 0's path up to where it stopped, on the path of the
+    walker that owns that piece from there to where that one stopped, and so on: a chain of
+    walkers (followed by pointer doubling), each contributing its path from where the chain
+    enters it."""
+    n = len(piece_length)
+    if n == 0:
+        return np.zeros(1, dtype=np.int64)
+    per_window = max(1, round(n * window / int(piece_length.sum())))  # pieces per window, roughly
+    span = (2 * per_window).bit_length()  # a window usually ends within 2^span pieces of its start
+    # Piece i holds stream tokens [bounds[i], bounds[i + 1]); past the end, beyond every window.
+    bounds = np.full(n + 1 + (1 << span), np.iinfo(np.int64).max)
+    bounds[0] = 0
+    np.cumsum(piece_length, out=bounds[1:n + 1])
+    # Walkers start a multiple of per_window pieces apart: pieces of one length put them on one chain.
+    pos = np.arange(0, n, WALK_WINDOWS * per_window)
+    walkers = len(pos)
+    # owner[i]: 1 + the walker that stepped from piece i, 0 for none; the end (owner[n]) stops a
+    # walk as a walked piece does.
+    owner = np.zeros(n + 1, dtype=np.int32 if walkers < 2**31 - 1 else np.int64)
+    owner[n] = walkers + 1
+    who = np.arange(walkers)
+    stop = np.empty(walkers, dtype=np.int64)  # the piece each walker stopped at
+    while len(pos):
+        owner[pos] = who + 1
+        # jump: the last piece boundary at or before the window's end x (the first piece that
+        # does not fit starts there). Many walkers: a binary search over the next 2^span
+        # boundaries (nearby reads, independent across walkers: cheap at any corpus size) or, for
+        # the few windows that reach further, over all of them; a few: one numpy search.
+        x = bounds[pos] + window
+        if len(pos) <= 256:
+            lo = np.searchsorted(bounds[:n + 1], x, side="right") - 1
+        else:
+            lo = pos + 1  # bounds[lo] <= x: piece pos fits
+            far = bounds[pos + (1 << span)] <= x
+            for k in reversed(range(span)):
+                np.add(lo, 1 << k, out=lo, where=bounds[lo + (1 << k)] <= x)
+            if far.any():
+                lo[far] = np.searchsorted(bounds[:n + 1], x[far], side="right") - 1
+        fresh = owner[lo] == 0
+        # Walkers stay in order (jump is monotone): two that land on one piece are neighbours,
+        # and the first goes on for both.
+        fresh[1:] &= lo[1:] != lo[:-1]
+        stop[who[~fresh]] = lo[~fresh]
+        pos, who = lo[fresh], who[fresh]
+    # The chain of walkers from walker 0 (walkers: the end), by pointer doubling: chain holds the
+    # first 2^k and nxt skips 2^k walkers.
+    nxt = np.append(owner[stop] - 1, walkers)
+    chain = np.zeros(1, dtype=np.int64)
+    while chain[-1] < walkers:
+        chain = np.concatenate([chain, nxt[chain]])
+        nxt = nxt[nxt]
+    chain = chain[chain < walkers]
+    entry = np.full(walkers, n + 1, dtype=np.int64)  # where the chain enters each walker's path
+    entry[chain] = np.concatenate([[0], stop[chain[:-1]]])
+    walked = np.flatnonzero(owner[:n])
+    return np.append(walked[walked >= entry[owner[walked] - 1]], n)
 
 
 def _split_documents(lengths: np.ndarray, split: tuple[float, ...]) -> list[np.ndarray]:
@@ -133,32 +193,118 @@ def pack_documents(document_lengths: np.ndarray, window: int, strategy: str = "n
 
 def _best_fit(piece_length: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
     """(the pieces' order, first_piece) of best fit decreasing per block of ``BEST_FIT_BLOCK``
-    consecutive pieces (stable order among equal lengths). Open windows are kept by free room:
-    ``open_at[c]`` lists the windows with ``c`` tokens free and ``has[c]`` says it is not empty,
-    so the best window for a piece of length n is the first ``c >= n`` with ``has[c]`` (one
-    vectorised scan of ``has``)."""
-    window_of = np.empty(len(piece_length), dtype=np.int64)
-    has = np.zeros(window + 1, dtype=bool)
-    n_windows = 0
-    for lo in range(0, len(piece_length), BEST_FIT_BLOCK):
-        block = piece_length[lo:lo + BEST_FIT_BLOCK]
-        open_at: list[list[int]] = [[] for _ in range(window + 1)]
-        has[:] = False
-        for i in np.argsort(-block, kind="stable").tolist():
-            n = int(block[i])
-            c = n + int(has[n:].argmax())
-            if has[c]:
-                w = open_at[c].pop()
-                if not open_at[c]:
-                    has[c] = False
-            else:  # no open window has room: a new one
-                w, c = n_windows, window
-                n_windows += 1
-            window_of[lo + i] = w
-            if c > n:
-                open_at[c - n].append(w)
-                has[c - n] = True
-    # Pieces in window order, and within a window in corpus order.
-    order = np.lexsort((np.arange(len(window_of)), window_of))
-    counts = np.bincount(window_of, minlength=n_windows)
-    return order, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    consecutive pieces: a block's pieces, longest first (stable among equal lengths), each go to
+    the open window of the block with the least room that holds them, the one most recently given
+    that room among equals, or to a new window when none does. Windows are numbered in the order
+    they open; a window lists its pieces in corpus order."""
+    n = len(piece_length)
+    order = np.empty(n, dtype=np.int64)
+    counts, n_windows = [], 0
+    # Blocks go through in groups of about 2^20 pieces, as the rows of one array (the last block,
+    # maybe shorter, as a row of its own): the sorts run once per group, the temporaries stay small.
+    group = BEST_FIT_BLOCK * max(1, (1 << 20) // BEST_FIT_BLOCK)
+    for lo in range(0, n, group):
+        hi = min(n, lo + group)
+        full = lo + (hi - lo) // BEST_FIT_BLOCK * BEST_FIT_BLOCK
+        for a, b in ((lo, full), (full, hi)):
+            if a == b:
+                continue
+            lengths = piece_length[a:b].reshape(-1, min(BEST_FIT_BLOCK, b - a))
+            local = _best_fit_rows(lengths, window)  # each piece's window, numbered per block
+            per_block = local.max(axis=1) + 1
+            first = n_windows + np.cumsum(per_block) - per_block
+            counts.append(np.bincount((local + (first - n_windows)[:, None]).ravel()))  # pieces per window
+            # Each block's pieces by window, in corpus order within a window (a stable sort).
+            by_window = np.argsort(_narrow(local, lengths.shape[1]), axis=1, kind="stable")
+            order[a:b] = (by_window + (a + lengths.shape[1] * np.arange(len(lengths)))[:, None]).ravel()
+            n_windows += int(per_block.sum())
+    return order, np.concatenate([[0], np.cumsum(np.concatenate(counts or [[]]))]).astype(np.int64)
+
+
+def _narrow(values: np.ndarray, bound: int) -> np.ndarray:
+    """``values`` (all in [0, bound)) as uint16 when they fit: numpy's stable sort of 16-bit
+    integers is a radix sort, an order of magnitude faster than its merge sort of int64."""
+    return values.astype(np.uint16) if bound <= 1 << 16 else values
+
+
+def _best_fit_rows(lengths: np.ndarray, window: int) -> np.ndarray:
+    """Best fit decreasing on each row of ``lengths`` [blocks, pieces]: the window (0, 1, ... in
+    the order they open) of each piece, in the row's order."""
+    by_length = np.argsort(_narrow(window - lengths, window + 1), axis=1, kind="stable")  # longest first
+    ordered = np.take_along_axis(lengths, by_length, axis=1)
+    # A piece longer than half a window never fits beside another: the window it could join
+    # already holds a piece at least as long. Those pieces lead the order and open a window each.
+    alone = np.count_nonzero(2 * ordered > window, axis=1).tolist()
+    placed = np.array([_best_fit_block(row[k:].tolist(), (window - row[:k]).tolist(), window, lengths.shape[1])
+                       for row, k in zip(ordered, alone)], dtype=np.int64).reshape(lengths.shape)
+    local = np.empty_like(placed)
+    np.put_along_axis(local, by_length, placed, axis=1)
+    return local
+
+
+def _best_fit_block(lengths: list[int], alone_rooms: list[int], window: int, size: int) -> list[int]:
+    """The windows of one block's pieces in best-fit order: ``alone_rooms`` is the room left in the
+    windows that the leading pieces open alone, ``lengths`` the other pieces, longest first.
+
+    The open windows that can take the current piece (room >= its length n) form a stack whose top
+    is the one best fit picks, so no search is needed per piece. As n only decreases, a window
+    whose room r is smaller than n waits ("pending") until the first piece with n <= r: then it
+    holds every piece from there on, and its room is below every window already open for longer
+    pieces (those have room >= the longer pieces), so it goes on top; windows that become open for
+    the same piece go on in decreasing room, and among equal rooms the one given that room last
+    goes on last. A window that takes a piece and keeps room r >= n is still the least room that
+    holds the next piece: it stays on top, which is the common case (a window filling up with
+    pieces of similar length). Otherwise it waits or is full, and the next one down is the top.
+
+    A window is an int, room << 2b | stamp << b | window, on the stack and in the sorted
+    ``pending`` list; the stamp decreases with every window put there, so the pending window with
+    the most room, and among equals the one given that room first, is last. The top is kept
+    apart, as its room and window."""
+    b = size.bit_length()  # window numbers and stamps are below 2^b
+    s = 2 * b
+    mask = (1 << b) - 1
+    stamp = mask
+    alone = len(alone_rooms)
+    placed = list(range(alone))
+    pending = sorted((r << s) | ((stamp - w) << b) | w for w, r in enumerate(alone_rooms) if r)
+    stamp -= alone
+    most = pending[-1] >> s if pending else 0  # the most room of a pending window (0: none)
+    stack: list[int] = []
+    room = top = 0  # the top's room and window (room 0: no window can take the piece)
+    opened = alone
+    for n in lengths:
+        if n <= most:  # pending windows that hold this piece go on top of the stack
+            if room:
+                stack.append((room << s) | top)
+            least = n << s
+            while pending and pending[-1] >= least:
+                stack.append(pending.pop())
+            most = pending[-1] >> s if pending else 0
+            key = stack.pop()
+            room, top = key >> s, key & mask
+        if room:  # the top takes the piece
+            r = room - n
+            placed.append(top)
+            if r >= n:
+                room = r
+                continue
+            w = top
+        else:  # no open window holds the piece: a new one
+            w = opened
+            opened += 1
+            r = window - n
+            placed.append(w)
+            if r >= n:
+                room, top = r, w
+                continue
+        if r:  # the window waits for a piece of at most r
+            insort(pending, (r << s) | (stamp << b) | w)
+            stamp -= 1
+            if r > most:
+                most = r
+        if stack:  # the next one down is the top
+            key = stack.pop()
+            room, top = key >> s, key & mask
+        else:
+            room = 0
+    return placed
