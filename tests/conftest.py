@@ -119,6 +119,30 @@ def read_metrics(run_dir: Path, kind: str = "train") -> dict[int, dict]:
     return out
 
 
+def one_rank_role(model_name: str, dtype=None, seed: int = 3):
+    """(config, groups, trainable role) of a shipped model config on one rank (a gloo world of one)."""
+    import torch
+
+    from kdtrain.config import OptimizerConfig, load_model_config
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.training.pretrain import build_trainable
+
+    cfg = load_model_config(model_name)
+    groups = build_role_groups(RoleLayout("model", 0, 1, 1, 1))
+    role = build_trainable(cfg, groups, OptimizerConfig(), seq_length=16, micro_batch=1,
+                           device=torch.device("cpu"), dtype=dtype or torch.float32, seed=seed)
+    return cfg, groups, role
+
+
+def save_one_rank_role(root, step, role, groups, cfg):
+    """A checkpoint of a one-rank role at ``step`` under ``root``."""
+    from kdtrain.config import to_dict
+    from kdtrain.training.checkpoint import save_checkpoint
+
+    meta = {"model": to_dict(cfg), "layout": {"tp": 1, "pp": 1, "dp": 1, "rank_offset": 0}}
+    return save_checkpoint(root, step, role.params, role.optimizer, 0, groups.role_group, 0, meta, keep=3)
+
+
 def pretend_transformer_engine(monkeypatch) -> None:
     """Make ``build_gpt`` see Transformer Engine as importable (its default picks TE layers then),
     with building its layers an error: a tool that must run on kdtrain's local layers passes
