@@ -32,10 +32,12 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def free_memory_bytes(device: torch.device) -> Optional[int]:
-    """Bytes free on ``device``: the GPU's free memory, or the host's available memory (Linux's
-    MemAvailable) for the CPU; None where it cannot be read."""
+    """Bytes free on ``device``: the GPU's free memory, with what torch's allocator holds cached
+    but unused (a model deleted before the next is loaded), or the host's available memory
+    (Linux's MemAvailable) for the CPU; None where it cannot be read."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
