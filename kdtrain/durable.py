@@ -4,6 +4,7 @@ removed in it). Checkpoints, the teacher cache and indexed corpora publish their
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -16,17 +17,24 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+# fsync of a directory is not supported everywhere (some file systems, platforms): skipped there.
+_DIR_SYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EISDIR, errno.EACCES)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Make the entries created, renamed or removed in ``path`` durable (skipped where a directory
-    cannot be opened or synced: not every platform or file system allows it)."""
+    """Make the entries created, renamed or removed in ``path`` durable. Skipped where a directory
+    cannot be opened or synced at all; a failing sync (an I/O error) raises."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    except OSError as e:
+        if e.errno in _DIR_SYNC_UNSUPPORTED:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in _DIR_SYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 

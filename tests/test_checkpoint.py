@@ -110,20 +110,22 @@ def _damaged(root):
     with pytest.raises(ValueError, match="has shape|lacks"):
         load_weights(CheckpointReader(path), other.params)
 
-    # A truncated shard file (its size is recorded), one unreadable at its size, a missing one:
-    # found when the load opens it (meta.json's index says what it holds).
+    # A truncated shard file (its size is recorded) or a missing one: found when the reader is made,
+    # on every rank, before anything is loaded or written; one unreadable at its size when a load
+    # opens it (meta.json's index says what it holds).
     shard = next((path / "shards").glob("*.pt"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match=rf"shard .*{shard.name} has {len(data) // 3} bytes, meta.json records "
                        rf"{len(data)}: the file is truncated"):
-        load_weights(CheckpointReader(path), role.params)
+        CheckpointReader(path)
     shard.write_bytes(bytes(len(data)))
+    reader = CheckpointReader(path)
     with pytest.raises(ValueError, match="cannot read checkpoint shard"):
-        load_weights(CheckpointReader(path), role.params)
+        load_weights(reader, role.params)
     shard.unlink()
     with pytest.raises(ValueError, match=rf"shard .*{shard.name} is missing"):
-        load_weights(CheckpointReader(path), role.params)
+        CheckpointReader(path)
     # Without the index (a checkpoint of an earlier version) every file is opened up front.
     meta = json.loads((path / "meta.json").read_text())
     del meta["shard_index"]
@@ -180,6 +182,25 @@ def test_a_save_reaches_the_disk_before_latest_names_it(world_of_one, tmp_path, 
     assert ("fsync", str(root)) in events[latest:]
     # One fsync per file written.
     assert len([p for p in synced if p.endswith(".pt")]) == 2
+
+
+def test_a_failing_directory_sync_is_an_error_where_one_is_supported(tmp_path, monkeypatch):
+    """Directory syncs publish checkpoints, cache shards and corpora: a file system that cannot sync a
+    directory at all is skipped, but an I/O error is raised (``latest`` must not be replaced after it)."""
+    import errno
+
+    import kdtrain.durable as durable
+
+    def failing(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    monkeypatch.setattr(durable.os, "fsync", failing(errno.EINVAL))
+    durable.fsync_dir(tmp_path)  # not supported there: skipped
+    monkeypatch.setattr(durable.os, "fsync", failing(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        durable.fsync_dir(tmp_path)
 
 
 def test_loaded_weights_reach_the_fp32_masters_of_a_bf16_model(world_of_one, tmp_path):

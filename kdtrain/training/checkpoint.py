@@ -308,16 +308,17 @@ class CheckpointReader:
         self._where: dict[str, list[tuple[str, dict]]] = {}
         index = self.meta.get("shard_index") or {}  # absent in checkpoints of earlier versions
         for fname in self.meta["shard_files"]:
+            # Every listed file is there with its size (one stat each), on every rank: a damaged
+            # checkpoint is refused before any load writes anything (an export) and on every rank
+            # alike, not by the ranks that happen to need the file while the others go on.
+            self._check_file(fname)
             headers = index.get(fname)
             if headers is None:
                 headers = {gname: piece_header(piece) for gname, piece in self._open(fname).items()}
             for gname, header in headers.items():
                 self._where.setdefault(gname, []).append((fname, header))
 
-    def _open(self, fname: str) -> dict:
-        """``{global name: piece}`` of shard file ``fname``, loaded on first use."""
-        if fname in self._files:
-            return self._files[fname]
+    def _check_file(self, fname: str) -> Path:
         f = self.path / "shards" / fname
         if not f.is_file():
             raise ValueError(f"checkpoint shard {f} is missing (meta.json lists it): the checkpoint was copied "
@@ -326,6 +327,13 @@ class CheckpointReader:
         if fname in sizes and f.stat().st_size != sizes[fname]:
             raise ValueError(f"checkpoint shard {f} has {f.stat().st_size} bytes, meta.json records "
                              f"{sizes[fname]}: the file is truncated or was replaced (an interrupted copy?)")
+        return f
+
+    def _open(self, fname: str) -> dict:
+        """``{global name: piece}`` of shard file ``fname``, loaded on first use."""
+        if fname in self._files:
+            return self._files[fname]
+        f = self._check_file(fname)
         try:
             data = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
         except Exception as e:  # truncated or corrupt file
