@@ -128,6 +128,19 @@ def _tp_cases(rank, world):
         raise AssertionError("ranks on different KD-loss implementations were not refused")
     finally:
         os.environ.pop("KDTRAIN_KD_IMPL", None)
+    # A rank that cannot resolve it at all (the kernels requested where they cannot run) still
+    # joins the agreement: it raises its own error, the others say another rank failed.
+    if rank == 1:
+        os.environ["KDTRAIN_KD_IMPL"] = "fused"
+    try:
+        agree_impl(torch.float32, torch.device("cpu"), 64, group)
+    except (ValueError, RuntimeError) as e:
+        expected = "impl='fused' cannot run: logits on cpu" if rank == 1 else "could not be resolved on another rank"
+        assert expected in str(e), str(e)
+    else:
+        raise AssertionError("a rank that could not resolve the implementation went unnoticed")
+    finally:
+        os.environ.pop("KDTRAIN_KD_IMPL", None)
 
 
 def test_tp2_equals_tp1(tmp_path):

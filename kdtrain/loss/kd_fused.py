@@ -262,18 +262,27 @@ def agree_impl(dtype: torch.dtype, device: torch.device, k: int, group=None) -> 
     ``group``. The fused and reference paths issue different collectives over the tensor group,
     so ranks on different implementations (a kernel build that failed on one node) would hang
     or mix their statistics at the first loss: that is an error on every rank here instead."""
-    choice, why = select_impl(torch.empty(0, dtype=dtype, device=device), k)
+    try:
+        choice, why = select_impl(torch.empty(0, dtype=dtype, device=device), k)
+        code, error = IMPLS.index(choice), None
+    except (ValueError, RuntimeError) as e:  # impl='fused' that cannot run, a stale build lock
+        code, error = len(IMPLS), e  # past every implementation's code: the others learn of it
     if group is not None and dist.get_world_size(group) > 1:
-        code = IMPLS.index(choice)
+        # Every rank reaches this reduction, a failing one too: none is left waiting in it.
         bounds = torch.tensor([code, -code], dtype=torch.int64, device=device)
         dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)  # [max, -min] of the codes
         high, low = int(bounds[0]), -int(bounds[1])
-        if high != low:
+        if error is None and high == len(IMPLS):
+            raise RuntimeError("the KD loss's implementation could not be resolved on another rank of this model "
+                               "(its error is in that rank's output)")
+        if error is None and high != low:
             other = IMPLS[high if high != code else low]
             raise RuntimeError(
                 f"the KD loss would take different implementations on the ranks of one model: rank "
                 f"{dist.get_rank()} takes {choice} ({why}), another rank {other}. Make the kernels load on every "
                 "node (pip install --no-build-isolation -e .) or set KDTRAIN_KD_IMPL=reference on all ranks")
+    if error is not None:
+        raise error
     return choice, why
 
 
