@@ -8,6 +8,7 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..config import CheckpointConfig, DataConfig, ModelConfig, PretrainConfig, TrainingConfig, to_dict
 from ..data import BlendedWindowDataset, GPTWindowDataset, Tokenizer
@@ -301,8 +302,11 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
         if saved != ours:
             changes.append(f"layout: {_describe_layout(saved)} -> {_describe_layout(ours)} (random streams "
                            "restart from training.seed)")
-        elif not restore_rng(path, rank):
-            changes.append(f"{path.name}/rng/rank{rank:05d}.pt is missing (random streams restart from training.seed)")
+        else:
+            missing = _ranks_without(restore_rng(path, rank), rank, role.groups)
+            if missing:
+                changes.append(f"{path.name}/rng/ has no file of rank(s) {', '.join(map(str, missing))} (their random "
+                               "streams restart from training.seed)")
         return Start(int(reader.meta["step"]), tuple(changes))
     if ck.load:
         load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
@@ -332,6 +336,16 @@ def describe_start(ck: CheckpointConfig, start: Start, train_steps: int) -> Opti
         line += (f"; training.train_steps={train_steps} already reached: nothing to train (a new run needs a new "
                  "checkpoint.dir)")
     return line
+
+
+def _ranks_without(ok: bool, rank: int, groups: RoleGroups) -> list[int]:
+    """The role's ranks where ``ok`` is False, known on every rank of it (one gather over the role:
+    the rank that logs learns of the others)."""
+    if groups.role_group is None or dist.get_world_size(groups.role_group) == 1:
+        return [] if ok else [rank]
+    flags = [None] * dist.get_world_size(groups.role_group)
+    dist.all_gather_object(flags, (rank, ok), group=groups.role_group)
+    return [r for r, good in flags if not good]
 
 
 def _describe_layout(layout: dict) -> str:
