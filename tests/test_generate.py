@@ -429,9 +429,9 @@ def _DispatchedOps():
 def test_a_draw_with_top_k_reads_nothing_on_the_host():
     """The decoder reads the device every 16 positions only; a draw with top-k (alone or with
     top-p) must not read it at every one: ties at the candidates' cut, which topk resolves
-    arbitrarily, are settled on the device. The draw is the one the lowest-id rule gives (a row of
-    many tied logits, as bf16 gives). Top-p without top-k grows its candidate pool by a host
-    decision (not held to this)."""
+    arbitrarily, are settled on the device (rows of many tied logits, as bf16 gives; which ones are
+    kept: test_candidates_are_the_stable_sorts_first). Top-p without top-k grows its candidate
+    pool by a host decision (not held to this)."""
     from kdtrain.models.generate import pick_tokens
 
     g = torch.Generator().manual_seed(3)
@@ -446,6 +446,25 @@ def test_a_draw_with_top_k_reads_nothing_on_the_host():
         assert int(got[0]) in order
     # top-1 with ties: the lowest id of the maximum (what greedy decoding picks).
     assert torch.equal(pick_tokens(logits, 300, 1.0, u, None, 1, 1.0), logits.argmax(dim=-1))
+
+
+def test_candidates_are_the_stable_sorts_first():
+    """The candidates of a filtered draw are the first n of the row stably sorted by value (ties to
+    the lower id), ranked so: on rows of many ties, with -inf padding, n up to the row's width."""
+    from kdtrain.models.generate import _candidates
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        b, w = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 50, (1,), generator=g))
+        z = torch.randint(0, int(torch.randint(1, 6, (1,), generator=g)), (b, w), generator=g).double()
+        if trial % 3 == 0:
+            z[:, w - int(torch.randint(0, w, (1,), generator=g)):] = float("-inf")
+        n = int(torch.randint(1, w + 1, (1,), generator=g))
+        vals, ids = _candidates(z, 7, n, None)
+        want_vals, want_ids = z.sort(dim=-1, descending=True, stable=True)
+        finite = want_vals[:, :n] > float("-inf")  # among -inf (padding) any order: zero probability
+        assert torch.equal(vals, want_vals[:, :n]), trial
+        assert torch.equal(ids[finite].long(), (want_ids[:, :n] + 7)[finite]), trial
 
 
 def test_fixed_shape_decode_step_reads_nothing_on_the_host(world_of_one):

@@ -37,7 +37,7 @@ from typing import Optional
 from ..config import DataConfig, ModelConfig, to_dict
 from ..data.tokenizer import tokenizer_file
 from ..data.indexed import loss_mask_path
-from ..durable import fsync_dir
+from ..durable import fsync_dir, write_synced
 from .codec import RecordLayout, TargetRecordLayout
 from .shard import ShardIndex, ShardInfo
 
@@ -249,10 +249,7 @@ class Manifest:
         """Atomic write of ``root/manifest.json``."""
         root = Path(root)
         final, tmp = root / MANIFEST, root / f".{MANIFEST}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
         os.replace(tmp, final)
         fsync_dir(root)
         return final
