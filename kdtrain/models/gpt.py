@@ -146,7 +146,8 @@ def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dty
     """This rank's pipeline stage of a GPT, initialised from ``seed`` (layout-independent), or
     left uninitialised with ``seed=None``, for a caller that loads every weight next (init
     draws each parameter's whole global tensor: for a large teacher, gigabytes and seconds of
-    values the load replaces); ``compile``: torch.compile its transformer layers (see compile.py); ``cuda_graphs``: prepare
+    values the load replaces); ``compile``: torch.compile its transformer layers (see
+    compile.py); ``cuda_graphs``: prepare
     them for replay as CUDA graphs (cuda_graphs.py; ``capture_layer_graphs`` captures);
     ``recompute``: its layers recompute their activations in the backward (layer.py)."""
     layout = groups.layout
