@@ -147,6 +147,37 @@ def test_direct_layer_equals_stock_tensor_parallel(tmp_path):
     run_spawn(2, _tp2_equal, tmp_path=tmp_path)
 
 
+
+def _tp2_layer_choice(rank, world):
+    import kdtrain.models.gpt as gpt
+    from kdtrain.parallel import RoleLayout, build_role_groups
+
+    def te_spec(*args, **kwargs):
+        raise RuntimeError("Transformer Engine layers")
+
+    # Transformer Engine importable (on CPU, pretend), building its layers a recognisable error.
+    gpt.transformer_engine_available = lambda device: True
+    gpt.get_gpt_layer_with_transformer_engine_spec = te_spec
+    groups = build_role_groups(RoleLayout("model", 0, 2, 1, 1))
+    # A model that trains with attention dropout at tp=2 gets the local layers, whose SDPA draws
+    # per tensor rank (TE's attention would drop the same positions of head h on both ranks).
+    _, model = _model(*FAMILIES["tiny with dropout"], groups)
+    assert all(layer._direct for layer in model.decoder.layers)
+    # Without attention dropout, and for a model that never trains, TE stays the default.
+    with pytest.raises(RuntimeError, match="Transformer Engine layers"):
+        _model("tiny", dict(hidden_dropout=0.1, attention_dropout=0.0), groups)
+    from kdtrain.config import load_model_config
+
+    dropout = dataclasses.replace(load_model_config("tiny"), attention_dropout=0.1)
+    assert gpt.transformer_engine_layers(dropout, 2, torch.device("cpu"), trains=False)
+    assert not gpt.transformer_engine_layers(dropout, 2, torch.device("cpu"))
+    assert gpt.transformer_engine_layers(dropout, 1, torch.device("cpu"))
+
+
+def test_attention_dropout_on_tensor_ranks_picks_local_layers_over_transformer_engine(tmp_path):
+    run_spawn(2, _tp2_layer_choice, tmp_path=tmp_path)
+
+
 def test_grouped_query_attention_with_a_mask_gives_each_head_its_groups_keys():
     """With an explicit mask (attention within documents) SDPA cannot run grouped query heads on
     CUDA's fast kernels, so each query head gets its group's key and value: the same result as

@@ -1,7 +1,7 @@
 """megatron-core GPT builders, SDPA attention, and the layout-independent parameter map."""
 
-from .gpt import KDGPTModel, build_gpt, transformer_config, transformer_engine_available
+from .gpt import KDGPTModel, build_gpt, transformer_config, transformer_engine_available, transformer_engine_layers
 from .params import ParamSpec, param_specs
 
 __all__ = ["KDGPTModel", "build_gpt", "transformer_config", "transformer_engine_available",
-           "ParamSpec", "param_specs"]
+           "transformer_engine_layers", "ParamSpec", "param_specs"]

@@ -37,6 +37,18 @@ def transformer_engine_available(device: torch.device) -> bool:
             and importlib.util.find_spec("transformer_engine") is not None)
 
 
+def transformer_engine_layers(cfg: ModelConfig, tp: int, device: torch.device, trains: bool = True) -> bool:
+    """Whether ``build_gpt`` builds Transformer Engine layers by default: where TE is available,
+    except for a model that trains with attention dropout on several tensor ranks. TE's attention
+    draws its dropout from megatron-core's CUDA RNG tracker only when that global tracker is
+    initialised; kdtrain does not initialise it (SDPAttention forks a generator per tensor rank
+    instead, attention.py), so TE would draw from the stream the tensor ranks share and drop the
+    same positions of head h on every rank. kdtrain's local layers draw them independently."""
+    if not transformer_engine_available(device):
+        return False
+    return not (trains and tp > 1 and cfg.attention_dropout > 0.0)
+
+
 _ACTIVATIONS = {
     "swiglu": F.silu,  # gated: silu(gate) * up
     "gelu": F.gelu,
@@ -149,13 +161,15 @@ def build_gpt(cfg: ModelConfig, groups: RoleGroups, *, device: torch.device, dty
     values the load replaces); ``compile``: torch.compile its transformer layers (see
     compile.py); ``cuda_graphs``: prepare
     them for replay as CUDA graphs (cuda_graphs.py; ``capture_layer_graphs`` captures);
-    ``recompute``: its layers recompute their activations in the backward (layer.py)."""
+    ``recompute``: its layers recompute their activations in the backward (layer.py);
+    ``use_te``: Transformer Engine layers (None: ``transformer_engine_layers`` for a model that
+    trains)."""
     layout = groups.layout
     cfg.check_layout(layout.tp, layout.pp, f"{layout.name}.parallel")
     if compile:
         check_compile_support(device)
     if use_te is None:
-        use_te = transformer_engine_available(device)
+        use_te = transformer_engine_layers(cfg, layout.tp, device)
     if cuda_graphs:
         check_graph_support(layout, device, compile, use_te)
     tcfg = transformer_config(cfg, layout.tp, layout.pp, dtype, device)

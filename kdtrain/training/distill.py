@@ -41,7 +41,7 @@ from ..cache.source import CachedPayloads
 from ..config import to_dict
 from ..config.distill import DistillConfig
 from ..loss import agree_impl, kd_loss
-from ..models import transformer_engine_available
+from ..models import transformer_engine_layers
 from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import Pairing, PayloadSpec
 from ..stream.channel import PayloadChannel
@@ -304,8 +304,8 @@ def distill(cfg: DistillConfig) -> dict:
     logger.write(f"kdtrain distill: {cfg.teacher.model.name} ({where}) -> {cfg.student.model.name} "
                  f"(tp={s_layout.tp} pp={s_layout.pp} dp={s_layout.dp}, ranks {s_layout.ranks.start}-"
                  f"{s_layout.ranks.stop - 1}), {cfg.split.mode}, top-{spec.k}, {cfg.loss.divergence}, "
-                 f"{str(dtype).removeprefix('torch.')}, attention="
-                 f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
+                 f"{str(dtype).removeprefix('torch.')}, "
+                 f"attention={_attention(cfg, t_layout.tp, s_layout.tp, env.device)}"
                  f"{_layer_modes(cfg.precision.compile, cfg.precision.cuda_graphs)}"
                  f"{', recomputed student layers' if tr.recompute else ''}")
     if kd_impl is not None:
@@ -453,6 +453,16 @@ def distill(cfg: DistillConfig) -> dict:
     summary["step"] = step
     logger.close()
     return summary
+
+
+def _attention(cfg: DistillConfig, t_tp: int, s_tp: int, device: torch.device) -> str:
+    """The roles' attention as build_gpt picks it, for the start-up line."""
+    name = {True: "transformer-engine", False: "sdpa"}
+    student = name[transformer_engine_layers(cfg.student.model, s_tp, device)]
+    if cfg.teacher.source == "cache":
+        return student
+    teacher = name[transformer_engine_layers(cfg.teacher.model, t_tp, device, trains=False)]
+    return student if teacher == student else f"{teacher} (teacher), {student} (student)"
 
 
 def _layer_modes(compile: bool, cuda_graphs: bool) -> str:

@@ -15,7 +15,7 @@ from ..data import BlendedWindowDataset, GPTWindowDataset, Tokenizer
 from ..data.gpt_dataset import check_same_tokenizer
 from ..data.mock import MockWindowDataset
 from ..loss import vocab_parallel_cross_entropy
-from ..models import KDGPTModel, build_gpt, transformer_engine_available
+from ..models import KDGPTModel, build_gpt, transformer_engine_layers
 from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
@@ -211,7 +211,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         f"kdtrain pretrain: {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f}M params, padded vocab "
         f"{cfg.model.padded_vocab_size(par.tp)}), tp={par.tp} pp={par.pp} dp={par.dp} on {env.world_size} "
         f"{env.device.type} rank(s), {str(dtype).removeprefix('torch.')}, attention="
-        f"{'transformer-engine' if transformer_engine_available(env.device) else 'sdpa'}"
+        f"{'transformer-engine' if transformer_engine_layers(cfg.model, par.tp, env.device) else 'sdpa'}"
         f"{', compiled layers' if cfg.precision.compile else ''}"
         f"{', CUDA-graphed layers' if cfg.precision.cuda_graphs else ''}"
         f"{', recomputed layers' if t.recompute else ''}, start step {start_step}")

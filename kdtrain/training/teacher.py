@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig
-from ..models import KDGPTModel, build_gpt
+from ..models import KDGPTModel, build_gpt, transformer_engine_layers
 from ..parallel import RoleGroups
 from ..stream import Payload, PayloadSpec, token_checksum, vocab_parallel_topk
 from ..stream.channel import PayloadChannel
@@ -33,8 +33,10 @@ class Teacher:
                  load: Optional[str], device: torch.device, dtype: torch.dtype, seed: int,
                  compile: bool = False, tokenizer: Optional[str] = None):
         self.cfg, self.groups, self.spec, self.tau = model_cfg, groups, spec, tau
+        # Never trains: its dropout is off, so attention dropout does not rule out TE layers.
+        use_te = transformer_engine_layers(model_cfg, groups.layout.tp, device, trains=False)
         self.model: KDGPTModel = build_gpt(model_cfg, groups, device=device, dtype=dtype,
-                                           seed=seed if load is None else None, compile=compile)
+                                           seed=seed if load is None else None, compile=compile, use_te=use_te)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
