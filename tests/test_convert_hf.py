@@ -9,6 +9,7 @@ models are created from configs.
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -502,6 +503,40 @@ def test_teacher_digest_of_hf_dir(converted, tmp_path):
     data[-1] ^= 1
     f.write_bytes(bytes(data))
     assert teacher_weights_digest(str(copy)) != teacher_weights_digest(str(src))
+
+
+def test_teacher_files_a_manifest_lists_are_not_read_again(converted, tmp_path, monkeypatch):
+    """A 70B teacher is 140 GB: a restarted cache job and a mixed run's check take the manifest's
+    digest for weight files with the sizes and mtimes it lists, and a process hashes files once
+    while they are unchanged; a rewritten file is read again."""
+    import shutil
+
+    import kdtrain.cache.manifest as manifest
+
+    src = converted["archs"]["llama"]["hf"]
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)  # keeps the mtimes
+    digest, listed = manifest.teacher_weights(str(copy))
+    assert digest == manifest.teacher_weights_digest(str(src))
+    assert sorted(name for name, _, _ in listed) == sorted(p.name for p in copy.glob("*.safetensors"))
+    reads = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda f, h=None: reads.append(Path(f).name) or real(f, h))
+    manifest._DIGESTS.clear()
+    recorded = manifest.teacher_identity(converted["archs"]["llama"]["cfg"], str(src), 0, "float32")
+    assert reads and recorded["weights_sha256"] == digest and recorded["weights_stat"] == listed
+    reads.clear()
+    assert manifest.teacher_weights(str(copy), recorded) == (digest, listed) and reads == []
+    assert manifest.teacher_weights(str(src)) == (digest, listed) and reads == []  # hashed once above
+    # The files' sizes and mtimes are not part of the cache's identity (a copy is the same teacher).
+    assert manifest._content(recorded) == manifest._content({k: v for k, v in recorded.items() if k != "weights_stat"})
+
+    f = copy / listed[-1][0]
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    changed, relisted = manifest.teacher_weights(str(copy), recorded)
+    assert changed != digest and relisted != listed and reads
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2"])

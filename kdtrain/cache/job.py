@@ -78,7 +78,8 @@ class CacheJobConfig:
 
 
 def build_manifest(run: DistillConfig, job: CacheJobConfig, dtype: torch.dtype, layout_info: dict) -> Manifest:
-    """The new job's manifest (no shards yet). Hashes the teacher's weight files."""
+    """The new job's manifest (no shards yet). Hashes the teacher's weight files, unless a resumed
+    job's manifest lists them unchanged (``teacher_weights``)."""
     sizes = (run.data.seq_length, run.teacher.topk, run.teacher.model.vocab_size, job.dtype)
     record = (TargetRecordLayout(*sizes).max_record_bytes if job.positions == "targets"
               else RecordLayout(*sizes).record_bytes)
@@ -86,11 +87,20 @@ def build_manifest(run: DistillConfig, job: CacheJobConfig, dtype: torch.dtype, 
     targets = job.positions == "targets"
     return Manifest(
         teacher=teacher_identity(run.teacher.model, run.teacher.load, run.training.seed + 1,
-                                 str(dtype).removeprefix("torch.")),
+                                 str(dtype).removeprefix("torch."), recorded=_recorded_teacher(job.out)),
         tokenizer=tokenizer_identity(run.data.tokenizer), dataset=dataset_identity(run.data, targets=targets),
         seq_length=run.data.seq_length, vocab_size=run.teacher.model.vocab_size, k=run.teacher.topk,
         tau=float(run.loss.tau), values_dtype=job.dtype, shard_samples=shard, num_samples=n,
         job={**layout_info, "micro_batch": m}, positions=job.positions)
+
+
+def _recorded_teacher(root: str) -> Optional[dict]:
+    """The teacher section of the manifest a resumed job finds in ``root`` (None: none readable;
+    ``prepare`` then reports why)."""
+    try:
+        return Manifest.load(root).teacher
+    except (ValueError, OSError):
+        return None
 
 
 def run_cache_job(run: DistillConfig, job: CacheJobConfig,

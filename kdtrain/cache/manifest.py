@@ -3,8 +3,8 @@
 ``manifest.json`` in the cache directory::
 
     format, version, complete
-    teacher:    model config, checkpoint path, sha256 of its weight files (or the random-init seed),
-                compute dtype
+    teacher:    model config, checkpoint path, sha256 of its weight files and their [file, size,
+                mtime_ns] (or the random-init seed), compute dtype
     tokenizer:  path and fingerprint (sha256[:16] of the model file, as in the dataset metadata)
     dataset:    per prefix: path, .bin size, sha256 of the .idx and its [size, mtime_ns] (not
                 content: lets a run skip hashing an unchanged file); shuffling seed, split
@@ -20,7 +20,7 @@
     job:        informational (teacher TP/PP/DP, micro-batch); not part of the identity
 
 The file is written atomically (temp + fsync + rename) and holds no timestamps of its own (only
-the corpus files' mtimes), so two runs of the same job on the same files produce byte-identical
+the corpus and weight files' mtimes), so two runs of the same job on the same files produce byte-identical
 manifests. ``check_against(run)`` compares it with a
 distillation run config and raises a ``ValueError`` naming the first mismatching field.
 """
@@ -76,12 +76,13 @@ def tokenizer_identity(path: Optional[str]) -> Optional[dict]:
     return {"path": str(path), "fingerprint": sha256_file(f)[:16]}
 
 
-# Corpus file digests this process has taken, by (device, inode, size, mtime_ns, ctime_ns): a
-# process checks a cache against its run more than once (a mixed run's rank 0 twice), and a
-# .idx of 1e8 documents is 2 GB, a loss mask of 1e11 tokens 12.5 GB.
+# Digests this process has taken, by (device, inode, size, mtime_ns, ctime_ns) of a corpus file,
+# or a tuple of those for a teacher's weight files: a process checks a cache against its run
+# more than once (a mixed run's rank 0 twice), and a .idx of 1e8 documents is 2 GB, a loss mask
+# of 1e11 tokens 12.5 GB, a 70B teacher 140 GB.
 _DIGESTS: dict[tuple, str] = {}
-# Dataset entries that describe the files on disk, not their content (see corpus_file_digest).
-_STAT_KEYS = ("idx_stat", "loss_mask_stat")
+# Entries that describe the files on disk, not their content (corpus_file_digest, teacher_weights).
+_STAT_KEYS = ("idx_stat", "loss_mask_stat", "weights_stat")
 
 
 def corpus_file_digest(path: Path, recorded: tuple[Optional[str], Optional[list]] = (None, None)
@@ -155,11 +156,18 @@ def dataset_identity(data: DataConfig, targets: bool = False, recorded: Optional
     return out
 
 
-def teacher_weights_digest(load: Optional[str]) -> Optional[str]:
-    """sha256 over the weight files (names and bytes) a Teacher loads from ``load``: a kdtrain
-    checkpoint's shard files, or a Hugging Face directory's safetensors files."""
+def teacher_weights(load: Optional[str], recorded: Optional[dict] = None) -> tuple[Optional[str], Optional[list]]:
+    """(sha256, [[file, size, mtime_ns], ...]) of the weight files a Teacher loads from ``load``: a
+    kdtrain checkpoint's shard files, or a Hugging Face directory's safetensors files; the digest
+    covers their names and bytes, ``file`` is the path under ``load``.
+
+    ``recorded``: a cache manifest's teacher section. When the files are the ones listed there
+    (same names, sizes and mtimes), its digest is taken without reading them: a 70B teacher is
+    140 GB, read by the cache job's rank 0 at every (re)start and by a mixed run's rank 0 while
+    the other ranks wait in a broadcast bounded by distributed.timeout_s. Otherwise the files are
+    hashed, once per process while they are unchanged (blind spot: as corpus_file_digest)."""
     if load is None:
-        return None
+        return None, None
     from ..convert.hf_weights import hf_weight_files, is_hf_model_dir  # torch-heavy imports, only when hashing
     from ..training.checkpoint import latest_checkpoint
 
@@ -171,15 +179,31 @@ def teacher_weights_digest(load: Optional[str]) -> Optional[str]:
         if not files:
             raise ValueError(f"teacher.load: {load} has no checkpoint weight files ({step_dir}/shards/*.pt) and is "
                              "not a Hugging Face model directory")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        sha256_file(f, h)
-    return h.hexdigest()
+    stats = [os.stat(f) for f in files]
+    listed = [[os.path.relpath(f, load), st.st_size, st.st_mtime_ns] for f, st in zip(files, stats)]
+    if recorded and recorded.get("weights_sha256") and recorded.get("weights_stat") == listed:
+        return recorded["weights_sha256"], listed
+    key = tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for st in stats)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            sha256_file(f, h)
+        digest = _DIGESTS[key] = h.hexdigest()
+    return digest, listed
 
 
-def teacher_identity(model: ModelConfig, load: Optional[str], seed: int, dtype: str) -> dict:
-    return {"model": to_dict(model), "load": load, "weights_sha256": teacher_weights_digest(load),
+def teacher_weights_digest(load: Optional[str]) -> Optional[str]:
+    """sha256 over the weight files (names and bytes) a Teacher loads from ``load``."""
+    return teacher_weights(load)[0]
+
+
+def teacher_identity(model: ModelConfig, load: Optional[str], seed: int, dtype: str,
+                     recorded: Optional[dict] = None) -> dict:
+    """A cache manifest's teacher section; ``recorded``: as ``teacher_weights``."""
+    digest, stat = teacher_weights(load, recorded)
+    return {"model": to_dict(model), "load": load, "weights_sha256": digest, "weights_stat": stat,
             "random_init_seed": None if load else seed, "dtype": dtype}
 
 
@@ -300,8 +324,9 @@ class Manifest:
         A run with a smaller ``teacher.topk`` than the cache is accepted: the cached ids are sorted
         by descending logit, so the first k entries are the run's top-k. ``live_teacher_dtype`` (mixed
         online/cached runs: the live teacher's compute dtype, e.g. "bfloat16") also checks that the
-        live teacher is the cache's: the same precision, and the same weights (hashes its checkpoint,
-        a full read, or, for a seeded random teacher, compares the seed)."""
+        live teacher is the cache's: the same precision, and the same weights (hashes its checkpoint
+        unless its files are the ones the manifest lists, ``teacher_weights``, or, for a seeded
+        random teacher, compares the seed)."""
         def fail(name: str, cache_val, run_val, hint: str = "") -> ValueError:
             return ValueError(f"{where}: {name} mismatch: the cache was written with {name} = {cache_val}, "
                               f"the run has {run_val}{hint}")
@@ -351,7 +376,7 @@ class Manifest:
                 raise fail("teacher", written, f"random weights of seed {seed} (teacher.random_init, "
                            "training.seed + 1)")
         else:
-            digest = teacher_weights_digest(run.teacher.load)
+            digest, _ = teacher_weights(run.teacher.load, self.teacher)
             if digest != self.teacher["weights_sha256"]:
                 raise fail("teacher", f"weights {self.teacher['weights_sha256']} from {self.teacher['load']}",
                            f"weights {digest} from {run.teacher.load} (teacher.load)")
