@@ -286,6 +286,11 @@ def test_open_truncated_bin(tmp_path):
         open_indexed_dataset(prefix)
 
 
+def _pointers_at(idx: bytes) -> int:
+    """Offset of the sequence pointers in a .idx: after the header and the int32 sequence lengths."""
+    return 34 + 4 * struct.unpack_from("<Q", idx, 18)[0]
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -295,8 +300,11 @@ def test_open_truncated_bin(tmp_path):
         lambda b: b[:17] + b"\x63" + b[18:],
         lambda b: b[: len(b) - 12],
         lambda b: b[:18] + struct.pack("<Q", 1 << 40) + b[26:],
+        lambda b: b[:34] + struct.pack("<i", -1) + b[38:],
+        lambda b: b[:_pointers_at(b) + 8] + struct.pack("<q", 3) + b[_pointers_at(b) + 16:],
     ],
-    ids=["bad-header", "bad-version", "truncated-header", "bad-dtype", "truncated-body", "bad-count"],
+    ids=["bad-header", "bad-version", "truncated-header", "bad-dtype", "truncated-body", "bad-count",
+         "negative-length", "bad-pointer"],
 )
 def test_open_corrupt_idx(tmp_path, damage):
     prefix = write_stream(tmp_path / "c", synthetic_docs(100))

@@ -233,6 +233,29 @@ def test_packing_is_exactly_the_plain_definition(strategy, monkeypatch):
             assert getattr(got, field).tolist() == want[field], (field, window, walk)
 
 
+@pytest.mark.parametrize("strategy", ["next_fit", "best_fit"])
+def test_packing_reads_a_corpus_lengths_as_they_are(strategy, tmp_path):
+    """A corpus' lengths (the .idx's int32 array, memory-mapped and misaligned by its header) and
+    other integer dtypes pack exactly as int64 lengths do, without an int64 copy of the input;
+    sums past 2**31 tokens stay exact."""
+    rng = np.random.default_rng(11)
+    lengths = np.concatenate([[0, 70], rng.integers(0, 90, size=3000), [0, 0]])
+    path = tmp_path / "lengths"
+    path.write_bytes(b"\0" * 34 + lengths.astype(np.int32).tobytes())
+    mapped = np.memmap(path, dtype=np.int32, mode="r", offset=34, shape=lengths.shape)
+    assert not mapped.flags.aligned
+    want = pack_documents(lengths, 33, strategy, (0.9, 0.05))
+    for given in (mapped, lengths.astype(np.uint16), lengths.tolist()):
+        got = pack_documents(given, 33, strategy, (0.9, 0.05))
+        for field in ("piece_start", "piece_length", "piece_continues", "first_piece"):
+            assert getattr(got, field).dtype == getattr(want, field).dtype, field
+            assert np.array_equal(getattr(got, field), getattr(want, field)), field
+        assert got.group_windows == want.group_windows
+    big = np.full(3, 2**31 - 1, dtype=np.int32)
+    got = pack_documents(big, 2**30, strategy)
+    assert got.piece_start[-1] + got.piece_length[-1] == 3 * (2**31 - 1)
+
+
 def test_packed_windows_hold_whole_documents_padded_with_eos(tmp_path):
     rng = np.random.default_rng(0)
     S, eos = 16, 3

@@ -106,7 +106,8 @@ class GPTWindowDataset:
         window = seq_length + 1
         self.packed = None
         if packing != "stream":
-            self.packed = pack_documents(np.concatenate([s.document_lengths for s in self.streams]), window,
+            lengths = [s.document_lengths for s in self.streams]
+            self.packed = pack_documents(lengths[0] if len(lengths) == 1 else np.concatenate(lengths), window,
                                          "best_fit" if packing == "best_fit" else "next_fit", self.split)
             self.num_windows = self.packed.num_windows
             self._n_train, self._n_valid = self.packed.group_windows
@@ -137,11 +138,6 @@ class GPTWindowDataset:
         self.has_loss_mask = self.conversations or self.packed is not None
         self._pad_id = self.eos_id if self.eos_id is not None else 0
         self.document_positions = document_positions
-        self._doc_starts = None  # stream positions where documents start (stream windows)
-        if document_positions and self.packed is None:
-            self._doc_starts = np.concatenate(
-                [start + np.cumsum(s.document_lengths) - s.document_lengths
-                 for start, s in zip(self._starts[:-1].tolist(), self.streams)])
 
     @staticmethod
     def _check_stream(stream: IndexedTokens, vocab_size: int | None, fingerprint: str | None) -> None:
@@ -205,6 +201,18 @@ class GPTWindowDataset:
             i += 1
         return out
 
+    def _document_starts(self, start: int, stop: int) -> np.ndarray:
+        """Positions in [start, stop) of the concatenated stream where documents start (int64),
+        from the corpora's indexes: no per-document array is built. Each corpus' first document
+        starts where the corpus does."""
+        found = [np.zeros(0, dtype=np.int64)]
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while i < len(self.streams) and self._starts[i] < stop:
+            offset, stream = int(self._starts[i]), self.streams[i]
+            found.append(offset + stream.document_starts(max(start - offset, 0), min(stop - offset, stream.num_tokens)))
+            i += 1
+        return np.concatenate(found)
+
     def _check_window(self, w: int) -> None:
         if not 0 <= w < self.num_windows:
             raise IndexError(f"window index {w} out of range [0, {self.num_windows})")
@@ -255,8 +263,7 @@ class GPTWindowDataset:
         length = self.seq_length + 1
         if self.packed is None:
             a = w * self.seq_length
-            lo, hi = np.searchsorted(self._doc_starts, [a + 1, a + length])
-            return positions_from_starts(length, self._doc_starts[lo:hi] - a)
+            return positions_from_starts(length, self._document_starts(a + 1, a + length) - a)
         ends = np.cumsum([n for _, n, _ in self.packed.pieces(w)])  # each piece starts a document; so does padding
         return positions_from_starts(length, ends[ends < length])
 

@@ -62,18 +62,31 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class IndexedTokens:
-    """A validated, read-only tokenized corpus: the flat token stream and its document lengths."""
+    """A validated, read-only tokenized corpus: the flat token stream and its documents.
+
+    Opened from disk, ``document_lengths`` is the .idx's own memory-mapped array of sequence
+    lengths when every document is one sequence (as kdtrain writes them), so ranks that open one
+    corpus share it through the page cache; only an index of several sequences per document needs
+    a private array. ``document_starts`` searches the .idx's sequence pointers likewise.
+    """
 
     def __init__(self, prefix: str, tokens: np.memmap, document_lengths: np.ndarray, meta: dict | None,
-                 mask_bits: np.memmap | None = None):
-        assert tokens.ndim == 1 and int(document_lengths.sum()) == tokens.shape[0]
+                 mask_bits: np.memmap | None = None, sequence_pointers: np.ndarray | None = None,
+                 document_index: np.ndarray | None = None):
+        assert tokens.ndim == 1 and int(document_lengths.sum(dtype=np.int64)) == tokens.shape[0]
         assert mask_bits is None or mask_bits.shape[0] == (tokens.shape[0] + 7) // 8
+        assert document_index is None or sequence_pointers is not None
         self.prefix = prefix
         self.tokens = tokens
         self.document_lengths = document_lengths
         self.meta = meta
         self._mask_bits = mask_bits
         self._max_token_id: int | None = None
+        # Sequence pointers (bytes into the .bin) and each document's first sequence (None: one
+        # sequence per document); without an index, the documents' token starts, made on first use.
+        self._pointers = None if sequence_pointers is None else _SortedArray(sequence_pointers)
+        self._first_sequence = None if document_index is None else _SortedArray(document_index[:-1])
+        self._scale = 1 if sequence_pointers is None else self.dtype.itemsize  # pointer units per token
 
     def __reduce__(self):
         return (open_indexed_dataset, (self.prefix,))
@@ -107,6 +120,22 @@ class IndexedTokens:
         bits = np.unpackbits(self._mask_bits[lo: (stop + 7) // 8], bitorder="little")
         return bits[start - 8 * lo: stop - 8 * lo].astype(bool)
 
+    def document_starts(self, start: int, stop: int) -> np.ndarray:
+        """Token positions in [start, stop) where documents start, in order (int64; an empty
+        document starts where the next one does, a repeat); 0 <= start <= stop <= num_tokens."""
+        assert 0 <= start <= stop <= self.num_tokens, (start, stop, self.num_tokens)
+        if self._pointers is None:
+            lengths = self.document_lengths
+            self._pointers = _SortedArray(np.cumsum(lengths, dtype=np.int64) - lengths)
+        lo, hi = self._pointers.left(start * self._scale), self._pointers.left(stop * self._scale)
+        if self._first_sequence is None:
+            first = slice(lo, hi)
+        else:
+            # A document starts where its first sequence does; one whose first sequence is past the
+            # last (trailing empty documents) starts at num_tokens, outside [start, stop).
+            first = self._first_sequence.values[self._first_sequence.left(lo): self._first_sequence.left(hi)]
+        return self._pointers.values[first] // self._scale
+
     def max_token_id(self) -> int:
         """Largest token id in the corpus: the one its metadata records, else one pass over the data."""
         if self._max_token_id is None:
@@ -120,9 +149,28 @@ class IndexedTokens:
         return int(self.tokens.max())
 
 
-def _document_lengths(sequence_lengths: np.ndarray, document_indices: np.ndarray) -> np.ndarray:
-    bounds = np.concatenate([[0], np.cumsum(sequence_lengths, dtype=np.int64)])
-    return bounds[document_indices[1:]] - bounds[document_indices[:-1]]
+class _SortedArray:
+    """Binary search in a sorted array, memory-mapped ones included, without copying it.
+
+    numpy's searchsorted copies a haystack that is not aligned, and every array of a .idx is
+    misaligned by its 34-byte header. A private sample of every ``STRIDE``-th value narrows each
+    search to a slice of ``STRIDE`` values first, which is all that is copied.
+    """
+
+    STRIDE = 4096
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+        self._samples: np.ndarray | None = None
+
+    def left(self, x: int) -> int:
+        """The number of values < x (numpy's searchsorted, side='left')."""
+        if self._samples is None:
+            self._samples = np.array(self.values[:: self.STRIDE])
+        # samples[j - 1] < x <= samples[j], so (j - 1) * STRIDE < answer <= j * STRIDE.
+        j = int(np.searchsorted(self._samples, x))
+        lo, hi = max(0, (j - 1) * self.STRIDE), min(len(self.values), j * self.STRIDE)
+        return lo + int(np.searchsorted(self.values[lo:hi], x))
 
 
 def _read_meta(prefix: str) -> dict | None:
@@ -144,8 +192,9 @@ def corpus_tokenizer(prefix: str) -> str | None:
     return (_read_meta(prefix) or {}).get("tokenizer_fingerprint")
 
 
-def _check_idx_layout(idx_file: str) -> None:
-    """Header and size checks, so megatron-core only ever reads a well-formed index."""
+def _check_idx_layout(idx_file: str) -> tuple[np.dtype, int, int]:
+    """Header and size checks, so that only a well-formed index is mapped; returns the token dtype,
+    the number of sequences and the number of document indices (documents + 1)."""
     with open(idx_file, "rb") as f:
         head = f.read(_IDX_HEADER.size)
     if len(head) < _IDX_HEADER.size:
@@ -156,13 +205,68 @@ def _check_idx_layout(idx_file: str) -> None:
     if version != 1:
         raise ValueError(f"index file {idx_file} is corrupt: unsupported version {version}")
     try:
-        _megatron_indexed().DType(code)
+        dtype = np.dtype(_megatron_indexed().DType.dtype_from_code(code))
     except ValueError:
         raise ValueError(f"index file {idx_file} is corrupt: unknown dtype code {code}") from None
     expected = _IDX_HEADER.size + 12 * n_sequences + 8 * n_documents
     actual = os.path.getsize(idx_file)
     if actual < expected:
         raise ValueError(f"index file {idx_file} is corrupt or truncated: {actual} bytes, its header needs {expected}")
+    return dtype, n_sequences, n_documents
+
+
+def _map(path: str, dtype, offset: int, count: int) -> np.ndarray:
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+
+_CHUNK = 1 << 18  # entries per step of the passes over a whole index: their temporaries stay a few MB
+
+
+def _check_index(idx_file: str, lengths: np.ndarray, pointers: np.ndarray, document_index: np.ndarray,
+                 itemsize: int) -> tuple[int, bool]:
+    """Check the index's arrays agree, a chunk at a time; return the number of tokens and whether
+    every document is exactly one sequence."""
+    corrupt = f"index file {idx_file} is corrupt (inconsistent document boundaries or lengths)"
+    n = lengths.shape[0]
+    if document_index.size == 0 or document_index[0] != 0 or document_index[-1] != n:
+        raise ValueError(corrupt)
+    total = 0
+    for a in range(0, n, _CHUNK):
+        part = lengths[a: a + _CHUNK].astype(np.int64)
+        if part.min() < 0:
+            raise ValueError(corrupt)
+        ends = total + np.cumsum(part)
+        if not np.array_equal(pointers[a: a + _CHUNK], (ends - part) * itemsize):
+            raise ValueError(f"index file {idx_file} is corrupt (sequence pointers do not match sequence lengths)")
+        total = int(ends[-1])
+    single = document_index.shape[0] == n + 1
+    for a in range(0, document_index.shape[0] - 1, _CHUNK):
+        least = int(np.diff(document_index[a: a + _CHUNK + 1]).min())
+        if least < 0:
+            raise ValueError(corrupt)
+        # n + 1 indices from 0 to n that all step up: every step is one sequence.
+        single = single and least > 0
+    return total, single
+
+
+def _document_lengths(pointers: np.ndarray, document_index: np.ndarray, itemsize: int,
+                      num_tokens: int) -> np.ndarray:
+    """Tokens per document of an index with documents of several (or no) sequences, in int32 unless
+    a document needs more."""
+    n_sequences = pointers.shape[0]
+    out = np.empty(document_index.shape[0] - 1, dtype=np.int32)
+    for a in range(0, out.shape[0], _CHUNK):
+        first = np.array(document_index[a: a + _CHUNK + 1])
+        starts = np.full(first.shape, num_tokens, dtype=np.int64)  # documents past the last sequence
+        inside = first < n_sequences
+        starts[inside] = pointers[first[inside]] // itemsize
+        part = np.diff(starts)
+        if out.dtype == np.int32 and part.max() > np.iinfo(np.int32).max:
+            out = out.astype(np.int64)
+        out[a: a + part.shape[0]] = part
+    return out
 
 
 def open_indexed_dataset(prefix: str) -> IndexedTokens:
@@ -173,29 +277,17 @@ def open_indexed_dataset(prefix: str) -> IndexedTokens:
         if not os.path.isfile(path):
             raise ValueError(f"indexed dataset file {path} does not exist (prefix {prefix})")
 
-    _check_idx_layout(idx_file)
-    mi = _megatron_indexed()
-    try:
-        # mmap=False: megatron then never touches the .bin, which is memory-mapped below instead.
-        index = mi.IndexedDataset(prefix, mmap=False).index
-        dtype = np.dtype(index.dtype)
-        sequence_lengths = np.array(index.sequence_lengths, dtype=np.int64)
-        document_indices = np.array(index.document_indices, dtype=np.int64)
-        del index
-    except (AssertionError, struct.error, ValueError, IndexError, KeyError, OverflowError) as e:
-        raise ValueError(f"index file {idx_file} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    dtype, n_sequences, n_documents = _check_idx_layout(idx_file)
     if dtype.kind not in "iu":
         raise ValueError(f"index file {idx_file} declares non-integer token dtype {dtype}")
-    if (
-        document_indices.size == 0
-        or document_indices[0] != 0
-        or document_indices[-1] != sequence_lengths.size
-        or np.any(np.diff(document_indices) < 0)
-        or np.any(sequence_lengths < 0)
-    ):
-        raise ValueError(f"index file {idx_file} is corrupt (inconsistent document boundaries or lengths)")
+    # The index's arrays, memory-mapped where they lie: int32 sequence lengths, int64 sequence
+    # pointers (bytes into the .bin) and int64 document indices (each document's first sequence).
+    offset = _IDX_HEADER.size
+    sequence_lengths = _map(idx_file, np.int32, offset, n_sequences)
+    sequence_pointers = _map(idx_file, np.int64, offset + 4 * n_sequences, n_sequences)
+    document_index = _map(idx_file, np.int64, offset + 12 * n_sequences, n_documents)
+    num_tokens, single = _check_index(idx_file, sequence_lengths, sequence_pointers, document_index, dtype.itemsize)
 
-    num_tokens = int(sequence_lengths.sum())
     expected_bytes = num_tokens * dtype.itemsize
     actual_bytes = os.path.getsize(bin_file)
     if actual_bytes != expected_bytes:
@@ -216,8 +308,12 @@ def open_indexed_dataset(prefix: str) -> IndexedTokens:
     if top is not None and (type(top) is not int or not 0 <= top <= np.iinfo(dtype).max):
         raise ValueError(f"metadata file {meta_path(prefix)} records max_token_id={top!r}, not a {dtype} token id")
     tokens = np.memmap(bin_file, dtype=dtype, mode="r", shape=(num_tokens,))
-    return IndexedTokens(prefix, tokens, _document_lengths(sequence_lengths, document_indices), meta,
-                         _open_loss_mask(prefix, num_tokens, meta))
+    if single:
+        document_lengths, document_index = sequence_lengths, None
+    else:
+        document_lengths = _document_lengths(sequence_pointers, document_index, dtype.itemsize, num_tokens)
+    return IndexedTokens(prefix, tokens, document_lengths, meta, _open_loss_mask(prefix, num_tokens, meta),
+                         sequence_pointers, document_index)
 
 
 def _open_loss_mask(prefix: str, num_tokens: int, meta: dict | None) -> np.memmap | None:

@@ -76,7 +76,8 @@ def _cut(starts: np.ndarray, lengths: np.ndarray, window: int) -> tuple[np.ndarr
     stride = window - 1
     n_pieces = np.maximum(1, -(-(lengths - 1) // stride))
     doc = np.repeat(np.arange(len(lengths)), n_pieces)
-    k = np.arange(len(doc)) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)  # piece index in its document
+    # piece index in its document (int64, so that the products below are too, whatever the lengths' dtype)
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(n_pieces, dtype=np.int64) - n_pieces, n_pieces)
     return starts[doc] + k * stride, np.minimum(window, lengths[doc] - k * stride), k > 0
 
 
@@ -151,16 +152,16 @@ def _next_fit(piece_length: np.ndarray, window: int) -> np.ndarray:
     return np.append(walked[walked >= entry[owner[walked] - 1]], n)
 
 
-def _split_documents(lengths: np.ndarray, split: tuple[float, ...]) -> list[np.ndarray]:
-    """Indices of the documents of each part: consecutive runs in corpus order, part i ending at
-    the last document that ends within the first ``split[0] + ... + split[i]`` of the tokens."""
-    ends = np.cumsum(lengths)
+def _split_documents(ends: np.ndarray, split: tuple[float, ...]) -> list[tuple[int, int]]:
+    """The documents [a, b) of each part, given each document's end in the stream: consecutive runs
+    in corpus order, part i ending at the last document that ends within the first
+    ``split[0] + ... + split[i]`` of the tokens."""
     total = int(ends[-1]) if len(ends) else 0
     bounds = [0]
     for f in np.cumsum(split):
         cut = np.floor(round(total * float(f), 9))  # round first: 100 * 0.29 counts as 29 tokens
-        bounds.append(max(bounds[-1], int(np.searchsorted(ends, cut, side="right"))))
-    return [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        bounds.append(max(bounds[-1], int(np.searchsorted(ends, int(cut), side="right"))))
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def pack_documents(document_lengths: np.ndarray, window: int, strategy: str = "next_fit",
@@ -169,14 +170,22 @@ def pack_documents(document_lengths: np.ndarray, window: int, strategy: str = "n
     into windows of ``window`` tokens, long documents cut into overlapping pieces; ``strategy``:
     ``next_fit`` or ``best_fit``; ``split``: the token fractions of the parts packed apart (the
     documents past their sum are left out). See the module docstring."""
-    lengths = np.asarray(document_lengths, dtype=np.int64)
+    # int32 lengths (a corpus' memory-mapped ones) are read as they are, not copied to int64: the
+    # sums and products below that could pass 2**31 are made in int64.
+    lengths = np.asarray(document_lengths)
+    if lengths.dtype != np.int32 and lengths.dtype != np.int64:
+        lengths = lengths.astype(np.int64)
     assert window >= 2 and lengths.ndim == 1 and np.all(lengths >= 0), (window, lengths.shape)
     assert strategy in ("next_fit", "best_fit"), strategy
-    doc_starts = np.cumsum(lengths) - lengths
+    ends = np.cumsum(lengths, dtype=np.int64)
     parts, groups, offset = [], [], 0
-    for docs in _split_documents(lengths, split):
-        docs = docs[lengths[docs] > 0]
-        start, length, cont = _cut(doc_starts[docs], lengths[docs], window)
+    for a, b in _split_documents(ends, split):
+        length = lengths[a:b]
+        start = ends[a:b] - length
+        nonempty = length > 0
+        if not nonempty.all():
+            start, length = start[nonempty], length[nonempty]
+        start, length, cont = _cut(start, length, window)
         if strategy == "best_fit":
             order, first = _best_fit(length, window)
             start, length, cont = start[order], length[order], cont[order]
