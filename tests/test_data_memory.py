@@ -1,9 +1,11 @@
 """Memory of the data pipeline at corpus scale: opening a corpus maps its index instead of copying
-per-document arrays, with the same samples as the plain per-document arrays give."""
+per-document arrays, and writing one keeps no per-document Python state, with the same bytes and
+the same samples as the plain per-document arrays give."""
 
 from __future__ import annotations
 
 import tracemalloc
+from multiprocessing.pool import ThreadPool
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from kdtrain.data import GPTWindowDataset, open_indexed_dataset, write_indexed_dataset
 from kdtrain.data import indexed
 from kdtrain.data.gpt_dataset import positions_from_starts
+from kdtrain.data.preprocess import _ordered_map
 
 
 def _traced_peak(fn):
@@ -44,6 +47,51 @@ def _short_documents(n: int, seed: int = 0):
     starts = [0] + ends[:-1]
     tokens = rng.integers(0, 1000, size=ends[-1])
     return lambda: (tokens[a:b] for a, b in zip(starts, ends))
+
+
+# ---------------------------------------------------------------- writer
+
+
+@pytest.mark.parametrize("vocab", [1000, 100_000], ids=["uint16", "int32"])
+def test_the_writer_writes_the_bytes_of_megatrons_builder(tmp_path, vocab):
+    rng = np.random.default_rng(vocab)
+    docs = [rng.integers(0, vocab, size=n) for n in rng.integers(1, 50, size=300)]
+    write_indexed_dataset(str(tmp_path / "ours"), docs + [[]], vocab, {})
+    _megatron_corpus(str(tmp_path / "ref"), [[d] for d in docs], dtype=indexed.token_dtype(vocab).type)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes(), ext
+
+
+def test_the_writer_holds_no_memory_per_document(tmp_path, monkeypatch):
+    """Megatron's builder kept Python lists of every document's length and index (about 100 bytes
+    a document at its peak); the writer now streams them to the index file."""
+    monkeypatch.setattr(indexed, "_CHUNK", 1024)
+    docs = _short_documents(100_000)
+    meta, peak = _traced_peak(lambda: write_indexed_dataset(str(tmp_path / "c"), docs(), 1000, {}))
+    assert meta["num_documents"] == 100_000
+    assert peak < 300_000, peak  # < 3 bytes a document, most of it the fixed chunks
+    ds = open_indexed_dataset(str(tmp_path / "c"))
+    np.testing.assert_array_equal(ds.document_lengths, [d.size for d in docs()])
+    np.testing.assert_array_equal(ds.tokens, np.concatenate(list(docs())))
+
+
+def test_encoding_keeps_a_bounded_number_of_batches_in_flight():
+    """A pool's imap reads its input as fast as the workers take it and holds every result not
+    yet taken: with workers faster than the writer, encoded documents pile up."""
+    pulled = 0
+
+    def batches():
+        nonlocal pulled
+        for i in range(200):
+            pulled += 1
+            yield [i]
+
+    with ThreadPool(2) as pool:
+        out = []
+        for result in _ordered_map(pool, lambda batch: [x * 2 for x in batch], batches(), ahead=4):
+            assert pulled - len(out) <= 4
+            out.append(result)
+    assert out == [[2 * i] for i in range(200)]
 
 
 # ---------------------------------------------------------------- reader

@@ -353,6 +353,53 @@ class _BitWriter:
         self._f.close()
 
 
+class _IndexWriter:
+    """Writes megatron-core's .idx for documents of one sequence each, in the bytes of its
+    IndexedDatasetBuilder, without a Python list per document: the lengths go to the file as they
+    come (behind a header written last), and the pointers and document indices, computed a chunk
+    at a time from the lengths read back, follow them at close. Memory stays constant."""
+
+    def __init__(self, path: str, dtype: np.dtype):
+        self._f = open(path, "w+b")
+        self._f.write(bytes(_IDX_HEADER.size))
+        self._dtype = dtype
+        self._pending = np.empty(_CHUNK, dtype=np.int32)  # lengths not yet written
+        self._used = 0
+        self.count = 0
+
+    def add(self, length: int) -> None:
+        self._pending[self._used] = length
+        self._used += 1
+        self.count += 1
+        if self._used == _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._f.write(self._pending[: self._used].tobytes())
+        self._used = 0
+
+    def finish(self) -> None:
+        self._flush()
+        f, n, itemsize = self._f, self.count, self._dtype.itemsize
+        read_at, end = _IDX_HEADER.size, 0
+        for a in range(0, n, _CHUNK):
+            f.seek(read_at)
+            lengths = np.frombuffer(f.read(4 * min(_CHUNK, n - a)), dtype=np.int32).astype(np.int64) * itemsize
+            read_at = f.tell()
+            ends = end + np.cumsum(lengths)
+            f.seek(0, os.SEEK_END)
+            f.write((ends - lengths).tobytes())
+            end = int(ends[-1])
+        for a in range(0, n + 1, _CHUNK):
+            f.write(np.arange(a, min(n + 1, a + _CHUNK), dtype=np.int64).tobytes())
+        f.seek(0)
+        f.write(_IDX_HEADER.pack(_IDX_MAGIC, 1, _megatron_indexed().DType.code_from_dtype(self._dtype.type), n, n + 1))
+        f.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def _remove(paths: Sequence[str]) -> None:
     for path in paths:
         if os.path.exists(path):
@@ -376,9 +423,10 @@ def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, met
     tmp = f"{prefix}.tmp-{os.getpid()}"
     tmp_bin, tmp_idx, tmp_meta, tmp_mask = bin_path(tmp), idx_path(tmp), meta_path(tmp), loss_mask_path(tmp)
     num_documents = num_tokens = max_token_id = 0
-    builder = mask_writer = None
+    data_file = index = mask_writer = None
     try:
-        builder = _megatron_indexed().IndexedDatasetBuilder(tmp_bin, dtype=dtype.type)
+        data_file = open(tmp_bin, "wb")
+        index = _IndexWriter(tmp_idx, dtype)
         for i, doc in enumerate(documents):
             masked = isinstance(doc, tuple)
             if i == 0 and masked:
@@ -390,6 +438,9 @@ def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, met
                 continue
             if ids.ndim != 1:
                 raise ValueError(f"document {i} for {prefix} is not a flat list of token ids (shape {ids.shape})")
+            if ids.size > np.iinfo(np.int32).max:
+                raise ValueError(f"document {i} for {prefix} has {ids.size} tokens, more than an index records "
+                                 f"(2**31 - 1): split it")
             if masked:
                 mask = np.asarray(doc[1])
                 if mask.shape != ids.shape:
@@ -399,13 +450,15 @@ def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, met
             if lo < 0 or hi >= vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"document {i} for {prefix} has token id {bad} outside [0, vocab_size={vocab_size})")
-            builder.add_document(ids.astype(dtype), [ids.size])
+            data_file.write(ids.astype(dtype).tobytes())
+            index.add(ids.size)
             max_token_id = max(max_token_id, hi)
             num_documents += 1
             num_tokens += ids.size
-        builder.finalize(tmp_idx)
+        data_file.close()
         if num_tokens == 0:
             raise ValueError(f"no tokens to write for {prefix}: the input has no non-empty documents")
+        index.finish()
         meta = dict(metadata)
         meta.update(vocab_size=vocab_size, num_documents=num_documents, num_tokens=num_tokens,
                     max_token_id=max_token_id, dtype=dtype.name)
@@ -433,8 +486,10 @@ def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, met
         os.replace(tmp_idx, idx_path(prefix))
         fsync_dir(directory)
     finally:
-        if builder is not None:
-            builder.data_file.close()
+        if data_file is not None:
+            data_file.close()
+        if index is not None:
+            index.close()
         if mask_writer is not None:
             mask_writer.close()
         _remove([tmp_bin, tmp_idx, tmp_meta, tmp_mask])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import multiprocessing
 import os
@@ -14,6 +15,7 @@ from kdtrain.data.sources import check_input_file, iter_documents, iter_records
 from kdtrain.data.tokenizer import Tokenizer, bos_ids
 
 _BATCH_DOCUMENTS = 64
+_BATCHES_AHEAD = 4  # batches in flight per worker
 FORMATS = ("text", "chat")
 _worker_encoder = None
 
@@ -84,6 +86,19 @@ def _make_encoder(fmt: str, tokenizer_path: str, append_eos: bool, template: str
     if fmt == "chat":
         return _ChatEncoder(tokenizer_path, append_eos, template, key, prepend_bos)
     return _TextEncoder(tokenizer_path, append_eos, prepend_bos)
+
+
+def _ordered_map(pool, func, batches: Iterable[list], ahead: int) -> Iterator[list]:
+    """``pool.imap(func, batches)`` with at most ``ahead`` batches in flight: imap reads the
+    input as fast as the workers take it and keeps every result the writer has not yet taken, so
+    workers faster than the writer would pile up encoded documents without bound."""
+    pending: collections.deque = collections.deque()
+    for batch in batches:
+        pending.append(pool.apply_async(func, (batch,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _batches(docs: Iterable, size: int) -> Iterator[list]:
@@ -167,7 +182,8 @@ def encode_files(
                                      tok.vocab_size, metadata)
     else:
         with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(encoder_args,)) as pool:
-            encoded = pool.imap(_encode_in_worker, _batches(docs, _BATCH_DOCUMENTS))
+            encoded = _ordered_map(pool, _encode_in_worker, _batches(docs, _BATCH_DOCUMENTS),
+                                   _BATCHES_AHEAD * workers)
             meta = write_indexed_dataset(output_prefix, documents(encoded), tok.vocab_size, metadata)
     return dict(meta, bytes=os.path.getsize(bin_path(output_prefix)), seconds=time.perf_counter() - start,
                 skipped=skipped)
