@@ -1,4 +1,4 @@
-"""Padding of whole-document packing (data.packing): next fit in corpus order vs best fit
+r"""Padding of whole-document packing (data.packing): next fit in corpus order vs best fit
 decreasing per block, for several sequence lengths, and the time to pack at start-up. The two
 corpora come from ``WORK=/tmp/kdtrain-chat bash benchmarks/bench_chat.sh`` (any indexed corpora do):
 

@@ -1,4 +1,4 @@
-"""Planner vs measurement: colocated teacher+student steps on one device, predicted and measured.
+r"""Planner vs measurement: colocated teacher+student steps on one device, predicted and measured.
 
 One command on the GPU host (an H100: about 3 minutes, the first KD-loss kernel build included):
 

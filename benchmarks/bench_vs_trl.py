@@ -1,4 +1,4 @@
-"""kdtrain vs TRL's GKDTrainer on the same node: same models, data, batch, precision and divergence.
+r"""kdtrain vs TRL's GKDTrainer on the same node: same models, data, batch, precision and divergence.
 
     # CI / laptop: tiny Llama-style pair on CPU, every variant that runs there (~45 s on 2 cores)
     python benchmarks/bench_vs_trl.py --cpu-tiny --out /tmp/bench-trl-cpu

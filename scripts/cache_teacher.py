@@ -1,4 +1,4 @@
-"""Run a distillation run's teacher once over its training samples and cache its top-k payload
+r"""Run a distillation run's teacher once over its training samples and cache its top-k payload
 (the demo config's teacher is the one ``bash scripts/quickstart.sh`` trains).
 
     torchrun --standalone --nproc_per_node=2 scripts/cache_teacher.py --config configs/distill/demo.yaml \

@@ -1,4 +1,4 @@
-"""Distil a teacher GPT into a student GPT (torchrun; gloo on CPU, NCCL on GPU). The demo config's
+r"""Distil a teacher GPT into a student GPT (torchrun; gloo on CPU, NCCL on GPU). The demo config's
 teacher and data are the ones ``bash scripts/quickstart.sh`` builds.
 
     torchrun --nproc_per_node=2 scripts/distill_gpt.py --config configs/distill/demo.yaml

@@ -1,4 +1,4 @@
-"""Tokenize .jsonl/.txt documents into a megatron-core indexed dataset (.bin/.idx/.meta.json).
+r"""Tokenize .jsonl/.txt documents into a megatron-core indexed dataset (.bin/.idx/.meta.json).
 
     python scripts/preprocess_data.py --input corpus.jsonl --tokenizer data/tok.model \
         --output-prefix data/corpus_text_document --workers 2

@@ -1,4 +1,4 @@
-"""Pretrain a GPT with tensor, pipeline and data parallelism (torchrun; gloo on CPU, NCCL on GPU).
+r"""Pretrain a GPT with tensor, pipeline and data parallelism (torchrun; gloo on CPU, NCCL on GPU).
 
     torchrun --nproc_per_node=4 scripts/pretrain_gpt.py --config configs/pretrain/demo.yaml \
         parallel.tp=2 parallel.pp=2 training.train_steps=50 \

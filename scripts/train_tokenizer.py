@@ -1,4 +1,4 @@
-"""Train a byte-fallback SentencePiece tokenizer on .jsonl/.txt/.parquet files (or on the demo corpus).
+r"""Train a byte-fallback SentencePiece tokenizer on .jsonl/.txt/.parquet files (or on the demo corpus).
 
     python scripts/train_tokenizer.py --input corpus.jsonl --output-prefix data/tok --vocab-size 4096
 

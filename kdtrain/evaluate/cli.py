@@ -1,4 +1,4 @@
-"""``kdtrain eval``: held-out next-token loss of checkpoints on a corpus, the same windows for
+r"""``kdtrain eval``: held-out next-token loss of checkpoints on a corpus, the same windows for
 every model, whatever each run trained on.
 
     kdtrain eval --model checkpoints/student-a checkpoints/student-b     # the first run's own held-out data

@@ -1,4 +1,4 @@
-"""``kdtrain plan`` and ``kdtrain calibrate``.
+r"""``kdtrain plan`` and ``kdtrain calibrate``.
 
     kdtrain plan --teacher llama-3.1-8b --student llama-3.2-1b --world-size 64 --gpus-per-node 8 \
         --seq-len 4096 --global-batch 1024 [--topk 64] [--profile h100-80gb|FILE] [--json] [--top 10]

@@ -1,4 +1,4 @@
-"""The planner's inputs for a distillation run config: what ``split: auto`` plans with and what
+r"""The planner's inputs for a distillation run config: what ``split: auto`` plans with and what
 ``kdtrain plan --config`` shows, so both see the same problem.
 
     kdtrain plan --config configs/distill/qwen2.5-7b-to-0.5b-8xh100.yaml --world-size 8 \
