@@ -256,6 +256,45 @@ def test_dead_teacher_rank_gives_a_clear_error_within_the_timeout(tmp_path):
     run_spawn(4, _dead_teacher, tmp_path=tmp_path)
 
 
+# -- channel: teacher dp2 on ranks 0-1, student dp3 on ranks 1-3 (shared sender groups) ----------
+
+def _shared_groups(rank, world):
+    """Teacher replica t on rank t sends to the student replicas on ranks 1-3 (replica r on rank
+    1 + r) over one group per sending rank: rank 0's holds ranks 0-3, rank 1's ranks 1-3. Rank 1
+    is teacher and student (it sends to ranks 2 and 3, receives from rank 0 and keeps o = 3,
+    zero-copy), like a colocated rank: its micro-batches are served before its student's."""
+    import torch.distributed as dist
+
+    from kdtrain.parallel import RoleLayout
+    from kdtrain.stream.channel import PayloadChannel
+
+    spec = PayloadSpec(seq_length=4, micro_batch=2, k=3, values_dtype=torch.float32)
+    pairing = Pairing(12, 2, 3)
+    ch = PayloadChannel(pairing, RoleLayout("teacher", 0, 1, 1, 2), RoleLayout("student", 1, 1, 1, 3), spec,
+                        student_tp_group=None, device=torch.device("cpu"), timeout_s=20.0, send_depth=None,
+                        recv_depth=2)
+    assert ch.pairs() == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+    members = {0: (0, 1, 2, 3), 1: (1, 2, 3)}  # sending rank -> its group
+    assert {src: dist.get_world_size(g) for src, g in ch._groups.items() if rank in members[src]} == \
+        {src: len(m) for src, m in members.items() if rank in m}
+    if rank < 2:
+        for o in pairing.teacher_work(rank):
+            ch.put(o, _make_payload(spec, o))
+    if rank >= 1:
+        work = pairing.student_work(rank - 1)
+        for i, o in enumerate(work):
+            ch.post(work[i:])
+            assert torch.equal(ch.get(o, _tokens(o)).buffer, _make_payload(spec, o).buffer), (rank, o)
+        moved = sum(ch.route(o)[1] != rank for o in work)  # all but rank 1's own (zero-copy) ones
+        assert ch.bytes_received == moved * spec.nbytes and moved == (4 if rank > 1 else 2), (rank, moved)
+    ch.flush()
+    assert ch.bytes_sent == {0: 6, 1: 4}.get(rank, 0) * spec.nbytes and ch.pending() == 0
+
+
+def test_channel_moves_payloads_bitwise_over_one_group_per_sending_rank(tmp_path):
+    run_spawn(4, _shared_groups, tmp_path=tmp_path)
+
+
 # -- channel: colocated teacher tp2 x dp1 and student tp1 x dp2 on ranks 0-1 (zero-copy) ----------
 
 def _colocated_zero_copy(rank, world):
@@ -307,30 +346,68 @@ def _stream_order_deadlocks(ops: dict, key) -> bool:
     return any(queues.values())
 
 
+def _stream_ops(ch, world: int) -> dict:
+    """rank -> [(o, src, dst)] in the channel's posting order: a rank's sends, then its receives
+    (a colocated rank serves its teacher micro-batches before its student needs the payloads)."""
+    sends, recvs = {r: [] for r in range(world)}, {r: [] for r in range(world)}
+    for o in range(ch.pairing.num_microbatches):
+        zero_copy, src, dst = ch.route(o)
+        if not zero_copy and src != dst:
+            sends[src].append((o, src, dst))
+            recvs[dst].append((o, src, dst))
+    assert {(src, dst) for r in sends for _, src, dst in sends[r]} == set(ch.pairs())
+    return {r: sends[r] + recvs[r] for r in range(world)}
+
+
+def _sender_group(ch):
+    """The channel's communicator of payloads src -> dst: its sender's group (payload_groups)."""
+    from kdtrain.stream.channel import payload_groups
+
+    owner = {(src, d): src for src, ranks in payload_groups(ch.pairing, ch.teacher, ch.student) for d in ranks}
+    return lambda src, dst: owner[src, dst]
+
+
 def test_colocated_streams_cannot_deadlock_on_nccls_per_communicator_order(world_of_one):
     """A colocated rank posts its teacher's sends, then its student's receives (channel.py).
     NCCL runs a communicator's operations in posting order; gloo does not serialize them, so the
     CPU runs cannot show a deadlock. Simulated here: one communicator for the world, or per
     direction (lower to higher rank and back), deadlocks some colocated layouts (the heads of the
-    ranks' queues wait for each other in a cycle); one per ordered pair
-    (PayloadChannel.pairs: only src's sends and dst's receives, both in increasing o) deadlocks
-    none of up to 12 ranks."""
+    ranks' queues wait for each other in a cycle); one per ordered pair, or the channel's one per
+    sending rank (payload_groups: only that rank's sends, and its receivers' receives from it,
+    all in increasing o), deadlocks none of up to 12 ranks."""
     from conftest import routing_channels
 
     keyings = {"world": lambda a, b: 0, "direction": lambda a, b: a < b, "ordered pair": lambda a, b: (a, b)}
-    deadlocked, checked = {name: [] for name in keyings}, 0
+    deadlocked, checked = {name: [] for name in [*keyings, "channel"]}, 0
     for world, t, s, ch in routing_channels(12):
-        sends, recvs = {r: [] for r in range(world)}, {r: [] for r in range(world)}
-        for o in range(ch.pairing.num_microbatches):
-            zero_copy, src, dst = ch.route(o)
-            if not zero_copy and src != dst:
-                sends[src].append((o, src, dst))
-                recvs[dst].append((o, src, dst))
-        assert {(src, dst) for r in sends for _, src, dst in sends[r]} == set(ch.pairs())
-        ops = {r: sends[r] + recvs[r] for r in range(world)}
-        for name, key in keyings.items():
+        ops = _stream_ops(ch, world)
+        for name, key in [*keyings.items(), ("channel", _sender_group(ch))]:
             if _stream_order_deadlocks(ops, key):
                 deadlocked[name].append((t, s))
         checked += 1
     assert deadlocked["world"] and deadlocked["direction"], deadlocked
-    assert not deadlocked["ordered pair"] and checked > 400, (deadlocked["ordered pair"], checked)
+    assert not deadlocked["ordered pair"] and not deadlocked["channel"] and checked > 400, (deadlocked, checked)
+
+
+def test_disaggregated_streams_cannot_deadlock_on_the_channel_s_communicators():
+    """The same simulation for a teacher and a student on separate ranks (up to 6 + 6): one
+    sender per communicator, however many students a teacher rank serves."""
+    import math
+
+    from kdtrain.parallel import RoleLayout
+    from kdtrain.stream.channel import PayloadChannel
+
+    spec = PayloadSpec(seq_length=4, micro_batch=1, k=2, values_dtype=torch.float32)
+    checked = 0
+    for wt in range(1, 7):
+        for ws in range(1, 7):
+            layouts = [[(tp, pp, w // (tp * pp)) for tp in range(1, w + 1) for pp in range(1, w + 1)
+                        if w % (tp * pp) == 0] for w in (wt, ws)]
+            for t in layouts[0]:
+                for s in layouts[1]:
+                    ch = PayloadChannel(Pairing(2 * math.lcm(t[2], s[2]), t[2], s[2]), RoleLayout("teacher", 0, *t),
+                                        RoleLayout("student", wt, *s), spec, None, torch.device("cpu"), 1.0, None,
+                                        None, connect=False, rank=0)
+                    assert not _stream_order_deadlocks(_stream_ops(ch, wt + ws), _sender_group(ch)), (t, s)
+                    checked += 1
+    assert checked > 400, checked

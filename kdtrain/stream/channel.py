@@ -25,14 +25,31 @@ posted before the teacher's micro-batches would count them against ``timeout_s``
 Communicators. NCCL runs the point-to-point operations of one communicator in the order they
 were posted: a receive at the head waits for its send, and everything behind it waits too (with
 eagerly initialised groups, torch's default here, a group's sends and receives to any peer share
-its one communicator). A colocated rank posts its sends, then its receives; with the traffic of
-several peers or of both directions on one communicator, the operations at the heads of the
-ranks' queues can wait for each other in a cycle, forever (teacher tp1 x dp6 serving student
-tp2 x dp3 on 6 ranks, for one; gloo does not serialize them, so CPU runs cannot show it). Each ordered pair
-(src, dst) that carries payloads therefore gets its own group: its communicator holds only
-src's sends and dst's receives, both in increasing ``o``. The groups are created on every rank
-in one order (world-collective); where a backend creates a communicator at its first message
-(blocking both ranks until both arrive) each pair sends one token at construction, in one
+its one communicator). A colocated rank posts its sends, then its receives; with both directions,
+or several senders, on one communicator, the operations at the heads of the ranks' queues can
+wait for each other in a cycle, forever (teacher tp1 x dp6 serving student tp2 x dp3 on 6 ranks,
+with one communicator per direction, for one; gloo does not serialize them, so CPU runs cannot
+show it). Each rank that sends payloads therefore gets one group (:func:`payload_groups`): it
+and the ranks it sends to. Its communicator carries that rank's sends and nothing else, so it
+has one sender, and the argument needs nothing more:
+
+* on it the sender posts in increasing ``o``, and each receiver posts its receives from that
+  sender in increasing ``o`` too (a subsequence of the sender's order, the receiver's own work);
+* the head of the sender's queue is the smallest ``o`` it has not sent, say for receiver ``d``;
+  every earlier ``o`` for ``d`` was before it in the sender's queue, hence matched, so once ``d``
+  posts ``o`` it is at the head of ``d``'s queue too: the two heads match, never a cycle inside
+  one communicator;
+* a rank's communicators are separate queues, and the pairing's argument (pairing.py: the
+  smallest ``o`` not yet received) shows that the receive of that ``o`` gets posted (a receiver
+  posts in increasing ``o`` and has taken every earlier one of its own) and its send too.
+
+A colocated rank that both sends and receives is the root of its own group (its sends) and a
+member of its senders' groups (its receives): never both directions on one communicator, so it
+needs a group per peer nowhere. A rank belongs to at most ``1 + Dt`` payload groups (its own,
+and one per teacher replica sending to it; a group per (src, dst) pair would put up to ``Ds``
+communicators on a teacher's sending rank). The groups are created on every rank in one order
+(world-collective); where a backend creates a communicator at its first message between two ranks
+(blocking both until both arrive) each (src, dst) pair sends one token at construction, in one
 global order (the smallest pair not yet open has both its ranks waiting on it).
 
 Failure. Every wait is bounded by ``timeout_s``; a peer that died (connection closed) or stalled
@@ -43,6 +60,8 @@ the data and is an error, never a silently wrong loss.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left, bisect_right
 from collections import deque
 from datetime import timedelta
 from typing import Optional
@@ -64,26 +83,76 @@ def _last_stage_ranks(layout: RoleLayout, replica: int) -> range:
     return last_stage_ranks(layout.rank_offset, layout.tp, layout.pp, layout.dp, replica)
 
 
+# -- routes and groups: pure functions of the pairing and the two layouts -----------------------
+def route_of(pairing: Pairing, teacher: RoleLayout, student: RoleLayout, o: int) -> tuple[bool, int, int]:
+    """(zero_copy, src rank, dst rank) of sequence number ``o`` (module docstring)."""
+    r, _ = pairing.student_of(o)
+    return payload_route(_last_stage_ranks(teacher, pairing.teacher_of(o)), _last_stage_ranks(student, r))
+
+
+def payload_pairs(pairing: Pairing, teacher: RoleLayout, student: RoleLayout) -> list[tuple[int, int]]:
+    """The (src, dst) ranks that payloads move between, in the order their tokens are exchanged."""
+    pairs = set()
+    # route(o) depends on o % Dt and o % Ds only, and N is a multiple of both: one cycle of
+    # lcm(Dt, Ds) sequence numbers routes like every step.
+    for o in range(math.lcm(pairing.dp_teacher, pairing.dp_student)):
+        zero_copy, src, dst = route_of(pairing, teacher, student, o)
+        if not zero_copy and src != dst:
+            pairs.add((src, dst))
+    return sorted(pairs, key=lambda p: (min(p), max(p), p[0]))
+
+
+def payload_groups(pairing: Pairing, teacher: RoleLayout, student: RoleLayout) -> list[tuple[int, tuple[int, ...]]]:
+    """``(src, ranks)`` of each payload group, in the order they are created: one per rank that
+    sends payloads, holding it and the ranks it sends to (module docstring)."""
+    dests: dict[int, set] = {}
+    for src, dst in payload_pairs(pairing, teacher, student):
+        dests.setdefault(src, {src}).add(dst)
+    return [(src, tuple(sorted(ranks))) for src, ranks in sorted(dests.items())]
+
+
+def payload_receives(pairing: Pairing, teacher: RoleLayout, student: RoleLayout, rank: int) -> list[int]:
+    """Sequence numbers of a step that ``rank`` receives point-to-point, increasing: none unless it
+    is the tensor-rank 0 of a student replica's last stage."""
+    if not student.contains(rank):
+        return []
+    tp_rank, r, pp_rank = student.coords(rank)
+    if tp_rank != 0 or pp_rank != student.pp - 1:
+        return []
+    received: dict[int, bool] = {}  # teacher replica -> whether its payloads for replica r arrive by message
+    out = []
+    for o in pairing.student_work(r):
+        t = pairing.teacher_of(o)
+        if t not in received:
+            zero_copy, src, dst = route_of(pairing, teacher, student, o)
+            received[t] = not zero_copy and src != dst
+        if received[t]:
+            out.append(o)
+    return out
+
+
 class PayloadChannel:
     """Both ends of the stream as seen from one rank (a rank may be teacher, student or both)."""
 
     def __init__(self, pairing: Pairing, teacher: RoleLayout, student: RoleLayout, spec: PayloadSpec,
                  student_tp_group, device: torch.device, timeout_s: float,
                  send_depth: Optional[int], recv_depth: Optional[int], connect: bool = True,
-                 group_timeout_s: Optional[float] = None):
+                 group_timeout_s: Optional[float] = None, rank: Optional[int] = None):
         self.pairing, self.teacher, self.student, self.spec = pairing, teacher, student, spec
         self.student_tp_group = student_tp_group
         self.device = device
         self.timeout = timedelta(seconds=timeout_s)
         self.send_depth, self.recv_depth = send_depth, recv_depth
-        self.rank = dist.get_rank()
+        self.rank = dist.get_rank() if rank is None else rank  # rank: routing only, without a process group
         self._local: dict[int, Payload] = {}  # zero-copy or same-rank hand-over, keyed by o
         self._sends: deque = deque()  # (o, dest, work)
         self._recvs: dict[int, tuple[Payload, object]] = {}  # o -> (payload, work) posted on tp-rank 0
         self.bytes_sent = 0
         self.bytes_received = 0
         self._unverified: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (o, src, got, expected)
-        self._pair_groups: dict[tuple[int, int], object] = {}  # (src, dst) -> its group
+        self._receives = payload_receives(pairing, teacher, student, self.rank)  # what post() posts, in order
+        self._pairs: set[tuple[int, int]] = set()  # (src, dst) moving payloads, once connected
+        self._groups: dict[int, object] = {}  # src -> its group (module docstring)
         if connect:  # False: routing only (no messages; the planner's tests)
             self._connect(group_timeout_s)
 
@@ -96,25 +165,22 @@ class PayloadChannel:
 
     def route(self, o: int) -> tuple[bool, int, int]:
         """(zero_copy, src rank, dst rank) of sequence number ``o``."""
-        return payload_route(*self._last_ranks(o))
+        return route_of(self.pairing, self.teacher, self.student, o)
 
     # -- communicators (module docstring) ------------------------------------------------------
     def pairs(self) -> list[tuple[int, int]]:
-        """The (src, dst) ranks that payloads move between, in the order their groups are made."""
-        pairs = set()
-        for o in range(self.pairing.num_microbatches):  # every step routes its o's alike
-            zero_copy, src, dst = self.route(o)
-            if not zero_copy and src != dst:
-                pairs.add((src, dst))
-        return sorted(pairs, key=lambda p: (min(p), max(p), p[0]))
+        """The (src, dst) ranks that payloads move between, in the order their tokens are exchanged."""
+        return payload_pairs(self.pairing, self.teacher, self.student)
 
     def _connect(self, timeout_s: Optional[float]) -> None:
-        """World-collective (every rank constructs the channel): a group per pair, then one token
-        on each, in one global order (module docstring). ``timeout_s``: the groups' timeout (the
-        run's distributed.timeout_s; None: torch's default)."""
+        """World-collective (every rank constructs the channel): a group per sending rank, then one
+        token per (src, dst) pair, in one global order (module docstring). ``timeout_s``: the
+        groups' timeout (the run's distributed.timeout_s; None: torch's default)."""
         pairs = self.pairs()  # the same on every rank: a function of the layouts
         kw = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-        self._pair_groups = {p: dist.new_group(list(p), **kw) for p in pairs}
+        self._groups = {src: dist.new_group(list(ranks), **kw)
+                        for src, ranks in payload_groups(self.pairing, self.teacher, self.student)}
+        self._pairs = set(pairs)
         token = torch.zeros(1, dtype=torch.int32, device=self.device)
         for src, dst in pairs:
             if self.rank in (src, dst):
@@ -125,9 +191,9 @@ class PayloadChannel:
                             f"connecting to rank {peer}")
 
     def _group(self, src: int, dst: int):
-        assert (src, dst) in self._pair_groups, (f"rank {self.rank}: no group for payloads {src} -> {dst} "
-                                                 "(a channel built with connect=False moves none)")
-        return self._pair_groups[src, dst]
+        assert (src, dst) in self._pairs, (f"rank {self.rank}: no group for payloads {src} -> {dst} "
+                                           "(a channel built with connect=False moves none)")
+        return self._groups[src]
 
     # -- teacher side -------------------------------------------------------------------------
     def put(self, o: int, payload: Payload) -> None:
@@ -162,20 +228,29 @@ class PayloadChannel:
     def post(self, sequence: list[int]) -> None:
         """Post receives (tensor-rank 0 of the student's last stage) for the next sequence numbers.
 
-        ``sequence`` is this student replica's remaining work in order; receives are posted up to
-        ``recv_depth`` ahead (all of them when ``recv_depth`` is None)."""
-        for o in sequence:
-            if self.recv_depth is not None and len(self._recvs) >= self.recv_depth:
-                break
-            if o in self._recvs:
-                continue
-            zero_copy, src, dst = self.route(o)
-            if zero_copy or dst != self.rank or src == self.rank:
-                continue
-            payload = self.spec.empty(self.device)
-            work = self._guard(lambda: dist.irecv(payload.buffer, src, group=self._group(src, dst)),
-                               f"receiving micro-batch {o} from teacher rank {src}")
-            self._recvs[o] = (payload, work)
+        ``sequence`` is this student replica's remaining work in order (what is left of its
+        ``pairing.student_work``); receives are posted up to ``recv_depth`` ahead (all of them
+        when ``recv_depth`` is None). Only ``sequence[0]`` is read: the receives come from the
+        precomputed ``_receives``, so a call costs O(log N + receives posted)."""
+        todo, depth = self._receives, self.recv_depth
+        if not todo or not sequence or (depth is not None and len(self._recvs) >= depth):
+            return
+        # Receives are posted in increasing o, with none skipped after sequence[0]: the ones in
+        # flight are those of ``todo`` from sequence[0] through the last posted (the last key of
+        # _recvs, which keeps insertion order), and the next to post is the one after both.
+        i = bisect_left(todo, sequence[0])
+        if self._recvs:
+            i = max(i, bisect_right(todo, next(reversed(self._recvs))))
+        while i < len(todo) and (depth is None or len(self._recvs) < depth):
+            self._post_recv(todo[i])
+            i += 1
+
+    def _post_recv(self, o: int) -> None:
+        _, src, dst = self.route(o)
+        payload = self.spec.empty(self.device)
+        work = self._guard(lambda: dist.irecv(payload.buffer, src, group=self._group(src, dst)),
+                           f"receiving micro-batch {o} from teacher rank {src}")
+        self._recvs[o] = (payload, work)
 
     def get(self, o: int, tokens: torch.Tensor, verify: bool = True) -> Payload:
         """The payload of ``o`` on every last-stage rank of the student replica, checksum-verified
@@ -190,7 +265,7 @@ class PayloadChannel:
                     payload = self._take_local(o, src)
                 else:
                     if o not in self._recvs:
-                        self.post([o])
+                        self._post_recv(o)
                     payload, work = self._recvs.pop(o)
                     self._wait(work, f"receiving micro-batch {o} from teacher rank {src}")
                     self.bytes_received += self.spec.nbytes
