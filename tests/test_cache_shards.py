@@ -217,3 +217,36 @@ def test_a_cache_of_the_previous_format_is_read_and_verified_whole(tmp_path, mon
             reader.payload([16, 17], spec)
     with pytest.raises(ValueError, match="holds a cache of format version 2.*stays readable"):
         prepare(old, Manifest.load(new))
+
+
+def test_cached_payloads_announce_a_step_once_without_rescanning_it():
+    """The loop announces what is left of the step before each micro-batch: the first call
+    announces everything, in order; the later ones (suffixes) cost O(1), not a scan of the rest
+    (quadratic in the step's micro-batches: ~50 ms per step at 1024)."""
+    from kdtrain.cache.source import CachedPayloads
+
+    class Counting(set):
+        lookups = 0
+
+        def __contains__(self, o):
+            Counting.lookups += 1
+            return super().__contains__(o)
+
+    class Reader:
+        announced: list = []
+
+        def prefetch(self, ids, spec, device):
+            self.announced.append(list(ids))
+
+    n = 1024
+    source = CachedPayloads(Reader(), spec=None, pairing=None, device=torch.device("cpu"))
+    source._posted = Counting()
+    work = list(range(7, 7 + n))
+    source.start_step({o: (o, o + 1) for o in work})
+    for i in range(n):
+        source.post(work[i:])
+    assert Reader.announced == [[(o, o + 1) for o in work]]
+    assert Counting.lookups <= 2 * n, Counting.lookups
+    source.start_step({o: (o,) for o in work})  # the next step is announced again
+    source.post(work)
+    assert len(Reader.announced) == 2
