@@ -99,3 +99,36 @@ def test_eval_with_a_teacher_reproduces_the_runs_held_out_divergence(world_of_on
         assert main(["eval", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
                      "--device", "cpu", *args]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_token_losses_are_cross_entropy_a_block_of_positions_at_a_time():
+    """eval's per-token losses: those of the training loop's held-out pass (padding columns
+    excluded), with no tensor larger than one block's fp32 logits (whole, at batch 8, seq 8192,
+    vocabulary 128k, the fp32 copies were several times the 17 GB of bf16 logits)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kdtrain.evaluate.cli import token_losses
+
+    s, b, vocab, padded = 64, 3, 50, 56
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(s, b, padded, generator=g)).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (s, b), generator=g)
+
+    class Largest(TorchDispatchMode):
+        bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.bytes = max(Largest.bytes, t.numel() * t.element_size())
+            return out
+
+    block = 8 * b * padded * 4  # 8 positions' fp32 logits
+    with Largest():
+        got = token_losses(logits, labels, vocab, chunk_bytes=block)
+    assert 0 < Largest.bytes <= block, (Largest.bytes, block)
+    want = F.cross_entropy(logits[..., :vocab].float().permute(1, 2, 0), labels.t(), reduction="none").t()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)

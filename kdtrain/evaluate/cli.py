@@ -66,6 +66,21 @@ def teacher_payloads(teacher, vocab_size: int, dataset, windows: int, batch: int
     return out
 
 
+def token_losses(logits_SBV, labels_SB, vocab_size: int, chunk_bytes: int = 256 * 2**20):
+    """Cross entropy per token [s, b] (fp32) of logits [s, b, padded V], as the training loop's
+    held-out pass computes it (loss/cross_entropy.py), a block of positions at a time: its fp32
+    copy of the logits then takes at most ``chunk_bytes`` (whole, a batch of 8 windows of 8192
+    tokens over a 128k vocabulary is 34 GB)."""
+    import torch
+
+    from ..loss.cross_entropy import vocab_parallel_cross_entropy
+
+    s, b, v = logits_SBV.shape
+    rows = max(1, chunk_bytes // max(1, b * v * 4))
+    return torch.cat([vocab_parallel_cross_entropy(logits_SBV[a:a + rows], labels_SB[a:a + rows], vocab_size)
+                      for a in range(0, s, rows)])
+
+
 def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, device, teacher=None) -> dict:
     """Cross entropy of ``model`` on the first ``windows`` held-out windows of ``dataset``, split by
     the dataset's target flags: ``{targets,context,all}_loss`` (None over no tokens: the context
@@ -74,7 +89,6 @@ def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, de
     import dataclasses
 
     import torch
-    import torch.nn.functional as F
 
     from ..loss import kd_loss
 
@@ -83,8 +97,7 @@ def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, de
     with torch.no_grad():
         for i, (mb, mask) in enumerate(_batches(dataset, windows, batch, device)):
             raw = mb.forward(model)  # [s, b, padded V]
-            logits = raw[..., :vocab_size].float()
-            nll = F.cross_entropy(logits.permute(1, 2, 0), mb.labels, reduction="none")  # [b, s]
+            nll = token_losses(raw, mb.labels.t(), vocab_size).t()  # [b, s]
             for key, m in (("targets", mask), ("context", ~mask), ("all", torch.ones_like(mask))):
                 sums[key][0] += float(nll[m].double().sum())
                 sums[key][1] += int(m.sum())
