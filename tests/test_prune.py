@@ -162,7 +162,11 @@ def test_importance_finds_planted_signals(world_of_one):
             for norm in ("input_layernorm", "pre_mlp_layernorm"):
                 params[p + norm + ".weight"][[9, 33]] *= 50
     batches = [torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    logit_rows = []  # the scores read activations: no logits computed
+    hook = model.output_layer.register_forward_hook(lambda m, args, out: logit_rows.append(out[0].shape[0]))
     imp = activation_importance(model, batches)
+    hook.remove()
+    assert logit_rows == [0, 0, 0]
     assert imp.samples == 3 * B
     assert imp.layers[1] < 1e-6 < imp.layers[0] and imp.layers[2] > 1e-6
     sel = build_selection(cfg, num_layers=2, layer_scores=imp.layers, ffn_hidden_size=2, ffn_scores=imp.ffn,
