@@ -408,9 +408,10 @@ def _distill_with_slow_saves(rank, world, root):
 
 
 def test_a_slow_student_save_does_not_time_out_the_teachers_stream(tmp_path):
-    """Disaggregated: while the student saves (4 s here), the teacher waits in a world barrier
-    (bounded by distributed.timeout_s), not in its next send, bounded by split.timeout_s (2 s
-    here), which is meant for a dead peer: the run completes and saves every step."""
+    """Disaggregated: while the student saves (4 s here), the teacher waits in the run's idle wait
+    (bounded by distributed.idle_timeout_s, tests/test_idle_waits.py), not in its next send, bounded
+    by split.timeout_s (2 s here), which is meant for a dead peer: the run completes and saves every
+    step."""
     import json
 
     from conftest import run_spawn

@@ -103,7 +103,9 @@ class SplitConfig:
     teacher_first: bool = True  # disaggregated: teacher on the low ranks (auto: always, as the planner prices it)
     depth: int = 2  # disaggregated: micro-batches the teacher may run ahead of the student
     timeout_s: float = 300.0  # a peer silent this long ends the job with an error
-    profile: Optional[str] = None  # auto: planner profile name or `kdtrain calibrate` JSON (None: this device)
+    # Planner profile name or `kdtrain calibrate` JSON (None: this device's) that auto plans with and
+    # that estimates on-policy sampling against distributed.idle_timeout_s at start.
+    profile: Optional[str] = None
     gpus_per_node: Optional[int] = None  # auto: None = torchrun's LOCAL_WORLD_SIZE
 
     def check(self, where: str = "split") -> None:
@@ -123,7 +125,9 @@ class OnPolicyConfig:
     ``temperature`` (models/generate.py); the teacher scores those sequences and the loss covers
     the sampled tokens only, with no hard-label term (the labels would be the student's own
     samples). 0 = off: every step distils on the data. Either split works; on a sampled step a
-    disaggregated teacher waits for the samples instead of running ahead. With
+    disaggregated teacher waits for the samples instead of running ahead, a wait bounded by
+    ``distributed.idle_timeout_s`` (a run whose sampling the planner estimates longer is refused
+    at start). With
     ``teacher.source: mixed`` the sampled steps are live and the others may come from the cache.
 
     What the student writes: on documents, everything after each window's first

@@ -257,12 +257,29 @@ class CheckpointConfig:
 
 @dataclass
 class DistributedConfig:
+    """How the ranks talk, and how long a rank waits for the others.
+
+    ``timeout_s`` bounds every collective and point-to-point wait among ranks that work together
+    (a hung collective or a dead peer ends the job after it, so keep it short).
+
+    ``idle_timeout_s`` (distillation) bounds the waits of ranks that idle while others work
+    alone, which last as long as that work: on an on-policy step every rank waits in one hand-off
+    for the students' samples (a disaggregated teacher for all of the sampling, colocated
+    replicas that finish first for the slowest), and disaggregated teacher ranks wait while the
+    students save a checkpoint or run the held-out pass. Those waits go through a world group of
+    their own with this bound; a run whose on-policy sampling the planner estimates longer than
+    it is refused at start (``split.profile``, else this device's profile), and a wait that still
+    runs out names itself and this key."""
+
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on cuda, gloo on cpu
     timeout_s: float = 600.0  # a collective or peer stalled this long ends the job
+    idle_timeout_s: float = 10800.0  # 3 h: the idle waits of a distillation run (see above)
 
     def check(self, where: str = "distributed") -> None:
-        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            raise field_error(where, "timeout_s", f"must be a positive number of seconds, got {self.timeout_s}")
+        for name in ("timeout_s", "idle_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise field_error(where, name, f"must be a positive number of seconds, got {value}")
 
 
 @dataclass

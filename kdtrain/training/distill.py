@@ -9,7 +9,9 @@ Data flow of one step t (global samples [t*G, (t+1)*G), N = G/m micro-batches):
                           DP gradient all-reduce, clip, AdamW; log; checkpoint.
 
 Colocated roles run both halves on every rank, teacher first; disaggregated roles run them on
-disjoint ranks at the same time. Every rank builds both roles' process groups (collective).
+disjoint ranks at the same time. Every rank builds both roles' process groups (collective), and
+one world group through which ranks wait while others work alone (``IdleWaits``: the on-policy
+hand-off, the students' saves and held-out passes), bounded by ``distributed.idle_timeout_s``.
 
 Logged per step besides the student's loss and throughput: ``teacher_wait_s`` (the student's last
 stage blocked on a payload, the longest of the student's ranks), ``student_wait_s`` (a teacher rank
@@ -29,8 +31,10 @@ cross entropy and, with a live teacher, its divergence to the teacher.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import numpy as np
@@ -44,8 +48,8 @@ from ..loss import agree_impl, kd_loss
 from ..models import transformer_engine_layers
 from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import Pairing, PayloadSpec
-from ..stream.channel import PayloadChannel
-from .auto_split import resolve_auto_split
+from ..stream.channel import PayloadChannel, StreamError
+from .auto_split import device_profile, resolve_auto_split
 from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids, stack_rows
 from .logger import RunLogger
 from .metrics import IntervalSums, Throughput, peak_tflops
@@ -55,7 +59,7 @@ from .resume import run_record
 from .pretrain import (Start, build_trainable, check_output_dirs, describe_dataset, describe_start, evaluate, held_out,
                        lm_forward_step, open_dataset, resolve_dtype, restore_role, save_due, save_role)
 from .step import SkippedSteps, eval_step, train_step
-from .onpolicy import check_stop_token, onpolicy_step, sampled_windows, spread_step
+from .onpolicy import check_sampling_time, check_stop_token, onpolicy_step, sampled_windows, spread_step
 from .teacher import Teacher, TeacherSideStats
 
 KD_REPORT_KEYS = ("loss_sum", "kd_sum", "ce_sum", "tokens")
@@ -239,12 +243,14 @@ def distill(cfg: DistillConfig) -> dict:
     spans = cfg.validate(env.world_size)
     check_output_dirs(cfg.logging, cfg.checkpoint)
     tr, dtype = cfg.training, resolve_dtype(cfg.precision.dtype, env.device)
+    check_sampling_time(cfg, spans.student, cfg.split.profile or device_profile(env.device), dtype == torch.float32)
     colocated = cfg.split.mode == "colocated"
 
     t_layout = RoleLayout("teacher", spans.teacher_offset, spans.teacher.tp, spans.teacher.pp, spans.teacher.dp)
     s_layout = RoleLayout("student", spans.student_offset, spans.student.tp, spans.student.pp, spans.student.dp)
     t_groups = build_role_groups(t_layout, timeout_s=cfg.distributed.timeout_s)
     s_groups = build_role_groups(s_layout, timeout_s=cfg.distributed.timeout_s)
+    idle = IdleWaits.create(cfg.distributed.idle_timeout_s)  # world-collective, like the groups above
 
     dataset = open_dataset(cfg.data, cfg.student.model)
     check_stop_token(dataset, cfg)
@@ -348,7 +354,7 @@ def distill(cfg: DistillConfig) -> dict:
         loss_cfg = cfg.loss
         if onpolicy:
             t0 = time.perf_counter()
-            windows, sampled, doc_pos = sampled_windows(student, dataset, cfg, first, s_groups, env.device)
+            windows, sampled, doc_pos = sampled_windows(student, dataset, cfg, first, s_groups, env.device, idle)
             timers["sample_s"] = time.perf_counter() - t0
             timers["sampled_tokens"] = int(sampled.sum())
             sample_fn, targets = (lambda g: windows[g - first]), (lambda g: sampled[g - first])
@@ -428,9 +434,10 @@ def distill(cfg: DistillConfig) -> dict:
             if save_now:
                 save_role(cfg.checkpoint, cfg.student.model, student, step, run)
         if save_now:
-            _teachers_wait_for_students(cfg)
+            _teachers_wait_for_students(cfg, idle, f"waiting while the students save the step-{step} checkpoint")
         if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.train_steps:  # every rank: teachers serve
-            valid = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
+            valid = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device,
+                                     idle)
             if student is not None:
                 logger.log(step, valid, kind="valid")
         if stop_now:  # the same step on every rank (start_step is agreed), teacher ranks included
@@ -438,7 +445,8 @@ def distill(cfg: DistillConfig) -> dict:
             break
     final = {}
     if step == tr.train_steps:
-        final = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device)
+        final = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device,
+                                 idle)
     channel.flush()
     teacher_side.finish()
     if reader is not None:
@@ -473,7 +481,7 @@ def _layer_modes(compile: bool, cuda_graphs: bool) -> str:
 
 
 def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing, dataset, cfg: DistillConfig,
-                     s_groups, t_groups, device) -> dict:
+                     s_groups, t_groups, device, idle: "IdleWaits") -> dict:
     """The student's held-out metrics; every rank calls it at the same steps.
 
     ``valid_loss`` / ``valid_ppl``: next-token cross entropy over the held-out targets (as in
@@ -490,7 +498,7 @@ def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing
     n_valid = dataset.num_valid_windows
     if cfg.teacher.source == "cache" or n_valid == 0 or tr.eval_batches == 0:
         return out
-    _teachers_wait_for_students(cfg)  # while the students ran the pass above
+    _teachers_wait_for_students(cfg, idle, "waiting while the students run the held-out pass")  # the pass above
     batches, sample, targets, positions = held_out(dataset, tr)
     sums = dict.fromkeys(KD_REPORT_KEYS, 0.0)
     sent = channel.bytes_sent  # the held-out payloads are not a training step's traffic
@@ -518,13 +526,56 @@ def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing
     return out
 
 
-def _teachers_wait_for_students(cfg: DistillConfig) -> None:
-    """Disaggregated teacher ranks wait here (a world barrier, bounded by distributed.timeout_s
-    like any collective) while the students work alone (a checkpoint save, the held-out LM pass):
-    else they would wait in their next send, whose bound split.timeout_s is meant for a peer that
-    died, and a slow save would end the job as one."""
+class IdleWaitTimeout(StreamError):
+    """A rank gave up waiting for ranks that worked alone (IdleWaits): they are slower than
+    ``distributed.idle_timeout_s``, or one of them died."""
+
+
+@dataclass(frozen=True)
+class IdleWaits:
+    """The waits of ranks that idle while others work alone (an on-policy step's sampling, the
+    students' checkpoint saves and held-out passes), bounded by ``distributed.idle_timeout_s``
+    instead of ``distributed.timeout_s``, which is kept short to catch hung collectives.
+
+    Each wait is a one-element all-reduce over a gloo world group whose timeout is that bound,
+    created once at start-up; the work that follows it (the on-policy hand-off) runs on the run's
+    own groups with every rank already there. gloo applies a group's timeout to each of its
+    operations, and times out in the waiting process, so a wait that runs out raises here on any
+    backend and is reported by name. (NCCL also honours a group's timeout, from the enqueue, but in
+    its watchdog thread, which tears the process down; and an NCCL group would hold another
+    communicator's buffers on every GPU for a wait that carries no data.)"""
+
+    group: object
+    timeout_s: float
+    rank: int
+
+    @classmethod
+    def create(cls, timeout_s: float) -> "IdleWaits":
+        """World-collective: every rank, at the same point of the start-up."""
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s), group_desc="idle_waits")
+        return cls(group, timeout_s, dist.get_rank())
+
+    def wait(self, what: str) -> None:
+        """Return when every rank has called ``wait`` (collective, in the same order on every rank);
+        IdleWaitTimeout naming ``what`` and the config key when that takes longer than the bound
+        here or on another rank (which then exits: its peers see the connection close)."""
+        try:
+            dist.all_reduce(torch.zeros(1, dtype=torch.int32), group=self.group)
+        except RuntimeError as e:  # gloo: its timeout here, or a peer that timed out or died
+            cause = re.sub(r"^\[[^]]*\]\s*", "", str(e).splitlines()[0])[:160]  # less gloo's source location
+            raise IdleWaitTimeout(
+                f"rank {self.rank}: {what}: the ranks did not all arrive within distributed.idle_timeout_s = "
+                f"{self.timeout_s:g} s ({cause}); if the ranks being waited for are only slow "
+                "(sampling, saving or evaluating a large student), raise distributed.idle_timeout_s, else one of "
+                "them died or stalled") from None
+
+
+def _teachers_wait_for_students(cfg: DistillConfig, idle: IdleWaits, what: str) -> None:
+    """Disaggregated teacher ranks wait here (``idle``) while the students work alone (a checkpoint
+    save, the held-out LM pass): else they would wait in their next send, whose bound split.timeout_s
+    is meant for a peer that died, and a slow save would end the job as one."""
     if cfg.split.mode == "disaggregated":
-        dist.barrier()
+        idle.wait(what)
 
 
 def _agree_start_step(start_step: int, s_layout: RoleLayout, device) -> int:

@@ -1,5 +1,6 @@
 """On-policy steps: which steps sample, what the student writes in each window (the replies of
-conversations, or the rest of a document after its prompt), and the sampling itself."""
+conversations, or the rest of a document after its prompt), the sampling itself, and the start-up
+check that its planned time fits the run's bound on idle waits."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.distill import DistillConfig, OnPolicyConfig
+from ..config.loader import field_error
 from ..data.gpt_dataset import GPTWindowDataset
 from .batches import replica_sample_ids
 
@@ -31,8 +33,8 @@ def onpolicy_step(step: int, cfg: DistillConfig) -> bool:
     return spread_step(step, cfg.onpolicy.fraction)
 
 
-def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, first: int, groups,
-                    device) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, first: int, groups, device,
+                    idle) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """The step's windows [G, seq + 1] with the student's samples written in (models/generate.py),
     the label flags [G, seq] of the sampled tokens and, with attention within documents, the new
     windows' document positions [G, seq + 1] (else None), on every rank.
@@ -44,9 +46,12 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     together (with ``precision.cuda_graphs`` each position's forward replays as one CUDA graph,
     models/decode_graph.py); one world all-reduce (tensor rank 0 of each student replica's last
     stage contributes, every other rank adds zeros) hands every rank the whole step with the flags,
-    since a teacher replica serves other replicas' samples. A disaggregated teacher waits in it for
-    the step's samples: on-policy steps cannot run ahead. The sampling is keyed by sample id, so the
-    windows do not depend on the layout. ``student`` is None on teacher-only ranks."""
+    since a teacher replica serves other replicas' samples. A disaggregated teacher waits for the
+    step's samples (on-policy steps cannot run ahead), and replicas that finish first for the
+    slowest: that wait goes through ``idle`` (training/distill.py's IdleWaits, bounded by
+    ``distributed.idle_timeout_s``), so the all-reduce starts with every rank there. The sampling
+    is keyed by sample id, so the windows do not depend on the layout. ``student`` is None on
+    teacher-only ranks."""
     from ..models.generate import DecodeStages, sample_replies
 
     tr, op = cfg.training, cfg.onpolicy
@@ -71,6 +76,7 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
         if groups.tp_rank == 0 and groups.is_last_stage:  # every stage holds the same rows
             out[chunk.start - first:chunk.stop - first] = torch.cat(
                 [seqs, flags.long()] + ([new_pos] if documents else []), dim=1)
+    idle.wait(f"the on-policy hand-off of step {first // G + 1} (every rank waits for the students' samples)")
     dist.all_reduce(out)
     out = out.cpu().numpy()
     # Label i predicts token i + 1: a sampled token t is the label t - 1.
@@ -134,3 +140,33 @@ def stop_id(dataset, op: OnPolicyConfig) -> Optional[int]:
     none (-1, or a corpus without an EOS id)."""
     stop = dataset.eos_id if op.stop_token is None else op.stop_token
     return None if stop is None or stop < 0 else stop
+
+
+def check_sampling_time(cfg: DistillConfig, student, profile: str, fp32: bool) -> None:
+    """Where a rank waits through an on-policy step's sampling (disaggregated teacher ranks, or the
+    first of several colocated student replicas to finish), the planner's estimate of that sampling
+    (planner/timing.py ``sampling_time``: a student replica's rows of the step, ``onpolicy.sample_batch``
+    per call, on the planner profile ``profile``) must fit in ``distributed.idle_timeout_s``, the
+    bound on that wait: ValueError naming both figures otherwise. ``student``: the resolved student
+    layout (a ParallelConfig); ``fp32``: the run computes in fp32 (else bf16)."""
+    op, bound = cfg.onpolicy, cfg.distributed.idle_timeout_s
+    if op.fraction == 0 or (cfg.split.mode == "colocated" and student.dp == 1):
+        return  # one student replica on every rank: all of them sample, none waits
+    from ..planner import get_profile
+    from ..planner.memory import ModelShape
+    from ..planner.problem import Sampling
+    from ..planner.timing import sampling_time
+
+    seq = cfg.data.seq_length
+    prompt = min(op.prompt_length, seq)
+    rows, calls = Sampling(op.fraction, prompt, op.sample_batch).calls(cfg.training.global_batch_size // student.dp)
+    prof = get_profile(profile, "split.profile")
+    estimate = sampling_time(ModelShape.of(cfg.student.model), student.tp, student.pp, seq, rows, calls, prompt, prof,
+                             4 if fp32 else 2, graphed=cfg.precision.cuda_graphs)
+    if estimate > bound:
+        shown = f"{estimate:.0f}" if estimate >= 10 else f"{estimate:.2g}"
+        raise field_error("distributed", "idle_timeout_s", (
+            f"{bound:g} s is shorter than an on-policy step's sampling, which other ranks wait through: the planner "
+            f"estimates {shown} s ({calls} call(s) of {rows} rows per student replica, up to {seq + 1 - prompt} "
+            f"positions each, student {cfg.student.model.name} tp={student.tp} pp={student.pp}, profile {prof.name}); "
+            "raise distributed.idle_timeout_s above it"))
