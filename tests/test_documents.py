@@ -83,6 +83,29 @@ def test_gradients_do_not_cross_documents(world_of_one):
     assert float(emb.grad[:4].abs().max()) == 0.0 and float(emb.grad[4:].abs().max()) > 0.0
 
 
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_layers_share_one_mask_for_the_backward(kind, world_of_one):
+    """Every layer's attention keeps its mask for the backward: one tensor shared by all of them,
+    not a float copy per layer (SDPA converts a bool mask in every call: at s = 8192 in bf16 that
+    was 128 MiB per layer, 4 GiB for 32 layers)."""
+    model = small_gpt(kind, V, num_layers=4)
+    s = 16
+    tokens = torch.randint(0, V, (2, s), generator=torch.Generator().manual_seed(5))
+    pos = torch.tensor(np.stack([positions_from_starts(s, np.array([6])), positions_from_starts(s, np.array([3, 9]))]))
+    masks = set()
+
+    def keep(t):
+        if t.dim() == 4 and t.shape[1] == 1 and tuple(t.shape[-2:]) == (s, s):  # [b, 1, s, s]: a mask
+            masks.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = model(tokens, pos, DocumentMask(pos))
+    assert len(masks) == 1, f"{len(masks)} [.., s, s] masks kept for the backward by {len(model.decoder.layers)} layers"
+    out.float().square().sum().backward()  # and the backward runs on the shared one
+
+
 def test_stock_layers_refused(world_of_one):
     model = _model("llama")
     for layer in model.decoder.layers:

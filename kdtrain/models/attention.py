@@ -5,9 +5,9 @@ Drop-in for megatron-core's ``DotProductAttention`` in the local layer spec: sam
 memory buffer and no CUDA RNG tracker, so it runs on CPU, and on GPU SDPA dispatches to
 flash/memory-efficient kernels. Causal masking and grouped-query attention are native to SDPA.
 
-``attention_mask`` is None (causal attention over the whole sequence) or a bool tensor
-broadcastable to ``[b, heads, s, s]`` in SDPA's convention, True = may attend, which replaces the
-causal mask: the layers pass ``DocumentMask.allowed`` (documents.py) there.
+``attention_mask`` is None (causal attention over the whole sequence) or a mask broadcastable to
+``[b, heads, s, s]`` in SDPA's convention (bool, True = may attend, or additive), which replaces
+the causal mask: the layers pass ``DocumentMask.bias`` (documents.py) there.
 
 Attention dropout with several tensor ranks: the ranks of a stage share one generator stream
 (their hidden dropout after a row-parallel all-reduce must drop the same elements of the same

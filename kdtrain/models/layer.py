@@ -128,7 +128,7 @@ class DirectTransformerLayer(TransformerLayer):
         if isinstance(attention_mask, DocumentMask):  # per-row rotary positions, the documents' mask
             if rotary_pos_emb is not None:
                 rotary_pos_emb = attention_mask.rope(rotary_pos_emb)
-            attention_mask = attention_mask.allowed
+            attention_mask = attention_mask.bias(hidden_states.dtype)
         if self.graphs is not None:
             out = self.graphs.run(self, hidden_states, attention_mask, rotary_pos_emb)
             if out is not None:
