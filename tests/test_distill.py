@@ -535,3 +535,20 @@ def test_a_log_line_reports_the_interval_s_mean(world_of_one, tmp_path):
             assert line["teacher_live"] == every and line["onpolicy"] == every // 2
             assert line["sampled_tokens"] == sum(one[i]["sampled_tokens"] for i in steps) > 0
             assert line["sample_s"] > 0
+
+
+def test_a_student_sampling_on_policy_gets_local_layers_with_transformer_engine(monkeypatch):
+    """With Transformer Engine importable a student gets TE layers, unless it samples on-policy:
+    decoding needs the key/value cache of kdtrain's local layers (with TE layers every new token
+    re-ran the whole prefix); the start-up line names what each role builds."""
+    import kdtrain.models.gpt as gpt
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.distill import _attention, _student_te
+
+    monkeypatch.setattr(gpt, "transformer_engine_available", lambda device: True)
+    cuda = torch.device("cuda")
+    offline = load_distill_config("tiny", ["data.mock=true"])
+    onpolicy = load_distill_config("tiny", ["data.mock=true", "onpolicy.fraction=0.5"])
+    assert _student_te(offline, 1, cuda) and not _student_te(onpolicy, 1, cuda)
+    assert _attention(offline, 1, 1, cuda) == "transformer-engine"
+    assert _attention(onpolicy, 1, 1, cuda) == "transformer-engine (teacher), sdpa (student)"

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -72,7 +73,7 @@ class SeqMicroBatch(MicroBatch):
     seq: int = -1  # sequence number in the step (see stream/pairing.py)
 
 
-def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timers: dict, loss_cfg=None):
+def kd_forward_step(channel, upcoming: deque, cfg: DistillConfig, tp_group, timers: dict, loss_cfg=None):
     """Student forward step: logits -> KD loss against the teacher payload from ``channel`` (a
     PayloadChannel for a live teacher, a CachedPayloads for cached steps); ``loss_cfg`` replaces
     ``cfg.loss`` (on-policy steps drop the hard-label term)."""
@@ -86,7 +87,8 @@ def kd_forward_step(channel, upcoming: list, cfg: DistillConfig, tp_group, timer
             t0 = time.perf_counter()
             payload = channel.get(mb.seq, mb.tokens, verify=False)
             timers["teacher_wait_s"] += time.perf_counter() - t0
-            upcoming.remove(mb.seq)
+            assert upcoming and upcoming[0] == mb.seq, (mb.seq, list(upcoming)[:4])  # taken in order
+            upcoming.popleft()
             channel.post(upcoming)  # keep `depth` receives in flight
             # Normalised by the step's global token count inside the loss, so the fused kernel's
             # gradient (computed in the forward) is final and backward does not rescale it.
@@ -138,10 +140,10 @@ def teacher_microbatches(sample, pairing: Pairing, first: int, global_batch: int
 
 
 def student_items(sample, targets, positions, first: int, pairing: Pairing, tr, groups,
-                  device) -> tuple[list["SeqMicroBatch"], list[int]]:
+                  device) -> tuple[list["SeqMicroBatch"], deque]:
     """This student replica's micro-batches of the global batch at ``first`` with their sequence
-    numbers, and those numbers (the payloads it will take, in order)."""
-    upcoming = list(pairing.student_work(groups.dp_rank))
+    numbers, and those numbers (the payloads it will take, in order; taken from the front)."""
+    upcoming = deque(pairing.student_work(groups.dp_rank))
     mbs = microbatches(sample, first, tr.global_batch_size, tr.micro_batch_size, groups.dp_rank, groups.layout.dp,
                        device, targets=targets, positions=positions)
     return [SeqMicroBatch(**vars(mb), seq=o) for o, mb in zip(upcoming, mbs)], upcoming
@@ -282,7 +284,8 @@ def distill(cfg: DistillConfig) -> dict:
         student = build_trainable(cfg.student.model, s_groups, cfg.optimizer, cfg.data.seq_length,
                                   tr.micro_batch_size, env.device, dtype, tr.seed,
                                   compile=cfg.precision.compile and not cfg.precision.cuda_graphs,
-                                  cuda_graphs=cfg.precision.cuda_graphs, recompute=tr.recompute)
+                                  cuda_graphs=cfg.precision.cuda_graphs, recompute=tr.recompute,
+                                  use_te=_student_te(cfg, s_layout.tp, env.device))
         if cfg.onpolicy.fraction > 0 and s_layout.pp > 1:  # found now, not at the first on-policy step
             student.model.require_direct_layers("on-policy sampling from pipeline stages (onpolicy.fraction > 0, "
                                                 "student pp > 1)")
@@ -463,10 +466,18 @@ def distill(cfg: DistillConfig) -> dict:
     return summary
 
 
+def _student_te(cfg: DistillConfig, tp: int, device: torch.device) -> bool:
+    """Whether the student gets Transformer Engine layers: as build_gpt picks them, except for a
+    student that samples on-policy, which decodes with the key/value cache of kdtrain's local
+    layers (models/generate.py; with TE layers every new token re-ran the whole prefix and
+    computed logits at every position of it)."""
+    return cfg.onpolicy.fraction == 0 and transformer_engine_layers(cfg.student.model, tp, device)
+
+
 def _attention(cfg: DistillConfig, t_tp: int, s_tp: int, device: torch.device) -> str:
     """The roles' attention as build_gpt picks it, for the start-up line."""
     name = {True: "transformer-engine", False: "sdpa"}
-    student = name[transformer_engine_layers(cfg.student.model, s_tp, device)]
+    student = name[_student_te(cfg, s_tp, device)]
     if cfg.teacher.source == "cache":
         return student
     teacher = name[transformer_engine_layers(cfg.teacher.model, t_tp, device, trains=False)]

@@ -129,9 +129,10 @@ class Role:
 
 def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, seq_length: int,
                     micro_batch: int, device: torch.device, dtype: torch.dtype, seed: int,
-                    compile: bool = False, cuda_graphs: bool = False, recompute: bool = False) -> Role:
+                    compile: bool = False, cuda_graphs: bool = False, recompute: bool = False,
+                    use_te: Optional[bool] = None) -> Role:
     model = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed, compile=compile,
-                      cuda_graphs=cuda_graphs, recompute=recompute)
+                      cuda_graphs=cuda_graphs, recompute=recompute, use_te=use_te)
     # Dropout draws from the process's global generators (CPU and CUDA): seeded from the run's
     # seed, one stream per pipeline stage and the same on every tensor rank of a stage, whose
     # hidden dropout after a row-parallel all-reduce must drop the same elements of the same
