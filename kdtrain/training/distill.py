@@ -10,8 +10,9 @@ Data flow of one step t (global samples [t*G, (t+1)*G), N = G/m micro-batches):
 
 Colocated roles run both halves on every rank, teacher first; disaggregated roles run them on
 disjoint ranks at the same time. Every rank builds both roles' process groups (collective), and
-one world group through which ranks wait while others work alone (``IdleWaits``: the on-policy
-hand-off, the students' saves and held-out passes), bounded by ``distributed.idle_timeout_s``.
+where a rank can idle while others work alone (on-policy steps, a disaggregated split) one world
+group for those waits (``IdleWaits``: the on-policy hand-off, the students' saves and held-out
+passes), bounded by ``distributed.idle_timeout_s``.
 
 Logged per step besides the student's loss and throughput: ``teacher_wait_s`` (the student's last
 stage blocked on a payload, the longest of the student's ranks), ``student_wait_s`` (a teacher rank
@@ -31,11 +32,9 @@ cross entropy and, with a live teacher, its divergence to the teacher.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Optional
 
 import numpy as np
@@ -49,7 +48,7 @@ from ..loss import agree_impl, kd_loss
 from ..models import transformer_engine_layers
 from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import Pairing, PayloadSpec
-from ..stream.channel import PayloadChannel, StreamError
+from ..stream.channel import PayloadChannel
 from .auto_split import device_profile, resolve_auto_split
 from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids, stack_rows
 from .logger import RunLogger
@@ -60,6 +59,7 @@ from .resume import run_record
 from .pretrain import (Start, build_trainable, check_output_dirs, describe_dataset, describe_start, evaluate, held_out,
                        lm_forward_step, open_dataset, resolve_dtype, restore_role, save_due, save_role)
 from .step import SkippedSteps, eval_step, train_step
+from .idle_waits import IdleWaits
 from .onpolicy import check_sampling_time, check_stop_token, onpolicy_step, sampled_windows, spread_step
 from .teacher import Teacher, TeacherSideStats
 
@@ -252,7 +252,9 @@ def distill(cfg: DistillConfig) -> dict:
     s_layout = RoleLayout("student", spans.student_offset, spans.student.tp, spans.student.pp, spans.student.dp)
     t_groups = build_role_groups(t_layout, timeout_s=cfg.distributed.timeout_s)
     s_groups = build_role_groups(s_layout, timeout_s=cfg.distributed.timeout_s)
-    idle = IdleWaits.create(cfg.distributed.idle_timeout_s)  # world-collective, like the groups above
+    # World-collective, like the groups above; only where a rank can idle while others work alone.
+    idle = (IdleWaits.create(cfg.distributed.idle_timeout_s)
+            if cfg.onpolicy.fraction > 0 or cfg.split.mode == "disaggregated" else None)
 
     dataset = open_dataset(cfg.data, cfg.student.model)
     check_stop_token(dataset, cfg)
@@ -492,7 +494,7 @@ def _layer_modes(compile: bool, cuda_graphs: bool) -> str:
 
 
 def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing, dataset, cfg: DistillConfig,
-                     s_groups, t_groups, device, idle: "IdleWaits") -> dict:
+                     s_groups, t_groups, device, idle: Optional[IdleWaits]) -> dict:
     """The student's held-out metrics; every rank calls it at the same steps.
 
     ``valid_loss`` / ``valid_ppl``: next-token cross entropy over the held-out targets (as in
@@ -537,51 +539,7 @@ def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing
     return out
 
 
-class IdleWaitTimeout(StreamError):
-    """A rank gave up waiting for ranks that worked alone (IdleWaits): they are slower than
-    ``distributed.idle_timeout_s``, or one of them died."""
-
-
-@dataclass(frozen=True)
-class IdleWaits:
-    """The waits of ranks that idle while others work alone (an on-policy step's sampling, the
-    students' checkpoint saves and held-out passes), bounded by ``distributed.idle_timeout_s``
-    instead of ``distributed.timeout_s``, which is kept short to catch hung collectives.
-
-    Each wait is a one-element all-reduce over a gloo world group whose timeout is that bound,
-    created once at start-up; the work that follows it (the on-policy hand-off) runs on the run's
-    own groups with every rank already there. gloo applies a group's timeout to each of its
-    operations, and times out in the waiting process, so a wait that runs out raises here on any
-    backend and is reported by name. (NCCL also honours a group's timeout, from the enqueue, but in
-    its watchdog thread, which tears the process down; and an NCCL group would hold another
-    communicator's buffers on every GPU for a wait that carries no data.)"""
-
-    group: object
-    timeout_s: float
-    rank: int
-
-    @classmethod
-    def create(cls, timeout_s: float) -> "IdleWaits":
-        """World-collective: every rank, at the same point of the start-up."""
-        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s), group_desc="idle_waits")
-        return cls(group, timeout_s, dist.get_rank())
-
-    def wait(self, what: str) -> None:
-        """Return when every rank has called ``wait`` (collective, in the same order on every rank);
-        IdleWaitTimeout naming ``what`` and the config key when that takes longer than the bound
-        here or on another rank (which then exits: its peers see the connection close)."""
-        try:
-            dist.all_reduce(torch.zeros(1, dtype=torch.int32), group=self.group)
-        except RuntimeError as e:  # gloo: its timeout here, or a peer that timed out or died
-            cause = re.sub(r"^\[[^]]*\]\s*", "", str(e).splitlines()[0])[:160]  # less gloo's source location
-            raise IdleWaitTimeout(
-                f"rank {self.rank}: {what}: the ranks did not all arrive within distributed.idle_timeout_s = "
-                f"{self.timeout_s:g} s ({cause}); if the ranks being waited for are only slow "
-                "(sampling, saving or evaluating a large student), raise distributed.idle_timeout_s, else one of "
-                "them died or stalled") from None
-
-
-def _teachers_wait_for_students(cfg: DistillConfig, idle: IdleWaits, what: str) -> None:
+def _teachers_wait_for_students(cfg: DistillConfig, idle: Optional[IdleWaits], what: str) -> None:
     """Disaggregated teacher ranks wait here (``idle``) while the students work alone (a checkpoint
     save, the held-out LM pass): else they would wait in their next send, whose bound split.timeout_s
     is meant for a peer that died, and a slow save would end the job as one."""

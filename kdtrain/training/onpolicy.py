@@ -48,7 +48,7 @@ def sampled_windows(student, dataset: GPTWindowDataset, cfg: DistillConfig, firs
     stage contributes, every other rank adds zeros) hands every rank the whole step with the flags,
     since a teacher replica serves other replicas' samples. A disaggregated teacher waits for the
     step's samples (on-policy steps cannot run ahead), and replicas that finish first for the
-    slowest: that wait goes through ``idle`` (training/distill.py's IdleWaits, bounded by
+    slowest: that wait goes through ``idle`` (training/idle_waits.py, bounded by
     ``distributed.idle_timeout_s``), so the all-reduce starts with every rank there. The sampling
     is keyed by sample id, so the windows do not depend on the layout. ``student`` is None on
     teacher-only ranks."""
