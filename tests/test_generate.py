@@ -487,3 +487,34 @@ def test_fixed_shape_decode_step_reads_nothing_on_the_host(world_of_one):
             step._forward()
         assert not ops.names & HOST_READS, (kind, ops.names & HOST_READS)
         assert "index_copy_" in ops.names and "embedding" in ops.names  # the step did run
+
+
+def test_cached_attention_never_asks_sdpa_for_grouped_heads_under_a_mask(world_of_one, monkeypatch):
+    """With a mask (attention within documents, the fixed-shape decode step) CUDA's SDPA has no
+    fused kernel for grouped query heads and falls back to materialising every head's scores and
+    copies of the cache; the cached decoder hands it ungrouped heads (decoding: each group's query
+    heads as its queries) and samples what it did (the tests above)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    import kdtrain.models.layer as layer
+    from kdtrain.data.gpt_dataset import positions_from_starts
+    from kdtrain.models.generate import sample_replies
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, enable_gqa))
+        return real(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(layer.F, "scaled_dot_product_attention", sdpa)
+    model = _model("llama")  # 4 query heads in 2 groups
+    windows = torch.randint(1, V, (2, T), generator=torch.Generator().manual_seed(5))
+    positions = torch.tensor(np.stack([positions_from_starts(T, np.array([s])) for s in (6, 9)]))
+    for graphs in (False, True):
+        calls.clear()
+        sample_replies(model, windows, [[(10, 14)], [(4, 7)]], sample_ids=[0, 1], positions=positions,
+                       vocab_size=V, temperature=0.0, seed=0, graphs=graphs)
+        masked = [gqa for has_mask, gqa in calls if has_mask]
+        assert masked and not any(masked), calls

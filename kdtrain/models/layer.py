@@ -91,6 +91,28 @@ def _linear(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Opt
     return out + bias, None
 
 
+def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                      causal: bool, scale: Optional[float], hpg: int) -> torch.Tensor:
+    """SDPA of queries [b, heads, n, d] over a key/value cache [b, groups, total, d], query head h
+    reading group h // hpg. With a mask CUDA's flash kernel is out and the memory-efficient one
+    takes no grouped heads, so SDPA would fall back to the math kernel (scores [b, heads, n,
+    total], the cache copied per head, at every call). One new position per row (decoding): each
+    group's query heads become its queries, [b, groups, hpg, d], under the mask row repeated (a
+    stride-0 view), with no grouped heads left: the same products. Several (a prompt): each query
+    head gets its group's keys and values, as in training (attention.py)."""
+    if mask is None or hpg == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=hpg > 1)
+    b, heads, n, d = q.shape
+    if n == 1:
+        groups = heads // hpg
+        out = F.scaled_dot_product_attention(q.reshape(b, groups, hpg, d), k, v,
+                                             attn_mask=mask.expand(b, 1, hpg, mask.shape[-1]), scale=scale)
+        return out.reshape(b, heads, 1, d)
+    k, v = k.repeat_interleave(hpg, dim=1), v.repeat_interleave(hpg, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 class DirectTransformerLayer(TransformerLayer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -227,8 +249,7 @@ class DirectTransformerLayer(TransformerLayer):
         else:  # query i sits at offset + i
             mask = torch.arange(total, device=x.device)[None, :] <= torch.arange(offset, total, device=x.device)[:, None]
             causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             scale=attn.core_attention.softmax_scale, enable_gqa=hpg > 1)
+        out = _cached_attention(q, k, v, mask, causal, attn.core_attention.softmax_scale, hpg)
         out, bias = _linear(attn.linear_proj, out.permute(2, 0, 1, 3).reshape(n, batch, -1))
         return self._mlp(self._bias_dropout_add(out, bias, x))
 
