@@ -33,12 +33,16 @@ def test_cached_decode_equals_full_reforward(kind, world_of_one):
     cached = sample(model, prompts, T, temperature=1.0, **kw)
     for layer in model.decoder.layers:  # the fallback: the whole prefix again for every token
         layer._direct = False
+    rows = []  # ... but logits of its last position only
+    hook = model.output_layer.register_forward_hook(lambda m, args, out: rows.append(out[0].shape[0]))
     try:
         recomputed = sample(model, prompts, T, temperature=1.0, **kw)
     finally:
+        hook.remove()
         for layer in model.decoder.layers:
             layer._direct = True
     assert torch.equal(cached, recomputed) and torch.equal(cached[:, :P], prompts)
+    assert rows == [3] * (T - P), rows
     assert int(cached.max()) < V
     greedy = sample(model, prompts, T, temperature=0.0, **kw)
     pos = torch.arange(T - 1).unsqueeze(0).expand(3, T - 1)

@@ -436,11 +436,14 @@ def sample_replies(model, windows: torch.Tensor, spans: Sequence[Sequence[tuple[
                              "decoder)")
         else:
             for t in range(first, L):
+                last = (t - 1) * b + rows  # logits of the last position only ([s * b] token order)
                 if out_pos is None:
-                    logits = model(tokens[:, :t], torch.arange(t, device=device).unsqueeze(0).expand(b, t), None)
+                    logits = model(tokens[:, :t], torch.arange(t, device=device).unsqueeze(0).expand(b, t), None,
+                                   logit_rows=last)
                 else:
-                    logits = model(tokens[:, :t], out_pos[:, :t], DocumentMask(out_pos[:, :t].contiguous()))
-                if step(logits[-1], t):
+                    logits = model(tokens[:, :t], out_pos[:, :t], DocumentMask(out_pos[:, :t].contiguous()),
+                                   logit_rows=last)
+                if step(logits[:, 0], t):
                     feed_given(t, L - t - 1)
                     break
     finally:
