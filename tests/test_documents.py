@@ -100,9 +100,13 @@ def test_layers_share_one_mask_for_the_backward(kind, world_of_one):
             masks.add(t.untyped_storage().data_ptr())
         return t
 
+    mask = DocumentMask(pos)
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        out = model(tokens, pos, DocumentMask(pos))
+        out = model(tokens, pos, mask)
     assert len(masks) == 1, f"{len(masks)} [.., s, s] masks kept for the backward by {len(model.decoder.layers)} layers"
+    # The micro-batch keeps its DocumentMask for the whole step: the float mask is not kept there
+    # (only the backward holds it, through autograd).
+    assert mask._bias is None and mask._rope is None
     out.float().square().sum().backward()  # and the backward runs on the shared one
 
 

@@ -22,10 +22,10 @@ the runs that start at a 0, so ``segment = cumsum(positions == 0)`` numbers them
 - learned absolute position embeddings read ``positions`` as the model's ``position_ids``.
 
 The layers hand SDPA ``bias(dtype)``, the same mask as an additive one in the activations' dtype,
-made once per micro-batch: given a bool mask SDPA converts it to that float tensor in every call,
+made once per forward: given a bool mask SDPA converts it to that float tensor in every call,
 and each layer's backward kept its own copy (for a 32-layer model at s = 8192, b = 1, in bf16:
-4 GiB of masks where one, 128 MiB, is shared now). Cost: b * s * s bytes for ``allowed`` plus
-2 b * s * s for the bias; with an explicit mask CUDA's SDPA runs its memory-efficient kernel
+4 GiB of masks where one, 128 MiB, is shared now). Cost: b * s * s bytes for ``allowed`` plus,
+per micro-batch whose backward is pending, 2 b * s * s for the bias; with an explicit mask CUDA's SDPA runs its memory-efficient kernel
 rather than flash attention (which takes no grouped query heads: each query head gets its
 group's key and value, attention.py), over the whole window whatever the documents' lengths.
 The key/value-cached decoder (generate.py) applies the same rule position by position.
@@ -54,7 +54,10 @@ class DocumentMask:
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """``allowed`` as SDPA's additive mask [b, 1, s, s] in ``dtype``: 0 where a query may attend,
-        -inf elsewhere (what SDPA makes of a bool mask; the same scores, bitwise)."""
+        the dtype's lowest finite value elsewhere. Every query may attend to itself, so a masked
+        key's weight is exp(lowest - row max) = 0 exactly, as with -inf (the same scores, bitwise);
+        finite, since cuDNN's attention mishandles -inf (torch's own bool-mask conversion for it
+        avoids -inf likewise). Made once and shared by the layers until ``release``."""
         if torch.compiler.is_compiling():  # computed in the graph (no Python-side cache there)
             return self._make_bias(dtype)
         if self._bias is None or self._bias.dtype != dtype:
@@ -63,7 +66,14 @@ class DocumentMask:
 
     def _make_bias(self, dtype: torch.dtype) -> torch.Tensor:
         zero = torch.zeros((), dtype=dtype, device=self.allowed.device)
-        return torch.where(self.allowed, zero, torch.full((), float("-inf"), dtype=dtype, device=zero.device))
+        return torch.where(self.allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=zero.device))
+
+    def release(self) -> None:
+        """Drop what the forward made for its layers (the model's forward calls it when it ends):
+        a micro-batch's mask stays with its batch for the whole step, the backward keeps what
+        it needs through autograd."""
+        self._bias = None
+        self._rope = None
 
     def rope(self, table: torch.Tensor) -> torch.Tensor:
         """The rotary table ``[>= s, 1, 1, d]`` at each token's position: ``[s, b, 1, d]``."""

@@ -132,6 +132,8 @@ class KDGPTModel(GPTModel):
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         finally:
             self._logit_rows = None
+            if isinstance(attention_mask, DocumentMask):
+                attention_mask.release()
 
     def require_direct_layers(self, what: str) -> None:
         """ValueError naming ``what`` unless every layer of this stage runs kdtrain's direct forward."""
