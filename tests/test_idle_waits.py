@@ -165,3 +165,73 @@ def test_the_idle_bound_must_be_a_positive_number_of_seconds(value):
     with pytest.raises(ValueError, match=r"^distributed\.idle_timeout_s: (must be a positive number of seconds|"
                                          r"expected a finite number)"):
         load_distill_config("tiny", [f"distributed.idle_timeout_s={value}"])
+
+
+def _check_on_other_gpus(rank, world, bound):
+    from kdtrain.training.onpolicy import check_sampling_time
+
+    cfg, student = _shipped(*DISAGG, f"distributed.idle_timeout_s={bound}")
+    # Rank 1 sees a slower GPU than rank 0 (no split.profile: each rank takes its device's).
+    with pytest.raises(ValueError, match=r"distributed\.idle_timeout_s: .* s is shorter"):
+        check_sampling_time(cfg, student, "h100" if rank == 0 else "a100", fp32=False)
+
+
+def test_every_rank_refuses_when_one_ranks_estimate_exceeds_the_bound(tmp_path):
+    """Ranks whose devices differ estimate the sampling apart: one refusing alone would leave the
+    others waiting in the next collective; every rank raises."""
+    from kdtrain.planner.memory import ModelShape
+    from kdtrain.planner.profiles import get_profile
+    from kdtrain.planner.timing import sampling_time
+
+    shape = ModelShape.of(_shipped()[0].student.model)
+    fast, slow = (sampling_time(shape, 1, 1, 4096, 24, 1, 128, get_profile(p)) for p in ("h100", "a100"))
+    assert fast < slow
+    run_spawn(2, _check_on_other_gpus, (fast + slow) / 2, tmp_path=tmp_path)
+
+
+def _mixed_with_slow_cached_steps(rank, world, root):
+    """A cache of the tiny teacher's first 3 steps, then a mixed run, disaggregated, with the live
+    teacher on step 2 only (live_fraction 0.5) and the student's cached steps each SLOW_S slow;
+    writes this rank's outcome."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import kdtrain.cache.source as source
+    import kdtrain.training.distill as loop
+    from kdtrain.cache.job import CacheJobConfig, run_cache_job
+    from kdtrain.config.distill import load_distill_config
+
+    args = ["data.mock=true", "training.train_steps=3", "training.eval_batches=0", "precision.dtype=fp32",
+            f"distributed.timeout_s={SHORT_S}", f"split.timeout_s={SHORT_S}"]
+    dist.destroy_process_group()  # the world group with distributed.timeout_s, as init_distributed makes it
+    dist.init_process_group("gloo", init_method=f"file://{root}/world", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=SHORT_S))
+    run_cache_job(load_distill_config("tiny", args), CacheJobConfig(out=f"{root}/cache", dtype="fp32"),
+                  log=lambda msg: None)
+    real = source.CachedPayloads.start_step
+
+    def slow_start(self, *a, **kw):  # the student's every cached step
+        time.sleep(SLOW_S)
+        return real(self, *a, **kw)
+
+    source.CachedPayloads.start_step = slow_start
+    cfg = load_distill_config("tiny", args + [
+        "split.mode=disaggregated", "split.teacher_ranks=1", "teacher.source=mixed", f"teacher.cache={root}/cache",
+        "teacher.live_fraction=0.5", f"logging.dir={root}/run", f"checkpoint.dir={root}/ck"])
+    try:
+        outcome = {"step": loop.distill(cfg)["step"]}
+    except Exception as e:  # noqa: BLE001 - the test reads the type and the message
+        outcome = {"error": type(e).__name__, "message": str(e)}
+    Path(f"{root}/rank{rank}.json").write_text(json.dumps([outcome]))
+
+
+def test_a_mixed_runs_teacher_waits_through_the_students_cached_steps(tmp_path):
+    """Mixed source, disaggregated: the teacher has nothing to do on cached steps and reaches the
+    next live step first; it waits there for the students (idle bound), not in its sends, whose
+    bound split.timeout_s (here shorter than a cached step) is meant for a dead peer."""
+    run_spawn(2, _mixed_with_slow_cached_steps, str(tmp_path), tmp_path=tmp_path)
+    assert _outcomes(tmp_path) == [[{"step": 3}]] * 2
+    metrics = read_metrics(tmp_path / "run")
+    assert [metrics[s]["teacher_live"] for s in (1, 2, 3)] == [0, 1, 0]

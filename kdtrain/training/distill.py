@@ -398,6 +398,11 @@ def distill(cfg: DistillConfig) -> dict:
         profiler.end(step, stopping=stop_now)
         log_now = step % cfg.logging.interval == 0 or step == tr.train_steps or stop_now
         save_now = save_due(cfg.checkpoint, step, tr.train_steps, stop_now)
+        if not live and not colocated and idle is not None:
+            # A cached step leaves teacher-only ranks nothing to do: they wait for the students here,
+            # under the idle bound, rather than run ahead into collectives and sends bounded by
+            # distributed.timeout_s and split.timeout_s (any number of cached steps could follow).
+            idle.wait(f"waiting while the students train on cached step {step}")
         # collective: every rank, same steps; teacher-only ranks start it without waiting
         t_stats = teacher_side.collect(wait=student is not None) if log_now else {}
         if result is not None:

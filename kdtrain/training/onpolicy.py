@@ -163,10 +163,19 @@ def check_sampling_time(cfg: DistillConfig, student, profile: str, fp32: bool) -
     prof = get_profile(profile, "split.profile")
     estimate = sampling_time(ModelShape.of(cfg.student.model), student.tp, student.pp, seq, rows, calls, prompt, prof,
                              4 if fp32 else 2, graphed=cfg.precision.cuda_graphs)
+    error = None
     if estimate > bound:
         shown = f"{estimate:.0f}" if estimate >= 10 else f"{estimate:.2g}"
-        raise field_error("distributed", "idle_timeout_s", (
-            f"{bound:g} s is shorter than an on-policy step's sampling, which other ranks wait through: the planner "
-            f"estimates {shown} s ({calls} call(s) of {rows} rows per student replica, up to {seq + 1 - prompt} "
-            f"positions each, student {cfg.student.model.name} tp={student.tp} pp={student.pp}, profile {prof.name}); "
-            "raise distributed.idle_timeout_s above it"))
+        error = (f"{bound:g} s is shorter than an on-policy step's sampling, which other ranks wait through: the "
+                 f"planner estimates {shown} s ({calls} call(s) of {rows} rows per student replica, up to "
+                 f"{seq + 1 - prompt} positions each, student {cfg.student.model.name} tp={student.tp} "
+                 f"pp={student.pp}, profile {prof.name}); raise distributed.idle_timeout_s above it")
+    # Each rank's profile is its own device's (without split.profile): ranks of other GPUs could
+    # decide apart, and a rank that raised alone would leave the others waiting in the next
+    # collective. Every rank raises the first error any rank found.
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise field_error("distributed", "idle_timeout_s", error)
