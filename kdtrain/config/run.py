@@ -266,7 +266,8 @@ class DistributedConfig:
     alone, which last as long as that work: on an on-policy step every rank waits in one hand-off
     for the students' samples (a disaggregated teacher for all of the sampling, colocated
     replicas that finish first for the slowest), and disaggregated teacher ranks wait while the
-    students save a checkpoint or run the held-out pass. Those waits go through a world group of
+    students save a checkpoint, run the held-out pass or train on cached steps (a mixed teacher
+    source). Those waits go through a world group of
     their own with this bound; a run whose on-policy sampling the planner estimates longer than
     it is refused at start (``split.profile``, else this device's profile), and a wait that still
     runs out names itself and this key."""

@@ -11,8 +11,8 @@ Data flow of one step t (global samples [t*G, (t+1)*G), N = G/m micro-batches):
 Colocated roles run both halves on every rank, teacher first; disaggregated roles run them on
 disjoint ranks at the same time. Every rank builds both roles' process groups (collective), and
 where a rank can idle while others work alone (on-policy steps, a disaggregated split) one world
-group for those waits (``IdleWaits``: the on-policy hand-off, the students' saves and held-out
-passes), bounded by ``distributed.idle_timeout_s``.
+group for those waits (``IdleWaits``: the on-policy hand-off, the students' saves, held-out
+passes and cached steps), bounded by ``distributed.idle_timeout_s``.
 
 Logged per step besides the student's loss and throughput: ``teacher_wait_s`` (the student's last
 stage blocked on a payload, the longest of the student's ranks), ``student_wait_s`` (a teacher rank

@@ -3,7 +3,8 @@
 A distillation run's ranks sometimes wait for work only some of them do: on an on-policy step
 every rank waits for the students' samples (a disaggregated teacher for all of the sampling,
 colocated replicas that finish first for the slowest), and disaggregated teacher ranks wait while
-the students save a checkpoint or run the held-out pass. Those waits last as long as that work,
+the students save a checkpoint, run the held-out pass or train on cached steps (a mixed teacher
+source). Those waits last as long as that work,
 so they are bounded by ``distributed.idle_timeout_s``, not by ``distributed.timeout_s``, which
 is kept short to catch hung collectives.
 """
@@ -28,7 +29,7 @@ class IdleWaitTimeout(StreamError):
 @dataclass(frozen=True)
 class IdleWaits:
     """The waits of ranks that idle while others work alone (an on-policy step's sampling, the
-    students' checkpoint saves and held-out passes), bounded by ``distributed.idle_timeout_s``
+    students' checkpoint saves, held-out passes and cached steps), bounded by ``distributed.idle_timeout_s``
     instead of ``distributed.timeout_s``, which is kept short to catch hung collectives.
 
     Each wait is a one-element all-reduce over a gloo world group whose timeout is that bound,
