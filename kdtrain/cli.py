@@ -62,6 +62,9 @@ def _info(args) -> int:
     print(f"kdtrain {kdtrain.__version__}")
     print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
     try:
+        from .te_guard import guard_transformer_engine
+
+        guard_transformer_engine()
         from megatron.core import package_info
 
         print(f"megatron-core {package_info.__version__}")

@@ -35,6 +35,9 @@ _IDX_HEADER = struct.Struct("<9sQBQQ")
 
 def _megatron_indexed():
     # Imported on use: megatron-core pulls in torch and takes seconds to import.
+    from ..te_guard import guard_transformer_engine
+
+    guard_transformer_engine()
     from megatron.core.datasets import indexed_dataset
 
     return indexed_dataset

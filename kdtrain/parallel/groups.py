@@ -98,6 +98,9 @@ class RoleGroups:
 def build_role_groups(layout: RoleLayout, backend: Optional[str] = None,
                       timeout_s: Optional[float] = None) -> RoleGroups:
     """Create all process groups of one role. Collective: every rank calls it for every role."""
+    from ..te_guard import guard_transformer_engine
+
+    guard_transformer_engine()
     from megatron.core.hyper_comm_grid import HyperCommGrid
     from megatron.core.process_groups_config import ProcessGroupCollection
 
