@@ -16,7 +16,8 @@ passes and cached steps), bounded by ``distributed.idle_timeout_s``.
 
 Logged per step besides the student's loss and throughput: ``teacher_wait_s`` (the student's last
 stage blocked on a payload, the longest of the student's ranks), ``student_wait_s`` (a teacher rank
-blocked handing a payload over), ``teacher_compute_s`` and ``teacher_busy`` (its share of the step),
+blocked handing a payload over), ``teacher_compute_s`` and ``teacher_busy`` (its share of the step;
+timed on other ranks over their own intervals than the step, it can read slightly above 1),
 teacher TFLOP/s and MFU, and payload bytes/s. The teacher-side figures are means over the teacher
 ranks and the steps since the last log line; they reach the logging rank by one small world
 all-reduce on logging steps, which a teacher-only rank (disaggregated) starts without waiting for
