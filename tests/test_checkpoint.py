@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import one_rank_role as _build, save_one_rank_role as _save
+from conftest import one_rank_role as _build, run_spawn, save_one_rank_role as _save
 
 
 def _crash_mid_save(root):
@@ -618,3 +618,47 @@ def test_reading_one_parameter_opens_only_the_shard_file_holding_it(world_of_one
         for name in weights.names():
             assert torch.equal(weights.tensor(name), state[name]), name
     assert sorted(opened) == files
+
+
+def _loaded_teacher_gets_every_weight(rank, world, tmp):
+    import dataclasses
+    from pathlib import Path
+
+    import kdtrain.training.teacher as teacher_module
+    from kdtrain.config import CheckpointConfig, OptimizerConfig, load_model_config
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.stream import PayloadSpec
+    from kdtrain.training.pretrain import build_trainable, save_role
+
+    # An odd vocabulary (padded rows at tp=2) and tied embeddings (a copy on each stage at pp=2).
+    cfg = dataclasses.replace(load_model_config("tiny"), vocab_size=301, tie_embeddings=True)
+    real, poisoned_builds = teacher_module.build_gpt, []
+
+    def poisoned(*args, seed, **kw):  # the weights a build without init leaves: made NaN
+        model = real(*args, seed=seed, **kw)
+        if seed is None:
+            for p in model.parameters():
+                p.data.fill_(float("nan"))
+            poisoned_builds.append(1)
+        return model
+
+    teacher_module.build_gpt = poisoned
+    for tp, pp in ((2, 1), (1, 2)):
+        groups = build_role_groups(RoleLayout(f"model-tp{tp}-pp{pp}", 0, tp, pp, 1))
+        role = build_trainable(cfg, groups, OptimizerConfig(), seq_length=16, micro_batch=1,
+                               device=torch.device("cpu"), dtype=torch.float32, seed=3)
+        ck = CheckpointConfig(dir=str(Path(tmp) / f"ck-{tp}-{pp}"), keep=1)
+        save_role(ck, cfg, role, 1, _DP_RUN)
+        teacher = teacher_module.Teacher(cfg, groups, PayloadSpec(16, 1, 8, torch.float32), 1.0, ck.dir,
+                                         torch.device("cpu"), torch.float32, seed=5)
+        assert poisoned_builds.pop() and not poisoned_builds
+        want = dict(role.model.named_parameters())
+        for name, p in teacher.model.named_parameters():
+            assert torch.equal(p, want[name]), (tp, pp, rank, name)
+
+
+def test_a_teacher_loaded_without_init_gets_every_weight_in_any_layout(tmp_path):
+    """A teacher with ``teacher.load`` skips the random init: every value of its weights, the
+    padded vocabulary rows of a tensor rank and the last stage's copy of tied embeddings included,
+    must come from the checkpoint (its unloaded memory is made NaN here), at tp=2 and at pp=2."""
+    run_spawn(2, _loaded_teacher_gets_every_weight, str(tmp_path), tmp_path=tmp_path)
