@@ -289,9 +289,6 @@ def distill(cfg: DistillConfig) -> dict:
                                   compile=cfg.precision.compile and not cfg.precision.cuda_graphs,
                                   cuda_graphs=cfg.precision.cuda_graphs, recompute=tr.recompute,
                                   use_te=_student_te(cfg, s_layout.tp, env.device))
-        if cfg.onpolicy.fraction > 0 and s_layout.pp > 1:  # found now, not at the first on-policy step
-            student.model.require_direct_layers("on-policy sampling from pipeline stages (onpolicy.fraction > 0, "
-                                                "student pp > 1)")
         ck, load_from = cfg.checkpoint, "checkpoint"
         if cfg.student.load and not ck.load:
             ck, load_from = dataclasses.replace(ck, load=cfg.student.load), "student"
