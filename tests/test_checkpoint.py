@@ -218,7 +218,8 @@ def test_loaded_weights_reach_the_fp32_masters_of_a_bf16_model(world_of_one, tmp
     names = {id(p): n for n, p in role.model.named_parameters()}
     masters = role.optimizer.separate_masters()
     assert len(masters) == len(names)  # every bf16 parameter has an fp32 master
-    for pid, master in masters.items():
+    for pid, (master, start, stop) in masters.items():
+        assert (start, stop) == (0, master.numel())  # unsharded: the whole parameter
         assert torch.equal(master, loaded[names[pid]]), names[pid]  # the stored fp32 values, exactly
     for _, p in role.params:  # one update with zero gradients and no weight decay: nothing moves
         p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
@@ -374,46 +375,65 @@ def _build_dp(dp: int, seed: int, distributed: bool = False, dtype: torch.dtype 
 
 
 def _train(role, steps: int) -> None:
-    """``steps`` updates with the same gradients on every replica (what DDP's all-reduce gives)."""
+    """``steps`` updates with the same gradients on every replica (what DDP's all-reduce gives; a
+    sharded optimizer's reduced chunk is then that chunk of them)."""
+    import torch.distributed as dist
+
     for step in range(steps):
         for i, (_, p) in enumerate(role.params):
             gen = torch.Generator().manual_seed(1000 * step + i)
-            p.main_grad = 0.01 * torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            p.main_grad.copy_(0.01 * torch.randn(p.shape, generator=gen, dtype=torch.float32))
+        if role.grads.sharded:
+            r, chunk = dist.get_rank(role.grads.shard_group), role.grads.chunk
+            role.grads.shard.copy_(role.grads.data[r * chunk: (r + 1) * chunk])
         role.optimizer.step(1e-2)
 
 
 def _state_of(role) -> dict:
-    """Every parameter, and the fp32 master, Adam moments and step count of the owned ones."""
-    out = {f"param/{spec.global_name}": p.detach().clone() for spec, p in role.params}
-    for spec, _, master in role.optimizer.owned:
-        st = role.optimizer.opt.state[master]
-        out[f"master/{spec.global_name}"] = master.detach().clone()
-        out.update({f"{k}/{spec.global_name}": st[k].detach().clone() for k in ("exp_avg", "exp_avg_sq", "step")})
+    """Every parameter, and the fp32 master, Adam moments and step count of this rank's shares of
+    them (flat elements ``start:stop``, all of a parameter unless the optimizer is sharded)."""
+    out = {f"param/{spec.global_name}": (p.detach().clone(), None) for spec, p in role.params}
+    for s in role.optimizer.owned:
+        st = role.optimizer.opt.state[s.master]
+        share = (s.start, s.stop)
+        out[f"master/{s.spec.global_name}"] = (s.master.detach().reshape(-1).clone(), share)
+        out.update({f"{k}/{s.spec.global_name}": (st[k].detach().reshape(-1).clone(), share)
+                    for k in ("exp_avg", "exp_avg_sq")})
+        out[f"step/{s.spec.global_name}"] = (st["step"].detach().clone(), None)
     return out
 
 
 def _assert_same_state(got: dict, want: dict) -> None:
-    """Every entry of ``got`` (a replica holds a subset of the optimizer state under ZeRO-1) equals
-    ``want``'s, bit for bit; every parameter is there."""
+    """Every entry of ``got`` (a replica holds a share of the optimizer state under ZeRO-1) equals
+    the same elements of ``want``'s, bit for bit; every parameter is there."""
     assert {k for k in want if k.startswith("param/")} <= set(got)
-    for k, v in got.items():
-        assert v.dtype == want[k].dtype and torch.equal(v, want[k]), k
+    for k, (v, share) in got.items():
+        w, whole = want[k]
+        assert whole in (None, (0, w.numel())), (k, whole)  # ``want``: unsharded
+        if share is not None:
+            w = w.reshape(-1)[share[0]: share[1]]
+        assert v.dtype == w.dtype and torch.equal(v, w), k
 
 
 _DP_RUN = {"kind": "pretrain", "global_batch_size": 8, "data": {}}
 
 
-def _dp_save_and_reload(rank, world, tmp):
+def _dp_save_and_reload(rank, world, tmp, sharded):
     from pathlib import Path
 
     from kdtrain.config import CheckpointConfig
     from kdtrain.training.pretrain import restore_role, save_role
 
-    cfg, role = _build_dp(world, seed=3)
+    cfg, role = _build_dp(world, seed=3, distributed=sharded)
     _train(role, 2)
     ck = CheckpointConfig(dir=str(Path(tmp) / "ck"), keep=1)
     save_role(ck, cfg, role, 2, _DP_RUN)
     saved = _state_of(role)
+    if sharded:  # each replica's share of the state is the unsharded optimizer's, bit for bit
+        _, ref = _build_dp(world, seed=3)
+        _train(ref, 2)
+        saved = _state_of(ref)
+        _assert_same_state(_state_of(role), saved)
     if rank == 0:
         torch.save(saved, Path(tmp) / "saved.pt")
     # Back into the same replicas, and into ZeRO-1 shares of them.
@@ -421,21 +441,29 @@ def _dp_save_and_reload(rank, world, tmp):
         _, other = _build_dp(world, seed=seed, distributed=distributed)
         assert restore_role(ck, cfg, other, rank, _DP_RUN).step == 2
         _assert_same_state(_state_of(other), saved)
-        if distributed:
-            assert 0 < len(other.optimizer.owned) < len(other.params)
+        if distributed:  # this replica's share: half the elements, also of a parameter cut in two
+            held = sum(s.stop - s.start for s in other.optimizer.owned)
+            assert held == other.grads.shard_range[1] - other.grads.shard_range[0]
+            assert abs(held - sum(p.numel() for _, p in other.params) / world) <= 1
+            assert any(not s.whole for s in other.optimizer.owned)
 
 
-def test_data_parallel_replicas_share_the_writing_of_a_checkpoint(world_of_one, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicas", "zero1"])
+def test_data_parallel_replicas_share_the_writing_of_a_checkpoint(world_of_one, tmp_path, sharded):
     """Without ZeRO-1 every replica holds the whole model and optimizer state, and data-parallel
     rank 0 alone wrote it (an 8B student at DP=8: one process buffering and writing 112 GB while
     the others waited at a barrier bounded by the job's timeout). The replicas now write balanced
     shares; a checkpoint loads the same whoever wrote each piece: into 1 rank, into 2 replicas,
-    into ZeRO-1."""
+    into ZeRO-1. With ZeRO-1 each replica writes its chunk of the flat parameter order (pieces
+    holding flat parts of a parameter); it loads the same ways."""
     from conftest import run_spawn
     from kdtrain.config import CheckpointConfig
     from kdtrain.training.pretrain import restore_role
 
-    run_spawn(2, _dp_save_and_reload, str(tmp_path), tmp_path=tmp_path)
+    run_spawn(2, _dp_save_and_reload, str(tmp_path), sharded, tmp_path=tmp_path)
+    headers = json.loads((tmp_path / "ck" / "step_0000002" / "meta.json").read_text())["shard_index"]
+    flat = [h["flat"] for pieces in headers.values() for h in pieces.values() if "flat" in h]
+    assert bool(flat) == sharded  # a parameter cut between the two replicas' chunks
     shards = sorted((tmp_path / "ck" / "step_0000002" / "shards").glob("*.pt"))
     assert [f.name for f in shards] == ["rank00000.pt", "rank00001.pt"]
     sizes = [f.stat().st_size for f in shards]
@@ -473,10 +501,10 @@ def test_a_bf16_checkpoint_stores_and_reads_each_value_once(world_of_one, tmp_pa
     def check_readers(path):
         _, whole = load_whole_model(path, torch.device("cpu"), torch.bfloat16, "model")
         for n, p in whole.named_parameters():
-            assert torch.equal(p, want[f"param/{whole.param_specs[n].global_name}"]), n
+            assert torch.equal(p, want[f"param/{whole.param_specs[n].global_name}"][0]), n
         reader = open_checkpoint(path)  # what the export reads
         for spec, _ in role.params:
-            assert torch.equal(read_global(reader, cfg, spec.global_name), want[f"master/{spec.global_name}"])
+            assert torch.equal(read_global(reader, cfg, spec.global_name).reshape(-1), want[f"master/{spec.global_name}"][0])
         reads = []
         read_into = CheckpointReader.read_into
 

@@ -9,12 +9,15 @@ Per rank of a trained student (tp x pp x dp, pipeline stage r, dtype bytes ``d``
 
     weights   = d * P_r                       every parameter in the model dtype
     grads     = 4 * P_r                       one fp32 buffer (main_grad), any model dtype
-    optimizer = 8 * O_r + 4 * O_r (when d != 4)
+    optimizer = 8 * P_r + 4 * P_r (when d != 4)
                                               Adam m, v (fp32) + fp32 master weights for bf16;
-                                              P_r = parameters of stage r's tensor shard;
-                                              O_r = P_r, or with the distributed optimizer
-                                              (ZeRO-1) the parameters this dp rank owns under
-                                              kdtrain's largest-first balanced assignment
+                                              P_r = parameters of stage r's tensor shard
+    with the distributed optimizer (ZeRO-1, dp > 1), C = ceil(P_r / dp), O_r = this dp rank's
+    share of the flat parameter order (C, the last rank the rest):
+    grads     = 4 * dp * C                    the buffer padded to dp chunks (reduced in place)
+    optimizer = 12 * O_r + d * (dp + 1) * B   Adam m, v and an fp32 master of the share (also for
+                                              fp32 models) + the all-gather's send and receive
+                                              buffers, B = min(C, 2**26 // dp) elements per rank
     activations (1F1B) = min(pp - r, M) * (L / pp) * A_layer + (last stage) logits + loss grad
                   full recomputation: A_layer -> d * n * h (each layer keeps only its input),
                   plus one layer's A_layer while that layer is recomputed in the backward
@@ -28,7 +31,6 @@ payload buffers (top-k ids/values, tail log-mass, checksum).
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -143,18 +145,25 @@ def stage_params(m: ModelShape, tp: int, pp: int, pp_rank: int) -> int:
 
 @lru_cache(maxsize=65536)
 def owned_params(m: ModelShape, tp: int, pp: int, pp_rank: int, dp: int) -> tuple[int, ...]:
-    """Per dp rank, the parameters it owns under the distributed optimizer (ZeRO-1).
+    """Per dp rank, the parameter elements of its share under the distributed optimizer (ZeRO-1):
+    equal chunks of the stage's flat parameter order (``kdtrain.training.grads.GradBuffer``),
+    ``ceil(P / dp)`` each, the last rank the rest."""
+    n = stage_params(m, tp, pp, pp_rank)
+    chunk = -(-n // dp)
+    return tuple(max(0, min(chunk, n - r * chunk)) for r in range(dp))
 
-    Mirrors ``kdtrain.training.optimizer.assign_owners``: parameters by decreasing size (then by
-    position), each to the least-loaded rank (lowest rank on ties). A heap of (load, rank) pops
-    exactly that rank, so this is O(n log dp) for the 1024-rank searches."""
-    params = stage_param_list(m, tp, pp, pp_rank)
-    heap = [(0, r) for r in range(dp)]
-    for i in sorted(range(len(params)), key=lambda i: (-params[i], i)):
-        load, r = heapq.heappop(heap)
-        heapq.heappush(heap, (load + params[i], r))
-    loads = dict((r, load) for load, r in heap)
-    return tuple(loads[r] for r in range(dp))
+
+GATHER_NUMEL = 2**26  # the all-gather's receive buffer, elements (kdtrain/training/optimizer.py)
+
+
+def sharded_state_bytes(m: ModelShape, tp: int, pp: int, pp_rank: int, dp: int, dp_rank: int,
+                        d: int) -> tuple[float, float]:
+    """(gradient bytes, optimizer bytes) of dp rank ``dp_rank`` under the distributed optimizer."""
+    n = stage_params(m, tp, pp, pp_rank)
+    chunk = -(-n // dp)
+    per = max(1, min(chunk, GATHER_NUMEL // dp))
+    share = owned_params(m, tp, pp, pp_rank, dp)[dp_rank]
+    return 4.0 * dp * chunk, 12.0 * share + d * (dp + 1) * per
 
 
 def optimizer_bytes(n: int, d: int) -> float:
@@ -260,9 +269,9 @@ def student_stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_rank: int,
     forwards, so the larger of the two counts)."""
     n = stage_params(m, tp, pp, pp_rank)
     if distributed_optimizer and dp > 1:
-        opt = optimizer_bytes(max(owned_params(m, tp, pp, pp_rank, dp)), d)
+        grads, opt = sharded_state_bytes(m, tp, pp, pp_rank, dp, 0, d)  # rank 0 holds a full chunk
     else:
-        opt = optimizer_bytes(n, d)
+        grads, opt = 4.0 * n, optimizer_bytes(n, d)
     tokens = seq * micro_batch
     # 1F1B: stage r keeps the activations of min(pp - r, M) micro-batches in flight.
     in_flight = min(pp - pp_rank, microbatches)
@@ -276,7 +285,7 @@ def student_stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_rank: int,
         # Final norm input and output-layer input, then the vocab-parallel logits and the KD
         # loss's logit gradient (computed in the forward), both in the model dtype.
         act += d * 2 * tokens * m.hidden + 2 * d * tokens * m.padded_vocab(tp) / tp
-    return RankMemory(float(d * n), 4.0 * n, opt, float(max(act, sampling)), float(payload_bytes))
+    return RankMemory(float(d * n), grads, opt, float(max(act, sampling)), float(payload_bytes))
 
 
 def teacher_stage_memory(m: ModelShape, tp: int, pp: int, pp_rank: int, seq: int, micro_batch: int, k: int,

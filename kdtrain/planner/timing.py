@@ -21,9 +21,10 @@ A role's step over M micro-batches per replica:
                               M * t_f                       disaggregated: runs on across steps
     student (1F1B):          (M + pp - 1) * (t_f + t_b)     the (pp - 1) part is the bubble
                              + dp gradient all-reduce (fp32 buffer) [+ tied-embedding sync]
+                               (ZeRO-1: a reduce-scatter of it and an all-gather of the
+                               updated parameters in the model dtype instead)
                              + optimizer (memory-bound: fused AdamW over the owned fp32 state,
                                gradient zero / norm / clip over the stage)
-                             [+ ZeRO-1 parameter broadcast from the owners]
 
 On-policy sampling (a student replica writing its rows of a step, models/generate.py), per call
 of r rows: one forward over the P prompt positions, then one forward per decoded position, each
@@ -215,24 +216,27 @@ def student_time(m: ModelShape, tp: int, pp: int, dp: int, seq: int, micro_batch
     rt = RoleTime(compute=microbatches * (fb_compute + logits), tp_comm=microbatches * (fb_tp + bcast),
                   pp_comm=microbatches * 2 * hop, bubble=(pp - 1) * per_mb, per_microbatch=per_mb,
                   forward_per_microbatch=t_f)
-    # Gradient reduction of the fp32 buffer of the largest stage over the dp replicas.
+    # Gradient reduction of the fp32 buffer of the largest stage over the dp replicas: an
+    # all-reduce, or with ZeRO-1 its reduce-scatter half and an all-gather of the parameters.
     n_max = max(stage_params(m, tp, pp, r) for r in {0, pp - 1})
     bw, lat = link(profile, group_in_one_node(pl, tp, pp, dp, "dp"))
-    rt.dp_comm = allreduce_time(4.0 * n_max, dp, bw, lat)
+    zero = distributed_optimizer and dp > 1
+    rt.dp_comm = (allreduce_time(4.0 * n_max, dp, bw, lat) / 2 + allreduce_time(d * n_max, dp, bw, lat) / 2
+                  if zero else allreduce_time(4.0 * n_max, dp, bw, lat))
     if m.tied and pp > 1:  # first/last stage copies of the tied embedding: sum their gradients
         bw_e, lat_e = link(profile, group_in_one_node(pl, tp, pp, dp, "pp"))
         rt.dp_comm += allreduce_time(4.0 * m.padded_vocab(tp) / tp * m.hidden, 2, bw_e, lat_e)
-    if distributed_optimizer and dp > 1:
-        owned = max(max(owned_params(m, tp, pp, r, dp)) for r in {0, pp - 1})
-        # Owners broadcast their updated parameters: every rank receives the whole stage once.
-        rt.dp_comm += d * n_max / bw + dp * 2 * lat
-    else:
-        owned = n_max
+    owned = max(max(owned_params(m, tp, pp, r, dp)) for r in {0, pp - 1}) if zero else n_max
     # Memory-bound passes. Per owned parameter: the fused AdamW reads the fp32 master, gradient and
     # both moments and writes the master and moments back (7 x 4 = 28 B), then the master is
     # copied to the bf16 parameter (4 + d). Per stage parameter, the fp32 gradient buffer is
     # zeroed (4), its norm taken (pow 8 + sum 4) and clipped (8).
-    rt.optimizer = (owned * (ADAM_BYTES + (0 if d == 4 else 4 + d)) + n_max * GRAD_BUFFER_BYTES) / profile.memory_bw
+    if zero:  # per owned element: AdamW, its master into the all-gather's send buffer (4 + d) and
+        # the norm and clip of the reduced chunk (20); per stage element: zeroing the buffer (4)
+        # and the gathered parameters copied into place (2d)
+        rt.optimizer = (owned * (ADAM_BYTES + 4 + d + GRAD_BUFFER_BYTES - 4) + n_max * (4 + 2 * d)) / profile.memory_bw
+    else:
+        rt.optimizer = (owned * (ADAM_BYTES + (0 if d == 4 else 4 + d)) + n_max * GRAD_BUFFER_BYTES) / profile.memory_bw
     # The last stage takes no payload before its first forward ((pp-1) forwards of fill), after
     # its last backward, and during the reduction and the update.
     rt.gap = (pp - 1) * t_f + per_mb - t_f + rt.dp_comm + rt.optimizer

@@ -11,22 +11,26 @@ Layout on disk::
 A *piece* is a rank's local slice of one global parameter plus where it sits: the sharded
 dimension and ``(global_start, global_stop, local_start)`` ranges (see models/params.py), and its
 values: ``master`` (fp32) where the optimizer keeps a master apart from a bf16 parameter, else
-``param``; with optimizer state ``exp_avg``, ``exp_avg_sq`` and ``step``. Readers of the weights
+``param``; with optimizer state ``exp_avg``, ``exp_avg_sq`` and ``step``. A piece of a sharded
+(distributed) optimizer may hold only flat elements ``flat = [start, stop)`` of the rank's local
+tensor (whose shape ``local_shape`` it records): its values are then 1-D. Readers of the weights
 read ``master``, which falls back on ``param`` (checkpoints of earlier versions hold both). Each
 global parameter is written once: tensor rank 0 for replicated parameters, the first stage for the
-tied embedding, and one data-parallel replica, with its fp32 master weight and Adam moments (with
-ZeRO-1 the owning rank; without, the replicas hold the same state and write balanced shares of
-it). Loading copies the overlap of every stored piece with every piece the loading rank needs,
-whichever file holds it, so a checkpoint written with one TP/PP/DP layout loads into any other
-(pretrain with TP=1, distil with a TP=2 teacher).
+tied embedding, and one data-parallel replica for each element, with its fp32 master weight and
+Adam moments (with the distributed optimizer each replica its own chunk; without, the replicas
+hold the same state and write balanced shares of it, whole parameters). Loading copies the overlap
+of every stored piece with every piece the loading rank needs, whichever file holds it, so a
+checkpoint written with one TP/PP/DP layout loads into any other (pretrain with TP=1, distil with
+a TP=2 teacher, resume a sharded optimizer with another ``dp`` or unsharded).
 
 meta.json's ``shard_index`` maps each shard file to the headers of its pieces (``{global name:
-{global_shape, dim, ranges, keys}}``, ``keys`` naming the stored values), gathered from the writing
-ranks when the save commits. A reader opens a shard file only when a parameter it is asked for
-overlaps one of that file's pieces: a rank loads from the few files of its own stage and tensor
-slice, not from all of them (an 8B model at TP=8, PP=8, DP=128 with ZeRO-1 writes ~1,100 files,
-which 8,192 ranks each opened and unpickled). Files the index does not describe (every file of a
-checkpoint written before it existed) are opened when the reader is made, as they always were.
+{global_shape, dim, ranges, [flat, local_shape,] keys}}``, ``keys`` naming the stored values),
+gathered from the writing ranks when the save commits. A reader opens a shard file only when a
+parameter it is asked for overlaps one of that file's pieces: a rank loads from the files of its
+own stage and tensor slice (with the distributed optimizer, one per data-parallel replica), not
+from all of them (an 8B model at TP=8, PP=8, DP=128 with ZeRO-1 writes 8,192 files, which 8,192
+ranks each opened and unpickled). Files the index does not describe (every file of a checkpoint
+written before it existed) are opened when the reader is made, as they always were.
 
 Atomicity: everything is written under ``step_N.tmp/``; after all ranks finish, the role's first
 rank writes meta.json, renames the directory to ``step_N`` and then replaces ``latest``. A crash at
@@ -39,6 +43,7 @@ Saving a step that exists (a resumed run reaching it again) first moves the old 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -54,9 +59,10 @@ from ..durable import fsync_dir, fsync_file, write_synced
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer, assign_owners
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pieces may be flat parts (``flat``, ``local_shape``)
+READABLE_VERSIONS = (1, 2)
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
-HEADER_KEYS = ("global_shape", "dim", "ranges")  # where a piece sits; its other keys are values
+HEADER_KEYS = ("global_shape", "dim", "ranges", "flat", "local_shape")  # where a piece sits; the other keys are values
 
 
 def _barrier(group) -> None:
@@ -94,27 +100,31 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
         begin_checkpoint(root, step)
     _barrier(role_group)
 
-    # The replica that writes each parameter. With ZeRO-1 its owner, the one rank holding its
-    # master weight and Adam moments. Without, every replica holds the same weights and state:
-    # the same balanced assignment over the pieces this position writes shares the host memory,
-    # bytes and time of a save among the replicas (data-parallel rank 0 alone would hold and
-    # write the whole state while the others wait at the barrier below).
+    # The replica that writes each element. With the distributed optimizer the owner of its
+    # chunk, the one rank holding its master weight and Adam moments. Without, every replica
+    # holds the same weights and state: the same balanced assignment over the pieces this
+    # position writes shares the host memory, bytes and time of a save among the replicas
+    # (data-parallel rank 0 alone would hold and write the whole state while the others wait at
+    # the barrier below).
     writes = [not (spec.tied_copy or spec.tp_duplicate) for spec, _ in params]
     if optimizer is not None and optimizer.sharded:
-        owners = optimizer.owners
+        shares = {id(s.param): (s.start, s.stop) for s in optimizer.owned}
+        mine = [(spec, p, shares[id(p)]) for (spec, p), w in zip(params, writes) if w and id(p) in shares]
     else:
         dp_group = getattr(optimizer, "dp_group", None)
         dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         owners = assign_owners([p.numel() if w else 0 for (_, p), w in zip(params, writes)], dp_size)
+        mine = [(spec, p, (0, p.numel())) for (spec, p), o, w in zip(params, owners, writes) if w and o == dp_rank]
     pieces, index = {}, {}
-    for (spec, p), owner, write in zip(params, owners, writes):
-        if not write or owner != dp_rank:
-            continue
+    for spec, p, (start, stop) in mine:
         piece = {"global_shape": list(spec.global_shape), "dim": spec.dim, "ranges": spec.ranges()}
+        whole = start == 0 and stop == p.numel()
+        if not whole:
+            piece.update(flat=[start, stop], local_shape=list(p.shape))
         if optimizer is not None:
             piece.update({k: v.detach().cpu() for k, v in optimizer.state_for(spec).items()})
         if "master" not in piece:  # else the (bf16) parameter is the master rounded: not stored
-            piece["param"] = p.detach().cpu()
+            piece["param"] = p.detach().cpu() if whole else p.detach().reshape(-1)[start:stop].cpu()
         pieces[spec.global_name] = piece
     if pieces:
         index[f"rank{rank:05d}.pt"] = write_shard(tmp, f"rank{rank:05d}.pt", pieces)
@@ -174,8 +184,11 @@ def write_shard(tmp: Path, fname: str, pieces: dict) -> dict[str, dict]:
 
 def piece_header(piece: dict) -> dict:
     """Where a piece sits and which values it stores, without the values (the index's entry)."""
-    return {"global_shape": list(piece["global_shape"]), "dim": piece["dim"],
-            "ranges": [list(r) for r in piece["ranges"]], "keys": sorted(k for k in piece if k not in HEADER_KEYS)}
+    header = {"global_shape": list(piece["global_shape"]), "dim": piece["dim"],
+              "ranges": [list(r) for r in piece["ranges"]], "keys": sorted(k for k in piece if k not in HEADER_KEYS)}
+    if "flat" in piece:
+        header.update(flat=list(piece["flat"]), local_shape=list(piece["local_shape"]))
+    return header
 
 
 def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int, index: dict[str, dict]) -> Path:
@@ -301,8 +314,9 @@ class CheckpointReader:
             self.meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"corrupt checkpoint metadata {meta_file}: {e}") from None
-        if self.meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_file}: checkpoint format {self.meta.get('version')} != {FORMAT_VERSION}")
+        if self.meta.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"{meta_file}: checkpoint format {self.meta.get('version')} is not one this version of "
+                             f"kdtrain reads ({', '.join(map(str, READABLE_VERSIONS))})")
         self._files: dict[str, dict] = {}  # file name -> {global name: piece}, of the files opened
         # Each global parameter's pieces, in file order: (file name, header).
         self._where: dict[str, list[tuple[str, dict]]] = {}
@@ -359,17 +373,24 @@ class CheckpointReader:
     def has_optimizer_state(self) -> bool:
         return any("exp_avg" in h["keys"] for where in self._where.values() for _, h in where)
 
-    def read_into(self, spec: ParamSpec, key: str, out: torch.Tensor) -> None:
-        """Fill ``out`` (this rank's local tensor for ``spec``) with ``key`` of the stored pieces."""
+    def read_into(self, spec: ParamSpec, key: str, out: torch.Tensor,
+                  flat: Optional[tuple[int, int]] = None) -> None:
+        """Fill ``out`` (this rank's local tensor for ``spec``) with ``key`` of the stored pieces;
+        with ``flat = (start, stop)``, ``out`` is 1-D and gets only those flat elements of it (a
+        distributed optimizer's share; ``out``'s vocabulary padding, if any, is left as it was)."""
         if spec.global_name not in self._where:
             raise ValueError(f"checkpoint {self.path} has no parameter {spec.global_name!r}")
         copied = 0
+        want = {"dim": spec.dim, "ranges": spec.ranges()}
+        if flat is not None:
+            want.update(flat=list(flat), local_shape=list(spec.local_shape))
+        mine = _boxes(want, out)
         for fname, header in self._where[spec.global_name]:
             if tuple(header["global_shape"]) != spec.global_shape:
                 raise ValueError(f"checkpoint {self.path}: {spec.global_name} has shape "
                                  f"{tuple(header['global_shape'])}, the model expects {spec.global_shape} "
                                  "(different model config?)")
-            if not _overlaps(header["dim"], header["ranges"], spec.dim, spec.ranges()):
+            if not _overlaps(_boxes(header), mine):
                 continue  # none of this rank's values: its file stays closed
             piece = self._piece(spec.global_name, fname)
             src = piece.get(key)
@@ -377,10 +398,10 @@ class CheckpointReader:
                 src = piece["param"]
             if src is None:
                 raise ValueError(f"checkpoint {self.path}: {spec.global_name} has no {key!r} (saved without optimizer state?)")
-            copied += copy_overlap(src, piece["dim"], piece["ranges"], out, spec.dim, spec.ranges())
+            copied += _copy_boxes(_boxes(piece, src), mine)
         # Pieces skipped above copy nothing either way: a piece missing from the files still
-        # leaves ``copied`` short here.
-        expected = sum(g1 - g0 for g0, g1, _ in spec.ranges()) * (out.numel() // out.shape[spec.dim])
+        # leaves ``copied`` short here. (Stored pieces never overlap: each element has one writer.)
+        expected = sum(math.prod(h - lo for lo, h in zip(glo, ghi)) for glo, ghi, _ in mine)
         if copied != expected:
             raise ValueError(f"checkpoint {self.path}: {spec.global_name} is incomplete "
                              f"({copied} of {expected} values found; a shard file is missing?)")
@@ -392,33 +413,95 @@ class CheckpointReader:
         return self._piece(spec.global_name, fname)["step"]
 
 
-def _overlaps(src_dim: int, src_ranges, dst_dim: int, dst_ranges) -> bool:
-    """Whether ``copy_overlap`` of the two pieces copies anything."""
-    if src_dim != dst_dim:
-        return bool(src_ranges) and bool(dst_ranges)
-    return any(max(s0, d0) < min(s1, d1) for s0, s1, _ in src_ranges for d0, d1, _ in dst_ranges)
+# ---- where pieces sit: boxes of the global tensor ----------------------------------------------
+# A piece is cut into boxes, each a view of its values with the global coordinates of its first
+# element and its extent in every dimension. Along the piece's sharded dimension a local index i
+# in a range (g0, g1, l0) is global index g0 + i - l0 (indices in no range, vocabulary padding,
+# map nowhere); in every other dimension local and global indices agree. A flat part of the local
+# tensor (a distributed optimizer's share) is first cut into row-major boxes: a partial leading
+# row, whole rows, a partial trailing row (recursively in more dimensions), each a contiguous run
+# of the 1-D values. Two pieces of one parameter then overlap where two of their boxes do.
+
+def _flat_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """Flat elements [start, stop) of a row-major tensor of ``shape`` as boxes ``(lo, hi, first)``:
+    local index bounds and the box's first element's offset from ``start``."""
+    if start >= stop:
+        return []
+    if len(shape) == 1:
+        return [((start,), (stop,), 0)]
+    inner = math.prod(shape[1:])
+    r0, r1 = start // inner, (stop - 1) // inner  # first and last row touched
+    if r0 == r1:
+        return [((r0,) + lo, (r0 + 1,) + hi, first)
+                for lo, hi, first in _flat_boxes(shape[1:], start - r0 * inner, stop - r0 * inner)]
+    out = []
+    full0 = r0 if start == r0 * inner else r0 + 1
+    full1 = r1 + 1 if stop == (r1 + 1) * inner else r1
+    if full0 > r0:  # a partial leading row
+        out += _flat_boxes(shape, start, full0 * inner)
+    if full1 > full0:
+        out.append(((full0,) + (0,) * (len(shape) - 1), (full1,) + tuple(shape[1:]), full0 * inner - start))
+    if full1 <= r1:  # a partial trailing row
+        out += [(lo, hi, first + full1 * inner - start) for lo, hi, first in _flat_boxes(shape, full1 * inner, stop)]
+    return out
+
+
+def _boxes(piece: dict, values: Optional[torch.Tensor] = None) -> list[tuple[list[int], list[int], Optional[torch.Tensor]]]:
+    """A piece (header or stored piece; ``values``: its tensor, or None for the extents only) as
+    ``(global lo, global hi, view)`` boxes."""
+    dim, ranges = piece["dim"], piece["ranges"]
+    if "flat" in piece:
+        shape = list(piece["local_shape"])
+        blocks = [(lo, hi, None if values is None else values[first: first + math.prod(h - l for l, h in zip(lo, hi))]
+                   .view([h - l for l, h in zip(lo, hi)]))
+                  for lo, hi, first in _flat_boxes(shape, *piece["flat"])]
+    else:
+        if values is not None:
+            shape = list(values.shape)
+        else:  # the header of a whole piece: other dimensions are global, padding rows are not needed
+            shape = list(piece["global_shape"]) or [1]
+            shape[dim] = max((l0 + g1 - g0 for g0, g1, l0 in ranges), default=0)
+        blocks = [((0,) * len(shape), tuple(shape), values)]
+    out = []
+    for lo, hi, view in blocks:
+        for g0, g1, l0 in ranges:
+            x0, x1 = max(l0, lo[dim]), min(l0 + g1 - g0, hi[dim])
+            if x0 >= x1:
+                continue
+            glo, ghi = list(lo), list(hi)
+            glo[dim], ghi[dim] = g0 + x0 - l0, g0 + x1 - l0
+            out.append((glo, ghi, None if view is None else view.narrow(dim, x0 - lo[dim], x1 - x0)))
+    return out
+
+
+def _overlaps(src_boxes, dst_boxes) -> bool:
+    """Whether ``_copy_boxes`` of the two would copy anything."""
+    return any(all(max(a, c) < min(b, d) for a, b, c, d in zip(slo, shi, dlo, dhi))
+               for slo, shi, _ in src_boxes for dlo, dhi, _ in dst_boxes)
+
+
+def _copy_boxes(src_boxes, dst_boxes) -> int:
+    """Copy every intersection of a source box with a destination box; returns the values copied."""
+    n = 0
+    for slo, shi, a in src_boxes:
+        for dlo, dhi, b in dst_boxes:
+            lo = [max(x, y) for x, y in zip(slo, dlo)]
+            hi = [min(x, y) for x, y in zip(shi, dhi)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            sa, sb = a, b
+            for d, (l, h) in enumerate(zip(lo, hi)):
+                sa, sb = sa.narrow(d, l - slo[d], h - l), sb.narrow(d, l - dlo[d], h - l)
+            sb.copy_(sa)
+            n += sb.numel()
+    return n
 
 
 def copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor, dst_dim: int, dst_ranges) -> int:
-    """Copy the intersection of two pieces of one global tensor; returns the number of values.
-
-    A piece covers the full extent of every dimension except its sharded one, where it covers the
-    listed global ranges, so two pieces sharded on different dimensions intersect in a box."""
-    n = 0
-    for s0, s1, sl in src_ranges:
-        for d0, d1, dl in dst_ranges:
-            if src_dim == dst_dim:
-                lo, hi = max(s0, d0), min(s1, d1)
-                if hi <= lo:
-                    continue
-                a = src.narrow(src_dim, sl + lo - s0, hi - lo)
-                b = dst.narrow(dst_dim, dl + lo - d0, hi - lo)
-            else:
-                a = src.narrow(src_dim, sl, s1 - s0).narrow(dst_dim, d0, d1 - d0)
-                b = dst.narrow(dst_dim, dl, d1 - d0).narrow(src_dim, s0, s1 - s0)
-            b.copy_(a)
-            n += b.numel()
-    return n
+    """Copy the intersection of two whole pieces of one global tensor (values ``src`` and ``dst``,
+    each sharded along its dimension over its ranges); returns the number of values."""
+    return _copy_boxes(_boxes({"dim": src_dim, "ranges": src_ranges}, src),
+                       _boxes({"dim": dst_dim, "ranges": dst_ranges}, dst))
 
 
 def load_model_weights(path: str | os.PathLike, model: ModelConfig,
@@ -496,9 +579,10 @@ def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None
 def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]],
                  masters: Optional[dict[int, torch.Tensor]] = None) -> None:
     """Model weights only (teacher, fine-tuning, evaluation, a trained model's start). ``masters``:
-    the fp32 master weight of a parameter by ``id``, where an optimizer keeps one apart from a
-    bf16 parameter (``AdamWOptimizer.separate_masters``); it gets the stored fp32 values too, else
-    the first update would start from the weights the optimizer was built with."""
+    ``(master, start, stop)`` by ``id`` of the parameter: the fp32 master weight of its flat
+    elements [start, stop), where an optimizer keeps one apart from the parameter
+    (``AdamWOptimizer.separate_masters``); it gets the stored fp32 values too, else the first
+    update would start from the weights the optimizer was built with."""
     _check_holds(reader, params)
     masters = masters or {}
     for spec, p in params:
@@ -507,7 +591,8 @@ def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.n
         reader.read_into(spec, "master", buf)
         p.copy_(buf.to(p.dtype))
         if id(p) in masters:
-            masters[id(p)].copy_(buf)
+            master, start, stop = masters[id(p)]
+            master.view(-1).copy_(buf.view(-1)[start:stop])
 
 
 def _check_holds(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]]) -> None:
@@ -519,22 +604,27 @@ def _check_holds(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.n
 
 @torch.no_grad()
 def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer) -> None:
-    """Weights of every parameter, plus master weights and Adam moments of owned ones; each stored
-    value is read once (an owned parameter's weights are copied from its master)."""
+    """Weights of every parameter, plus master weights and Adam moments of this rank's shares: each
+    parameter's master weight is read whole once (the parameter's weights and its share's master
+    come from it), the moments of the share only."""
     _check_holds(reader, optimizer.params)
     if not reader.has_optimizer_state():
         raise ValueError(f"checkpoint {reader.path} has no optimizer state; use checkpoint.load to start "
                          "from its weights instead of resuming")
-    owned = {id(p) for _, p, _ in optimizer.owned}
+    owned = {id(s.param) for s in optimizer.owned}
     load_weights(reader, [(spec, p) for spec, p in optimizer.params if id(p) not in owned])
-    for spec, p, master in optimizer.owned:
-        state = {}
-        for key in STATE_KEYS:
-            buf = torch.zeros(p.shape, dtype=torch.float32)
-            reader.read_into(spec, key, buf)
-            state[key] = buf.to(master.device)
-        state["step"] = reader.read_step_state(spec)
-        optimizer.load_state_for(spec, state)
+    for share in optimizer.owned:
+        state = {"master": torch.zeros(share.param.shape, dtype=torch.float32)}
+        reader.read_into(share.spec, "master", state["master"])
+        for key in STATE_KEYS[1:]:  # the moments of the share only
+            if share.whole:
+                state[key] = torch.zeros(share.param.shape, dtype=torch.float32)
+                reader.read_into(share.spec, key, state[key])
+            else:
+                state[key] = torch.zeros(share.stop - share.start, dtype=torch.float32)
+                reader.read_into(share.spec, key, state[key], flat=(share.start, share.stop))
+        state["step"] = reader.read_step_state(share.spec)
+        optimizer.load_state_for(share.spec, state)
 
 
 def restore_rng(path: Path, rank: int) -> bool:

@@ -5,6 +5,13 @@ parameter gets a ``main_grad`` view into one flat fp32 buffer; a post-accumulate
 fresh ``.grad`` into it, so bf16 models accumulate micro-batch gradients in fp32 and fp32 models
 take the same path. The data-parallel reduction is a SUM: losses are already divided by the
 global token count (see pipeline.py).
+
+Sharded (the distributed optimizer, ``optimizer.distributed``): the buffer is padded to ``dp``
+equal chunks of the flat parameter order, one per data-parallel rank, whatever the parameter
+boundaries. The reduction is then a reduce-scatter: each rank receives the summed gradient of its
+own chunk only (``shard``, in place; the rest of its buffer is left unreduced), which is all its
+optimizer updates; the norm is summed over the chunks and clipping scales the chunk. Every replica holds the same flat order (the same model
+partition), so chunk r means the same parameters' elements on each of them.
 """
 
 from __future__ import annotations
@@ -24,15 +31,32 @@ def _group_size(group) -> int:
 
 
 class GradBuffer:
+    """``shard_group``: the data-parallel group whose ranks each own one chunk of the buffer (the
+    distributed optimizer), or None (every replica reduces and updates the whole buffer)."""
+
     def __init__(self, model: torch.nn.Module, specs: dict[str, ParamSpec],
+                 shard_group: Optional[dist.ProcessGroup] = None,
                  bucket_numel: int = 64 * 1024 * 1024, norm_chunk_numel: int = 16 * 1024 * 1024):
         self.params = [(specs[n], p) for n, p in model.named_parameters() if p.requires_grad]
-        total = sum(p.numel() for _, p in self.params)
+        self.total = total = sum(p.numel() for _, p in self.params)
         device = self.params[0][1].device if self.params else torch.device("cpu")
-        self.data = torch.zeros(total, dtype=torch.float32, device=device)
+        self.shard_group = shard_group if _group_size(shard_group) > 1 else None
+        ways = _group_size(self.shard_group)
+        # Chunk r of the buffer is [r * chunk, (r + 1) * chunk): equal chunks for the collectives,
+        # the last one padded with zeros that no parameter views.
+        self.chunk = -(-total // ways) if total else 0
+        rank = dist.get_rank(self.shard_group) if self.shard_group is not None else 0
+        self.shard_range = (min(rank * self.chunk, total), min((rank + 1) * self.chunk, total)) \
+            if self.sharded else (0, total)
+        self.data = torch.zeros(self.chunk * ways if self.sharded else total, dtype=torch.float32, device=device)
+        # The reduced gradient of this rank's chunk: reduce-scattered in place (NCCL and gloo take
+        # an output at the input's rank-th chunk), the whole buffer unsharded.
+        self.shard = self.data[rank * self.chunk: (rank + 1) * self.chunk] if self.sharded else self.data
         self.bucket_numel = bucket_numel
+        self.offsets: list[int] = []  # of each parameter in the flat order
         offset, counted = 0, []
         for spec, p in self.params:
+            self.offsets.append(offset)
             p.main_grad = self.data[offset: offset + p.numel()].view_as(p)
             if not (spec.tp_duplicate or spec.tied_copy):
                 if counted and counted[-1][1] == offset:
@@ -41,10 +65,12 @@ class GradBuffer:
                     counted.append([offset, offset + p.numel()])
             offset += p.numel()
             p.register_post_accumulate_grad_hook(self._accumulate)
-        # What the gradient norm counts, as few contiguous slices of the buffer as possible (one
-        # with a single tensor rank and stage), cut into chunks that bound the transient squares:
-        # a few kernels per step, not three per parameter.
-        self._norm_chunks = [c for a, b in counted for c in self.data[a:b].split(norm_chunk_numel)]
+        # What the gradient norm counts, as few contiguous slices of the reduced gradient as
+        # possible (one with a single tensor rank and stage), cut into chunks that bound the
+        # transient squares: a few kernels per step, not three per parameter.
+        lo, hi = self.shard_range
+        counted = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in counted if max(a, lo) < min(b, hi)]
+        self._norm_chunks = [c for a, b in counted for c in self.shard[a:b].split(norm_chunk_numel)]
         self._tp_partial = [p.main_grad for spec, p in self.params if spec.tp_partial_grad]
 
     @staticmethod
@@ -55,8 +81,17 @@ class GradBuffer:
     def zero(self) -> None:
         self.data.zero_()
 
-    def all_reduce(self, group: Optional[dist.ProcessGroup]) -> None:
-        """Sum gradients over a data-parallel group, in buckets to bound transient memory."""
+    @property
+    def sharded(self) -> bool:
+        return self.shard_group is not None
+
+    def reduce(self, group: Optional[dist.ProcessGroup]) -> None:
+        """Sum gradients over the data-parallel ``group``: into ``shard`` (this rank's chunk) when
+        sharded, else in place over the whole buffer, in buckets to bound transient memory."""
+        if self.sharded:
+            assert group is self.shard_group
+            dist.reduce_scatter_tensor(self.shard, self.data, group=group)
+            return
         if _group_size(group) == 1:
             return
         for chunk in self.data.split(self.bucket_numel):
@@ -85,21 +120,26 @@ class GradBuffer:
 
     def global_norm(self, mp_group: Optional[dist.ProcessGroup]) -> float:
         """L2 norm of the full model's gradient: tensor-parallel replicas and the tied output
-        copy are counted once; shards are summed over the model-parallel (tp x pp) group."""
+        copy are counted once; shards are summed over the model-parallel (tp x pp) group, and
+        the data-parallel chunks over their group when sharded."""
         # square().sum(), not torch._foreach_norm / vector_norm: on CPU those accumulate a long
         # vector sequentially in fp32 (relative error ~1e-4 at 5M elements), sum() pairwise.
         if self._norm_chunks:
             sq = torch.stack([c.square().sum() for c in self._norm_chunks]).sum()
         else:
             sq = torch.zeros((), dtype=torch.float32, device=self.data.device)
+        if self.sharded:
+            dist.all_reduce(sq, group=self.shard_group)
         if _group_size(mp_group) > 1:
             dist.all_reduce(sq, group=mp_group)
         return math.sqrt(sq.item())
 
     def clip(self, max_norm: float, norm: float) -> None:
         if max_norm > 0 and norm > max_norm:
-            self.data.mul_(max_norm / (norm + 1e-6))
+            self.shard.mul_(max_norm / (norm + 1e-6))
 
     def named_main_grads(self) -> Iterable[tuple[ParamSpec, torch.Tensor]]:
+        """Each parameter's accumulated gradient (after ``reduce``, summed over the replicas unless
+        sharded: then only the elements in ``shard`` are)."""
         for spec, p in self.params:
             yield spec, p.main_grad

@@ -142,9 +142,9 @@ def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, s
     torch.manual_seed(seed + 100 * groups.pp_rank)
     if cuda_graphs:  # now, before any other thread uses the device (see models/cuda_graphs.py)
         capture_layer_graphs(model, micro_batch, seq_length)
-    grads = GradBuffer(model, model.param_specs)
+    grads = GradBuffer(model, model.param_specs, shard_group=groups.pgc.dp if optimizer_cfg.distributed else None)
     params = [(model.param_specs[n], p) for n, p in model.named_parameters()]
-    optimizer = AdamWOptimizer(params, optimizer_cfg, groups.pgc.dp)
+    optimizer = AdamWOptimizer(params, optimizer_cfg, groups.pgc.dp, grads)
     schedule = PipelineSchedule(model, groups, (seq_length, micro_batch, model_cfg.hidden_size), dtype, device)
     return Role(groups, model, grads, optimizer, schedule)
 

@@ -84,9 +84,14 @@ def train_step(schedule: PipelineSchedule, forward_step: ForwardStep, microbatch
         check = report.pop("check", None)
         if check is not None:
             check()
+    # The tensor-parallel and tied-embedding sums commute with the data-parallel one; a sharded
+    # buffer must take them before it (afterwards a rank holds the sums of its chunk only).
     grads.reduce_tp_partial(groups.pgc.tp)
-    grads.all_reduce(groups.pgc.dp)
-    grads.sync_tied_embeddings(groups.pgc.embd, tie_embeddings)
+    if grads.sharded:
+        grads.sync_tied_embeddings(groups.pgc.embd, tie_embeddings)
+    grads.reduce(groups.pgc.dp)
+    if not grads.sharded:
+        grads.sync_tied_embeddings(groups.pgc.embd, tie_embeddings)
     norm = grads.global_norm(groups.pgc.mp)
     skipped = not math.isfinite(norm)
     if not skipped:
