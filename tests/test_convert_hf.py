@@ -109,7 +109,8 @@ def _layouts_worker(rank, world, archs, tokens, resave_root):
     """TP=1 (each rank alone), TP=2 and PP=2 forward of every imported model vs the HF logits."""
     import torch.distributed as dist
 
-    from kdtrain.config import load_model_config, to_dict
+    from kdtrain.config import OptimizerConfig, load_model_config, to_dict
+    from kdtrain.training.pretrain import build_trainable
     from kdtrain.models import build_gpt
     from kdtrain.parallel import RoleLayout, build_role_groups
     from kdtrain.convert.hf_weights import HFWeights
@@ -120,6 +121,7 @@ def _layouts_worker(rank, world, archs, tokens, resave_root):
                        build_role_groups(RoleLayout("solo1", 1, 1, 1, 1))][rank],
                "tp2": build_role_groups(RoleLayout("tp2", 0, 2, 1, 1)),
                "pp2": build_role_groups(RoleLayout("pp2", 0, 1, 2, 1))}
+    dp2 = build_role_groups(RoleLayout("dp2", 0, 1, 1, 2))
     pos = torch.arange(S).unsqueeze(0).expand(B, S)
     errors = {}
     for name, (kd_dir, hf_dir, ref) in archs.items():
@@ -166,6 +168,14 @@ def _layouts_worker(rank, world, archs, tokens, resave_root):
             if lname == "kd/tp2":  # re-save from TP=2 (sharded pieces, padded vocab) for the export test
                 meta = {"model": to_dict(cfg), "layout": {"tp": 2, "pp": 1, "dp": 1, "rank_offset": 0}}
                 save_checkpoint(resave_root / name, 1, params, None, 0, groups.role_group, 0, meta, keep=1)
+        # Re-saved by a distributed optimizer over 2 replicas: each writes the flat elements of its
+        # chunk of the parameters (pieces cutting parameters), for the export test.
+        role = build_trainable(cfg, dp2, OptimizerConfig(distributed=True), S, B, torch.device("cpu"),
+                               torch.float32, seed=5)
+        load_weights(reader, role.params, role.optimizer.separate_masters())
+        meta = {"model": to_dict(cfg), "layout": {"tp": 1, "pp": 1, "dp": 2, "rank_offset": 0}}
+        save_checkpoint(resave_root.parent / "resaved_zero" / name, 1, role.params, role.optimizer, dp2.dp_rank,
+                        dp2.role_group, 0, meta, keep=1)
     print(f"rank {rank} max abs logit errors: {json.dumps(errors)}")
 
 
@@ -225,6 +235,20 @@ def test_export_from_tp2_checkpoint(resaved_tp2, converted, tmp_path):
 
     for name, a in converted["archs"].items():
         out = export_hf(resaved_tp2 / name, tmp_path / f"from_tp2_{name}")  # model config from the checkpoint
+        _assert_same_hf(a["hf"], out, converted["tokens"])
+
+
+def test_export_from_a_distributed_optimizer_checkpoint(resaved_tp2, converted, tmp_path):
+    """A student trained with ``optimizer.distributed`` is saved as each replica's chunk of the flat
+    parameter order (pieces holding flat parts of parameters): the export reassembles the same
+    Hugging Face tensors."""
+    from kdtrain.convert.hf_export import export_hf
+
+    for name, a in converted["archs"].items():
+        ckpt = resaved_tp2.parent / "resaved_zero" / name
+        index = json.loads((ckpt / "step_0000001" / "meta.json").read_text())["shard_index"]
+        assert len(index) == 2 and any("flat" in h for f in index.values() for h in f.values()), name
+        out = export_hf(ckpt, tmp_path / f"from_zero_{name}")
         _assert_same_hf(a["hf"], out, converted["tokens"])
 
 
