@@ -438,9 +438,14 @@ def _dp_save_and_reload(rank, world, tmp, sharded):
         torch.save(saved, Path(tmp) / "saved.pt")
     # Back into the same replicas, and into ZeRO-1 shares of them.
     for distributed, seed in ((False, 5), (True, 7)):
-        _, other = _build_dp(world, seed=seed, distributed=distributed)
-        assert restore_role(ck, cfg, other, rank, _DP_RUN).step == 2
+        opened = []
+        with pytest.MonkeyPatch.context() as m:
+            _count_shard_opens(m, opened)
+            _, other = _build_dp(world, seed=seed, distributed=distributed)
+            assert restore_role(ck, cfg, other, rank, _DP_RUN).step == 2
         _assert_same_state(_state_of(other), saved)
+        if sharded and distributed:  # the same chunks: each replica reads its own file alone
+            assert opened == [f"rank{rank:05d}.pt"], (rank, opened)
         if distributed:  # this replica's share: half the elements, also of a parameter cut in two
             held = sum(s.stop - s.start for s in other.optimizer.owned)
             assert held == other.grads.shard_range[1] - other.grads.shard_range[0]
@@ -461,9 +466,17 @@ def test_data_parallel_replicas_share_the_writing_of_a_checkpoint(world_of_one, 
     from kdtrain.training.pretrain import restore_role
 
     run_spawn(2, _dp_save_and_reload, str(tmp_path), sharded, tmp_path=tmp_path)
-    headers = json.loads((tmp_path / "ck" / "step_0000002" / "meta.json").read_text())["shard_index"]
-    flat = [h["flat"] for pieces in headers.values() for h in pieces.values() if "flat" in h]
+    meta = json.loads((tmp_path / "ck" / "step_0000002" / "meta.json").read_text())
+    flat = [h["flat"] for pieces in meta["shard_index"].values() for h in pieces.values() if "flat" in h]
     assert bool(flat) == sharded  # a parameter cut between the two replicas' chunks
+    assert meta["version"] == (2 if sharded else 1)  # format 1 unless a piece is flat: older readers read it
+    for f in (tmp_path / "ck" / "step_0000002" / "shards").glob("*.pt"):
+        stored = torch.load(f, weights_only=True)
+        assert stored["version"] == meta["version"]
+        for name, piece in stored["pieces"].items():  # each value holds its own elements only, not
+            for key, t in piece.items():              # the whole flat master it is a share of
+                if isinstance(t, torch.Tensor):
+                    assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (f.name, name, key)
     shards = sorted((tmp_path / "ck" / "step_0000002" / "shards").glob("*.pt"))
     assert [f.name for f in shards] == ["rank00000.pt", "rank00001.pt"]
     sizes = [f.stat().st_size for f in shards]
@@ -594,7 +607,7 @@ def _pp_save_and_load_stage(rank, world, tmp):
 
 def test_a_stage_opens_only_the_shard_files_that_hold_its_parameters(world_of_one, tmp_path, monkeypatch):
     """Every loading rank opened and unpickled every shard file of a checkpoint (an 8B model at
-    TP=8, PP=8, DP=128 with ZeRO-1: ~1,100 files, 8,192 ranks, ~9 million opens at once on the
+    TP=8, PP=8, DP=128 with ZeRO-1: 8,192 files, 8,192 ranks, ~67 million opens at once on the
     file system's metadata server). meta.json now says which pieces each file holds, and a rank
     opens only the files holding values of its own parameters: each pipeline stage its own
     stage's file, once. A checkpoint without the index (written before) opens every file and

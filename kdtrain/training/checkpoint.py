@@ -26,11 +26,12 @@ a TP=2 teacher, resume a sharded optimizer with another ``dp`` or unsharded).
 meta.json's ``shard_index`` maps each shard file to the headers of its pieces (``{global name:
 {global_shape, dim, ranges, [flat, local_shape,] keys}}``, ``keys`` naming the stored values),
 gathered from the writing ranks when the save commits. A reader opens a shard file only when a
-parameter it is asked for overlaps one of that file's pieces: a rank loads from the files of its
-own stage and tensor slice (with the distributed optimizer, one per data-parallel replica), not
-from all of them (an 8B model at TP=8, PP=8, DP=128 with ZeRO-1 writes 8,192 files, which 8,192
-ranks each opened and unpickled). Files the index does not describe (every file of a checkpoint
-written before it existed) are opened when the reader is made, as they always were.
+parameter it is asked for overlaps one of that file's pieces: a rank loads from the few files of
+its own stage and tensor slice, not from all of them (an 8B model at TP=8, PP=8, DP=128 with
+ZeRO-1 writes one file per rank, 8,192, each of which every rank opened and unpickled before the
+index); resuming the distributed optimizer, a rank reads its chunk only, from the file or two that
+hold it. Files the index does not describe (every file of a checkpoint written before it existed)
+are opened when the reader is made, as they always were.
 
 Atomicity: everything is written under ``step_N.tmp/``; after all ranks finish, the role's first
 rank writes meta.json, renames the directory to ``step_N`` and then replaces ``latest``. A crash at
@@ -59,8 +60,22 @@ from ..durable import fsync_dir, fsync_file, write_synced
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer, assign_owners
 
-FORMAT_VERSION = 2  # 2: pieces may be flat parts (``flat``, ``local_shape``)
+# 2: some pieces are flat parts (``flat``, ``local_shape``; written by the distributed optimizer).
+# A checkpoint without them is written as 1, which readers of either version read.
+FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+
+
+def _format_of(headers) -> int:
+    """The format a shard file's or a checkpoint's pieces (or their headers) need."""
+    return FORMAT_VERSION if any("flat" in h for h in headers) else 1
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host holding its own values only: ``torch.save`` writes a tensor's whole
+    storage, and ``.cpu()`` of a view on the host is the view (a share of a flat master)."""
+    t = t.detach().cpu()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 HEADER_KEYS = ("global_shape", "dim", "ranges", "flat", "local_shape")  # where a piece sits; the other keys are values
 
@@ -122,9 +137,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
         if not whole:
             piece.update(flat=[start, stop], local_shape=list(p.shape))
         if optimizer is not None:
-            piece.update({k: v.detach().cpu() for k, v in optimizer.state_for(spec).items()})
+            piece.update({k: _compact(v) for k, v in optimizer.state_for(spec).items()})
         if "master" not in piece:  # else the (bf16) parameter is the master rounded: not stored
-            piece["param"] = p.detach().cpu() if whole else p.detach().reshape(-1)[start:stop].cpu()
+            piece["param"] = _compact(p if whole else p.detach().reshape(-1)[start:stop])
         pieces[spec.global_name] = piece
     if pieces:
         index[f"rank{rank:05d}.pt"] = write_shard(tmp, f"rank{rank:05d}.pt", pieces)
@@ -177,7 +192,7 @@ def begin_checkpoint(root: str | os.PathLike, step: int) -> Path:
 def write_shard(tmp: Path, fname: str, pieces: dict) -> dict[str, dict]:
     """One shard file ``{global name: piece}`` of the checkpoint being written in ``tmp``; returns
     its entry of meta.json's index (``{global name: header}``), which the commit records."""
-    torch.save({"version": FORMAT_VERSION, "pieces": pieces}, tmp / "shards" / fname)
+    torch.save({"version": _format_of(pieces.values()), "pieces": pieces}, tmp / "shards" / fname)
     fsync_file(tmp / "shards" / fname)
     return {name: piece_header(piece) for name, piece in pieces.items()}
 
@@ -200,7 +215,8 @@ def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int,
     tmp, final = root / f"{name}.tmp", root / name
     files = sorted((tmp / "shards").glob("*.pt"))
     assert sorted(index) == [f.name for f in files], (sorted(index), [f.name for f in files])
-    meta = dict(meta, version=FORMAT_VERSION, step=step, shard_files=[f.name for f in files],
+    meta = dict(meta, version=_format_of(h for f in files for h in index[f.name].values()), step=step,
+                shard_files=[f.name for f in files],
                 shard_bytes={f.name: f.stat().st_size for f in files}, saved_at=time.time(),
                 shard_index={f.name: index[f.name] for f in files})
     # The files are synced by the ranks that wrote them; their names (and meta.json's) are synced
@@ -506,7 +522,8 @@ def copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor,
 
 def load_model_weights(path: str | os.PathLike, model: ModelConfig,
                        params: list[tuple[ParamSpec, torch.nn.Parameter]], what: str,
-                       masters: Optional[dict[int, torch.Tensor]] = None, tokenizer: Optional[str] = None) -> None:
+                       masters: Optional[dict[int, tuple[torch.Tensor, int, int]]] = None,
+                       tokenizer: Optional[str] = None) -> None:
     """``{what}.load``: this rank's weights from a kdtrain checkpoint (a run's checkpoint dir, i.e.
     its latest step, or one step dir) written with any layout, or from a Hugging Face model
     directory (convert/hf_weights.py: each rank reads and converts only its own parameters);
@@ -577,7 +594,7 @@ def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None
 
 @torch.no_grad()
 def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]],
-                 masters: Optional[dict[int, torch.Tensor]] = None) -> None:
+                 masters: Optional[dict[int, tuple[torch.Tensor, int, int]]] = None) -> None:
     """Model weights only (teacher, fine-tuning, evaluation, a trained model's start). ``masters``:
     ``(master, start, stop)`` by ``id`` of the parameter: the fp32 master weight of its flat
     elements [start, stop), where an optimizer keeps one apart from the parameter
@@ -604,25 +621,34 @@ def _check_holds(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.n
 
 @torch.no_grad()
 def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer) -> None:
-    """Weights of every parameter, plus master weights and Adam moments of this rank's shares: each
-    parameter's master weight is read whole once (the parameter's weights and its share's master
-    come from it), the moments of the share only."""
+    """Weights of every parameter, plus master weights and Adam moments of this rank's shares; each
+    stored value is read once (an owned parameter's weights are copied from its master; with the
+    distributed optimizer all-gathered from the owners'). Collective over the data-parallel group
+    with the distributed optimizer."""
     _check_holds(reader, optimizer.params)
     if not reader.has_optimizer_state():
         raise ValueError(f"checkpoint {reader.path} has no optimizer state; use checkpoint.load to start "
                          "from its weights instead of resuming")
+    if optimizer.sharded:
+        # Each replica reads its chunk only (master weights and moments: the files that hold it,
+        # not every file of its stage and tensor slice) and the parameters are all-gathered from
+        # the owners' masters, as after an update. Vocabulary padding stays zero.
+        for share in optimizer.owned:
+            state = {}
+            for key in STATE_KEYS:
+                state[key] = torch.zeros(share.stop - share.start, dtype=torch.float32)
+                reader.read_into(share.spec, key, state[key], flat=(share.start, share.stop))
+            state["step"] = reader.read_step_state(share.spec)
+            optimizer.load_state_for(share.spec, state)
+        optimizer.gather_params()
+        return
     owned = {id(s.param) for s in optimizer.owned}
     load_weights(reader, [(spec, p) for spec, p in optimizer.params if id(p) not in owned])
     for share in optimizer.owned:
-        state = {"master": torch.zeros(share.param.shape, dtype=torch.float32)}
-        reader.read_into(share.spec, "master", state["master"])
-        for key in STATE_KEYS[1:]:  # the moments of the share only
-            if share.whole:
-                state[key] = torch.zeros(share.param.shape, dtype=torch.float32)
-                reader.read_into(share.spec, key, state[key])
-            else:
-                state[key] = torch.zeros(share.stop - share.start, dtype=torch.float32)
-                reader.read_into(share.spec, key, state[key], flat=(share.start, share.stop))
+        state = {}
+        for key in STATE_KEYS:
+            state[key] = torch.zeros(share.param.shape, dtype=torch.float32)
+            reader.read_into(share.spec, key, state[key])
         state["step"] = reader.read_step_state(share.spec)
         optimizer.load_state_for(share.spec, state)
 

@@ -86,8 +86,9 @@ class GradBuffer:
         return self.shard_group is not None
 
     def reduce(self, group: Optional[dist.ProcessGroup]) -> None:
-        """Sum gradients over the data-parallel ``group``: into ``shard`` (this rank's chunk) when
-        sharded, else in place over the whole buffer, in buckets to bound transient memory."""
+        """Sum gradients over the data-parallel ``group``: sharded, one in-place reduce-scatter into
+        ``shard`` (this rank's chunk; NCCL needs no transient memory for it); else an all-reduce
+        of the whole buffer in place, in buckets to bound transient memory."""
         if self.sharded:
             assert group is self.shard_group
             dist.reduce_scatter_tensor(self.shard, self.data, group=group)

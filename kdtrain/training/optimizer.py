@@ -100,9 +100,10 @@ class AdamWOptimizer:
         # fused: one kernel per group of tensors for the whole update instead of a dozen multi-
         # tensor launches (a small model's step is bound by host time); CPU and CUDA alike.
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
-        # Unsharded parameters with a separate fp32 master: copied back after each update in one launch.
-        self._copy_back = ([s.param for s in self.owned if s.master is not s.param],
-                           [s.master for s in self.owned if s.master is not s.param])
+        # Unsharded parameters with a separate fp32 master: copied back after each update in one
+        # launch (sharded ones are gathered from the owners instead).
+        separate = [s for s in self.owned if s.master is not s.param and not self.sharded]
+        self._copy_back = ([s.param for s in separate], [s.master for s in separate])
         self._share_of = {id(s.spec): s for s in self.owned}
         if self.sharded:
             self._plan_gather(gather_numel)
@@ -156,13 +157,16 @@ class AdamWOptimizer:
         for s in self.owned:
             s.master.grad = None
         if self.sharded:
-            self._gather_params()
+            self.gather_params()
         elif self._copy_back[0]:
             torch._foreach_copy_(*self._copy_back)
 
-    def _gather_params(self) -> None:
-        """Every replica's parameters from the owners' updated masters (rounded to the model
-        dtype by the owner, so all replicas hold the same values)."""
+    @torch.no_grad()
+    def gather_params(self) -> None:
+        """Every replica's parameters from the owners' masters (rounded to the model dtype by the
+        owner, so all replicas hold the same values). Collective over the data-parallel group;
+        sharded only."""
+        assert self.sharded
         mine, ways = self._master_flat.numel(), self._recv.numel() // self._send.numel()
         for b0, n, dsts, srcs in self._buckets:
             send = self._send[:n]
@@ -203,12 +207,14 @@ class AdamWOptimizer:
 
     @torch.no_grad()
     def load_state_for(self, spec: ParamSpec, state: dict[str, torch.Tensor]) -> None:
-        """``state``: ``master``, the parameter's whole local fp32 weight (its shape); optionally
-        ``exp_avg`` and ``exp_avg_sq`` of this rank's share (its number of elements) and ``step``."""
+        """``state``: ``master`` and optionally ``exp_avg``, ``exp_avg_sq`` (fp32) of this rank's
+        share of the parameter (its elements, any shape) and ``step``. An unsharded parameter takes
+        its weights from the master; sharded ones wait for ``gather_params`` once every share of
+        every replica is loaded."""
         s = self.share_of(spec)
-        s.master.view(-1).copy_(state["master"].reshape(-1)[s.start: s.stop])
-        if s.master is not s.param:
-            s.param.copy_(state["master"])
+        s.master.view(-1).copy_(state["master"].reshape(-1))
+        if not self.sharded and s.master is not s.param:
+            s.param.copy_(s.master)
         if "exp_avg" in state:
             dev = s.master.device
             self.opt.state[s.master] = {
