@@ -361,14 +361,15 @@ def test_steps_without_latest_are_resumed_not_pruned(world_of_one, tmp_path):
     assert latest_checkpoint(tmp_path / "empty") is None
 
 
-def _build_dp(dp: int, seed: int, distributed: bool = False, dtype: torch.dtype = torch.bfloat16):
+def _build_dp(dp: int, seed: int, distributed: bool = False, dtype: torch.dtype = torch.bfloat16,
+              timeout_s=None):
     """The tiny model on ``dp`` data-parallel replicas (the world's first ``dp`` ranks)."""
     from kdtrain.config import OptimizerConfig, load_model_config
     from kdtrain.parallel import RoleLayout, build_role_groups
     from kdtrain.training.pretrain import build_trainable
 
     cfg = load_model_config("tiny")
-    groups = build_role_groups(RoleLayout("model", 0, 1, 1, dp))
+    groups = build_role_groups(RoleLayout("model", 0, 1, 1, dp), timeout_s=timeout_s)
     role = build_trainable(cfg, groups, OptimizerConfig(distributed=distributed), seq_length=16, micro_batch=1,
                            device=torch.device("cpu"), dtype=dtype, seed=seed)
     return cfg, role
@@ -485,6 +486,46 @@ def test_data_parallel_replicas_share_the_writing_of_a_checkpoint(world_of_one, 
     cfg, role = _build_dp(1, seed=9)
     assert restore_role(CheckpointConfig(dir=str(tmp_path / "ck")), cfg, role, 0, _DP_RUN).step == 2
     _assert_same_state(_state_of(role), torch.load(tmp_path / "saved.pt"))
+
+
+def _resume_damaged_chunk(rank, world, tmp):
+    import torch.distributed as dist
+    from pathlib import Path
+
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.training.pretrain import restore_role, save_role
+
+    cfg, role = _build_dp(world, seed=3, distributed=True)
+    _train(role, 1)
+    ck = CheckpointConfig(dir=str(Path(tmp) / "ck"), keep=1)
+    save_role(ck, cfg, role, 1, _DP_RUN)
+    step = Path(tmp) / "ck" / "step_0000001"
+    if rank == 0:  # rank 1's file loses a piece; the file's size is recorded anew, the index still lists it
+        f = step / "shards" / "rank00001.pt"
+        stored = torch.load(f, weights_only=True)
+        stored["pieces"].pop(sorted(stored["pieces"])[0])
+        torch.save(stored, f)
+        meta = json.loads((step / "meta.json").read_text())
+        meta["shard_bytes"][f.name] = f.stat().st_size
+        (step / "meta.json").write_text(json.dumps(meta))
+    dist.barrier()
+    _, other = _build_dp(world, seed=5, distributed=True, timeout_s=60)
+    with pytest.raises(ValueError) as e:
+        restore_role(ck, cfg, other, rank, _DP_RUN)
+    (Path(tmp) / f"error{rank}.txt").write_text(str(e.value))
+
+
+def test_a_chunk_that_fails_to_load_stops_every_replica(world_of_one, tmp_path):
+    """Resuming a distributed optimizer, each replica reads its own chunk (here its own file) and
+    then all of them all-gather the parameters: a replica whose file is damaged raised alone and
+    the other waited in the all-gather until the job's timeout. Every replica now raises, the others
+    naming the rank that failed and its error."""
+    from conftest import run_spawn
+
+    run_spawn(2, _resume_damaged_chunk, str(tmp_path), tmp_path=tmp_path)
+    own, other = ((tmp_path / f"error{r}.txt").read_text() for r in (1, 0))
+    assert "rank00001.pt, which has none" in own, own
+    assert other.startswith("rank 1 of model could not load its part of the checkpoint") and own in other, other
 
 
 def test_a_bf16_checkpoint_stores_and_reads_each_value_once(world_of_one, tmp_path, monkeypatch):

@@ -622,9 +622,9 @@ def _check_holds(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.n
 @torch.no_grad()
 def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer) -> None:
     """Weights of every parameter, plus master weights and Adam moments of this rank's shares; each
-    stored value is read once (an owned parameter's weights are copied from its master; with the
-    distributed optimizer all-gathered from the owners'). Collective over the data-parallel group
-    with the distributed optimizer."""
+    stored value is read once (an owned parameter's weights are copied from its master). With the
+    distributed optimizer the parameters come from the owners' masters: every replica calls
+    ``optimizer.gather_params()`` afterwards, once all have read their shares (restore_role)."""
     _check_holds(reader, optimizer.params)
     if not reader.has_optimizer_state():
         raise ValueError(f"checkpoint {reader.path} has no optimizer state; use checkpoint.load to start "
@@ -640,7 +640,6 @@ def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer) -> 
                 reader.read_into(share.spec, key, state[key], flat=(share.start, share.stop))
             state["step"] = reader.read_step_state(share.spec)
             optimizer.load_state_for(share.spec, state)
-        optimizer.gather_params()
         return
     owned = {id(s.param) for s in optimizer.owned}
     load_weights(reader, [(spec, p) for spec, p in optimizer.params if id(p) not in owned])

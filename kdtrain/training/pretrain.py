@@ -293,10 +293,17 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
         refuse_other_runs(ck.dir)
     path = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
     if path is not None:
-        reader = CheckpointReader(path)
-        check_checkpoint_model(reader, model)
-        changes = check_resume(reader.meta, path, run)
-        load_training_state(reader, role.optimizer)
+        error = None
+        try:
+            reader = CheckpointReader(path)
+            check_checkpoint_model(reader, model)
+            changes = check_resume(reader.meta, path, run)
+            load_training_state(reader, role.optimizer)
+        except ValueError as e:
+            error = e
+        _fail_together(error, role.groups)
+        if role.optimizer.sharded:
+            role.optimizer.gather_params()
         saved, ours = reader.meta.get("layout") or {}, _layout_meta(role.groups)
         # Random states are per rank: in another layout (or without this rank's file) dropout and
         # on-policy sampling start over from training.seed, which the resumed job's log line says.
@@ -310,9 +317,30 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
                                "streams restart from training.seed)")
         return Start(int(reader.meta["step"]), tuple(changes))
     if ck.load:
-        load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
-                           run.get("tokenizer_fingerprint"))
+        error = None
+        try:
+            load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
+                               run.get("tokenizer_fingerprint"))
+        except ValueError as e:
+            error = e
+        _fail_together(error, role.groups)
     return Start(0)
+
+
+def _fail_together(error: Optional[ValueError], groups: RoleGroups) -> None:
+    """Collective over the role: every rank raises when loading failed on any. A rank reads only
+    its own pieces, so a damaged file can fail one rank alone, which would leave the others
+    waiting in the role's next collective (the all-gather of a sharded optimizer's parameters, the
+    first pipeline transfer) until the job's timeout."""
+    if groups.role_group is not None and dist.get_world_size(groups.role_group) > 1:
+        errors: list = [None] * dist.get_world_size(groups.role_group)
+        dist.all_gather_object(errors, None if error is None else (groups.rank, str(error)), group=groups.role_group)
+        failed = next((e for e in errors if e is not None), None)
+        if error is None and failed is not None:
+            raise ValueError(f"rank {failed[0]} of {groups.layout.name} could not load its part of the checkpoint: "
+                             f"{failed[1]}")
+    if error is not None:
+        raise error
 
 
 def save_due(ck: CheckpointConfig, step: int, train_steps: int, stopping: bool) -> bool:
