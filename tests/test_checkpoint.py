@@ -678,6 +678,32 @@ def test_a_stage_opens_only_the_shard_files_that_hold_its_parameters(world_of_on
     _assert_same_state(_state_of(role), saved)
 
 
+def test_non_finite_weights_in_a_checkpoint_are_refused_naming_the_parameter(world_of_one, tmp_path):
+    """A kdtrain checkpoint holding NaN or infinite weights (a damaged file, or saved from a run
+    that diverged) is refused when its weights are read, naming the parameter: as a teacher or a
+    tool's model, by the export, and by a resume. Hugging Face loads already checked."""
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.convert.hf_export import export_hf
+    from kdtrain.training.checkpoint import load_whole_model, write_global_checkpoint
+    from kdtrain.training.pretrain import restore_role
+
+    cfg, _, role = _build("tiny")
+    state = {spec.global_name: p.detach().clone() for spec, p in role.params}
+    name = "decoder.layers.1.mlp.linear_fc2.weight"
+    state[name][3, 4] = float("nan")
+    write_global_checkpoint(tmp_path / "kd", cfg, list(state), state.__getitem__, {}, shard_bytes=1 << 20)
+    match = f"{name} holds NaN or infinite weights"
+    with pytest.raises(ValueError, match=match):
+        load_whole_model(tmp_path / "kd", torch.device("cpu"), torch.float32, "teacher")
+    with pytest.raises(ValueError, match=match):
+        export_hf(tmp_path / "kd", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    _, _, fresh = _build("tiny", seed=4)
+    with pytest.raises(ValueError, match=match):
+        restore_role(CheckpointConfig(load=str(tmp_path / "kd")), cfg, fresh, 0,
+                     {"kind": "pretrain", "global_batch_size": 1, "data": {}})
+
+
 def test_reading_one_parameter_opens_only_the_shard_file_holding_it(world_of_one, tmp_path, monkeypatch):
     """A converted or pruned checkpoint (whole parameters in files of about ``shard_bytes``) is read
     one parameter at a time by the export and by pruning: each read opens the file that holds the

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -164,16 +165,24 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     hf_cfg = hf_config_from_model(cfg, arch, _HF_DTYPE_NAMES[DTYPES[dtype]], ids)
     # The source's generation defaults (sampling settings, end tokens) go with its ids only.
     generation = (reader.meta.get("source") or {}).get("generation_config") if from_source else None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    written = copy_tokenizer(src, out) if src is not None else []
-    if generation is not None:
-        _write_json(out / "generation_config.json", generation)
-        written.append("generation_config.json")
-    for stale in (*TOKENIZER_FILES, "generation_config.json"):
-        if stale not in written:
-            (out / stale).unlink(missing_ok=True)
-    write_safetensors(out, RuleSet(TO_HF[arch](cfg)), lambda key: read_global(reader, cfg, key),
-                      DTYPES[dtype], shard_bytes)
+    try:
+        written = copy_tokenizer(src, out) if src is not None else []
+        if generation is not None:
+            _write_json(out / "generation_config.json", generation)
+            written.append("generation_config.json")
+        for stale in (*TOKENIZER_FILES, "generation_config.json"):
+            if stale not in written:
+                (out / stale).unlink(missing_ok=True)
+        write_safetensors(out, RuleSet(TO_HF[arch](cfg)), lambda key: read_global(reader, cfg, key),
+                          DTYPES[dtype], shard_bytes)
+    except BaseException:  # a weight the checkpoint cannot give (damaged, non-finite), an interrupt
+        for part in out.glob("part*.safetensors.tmp"):
+            part.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     _write_json(out / "config.json", hf_cfg)
     return out
 

@@ -421,6 +421,12 @@ class CheckpointReader:
         if copied != expected:
             raise ValueError(f"checkpoint {self.path}: {spec.global_name} is incomplete "
                              f"({copied} of {expected} values found; a shard file is missing?)")
+        if key == "master":  # the weights: a NaN would reach every loss of a run that loads them
+            from ..convert.hf_weights import is_finite  # convert imports this module
+
+            if not is_finite(out):
+                raise ValueError(f"checkpoint {self.path}: {spec.global_name} holds NaN or infinite weights "
+                                 "(saved from a run that diverged, or a damaged file)")
 
     def read_step_state(self, spec: ParamSpec) -> torch.Tensor:
         """Adam's step count of ``spec`` (every piece holds it), from a file already open if one holds it."""
