@@ -525,7 +525,49 @@ def test_a_chunk_that_fails_to_load_stops_every_replica(world_of_one, tmp_path):
     run_spawn(2, _resume_damaged_chunk, str(tmp_path), tmp_path=tmp_path)
     own, other = ((tmp_path / f"error{r}.txt").read_text() for r in (1, 0))
     assert "rank00001.pt, which has none" in own, own
-    assert other.startswith("rank 1 of model could not load its part of the checkpoint") and own in other, other
+    assert other.startswith("rank 1 of model could not load its part of the weights") and own in other, other
+
+
+def _teacher_with_a_damaged_slice(rank, world, tmp):
+    import torch.distributed as dist
+    from pathlib import Path
+
+    from kdtrain.config import CheckpointConfig, OptimizerConfig, load_model_config
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.stream import PayloadSpec
+    from kdtrain.training.pretrain import build_trainable, save_role
+    from kdtrain.training.teacher import Teacher
+
+    cfg = load_model_config("tiny")
+    groups = build_role_groups(RoleLayout("teacher", 0, 2, 1, 1), timeout_s=60)
+    role = build_trainable(cfg, groups, OptimizerConfig(), 16, 1, torch.device("cpu"), torch.float32, seed=3)
+    save_role(CheckpointConfig(dir=str(Path(tmp) / "ck"), keep=1), cfg, role, 1, _DP_RUN)
+    step = Path(tmp) / "ck" / "step_0000001"
+    if rank == 0:  # tensor rank 1's file loses its slice of one weight (the index still lists it)
+        f = step / "shards" / "rank00001.pt"
+        stored = torch.load(f, weights_only=True)
+        stored["pieces"].pop("decoder.layers.0.mlp.linear_fc1.weight")
+        torch.save(stored, f)
+        meta = json.loads((step / "meta.json").read_text())
+        meta["shard_bytes"][f.name] = f.stat().st_size
+        (step / "meta.json").write_text(json.dumps(meta))
+    dist.barrier()
+    with pytest.raises(ValueError) as e:
+        Teacher(cfg, groups, PayloadSpec(16, 1, 4, torch.float32), 1.0, str(Path(tmp) / "ck"), torch.device("cpu"),
+                torch.float32, seed=1)
+    (Path(tmp) / f"error{rank}.txt").write_text(str(e.value))
+
+
+def test_a_teacher_rank_that_fails_to_load_stops_the_others(world_of_one, tmp_path):
+    """A teacher's tensor ranks each read their own slices: the rank whose file is damaged raised
+    and the other went on alone (to wait in the first payload exchange until the job's timeout).
+    Both now raise, the other naming the rank that failed and its error."""
+    from conftest import run_spawn
+
+    run_spawn(2, _teacher_with_a_damaged_slice, str(tmp_path), tmp_path=tmp_path)
+    own, other = ((tmp_path / f"error{r}.txt").read_text() for r in (1, 0))
+    assert "decoder.layers.0.mlp.linear_fc1.weight in shard rank00001.pt, which has none" in own, own
+    assert other.startswith("rank 1 of teacher could not load its part of the weights") and own in other, other
 
 
 def test_a_bf16_checkpoint_stores_and_reads_each_value_once(world_of_one, tmp_path, monkeypatch):

@@ -301,7 +301,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
             load_training_state(reader, role.optimizer)
         except ValueError as e:
             error = e
-        _fail_together(error, role.groups)
+        role.groups.raise_together(error)
         if role.optimizer.sharded:
             role.optimizer.gather_params()
         saved, ours = reader.meta.get("layout") or {}, _layout_meta(role.groups)
@@ -323,24 +323,8 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
                                run.get("tokenizer_fingerprint"))
         except ValueError as e:
             error = e
-        _fail_together(error, role.groups)
+        role.groups.raise_together(error)
     return Start(0)
-
-
-def _fail_together(error: Optional[ValueError], groups: RoleGroups) -> None:
-    """Collective over the role: every rank raises when loading failed on any. A rank reads only
-    its own pieces, so a damaged file can fail one rank alone, which would leave the others
-    waiting in the role's next collective (the all-gather of a sharded optimizer's parameters, the
-    first pipeline transfer) until the job's timeout."""
-    if groups.role_group is not None and dist.get_world_size(groups.role_group) > 1:
-        errors: list = [None] * dist.get_world_size(groups.role_group)
-        dist.all_gather_object(errors, None if error is None else (groups.rank, str(error)), group=groups.role_group)
-        failed = next((e for e in errors if e is not None), None)
-        if error is None and failed is not None:
-            raise ValueError(f"rank {failed[0]} of {groups.layout.name} could not load its part of the checkpoint: "
-                             f"{failed[1]}")
-    if error is not None:
-        raise error
 
 
 def save_due(ck: CheckpointConfig, step: int, train_steps: int, stopping: bool) -> bool:

@@ -42,7 +42,12 @@ class Teacher:
             p.requires_grad_(False)
         if load is not None:
             params = [(self.model.param_specs[n], p) for n, p in self.model.named_parameters()]
-            load_model_weights(load, model_cfg, params, "teacher", tokenizer=tokenizer)
+            error = None
+            try:
+                load_model_weights(load, model_cfg, params, "teacher", tokenizer=tokenizer)
+            except ValueError as e:
+                error = e
+            groups.raise_together(error)
         self.schedule = PipelineSchedule(self.model, groups, (spec.seq_length, spec.micro_batch,
                                                               model_cfg.hidden_size), dtype, device)
         self.device = device
