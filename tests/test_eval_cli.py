@@ -86,6 +86,17 @@ def test_eval_with_a_teacher_reproduces_the_runs_held_out_divergence(world_of_on
     assert got["context_loss"] is None and got["all_loss"] == got["targets_loss"]
     assert out.splitlines()[-1].split()[1:] == [f"{got['targets_loss']:.4f}", "-", f"{got['all_loss']:.4f}",
                                                 f"{got['kd_loss']:.4f}"] and "nan" not in out
+    # Payloads over the host bound: scored in parts (the teacher and the model loaded per part),
+    # the same sums in the same order: equal results, bit for bit.
+    common = ["eval", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+              "--max-windows", "8", "--batch", "2", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "whole.json")]) == 0
+    assert "scoring in" not in capsys.readouterr().out
+    assert main([*common, "--payload-gib", "1e-9", "--out", str(tmp_path / "parts.json")]) == 0
+    assert "scoring in 4 parts of up to 2 windows" in capsys.readouterr().out
+    assert json.loads((tmp_path / "parts.json").read_text()) == json.loads((tmp_path / "whole.json").read_text())
+    assert main(["eval", "--model", str(tmp_path / "student"), "--payload-gib", "1", "--device", "cpu"]) == 2
+    assert "--payload-gib bounds the --teacher payloads" in capsys.readouterr().err
     # Other loss settings give another divergence; settings without a teacher are an error.
     assert main(["eval", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
                  "--max-windows", "8", "--device", "cpu", "--divergence", "forward_kl", "--tau", "1.0",

@@ -21,7 +21,11 @@ them; Transformer Engine's are not used).
 (``kd_loss``, per token, at the teacher's top-k as a distillation run computes it): with the
 loss (divergence, beta, tau, tail) and ``teacher.topk`` the first checkpoint's distillation run
 recorded, else forward KL at tau 1 and k 64; ``--divergence``, ``--beta``, ``--tau``, ``--topk``
-override. On a run's own held-out data this is the run's logged ``valid_kd_loss``.
+override. On a run's own held-out data this is the run's logged ``valid_kd_loss``. The teacher runs
+first and its top-k payloads wait in host memory (``8 k + 4`` bytes per position) for the models;
+windows whose payloads would take more than half the host's available memory
+(``--payload-gib`` sets the bound) are scored in consecutive parts, the teacher and each model
+loaded once per part: the same sums, in the same order.
 
     kdtrain eval --model checkpoints/student-a checkpoints/student-b --teacher checkpoints/teacher
 """
@@ -34,15 +38,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
-def _batches(dataset, windows: int, batch: int, device):
-    """(micro-batch of every held-out window, target flags [b, s] bool) of the first ``windows``."""
+def _batches(dataset, windows: range, batch: int, device):
+    """(micro-batch, target flags [b, s] bool) of each ``batch`` held-out windows of ``windows``."""
     import numpy as np
     import torch
 
     from ..training.batches import make_microbatch, stack_rows
 
-    for start in range(0, windows, batch):
-        ids = range(start, min(start + batch, windows))
+    for start in range(windows.start, windows.stop, batch):
+        ids = range(start, min(start + batch, windows.stop))
         mb = make_microbatch(np.stack([dataset.valid_sample(j) for j in ids]), device,
                              positions=stack_rows(dataset.valid_positions, ids))
         mask = (torch.from_numpy(np.stack([dataset.valid_loss_mask(j) for j in ids])).to(device)
@@ -50,10 +54,23 @@ def _batches(dataset, windows: int, batch: int, device):
         yield mb, mask
 
 
-def teacher_payloads(teacher, vocab_size: int, dataset, windows: int, batch: int, device, k: int,
+def payload_window_bytes(seq_length: int, k: int) -> int:
+    """Host bytes of one window's teacher payload (``teacher_payloads``): int32 ids and fp32 values
+    of the top k, and the fp32 tail log-mass, per position."""
+    return seq_length * (8 * k + 4)
+
+
+def window_parts(windows: int, batch: int, window_bytes: int, budget: int) -> list[range]:
+    """Consecutive ranges of the ``windows`` held-out windows whose payloads take at most ``budget``
+    bytes each (whole batches; at least one batch per part)."""
+    span = max(1, budget // max(1, window_bytes * batch)) * batch
+    return [range(a, min(a + span, windows)) for a in range(0, windows, span)]
+
+
+def teacher_payloads(teacher, vocab_size: int, dataset, windows: range, batch: int, device, k: int,
                      tau: float) -> list:
-    """The teacher's top-k ids, values and tail log-mass at ``tau`` ([s, b, ...], on the host) for
-    each batch of held-out windows, as a distillation run's teacher computes them."""
+    """The teacher's top-k ids (int32), values and tail log-mass at ``tau`` ([s, b, ...], on the
+    host) for each batch of the held-out ``windows``, as a distillation run's teacher computes them."""
     import torch
 
     from ..stream import vocab_parallel_topk
@@ -62,7 +79,7 @@ def teacher_payloads(teacher, vocab_size: int, dataset, windows: int, batch: int
     with torch.no_grad():
         for mb, _ in _batches(dataset, windows, batch, device):
             ids, values, tail_lse = vocab_parallel_topk(mb.forward(teacher), k, vocab_size, None, tau=tau)
-            out.append((ids.cpu(), values.cpu(), tail_lse.cpu()))
+            out.append((ids.to(torch.int32).cpu(), values.float().cpu(), tail_lse.float().cpu()))
     return out
 
 
@@ -81,19 +98,20 @@ def token_losses(logits_SBV, labels_SB, vocab_size: int, chunk_bytes: int = 256 
                       for a in range(0, s, rows)])
 
 
-def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, device, teacher=None) -> dict:
-    """Cross entropy of ``model`` on the first ``windows`` held-out windows of ``dataset``, split by
-    the dataset's target flags: ``{targets,context,all}_loss`` (None over no tokens: the context
-    of a corpus without a loss mask) and the token counts; with ``teacher`` = (``teacher_payloads``,
-    KDLossConfig) also ``kd_loss``, the divergence to it per target token."""
+def heldout_sums(model, vocab_size: int, dataset, windows: range, batch: int, device, teacher=None,
+                 sums: Optional[dict] = None) -> dict:
+    """Cross-entropy sums and token counts of ``model`` over the held-out ``windows`` of
+    ``dataset``, split by the dataset's target flags (targets, context, all); with ``teacher`` =
+    (``teacher_payloads`` of those windows, KDLossConfig) also the sum of the divergence to it over
+    the targets (kd). Added to ``sums``, the running totals of the parts before (a new dict when
+    None); ``_losses`` turns the totals into per-token losses."""
     import dataclasses
 
     import torch
 
     from ..loss import kd_loss
 
-    sums = {k: [0.0, 0] for k in ("targets", "context", "all")}
-    kd_sum = 0.0
+    sums = sums if sums is not None else {**{k: [0.0, 0] for k in ("targets", "context", "all")}, "kd": 0.0}
     with torch.no_grad():
         for i, (mb, mask) in enumerate(_batches(dataset, windows, batch, device)):
             raw = mb.forward(model)  # [s, b, padded V]
@@ -107,12 +125,17 @@ def heldout_losses(model, vocab_size: int, dataset, windows: int, batch: int, de
                 _, report = kd_loss(raw, ids, values, vocab_size=vocab_size, config=dataclasses.replace(cfg, alpha=0.0),
                                     loss_mask_SB=mask.t().float(), teacher_tail_lse_SB=tail_lse,
                                     impl="auto" if raw.is_cuda else "reference")
-                kd_sum += float(report["kd_sum"])
-    # A loss over no tokens (the context of a corpus without a loss mask) is None: there is none.
-    out = {f"{k}_loss": (s / n if n else None) for k, (s, n) in sums.items()}
+                sums["kd"] += float(report["kd_sum"])
+    return sums
+
+
+def _losses(sums: dict, kd: bool) -> dict:
+    """``{targets,context,all}_loss`` and the token counts, with ``kd`` also ``kd_loss`` per target
+    token. A loss over no tokens (the context of a corpus without a loss mask) is None."""
+    out = {f"{k}_loss": (sums[k][0] / sums[k][1] if sums[k][1] else None) for k in ("targets", "context", "all")}
     out.update(target_tokens=sums["targets"][1], tokens=sums["all"][1])
-    if teacher is not None:
-        out["kd_loss"] = kd_sum / sums["targets"][1] if sums["targets"][1] else None
+    if kd:
+        out["kd_loss"] = sums["kd"] / sums["targets"][1] if sums["targets"][1] else None
     return out
 
 
@@ -159,15 +182,16 @@ def run_data_config(model: str):
 
 
 def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[int] = None, batch: int = 8,
-                    device: str = "auto", teacher: Optional[str] = None,
-                    kd_overrides: Optional[dict] = None) -> tuple[dict[str, dict], object]:
+                    device: str = "auto", teacher: Optional[str] = None, kd_overrides: Optional[dict] = None,
+                    payload_bytes: Optional[int] = None) -> tuple[dict[str, dict], object]:
     """Scores of every model on the held-out windows of ``data`` (a DataConfig; None: the first
-    model's run's), with ``teacher`` also their divergence to it (``run_kd_config``).
-    Returns (results by model, the DataConfig used)."""
+    model's run's), with ``teacher`` also their divergence to it (``run_kd_config``);
+    ``payload_bytes``: the bound on the teacher payloads held at once (default: half the host's
+    available memory). Returns (results by model, the DataConfig used)."""
     import torch
 
     from ..convert.sources import open_weights
-    from ..parallel import one_process_world
+    from ..parallel import free_memory_bytes, one_process_world
     from ..training.checkpoint import load_whole_model
     from ..training.resume import data_tokenizer
     from ..training.pretrain import open_dataset
@@ -193,23 +217,35 @@ def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[i
     windows = dataset.num_valid_windows if max_windows is None else min(max_windows, dataset.num_valid_windows)
     if windows == 0:
         raise ValueError(f"data {list(data.path)} has no held-out windows at split {list(data.split)}")
-    results = {}
     ids_of = data_tokenizer(data)  # models trained on another tokenizer's ids are refused
+    parts = [range(windows)]
+    if teacher:
+        kd_cfg, k = run_kd_config(models[0], dict(kd_overrides or {}))
+        if payload_bytes is None:
+            payload_bytes = (free_memory_bytes(torch.device("cpu")) or 16 * 2**30) // 2
+        per_window = payload_window_bytes(data.seq_length, k)
+        parts = window_parts(windows, batch, per_window, payload_bytes)
+        if len(parts) > 1:
+            print(f"eval: the teacher's payloads for {windows} windows take {windows * per_window / 2**30:.1f} GiB, "
+                  f"over the {payload_bytes / 2**30:.1f} GiB bound: scoring in {len(parts)} parts of up to "
+                  f"{len(parts[0])} windows, each model loaded once per part", flush=True)
+    sums: dict[str, Optional[dict]] = {m: None for m in models}
     with one_process_world(device) as env:
         dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
-        kd = None
-        if teacher:
-            kd_cfg, k = run_kd_config(models[0], dict(kd_overrides or {}))
-            tcfg, net = load_whole_model(teacher, env.device, dtype, "eval --teacher", configs[teacher],
-                                         use_te=False, tokenizer=ids_of)
-            kd = (teacher_payloads(net, tcfg.vocab_size, dataset, windows, batch, env.device, k, kd_cfg.tau), kd_cfg)
-            del net
-        for m in models:
-            cfg, net = load_whole_model(m, env.device, dtype, "eval --model", configs[m], use_te=False,
-                                        tokenizer=ids_of)
-            results[m] = heldout_losses(net, cfg.vocab_size, dataset, windows, batch, env.device, kd)
-            del net
-    return results, data
+        for part in parts:
+            kd = None
+            if teacher:
+                tcfg, net = load_whole_model(teacher, env.device, dtype, "eval --teacher", configs[teacher],
+                                             use_te=False, tokenizer=ids_of)
+                kd = (teacher_payloads(net, tcfg.vocab_size, dataset, part, batch, env.device, k, kd_cfg.tau), kd_cfg)
+                del net
+            for m in models:
+                cfg, net = load_whole_model(m, env.device, dtype, "eval --model", configs[m], use_te=False,
+                                            tokenizer=ids_of)
+                sums[m] = heldout_sums(net, cfg.vocab_size, dataset, part, batch, env.device, kd, sums[m])
+                del net
+            del kd
+    return {m: _losses(s, bool(teacher)) for m, s in sums.items()}, data
 
 
 def _run(args) -> int:
@@ -232,8 +268,11 @@ def _run(args) -> int:
     kd = {"divergence": args.divergence, "beta": args.beta, "tau": args.tau, "topk": args.topk}
     if not args.teacher and any(v is not None for v in kd.values()):
         raise ValueError("--divergence, --beta, --tau and --topk describe the divergence to --teacher")
+    if args.payload_gib is not None and not (args.teacher and args.payload_gib > 0):
+        raise ValueError("--payload-gib bounds the --teacher payloads: it needs --teacher and a positive size")
     results, data = evaluate_models(args.model, data, max_windows=args.max_windows, batch=args.batch,
-                                    device=args.device, teacher=args.teacher, kd_overrides=kd)
+                                    device=args.device, teacher=args.teacher, kd_overrides=kd,
+                                    payload_bytes=None if args.payload_gib is None else int(args.payload_gib * 2**30))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     first = next(iter(results.values()))
@@ -265,6 +304,8 @@ def register(sub) -> None:
     p.add_argument("--beta", type=float, help="with --teacher and jsd (default: the run's)")
     p.add_argument("--tau", type=float, help="with --teacher: temperature (default: the run's)")
     p.add_argument("--topk", type=int, help="with --teacher: the teacher's top-k (default: the run's teacher.topk)")
+    p.add_argument("--payload-gib", type=float,
+                   help="with --teacher: host memory for its payloads at once (default: half the available)")
     p.add_argument("--max-windows", type=int, help="only the first N held-out windows")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPU when there is one")
