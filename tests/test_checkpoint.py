@@ -488,7 +488,7 @@ def test_data_parallel_replicas_share_the_writing_of_a_checkpoint(world_of_one, 
     _assert_same_state(_state_of(role), torch.load(tmp_path / "saved.pt"))
 
 
-def _resume_damaged_chunk(rank, world, tmp):
+def _resume_damaged_chunk(rank, world, tmp, damage):
     import torch.distributed as dist
     from pathlib import Path
 
@@ -500,7 +500,9 @@ def _resume_damaged_chunk(rank, world, tmp):
     ck = CheckpointConfig(dir=str(Path(tmp) / "ck"), keep=1)
     save_role(ck, cfg, role, 1, _DP_RUN)
     step = Path(tmp) / "ck" / "step_0000001"
-    if rank == 0:  # rank 1's file loses a piece; the file's size is recorded anew, the index still lists it
+    if rank == 0 and damage == "rng":  # rank 1's random states: no size is recorded for them
+        (step / "rng" / "rank00001.pt").write_bytes(b"not a torch file")
+    elif rank == 0:  # rank 1's file loses a piece; the file's size is recorded anew, the index still lists it
         f = step / "shards" / "rank00001.pt"
         stored = torch.load(f, weights_only=True)
         stored["pieces"].pop(sorted(stored["pieces"])[0])
@@ -515,16 +517,19 @@ def _resume_damaged_chunk(rank, world, tmp):
     (Path(tmp) / f"error{rank}.txt").write_text(str(e.value))
 
 
-def test_a_chunk_that_fails_to_load_stops_every_replica(world_of_one, tmp_path):
+@pytest.mark.parametrize("damage", ["chunk", "rng"])
+def test_a_chunk_that_fails_to_load_stops_every_replica(world_of_one, tmp_path, damage):
     """Resuming a distributed optimizer, each replica reads its own chunk (here its own file) and
-    then all of them all-gather the parameters: a replica whose file is damaged raised alone and
-    the other waited in the all-gather until the job's timeout. Every replica now raises, the others
-    naming the rank that failed and its error."""
+    its random states, then all of them all-gather the parameters: a replica whose file is damaged
+    raised alone and the other waited in the all-gather (or in the gather of which ranks had random
+    states) until the job's timeout. Every replica now raises, the others naming the rank that
+    failed and its error."""
     from conftest import run_spawn
 
-    run_spawn(2, _resume_damaged_chunk, str(tmp_path), tmp_path=tmp_path)
+    run_spawn(2, _resume_damaged_chunk, str(tmp_path), damage, tmp_path=tmp_path)
     own, other = ((tmp_path / f"error{r}.txt").read_text() for r in (1, 0))
-    assert "rank00001.pt, which has none" in own, own
+    assert ("rank00001.pt, which has none" if damage == "chunk" else
+            "cannot restore the random states of rank 1 from") in own, own
     assert other.startswith("rank 1 of model could not load its part of the weights") and own in other, other
 
 
@@ -738,8 +743,17 @@ def test_non_finite_weights_in_a_checkpoint_are_refused_naming_the_parameter(wor
     with pytest.raises(ValueError, match=match):
         load_whole_model(tmp_path / "kd", torch.device("cpu"), torch.float32, "teacher")
     with pytest.raises(ValueError, match=match):
+        export_hf(tmp_path / "kd", tmp_path / "new" / "hf")
+    assert not (tmp_path / "new").exists()  # nor the parent it created
+    # Into an earlier export: left as it was.
+    state[name][3, 4] = 0.5
+    write_global_checkpoint(tmp_path / "good", cfg, list(state), state.__getitem__, {}, shard_bytes=1 << 20)
+    export_hf(tmp_path / "good", tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").write_text("{}")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()}
+    with pytest.raises(ValueError, match=match):
         export_hf(tmp_path / "kd", tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+    assert {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()} == before
     _, _, fresh = _build("tiny", seed=4)
     with pytest.raises(ValueError, match=match):
         restore_role(CheckpointConfig(load=str(tmp_path / "kd")), cfg, fresh, 0,

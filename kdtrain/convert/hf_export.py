@@ -137,8 +137,12 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     """Write ``out/config.json``, the weights (``model.safetensors``, or index + files of about
     ``shard_bytes`` each), the tokenizer's files (see the module docstring for ``tokenizer``) and,
     for a checkpoint imported from Hugging Face, its ``generation_config.json``; returns ``out``.
-    Everything is checked before ``out`` is touched; tokenizer and generation files of an earlier
-    export into ``out`` that this one does not write are removed (they would describe another model)."""
+    Everything is checked before ``out`` is touched, the weights as they are read: the weight files
+    are written under temporary names and take their names only once all of them are, and a failure
+    before that (a damaged or non-finite weight, an interrupt) removes them, and the directories
+    this call created, leaving an earlier export in ``out`` as it was. Tokenizer and generation
+    files of an earlier export into ``out`` that this one does not write are removed (they would
+    describe another model)."""
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
     if dtype not in (*DTYPES, "auto"):
@@ -165,24 +169,24 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     hf_cfg = hf_config_from_model(cfg, arch, _HF_DTYPE_NAMES[DTYPES[dtype]], ids)
     # The source's generation defaults (sampling settings, end tokens) go with its ids only.
     generation = (reader.meta.get("source") or {}).get("generation_config") if from_source else None
-    created = not out.exists()
+    created = next((d for d in [*reversed(out.parents), out] if not d.exists()), None)  # the first missing
     out.mkdir(parents=True, exist_ok=True)
     try:
-        written = copy_tokenizer(src, out) if src is not None else []
-        if generation is not None:
-            _write_json(out / "generation_config.json", generation)
-            written.append("generation_config.json")
-        for stale in (*TOKENIZER_FILES, "generation_config.json"):
-            if stale not in written:
-                (out / stale).unlink(missing_ok=True)
         write_safetensors(out, RuleSet(TO_HF[arch](cfg)), lambda key: read_global(reader, cfg, key),
                           DTYPES[dtype], shard_bytes)
     except BaseException:  # a weight the checkpoint cannot give (damaged, non-finite), an interrupt
         for part in out.glob("part*.safetensors.tmp"):
             part.unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
+    written = copy_tokenizer(src, out) if src is not None else []
+    if generation is not None:
+        _write_json(out / "generation_config.json", generation)
+        written.append("generation_config.json")
+    for stale in (*TOKENIZER_FILES, "generation_config.json"):
+        if stale not in written:
+            (out / stale).unlink(missing_ok=True)
     _write_json(out / "config.json", hf_cfg)
     return out
 

@@ -659,11 +659,15 @@ def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer) -> 
 
 
 def restore_rng(path: Path, rank: int) -> bool:
+    """This rank's random states from checkpoint ``path``; False when it holds no file of the rank."""
     f = path / "rng" / f"rank{rank:05d}.pt"
     if not f.is_file():
         return False
-    state = torch.load(f, weights_only=True)
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    try:
+        state = torch.load(f, weights_only=True)
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+    except Exception as e:  # truncated, replaced or foreign file
+        raise ValueError(f"cannot restore the random states of rank {rank} from {f}: {e}") from None
     return True

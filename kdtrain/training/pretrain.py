@@ -293,25 +293,29 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
         refuse_other_runs(ck.dir)
     path = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
     if path is not None:
+        # Everything a rank reads alone comes before the role's first collective, and every rank
+        # raises if any failed (raise_together).
         error = None
         try:
             reader = CheckpointReader(path)
             check_checkpoint_model(reader, model)
             changes = check_resume(reader.meta, path, run)
             load_training_state(reader, role.optimizer)
-        except ValueError as e:
+            saved, ours = reader.meta.get("layout") or {}, _layout_meta(role.groups)
+            # Random states are per rank: in another layout (or without this rank's file) dropout
+            # and on-policy sampling start over from training.seed, which the resumed job's log
+            # line says.
+            rng_restored = saved == ours and restore_rng(path, rank)
+        except Exception as e:  # noqa: BLE001 - any failure: the peers must not wait for this rank
             error = e
         role.groups.raise_together(error)
         if role.optimizer.sharded:
             role.optimizer.gather_params()
-        saved, ours = reader.meta.get("layout") or {}, _layout_meta(role.groups)
-        # Random states are per rank: in another layout (or without this rank's file) dropout and
-        # on-policy sampling start over from training.seed, which the resumed job's log line says.
         if saved != ours:
             changes.append(f"layout: {_describe_layout(saved)} -> {_describe_layout(ours)} (random streams "
                            "restart from training.seed)")
         else:
-            missing = _ranks_without(restore_rng(path, rank), rank, role.groups)
+            missing = _ranks_without(rng_restored, rank, role.groups)
             if missing:
                 changes.append(f"{path.name}/rng/ has no file of rank(s) {', '.join(map(str, missing))} (their random "
                                "streams restart from training.seed)")
@@ -321,7 +325,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
         try:
             load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
                                run.get("tokenizer_fingerprint"))
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - as above
             error = e
         role.groups.raise_together(error)
     return Start(0)

@@ -45,7 +45,7 @@ class Teacher:
             error = None
             try:
                 load_model_weights(load, model_cfg, params, "teacher", tokenizer=tokenizer)
-            except ValueError as e:
+            except Exception as e:  # noqa: BLE001 - any failure: the other ranks must not wait for this one
                 error = e
             groups.raise_together(error)
         self.schedule = PipelineSchedule(self.model, groups, (spec.seq_length, spec.micro_batch,
