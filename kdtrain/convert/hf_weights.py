@@ -328,7 +328,7 @@ class HFWeights:
 
     def read_into(self, spec, key: str, out: torch.Tensor) -> None:
         """Fill ``out`` (this rank's local tensor for ``spec``) from the converted global tensor."""
-        from ..training.checkpoint import copy_overlap
+        from ..training.pieces import copy_overlap
 
         if key != "master":
             raise ValueError(f"{self.path} is a Hugging Face model: it holds weights, no {key!r} state")

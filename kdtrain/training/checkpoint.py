@@ -9,7 +9,8 @@ Layout on disk::
     <dir>/step_0000100/rng/rank00003.pt      RNG states of each rank
 
 A *piece* is a rank's local slice of one global parameter plus where it sits: the sharded
-dimension and ``(global_start, global_stop, local_start)`` ranges (see models/params.py), and its
+dimension and ``(global_start, global_stop, local_start)`` ranges (see models/params.py; pieces.py
+cuts a piece into boxes of the global tensor), and its
 values: ``master`` (fp32) where the optimizer keeps a master apart from a bf16 parameter, else
 ``param``; with optimizer state ``exp_avg``, ``exp_avg_sq`` and ``step``. A piece of a sharded
 (distributed) optimizer may hold only flat elements ``flat = [start, stop)`` of the rank's local
@@ -59,6 +60,7 @@ from ..config.model import weight_differences
 from ..durable import fsync_dir, fsync_file, write_synced
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer, assign_owners
+from .pieces import boxes, copy_boxes, overlaps
 
 # 2: some pieces are flat parts (``flat``, ``local_shape``; written by the distributed optimizer).
 # A checkpoint without them is written as 1, which readers of either version read.
@@ -400,13 +402,13 @@ class CheckpointReader:
         want = {"dim": spec.dim, "ranges": spec.ranges()}
         if flat is not None:
             want.update(flat=list(flat), local_shape=list(spec.local_shape))
-        mine = _boxes(want, out)
+        mine = boxes(want, out)
         for fname, header in self._where[spec.global_name]:
             if tuple(header["global_shape"]) != spec.global_shape:
                 raise ValueError(f"checkpoint {self.path}: {spec.global_name} has shape "
                                  f"{tuple(header['global_shape'])}, the model expects {spec.global_shape} "
                                  "(different model config?)")
-            if not _overlaps(_boxes(header), mine):
+            if not overlaps(boxes(header), mine):
                 continue  # none of this rank's values: its file stays closed
             piece = self._piece(spec.global_name, fname)
             src = piece.get(key)
@@ -414,7 +416,7 @@ class CheckpointReader:
                 src = piece["param"]
             if src is None:
                 raise ValueError(f"checkpoint {self.path}: {spec.global_name} has no {key!r} (saved without optimizer state?)")
-            copied += _copy_boxes(_boxes(piece, src), mine)
+            copied += copy_boxes(boxes(piece, src), mine)
         # Pieces skipped above copy nothing either way: a piece missing from the files still
         # leaves ``copied`` short here. (Stored pieces never overlap: each element has one writer.)
         expected = sum(math.prod(h - lo for lo, h in zip(glo, ghi)) for glo, ghi, _ in mine)
@@ -433,97 +435,6 @@ class CheckpointReader:
         where = self._where[spec.global_name]
         fname = next((f for f, _ in where if f in self._files), where[0][0])
         return self._piece(spec.global_name, fname)["step"]
-
-
-# ---- where pieces sit: boxes of the global tensor ----------------------------------------------
-# A piece is cut into boxes, each a view of its values with the global coordinates of its first
-# element and its extent in every dimension. Along the piece's sharded dimension a local index i
-# in a range (g0, g1, l0) is global index g0 + i - l0 (indices in no range, vocabulary padding,
-# map nowhere); in every other dimension local and global indices agree. A flat part of the local
-# tensor (a distributed optimizer's share) is first cut into row-major boxes: a partial leading
-# row, whole rows, a partial trailing row (recursively in more dimensions), each a contiguous run
-# of the 1-D values. Two pieces of one parameter then overlap where two of their boxes do.
-
-def _flat_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
-    """Flat elements [start, stop) of a row-major tensor of ``shape`` as boxes ``(lo, hi, first)``:
-    local index bounds and the box's first element's offset from ``start``."""
-    if start >= stop:
-        return []
-    if len(shape) == 1:
-        return [((start,), (stop,), 0)]
-    inner = math.prod(shape[1:])
-    r0, r1 = start // inner, (stop - 1) // inner  # first and last row touched
-    if r0 == r1:
-        return [((r0,) + lo, (r0 + 1,) + hi, first)
-                for lo, hi, first in _flat_boxes(shape[1:], start - r0 * inner, stop - r0 * inner)]
-    out = []
-    full0 = r0 if start == r0 * inner else r0 + 1
-    full1 = r1 + 1 if stop == (r1 + 1) * inner else r1
-    if full0 > r0:  # a partial leading row
-        out += _flat_boxes(shape, start, full0 * inner)
-    if full1 > full0:
-        out.append(((full0,) + (0,) * (len(shape) - 1), (full1,) + tuple(shape[1:]), full0 * inner - start))
-    if full1 <= r1:  # a partial trailing row
-        out += [(lo, hi, first + full1 * inner - start) for lo, hi, first in _flat_boxes(shape, full1 * inner, stop)]
-    return out
-
-
-def _boxes(piece: dict, values: Optional[torch.Tensor] = None) -> list[tuple[list[int], list[int], Optional[torch.Tensor]]]:
-    """A piece (header or stored piece; ``values``: its tensor, or None for the extents only) as
-    ``(global lo, global hi, view)`` boxes."""
-    dim, ranges = piece["dim"], piece["ranges"]
-    if "flat" in piece:
-        shape = list(piece["local_shape"])
-        blocks = [(lo, hi, None if values is None else values[first: first + math.prod(h - l for l, h in zip(lo, hi))]
-                   .view([h - l for l, h in zip(lo, hi)]))
-                  for lo, hi, first in _flat_boxes(shape, *piece["flat"])]
-    else:
-        if values is not None:
-            shape = list(values.shape)
-        else:  # the header of a whole piece: other dimensions are global, padding rows are not needed
-            shape = list(piece["global_shape"]) or [1]
-            shape[dim] = max((l0 + g1 - g0 for g0, g1, l0 in ranges), default=0)
-        blocks = [((0,) * len(shape), tuple(shape), values)]
-    out = []
-    for lo, hi, view in blocks:
-        for g0, g1, l0 in ranges:
-            x0, x1 = max(l0, lo[dim]), min(l0 + g1 - g0, hi[dim])
-            if x0 >= x1:
-                continue
-            glo, ghi = list(lo), list(hi)
-            glo[dim], ghi[dim] = g0 + x0 - l0, g0 + x1 - l0
-            out.append((glo, ghi, None if view is None else view.narrow(dim, x0 - lo[dim], x1 - x0)))
-    return out
-
-
-def _overlaps(src_boxes, dst_boxes) -> bool:
-    """Whether ``_copy_boxes`` of the two would copy anything."""
-    return any(all(max(a, c) < min(b, d) for a, b, c, d in zip(slo, shi, dlo, dhi))
-               for slo, shi, _ in src_boxes for dlo, dhi, _ in dst_boxes)
-
-
-def _copy_boxes(src_boxes, dst_boxes) -> int:
-    """Copy every intersection of a source box with a destination box; returns the values copied."""
-    n = 0
-    for slo, shi, a in src_boxes:
-        for dlo, dhi, b in dst_boxes:
-            lo = [max(x, y) for x, y in zip(slo, dlo)]
-            hi = [min(x, y) for x, y in zip(shi, dhi)]
-            if any(h <= l for l, h in zip(lo, hi)):
-                continue
-            sa, sb = a, b
-            for d, (l, h) in enumerate(zip(lo, hi)):
-                sa, sb = sa.narrow(d, l - slo[d], h - l), sb.narrow(d, l - dlo[d], h - l)
-            sb.copy_(sa)
-            n += sb.numel()
-    return n
-
-
-def copy_overlap(src: torch.Tensor, src_dim: int, src_ranges, dst: torch.Tensor, dst_dim: int, dst_ranges) -> int:
-    """Copy the intersection of two whole pieces of one global tensor (values ``src`` and ``dst``,
-    each sharded along its dimension over its ranges); returns the number of values."""
-    return _copy_boxes(_boxes({"dim": src_dim, "ranges": src_ranges}, src),
-                       _boxes({"dim": dst_dim, "ranges": dst_ranges}, dst))
 
 
 def load_model_weights(path: str | os.PathLike, model: ModelConfig,
