@@ -263,3 +263,37 @@ def routing_channels(max_world: int):
                 yield world, t, s, PayloadChannel(Pairing(n, t[2], s[2]), RoleLayout("teacher", 0, *t),
                                                   RoleLayout("student", 0, *s), spec, None, torch.device("cpu"), 1.0,
                                                   None, None, connect=False)
+
+
+def count_shard_opens(m, opened: list) -> None:
+    """Record (in ``opened``) the name of every shard file that ``torch.load`` reads."""
+    import torch
+
+    real = torch.load
+
+    def load(f, *a, **k):
+        if os.path.basename(os.path.dirname(f)) == "shards":
+            opened.append(os.path.basename(f))
+        return real(f, *a, **k)
+
+    m.setattr(torch, "load", load)
+
+
+def drop_shard_index(step_dir) -> None:
+    """Make ``step_dir`` a checkpoint as written before meta.json held the shard index."""
+    meta = json.loads((step_dir / "meta.json").read_text())
+    del meta["shard_index"]
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def replica_microbatches(step: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int, sample, targets,
+                         device) -> list:
+    """Data-parallel replica ``dp_rank``'s micro-batches of global batch ``step``: the tokens
+    ``sample(j)`` and target flags ``targets(j)`` of its share of the batch's sample ids."""
+    import numpy as np
+
+    from kdtrain.training.batches import make_microbatch, replica_sample_ids
+
+    ids = replica_sample_ids(step * global_batch, global_batch, dp_rank, dp)
+    return [make_microbatch(np.stack([sample(j) for j in chunk]), device, np.stack([targets(j) for j in chunk]))
+            for chunk in (ids[i:i + micro_batch] for i in range(0, len(ids), micro_batch))]

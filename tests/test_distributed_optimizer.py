@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_spawn
+from conftest import replica_microbatches, run_spawn
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,6 @@ def _build(family: str, tp: int, pp: int, dp: int, distributed: bool, seed: int 
 
 
 def _train(family: str, tp: int, pp: int, dp: int, distributed: bool):
-    from kdtrain.training.batches import make_microbatch, replica_sample_ids
     from kdtrain.training.pretrain import LM_REPORT_KEYS, lm_forward_step
     from kdtrain.training.step import train_step
 
@@ -68,9 +67,7 @@ def _train(family: str, tp: int, pp: int, dp: int, distributed: bool):
     forward_step = lm_forward_step(cfg.vocab_size, groups.pgc.tp)
     steps = []
     for step in range(STEPS):
-        ids = replica_sample_ids(step * GLOBAL_BATCH, GLOBAL_BATCH, groups.dp_rank, dp)
-        mbs = [make_microbatch(np.stack([_sample(j) for j in chunk]), cpu, np.stack([_targets(j) for j in chunk]))
-               for chunk in (ids[i:i + MICRO_BATCH] for i in range(0, len(ids), MICRO_BATCH))]
+        mbs = replica_microbatches(step, GLOBAL_BATCH, MICRO_BATCH, groups.dp_rank, dp, _sample, _targets, cpu)
         res = train_step(role.schedule, forward_step, mbs, role.grads, role.optimizer, groups, 3e-3, CLIP,
                          cfg.tie_embeddings, LM_REPORT_KEYS)
         assert not res.skipped and res.grad_norm > CLIP  # clipping scales every step
