@@ -8,21 +8,21 @@ Layout on disk::
     <dir>/step_0000100/shards/rank00003.pt   {global param name: piece}, one file per writing rank
     <dir>/step_0000100/rng/rank00003.pt      RNG states of each rank
 
-A *piece* is a rank's local slice of one global parameter plus where it sits: the sharded
-dimension and ``(global_start, global_stop, local_start)`` ranges (see models/params.py; pieces.py
-cuts a piece into boxes of the global tensor), and its
-values: ``master`` (fp32) where the optimizer keeps a master apart from a bf16 parameter, else
-``param``; with optimizer state ``exp_avg``, ``exp_avg_sq`` and ``step``. A piece of a sharded
-(distributed) optimizer may hold only flat elements ``flat = [start, stop)`` of the rank's local
-tensor (whose shape ``local_shape`` it records): its values are then 1-D. Readers of the weights
-read ``master``, which falls back on ``param`` (checkpoints of earlier versions hold both). Each
-global parameter is written once: tensor rank 0 for replicated parameters, the first stage for the
-tied embedding, and one data-parallel replica for each element, with its fp32 master weight and
-Adam moments (with the distributed optimizer each replica its own chunk; without, the replicas
-hold the same state and write balanced shares of it, whole parameters). Loading copies the overlap
-of every stored piece with every piece the loading rank needs, whichever file holds it, so a
-checkpoint written with one TP/PP/DP layout loads into any other (pretrain with TP=1, distil with
-a TP=2 teacher, resume a sharded optimizer with another ``dp`` or unsharded).
+A *piece* is a rank's local slice of one global parameter plus where it sits: the sharded dimension
+and ``(global_start, global_stop, local_start)`` ranges (see models/params.py; pieces.py cuts a
+piece into boxes of the global tensor), and its values: ``master`` (fp32) where the optimizer keeps
+a master apart from a bf16 parameter, else ``param``; with optimizer state ``exp_avg``,
+``exp_avg_sq`` and ``step``. A piece of a sharded (distributed) optimizer may hold only flat
+elements ``flat = [start, stop)`` of the rank's local tensor (whose shape ``local_shape`` it
+records): its values are then 1-D. Readers of the weights read ``master``, which falls back on
+``param`` (checkpoints of earlier versions hold both). Each global parameter is written once:
+tensor rank 0 for replicated parameters, the first stage for the tied embedding, and one
+data-parallel replica for each element, with its fp32 master weight and Adam moments (with the
+distributed optimizer each replica its own chunk; without, the replicas hold the same state and
+write balanced shares of it, whole parameters). Loading copies the overlap of every stored piece
+with every piece the loading rank needs, whichever file holds it, so a checkpoint written with one
+TP/PP/DP layout loads into any other (pretrain with TP=1, distil with a TP=2 teacher, resume a
+sharded optimizer with another ``dp`` or unsharded).
 
 meta.json's ``shard_index`` maps each shard file to the headers of its pieces (``{global name:
 {global_shape, dim, ranges, [flat, local_shape,] keys}}``, ``keys`` naming the stored values),
@@ -66,6 +66,8 @@ from .pieces import boxes, copy_boxes, overlaps
 # A checkpoint without them is written as 1, which readers of either version read.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+HEADER_KEYS = ("global_shape", "dim", "ranges", "flat", "local_shape")  # where a piece sits; the other keys are values
 
 
 def _format_of(headers) -> int:
@@ -78,8 +80,6 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     storage, and ``.cpu()`` of a view on the host is the view (a share of a flat master)."""
     t = t.detach().cpu()
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
-STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
-HEADER_KEYS = ("global_shape", "dim", "ranges", "flat", "local_shape")  # where a piece sits; the other keys are values
 
 
 def _barrier(group) -> None:
