@@ -49,22 +49,23 @@ def test_a_rank_is_in_at_most_one_plus_dt_payload_groups_at_scale(t, s):
     assert len(payload_groups(pairing, teacher, student)) == teacher.dp
 
 
+def _small_layout_pairs():
+    """(teacher layout, student layout, colocated): every colocated pair up to 12 ranks and every
+    disaggregated pair up to 6 + 6."""
+    for world in range(1, 13):
+        yield from ((t, s, True) for t in _layouts(world) for s in _layouts(world))
+    for wt in range(1, 7):
+        for ws in range(1, 7):
+            yield from ((t, s, False) for t in _layouts(wt) for s in _layouts(ws))
+
+
 def test_payload_groups_of_every_small_layout():
     """Every colocated pair of layouts up to 12 ranks and every disaggregated pair up to 6 + 6."""
     checked = 0
-    for world in range(1, 13):
-        for t in _layouts(world):
-            for s in _layouts(world):
-                pairing, teacher, student = _roles(t, s, colocated=True)
-                assert _check_groups(pairing, teacher, student) <= 1 + teacher.dp, (t, s)
-                checked += 1
-    for wt in range(1, 7):
-        for ws in range(1, 7):
-            for t in _layouts(wt):
-                for s in _layouts(ws):
-                    pairing, teacher, student = _roles(t, s, colocated=False)
-                    assert _check_groups(pairing, teacher, student) <= 1 + teacher.dp, (t, s)
-                    checked += 1
+    for t, s, colocated in _small_layout_pairs():
+        pairing, teacher, student = _roles(t, s, colocated=colocated)
+        assert _check_groups(pairing, teacher, student) <= 1 + teacher.dp, (t, s, colocated)
+        checked += 1
     assert checked > 1000
 
 
