@@ -94,18 +94,19 @@ class RoleGroups:
         """Global rank of this rank's counterpart (same tp/dp coordinates) on pipeline stage pp_rank."""
         return self.layout.rank_of(self.tp_rank, self.dp_rank, pp_rank)
 
-    def raise_together(self, error: Optional[BaseException]) -> None:
+    def raise_together(self, error: Optional[BaseException], what: str = "the weights") -> None:
         """Collective over the role: every rank raises when any had ``error`` (loading weights or a
         checkpoint: a rank reads only its own pieces, so a damaged file can fail one rank alone,
         which would leave the others waiting in the role's next collective until the job's
-        timeout). The failing rank raises its own error, the others a ValueError naming it."""
+        timeout). The failing rank raises its own error, the others a ValueError naming it and
+        ``what`` it was loading."""
         if self.role_group is not None and dist.get_world_size(self.role_group) > 1:
             errors: list = [None] * dist.get_world_size(self.role_group)
             shown = None if error is None else (self.rank, str(error) if isinstance(error, ValueError) else repr(error))
             dist.all_gather_object(errors, shown, group=self.role_group)
             failed = next((e for e in errors if e is not None), None)
             if error is None and failed is not None:
-                raise ValueError(f"rank {failed[0]} of {self.layout.name} could not load its part of the weights: "
+                raise ValueError(f"rank {failed[0]} of {self.layout.name} could not load its part of {what}: "
                                  f"{failed[1]}")
         if error is not None:
             raise error

@@ -308,7 +308,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
             rng_restored = saved == ours and restore_rng(path, rank)
         except Exception as e:  # noqa: BLE001 - any failure: the peers must not wait for this rank
             error = e
-        role.groups.raise_together(error)
+        role.groups.raise_together(error, f"checkpoint {path}")
         if role.optimizer.sharded:
             role.optimizer.gather_params()
         if saved != ours:
@@ -327,7 +327,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
                                run.get("tokenizer_fingerprint"))
         except Exception as e:  # noqa: BLE001 - as above
             error = e
-        role.groups.raise_together(error)
+        role.groups.raise_together(error, f"{what}.load {ck.load}")
     return Start(0)
 
 
