@@ -552,3 +552,35 @@ def test_a_student_sampling_on_policy_gets_local_layers_with_transformer_engine(
     assert _student_te(offline, 1, cuda) and not _student_te(onpolicy, 1, cuda)
     assert _attention(offline, 1, 1, cuda) == "transformer-engine"
     assert _attention(onpolicy, 1, 1, cuda) == "transformer-engine (teacher), sdpa (student)"
+
+
+def _distill_with_a_bad_load(rank, world, root, role):
+    import kdtrain.training.distill as loop
+    from kdtrain.config.distill import load_distill_config
+
+    # The checkpoint holds a two-layer tiny model; the role that loads it is built with one layer.
+    loads = ([f"teacher.load={root}/ck", "teacher.random_init=false", "teacher.model.num_layers=1"] if role == "teacher"
+             else [f"student.load={root}/ck", "student.model.num_layers=1"])
+    cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=disaggregated", "split.teacher_ranks=1",
+                                       "distributed.timeout_s=60", f"logging.dir={root}/run{rank}", *loads])
+    with pytest.raises(ValueError) as e:
+        loop.distill(cfg)
+    (Path(root) / f"error{rank}.txt").write_text(str(e.value))
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_a_load_that_fails_in_one_role_stops_the_other(world_of_one, tmp_path, role):
+    """Disaggregated, the teacher's and the student's ranks load apart; a role whose load failed
+    stopped its own ranks, while the other role's went on into the start-step broadcast and died
+    there with the transport's error (gloo: its peer closed the connection; NCCL: the job's
+    timeout). Every rank now raises a ValueError, the other role's naming the failed rank and its
+    error."""
+    from conftest import one_rank_role, run_spawn, save_one_rank_role
+
+    cfg, groups, model = one_rank_role("tiny")
+    save_one_rank_role(tmp_path / "ck", 1, model, groups, cfg)
+    run_spawn(2, _distill_with_a_bad_load, str(tmp_path), role, tmp_path=tmp_path)
+    failed = 0 if role == "teacher" else 1
+    own, other = ((tmp_path / f"error{r}.txt").read_text() for r in (failed, 1 - failed))
+    assert "num_layers" in own and "different model" in own, own
+    assert other.startswith(f"rank {failed} failed to start: ") and own in other, other

@@ -58,6 +58,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
+from ..parallel.groups import mark_agreed
 from . import _ext
 from .cross_entropy import vocab_shard
 from .kd_checks import (KERNEL_MAX_TOPK, LOG_FLOOR, KDLossConfig, check_kd_inputs, check_teacher_tail, kd_input_stats,
@@ -273,16 +274,16 @@ def agree_impl(dtype: torch.dtype, device: torch.device, k: int, group=None) -> 
         dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)  # [max, -min] of the codes
         high, low = int(bounds[0]), -int(bounds[1])
         if error is None and high == len(IMPLS):
-            raise RuntimeError("the KD loss's implementation could not be resolved on another rank of this model "
-                               "(its error is in that rank's output)")
+            error = RuntimeError("the KD loss's implementation could not be resolved on another rank of this "
+                                 "model (its error is in that rank's output)")
         if error is None and high != low:
             other = IMPLS[high if high != code else low]
-            raise RuntimeError(
+            error = RuntimeError(
                 f"the KD loss would take different implementations on the ranks of one model: rank "
                 f"{dist.get_rank()} takes {choice} ({why}), another rank {other}. Make the kernels load on every "
                 "node (pip install --no-build-isolation -e .) or set KDTRAIN_KD_IMPL=reference on all ranks")
     if error is not None:
-        raise error
+        raise error if group is None else mark_agreed(error, group)  # every rank of the group raises here
     return choice, why
 
 

@@ -2,8 +2,9 @@
 
 from .dist import (DistEnv, free_memory_bytes, init_distributed, one_process_world, pick_device, run_job,
                    shutdown_distributed)
-from .groups import RoleGroups, RoleLayout, build_role_groups
+from .groups import PeerFailed, RoleGroups, RoleLayout, agreed, build_role_groups, mark_agreed, raise_together
 
 __all__ = ["DistEnv", "free_memory_bytes", "init_distributed", "one_process_world", "pick_device", "run_job",
            "shutdown_distributed",
-           "RoleGroups", "RoleLayout", "build_role_groups"]
+           "PeerFailed", "RoleGroups", "RoleLayout", "agreed", "build_role_groups", "mark_agreed",
+           "raise_together"]

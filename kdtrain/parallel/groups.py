@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch.distributed as dist
 
@@ -98,18 +98,50 @@ class RoleGroups:
         """Collective over the role: every rank raises when any had ``error`` (loading weights or a
         checkpoint: a rank reads only its own pieces, so a damaged file can fail one rank alone,
         which would leave the others waiting in the role's next collective until the job's
-        timeout). The failing rank raises its own error, the others a ValueError naming it and
+        timeout). The failing rank raises its own error, the others a ``PeerFailed`` naming it and
         ``what`` it was loading."""
-        if self.role_group is not None and dist.get_world_size(self.role_group) > 1:
-            errors: list = [None] * dist.get_world_size(self.role_group)
-            shown = None if error is None else (self.rank, str(error) if isinstance(error, ValueError) else repr(error))
-            dist.all_gather_object(errors, shown, group=self.role_group)
-            failed = next((e for e in errors if e is not None), None)
-            if error is None and failed is not None:
-                raise ValueError(f"rank {failed[0]} of {self.layout.name} could not load its part of {what}: "
-                                 f"{failed[1]}")
-        if error is not None:
-            raise error
+        if self.role_group is None:  # not a member of the role: nothing to agree on
+            if error is not None:
+                raise error
+            return
+        raise_together(error, self.role_group,
+                       lambda rank, shown: f"rank {rank} of {self.layout.name} could not load its part of {what}: "
+                                           f"{shown}")
+
+
+class PeerFailed(ValueError):
+    """Raised by ``raise_together`` on a rank that did not fail itself: another rank's error."""
+
+
+def raise_together(error: Optional[BaseException], group: Optional[dist.ProcessGroup],
+                   describe: Callable[[int, str], str]) -> None:
+    """Collective over ``group`` (None: the world): every rank raises when any had ``error``. The
+    failing rank raises its own error; the others a ``PeerFailed`` with ``describe(global rank,
+    error text)`` of the first rank whose error is its own (not itself a ``PeerFailed``: a role
+    that already agreed reports the rank that failed, not the ones it stopped). What is raised is
+    marked ``agreed_by`` the group, so an outer agreement can tell a rank whose group peers stopped
+    with it from one that failed alone (``agreed``)."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        errors: list = [None] * dist.get_world_size(group)
+        shown = None if error is None else (dist.get_rank(), str(error) if isinstance(error, ValueError)
+                                            else repr(error), isinstance(error, PeerFailed))
+        dist.all_gather_object(errors, shown, group=group)
+        failed = sorted((e for e in errors if e is not None), key=lambda e: (e[2], e[0]))
+        if error is None and failed:
+            error = PeerFailed(describe(failed[0][0], failed[0][1]))
+    if error is not None:
+        raise mark_agreed(error, group)
+
+
+def mark_agreed(error: BaseException, group: Optional[dist.ProcessGroup]) -> BaseException:
+    """Mark ``error`` as raised on every rank of ``group`` alike (``agreed``); returns it."""
+    error.agreed_by = group
+    return error
+
+
+def agreed(error: BaseException, group: Optional[dist.ProcessGroup]) -> bool:
+    """Whether every rank of ``group`` raised along with ``error`` (``mark_agreed``)."""
+    return getattr(error, "agreed_by", False) is group
 
 
 def build_role_groups(layout: RoleLayout, backend: Optional[str] = None,

@@ -47,7 +47,7 @@ from ..config import to_dict
 from ..config.distill import DistillConfig
 from ..loss import agree_impl, kd_loss
 from ..models import transformer_engine_layers
-from ..parallel import RoleLayout, build_role_groups, init_distributed
+from ..parallel import RoleLayout, agreed, build_role_groups, init_distributed, raise_together
 from ..stream import Pairing, PayloadSpec
 from ..stream.channel import PayloadChannel
 from .auto_split import device_profile, resolve_auto_split
@@ -277,23 +277,34 @@ def distill(cfg: DistillConfig) -> dict:
                      loss=to_dict(cfg.loss), topk=cfg.teacher.topk, dtype=str(dtype).removeprefix("torch."),
                      optimizer=to_dict(cfg.optimizer), train_steps=tr.train_steps)
     teacher = student = None
-    if t_groups.is_member and cfg.teacher.source != "cache":
-        teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,
-                          tr.seed + 1, compile=cfg.precision.compile, tokenizer=run["tokenizer_fingerprint"])
-    start, kd_impl = Start(0), None
-    if s_groups.is_member:
-        # With both precision options the student's layers are graphed and the teacher's compiled
-        # (a layer is either; the teacher's no-grad forward is not graphed).
-        student = build_trainable(cfg.student.model, s_groups, cfg.optimizer, cfg.data.seq_length,
-                                  tr.micro_batch_size, env.device, dtype, tr.seed,
-                                  compile=cfg.precision.compile and not cfg.precision.cuda_graphs,
-                                  cuda_graphs=cfg.precision.cuda_graphs, recompute=tr.recompute,
-                                  use_te=_student_te(cfg, s_layout.tp, env.device))
-        ck, load_from = cfg.checkpoint, "checkpoint"
-        if cfg.student.load and not ck.load:
-            ck, load_from = dataclasses.replace(ck, load=cfg.student.load), "student"
-        start = restore_role(ck, cfg.student.model, student, env.rank, run, what=load_from)
-        kd_impl = agree_impl(dtype, env.device, spec.k, s_groups.role_group)
+    start, kd_impl, failure = Start(0), None, None
+    try:
+        if t_groups.is_member and cfg.teacher.source != "cache":
+            teacher = Teacher(cfg.teacher.model, t_groups, spec, cfg.loss.tau, cfg.teacher.load, env.device, dtype,
+                              tr.seed + 1, compile=cfg.precision.compile, tokenizer=run["tokenizer_fingerprint"])
+        if s_groups.is_member:
+            # With both precision options the student's layers are graphed and the teacher's
+            # compiled (a layer is either; the teacher's no-grad forward is not graphed).
+            student = build_trainable(cfg.student.model, s_groups, cfg.optimizer, cfg.data.seq_length,
+                                      tr.micro_batch_size, env.device, dtype, tr.seed,
+                                      compile=cfg.precision.compile and not cfg.precision.cuda_graphs,
+                                      cuda_graphs=cfg.precision.cuda_graphs, recompute=tr.recompute,
+                                      use_te=_student_te(cfg, s_layout.tp, env.device))
+            ck, load_from = cfg.checkpoint, "checkpoint"
+            if cfg.student.load and not ck.load:
+                ck, load_from = dataclasses.replace(ck, load=cfg.student.load), "student"
+            start = restore_role(ck, cfg.student.model, student, env.rank, run, what=load_from)
+            kd_impl = agree_impl(dtype, env.device, spec.k, s_groups.role_group)
+    except Exception as e:  # noqa: BLE001 - any failure: the other role's ranks must not wait for this one
+        failure = e
+    # A role's load failures stop all of its ranks (raise_together over the role), but
+    # disaggregated, the other role's ranks would go on into the broadcast below (or the first
+    # payload transfer) and wait there until the job's timeout: the whole world agrees here. A rank
+    # that failed alone, before its role's agreement (building its model), raises now instead: its
+    # role's peers wait for it in that agreement, and its exit ends the job.
+    if failure is not None and not any(agreed(failure, g.role_group) for g in (t_groups, s_groups) if g.is_member):
+        raise failure
+    raise_together(failure, None, lambda rank, shown: f"rank {rank} failed to start: {shown}")
     # Teacher-only ranks learn the resume step from the student's checkpoint, read by all ranks.
     start_step = _agree_start_step(start.step, s_layout, env.device)
 
