@@ -1,7 +1,9 @@
 """Checkpoint atomicity and clear errors for damaged or mismatched checkpoints (a gloo world of one
 inside the test process, conftest.world_of_one)."""
 
+import json
 import os
+import re
 
 import pytest
 import torch
@@ -131,13 +133,31 @@ def _damaged(root):
     with pytest.raises(ValueError, match=rf"shard .*{shard.name} is missing"):
         CheckpointReader(path)
 
-    # Corrupt metadata, and a 'latest' pointer to nothing.
-    (path / "meta.json").write_text("{not json")
+    # Corrupt metadata (unparsable, or JSON of another shape: a KeyError or AttributeError inside
+    # the reader before), and a 'latest' pointer to nothing, to a non-text file, or a directory.
+    meta = json.loads((path / "meta.json").read_text())
+    for text, says in [("{not json", "Expecting property name"), ("[1, 2]", "a JSON object was expected, got list"),
+                       (json.dumps({k: v for k, v in meta.items() if k != "shard_files"}), "no 'shard_files'"),
+                       (json.dumps(dict(meta, step="four")), "'step' is 'four', not a whole number"),
+                       (json.dumps(dict(meta, shard_index=[])), "'shard_index' is [], not a JSON object"),
+                       (json.dumps(dict(meta, shard_files=[1])), "'shard_files' must list file names")]:
+        (path / "meta.json").write_text(text)
+        with pytest.raises(ValueError, match=f"corrupt checkpoint metadata .*{re.escape(says)}"):
+            CheckpointReader(path)
+    (path / "meta.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match="corrupt checkpoint metadata"):
         CheckpointReader(path)
+    (root / "latest").write_bytes(b"\xffstep")
+    with pytest.raises(ValueError, match=r"latest should name a step directory .* is not text"):
+        latest_checkpoint(root)
     (root / "latest").write_text("step_0000099")
     with pytest.raises(ValueError, match="missing or incomplete"):
         latest_checkpoint(root)
+    (root / "latest").unlink()
+    (root / "latest").mkdir()
+    with pytest.raises(ValueError, match="latest is a directory"):
+        latest_checkpoint(root)
+    (root / "latest").rmdir()
     with pytest.raises(ValueError, match="not a kdtrain checkpoint"):
         CheckpointReader(root)
 

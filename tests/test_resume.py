@@ -204,6 +204,10 @@ def test_output_directories_are_checked_before_training(world_of_one, tmp_path):
                                          r"give its parent .*ck to resume"):
         check_output_dirs(LoggingConfig(dir=str(tmp_path / "run")), CheckpointConfig(dir=str(tmp_path / "ck" /
                                                                                              "step_0000002")))
+    (tmp_path / "fresh" / "latest").mkdir(parents=True)  # with checkpoint.resume: false too
+    with pytest.raises(ValueError, match=r"fresh/latest is a directory"):
+        check_output_dirs(LoggingConfig(dir=str(tmp_path / "run")), CheckpointConfig(dir=str(tmp_path / "fresh"),
+                                                                                     resume=False))
     with pytest.raises(ValueError, match=r"checkpoint\.dir: cannot create the directory .*afile/ck"):
         pretrain(load_pretrain_config("tiny", ["data.mock=true", f"logging.dir={tmp_path / 'run'}",
                                                f"checkpoint.dir={tmp_path / 'afile' / 'ck'}",

@@ -87,17 +87,31 @@ def _barrier(group) -> None:
         dist.barrier(group=group)
 
 
+def check_latest_marker(root: str | os.PathLike) -> Path:
+    """``root/latest``, refused when it is a directory: taken for absent, it would fail the run's
+    first save (the rename onto it), after the training up to it."""
+    marker = Path(root) / "latest"
+    if marker.is_dir():
+        raise ValueError(f"checkpoint dir {root}: {marker} is a directory; kdtrain writes the name of the newest "
+                         "step there: move it away")
+    return marker
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     """The newest complete checkpoint under ``root``, or None if there is none: the step that
     ``latest`` names, or without ``latest`` the newest complete step (a first save killed between
     its rename and writing ``latest``, or step directories copied without it; its meta.json is
     written before the rename): ignored, they would be pruned by the new run's first save."""
     root = Path(root)
-    marker = root / "latest"
+    marker = check_latest_marker(root)
     if not marker.is_file():
         done = [p for p in complete_steps(root) if (p / "meta.json").is_file()]
         return done[-1] if done else None
-    path = root / marker.read_text().strip()
+    try:
+        named = marker.read_text().strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{marker} should name a step directory (step_NNNNNNN) but is not text") from None
+    path = root / named
     if not (path / "meta.json").is_file():
         aside = path.with_name(path.name + ".old")  # a re-save of that step crashed mid-rename
         if (aside / "meta.json").is_file():
@@ -317,6 +331,30 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# The fields of meta.json that readers index into, with their types (the rest are compared, not used).
+_META_FIELDS = {"step": int, "shard_files": list, "model": dict, "shard_index": dict, "shard_bytes": dict,
+                "layout": dict}
+_KINDS = {int: "a whole number", list: "a JSON array", dict: "a JSON object"}
+
+
+def _check_meta(meta, meta_file: Path) -> None:
+    """A meta.json that parses but was edited or written by something else: named here, not met as
+    a KeyError or AttributeError deep inside a load."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"corrupt checkpoint metadata {meta_file}: a JSON object was expected, got "
+                         f"{type(meta).__name__}")
+    for key in ("step", "shard_files"):
+        if key not in meta:
+            raise ValueError(f"corrupt checkpoint metadata {meta_file}: no {key!r}")
+    for key, kind in _META_FIELDS.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ValueError(f"corrupt checkpoint metadata {meta_file}: {key!r} is {value!r}, not "
+                             f"{_KINDS[kind]}")
+    if not all(isinstance(f, str) for f in meta["shard_files"]):
+        raise ValueError(f"corrupt checkpoint metadata {meta_file}: 'shard_files' must list file names")
+
+
 class CheckpointReader:
     """Index of the pieces of one checkpoint; copies any parameter into any layout.
 
@@ -330,8 +368,9 @@ class CheckpointReader:
             raise ValueError(f"not a kdtrain checkpoint (no meta.json): {self.path}")
         try:
             self.meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"corrupt checkpoint metadata {meta_file}: {e}") from None
+        _check_meta(self.meta, meta_file)
         if self.meta.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"{meta_file}: checkpoint format {self.meta.get('version')} is not one this version of "
                              f"kdtrain reads ({', '.join(map(str, READABLE_VERSIONS))})")

@@ -19,7 +19,7 @@ from ..models import KDGPTModel, build_gpt, transformer_engine_layers
 from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
-from .checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint, load_model_weights,
+from .checkpoint import (CheckpointReader, check_checkpoint_model, check_latest_marker, latest_checkpoint, load_model_weights,
                          load_training_state, restore_rng, save_checkpoint)
 from .grads import GradBuffer
 from .logger import RunLogger
@@ -282,6 +282,7 @@ def check_output_dirs(logging_cfg, ck: CheckpointConfig) -> None:
     check_output_dir(logging_cfg.dir, "logging.dir")
     if ck.dir:
         check_output_dir(ck.dir, "checkpoint.dir")
+        check_latest_marker(ck.dir)
 
 
 def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int, run: dict,
