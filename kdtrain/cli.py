@@ -54,6 +54,21 @@ def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {out}: cannot write there, {above} is not writable")
 
 
+def check_out_file(out: str | os.PathLike, flag: str = "--out", what: str = "file") -> None:
+    """A ``what`` can be written at ``out``: not a directory, its folder one that exists or can be
+    created (not below a file) and writable. Checked before the work that produces it; nothing is
+    created."""
+    p = Path(out)
+    if p.is_dir():
+        raise ValueError(f"{flag} {out}: is a directory (name the {what} to write)")
+    above = nearest_existing(p.parent)
+    if not above.is_dir():
+        raise ValueError(f"{flag} {out}: cannot create its directory, {above} is not a directory")
+    target = p if p.exists() else above
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"{flag} {out}: cannot write there, {target} is not writable")
+
+
 def _info(args) -> int:
     import torch
 

@@ -45,3 +45,18 @@ def write_synced(path: str | os.PathLike, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one, never a
+    part (written beside it, synced, renamed over it)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write_synced(tmp, text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -45,7 +45,9 @@ def test_eval_reproduces_the_runs_held_out_loss(world_of_one, tiny_chat_corpus, 
     for args, msg in ((["--seq-length", "512"], "exceeds the max_seq_length"),
                       (["--seq-length", "32", "--split", "1.0", "0.0"], "no held-out windows"),
                       (["--seq-length", "32", "--tokenizer", str(tmp_path / "none.model")], "does not exist"),
-                      ([], "--data needs --seq-length")):
+                      ([], "--data needs --seq-length"),
+                      # refused before scoring (the whole evaluation was lost to an IsADirectoryError)
+                      (["--seq-length", "32", "--out", str(tmp_path)], "is a directory (name the results JSON")):
         assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", tiny_chat_corpus["prefix"], *args,
                      "--device", "cpu"]) == 2
         assert msg in capsys.readouterr().err

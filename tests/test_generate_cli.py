@@ -87,7 +87,9 @@ def test_cli_output_and_errors(hf_chat_model, capsys, tmp_path):
     assert rec["prompt"] == PROMPTS[0] and 1 <= len(rec["ids"]) <= 4
     for args, msg in ((["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
                       (["--max-new-tokens", "500"], "exceed the model's max_seq_length 128"),
-                      (["--temperature", "-1"], "--temperature must be >= 0"),
+                      (["--temperature", "-1"], "--temperature must be a number >= 0"),
+                      (["--temperature", "nan"], "--temperature must be a number >= 0"),
+                      (["--top-p", "nan"], "--top-p in (0, 1]"),
                       (["--top-p", "0"], "--top-p in (0, 1]"),
                       (["--cuda-graphs"], "--cuda-graphs: CUDA graphs need a CUDA device"),
                       (["--prompts-file", str(tmp_path / "none.txt")],

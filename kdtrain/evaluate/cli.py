@@ -37,6 +37,9 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..cli import check_out_file
+from ..durable import write_atomically
+
 
 def _batches(dataset, windows: range, batch: int, device):
     """(micro-batch, target flags [b, s] bool) of each ``batch`` held-out windows of ``windows``."""
@@ -263,8 +266,10 @@ def _run(args) -> int:
                                      args.seed)) or args.every_token:
         raise ValueError("--seq-length, --split, --seed, --packing, --attention, --tokenizer and --every-token "
                          "describe --data; without --data the first checkpoint's run data is used as it was")
-    if args.out and not Path(args.out).resolve().parent.is_dir():
-        raise ValueError(f"--out {args.out}: its directory does not exist")
+    if args.out:  # before the models are scored
+        if not Path(args.out).resolve().parent.is_dir():
+            raise ValueError(f"--out {args.out}: its directory does not exist")
+        check_out_file(args.out, "--out", "results JSON file")
     kd = {"divergence": args.divergence, "beta": args.beta, "tau": args.tau, "topk": args.topk}
     if not args.teacher and any(v is not None for v in kd.values()):
         raise ValueError("--divergence, --beta, --tau and --topk describe the divergence to --teacher")
@@ -274,7 +279,7 @@ def _run(args) -> int:
                                     device=args.device, teacher=args.teacher, kd_overrides=kd,
                                     payload_bytes=None if args.payload_gib is None else int(args.payload_gib * 2**30))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        write_atomically(args.out, json.dumps(results, indent=1) + "\n")
     first = next(iter(results.values()))
     print(f"data: {', '.join(data.path)}, seq {data.seq_length}, split {list(data.split)}, {data.packing} packing, "
           f"attention within the {data.attention}: {first['tokens']} held-out tokens, {first['target_tokens']} targets")

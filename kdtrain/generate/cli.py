@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Optional
 
 
@@ -108,8 +109,8 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
         raise ValueError("give at least one --prompt")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"--top-k must be >= 0 and --top-p in (0, 1], got {top_k} and {top_p}")
     if prepend_bos is not None and (chat or chat_template):

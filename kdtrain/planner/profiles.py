@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from ..cli import nearest_existing
+from ..cli import check_out_file
 
 GB = 1e9
 GiB = 2.0**30
@@ -172,17 +171,8 @@ def load_profile(path, where: str = "--profile") -> HardwareProfile:
 
 
 def check_profile_path(path, where: str = "--out") -> None:
-    """A profile JSON can be written at ``path``: not a directory, its folder one that exists or
-    can be created (not below a file) and writable. Checked before measuring; nothing is created."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{where} {path}: is a directory (name the profile JSON file to write)")
-    above = nearest_existing(p.parent)
-    if not above.is_dir():
-        raise ValueError(f"{where} {path}: cannot create its directory, {above} is not a directory")
-    target = p if p.exists() else above
-    if not os.access(target, os.W_OK):
-        raise ValueError(f"{where} {path}: cannot write there, {target} is not writable")
+    """A profile JSON can be written at ``path`` (checked before measuring; nothing is created)."""
+    check_out_file(path, where, "profile JSON file")
 
 
 def save_profile(profile: HardwareProfile, path, measurements: dict | None = None) -> None:
