@@ -190,6 +190,12 @@ def test_plain_template_ends_each_reply_with_eos(tiny_corpus):
     assert first[:-1].tolist() == tok.encode(" It adds one.\n")
     assert tok.decode(second[:-1]) == tok.decode(tok.encode(CONVERSATIONS[1][4]["content"]))
     assert "User: and g?" in tok.decode(ids[~np.array(mask)])
+    # A conversation without a reply is skipped, unless its replies go by another role's name
+    # (every record would have been skipped, the corpus reported empty).
+    assert ChatTemplate("plain", tok).segments([{"role": "user", "content": "hi"}], "conv") == []
+    for roles in (("user", "model"), ("human", "gpt")):
+        with pytest.raises(ValueError, match=rf"conv 3: no 'assistant' message, and role\(s\) '{roles[1]}'"):
+            ChatTemplate("plain", tok).segments([{"role": r, "content": "hi"} for r in roles], "conv 3")
 
 
 # Qwen2.5's layout: a default system prompt unless the first message is one, so the template

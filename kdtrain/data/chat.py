@@ -148,6 +148,10 @@ def _special_texts(tokenizer: Tokenizer) -> dict[str, str]:
     return out
 
 
+# Roles that chat templates render (transformers' conventions); replies are the assistant's.
+KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "ipython", "function"})
+
+
 class ChatTemplate:
     """Renders conversations and cuts them into context and target segments."""
 
@@ -197,7 +201,15 @@ class ChatTemplate:
             eos = [(self.eos_id, True)] if self.eos_id >= 0 else []
             return _nonempty([(prompt, False), (completion, True)] + eos)
         if not any(m["role"] == "assistant" for m in conversation):
-            return []  # nothing to learn from: skipped by the caller
+            # Nothing to learn from: skipped by the caller, unless the replies are under another
+            # name (Gemma's "model", ShareGPT's "gpt"): then every conversation would be skipped.
+            other = sorted({m["role"] for m in conversation} - KNOWN_ROLES)
+            if other:
+                raise ValueError(f"{where}: no 'assistant' message, and role(s) {', '.join(map(repr, other))} that are "
+                                 f"none of {', '.join(sorted(KNOWN_ROLES))}: the replies learned are the 'assistant' "
+                                 "messages; rename the roles (e.g. 'model' or 'gpt' -> 'assistant', 'human' -> "
+                                 "'user')")
+            return []
         if self._missing:
             raise ValueError(f"{where}: {self._missing}")
         if self._render is None:
