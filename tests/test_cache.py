@@ -370,6 +370,10 @@ def test_incomplete_cache_and_bad_requests_are_refused(caches, tmp_path):
         assert reader.covers(range(SAMPLES)) and not reader.covers([SAMPLES])
     with pytest.raises(ValueError, match="not a teacher cache"):
         CacheReader(tmp_path)
+    for text, says in (("[1, 2]", "a JSON object was expected, got list"), ("{", "Expecting property name")):
+        (path / "manifest.json").write_text(text)  # an AttributeError from deep in the loader before
+        with pytest.raises(ValueError, match=f"cache manifest .* is corrupt: {says}"):
+            CacheReader(path)
 
 
 @pytest.mark.slow

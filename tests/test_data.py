@@ -517,6 +517,15 @@ def test_encode_files_matches_tokenizer_and_is_worker_independent(corpus, tmp_pa
     first = ds.tokens[: ds.document_lengths[0] - 1]
     assert tok.decode(first) == texts[0]
     assert ds.meta["eos_id"] == tok.eos_id and ds.meta["tokenizer_path"] == os.path.abspath(corpus["model"])
+    # Where the files cannot go is found before the corpus is tokenized (a FileExistsError from
+    # deep inside the writer after the work), and a directory is no input file.
+    (tmp_path / "afile").write_text("")
+    for prefix, says in ((tmp_path / "afile" / "x", "afile: exists and is not a directory"),
+                         (tmp_path, "name the files' prefix, not a directory")):
+        with pytest.raises(ValueError, match=f"output prefix .*{says}"):
+            encode_files([str(corpus["jsonl"])], corpus["model"], str(prefix))
+    with pytest.raises(ValueError, match="is a directory: name the files"):
+        encode_files([str(tmp_path)], corpus["model"], str(tmp_path / "three"))
 
 
 def test_encode_txt_documents(corpus, tmp_path):

@@ -285,8 +285,10 @@ class Manifest:
             raise ValueError(f"{root} is not a teacher cache (no {MANIFEST}); write one with scripts/cache_teacher.py")
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"cache manifest {path} is corrupt: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"cache manifest {path} is corrupt: a JSON object was expected, got {type(d).__name__}")
         if d.get("format") != FORMAT or d.get("version") not in SHARD_VERSIONS:
             raise ValueError(f"cache manifest {path}: format {d.get('format')!r} version {d.get('version')} "
                              f"is not {FORMAT!r} version {' or '.join(map(str, SHARD_VERSIONS))} (written by "

@@ -7,8 +7,10 @@ import itertools
 import multiprocessing
 import os
 import time
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from kdtrain.cli import check_out_dir
 from kdtrain.data.chat import ChatTemplate, encode_segments, record_messages
 from kdtrain.data.indexed import bin_path, write_indexed_dataset
 from kdtrain.data.sources import check_input_file, iter_documents, iter_records
@@ -144,6 +146,10 @@ def encode_files(
         raise ValueError("a chat template applies to format='chat' (--format chat) only")
     for path in input_files:
         check_input_file(path)
+    if Path(output_prefix).name == "" or Path(output_prefix).is_dir():
+        raise ValueError(f"output prefix {output_prefix}: name the files' prefix, not a directory "
+                         "(e.g. data/corpus_text_document)")
+    check_out_dir(Path(output_prefix).parent or ".", "output prefix")  # before the corpus is tokenized
     key = json_key or ("messages" if format == "chat" else "text")
     if append_eos is None:
         append_eos = format == "text"

@@ -39,6 +39,8 @@ def _kind(p: Path) -> tuple[str, str]:
 def check_input_file(path: str) -> Path:
     """Return `path` as a Path after checking it is an existing, non-empty file of a supported format."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"input file {path} is a directory: name the files (--input takes several)")
     if not p.is_file():
         raise ValueError(f"input file {path} does not exist")
     _kind(p)
