@@ -121,7 +121,8 @@ def test_run_config_and_cache_identity(corpora, tmp_path):
     cfg = load_pretrain_config("tiny", [f"data.path=[{','.join(corpora)}]", "data.weights=[0.5,0.25,0.25]"])
     assert cfg.data.weights == [0.5, 0.25, 0.25]
     for bad, msg in ((["data.weights=[1,2]"], "2 weights for 3 paths"),
-                     (["data.weights=[1,0,2]"], "must be finite and > 0")):
+                     (["data.weights=[1,0,2]"], "must be > 0 with a finite sum"),
+                     (["data.weights=[1e308,1e308,1]"], "must be > 0 with a finite sum")):  # sum overflowed
         with pytest.raises(ValueError, match=rf"data.weights: {msg}"):
             load_pretrain_config("tiny", [f"data.path=[{','.join(corpora)}]", *bad])
     with pytest.raises(ValueError, match="data.weights: corpora \\[1\\] would get no sample"):

@@ -134,6 +134,12 @@ def test_bad_values_name_the_field(tmp_path):
         load_pretrain_config(str(f), ["model=nope"])
     with pytest.raises(ValueError, match=r"training\.exit_interval: must be >= 1"):
         load_pretrain_config(str(f), ["training.exit_interval=0"])
+    # Seeds torch and numpy both take (an OverflowError naming nothing at the first step, or a
+    # negative training seed accepted while the data seed's was refused by the dataset).
+    for section in ("training", "data"):
+        for seed in ("-1", str(2**64)):
+            with pytest.raises(ValueError, match=rf"{section}\.seed: must be in \[0, 2\*\*63\), got {seed}"):
+                load_pretrain_config(str(f), [f"{section}.seed={seed}"])
 
 
 @pytest.mark.parametrize("override,field", [

@@ -88,8 +88,9 @@ class DataConfig:
             if len(self.weights) != len(self.path):
                 raise field_error(where, "weights", f"{len(self.weights)} weights for {len(self.path)} paths: give "
                                   "one per data.path entry")
-            if not all(math.isfinite(w) and w > 0 for w in self.weights):
-                raise field_error(where, "weights", f"must be finite and > 0, got {list(self.weights)}")
+            if not (all(w > 0 for w in self.weights) and math.isfinite(sum(self.weights))):
+                raise field_error(where, "weights", f"must be > 0 with a finite sum, got {list(self.weights)}")
+        check_seed(self.seed, where)
         if self.seq_length < 1:
             raise field_error(where, "seq_length", f"must be >= 1, got {self.seq_length}")
         if any(f < 0 for f in self.split) or not 0.0 < sum(self.split) <= 1.0 + 1e-9 or self.split[0] <= 0:
@@ -105,6 +106,12 @@ class DataConfig:
             raise field_error(where, "attention", "documents gives every micro-batch its own attention mask, which "
                               "precision.cuda_graphs (layers captured once, without a mask) cannot replay: set "
                               "precision.cuda_graphs=false or data.attention=window")
+
+
+def check_seed(seed: int, where: str) -> None:
+    """A seed torch and numpy both take, with room for the offsets derived from it."""
+    if not 0 <= seed < 2**63:
+        raise field_error(where, "seed", f"must be in [0, 2**63), got {seed}")
 
 
 def check_exit(training: "TrainingConfig", checkpoint: "CheckpointConfig") -> None:
@@ -157,6 +164,7 @@ class TrainingConfig:
                 raise field_error(where, name, f"must be >= 0, got {getattr(self, name)}")
         if self.exit_interval is not None and self.exit_interval < 1:
             raise field_error(where, "exit_interval", f"must be >= 1 (steps of this job), got {self.exit_interval}")
+        check_seed(self.seed, where)
         if self.global_batch_size % self.micro_batch_size:
             raise field_error(where, "global_batch_size",
                               f"{self.global_batch_size} not divisible by micro_batch_size={self.micro_batch_size}")

@@ -304,7 +304,7 @@ def open_indexed_dataset(prefix: str) -> IndexedTokens:
     meta = _read_meta(prefix)
     if meta is not None and meta.get("num_tokens", num_tokens) != num_tokens:
         raise ValueError(
-            f"metadata file {meta_path(prefix)} records num_tokens={meta['num_tokens']} but {bin_file} "
+            f"metadata file {meta_path(prefix)} records num_tokens={meta['num_tokens']!r} but {bin_file} "
             f"holds {num_tokens}: stale metadata from another run"
         )
     top = None if meta is None else meta.get("max_token_id")
