@@ -301,3 +301,40 @@ def test_a_log_line_reports_the_interval_s_mean(world_of_one, tmp_path):
         assert two[s]["lr"] == one[s]["lr"] and two[s]["grad_norm"] == pytest.approx(one[s]["grad_norm"], rel=1e-6)
         batch = two[s]["consumed_samples"] / s
         assert two[s]["samples_per_s"] == pytest.approx(batch / two[s]["step_time_s"])  # the interval's mean step
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_model_that_cannot_fit_is_refused_before_it_is_built(world_of_one, monkeypatch, bf16):
+    """A model too large for the device failed inside megatron-core's layer construction (the
+    allocator's error, deep in a stack trace). Its weights, gradients and optimizer state are
+    counted first: the check refuses exactly what the built role holds after a step, and lets
+    through a device with just that much free."""
+    import torch
+
+    import kdtrain.parallel
+    from kdtrain.config import OptimizerConfig, load_model_config
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.training.pretrain import build_trainable, check_fits
+
+    cfg, dtype = load_model_config("tiny"), torch.bfloat16 if bf16 else torch.float32
+    groups = build_role_groups(RoleLayout("student", 0, 1, 1, 1))
+    role = build_trainable(cfg, groups, OptimizerConfig(), 16, 1, torch.device("cpu"), dtype, seed=3)
+    for p in role.model.parameters():
+        p.grad = torch.zeros_like(p)
+    role.optimizer.step(1e-3)  # Adam's moments exist from the first step
+    weights = sum(p.numel() * p.element_size() for p in role.model.parameters())
+    opt = role.optimizer
+    moments = sum(t.numel() * t.element_size() for st in opt.opt.state.values()
+                  for name, t in st.items() if name != "step")
+    masters = sum(s.master.numel() * 4 for s in opt.owned if s.master is not s.param)
+    held = weights + role.grads.data.numel() * 4 + moments + masters
+    for free, trained, refused in ((held - 1, True, True), (held, True, False),
+                                   (weights - 1, False, True), (weights, False, False)):
+        monkeypatch.setattr(kdtrain.parallel, "free_memory_bytes", lambda device, free=free: free)
+        optimizer = False if trained else None
+        if refused:
+            with pytest.raises(ValueError, match=r"student tiny: a rank of its largest pipeline stage .* needs "
+                                                 r".* GiB for its weights.* GiB free: split the model"):
+                check_fits(cfg, groups, torch.device("cpu"), dtype, optimizer)
+        else:
+            check_fits(cfg, groups, torch.device("cpu"), dtype, optimizer)

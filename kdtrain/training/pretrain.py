@@ -127,10 +127,41 @@ class Role:
         return self.optimizer.params
 
 
+def check_fits(model_cfg: ModelConfig, groups: RoleGroups, device: torch.device, dtype: torch.dtype,
+               distributed_optimizer: Optional[bool] = None) -> None:
+    """Refuse, before allocating, a rank whose part of the model cannot fit on ``device``: its
+    weights, and when trained (``distributed_optimizer`` given) their fp32 gradients and optimizer
+    state (the planner's exact static bytes, kdtrain/planner/memory.py), against the device's free
+    memory now (a colocated teacher built first is in use). Activations are not counted: this only
+    stops what cannot start, with a message instead of an allocator's error deep in model
+    construction."""
+    from ..parallel import free_memory_bytes
+    from ..planner.memory import ModelShape, stage_params, student_stage_memory
+
+    free = free_memory_bytes(device)
+    if free is None:
+        return
+    m, lay, d = ModelShape.of(model_cfg), groups.layout, torch.empty((), dtype=dtype).element_size()
+    # The largest stage's rank, on every rank: all ranks of the role stop alike (on like devices).
+    if distributed_optimizer is None:
+        need, parts = max(d * stage_params(m, lay.tp, lay.pp, r) for r in range(lay.pp)), "weights"
+    else:
+        need = max(student_stage_memory(m, lay.tp, lay.pp, lay.dp, r, 1, 1, 1, d=d,
+                                        distributed_optimizer=distributed_optimizer).static for r in range(lay.pp))
+        parts = "weights, fp32 gradients and optimizer state"
+    if need > free:
+        raise ValueError(f"{lay.name} {model_cfg.name}: a rank of its largest pipeline stage (tp={lay.tp}, pp={lay.pp}, "
+                         f"dp={lay.dp}) needs {need / 2**30:.2f} GiB for its {parts} alone, and {device} has "
+                         f"{free / 2**30:.2f} GiB free: split the model over more ranks (a larger tp or pp"
+                         + (", optimizer.distributed with dp > 1" if distributed_optimizer is not None else "")
+                         + "), use a smaller model or a larger device")
+
+
 def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, seq_length: int,
                     micro_batch: int, device: torch.device, dtype: torch.dtype, seed: int,
                     compile: bool = False, cuda_graphs: bool = False, recompute: bool = False,
                     use_te: Optional[bool] = None) -> Role:
+    check_fits(model_cfg, groups, device, dtype, optimizer_cfg.distributed)
     model = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed, compile=compile,
                       cuda_graphs=cuda_graphs, recompute=recompute, use_te=use_te)
     # Dropout draws from the process's global generators (CPU and CUDA): seeded from the run's

@@ -26,6 +26,7 @@ from ..stream.channel import PayloadChannel
 from .batches import MicroBatch
 from .checkpoint import load_model_weights
 from .pipeline import PipelineSchedule
+from .pretrain import check_fits
 
 
 class Teacher:
@@ -35,6 +36,7 @@ class Teacher:
         self.cfg, self.groups, self.spec, self.tau = model_cfg, groups, spec, tau
         # Never trains: its dropout is off, so attention dropout does not rule out TE layers.
         use_te = transformer_engine_layers(model_cfg, groups.layout.tp, device, trains=False)
+        check_fits(model_cfg, groups, device, dtype)
         self.model: KDGPTModel = build_gpt(model_cfg, groups, device=device, dtype=dtype,
                                            seed=seed if load is None else None, compile=compile, use_te=use_te)
         self.model.eval()
