@@ -355,11 +355,26 @@ def test_export_checks_before_writing_and_replaces_an_earlier_export(converted, 
     (tmp_path / "afile").write_text("")
     with pytest.raises(ValueError, match="--out .*afile: exists and is not a directory"):
         export_hf(qwen2["kd"], tmp_path / "afile")
+    # Another model's directory (the teacher's, a mistyped --out) is not replaced.
+    teacher = _copy_hf(qwen2["hf"], tmp_path / "teacher")
+    before = {p.name: p.read_bytes() for p in teacher.iterdir()}
+    with pytest.raises(ValueError, match=r"--out .*teacher holds files that no kdtrain export wrote \(config.json"):
+        export_hf(converted["archs"]["llama"]["kd"], teacher)
+    assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before
+    # Without safetensors installed (the base install): an error naming the package and the extra.
+    import sys
+
+    from unittest import mock
+
+    with mock.patch.dict(sys.modules, {"safetensors": None, "safetensors.torch": None}):
+        with pytest.raises(ValueError, match=r"needs the `safetensors` package, which is not installed .*\[hf\]"):
+            export_hf(qwen2["kd"], tmp_path / "no_safetensors")
     out = export_hf(converted["archs"]["llama"]["kd"], tmp_path / "reused")
     assert (out / "generation_config.json").is_file()
     (out / "tokenizer.json").write_text("{}")  # as if an earlier export had written another tokenizer
     export_hf(qwen2["kd"], out, tokenizer=None)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "kdtrain_export.json",
+                                                     "model.safetensors"]
     assert (json.loads((out / "generation_config.json").read_text())
             == json.loads((qwen2["hf"] / "generation_config.json").read_text()))  # Qwen2's, not Llama's
     # --dtype auto: the source's dtype for an imported checkpoint, the run's precision for a trained

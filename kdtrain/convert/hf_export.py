@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig, from_dict, load_model_config
+from ..optional import need
 from ..training.checkpoint import CheckpointReader, check_checkpoint_model
 from .hf_config import ARCH_SHORT, SPECIAL_IDS, default_architecture, hf_config_from_model
 from .hf_weights import INDEX_FILE, SINGLE_FILE
@@ -142,7 +143,8 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     before that (a damaged or non-finite weight, an interrupt) removes them, and the directories
     this call created, leaving an earlier export in ``out`` as it was. Tokenizer and generation
     files of an earlier export into ``out`` that this one does not write are removed (they would
-    describe another model)."""
+    describe another model). A non-empty ``out`` that no export wrote (no ``EXPORT_MARKER``) is
+    refused: a mistyped --out would have replaced another model's files."""
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
     if dtype not in (*DTYPES, "auto"):
@@ -150,6 +152,11 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and not (out / EXPORT_MARKER).is_file():
+        held = sorted(p.name for p in out.iterdir())
+        if held:  # another model's directory (a mistyped --out): its files would be replaced
+            raise ValueError(f"--out {out} holds files that no kdtrain export wrote ({', '.join(held[:4])}"
+                             f"{', ...' if len(held) > 4 else ''}): export to a new or empty directory")
     reader = open_checkpoint(ckpt)
     if dtype == "auto":
         dtype = auto_dtype(reader.meta)
@@ -188,7 +195,12 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
         if stale not in written:
             (out / stale).unlink(missing_ok=True)
     _write_json(out / "config.json", hf_cfg)
+    _write_json(out / EXPORT_MARKER, {"checkpoint": str(reader.path.resolve()), "architecture": arch, "dtype": dtype})
     return out
+
+
+# Written last by every export: a later export may replace a directory that holds it.
+EXPORT_MARKER = "kdtrain_export.json"
 
 
 def write_safetensors(out: Path, rules: RuleSet, get, dtype: torch.dtype, shard_bytes: int) -> list[str]:
@@ -196,7 +208,7 @@ def write_safetensors(out: Path, rules: RuleSet, get, dtype: torch.dtype, shard_
     ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` (the layout
     transformers reads for large models); one file's tensors in memory at a time. The files are
     written under temporary names and renamed once all exist. Returns the file names."""
-    from safetensors.torch import save_file
+    save_file = need("safetensors.torch", "writing Hugging Face weights").save_file
 
     parts: list[list[str]] = []  # tensor names of each written file
     tensors: dict[str, torch.Tensor] = {}

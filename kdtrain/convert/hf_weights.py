@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
+from ..optional import need
 from ..config.model import weight_differences
 from .hf_config import model_config_from_hf, special_ids_from_hf
 from .layout import IGNORED_SUFFIXES, TO_KDTRAIN, RuleSet, expected_shapes, fuse_qkv
@@ -111,8 +112,7 @@ class SafetensorsDir:
     """Lazy, memory-mapped access to the tensors of a Hugging Face directory."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
+        safe_open = need("safetensors", f"reading Hugging Face weights ({path})").safe_open
         self.path = Path(path)
         self.files, weight_map = safetensors_files(self.path)
         self._handles = {}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from kdtrain.data.tokenizer import Tokenizer
+from kdtrain.optional import need
 
 # End-of-text tokens of common families (GPT-2/Qwen, Llama 3, Llama 2/Mistral, Gemma), tried in
 # order when no config names the EOS token.
@@ -47,11 +48,7 @@ def special_token_text(folder: Path, key: str) -> Optional[str]:
 
 class HFTokenizer(Tokenizer):
     def _load(self, data: bytes) -> None:
-        try:
-            from tokenizers import Tokenizer as _Backend
-        except ImportError:
-            raise ValueError(f"tokenizer {self._path}: a Hugging Face tokenizer needs the `tokenizers` package "
-                             "(pip install tokenizers, or kdtrain[hf])") from None
+        _Backend = need("tokenizers", f"tokenizer {self._path}: a Hugging Face tokenizer").Tokenizer
         f = self._file
         try:
             self._tok = _Backend.from_str(data.decode("utf-8"))

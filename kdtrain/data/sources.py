@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import IO, Iterator
 
+from kdtrain.optional import need
+
 TEXT_KINDS = (".jsonl", ".txt")
 COMPRESSIONS = (".gz", ".zst")
 SUPPORTED = ".jsonl, .txt (either optionally .gz or .zst) or .parquet"
@@ -91,10 +93,7 @@ def _iter_jsonl(f: IO[str], p: Path, json_key: str) -> Iterator[str]:
 
 
 def _open_parquet(p: Path):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"input file {p}: reading .parquet needs the pyarrow package (pip install pyarrow)") from None
+    pq = need("pyarrow.parquet", f"input file {p}: reading .parquet")
     try:
         return pq.ParquetFile(p)
     except Exception as e:  # pyarrow's own error types: not a parquet file, truncated footer, ...

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from ..optional import need
 from .memory import ModelShape
 from .inflection import condition
 from .problem import MAX_TOPK, Plan, Problem
@@ -194,8 +195,7 @@ def plot_all(sweeps: dict[str, list[SweepPoint]], path: str, title: str = "") ->
 
 
 def _pyplot():
-    import matplotlib
-
+    matplotlib = need("matplotlib", "the sweep's chart")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
