@@ -142,6 +142,21 @@ def _job(out, dtype: str, **kw):
     return CacheJobConfig(out=str(out), dtype=dtype, samples=SAMPLES, shard_samples=SHARD, **kw)
 
 
+def test_automatic_shards_give_every_replica_work(tiny_corpus):
+    """Shard i is written by replica i % dp: automatic shards of ~256 MiB made a small cache one
+    shard, written by replica 0 while the others idled. They now hold at most a replica's share of
+    the samples (whole micro-batches); a resumed job keeps the size it started with."""
+    from kdtrain.cache.job import CacheJobConfig
+
+    cfg, job = _run_cfg(tiny_corpus), CacheJobConfig(out="unused", samples=100, micro_batch=2)
+    record = 1000  # bytes: 268435 samples would fit the automatic size
+    assert job.resolve(cfg, record, dp=1) == (100, 100, 2)
+    assert job.resolve(cfg, record, dp=4) == (100, 26, 2)  # shards 0..3 of 26 + 22 samples: every replica
+    assert job.resolve(cfg, record, dp=4, recorded_shard=100) == (100, 100, 2)
+    assert job.resolve(cfg, 200 << 20, dp=4) == (100, 2, 2)  # the byte target is the smaller bound
+    assert CacheJobConfig(out="x", samples=100, micro_batch=2, shard_samples=10).resolve(cfg, record, dp=4)[1] == 10
+
+
 class _Crash(RuntimeError):
     pass
 

@@ -61,8 +61,13 @@ class CacheJobConfig:
         if self.micro_batch is not None and self.micro_batch < 1:
             raise field_error(where, "micro_batch", f"must be >= 1, got {self.micro_batch}")
 
-    def resolve(self, run: DistillConfig, record_bytes: int) -> tuple[int, int, int]:
-        """(samples, shard_samples, micro_batch) with the run's defaults filled in and checked."""
+    def resolve(self, run: DistillConfig, record_bytes: int, dp: int = 1,
+                recorded_shard: Optional[int] = None) -> tuple[int, int, int]:
+        """(samples, shard_samples, micro_batch) with the run's defaults filled in and checked.
+        Automatic shards hold about SHARD_TARGET_BYTES, and at most a replica's share of the
+        samples (shard i is written by replica i % ``dp``: one shard for a small cache left every
+        other replica idle); a resumed job keeps the shard size it started with
+        (``recorded_shard``), whatever its ``dp`` now."""
         if not self.out:
             raise field_error("cache", "out", "no output directory given (--out DIR)")
         tr = run.training
@@ -70,7 +75,8 @@ class CacheJobConfig:
         n = self.samples if self.samples is not None else tr.train_steps * tr.global_batch_size
         if n % m:
             raise field_error("cache", "samples", f"{n} is not a multiple of the micro-batch size {m}")
-        shard = self.shard_samples or shard_samples_for(SHARD_TARGET_BYTES, record_bytes, m)
+        shard = self.shard_samples or recorded_shard or min(shard_samples_for(SHARD_TARGET_BYTES, record_bytes, m),
+                                                            -(-n // (dp * m)) * m)
         if shard % m:
             raise field_error("cache", "shard_samples", f"{shard} is not a multiple of the micro-batch size {m} "
                               f"(a micro-batch never spans two shards)")
@@ -83,22 +89,23 @@ def build_manifest(run: DistillConfig, job: CacheJobConfig, dtype: torch.dtype, 
     sizes = (run.data.seq_length, run.teacher.topk, run.teacher.model.vocab_size, job.dtype)
     record = (TargetRecordLayout(*sizes).max_record_bytes if job.positions == "targets"
               else RecordLayout(*sizes).record_bytes)
-    n, shard, m = job.resolve(run, record)
+    recorded = _recorded(job.out)
+    n, shard, m = job.resolve(run, record, layout_info.get("dp", 1), recorded and recorded.shard_samples)
     targets = job.positions == "targets"
     return Manifest(
         teacher=teacher_identity(run.teacher.model, run.teacher.load, run.training.seed + 1,
-                                 str(dtype).removeprefix("torch."), recorded=_recorded_teacher(job.out)),
+                                 str(dtype).removeprefix("torch."), recorded=recorded and recorded.teacher),
         tokenizer=tokenizer_identity(run.data.tokenizer), dataset=dataset_identity(run.data, targets=targets),
         seq_length=run.data.seq_length, vocab_size=run.teacher.model.vocab_size, k=run.teacher.topk,
         tau=float(run.loss.tau), values_dtype=job.dtype, shard_samples=shard, num_samples=n,
         job={**layout_info, "micro_batch": m}, positions=job.positions)
 
 
-def _recorded_teacher(root: str) -> Optional[dict]:
-    """The teacher section of the manifest a resumed job finds in ``root`` (None: none readable;
-    ``prepare`` then reports why)."""
+def _recorded(root: str) -> Optional[Manifest]:
+    """The manifest a resumed job finds in ``root`` (None: none readable; ``prepare`` then reports
+    why)."""
     try:
-        return Manifest.load(root).teacher
+        return Manifest.load(root)
     except (ValueError, OSError):
         return None
 
