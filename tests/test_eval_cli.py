@@ -31,7 +31,8 @@ def test_eval_reproduces_the_runs_held_out_loss(world_of_one, tiny_chat_corpus, 
     got = json.loads((tmp_path / "eval.json").read_text())[str(tmp_path / "ckpt")]
     assert got["targets_loss"] == pytest.approx(logged, rel=1e-5)
     assert got["tokens"] == 16 * 32 and 0 < got["target_tokens"] < got["tokens"]
-    assert "ckpt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ckpt" in out and f"16 of {got['held_out_windows']} held-out windows" in out and got["windows"] == 16
     stream = main(["eval", "--model", str(tmp_path / "ckpt"), "--data", tiny_chat_corpus["prefix"], "--seq-length",
                    "32", "--split", "0.9", "0.1", "--max-windows", "16", "--device", "cpu"])
     assert stream == 0 and f"{got['targets_loss']:9.4f}" not in capsys.readouterr().out.splitlines()[-1]

@@ -21,7 +21,10 @@ them; Transformer Engine's are not used).
 (``kd_loss``, per token, at the teacher's top-k as a distillation run computes it): with the
 loss (divergence, beta, tau, tail) and ``teacher.topk`` the first checkpoint's distillation run
 recorded, else forward KL at tau 1 and k 64; ``--divergence``, ``--beta``, ``--tau``, ``--topk``
-override. On a run's own held-out data this is the run's logged ``valid_kd_loss``. The teacher runs
+override. A run scores the first ``training.eval_batches x training.global_batch_size`` of its
+held-out windows (all, when there are fewer): on its own held-out data, ``--max-windows`` with
+that number gives its logged ``valid_loss`` and ``valid_kd_loss``; by default every held-out window
+is scored, a larger sample of the same data. The teacher runs
 first and its top-k payloads wait in host memory (``8 k + 4`` bytes per position) for the models;
 windows whose payloads would take more than half the host's available memory
 (``--payload-gib`` sets the bound) are scored in consecutive parts, the teacher and each model
@@ -248,7 +251,10 @@ def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[i
                 sums[m] = heldout_sums(net, cfg.vocab_size, dataset, part, batch, env.device, kd, sums[m])
                 del net
             del kd
-    return {m: _losses(s, bool(teacher)) for m, s in sums.items()}, data
+    results = {m: _losses(s, bool(teacher)) for m, s in sums.items()}
+    for r in results.values():
+        r.update(windows=windows, held_out_windows=dataset.num_valid_windows)
+    return results, data
 
 
 def _run(args) -> int:
@@ -282,7 +288,8 @@ def _run(args) -> int:
         write_atomically(args.out, json.dumps(results, indent=1) + "\n")
     first = next(iter(results.values()))
     print(f"data: {', '.join(data.path)}, seq {data.seq_length}, split {list(data.split)}, {data.packing} packing, "
-          f"attention within the {data.attention}: {first['tokens']} held-out tokens, {first['target_tokens']} targets")
+          f"attention within the {data.attention}: {first['windows']} of {first['held_out_windows']} held-out windows, "
+          f"{first['tokens']} tokens, {first['target_tokens']} targets")
     print(f"{'model':40s} {'targets':>9s} {'context':>9s} {'all':>9s}" + (f" {'kd':>9s}" if args.teacher else ""))
     for m, r in results.items():
         print(f"{Path(m).name:40s} {_cell(r['targets_loss'])} {_cell(r['context_loss'])} {_cell(r['all_loss'])}"
@@ -311,7 +318,8 @@ def register(sub) -> None:
     p.add_argument("--topk", type=int, help="with --teacher: the teacher's top-k (default: the run's teacher.topk)")
     p.add_argument("--payload-gib", type=float,
                    help="with --teacher: host memory for its payloads at once (default: half the available)")
-    p.add_argument("--max-windows", type=int, help="only the first N held-out windows")
+    p.add_argument("--max-windows", type=int, help="only the first N held-out windows (a run scores its first "
+                   "eval_batches x global_batch_size)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPU when there is one")
     p.add_argument("--out", help="also write the results as JSON")
