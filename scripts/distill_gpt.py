@@ -1,7 +1,8 @@
 r"""Distil a teacher GPT into a student GPT (torchrun; gloo on CPU, NCCL on GPU). The demo config's
 teacher and data are the ones ``bash scripts/quickstart.sh`` builds.
 
-    torchrun --nproc_per_node=2 scripts/distill_gpt.py --config configs/distill/demo.yaml
+    torchrun --nproc_per_node=2 scripts/distill_gpt.py --config configs/distill/demo.yaml \
+        logging.dir=runs/demo-distill-2 checkpoint.dir=checkpoints/demo-distill-2
 
     # disaggregated: teacher TP=2 on ranks 0-1, student DP=2 on ranks 2-3
     torchrun --nproc_per_node=4 scripts/distill_gpt.py --config configs/distill/demo.yaml \

@@ -6,7 +6,8 @@ r"""Pretrain a GPT with tensor, pipeline and data parallelism (torchrun; gloo on
 
 Any config field can be overridden as ``section.field=value`` after the options. A
 ``checkpoint.dir`` that holds a run's checkpoints resumes that run: a new run needs its own.
-Single process: ``python scripts/pretrain_gpt.py --config configs/pretrain/demo.yaml``.
+Single process: ``python scripts/pretrain_gpt.py --config configs/pretrain/demo.yaml
+logging.dir=runs/demo-1proc checkpoint.dir=checkpoints/demo-1proc``.
 """
 
 import argparse

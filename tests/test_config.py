@@ -233,6 +233,11 @@ def test_a_cache_runs_teacher_layout_constrains_nothing():
     spans = load_distill_config("tiny", cached + ["student.tp=2"]).validate(2)
     assert (spans.teacher.tp, spans.teacher.pp, spans.teacher.dp) == (spans.student.tp, spans.student.pp,
                                                                      spans.student.dp) == (2, 1, 1)
+    with pytest.raises(ValueError, match=r"teacher\.cache: source: cache reads a teacher cache: give its directory "
+                                         r"\(teacher\.cache=DIR"):
+        load_distill_config("tiny", ["teacher.source=cache"])
+    with pytest.raises(ValueError, match=r"teacher\.cache: c is read with source: cache or mixed"):
+        load_distill_config("tiny", ["teacher.cache=c"])
 
 
 def test_a_key_written_twice_is_refused(tmp_path):

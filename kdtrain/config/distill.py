@@ -55,9 +55,12 @@ class TeacherConfig:
             raise field_error(where, "topk", f"must be in [1, {MAX_TOPK}], got {self.topk}")
         if self.topk > self.model.vocab_size:
             raise field_error(where, "topk", f"{self.topk} exceeds the vocabulary ({self.model.vocab_size})")
-        if (self.source == "online") != (self.cache is None):
-            raise field_error(where, "cache", f"a cache directory goes with source: cache | mixed "
-                              f"(source is {self.source!r}, cache is {self.cache!r})")
+        if self.source != "online" and self.cache is None:
+            raise field_error(where, "cache", f"source: {self.source} reads a teacher cache: give its directory "
+                              f"({where}.cache=DIR, written by scripts/cache_teacher.py)")
+        if self.source == "online" and self.cache is not None:
+            raise field_error(where, "cache", f"{self.cache} is read with source: cache or mixed; source is "
+                              "'online' (the live teacher every step)")
         if not 0.0 <= self.live_fraction <= 1.0:
             raise field_error(where, "live_fraction", f"must be in [0, 1], got {self.live_fraction}")
         if self.live_fraction and self.source != "mixed":

@@ -28,8 +28,9 @@ def _kdtrain_to_hf(args) -> int:
     check_out_dir(args.out)
     tokenizer = None if args.tokenizer == "none" else args.tokenizer
     out = export_hf(args.ckpt, args.out, args.model, args.arch, args.dtype, tokenizer, _shard_bytes(args))
-    tok = "and the tokenizer (tokenizer.json)" if (out / "tokenizer.json").is_file() else \
-        "(no tokenizer: pass --tokenizer with a Hugging Face tokenizer.json or its directory)"
+    tok = ("and the tokenizer (tokenizer.json)" if (out / "tokenizer.json").is_file() else
+           "(no tokenizer, as --tokenizer none asked)" if tokenizer is None else
+           "(no tokenizer: pass --tokenizer with a Hugging Face tokenizer.json or its directory)")
     print(f"wrote {out}/config.json and the weights (*.safetensors) {tok}")
     return 0
 

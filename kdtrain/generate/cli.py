@@ -106,7 +106,7 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
     from ..training.checkpoint import load_whole_model
 
     if not prompts:
-        raise ValueError("give at least one --prompt")
+        raise ValueError("give at least one --prompt (or --prompts-file)")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):

@@ -322,7 +322,7 @@ def kd_loss(logits_SBVl: torch.Tensor, topk_ids_SBK: torch.Tensor, topk_values_S
                   loss_mask_SB=loss_mask_SB, num_tokens=num_tokens, teacher_tail_lse_SB=teacher_tail_lse_SB,
                   validate=bool(validate) and not deferred)
     if choice == "reference":
-        if why != "requested":
+        if why != "requested" and logits_SBVl.is_cuda:  # on the host the reference is the only path: no news
             _warn_fallback(why)
         loss, report = kd_loss_reference(logits_SBVl, topk_ids_SBK, topk_values_SBK, **kwargs)
     else:

@@ -106,7 +106,8 @@ def run_job(job, errors: tuple = (ValueError,)) -> int:
         job()
     except errors as e:
         prefix = f"[rank {os.environ.get('RANK', 0)}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        print(f"{prefix}error: {e}", file=sys.stderr)
+        sys.stderr.write(f"{prefix}error: {e}\n")  # one write: ranks' lines do not run into each other
+        sys.stderr.flush()
         return 2
     finally:
         shutdown_distributed()

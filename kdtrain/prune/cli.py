@@ -148,6 +148,8 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
             data, cfg, seq_length, calib_samples, micro_batch, dev, tokenizer, packing, attention), device, ids_of)
     elif by_influence:
         layer_order = "uniform"  # no data: evenly spaced
+        print(f"prune: no --data to measure Block Influence on: keeping {num_layers} evenly spaced layers "
+              "(--layer-order uniform)", flush=True)
     sel = build_selection(
         cfg, layers=keep_layers, num_layers=num_layers,
         layer_scores=scores.layers if scores is not None and layer_order == "influence" else None,
@@ -196,20 +198,21 @@ def register(subparsers) -> None:
     g.add_argument("--num-layers", type=int, default=None, help="number of layers to keep")
     p.add_argument("--layer-order", default="influence", choices=["influence", "uniform"],
                    help="how --num-layers picks: Block Influence on the calibration data, or evenly spaced")
-    p.add_argument("--hidden-size", type=int, default=None)
-    p.add_argument("--ffn-hidden-size", type=int, default=None)
+    p.add_argument("--hidden-size", type=int, default=None, help="hidden width to keep (needs --data)")
+    p.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP width to keep (needs --data)")
     p.add_argument("--num-query-groups", type=int, default=None, help="query groups to keep (with their heads)")
     p.add_argument("--data", nargs="+", default=None, help="indexed dataset prefix(es) for calibration")
     p.add_argument("--tokenizer", default=None, help="the data's tokenizer (checked against the dataset)")
-    p.add_argument("--seq-length", type=int, default=1024)
+    p.add_argument("--seq-length", type=int, default=1024, help="calibration window length (at most the "
+                   "teacher's max_seq_length)")
     p.add_argument("--packing", default="stream", choices=["stream", "documents", "best_fit"],
                    help="how calibration windows are cut: the distillation run's data.packing")
     p.add_argument("--attention", default="window", choices=["window", "documents"],
                    help="what calibration tokens attend to: the run's data.attention")
-    p.add_argument("--calib-samples", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--shard-gb", type=float, default=2.0)
+    p.add_argument("--calib-samples", type=int, default=256, help="calibration windows scored")
+    p.add_argument("--micro-batch", type=int, default=4, help="calibration windows per forward")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the teacher scores them")
+    p.add_argument("--shard-gb", type=float, default=2.0, help="size of the written checkpoint's files")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="keep the first N rows of a Hugging Face teacher's (padded) vocabulary table")
     p.set_defaults(func=_run)
