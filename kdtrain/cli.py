@@ -41,6 +41,12 @@ def nearest_existing(path: str | os.PathLike) -> Path:
     return p
 
 
+def missing(path: str | os.PathLike) -> str:
+    """``path`` for a "does not exist" message: a relative one with the directory it is relative to
+    (configs name paths from the repository root; a run started elsewhere does not find them)."""
+    return str(path) if os.path.isabs(path) else f"{path} (relative to the working directory {os.getcwd()})"
+
+
 def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> None:
     """``out`` is a directory, or one that can be created: not a file, not below one, and its
     nearest existing ancestor writable. Checked before any weights are read; nothing is created."""

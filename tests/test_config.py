@@ -134,6 +134,13 @@ def test_bad_values_name_the_field(tmp_path):
         load_pretrain_config(str(f), ["model=nope"])
     with pytest.raises(ValueError, match=r"training\.exit_interval: must be >= 1"):
         load_pretrain_config(str(f), ["training.exit_interval=0"])
+    # A config of the other kind is named as such ('teacher: required section is missing' before).
+    from kdtrain.config.distill import load_distill_config
+
+    with pytest.raises(ValueError, match=r"run\.yaml: a pretraining config .* run it with scripts/pretrain_gpt\.py"):
+        load_distill_config(str(f))
+    with pytest.raises(ValueError, match=r"a distillation config .* run it with scripts/distill_gpt\.py"):
+        load_pretrain_config("configs/distill/tiny.yaml")
     # Seeds torch and numpy both take (an OverflowError naming nothing at the first step, or a
     # negative training seed accepted while the data seed's was refused by the dataset).
     for section in ("training", "data"):

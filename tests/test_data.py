@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import struct
 import subprocess
@@ -165,10 +166,26 @@ def test_tokenizer_missing_or_corrupt_model(tmp_path):
             Tokenizer(str(tmp_path / name))
 
 
+def test_a_missing_relative_path_names_the_working_directory(tmp_path, monkeypatch):
+    """Configs name paths from the repository root: run from elsewhere, 'data/x does not exist'
+    said nothing of where it was looked for."""
+    from kdtrain.data.sources import check_input_file
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"tokenizer model data/t\.model \(relative to the working directory "
+                                         rf"{re.escape(str(tmp_path))}\) does not exist"):
+        Tokenizer("data/t.model")
+    with pytest.raises(ValueError, match=r"input file c\.jsonl \(relative to the working directory .*\) does not"):
+        check_input_file("c.jsonl")
+    with pytest.raises(ValueError, match=rf"input file {re.escape(str(tmp_path))}/c\.jsonl does not exist"):
+        check_input_file(str(tmp_path / "c.jsonl"))
+
+
 def test_jsonl_errors_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text key"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: record has no 'text' key"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: record has no 'text' key \(its keys: \['body'\]\); pass "
+                                         r"--json-key"):
         list(iter_documents(str(bad)))
     bad.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):

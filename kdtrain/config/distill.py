@@ -303,6 +303,9 @@ class DistillConfig:
 
 def load_distill_config(path: Optional[str], overrides=()) -> DistillConfig:
     raw = load_run_dict(path, overrides, kind="distill", model_keys=("teacher.model", "student.model"))
+    if "model" in raw and "teacher" not in raw and "student" not in raw:
+        raise ValueError(f"{path}: a pretraining config (model:), not a distillation one (teacher:, student:): run "
+                         "it with scripts/pretrain_gpt.py")
     for role in ("teacher", "student"):
         section = raw.get(role)
         if not isinstance(section, dict):

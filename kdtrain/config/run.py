@@ -333,6 +333,9 @@ def load_run_dict(path: str | None, overrides=(), kind: str = "pretrain", model_
 
 def load_pretrain_config(path: str | None, overrides=()) -> PretrainConfig:
     raw = load_run_dict(path, overrides)
+    if "model" not in raw and ("teacher" in raw or "student" in raw):
+        raise ValueError(f"{path}: a distillation config (teacher:, student:), not a pretraining one: run it with "
+                         "scripts/distill_gpt.py")
     if "model" not in raw:
         raise ValueError("model: required key is missing (a name under configs/models/ or a YAML path)")
     raw["model"] = load_model_config(raw["model"], "model")

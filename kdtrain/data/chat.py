@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from kdtrain.cli import missing
 from kdtrain.data.tokenizer import Tokenizer, tokenizer_file
 
 # A segment: text (or one literal token id) and whether its tokens are targets.
@@ -177,7 +178,7 @@ class ChatTemplate:
         else:
             path = Path(spec)
             if not path.is_file():
-                raise ValueError(f"chat template {spec} does not exist (a Jinja file, or {PLAIN!r})")
+                raise ValueError(f"chat template {missing(spec)} does not exist (a Jinja file, or {PLAIN!r})")
             source, self.name = path.read_text(encoding="utf-8"), str(path)
         env = _sandbox()
         try:

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..cli import missing
 from ..durable import fsync_dir, fsync_file
 
 
@@ -278,7 +279,7 @@ def open_indexed_dataset(prefix: str) -> IndexedTokens:
     bin_file, idx_file = bin_path(prefix), idx_path(prefix)
     for path in (bin_file, idx_file):
         if not os.path.isfile(path):
-            raise ValueError(f"indexed dataset file {path} does not exist (prefix {prefix})")
+            raise ValueError(f"indexed dataset file {missing(path)} does not exist (prefix {prefix})")
 
     dtype, n_sequences, n_documents = _check_idx_layout(idx_file)
     if dtype.kind not in "iu":

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import IO, Iterator
 
+from kdtrain.cli import missing
 from kdtrain.optional import need
 
 TEXT_KINDS = (".jsonl", ".txt")
@@ -44,7 +45,7 @@ def check_input_file(path: str) -> Path:
     if p.is_dir():
         raise ValueError(f"input file {path} is a directory: name the files (--input takes several)")
     if not p.is_file():
-        raise ValueError(f"input file {path} does not exist")
+        raise ValueError(f"input file {missing(path)} does not exist")
     _kind(p)
     if p.stat().st_size == 0:
         raise ValueError(f"input file {path} is empty")
@@ -85,7 +86,8 @@ def _iter_jsonl_records(f: IO[str], p: Path) -> Iterator[tuple[str, dict]]:
 def _iter_jsonl(f: IO[str], p: Path, json_key: str) -> Iterator[str]:
     for where, record in _iter_jsonl_records(f, p):
         if json_key not in record:
-            raise ValueError(f"{where}: record has no {json_key!r} key")
+            raise ValueError(f"{where}: record has no {json_key!r} key (its keys: {sorted(record)[:8]}); pass "
+                             "--json-key with the text field")
         text = record[json_key]
         if not isinstance(text, str):
             raise ValueError(f"{where}: field {json_key!r} is {type(text).__name__}, expected a string")

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from kdtrain.cli import missing
 from kdtrain.data.sources import check_input_file, iter_documents
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -54,7 +55,7 @@ def tokenizer_file(path: str) -> Path:
         raise ValueError(f"tokenizer {path} is a directory without a tokenizer.json (a Hugging Face tokenizer "
                          "directory needs one; a SentencePiece tokenizer is a .model file)")
     if not p.is_file():
-        raise ValueError(f"tokenizer model {path} does not exist")
+        raise ValueError(f"tokenizer model {missing(path)} does not exist")
     return p
 
 

@@ -57,6 +57,7 @@ import torch.distributed as dist
 
 from ..config import ModelConfig, to_dict
 from ..config.model import weight_differences
+from ..cli import missing
 from ..durable import fsync_dir, fsync_file, write_synced
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer, assign_owners
@@ -492,7 +493,7 @@ def load_model_weights(path: str | os.PathLike, model: ModelConfig,
         reader = HFWeights(path, model, what)
     else:
         if not Path(path).exists():
-            raise ValueError(f"{what}.load: {path} does not exist (expected a kdtrain checkpoint or a Hugging Face "
+            raise ValueError(f"{what}.load: {missing(path)} does not exist (expected a kdtrain checkpoint or a Hugging Face "
                              "model directory)")
         reader = CheckpointReader(latest_checkpoint(path) or path)
         try:
