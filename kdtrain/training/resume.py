@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ..cli import check_out_dir
 from ..config import DataConfig, to_dict
 from ..config.model import load_model_config, weight_differences
 from ..data import Tokenizer
@@ -143,21 +144,17 @@ def _report_changes(meta: dict, run: dict) -> list[str]:
 
 
 def check_output_dir(path: str | os.PathLike, field: str) -> None:
-    """Create ``path`` (a run's logging or checkpoint directory) at the start, so that a path
-    below a file or without permission is an error naming ``field`` before any training, not a
-    traceback at the first save; a checkpoint's step directory given as ``checkpoint.dir`` is
+    """At the start, that ``path`` (a run's logging or checkpoint directory) is one or can be
+    created, so that a path below a file or without permission is an error naming ``field`` before
+    any training, not a traceback at the first save; nothing is created (a run that fails to start
+    leaves no empty directories). A checkpoint's step directory given as ``checkpoint.dir`` is
     refused (the run would start afresh inside it)."""
     path = Path(path)
     if field == "checkpoint.dir" and path.name.removeprefix("step_").isdigit() and (path / "meta.json").is_file():
         raise ValueError(f"checkpoint.dir: {path} is one checkpoint (a step directory): give its parent "
                          f"{path.parent} to resume that run, or checkpoint.load={path} with a new checkpoint.dir "
                          "to start a new run from its weights")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission
-        raise ValueError(f"{field}: cannot create the directory {path}: {e.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{field}: the directory {path} is not writable")
+    check_out_dir(path, field)
 
 
 def refuse_other_runs(ck_dir: str | os.PathLike) -> None:
