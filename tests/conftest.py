@@ -227,6 +227,18 @@ def run_spawn(world: int, fn, *args, tmp_path: Path) -> None:
     mp.start_processes(_spawn_entry, args=(world, str(init_file), fn, args), nprocs=world, start_method="spawn")
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict:
+    """A small demo corpus (JSONL) and a SentencePiece tokenizer trained on it."""
+    from kdtrain.data import build_demo_corpus, train_tokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    path = root / "corpus.jsonl"
+    stats = build_demo_corpus(str(path), max_documents=40)
+    model = train_tokenizer([str(path)], str(root / "tok"), vocab_size=320)
+    return {"root": root, "jsonl": path, "stats": stats, "model": model}
+
+
 @pytest.fixture(scope="module")
 def world_of_one():
     """A one-process gloo world inside the test process. Rendezvous through an in-process store,
