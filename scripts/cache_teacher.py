@@ -12,9 +12,9 @@ Only the teacher role is built, over all ranks (``teacher.tp`` x ``teacher.pp`` 
 the student and split sections are ignored. By default the cache covers what the run consumes,
 ``training.train_steps * training.global_batch_size`` samples. A killed job, restarted with the
 same command, keeps its complete shards and rewrites the rest. Options ``cache.*``: ``dtype``
-(fp32 | bf16 | fp16 | fp8), ``samples``, ``shard_samples`` (0 = ~256 MiB shards, at most a replica's share), ``micro_batch``,
-``positions`` (all | targets: on conversations, store the replies' positions only); any other
-``section.field=value`` overrides the distillation config. See docs/offline-cache.md.
+(fp32 | bf16 | fp16 | fp8), ``samples``, ``shard_samples`` (0 = ~256 MiB shards, at most a replica's
+share), ``micro_batch``, ``positions`` (all | targets: on conversations, store the replies' positions
+only); any other ``section.field=value`` overrides the distillation config. See docs/offline-cache.md.
 
     # conversations: the teacher's output at the replies only
     torchrun --standalone --nproc_per_node=2 scripts/cache_teacher.py --config configs/distill/demo.yaml \

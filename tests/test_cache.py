@@ -142,7 +142,7 @@ def _job(out, dtype: str, **kw):
     return CacheJobConfig(out=str(out), dtype=dtype, samples=SAMPLES, shard_samples=SHARD, **kw)
 
 
-def test_automatic_shards_give_every_replica_work(tiny_corpus):
+def test_automatic_shards_give_every_replica_work(tiny_corpus, tmp_path):
     """Shard i is written by replica i % dp: automatic shards of ~256 MiB made a small cache one
     shard, written by replica 0 while the others idled. They now hold at most a replica's share of
     the samples (whole micro-batches); a resumed job keeps the size it started with."""
@@ -153,8 +153,22 @@ def test_automatic_shards_give_every_replica_work(tiny_corpus):
     assert job.resolve(cfg, record, dp=1) == (100, 100, 2)
     assert job.resolve(cfg, record, dp=4) == (100, 26, 2)  # shards 0..3 of 26 + 22 samples: every replica
     assert job.resolve(cfg, record, dp=4, recorded_shard=100) == (100, 100, 2)
+    with pytest.raises(ValueError, match=r"shard_samples: 25 \(the size of the shards the cache in unused was started "
+                                         r"with\) is not a multiple of the micro-batch size 2"):
+        job.resolve(cfg, record, dp=4, recorded_shard=25)
     assert job.resolve(cfg, 200 << 20, dp=4) == (100, 2, 2)  # the byte target is the smaller bound
     assert CacheJobConfig(out="x", samples=100, micro_batch=2, shard_samples=10).resolve(cfg, record, dp=4)[1] == 10
+    # The job's manifest: the data-parallel size of its layout; in a directory holding a cache
+    # already, that cache's shard size.
+    import torch
+
+    from kdtrain.cache.job import build_manifest
+
+    fresh = CacheJobConfig(out=str(tmp_path / "c"), samples=100, micro_batch=2)
+    assert build_manifest(cfg, fresh, torch.float32, {"tp": 1, "pp": 1, "dp": 4}).shard_samples == 26
+    (tmp_path / "c").mkdir()
+    build_manifest(cfg, fresh, torch.float32, {"tp": 1, "pp": 1, "dp": 1}).save(tmp_path / "c")
+    assert build_manifest(cfg, fresh, torch.float32, {"tp": 1, "pp": 1, "dp": 4}).shard_samples == 100
 
 
 class _Crash(RuntimeError):

@@ -144,6 +144,9 @@ def _damaged(root):
         (path / "meta.json").write_text(text)
         with pytest.raises(ValueError, match=f"corrupt checkpoint metadata .*{re.escape(says)}"):
             CheckpointReader(path)
+    (path / "meta.json").write_text(json.dumps({"version": 99, "files": []}))  # a later format: named as such
+    with pytest.raises(ValueError, match="checkpoint format 99 is not one this version of kdtrain reads"):
+        CheckpointReader(path)
     (path / "meta.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match="corrupt checkpoint metadata"):
         CheckpointReader(path)

@@ -358,7 +358,8 @@ def test_export_checks_before_writing_and_replaces_an_earlier_export(converted, 
     # Another model's directory (the teacher's, a mistyped --out) is not replaced.
     teacher = _copy_hf(qwen2["hf"], tmp_path / "teacher")
     before = {p.name: p.read_bytes() for p in teacher.iterdir()}
-    with pytest.raises(ValueError, match=r"--out .*teacher holds files that no kdtrain export wrote \(config.json"):
+    with pytest.raises(ValueError, match=r"--out .*teacher holds files \(config.json, model.safetensors\) but no "
+                                         r"kdtrain_export.json"):
         export_hf(converted["archs"]["llama"]["kd"], teacher)
     assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before
     # Without safetensors installed (the base install): an error naming the package and the extra.

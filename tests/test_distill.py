@@ -555,32 +555,79 @@ def test_a_student_sampling_on_policy_gets_local_layers_with_transformer_engine(
 
 
 def _distill_with_a_bad_load(rank, world, root, role):
+    import kdtrain.parallel
     import kdtrain.training.distill as loop
     from kdtrain.config.distill import load_distill_config
 
     # The checkpoint holds a two-layer tiny model; the role that loads it is built with one layer.
-    loads = ([f"teacher.load={root}/ck", "teacher.random_init=false", "teacher.model.num_layers=1"] if role == "teacher"
-             else [f"student.load={root}/ck", "student.model.num_layers=1"])
+    # Or a role refuses to start: the teacher's device has no room for it, or the student's
+    # checkpoint.dir holds another run's checkpoints with checkpoint.resume: false.
+    extra = {"teacher": [f"teacher.load={root}/ck", "teacher.random_init=false", "teacher.model.num_layers=1"],
+             "student": [f"student.load={root}/ck", "student.model.num_layers=1"],
+             "teacher-memory": [], "student-dir": [f"checkpoint.dir={root}/ck", "checkpoint.resume=false"]}[role]
+    if role == "teacher-memory" and rank == 0:
+        kdtrain.parallel.free_memory_bytes = lambda device: 1
     cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=disaggregated", "split.teacher_ranks=1",
-                                       "distributed.timeout_s=60", f"logging.dir={root}/run{rank}", *loads])
+                                       "distributed.timeout_s=60", f"logging.dir={root}/run{rank}", *extra])
     with pytest.raises(ValueError) as e:
         loop.distill(cfg)
     (Path(root) / f"error{rank}.txt").write_text(str(e.value))
 
 
-@pytest.mark.parametrize("role", ["teacher", "student"])
-def test_a_load_that_fails_in_one_role_stops_the_other(world_of_one, tmp_path, role):
-    """Disaggregated, the teacher's and the student's ranks load apart; a role whose load failed
-    stopped its own ranks, while the other role's went on into the start-step broadcast and died
-    there with the transport's error (gloo: its peer closed the connection; NCCL: the job's
-    timeout). Every rank now raises a ValueError, the other role's naming the failed rank and its
-    error."""
+@pytest.mark.parametrize("role,says", [("teacher", "different model"), ("student", "different model"),
+                                       ("teacher-memory", "GiB free: split the model"),
+                                       ("student-dir", "checkpoint.resume: false, but checkpoint.dir")])
+def test_a_role_that_fails_to_start_stops_the_other(world_of_one, tmp_path, role, says):
+    """Disaggregated, the teacher's and the student's ranks build and load apart; a role whose
+    start failed (a load, a memory check, a checkpoint directory refused) stopped its own ranks,
+    while the other role's went on into the start-step broadcast and died there with the
+    transport's error (gloo: its peer closed the connection; NCCL: the job's timeout). Every rank
+    now raises a ValueError, the other role's naming the failed rank and its error."""
     from conftest import one_rank_role, run_spawn, save_one_rank_role
 
     cfg, groups, model = one_rank_role("tiny")
     save_one_rank_role(tmp_path / "ck", 1, model, groups, cfg)
     run_spawn(2, _distill_with_a_bad_load, str(tmp_path), role, tmp_path=tmp_path)
-    failed = 0 if role == "teacher" else 1
+    failed = 0 if role.startswith("teacher") else 1
     own, other = ((tmp_path / f"error{r}.txt").read_text() for r in (failed, 1 - failed))
-    assert "num_layers" in own and "different model" in own, own
+    assert says in own, own
     assert other.startswith(f"rank {failed} failed to start: ") and own in other, other
+
+
+def _distill_with_a_rank_failing_alone(rank, world, root):
+    import time
+
+    import kdtrain.training.teacher as teacher_module
+    import kdtrain.training.distill as loop
+    from kdtrain.config.distill import load_distill_config
+
+    real_build = teacher_module.build_gpt
+
+    def build_gpt(*args, **kwargs):  # rank 0 alone fails before its role's agreement
+        if rank == 0:
+            raise ValueError("rank 0 could not build its teacher")
+        return real_build(*args, **kwargs)
+
+    teacher_module.build_gpt = build_gpt
+    cfg = load_distill_config("tiny", ["data.mock=true", "distributed.timeout_s=30", "split.timeout_s=30",
+                                       f"teacher.load={root}/ck",
+                                       "teacher.random_init=false", f"logging.dir={root}/run{rank}"])
+    start = time.monotonic()
+    try:
+        loop.distill(cfg)
+    except Exception as e:  # noqa: BLE001 - rank 1 gets the transport's error when rank 0 leaves
+        (Path(root) / f"error{rank}.txt").write_text(f"{time.monotonic() - start:.1f} {e}")
+
+
+def test_a_rank_that_fails_alone_is_not_held_in_the_start_up_agreement(world_of_one, tmp_path):
+    """Colocated, rank 0 fails building its teacher while rank 1 waits for it in the teacher's
+    load agreement: rank 0 must raise its error and leave (ending the job), not wait in the
+    start-up's world agreement, where the two would hold each other until the job's timeout."""
+    from conftest import one_rank_role, run_spawn, save_one_rank_role
+
+    cfg, groups, model = one_rank_role("tiny")
+    save_one_rank_role(tmp_path / "ck", 1, model, groups, cfg)
+    run_spawn(2, _distill_with_a_rank_failing_alone, str(tmp_path), tmp_path=tmp_path)
+    seconds, message = (tmp_path / "error0.txt").read_text().split(" ", 1)
+    assert message == "rank 0 could not build its teacher" and float(seconds) < 20, (seconds, message)
+    assert (tmp_path / "error1.txt").is_file()

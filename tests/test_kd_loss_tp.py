@@ -115,6 +115,7 @@ def _tp_cases(rank, world):
     # A run resolves the implementation at start-up: the same on every rank, or an error on every
     # rank (the paths' collectives differ: mixed ranks would hang in the first loss).
     from kdtrain.loss import agree_impl
+    from kdtrain.parallel import agreed
 
     assert agree_impl(torch.float32, torch.device("cpu"), 64, group) == ("reference", "logits on cpu")
     if rank == 1:
@@ -124,6 +125,7 @@ def _tp_cases(rank, world):
     except RuntimeError as e:
         mine, other = ("reference", "emulated") if rank == 0 else ("emulated", "reference")
         assert f"rank {rank} takes {mine} (" in str(e) and f"another rank {other}" in str(e), str(e)
+        assert agreed(e, group)  # raised on every rank of the group: an outer agreement may count on it
     else:
         raise AssertionError("ranks on different KD-loss implementations were not refused")
     finally:
@@ -136,7 +138,7 @@ def _tp_cases(rank, world):
         agree_impl(torch.float32, torch.device("cpu"), 64, group)
     except (ValueError, RuntimeError) as e:
         expected = "impl='fused' cannot run: logits on cpu" if rank == 1 else "could not be resolved on another rank"
-        assert expected in str(e), str(e)
+        assert expected in str(e) and agreed(e, group), str(e)
     else:
         raise AssertionError("a rank that could not resolve the implementation went unnoticed")
     finally:

@@ -32,7 +32,8 @@ def test_encode_files_matches_tokenizer_and_is_worker_independent(corpus, tmp_pa
     # deep inside the writer after the work), and a directory is no input file.
     (tmp_path / "afile").write_text("")
     for prefix, says in ((tmp_path / "afile" / "x", "afile: exists and is not a directory"),
-                         (tmp_path, "name the files' prefix, not a directory")):
+                         (tmp_path, "name the files' prefix, not a directory"),
+                         (f"{tmp_path}/new/", "name the files' prefix, not a directory")):
         with pytest.raises(ValueError, match=f"output prefix .*{says}"):
             encode_files([str(corpus["jsonl"])], corpus["model"], str(prefix))
     with pytest.raises(ValueError, match="is a directory: name the files"):
@@ -100,20 +101,24 @@ def test_zstd_inputs_read_like_jsonl(corpus, tmp_path):
 
 
 def test_zstd_input_without_the_package_names_it(tmp_path, monkeypatch):
-    import builtins
+    """Optional packages (kdtrain/optional.py): missing, an error naming the package and the extra
+    that installs it; a package that is there but broken (a dependency of it missing) raises as it
+    is, not as 'not installed'."""
+    import sys
 
-    real_import = builtins.__import__
-
-    def no_zstandard(name, *args, **kwargs):
-        if name == "zstandard":
-            raise ImportError("No module named 'zstandard'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_zstandard)
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard: ModuleNotFoundError
     zst = tmp_path / "corpus.jsonl.zst"
     zst.write_bytes(b"\x28\xb5\x2f\xfd")  # a zstd frame's magic number
-    with pytest.raises(ValueError, match=r"corpus\.jsonl\.zst: reading \.zst needs the zstandard package"):
+    with pytest.raises(ValueError, match=r"corpus\.jsonl\.zst: reading \.zst \(or decompress it first\) needs the "
+                                         r"`zstandard` package, which is not installed \(.*\[data\]"):
         list(iter_documents(str(zst)))
+    from kdtrain.optional import need
+
+    (tmp_path / "kd_broken_pkg").mkdir()
+    (tmp_path / "kd_broken_pkg" / "__init__.py").write_text("import kd_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="kd_missing_dependency"):
+        need("kd_broken_pkg", "x")
 
 
 def test_parquet_inputs_read_like_jsonl(corpus, tmp_path):

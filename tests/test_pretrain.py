@@ -331,10 +331,17 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_built(world_of_one, mon
     for free, trained, refused in ((held - 1, True, True), (held, True, False),
                                    (weights - 1, False, True), (weights, False, False)):
         monkeypatch.setattr(kdtrain.parallel, "free_memory_bytes", lambda device, free=free: free)
-        optimizer = False if trained else None
         if refused:
-            with pytest.raises(ValueError, match=r"student tiny: a rank of its largest pipeline stage .* needs "
+            with pytest.raises(ValueError, match=r"student tiny: a rank of pipeline stage 0 .* needs "
                                                  r".* GiB for its weights.* GiB free: split the model"):
-                check_fits(cfg, groups, torch.device("cpu"), dtype, optimizer)
+                check_fits(cfg, groups, torch.device("cpu"), dtype, trained)
         else:
-            check_fits(cfg, groups, torch.device("cpu"), dtype, optimizer)
+            check_fits(cfg, groups, torch.device("cpu"), dtype, trained)
+    # The teacher (weights only) is checked before it is built.
+    from kdtrain.stream import PayloadSpec
+    from kdtrain.training.teacher import Teacher
+
+    monkeypatch.setattr(kdtrain.parallel, "free_memory_bytes", lambda device: weights - 1)
+    with pytest.raises(ValueError, match=r"teacher tiny: .* needs .* for its weights alone"):
+        Teacher(cfg, build_role_groups(RoleLayout("teacher", 0, 1, 1, 1)), PayloadSpec(16, 1, 4, dtype), 1.0, None,
+                torch.device("cpu"), dtype, seed=1)

@@ -78,8 +78,10 @@ class CacheJobConfig:
         shard = self.shard_samples or recorded_shard or min(shard_samples_for(SHARD_TARGET_BYTES, record_bytes, m),
                                                             -(-n // (dp * m)) * m)
         if shard % m:
-            raise field_error("cache", "shard_samples", f"{shard} is not a multiple of the micro-batch size {m} "
-                              f"(a micro-batch never spans two shards)")
+            whence = "" if self.shard_samples or not recorded_shard else \
+                f" (the size of the shards the cache in {self.out} was started with)"
+            raise field_error("cache", "shard_samples", f"{shard}{whence} is not a multiple of the micro-batch size "
+                              f"{m} (a micro-batch never spans two shards)")
         return n, shard, m
 
 

@@ -251,7 +251,9 @@ class Manifest:
         return ShardIndex(self.num_samples, self.shard_samples, 0 if variable else self.layout.record_bytes)
 
     def identity(self) -> str:
-        """Digest of everything that defines the cached bytes (not paths, sizes of the job, or layout)."""
+        """Digest of everything that defines the cached bytes and files (not paths, nor the job's
+        layout; the shard size is in it, and an automatic one depends on the job's data-parallel
+        size: kdtrain/cache/job.py)."""
         key = {"format": FORMAT, "version": self.version, "teacher": _content(self.teacher),
                "tokenizer": _content(self.tokenizer), "dataset": _content(self.dataset),
                "seq_length": self.seq_length, "vocab_size": self.vocab_size, "k": self.k, "tau": self.tau,

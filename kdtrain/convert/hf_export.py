@@ -153,10 +153,12 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and not (out / EXPORT_MARKER).is_file():
-        held = sorted(p.name for p in out.iterdir())
+        held = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
         if held:  # another model's directory (a mistyped --out): its files would be replaced
-            raise ValueError(f"--out {out} holds files that no kdtrain export wrote ({', '.join(held[:4])}"
-                             f"{', ...' if len(held) > 4 else ''}): export to a new or empty directory")
+            raise ValueError(f"--out {out} holds files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) "
+                             f"but no {EXPORT_MARKER}, which every export leaves: another model's directory? Export "
+                             "to a new or empty directory (an export by a kdtrain release that did not write the "
+                             f"marker: remove it, or create an empty {EXPORT_MARKER} in it to replace it)")
     reader = open_checkpoint(ckpt)
     if dtype == "auto":
         dtype = auto_dtype(reader.meta)

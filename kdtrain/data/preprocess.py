@@ -146,10 +146,10 @@ def encode_files(
         raise ValueError("a chat template applies to format='chat' (--format chat) only")
     for path in input_files:
         check_input_file(path)
-    if Path(output_prefix).name == "" or Path(output_prefix).is_dir():
+    if str(output_prefix).endswith(("/", os.sep)) or Path(output_prefix).is_dir():
         raise ValueError(f"output prefix {output_prefix}: name the files' prefix, not a directory "
                          "(e.g. data/corpus_text_document)")
-    check_out_dir(Path(output_prefix).parent or ".", "output prefix")  # before the corpus is tokenized
+    check_out_dir(Path(output_prefix).parent, "output prefix")  # before the corpus is tokenized
     key = json_key or ("messages" if format == "chat" else "text")
     if append_eos is None:
         append_eos = format == "text"

@@ -56,11 +56,7 @@ def _open_text(p: Path, compression: str) -> IO[str]:
     if compression == ".gz":
         return gzip.open(p, "rt", encoding="utf-8")
     if compression == ".zst":
-        try:
-            import zstandard
-        except ImportError:
-            raise ValueError(f"input file {p}: reading .zst needs the zstandard package "
-                             "(pip install zstandard), or decompress it first") from None
+        zstandard = need("zstandard", f"input file {p}: reading .zst (or decompress it first)")
         raw = open(p, "rb")
         try:
             return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")

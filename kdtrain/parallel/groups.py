@@ -94,19 +94,19 @@ class RoleGroups:
         """Global rank of this rank's counterpart (same tp/dp coordinates) on pipeline stage pp_rank."""
         return self.layout.rank_of(self.tp_rank, self.dp_rank, pp_rank)
 
-    def raise_together(self, error: Optional[BaseException], what: str = "the weights") -> None:
+    def raise_together(self, error: Optional[BaseException],
+                       what: str = "could not load its part of the weights") -> None:
         """Collective over the role: every rank raises when any had ``error`` (loading weights or a
         checkpoint: a rank reads only its own pieces, so a damaged file can fail one rank alone,
         which would leave the others waiting in the role's next collective until the job's
-        timeout). The failing rank raises its own error, the others a ``PeerFailed`` naming it and
-        ``what`` it was loading."""
+        timeout). The failing rank raises its own error, the others a ``PeerFailed``: "rank R of
+        <role> ``what``: <its error>"."""
         if self.role_group is None:  # not a member of the role: nothing to agree on
             if error is not None:
                 raise error
             return
         raise_together(error, self.role_group,
-                       lambda rank, shown: f"rank {rank} of {self.layout.name} could not load its part of {what}: "
-                                           f"{shown}")
+                       lambda rank, shown: f"rank {rank} of {self.layout.name} {what}: {shown}")
 
 
 class PeerFailed(ValueError):
@@ -119,8 +119,8 @@ def raise_together(error: Optional[BaseException], group: Optional[dist.ProcessG
     failing rank raises its own error; the others a ``PeerFailed`` with ``describe(global rank,
     error text)`` of the first rank whose error is its own (not itself a ``PeerFailed``: a role
     that already agreed reports the rank that failed, not the ones it stopped). What is raised is
-    marked ``agreed_by`` the group, so an outer agreement can tell a rank whose group peers stopped
-    with it from one that failed alone (``agreed``)."""
+    marked (``mark_agreed``), so an outer agreement can tell a rank whose group peers stopped with
+    it from one that failed alone (``agreed``)."""
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         errors: list = [None] * dist.get_world_size(group)
         shown = None if error is None else (dist.get_rank(), str(error) if isinstance(error, ValueError)
@@ -133,15 +133,21 @@ def raise_together(error: Optional[BaseException], group: Optional[dist.ProcessG
         raise mark_agreed(error, group)
 
 
+def _ranks(group: Optional[dist.ProcessGroup]) -> frozenset:
+    return frozenset(range(dist.get_world_size()) if group is None else dist.get_process_group_ranks(group))
+
+
 def mark_agreed(error: BaseException, group: Optional[dist.ProcessGroup]) -> BaseException:
-    """Mark ``error`` as raised on every rank of ``group`` alike (``agreed``); returns it."""
-    error.agreed_by = group
+    """Mark ``error`` as raised on every rank of ``group`` (None: the world) alike (``agreed``);
+    returns it. The mark is the group's global ranks: the error stays picklable."""
+    if dist.is_initialized():
+        error.agreed_by = _ranks(group)
     return error
 
 
 def agreed(error: BaseException, group: Optional[dist.ProcessGroup]) -> bool:
     """Whether every rank of ``group`` raised along with ``error`` (``mark_agreed``)."""
-    return getattr(error, "agreed_by", False) is group
+    return dist.is_initialized() and getattr(error, "agreed_by", None) == _ranks(group)
 
 
 def build_role_groups(layout: RoleLayout, backend: Optional[str] = None,

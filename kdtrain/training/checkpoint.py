@@ -344,6 +344,9 @@ def _check_meta(meta, meta_file: Path) -> None:
     if not isinstance(meta, dict):
         raise ValueError(f"corrupt checkpoint metadata {meta_file}: a JSON object was expected, got "
                          f"{type(meta).__name__}")
+    if meta.get("version") not in READABLE_VERSIONS:  # first: another format may lack what this one has
+        raise ValueError(f"{meta_file}: checkpoint format {meta.get('version')} is not one this version of "
+                         f"kdtrain reads ({', '.join(map(str, READABLE_VERSIONS))})")
     for key in ("step", "shard_files"):
         if key not in meta:
             raise ValueError(f"corrupt checkpoint metadata {meta_file}: no {key!r}")
@@ -372,9 +375,6 @@ class CheckpointReader:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"corrupt checkpoint metadata {meta_file}: {e}") from None
         _check_meta(self.meta, meta_file)
-        if self.meta.get("version") not in READABLE_VERSIONS:
-            raise ValueError(f"{meta_file}: checkpoint format {self.meta.get('version')} is not one this version of "
-                             f"kdtrain reads ({', '.join(map(str, READABLE_VERSIONS))})")
         self._files: dict[str, dict] = {}  # file name -> {global name: piece}, of the files opened
         # Each global parameter's pieces, in file order: (file name, header).
         self._where: dict[str, list[tuple[str, dict]]] = {}
@@ -493,8 +493,8 @@ def load_model_weights(path: str | os.PathLike, model: ModelConfig,
         reader = HFWeights(path, model, what)
     else:
         if not Path(path).exists():
-            raise ValueError(f"{what}.load: {missing(path)} does not exist (expected a kdtrain checkpoint or a Hugging Face "
-                             "model directory)")
+            raise ValueError(f"{what}.load: {missing(path)} does not exist (expected a kdtrain checkpoint or a "
+                             "Hugging Face model directory)")
         reader = CheckpointReader(latest_checkpoint(path) or path)
         try:
             check_checkpoint_model(reader, model)

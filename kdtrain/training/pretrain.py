@@ -19,8 +19,8 @@ from ..models import KDGPTModel, build_gpt, transformer_engine_layers
 from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
-from .checkpoint import (CheckpointReader, check_checkpoint_model, check_latest_marker, latest_checkpoint, load_model_weights,
-                         load_training_state, restore_rng, save_checkpoint)
+from .checkpoint import (CheckpointReader, check_checkpoint_model, check_latest_marker, latest_checkpoint,
+                         load_model_weights, load_training_state, restore_rng, save_checkpoint)
 from .grads import GradBuffer
 from .logger import RunLogger
 from .metrics import IntervalSums, Throughput, peak_tflops
@@ -128,40 +128,39 @@ class Role:
 
 
 def check_fits(model_cfg: ModelConfig, groups: RoleGroups, device: torch.device, dtype: torch.dtype,
-               distributed_optimizer: Optional[bool] = None) -> None:
-    """Refuse, before allocating, a rank whose part of the model cannot fit on ``device``: its
-    weights, and when trained (``distributed_optimizer`` given) their fp32 gradients and optimizer
-    state (the planner's exact static bytes, kdtrain/planner/memory.py), against the device's free
-    memory now (a colocated teacher built first is in use). Activations are not counted: this only
-    stops what cannot start, with a message instead of an allocator's error deep in model
-    construction."""
+               trained: bool = False, distributed_optimizer: bool = False) -> None:
+    """Refuse, before allocating, a role whose part of the model cannot fit on some rank's device:
+    its weights, and when ``trained`` their fp32 gradients and optimizer state (the planner's exact
+    static bytes, kdtrain/planner/memory.py), against the device's free memory now (a colocated
+    teacher built first is in use). Activations are not counted: this only stops what cannot
+    start, with a message instead of an allocator's error deep in model construction. Collective
+    over the role: devices differ in what is free, and every rank stops alike."""
     from ..parallel import free_memory_bytes
     from ..planner.memory import ModelShape, stage_params, student_stage_memory
 
-    free = free_memory_bytes(device)
-    if free is None:
-        return
-    m, lay, d = ModelShape.of(model_cfg), groups.layout, torch.empty((), dtype=dtype).element_size()
-    # The largest stage's rank, on every rank: all ranks of the role stop alike (on like devices).
-    if distributed_optimizer is None:
-        need, parts = max(d * stage_params(m, lay.tp, lay.pp, r) for r in range(lay.pp)), "weights"
+    free, error = free_memory_bytes(device), None
+    m, lay, r = ModelShape.of(model_cfg), groups.layout, groups.pp_rank
+    d = torch.empty((), dtype=dtype).element_size()
+    if trained:
+        need = student_stage_memory(m, lay.tp, lay.pp, lay.dp, r, 1, 1, 1, d=d,
+                                    distributed_optimizer=distributed_optimizer).static
     else:
-        need = max(student_stage_memory(m, lay.tp, lay.pp, lay.dp, r, 1, 1, 1, d=d,
-                                        distributed_optimizer=distributed_optimizer).static for r in range(lay.pp))
-        parts = "weights, fp32 gradients and optimizer state"
-    if need > free:
-        raise ValueError(f"{lay.name} {model_cfg.name}: a rank of its largest pipeline stage (tp={lay.tp}, pp={lay.pp}, "
-                         f"dp={lay.dp}) needs {need / 2**30:.2f} GiB for its {parts} alone, and {device} has "
-                         f"{free / 2**30:.2f} GiB free: split the model over more ranks (a larger tp or pp"
-                         + (", optimizer.distributed with dp > 1" if distributed_optimizer is not None else "")
-                         + "), use a smaller model or a larger device")
+        need = d * stage_params(m, lay.tp, lay.pp, r)
+    if free is not None and need > free:
+        parts = "weights, fp32 gradients and optimizer state" if trained else "weights"
+        error = ValueError(
+            f"{lay.name} {model_cfg.name}: a rank of pipeline stage {r} (tp={lay.tp}, pp={lay.pp}, dp={lay.dp}) needs "
+            f"{need / 2**30:.2f} GiB for its {parts} alone, and {device} has {free / 2**30:.2f} GiB free: split the "
+            "model over more ranks (a larger tp or pp" + (", optimizer.distributed with dp > 1" if trained else "")
+            + "), use a smaller model or a larger device")
+    groups.raise_together(error, "does not fit on its device")
 
 
 def build_trainable(model_cfg: ModelConfig, groups: RoleGroups, optimizer_cfg, seq_length: int,
                     micro_batch: int, device: torch.device, dtype: torch.dtype, seed: int,
                     compile: bool = False, cuda_graphs: bool = False, recompute: bool = False,
                     use_te: Optional[bool] = None) -> Role:
-    check_fits(model_cfg, groups, device, dtype, optimizer_cfg.distributed)
+    check_fits(model_cfg, groups, device, dtype, trained=True, distributed_optimizer=optimizer_cfg.distributed)
     model = build_gpt(model_cfg, groups, device=device, dtype=dtype, seed=seed, compile=compile,
                       cuda_graphs=cuda_graphs, recompute=recompute, use_te=use_te)
     # Dropout draws from the process's global generators (CPU and CUDA): seeded from the run's
@@ -321,14 +320,17 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
     """Resume from ``ck.dir`` (weights, optimizer, RNG) or load ``ck.load`` weights.
     ``run`` is what this job's checkpoints record (``save_role``); a resumed checkpoint must agree.
     ``what``: the config section whose ``load`` gave ``ck.load`` (named in errors)."""
-    if ck.dir and not ck.resume:
-        refuse_other_runs(ck.dir)
-    path = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
-    if path is not None:
-        # Everything a rank reads alone comes before the role's first collective, and every rank
-        # raises if any failed (raise_together).
-        error = None
-        try:
+    # Everything a rank reads or checks alone comes before the role's first collective, and every
+    # rank raises if any failed (one raise_together, whatever failed: an outer agreement, the
+    # distillation start-up's, counts on it).
+    error = path = None
+    loading = f"could not use checkpoint.dir {ck.dir}"  # for the other ranks' message
+    try:
+        if ck.dir and not ck.resume:
+            refuse_other_runs(ck.dir)
+        path = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
+        if path is not None:
+            loading = f"could not load its part of checkpoint {path}"
             reader = CheckpointReader(path)
             check_checkpoint_model(reader, model)
             changes = check_resume(reader.meta, path, run)
@@ -338,29 +340,26 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
             # and on-policy sampling start over from training.seed, which the resumed job's log
             # line says.
             rng_restored = saved == ours and restore_rng(path, rank)
-        except Exception as e:  # noqa: BLE001 - any failure: the peers must not wait for this rank
-            error = e
-        role.groups.raise_together(error, f"checkpoint {path}")
-        if role.optimizer.sharded:
-            role.optimizer.gather_params()
-        if saved != ours:
-            changes.append(f"layout: {_describe_layout(saved)} -> {_describe_layout(ours)} (random streams "
-                           "restart from training.seed)")
-        else:
-            missing = _ranks_without(rng_restored, rank, role.groups)
-            if missing:
-                changes.append(f"{path.name}/rng/ has no file of rank(s) {', '.join(map(str, missing))} (their random "
-                               "streams restart from training.seed)")
-        return Start(int(reader.meta["step"]), tuple(changes))
-    if ck.load:
-        error = None
-        try:
+        elif ck.load:
+            loading = f"could not load its part of {what}.load {ck.load}"
             load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
                                run.get("tokenizer_fingerprint"))
-        except Exception as e:  # noqa: BLE001 - as above
-            error = e
-        role.groups.raise_together(error, f"{what}.load {ck.load}")
-    return Start(0)
+    except Exception as e:  # noqa: BLE001 - any failure: the peers must not wait for this rank
+        error = e
+    role.groups.raise_together(error, loading)
+    if path is None:
+        return Start(0)
+    if role.optimizer.sharded:
+        role.optimizer.gather_params()
+    if saved != ours:
+        changes.append(f"layout: {_describe_layout(saved)} -> {_describe_layout(ours)} (random streams "
+                       "restart from training.seed)")
+    else:
+        missing = _ranks_without(rng_restored, rank, role.groups)
+        if missing:
+            changes.append(f"{path.name}/rng/ has no file of rank(s) {', '.join(map(str, missing))} (their random "
+                           "streams restart from training.seed)")
+    return Start(int(reader.meta["step"]), tuple(changes))
 
 
 def save_due(ck: CheckpointConfig, step: int, train_steps: int, stopping: bool) -> bool:

@@ -49,7 +49,7 @@ class Teacher:
                 load_model_weights(load, model_cfg, params, "teacher", tokenizer=tokenizer)
             except Exception as e:  # noqa: BLE001 - any failure: the other ranks must not wait for this one
                 error = e
-            groups.raise_together(error, f"teacher.load {load}")
+            groups.raise_together(error, f"could not load its part of teacher.load {load}")
         self.schedule = PipelineSchedule(self.model, groups, (spec.seq_length, spec.micro_batch,
                                                               model_cfg.hidden_size), dtype, device)
         self.device = device
