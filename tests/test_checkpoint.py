@@ -322,7 +322,8 @@ def test_pruning_keeps_the_step_latest_names(world_of_one, tmp_path):
     than ``latest``; the resumed job saves an older step, and pruning to the newest by number
     deleted the step ``latest`` then named (the next resume failed). Steps sort by number."""
     from kdtrain.config import to_dict
-    from kdtrain.training.checkpoint import complete_steps, latest_checkpoint, save_checkpoint
+    from kdtrain.training.checkpoint import save_checkpoint
+    from kdtrain.training.step_dirs import complete_steps, latest_checkpoint
 
     cfg, groups, role = _build("tiny")
     root = tmp_path / "ck"

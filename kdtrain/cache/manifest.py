@@ -169,7 +169,7 @@ def teacher_weights(load: Optional[str], recorded: Optional[dict] = None) -> tup
     if load is None:
         return None, None
     from ..convert.hf_weights import hf_weight_files, is_hf_model_dir  # torch-heavy imports, only when hashing
-    from ..training.checkpoint import latest_checkpoint
+    from ..training.step_dirs import latest_checkpoint
 
     if is_hf_model_dir(load):
         files = hf_weight_files(load)

@@ -16,7 +16,8 @@ import torch
 
 from ..config import ModelConfig, from_dict
 from ..models.params import ParamSpec
-from ..training.checkpoint import CheckpointReader, latest_checkpoint
+from ..training.checkpoint import CheckpointReader
+from ..training.step_dirs import latest_checkpoint
 from .layout import expected_shapes
 
 def check_complete(reader: CheckpointReader, cfg: ModelConfig) -> None:

@@ -62,6 +62,7 @@ from ..durable import fsync_dir, fsync_file, write_synced
 from ..models.params import ParamSpec
 from .optimizer import AdamWOptimizer, assign_owners
 from .pieces import boxes, copy_boxes, overlaps
+from .step_dirs import latest_checkpoint, prune_steps, step_name
 
 # 2: some pieces are flat parts (``flat``, ``local_shape``; written by the distributed optimizer).
 # A checkpoint without them is written as 1, which readers of either version read.
@@ -88,45 +89,12 @@ def _barrier(group) -> None:
         dist.barrier(group=group)
 
 
-def check_latest_marker(root: str | os.PathLike) -> Path:
-    """``root/latest``, refused when it is a directory: taken for absent, it would fail the run's
-    first save (the rename onto it), after the training up to it."""
-    marker = Path(root) / "latest"
-    if marker.is_dir():
-        raise ValueError(f"checkpoint dir {root}: {marker} is a directory; kdtrain writes the name of the newest "
-                         "step there: move it away")
-    return marker
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
-    """The newest complete checkpoint under ``root``, or None if there is none: the step that
-    ``latest`` names, or without ``latest`` the newest complete step (a first save killed between
-    its rename and writing ``latest``, or step directories copied without it; its meta.json is
-    written before the rename): ignored, they would be pruned by the new run's first save."""
-    root = Path(root)
-    marker = check_latest_marker(root)
-    if not marker.is_file():
-        done = [p for p in complete_steps(root) if (p / "meta.json").is_file()]
-        return done[-1] if done else None
-    try:
-        named = marker.read_text().strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"{marker} should name a step directory (step_NNNNNNN) but is not text") from None
-    path = root / named
-    if not (path / "meta.json").is_file():
-        aside = path.with_name(path.name + ".old")  # a re-save of that step crashed mid-rename
-        if (aside / "meta.json").is_file():
-            return aside
-        raise ValueError(f"checkpoint dir {root}: 'latest' names {path.name}, which is missing or incomplete")
-    return path
-
-
 def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[ParamSpec, torch.nn.Parameter]],
                     optimizer: Optional[AdamWOptimizer], dp_rank: int, role_group, writer_rank: int,
                     meta: dict, keep: int) -> Path:
     """Collective over the role: every rank of it calls with its own parameters."""
     root = Path(root)
-    tmp, final = root / f"{_step_name(step)}.tmp", root / _step_name(step)
+    tmp, final = root / f"{step_name(step)}.tmp", root / step_name(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == writer_rank:
         begin_checkpoint(root, step)
@@ -192,13 +160,9 @@ def _gather_index(index: dict, group, dst: int) -> dict:
     return merged
 
 
-def _step_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
 def begin_checkpoint(root: str | os.PathLike, step: int) -> Path:
     """Create the empty ``step_N.tmp`` directory that a save fills (one writer); returns it."""
-    tmp = Path(root) / f"{_step_name(step)}.tmp"
+    tmp = Path(root) / f"{step_name(step)}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a crash
     (tmp / "shards").mkdir(parents=True)
@@ -228,7 +192,7 @@ def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int,
     at it and prune (one writer, after every shard is on disk). ``index``: what each shard file
     holds, ``{file name: write_shard's return}`` from every writer."""
     root = Path(root)
-    name = _step_name(step)
+    name = step_name(step)
     tmp, final = root / f"{name}.tmp", root / name
     files = sorted((tmp / "shards").glob("*.pt"))
     assert sorted(index) == [f.name for f in files], (sorted(index), [f.name for f in files])
@@ -255,7 +219,7 @@ def commit_checkpoint(root: str | os.PathLike, step: int, meta: dict, keep: int,
     write_synced(root / "latest.tmp", name)
     os.replace(root / "latest.tmp", root / "latest")
     fsync_dir(root)
-    _prune(root, keep)  # also removes the set-aside copy
+    prune_steps(root, keep)  # also removes the set-aside copy
     return final
 
 
@@ -270,7 +234,7 @@ def write_global_checkpoint(out: str | os.PathLike, model: ModelConfig, names, t
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory (the checkpoint directory goes there)")
-    others = sorted(p.name for p in out.glob("step_*") if p.is_dir() and not p.name.startswith(_step_name(0)))
+    others = sorted(p.name for p in out.glob("step_*") if p.is_dir() and not p.name.startswith(step_name(0)))
     if others:  # writing here would prune a run's checkpoints
         raise ValueError(f"{out} holds other checkpoints ({others[0]}, ...); write to a new directory")
     created = not out.exists()
@@ -305,31 +269,6 @@ def _write_global_shards(tmp: Path, names, tensor, shard_bytes: int) -> dict[str
     if part:
         index[f"part{nfiles:05d}.pt"] = write_shard(tmp, f"part{nfiles:05d}.pt", part)
     return index
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step_"))
-
-
-def complete_steps(root: Path) -> list[Path]:
-    """The step directories under ``root`` that are not a save in progress or a set-aside copy,
-    oldest first (by step: from step 10^7 on the names no longer sort)."""
-    return sorted((p for p in root.glob("step_*") if p.is_dir() and p.suffix not in (".tmp", ".old")
-                   and p.name.removeprefix("step_").isdigit()), key=_step_of)
-
-
-def _prune(root: Path, keep: int) -> None:
-    """Keep the ``keep`` newest complete checkpoints up to the one ``latest`` names; drop the
-    debris of interrupted saves (``.tmp``), copies set aside by an interrupted re-save (``.old``)
-    and steps newer than ``latest``: a save killed between its rename and the ``latest`` update
-    leaves one, the job resumed from an older step, and keeping the newest by number would delete
-    the step ``latest`` names."""
-    for debris in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
-        shutil.rmtree(debris, ignore_errors=True)
-    committed = _step_of(root / (root / "latest").read_text().strip())
-    steps = complete_steps(root)
-    for old in [p for p in steps if _step_of(p) > committed] + [p for p in steps if _step_of(p) <= committed][:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # The fields of meta.json that readers index into, with their types (the rest are compared, not used).

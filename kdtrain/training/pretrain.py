@@ -19,8 +19,8 @@ from ..models import KDGPTModel, build_gpt, transformer_engine_layers
 from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
 from .batches import MicroBatch, microbatches
-from .checkpoint import (CheckpointReader, check_checkpoint_model, check_latest_marker, latest_checkpoint,
-                         load_model_weights, load_training_state, restore_rng, save_checkpoint)
+from .checkpoint import (CheckpointReader, check_checkpoint_model, load_model_weights, load_training_state, restore_rng,
+                         save_checkpoint)
 from .grads import GradBuffer
 from .logger import RunLogger
 from .metrics import IntervalSums, Throughput, peak_tflops
@@ -28,6 +28,7 @@ from .optimizer import AdamWOptimizer, lr_at
 from .pipeline import ForwardStep, PipelineSchedule
 from .profiling import StepProfiler
 from .resume import check_output_dir, check_resume, refuse_other_runs, run_record
+from .step_dirs import check_latest_marker, latest_checkpoint
 from .step import SkippedSteps, eval_step, train_step
 
 LM_REPORT_KEYS = ("loss_sum", "tokens")

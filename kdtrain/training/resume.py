@@ -16,7 +16,7 @@ from ..config import DataConfig, to_dict
 from ..config.model import load_model_config, weight_differences
 from ..data import Tokenizer
 from ..data.indexed import corpus_tokenizer
-from .checkpoint import complete_steps
+from .step_dirs import complete_steps
 
 
 # What fixes the order of the samples a run draws: a resumed job that changed one of these would
