@@ -564,11 +564,16 @@ def _distill_with_a_bad_load(rank, world, root, role):
     # checkpoint.dir holds another run's checkpoints with checkpoint.resume: false.
     extra = {"teacher": [f"teacher.load={root}/ck", "teacher.random_init=false", "teacher.model.num_layers=1"],
              "student": [f"student.load={root}/ck", "student.model.num_layers=1"],
-             "teacher-memory": [], "student-dir": [f"checkpoint.dir={root}/ck", "checkpoint.resume=false"]}[role]
+             "teacher-memory": [], "student-dir": [f"checkpoint.dir={root}/ck", "checkpoint.resume=false"],
+             "student-logdir": []}[role]
     if role == "teacher-memory" and rank == 0:
         kdtrain.parallel.free_memory_bytes = lambda device: 1
+    # Rank 1's node cannot write its logging.dir (found before any group is made: the teacher
+    # waited in the idle group's creation, distributed.idle_timeout_s).
+    log_dir = f"{root}/afile/run" if role == "student-logdir" and rank == 1 else f"{root}/run{rank}"
     cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=disaggregated", "split.teacher_ranks=1",
-                                       "distributed.timeout_s=60", f"logging.dir={root}/run{rank}", *extra])
+                                       "distributed.timeout_s=60", "distributed.idle_timeout_s=60",
+                                       f"logging.dir={log_dir}", *extra])
     with pytest.raises(ValueError) as e:
         loop.distill(cfg)
     (Path(root) / f"error{rank}.txt").write_text(str(e.value))
@@ -576,10 +581,12 @@ def _distill_with_a_bad_load(rank, world, root, role):
 
 @pytest.mark.parametrize("role,says", [("teacher", "different model"), ("student", "different model"),
                                        ("teacher-memory", "GiB free: split the model"),
-                                       ("student-dir", "checkpoint.resume: false, but checkpoint.dir")])
+                                       ("student-dir", "checkpoint.resume: false, but checkpoint.dir"),
+                                       ("student-logdir", "cannot create the directory")])
 def test_a_role_that_fails_to_start_stops_the_other(world_of_one, tmp_path, role, says):
     """Disaggregated, the teacher's and the student's ranks build and load apart; a role whose
-    start failed (a load, a memory check, a checkpoint directory refused) stopped its own ranks,
+    start failed (a load, a memory check, a checkpoint directory refused, a logging directory its
+    node cannot write) stopped its own ranks,
     while the other role's went on into the start-step broadcast and died there with the
     transport's error (gloo: its peer closed the connection; NCCL: the job's timeout). Every rank
     now raises a ValueError, the other role's naming the failed rank and its error."""
@@ -587,6 +594,7 @@ def test_a_role_that_fails_to_start_stops_the_other(world_of_one, tmp_path, role
 
     cfg, groups, model = one_rank_role("tiny")
     save_one_rank_role(tmp_path / "ck", 1, model, groups, cfg)
+    (tmp_path / "afile").write_text("")
     run_spawn(2, _distill_with_a_bad_load, str(tmp_path), role, tmp_path=tmp_path)
     failed = 0 if role.startswith("teacher") else 1
     own, other = ((tmp_path / f"error{r}.txt").read_text() for r in (failed, 1 - failed))

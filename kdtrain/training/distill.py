@@ -244,10 +244,20 @@ def distill(cfg: DistillConfig) -> dict:
     if cfg.split.mode == "auto":
         cfg, plan_lines = resolve_auto_split(cfg, env.world_size, env.device)
     spans = cfg.validate(env.world_size)
-    check_output_dirs(cfg.logging, cfg.checkpoint)
     tr, dtype = cfg.training, resolve_dtype(cfg.precision.dtype, env.device)
     check_sampling_time(cfg, spans.student, cfg.split.profile or device_profile(env.device), dtype == torch.float32)
     colocated = cfg.split.mode == "colocated"
+    # What each rank checks on its own node (its file systems), agreed before the first group is
+    # made: a rank failing here alone left the others in the groups' creation, which waits for
+    # every rank (disaggregated, in the idle group's: distributed.idle_timeout_s).
+    failure = dataset = None
+    try:
+        check_output_dirs(cfg.logging, cfg.checkpoint)
+        dataset = open_dataset(cfg.data, cfg.student.model)
+        check_stop_token(dataset, cfg)
+    except Exception as e:  # noqa: BLE001 - any failure: the other ranks must not wait for this one
+        failure = e
+    raise_together(failure, None, lambda rank, shown: f"rank {rank} failed to start: {shown}")
 
     t_layout = RoleLayout("teacher", spans.teacher_offset, spans.teacher.tp, spans.teacher.pp, spans.teacher.dp)
     s_layout = RoleLayout("student", spans.student_offset, spans.student.tp, spans.student.pp, spans.student.dp)
@@ -257,8 +267,6 @@ def distill(cfg: DistillConfig) -> dict:
     idle = (IdleWaits.create(cfg.distributed.idle_timeout_s)
             if cfg.onpolicy.fraction > 0 or cfg.split.mode == "disaggregated" else None)
 
-    dataset = open_dataset(cfg.data, cfg.student.model)
-    check_stop_token(dataset, cfg)
     pairing = Pairing(tr.global_batch_size // tr.micro_batch_size, t_layout.dp, s_layout.dp)
     spec = PayloadSpec(cfg.data.seq_length, tr.micro_batch_size, cfg.teacher.topk,
                        torch.float32 if cfg.teacher.values_dtype == "fp32" else torch.bfloat16)

@@ -17,7 +17,7 @@ from ..data.mock import MockWindowDataset
 from ..loss import vocab_parallel_cross_entropy
 from ..models import KDGPTModel, build_gpt, transformer_engine_layers
 from ..models.cuda_graphs import capture_layer_graphs
-from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed
+from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed, raise_together
 from .batches import MicroBatch, microbatches
 from .checkpoint import (CheckpointReader, check_checkpoint_model, load_model_weights, load_training_state, restore_rng,
                          save_checkpoint)
@@ -223,11 +223,17 @@ def evaluate(role: Role, dataset: GPTWindowDataset, t: TrainingConfig, forward_s
 def pretrain(cfg: PretrainConfig) -> dict:
     env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
     cfg.validate(env.world_size)
-    check_output_dirs(cfg.logging, cfg.checkpoint)
     par, t = cfg.parallel, cfg.training
     dtype = resolve_dtype(cfg.precision.dtype, env.device)
+    # What each rank checks on its own node, agreed before the groups' creation waits for all.
+    error = dataset = None
+    try:
+        check_output_dirs(cfg.logging, cfg.checkpoint)
+        dataset = open_dataset(cfg.data, cfg.model)
+    except Exception as e:  # noqa: BLE001 - any failure: the other ranks must not wait for this one
+        error = e
+    raise_together(error, None, lambda rank, shown: f"rank {rank} failed to start: {shown}")
     groups = build_role_groups(RoleLayout("model", 0, par.tp, par.pp, par.dp), timeout_s=cfg.distributed.timeout_s)
-    dataset = open_dataset(cfg.data, cfg.model)
     role = build_trainable(cfg.model, groups, cfg.optimizer, cfg.data.seq_length, t.micro_batch_size,
                            env.device, dtype, t.seed, compile=cfg.precision.compile,
                            cuda_graphs=cfg.precision.cuda_graphs, recompute=t.recompute)
