@@ -143,7 +143,7 @@ def _job(out, dtype: str, **kw):
 
 
 def test_automatic_shards_give_every_replica_work(tiny_corpus, tmp_path):
-    """Shard i is written by replica i % dp: automatic shards of ~256 MiB made a small cache one
+    """A fresh job's shard i is written by replica i % dp: automatic shards of ~256 MiB made a small cache one
     shard, written by replica 0 while the others idled. They now hold at most a replica's share of
     the samples (whole micro-batches); a resumed job keeps the size it started with."""
     from kdtrain.cache.job import CacheJobConfig
@@ -169,6 +169,12 @@ def test_automatic_shards_give_every_replica_work(tiny_corpus, tmp_path):
     (tmp_path / "c").mkdir()
     build_manifest(cfg, fresh, torch.float32, {"tp": 1, "pp": 1, "dp": 1}).save(tmp_path / "c")
     assert build_manifest(cfg, fresh, torch.float32, {"tp": 1, "pp": 1, "dp": 4}).shard_samples == 100
+    # A resumed job deals the shards left over all replicas (round robin by shard index gave them
+    # all to the replica that had died, and the others waited for it in the final gather).
+    from kdtrain.cache.writer import plan_shards
+
+    assert [plan_shards(8, 2, r) for r in (0, 1)] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert [plan_shards(8, 2, r, {0, 2, 4, 6}) for r in (0, 1)] == [[1, 5], [3, 7]]
 
 
 class _Crash(RuntimeError):

@@ -183,6 +183,8 @@ def finalize(root: str | os.PathLike, manifest: Manifest, shards: list[ShardInfo
 
 
 def plan_shards(num_shards: int, dp_size: int, dp_rank: int, done: Optional[set] = None) -> list[int]:
-    """Shards replica ``dp_rank`` of ``dp_size`` writes: round robin, skipping complete ones."""
-    done = done or set()
-    return [i for i in range(num_shards) if i % dp_size == dp_rank and i not in done]
+    """Shards replica ``dp_rank`` of ``dp_size`` writes: the shards not complete yet, dealt round
+    robin (a resumed job whose complete shards were one replica's spreads the rest over all of
+    them, not over the others alone). ``done`` is the same on every rank."""
+    todo = [i for i in range(num_shards) if i not in (done or set())]
+    return todo[dp_rank::dp_size]
