@@ -42,3 +42,18 @@ def test_wandb_mode_from_the_environment_decides(tmp_path, monkeypatch):
     logger.close()
     assert not list((tmp_path / "run").glob("wandb/*run-*"))
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_line_torn_by_a_crash_is_dropped_when_the_job_resumes(tmp_path):
+    """A job killed mid-write (or on a full disk) left half a metrics line; the resumed job's first
+    line joined it, and the file stayed unreadable (compare_runs refused the run)."""
+    cfg = LoggingConfig(dir=str(tmp_path), progress_bar=False, tensorboard=False, wandb=False)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    logger = RunLogger(cfg, True, total_steps=3, start_step=1)
+    logger.log(2, {"loss": 0.5})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo')  # no complete line at all
+    RunLogger(cfg, True, total_steps=3, start_step=0).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""

@@ -49,6 +49,24 @@ def _wandb_key_available() -> bool:
         return False
 
 
+def _drop_torn_line(path: Path) -> None:
+    """Cut ``path`` back to its last complete line: a job killed mid-write (or on a full disk) left
+    a partial one, which the resumed job's first line would have joined (invalid JSON for good)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        tail = min(size, 1 << 20)  # a metrics line is far shorter
+        f.seek(size - tail)
+        end = f.read(tail).rfind(b"\n")
+        f.truncate(size - tail + end + 1 if end >= 0 else (0 if tail == size else size))
+
+
 class RunLogger:
     def __init__(self, cfg: LoggingConfig, enabled: bool, total_steps: int, start_step: int,
                  run_config: Optional[dict] = None, name: str = "run"):
@@ -60,7 +78,9 @@ class RunLogger:
             return
         self.dir = Path(cfg.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        metrics = self.dir / "metrics.jsonl"
+        _drop_torn_line(metrics)
+        self._jsonl = open(metrics, "a", buffering=1)
         if run_config is not None:
             (self.dir / "config.json").write_text(json.dumps(run_config, indent=1, default=str))
         if cfg.tensorboard:
