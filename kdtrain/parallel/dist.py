@@ -98,17 +98,39 @@ def one_process_world(device: str = "auto"):
                     os.environ[k] = v
 
 
+# What the transports (gloo, NCCL, the store) say when a peer process is gone or stopped answering.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "wait timeout",
+              "Socket Timeout", "communicator was aborted", "Broken pipe")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and any(sign in str(e) for sign in _PEER_LOST)
+
+
 def run_job(job, errors: tuple = (ValueError,)) -> int:
     """Entry-point wrapper for the torchrun scripts: run ``job()``; a user error (``errors``) is one
     line on stderr, prefixed with the rank when there are several, and exit code 2, not a stack
-    trace; the process group is torn down either way."""
+    trace. So is, with exit code 1, a collective or transfer that failed because another rank died
+    or stopped answering (that rank's own output names the cause: the survivors' tracebacks from
+    inside the transport said nothing more). The process group is torn down either way."""
+    prefix = f"[rank {os.environ.get('RANK', 0)}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+
+    def say(line: str) -> None:
+        sys.stderr.write(f"{prefix}error: {line}\n")  # one write: ranks' lines do not run into each other
+        sys.stderr.flush()
+
     try:
         job()
     except errors as e:
-        prefix = f"[rank {os.environ.get('RANK', 0)}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        sys.stderr.write(f"{prefix}error: {e}\n")  # one write: ranks' lines do not run into each other
-        sys.stderr.flush()
+        say(str(e))
         return 2
+    except RuntimeError as e:
+        if not _peer_lost(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        say(f"lost another rank: a collective or transfer with it failed ({first[:300]}); the rank that stopped "
+            "first says why in its own output")
+        return 1
     finally:
         shutdown_distributed()
     return 0
