@@ -105,6 +105,10 @@ def test_an_idle_wait_that_runs_out_names_itself_and_the_key(tmp_path, what, ove
         assert named in side["message"] and "distributed.idle_timeout_s = 1 s" in side["message"], side
         assert "raise distributed.idle_timeout_s" in side["message"], side
     assert teacher["message"].startswith("rank 0: ") and student["message"].startswith("rank 1: ")
+    # The teacher ran out of time; the student found it gone, which its message says (not a
+    # timeout of its own).
+    assert "the ranks did not all arrive within" in teacher["message"], teacher
+    assert "another rank left the run while this one waited" in student["message"], student
 
 
 def test_a_run_whose_sampling_outlasts_the_idle_bound_is_refused_at_start(tmp_path):

@@ -57,7 +57,13 @@ class IdleWaits:
         try:
             dist.all_reduce(torch.zeros(1, dtype=torch.int32), group=self.group)
         except RuntimeError as e:  # gloo: its timeout here, or a peer that timed out or died
-            cause = re.sub(r"^\[[^]]*\]\s*", "", str(e).splitlines()[0])[:160]  # less gloo's source location
+            cause = re.sub(r"^\[[^]]*\]\s*", "", str(e).splitlines()[0])[:240]  # less gloo's source location
+            if "Timed out" not in cause and "timeout" not in cause.lower():  # a peer gone, not the bound
+                raise IdleWaitTimeout(
+                    f"rank {self.rank}: {what}: another rank left the run while this one waited ({cause}): it "
+                    f"gave up waiting itself (distributed.idle_timeout_s = {self.timeout_s:g} s: raise "
+                    "distributed.idle_timeout_s if the ranks being waited for are only slow), or it failed or was "
+                    "killed (training, saving, evaluating); its own output says which") from None
             raise IdleWaitTimeout(
                 f"rank {self.rank}: {what}: the ranks did not all arrive within distributed.idle_timeout_s = "
                 f"{self.timeout_s:g} s ({cause}); if the ranks being waited for are only slow "
