@@ -373,9 +373,30 @@ def test_export_checks_before_writing_and_replaces_an_earlier_export(converted, 
     out = export_hf(converted["archs"]["llama"]["kd"], tmp_path / "reused")
     assert (out / "generation_config.json").is_file()
     (out / "tokenizer.json").write_text("{}")  # as if an earlier export had written another tokenizer
+    (out / "README.md").write_text("notes")  # not an export's file: kept
+    # Interrupted once all weights are written (a kill while the files took their names left a
+    # mix of the two exports): the earlier export stays as it was, and nothing beside it.
+    import kdtrain.convert.hf_export as hf_export
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_write = hf_export._write_json
+
+    def interrupted(path, value):
+        if path.name == "config.json":
+            raise KeyboardInterrupt
+        real_write(path, value)
+
+    hf_export._write_json = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_hf(qwen2["kd"], out, tokenizer=None)
+    finally:
+        hf_export._write_json = real_write
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
     export_hf(qwen2["kd"], out, tokenizer=None)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "kdtrain_export.json",
-                                                     "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                     "kdtrain_export.json", "model.safetensors"]
     assert (json.loads((out / "generation_config.json").read_text())
             == json.loads((qwen2["hf"] / "generation_config.json").read_text()))  # Qwen2's, not Llama's
     # --dtype auto: the source's dtype for an imported checkpoint, the run's precision for a trained

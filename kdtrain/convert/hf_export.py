@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig, from_dict, load_model_config
+from ..durable import fsync_dir
 from ..optional import need
 from ..training.checkpoint import CheckpointReader, check_checkpoint_model
 from .hf_config import ARCH_SHORT, SPECIAL_IDS, default_architecture, hf_config_from_model
@@ -138,13 +139,13 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     """Write ``out/config.json``, the weights (``model.safetensors``, or index + files of about
     ``shard_bytes`` each), the tokenizer's files (see the module docstring for ``tokenizer``) and,
     for a checkpoint imported from Hugging Face, its ``generation_config.json``; returns ``out``.
-    Everything is checked before ``out`` is touched, the weights as they are read: the weight files
-    are written under temporary names and take their names only once all of them are, and a failure
-    before that (a damaged or non-finite weight, an interrupt) removes them, and the directories
-    this call created, leaving an earlier export in ``out`` as it was. Tokenizer and generation
-    files of an earlier export into ``out`` that this one does not write are removed (they would
-    describe another model). A non-empty ``out`` that no export wrote (no ``EXPORT_MARKER``) is
-    refused: a mistyped --out would have replaced another model's files."""
+    Everything is checked before ``out`` is touched, the weights as they are read; the export is
+    written into a directory beside ``out`` that replaces it once complete, so a failure (a
+    damaged or non-finite weight) or a kill before leaves an earlier export in ``out`` as it was
+    (and removes the directories this call created). Of an earlier export, only files that no
+    export writes are kept (its tokenizer and generation files would describe another model). A
+    non-empty ``out`` that no export wrote (no ``EXPORT_MARKER``) is refused: a mistyped --out
+    would have replaced another model's files."""
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
     if dtype not in (*DTYPES, "auto"):
@@ -178,27 +179,54 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     hf_cfg = hf_config_from_model(cfg, arch, _HF_DTYPE_NAMES[DTYPES[dtype]], ids)
     # The source's generation defaults (sampling settings, end tokens) go with its ids only.
     generation = (reader.meta.get("source") or {}).get("generation_config") if from_source else None
-    created = next((d for d in [*reversed(out.parents), out] if not d.exists()), None)  # the first missing
-    out.mkdir(parents=True, exist_ok=True)
+    created = next((d for d in reversed(out.parents) if not d.exists()), None)  # the first missing parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is written into a directory beside ``out`` that replaces it when complete: a
+    # failure or a kill before leaves an earlier export as it was (only the renames of the swap
+    # are not one step).
+    stage = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
     try:
-        write_safetensors(out, RuleSet(TO_HF[arch](cfg)), lambda key: read_global(reader, cfg, key),
+        write_safetensors(stage, RuleSet(TO_HF[arch](cfg)), lambda key: read_global(reader, cfg, key),
                           DTYPES[dtype], shard_bytes)
+        if src is not None:
+            copy_tokenizer(src, stage)
+        if generation is not None:
+            _write_json(stage / "generation_config.json", generation)
+        _write_json(stage / "config.json", hf_cfg)
+        _write_json(stage / EXPORT_MARKER, {"checkpoint": str(reader.path.resolve()), "architecture": arch,
+                                             "dtype": dtype})
+        _replace_dir(out, stage)
     except BaseException:  # a weight the checkpoint cannot give (damaged, non-finite), an interrupt
-        for part in out.glob("part*.safetensors.tmp"):
-            part.unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
-    written = copy_tokenizer(src, out) if src is not None else []
-    if generation is not None:
-        _write_json(out / "generation_config.json", generation)
-        written.append("generation_config.json")
-    for stale in (*TOKENIZER_FILES, "generation_config.json"):
-        if stale not in written:
-            (out / stale).unlink(missing_ok=True)
-    _write_json(out / "config.json", hf_cfg)
-    _write_json(out / EXPORT_MARKER, {"checkpoint": str(reader.path.resolve()), "architecture": arch, "dtype": dtype})
     return out
+
+
+def _export_file(name: str) -> bool:
+    """Whether an export writes files of this name (an earlier export's are replaced, not kept)."""
+    return (name in (*TOKENIZER_FILES, "generation_config.json", "config.json", EXPORT_MARKER, INDEX_FILE)
+            or (name.startswith("model") and name.endswith(".safetensors")))
+
+
+def _replace_dir(out: Path, stage: Path) -> None:
+    """``stage`` becomes ``out``. Files of an earlier ``out`` that no export writes (a README the
+    user put there) are copied over first; the export's own are not (they would describe another
+    model: a tokenizer this export does not write, weights split otherwise)."""
+    if out.exists():
+        for p in out.iterdir():
+            if not _export_file(p.name):
+                (shutil.copytree if p.is_dir() else shutil.copy2)(p, stage / p.name)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out)
+    fsync_dir(out.parent)
 
 
 # Written last by every export: a later export may replace a directory that holds it.
