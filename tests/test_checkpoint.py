@@ -169,6 +169,27 @@ def test_damaged_or_mismatched_checkpoint_gives_a_clear_error(world_of_one, tmp_
     _damaged(tmp_path / "ck")
 
 
+def test_a_full_disk_during_a_save_is_named_and_leaves_latest_alone(world_of_one, tmp_path, monkeypatch):
+    """torch.save on a full disk fails inside its zip writer ("unexpected pos ... vs ..."), which
+    named neither the file nor the cause: the error names the checkpoint file and the space left,
+    and ``latest`` still names the last complete step."""
+    import kdtrain.training.checkpoint as ckpt
+    from kdtrain.training.step_dirs import latest_checkpoint
+
+    root = tmp_path / "ck"
+    cfg, groups, role = _build("tiny")
+    _save(root, 1, role, groups, cfg)
+
+    def full(value, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 833088 vs 832976")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(OSError, match=r"cannot write checkpoint file .*step_0000002\.tmp/shards/rank00000\.pt "
+                                      r"\(.* MiB free there; full disk or quota\?\): \[enforce fail"):
+        _save(root, 2, role, groups, cfg)
+    assert latest_checkpoint(root) == root / "step_0000001"
+
+
 def test_a_save_reaches_the_disk_before_latest_names_it(world_of_one, tmp_path, monkeypatch):
     """Every shard and RNG file is fsynced by the rank that wrote it, and the directories that
     name them before ``latest`` is replaced: after a crash of the machine ``latest`` could name a

@@ -131,8 +131,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / "rng" / f"rank{rank:05d}.pt")
-    fsync_file(tmp / "rng" / f"rank{rank:05d}.pt")
+    _save(tmp / "rng" / f"rank{rank:05d}.pt", rng)
     # Every rank sends the headers of what it wrote to the committing rank once its files are
     # written and synced, so the gather is also the barrier before the commit: meta.json's index
     # is learnt without opening a single shard file.
@@ -173,9 +172,23 @@ def begin_checkpoint(root: str | os.PathLike, step: int) -> Path:
 def write_shard(tmp: Path, fname: str, pieces: dict) -> dict[str, dict]:
     """One shard file ``{global name: piece}`` of the checkpoint being written in ``tmp``; returns
     its entry of meta.json's index (``{global name: header}``), which the commit records."""
-    torch.save({"version": _format_of(pieces.values()), "pieces": pieces}, tmp / "shards" / fname)
-    fsync_file(tmp / "shards" / fname)
+    _save(tmp / "shards" / fname, {"version": _format_of(pieces.values()), "pieces": pieces})
     return {name: piece_header(piece) for name, piece in pieces.items()}
+
+
+def _save(path: Path, value) -> None:
+    """``torch.save`` and sync one file of a checkpoint being written. A full disk surfaced as
+    torch's "unexpected pos 833088 vs 832976" from its zip writer: named here, with the space left."""
+    try:
+        torch.save(value, path)
+        fsync_file(path)
+    except (OSError, RuntimeError) as e:
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "its free space unknown"
+        raise OSError(f"cannot write checkpoint file {path} ({free}; full disk or quota?): "
+                      f"{str(e).strip().splitlines()[0][:200]}") from e
 
 
 def piece_header(piece: dict) -> dict:
