@@ -639,3 +639,42 @@ def test_a_rank_that_fails_alone_is_not_held_in_the_start_up_agreement(world_of_
     seconds, message = (tmp_path / "error0.txt").read_text().split(" ", 1)
     assert message == "rank 0 could not build its teacher" and float(seconds) < 20, (seconds, message)
     assert (tmp_path / "error1.txt").is_file()
+
+
+def _distill_with_a_slow_teacher_start(rank, world, root):
+    import json
+    import time
+
+    import kdtrain.training.distill as loop
+    from kdtrain.config.distill import load_distill_config
+
+    real_teacher = loop.Teacher
+
+    def slow_teacher(*args, **kwargs):  # a large teacher read from slow storage
+        time.sleep(8.0)
+        return real_teacher(*args, **kwargs)
+
+    loop.Teacher = slow_teacher
+    # The world group as init_distributed makes it under torchrun: distributed.timeout_s bounds it.
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    dist.distributed_c10d._get_default_group().set_timeout(timedelta(seconds=4))
+    cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=disaggregated", "split.teacher_ranks=1",
+                                       "distributed.timeout_s=4", "split.timeout_s=4", "distributed.idle_timeout_s=60",
+                                       "training.train_steps=1", "training.eval_batches=0",
+                                       f"logging.dir={root}/run{rank}"])
+    summary = loop.distill(cfg)
+    (Path(root) / f"rank{rank}.json").write_text(json.dumps(summary.get("step")))
+
+
+def test_students_wait_for_a_slow_teacher_start_under_the_idle_bound(tmp_path):
+    """Disaggregated, the students are built long before a large teacher is loaded: they wait for
+    it in the start-up agreement under distributed.idle_timeout_s, not the job's timeout (4 s
+    here, against an 8 s teacher start), which ended the run."""
+    import json
+
+    from conftest import run_spawn
+
+    run_spawn(2, _distill_with_a_slow_teacher_start, str(tmp_path), tmp_path=tmp_path)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == [1, 1]

@@ -312,7 +312,10 @@ def distill(cfg: DistillConfig) -> dict:
     # role's peers wait for it in that agreement, and its exit ends the job.
     if failure is not None and not any(agreed(failure, g.role_group) for g in (t_groups, s_groups) if g.is_member):
         raise failure
-    raise_together(failure, None, lambda rank, shown: f"rank {rank} failed to start: {shown}")
+    # Disaggregated, one role may take far longer than the other (a large teacher read from slow
+    # storage): the idle group's bound (distributed.idle_timeout_s) applies, not the job's timeout.
+    raise_together(failure, idle.group if idle is not None else None,
+                   lambda rank, shown: f"rank {rank} failed to start: {shown}")
     # Teacher-only ranks learn the resume step from the student's checkpoint, read by all ranks.
     start_step = _agree_start_step(start.step, s_layout, env.device)
 
