@@ -554,52 +554,55 @@ def test_a_student_sampling_on_policy_gets_local_layers_with_transformer_engine(
     assert _attention(onpolicy, 1, 1, cuda) == "transformer-engine (teacher), sdpa (student)"
 
 
-def _distill_with_a_bad_load(rank, world, root, role):
+# (what fails, the failing rank's own error): loads of a checkpoint of another shape; the teacher's
+# device without room for it; the student's checkpoint.dir holding another run's checkpoints with
+# checkpoint.resume: false; rank 1's node unable to write its logging.dir (found before any group
+# is made: the teacher waited in the idle group's creation, distributed.idle_timeout_s).
+_START_FAILURES = [("teacher", "different model"), ("student", "different model"),
+                   ("teacher-memory", "GiB free: split the model"),
+                   ("student-dir", "checkpoint.resume: false, but checkpoint.dir"),
+                   ("student-logdir", "cannot create the directory")]
+
+
+def _distill_with_bad_starts(rank, world, root):
     import kdtrain.parallel
     import kdtrain.training.distill as loop
     from kdtrain.config.distill import load_distill_config
 
-    # The checkpoint holds a two-layer tiny model; the role that loads it is built with one layer.
-    # Or a role refuses to start: the teacher's device has no room for it, or the student's
-    # checkpoint.dir holds another run's checkpoints with checkpoint.resume: false.
-    extra = {"teacher": [f"teacher.load={root}/ck", "teacher.random_init=false", "teacher.model.num_layers=1"],
-             "student": [f"student.load={root}/ck", "student.model.num_layers=1"],
-             "teacher-memory": [], "student-dir": [f"checkpoint.dir={root}/ck", "checkpoint.resume=false"],
-             "student-logdir": []}[role]
-    if role == "teacher-memory" and rank == 0:
-        kdtrain.parallel.free_memory_bytes = lambda device: 1
-    # Rank 1's node cannot write its logging.dir (found before any group is made: the teacher
-    # waited in the idle group's creation, distributed.idle_timeout_s).
-    log_dir = f"{root}/afile/run" if role == "student-logdir" and rank == 1 else f"{root}/run{rank}"
-    cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=disaggregated", "split.teacher_ranks=1",
-                                       "distributed.timeout_s=60", "distributed.idle_timeout_s=60",
-                                       f"logging.dir={log_dir}", *extra])
-    with pytest.raises(ValueError) as e:
-        loop.distill(cfg)
-    (Path(root) / f"error{rank}.txt").write_text(str(e.value))
+    # One world for every case: each start fails on every rank alike, so the next begins in step.
+    real_free = kdtrain.parallel.free_memory_bytes
+    for role, _ in _START_FAILURES:
+        extra = {"teacher": [f"teacher.load={root}/ck", "teacher.random_init=false", "teacher.model.num_layers=1"],
+                 "student": [f"student.load={root}/ck", "student.model.num_layers=1"],
+                 "student-dir": [f"checkpoint.dir={root}/ck", "checkpoint.resume=false"]}.get(role, [])
+        kdtrain.parallel.free_memory_bytes = (lambda device: 1) if role == "teacher-memory" and rank == 0 else real_free
+        log_dir = f"{root}/afile/run" if role == "student-logdir" and rank == 1 else f"{root}/run{rank}"
+        cfg = load_distill_config("tiny", ["data.mock=true", "split.mode=disaggregated", "split.teacher_ranks=1",
+                                           "distributed.timeout_s=60", "distributed.idle_timeout_s=60",
+                                           f"logging.dir={log_dir}", *extra])
+        with pytest.raises(ValueError) as e:
+            loop.distill(cfg)
+        (Path(root) / f"{role}-error{rank}.txt").write_text(str(e.value))
 
 
-@pytest.mark.parametrize("role,says", [("teacher", "different model"), ("student", "different model"),
-                                       ("teacher-memory", "GiB free: split the model"),
-                                       ("student-dir", "checkpoint.resume: false, but checkpoint.dir"),
-                                       ("student-logdir", "cannot create the directory")])
-def test_a_role_that_fails_to_start_stops_the_other(world_of_one, tmp_path, role, says):
+def test_a_role_that_fails_to_start_stops_the_other(world_of_one, tmp_path):
     """Disaggregated, the teacher's and the student's ranks build and load apart; a role whose
     start failed (a load, a memory check, a checkpoint directory refused, a logging directory its
-    node cannot write) stopped its own ranks,
-    while the other role's went on into the start-step broadcast and died there with the
-    transport's error (gloo: its peer closed the connection; NCCL: the job's timeout). Every rank
-    now raises a ValueError, the other role's naming the failed rank and its error."""
+    node cannot write) stopped its own ranks, while the other role's went on into the start-step
+    broadcast and died there with the transport's error (gloo: its peer closed the connection;
+    NCCL: the job's timeout), or waited in the creation of the groups. Every rank now raises a
+    ValueError, the other role's naming the failed rank and its error."""
     from conftest import one_rank_role, run_spawn, save_one_rank_role
 
     cfg, groups, model = one_rank_role("tiny")
     save_one_rank_role(tmp_path / "ck", 1, model, groups, cfg)
     (tmp_path / "afile").write_text("")
-    run_spawn(2, _distill_with_a_bad_load, str(tmp_path), role, tmp_path=tmp_path)
-    failed = 0 if role.startswith("teacher") else 1
-    own, other = ((tmp_path / f"error{r}.txt").read_text() for r in (failed, 1 - failed))
-    assert says in own, own
-    assert other.startswith(f"rank {failed} failed to start: ") and own in other, other
+    run_spawn(2, _distill_with_bad_starts, str(tmp_path), tmp_path=tmp_path)
+    for role, says in _START_FAILURES:
+        failed = 0 if role.startswith("teacher") else 1
+        own, other = ((tmp_path / f"{role}-error{r}.txt").read_text() for r in (failed, 1 - failed))
+        assert says in own, (role, own)
+        assert other.startswith(f"rank {failed} failed to start: ") and own in other, (role, other)
 
 
 def _distill_with_a_rank_failing_alone(rank, world, root):
