@@ -236,8 +236,9 @@ EXPORT_MARKER = "kdtrain_export.json"
 def write_safetensors(out: Path, rules: RuleSet, get, dtype: torch.dtype, shard_bytes: int) -> list[str]:
     """The rules' outputs as ``model.safetensors``, or, past ``shard_bytes``, as
     ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` (the layout
-    transformers reads for large models); one file's tensors in memory at a time. The files are
-    written under temporary names and renamed once all exist. Returns the file names."""
+    transformers reads for large models) in ``out``, a new directory (export_hf's staging one);
+    one file's tensors in memory at a time. The files are written under temporary names and named
+    once their count is known. Returns the file names."""
     save_file = need("safetensors.torch", "writing Hugging Face weights").save_file
 
     parts: list[list[str]] = []  # tensor names of each written file
@@ -261,8 +262,6 @@ def write_safetensors(out: Path, rules: RuleSet, get, dtype: torch.dtype, shard_
         total += size
     n = len(parts)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
-        stale.unlink(missing_ok=True)  # a previous export, possibly split differently
     for i, fname in enumerate(names):
         os.replace(out / f"part{i:05d}.safetensors.tmp", out / fname)
     if n > 1:
