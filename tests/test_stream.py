@@ -411,3 +411,46 @@ def test_disaggregated_streams_cannot_deadlock_on_the_channel_s_communicators():
                     assert not _stream_order_deadlocks(_stream_ops(ch, wt + ws), _sender_group(ch)), (t, s)
                     checked += 1
     assert checked > 400, checked
+
+
+# -- errors name where they happened -------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["values", "checksum"])
+def test_a_bad_teacher_payload_names_the_step_micro_batch_and_sender(bad):
+    """A teacher's NaN logit (a diverged teacher) or a payload of other tokens is found after the
+    step's last backward; the error says which step, micro-batch and teacher rank."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from kdtrain.loss import KDLossConfig
+    from kdtrain.parallel import RoleLayout
+    from kdtrain.stream.channel import PayloadChannel, StreamError
+    from kdtrain.training.batches import make_microbatch
+    from kdtrain.training.distill import SeqMicroBatch, kd_forward_step
+
+    vocab, o = 16, 1
+    spec = PayloadSpec(seq_length=4, micro_batch=1, k=2, values_dtype=torch.float32)
+    # Teacher and student on rank 0 (tp1 pp1 dp1): the payload is handed over on the rank.
+    ch = PayloadChannel(Pairing(2, 1, 1), RoleLayout("teacher", 0, 1, 1, 1), RoleLayout("student", 0, 1, 1, 1),
+                        spec, None, torch.device("cpu"), 5.0, None, None, connect=False, rank=0)
+    mb = SeqMicroBatch(**vars(make_microbatch(np.arange(5).reshape(1, 5), torch.device("cpu"))), seq=o)
+    payload = spec.empty(torch.device("cpu"))
+    payload.ids.copy_(torch.tensor([3, 5], dtype=torch.int32).expand(4, 1, 2))
+    payload.values.copy_(torch.tensor([2.0, 1.0]).expand(4, 1, 2))
+    payload.tail_lse.fill_(0.0)
+    payload.checksum.copy_(token_checksum(mb.tokens if bad == "values" else mb.tokens + 1))
+    if bad == "values":
+        payload.values[2, 0, 1] = float("nan")
+    ch.put(o, payload)
+    ch.where = " at step 7"  # as the training loop sets it
+    cfg = SimpleNamespace(student=SimpleNamespace(model=SimpleNamespace(vocab_size=vocab)), loss=KDLossConfig())
+    _, loss_func = kd_forward_step(ch, deque([o]), cfg, None, {"teacher_wait_s": 0.0})(lambda *a, **k: None, mb)
+    _, _, report = loss_func(torch.randn(4, 1, vocab), 4)
+    expected = ((ValueError, r"micro-batch 1 at step 7, payload from teacher rank 0: teacher top-k values contain 1 "
+                 "NaN") if bad == "values" else
+                (StreamError, r"rank 0 at step 7: teacher payload for micro-batch 1 \(from rank 0\) was computed on "
+                 "different tokens"))
+    with pytest.raises(expected[0], match=expected[1]):
+        report["check"]()

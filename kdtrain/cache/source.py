@@ -25,6 +25,11 @@ class CachedPayloads:
         self._ids: dict[int, tuple[int, ...]] = {}
         self._posted: set[int] = set()
         self._unverified: list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = []
+        self.where = ""  # as PayloadChannel.where
+
+    def origin(self, o: int) -> str:
+        """Where the payload of ``o`` comes from, for error messages."""
+        return f"cache {self.reader.path}, samples {list(self._ids[o])}"
 
     def start_step(self, sample_ids_of: dict[int, tuple[int, ...]]) -> None:
         """This step's micro-batches of this replica: sequence number -> dataset sample ids."""
@@ -55,8 +60,8 @@ class CachedPayloads:
         pending, self._unverified = self._unverified, []
         for ids, got, expected in pending:
             if int(got) != int(expected):
-                raise ValueError(f"cache {self.reader.path}: the cached payload of samples {list(ids)} was "
-                                 f"computed on other tokens than the student reads: the cache does not belong "
+                raise ValueError(f"cache {self.reader.path}{self.where}: the cached payload of samples {list(ids)} "
+                                 f"was computed on other tokens than the student reads: the cache does not belong "
                                  f"to this dataset (data.*) or was written with another data order")
 
     def flush(self) -> None:

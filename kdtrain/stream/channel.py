@@ -153,6 +153,7 @@ class PayloadChannel:
         self._receives = payload_receives(pairing, teacher, student, self.rank)  # what post() posts, in order
         self._pairs: set[tuple[int, int]] = set()  # (src, dst) moving payloads, once connected
         self._groups: dict[int, object] = {}  # src -> its group (module docstring)
+        self.where = ""  # the pass in progress, e.g. " at step 12": set by the loop, named in errors
         if connect:  # False: routing only (no messages; the planner's tests)
             self._connect(group_timeout_s)
 
@@ -166,6 +167,10 @@ class PayloadChannel:
     def route(self, o: int) -> tuple[bool, int, int]:
         """(zero_copy, src rank, dst rank) of sequence number ``o``."""
         return route_of(self.pairing, self.teacher, self.student, o)
+
+    def origin(self, o: int) -> str:
+        """Where the payload of ``o`` comes from, for error messages."""
+        return f"teacher rank {self.route(o)[1]}"
 
     # -- communicators (module docstring) ------------------------------------------------------
     def pairs(self) -> list[tuple[int, int]]:
@@ -284,8 +289,8 @@ class PayloadChannel:
         pending, self._unverified = self._unverified, []
         for o, src, got, expected in pending:
             if int(got) != int(expected):
-                raise StreamError(f"rank {self.rank}: teacher payload for micro-batch {o} (from rank {src}) was "
-                                  f"computed on different tokens than the student's (checksum {int(got)} != "
+                raise StreamError(f"rank {self.rank}{self.where}: teacher payload for micro-batch {o} (from rank "
+                                  f"{src}) was computed on different tokens than the student's (checksum {int(got)} != "
                                   f"{int(expected)}): teacher and student disagree on the data order")
 
     def _take_local(self, o: int, src: int) -> Payload:
@@ -297,14 +302,14 @@ class PayloadChannel:
         try:
             return fn()
         except RuntimeError as e:  # gloo: connection closed by a dead peer, or its own timeout
-            raise StreamError(f"rank {self.rank}: {what} failed ({str(e).splitlines()[0][:200]}); "
+            raise StreamError(f"rank {self.rank}{self.where}: {what} failed ({str(e).splitlines()[0][:200]}); "
                               f"the peer rank died or stalled") from None
 
     def _wait(self, work, what: str) -> None:
         ok = self._guard(lambda: work.wait(self.timeout), what)
         if ok is False:
-            raise StreamError(f"rank {self.rank}: {what} timed out after {self.timeout.total_seconds():.0f}s "
-                              f"(split.timeout_s); the peer rank died or stalled (if it is only slow, e.g. a "
+            raise StreamError(f"rank {self.rank}{self.where}: {what} timed out after "
+                              f"{self.timeout.total_seconds():.0f}s (split.timeout_s); the peer rank died or stalled (if it is only slow, e.g. a "
                               f"pipeline stage far behind, raise split.timeout_s)")
 
     def pending(self) -> int:

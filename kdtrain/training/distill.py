@@ -110,7 +110,11 @@ def kd_forward_step(channel, upcoming: deque, cfg: DistillConfig, tp_group, time
 
             def check():
                 channel.verify_pending()
-                values_check()
+                try:
+                    values_check()
+                except ValueError as e:  # a teacher's NaN, say: name the step, micro-batch and source
+                    raise ValueError(f"micro-batch {mb.seq}{channel.where}, payload from {channel.origin(mb.seq)}: "
+                                     f"{e}") from None
 
             return loss, tokens, {"loss_sum": loss_sum, "kd_sum": report["kd_sum"], "ce_sum": report["ce_sum"],
                                   "tokens": tokens, "check": check}
@@ -370,6 +374,7 @@ def distill(cfg: DistillConfig) -> dict:
         # A cache holds the data's payloads: steps on the student's samples need the live teacher.
         live = onpolicy or live_teacher_step(step, cfg, reader)
         source = channel if live else cached
+        source.where = f" at step {step + 1}"
         if student is not None:
             # A device-wide sync: on a teacher-only rank it would wait for the payloads in flight
             # and the statistics' reduction, holding the teacher to the students' pace.
@@ -544,6 +549,7 @@ def evaluate_distill(student, teacher, channel: PayloadChannel, pairing: Pairing
         student.model.eval()
     for b in range(batches):
         first = b * tr.global_batch_size
+        channel.where = f" in held-out batch {b + 1}"
         items, upcoming = [], []
         if student is not None:
             items, upcoming = student_items(sample, targets, positions, first, pairing, tr, s_groups, device)
