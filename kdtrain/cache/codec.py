@@ -5,8 +5,10 @@ teacher's top-k ids and values per token, the log-mass of the rest ``tail_lse`` 
 tail mass: logsumexp of ``logits / tau`` over the ids outside the top-k),
 the ``S`` input tokens (so the reader can rebuild the micro-batch checksum that the student
 compares with its own tokens, exactly as for a live payload) and an int64 checksum of those
-tokens (catches a reader that maps the wrong record). Records have a fixed size, so a sample's
-place in a shard is arithmetic. Fields, each starting at a multiple of its element size::
+tokens (catches a reader that maps the wrong record). These records have a fixed size, so a
+sample's place in a shard is arithmetic (a ``cache.positions: targets`` cache's records,
+``TargetRecordLayout`` below, vary in size and are found through the shard's offset table).
+Fields, each starting at a multiple of its element size::
 
     checksum int64 (1) | tail_lse fp32 (S) | [fp8 only: offset fp32 (S), scale fp32 (S)]
     | values (S*k, 4/2/2/1 bytes) | ids packed (S*k x b bits) | tokens packed (S x b bits) | pad to 8

@@ -2,11 +2,12 @@
 training samples of a distillation run and write its top-k payload to a sharded cache.
 
 Every rank of the job is a teacher rank (any TP x PP x DP over the world). Shard ``i`` (a fixed
-block of ``shard_samples`` samples) belongs to replica ``i % dp``; all ranks of that replica run
-its micro-batches through the pipeline and the replica's last-stage tensor-rank 0 encodes and
-writes the payloads (the top-k is identical on every tensor rank). Micro-batches are the run's
-own (``training.micro_batch_size`` consecutive samples, aligned the way the training loop cuts
-them), so each cached payload is what the live teacher computes for that micro-batch.
+block of ``shard_samples`` samples) belongs to replica ``i % dp`` in a fresh job (a resumed one
+deals the shards still to write round robin over the replicas: ``writer.plan_shards``); all
+ranks of that replica run its micro-batches through the pipeline and the replica's last-stage
+tensor-rank 0 encodes and writes the payloads (the top-k is identical on every tensor rank).
+Micro-batches are the run's own (``training.micro_batch_size`` consecutive samples, aligned the
+way the training loop cuts them), so each cached payload is what the live teacher computes for that micro-batch.
 
 Before anyone writes, rank 0 checks the directory against the job and writes the draft manifest;
 then every rank verifies a share of the shards already on disk (a resumed job) and all gather

@@ -2,7 +2,8 @@
 
 Contract with the distillation loop (``teacher.source: cache`` or ``mixed``):
 
-* Open once per rank that consumes payloads (the student's last pipeline stage)::
+* Open on every rank of the run (each asks ``covers()`` which steps the cache serves); only the
+  student's last-stage ranks decode payloads::
 
       reader = CacheReader(cfg_cache_path)
       reader.check(run_cfg)          # ValueError naming vocab_size / seq_length / k / tau / dataset /

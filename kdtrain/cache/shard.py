@@ -16,8 +16,9 @@
     [version 2 only]       record checksums: count little-endian u32, zlib.crc32 of each record
 
 Shard ``i`` holds samples ``[i * shard_samples, min((i + 1) * shard_samples, num_samples))``, so
-sample ``g`` lives in shard ``g // shard_samples`` at byte ``64 + (g % shard_samples) * record``:
-the index is arithmetic and needs no lookup table (``ShardIndex``).
+sample ``g`` lives in shard ``g // shard_samples``; with fixed-size records at byte
+``64 + (g % shard_samples) * record``, an arithmetic index with no lookup table (``ShardIndex``),
+with variable-size records (``cache.positions: targets``) where the offset table says.
 
 A shard is self-verifying, and its integrity is checked in proportion to what is read. The header
 carries its own checksum and the checksum of the tables; the tables carry one checksum per record.

@@ -275,7 +275,8 @@ class DistributedConfig:
     for the students' samples (a disaggregated teacher for all of the sampling, colocated
     replicas that finish first for the slowest), and disaggregated teacher ranks wait while the
     students save a checkpoint, run the held-out pass or train on cached steps (a mixed teacher
-    source). Those waits go through a world group of
+    source); the students wait for a disaggregated teacher's start (its load from slow storage,
+    say) in the start-up agreement. Those waits go through a world group of
     their own with this bound; a run whose on-policy sampling the planner estimates longer than
     it is refused at start (``split.profile``, else this device's profile), and a wait that still
     runs out names itself and this key."""

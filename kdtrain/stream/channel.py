@@ -52,7 +52,9 @@ communicators on a teacher's sending rank). The groups are created on every rank
 (blocking both until both arrive) each (src, dst) pair sends one token at construction, in one
 global order (the smallest pair not yet open has both its ranks waiting on it).
 
-Failure. Every wait is bounded by ``timeout_s``; a peer that died (connection closed) or stalled
+Failure. Every payload transfer's wait is bounded by ``timeout_s`` (``split.timeout_s``; the
+connection at construction and the student's tensor-parallel broadcast by their groups' timeout,
+``distributed.timeout_s``); a peer that died (connection closed) or stalled
 (timeout) raises ``StreamError`` naming both ranks and the micro-batch. The student checks the
 payload's token checksum against its own micro-batch: a mismatch means the two sides disagree on
 the data and is an error, never a silently wrong loss.
@@ -309,8 +311,8 @@ class PayloadChannel:
         ok = self._guard(lambda: work.wait(self.timeout), what)
         if ok is False:
             raise StreamError(f"rank {self.rank}{self.where}: {what} timed out after "
-                              f"{self.timeout.total_seconds():.0f}s (split.timeout_s); the peer rank died or stalled (if it is only slow, e.g. a "
-                              f"pipeline stage far behind, raise split.timeout_s)")
+                              f"{self.timeout.total_seconds():.0f}s (split.timeout_s); the peer rank died or stalled "
+                              f"(if it is only slow, e.g. a pipeline stage far behind, raise split.timeout_s)")
 
     def pending(self) -> int:
         return len(self._sends) + len(self._recvs) + len(self._local)

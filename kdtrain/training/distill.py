@@ -19,7 +19,7 @@ stage blocked on a payload, the longest of the student's ranks), ``student_wait_
 blocked handing a payload over), ``teacher_compute_s`` and ``teacher_busy`` (its share of the step;
 timed on other ranks over their own intervals than the step, it can read slightly above 1),
 teacher TFLOP/s and MFU, and payload bytes/s. The teacher-side figures are means over the teacher
-ranks and the steps since the last log line; they reach the logging rank by one small world
+ranks (payload bytes: their total) and the steps since the last log line; they reach the logging rank by one small world
 all-reduce on logging steps, which a teacher-only rank (disaggregated) starts without waiting for
 it: the teacher goes on serving the next step while the students finish theirs (waiting would hold
 it at every logging step, i.e. every step with the default ``logging.interval: 1``). Losses, rates

@@ -4,7 +4,8 @@ A distillation run's ranks sometimes wait for work only some of them do: on an o
 every rank waits for the students' samples (a disaggregated teacher for all of the sampling,
 colocated replicas that finish first for the slowest), and disaggregated teacher ranks wait while
 the students save a checkpoint, run the held-out pass or train on cached steps (a mixed teacher
-source). Those waits last as long as that work,
+source); at start-up the students wait for a disaggregated teacher's load in the world agreement
+on the run's outcome (``raise_together`` over this module's group). Those waits last as long as that work,
 so they are bounded by ``distributed.idle_timeout_s``, not by ``distributed.timeout_s``, which
 is kept short to catch hung collectives.
 """
