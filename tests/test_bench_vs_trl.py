@@ -59,9 +59,11 @@ def test_losses_rates_and_evaluation(report):
         assert x["final_loss"] == x["losses"][-1]
         assert x["samples_per_s"] > 0 and x["tokens_per_s"] == pytest.approx(x["samples_per_s"] * r["settings"]["seq_length"])
         assert x["peak_memory_gib"] > 0 and len(x["peak_memory_per_device_gib"]) == x["num_devices"]
-        # A few small steps barely move the student: the common score stays near the untrained one,
-        # which also checks that kdtrain's exported student is the trained model, not a scrambled one.
+        # A few small steps barely move the student: the common score stays near the untrained one
+        # (an export of scrambled weights would not), and below it (an export of the untrained
+        # weights scores exactly `init`; CPU: 0.2% below for kdtrain, 0.6% for TRL).
         assert x["eval_full_vocab_jsd"] == pytest.approx(init, rel=0.05), x["system"]
+        assert x["eval_full_vocab_jsd"] < init, x["system"]
     by = {x["system"]: x for x in ok}
     # Same math, same data, same seeds: the two kdtrain splits agree step by step.
     assert by["kdtrain-colocated"]["losses"] == pytest.approx(by["kdtrain-disaggregated"]["losses"], rel=1e-4)

@@ -69,7 +69,8 @@ def test_hf_teacher_to_hf_student(world_of_one, tmp_path):
         f"data.tokenizer={tmp_path / 'hf_teacher'}", "loss.divergence=jsd", "loss.tau=1.0", "training.train_steps=8",
         "precision.device=cpu", f"logging.dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]))
     losses = read_metrics(tmp_path / "run")
-    assert losses[8]["kd_loss"] < losses[1]["kd_loss"]
+    kd = [losses[step]["kd_loss"] for step in range(1, 9)]
+    assert sum(kd[-3:]) < 0.85 * sum(kd[:3]), kd  # learns (the last three steps at ~0.71 of the first three on CPU)
 
     assert main(["convert", "kdtrain-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
