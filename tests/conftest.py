@@ -37,6 +37,20 @@ def sigkill_tree(pid: int) -> None:
             pass
 
 
+def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)``, except
+    that a timeout kills the whole process tree: ``subprocess.run`` kills the child alone, and
+    torchrun's workers (sessions of their own) would go on running, and writing, after the test."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        sigkill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_torchrun(nproc: int, script: str, args: list[str], timeout: float = 300, check: bool = True,
                  env: dict | None = None) -> subprocess.CompletedProcess:
     """Launch ``scripts/<script>`` under torchrun on CPU (gloo) and wait, bounded in time."""
@@ -44,7 +58,7 @@ def run_torchrun(nproc: int, script: str, args: list[str], timeout: float = 300,
            "--standalone", str(REPO / "scripts" / script), *args]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     full_env.update(env or {})
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    proc = run_bounded(cmd, timeout, cwd=REPO, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
@@ -67,7 +81,7 @@ def run_entries(nproc: int, jobs: list[tuple[str, list[str]]], workdir: Path, ti
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
            str(REPO / "tests" / "run_entries.py"), str(workdir / "jobs.json")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = run_bounded(cmd, timeout, cwd=REPO, env=env)
 
     def read(log: Path, ext: str) -> str:
         return "".join((log / f"rank{r}.{ext}").read_text() for r in range(nproc) if (log / f"rank{r}.{ext}").is_file())

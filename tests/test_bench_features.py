@@ -5,19 +5,20 @@ corpora it writes, and the report holds each run's step time."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def test_cpu_tiny_runs_every_pair(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_features.py"), "--cpu-tiny", "--steps", "4",
-                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_bounded([sys.executable, str(REPO / "benchmarks" / "bench_features.py"), "--cpu-tiny", "--steps", "4",
+                        "--out", str(tmp_path)], 600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "bench_features.json").read_text())
     assert {k: sorted(v) for k, v in res["pairs"].items()} == {

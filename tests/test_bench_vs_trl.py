@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_bounded
+
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 pytestmark = pytest.mark.slow
@@ -23,8 +25,8 @@ SYSTEMS = ("trl-gkd", "trl-gkd-liger", "kdtrain-colocated", "kdtrain-disaggregat
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_vs_trl")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_vs_trl.py"), "--cpu-tiny", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bounded([sys.executable, str(REPO / "benchmarks" / "bench_vs_trl.py"), "--cpu-tiny", "--out", str(out)],
+                       300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, json.loads((out / "bench_cpu-tiny.json").read_text())
 
@@ -110,10 +112,10 @@ def test_your_own_hugging_face_pair(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     bench = [sys.executable, str(REPO / "benchmarks" / "bench_vs_trl.py")]
-    proc = subprocess.run([*bench, "--teacher-hf", str(dirs["teacher"]), "--student-hf", str(dirs["student"]),
-                           "--seq-length", "32", "--micro-batch", "2", "--global-batch", "4", "--steps", "3",
-                           "--warmup", "1", "--systems", "trl-gkd,kdtrain-colocated", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bounded([*bench, "--teacher-hf", str(dirs["teacher"]), "--student-hf", str(dirs["student"]),
+                        "--seq-length", "32", "--micro-batch", "2", "--global-batch", "4", "--steps", "3",
+                        "--warmup", "1", "--systems", "trl-gkd,kdtrain-colocated", "--out", str(out)],
+                       300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     r = json.loads((out / "bench_custom.json").read_text())
     assert r["complete"] and all(x["status"] == "ok" for x in r["results"]), [x["reason"] for x in r["results"]]
@@ -135,9 +137,8 @@ def test_profiled_systems_report_where_the_step_goes(tmp_path):
     """--profile (used by run_h100.sh accept): both frameworks run their extra profiled steps and
     report a per-step summary, and the timed steps stay the same count."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_vs_trl.py"), "--cpu-tiny", "--profile",
-                           "--systems", "trl-gkd,kdtrain-colocated", "--out", str(tmp_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bounded([sys.executable, str(REPO / "benchmarks" / "bench_vs_trl.py"), "--cpu-tiny", "--profile",
+                        "--systems", "trl-gkd,kdtrain-colocated", "--out", str(tmp_path)], 300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     r = json.loads((tmp_path / "bench_cpu-tiny.json").read_text())
     ok = [x for x in r["results"] if x["status"] == "ok"]

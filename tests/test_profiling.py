@@ -6,13 +6,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_bounded
 from kdtrain.config import LoggingConfig
 from kdtrain.training.profiling import StepProfiler, category
 
@@ -71,9 +70,8 @@ def test_bench_distill_reports_profiles_of_the_entry_points(tmp_path):
     """benchmarks/bench_distill.py --cpu-tiny --profile: pretrain_gpt.py and distill_gpt.py record
     the two extra steps, and the medians leave them out."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_distill.py"), "--cpu-tiny", "--profile",
-                           "--steps", "4", "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_bounded([sys.executable, str(REPO / "benchmarks" / "bench_distill.py"), "--cpu-tiny", "--profile",
+                        "--steps", "4", "--out", str(tmp_path)], 600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "bench_distill.json").read_text())
     assert set(res["profiles"]) == {"student_train", "teacher_train", "distill"}

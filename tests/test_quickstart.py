@@ -12,12 +12,11 @@ About 4 minutes on 2 CPU cores.
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, read_metrics
+from conftest import REPO, read_metrics, run_bounded
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +30,7 @@ def test_quickstart_whole_story(tmp_path):
                PYTHON=sys.executable)
     for var in ("TEACHER_STEPS", "STUDENT_STEPS"):
         env.pop(var, None)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "quickstart.sh")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    proc = run_bounded(["bash", str(REPO / "scripts" / "quickstart.sh")], 1500, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = tmp_path / "runs"
 
