@@ -1,10 +1,13 @@
 """Run logging (kdtrain/training/logger.py): a job that resumes a run directory appends to the same
-metrics file and continues the same wandb run (offline here: no project, no key)."""
+metrics file and continues the same wandb run (offline here: no project, no key); a job that
+raises closes its logger as failed."""
 
 from __future__ import annotations
 
 import json
 import re
+
+import pytest
 
 from kdtrain.config.run import LoggingConfig
 from kdtrain.training.logger import RunLogger
@@ -57,3 +60,39 @@ def test_a_line_torn_by_a_crash_is_dropped_when_the_job_resumes(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo')  # no complete line at all
     RunLogger(cfg, True, total_steps=3, start_step=0).close()
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_a_job_that_raises_closes_its_logger_as_failed(world_of_one, tiny_corpus, tmp_path, monkeypatch):
+    """pretrain and distill close the run's sinks (metrics file, TensorBoard, wandb) on the way out
+    of an exception too, with wandb told the run failed (and distill its teacher cache's reader,
+    whose prefetch thread would otherwise keep the reader alive, by the same ExitStack)."""
+    from kdtrain.config import load_pretrain_config
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training import distill as distill_mod
+    from kdtrain.training import pretrain as pretrain_mod
+
+    closed = []
+    real_close = RunLogger.close
+    monkeypatch.setattr(RunLogger, "close", lambda self, failed=False: (closed.append(failed), real_close(self, failed)))
+    data = [f"data.path=[{tiny_corpus['prefix']}]", f"data.tokenizer={tiny_corpus['tokenizer']}", "training.train_steps=2",
+            "training.eval_batches=0", "precision.device=cpu", "logging.progress_bar=false"]
+    real_step = pretrain_mod.train_step
+
+    def second_step_fails(*args, **kwargs):
+        if second_step_fails.calls == 1:
+            raise RuntimeError("injected")
+        second_step_fails.calls += 1
+        return real_step(*args, **kwargs)
+
+    for name, mod, load, run in (("pretrain", pretrain_mod, load_pretrain_config, pretrain_mod.pretrain),
+                                 ("distill", distill_mod, load_distill_config, distill_mod.distill)):
+        cfg = load("tiny", [*data, f"logging.dir={tmp_path / name}"])
+        run(cfg)
+        second_step_fails.calls = 0
+        monkeypatch.setattr(mod, "train_step", second_step_fails)
+        with pytest.raises(RuntimeError, match="injected"):
+            run(load("tiny", [*data, f"logging.dir={tmp_path / name}-failed"]))
+        assert closed == [False, True], (name, closed)
+        closed.clear()
+        steps = [json.loads(line)["step"] for line in (tmp_path / f"{name}-failed" / "metrics.jsonl").open()]
+        assert steps == [1], (name, steps)

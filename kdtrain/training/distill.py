@@ -32,6 +32,7 @@ cross entropy and, with a live teacher, its divergence to the teacher.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import deque
@@ -204,6 +205,15 @@ def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype):
     from ..cache import CacheReader
 
     reader = CacheReader(cfg.teacher.cache)
+    try:
+        _check_cache(cfg, reader, rank, dtype)
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+def _check_cache(cfg: DistillConfig, reader, rank: int, dtype: torch.dtype) -> None:
     reader.check(cfg)
     # Found now, not after hours of training (a cache run samples no steps on-policy: validate).
     steps = cfg.training.train_steps
@@ -222,7 +232,6 @@ def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype):
             dist.broadcast_object_list(error, src=0)
         if error[0] is not None:
             raise ValueError(error[0])
-    return reader
 
 
 def teacher_record(t, reader) -> dict:
@@ -243,6 +252,12 @@ def teacher_record(t, reader) -> dict:
 
 
 def distill(cfg: DistillConfig) -> dict:
+    """Run the distillation job ``cfg`` on this rank (module docstring); returns its summary."""
+    with contextlib.ExitStack() as closing:  # the cache reader's thread and the logger's sinks
+        return _distill(cfg, closing)
+
+
+def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
     plan_lines = []
     if cfg.split.mode == "auto":
@@ -283,6 +298,8 @@ def distill(cfg: DistillConfig) -> dict:
                              group_timeout_s=cfg.distributed.timeout_s)
 
     reader = open_cache(cfg, env.rank, dtype)
+    if reader is not None:
+        closing.callback(reader.close)
     cached = CachedPayloads(reader, spec, pairing, env.device) if reader is not None else None
     # What the student's checkpoints record, checked when a later job resumes them.
     run = run_record("distill", tr.global_batch_size, cfg.data, **teacher_record(cfg.teacher, reader),
@@ -326,6 +343,7 @@ def distill(cfg: DistillConfig) -> dict:
     writer = env.rank == s_layout.rank_offset
     logger = RunLogger(cfg.logging, writer, tr.train_steps, start_step, run_config=to_dict(cfg),
                        name=f"{cfg.teacher.model.name}->{cfg.student.model.name}")
+    closing.push(logger.closer())
     if teacher is not None and env.rank == t_layout.rank_offset:
         mem = teacher.memory_report()
         logger_print = print if not writer else logger.write
@@ -484,8 +502,6 @@ def distill(cfg: DistillConfig) -> dict:
                                  idle)
     channel.flush()
     teacher_side.finish()
-    if reader is not None:
-        reader.close()
     if student is not None:
         if final:
             logger.log(step, final, kind="valid")
@@ -494,7 +510,6 @@ def distill(cfg: DistillConfig) -> dict:
         if skips.total:
             logger.write(f"{skips.total} step(s) of this job skipped for a non-finite gradient norm")
     summary["step"] = step
-    logger.close()
     return summary
 
 

@@ -133,12 +133,19 @@ class RunLogger:
         elif self.bar is None or kind != "train":
             self.write(f"[{kind}] step {step} " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Flush and close every sink; ``failed``: the job raised (wandb marks the run failed)."""
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)
         if self._jsonl is not None:
             self._jsonl.close()
+
+    def closer(self):
+        """An ``ExitStack.push`` callback: close, failed when the block raised."""
+        def close(exc_type, exc, tb) -> None:
+            self.close(failed=exc_type is not None)
+        return close

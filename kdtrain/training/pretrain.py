@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -221,6 +222,12 @@ def evaluate(role: Role, dataset: GPTWindowDataset, t: TrainingConfig, forward_s
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
+    """Run the pretraining job ``cfg`` on this rank; returns its summary."""
+    with contextlib.ExitStack() as closing:  # the logger's sinks
+        return _pretrain(cfg, closing)
+
+
+def _pretrain(cfg: PretrainConfig, closing: contextlib.ExitStack) -> dict:
     env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
     cfg.validate(env.world_size)
     par, t = cfg.parallel, cfg.training
@@ -245,6 +252,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     start_step = start.step
     writer = env.rank == 0
     logger = RunLogger(cfg.logging, writer, t.train_steps, start_step, run_config=to_dict(cfg), name=cfg.model.name)
+    closing.push(logger.closer())
     logger.write(
         f"kdtrain pretrain: {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f}M params, padded vocab "
         f"{cfg.model.padded_vocab_size(par.tp)}), tp={par.tp} pp={par.pp} dp={par.dp} on {env.world_size} "
@@ -302,7 +310,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
     summary["skipped_steps"] = skips.total
     if skips.total:
         logger.write(f"{skips.total} step(s) of this job skipped for a non-finite gradient norm")
-    logger.close()
     return summary
 
 
