@@ -1,11 +1,17 @@
 """Writes that survive a crash of the machine, not only of the process: a file's data is synced
 before a rename publishes it, and the directory after (its entries: the files created, renamed or
-removed in it). Checkpoints, the teacher cache and indexed corpora publish their files this way."""
+removed in it). Checkpoints, the teacher cache and indexed corpora publish their files this way.
+
+A writer's scratch files beside their destination are tagged ``PID@HOST`` (``scratch_tag``), so
+that the next writer removes what a killed one left (``reap_scratch``): a whole model or corpus."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
+import socket
+from pathlib import Path
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -60,3 +66,51 @@ def write_atomically(path: str | os.PathLike, text: str) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def scratch_tag() -> str:
+    """``PID@HOST`` of this process, for the names of its scratch files (see ``reap_scratch``)."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def dead_scratch(parent: str | os.PathLike, stem: str, suffixes: tuple[str, ...] = ("",)) -> list[Path]:
+    """The entries of ``parent`` named ``stem + scratch_tag() + suffix`` (``suffix`` one of
+    ``suffixes``) whose process, on this host, no longer runs: a killed writer's leftovers. Other
+    hosts' are not listed (on a shared file system their writers may be running), nor those of a
+    running process (a pid reused since counts as running: kept, never a live writer's removed)."""
+    parent, host, found = Path(parent), socket.gethostname(), []
+    if not parent.is_dir():
+        return found
+    for p in parent.iterdir():
+        if not p.name.startswith(stem):
+            continue
+        rest = p.name[len(stem):]
+        for suffix in suffixes:
+            if suffix and not rest.endswith(suffix):
+                continue
+            pid, at, their_host = rest[:len(rest) - len(suffix)].partition("@")
+            if at and their_host == host and pid.isdigit() and not _running(int(pid)):
+                found.append(p)
+                break
+    return found
+
+
+def reap_scratch(parent: str | os.PathLike, stem: str, suffixes: tuple[str, ...] = ("",)) -> list[Path]:
+    """Remove ``dead_scratch(parent, stem, suffixes)``; returns what was removed."""
+    found = dead_scratch(parent, stem, suffixes)
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found

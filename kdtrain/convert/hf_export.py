@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig, from_dict, load_model_config
-from ..durable import fsync_dir
+from ..durable import dead_scratch, fsync_dir, reap_scratch, scratch_tag
 from ..optional import need
 from ..training.checkpoint import CheckpointReader, check_checkpoint_model
 from .hf_config import ARCH_SHORT, SPECIAL_IDS, default_architecture, hf_config_from_model
@@ -151,6 +151,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"--dtype {dtype!r}: not one of {[*DTYPES, 'auto']}")
     out = Path(out)
+    _recover(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and not (out / EXPORT_MARKER).is_file():
@@ -182,9 +183,9 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     created = next((d for d in reversed(out.parents) if not d.exists()), None)  # the first missing parent
     out.parent.mkdir(parents=True, exist_ok=True)
     # Everything is written into a directory beside ``out`` that replaces it when complete: a
-    # failure or a kill before leaves an earlier export as it was (only the renames of the swap
-    # are not one step).
-    stage = out.parent / f".{out.name}.export-{os.getpid()}"
+    # failure or a kill before leaves an earlier export as it was (the swap's two renames are not
+    # one step: the next export to ``out`` puts back what a kill between them left aside).
+    stage = out.parent / f".{out.name}.export-{scratch_tag()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
@@ -206,6 +207,20 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     return out
 
 
+def _recover(out: Path) -> None:
+    """Clear what a killed export to ``out`` left beside it (``durable.reap_scratch``): its
+    staging directory (a whole model), and the earlier export it had moved aside, which goes back
+    to ``out`` when the kill came between the two renames of the swap (``out`` missing), else is
+    stale (the swap was done)."""
+    reap_scratch(out.parent, f".{out.name}.export-")
+    for old in dead_scratch(out.parent, f".{out.name}.old-"):
+        if not out.exists():
+            os.replace(old, out)
+            fsync_dir(out.parent)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _export_file(name: str) -> bool:
     """Whether an export writes files of this name (an earlier export's are replaced, not kept)."""
     return (name in (*TOKENIZER_FILES, "generation_config.json", "config.json", EXPORT_MARKER, INDEX_FILE)
@@ -220,7 +235,7 @@ def _replace_dir(out: Path, stage: Path) -> None:
         for p in out.iterdir():
             if not _export_file(p.name):
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, stage / p.name)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.old-{scratch_tag()}"
         os.replace(out, old)
         os.replace(stage, out)
         shutil.rmtree(old, ignore_errors=True)

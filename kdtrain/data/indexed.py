@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..cli import missing
-from ..durable import fsync_dir, fsync_file
+from ..durable import fsync_dir, fsync_file, reap_scratch, scratch_tag
 
 
 # megatron-core .idx layout: magic, version, dtype code, sequence count, document count, then
@@ -410,6 +410,9 @@ def _remove(paths: Sequence[str]) -> None:
             os.remove(path)
 
 
+_SCRATCH_SUFFIXES = (".bin", ".idx", ".meta.json", ".loss_mask.bin")  # bin_path, idx_path, ... of a prefix
+
+
 def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, metadata: dict) -> dict:
     """Write token documents as `<prefix>.bin/.idx/.meta.json`; return the metadata written.
 
@@ -424,7 +427,9 @@ def write_indexed_dataset(prefix: str, documents: Iterable, vocab_size: int, met
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     dtype = token_dtype(vocab_size)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{prefix}.tmp-{os.getpid()}"
+    # A killed writer's files (a whole corpus's tokens) go before this one writes its own.
+    reap_scratch(Path(prefix).parent, Path(prefix).name + ".tmp-", _SCRATCH_SUFFIXES)
+    tmp = f"{prefix}.tmp-{scratch_tag()}"
     tmp_bin, tmp_idx, tmp_meta, tmp_mask = bin_path(tmp), idx_path(tmp), meta_path(tmp), loss_mask_path(tmp)
     num_documents = num_tokens = max_token_id = 0
     data_file = index = mask_writer = None

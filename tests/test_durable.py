@@ -1,0 +1,66 @@
+"""Scratch files of killed writers (kdtrain/durable.py ``reap_scratch``): the next writer removes
+them on its host, never a running writer's nor another host's; an HF export killed between the
+renames of its swap gets the earlier export back; a corpus writer clears a killed one's tokens."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from kdtrain.durable import dead_scratch, reap_scratch
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_only_this_host_s_dead_writers_scratch_is_reaped(tmp_path):
+    host, dead, live = socket.gethostname(), _dead_pid(), os.getppid()
+    names = {f"x.tmp-{dead}@{host}.bin": True, f"x.tmp-{dead}@{host}.loss_mask.bin": True,
+             f"x.tmp-{live}@{host}.bin": False,  # running
+             f"x.tmp-{dead}@{host}.other.bin": False,  # a host named `{host}.other`
+             f"x.tmp-{dead}@{host}x.idx": False, f"x.tmp-{dead}.bin": False,  # untagged (an older release)
+             f"y.tmp-{dead}@{host}.bin": False, "x.bin": False}
+    for name in names:
+        (tmp_path / name).write_text("")
+    (tmp_path / f".out.export-{dead}@{host}").mkdir()
+    (tmp_path / f".out.export-{dead}@{host}" / "model.safetensors").write_text("")
+    suffixes = (".bin", ".idx", ".meta.json", ".loss_mask.bin")
+    assert sorted(p.name for p in dead_scratch(tmp_path, "x.tmp-", suffixes)) == sorted(n for n, d in names.items() if d)
+    reap_scratch(tmp_path, "x.tmp-", suffixes)
+    reap_scratch(tmp_path, ".out.export-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, d in names.items() if not d)
+
+
+def test_an_export_killed_mid_swap_is_recovered(tmp_path):
+    from kdtrain.convert.hf_export import EXPORT_MARKER, _recover
+
+    host, dead = socket.gethostname(), _dead_pid()
+    out = tmp_path / "hf"
+    old, stage = tmp_path / f".hf.old-{dead}@{host}", tmp_path / f".hf.export-{dead}@{host}"
+    for d in (old, stage):
+        d.mkdir()
+        (d / EXPORT_MARKER).write_text(d.name)
+    _recover(out)  # killed between the renames: out moved aside, the new export not in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and (out / EXPORT_MARKER).read_text() == old.name
+    old.mkdir()
+    _recover(out)  # killed after the swap, before the old export was removed: stale
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and (out / EXPORT_MARKER).read_text() == old.name
+
+
+def test_a_corpus_writer_removes_a_killed_writer_s_tokens(tmp_path):
+    from kdtrain.data.indexed import open_indexed_dataset, write_indexed_dataset
+
+    host, dead, live = socket.gethostname(), _dead_pid(), os.getppid()
+    killed = [tmp_path / f"text.tmp-{dead}@{host}{ext}" for ext in (".bin", ".idx", ".loss_mask.bin")]
+    running = tmp_path / f"text.tmp-{live}@{host}.bin"
+    for p in (*killed, running):
+        p.write_bytes(b"\0" * 64)
+    write_indexed_dataset(str(tmp_path / "text"), [[1, 2, 3], [4, 5]], 16, {})
+    assert not any(p.exists() for p in killed) and running.exists()
+    ds = open_indexed_dataset(str(tmp_path / "text"))
+    assert ds.num_documents == 2 and ds.num_tokens == 5
