@@ -243,21 +243,26 @@ def test_student_from_the_cache_follows_the_online_loss_curve(reference, runs, n
         assert valid["valid_kd_loss"] == pytest.approx(ref_valid["valid_kd_loss"], rel=RTOL, abs=ATOL)
 
 
-def test_cache_that_does_not_match_the_run_is_refused(runs, tiny_corpus, fp32_cache, tmp_path):
+def test_cache_that_does_not_match_the_run_is_refused(runs, tiny_corpus, fp32_cache, tmp_path, world_of_one):
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.training.distill import distill
+
     proc = runs.get("refused-topk", world=1)  # teacher.topk=32 from a cache of k=16
     assert proc["returncode"] != 0 and "0" not in proc["rc"], proc["rc"]
     assert "topk" in proc["stderr"] and str(fp32_cache) in proc["stderr"], proc["stderr"][-2000:]
-    proc = run_torchrun(2, "distill_gpt.py", _args(tiny_corpus, tmp_path, "teacher.source=cache",
-                                                   f"teacher.cache={fp32_cache}", "split.mode=disaggregated",
-                                                   "split.teacher_ranks=1"), check=False, timeout=120)
-    assert proc.returncode != 0 and "split.mode" in proc.stderr, proc.stderr[-2000:]
+
+    def cfg(run_dir, *extra):  # the script's configuration, run in this process
+        args = _args(tiny_corpus, run_dir, "precision.device=cpu", *extra)[2:]
+        return load_distill_config("tiny", args)
+
+    with pytest.raises(ValueError, match="split.mode"):
+        cfg(tmp_path, "teacher.source=cache", f"teacher.cache={fp32_cache}", "split.mode=disaggregated",
+            "split.teacher_ranks=1").validate(2)
     # A cache two steps short: refused before the first step (it used to fail at step 5 of 6, the
     # training lost); a mixed run says from which step every step runs the live teacher.
     longer = ["training.train_steps=6", "training.eval_batches=0", f"teacher.cache={fp32_cache}"]
-    proc = run_torchrun(1, "distill_gpt.py", _args(tiny_corpus, tmp_path / "short", "teacher.source=cache", *longer),
-                        check=False, timeout=120)
-    assert proc.returncode != 0 and "holds 32 samples but step 6 needs samples up to 47" in proc.stderr, \
-        proc.stderr[-2000:]
+    with pytest.raises(ValueError, match="holds 32 samples but step 6 needs samples up to 47"):
+        distill(cfg(tmp_path / "short", "teacher.source=cache", *longer))
     assert not (tmp_path / "short" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "short")
     proc = run_torchrun(1, "distill_gpt.py", _args(tiny_corpus, tmp_path / "mixed", "teacher.source=mixed",
                                                    "teacher.live_fraction=0", *longer), timeout=180)
