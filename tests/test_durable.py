@@ -30,7 +30,8 @@ def test_only_this_host_s_dead_writers_scratch_is_reaped(tmp_path):
     (tmp_path / f".out.export-{dead}@{host}").mkdir()
     (tmp_path / f".out.export-{dead}@{host}" / "model.safetensors").write_text("")
     suffixes = (".bin", ".idx", ".meta.json", ".loss_mask.bin")
-    assert sorted(p.name for p in dead_scratch(tmp_path, "x.tmp-", suffixes)) == sorted(n for n, d in names.items() if d)
+    dead_ones = sorted(n for n, d in names.items() if d)
+    assert sorted(p.name for p in dead_scratch(tmp_path, "x.tmp-", suffixes)) == dead_ones
     reap_scratch(tmp_path, "x.tmp-", suffixes)
     reap_scratch(tmp_path, ".out.export-")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, d in names.items() if not d)

@@ -73,9 +73,10 @@ def test_a_job_that_raises_closes_its_logger_as_failed(world_of_one, tiny_corpus
 
     closed = []
     real_close = RunLogger.close
-    monkeypatch.setattr(RunLogger, "close", lambda self, failed=False: (closed.append(failed), real_close(self, failed)))
-    data = [f"data.path=[{tiny_corpus['prefix']}]", f"data.tokenizer={tiny_corpus['tokenizer']}", "training.train_steps=2",
-            "training.eval_batches=0", "precision.device=cpu", "logging.progress_bar=false"]
+    monkeypatch.setattr(RunLogger, "close",
+                        lambda self, failed=False: (closed.append(failed), real_close(self, failed)))
+    data = [f"data.path=[{tiny_corpus['prefix']}]", f"data.tokenizer={tiny_corpus['tokenizer']}",
+            "training.train_steps=2", "training.eval_batches=0", "precision.device=cpu", "logging.progress_bar=false"]
     real_step = pretrain_mod.train_step
 
     def second_step_fails(*args, **kwargs):
