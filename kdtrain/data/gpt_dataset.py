@@ -33,6 +33,10 @@ from kdtrain.data.indexed import IndexedTokens, meta_path, open_indexed_dataset
 from kdtrain.data.packing import pack_documents
 
 PACKINGS = ("stream", "documents", "best_fit")
+# A corpus whose metadata records no largest token id (written by another tool) is read whole at
+# open to check its ids against the vocabulary up to this size (about a second); a larger one (a
+# 1e12-token corpus is 4 TB, and every rank opens it) has each window's ids checked as it is read.
+SCAN_AT_OPEN_BYTES = 1 << 30
 
 
 def positions_from_starts(length: int, starts: np.ndarray) -> np.ndarray:
@@ -96,8 +100,10 @@ class GPTWindowDataset:
         self.split = (float(split[0]), float(split[1]))
         self.seed = seed
         self.streams: list[IndexedTokens] = [open_indexed_dataset(p) for p in self.prefixes]
-        for stream in self.streams:
-            self._check_stream(stream, vocab_size, tokenizer_fingerprint)
+        self._vocab_size = vocab_size
+        # Streams whose ids are checked as read (SCAN_AT_OPEN_BYTES).
+        self._check_as_read = {i for i, stream in enumerate(self.streams)
+                               if not self._check_stream(stream, vocab_size, tokenizer_fingerprint)}
         check_same_tokenizer(self.streams)
 
         lengths = np.array([s.num_tokens for s in self.streams], dtype=np.int64)
@@ -140,7 +146,9 @@ class GPTWindowDataset:
         self.document_positions = document_positions
 
     @staticmethod
-    def _check_stream(stream: IndexedTokens, vocab_size: int | None, fingerprint: str | None) -> None:
+    def _check_stream(stream: IndexedTokens, vocab_size: int | None, fingerprint: str | None) -> bool:
+        """Check the corpus' tokenizer and ids against the run's; False: its ids are left to be
+        checked as read (SCAN_AT_OPEN_BYTES)."""
         if fingerprint is not None and stream.meta is not None:
             recorded = stream.meta.get("tokenizer_fingerprint")
             if recorded is not None and recorded != fingerprint:
@@ -149,13 +157,17 @@ class GPTWindowDataset:
                     f"fingerprint {recorded} (from {stream.meta.get('tokenizer_path')}), but the configured "
                     f"tokenizer has fingerprint {fingerprint}"
                 )
-        if vocab_size is not None and np.iinfo(stream.dtype).max >= vocab_size:
-            top = stream.max_token_id()
-            if top >= vocab_size:
-                raise ValueError(
-                    f"corpus {stream.prefix} contains token id {top} >= vocab_size={vocab_size}: it was "
-                    f"tokenized with a different tokenizer/vocab than the model expects"
-                )
+        if vocab_size is None or np.iinfo(stream.dtype).max < vocab_size:
+            return True
+        if not stream.records_max_token_id and stream.tokens.nbytes > SCAN_AT_OPEN_BYTES:
+            return False
+        top = stream.max_token_id()
+        if top >= vocab_size:
+            raise ValueError(
+                f"corpus {stream.prefix} contains token id {top} >= vocab_size={vocab_size}: it was "
+                f"tokenized with a different tokenizer/vocab than the model expects"
+            )
+        return True
 
     @property
     def eos_id(self) -> int | None:
@@ -192,6 +204,8 @@ class GPTWindowDataset:
             take = min(n - filled, self.streams[i].num_tokens - local)
             if not flags:
                 out[filled: filled + take] = self.streams[i].tokens[local: local + take]
+                if i in self._check_as_read:
+                    self._check_ids(i, local, out[filled: filled + take])
             elif self.conversations:
                 out[filled: filled + take] = self.streams[i].loss_mask(local, local + take)
             else:
@@ -200,6 +214,17 @@ class GPTWindowDataset:
             pos += take
             i += 1
         return out
+
+    def _check_ids(self, i: int, local: int, ids: np.ndarray) -> None:
+        top = int(ids.max()) if ids.size else -1
+        if top >= self._vocab_size:
+            at = local + int(np.argmax(ids >= self._vocab_size))
+            raise ValueError(
+                f"corpus {self.streams[i].prefix} contains token id {top} >= vocab_size={self._vocab_size} "
+                f"(token {at}): it was tokenized with a different tokenizer/vocab than the model expects (its "
+                f"{meta_path(self.streams[i].prefix)} records no max_token_id, so a corpus this large has its ids "
+                f"checked as they are read, not at start; scripts/preprocess_data.py records it)"
+            )
 
     def _document_starts(self, start: int, stop: int) -> np.ndarray:
         """Positions in [start, stop) of the concatenated stream where documents start (int64),

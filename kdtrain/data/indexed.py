@@ -140,6 +140,11 @@ class IndexedTokens:
             first = self._first_sequence.values[self._first_sequence.left(lo): self._first_sequence.left(hi)]
         return self._pointers.values[first] // self._scale
 
+    @property
+    def records_max_token_id(self) -> bool:
+        """Whether the metadata records the largest id (``max_token_id`` reads no data)."""
+        return (self.meta or {}).get("max_token_id") is not None
+
     def max_token_id(self) -> int:
         """Largest token id in the corpus: the one its metadata records, else one pass over the data."""
         if self._max_token_id is None:
