@@ -47,25 +47,33 @@ def make_microbatch(windows: np.ndarray, device: torch.device, targets: Optional
     [b, s] flag is False are not counted (conversations: the prompts; on-policy windows: all but
     the student's samples). ``positions`` [b, s + 1]: each window token's position in its
     document (attention within documents, models/documents.py); None: attention over the window."""
-    w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
-    tokens, labels = w[:, :-1], w[:, 1:]
+    w = _to_device(torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64)), device)
+    tokens, labels = w[:, :-1].contiguous(), w[:, 1:].contiguous()
     b, s = tokens.shape
     assert targets is None or targets.shape == (b, s), (None if targets is None else targets.shape, b, s)
     assert positions is None or positions.shape == (b, s + 1), (None if positions is None else positions.shape, b, s)
     if positions is None:
-        pos = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(b, s).contiguous().to(device)
+        pos = torch.arange(s, dtype=torch.int64, device=device).unsqueeze(0).expand(b, s).contiguous()
     else:
-        pos = torch.from_numpy(np.ascontiguousarray(positions[:, :-1], dtype=np.int64)).to(device)
-    mask = torch.ones(b, s, dtype=torch.float32) if targets is None else torch.from_numpy(targets.astype(np.float32))
-    num_tokens = b * s if targets is None else int(mask.sum())
-    rows = None
-    if targets is not None:
+        pos = _to_device(torch.from_numpy(np.ascontiguousarray(positions[:, :-1], dtype=np.int64)), device)
+    if targets is None:
+        mask, num_tokens, rows = torch.ones(b, s, dtype=torch.float32, device=device), b * s, None
+    else:
+        mask, num_tokens = _to_device(torch.from_numpy(targets.astype(np.float32)), device), int(targets.sum())
         # The targets' rows in the [s, b] token order the logits have (at least one row, so that
         # a micro-batch without targets still runs; its loss mask there is 0).
-        rows = torch.from_numpy(np.flatnonzero(targets.T) if targets.any() else np.zeros(1, dtype=np.int64))
-        rows = rows.to(device)
-    return MicroBatch(tokens.contiguous().to(device), labels.contiguous().to(device), mask.to(device), pos,
-                      num_tokens, None if positions is None else DocumentMask(pos), rows)
+        rows = _to_device(torch.from_numpy(np.flatnonzero(targets.T) if targets.any() else np.zeros(1, dtype=np.int64)),
+                          device)
+    return MicroBatch(tokens, labels, mask, pos, num_tokens, None if positions is None else DocumentMask(pos), rows)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU through pinned memory without blocking the host: a
+    copy from pageable memory waits for it, and with it for the work queued before (the pinned
+    block is not reused before the copy is done: the caching host allocator records it)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def replica_sample_ids(first: int, global_batch: int, dp_rank: int, dp_size: int) -> range:
