@@ -10,6 +10,7 @@ Each field starts at a multiple of its element size, so the typed views are free
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,13 @@ def token_checksum(tokens: torch.Tensor) -> torch.Tensor:
     and wrap-around addition is associative, so the value does not depend on reduction order or
     device. Swapped, shifted or substituted tokens change it (except with probability ~2^-64)."""
     flat = tokens.reshape(-1).to(torch.int64)
-    pos = torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
-    weights = (pos * _CHECKSUM_MULT + _CHECKSUM_ADD) % (2**31 - 1) + 1
-    return ((flat + 1) * weights).sum()
+    return ((flat + 1) * _checksum_weights(flat.numel(), flat.device)).sum()
+
+
+@functools.lru_cache(maxsize=8)  # a run checksums micro-batches of one or two sizes, every step
+def _checksum_weights(n: int, device: torch.device) -> torch.Tensor:
+    pos = torch.arange(n, dtype=torch.int64, device=device)
+    return (pos * _CHECKSUM_MULT + _CHECKSUM_ADD) % (2**31 - 1) + 1
 
 
 @dataclass(frozen=True)
