@@ -38,8 +38,11 @@ Forward of the two-pass path (per token = one row of the ``[S*B, Vl]`` local log
 
 Backward scales that buffer in place by ``grad_output`` (a kernel that exits at once when the
 factor is 1) and returns it, so backward can run only once (no ``retain_graph``). For fp16 logits
-the ``1 / num_tokens`` factor is applied in backward instead of the forward, so per-token
-gradients are stored at full scale and do not underflow fp16.
+the ``1 / num_tokens`` factor is applied in backward instead of the forward, so the per-token
+gradients the forward stores are at full scale. The gradient returned is fp16 like the logits,
+and ``grad_output / num_tokens`` of it underflows fp16 when a step holds many tokens (most entries
+are 0 at 4M tokens): fp16 callers scale the loss (a ``grad_output`` of 2^k, as fp16 training
+does). kdtrain's training computes in fp32 or bf16 (``precision.dtype``), which do not underflow.
 
 Backends: the CUDA kernels (``csrc/``, see ``_ext.py``) or ``kd_emulate.TorchKernels``, a pure
 torch emulation with the same interface that the CPU tests use (its ``fused_single`` is pass 1 +
