@@ -189,7 +189,13 @@ def test_microbatch_carries_the_documents():
     mb = make_microbatch(windows, torch.device("cpu"), positions=positions)
     assert torch.equal(mb.position_ids, torch.from_numpy(positions[:, :-1]))
     assert torch.equal(mb.attention_mask.positions, mb.position_ids)
+    # The [b, 1, s, s] mask exists only while a forward needs it (a step's micro-batches are all
+    # built before its first forward).
+    assert mb.attention_mask._allowed is None
     assert not bool(mb.attention_mask.allowed[0, 0, 3, 2]) and bool(mb.attention_mask.allowed[1, 0, 3, 2])
+    mb.attention_mask.bias(torch.float32)
+    mb.attention_mask.release()
+    assert mb.attention_mask._allowed is None and mb.attention_mask._bias is None
     plain = make_microbatch(windows, torch.device("cpu"))
     assert plain.attention_mask is None and torch.equal(plain.position_ids, torch.arange(8).expand(2, 8))
 

@@ -14,8 +14,8 @@ where a document starts (and at the window's first token, which may be inside on
 the runs that start at a 0, so ``segment = cumsum(positions == 0)`` numbers them, and
 
 - ``allowed`` [b, 1, s, s] (bool, SDPA's convention: True = may attend): query i sees key j iff
-  ``j <= i`` and ``segment[j] == segment[i]``. Built once per micro-batch, shared by every layer
-  and every head. Every query sees at least itself, so no softmax row is empty.
+  ``j <= i`` and ``segment[j] == segment[i]``. Built when a forward first needs it, shared by
+  every layer and every head, dropped when the forward ends. Every query sees at least itself, so no softmax row is empty.
 - ``rope(table)``: the rotary table ``[S, 1, 1, d]`` gathered at the positions, ``[s, b, 1, d]``,
   which the layers' rotation broadcasts over heads exactly like the shared table. Gathered once
   per micro-batch and reused by every layer (the layers cache cos/sin per table object).
@@ -24,9 +24,9 @@ the runs that start at a 0, so ``segment = cumsum(positions == 0)`` numbers them
 The layers hand SDPA ``bias(dtype)``, the same mask as an additive one in the activations' dtype,
 made once per forward: given a bool mask SDPA converts it to that float tensor in every call,
 and each layer's backward kept its own copy (for a 32-layer model at s = 8192, b = 1, in bf16:
-4 GiB of masks where one, 128 MiB, is shared now). Cost: b * s * s bytes for ``allowed`` plus,
-per micro-batch whose backward is pending, 2 b * s * s for the bias; with an explicit mask CUDA's SDPA runs its memory-efficient kernel
-rather than flash attention (which takes no grouped query heads: each query head gets its
+4 GiB of masks where one, 128 MiB, is shared now). Cost: b * s * s bytes for ``allowed`` during a
+forward plus, per micro-batch whose backward is pending, 2 b * s * s for the bias; with an
+explicit mask CUDA's SDPA runs its memory-efficient kernel rather than flash attention (which takes no grouped query heads: each query head gets its
 group's key and value, attention.py), over the whole window whatever the documents' lengths.
 The key/value-cached decoder (generate.py) applies the same rule position by position.
 """
@@ -45,12 +45,26 @@ class DocumentMask:
     def __init__(self, positions: torch.Tensor):
         assert positions.dim() == 2 and positions.dtype == torch.int64, (positions.shape, positions.dtype)
         self.positions = positions  # [b, s]
-        segment = (positions == 0).cumsum(dim=1)
-        s = positions.shape[1]
-        causal = torch.ones(s, s, dtype=torch.bool, device=positions.device).tril_()
-        self.allowed = ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)  # [b, 1, s, s]
+        self._allowed: Optional[torch.Tensor] = None
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (table, gathered)
         self._bias: Optional[torch.Tensor] = None
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """[b, 1, s, s] bool, True where a query may attend (module docstring). Made when a forward
+        first needs it and dropped by ``release``: a step builds all its micro-batches up front,
+        and b * s * s bytes each (1 GiB at s = 32768) would otherwise be held for the whole step."""
+        if torch.compiler.is_compiling():
+            return self._make_allowed()
+        if self._allowed is None:
+            self._allowed = self._make_allowed()
+        return self._allowed
+
+    def _make_allowed(self) -> torch.Tensor:
+        segment = (self.positions == 0).cumsum(dim=1)
+        s = self.positions.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=self.positions.device).tril_()
+        return ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """``allowed`` as SDPA's additive mask [b, 1, s, s] in ``dtype``: 0 where a query may attend,
@@ -71,7 +85,8 @@ class DocumentMask:
     def release(self) -> None:
         """Drop what the forward made for its layers (the model's forward calls it when it ends):
         a micro-batch's mask stays with its batch for the whole step, the backward keeps what
-        it needs through autograd."""
+        it needs through autograd (a recomputed forward makes them again)."""
+        self._allowed = None
         self._bias = None
         self._rope = None
 
