@@ -10,10 +10,12 @@ from conftest import run_spawn
 
 
 def _reference(logits, labels, vocab_size):
-    return F.cross_entropy(logits[..., :vocab_size].flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+    return F.cross_entropy(logits[..., :vocab_size].flatten(0, 1), labels.flatten(),
+                           reduction="none").view(labels.shape)
 
 
-def test_matches_torch_and_ignores_padding_columns():
+@pytest.mark.parametrize("chunk_bytes", [256 << 20, 3 * 401 * 8])  # one chunk; chunks of 3 rows (41 x 3 rows)
+def test_matches_torch_and_ignores_padding_columns(chunk_bytes):
     torch.manual_seed(0)
     # 41 x 3 tokens, vocab 401 padded to 512; padding columns hold huge logits that must not count.
     logits = torch.randn(41, 3, 512, dtype=torch.float64)
@@ -21,7 +23,7 @@ def test_matches_torch_and_ignores_padding_columns():
     logits.requires_grad_()
     labels = torch.randint(0, 401, (41, 3))
     grad_out = torch.rand(41, 3, dtype=torch.float64)
-    ours = vocab_parallel_cross_entropy(logits, labels, 401)
+    ours = vocab_parallel_cross_entropy(logits, labels, 401, chunk_bytes=chunk_bytes)
     ref = _reference(logits, labels, 401)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     (g_ours,) = torch.autograd.grad(ours, logits, grad_out)
@@ -34,9 +36,23 @@ def test_bf16_logits_give_fp32_losses_close_to_fp64():
     torch.manual_seed(1)
     logits = torch.randn(16, 2, 384) * 4
     labels = torch.randint(0, 384, (16, 2))
-    ours = vocab_parallel_cross_entropy(logits.bfloat16(), labels, 384)
+    bf16 = logits.bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = vocab_parallel_cross_entropy(bf16, labels, 384, chunk_bytes=5 * 384 * 4)
+    # What backward keeps is one logits-sized tensor in the logits' dtype (no fp32 softmax).
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.bfloat16, bf16.numel())]
     assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours, _reference(logits.bfloat16().double(), labels, 384).float(), rtol=1e-5, atol=1e-5)
+    ref = bf16.detach().double().requires_grad_()
+    want = _reference(ref, labels, 384)
+    torch.testing.assert_close(ours, want.float(), rtol=1e-5, atol=1e-5)
+    # The gradient is made in the forward and stored in bf16, then scaled in bf16 in the backward:
+    # the fp64 one within two bf16 roundings.
+    grad_out = torch.rand(16, 2) / 32
+    (g_ours,) = torch.autograd.grad(ours, bf16, grad_out)
+    (g_ref,) = torch.autograd.grad(want, ref, grad_out.double())
+    assert g_ours.dtype == torch.bfloat16
+    torch.testing.assert_close(g_ours.double(), g_ref, rtol=2**-7, atol=1e-9)
 
 
 def test_vocab_shard_bounds():
