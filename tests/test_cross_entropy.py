@@ -42,6 +42,8 @@ def test_bf16_logits_give_fp32_losses_close_to_fp64():
         ours = vocab_parallel_cross_entropy(bf16, labels, 384, chunk_bytes=5 * 384 * 4)
     # What backward keeps is one logits-sized tensor in the logits' dtype (no fp32 softmax).
     assert [(t.dtype, t.numel()) for t in saved] == [(torch.bfloat16, bf16.numel())]
+    with torch.no_grad():  # evaluation: the same losses, no gradient made
+        torch.testing.assert_close(vocab_parallel_cross_entropy(bf16, labels, 384), ours.detach(), rtol=0, atol=1e-6)
     assert ours.dtype == torch.float32
     ref = bf16.detach().double().requires_grad_()
     want = _reference(ref, labels, 384)

@@ -69,6 +69,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
         sum_exp, target = stats[0], stats[1]
         loss = torch.log(sum_exp) - target
+        if not ctx.needs_input_grad[0]:  # evaluation: no gradient to make
+            return loss.view(*lead)
         grad = torch.zeros_like(x)  # padding columns: 0
         if real > 0:
             at = local_ids.clamp(max=real - 1).unsqueeze(-1)  # the target's column where in_shard
