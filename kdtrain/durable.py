@@ -68,9 +68,20 @@ def write_atomically(path: str | os.PathLike, text: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def _host() -> str:
+    """This host, and its PID namespace where there is one: containers that share a hostname
+    (``docker --network=host``) do not see each other's processes, so a writer in one must not
+    take the other's for dead."""
+    try:
+        return f"{socket.gethostname()}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
 def scratch_tag() -> str:
-    """``PID@HOST`` of this process, for the names of its scratch files (see ``reap_scratch``)."""
-    return f"{os.getpid()}@{socket.gethostname()}"
+    """``PID@HOST`` of this process (HOST: ``_host``), for the names of its scratch files (see
+    ``reap_scratch``)."""
+    return f"{os.getpid()}@{_host()}"
 
 
 def _running(pid: int) -> bool:
@@ -85,10 +96,10 @@ def _running(pid: int) -> bool:
 
 def dead_scratch(parent: str | os.PathLike, stem: str, suffixes: tuple[str, ...] = ("",)) -> list[Path]:
     """The entries of ``parent`` named ``stem + scratch_tag() + suffix`` (``suffix`` one of
-    ``suffixes``) whose process, on this host, no longer runs: a killed writer's leftovers. Other
-    hosts' are not listed (on a shared file system their writers may be running), nor those of a
-    running process (a pid reused since counts as running: kept, never a live writer's removed)."""
-    parent, host, found = Path(parent), socket.gethostname(), []
+    ``suffixes``) whose process, on this host (and PID namespace), no longer runs: a killed writer's
+    leftovers. Other hosts' are not listed (on a shared file system their writers may be running),
+    nor those of a running process (a pid reused since counts as running: kept, never a live writer's removed)."""
+    parent, host, found = Path(parent), _host(), []
     if not parent.is_dir():
         return found
     for p in parent.iterdir():

@@ -1,15 +1,14 @@
 """Scratch files of killed writers (kdtrain/durable.py ``reap_scratch``): the next writer removes
-them on its host, never a running writer's nor another host's; an HF export killed between the
+them on its host, never a running writer's nor another host's (or container's); an HF export killed between the
 renames of its swap gets the earlier export back; a corpus writer clears a killed one's tokens."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
-from kdtrain.durable import dead_scratch, reap_scratch
+from kdtrain.durable import _host, dead_scratch, reap_scratch
 
 
 def _dead_pid() -> int:
@@ -19,10 +18,11 @@ def _dead_pid() -> int:
 
 
 def test_only_this_host_s_dead_writers_scratch_is_reaped(tmp_path):
-    host, dead, live = socket.gethostname(), _dead_pid(), os.getppid()
+    host, dead, live = _host(), _dead_pid(), os.getppid()
     names = {f"x.tmp-{dead}@{host}.bin": True, f"x.tmp-{dead}@{host}.loss_mask.bin": True,
              f"x.tmp-{live}@{host}.bin": False,  # running
              f"x.tmp-{dead}@{host}.other.bin": False,  # a host named `{host}.other`
+             f"x.tmp-{dead}@{host.split(':')[0]}:1.bin": False,  # a container of this host's name
              f"x.tmp-{dead}@{host}x.idx": False, f"x.tmp-{dead}.bin": False,  # untagged (an older release)
              f"y.tmp-{dead}@{host}.bin": False, "x.bin": False}
     for name in names:
@@ -40,7 +40,7 @@ def test_only_this_host_s_dead_writers_scratch_is_reaped(tmp_path):
 def test_an_export_killed_mid_swap_is_recovered(tmp_path):
     from kdtrain.convert.hf_export import EXPORT_MARKER, _recover
 
-    host, dead = socket.gethostname(), _dead_pid()
+    host, dead = _host(), _dead_pid()
     out = tmp_path / "hf"
     old, stage = tmp_path / f".hf.old-{dead}@{host}", tmp_path / f".hf.export-{dead}@{host}"
     for d in (old, stage):
@@ -56,7 +56,7 @@ def test_an_export_killed_mid_swap_is_recovered(tmp_path):
 def test_a_corpus_writer_removes_a_killed_writer_s_tokens(tmp_path):
     from kdtrain.data.indexed import open_indexed_dataset, write_indexed_dataset
 
-    host, dead, live = socket.gethostname(), _dead_pid(), os.getppid()
+    host, dead, live = _host(), _dead_pid(), os.getppid()
     killed = [tmp_path / f"text.tmp-{dead}@{host}{ext}" for ext in (".bin", ".idx", ".loss_mask.bin")]
     running = tmp_path / f"text.tmp-{live}@{host}.bin"
     for p in (*killed, running):
@@ -65,3 +65,28 @@ def test_a_corpus_writer_removes_a_killed_writer_s_tokens(tmp_path):
     assert not any(p.exists() for p in killed) and running.exists()
     ds = open_indexed_dataset(str(tmp_path / "text"))
     assert ds.num_documents == 2 and ds.num_tokens == 5
+
+
+def test_an_export_interrupted_between_its_renames_puts_the_earlier_one_back(tmp_path, monkeypatch):
+    import pytest
+
+    import kdtrain.convert.hf_export as hf_export
+
+    out, stage = tmp_path / "hf", tmp_path / "stage"
+    for d, text in ((out, "earlier"), (stage, "new")):
+        d.mkdir()
+        (d / hf_export.EXPORT_MARKER).write_text(text)
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):  # the Ctrl-C lands after `out` went aside, before `stage` took its name
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(hf_export.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hf_export._replace_dir(out, stage)
+    monkeypatch.undo()
+    assert (out / hf_export.EXPORT_MARKER).read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "stage"]

@@ -237,7 +237,11 @@ def _replace_dir(out: Path, stage: Path) -> None:
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, stage / p.name)
         old = out.parent / f".{out.name}.old-{scratch_tag()}"
         os.replace(out, old)
-        os.replace(stage, out)
+        try:
+            os.replace(stage, out)
+        except BaseException:  # an interrupt between the renames (a notebook's Ctrl-C): put it back
+            os.replace(old, out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(stage, out)
