@@ -509,7 +509,7 @@ def test_vocab_check_reads_the_recorded_largest_id_not_the_data(tmp_path, monkey
     # each window's ids are checked as it is read, the first bad one named.
     import kdtrain.data.gpt_dataset as gpt_dataset
 
-    other = write_stream(tmp_path / "d", [np.array([1, 2, 3] * 40 + [700] + [4] * 10)])
+    other = write_stream(tmp_path / "d", [np.array([1, 2, 3] * 40 + [700, 4, 900] + [4] * 8)])
     Path(other + ".meta.json").unlink()
     monkeypatch.setattr(gpt_dataset, "SCAN_AT_OPEN_BYTES", 16)
     monkeypatch.setattr(np.memmap, "max", no_scan)
@@ -518,7 +518,7 @@ def test_vocab_check_reads_the_recorded_largest_id_not_the_data(tmp_path, monkey
     with pytest.raises(ValueError, match=r"corpus .*d contains token id 700 >= vocab_size=512 \(token 120\).*checked "
                                          r"as they are read"):
         ds.window(120 // 8)
-    assert GPTWindowDataset([other], 8, split=(1.0, 0.0), vocab_size=701).window(120 // 8).max() == 700
+    assert GPTWindowDataset([other], 8, split=(1.0, 0.0), vocab_size=901).window(120 // 8).max() == 900
 
 
 def test_mock_data_follows_the_split_and_names_what_it_ignores():

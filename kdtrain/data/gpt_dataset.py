@@ -216,12 +216,11 @@ class GPTWindowDataset:
         return out
 
     def _check_ids(self, i: int, local: int, ids: np.ndarray) -> None:
-        top = int(ids.max()) if ids.size else -1
-        if top >= self._vocab_size:
-            at = local + int(np.argmax(ids >= self._vocab_size))
+        if ids.size and int(ids.max()) >= self._vocab_size:
+            j = int(np.argmax(ids >= self._vocab_size))
             raise ValueError(
-                f"corpus {self.streams[i].prefix} contains token id {top} >= vocab_size={self._vocab_size} "
-                f"(token {at}): it was tokenized with a different tokenizer/vocab than the model expects (its "
+                f"corpus {self.streams[i].prefix} contains token id {int(ids[j])} >= vocab_size={self._vocab_size} "
+                f"(token {local + j}): it was tokenized with a different tokenizer/vocab than the model expects (its "
                 f"{meta_path(self.streams[i].prefix)} records no max_token_id, so a corpus this large has its ids "
                 f"checked as they are read, not at start; scripts/preprocess_data.py records it)"
             )
