@@ -194,6 +194,7 @@ def test_microbatch_carries_the_documents():
     assert mb.attention_mask._allowed is None
     assert not bool(mb.attention_mask.allowed[0, 0, 3, 2]) and bool(mb.attention_mask.allowed[1, 0, 3, 2])
     mb.attention_mask.bias(torch.float32)
+    assert mb.attention_mask._allowed is None  # the layers need only the bias
     mb.attention_mask.release()
     assert mb.attention_mask._allowed is None and mb.attention_mask._bias is None
     plain = make_microbatch(windows, torch.device("cpu"))

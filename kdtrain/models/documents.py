@@ -14,8 +14,9 @@ where a document starts (and at the window's first token, which may be inside on
 the runs that start at a 0, so ``segment = cumsum(positions == 0)`` numbers them, and
 
 - ``allowed`` [b, 1, s, s] (bool, SDPA's convention: True = may attend): query i sees key j iff
-  ``j <= i`` and ``segment[j] == segment[i]``. Built when a forward first needs it, shared by
-  every layer and every head, dropped when the forward ends. Every query sees at least itself, so no softmax row is empty.
+  ``j <= i`` and ``segment[j] == segment[i]``. Built when a forward first needs it and dropped
+  once the bias below is made from it. Every query sees at least itself, so no softmax row is
+  empty.
 - ``rope(table)``: the rotary table ``[S, 1, 1, d]`` gathered at the positions, ``[s, b, 1, d]``,
   which the layers' rotation broadcasts over heads exactly like the shared table. Gathered once
   per micro-batch and reused by every layer (the layers cache cos/sin per table object).
@@ -24,10 +25,11 @@ the runs that start at a 0, so ``segment = cumsum(positions == 0)`` numbers them
 The layers hand SDPA ``bias(dtype)``, the same mask as an additive one in the activations' dtype,
 made once per forward: given a bool mask SDPA converts it to that float tensor in every call,
 and each layer's backward kept its own copy (for a 32-layer model at s = 8192, b = 1, in bf16:
-4 GiB of masks where one, 128 MiB, is shared now). Cost: b * s * s bytes for ``allowed`` during a
-forward plus, per micro-batch whose backward is pending, 2 b * s * s for the bias; with an
-explicit mask CUDA's SDPA runs its memory-efficient kernel rather than flash attention (which takes no grouped query heads: each query head gets its
-group's key and value, attention.py), over the whole window whatever the documents' lengths.
+4 GiB of masks where one, 128 MiB, is shared now). Cost: b * s * s bytes for ``allowed`` while
+the bias is made, and 2 b * s * s for the bias per micro-batch whose backward is pending; with an
+explicit mask CUDA's SDPA runs its memory-efficient kernel rather than flash attention (which
+takes no grouped query heads: each query head gets its group's key and value, attention.py),
+over the whole window whatever the documents' lengths.
 The key/value-cached decoder (generate.py) applies the same rule position by position.
 """
 
@@ -76,6 +78,7 @@ class DocumentMask:
             return self._make_bias(dtype)
         if self._bias is None or self._bias.dtype != dtype:
             self._bias = self._make_bias(dtype)
+            self._allowed = None  # the layers need only the bias now (made again if asked for)
         return self._bias
 
     def _make_bias(self, dtype: torch.dtype) -> torch.Tensor:
