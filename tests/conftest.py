@@ -46,7 +46,7 @@ def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complete
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         sigkill_tree(proc.pid)
-        out, err = proc.communicate()
+        out, err = proc.communicate(timeout=30)  # a descendant that escaped the kill holds the pipes
         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
