@@ -33,8 +33,9 @@ from kdtrain.parallel import run_job
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="distillation run YAML (path or name under configs/distill/)")
-    parser.add_argument("--out", help="cache directory (same as cache.out=...)")
-    parser.add_argument("--samples", type=int, help="number of training samples to cache (same as cache.samples=...)")
+    parser.add_argument("--out", help="cache directory (cache.out=...; this flag wins over it)")
+    parser.add_argument("--samples", type=int,
+                        help="number of training samples to cache (cache.samples=...; this flag wins over it)")
     parser.add_argument("overrides", nargs="*", help="cache.field=value and section.field=value overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
     cache_over = [o for o in args.overrides if o.lstrip("-").startswith("cache.")]

@@ -26,8 +26,9 @@ def main(argv=None) -> int:
     source.add_argument("--demo-corpus", action="store_true", help="train on the stdlib-docstring demo corpus")
     parser.add_argument("--demo-corpus-out", help="where --demo-corpus writes its jsonl")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")
-    parser.add_argument("--vocab-size", type=int, required=True)
-    parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    parser.add_argument("--vocab-size", type=int, required=True, help="ids in the tokenizer (the model's vocab_size)")
+    parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe",
+                        help="sentencepiece's algorithm (default bpe)")
     parser.add_argument("--json-key", default="text", help="text field of .jsonl records / text column of .parquet")
     parser.add_argument("--max-sentences", type=int, default=2_000_000, help="use at most this many lines")
     args = parser.parse_args(argv)

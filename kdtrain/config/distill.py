@@ -85,9 +85,9 @@ class TeacherConfig:
 class StudentConfig:
     model: ModelConfig
     load: Optional[str] = None  # initial weights (kdtrain checkpoint or HF model dir); None: seeded random init
-    tp: int = 1
+    tp: int = 1  # the student's own layout: tensor and pipeline parallel sizes,
     pp: int = 1
-    dp: Optional[int] = None
+    dp: Optional[int] = None  # and replicas (None: the ranks its split leaves it / (tp * pp))
 
     def check(self, where: str = "student") -> None:
         ParallelConfig(self.tp, self.pp, self.dp).check(where)

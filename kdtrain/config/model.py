@@ -12,35 +12,36 @@ from .loader import field_error, from_dict, load_yaml, resolve_config_path, to_d
 
 @dataclass
 class ModelConfig:
-    name: str
+    name: str  # a label for logs and checkpoints (default: the YAML file's or HF directory's name)
     num_layers: int
     hidden_size: int
     num_attention_heads: int
-    ffn_hidden_size: int
+    ffn_hidden_size: int  # the MLP's inner width (per branch for swiglu)
     # Real tokenizer vocabulary. The embedding/output tables are padded to a multiple of
     # `make_vocab_size_divisible_by * tp` (see `padded_vocab_size`); padded ids never carry
     # probability mass (losses mask them) and checkpoints store only the real rows.
     vocab_size: int
-    max_seq_length: int
+    max_seq_length: int  # the longest window the model takes (learned positions: the table's size)
     num_query_groups: Optional[int] = None  # GQA; None = multi-head attention
     kv_channels: Optional[int] = None  # head dim; None = hidden_size / num_attention_heads
     make_vocab_size_divisible_by: int = 128
-    normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # of the layers' inputs and the final output
     norm_epsilon: float = 1e-5
     # "gelu" is the exact (erf) GELU; "gelu_tanh" its tanh approximation (GPT-2's "gelu_new").
     activation: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
-    position_embedding: Literal["rope", "learned"] = "rope"
-    rope_theta: float = 10000.0
+    position_embedding: Literal["rope", "learned"] = "rope"  # rotary, or a learned table (GPT-2)
+    rope_theta: float = 10000.0  # rotary base frequency
     rope_scaling_factor: Optional[float] = None  # Llama-3 style frequency scaling when set
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False  # the output layer shares the input embedding's weights
     add_bias_linear: bool = False  # biases on every linear layer (GPT-2)
     add_qkv_bias: bool = False  # bias on the QKV projection only (Qwen2)
     # RMSNorm/LayerNorm over each head's query and key (weights of size kv_channels, shared by the
     # heads), before the rotary embedding (Qwen3).
     qk_layernorm: bool = False
-    init_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    # Training-only (TRAINING_ONLY_FIELDS: a checkpoint loads into a model that differs in them):
+    init_std: float = 0.02  # std of the random initial weights
+    hidden_dropout: float = 0.0  # dropout after attention and MLP outputs
+    attention_dropout: float = 0.0  # dropout of the attention probabilities
 
     def check(self, where: str = "") -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",

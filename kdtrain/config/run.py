@@ -172,13 +172,16 @@ class TrainingConfig:
 
 @dataclass
 class OptimizerConfig:
+    # The schedule (training/optimizer.py lr_at): linear warm-up to `lr` over `warmup_steps`, then
+    # `decay_style` from `lr` down to `min_lr` at step `decay_steps`, held there after; `constant`
+    # stays at `lr` (min_lr and decay_steps unused).
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 0
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    decay_steps: Optional[int] = None  # None = training.train_steps
+    decay_steps: Optional[int] = None  # counted from step 0, warm-up included; None = training.train_steps
     weight_decay: float = 0.1  # decoupled (AdamW); not on 1-D parameters (biases, norm weights), as in megatron-core
-    beta1: float = 0.9
+    beta1: float = 0.9  # AdamW's moment decay rates and denominator epsilon
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0  # global gradient-norm clip; 0 disables
@@ -226,11 +229,11 @@ class LoggingConfig:
     # Steps per log line (also the last step, a job's last step and a skipped step). A line reports
     # the mean loss and throughput of the steps since the last one, and its own step's lr and norm.
     interval: int = 1
-    progress_bar: bool = True
-    tensorboard: bool = True
-    wandb: bool = False
+    progress_bar: bool = True  # a tqdm bar on the logging rank (else a line per log step)
+    tensorboard: bool = True  # event files under <dir>/tensorboard
+    wandb: bool = False  # a wandb run, offline under <dir>/wandb unless online (below)
     wandb_project: Optional[str] = None  # online when a project is given and a key is available
-    wandb_entity: Optional[str] = None
+    wandb_entity: Optional[str] = None  # the wandb team or user the run goes to (wandb's default: yours)
     peak_tflops: Optional[float] = None  # per-device dense peak for MFU; None = look up the device
     # [first, last] steps (1-based, as logged) to record with torch.profiler: summary, operator
     # table and trace per rank under <dir>/profile/ (kdtrain/training/profiling.py); a job that

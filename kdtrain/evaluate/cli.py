@@ -320,7 +320,7 @@ def register(sub) -> None:
                    help="with --teacher: host memory for its payloads at once (default: half the available)")
     p.add_argument("--max-windows", type=int, help="only the first N held-out windows (a run scores its first "
                    "eval_batches x global_batch_size)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="held-out windows per forward (default 8)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPU when there is one")
     p.add_argument("--out", help="also write the results as JSON")
     p.set_defaults(func=_run)

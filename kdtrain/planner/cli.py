@@ -76,14 +76,14 @@ def register(subparsers) -> None:
                                                   "CUDA, cpu otherwise)")
     c.add_argument("--model", default="demo-student", help="a model that keeps the device busy (fits the "
                                                              "memory-bound traffic)")
-    c.add_argument("--seq-len", type=int, default=256)
-    c.add_argument("--micro-batch", type=int, default=4)
+    c.add_argument("--seq-len", type=int, default=256, help="the --model's measured sequence length (default 256)")
+    c.add_argument("--micro-batch", type=int, default=4, help="and micro-batch (default 4)")
     c.add_argument("--small-model", default=None, help="a model bound by kernel launches (fits the host time per "
                                                         "layer; default: keep --base's)")
     c.add_argument("--small-seq-len", type=int, default=None, help="default: --seq-len")
     c.add_argument("--small-micro-batch", type=int, default=None, help="default: --micro-batch")
-    c.add_argument("--iters", type=int, default=5)
-    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    c.add_argument("--iters", type=int, default=5, help="timed repetitions of each measurement (default 5)")
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: GPU when there is one")
     c.add_argument("--compile", action="store_true", help="measure with compiled layers (runs with "
                                                           "precision.compile=true plan with this profile)")
     c.set_defaults(func=run_calibrate)

@@ -200,7 +200,8 @@ def register(subparsers) -> None:
                    help="how --num-layers picks: Block Influence on the calibration data, or evenly spaced")
     p.add_argument("--hidden-size", type=int, default=None, help="hidden width to keep (needs --data)")
     p.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP width to keep (needs --data)")
-    p.add_argument("--num-query-groups", type=int, default=None, help="query groups to keep (with their heads)")
+    p.add_argument("--num-query-groups", type=int, default=None,
+                   help="query groups to keep (with their heads; needs --data)")
     p.add_argument("--data", nargs="+", default=None, help="indexed dataset prefix(es) for calibration")
     p.add_argument("--tokenizer", default=None, help="the data's tokenizer (checked against the dataset)")
     p.add_argument("--seq-length", type=int, default=1024, help="calibration window length (at most the "
