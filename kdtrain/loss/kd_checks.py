@@ -32,8 +32,11 @@ class KDLossConfig:
     beta: float = 0.5  # jsd only: weight of the teacher in the mixture; 0 -> forward KL, 1 -> reverse KL
     tau: float = 1.0  # temperature on both sides
     scale_by_tau_sq: bool = False  # multiply the KD term by tau^2 (Hinton)
+    # tail: the mass outside the teacher's top-k is one more outcome on both sides (exact); renorm:
+    # both distributions renormalised over the top-k ids (kd_reference.py)
     tail: Literal["tail", "renorm"] = "tail"
     alpha: float = 0.0  # loss = (1 - alpha) * KD + alpha * hard-label CE
+    # For callers of the loss; a distillation run sends logits and its own labels (others refused):
     values_are_logprobs: bool = False  # teacher values are log-probs at temperature tau (not logits)
     ignore_index: int = -100  # labels equal to this are not counted
 
