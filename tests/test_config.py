@@ -366,3 +366,31 @@ def test_entry_points_take_overrides_before_and_after_their_options(script, targ
         argv += ["--out", "somewhere", "cache.dtype=bf16", "teacher.random_init=true"]
     assert module.main(argv) == 0
     assert seen[0].data.mock and seen[0].training.train_steps == 3
+
+
+def test_settings_without_effect_are_named():
+    """A value other than the default in a field another setting switches off is listed for the
+    run's log (kdtrain/config/inert.py); the shipped configs have none."""
+    import glob
+
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.config.inert import inert_settings
+
+    cfg = load_distill_config("tiny", ["loss.beta=0.9", "onpolicy.temperature=0.7", "optimizer.decay_style=constant",
+                                       "optimizer.min_lr=0.0", "logging.wandb_project=x", "split.depth=3"])
+    assert inert_settings(cfg) == ["optimizer.min_lr (optimizer.decay_style is constant)",
+                                   "logging.wandb_project (logging.wandb is off)",
+                                   "split.depth (split.mode is colocated)",
+                                   "loss.beta (loss.divergence is forward_kl)",
+                                   "onpolicy.temperature (onpolicy.fraction is 0)"]
+    cached = load_distill_config("tiny", ["teacher.source=cache", "teacher.cache=c", "teacher.tp=2"])
+    assert inert_settings(cached) == ["teacher.tp (teacher.source is cache: no teacher is built)"]
+    acting = load_distill_config("tiny", ["loss.divergence=jsd", "loss.beta=0.9", "onpolicy.fraction=0.5",
+                                          "onpolicy.temperature=0.7", "optimizer.min_lr=0.0"])
+    assert inert_settings(acting) == []
+    constant = load_pretrain_config("tiny", ["optimizer.decay_style=constant", "optimizer.decay_steps=5"])
+    assert "optimizer.decay_steps (optimizer.decay_style is constant)" in inert_settings(constant)
+    for path in glob.glob(str(CONFIG_DIR / "*" / "*.yaml")):
+        if "/models/" not in path:
+            load = load_distill_config if "/distill/" in path else load_pretrain_config
+            assert inert_settings(load(path)) == [], path

@@ -62,7 +62,7 @@ def test_a_line_torn_by_a_crash_is_dropped_when_the_job_resumes(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
-def test_a_job_that_raises_closes_its_logger_as_failed(world_of_one, tiny_corpus, tmp_path, monkeypatch):
+def test_a_job_that_raises_closes_its_logger_as_failed(world_of_one, tiny_corpus, tmp_path, monkeypatch, capsys):
     """pretrain and distill close the run's sinks (metrics file, TensorBoard, wandb) on the way out
     of an exception too, with wandb told the run failed (and distill its teacher cache's reader,
     whose prefetch thread would otherwise keep the reader alive, by the same ExitStack)."""
@@ -87,8 +87,11 @@ def test_a_job_that_raises_closes_its_logger_as_failed(world_of_one, tiny_corpus
 
     for name, mod, load, run in (("pretrain", pretrain_mod, load_pretrain_config, pretrain_mod.pretrain),
                                  ("distill", distill_mod, load_distill_config, distill_mod.distill)):
-        cfg = load("tiny", [*data, f"logging.dir={tmp_path / name}"])
+        cfg = load("tiny", [*data, f"logging.dir={tmp_path / name}", "logging.wandb_entity=team"])
         run(cfg)
+        # A setting that does nothing in the run is named at its start (kdtrain/config/inert.py).
+        assert "settings with no effect in this run: logging.wandb_entity (logging.wandb is off)" \
+            in capsys.readouterr().out, name
         second_step_fails.calls = 0
         monkeypatch.setattr(mod, "train_step", second_step_fails)
         with pytest.raises(RuntimeError, match="injected"):

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from ..cache.source import CachedPayloads
 from ..config import to_dict
 from ..config.distill import DistillConfig
+from ..config.inert import inert_settings
 from ..loss import agree_impl, kd_loss
 from ..models import transformer_engine_layers
 from ..parallel import RoleLayout, agreed, build_role_groups, init_distributed, raise_together
@@ -344,6 +345,8 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     logger = RunLogger(cfg.logging, writer, tr.train_steps, start_step, run_config=to_dict(cfg),
                        name=f"{cfg.teacher.model.name}->{cfg.student.model.name}")
     closing.push(logger.closer())
+    if inert := inert_settings(cfg):
+        logger.write(f"settings with no effect in this run: {'; '.join(inert)}")
     if teacher is not None and env.rank == t_layout.rank_offset:
         mem = teacher.memory_report()
         logger_print = print if not writer else logger.write

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import CheckpointConfig, DataConfig, ModelConfig, PretrainConfig, TrainingConfig, to_dict
+from ..config.inert import inert_settings
 from ..data import BlendedWindowDataset, GPTWindowDataset, Tokenizer
 from ..data.gpt_dataset import check_same_tokenizer
 from ..data.mock import MockWindowDataset
@@ -253,6 +254,8 @@ def _pretrain(cfg: PretrainConfig, closing: contextlib.ExitStack) -> dict:
     writer = env.rank == 0
     logger = RunLogger(cfg.logging, writer, t.train_steps, start_step, run_config=to_dict(cfg), name=cfg.model.name)
     closing.push(logger.closer())
+    if inert := inert_settings(cfg):
+        logger.write(f"settings with no effect in this run: {'; '.join(inert)}")
     logger.write(
         f"kdtrain pretrain: {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f}M params, padded vocab "
         f"{cfg.model.padded_vocab_size(par.tp)}), tp={par.tp} pp={par.pp} dp={par.dp} on {env.world_size} "
