@@ -513,6 +513,12 @@ def test_vocab_check_reads_the_recorded_largest_id_not_the_data(tmp_path, monkey
     Path(other + ".meta.json").unlink()
     monkeypatch.setattr(gpt_dataset, "SCAN_AT_OPEN_BYTES", 16)
     monkeypatch.setattr(np.memmap, "max", no_scan)
+    # A sample of slices is read at open all the same: a corpus of another tokenizer (bad ids
+    # everywhere) is still refused at start.
+    monkeypatch.setattr(gpt_dataset, "SAMPLE_AT_OPEN", (4, 8))
+    with pytest.raises(ValueError, match=r"corpus .*c contains token id 900 >= vocab_size=512"):
+        GPTWindowDataset([prefix], 8, split=(1.0, 0.0), vocab_size=512)
+    monkeypatch.setattr(gpt_dataset, "SAMPLE_AT_OPEN", (0, 0))  # the one bad id below is not sampled
     ds = GPTWindowDataset([other], 8, split=(1.0, 0.0), vocab_size=512)
     assert list(ds.window(0)) == [1, 2, 3, 1, 2, 3, 1, 2, 3]
     with pytest.raises(ValueError, match=r"corpus .*d contains token id 700 >= vocab_size=512 \(token 120\).*checked "

@@ -37,6 +37,7 @@ PACKINGS = ("stream", "documents", "best_fit")
 # open to check its ids against the vocabulary up to this size (about a second); a larger one (a
 # 1e12-token corpus is 4 TB, and every rank opens it) has each window's ids checked as it is read.
 SCAN_AT_OPEN_BYTES = 1 << 30
+SAMPLE_AT_OPEN = (16, 1 << 20)  # (slices, bytes each) of a larger one read at open all the same
 
 
 def positions_from_starts(length: int, starts: np.ndarray) -> np.ndarray:
@@ -160,6 +161,17 @@ class GPTWindowDataset:
         if vocab_size is None or np.iinfo(stream.dtype).max < vocab_size:
             return True
         if not stream.records_max_token_id and stream.tokens.nbytes > SCAN_AT_OPEN_BYTES:
+            # A sample at open still finds the usual mistake (a corpus of another tokenizer has
+            # out-of-range ids everywhere): SAMPLE_AT_OPEN evenly spaced slices.
+            slices, nbytes = SAMPLE_AT_OPEN
+            n, step = stream.tokens.shape[0], max(1, nbytes // stream.tokens.itemsize)
+            for start in np.linspace(0, max(0, n - step), slices if n else 0).astype(np.int64):
+                top = int(np.asarray(stream.tokens[start: start + step]).max())
+                if top >= vocab_size:
+                    raise ValueError(
+                        f"corpus {stream.prefix} contains token id {top} >= vocab_size={vocab_size}: it was "
+                        f"tokenized with a different tokenizer/vocab than the model expects"
+                    )
             return False
         top = stream.max_token_id()
         if top >= vocab_size:
