@@ -384,7 +384,15 @@ def test_settings_without_effect_are_named():
                                    "loss.beta (loss.divergence is forward_kl)",
                                    "onpolicy.temperature (onpolicy.fraction is 0)"]
     cached = load_distill_config("tiny", ["teacher.source=cache", "teacher.cache=c", "teacher.tp=2"])
-    assert inert_settings(cached) == ["teacher.tp (teacher.source is cache: no teacher is built)"]
+    assert inert_settings(cached) == ["teacher.tp (teacher.source is cache: no teacher is built)",
+                                      "teacher.random_init (teacher.source is cache: no teacher is built)"]  # tiny's
+    more = load_distill_config("tiny", ["checkpoint.dir=null", "checkpoint.keep=5", "data.split=[1.0,0.0]",
+                                        "training.eval_batches=3", "loss.tau=1.0", "loss.scale_by_tau_sq=true"])
+    assert inert_settings(more) == ["checkpoint.keep (checkpoint.dir is not set)",
+                                    "training.eval_batches (data.split holds out nothing)",
+                                    "loss.scale_by_tau_sq (loss.tau is 1)"]
+    auto = load_distill_config("tiny", ["split.mode=auto", "split.depth=3"])  # the planner prices plans with it
+    assert inert_settings(auto) == []
     acting = load_distill_config("tiny", ["loss.divergence=jsd", "loss.beta=0.9", "onpolicy.fraction=0.5",
                                           "onpolicy.temperature=0.7", "optimizer.min_lr=0.0"])
     assert inert_settings(acting) == []

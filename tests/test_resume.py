@@ -105,6 +105,9 @@ def test_a_resumed_distillation_keeps_its_teacher_loss_and_precision(world_of_on
     # online job knows no hash of the weights.
     assert restore_role(ck, cfg, role, 0, _distill_run(teacher={"hidden_dropout": 0.1, "name": "t"},
                                                        teacher_load="/mnt/elsewhere/demo-teacher")).step == 3
+    # Loss fields that do not act in the recorded objective (beta of a forward KL, the tau^2 scale
+    # at tau 1): the same objective, resumed without a refusal.
+    assert restore_role(ck, cfg, role, 0, _distill_run(loss={"beta": 0.9, "scale_by_tau_sq": True})).step == 3
     for changes, match in [
         ({"teacher": {"num_layers": 2}}, r"teacher\.model\.num_layers: 2 here, 4 in .*step_0000003: resuming at "
                                          r"step 3 would distil the rest of the run from another teacher"),
@@ -117,6 +120,7 @@ def test_a_resumed_distillation_keeps_its_teacher_loss_and_precision(world_of_on
         ({"loss": {"divergence": "reverse_kl"}}, r"loss\.divergence: 'reverse_kl' here, 'forward_kl' in"),
         ({"loss": {"tau": 2.0}}, r"loss\.tau: 2\.0 here, 1\.0 in"),
         ({"loss": {"alpha": 0.5}}, r"loss\.alpha: 0\.5 here, 0\.0 in"),
+        ({"loss": {"tau": 2.0, "scale_by_tau_sq": True}}, r"loss\.tau: 2\.0 here"),
         ({"dtype": "bfloat16"}, r"precision\.dtype: 'bfloat16' here, 'float32' in .*step_0000003"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -260,7 +260,7 @@ def distill(cfg: DistillConfig) -> dict:
 
 def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
-    plan_lines = []
+    plan_lines, inert = [], inert_settings(cfg)  # as given (auto replaces the layouts below)
     if cfg.split.mode == "auto":
         cfg, plan_lines = resolve_auto_split(cfg, env.world_size, env.device)
     spans = cfg.validate(env.world_size)
@@ -345,7 +345,7 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     logger = RunLogger(cfg.logging, writer, tr.train_steps, start_step, run_config=to_dict(cfg),
                        name=f"{cfg.teacher.model.name}->{cfg.student.model.name}")
     closing.push(logger.closer())
-    if inert := inert_settings(cfg):
+    if inert:
         logger.write(f"settings with no effect in this run: {'; '.join(inert)}")
     if teacher is not None and env.rank == t_layout.rank_offset:
         mem = teacher.memory_report()

@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..cli import check_out_dir
 from ..config import DataConfig, to_dict
+from ..config.inert import inactive_loss_fields, inactive_optimizer_fields
 from ..config.model import load_model_config, weight_differences
 from ..data import Tokenizer
 from ..data.indexed import corpus_tokenizer
@@ -114,8 +115,10 @@ def _check_same_target(meta: dict, path: Path, run: dict, step: int, fresh: str)
                "distil the rest of the run from another teacher")
     if meta.get("topk") is not None and run.get("topk") is not None and meta["topk"] != run["topk"]:
         refuse("teacher.topk", run["topk"], meta["topk"], "train the rest of the run on another objective")
-    for k, was in (meta.get("loss") or {}).items():
-        if ours["loss"] is not None and was != ours["loss"].get(k):
+    saved_loss = meta.get("loss") or {}
+    inactive = inactive_loss_fields(saved_loss) & inactive_loss_fields(ours["loss"] or {})
+    for k, was in saved_loss.items():
+        if ours["loss"] is not None and k not in inactive and was != ours["loss"].get(k):
             refuse(f"loss.{k}", repr(ours["loss"].get(k)), repr(was), "train the rest of the run on another objective")
     if meta.get("dtype") is not None and run.get("dtype") is not None and meta["dtype"] != run["dtype"]:
         refuse("precision.dtype", repr(run["dtype"]), repr(meta["dtype"]),
@@ -133,8 +136,10 @@ def _report_changes(meta: dict, run: dict) -> list[str]:
     changes = []
     saved, ours = meta.get("optimizer"), json.loads(json.dumps(run.get("optimizer"), default=str))
     if saved is not None and ours is not None:
+        quiet = set(_UNREPORTED_OPTIMIZER_FIELDS) | (inactive_optimizer_fields(saved)
+                                                     & inactive_optimizer_fields(ours))
         changes += [f"optimizer.{k}: {was!r} -> {ours.get(k)!r}" for k, was in saved.items()
-                    if k not in _UNREPORTED_OPTIMIZER_FIELDS and was != ours.get(k)]
+                    if k not in quiet and was != ours.get(k)]
     for key, field in (("train_steps", "training.train_steps"), ("teacher_source", "teacher.source"),
                        ("teacher_values_dtype", "teacher.values_dtype")):
         was, now = meta.get(key), run.get(key)
