@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, devices and optional accelerators").set_defaults(func=_info)
     p = sub.add_parser("model", help="size and FLOPs of a model config")
     p.add_argument("name", help="name under configs/models/ or a YAML path")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (padded vocab, per-rank sizes; default 1)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the padded vocab; default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (layers per stage; default 1)")
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length of the FLOPs per token (default 2048)")
     p.set_defaults(func=_model)

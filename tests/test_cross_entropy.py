@@ -48,8 +48,8 @@ def test_bf16_logits_give_fp32_losses_close_to_fp64():
     ref = bf16.detach().double().requires_grad_()
     want = _reference(ref, labels, 384)
     torch.testing.assert_close(ours, want.float(), rtol=1e-5, atol=1e-5)
-    # The gradient is made in the forward and stored in bf16, then scaled in bf16 in the backward:
-    # the fp64 one within two bf16 roundings.
+    # The gradient is made in the forward and stored in bf16, then scaled in fp32 and rounded again
+    # in the backward: the fp64 one within two bf16 roundings.
     grad_out = torch.rand(16, 2) / 32
     (g_ours,) = torch.autograd.grad(ours, bf16, grad_out)
     (g_ref,) = torch.autograd.grad(want, ref, grad_out.double())

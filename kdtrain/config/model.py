@@ -40,7 +40,7 @@ class ModelConfig:
     qk_layernorm: bool = False
     # Training-only (TRAINING_ONLY_FIELDS: a checkpoint loads into a model that differs in them):
     init_std: float = 0.02  # std of the random initial weights
-    hidden_dropout: float = 0.0  # dropout after attention and MLP outputs
+    hidden_dropout: float = 0.0  # dropout of the embeddings and of the attention and MLP outputs
     attention_dropout: float = 0.0  # dropout of the attention probabilities
 
     def check(self, where: str = "") -> None:

@@ -91,17 +91,11 @@ def teacher_payloads(teacher, vocab_size: int, dataset, windows: range, batch: i
 
 def token_losses(logits_SBV, labels_SB, vocab_size: int, chunk_bytes: int = 256 * 2**20):
     """Cross entropy per token [s, b] (fp32) of logits [s, b, padded V], as the training loop's
-    held-out pass computes it (loss/cross_entropy.py), a block of positions at a time: its fp32
-    copy of the logits then takes at most ``chunk_bytes`` (whole, a batch of 8 windows of 8192
-    tokens over a 128k vocabulary is 34 GB)."""
-    import torch
-
+    held-out pass computes it (loss/cross_entropy.py, which upcasts at most ``chunk_bytes`` of
+    the logits at a time and makes no gradient without autograd)."""
     from ..loss.cross_entropy import vocab_parallel_cross_entropy
 
-    s, b, v = logits_SBV.shape
-    rows = max(1, chunk_bytes // max(1, b * v * 4))
-    return torch.cat([vocab_parallel_cross_entropy(logits_SBV[a:a + rows], labels_SB[a:a + rows], vocab_size)
-                      for a in range(0, s, rows)])
+    return vocab_parallel_cross_entropy(logits_SBV, labels_SB, vocab_size, chunk_bytes=chunk_bytes)
 
 
 def heldout_sums(model, vocab_size: int, dataset, windows: range, batch: int, device, teacher=None,

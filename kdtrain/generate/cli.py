@@ -206,7 +206,7 @@ def register(sub) -> None:
     p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
                    help="start a plain prompt with the BOS id (default: as the tokenizer's convention, which "
                         "is also what preprocess_data.py did unless told otherwise)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens per prompt (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="draw among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="then among the smallest set holding this mass (1: all)")

@@ -58,25 +58,28 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             for r in chunks:
                 row_max[r] = x[r, :real].max(dim=-1).values.to(cd)
         _all_reduce(row_max, dist.ReduceOp.MAX, tp_group)
-        # where, not a product: on a rank whose shard is all padding the gathered value is -inf
-        # and -inf * 0 is NaN (the sum over ranks then spreads it to every rank).
+        # where, not a product: the gathered value of a label outside the shard is any column's
+        # (padding's may hold anything, even NaN), and on a rank whose shard is all padding
+        # row_max is -inf: x - (-inf) = inf, and inf * 0 is NaN (which the sum over ranks spreads).
         target = torch.where(in_shard, x.gather(-1, local_ids.unsqueeze(-1)).squeeze(-1).to(cd) - row_max, 0.0)
         sum_exp = torch.zeros(n, dtype=cd, device=x.device)
         if real > 0:
             for r in chunks:
-                sum_exp[r] = (x[r, :real].to(cd) - row_max[r, None]).exp_().sum(dim=-1)
+                sum_exp[r] = x[r, :real].to(cd, copy=True).sub_(row_max[r, None]).exp_().sum(dim=-1)
         stats = torch.stack([sum_exp, target])
         _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
         sum_exp, target = stats[0], stats[1]
         loss = torch.log(sum_exp) - target
         if not ctx.needs_input_grad[0]:  # evaluation: no gradient to make
             return loss.view(*lead)
-        grad = torch.zeros_like(x)  # padding columns: 0
+        grad = torch.empty_like(x)
+        grad[:, real:] = 0  # padding columns
         if real > 0:
             at = local_ids.clamp(max=real - 1).unsqueeze(-1)  # the target's column where in_shard
             minus_one = -in_shard.unsqueeze(-1).to(cd)
+            lse = row_max + torch.log(sum_exp)  # softmax = exp(x - lse): no division pass
             for r in chunks:  # softmax - onehot in fp32, rounded once to the gradient's dtype
-                p = (x[r, :real].to(cd) - row_max[r, None]).exp_().div_(sum_exp[r, None])
+                p = x[r, :real].to(cd, copy=True).sub_(lse[r, None]).exp_()
                 grad[r, :real] = p.scatter_add_(-1, at[r], minus_one[r])
         ctx.save_for_backward(grad)
         ctx.shape, ctx.cd, ctx.chunk_bytes = logits_SBVl.shape, cd, chunk_bytes
