@@ -54,8 +54,9 @@ class DocumentMask:
     @property
     def allowed(self) -> torch.Tensor:
         """[b, 1, s, s] bool, True where a query may attend (module docstring). Made when a forward
-        first needs it and dropped by ``release``: a step builds all its micro-batches up front,
-        and b * s * s bytes each (1 GiB at s = 32768) would otherwise be held for the whole step."""
+        first needs it, dropped once the bias is made from it and by ``release``: a step builds all
+        its micro-batches up front, and b * s * s bytes each (1 GiB at s = 32768) would otherwise
+        be held for the whole step."""
         if torch.compiler.is_compiling():
             return self._make_allowed()
         if self._allowed is None:
