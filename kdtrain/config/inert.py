@@ -8,11 +8,11 @@ from __future__ import annotations
 import dataclasses
 
 
-def _changed(section, *names: str) -> list[str]:
-    """The fields of ``section`` among ``names`` (all when none) whose value is not the default."""
+def _changed(section, names) -> list[str]:
+    """The fields of ``section`` among ``names`` whose value is not the default."""
     fields = {f.name: f for f in dataclasses.fields(section)}
     out = []
-    for name in names or tuple(fields):
+    for name in names:
         f = fields[name]
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
@@ -43,8 +43,7 @@ def inert_settings(cfg) -> list[str]:
     out = []
 
     def note(section_name: str, section, names, why: str) -> None:
-        if names:
-            out.extend(f"{section_name}.{name} ({why})" for name in _changed(section, *names))
+        out.extend(f"{section_name}.{name} ({why})" for name in _changed(section, names))
 
     opt = cfg.optimizer
     note("optimizer", opt, sorted(inactive_optimizer_fields(dataclasses.asdict(opt))),
@@ -64,7 +63,7 @@ def inert_settings(cfg) -> list[str]:
         why = f"loss.divergence is {cfg.loss.divergence}" if name == "beta" else "loss.tau is 1"
         note("loss", cfg.loss, (name,), why)
     if cfg.onpolicy.fraction == 0:
-        note("onpolicy", cfg.onpolicy, tuple(n for n in _changed(cfg.onpolicy) if n != "fraction"),
+        note("onpolicy", cfg.onpolicy, [f.name for f in dataclasses.fields(cfg.onpolicy) if f.name != "fraction"],
              "onpolicy.fraction is 0")
     t = cfg.teacher
     if t.source == "cache":

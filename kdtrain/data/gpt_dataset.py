@@ -69,6 +69,11 @@ def check_same_tokenizer(streams: list[IndexedTokens]) -> None:
                          f"({meta_path(a)}, {meta_path(b)}): tokenize every corpus with the model's tokenizer")
 
 
+def _foreign_id(prefix: str, top: int, vocab_size: int, at: str = "", why: str = "") -> ValueError:
+    return ValueError(f"corpus {prefix} contains token id {top} >= vocab_size={vocab_size}{at}: it was tokenized "
+                      f"with a different tokenizer/vocab than the model expects{why}")
+
+
 class GPTWindowDataset:
     def __init__(
         self,
@@ -168,17 +173,11 @@ class GPTWindowDataset:
             for start in np.linspace(0, max(0, n - step), slices if n else 0).astype(np.int64):
                 top = int(np.asarray(stream.tokens[start: start + step]).max())
                 if top >= vocab_size:
-                    raise ValueError(
-                        f"corpus {stream.prefix} contains token id {top} >= vocab_size={vocab_size}: it was "
-                        f"tokenized with a different tokenizer/vocab than the model expects"
-                    )
+                    raise _foreign_id(stream.prefix, top, vocab_size)
             return False
         top = stream.max_token_id()
         if top >= vocab_size:
-            raise ValueError(
-                f"corpus {stream.prefix} contains token id {top} >= vocab_size={vocab_size}: it was "
-                f"tokenized with a different tokenizer/vocab than the model expects"
-            )
+            raise _foreign_id(stream.prefix, top, vocab_size)
         return True
 
     @property
@@ -230,12 +229,10 @@ class GPTWindowDataset:
     def _check_ids(self, i: int, local: int, ids: np.ndarray) -> None:
         if ids.size and int(ids.max()) >= self._vocab_size:
             j = int(np.argmax(ids >= self._vocab_size))
-            raise ValueError(
-                f"corpus {self.streams[i].prefix} contains token id {int(ids[j])} >= vocab_size={self._vocab_size} "
-                f"(token {local + j}): it was tokenized with a different tokenizer/vocab than the model expects (its "
-                f"{meta_path(self.streams[i].prefix)} records no max_token_id, so a corpus this large has its ids "
-                f"checked as they are read, not at start; scripts/preprocess_data.py records it)"
-            )
+            prefix = self.streams[i].prefix
+            raise _foreign_id(prefix, int(ids[j]), self._vocab_size, f" (token {local + j})",
+                              f" (its {meta_path(prefix)} records no max_token_id, so a corpus this large has its "
+                              f"ids checked as they are read, not at start; scripts/preprocess_data.py records it)")
 
     def _document_starts(self, start: int, stop: int) -> np.ndarray:
         """Positions in [start, stop) of the concatenated stream where documents start (int64),
