@@ -89,6 +89,9 @@ def _tiny_run(**sections):
     ({"training": {"exit_interval": 4}}, 1, "training.exit_interval"),  # stopping early without checkpoint.dir
     # stopping early where the same command would start again from step 0
     ({"training": {"exit_interval": 4}, "checkpoint": {"dir": "ck", "resume": False}}, 1, "training.exit_interval"),
+    ({"training": {"exit_signal": "SIGTERM"}}, 1, "training.exit_signal: stopping early needs checkpoint.dir"),
+    ({"training": {"exit_duration_min": 230.0}, "checkpoint": {"dir": "ck", "resume": False}}, 1,
+     "training.exit_duration_min: stopping early needs checkpoint.resume"),
     # a profile that would never be written
     ({"training": {"train_steps": 10}, "logging": {"profile_steps": [8, 12]}}, 1, "logging.profile_steps"),
 ])
@@ -134,6 +137,12 @@ def test_bad_values_name_the_field(tmp_path):
         load_pretrain_config(str(f), ["model=nope"])
     with pytest.raises(ValueError, match=r"training\.exit_interval: must be >= 1"):
         load_pretrain_config(str(f), ["training.exit_interval=0"])
+    with pytest.raises(ValueError, match=r"training\.exit_signal: 'SIGKILL' is not a signal a run can stop on"):
+        load_pretrain_config(str(f), ["training.exit_signal=SIGKILL"])
+    for bad in ("0", "-5", "nan", "soon"):
+        with pytest.raises(ValueError, match=r"training\.exit_duration_min: "):
+            load_pretrain_config(str(f), [f"training.exit_duration_min={bad}"])
+    assert load_pretrain_config(str(f), ["training.exit_duration_min=230"]).training.exit_duration_min == 230
     # A config of the other kind is named as such ('teacher: required section is missing' before).
     from kdtrain.config.distill import load_distill_config
 

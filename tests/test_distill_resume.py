@@ -1,8 +1,10 @@
 """Stopping a distillation run and resuming it continues the uninterrupted run's curve.
 
-``training.exit_interval=4`` stops after step 4 (a checkpoint is written there on every rank's
-role: the student's weights, optimizer state and RNG; the teacher is rebuilt from its own
-weights), and the same command resumes from it. The student's later steps, its held-out losses
+The first job stops after step 4 (a checkpoint is written there on every rank's role: the
+student's weights, optimizer state and RNG; the teacher is rebuilt from its own weights), and the
+same command resumes from it. The disaggregated layout stops on a time limit every rank passes
+in step 1 (``training.exit_duration_min``): the ranks agree on it split.depth + 1 = 3 steps later
+(kdtrain/training/stop_requests.py); the colocated one after ``training.exit_interval=4`` steps. The student's later steps, its held-out losses
 and the teacher's payloads must be those of the run that never stopped (fp32 on CPU: 1e-6). Two
 2-rank layouts, each with half the steps on the student's own samples (keyed by sample id, so
 the samples must repeat exactly): a disaggregated split (the teacher's rank runs ahead of the
@@ -26,6 +28,9 @@ LAYOUTS = {
     "disagg": ["split.mode=disaggregated", "split.teacher_ranks=1"],
     "zero1-mixed": ["student.dp=2", "optimizer.distributed=true", "teacher.source=mixed", "teacher.live_fraction=0.5"],
 }
+# How each layout's first job stops after step STOP, and the line it writes then.
+STOPS = {"disagg": ("training.exit_duration_min=1e-6", "training.exit_duration_min: 1e-06 min passed since the job started"),
+         "zero1-mixed": (f"training.exit_interval={STOP}", "exit_interval reached")}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,7 @@ def resumed(tiny_corpus, tmp_path_factory):
             common.append(f"teacher.cache={cache}")
         jobs.append(("distill_gpt.py", [*common, f"logging.dir={root / name / 'ref'}"]))
         stopped = [*common, f"logging.dir={root / name / 'run'}", f"checkpoint.dir={root / name / 'ckpt'}"]
-        jobs.append(("distill_gpt.py", [*stopped, f"training.exit_interval={STOP}"]))
+        jobs.append(("distill_gpt.py", [*stopped, STOPS[name][0]]))
         jobs.append(("distill_gpt.py", stopped))
     jobs.append(("distill_gpt.py", stopped))  # the finished command again: nothing left to train
     outputs = run_entries(2, jobs, root / "launch")
@@ -74,7 +79,7 @@ def test_resumed_run_continues_the_uninterrupted_curve(resumed, name):
         for key in ("valid_loss", "valid_kd_loss"):
             assert got_valid[s][key] == pytest.approx(ref_valid[s][key], rel=1e-6), (name, s, key)
     first_half, second_half = (outputs[1 + 3 * list(LAYOUTS).index(name) + i]["stdout"] for i in (1, 2))
-    assert f"exit_interval reached: stopping after step {STOP}" in first_half
+    assert f"{STOPS[name][1]}: stopping after step {STOP}" in first_half
     assert f"resumed from step {STOP} of {root / name / 'ckpt'}" in second_half
     # The second job resumed at step 5: each step was trained (and logged) once in the two jobs.
     logged = [json.loads(line)["step"] for line in (root / name / "run" / "metrics.jsonl").read_text().splitlines()

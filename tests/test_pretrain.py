@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -160,6 +161,49 @@ def test_sigkill_then_resume_continues_the_same_curve(runs, tiny_corpus, tmp_pat
     for s in range(killed_at + 1, steps + 1):
         assert abs(resumed[s]["loss"] - reference[s]["loss"]) <= 1e-6, f"step {s}"
     assert not list(ckpt.glob("*.tmp"))
+
+
+def test_sigterm_stops_both_ranks_after_one_step_with_a_checkpoint_and_the_run_resumes(runs, tiny_corpus, tmp_path):
+    """With ``training.exit_signal=SIGTERM``, a SIGTERM to torchrun (which passes it on to its
+    workers, as a scheduler's preemption notice does) stops both ranks after the same step, with a
+    checkpoint of that step and no traceback; the same command resumes onto the uninterrupted curve."""
+    steps, run_dir, ckpt = KILL_STEPS, tmp_path / "run", tmp_path / "ckpt"
+    args = _args(tiny_corpus, run_dir, *KILL_COMMON, f"checkpoint.dir={ckpt}", "training.exit_signal=SIGTERM",
+                 steps=steps)
+    reference = runs.run("kill-ref", world=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(REPO / "scripts" / "pretrain_gpt.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 3:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run finished before the signal"
+        proc.send_signal(signal.SIGTERM)  # torchrun alone: it signals its workers
+        proc.wait(timeout=120)
+    finally:
+        sigkill_tree(proc.pid)
+    text = log.read_text()
+    stopped = re.findall(r"training\.exit_signal: SIGTERM received: stopping after step (\d+)", text)
+    assert len(stopped) == 1, text[-3000:]  # written once, by rank 0
+    stop = int(stopped[0])
+    assert 3 <= stop < steps and (ckpt / "latest").read_text().strip() == f"step_{stop:07d}"
+    # The only traceback is torchrun's own (it re-raises the signal once its workers have exited).
+    tracebacks = text.split("Traceback (most recent call last):")[1:]
+    assert len(tracebacks) <= 1 and all("SignalException" in t and "kdtrain" not in t for t in tracebacks), text[-3000:]
+    assert sorted(read_metrics(run_dir)) == list(range(1, stop + 1))
+
+    out = run_torchrun(2, "pretrain_gpt.py", args).stdout
+    assert f"resumed from step {stop} of {ckpt}" in out, out[-2000:]
+    resumed = read_metrics(run_dir)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert abs(resumed[s]["loss"] - reference[s]["loss"]) <= 1e-6, f"step {s}"
 
 
 def test_resume_under_another_layout(runs):

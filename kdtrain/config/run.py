@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -114,13 +115,28 @@ def check_seed(seed: int, where: str) -> None:
         raise field_error(where, "seed", f"must be in [0, 2**63), got {seed}")
 
 
+# Signals a handler cannot take, or that report a fault rather than ask for a stop.
+_NOT_STOP_SIGNALS = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGCHLD"}
+
+
+def signal_number(name: str) -> signal.Signals:
+    """The signal ``name`` (``SIGTERM``, ``SIGUSR1``, ...) a run may stop on; ValueError for others."""
+    sig = getattr(signal.Signals, name, None) if isinstance(name, str) and name.startswith("SIG") else None
+    if sig is None or name in _NOT_STOP_SIGNALS:
+        allowed = sorted(s.name for s in signal.Signals
+                         if s.name not in _NOT_STOP_SIGNALS and not s.name.startswith("SIGRT"))
+        raise ValueError(f"{name!r} is not a signal a run can stop on; one of {', '.join(allowed)}")
+    return sig
+
+
 def check_exit(training: "TrainingConfig", checkpoint: "CheckpointConfig") -> None:
-    if training.exit_interval is not None and not checkpoint.dir:
-        raise field_error("training", "exit_interval", "stopping early needs checkpoint.dir (else the steps run so far "
-                          "are lost and the same command cannot resume)")
-    if training.exit_interval is not None and not checkpoint.resume:
-        raise field_error("training", "exit_interval", "stopping early needs checkpoint.resume: true (else the same "
-                          "command starts again from step 0 instead of going on)")
+    for name in ("exit_interval", "exit_signal", "exit_duration_min"):
+        if getattr(training, name) is not None and not checkpoint.dir:
+            raise field_error("training", name, "stopping early needs checkpoint.dir (else the steps run so far "
+                              "are lost and the same command cannot resume)")
+        if getattr(training, name) is not None and not checkpoint.resume:
+            raise field_error("training", name, "stopping early needs checkpoint.resume: true (else the same "
+                              "command starts again from step 0 instead of going on)")
 
 
 def check_profile(logging: "LoggingConfig", training: "TrainingConfig") -> None:
@@ -146,6 +162,11 @@ class TrainingConfig:
     seed: int = 1234  # model init seed
     # Stop (after saving a checkpoint) once this many steps ran in this job; the same command resumes.
     exit_interval: Optional[int] = None
+    # Stop the same way when this signal arrives (SIGTERM, SIGUSR1, ...: a preemption notice), or
+    # once this many minutes passed since the job started (an allocation's time limit). The ranks
+    # agree on the step: a step or a few after the first rank saw it (kdtrain/training/stop_requests.py).
+    exit_signal: Optional[str] = None
+    exit_duration_min: Optional[float] = None
     # Full activation recomputation of the trained model (kdtrain/models/layer.py): each transformer
     # layer keeps only its input for the backward and runs its forward again there. Activation
     # memory per layer drops to one [s, b, h] tensor for about a third more compute.
@@ -164,6 +185,14 @@ class TrainingConfig:
                 raise field_error(where, name, f"must be >= 0, got {getattr(self, name)}")
         if self.exit_interval is not None and self.exit_interval < 1:
             raise field_error(where, "exit_interval", f"must be >= 1 (steps of this job), got {self.exit_interval}")
+        if self.exit_signal is not None:
+            try:
+                signal_number(self.exit_signal)
+            except ValueError as e:
+                raise field_error(where, "exit_signal", str(e)) from None
+        m = self.exit_duration_min
+        if m is not None and not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
+            raise field_error(where, "exit_duration_min", f"must be a positive number of minutes, got {m}")
         check_seed(self.seed, where)
         if self.global_batch_size % self.micro_batch_size:
             raise field_error(where, "global_batch_size",

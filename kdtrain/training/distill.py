@@ -62,6 +62,7 @@ from .resume import run_record
 from .pretrain import (Start, build_trainable, check_output_dirs, describe_dataset, describe_start, evaluate, held_out,
                        lm_forward_step, open_dataset, resolve_dtype, restore_role, save_due, save_role)
 from .step import SkippedSteps, eval_step, train_step
+from .stop_requests import start_stops, stop_reason
 from .idle_waits import IdleWaits
 from .onpolicy import check_sampling_time, check_stop_token, onpolicy_step, sampled_windows, spread_step
 from .teacher import Teacher, TeacherSideStats
@@ -259,6 +260,7 @@ def distill(cfg: DistillConfig) -> dict:
 
 
 def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
+    started = time.monotonic()  # training.exit_duration_min counts from here
     env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
     plan_lines, inert = [], inert_settings(cfg)  # as given (auto replaces the layouts below)
     if cfg.split.mode == "auto":
@@ -387,6 +389,8 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
     skips = SkippedSteps(tr.max_skipped_steps)
     interval = IntervalSums()
+    stops = start_stops(tr, started, lag=1 if colocated else cfg.split.depth + 1, timeout_s=cfg.distributed.timeout_s,
+                        closing=closing)
     step = start_step
     while step < tr.train_steps:
         profiler.begin(step + 1)
@@ -440,7 +444,8 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
                           "onpolicy": float(onpolicy), "sample_s": timers["sample_s"] if onpolicy else 0.0,
                           "sampled_tokens": timers["sampled_tokens"] if onpolicy else 0.0}, seconds)
         step += 1
-        stop_now = tr.exit_interval is not None and step - start_step >= tr.exit_interval
+        stop_why = stop_reason(step, start_step, tr, stops)
+        stop_now = stop_why is not None
         profiler.end(step, stopping=stop_now)
         log_now = step % cfg.logging.interval == 0 or step == tr.train_steps or stop_now
         save_now = save_due(cfg.checkpoint, step, tr.train_steps, stop_now)
@@ -497,8 +502,9 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
             if student is not None:
                 logger.log(step, valid, kind="valid")
         if stop_now:  # the same step on every rank (start_step is agreed), teacher ranks included
-            logger.write(f"exit_interval reached: stopping after step {step}")
+            logger.write(f"{stop_why}: stopping after step {step}")
             break
+    stops.finish()
     final = {}
     if step == tr.train_steps:
         final = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device,

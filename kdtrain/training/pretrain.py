@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -32,6 +33,7 @@ from .profiling import StepProfiler
 from .resume import check_output_dir, check_resume, refuse_other_runs, run_record
 from .step_dirs import check_latest_marker, latest_checkpoint
 from .step import SkippedSteps, eval_step, train_step
+from .stop_requests import start_stops, stop_reason
 
 LM_REPORT_KEYS = ("loss_sum", "tokens")
 
@@ -229,6 +231,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def _pretrain(cfg: PretrainConfig, closing: contextlib.ExitStack) -> dict:
+    started = time.monotonic()  # training.exit_duration_min counts from here
     env = init_distributed(cfg.precision.device, cfg.distributed.backend, cfg.distributed.timeout_s)
     cfg.validate(env.world_size)
     par, t = cfg.parallel, cfg.training
@@ -274,6 +277,7 @@ def _pretrain(cfg: PretrainConfig, closing: contextlib.ExitStack) -> dict:
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
     skips = SkippedSteps(t.max_skipped_steps)
     interval = IntervalSums()
+    stops = start_stops(t, started, lag=1, timeout_s=cfg.distributed.timeout_s, closing=closing)
     step = start_step
     while step < t.train_steps:
         profiler.begin(step + 1)
@@ -286,7 +290,8 @@ def _pretrain(cfg: PretrainConfig, closing: contextlib.ExitStack) -> dict:
                             cfg.optimizer.clip_grad, cfg.model.tie_embeddings, LM_REPORT_KEYS)
         interval.add(result.sums, throughput.stop()["step_time_s"])
         step += 1
-        stop_now = t.exit_interval is not None and step - start_step >= t.exit_interval
+        stop_why = stop_reason(step, start_step, t, stops)
+        stop_now = stop_why is not None
         profiler.end(step, stopping=stop_now)
         summary["train_loss"] = result.sums["loss_sum"] / max(result.sums["tokens"], 1.0)
         if step % cfg.logging.interval == 0 or step == t.train_steps or result.skipped or stop_now:
@@ -302,8 +307,9 @@ def _pretrain(cfg: PretrainConfig, closing: contextlib.ExitStack) -> dict:
         if save_due(cfg.checkpoint, step, t.train_steps, stop_now):
             save_role(cfg.checkpoint, cfg.model, role, step, run)
         if stop_now:
-            logger.write(f"exit_interval reached: stopping after step {step}")
+            logger.write(f"{stop_why}: stopping after step {step}")
             break
+    stops.finish()
     if step == t.train_steps:
         final = evaluate(role, dataset, t, forward_step, env.device)
         if final:
@@ -381,7 +387,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
 
 def save_due(ck: CheckpointConfig, step: int, train_steps: int, stopping: bool) -> bool:
     """Whether a checkpoint is written after ``step``: every ``save_interval`` steps, at the last
-    step and when the job stops early (``training.exit_interval``)."""
+    step and when the job stops early (``training.exit_*``)."""
     return bool(ck.dir) and (stopping or step == train_steps or bool(ck.save_interval and step % ck.save_interval == 0))
 
 

@@ -1,0 +1,150 @@
+"""Stopping a run early on a signal or a time limit, after the same step on every rank.
+
+``training.exit_signal`` (a signal's name: SIGTERM, SIGUSR1, ...) and ``training.exit_duration_min``
+(minutes since the job started) ask a run to stop with a checkpoint, as ``training.exit_interval``
+does, so that the same command resumes it. Unlike a step count they do not reach the ranks
+together: a signal may reach one rank, or each at another step, and each rank's clock started at
+its own time. Yet every rank must stop after the same step: the checkpoint is written by all of
+them, and a disaggregated teacher must not serve a step the students will not train.
+
+Agreement. At the end of each step every rank starts a MAX all-reduce of its own request (0 none,
+1 the time limit, 2 the signal) over a gloo world group of its own, without waiting for it, and
+reads the one it started ``lag`` steps earlier. Every rank starts and reads the same reductions at
+the same steps, so all read the same value after the same step and stop there. The read waits only
+for ranks more than ``lag`` steps behind:
+
+- pretraining and colocated distillation: ``lag`` 1. The ranks move in lock step (each step's
+  gradient reduction), so the reduction started a step ago is complete.
+- disaggregated distillation: ``lag`` = ``split.depth`` + 1. A teacher rank runs ahead of the
+  students by at most ``split.depth`` micro-batches in flight: when it ends step t, each student
+  it serves is receiving step t - depth's payloads or later, so it has ended step t - depth - 1
+  and started that step's reduction. The teacher has served no step after the one they stop at.
+
+The reductions are host int32 tensors in gloo's threads: nothing waits for the GPU. A request
+thus ends the run ``lag`` steps after the step in which the first rank saw it, plus the save.
+A one-process run stops after the step in which it saw it.
+
+torchrun passes the SIGTERM, SIGINT, SIGHUP or SIGQUIT it receives on to its workers and kills them
+30 s later: ``lag`` steps and a save must fit in that (else use ``exit_duration_min``, which needs
+no signal). A second delivery of the signal restores the handler found at start and delivers the
+signal again (a second Ctrl-C interrupts at once).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import threading
+import time
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config.run import TrainingConfig, signal_number
+
+NONE, TIME, SIGNAL = 0, 1, 2
+
+
+class StopRequests:
+    """This rank's requests to stop (a signal received, the time limit passed) and the ranks'
+    agreement on them (module docstring). Build it on every rank at the same point of the start-up
+    (world-collective when a request can arrive and there are several ranks); call
+    :meth:`after_step` at the end of every step and :meth:`finish` after the last."""
+
+    def __init__(self, exit_signal: Optional[str], exit_duration_min: Optional[float], started: float, lag: int,
+                 timeout_s: float):
+        assert lag >= 1, lag
+        self.exit_signal, self.exit_duration_min, self.lag = exit_signal, exit_duration_min, lag
+        self._started = started  # time.monotonic() at the job's start
+        self._received = False
+        self._previous = None
+        self._pending: collections.deque = collections.deque()
+        active = exit_signal is not None or exit_duration_min is not None
+        self._group = None
+        if active and dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s),
+                                         group_desc="stop_requests")
+        self.active = active
+
+    def install(self) -> None:
+        """Take the signal (from here on a delivery asks for a stop); :meth:`restore` gives it back."""
+        if self.exit_signal is None:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("training.exit_signal: signal handlers can only be set in the main thread (run the "
+                             "job from a script's main thread, as torchrun does)")
+        sig = signal_number(self.exit_signal)
+        self._previous = signal.signal(sig, self._on_signal)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal_number(self.exit_signal), self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self._received:  # only a flag: the step in progress ends as it would
+            self._received = True
+            return
+        self.restore()  # a second delivery: what the signal did before the run took it
+        os.kill(os.getpid(), signum)
+
+    def _local(self) -> int:
+        if self._received:
+            return SIGNAL
+        if self.exit_duration_min is not None and time.monotonic() - self._started >= 60.0 * self.exit_duration_min:
+            return TIME
+        return NONE
+
+    def after_step(self) -> Optional[str]:
+        """Called by every rank at the end of every step: why the run stops after this step (the
+        same on every rank), or None to go on."""
+        if not self.active:
+            return None
+        if self._group is None:
+            agreed = self._local()
+        else:
+            request = torch.tensor([self._local()], dtype=torch.int32)
+            self._pending.append((dist.all_reduce(request, op=dist.ReduceOp.MAX, group=self._group,
+                                                  async_op=True), request))
+            if len(self._pending) <= self.lag:
+                return None
+            work, request = self._pending.popleft()
+            work.wait()
+            agreed = int(request.item())
+        if agreed == SIGNAL:
+            return f"training.exit_signal: {self.exit_signal} received"
+        if agreed == TIME:
+            return f"training.exit_duration_min: {self.exit_duration_min:g} min passed since the job started"
+        return None
+
+    def finish(self) -> None:
+        """After the last step (on every rank): wait for the reductions still running, which every
+        rank started, before the group goes down."""
+        while self._pending:
+            work, _ = self._pending.popleft()
+            work.wait()
+
+
+def start_stops(t: TrainingConfig, started: float, lag: int, timeout_s: float,
+                closing: contextlib.ExitStack) -> StopRequests:
+    """The run's stop requests (``training.exit_signal``, ``training.exit_duration_min``), taking the
+    signal until ``closing`` ends; ``started``: the job's start (``time.monotonic``). World-collective
+    where a request can arrive."""
+    stops = StopRequests(t.exit_signal, t.exit_duration_min, started, lag, timeout_s)
+    stops.install()
+    closing.callback(stops.restore)
+    return stops
+
+
+def stop_reason(step: int, start_step: int, t: TrainingConfig, stops: StopRequests) -> Optional[str]:
+    """Why the job stops after ``step`` (the same on every rank), or None: ``training.exit_interval``
+    steps ran in this job, or the ranks agreed on a stop request. Every rank calls it after every
+    step (the requests' agreement is collective)."""
+    requested = stops.after_step()
+    if t.exit_interval is not None and step - start_step >= t.exit_interval:
+        return "exit_interval reached"
+    return requested
