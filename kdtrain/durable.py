@@ -45,6 +45,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Sync every file under ``root`` and then every directory (deepest first), so that a rename
+    of ``root`` publishes complete contents (a staging directory made by writers that did not
+    sync: safetensors, shutil copies)."""
+    dirs = []
+    for here, _, files in os.walk(root):
+        dirs.append(here)
+        for name in files:
+            path = os.path.join(here, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                fsync_file(path)
+    for here in reversed(dirs):
+        fsync_dir(here)
+
+
 def write_synced(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` and sync it (publish it with a rename next)."""
     with open(path, "w") as f:

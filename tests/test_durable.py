@@ -90,3 +90,29 @@ def test_an_export_interrupted_between_its_renames_puts_the_earlier_one_back(tmp
     monkeypatch.undo()
     assert (out / hf_export.EXPORT_MARKER).read_text() == "earlier"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "stage"]
+
+
+def test_an_export_syncs_every_staged_file_before_it_is_published(tmp_path, monkeypatch):
+    """safetensors and shutil write without syncing: a rename of the staging directory could
+    publish empty or cut files after a machine crash unless each is synced first."""
+    import kdtrain.convert.hf_export as hf_export
+    import kdtrain.durable as durable
+
+    events, real_sync, real_replace = [], durable.fsync_file, os.replace
+    monkeypatch.setattr(durable, "fsync_file", lambda p: (events.append(("sync", os.fspath(p))), real_sync(p)))
+    monkeypatch.setattr(hf_export.os, "replace", lambda a, b: (events.append(("rename", os.fspath(a))),
+                                                                 real_replace(a, b)))
+    (tmp_path / "hf" / "notes").mkdir(parents=True)  # a user's files in the export directory
+    (tmp_path / "hf" / "notes" / "README.md").write_text("mine")
+    for i in range(2):  # over the user's directory, then over that export
+        stage = tmp_path / f"stage{i}"
+        stage.mkdir()
+        files = [stage / "model.safetensors", stage / "config.json"]
+        for f in files:
+            f.write_text("x")
+        events.clear()
+        hf_export._replace_dir(tmp_path / "hf", stage)
+        published = events.index(("rename", str(stage)))
+        synced = {p for kind, p in events[:published] if kind == "sync"}
+        assert synced == {str(f) for f in files} | {str(stage / "notes" / "README.md")}, (i, events)
+    assert (tmp_path / "hf" / "notes" / "README.md").read_text() == "mine"

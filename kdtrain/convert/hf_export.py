@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig, from_dict, load_model_config
-from ..durable import dead_scratch, fsync_dir, reap_scratch, scratch_tag
+from ..durable import dead_scratch, fsync_dir, fsync_tree, reap_scratch, scratch_tag
 from ..optional import need
 from ..training.checkpoint import CheckpointReader, check_checkpoint_model
 from .hf_config import ARCH_SHORT, SPECIAL_IDS, default_architecture, hf_config_from_model
@@ -230,11 +230,14 @@ def _export_file(name: str) -> bool:
 def _replace_dir(out: Path, stage: Path) -> None:
     """``stage`` becomes ``out``. Files of an earlier ``out`` that no export writes (a README the
     user put there) are copied over first; the export's own are not (they would describe another
-    model: a tokenizer this export does not write, weights split otherwise)."""
+    model: a tokenizer this export does not write, weights split otherwise). The staging
+    directory's files are synced before it is renamed: after a machine crash ``out`` holds the
+    earlier export or this whole one."""
     if out.exists():
         for p in out.iterdir():
             if not _export_file(p.name):
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, stage / p.name)
+        fsync_tree(stage)
         old = out.parent / f".{out.name}.old-{scratch_tag()}"
         os.replace(out, old)
         try:
@@ -244,6 +247,7 @@ def _replace_dir(out: Path, stage: Path) -> None:
             raise
         shutil.rmtree(old, ignore_errors=True)
     else:
+        fsync_tree(stage)
         os.replace(stage, out)
     fsync_dir(out.parent)
 

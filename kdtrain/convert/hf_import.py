@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from ..config import ModelConfig, to_dict
+from ..durable import write_atomically
 from ..training.checkpoint import write_global_checkpoint
 from .hf_weights import HFModel, read_generation_config
 
@@ -41,10 +42,9 @@ def hf_to_kdtrain_state(hf_dir: str | os.PathLike, name: str,
 
 
 def write_model_yaml(path: str | os.PathLike, cfg: ModelConfig, comment: str) -> None:
-    data = to_dict(cfg)
-    with open(path, "w") as f:
-        f.write(f"# {comment}\n")
-        yaml.safe_dump(data, f, sort_keys=False)
+    """Write ``cfg`` as a model YAML in one step: a crash leaves the whole file or none (a cut one
+    could read as a model with default values for the fields it lost)."""
+    write_atomically(path, f"# {comment}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, name: Optional[str] = None,
