@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,39 @@ def test_broken_compressed_and_parquet_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"x.parquet.gz has unsupported suffix '.parquet.gz'"):
         (tmp_path / "x.parquet.gz").write_bytes(b"x")
         list(iter_documents(str(tmp_path / "x.parquet.gz")))
+
+
+def _dies_on_batch_three(batch: list) -> list:
+    if batch == [3]:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+    return batch
+
+
+def _initializer_fails() -> None:
+    raise OSError("the tokenizer file is gone")
+
+
+@pytest.mark.parametrize("case", ["worker killed", "initializer fails"])
+def test_a_dead_or_unstartable_worker_ends_tokenizing_with_an_error_not_a_hang(case):
+    """multiprocessing.Pool replaced a killed worker and waited for its batch forever (and
+    restarted workers whose initializer failed without end)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from kdtrain.data.preprocess import _ordered_map
+
+    def hung(signum, frame):
+        raise TimeoutError("_ordered_map hung")
+
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        init = _initializer_fails if case == "initializer fails" else None
+        got = []
+        with ProcessPoolExecutor(2, initializer=init) as pool:
+            with pytest.raises(RuntimeError, match="a tokenizing worker process died or failed to start"):
+                for out in _ordered_map(pool, _dies_on_batch_three, ([i] for i in range(10)), ahead=2):
+                    got.append(out)
+        assert got == [[0], [1], [2]][:len(got)] and (case == "worker killed" or not got)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import collections
 import itertools
-import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -90,17 +91,23 @@ def _make_encoder(fmt: str, tokenizer_path: str, append_eos: bool, template: str
     return _TextEncoder(tokenizer_path, append_eos, prepend_bos)
 
 
-def _ordered_map(pool, func, batches: Iterable[list], ahead: int) -> Iterator[list]:
-    """``pool.imap(func, batches)`` with at most ``ahead`` batches in flight: imap reads the
-    input as fast as the workers take it and keeps every result the writer has not yet taken, so
-    workers faster than the writer would pile up encoded documents without bound."""
+def _ordered_map(pool: ProcessPoolExecutor, func, batches: Iterable[list], ahead: int) -> Iterator[list]:
+    """``pool.map(func, batches)`` with at most ``ahead`` batches in flight: map submits the
+    whole input at once and keeps every result the writer has not yet taken, so workers faster
+    than the writer would pile up encoded documents without bound. A worker that dies (the
+    out-of-memory killer) or cannot start breaks the pool, which raises here (multiprocessing.Pool
+    would replace the worker and wait forever for its batch)."""
     pending: collections.deque = collections.deque()
-    for batch in batches:
-        pending.append(pool.apply_async(func, (batch,)))
-        if len(pending) >= ahead:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    try:
+        for batch in batches:
+            pending.append(pool.submit(func, batch))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool as e:
+        raise RuntimeError(f"a tokenizing worker process died or failed to start ({e}); its own error, if any, "
+                           "is printed above. Killed for memory? Fewer --workers use less") from None
 
 
 def _batches(docs: Iterable, size: int) -> Iterator[list]:
@@ -187,7 +194,7 @@ def encode_files(
         meta = write_indexed_dataset(output_prefix, documents(map(encode, _batches(docs, _BATCH_DOCUMENTS))),
                                      tok.vocab_size, metadata)
     else:
-        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(encoder_args,)) as pool:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(encoder_args,)) as pool:
             encoded = _ordered_map(pool, _encode_in_worker, _batches(docs, _BATCH_DOCUMENTS),
                                    _BATCHES_AHEAD * workers)
             meta = write_indexed_dataset(output_prefix, documents(encoded), tok.vocab_size, metadata)
