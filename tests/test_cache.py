@@ -151,10 +151,32 @@ def _write_caches(rank, world, corpus, chat_corpus, root):
     torch.save(ref, root / "live.pt")
 
 
-def _write_dp2(rank, world, corpus, root):
-    from kdtrain.cache.job import run_cache_job
+SLOW_S, TIMEOUT_S = 9.0, 6.0  # _write_dp2: rank 0's manifest and rank 1's last shard take longer than the timeout
 
-    run_cache_job(_run_cfg(corpus), _job(Path(root) / "dp2", "fp32"), log=lambda msg: None)
+
+def _write_dp2(rank, world, corpus, root):
+    """Two replicas write the cache, each wait for the other longer than distributed.timeout_s
+    (here the default group's too): rank 0 builds the manifest slowly (as it hashes a large
+    teacher's weight files), rank 1 writes its last shard slowly (replicas can differ by a shard)."""
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    import kdtrain.cache.job as cache_job
+
+    c10d._set_pg_timeout(timedelta(seconds=TIMEOUT_S))
+    if rank == 0:
+        build = cache_job.build_manifest
+        cache_job.build_manifest = lambda *a, **k: (time.sleep(SLOW_S), build(*a, **k))[1]
+    last = (SAMPLES // SHARD) - 1
+
+    def slow_last_shard(i):
+        if rank == 1 and i == last:
+            time.sleep(SLOW_S)
+
+    run_cache_job = cache_job.run_cache_job
+    run_cache_job(_run_cfg(corpus, f"distributed.timeout_s={TIMEOUT_S}"), _job(Path(root) / "dp2", "fp32"),
+                  on_shard=slow_last_shard, log=lambda msg: None)
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +268,8 @@ def test_targets_cache_serves_the_targets_and_is_smaller(caches):
 
 @pytest.mark.slow
 def test_two_replicas_write_the_same_cache(caches, tmp_path):
+    """Also across waits longer than distributed.timeout_s for a rank working alone (_write_dp2):
+    they are bounded by distributed.idle_timeout_s."""
     root = caches["root"]
     run_spawn(2, _write_dp2, caches["corpus"], str(root), tmp_path=tmp_path)
     a, b = Manifest.load(root / "fp32"), Manifest.load(root / "dp2")
@@ -422,14 +446,14 @@ def test_a_mixed_runs_live_teacher_computes_at_the_caches_precision(world_of_one
 
     mixed = _run_cfg(caches["corpus"], "teacher.source=mixed", f"teacher.cache={caches['root'] / 'fp32'}",
                      "teacher.live_fraction=0.5")
-    assert open_cache(mixed, 0, torch.float32) is not None
+    assert open_cache(mixed, 0, torch.float32, None) is not None
     with pytest.raises(ValueError, match=r"precision\.dtype: the live teacher of this mixed run computes in "
                                          r"bfloat16, .* in float32.*precision\.dtype=fp32"):
-        open_cache(mixed, 0, torch.bfloat16)
+        open_cache(mixed, 0, torch.bfloat16, None)
     # A run on the cache alone has no live teacher to disagree.
     cached = _run_cfg(caches["corpus"], "teacher.source=cache", f"teacher.cache={caches['root'] / 'fp32'}",
                       "training.train_steps=2")  # the steps the cache covers
-    assert open_cache(cached, 0, torch.bfloat16) is not None
+    assert open_cache(cached, 0, torch.bfloat16, None) is not None
 
 
 def test_a_run_records_the_teacher_of_its_cache(caches):

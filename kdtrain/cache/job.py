@@ -30,6 +30,7 @@ from ..config.loader import field_error
 from ..parallel import RoleLayout, build_role_groups, init_distributed
 from ..stream import PayloadSpec
 from ..training.batches import make_microbatch, stack_rows
+from ..training.idle_waits import IdleWaits
 from ..training.resume import data_tokenizer
 from ..training.pretrain import open_dataset, resolve_dtype
 from ..training.teacher import Teacher
@@ -129,6 +130,11 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
     dtype = resolve_dtype(run.precision.dtype, env.device)
     layout = RoleLayout("teacher", 0, par.tp, par.pp, par.dp)
     groups = build_role_groups(layout, timeout_s=run.distributed.timeout_s)
+    # The ranks wait for work one of them does alone (rank 0 hashing the teacher's weight files:
+    # minutes for a large teacher), or a share of it (verifying a resumed job's shards, writing
+    # the last shards: replicas may differ by one shard): under distributed.idle_timeout_s, not
+    # distributed.timeout_s, which would end the job (NCCL's watchdog) for a slow read.
+    idle = IdleWaits.create(run.distributed.idle_timeout_s)
 
     state: list = [None]
     if env.rank == 0:
@@ -138,15 +144,17 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
             state = [(manifest, None)]
         except ValueError as e:
             state = [(None, str(e))]
+    idle.wait("waiting while rank 0 hashes the teacher's weight files for the manifest")
     dist.broadcast_object_list(state, src=0)
     manifest, error = state[0]
     if error is not None:
         raise ValueError(error)
     # A resumed job's shards on disk: every rank verifies a share (rank 0 alone would keep the
     # others waiting in the gather for the whole read of a large cache, past the job's timeout).
+    share = verify_existing(job.out, manifest, range(env.rank, manifest.index.num_shards, env.world_size))
+    idle.wait("waiting while the other ranks verify their share of the shards on disk")
     shares: list = [None] * env.world_size
-    dist.all_gather_object(shares, verify_existing(
-        job.out, manifest, range(env.rank, manifest.index.num_shards, env.world_size)))
+    dist.all_gather_object(shares, share)
     done = {i: info for share in shares for i, info in share.items()}
 
     rec = manifest.layout
@@ -203,6 +211,7 @@ def run_cache_job(run: DistillConfig, job: CacheJobConfig,
                 f"{par.dp} replica(s)")
     elapsed = time.perf_counter() - t0
 
+    idle.wait("waiting for the replicas still writing their last shard")
     gathered: list = [None] * env.world_size
     dist.all_gather_object(gathered, written)
     summary = {"out": job.out, "num_samples": index.num_samples, "shards": index.num_shards,

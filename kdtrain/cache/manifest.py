@@ -164,7 +164,7 @@ def teacher_weights(load: Optional[str], recorded: Optional[dict] = None) -> tup
     ``recorded``: a cache manifest's teacher section. When the files are the ones listed there
     (same names, sizes and mtimes), its digest is taken without reading them: a 70B teacher is
     140 GB, read by the cache job's rank 0 at every (re)start and by a mixed run's rank 0 while
-    the other ranks wait in a broadcast bounded by distributed.timeout_s. Otherwise the files are
+    the other ranks wait (under distributed.idle_timeout_s). Otherwise the files are
     hashed, once per process while they are unchanged (blind spot: as corpus_file_digest)."""
     if load is None:
         return None, None

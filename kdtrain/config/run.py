@@ -302,16 +302,17 @@ class DistributedConfig:
     ``timeout_s`` bounds every collective and point-to-point wait among ranks that work together
     (a hung collective or a dead peer ends the job after it, so keep it short).
 
-    ``idle_timeout_s`` (distillation) bounds the waits of ranks that idle while others work
-    alone, which last as long as that work: on an on-policy step every rank waits in one hand-off
-    for the students' samples (a disaggregated teacher for all of the sampling, colocated
-    replicas that finish first for the slowest), and disaggregated teacher ranks wait while the
-    students save a checkpoint, run the held-out pass or train on cached steps (a mixed teacher
-    source); the students wait for a disaggregated teacher's start (its load from slow storage,
-    say) in the start-up agreement. Those waits go through a world group of
-    their own with this bound; a run whose on-policy sampling the planner estimates longer than
-    it is refused at start (``split.profile``, else this device's profile), and a wait that still
-    runs out names itself and this key."""
+    ``idle_timeout_s`` (distillation, teacher caching) bounds the waits of ranks that idle while
+    others work alone, which last as long as that work: rank 0 hashing the teacher's weight files (a
+    cache job, a mixed run), a cache job's replicas writing their last shards; on an on-policy step
+    every rank waits in one hand-off for the students' samples (a disaggregated teacher for all of
+    the sampling, colocated replicas that finish first for the slowest), and disaggregated teacher
+    ranks wait while the students save a checkpoint, run the held-out pass or train on cached steps
+    (a mixed teacher source); the students wait for a disaggregated teacher's start (its load from
+    slow storage, say) in the start-up agreement. Those waits go through a world group of their own
+    with this bound; a run whose on-policy sampling the planner estimates longer than it is refused
+    at start (``split.profile``, else this device's profile), and a wait that still runs out names
+    itself and this key."""
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on cuda, gloo on cpu
     timeout_s: float = 600.0  # a collective or peer stalled this long ends the job

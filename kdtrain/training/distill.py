@@ -196,26 +196,27 @@ def cache_steps(cfg: DistillConfig, reader) -> int:
     return min(reader.num_samples // cfg.training.global_batch_size, cfg.training.train_steps)
 
 
-def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype):
+def open_cache(cfg: DistillConfig, rank: int, dtype: torch.dtype, idle: Optional[IdleWaits]):
     """The teacher cache of a cache/mixed run, checked against the run (None when online).
 
     The cheap checks run on every rank (they agree); a mixed run also checks that the live teacher
     (computing in ``dtype``) is the cache's: the same precision, and the same weights (hashing its
-    checkpoint once on rank 0); every rank raises on a mismatch."""
+    checkpoint once on rank 0, while the others wait under ``idle``'s bound); every rank raises on
+    a mismatch."""
     if cfg.teacher.source == "online":
         return None
     from ..cache import CacheReader
 
     reader = CacheReader(cfg.teacher.cache)
     try:
-        _check_cache(cfg, reader, rank, dtype)
+        _check_cache(cfg, reader, rank, dtype, idle)
     except BaseException:
         reader.close()
         raise
     return reader
 
 
-def _check_cache(cfg: DistillConfig, reader, rank: int, dtype: torch.dtype) -> None:
+def _check_cache(cfg: DistillConfig, reader, rank: int, dtype: torch.dtype, idle: Optional[IdleWaits]) -> None:
     reader.check(cfg)
     # Found now, not after hours of training (a cache run samples no steps on-policy: validate).
     steps = cfg.training.train_steps
@@ -231,6 +232,7 @@ def _check_cache(cfg: DistillConfig, reader, rank: int, dtype: torch.dtype) -> N
             except ValueError as e:
                 error = [str(e)]
         if dist.get_world_size() > 1:
+            idle.wait("waiting while rank 0 hashes the live teacher's weight files to compare them with the cache's")
             dist.broadcast_object_list(error, src=0)
         if error[0] is not None:
             raise ValueError(error[0])
@@ -286,8 +288,8 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     t_groups = build_role_groups(t_layout, timeout_s=cfg.distributed.timeout_s)
     s_groups = build_role_groups(s_layout, timeout_s=cfg.distributed.timeout_s)
     # World-collective, like the groups above; only where a rank can idle while others work alone.
-    idle = (IdleWaits.create(cfg.distributed.idle_timeout_s)
-            if cfg.onpolicy.fraction > 0 or cfg.split.mode == "disaggregated" else None)
+    idle = (IdleWaits.create(cfg.distributed.idle_timeout_s) if cfg.onpolicy.fraction > 0 or
+            cfg.split.mode == "disaggregated" or cfg.teacher.source == "mixed" else None)
 
     pairing = Pairing(tr.global_batch_size // tr.micro_batch_size, t_layout.dp, s_layout.dp)
     spec = PayloadSpec(cfg.data.seq_length, tr.micro_batch_size, cfg.teacher.topk,
@@ -300,7 +302,7 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
                              recv_depth=1 if colocated else cfg.split.depth,
                              group_timeout_s=cfg.distributed.timeout_s)
 
-    reader = open_cache(cfg, env.rank, dtype)
+    reader = open_cache(cfg, env.rank, dtype, idle)
     if reader is not None:
         closing.callback(reader.close)
     cached = CachedPayloads(reader, spec, pairing, env.device) if reader is not None else None

@@ -1,13 +1,15 @@
 """Waits of ranks that idle while others work alone, with their own bound.
 
-A distillation run's ranks sometimes wait for work only some of them do: on an on-policy step
-every rank waits for the students' samples (a disaggregated teacher for all of the sampling,
-colocated replicas that finish first for the slowest), and disaggregated teacher ranks wait while
-the students save a checkpoint, run the held-out pass or train on cached steps (a mixed teacher
-source); at start-up the students wait for a disaggregated teacher's load in the world agreement
-on the run's outcome (``raise_together`` over this module's group). Those waits last as long as that work,
-so they are bounded by ``distributed.idle_timeout_s``, not by ``distributed.timeout_s``, which
-is kept short to catch hung collectives.
+A distillation run's ranks sometimes wait for work only some of them do: on an on-policy step every
+rank waits for the students' samples (a disaggregated teacher for all of the sampling, colocated
+replicas that finish first for the slowest), and disaggregated teacher ranks wait while the students
+save a checkpoint, run the held-out pass or train on cached steps (a mixed teacher source); at
+start-up the students wait for a disaggregated teacher's load in the world agreement on the run's
+outcome (``raise_together`` over this module's group); a mixed run's ranks wait while rank 0 hashes
+the live teacher's weight files, and a cache job's while rank 0 hashes them, the others verify their
+share of a resumed cache's shards or write their last shard. Those waits last as long as that work,
+so they are bounded by ``distributed.idle_timeout_s``, not by ``distributed.timeout_s``, which is
+kept short to catch hung collectives.
 """
 
 from __future__ import annotations
@@ -68,5 +70,6 @@ class IdleWaits:
             raise IdleWaitTimeout(
                 f"rank {self.rank}: {what}: the ranks did not all arrive within distributed.idle_timeout_s = "
                 f"{self.timeout_s:g} s ({cause}); if the ranks being waited for are only slow "
-                "(sampling, saving or evaluating a large student), raise distributed.idle_timeout_s, else one of "
+                "(sampling, saving or evaluating a large student, hashing a large teacher's weights, writing cache "
+                "shards), raise distributed.idle_timeout_s, else one of "
                 "them died or stalled") from None
