@@ -121,6 +121,14 @@ def _damaged(root):
     with pytest.raises(ValueError, match=rf"shard .*{shard.name} has {len(data) // 3} bytes, meta.json records "
                        rf"{len(data)}: the file is truncated"):
         CheckpointReader(path)
+    # Ranks that load together each check a share of the files at open (files[i::n]: each rank
+    # checking each file was ranks x files stats) and agree on the outcome (raise_together); a
+    # file outside a rank's share is checked when a load opens it.
+    j = json.loads((path / "meta.json").read_text())["shard_files"].index(shard.name)
+    with pytest.raises(ValueError, match="the file is truncated"):
+        CheckpointReader(path, (j % 2, 2))
+    with pytest.raises(ValueError, match="the file is truncated"):
+        load_weights(CheckpointReader(path, ((j + 1) % 2, 2)), role.params)
     shard.write_bytes(bytes(len(data)))
     reader = CheckpointReader(path)
     with pytest.raises(ValueError, match="cannot read checkpoint shard"):

@@ -74,6 +74,13 @@ class RoleGroups:
     def is_member(self) -> bool:
         return self.layout.contains(self.rank)
 
+    @property
+    def share(self) -> tuple[int, int]:
+        """(this rank's index in the role, the role's size): which part of a job split evenly over
+        the role's ranks (``files[i::n]``) is this rank's."""
+        assert self.is_member, f"rank {self.rank} is not in role {self.layout.name}"
+        return self.rank - self.layout.rank_offset, self.layout.num_ranks
+
     def _coord(self, i: int) -> int:
         assert self.is_member, f"rank {self.rank} is not in role {self.layout.name}"
         return self.layout.coords(self.rank)[i]

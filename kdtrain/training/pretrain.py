@@ -354,7 +354,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
         path = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
         if path is not None:
             loading = f"could not load its part of checkpoint {path}"
-            reader = CheckpointReader(path)
+            reader = CheckpointReader(path, role.groups.share)
             check_checkpoint_model(reader, model)
             changes = check_resume(reader.meta, path, run)
             load_training_state(reader, role.optimizer)
@@ -366,7 +366,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
         elif ck.load:
             loading = f"could not load its part of {what}.load {ck.load}"
             load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
-                               run.get("tokenizer_fingerprint"))
+                               run.get("tokenizer_fingerprint"), role.groups.share)
     except Exception as e:  # noqa: BLE001 - any failure: the peers must not wait for this rank
         error = e
     role.groups.raise_together(error, loading)

@@ -46,7 +46,7 @@ class Teacher:
             params = [(self.model.param_specs[n], p) for n, p in self.model.named_parameters()]
             error = None
             try:
-                load_model_weights(load, model_cfg, params, "teacher", tokenizer=tokenizer)
+                load_model_weights(load, model_cfg, params, "teacher", tokenizer=tokenizer, share=groups.share)
             except Exception as e:  # noqa: BLE001 - any failure: the other ranks must not wait for this one
                 error = e
             groups.raise_together(error, f"could not load its part of teacher.load {load}")
