@@ -355,3 +355,43 @@ def test_a_stage_opens_only_the_shard_files_that_hold_its_parameters(world_of_on
     assert sorted(opened) == files
     saved = {k: v for rank in range(2) for k, v in torch.load(tmp_path / f"saved{rank}.pt").items()}
     _assert_same_state(_state_of(role), saved)
+
+
+def _save_fails_on_rank_1(rank, world, tmp, phase):
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed.distributed_c10d as c10d
+
+    import kdtrain.training.checkpoint as checkpoint
+    from kdtrain.config import CheckpointConfig
+    from kdtrain.training.pretrain import save_role
+
+    c10d._set_pg_timeout(timedelta(seconds=60))  # a rank left waiting fails the test, not hangs it
+    cfg, role = _build_dp(world, seed=3, timeout_s=60)
+    full = OSError(28, "No space left on device")
+    if rank == 1 and phase == "write":
+        checkpoint.write_shard = lambda *a, **k: (_ for _ in ()).throw(full)
+    if phase == "commit":  # only the role's writer, rank 0, commits
+        checkpoint.commit_checkpoint = lambda *a, **k: (_ for _ in ()).throw(full)
+    ck = CheckpointConfig(dir=str(Path(tmp) / "ck"), keep=1)
+    with pytest.raises(Exception) as e:
+        save_role(ck, cfg, role, 1, _DP_RUN)
+    (Path(tmp) / f"error{rank}.txt").write_text(f"{type(e.value).__name__}: {e.value}")
+
+
+@pytest.mark.parametrize("phase", ["write", "commit"])
+def test_a_rank_that_fails_to_save_stops_every_rank(world_of_one, tmp_path, phase):
+    """A full disk on one rank while the role saves: that rank raised alone and the others waited
+    in the gather (or the barrier after the commit) until the job's timeout. Every rank now raises,
+    the others naming the rank and its error; no checkpoint is published."""
+    from conftest import run_spawn
+
+    run_spawn(2, _save_fails_on_rank_1, str(tmp_path), phase, tmp_path=tmp_path)
+    failed = 1 if phase == "write" else 0
+    own, other = ((tmp_path / f"error{r}.txt").read_text() for r in (failed, 1 - failed))
+    assert own == "OSError: [Errno 28] No space left on device", own
+    what = "write its part of" if phase == "write" else "commit"
+    assert other.startswith(f"PeerFailed: rank {failed} could not {what} checkpoint "), other
+    assert "No space left on device" in other
+    assert not (tmp_path / "ck" / "latest").exists() and not (tmp_path / "ck" / "step_0000001").exists()

@@ -44,6 +44,7 @@ Saving a step that exists (a resumed run reaching it again) first moves the old 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,6 +61,7 @@ from ..config.model import weight_differences
 from ..cli import missing
 from ..durable import fsync_dir, fsync_file, write_synced
 from ..models.params import ParamSpec
+from ..parallel.groups import raise_together
 from .optimizer import AdamWOptimizer, assign_owners
 from .pieces import boxes, copy_boxes, overlaps
 from .step_dirs import latest_checkpoint, prune_steps, step_name
@@ -84,11 +86,6 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
-def _barrier(group) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
-
-
 def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[ParamSpec, torch.nn.Parameter]],
                     optimizer: Optional[AdamWOptimizer], dp_rank: int, role_group, writer_rank: int,
                     meta: dict, keep: int) -> Path:
@@ -96,16 +93,19 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
     root = Path(root)
     tmp, final = root / f"{step_name(step)}.tmp", root / step_name(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == writer_rank:
-        begin_checkpoint(root, step)
-    _barrier(role_group)
+    # Each phase's failure on any rank (a full disk, a quota) stops every rank of the role
+    # together: a rank that raised alone left the others in the next barrier or gather until the
+    # job's timeout. What a failed save leaves is step_N.tmp, which no reader takes for a checkpoint.
+    with _together(role_group, final, "prepare"):
+        if rank == writer_rank:
+            begin_checkpoint(root, step)
 
     # The replica that writes each element. With the distributed optimizer the owner of its
     # chunk, the one rank holding its master weight and Adam moments. Without, every replica
     # holds the same weights and state: the same balanced assignment over the pieces this
     # position writes shares the host memory, bytes and time of a save among the replicas
-    # (data-parallel rank 0 alone would hold and write the whole state while the others wait at
-    # the barrier below).
+    # (data-parallel rank 0 alone would hold and write the whole state while the others wait in
+    # the gather below).
     writes = [not (spec.tied_copy or spec.tp_duplicate) for spec, _ in params]
     if optimizer is not None and optimizer.sharded:
         shares = {id(s.param): (s.start, s.stop) for s in optimizer.owned}
@@ -115,6 +115,33 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
         dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         owners = assign_owners([p.numel() if w else 0 for (_, p), w in zip(params, writes)], dp_size)
         mine = [(spec, p, (0, p.numel())) for (spec, p), o, w in zip(params, owners, writes) if w and o == dp_rank]
+    with _together(role_group, final, "write its part of"):
+        index = _write_rank_files(tmp, rank, mine, optimizer)
+    # Every rank sends the headers of what it wrote to the committing rank once its files are
+    # written and synced, so the gather is also the barrier before the commit: meta.json's index
+    # is learnt without opening a single shard file.
+    index = _gather_index(index, role_group, writer_rank)
+    with _together(role_group, final, "commit"):
+        if rank == writer_rank:
+            commit_checkpoint(root, step, meta, keep, index)
+    return final
+
+
+@contextlib.contextmanager
+def _together(group, final: Path, what: str):
+    """Run the block on every rank of ``group``, then agree: every rank raises when the block
+    raised on any (``raise_together``; it is also the phase's barrier)."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - any failure: the peers must not wait for this rank
+        error = e
+    raise_together(error, group, lambda r, shown: f"rank {r} could not {what} checkpoint {final}: {shown}")
+
+
+def _write_rank_files(tmp: Path, rank: int, mine: list, optimizer: Optional[AdamWOptimizer]) -> dict:
+    """This rank's shard file (the pieces ``mine`` it writes, with their optimizer state) and its
+    random states, in ``tmp``; returns its entry of meta.json's index (empty: no shard file)."""
     pieces, index = {}, {}
     for spec, p, (start, stop) in mine:
         piece = {"global_shape": list(spec.global_shape), "dim": spec.dim, "ranges": spec.ranges()}
@@ -132,15 +159,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     _save(tmp / "rng" / f"rank{rank:05d}.pt", rng)
-    # Every rank sends the headers of what it wrote to the committing rank once its files are
-    # written and synced, so the gather is also the barrier before the commit: meta.json's index
-    # is learnt without opening a single shard file.
-    index = _gather_index(index, role_group, writer_rank)
-
-    if rank == writer_rank:
-        commit_checkpoint(root, step, meta, keep, index)
-    _barrier(role_group)
-    return final
+    return index
 
 
 def _gather_index(index: dict, group, dst: int) -> dict:
