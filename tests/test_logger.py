@@ -100,3 +100,60 @@ def test_a_job_that_raises_closes_its_logger_as_failed(world_of_one, tiny_corpus
         closed.clear()
         steps = [json.loads(line)["step"] for line in (tmp_path / f"{name}-failed" / "metrics.jsonl").open()]
         assert steps == [1], (name, steps)
+
+
+class _FailingWandb:
+    """A wandb whose init fails (no network, a bad entity)."""
+
+    @staticmethod
+    def init(**kwargs):
+        raise ConnectionError("wandb.init: network unreachable")
+
+
+def _start_with_failing_wandb(rank, world, tmp):
+    import sys
+    from pathlib import Path
+
+    from kdtrain.training.logger import start_logger
+
+    sys.modules["wandb"] = _FailingWandb
+    cfg = LoggingConfig(dir=str(Path(tmp) / "run"), progress_bar=False, tensorboard=True, wandb=True)
+    try:
+        start_logger(cfg, rank == 0, 4, 0)
+        said = "started"
+    except Exception as e:  # noqa: BLE001
+        said = f"{type(e).__name__}: {e}"
+    (Path(tmp) / f"said{rank}.txt").write_text(said)
+
+
+def test_a_sink_that_fails_to_open_stops_every_rank_and_closes_the_others(tmp_path, monkeypatch):
+    """wandb.init failing on the writing rank: the metrics file and TensorBoard writer it had
+    opened are closed, and every rank raises (the others waited in their first collective until
+    the job's timeout)."""
+    import sys
+
+    from conftest import run_spawn
+
+    closed = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            pass
+
+        def close(self):
+            closed.append("tensorboard")
+
+    import torch.utils.tensorboard
+
+    monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", Writer)
+    monkeypatch.setitem(sys.modules, "wandb", _FailingWandb)
+    cfg = LoggingConfig(dir=str(tmp_path / "one"), progress_bar=False, tensorboard=True, wandb=True)
+    with pytest.raises(ConnectionError, match="network unreachable"):
+        RunLogger(cfg, True, 4, 0)
+    assert closed == ["tensorboard"]
+
+    run_spawn(2, _start_with_failing_wandb, str(tmp_path), tmp_path=tmp_path)
+    assert (tmp_path / "said0.txt").read_text() == "ConnectionError: wandb.init: network unreachable"
+    assert (tmp_path / "said1.txt").read_text() == (
+        f"PeerFailed: rank 0 could not open the run's logs in {tmp_path / 'run'}: "
+        "ConnectionError('wandb.init: network unreachable')")

@@ -54,7 +54,7 @@ from ..stream import Pairing, PayloadSpec
 from ..stream.channel import PayloadChannel
 from .auto_split import device_profile, resolve_auto_split
 from .batches import MicroBatch, make_microbatch, microbatches, replica_sample_ids, stack_rows
-from .logger import RunLogger
+from .logger import start_logger
 from .metrics import IntervalSums, Throughput, peak_tflops
 from .optimizer import lr_at
 from .profiling import StepProfiler
@@ -346,7 +346,7 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     start_step = _agree_start_step(start.step, s_layout, env.device)
 
     writer = env.rank == s_layout.rank_offset
-    logger = RunLogger(cfg.logging, writer, tr.train_steps, start_step, run_config=to_dict(cfg),
+    logger = start_logger(cfg.logging, writer, tr.train_steps, start_step, run_config=to_dict(cfg),
                        name=f"{cfg.teacher.model.name}->{cfg.student.model.name}")
     closing.push(logger.closer())
     if inert:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import LoggingConfig
+from ..parallel.groups import raise_together
 
 
 def _fmt(v) -> str:
@@ -76,6 +77,14 @@ class RunLogger:
         self._jsonl = None
         if not enabled:
             return
+        try:
+            self._open(cfg, total_steps, start_step, run_config, name)
+        except BaseException:  # a sink that fails to open (wandb.init): close the ones opened
+            self.close(failed=True)
+            raise
+
+    def _open(self, cfg: LoggingConfig, total_steps: int, start_step: int, run_config: Optional[dict],
+              name: str) -> None:
         self.dir = Path(cfg.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         metrics = self.dir / "metrics.jsonl"
@@ -149,3 +158,17 @@ class RunLogger:
         def close(exc_type, exc, tb) -> None:
             self.close(failed=exc_type is not None)
         return close
+
+
+def start_logger(cfg: LoggingConfig, writer: bool, total_steps: int, start_step: int,
+                 run_config: Optional[dict] = None, name: str = "run") -> RunLogger:
+    """The run's logger, its sinks open on the ``writer`` rank; made by every rank of the world at
+    the same point: a sink that fails to open there (wandb.init, a full disk) stops every rank,
+    not the writer alone (the others waited in their next collective until the job's timeout)."""
+    logger = error = None
+    try:
+        logger = RunLogger(cfg, writer, total_steps, start_step, run_config, name)
+    except Exception as e:  # noqa: BLE001 - any failure: the other ranks must not wait for this one
+        error = e
+    raise_together(error, None, lambda rank, shown: f"rank {rank} could not open the run's logs in {cfg.dir}: {shown}")
+    return logger

@@ -25,7 +25,7 @@ from .batches import MicroBatch, microbatches
 from .checkpoint import (CheckpointReader, check_checkpoint_model, load_model_weights, load_training_state, restore_rng,
                          save_checkpoint)
 from .grads import GradBuffer
-from .logger import RunLogger
+from .logger import start_logger
 from .metrics import IntervalSums, Throughput, peak_tflops
 from .optimizer import AdamWOptimizer, lr_at
 from .pipeline import ForwardStep, PipelineSchedule
@@ -255,7 +255,7 @@ def _pretrain(cfg: PretrainConfig, closing: contextlib.ExitStack) -> dict:
     start = restore_role(cfg.checkpoint, cfg.model, role, env.rank, run)
     start_step = start.step
     writer = env.rank == 0
-    logger = RunLogger(cfg.logging, writer, t.train_steps, start_step, run_config=to_dict(cfg), name=cfg.model.name)
+    logger = start_logger(cfg.logging, writer, t.train_steps, start_step, run_config=to_dict(cfg), name=cfg.model.name)
     closing.push(logger.closer())
     if inert := inert_settings(cfg):
         logger.write(f"settings with no effect in this run: {'; '.join(inert)}")
