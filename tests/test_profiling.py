@@ -98,3 +98,13 @@ def test_a_job_that_starts_or_stops_inside_the_window_writes_what_it_recorded(tm
     assert written == [(4, 2)]
     summary = json.loads((tmp_path / "profile" / "rank0_summary.json").read_text())
     assert next(t for t in summary["top"] if t["name"] == "aten::mm")["count"] == 2
+
+
+def test_a_job_that_raises_inside_the_window_stops_the_recording(tmp_path):
+    prof = StepProfiler((2, 5), str(tmp_path), 0, torch.device("cpu"))
+    prof.begin(2)
+    assert torch.autograd.profiler._is_profiler_enabled
+    prof.close()  # the job's exit (its ExitStack), not end(): nothing written
+    assert not torch.autograd.profiler._is_profiler_enabled
+    assert not (tmp_path / "profile").exists()
+    prof.close()

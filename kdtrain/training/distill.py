@@ -389,6 +389,7 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     timers = {"teacher_wait_s": 0.0}
     teacher_side = TeacherSideStats(env.device)
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
+    closing.callback(profiler.close)
     skips = SkippedSteps(tr.max_skipped_steps)
     interval = IntervalSums()
     stops = start_stops(tr, started, lag=1 if colocated else cfg.split.depth + 1, timeout_s=cfg.distributed.timeout_s,

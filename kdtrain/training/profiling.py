@@ -167,3 +167,9 @@ class StepProfiler:
         self._prof.__exit__(None, None, None)
         prof, self._prof = self._prof, None
         return write_profile(prof, self.out_dir, f"rank{self.rank}", step - self._first + 1, wall, self.trace)
+
+    def close(self) -> None:
+        """Stop a recording the job left running (it raised inside the window); nothing is written."""
+        if self._prof is not None:
+            prof, self._prof = self._prof, None
+            prof.__exit__(None, None, None)
