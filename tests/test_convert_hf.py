@@ -82,8 +82,35 @@ def converted(tmp_path_factory):
     return out
 
 
-def test_sharded_index_is_read(converted):
-    assert (converted["archs"]["llama"]["hf"] / "model.safetensors.index.json").is_file()
+def test_sharded_index_is_read(converted, tmp_path):
+    """With an index, a loading rank (``lazy``) opens only the files holding the tensors it reads,
+    and gets what an eager open reads; a missing file, or a tensor the index misplaces, is named
+    when read."""
+    import shutil
+
+    from kdtrain.convert.hf_weights import SafetensorsDir
+
+    hf = converted["archs"]["llama"]["hf"]
+    index = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2
+    eager, lazy = SafetensorsDir(hf), SafetensorsDir(hf, lazy=True)
+    assert lazy.names() == eager.names() == set(index) and not lazy._handles
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(lazy.get(name), eager.get(name)) and lazy.shape(name) == eager.shape(name)
+    assert list(lazy._handles) == [index[name]]
+
+    damaged = tmp_path / "hf"
+    shutil.copytree(hf, damaged)
+    (damaged / index[name]).unlink()
+    lazy = SafetensorsDir(damaged, lazy=True)
+    with pytest.raises(ValueError, match=f"shard {index[name]} is missing"):
+        lazy.get(name)
+    other = next(n for n, f in index.items() if f != index[name])
+    moved = dict(index, **{other: index[name]})
+    (damaged / "model.safetensors.index.json").write_text(json.dumps({"weight_map": moved}))
+    shutil.copy(hf / index[name], damaged / index[name])
+    with pytest.raises(ValueError, match=f"tensor '{other}' is not in {index[name]}"):
+        SafetensorsDir(damaged, lazy=True).get(name)
 
 
 def test_imported_names_and_shapes_match_the_kdtrain_model(converted):

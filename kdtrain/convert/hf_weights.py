@@ -109,28 +109,49 @@ def safetensors_files(path: str | os.PathLike) -> tuple[list[str], Optional[dict
 
 
 class SafetensorsDir:
-    """Lazy, memory-mapped access to the tensors of a Hugging Face directory."""
+    """Lazy, memory-mapped access to the tensors of a Hugging Face directory.
 
-    def __init__(self, path: str | os.PathLike):
-        safe_open = need("safetensors", f"reading Hugging Face weights ({path})").safe_open
+    Every file is opened (its header read) and checked against the index up front, or with
+    ``lazy`` (a training rank loading its part: a pipeline stage needs the files of its layers
+    only, and 1024 ranks opening 191 files each is 195k opens and header reads) each file when a
+    tensor of it is first read; the index then names the tensors."""
+
+    def __init__(self, path: str | os.PathLike, lazy: bool = False):
+        self._safe_open = need("safetensors", f"reading Hugging Face weights ({path})").safe_open
         self.path = Path(path)
-        self.files, weight_map = safetensors_files(self.path)
+        self.files, self._index = safetensors_files(self.path)
         self._handles = {}
         self.where: dict[str, str] = {}  # tensor name -> file name
+        if lazy and self._index is not None:
+            self.where = dict(self._index)
+            return
         for fname in self.files:
-            f = self.path / fname
-            if not f.is_file():
-                raise ValueError(f"{self.path / INDEX_FILE}: shard {fname} is missing")
-            try:
-                self._handles[fname] = safe_open(str(f), framework="pt")
-            except Exception as e:  # truncated or not safetensors
-                raise ValueError(f"cannot read {f}: {e}") from None
-            for name in self._handles[fname].keys():
+            for name in self._open(fname).keys():
                 self.where[name] = fname
-        if weight_map is not None:
-            missing = sorted(n for n, fname in weight_map.items() if self.where.get(n) != fname)
+        if self._index is not None:
+            missing = sorted(n for n, fname in self._index.items() if self.where.get(n) != fname)
             if missing:
-                raise ValueError(f"{self.path / INDEX_FILE}: tensor {missing[0]!r} is not in {weight_map[missing[0]]}")
+                raise ValueError(f"{self.path / INDEX_FILE}: tensor {missing[0]!r} is not in {self._index[missing[0]]}")
+
+    def _open(self, fname: str):
+        """File ``fname``'s handle, opened on first use; a file the index lists that is missing,
+        unreadable or without a tensor the index puts in it is a ValueError naming it."""
+        if fname in self._handles:
+            return self._handles[fname]
+        f = self.path / fname
+        if not f.is_file():
+            raise ValueError(f"{self.path / INDEX_FILE}: shard {fname} is missing")
+        try:
+            handle = self._safe_open(str(f), framework="pt")
+        except Exception as e:  # truncated or not safetensors
+            raise ValueError(f"cannot read {f}: {e}") from None
+        if self._index is not None:
+            keys = set(handle.keys())
+            absent = sorted(n for n, where in self._index.items() if where == fname and n not in keys)
+            if absent:
+                raise ValueError(f"{self.path / INDEX_FILE}: tensor {absent[0]!r} is not in {fname}")
+        self._handles[fname] = handle
+        return handle
 
     def names(self) -> set[str]:
         return set(self.where)
@@ -138,35 +159,36 @@ class SafetensorsDir:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ValueError(f"{self.path}: tensor {name!r} is missing from the safetensors files")
-        return self._handles[self.where[name]].get_tensor(name)
+        return self._open(self.where[name]).get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """From the file header (nothing read)."""
-        return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
+        return tuple(self._open(self.where[name]).get_slice(name).get_shape())
 
     def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Entries ``[start, stop)`` along ``dim``, reading only those from the file."""
         index = (slice(None),) * dim + (slice(start, stop),)
-        return self._handles[self.where[name]].get_slice(name)[index]
+        return self._open(self.where[name]).get_slice(name)[index]
 
 
 class HFModel:
     """The kdtrain parameters of a Hugging Face directory, each computed on demand.
 
-    Opening reads ``config.json`` and the safetensors headers only and checks that the tensors
+    Opening reads ``config.json`` and the safetensors headers only (``lazy``: the index, the
+    files' headers when first read, as ``SafetensorsDir``) and checks that the tensors
     present are exactly those the architecture's conversion rules need (a missing or unexpected
     tensor is a ValueError naming it); ``tensor(name)`` reads and converts one parameter and
     checks its shape against the config, and that it holds no NaN or infinity (``part`` too:
     such weights are refused, naming the tensor, before a conversion writes or a run loads them)."""
 
-    def __init__(self, hf_dir: str | os.PathLike, name: Optional[str] = None):
+    def __init__(self, hf_dir: str | os.PathLike, name: Optional[str] = None, lazy: bool = False):
         self.path = Path(hf_dir)
         hf = read_hf_config(self.path)
         self.cfg, self.arch = model_config_from_hf(hf, name or self.path.resolve().name,
                                                    str(self.path / "config.json"))
         self.special_ids = special_ids_from_hf(hf, self.arch)
         self.dtype = hf.get("dtype") or hf.get("torch_dtype")  # what transformers loads it as (or None)
-        self.files = SafetensorsDir(self.path)
+        self.files = SafetensorsDir(self.path, lazy)
         names = self.files.names()
         # Older GPT-2 checkpoints store names without the "transformer." prefix.
         self._bare = self.arch == "GPT2LMHeadModel" and not any(n.startswith(_GPT2_PREFIX) for n in names)
@@ -320,7 +342,7 @@ class HFWeights:
 
     def __init__(self, path: str | os.PathLike, model: ModelConfig, what: str):
         self.path = Path(path)
-        self.hf = HFModel(self.path, model.name)
+        self.hf = HFModel(self.path, model.name, lazy=True)  # each rank opens the files it reads
         check_model_matches(self.hf, model, what)
 
     def names(self) -> set[str]:
