@@ -627,6 +627,33 @@ def test_teacher_files_a_manifest_lists_are_not_read_again(converted, tmp_path, 
     assert changed != digest and relisted != listed and reads
 
 
+def test_teacher_weight_digests_per_file_and_of_earlier_manifests(converted, tmp_path):
+    """New manifests record a digest of the files' own digests (hashed side by side: a 405B
+    teacher is 810 GB); a manifest of an earlier version, without ``weights_hash``, is checked by
+    its own rule (sha256 over the files' names and bytes in turn), and a resumed job keeps it."""
+    import hashlib
+    import shutil
+
+    import kdtrain.cache.manifest as manifest
+
+    src = converted["archs"]["llama"]["hf"]
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    files = sorted(copy.glob("*.safetensors"))
+    assert len(files) > 2
+    per_file = hashlib.sha256(b"".join(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).hexdigest().encode()
+                                       + b"\n" for f in files)).hexdigest()
+    stream = hashlib.sha256(b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in files)).hexdigest()
+    cfg = converted["archs"]["llama"]["cfg"]
+    new = manifest.teacher_identity(cfg, str(copy), 0, "float32")
+    assert new["weights_sha256"] == per_file and new["weights_hash"] == "files"
+    earlier = {k: v for k, v in new.items() if k != "weights_hash"}
+    earlier.update(weights_sha256=stream, weights_stat=[[n, size, mtime + 1] for n, size, mtime in new["weights_stat"]])
+    manifest._DIGESTS.clear()
+    assert manifest.teacher_weights(str(copy), earlier)[0] == stream  # stats differ: hashed by the earlier rule
+    assert "weights_hash" not in manifest.teacher_identity(cfg, str(copy), 0, "float32", recorded=earlier)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2"])
 def test_documents_in_one_window_match_hf_on_each_alone(converted, world_of_one, arch):
     """data.attention: documents: documents packed into one window (DocumentMask) get, each, the
