@@ -73,6 +73,7 @@ def _dp_save_and_reload(rank, world, tmp, sharded):
     from pathlib import Path
 
     from kdtrain.config import CheckpointConfig
+    from kdtrain.training.optimizer import assign_owners
     from kdtrain.training.pretrain import restore_role, save_role
 
     cfg, role = _build_dp(world, seed=3, distributed=sharded)
@@ -89,12 +90,16 @@ def _dp_save_and_reload(rank, world, tmp, sharded):
         torch.save(saved, Path(tmp) / "saved.pt")
     # Back into the same replicas, and into ZeRO-1 shares of them.
     for distributed, seed in ((False, 5), (True, 7)):
-        opened = []
+        opened, reads = [], set()
         with pytest.MonkeyPatch.context() as m:
             count_shard_opens(m, opened)
+            _count_reads(m, reads)
             _, other = _build_dp(world, seed=seed, distributed=distributed)
             assert restore_role(ck, cfg, other, rank, _DP_RUN).step == 2
         _assert_same_state(_state_of(other), saved)
+        if not distributed:  # the replicas hold the same state: each read a share of it, then sent it
+            owners = assign_owners([p.numel() for _, p in other.params], world)
+            assert reads == {spec.global_name for (spec, _), o in zip(other.params, owners) if o == rank}
         if sharded and distributed:  # the same chunks: each replica reads its own file alone
             assert opened == [f"rank{rank:05d}.pt"], (rank, opened)
         if distributed:  # this replica's share: half the elements, also of a parameter cut in two
@@ -102,6 +107,32 @@ def _dp_save_and_reload(rank, world, tmp, sharded):
             assert held == other.grads.shard_range[1] - other.grads.shard_range[0]
             assert abs(held - sum(p.numel() for _, p in other.params) / world) <= 1
             assert any(not s.whole for s in other.optimizer.owned)
+    # Weights alone (checkpoint.load) into bf16 replicas with fp32 masters: each reads a share, and
+    # every replica's masters get the stored fp32 values (rounded weights would be other masters).
+    reads = set()
+    with pytest.MonkeyPatch.context() as m:
+        _count_reads(m, reads)
+        _, other = _build_dp(world, seed=9, distributed=sharded)
+        assert restore_role(CheckpointConfig(load=str(Path(tmp) / "ck")), cfg, other, rank, _DP_RUN).step == 0
+    owners = assign_owners([p.numel() for _, p in other.params], world)
+    assert reads == {spec.global_name for (spec, _), o in zip(other.params, owners) if o == rank}
+    for s in other.optimizer.owned:
+        want = saved[f"master/{s.spec.global_name}"][0].reshape(-1)[s.start:s.stop]
+        assert torch.equal(s.master.reshape(-1), want), s.spec.global_name
+        assert torch.equal(s.param, saved[f"param/{s.spec.global_name}"][0]), s.spec.global_name
+
+
+def _count_reads(m, reads: set) -> None:
+    """Record (in ``reads``) the name of every parameter a CheckpointReader reads a value of."""
+    from kdtrain.training.checkpoint import CheckpointReader
+
+    real = CheckpointReader.read_into
+
+    def read_into(self, spec, key, out, **kw):
+        reads.add(spec.global_name)
+        return real(self, spec, key, out, **kw)
+
+    m.setattr(CheckpointReader, "read_into", read_into)
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicas", "zero1"])

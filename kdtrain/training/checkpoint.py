@@ -45,6 +45,7 @@ Saving a step that exists (a resumed run reaching it again) first moves the old 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -64,6 +65,7 @@ from ..models.params import ParamSpec
 from ..parallel.groups import raise_together
 from .optimizer import AdamWOptimizer, assign_owners
 from .pieces import boxes, copy_boxes, overlaps
+from .replica_reads import Replicas, SharedReads
 from .step_dirs import latest_checkpoint, prune_steps, step_name
 
 # 2: some pieces are flat parts (``flat``, ``local_shape``; written by the distributed optimizer).
@@ -456,14 +458,16 @@ class CheckpointReader:
 def load_model_weights(path: str | os.PathLike, model: ModelConfig,
                        params: list[tuple[ParamSpec, torch.nn.Parameter]], what: str,
                        masters: Optional[dict[int, tuple[torch.Tensor, int, int]]] = None,
-                       tokenizer: Optional[str] = None, share: tuple[int, int] = (0, 1)) -> None:
+                       tokenizer: Optional[str] = None, share: tuple[int, int] = (0, 1),
+                       replicas: Optional[Replicas] = None) -> SharedReads:
     """``{what}.load``: this rank's weights from a kdtrain checkpoint (a run's checkpoint dir, i.e.
     its latest step, or one step dir) written with any layout, or from a Hugging Face model
     directory (convert/hf_weights.py: each rank reads and converts only its own parameters);
     ``masters`` as for ``load_weights``. ``tokenizer``: the fingerprint of the loading run's
     tokenizer (``data_tokenizer``); a checkpoint trained on ids of another is refused (same
     vocabulary size or not, its rows mean other tokens). ``share``: as ``CheckpointReader``'s (the
-    caller's ranks agree on the outcome)."""
+    caller's ranks agree on the outcome); ``replicas``: as ``load_weights``'s (the caller sends
+    the returned reads once its ranks agreed)."""
     from ..convert.hf_weights import HFWeights, is_hf_model_dir  # convert imports this module
 
     if is_hf_model_dir(path):
@@ -483,7 +487,7 @@ def load_model_weights(path: str | os.PathLike, model: ModelConfig,
             raise ValueError(f"{what}.load: {reader.path} was trained on ids of tokenizer {theirs}"
                              f"{f' ({tok})' if tok else ''}, this run's data is of tokenizer {tokenizer}: the "
                              "model's rows would mean other tokens")
-    load_weights(reader, params, masters)
+    return load_weights(reader, params, masters, replicas)
 
 
 def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype, what: str,
@@ -528,22 +532,37 @@ def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None
 
 @torch.no_grad()
 def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]],
-                 masters: Optional[dict[int, tuple[torch.Tensor, int, int]]] = None) -> None:
+                 masters: Optional[dict[int, tuple[torch.Tensor, int, int]]] = None,
+                 replicas: Optional[Replicas] = None) -> SharedReads:
     """Model weights only (teacher, fine-tuning, evaluation, a trained model's start). ``masters``:
     ``(master, start, stop)`` by ``id`` of the parameter: the fp32 master weight of its flat
     elements [start, stop), where an optimizer keeps one apart from the parameter
     (``AdamWOptimizer.separate_masters``); it gets the stored fp32 values too, else the first
-    update would start from the weights the optimizer was built with."""
+    update would start from the weights the optimizer was built with.
+
+    ``replicas``: the data-parallel replicas loading the same slice. Each reads its share of the
+    parameters, and the returned ``SharedReads.send`` (once the replicas agreed that every read
+    succeeded) gives each all of them (replica_reads.py). Without, every parameter is read and set
+    here."""
     _check_holds(reader, params)
     masters = masters or {}
-    for spec, p in params:
-        buf = torch.empty(p.shape, dtype=torch.float32)
-        buf.zero_()
-        reader.read_into(spec, "master", buf)
-        p.copy_(buf.to(p.dtype))
-        if id(p) in masters:
-            master, start, stop = masters[id(p)]
-            master.view(-1).copy_(buf.view(-1)[start:stop])
+    shared = SharedReads(replicas, params[0][1].device if params else torch.device("cpu"))
+    for (spec, p), owner in zip(params, shared.owners([p.numel() for _, p in params])):
+        value = None
+        if owner == shared.me:
+            value = {"value": torch.zeros(p.shape, dtype=torch.float32)}
+            reader.read_into(spec, "master", value["value"])
+        shared.add(owner, [("value", tuple(p.shape), torch.float32)], value,
+                   functools.partial(_set_weights, p, masters.get(id(p))))
+    return shared
+
+
+def _set_weights(p: torch.nn.Parameter, master: Optional[tuple[torch.Tensor, int, int]], got: dict) -> None:
+    value = got["value"]
+    p.copy_(value.to(p.dtype))
+    if master is not None:
+        m, start, stop = master
+        m.view(-1).copy_(value.view(-1)[start:stop])
 
 
 def _check_holds(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]]) -> None:
@@ -554,11 +573,14 @@ def _check_holds(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.n
 
 
 @torch.no_grad()
-def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer) -> None:
+def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer,
+                        replicas: Optional[Replicas] = None) -> SharedReads:
     """Weights of every parameter, plus master weights and Adam moments of this rank's shares; each
     stored value is read once (an owned parameter's weights are copied from its master). With the
     distributed optimizer the parameters come from the owners' masters: every replica calls
-    ``optimizer.gather_params()`` afterwards, once all have read their shares (restore_role)."""
+    ``optimizer.gather_params()`` afterwards, once all have read their shares (restore_role).
+    Without it the replicas hold the same state: with ``replicas``, as ``load_weights`` (each
+    reads a share; the returned ``send`` gives all of it to each)."""
     _check_holds(reader, optimizer.params)
     if not reader.has_optimizer_state():
         raise ValueError(f"checkpoint {reader.path} has no optimizer state; use checkpoint.load to start "
@@ -574,16 +596,22 @@ def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer) -> 
                 reader.read_into(share.spec, key, state[key], flat=(share.start, share.stop))
             state["step"] = reader.read_step_state(share.spec)
             optimizer.load_state_for(share.spec, state)
-        return
+        return SharedReads(None, torch.device("cpu"))
     owned = {id(s.param) for s in optimizer.owned}
-    load_weights(reader, [(spec, p) for spec, p in optimizer.params if id(p) not in owned])
-    for share in optimizer.owned:
-        state = {}
-        for key in STATE_KEYS:
-            state[key] = torch.zeros(share.param.shape, dtype=torch.float32)
-            reader.read_into(share.spec, key, state[key])
-        state["step"] = reader.read_step_state(share.spec)
-        optimizer.load_state_for(share.spec, state)
+    shared = load_weights(reader, [(spec, p) for spec, p in optimizer.params if id(p) not in owned],
+                          replicas=replicas)
+    shared.device = optimizer.params[0][1].device  # where the values are sent (NCCL: the GPU)
+    for share, owner in zip(optimizer.owned, shared.owners([s.param.numel() for s in optimizer.owned])):
+        state = None
+        if owner == shared.me:
+            state = {}
+            for key in STATE_KEYS:
+                state[key] = torch.zeros(share.param.shape, dtype=torch.float32)
+                reader.read_into(share.spec, key, state[key])
+            state["step"] = reader.read_step_state(share.spec).float()
+        shared.add(owner, [*((key, tuple(share.param.shape), torch.float32) for key in STATE_KEYS),
+                           ("step", (), torch.float32)], state, functools.partial(optimizer.load_state_for, share.spec))
+    return shared
 
 
 def restore_rng(path: Path, rank: int) -> bool:

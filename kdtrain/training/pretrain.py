@@ -30,6 +30,7 @@ from .metrics import IntervalSums, Throughput, peak_tflops
 from .optimizer import AdamWOptimizer, lr_at
 from .pipeline import ForwardStep, PipelineSchedule
 from .profiling import StepProfiler
+from .replica_reads import Replicas
 from .resume import check_output_dir, check_resume, refuse_other_runs, run_record
 from .step_dirs import check_latest_marker, latest_checkpoint
 from .step import SkippedSteps, eval_step, train_step
@@ -347,7 +348,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
     # Everything a rank reads or checks alone comes before the role's first collective, and every
     # rank raises if any failed (one raise_together, whatever failed: an outer agreement, the
     # distillation start-up's, counts on it).
-    error = path = None
+    error = path = shared = None
     loading = f"could not use checkpoint.dir {ck.dir}"  # for the other ranks' message
     try:
         if ck.dir and not ck.resume:
@@ -358,7 +359,7 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
             reader = CheckpointReader(path, role.groups.share)
             check_checkpoint_model(reader, model)
             changes = check_resume(reader.meta, path, run)
-            load_training_state(reader, role.optimizer)
+            shared = load_training_state(reader, role.optimizer, Replicas.of(role.groups))
             saved, ours = reader.meta.get("layout") or {}, _layout_meta(role.groups)
             # Random states are per rank: in another layout (or without this rank's file) dropout
             # and on-policy sampling start over from training.seed, which the resumed job's log
@@ -366,11 +367,13 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
             rng_restored = saved == ours and restore_rng(path, rank)
         elif ck.load:
             loading = f"could not load its part of {what}.load {ck.load}"
-            load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
-                               run.get("tokenizer_fingerprint"), role.groups.share)
+            shared = load_model_weights(ck.load, model, role.params, what, role.optimizer.separate_masters(),
+                                        run.get("tokenizer_fingerprint"), role.groups.share, Replicas.of(role.groups))
     except Exception as e:  # noqa: BLE001 - any failure: the peers must not wait for this rank
         error = e
     role.groups.raise_together(error, loading)
+    if shared is not None:  # each data-parallel replica read a share of the slice: the others' now
+        shared.send()
     if path is None:
         return Start(0)
     if role.optimizer.sharded:

@@ -27,6 +27,7 @@ from .batches import MicroBatch
 from .checkpoint import load_model_weights
 from .pipeline import PipelineSchedule
 from .pretrain import check_fits
+from .replica_reads import Replicas
 
 
 class Teacher:
@@ -46,10 +47,12 @@ class Teacher:
             params = [(self.model.param_specs[n], p) for n, p in self.model.named_parameters()]
             error = None
             try:
-                load_model_weights(load, model_cfg, params, "teacher", tokenizer=tokenizer, share=groups.share)
+                shared = load_model_weights(load, model_cfg, params, "teacher", tokenizer=tokenizer,
+                                            share=groups.share, replicas=Replicas.of(groups))
             except Exception as e:  # noqa: BLE001 - any failure: the other ranks must not wait for this one
                 error = e
             groups.raise_together(error, f"could not load its part of teacher.load {load}")
+            shared.send()  # each data-parallel replica read a share of its slice: the others' now
         self.schedule = PipelineSchedule(self.model, groups, (spec.seq_length, spec.micro_batch,
                                                               model_cfg.hidden_size), dtype, device)
         self.device = device
