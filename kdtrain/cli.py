@@ -24,11 +24,12 @@ import sys
 from pathlib import Path
 
 
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default unless it is None or the help already says what it is."""
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default unless it is None or False (a flag) or the help already says
+    what it is; a description (a module docstring) keeps its lines."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default:" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="kdtrain", description="knowledge distillation of megatron-core GPTs")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and optional accelerators").set_defaults(func=_info)
-    p = sub.add_parser("model", help="size and FLOPs of a model config")
+    p = sub.add_parser("model", help="size and FLOPs of a model config", formatter_class=DefaultsHelp)
     p.add_argument("name", help="name under configs/models/ or a YAML path")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the padded vocab; default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (layers per stage; default 1)")

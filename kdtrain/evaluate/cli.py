@@ -35,12 +35,11 @@ loaded once per part: the same sums, in the same order.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..cli import check_out_file
+from ..cli import DefaultsHelp, check_out_file
 from ..durable import write_atomically
 
 
@@ -293,7 +292,7 @@ def _run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="held-out loss of checkpoints or HF models on a corpus",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--model", nargs="+", required=True, help="kdtrain checkpoints or Hugging Face directories")
     p.add_argument("--data", nargs="+", help="indexed dataset prefixes (default: the first checkpoint's run data)")
     p.add_argument("--seq-length", type=int, help="with --data: the run's data.seq_length")

@@ -27,6 +27,8 @@ import json
 import math
 from typing import Optional
 
+from ..cli import DefaultsHelp
+
 
 def default_tokenizer(model: str) -> Optional[str]:
     """The HF directory's own tokenizer, else the tokenizer the checkpoint's run read its data with."""
@@ -195,7 +197,7 @@ def _run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="continuations or chat replies from a checkpoint or HF model",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--model", required=True, help="kdtrain checkpoint or Hugging Face model directory")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file: one prompt per line")

@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 
+from ..cli import DefaultsHelp
 from .memory import GiB
 
 
@@ -29,7 +30,8 @@ def _csv(kind):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="rank teacher/student splits by predicted samples/s")
+    p = subparsers.add_parser("plan", help="rank teacher/student splits by predicted samples/s",
+                              formatter_class=DefaultsHelp)
     p.add_argument("--config", default=None, help="a distillation run config: its models, window, batch, top-k, "
                    "optimizer, recomputation, CUDA graphs and on-policy steps (instead of the flags below)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="with --config: overrides, as the scripts take")
@@ -70,7 +72,8 @@ def register(subparsers) -> None:
     p.add_argument("--plot", default=None, help="sweep PNG path (default: plan-sweep-<quantity>.png)")
     p.set_defaults(func=run_plan)
 
-    c = subparsers.add_parser("calibrate", help="measure this device and write a planner profile")
+    c = subparsers.add_parser("calibrate", help="measure this device and write a planner profile",
+                              formatter_class=DefaultsHelp)
     c.add_argument("--out", required=True, help="profile JSON to write")
     c.add_argument("--base", default=None, help="profile whose network figures are kept (default: h100-80gb on "
                                                   "CUDA, cpu otherwise)")
