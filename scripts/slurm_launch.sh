@@ -12,9 +12,10 @@
 # Adjust the #SBATCH lines to your cluster (partition, account, time). GPUS_PER_NODE (default 8)
 # is what torchrun starts per node; split.mode=auto reads it as LOCAL_WORLD_SIZE.
 # To end with a checkpoint before the allocation's time limit, add training.exit_duration_min=M
-# (minutes, less the time a save takes); to end with one when preempted (Slurm sends SIGTERM,
-# torchrun passes it on and kills its workers 30 s later), training.exit_signal=SIGTERM. Both need
-# checkpoint.dir; the same command resumes.
+# (minutes, less the start-up, a few steps and a save); to end with one when preempted (Slurm sends
+# SIGTERM to every process of the step; torchrun also passes it on, and kills its workers 30 s
+# later), training.exit_signal=SIGTERM. Not --signal=USR1: torchrun has no handler for it and dies.
+# Both need checkpoint.dir; the same command resumes.
 #SBATCH --job-name=kdtrain
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8

@@ -18,6 +18,12 @@ def sigkill_tree(pid: int) -> None:
     in a session of its own, so killing torchrun's process group leaves the workers running."""
     import signal
 
+    signal_tree(pid, signal.SIGKILL)
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Send ``sig`` to a process and all its descendants, the process first (as Slurm signals
+    every process of a job step: torchrun and, in their own sessions, its workers)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -32,7 +38,7 @@ def sigkill_tree(pid: int) -> None:
         todo += children.get(p, [])
     for p in tree:  # the launcher first: it must not see its workers die and act on it
         try:
-            os.kill(p, signal.SIGKILL)
+            os.kill(p, sig)
         except ProcessLookupError:
             pass
 

@@ -139,7 +139,7 @@ def test_bad_values_name_the_field(tmp_path):
         load_pretrain_config(str(f), ["training.exit_interval=0"])
     with pytest.raises(ValueError, match=r"training\.exit_signal: 'SIGKILL' is not a signal a run can stop on"):
         load_pretrain_config(str(f), ["training.exit_signal=SIGKILL"])
-    for bad in ("0", "-5", "nan", "soon"):
+    for bad in ("0", "-5", "nan", "soon", "true"):
         with pytest.raises(ValueError, match=r"training\.exit_duration_min: "):
             load_pretrain_config(str(f), [f"training.exit_duration_min={bad}"])
     assert load_pretrain_config(str(f), ["training.exit_duration_min=230"]).training.exit_duration_min == 230

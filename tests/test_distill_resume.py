@@ -1,16 +1,16 @@
 """Stopping a distillation run and resuming it continues the uninterrupted run's curve.
 
-The first job stops after step 4 (a checkpoint is written there on every rank's role: the
-student's weights, optimizer state and RNG; the teacher is rebuilt from its own weights), and the
-same command resumes from it. The disaggregated layout stops on a time limit every rank passes
-in step 1 (``training.exit_duration_min``): the ranks agree on it split.depth + 1 = 3 steps later
-(kdtrain/training/stop_requests.py); the colocated one after ``training.exit_interval=4`` steps. The student's later steps, its held-out losses
-and the teacher's payloads must be those of the run that never stopped (fp32 on CPU: 1e-6). Two
-2-rank layouts, each with half the steps on the student's own samples (keyed by sample id, so
-the samples must repeat exactly): a disaggregated split (the teacher's rank runs ahead of the
-student and must stop at the same step), and a colocated one with two student replicas under
-ZeRO-1 (each rank writes its optimizer shard) whose data steps come from a teacher cache with
-half of them live (the cache reader and its prefetcher restart mid-run).
+The first job stops after step 4 (a checkpoint is written there on every rank's role: the student's
+weights, optimizer state and RNG; the teacher is rebuilt from its own weights), and the same command
+resumes from it. The disaggregated layout stops on a time limit every rank passes in step 1
+(``training.exit_duration_min``): the ranks agree on it split.depth + 1 = 3 steps later
+(kdtrain/training/stop_requests.py); the colocated one after ``training.exit_interval=4`` steps. The
+student's later steps, its held-out losses and the teacher's payloads must be those of the run that
+never stopped (fp32 on CPU: 1e-6). Two 2-rank layouts, each with half the steps on the student's own
+samples (keyed by sample id, so the samples must repeat exactly): a disaggregated split (the
+teacher's rank runs ahead of the student and must stop at the same step), and a colocated one with
+two student replicas under ZeRO-1 (each rank writes its optimizer shard) whose data steps come from
+a teacher cache with half of them live (the cache reader and its prefetcher restart mid-run).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ LAYOUTS = {
     "zero1-mixed": ["student.dp=2", "optimizer.distributed=true", "teacher.source=mixed", "teacher.live_fraction=0.5"],
 }
 # How each layout's first job stops after step STOP, and the line it writes then.
-STOPS = {"disagg": ("training.exit_duration_min=1e-6", "training.exit_duration_min: 1e-06 min passed since the job started"),
+STOPS = {"disagg": ("training.exit_duration_min=1e-6",
+                    "training.exit_duration_min: 1e-06 min passed since the job started"),
          "zero1-mixed": (f"training.exit_interval={STOP}", "exit_interval reached")}
 
 

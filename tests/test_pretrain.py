@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_metrics, run_entries, run_torchrun, sigkill_tree
+from conftest import REPO, read_metrics, run_entries, run_torchrun, sigkill_tree, signal_tree
 
 pytestmark = pytest.mark.slow
 
@@ -164,9 +164,10 @@ def test_sigkill_then_resume_continues_the_same_curve(runs, tiny_corpus, tmp_pat
 
 
 def test_sigterm_stops_both_ranks_after_one_step_with_a_checkpoint_and_the_run_resumes(runs, tiny_corpus, tmp_path):
-    """With ``training.exit_signal=SIGTERM``, a SIGTERM to torchrun (which passes it on to its
-    workers, as a scheduler's preemption notice does) stops both ranks after the same step, with a
-    checkpoint of that step and no traceback; the same command resumes onto the uninterrupted curve."""
+    """With ``training.exit_signal=SIGTERM``, a SIGTERM to every process of the job, as Slurm
+    sends at preemption (each worker gets it twice: torchrun passes its own on), stops both ranks
+    after the same step, with a checkpoint of that step and no traceback; the same command resumes
+    onto the uninterrupted curve."""
     steps, run_dir, ckpt = KILL_STEPS, tmp_path / "run", tmp_path / "ckpt"
     args = _args(tiny_corpus, run_dir, *KILL_COMMON, f"checkpoint.dir={ckpt}", "training.exit_signal=SIGTERM",
                  steps=steps)
@@ -184,7 +185,7 @@ def test_sigterm_stops_both_ranks_after_one_step_with_a_checkpoint_and_the_run_r
                 break
             time.sleep(0.01)
         assert proc.poll() is None, "the run finished before the signal"
-        proc.send_signal(signal.SIGTERM)  # torchrun alone: it signals its workers
+        signal_tree(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
         sigkill_tree(proc.pid)

@@ -191,7 +191,7 @@ class TrainingConfig:
             except ValueError as e:
                 raise field_error(where, "exit_signal", str(e)) from None
         m = self.exit_duration_min
-        if m is not None and not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
+        if m is not None and (isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0)):
             raise field_error(where, "exit_duration_min", f"must be a positive number of minutes, got {m}")
         check_seed(self.seed, where)
         if self.global_batch_size % self.micro_batch_size:
@@ -266,7 +266,7 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None  # per-device dense peak for MFU; None = look up the device
     # [first, last] steps (1-based, as logged) to record with torch.profiler: summary, operator
     # table and trace per rank under <dir>/profile/ (kdtrain/training/profiling.py); a job that
-    # resumes or stops (exit_interval) inside the window records the window's steps it runs.
+    # resumes or stops (training.exit_*) inside the window records the window's steps it runs.
     profile_steps: Optional[tuple[int, int]] = None
 
     def check(self, where: str = "logging") -> None:

@@ -108,6 +108,9 @@ def _ordered_map(pool: ProcessPoolExecutor, func, batches: Iterable[list], ahead
     except BrokenProcessPool as e:
         raise RuntimeError(f"a tokenizing worker process died or failed to start ({e}); its own error, if any, "
                            "is printed above. Killed for memory? Fewer --workers use less") from None
+    finally:  # the writer failed (or the pool broke): the batches not started are not tokenized
+        for f in pending:
+            f.cancel()
 
 
 def _batches(docs: Iterable, size: int) -> Iterator[list]:

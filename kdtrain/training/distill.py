@@ -393,7 +393,7 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     skips = SkippedSteps(tr.max_skipped_steps)
     interval = IntervalSums()
     stops = start_stops(tr, started, lag=1 if colocated else cfg.split.depth + 1, timeout_s=cfg.distributed.timeout_s,
-                        closing=closing)
+                        closing=closing, group=idle.group if idle is not None else None)
     step = start_step
     while step < tr.train_steps:
         profiler.begin(step + 1)

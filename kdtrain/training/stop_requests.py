@@ -8,33 +8,39 @@ its own time. Yet every rank must stop after the same step: the checkpoint is wr
 them, and a disaggregated teacher must not serve a step the students will not train.
 
 Agreement. At the end of each step every rank starts a MAX all-reduce of its own request (0 none,
-1 the time limit, 2 the signal) over a gloo world group of its own, without waiting for it, and
-reads the one it started ``lag`` steps earlier. Every rank starts and reads the same reductions at
-the same steps, so all read the same value after the same step and stop there. The read waits only
-for ranks more than ``lag`` steps behind:
+1 the time limit, 2 the signal) over a world gloo group (the run's idle-wait group where it has
+one, else one of its own), without waiting for it, and reads the one it started ``lag`` steps
+earlier. Every rank starts and reads the same reductions at the same steps, so all read the same
+value after the same step and stop there. The read waits only for ranks more than ``lag`` steps
+behind:
 
 - pretraining and colocated distillation: ``lag`` 1. The ranks move in lock step (each step's
   gradient reduction), so the reduction started a step ago is complete.
-- disaggregated distillation: ``lag`` = ``split.depth`` + 1. A teacher rank runs ahead of the
-  students by at most ``split.depth`` micro-batches in flight: when it ends step t, each student
-  it serves is receiving step t - depth's payloads or later, so it has ended step t - depth - 1
-  and started that step's reduction. The teacher has served no step after the one they stop at.
+- disaggregated distillation: ``lag`` = ``split.depth`` + 1. A student posts the receives of its
+  current step only, and a teacher rank keeps at most ``split.depth`` sends (micro-batches) in
+  flight: when the teacher ends step t, the students it serves are in step t - depth or later,
+  so they ended step t - depth - 1 and started its reduction; the other students move with them
+  (their gradient reduction). The teacher has served no step after the one they stop at. (An
+  NCCL send can complete into the peer's buffer before the receive is posted: the teacher may
+  then be a payload further ahead and its read waits briefly; it never deadlocks, as every rank
+  only needs the others to reach the end of an earlier step.)
 
 The reductions are host int32 tensors in gloo's threads: nothing waits for the GPU. A request
 thus ends the run ``lag`` steps after the step in which the first rank saw it, plus the save.
 A one-process run stops after the step in which it saw it.
 
-torchrun passes the SIGTERM, SIGINT, SIGHUP or SIGQUIT it receives on to its workers and kills them
-30 s later: ``lag`` steps and a save must fit in that (else use ``exit_duration_min``, which needs
-no signal). A second delivery of the signal restores the handler found at start and delivers the
-signal again (a second Ctrl-C interrupts at once).
+Deliveries after the first change nothing: under Slurm the signal reaches each worker twice (from
+Slurm, which signals every process of the job step, and from torchrun, which passes on the
+SIGTERM, SIGINT, SIGHUP or SIGQUIT it receives), and both are one request. torchrun kills its
+workers 30 s after it passed a signal on: ``lag`` steps and a save must fit in that (else use
+``exit_duration_min``, which needs no signal). A rank blocked in a collective runs the handler
+when the collective returns.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -56,18 +62,21 @@ class StopRequests:
     :meth:`after_step` at the end of every step and :meth:`finish` after the last."""
 
     def __init__(self, exit_signal: Optional[str], exit_duration_min: Optional[float], started: float, lag: int,
-                 timeout_s: float):
+                 timeout_s: float, group: Optional[dist.ProcessGroup] = None):
         assert lag >= 1, lag
         self.exit_signal, self.exit_duration_min, self.lag = exit_signal, exit_duration_min, lag
         self._started = started  # time.monotonic() at the job's start
         self._received = False
-        self._previous = None
+        self._previous, self._installed = None, False
         self._pending: collections.deque = collections.deque()
         active = exit_signal is not None or exit_duration_min is not None
         self._group = None
         if active and dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s),
-                                         group_desc="stop_requests")
+            # ``group``: a world gloo group the run has (its collectives are issued in the same
+            # order on every rank, so these can share it): each world gloo group connects every
+            # pair of ranks, N - 1 sockets per process.
+            self._group = group or dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s),
+                                                  group_desc="stop_requests")
         self.active = active
 
     def install(self) -> None:
@@ -77,20 +86,17 @@ class StopRequests:
         if threading.current_thread() is not threading.main_thread():
             raise ValueError("training.exit_signal: signal handlers can only be set in the main thread (run the "
                              "job from a script's main thread, as torchrun does)")
-        sig = signal_number(self.exit_signal)
-        self._previous = signal.signal(sig, self._on_signal)
+        assert not self._installed, "install() twice without restore()"
+        self._previous = signal.signal(signal_number(self.exit_signal), self._on_signal)
+        self._installed = True
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal_number(self.exit_signal), self._previous)
-            self._previous = None
+        if self._installed:  # None: a handler not set from Python, given back as the default
+            signal.signal(signal_number(self.exit_signal), self._previous or signal.SIG_DFL)
+            self._previous, self._installed = None, False
 
     def _on_signal(self, signum, frame) -> None:
-        if not self._received:  # only a flag: the step in progress ends as it would
-            self._received = True
-            return
-        self.restore()  # a second delivery: what the signal did before the run took it
-        os.kill(os.getpid(), signum)
+        self._received = True  # only a flag: the step in progress ends as it would; later ones too
 
     def _local(self) -> int:
         if self._received:
@@ -129,12 +135,12 @@ class StopRequests:
             work.wait()
 
 
-def start_stops(t: TrainingConfig, started: float, lag: int, timeout_s: float,
-                closing: contextlib.ExitStack) -> StopRequests:
+def start_stops(t: TrainingConfig, started: float, lag: int, timeout_s: float, closing: contextlib.ExitStack,
+                group: Optional[dist.ProcessGroup] = None) -> StopRequests:
     """The run's stop requests (``training.exit_signal``, ``training.exit_duration_min``), taking the
-    signal until ``closing`` ends; ``started``: the job's start (``time.monotonic``). World-collective
-    where a request can arrive."""
-    stops = StopRequests(t.exit_signal, t.exit_duration_min, started, lag, timeout_s)
+    signal until ``closing`` ends; ``started``: the job's start (``time.monotonic``); ``group``: a
+    world gloo group to share. World-collective where a request can arrive."""
+    stops = StopRequests(t.exit_signal, t.exit_duration_min, started, lag, timeout_s, group)
     stops.install()
     closing.callback(stops.restore)
     return stops
