@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from kdtrain.config.run import LoggingConfig
 from kdtrain.training.logger import RunLogger
@@ -65,7 +66,8 @@ def test_a_line_torn_by_a_crash_is_dropped_when_the_job_resumes(tmp_path):
 def test_a_job_that_raises_closes_its_logger_as_failed(world_of_one, tiny_corpus, tmp_path, monkeypatch, capsys):
     """pretrain and distill close the run's sinks (metrics file, TensorBoard, wandb) on the way out
     of an exception too, with wandb told the run failed (and distill its teacher cache's reader,
-    whose prefetch thread would otherwise keep the reader alive, by the same ExitStack)."""
+    whose prefetch thread would otherwise keep the reader alive, and the profiler recording, by
+    the same ExitStack)."""
     from kdtrain.config import load_pretrain_config
     from kdtrain.config.distill import load_distill_config
     from kdtrain.training import distill as distill_mod
@@ -94,8 +96,9 @@ def test_a_job_that_raises_closes_its_logger_as_failed(world_of_one, tiny_corpus
             in capsys.readouterr().out, name
         second_step_fails.calls = 0
         monkeypatch.setattr(mod, "train_step", second_step_fails)
-        with pytest.raises(RuntimeError, match="injected"):
-            run(load("tiny", [*data, f"logging.dir={tmp_path / name}-failed"]))
+        with pytest.raises(RuntimeError, match="injected"):  # inside the profiled window: recording stops too
+            run(load("tiny", [*data, f"logging.dir={tmp_path / name}-failed", "logging.profile_steps=[1,2]"]))
+        assert not torch.autograd.profiler._is_profiler_enabled, name
         assert closed == [False, True], (name, closed)
         closed.clear()
         steps = [json.loads(line)["step"] for line in (tmp_path / f"{name}-failed" / "metrics.jsonl").open()]
