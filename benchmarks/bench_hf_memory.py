@@ -115,7 +115,7 @@ def run_mode(mode: str, hf: Path, work: Path, shard_bytes: int) -> dict:
         from kdtrain.config import load_model_config
         from kdtrain.models import build_gpt
         from kdtrain.parallel import RoleLayout, build_role_groups
-        from kdtrain.training.checkpoint import load_model_weights
+        from kdtrain.training.checkpoint_load import load_model_weights
 
         dist.init_process_group("gloo", init_method=f"file://{work / 'pg'}", rank=0, world_size=1)
         cfg = load_model_config(str(hf))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from kdtrain.data.gpt_dataset import GPTWindowDataset
 from kdtrain.models.generate import sample
 from kdtrain.parallel import init_distributed, shutdown_distributed
-from kdtrain.training.checkpoint import load_whole_model
+from kdtrain.training.checkpoint_load import load_whole_model
 
 
 @torch.no_grad()

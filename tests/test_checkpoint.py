@@ -14,7 +14,9 @@ from conftest import save_one_rank_role as _save
 
 def _crash_mid_save(root):
     import kdtrain.training.checkpoint as ckpt
-    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_weights
+    from kdtrain.training.checkpoint import CheckpointReader
+    from kdtrain.training.checkpoint_load import load_weights
+    from kdtrain.training.step_dirs import latest_checkpoint
 
     cfg, groups, role = _build("tiny")
     _save(root, 1, role, groups, cfg)
@@ -60,7 +62,9 @@ def test_crash_while_resaving_a_step_keeps_its_previous_copy(world_of_one, tmp_p
     renaming the new one into place leaves ``latest`` naming a missing directory: the old copy
     (``step_N.old``) is what loads, and the next successful save removes it."""
     import kdtrain.training.checkpoint as ckpt
-    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_weights
+    from kdtrain.training.checkpoint import CheckpointReader
+    from kdtrain.training.checkpoint_load import load_weights
+    from kdtrain.training.step_dirs import latest_checkpoint
 
     root = tmp_path / "ck"
     cfg, groups, role = _build("tiny")
@@ -98,8 +102,10 @@ def test_crash_while_resaving_a_step_keeps_its_previous_copy(world_of_one, tmp_p
 
 
 def _damaged(root):
-    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint, load_weights
-    from kdtrain.training.checkpoint import check_checkpoint_model
+    from kdtrain.training.checkpoint import CheckpointReader
+    from kdtrain.training.checkpoint_load import load_weights
+    from kdtrain.training.step_dirs import latest_checkpoint
+    from kdtrain.training.checkpoint_load import check_checkpoint_model
 
     cfg, groups, role = _build("tiny")
     path = _save(root, 5, role, groups, cfg)
@@ -289,7 +295,7 @@ def test_models_built_to_be_loaded_skip_the_random_init(world_of_one, tmp_path, 
     checkpoint's (padded vocabulary rows zero). A teacher without a checkpoint is initialised."""
     import kdtrain.models.gpt as gpt
     from kdtrain.stream import PayloadSpec
-    from kdtrain.training.checkpoint import load_whole_model
+    from kdtrain.training.checkpoint_load import load_whole_model
     from kdtrain.training.teacher import Teacher
 
     cfg, groups, src = _build("tiny", seed=11)
@@ -314,7 +320,7 @@ def test_a_whole_model_too_large_for_the_device_is_refused_before_it_is_built(wo
     built (a 70B teacher on an 80 GB GPU failed with an out-of-memory error inside the build)."""
     import kdtrain.models.gpt as gpt
     import kdtrain.parallel as parallel
-    from kdtrain.training.checkpoint import load_whole_model
+    from kdtrain.training.checkpoint_load import load_whole_model
 
     cfg, groups, src = _build("tiny")
     _save(tmp_path / "src", 0, src, groups, cfg)
@@ -334,7 +340,8 @@ def test_training_only_fields_may_differ_from_the_checkpoints_model(world_of_one
     weights; a field that changes them is still refused."""
     import dataclasses
 
-    from kdtrain.training.checkpoint import CheckpointReader, check_checkpoint_model
+    from kdtrain.training.checkpoint import CheckpointReader
+    from kdtrain.training.checkpoint_load import check_checkpoint_model
 
     cfg, groups, role = _build("tiny")
     path = _save(tmp_path / "ck", 1, role, groups, cfg)
@@ -396,7 +403,7 @@ def test_steps_without_latest_are_resumed_not_pruned(world_of_one, tmp_path):
     without it) leaves complete steps and no ``latest``: the job resumes from the newest; treated
     as an empty directory, the new run's first save pruned them as newer than ``latest``."""
     from kdtrain.config import CheckpointConfig
-    from kdtrain.training.checkpoint import latest_checkpoint
+    from kdtrain.training.step_dirs import latest_checkpoint
     from kdtrain.training.pretrain import restore_role, save_role
 
     cfg, groups, role = _build("tiny")
@@ -420,7 +427,8 @@ def test_non_finite_weights_in_a_checkpoint_are_refused_naming_the_parameter(wor
     tool's model, by the export, and by a resume. Hugging Face loads already checked."""
     from kdtrain.config import CheckpointConfig
     from kdtrain.convert.hf_export import export_hf
-    from kdtrain.training.checkpoint import load_whole_model, write_global_checkpoint
+    from kdtrain.training.checkpoint import write_global_checkpoint
+    from kdtrain.training.checkpoint_load import load_whole_model
     from kdtrain.training.pretrain import restore_role
 
     cfg, _, role = _build("tiny")
@@ -515,3 +523,46 @@ def test_a_teacher_loaded_without_init_gets_every_weight_in_any_layout(tmp_path)
     padded vocabulary rows of a tensor rank and the last stage's copy of tied embeddings included,
     must come from the checkpoint (its unloaded memory is made NaN here), at tp=2 and at pp=2."""
     run_spawn(2, _loaded_teacher_gets_every_weight, str(tmp_path), tmp_path=tmp_path)
+
+
+def test_a_background_save_holds_the_state_of_its_step(world_of_one, tmp_path, monkeypatch):
+    """checkpoint.async_save: the files are written while training goes on (here: the weights
+    and Adam moments change before the thread is done), and the published checkpoint is the
+    one a foreground save of that step writes, value for value; a write that fails in the thread
+    is raised by ``finish`` and publishes nothing."""
+    import threading
+
+    import kdtrain.training.checkpoint as ckpt
+    from kdtrain.config import to_dict
+    from kdtrain.training.step_dirs import latest_checkpoint
+
+    cfg, groups, role = _build("tiny")
+    for _, p in role.params:
+        p.main_grad.normal_()
+    role.optimizer.step(1e-2)
+    meta = {"model": to_dict(cfg), "layout": {"tp": 1, "pp": 1, "dp": 1, "rank_offset": 0}}
+    ckpt.save_checkpoint(tmp_path / "fg", 1, role.params, role.optimizer, 0, groups.role_group, 0, meta, keep=1)
+
+    release, real_write = threading.Event(), ckpt.write_shard
+    monkeypatch.setattr(ckpt, "write_shard", lambda *a, **k: (release.wait(60), real_write(*a, **k))[1])
+    save = ckpt.start_save(tmp_path / "bg", 1, role.params, role.optimizer, 0, groups.role_group, 0, meta, 1,
+                           background=True)
+    for _, p in role.params:  # the next step trains while the file is not written yet
+        p.main_grad.normal_()
+    role.optimizer.step(1e-2)
+    assert latest_checkpoint(tmp_path / "bg") is None
+    release.set()
+    assert save.finish() == tmp_path / "bg" / "step_0000001"
+    fg, bg = (torch.load(d / "step_0000001" / "shards" / "rank00000.pt", weights_only=True)["pieces"]
+              for d in (tmp_path / "fg", tmp_path / "bg"))
+    assert fg.keys() == bg.keys()
+    for name in fg:
+        for key, value in fg[name].items():
+            assert torch.equal(value, bg[name][key]) if torch.is_tensor(value) else value == bg[name][key], (name, key)
+
+    monkeypatch.setattr(ckpt, "write_shard", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    save = ckpt.start_save(tmp_path / "bg", 2, role.params, role.optimizer, 0, groups.role_group, 0, meta, 1,
+                           background=True)
+    with pytest.raises(OSError, match="No space left"):
+        save.finish()
+    assert latest_checkpoint(tmp_path / "bg").name == "step_0000001"

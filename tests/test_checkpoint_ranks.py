@@ -266,7 +266,8 @@ def test_a_bf16_checkpoint_stores_and_reads_each_value_once(world_of_one, tmp_pa
     import kdtrain.training.checkpoint as ckpt
     from kdtrain.config import CheckpointConfig
     from kdtrain.convert.sources import open_checkpoint, read_global
-    from kdtrain.training.checkpoint import STATE_KEYS, CheckpointReader, load_whole_model
+    from kdtrain.training.checkpoint import STATE_KEYS, CheckpointReader
+    from kdtrain.training.checkpoint_load import load_whole_model
     from kdtrain.training.pretrain import restore_role, save_role
 
     cfg, role = _build_dp(1, seed=3)

@@ -116,7 +116,8 @@ def test_sharded_index_is_read(converted, tmp_path):
 def test_imported_names_and_shapes_match_the_kdtrain_model(converted):
     """The converter's expected layout equals what build_gpt creates (see also the TP tests)."""
     from kdtrain.convert.layout import expected_shapes
-    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint
+    from kdtrain.training.checkpoint import CheckpointReader
+    from kdtrain.training.step_dirs import latest_checkpoint
 
     for name, a in converted["archs"].items():
         reader = CheckpointReader(latest_checkpoint(a["kd"]))
@@ -141,8 +142,9 @@ def _layouts_worker(rank, world, archs, tokens, resave_root):
     from kdtrain.models import build_gpt
     from kdtrain.parallel import RoleLayout, build_role_groups
     from kdtrain.convert.hf_weights import HFWeights
-    from kdtrain.training.checkpoint import (CheckpointReader, check_checkpoint_model, latest_checkpoint,
-                                             load_weights, save_checkpoint)
+    from kdtrain.training.checkpoint import CheckpointReader, save_checkpoint
+    from kdtrain.training.checkpoint_load import check_checkpoint_model, load_weights
+    from kdtrain.training.step_dirs import latest_checkpoint
 
     layouts = {"tp1": [build_role_groups(RoleLayout("solo0", 0, 1, 1, 1)),
                        build_role_groups(RoleLayout("solo1", 1, 1, 1, 1))][rank],
@@ -498,7 +500,7 @@ def test_hf_load_checks_the_run_model(converted, world_of_one):
     changes the network is an error naming the field, before any weight is read."""
     import dataclasses
 
-    from kdtrain.training.checkpoint import load_model_weights
+    from kdtrain.training.checkpoint_load import load_model_weights
 
     a = converted["archs"]["llama"]
     cfg = dataclasses.replace(a["cfg"], name="mine", init_std=0.5, hidden_dropout=0.1, max_seq_length=256,
@@ -527,7 +529,8 @@ def test_streaming_import_bounded_shards(converted, tmp_path):
     """With a small shard size the import writes several shard files, none much over the bound
     (one parameter at most past it), holding exactly the tensors of the one-file import."""
     from kdtrain.convert.hf_import import import_hf
-    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint
+    from kdtrain.training.checkpoint import CheckpointReader
+    from kdtrain.training.step_dirs import latest_checkpoint
 
     for name in ("llama", "gpt2"):
         a = converted["archs"][name]
@@ -664,7 +667,7 @@ def test_documents_in_one_window_match_hf_on_each_alone(converted, world_of_one,
 
     from kdtrain.data.gpt_dataset import positions_from_starts
     from kdtrain.models.documents import DocumentMask
-    from kdtrain.training.checkpoint import load_model_weights
+    from kdtrain.training.checkpoint_load import load_model_weights
 
     a = converted["archs"][arch]
     model, params = _tp1_model(a["cfg"])

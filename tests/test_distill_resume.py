@@ -25,7 +25,10 @@ pytestmark = pytest.mark.slow
 STEPS, STOP = 8, 4
 ONPOLICY = ["onpolicy.fraction=0.5", "onpolicy.prompt_length=8"]
 LAYOUTS = {
-    "disagg": ["split.mode=disaggregated", "split.teacher_ranks=1"],
+    # Saves at steps 3 and 6 written in the background (the teacher rank waits for their
+    # publication a step later; step 3's is published just before the stop's save at step 4).
+    "disagg": ["split.mode=disaggregated", "split.teacher_ranks=1", "checkpoint.save_interval=3",
+               "checkpoint.async_save=true", "checkpoint.keep=4"],
     "zero1-mixed": ["student.dp=2", "optimizer.distributed=true", "teacher.source=mixed", "teacher.live_fraction=0.5"],
 }
 # How each layout's first job stops after step STOP, and the line it writes then.
@@ -68,7 +71,10 @@ def test_resumed_run_continues_the_uninterrupted_curve(resumed, name):
     got = read_metrics(root / name / "run")
     assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
     assert {s for s in ref if ref[s].get("onpolicy")} == {2, 4, 6, 8}  # sampled steps on both sides of the stop
-    assert (root / name / "ckpt" / f"step_{STOP:07d}").is_dir()  # written by the stop (no save_interval)
+    assert (root / name / "ckpt" / f"step_{STOP:07d}").is_dir()  # written by the stop
+    if "checkpoint.async_save=true" in LAYOUTS[name]:
+        assert sorted(p.name for p in (root / name / "ckpt").glob("step_*")) == [
+            f"step_{s:07d}" for s in (3, STOP, 6, STEPS)]
     for s in range(1, STEPS + 1):
         for key in ("loss", "kd_loss", "grad_norm"):
             assert got[s][key] == pytest.approx(ref[s][key], rel=1e-6, abs=1e-9), (name, s, key)

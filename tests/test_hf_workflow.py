@@ -92,7 +92,7 @@ def test_hf_teacher_to_hf_student(world_of_one, tmp_path):
     from kdtrain.config import load_model_config
     from kdtrain.models import build_gpt
     from kdtrain.parallel import RoleLayout, build_role_groups
-    from kdtrain.training.checkpoint import load_model_weights
+    from kdtrain.training.checkpoint_load import load_model_weights
 
     cfg = load_model_config(str(tmp_path / "kd_student" / "model.yaml"))
     kd = build_gpt(cfg, build_role_groups(RoleLayout("student", 0, 1, 1, 1)), device=torch.device("cpu"),

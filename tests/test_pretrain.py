@@ -126,10 +126,11 @@ def test_tiny_model_learns(runs):
 
 def test_sigkill_then_resume_continues_the_same_curve(runs, tiny_corpus, tmp_path):
     """SIGKILL a 2-rank run (ZeRO-1, so both ranks write optimizer shards) right after a
-    checkpoint, resume, and compare with the uninterrupted run: equal within 1e-6."""
+    checkpoint, resume, and compare with the uninterrupted run: equal within 1e-6. Its saves are
+    written in the background (checkpoint.async_save): the kill may find one half written."""
     steps, run_dir, ckpt = KILL_STEPS, tmp_path / "run", tmp_path / "ckpt"
     args = _args(tiny_corpus, run_dir, *KILL_COMMON, f"checkpoint.dir={ckpt}", "checkpoint.save_interval=2",
-                 "checkpoint.keep=3", steps=steps)
+                 "checkpoint.keep=3", "checkpoint.async_save=true", steps=steps)
     reference = runs.run("kill-ref", world=2)  # the same run, uninterrupted
     assert sorted(reference) == list(range(1, steps + 1))
 
@@ -287,7 +288,8 @@ def test_weights_trained_on_another_tokenizers_ids_are_refused(world_of_one, tin
     from kdtrain.config import DataConfig
     from kdtrain.evaluate.cli import evaluate_models
     from kdtrain.prune.cli import prune
-    from kdtrain.training.checkpoint import CheckpointReader, latest_checkpoint
+    from kdtrain.training.checkpoint import CheckpointReader
+    from kdtrain.training.step_dirs import latest_checkpoint
 
     with pytest.raises(ValueError, match=r"eval --model\.load: .* was trained on ids of tokenizer"):
         evaluate_models([str(tmp_path / "a")], DataConfig(path=[str(tmp_path / "other")], seq_length=32),
@@ -310,7 +312,7 @@ def test_a_diverged_run_stops_on_its_last_good_checkpoint(world_of_one, tmp_path
     and each skipped step is logged."""
     from conftest import read_metrics
     from kdtrain.config import load_pretrain_config
-    from kdtrain.training.checkpoint import latest_checkpoint
+    from kdtrain.training.step_dirs import latest_checkpoint
     from kdtrain.training.pretrain import pretrain
 
     cfg = load_pretrain_config("tiny", [

@@ -38,7 +38,8 @@ import torch
 from ..config import ModelConfig, from_dict, load_model_config
 from ..durable import dead_scratch, fsync_dir, fsync_tree, reap_scratch, scratch_tag
 from ..optional import need
-from ..training.checkpoint import CheckpointReader, check_checkpoint_model
+from ..training.checkpoint import CheckpointReader
+from ..training.checkpoint_load import check_checkpoint_model
 from .hf_config import ARCH_SHORT, SPECIAL_IDS, default_architecture, hf_config_from_model
 from .hf_weights import INDEX_FILE, SINGLE_FILE
 from .layout import TO_HF, RuleSet

@@ -191,7 +191,7 @@ def evaluate_models(models: Sequence[str], data=None, *, max_windows: Optional[i
 
     from ..convert.sources import open_weights
     from ..parallel import free_memory_bytes, one_process_world
-    from ..training.checkpoint import load_whole_model
+    from ..training.checkpoint_load import load_whole_model
     from ..training.resume import data_tokenizer
     from ..training.pretrain import open_dataset
 

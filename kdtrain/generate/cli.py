@@ -105,7 +105,7 @@ def generate(model: str, prompts: list[str], *, tokenizer: Optional[str] = None,
     from ..data.tokenizer import Tokenizer, bos_ids
     from ..models.generate import sample_replies
     from ..parallel import one_process_world
-    from ..training.checkpoint import load_whole_model
+    from ..training.checkpoint_load import load_whole_model
 
     if not prompts:
         raise ValueError("give at least one --prompt (or --prompts-file)")

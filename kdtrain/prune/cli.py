@@ -86,7 +86,7 @@ def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str 
     import torch
 
     from ..parallel import one_process_world
-    from ..training.checkpoint import load_whole_model
+    from ..training.checkpoint_load import load_whole_model
     from .importance import activation_importance
 
     with one_process_world(device_name) as env:

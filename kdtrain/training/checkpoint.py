@@ -40,16 +40,22 @@ any point leaves ``latest`` on the previous complete checkpoint; so does a crash
 each rank fsyncs the files it wrote, the first rank the directories before and after the renames.
 Saving a step that exists (a resumed run reaching it again) first moves the old copy to
 ``step_N.old``, which ``latest_checkpoint`` falls back to if the crash comes between the two renames.
+
+A save has three phases (``start_save``): the directory and a host copy of each rank's part, the
+rank's files (in a thread while the next step trains, with ``checkpoint.async_save``), and the
+commit (``PendingSave.finish``, collective). A failure in any phase on any rank stops every rank
+of the role. Loading is checkpoint_load.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import json
 import math
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -58,15 +64,12 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig, to_dict
-from ..config.model import weight_differences
-from ..cli import missing
 from ..durable import fsync_dir, fsync_file, write_synced
 from ..models.params import ParamSpec
 from ..parallel.groups import raise_together
 from .optimizer import AdamWOptimizer, assign_owners
 from .pieces import boxes, copy_boxes, overlaps
-from .replica_reads import Replicas, SharedReads
-from .step_dirs import latest_checkpoint, prune_steps, step_name
+from .step_dirs import prune_steps, step_name
 
 # 2: some pieces are flat parts (``flat``, ``local_shape``; written by the distributed optimizer).
 # A checkpoint without them is written as 1, which readers of either version read.
@@ -81,19 +84,31 @@ def _format_of(headers) -> int:
     return FORMAT_VERSION if any("flat" in h for h in headers) else 1
 
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
+def _compact(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
     """``t`` on the host holding its own values only: ``torch.save`` writes a tensor's whole
-    storage, and ``.cpu()`` of a view on the host is the view (a share of a flat master)."""
-    t = t.detach().cpu()
-    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+    storage, and ``.cpu()`` of a view on the host is the view (a share of a flat master).
+    ``copy``: never the training's own tensor (a save written while training goes on)."""
+    host = t.detach().cpu()  # a copy for a GPU tensor; a host tensor itself
+    shares = host.untyped_storage().nbytes() != host.numel() * host.element_size()
+    return host.clone() if shares or (copy and t.device.type == "cpu") else host
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[ParamSpec, torch.nn.Parameter]],
                     optimizer: Optional[AdamWOptimizer], dp_rank: int, role_group, writer_rank: int,
                     meta: dict, keep: int) -> Path:
     """Collective over the role: every rank of it calls with its own parameters."""
+    return start_save(root, step, params, optimizer, dp_rank, role_group, writer_rank, meta, keep).finish()
+
+
+def start_save(root: str | os.PathLike, step: int, params: list[tuple[ParamSpec, torch.nn.Parameter]],
+               optimizer: Optional[AdamWOptimizer], dp_rank: int, role_group, writer_rank: int, meta: dict,
+               keep: int, background: bool = False) -> "PendingSave":
+    """A save's first phase (collective over the role): the step's directory, and a host copy of
+    what this rank writes. ``background``: its files are written in a thread while training
+    goes on (the copy is then the training's state of this step), and published by ``finish``,
+    which every rank of the role calls at the same later point; else ``finish`` writes them."""
     root = Path(root)
-    tmp, final = root / f"{step_name(step)}.tmp", root / step_name(step)
+    final = root / step_name(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     # Each phase's failure on any rank (a full disk, a quota) stops every rank of the role
     # together: a rank that raised alone left the others in the next barrier or gather until the
@@ -117,16 +132,66 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: list[tuple[Param
         dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         owners = assign_owners([p.numel() if w else 0 for (_, p), w in zip(params, writes)], dp_size)
         mine = [(spec, p, (0, p.numel())) for (spec, p), o, w in zip(params, owners, writes) if w and o == dp_rank]
-    with _together(role_group, final, "write its part of"):
-        index = _write_rank_files(tmp, rank, mine, optimizer)
-    # Every rank sends the headers of what it wrote to the committing rank once its files are
-    # written and synced, so the gather is also the barrier before the commit: meta.json's index
-    # is learnt without opening a single shard file.
-    index = _gather_index(index, role_group, writer_rank)
-    with _together(role_group, final, "commit"):
-        if rank == writer_rank:
-            commit_checkpoint(root, step, meta, keep, index)
-    return final
+    with _together(role_group, final, "copy its part of"):
+        pieces, rng = _snapshot(mine, optimizer, copy=background)
+    save = PendingSave(root, step, final, rank, role_group, writer_rank, meta, keep, pieces, rng)
+    if background:
+        save.thread = threading.Thread(target=save.write, name=f"checkpoint-{step_name(step)}", daemon=True)
+        save.thread.start()
+    return save
+
+
+@dataclasses.dataclass
+class PendingSave:
+    """A save started (``start_save``): this rank's host copy, its files once written (``write``),
+    published by ``finish``."""
+
+    root: Path
+    step: int
+    final: Path
+    rank: int
+    role_group: object
+    writer_rank: int
+    meta: dict
+    keep: int
+    pieces: dict
+    rng: dict
+    thread: Optional[threading.Thread] = None
+    index: Optional[dict] = None
+    error: Optional[BaseException] = None
+
+    def write(self) -> None:
+        """This rank's shard file (its pieces, with their optimizer state) and random states; the
+        outcome is kept for ``finish`` (this may run in a thread)."""
+        tmp = self.root / f"{step_name(self.step)}.tmp"
+        try:
+            index = {}
+            if self.pieces:
+                index[f"rank{self.rank:05d}.pt"] = write_shard(tmp, f"rank{self.rank:05d}.pt", self.pieces)
+            _save(tmp / "rng" / f"rank{self.rank:05d}.pt", self.rng)
+            self.index = index
+        except BaseException as e:  # noqa: BLE001 - reported by finish, on every rank
+            self.error = e
+        finally:
+            self.pieces = self.rng = None  # the host copy is on disk (or lost): let it go
+
+    def finish(self) -> Path:
+        """Collective over the role: every rank's files are written (this waits for this rank's
+        thread), then the committing rank publishes the step. Returns the step's directory."""
+        if self.thread is not None:
+            self.thread.join()
+        elif self.index is None and self.error is None:
+            self.write()
+        raise_together(self.error, self.role_group,
+                       lambda r, shown: f"rank {r} could not write its part of checkpoint {self.final}: {shown}")
+        # Every rank sends the headers of what it wrote to the committing rank once its files are
+        # written and synced, so the gather is also the barrier before the commit: meta.json's
+        # index is learnt without opening a single shard file.
+        index = _gather_index(self.index, self.role_group, self.writer_rank)
+        with _together(self.role_group, self.final, "commit"):
+            if self.rank == self.writer_rank:
+                commit_checkpoint(self.root, self.step, self.meta, self.keep, index)
+        return self.final
 
 
 @contextlib.contextmanager
@@ -141,27 +206,24 @@ def _together(group, final: Path, what: str):
     raise_together(error, group, lambda r, shown: f"rank {r} could not {what} checkpoint {final}: {shown}")
 
 
-def _write_rank_files(tmp: Path, rank: int, mine: list, optimizer: Optional[AdamWOptimizer]) -> dict:
-    """This rank's shard file (the pieces ``mine`` it writes, with their optimizer state) and its
-    random states, in ``tmp``; returns its entry of meta.json's index (empty: no shard file)."""
-    pieces, index = {}, {}
+def _snapshot(mine: list, optimizer: Optional[AdamWOptimizer], copy: bool) -> tuple[dict, dict]:
+    """(pieces, random states) this rank writes, on the host: the pieces ``mine`` with their
+    optimizer state; ``copy``: none of them the training's own tensors."""
+    pieces = {}
     for spec, p, (start, stop) in mine:
         piece = {"global_shape": list(spec.global_shape), "dim": spec.dim, "ranges": spec.ranges()}
         whole = start == 0 and stop == p.numel()
         if not whole:
             piece.update(flat=[start, stop], local_shape=list(p.shape))
         if optimizer is not None:
-            piece.update({k: _compact(v) for k, v in optimizer.state_for(spec).items()})
+            piece.update({k: _compact(v, copy) for k, v in optimizer.state_for(spec).items()})
         if "master" not in piece:  # else the (bf16) parameter is the master rounded: not stored
-            piece["param"] = _compact(p if whole else p.detach().reshape(-1)[start:stop])
+            piece["param"] = _compact(p if whole else p.detach().reshape(-1)[start:stop], copy)
         pieces[spec.global_name] = piece
-    if pieces:
-        index[f"rank{rank:05d}.pt"] = write_shard(tmp, f"rank{rank:05d}.pt", pieces)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    _save(tmp / "rng" / f"rank{rank:05d}.pt", rng)
-    return index
+    return pieces, rng
 
 
 def _gather_index(index: dict, group, dst: int) -> dict:
@@ -453,177 +515,3 @@ class CheckpointReader:
         where = self._where[spec.global_name]
         fname = next((f for f, _ in where if f in self._files), where[0][0])
         return self._piece(spec.global_name, fname)["step"]
-
-
-def load_model_weights(path: str | os.PathLike, model: ModelConfig,
-                       params: list[tuple[ParamSpec, torch.nn.Parameter]], what: str,
-                       masters: Optional[dict[int, tuple[torch.Tensor, int, int]]] = None,
-                       tokenizer: Optional[str] = None, share: tuple[int, int] = (0, 1),
-                       replicas: Optional[Replicas] = None) -> SharedReads:
-    """``{what}.load``: this rank's weights from a kdtrain checkpoint (a run's checkpoint dir, i.e.
-    its latest step, or one step dir) written with any layout, or from a Hugging Face model
-    directory (convert/hf_weights.py: each rank reads and converts only its own parameters);
-    ``masters`` as for ``load_weights``. ``tokenizer``: the fingerprint of the loading run's
-    tokenizer (``data_tokenizer``); a checkpoint trained on ids of another is refused (same
-    vocabulary size or not, its rows mean other tokens). ``share``: as ``CheckpointReader``'s (the
-    caller's ranks agree on the outcome); ``replicas``: as ``load_weights``'s (the caller sends
-    the returned reads once its ranks agreed)."""
-    from ..convert.hf_weights import HFWeights, is_hf_model_dir  # convert imports this module
-
-    if is_hf_model_dir(path):
-        reader = HFWeights(path, model, what)
-    else:
-        if not Path(path).exists():
-            raise ValueError(f"{what}.load: {missing(path)} does not exist (expected a kdtrain checkpoint or a "
-                             "Hugging Face model directory)")
-        reader = CheckpointReader(latest_checkpoint(path) or path, share)
-        try:
-            check_checkpoint_model(reader, model)
-        except ValueError as e:
-            raise ValueError(f"{what}.load: {e}") from None
-        theirs = reader.meta.get("tokenizer_fingerprint")
-        if tokenizer is not None and theirs is not None and theirs != tokenizer:
-            tok = (reader.meta.get("data") or {}).get("tokenizer")
-            raise ValueError(f"{what}.load: {reader.path} was trained on ids of tokenizer {theirs}"
-                             f"{f' ({tok})' if tok else ''}, this run's data is of tokenizer {tokenizer}: the "
-                             "model's rows would mean other tokens")
-    return load_weights(reader, params, masters, replicas)
-
-
-def load_whole_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype, what: str,
-                     model: Optional[ModelConfig] = None, use_te: Optional[bool] = None,
-                     tokenizer: Optional[str] = None):
-    """(config, model) of a kdtrain checkpoint or Hugging Face directory held whole on one device
-    (tp = pp = 1), in eval mode, for the tools that run a model alone (prune, generate, eval).
-    The config is the one ``path`` records unless ``model`` is given; ``use_te``: as ``build_gpt``
-    (False: kdtrain's local layers, whose modules hooks can read); ``tokenizer``: the fingerprint
-    of the ids the tool feeds it, as for ``load_model_weights``. Needs a process group
-    (``parallel.one_process_world``)."""
-    from ..convert.sources import open_weights
-    from ..models import build_gpt
-    from ..parallel import RoleLayout, build_role_groups, free_memory_bytes
-
-    cfg = model if model is not None else open_weights(path).cfg
-    # The weights alone must fit (activations come on top): an early error, not an out-of-memory
-    # failure partway through building a model too large for one device.
-    need, free = cfg.num_params() * torch.empty((), dtype=dtype).element_size(), free_memory_bytes(device)
-    if free is not None and need > free:
-        raise ValueError(f"{what} {path}: the whole model ({cfg.num_params() / 1e9:.2f}B parameters) needs "
-                         f"{need / 2**30:.1f} GiB for its weights in {str(dtype).removeprefix('torch.')}, but "
-                         f"{device} has {free / 2**30:.1f} GiB free (this tool holds the model on one device)")
-    net = build_gpt(cfg, build_role_groups(RoleLayout(what, 0, 1, 1, 1)), device=device, dtype=dtype, seed=None,
-                    use_te=use_te)
-    load_model_weights(path, cfg, [(net.param_specs[n], p) for n, p in net.named_parameters()], what,
-                       tokenizer=tokenizer)
-    return cfg, net.eval()
-
-
-def check_checkpoint_model(reader: CheckpointReader, model: ModelConfig) -> None:
-    """Same weights as the checkpoint's model (training-only fields such as dropout, and with
-    rotary positions the longest sequence, may differ: config/model.py weight_differences)."""
-    saved = dict(reader.meta.get("model", {}))
-    ours = to_dict(model)
-    diff = weight_differences(saved, model)
-    if diff:
-        k = diff[0]
-        raise ValueError(f"checkpoint {reader.path} was written for a different model: {k} = {saved.get(k)!r} "
-                         f"there, {ours.get(k)!r} here (differing fields: {diff})")
-
-
-@torch.no_grad()
-def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]],
-                 masters: Optional[dict[int, tuple[torch.Tensor, int, int]]] = None,
-                 replicas: Optional[Replicas] = None) -> SharedReads:
-    """Model weights only (teacher, fine-tuning, evaluation, a trained model's start). ``masters``:
-    ``(master, start, stop)`` by ``id`` of the parameter: the fp32 master weight of its flat
-    elements [start, stop), where an optimizer keeps one apart from the parameter
-    (``AdamWOptimizer.separate_masters``); it gets the stored fp32 values too, else the first
-    update would start from the weights the optimizer was built with.
-
-    ``replicas``: the data-parallel replicas loading the same slice. Each reads its share of the
-    parameters, and the returned ``SharedReads.send`` (once the replicas agreed that every read
-    succeeded) gives each all of them (replica_reads.py). Without, every parameter is read and set
-    here."""
-    _check_holds(reader, params)
-    masters = masters or {}
-    shared = SharedReads(replicas, params[0][1].device if params else torch.device("cpu"))
-    for (spec, p), owner in zip(params, shared.owners([p.numel() for _, p in params])):
-        value = None
-        if owner == shared.me:
-            value = {"value": torch.zeros(p.shape, dtype=torch.float32)}
-            reader.read_into(spec, "master", value["value"])
-        shared.add(owner, [("value", tuple(p.shape), torch.float32)], value,
-                   functools.partial(_set_weights, p, masters.get(id(p))))
-    return shared
-
-
-def _set_weights(p: torch.nn.Parameter, master: Optional[tuple[torch.Tensor, int, int]], got: dict) -> None:
-    value = got["value"]
-    p.copy_(value.to(p.dtype))
-    if master is not None:
-        m, start, stop = master
-        m.view(-1).copy_(value.view(-1)[start:stop])
-
-
-def _check_holds(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.nn.Parameter]]) -> None:
-    missing = {s.global_name for s, _ in params} - reader.names()
-    if missing:
-        raise ValueError(f"checkpoint {reader.path} lacks {len(missing)} parameters of this model, "
-                         f"e.g. {sorted(missing)[:3]} (different model config?)")
-
-
-@torch.no_grad()
-def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer,
-                        replicas: Optional[Replicas] = None) -> SharedReads:
-    """Weights of every parameter, plus master weights and Adam moments of this rank's shares; each
-    stored value is read once (an owned parameter's weights are copied from its master). With the
-    distributed optimizer the parameters come from the owners' masters: every replica calls
-    ``optimizer.gather_params()`` afterwards, once all have read their shares (restore_role).
-    Without it the replicas hold the same state: with ``replicas``, as ``load_weights`` (each
-    reads a share; the returned ``send`` gives all of it to each)."""
-    _check_holds(reader, optimizer.params)
-    if not reader.has_optimizer_state():
-        raise ValueError(f"checkpoint {reader.path} has no optimizer state; use checkpoint.load to start "
-                         "from its weights instead of resuming")
-    if optimizer.sharded:
-        # Each replica reads its chunk only (master weights and moments: the files that hold it,
-        # not every file of its stage and tensor slice) and the parameters are all-gathered from
-        # the owners' masters, as after an update. Vocabulary padding stays zero.
-        for share in optimizer.owned:
-            state = {}
-            for key in STATE_KEYS:
-                state[key] = torch.zeros(share.stop - share.start, dtype=torch.float32)
-                reader.read_into(share.spec, key, state[key], flat=(share.start, share.stop))
-            state["step"] = reader.read_step_state(share.spec)
-            optimizer.load_state_for(share.spec, state)
-        return SharedReads(None, torch.device("cpu"))
-    owned = {id(s.param) for s in optimizer.owned}
-    shared = load_weights(reader, [(spec, p) for spec, p in optimizer.params if id(p) not in owned],
-                          replicas=replicas)
-    shared.device = optimizer.params[0][1].device  # where the values are sent (NCCL: the GPU)
-    for share, owner in zip(optimizer.owned, shared.owners([s.param.numel() for s in optimizer.owned])):
-        state = None
-        if owner == shared.me:
-            state = {}
-            for key in STATE_KEYS:
-                state[key] = torch.zeros(share.param.shape, dtype=torch.float32)
-                reader.read_into(share.spec, key, state[key])
-            state["step"] = reader.read_step_state(share.spec).float()
-        shared.add(owner, [*((key, tuple(share.param.shape), torch.float32) for key in STATE_KEYS),
-                           ("step", (), torch.float32)], state, functools.partial(optimizer.load_state_for, share.spec))
-    return shared
-
-
-def restore_rng(path: Path, rank: int) -> bool:
-    """This rank's random states from checkpoint ``path``; False when it holds no file of the rank."""
-    f = path / "rng" / f"rank{rank:05d}.pt"
-    if not f.is_file():
-        return False
-    try:
-        state = torch.load(f, weights_only=True)
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-    except Exception as e:  # truncated, replaced or foreign file
-        raise ValueError(f"cannot restore the random states of rank {rank} from {f}: {e}") from None
-    return True

@@ -60,7 +60,8 @@ from .optimizer import lr_at
 from .profiling import StepProfiler
 from .resume import run_record
 from .pretrain import (Start, build_trainable, check_output_dirs, describe_dataset, describe_start, evaluate, held_out,
-                       lm_forward_step, open_dataset, resolve_dtype, restore_role, save_due, save_role)
+                       lm_forward_step, open_dataset, resolve_dtype, restore_role, save_due, save_role,
+                       in_background)
 from .step import SkippedSteps, eval_step, train_step
 from .stop_requests import start_stops, stop_reason
 from .idle_waits import IdleWaits
@@ -394,6 +395,7 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     interval = IntervalSums()
     stops = start_stops(tr, started, lag=1 if colocated else cfg.split.depth + 1, timeout_s=cfg.distributed.timeout_s,
                         closing=closing, group=idle.group if idle is not None else None)
+    pending_save = publish = None  # a background save (checkpoint.async_save): published a step later
     step = start_step
     while step < tr.train_steps:
         profiler.begin(step + 1)
@@ -491,14 +493,22 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
             if peak:
                 metrics["teacher_mfu"] = metrics["teacher_tflops_per_device"] / peak
             logger.log(step, metrics)
+        if publish is not None:  # the previous step's save, written while this step trained
+            if pending_save is not None:
+                pending_save.finish()
+                pending_save = None
+            _teachers_wait_for_students(cfg, idle, f"waiting while the students publish the step-{publish} checkpoint")
+            publish = None
+        background = in_background(cfg.checkpoint, step, tr.train_steps, stop_now)
         if result is not None:
             # Before a save: the step that ends a diverged run saves nothing. Teacher-only ranks
             # learn of it as of a dead peer (their next send times out; torchrun stops the job).
             skips.update(step, result)
             if save_now:
-                save_role(cfg.checkpoint, cfg.student.model, student, step, run)
+                pending_save = save_role(cfg.checkpoint, cfg.student.model, student, step, run, background)
         if save_now:
             _teachers_wait_for_students(cfg, idle, f"waiting while the students save the step-{step} checkpoint")
+            publish = step if background else None
         if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.train_steps:  # every rank: teachers serve
             valid = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device,
                                      idle)
@@ -508,6 +518,7 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
             logger.write(f"{stop_why}: stopping after step {step}")
             break
     stops.finish()
+    assert pending_save is None  # the last save, and a stopping job's, are written in the foreground
     final = {}
     if step == tr.train_steps:
         final = evaluate_distill(student, teacher, channel, pairing, dataset, cfg, s_groups, t_groups, env.device,

@@ -22,8 +22,8 @@ from ..models import KDGPTModel, build_gpt, transformer_engine_layers
 from ..models.cuda_graphs import capture_layer_graphs
 from ..parallel import RoleGroups, RoleLayout, build_role_groups, init_distributed, raise_together
 from .batches import MicroBatch, microbatches
-from .checkpoint import (CheckpointReader, check_checkpoint_model, load_model_weights, load_training_state, restore_rng,
-                         save_checkpoint)
+from .checkpoint import CheckpointReader, PendingSave, start_save
+from .checkpoint_load import check_checkpoint_model, load_model_weights, load_training_state, restore_rng
 from .grads import GradBuffer
 from .logger import start_logger
 from .metrics import IntervalSums, Throughput, peak_tflops
@@ -280,6 +280,7 @@ def _pretrain(cfg: PretrainConfig, closing: contextlib.ExitStack) -> dict:
     skips = SkippedSteps(t.max_skipped_steps)
     interval = IntervalSums()
     stops = start_stops(t, started, lag=1, timeout_s=cfg.distributed.timeout_s, closing=closing)
+    pending_save = None
     step = start_step
     while step < t.train_steps:
         profiler.begin(step + 1)
@@ -303,15 +304,20 @@ def _pretrain(cfg: PretrainConfig, closing: contextlib.ExitStack) -> dict:
                        "skipped": int(result.skipped), "consumed_samples": step * t.global_batch_size,
                        **throughput.rates(seconds, steps)}
             logger.log(step, metrics)
+        if pending_save is not None:  # the previous step's save, written while this step trained
+            pending_save.finish()
+            pending_save = None
         skips.update(step, result)  # before a save: the step that ends a diverged run saves nothing
         if t.eval_interval and step % t.eval_interval == 0 and step < t.train_steps:
             logger.log(step, evaluate(role, dataset, t, forward_step, env.device), kind="valid")
         if save_due(cfg.checkpoint, step, t.train_steps, stop_now):
-            save_role(cfg.checkpoint, cfg.model, role, step, run)
+            pending_save = save_role(cfg.checkpoint, cfg.model, role, step, run,
+                                     in_background(cfg.checkpoint, step, t.train_steps, stop_now))
         if stop_now:
             logger.write(f"{stop_why}: stopping after step {step}")
             break
     stops.finish()
+    assert pending_save is None  # the last save, and a stopping job's, are written in the foreground
     if step == t.train_steps:
         final = evaluate(role, dataset, t, forward_step, env.device)
         if final:
@@ -433,11 +439,24 @@ def _layout_meta(groups: RoleGroups) -> dict:
     return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "rank_offset": lay.rank_offset}
 
 
-def save_role(ck: CheckpointConfig, model: ModelConfig, role: Role, step: int, run: dict) -> None:
+def save_role(ck: CheckpointConfig, model: ModelConfig, role: Role, step: int, run: dict,
+              background: bool = False) -> Optional[PendingSave]:
     """Collective over the role's ranks. ``run``: kind, global_batch_size, data (and what else the
-    loop records), checked when a later job resumes (``check_resume``)."""
+    loop records), checked when a later job resumes (``check_resume``). ``background``: the files
+    are written while training goes on; the role's ranks publish the save (``finish`` of what
+    this returns) at the same later point."""
     g = role.groups
     meta = {"model": to_dict(model), "layout": _layout_meta(g),
             "consumed_samples": step * run["global_batch_size"], **run}
-    save_checkpoint(ck.dir, step, role.params, role.optimizer, g.dp_rank, g.role_group,
-                    g.layout.rank_offset, meta, ck.keep)
+    save = start_save(ck.dir, step, role.params, role.optimizer, g.dp_rank, g.role_group, g.layout.rank_offset,
+                      meta, ck.keep, background)
+    if background:
+        return save
+    save.finish()
+    return None
+
+
+def in_background(ck: CheckpointConfig, step: int, train_steps: int, stopping: bool) -> bool:
+    """Whether the save after ``step`` is written in the background (``checkpoint.async_save``):
+    not the last one, nor that of a job that stops here."""
+    return ck.async_save and not stopping and step != train_steps

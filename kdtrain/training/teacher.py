@@ -24,7 +24,7 @@ from ..parallel import RoleGroups
 from ..stream import Payload, PayloadSpec, token_checksum, vocab_parallel_topk
 from ..stream.channel import PayloadChannel
 from .batches import MicroBatch
-from .checkpoint import load_model_weights
+from .checkpoint_load import load_model_weights
 from .pipeline import PipelineSchedule
 from .pretrain import check_fits
 from .replica_reads import Replicas
