@@ -442,7 +442,7 @@ def test_a_mixed_runs_live_teacher_must_be_the_cached_one(caches):
 def test_a_mixed_runs_live_teacher_computes_at_the_caches_precision(world_of_one, caches):
     """The fp32 caches here were written by a teacher computing in fp32: a mixed run whose live
     teacher computes in bf16 would mix two precisions' payloads."""
-    from kdtrain.training.distill import open_cache
+    from kdtrain.training.teacher_source import open_cache
 
     mixed = _run_cfg(caches["corpus"], "teacher.source=mixed", f"teacher.cache={caches['root'] / 'fp32'}",
                      "teacher.live_fraction=0.5")
@@ -460,7 +460,7 @@ def test_a_run_records_the_teacher_of_its_cache(caches):
     """A cache or mixed run's checkpoints record the cache's teacher (its checkpoint and the hash
     of its weights, which a resume compares), where the payloads come from and their precision."""
     from kdtrain.config import to_dict
-    from kdtrain.training.distill import teacher_record
+    from kdtrain.training.teacher_source import teacher_record
 
     online = _run_cfg(caches["corpus"], "teacher.values_dtype=bf16").teacher
     assert teacher_record(online, None) == {
@@ -471,7 +471,7 @@ def test_a_run_records_the_teacher_of_its_cache(caches):
     cached = _run_cfg(caches["corpus"], "teacher.source=cache", f"teacher.cache={reader.path}").teacher
     assert teacher_record(cached, reader) == {
         "teacher": to_dict(cached.model), "teacher_load": "/ckpts/teacher", "teacher_weights_sha256": "ab" * 32,
-        "teacher_source": "cache", "teacher_values_dtype": "fp8"}
+        "teacher_weights_hash": "stream", "teacher_source": "cache", "teacher_values_dtype": "fp8"}
     mixed = _run_cfg(caches["corpus"], "teacher.source=mixed", f"teacher.cache={reader.path}",
                      "teacher.load=/mnt/teacher", "teacher.random_init=false").teacher
     assert teacher_record(mixed, reader)["teacher_values_dtype"] == "fp8 cached, fp32 live"

@@ -427,3 +427,62 @@ def test_a_rank_that_fails_to_save_stops_every_rank(world_of_one, tmp_path, phas
     assert other.startswith(f"PeerFailed: rank {failed} could not {what} checkpoint "), other
     assert "No space left on device" in other
     assert not (tmp_path / "ck" / "latest").exists() and not (tmp_path / "ck" / "step_0000001").exists()
+
+
+def _teacher_replicas(rank, world, tmp, fail):
+    import torch.distributed as dist
+    from pathlib import Path
+
+    from kdtrain.config import CheckpointConfig, OptimizerConfig, load_model_config
+    from kdtrain.parallel import RoleLayout, build_role_groups
+    from kdtrain.stream import PayloadSpec
+    from kdtrain.training.checkpoint import CheckpointReader
+    from kdtrain.training.optimizer import assign_owners
+    from kdtrain.training.pretrain import build_trainable, save_role
+    from kdtrain.training.teacher import Teacher
+
+    cfg = load_model_config("tiny")
+    writer = build_role_groups(RoleLayout("model", 0, 1, 1, 1), timeout_s=60)
+    groups = build_role_groups(RoleLayout("teacher", 1, 1, 1, 2), timeout_s=60)  # replicas at ranks 1 and 2
+    ck = Path(tmp) / "ck"
+    if rank == 0:
+        role = build_trainable(cfg, writer, OptimizerConfig(), 16, 1, torch.device("cpu"), torch.float32, seed=3)
+        save_role(CheckpointConfig(dir=str(ck), keep=1), cfg, role, 1, _DP_RUN)
+        torch.save({spec.global_name: p.detach().clone() for spec, p in role.params}, Path(tmp) / "want.pt")
+    dist.barrier()
+    if rank == 0:
+        return
+    reads = set()
+    with pytest.MonkeyPatch.context() as m:
+        _count_reads(m, reads)
+        if fail and rank == 2:  # a value that cannot be read once the load was agreed on (a damaged file)
+            m.setattr(CheckpointReader, "read_into", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad bytes")))
+        try:
+            teacher = Teacher(cfg, groups, PayloadSpec(16, 1, 4, torch.bfloat16), 1.0, str(ck), torch.device("cpu"),
+                              torch.bfloat16, seed=1)
+        except ValueError as e:
+            (Path(tmp) / f"said{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+            return
+    want = torch.load(Path(tmp) / "want.pt")
+    named = [(teacher.model.param_specs[n], p) for n, p in teacher.model.named_parameters()]
+    owners = assign_owners([p.numel() for _, p in named], 2)
+    assert reads == {spec.global_name for (spec, _), o in zip(named, owners) if o == rank - 1}, (rank, reads)
+    for spec, p in named:
+        assert p.dtype == torch.bfloat16 and torch.equal(p, want[spec.global_name].to(torch.bfloat16)), spec.global_name
+    (Path(tmp) / f"said{rank}.txt").write_text("loaded")
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["loads", "a-read-fails"])
+def test_teacher_replicas_each_read_a_share_and_stop_together(world_of_one, tmp_path, fail):
+    """A teacher with two data-parallel replicas (global ranks 1 and 2: the broadcasts name global
+    ranks) reads each weight once, on one replica, and both hold the checkpoint's weights in bf16;
+    a read failing on one replica after the load was agreed on stops both, naming it."""
+    from conftest import run_spawn
+
+    run_spawn(3, _teacher_replicas, str(tmp_path), fail, tmp_path=tmp_path)
+    said = [(tmp_path / f"said{r}.txt").read_text() for r in (1, 2)]
+    if not fail:
+        assert said == ["loaded", "loaded"]
+    else:
+        assert said[1] == "ValueError: bad bytes"
+        assert said[0].startswith("PeerFailed: rank 2 of teacher could not load its part of teacher.load "), said[0]

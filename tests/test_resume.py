@@ -105,6 +105,10 @@ def test_a_resumed_distillation_keeps_its_teacher_loss_and_precision(world_of_on
     # online job knows no hash of the weights.
     assert restore_role(ck, cfg, role, 0, _distill_run(teacher={"hidden_dropout": 0.1, "name": "t"},
                                                        teacher_load="/mnt/elsewhere/demo-teacher")).step == 3
+    # A cache of the same teacher written since (its digest made by the per-file rule) cannot be
+    # compared with the recorded one (made by the earlier rule): not refused.
+    assert restore_role(ck, cfg, role, 0, _distill_run(teacher_weights_sha256="cd" * 32,
+                                                       teacher_weights_hash="files")).step == 3
     # Loss fields that do not act in the recorded objective (beta of a forward KL, the tau^2 scale
     # at tau 1): the same objective, resumed without a refusal.
     assert restore_role(ck, cfg, role, 0, _distill_run(loss={"beta": 0.9, "scale_by_tau_sq": True})).step == 3

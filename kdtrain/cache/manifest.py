@@ -3,8 +3,10 @@
 ``manifest.json`` in the cache directory::
 
     format, version, complete
-    teacher:    model config, checkpoint path, sha256 of its weight files and their [file, size,
-                mtime_ns] (or the random-init seed), compute dtype
+    teacher:    model config, checkpoint path, a digest of its weight files and their [file, size,
+                mtime_ns] (or the random-init seed), compute dtype; ``weights_hash`` "files":
+                the digest is the sha256 of the files' names and own sha256s (absent in
+                manifests of earlier versions: the sha256 of the files' names and bytes in turn)
     tokenizer:  path and fingerprint (sha256[:16] of the model file, as in the dataset metadata)
     dataset:    per prefix: path, .bin size, sha256 of the .idx and its [size, mtime_ns] (not
                 content: lets a run skip hashing an unchanged file); shuffling seed, split
@@ -171,7 +173,9 @@ def _weights_digest(files: list[Path], rule: str) -> str:
             h.update(f.name.encode() + b"\0")
             sha256_file(f, h)
         return h.hexdigest()
-    assert rule == "files", rule
+    if rule != "files":
+        raise ValueError(f"teacher weights digest rule {rule!r} (weights_hash) is not one this version of kdtrain "
+                         "makes: the cache was written by another version")
     with ThreadPoolExecutor(max(1, min(len(files), _HASH_THREADS))) as pool:
         # Largest first: the last file to start is a small one.
         order = sorted(range(len(files)), key=lambda i: -os.path.getsize(files[i]))
@@ -226,7 +230,8 @@ def weights_hash_rule(recorded: Optional[dict]) -> str:
 
 
 def teacher_weights_digest(load: Optional[str]) -> Optional[str]:
-    """sha256 over the weight files (names and bytes) a Teacher loads from ``load``."""
+    """The digest of the weight files a Teacher loads from ``load``, as a new cache manifest
+    records it (``weights_hash`` "files")."""
     return teacher_weights(load)[0]
 
 

@@ -288,8 +288,9 @@ class CheckpointConfig:
     resume: bool = True  # continue from dir's latest checkpoint when there is one
     load: Optional[str] = None  # initial weights (model only): a kdtrain checkpoint or a HF model dir
     # Write the interval saves' files in a background thread while the next step trains (a host
-    # copy of each rank's part is taken at the save, published after that next step); the last
-    # save and the one of a job that stops early are written before the job ends.
+    # copy of each rank's part is taken at the save, published after that next step: a job that
+    # fails in that step loses the save and resumes from the one before); the last save and the
+    # one of a job that stops early are written before the job ends (after the pending one).
     async_save: bool = False
 
     def check(self, where: str = "checkpoint") -> None:

@@ -111,21 +111,27 @@ def load_weights(reader: CheckpointReader, params: list[tuple[ParamSpec, torch.n
     (``AdamWOptimizer.separate_masters``); it gets the stored fp32 values too, else the first
     update would start from the weights the optimizer was built with.
 
-    ``replicas``: the data-parallel replicas loading the same slice. Each reads its share of the
-    parameters, and the returned ``SharedReads.send`` (once the replicas agreed that every read
-    succeeded) gives each all of them (replica_reads.py). Without, every parameter is read and set
-    here."""
+    ``replicas``: the data-parallel replicas loading the same slice: the returned reads' ``send``
+    (every rank of the role calls it once the role agreed on the load so far) reads each
+    parameter on one replica and gives it to all (replica_reads.py). Without, every parameter is
+    read and set here (``send`` only joins the role's agreement)."""
     _check_holds(reader, params)
+    # The values go round in fp32 where an optimizer keeps masters, else in the parameters' own
+    # dtype: alike on every replica (with ZeRO-1 ``masters`` holds a replica's own chunks only).
+    fp32 = masters is not None
     masters = masters or {}
     shared = SharedReads(replicas, params[0][1].device if params else torch.device("cpu"))
     for (spec, p), owner in zip(params, shared.owners([p.numel() for _, p in params])):
-        value = None
-        if owner == shared.me:
-            value = {"value": torch.zeros(p.shape, dtype=torch.float32)}
-            reader.read_into(spec, "master", value["value"])
-        shared.add(owner, [("value", tuple(p.shape), torch.float32)], value,
+        dtype = torch.float32 if fp32 else p.dtype
+        shared.add(owner, [("value", tuple(p.shape), dtype)], functools.partial(_read_value, reader, spec, p, dtype),
                    functools.partial(_set_weights, p, masters.get(id(p))))
     return shared
+
+
+def _read_value(reader: CheckpointReader, spec: ParamSpec, p: torch.nn.Parameter, dtype: torch.dtype) -> dict:
+    value = torch.zeros(p.shape, dtype=torch.float32)
+    reader.read_into(spec, "master", value)
+    return {"value": value.to(dtype)}
 
 
 def _set_weights(p: torch.nn.Parameter, master: Optional[tuple[torch.Tensor, int, int]], got: dict) -> None:
@@ -150,8 +156,8 @@ def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer,
     stored value is read once (an owned parameter's weights are copied from its master). With the
     distributed optimizer the parameters come from the owners' masters: every replica calls
     ``optimizer.gather_params()`` afterwards, once all have read their shares (restore_role).
-    Without it the replicas hold the same state: with ``replicas``, as ``load_weights`` (each
-    reads a share; the returned ``send`` gives all of it to each)."""
+    Without it the replicas hold the same state: with ``replicas``, as ``load_weights`` (the
+    returned reads' ``send`` reads each value on one replica and gives it to all)."""
     _check_holds(reader, optimizer.params)
     if not reader.has_optimizer_state():
         raise ValueError(f"checkpoint {reader.path} has no optimizer state; use checkpoint.load to start "
@@ -173,16 +179,21 @@ def load_training_state(reader: CheckpointReader, optimizer: AdamWOptimizer,
                           replicas=replicas)
     shared.device = optimizer.params[0][1].device  # where the values are sent (NCCL: the GPU)
     for share, owner in zip(optimizer.owned, shared.owners([s.param.numel() for s in optimizer.owned])):
-        state = None
-        if owner == shared.me:
-            state = {}
-            for key in STATE_KEYS:
-                state[key] = torch.zeros(share.param.shape, dtype=torch.float32)
-                reader.read_into(share.spec, key, state[key])
-            state["step"] = reader.read_step_state(share.spec).float()
         shared.add(owner, [*((key, tuple(share.param.shape), torch.float32) for key in STATE_KEYS),
-                           ("step", (), torch.float32)], state, functools.partial(optimizer.load_state_for, share.spec))
+                           ("step", (), torch.float32)], functools.partial(_read_state, reader, share.spec,
+                                                                           share.param.shape),
+                   functools.partial(optimizer.load_state_for, share.spec))
     return shared
+
+
+def _read_state(reader: CheckpointReader, spec: ParamSpec, shape: torch.Size) -> dict:
+    """A whole parameter's fp32 master, Adam moments and step count, on the host."""
+    state = {}
+    for key in STATE_KEYS:
+        state[key] = torch.zeros(shape, dtype=torch.float32)
+        reader.read_into(spec, key, state[key])
+    state["step"] = reader.read_step_state(spec).float()
+    return state
 
 
 def restore_rng(path: Path, rank: int) -> bool:

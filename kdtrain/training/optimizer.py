@@ -220,6 +220,7 @@ class AdamWOptimizer:
             self.opt.state[s.master] = {
                 # the fused update keeps its step count on the parameter's device
                 "step": state["step"].clone().float().to(dev),
-                "exp_avg": state["exp_avg"].to(dev).reshape(s.master.shape).clone(),
-                "exp_avg_sq": state["exp_avg_sq"].to(dev).reshape(s.master.shape).clone(),
+                # one copy into the optimizer's own tensors, from the host or the device
+                "exp_avg": torch.empty_like(s.master).copy_(state["exp_avg"].reshape(s.master.shape)),
+                "exp_avg_sq": torch.empty_like(s.master).copy_(state["exp_avg_sq"].reshape(s.master.shape)),
             }

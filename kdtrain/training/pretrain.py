@@ -378,8 +378,8 @@ def restore_role(ck: CheckpointConfig, model: ModelConfig, role: Role, rank: int
     except Exception as e:  # noqa: BLE001 - any failure: the peers must not wait for this rank
         error = e
     role.groups.raise_together(error, loading)
-    if shared is not None:  # each data-parallel replica read a share of the slice: the others' now
-        shared.send()
+    if shared is not None:  # each value read by one data-parallel replica, sent to the others
+        shared.send(lambda e: role.groups.raise_together(e, loading))
     if path is None:
         return Start(0)
     if role.optimizer.sharded:

@@ -6,12 +6,14 @@ checkpoint, the file system served every byte ``dp`` times: resuming a 70B model
 DP=16 without the distributed optimizer read 4.5 TB instead of 0.3 TB, and an 8B start from an
 imported checkpoint at DP=128 sent each file to 128 nodes. Now each parameter is read by one
 replica (``assign_owners``: largest first, balanced by size, as saves share the writing) and
-broadcast from it to the others over the data-parallel group.
+broadcast from it to the others over the data-parallel group, one parameter at a time (host and
+device memory hold one parameter's values, as when each replica read everything).
 
-The reads and the broadcasts are two phases: the reads come first and may fail on any replica (a
-damaged file), so the ranks agree on their outcome (the caller's ``raise_together``) before any
-of them enters a broadcast; ``SharedReads.send`` is the second phase. The read values wait on the
-host in between (this replica's share of its slice: ``1/dp`` of it).
+The broadcasts come after the role's ranks agreed that everything before them succeeded (the
+checkpoint's files are there and match the model: the caller's ``raise_together``). A read that
+still fails on its owner (a damaged value, non-finite weights) cannot leave the other replicas
+waiting: the owner sends on (the values are then not taken) and, once every parameter went
+round, the role's ranks agree again and every one raises the owner's error.
 """
 
 from __future__ import annotations
@@ -52,21 +54,13 @@ Spec = tuple[str, tuple[int, ...], torch.dtype]
 
 @dataclass
 class SharedReads:
-    """What this replica read for the others and how each replica takes the values: one entry
-    per item, ``(owner, specs, values or None, take)``, in the same order on every replica."""
+    """The items (parameters) a load shares among the replicas: one entry per item, ``(owner,
+    specs, read, take)`` in the same order on every replica; ``read()`` (on the owner) gives the
+    item's values on the host, ``take(values)`` puts them in place on every replica."""
 
     replicas: Optional[Replicas]
     device: torch.device
     items: list = field(default_factory=list)
-
-    @torch.no_grad()
-    def add(self, owner: int, specs: list[Spec], values: Optional[dict], take: Callable[[dict], None]) -> None:
-        """An item read by replica ``owner`` (``values`` here when this is it). Without other
-        replicas it is taken at once (nothing waits on the host)."""
-        if self.replicas is None or self.replicas.size == 1:
-            take({name: values[name].to(self.device, dtype) for name, _, dtype in specs})
-            return
-        self.items.append((owner, specs, values, take))
 
     @property
     def me(self) -> int:
@@ -77,19 +71,33 @@ class SharedReads:
         return [0] * len(sizes) if self.replicas is None else self.replicas.owners(sizes)
 
     @torch.no_grad()
-    def send(self) -> None:
-        """Collective over the replicas (after they agreed that every read succeeded): each item
-        from its owner to the others, then taken by every replica (the owner too)."""
-        for owner, specs, values, take in self.items:
+    def add(self, owner: int, specs: list[Spec], read: Callable[[], dict], take: Callable[[dict], None]) -> None:
+        """An item read by replica ``owner``. Without other replicas it is read and taken here."""
+        if self.replicas is None or self.replicas.size == 1:
+            take(read())
+            return
+        self.items.append((owner, specs, read, take))
+
+    @torch.no_grad()
+    def send(self, agree: Callable[[Optional[BaseException]], None]) -> None:
+        """Every rank of the role calls it (after the role agreed on the load so far): each item
+        read by its owner, broadcast to the other replicas and taken by each, one at a time; then
+        ``agree(error)`` (the role's ``raise_together``: every rank raises when a read failed)."""
+        error = None
+        for owner, specs, read, take in self.items:
+            values = None
+            if owner == self.me and error is None:
+                try:
+                    values = read()
+                except Exception as e:  # noqa: BLE001 - the peers are waiting in this broadcast
+                    error = e
             got = {}
             for name, shape, dtype in specs:
-                if values is not None:
-                    t = values[name].to(self.device, dtype)
-                else:
-                    t = torch.empty(shape, dtype=dtype, device=self.device)
-                if self.replicas is not None and self.replicas.size > 1:
-                    dist.broadcast(t, src=dist.get_global_rank(self.replicas.group, owner),
-                                   group=self.replicas.group)
+                t = (values[name].to(self.device, dtype) if values is not None
+                     else torch.empty(shape, dtype=dtype, device=self.device))
+                dist.broadcast(t, src=dist.get_global_rank(self.replicas.group, owner), group=self.replicas.group)
                 got[name] = t
-            take(got)
+            if error is None:  # (a replica whose owner failed takes garbage: it raises below)
+                take(got)
         self.items.clear()
+        agree(error)

@@ -109,8 +109,11 @@ def _check_same_target(meta: dict, path: Path, run: dict, step: int, fresh: str)
         refuse("teacher.load", now, was, "distil the rest of the run from another teacher")
     # Known when a cache served the payloads (its manifest hashes the teacher's weights): a cache
     # of another checkpoint of the same name and shape is another teacher too.
+    # Digests made by different rules (a cache of an earlier release, one written since) say
+    # nothing of each other: the teacher's model and checkpoint name above still must match.
     was, now = meta.get("teacher_weights_sha256"), run.get("teacher_weights_sha256")
-    if was is not None and now is not None and was != now:
+    same_rule = meta.get("teacher_weights_hash", "stream") == run.get("teacher_weights_hash", "stream")
+    if was is not None and now is not None and same_rule and was != now:
         refuse("teacher.cache", f"teacher weights {now[:16]}", f"teacher weights {was[:16]}",
                "distil the rest of the run from another teacher")
     if meta.get("topk") is not None and run.get("topk") is not None and meta["topk"] != run["topk"]:

@@ -51,8 +51,10 @@ class Teacher:
                                             share=groups.share, replicas=Replicas.of(groups))
             except Exception as e:  # noqa: BLE001 - any failure: the other ranks must not wait for this one
                 error = e
-            groups.raise_together(error, f"could not load its part of teacher.load {load}")
-            shared.send()  # each data-parallel replica read a share of its slice: the others' now
+            loading = f"could not load its part of teacher.load {load}"
+            groups.raise_together(error, loading)
+            # Each value read by one data-parallel replica, sent to the others.
+            shared.send(lambda e: groups.raise_together(e, loading))
         self.schedule = PipelineSchedule(self.model, groups, (spec.seq_length, spec.micro_batch,
                                                               model_cfg.hidden_size), dtype, device)
         self.device = device
