@@ -334,8 +334,9 @@ def _save_weights_only() -> None:
 
     save_role = distill_mod.save_role
 
-    def weights_only(ck, model, role, step, run):
-        return save_role(ck, model, dataclasses.replace(role, optimizer=_WeightsOnly(role.optimizer)), step, run)
+    def weights_only(ck, model, role, step, run, background=False):
+        return save_role(ck, model, dataclasses.replace(role, optimizer=_WeightsOnly(role.optimizer)), step, run,
+                         background)
 
     distill_mod.save_role = weights_only
 

@@ -163,7 +163,7 @@ def dataset_identity(data: DataConfig, targets: bool = False, recorded: Optional
 # over each file's name and own sha256, the files hashed side by side in threads (hashlib releases
 # the GIL: a 405B teacher's 810 GB at the storage's pace, not one core's 1.6 GB/s: 8+ minutes);
 # "stream" (manifests without the key), sha256 over each file's name and bytes in turn.
-_HASH_THREADS = min(16, os.cpu_count() or 1)
+_HASH_THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _weights_digest(files: list[Path], rule: str) -> str:
