@@ -14,8 +14,8 @@ pytest.importorskip("safetensors")
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """As test_convert_hf's fixture, for the sharded Llama only: its directory and model config."""
+def sharded(tmp_path_factory):
+    """The sharded Llama's directory and its kdtrain model config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kdtrain.convert.hf_weights import HFModel
@@ -24,10 +24,10 @@ def converted(tmp_path_factory):
     hf = tmp_path_factory.mktemp("hf") / "hf_llama"
     LlamaForCausalLM(LlamaConfig(vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(hf, max_shard_size="100KB")
-    return {"archs": {"llama": {"hf": hf, "cfg": HFModel(hf, "tiny-llama").cfg}}}
+    return {"hf": hf, "cfg": HFModel(hf, "tiny-llama").cfg}
 
 
-def test_a_loading_rank_opens_only_the_files_it_reads(converted, tmp_path):
+def test_a_loading_rank_opens_only_the_files_it_reads(sharded, tmp_path):
     """With an index, a loading rank (``lazy``) opens only the files holding the tensors it reads,
     and gets what an eager open reads; a missing file, or a tensor the index misplaces, is named
     when read."""
@@ -35,7 +35,7 @@ def test_a_loading_rank_opens_only_the_files_it_reads(converted, tmp_path):
 
     from kdtrain.convert.hf_weights import SafetensorsDir
 
-    hf = converted["archs"]["llama"]["hf"]
+    hf = sharded["hf"]
     index = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(index.values())) > 2
     eager, lazy = SafetensorsDir(hf), SafetensorsDir(hf, lazy=True)
@@ -58,13 +58,13 @@ def test_a_loading_rank_opens_only_the_files_it_reads(converted, tmp_path):
         SafetensorsDir(damaged, lazy=True).get(name)
 
 
-def test_teacher_digest_of_hf_dir(converted, tmp_path):
+def test_teacher_digest_of_hf_dir(sharded, tmp_path):
     """A teacher cache built from a Hugging Face teacher is tied to its weight files' bytes."""
     import shutil
 
     from kdtrain.cache.manifest import teacher_weights_digest
 
-    src = converted["archs"]["llama"]["hf"]
+    src = sharded["hf"]
     copy = tmp_path / "copy"
     shutil.copytree(src, copy)
     assert teacher_weights_digest(str(copy)) == teacher_weights_digest(str(src))
@@ -75,7 +75,7 @@ def test_teacher_digest_of_hf_dir(converted, tmp_path):
     assert teacher_weights_digest(str(copy)) != teacher_weights_digest(str(src))
 
 
-def test_teacher_files_a_manifest_lists_are_not_read_again(converted, tmp_path, monkeypatch):
+def test_teacher_files_a_manifest_lists_are_not_read_again(sharded, tmp_path, monkeypatch):
     """A 70B teacher is 140 GB: a restarted cache job and a mixed run's check take the manifest's
     digest for weight files with the sizes and mtimes it lists, and a process hashes files once
     while they are unchanged; a rewritten file is read again."""
@@ -83,7 +83,7 @@ def test_teacher_files_a_manifest_lists_are_not_read_again(converted, tmp_path, 
 
     import kdtrain.cache.manifest as manifest
 
-    src = converted["archs"]["llama"]["hf"]
+    src = sharded["hf"]
     copy = tmp_path / "copy"
     shutil.copytree(src, copy)  # keeps the mtimes
     digest, listed = manifest.teacher_weights(str(copy))
@@ -93,7 +93,7 @@ def test_teacher_files_a_manifest_lists_are_not_read_again(converted, tmp_path, 
     real = manifest.sha256_file
     monkeypatch.setattr(manifest, "sha256_file", lambda f, h=None: reads.append(Path(f).name) or real(f, h))
     manifest._DIGESTS.clear()
-    recorded = manifest.teacher_identity(converted["archs"]["llama"]["cfg"], str(src), 0, "float32")
+    recorded = manifest.teacher_identity(sharded["cfg"], str(src), 0, "float32")
     assert reads and recorded["weights_sha256"] == digest and recorded["weights_stat"] == listed
     reads.clear()
     assert manifest.teacher_weights(str(copy), recorded) == (digest, listed) and reads == []
@@ -109,7 +109,7 @@ def test_teacher_files_a_manifest_lists_are_not_read_again(converted, tmp_path, 
     assert changed != digest and relisted != listed and reads
 
 
-def test_teacher_weight_digests_per_file_and_of_earlier_manifests(converted, tmp_path):
+def test_teacher_weight_digests_per_file_and_of_earlier_manifests(sharded, tmp_path):
     """New manifests record a digest of the files' own digests (hashed side by side: a 405B
     teacher is 810 GB); a manifest of an earlier version, without ``weights_hash``, is checked by
     its own rule (sha256 over the files' names and bytes in turn), and a resumed job keeps it."""
@@ -118,7 +118,7 @@ def test_teacher_weight_digests_per_file_and_of_earlier_manifests(converted, tmp
 
     import kdtrain.cache.manifest as manifest
 
-    src = converted["archs"]["llama"]["hf"]
+    src = sharded["hf"]
     copy = tmp_path / "copy"
     shutil.copytree(src, copy)
     files = sorted(copy.glob("*.safetensors"))
@@ -126,7 +126,7 @@ def test_teacher_weight_digests_per_file_and_of_earlier_manifests(converted, tmp
     per_file = hashlib.sha256(b"".join(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).hexdigest().encode()
                                        + b"\n" for f in files)).hexdigest()
     stream = hashlib.sha256(b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in files)).hexdigest()
-    cfg = converted["archs"]["llama"]["cfg"]
+    cfg = sharded["cfg"]
     new = manifest.teacher_identity(cfg, str(copy), 0, "float32")
     assert new["weights_sha256"] == per_file and new["weights_hash"] == "files"
     earlier = {k: v for k, v in new.items() if k != "weights_hash"}
