@@ -5,7 +5,7 @@ the same samples as the plain per-document arrays give."""
 from __future__ import annotations
 
 import tracemalloc
-from multiprocessing.pool import ThreadPool
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -76,7 +76,7 @@ def test_the_writer_holds_no_memory_per_document(tmp_path, monkeypatch):
 
 
 def test_encoding_keeps_a_bounded_number_of_batches_in_flight():
-    """A pool's imap reads its input as fast as the workers take it and holds every result not
+    """A pool's map reads its input as fast as the workers take it and holds every result not
     yet taken: with workers faster than the writer, encoded documents pile up."""
     pulled = 0
 
@@ -86,7 +86,7 @@ def test_encoding_keeps_a_bounded_number_of_batches_in_flight():
             pulled += 1
             yield [i]
 
-    with ThreadPool(2) as pool:
+    with ThreadPoolExecutor(2) as pool:
         out = []
         for result in _ordered_map(pool, lambda batch: [x * 2 for x in batch], batches(), ahead=4):
             assert pulled - len(out) <= 4
