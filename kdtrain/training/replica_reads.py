@@ -43,12 +43,8 @@ class Replicas:
     def of(cls, groups: "RoleGroups") -> "Replicas":
         return cls(groups.pgc.dp, groups.dp_rank, groups.layout.dp)
 
-    def owners(self, sizes: list[int]) -> list[int]:
-        """Which replica reads each of the items of ``sizes`` (elements)."""
-        return assign_owners(sizes, self.size)
 
-
-# One value sent: (name, shape, dtype); its tensor on the owner.
+# One value of an item: (name, shape, dtype), the same on every replica.
 Spec = tuple[str, tuple[int, ...], torch.dtype]
 
 
@@ -68,7 +64,7 @@ class SharedReads:
 
     def owners(self, sizes: list[int]) -> list[int]:
         """Which replica reads each item of ``sizes`` (elements): all of them here without replicas."""
-        return [0] * len(sizes) if self.replicas is None else self.replicas.owners(sizes)
+        return [0] * len(sizes) if self.replicas is None else assign_owners(sizes, self.replicas.size)
 
     @torch.no_grad()
     def add(self, owner: int, specs: list[Spec], read: Callable[[], dict], take: Callable[[dict], None]) -> None:
