@@ -182,8 +182,9 @@ class PendingSave:
             self.thread.join()
         elif self.index is None and self.error is None:
             self.write()
-        raise_together(self.error, self.role_group,
-                       lambda r, shown: f"rank {r} could not write its part of checkpoint {self.final}: {shown}")
+        with _together(self.role_group, self.final, "write its part of"):
+            if self.error is not None:
+                raise self.error
         # Every rank sends the headers of what it wrote to the committing rank once its files are
         # written and synced, so the gather is also the barrier before the commit: meta.json's
         # index is learnt without opening a single shard file.
