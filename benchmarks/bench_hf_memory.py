@@ -114,7 +114,7 @@ def run_mode(mode: str, hf: Path, work: Path, shard_bytes: int) -> dict:
 
         from kdtrain.config import load_model_config
         from kdtrain.models import build_gpt
-        from kdtrain.parallel import RoleLayout, build_role_groups
+        from kdtrain.parallel import RoleLayout, build_role_groups, shutdown_distributed
         from kdtrain.training.checkpoint_load import load_model_weights
 
         dist.init_process_group("gloo", init_method=f"file://{work / 'pg'}", rank=0, world_size=1)
@@ -123,7 +123,7 @@ def run_mode(mode: str, hf: Path, work: Path, shard_bytes: int) -> dict:
                           dtype=torch.float32, seed=0)
         extra = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         load_model_weights(str(hf), cfg, [(model.param_specs[n], p) for n, p in model.named_parameters()], "teacher")
-        dist.destroy_process_group()
+        shutdown_distributed()
     anon = sampler.stop()
     peak = _status_mb("VmHWM")
     return {"mode": mode, "baseline_mb": base, "peak_mb": peak, "model_param_mb": extra,

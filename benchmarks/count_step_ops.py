@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdtrain.config import OptimizerConfig, load_model_config  # noqa: E402
 from kdtrain.data.mock import MockWindowDataset  # noqa: E402
-from kdtrain.parallel import RoleLayout, build_role_groups  # noqa: E402
+from kdtrain.parallel import RoleLayout, build_role_groups, shutdown_distributed  # noqa: E402
 from kdtrain.training.batches import microbatches  # noqa: E402
 from kdtrain.training.pretrain import LM_REPORT_KEYS, build_trainable, lm_forward_step  # noqa: E402
 from kdtrain.training.step import train_step  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     layer_counter = Counter()
     with layer_counter:
         layer(hidden, None, rotary_pos_emb=freqs)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
     phases: dict = {}
     for (phase, op), n in counter.counts.items():

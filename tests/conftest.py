@@ -228,6 +228,8 @@ def _spawn_entry(rank, world, init_file, fn, args):
     import torch
     import torch.distributed as dist
 
+    from kdtrain.parallel import shutdown_distributed
+
     # One thread per process, as torchrun's OMP_NUM_THREADS=1 gives the launched tests: several
     # processes each running a thread per core oversubscribe the cores, and every collective then
     # waits for a descheduled peer.
@@ -236,7 +238,7 @@ def _spawn_entry(rank, world, init_file, fn, args):
     try:
         fn(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()  # gloo's threads end before the interpreter does
 
 
 def run_spawn(world: int, fn, *args, tmp_path: Path) -> None:
@@ -266,11 +268,13 @@ def world_of_one():
     a port (which another process could take between picking and binding it)."""
     import torch.distributed as dist
 
+    from kdtrain.parallel import shutdown_distributed
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def routing_channels(max_world: int):

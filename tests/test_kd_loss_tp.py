@@ -30,13 +30,15 @@ CASES = [
 def _entry(rank, world, init_file, fn, args):
     import torch.distributed as dist
 
+    from kdtrain.parallel import shutdown_distributed
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
         fn(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()  # gloo's threads end before the interpreter does
 
 
 def spawn(world: int, fn, *args, tmp_path, timeout: float = 180.0) -> None:

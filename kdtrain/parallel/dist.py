@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -73,8 +74,19 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
 
 
 def shutdown_distributed() -> None:
+    """Tear down every process group, and with them gloo's worker threads, while the interpreter
+    is still alive.
+
+    ``destroy_process_group`` drops torch's own references to the groups, but a group still
+    reachable from a garbage cycle lives on: an exception raised inside a collective's agreement
+    keeps its frames, which hold the group. gloo's worker threads then outlive the job until the
+    interpreter's final collection, and one that releases a finished collective's tensors at that
+    moment must take the GIL of an interpreter that is shutting down: the process aborts ("terminate
+    called without an active exception", SIGABRT) after a job that succeeded. Collecting here frees
+    such groups; a group's destructor joins its worker threads (it releases the GIL to do so)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 @contextlib.contextmanager
