@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -30,13 +32,28 @@ def prune_steps(root: Path, keep: int) -> None:
     debris of interrupted saves (``.tmp``), copies set aside by an interrupted re-save (``.old``)
     and steps newer than ``latest``: a save killed between its rename and the ``latest`` update
     leaves one, the job resumed from an older step, and keeping the newest by number would delete
-    the step ``latest`` names."""
+    the step ``latest`` names. What cannot be deleted (a file system that refuses it) is a warning
+    naming it, not an error: the checkpoint just published is complete, but old ones accumulate."""
+    failures: list[str] = []
     for debris in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
-        shutil.rmtree(debris, ignore_errors=True)
+        _remove(debris, failures)
     committed = step_of(root / (root / "latest").read_text().strip())
     steps = complete_steps(root)
     for old in [p for p in steps if step_of(p) > committed] + [p for p in steps if step_of(p) <= committed][:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old, failures)
+    if failures:
+        warnings.warn(f"kdtrain: checkpoint pruning could not delete {len(failures)} path(s) under {root}, first "
+                      f"{failures[0]}; older checkpoints stay on disk (checkpoint.keep={keep})", RuntimeWarning,
+                      stacklevel=2)
+
+
+def _remove(path: Path, failures: list[str]) -> None:
+    def note(_func, where, error) -> None:
+        failures.append(f"{where}: {error}")
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=note)
+    else:
+        shutil.rmtree(path, onerror=lambda func, where, info: note(func, where, info[1]))
 
 
 def check_latest_marker(root: str | os.PathLike) -> Path:
