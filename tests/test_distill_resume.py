@@ -114,3 +114,5 @@ def test_a_resume_with_other_settings_is_reported_once_or_refused(tmp_path):
     refused = outputs[2]
     assert refused["returncode"] != 0
     assert "error: teacher.topk: 4 here, 16 in" in refused["stderr"], refused["stderr"][-3000:]
+    # ... and torchrun's closing summary shows it as the root cause (not "<N/A>" and a link).
+    assert "traceback : teacher.topk: 4 here, 16 in" in refused["stderr"], refused["stderr"][-3000:]

@@ -62,3 +62,40 @@ def test_a_lost_peer_is_one_line_on_the_survivors(capsys, monkeypatch):
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run_job(bug)
+
+
+def test_torchruns_summary_names_the_failure(tmp_path, monkeypatch):
+    """torchrun's closing summary showed "error_file: <N/A>" and a link as the root cause, 30
+    lines below a user error's one line: the failure is now in the error file torchrun reads,
+    and a rank that only lost another is never shown in place of the one that failed first."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from kdtrain.parallel import run_job
+
+    def failure(rank, job, rc):
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error{rank}.json"))
+        assert run_job(job) == rc
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=rc, error_file=str(tmp_path / f"error{rank}.json"))
+
+    def lost():
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:36073")
+
+    def bad():
+        raise ValueError("teacher.topk: 4 here, 16 in the checkpoint")
+
+    failures = {0: failure(0, lost, 1), 1: failure(1, bad, 2)}  # the survivor's file is written first
+    summary = ChildFailedError("scripts/distill_gpt.py", failures).format_msg()
+    root_cause = summary[summary.index("Root Cause"):]
+    assert "rank      : 1" in root_cause and "traceback : teacher.topk: 4 here, 16 in the checkpoint" in root_cause, \
+        summary
+    assert "lost another rank" in summary[:summary.index("Root Cause")]
+
+    def bug():
+        raise KeyError("layers.0.weight")
+
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error2.json"))
+    with pytest.raises(KeyError):
+        run_job(bug)
+    shown = ProcessFailure(local_rank=2, pid=102, exitcode=1, error_file=str(tmp_path / "error2.json"))
+    summary = ChildFailedError("scripts/distill_gpt.py", {2: shown}).format_msg()
+    assert "Traceback (most recent call last)" in summary and "KeyError: 'layers.0.weight'" in summary, summary

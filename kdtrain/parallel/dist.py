@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import sys
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -124,7 +127,9 @@ def run_job(job, errors: tuple = (ValueError,)) -> int:
     line on stderr, prefixed with the rank when there are several, and exit code 2, not a stack
     trace. So is, with exit code 1, a collective or transfer that failed because another rank died
     or stopped answering (that rank's own output names the cause: the survivors' tracebacks from
-    inside the transport said nothing more). The process group is torn down either way."""
+    inside the transport said nothing more). Any failure is also told to torchrun
+    (``record_failure``), whose closing summary then shows it. The process group is torn down
+    either way."""
     prefix = f"[rank {os.environ.get('RANK', 0)}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
 
     def say(line: str) -> None:
@@ -135,14 +140,37 @@ def run_job(job, errors: tuple = (ValueError,)) -> int:
         job()
     except errors as e:
         say(str(e))
+        record_failure(str(e))
         return 2
-    except RuntimeError as e:
+    except Exception as e:
         if not _peer_lost(e):
+            record_failure(f"{type(e).__name__}: {e}", traceback.format_exc())
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        say(f"lost another rank: a collective or transfer with it failed ({first[:300]}); the rank that stopped "
-            "first says why in its own output")
+        line = (f"lost another rank: a collective or transfer with it failed ({first[:300]}); the rank that "
+                "stopped first says why in its own output")
+        say(line)
+        record_failure(line, after_peers=True)
         return 1
     finally:
         shutdown_distributed()
     return 0
+
+
+def record_failure(message: str, callstack: Optional[str] = None, after_peers: bool = False) -> None:
+    """Tell torchrun why this worker fails, in the error file it names in TORCHELASTIC_ERROR_FILE
+    (nothing outside torchrun). Its closing summary shows the earliest failure's file as the
+    "Root Cause" ("<N/A>" and a link without one, far below a user error's one line): ``callstack``
+    where given, else ``message``. The summary orders failures by their whole-second timestamps;
+    ``after_peers`` (a rank that only lost another) dates this one a second later, so the rank that
+    failed first, in the same second, is the one shown."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    stamp = int(time.time()) + (1 if after_peers else 0)
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": callstack or message,
+                                                          "timestamp": str(stamp)}}}
+    try:
+        Path(path).write_text(json.dumps(data))
+    except OSError:  # the failure itself is on stderr already
+        pass
