@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,8 @@ def test_preprocess_and_the_run_accept_the_teacher_s_tokenizer(hf, tmp_path):
     from kdtrain.data import train_tokenizer
 
     spm = train_tokenizer([str(hf["jsonl"])], str(tmp_path / "spm"), vocab_size=320)
-    with pytest.raises(ValueError, match="tokenizer mismatch .* records tokenizer fingerprint"):
+    with pytest.raises(ValueError, match=f"tokenizer mismatch .* records tokenizer fingerprint .*, but "
+                                         f"data.tokenizer \\({re.escape(spm)}\\) has fingerprint"):
         open_dataset(DataConfig(path=[prefix], tokenizer=spm, seq_length=32), model)
 
 

@@ -83,6 +83,7 @@ class GPTWindowDataset:
         seed: int = 1234,
         vocab_size: int | None = None,
         tokenizer_fingerprint: str | None = None,
+        tokenizer_name: str | None = None,
         loss_mask: bool = True,
         packing: str = "stream",
         document_positions: bool = False,
@@ -109,7 +110,7 @@ class GPTWindowDataset:
         self._vocab_size = vocab_size
         # Streams whose ids are checked as read (SCAN_AT_OPEN_BYTES).
         self._check_as_read = {i for i, stream in enumerate(self.streams)
-                               if not self._check_stream(stream, vocab_size, tokenizer_fingerprint)}
+                               if not self._check_stream(stream, vocab_size, tokenizer_fingerprint, tokenizer_name)}
         check_same_tokenizer(self.streams)
 
         lengths = np.array([s.num_tokens for s in self.streams], dtype=np.int64)
@@ -152,16 +153,19 @@ class GPTWindowDataset:
         self.document_positions = document_positions
 
     @staticmethod
-    def _check_stream(stream: IndexedTokens, vocab_size: int | None, fingerprint: str | None) -> bool:
-        """Check the corpus' tokenizer and ids against the run's; False: its ids are left to be
-        checked as read (SCAN_AT_OPEN_BYTES)."""
+    def _check_stream(stream: IndexedTokens, vocab_size: int | None, fingerprint: str | None,
+                      name: str | None = None) -> bool:
+        """Check the corpus' tokenizer and ids against the run's (``fingerprint``, ``name``: how the
+        run names that tokenizer, for the error); False: its ids are left to be checked as read
+        (SCAN_AT_OPEN_BYTES)."""
         if fingerprint is not None and stream.meta is not None:
             recorded = stream.meta.get("tokenizer_fingerprint")
             if recorded is not None and recorded != fingerprint:
                 raise ValueError(
                     f"tokenizer mismatch for {stream.prefix}: {meta_path(stream.prefix)} records tokenizer "
-                    f"fingerprint {recorded} (from {stream.meta.get('tokenizer_path')}), but the configured "
-                    f"tokenizer has fingerprint {fingerprint}"
+                    f"fingerprint {recorded} (from {stream.meta.get('tokenizer_path')}), but "
+                    f"{name or 'the configured tokenizer'} has fingerprint {fingerprint}: tokenize the corpus with "
+                    "the run's tokenizer, or name the corpus' own"
                 )
         if vocab_size is None or np.iinfo(stream.dtype).max < vocab_size:
             return True

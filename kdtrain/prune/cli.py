@@ -65,7 +65,7 @@ def calibration_batches(data: list[str], cfg: ModelConfig, seq_length: int, samp
 
     fingerprint = Tokenizer(tokenizer).fingerprint if tokenizer else None
     ds = GPTWindowDataset(data, seq_length, split=(1.0, 0.0), seed=1234, vocab_size=cfg.vocab_size,
-                          tokenizer_fingerprint=fingerprint, packing=packing,
+                          tokenizer_fingerprint=fingerprint, tokenizer_name=f"--tokenizer {tokenizer}", packing=packing,
                           document_positions=attention == "documents")
     samples = min(samples, ds.num_train_windows)
     for start in range(0, samples, micro_batch):

@@ -69,21 +69,21 @@ def open_dataset(data: DataConfig, model: ModelConfig):
     if data.mock:  # data.split[1] == 0 asks for no held-out windows, as it does of a corpus
         return MockWindowDataset(data.seq_length, model.vocab_size, data.seed,
                                  num_valid=1024 if data.split[1] > 0 else 0)
-    fingerprint = None
+    tokenizer = {}  # the corpora are checked against it
     if data.tokenizer:
         tok = Tokenizer(data.tokenizer)
         if tok.vocab_size > model.vocab_size:
             raise ValueError(f"data.tokenizer {data.tokenizer} has {tok.vocab_size} ids but model "
                              f"{model.name!r} has vocab_size={model.vocab_size}")
-        fingerprint = tok.fingerprint
+        tokenizer = dict(tokenizer_fingerprint=tok.fingerprint, tokenizer_name=f"data.tokenizer ({data.tokenizer})")
     if data.weights is None:
         return GPTWindowDataset(data.path, data.seq_length, split=tuple(data.split), seed=data.seed,
-                                vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint, loss_mask=data.loss_mask,
+                                vocab_size=model.vocab_size, loss_mask=data.loss_mask, **tokenizer,
                                 packing=data.packing, document_positions=data.attention == "documents")
     # Weighted corpora: each its own windows, split and shuffle (seeded apart), mixed by blend.py;
     # a corpus too small for a held-out window trains only (the evaluation reads the others).
     parts = [GPTWindowDataset([p], data.seq_length, split=tuple(data.split), seed=data.seed + i,
-                              vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint, loss_mask=data.loss_mask,
+                              vocab_size=model.vocab_size, loss_mask=data.loss_mask, **tokenizer,
                               packing=data.packing, document_positions=data.attention == "documents",
                               require_held_out=False)
              for i, p in enumerate(data.path)]
