@@ -255,9 +255,11 @@ def test_prune_cli_from_hf_teacher(tmp_path):
     pruned, scratch = student_and_random(tmp_path / "pruned")
     assert pruned < scratch, (pruned, scratch)
     # Depth by Block Influence and the MLP by neuron importance: most of the teacher survives.
+    # Windows default to the teacher's max_seq_length when shorter than 1024 (here 64).
     assert main(["prune", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "mild"), "--num-layers", "3",
-                 "--ffn-hidden-size", "80", "--data", str(tmp_path / "calib"), "--seq-length", "32",
-                 "--calib-samples", "16", "--device", "cpu"]) == 0
+                 "--ffn-hidden-size", "80", "--data", str(tmp_path / "calib"), "--calib-samples", "16",
+                 "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "mild" / "prune.json").read_text())["calibration"]["seq_length"] == 64
     pruned, scratch = student_and_random(tmp_path / "mild")
     assert pruned < 0.5 * scratch, (pruned, scratch)
     with pytest.raises(SystemExit) as exited:  # argparse: the two depth options exclude each other

@@ -102,7 +102,7 @@ def measure_importance(src: str, cfg: ModelConfig, batches_fn, device_name: str 
 def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Optional[list[int]] = None,
           num_layers: Optional[int] = None, layer_order: str = "influence", hidden_size: Optional[int] = None,
           ffn_hidden_size: Optional[int] = None, num_query_groups: Optional[int] = None,
-          data: Optional[list[str]] = None, tokenizer: Optional[str] = None, seq_length: int = 1024,
+          data: Optional[list[str]] = None, tokenizer: Optional[str] = None, seq_length: Optional[int] = None,
           calib_samples: int = 256, micro_batch: int = 4, device: str = "auto",
           shard_bytes: int = 2 * 10**9, vocab_size: Optional[int] = None, packing: str = "stream",
           attention: str = "window") -> tuple[ModelConfig, Selection]:
@@ -140,6 +140,8 @@ def prune(src: str, out: str, *, name: Optional[str] = None, keep_layers: Option
     if narrower or (by_influence and data):
         if not data:
             raise ValueError("prune: width targets need calibration data (--data PREFIX, the teacher's tokenization)")
+        if seq_length is None:
+            seq_length = min(1024, cfg.max_seq_length)
         if not 1 <= seq_length <= cfg.max_seq_length:
             raise ValueError(f"--seq-length {seq_length}: calibration windows must fit the teacher's "
                              f"max_seq_length={cfg.max_seq_length} ({src})")
@@ -204,8 +206,8 @@ def register(subparsers) -> None:
                    help="query groups to keep (with their heads; needs --data)")
     p.add_argument("--data", nargs="+", default=None, help="indexed dataset prefix(es) for calibration")
     p.add_argument("--tokenizer", default=None, help="the data's tokenizer (checked against the dataset)")
-    p.add_argument("--seq-length", type=int, default=1024, help="calibration window length (at most the "
-                   "teacher's max_seq_length)")
+    p.add_argument("--seq-length", type=int, default=None, help="calibration window length: the distillation "
+                   "run's data.seq_length (default: the teacher's max_seq_length, at most 1024)")
     p.add_argument("--packing", default="stream", choices=["stream", "documents", "best_fit"],
                    help="how calibration windows are cut: the distillation run's data.packing")
     p.add_argument("--attention", default="window", choices=["window", "documents"],
