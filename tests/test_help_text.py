@@ -42,3 +42,12 @@ def test_subcommands_show_each_default_once(capsys):
     text = capsys.readouterr().out
     assert re.search(r"--top-p TOP_P\s+then among the smallest set holding this mass \(1: all\)\s+\(default: 1\.0\)", text)
     assert "--json " in text and "(default: False)" not in text
+
+
+def test_python_dash_m_kdtrain_is_the_kdtrain_command():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "kdtrain", "prune", "--help"], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: kdtrain prune"), proc.stdout[:300] + proc.stderr
