@@ -2,7 +2,7 @@
 # Multi-node runs under Slurm: one torchrun per node, NCCL across nodes, for any kdtrain entry point
 # (pretrain_gpt.py, distill_gpt.py, cache_teacher.py).
 #
-#   sbatch --nodes=2 scripts/slurm_launch.sh pretrain_gpt.py configs/pretrain/llama-3.2-1b-h100.yaml \
+#   sbatch --nodes=2 scripts/slurm_launch.sh pretrain_gpt.py configs/pretrain/llama-3.2-1b.yaml \
 #       parallel.tp=4 parallel.pp=2
 #   sbatch --nodes=4 scripts/slurm_launch.sh distill_gpt.py configs/distill/llama-3.1-8b-to-3.2-1b-8xh100.yaml \
 #       split.mode=auto
@@ -15,7 +15,7 @@
 # (minutes, less the start-up, a few steps and a save); to end with one when preempted (Slurm sends
 # SIGTERM to every process of the step; torchrun also passes it on, and kills its workers 30 s
 # later), training.exit_signal=SIGTERM. Not --signal=USR1: torchrun has no handler for it and dies.
-# Both need checkpoint.dir; the same command resumes.
+# Both need checkpoint.dir (the configs for real corpora set one); the same command resumes.
 #SBATCH --job-name=kdtrain
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
