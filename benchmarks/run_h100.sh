@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU batch behind the figures in benchmarks/results/ (one H100; megatron-core and the other
-# missing packages installed from wheels first, see the developers' guide). Stages run in order,
+# packages the machine lacks installed first, e.g. from wheels on its disk). Stages run in order,
 # each under its own time limit; logs and results go to $WORK and, re-packed after every stage so a
 # killed batch still returns what it finished, to $OUT/results.tgz:
 #

@@ -13,7 +13,8 @@
 #
 # Extra arguments are config overrides of the distillation run (configs/distill/demo.yaml).
 # Environment: NPROC (ranks, default 2), DEMO_DATA (default data/demo), RUN_ROOT (default .:
-# runs/ and checkpoints/ go under it), TEACHER_STEPS / STUDENT_STEPS (default 150 / 120).
+# runs/ and checkpoints/ go under it), TEACHER_STEPS / STUDENT_STEPS (default 150 / 120), PYTHON
+# (the interpreter, default python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
