@@ -106,3 +106,33 @@ def test_hf_teacher_to_hf_student(world_of_one, tmp_path):
         before = student0.eval()(x).logits[0]
     torch.testing.assert_close(hf_logits, kd_logits.float(), rtol=1e-4, atol=1e-4)
     assert (hf_logits - before).abs().max() > 1e-3
+
+
+def test_sentencepiece_run_to_hf_student(world_of_one, tiny_corpus, tmp_path):
+    """The demo's path at tiny scale: a corpus tokenized with a SentencePiece model, a distill run
+    naming it as data.tokenizer -> ``kdtrain convert kdtrain-to-hf`` without --tokenizer writes it
+    as a Hugging Face tokenizer: ``AutoTokenizer`` gives the corpus' own ids for its documents, and
+    the model's config and generation defaults end at the tokenizer's EOS."""
+    import sentencepiece as spm
+
+    from kdtrain.cli import main
+    from kdtrain.config.distill import load_distill_config
+    from kdtrain.data import open_indexed_dataset
+    from kdtrain.training.distill import distill
+
+    model = tiny_corpus["tokenizer"]
+    distill(load_distill_config("tiny", [
+        f"data.path=[{tiny_corpus['prefix']}]", f"data.tokenizer={model}", "training.train_steps=2",
+        "precision.device=cpu", f"logging.dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]))
+    out = tmp_path / "out"
+    assert main(["convert", "kdtrain-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    eos = spm.SentencePieceProcessor(model_file=model).eos_id()
+    ds = open_indexed_dataset(tiny_corpus["prefix"])
+    ends = ds.document_lengths.cumsum().tolist()
+    for i, text in enumerate(list(iter_documents(str(tiny_corpus["corpus"])))[:6]):
+        document = ds.tokens[ends[i] - ds.document_lengths[i]:ends[i]].tolist()
+        assert tok(text)["input_ids"] + [tok.eos_token_id] == document
+        assert tok.decode(document, skip_special_tokens=True) == text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert hf.config.eos_token_id == hf.generation_config.eos_token_id == tok.eos_token_id == eos

@@ -9,20 +9,25 @@ the ``vocab_size`` real rows. Parameters are converted one at a time and written
 5 GB (``model.safetensors`` when the model fits one, else an index and numbered files, as
 transformers writes them), so host memory stays near one file's worth whatever the model size.
 
-Tokenizer: with ``tokenizer="auto"`` (the default), when the run that wrote the checkpoint
-tokenized its data with a Hugging Face tokenizer (``data.tokenizer``, recorded in the checkpoint),
-or the checkpoint was imported from a Hugging Face directory that holds one, its files
+Tokenizer: with ``tokenizer="auto"`` (the default), the tokenizer the run that wrote the
+checkpoint read its data with (``data.tokenizer``, recorded in the checkpoint, else the one its
+corpora's metadata name), or for a checkpoint imported from a Hugging Face directory the one that
+directory holds, is written beside the weights, so ``AutoTokenizer.from_pretrained(out)`` works;
+a path names the tokenizer instead, ``None`` writes none. A Hugging Face tokenizer's files
 (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``,
-``chat_template.jinja``) are copied beside the weights, so ``AutoTokenizer.from_pretrained(out)``
-works, chat template included; a path names the tokenizer instead, ``None`` writes none. A
-SentencePiece model is not written (transformers needs a tokenizer class for it): the directory
-then holds the model only.
+``chat_template.jinja``) are copied, chat template included. A SentencePiece model (``.model``,
+e.g. the demo's) is written as a ``tokenizer.json`` that encodes every text to the ids kdtrain's
+data pipeline gives it (kdtrain/convert/hf_sentencepiece.py); one that cannot be written so (a
+Unigram model, say) is an error when named, a warning naming the file when found by ``auto``
+(its end tokens still go into config.json). A tokenizer found by ``auto`` whose file changed
+since the run (another fingerprint than the checkpoint records) is passed over with a warning.
 
 End tokens: config.json always states ``bos/eos/pad_token_id`` (transformers would otherwise
 fill in its class defaults, Llama's 1 and 2, and ``generate`` would not stop at the real end
-token): those of the imported Hugging Face model (with its ``generation_config.json``) unless
-the exported tokenizer ends documents with another token, else the exported tokenizer's, else
-null (``special_ids``).
+token; without a generation_config.json, transformers takes them from config.json): those of
+the imported Hugging Face model (with its ``generation_config.json``) unless the exported
+tokenizer ends documents with another token, else the exported tokenizer's, else null
+(``special_ids``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -64,14 +70,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def open_tokenizer(tokenizer: str, cfg: ModelConfig, where: str = "--tokenizer"):
-    """(its tokenizer.json, the Tokenizer) of a Hugging Face tokenizer that fits ``cfg``'s vocabulary."""
+    """(its defining file, the Tokenizer) of a tokenizer that fits ``cfg``'s vocabulary: a Hugging
+    Face tokenizer.json (or its directory) or a SentencePiece model."""
     from ..data.tokenizer import Tokenizer, tokenizer_file
 
     try:
         src = tokenizer_file(tokenizer)
-        if src.suffix != ".json":
-            raise ValueError(f"{tokenizer} is a SentencePiece model; only Hugging Face tokenizers (tokenizer.json) "
-                             "are written into a Hugging Face model directory")
         tok = Tokenizer(tokenizer)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
@@ -81,31 +85,68 @@ def open_tokenizer(tokenizer: str, cfg: ModelConfig, where: str = "--tokenizer")
     return src, tok
 
 
-def copy_tokenizer(src: Path, out: Path) -> list[str]:
-    """Copy the files of the tokenizer whose tokenizer.json is ``src`` into ``out``; the names written."""
-    written = []
+def tokenizer_files(src: Path, tok) -> dict[str, bytes]:
+    """The exported tokenizer's files by name: a Hugging Face tokenizer's own (those of
+    ``TOKENIZER_FILES`` beside its tokenizer.json ``src``), a SentencePiece model's tokenizer.json
+    and tokenizer_config.json (``sentencepiece_files``: ValueError, naming the file, when it cannot
+    be written to encode as it does)."""
+    if src.suffix != ".json":
+        from .hf_sentencepiece import sentencepiece_files
+
+        return sentencepiece_files(tok)
+    files = {}
     for name in TOKENIZER_FILES:
         f = src if name == "tokenizer.json" else src.parent / name
         if f.is_file():
-            tmp = out / f"{name}.tmp"
-            tmp.write_bytes(f.read_bytes())
-            os.replace(tmp, out / name)
-            written.append(name)
-    return written
+            files[name] = f.read_bytes()
+    return files
+
+
+def write_files(out: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        tmp = out / f"{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, out / name)
+
+
+def _corpus_tokenizers(data: dict) -> list[str]:
+    """The tokenizers the metadata of the run's corpora (``data.path``) name."""
+    from ..data.indexed import meta_path
+
+    found = []
+    for prefix in data.get("path") or []:
+        try:
+            path = json.loads(Path(meta_path(prefix)).read_text()).get("tokenizer_path")
+        except (OSError, ValueError, AttributeError):  # gone, or no JSON object
+            continue
+        if isinstance(path, str) and path not in found:
+            found.append(path)
+    return found
 
 
 def recorded_tokenizer(reader: CheckpointReader) -> Optional[str]:
-    """The Hugging Face tokenizer the checkpoint's run read its data with, or for an imported
-    checkpoint the one beside its source weights, when it still exists."""
-    from ..data.tokenizer import is_hf_tokenizer
+    """The tokenizer the checkpoint's run read its data with (``data.tokenizer``, else the one its
+    corpora record), or for an imported checkpoint the one beside its source weights (a
+    tokenizer.json or, in an older Llama-style directory, tokenizer.model), when it still exists
+    and, when the checkpoint records the fingerprint of its ids' tokenizer, still has it."""
+    from ..data.tokenizer import Tokenizer, tokenizer_file
 
-    source = reader.meta.get("source") or {}
-    for path in ((reader.meta.get("data") or {}).get("tokenizer"), source.get("hf_dir")):
+    data = reader.meta.get("data") or {}
+    want = reader.meta.get("tokenizer_fingerprint")
+    candidates = [data.get("tokenizer"), *_corpus_tokenizers(data), (reader.meta.get("source") or {}).get("hf_dir")]
+    for path in candidates:
+        if not path:
+            continue
         try:
-            if path and is_hf_tokenizer(path):
-                return str(path)
-        except ValueError:  # moved or deleted since
-            pass
+            tokenizer_file(path)
+            tok = Tokenizer(path)
+        except ValueError:  # moved or deleted since, or no tokenizer (an imported directory without one)
+            continue
+        if want is not None and tok.fingerprint != want:
+            warnings.warn(f"kdtrain: tokenizer {path} is not the one checkpoint {reader.path} was trained on (its "
+                          f"fingerprint is {tok.fingerprint}, the checkpoint's ids are of {want}): not exported")
+            continue
+        return str(path)
     return None
 
 
@@ -173,10 +214,19 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
         cfg = load_model_config(model, "--model")
         check_checkpoint_model(reader, cfg)
     check_complete(reader, cfg)
-    if tokenizer == "auto":
+    named = tokenizer != "auto"
+    if not named:
         tokenizer = recorded_tokenizer(reader)
     arch = ARCH_SHORT.get(arch, arch) if arch else default_architecture(cfg)
     src, tok = open_tokenizer(tokenizer, cfg) if tokenizer is not None else (None, None)
+    files = {}
+    if tok is not None:
+        try:
+            files = tokenizer_files(src, tok)
+        except ValueError as e:
+            if named:
+                raise ValueError(f"--tokenizer: {e}") from None
+            _no_tokenizer(e)
     ids, from_source = special_ids(reader, tok)
     hf_cfg = hf_config_from_model(cfg, arch, _HF_DTYPE_NAMES[DTYPES[dtype]], ids)
     # The source's generation defaults (sampling settings, end tokens) go with its ids only.
@@ -192,11 +242,20 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
     try:
         write_safetensors(stage, RuleSet(TO_HF[arch](cfg)), lambda key: read_global(reader, cfg, key),
                           DTYPES[dtype], shard_bytes)
-        if src is not None:
-            copy_tokenizer(src, stage)
+        write_files(stage, files)
         if generation is not None:
             _write_json(stage / "generation_config.json", generation)
         _write_json(stage / "config.json", hf_cfg)
+        if files and src.suffix != ".json":  # transformers' choice of class for the model type, checked
+            from .hf_sentencepiece import transformers_differs
+
+            if (why := transformers_differs(stage, tok)) is not None:
+                why = f"SentencePiece model {src} written as a Hugging Face tokenizer: {why}"
+                if named:
+                    raise ValueError(f"--tokenizer: {why}")
+                for name in files:
+                    (stage / name).unlink()
+                _no_tokenizer(why)
         _write_json(stage / EXPORT_MARKER, {"checkpoint": str(reader.path.resolve()), "architecture": arch,
                                              "dtype": dtype})
         _replace_dir(out, stage)
@@ -206,6 +265,10 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, model: Optional[s
             shutil.rmtree(created, ignore_errors=True)
         raise
     return out
+
+
+def _no_tokenizer(why) -> None:
+    warnings.warn(f"kdtrain: {why}. The export holds no tokenizer; config.json names its end tokens")
 
 
 def _recover(out: Path) -> None:
