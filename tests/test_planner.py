@@ -4,6 +4,7 @@ closed-form inflection condition against brute force, CLI, sweep plot, calibrate
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -467,6 +468,9 @@ def test_sweep_reports_regime_change_and_writes_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "regime change: colocated -> disaggregated between world_size=8 and world_size=1024" in out
+    # The plan column names its settings beside the layouts, ZeRO-1 included (the best plans use it).
+    rows = [line for line in out.splitlines() if line.split()[:1] in (["8"], ["1024"])]
+    assert len(rows) == 2 and all(re.search(r" mb=\d+ zero1( recompute)?$", row) for row in rows), rows
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # JSON, several quantities in one figure.
     rc = main(["plan", "--teacher", "demo-teacher", "--student", "demo-student", "--world-size", "4",

@@ -210,11 +210,15 @@ class Plan:
             return f"colocated T[{self.teacher}] S[{self.student}]"
         return f"disagg T{self.teacher_ranks}[{self.teacher}] S{self.student_ranks}[{self.student}]"
 
+    def settings(self) -> str:
+        """The plan's per-rank settings beside its layouts: micro-batch, ZeRO-1, recompute."""
+        return (f"mb={self.micro_batch}" + (" zero1" if self.distributed_optimizer else "")
+                + (" recompute" if self.recompute else ""))
+
     def describe(self) -> str:
         mem = ", ".join(f"{k} {v.total / GiB:.1f} GiB" for k, v in self.memory.items())
-        zero = (" zero1" if self.distributed_optimizer else "") + (" recompute" if self.recompute else "")
         sampling = f", sampling {self.sample_time * 1e3:.1f} ms per sampled step" if self.sample_time else ""
-        return (f"{self.label()} mb={self.micro_batch}{zero}: {self.samples_per_s:.2f} samples/s "
+        return (f"{self.label()} {self.settings()}: {self.samples_per_s:.2f} samples/s "
                 f"(step {self.step_time * 1e3:.1f} ms{sampling}), {mem}, bottleneck {self.bottleneck}")
 
     def config_overrides(self) -> dict:

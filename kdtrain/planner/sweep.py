@@ -116,7 +116,7 @@ def report(points: list[SweepPoint], quantity: str) -> str:
         d = f"{pt.disaggregated.samples_per_s:10.2f}" if pt.disaggregated else f"{'-':>10}"
         plan = pt.colocated if pt.best == "colocated" else pt.disaggregated
         lines.append(f"{pt.value:>14g}  {c}  {d}  {pt.best or 'no plan':<13}  {pt.closed_form or '-':<13}  "
-                     f"{plan.label() + f' mb={plan.micro_batch}' if plan else ''}")
+                     f"{plan.label() + ' ' + plan.settings() if plan else ''}")
     changes = transitions(points)
     if changes:
         for a, b, ra, rb in changes:
