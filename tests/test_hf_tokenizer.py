@@ -178,12 +178,14 @@ def test_exported_student_carries_the_run_s_tokenizer(hf, tmp_path):
     assert loaded.config.eos_token_id == Tokenizer(str(hf["dir"])).eos_id != 2
     assert not (tmp_path / "out" / "generation_config.json").exists()  # the source's names eos 2
 
-    # none: model only; an explicit SentencePiece model or a larger vocabulary: clear errors.
+    # none: model only; an explicit SentencePiece model: written as a tokenizer.json that encodes as
+    # it does (tests/test_hf_tokenizer_export.py); a larger vocabulary: a clear error.
     export_hf(tmp_path / "ckpt", tmp_path / "bare", tokenizer=None)
     assert not (tmp_path / "bare" / "tokenizer.json").exists() and (tmp_path / "bare" / "model.safetensors").exists()
     spm = train_tokenizer([str(hf["jsonl"])], str(tmp_path / "spm"), vocab_size=320)
-    with pytest.raises(ValueError, match="--tokenizer: .* is a SentencePiece model"):
-        export_hf(tmp_path / "ckpt", tmp_path / "x", tokenizer=spm)
+    export_hf(tmp_path / "ckpt", tmp_path / "x", tokenizer=spm)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "x")(SAMPLES[0], add_special_tokens=False)[
+        "input_ids"] == Tokenizer(spm).encode(SAMPLES[0])
     big = tmp_path / "big"
     transformers.PreTrainedTokenizerFast(tokenizer_object=_bpe(hf["texts"], 500), eos_token=EOS).save_pretrained(big)
     with pytest.raises(ValueError, match="has 500 ids but model 's' has vocab_size=400"):

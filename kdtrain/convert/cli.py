@@ -30,7 +30,7 @@ def _kdtrain_to_hf(args) -> int:
     out = export_hf(args.ckpt, args.out, args.model, args.arch, args.dtype, tokenizer, _shard_bytes(args))
     tok = ("and the tokenizer (tokenizer.json)" if (out / "tokenizer.json").is_file() else
            "(no tokenizer, as --tokenizer none asked)" if tokenizer is None else
-           "(no tokenizer: pass --tokenizer with a Hugging Face tokenizer.json or its directory)")
+           "(no tokenizer: none recorded, or it could not be written, as warned above; pass --tokenizer)")
     print(f"wrote {out}/config.json and the weights (*.safetensors) {tok}")
     return 0
 
@@ -66,8 +66,9 @@ def register(subparsers) -> None:
                    help="weights' dtype; auto: the precision the run trained in (the master weights rounded "
                         "to it), an imported checkpoint's source dtype, else fp32")
     b.add_argument("--tokenizer", default="auto",
-                   help="Hugging Face tokenizer.json or its directory to copy into --out; auto: the run's "
-                        "data.tokenizer when it is one; none: no tokenizer")
+                   help="tokenizer to write into --out: a Hugging Face tokenizer.json or its directory, or a "
+                        "SentencePiece .model (written as tokenizer.json); auto: the run's data.tokenizer (else "
+                        "its corpora's) or an imported model's; none: no tokenizer")
     b.add_argument("--shard-gb", type=float, default=5.0,
                    help="split the weights into safetensors files of about this size (with an index)")
     b.set_defaults(func=_kdtrain_to_hf)
