@@ -16,6 +16,7 @@ import torch
 
 from conftest import read_metrics, run_entries, run_torchrun
 from kdtrain.stream import PayloadSpec
+from kdtrain.training.profiling import read_profiles
 
 pytestmark = pytest.mark.slow
 RTOL, ATOL = 1e-5, 1e-7
@@ -33,7 +34,9 @@ def _args(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
 # recomputes its activations in the backward, tensor-parallel collectives included); colocated
 # teacher PP=2 on ranks 0-1 serves the student replica on rank 1 locally and sends to rank 0.
 LAYOUTS = {
-    "disagg-tTP2-sDP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.tp=2", "student.dp=2"], 4),
+    # Profiled (steps 2-3): the teacher's sends outlive its steps (StepProfiler's settle).
+    "disagg-tTP2-sDP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.tp=2", "student.dp=2",
+                             "logging.profile_steps=[2,3]"], 4),
     "coloc-TP2-recompute": (2, ["teacher.tp=2", "student.tp=2", "training.recompute=true"], 0),
     "disagg-tPP2-sPP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.pp=2", "student.pp=2",
                              "training.eval_interval=2"], 4),
@@ -211,6 +214,8 @@ def test_split_and_layout_reproduce_single_process(reference, runs, layout):
     assert ref_valid["valid_kd_loss"] > 0
     if "training.eval_interval=2" in extra:
         assert sorted(read_metrics(runs.root / layout, "valid")) == [2, 4]
+    if "logging.profile_steps=[2,3]" in extra:  # every rank wrote its recording and lived on
+        assert {r: p["steps"] for r, p in read_profiles(runs.root / layout).items()} == {r: 2 for r in range(nproc)}
     for k in ("valid_loss", "valid_kd_loss"):
         assert valid[k] == pytest.approx(ref_valid[k], rel=RTOL, abs=ATOL), k
 

@@ -308,7 +308,9 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     summary: dict = {"start_step": start_step}
     timers = {"teacher_wait_s": 0.0}
     teacher_side = TeacherSideStats(env.device)
-    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
+    # A teacher's sends outlive its step: the recording waits for them (StepProfiler's settle).
+    settle = (lambda: (channel.flush(), teacher_side.finish())) if teacher is not None else None
+    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device, settle=settle)
     closing.callback(profiler.close)
     skips = SkippedSteps(tr.max_skipped_steps)
     interval = IntervalSums()

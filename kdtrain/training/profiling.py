@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -130,11 +130,18 @@ class StepProfiler:
 
     A job that resumes inside the window records from its first step; one that stops inside it
     (``stopping``) writes the steps it recorded.
+
+    ``settle``: waits for the communication this rank started in the window that gloo runs in its
+    own threads and that outlives the step (a disaggregated teacher's sends, run ahead of the
+    students), called before the recording stops. torch's profiler follows such work into those
+    threads; work that ends after the recording stopped corrupts the profiler's memory, and the
+    process dies later (at exit: SIGSEGV or "free(): invalid pointer", most runs of a disaggregated
+    CPU run before this wait).
     """
 
     def __init__(self, window: Optional[tuple[int, int]], log_dir: str, rank: int, device: torch.device,
-                 trace: bool = True):
-        self.window, self.rank, self.device, self.trace = window, rank, device, trace
+                 trace: bool = True, settle: Optional[Callable[[], None]] = None):
+        self.window, self.rank, self.device, self.trace, self.settle = window, rank, device, trace, settle
         self.out_dir = Path(log_dir) / "profile"
         self._prof = None
         self._t0 = 0.0
@@ -162,6 +169,8 @@ class StepProfiler:
         step, or earlier when the job is ``stopping``; else None."""
         if self._prof is None or (step != self.window[1] and not stopping):
             return None
+        if self.settle is not None:
+            self.settle()
         self._sync()
         wall = time.perf_counter() - self._t0
         self._prof.__exit__(None, None, None)
