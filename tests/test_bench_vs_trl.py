@@ -25,8 +25,9 @@ SYSTEMS = ("trl-gkd", "trl-gkd-liger", "kdtrain-colocated", "kdtrain-disaggregat
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_vs_trl")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = run_bounded([sys.executable, str(REPO / "benchmarks" / "bench_vs_trl.py"), "--cpu-tiny", "--out", str(out)],
-                       300, cwd=REPO, env=env)
+    # --profile, as run_h100.sh's acceptance run: its extra profiled steps follow the timed ones.
+    proc = run_bounded([sys.executable, str(REPO / "benchmarks" / "bench_vs_trl.py"), "--cpu-tiny", "--profile",
+                        "--out", str(out)], 300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, json.loads((out / "bench_cpu-tiny.json").read_text())
 
@@ -57,7 +58,8 @@ def test_losses_rates_and_evaluation(report):
     assert 0 < r["teacher_eval"]["teacher_topk_mass"] < 1 and r["teacher_eval"]["teacher_entropy"] > 0
     ok = [x for x in r["results"] if x["status"] == "ok"]
     for x in ok:
-        assert len(x["losses"]) == steps and all(math.isfinite(v) and v > 0 for v in x["losses"]), x["system"]
+        trained = steps + (2 if x.get("profile") else 0)  # the profiled steps train too
+        assert len(x["losses"]) == trained and all(math.isfinite(v) and v > 0 for v in x["losses"]), x["system"]
         assert x["final_loss"] == x["losses"][-1]
         assert x["samples_per_s"] > 0 and x["tokens_per_s"] == pytest.approx(x["samples_per_s"] * r["settings"]["seq_length"])
         assert x["peak_memory_gib"] > 0 and len(x["peak_memory_per_device_gib"]) == x["num_devices"]
@@ -133,20 +135,11 @@ def test_your_own_hugging_face_pair(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
-def test_profiled_systems_report_where_the_step_goes(tmp_path):
-    """--profile (used by run_h100.sh accept): both frameworks run their extra profiled steps and
-    report a per-step summary, and the timed steps stay the same count."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = run_bounded([sys.executable, str(REPO / "benchmarks" / "bench_vs_trl.py"), "--cpu-tiny", "--profile",
-                        "--systems", "trl-gkd,kdtrain-colocated", "--out", str(tmp_path)], 300, cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    r = json.loads((tmp_path / "bench_cpu-tiny.json").read_text())
-    ok = [x for x in r["results"] if x["status"] == "ok"]
-    import importlib.util
-
-    expected = {"kdtrain-colocated"} | ({"trl-gkd"} if importlib.util.find_spec("trl") is not None else set())
-    assert {x["system"] for x in ok} >= expected, [(x["system"], x["status"]) for x in r["results"]]
-    for x in ok:
+def test_profiled_systems_report_where_the_step_goes(report):
+    """--profile (used by run_h100.sh accept): every framework runs its extra profiled steps and
+    reports a per-step summary, and the timed steps stay the same count."""
+    _, r = report
+    for x in (x for x in r["results"] if x["status"] == "ok"):
         prof = x["profile"]["0"]
         assert prof["steps"] == 2 and prof["wall_s_per_step"] > 0 and prof["by_category_s_per_step"], x["system"]
         assert len(x["step_times_s"]) == r["settings"]["steps"] + 2  # timed + profiled
