@@ -111,15 +111,15 @@ def write_files(out: Path, files: dict[str, bytes]) -> None:
 
 def _corpus_tokenizers(data: dict) -> list[str]:
     """The tokenizers the metadata of the run's corpora (``data.path``) name."""
-    from ..data.indexed import meta_path
+    from ..data.indexed import corpus_tokenizer_path
 
     found = []
     for prefix in data.get("path") or []:
         try:
-            path = json.loads(Path(meta_path(prefix)).read_text()).get("tokenizer_path")
-        except (OSError, ValueError, AttributeError):  # gone, or no JSON object
+            path = corpus_tokenizer_path(prefix)
+        except (OSError, ValueError):  # unreadable, or no JSON object
             continue
-        if isinstance(path, str) and path not in found:
+        if path is not None and path not in found:
             found.append(path)
     return found
 

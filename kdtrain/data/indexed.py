@@ -201,6 +201,12 @@ def corpus_tokenizer(prefix: str) -> str | None:
     return (_read_meta(prefix) or {}).get("tokenizer_fingerprint")
 
 
+def corpus_tokenizer_path(prefix: str) -> str | None:
+    """The path of the tokenizer a corpus was written with (its metadata), or None."""
+    path = (_read_meta(prefix) or {}).get("tokenizer_path")
+    return path if isinstance(path, str) else None
+
+
 def _check_idx_layout(idx_file: str) -> tuple[np.dtype, int, int]:
     """Header and size checks, so that only a well-formed index is mapped; returns the token dtype,
     the number of sequences and the number of document indices (documents + 1)."""
