@@ -83,7 +83,11 @@ def test_torchruns_summary_names_the_failure(tmp_path, monkeypatch):
     def bad():
         raise ValueError("teacher.topk: 4 here, 16 in the checkpoint")
 
-    failures = {0: failure(0, lost, 1), 1: failure(1, bad, 2)}  # the survivor's file is written first
+    # Both in one second (whole-second stamps: a clock passing a second between the two writes
+    # would date them apart anyway), the survivor's file written first.
+    with monkeypatch.context() as m:
+        m.setattr("kdtrain.parallel.dist.time.time", lambda: 1_800_000_000.5)
+        failures = {0: failure(0, lost, 1), 1: failure(1, bad, 2)}
     summary = ChildFailedError("scripts/distill_gpt.py", failures).format_msg()
     root_cause = summary[summary.index("Root Cause"):]
     assert "rank      : 1" in root_cause and "traceback : teacher.topk: 4 here, 16 in the checkpoint" in root_cause, \
