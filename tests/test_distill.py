@@ -23,8 +23,9 @@ RTOL, ATOL = 1e-5, 1e-7
 
 
 def _args(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
+    """The tiny run's arguments; ``RUN_DIR`` in an override is the run's directory."""
     return ["--config", "tiny", f"data.path=[{corpus['prefix']}]", f"data.tokenizer={corpus['tokenizer']}",
-            f"logging.dir={run_dir}", *extra]
+            f"logging.dir={run_dir}", *(e.replace("RUN_DIR", str(run_dir)) for e in extra)]
 
 
 # (ranks, overrides, payloads that cross ranks per step). The tiny run has 4 micro-batches a step.
@@ -34,9 +35,11 @@ def _args(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
 # recomputes its activations in the backward, tensor-parallel collectives included); colocated
 # teacher PP=2 on ranks 0-1 serves the student replica on rank 1 locally and sends to rank 0.
 LAYOUTS = {
-    # Profiled (steps 2-3): the teacher's sends outlive its steps (StepProfiler's settle).
+    # Profiled (steps 2-3) with a time limit that never passes: the teacher's sends and the stop
+    # requests' reductions outlive its steps (StepProfiler's settle).
     "disagg-tTP2-sDP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.tp=2", "student.dp=2",
-                             "logging.profile_steps=[2,3]"], 4),
+                             "logging.profile_steps=[2,3]", "training.exit_duration_min=600",
+                             "checkpoint.dir=RUN_DIR/checkpoints"], 4),
     "coloc-TP2-recompute": (2, ["teacher.tp=2", "student.tp=2", "training.recompute=true"], 0),
     "disagg-tPP2-sPP2": (4, ["split.mode=disaggregated", "split.teacher_ranks=2", "teacher.pp=2", "student.pp=2",
                              "training.eval_interval=2"], 4),
@@ -216,6 +219,7 @@ def test_split_and_layout_reproduce_single_process(reference, runs, layout):
         assert sorted(read_metrics(runs.root / layout, "valid")) == [2, 4]
     if "logging.profile_steps=[2,3]" in extra:  # every rank wrote its recording and lived on
         assert {r: p["steps"] for r, p in read_profiles(runs.root / layout).items()} == {r: 2 for r in range(nproc)}
+        assert (runs.root / layout / "checkpoints" / "latest").read_text().strip() == "step_0000004"
     for k in ("valid_loss", "valid_kd_loss"):
         assert valid[k] == pytest.approx(ref_valid[k], rel=RTOL, abs=ATOL), k
 

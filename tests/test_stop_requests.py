@@ -17,9 +17,11 @@ from kdtrain.training.stop_requests import SIGNAL, StopRequests
 STEPS = 12
 
 
-def _agree(rank, world, lag, signal_at, slow_rank, out_dir):
+def _agree(rank, world, lag, signal_at, slow_rank, out_dir, settle_at=None):
     """Every rank runs STEPS steps; rank 1 signals itself during step ``signal_at``; ``slow_rank``
-    lags behind the others (its steps take longer). Each rank records the step it stopped after."""
+    lags behind the others (its steps take longer). Each rank records the step it stopped after.
+    ``settle_at``: rank 0 settles after that step (a profile window's end) and records whether
+    every reduction it started had completed."""
     stops = StopRequests("SIGUSR1", None, time.monotonic(), lag, timeout_s=60)
     stops.install()
     stopped = None
@@ -29,7 +31,13 @@ def _agree(rank, world, lag, signal_at, slow_rank, out_dir):
                 time.sleep(0.05)
             if rank == 1 and step == signal_at:
                 os.kill(os.getpid(), signal.SIGUSR1)
-            if (why := stops.after_step()) is not None:
+            why = stops.after_step()
+            if rank == 0 and step == settle_at:
+                stops.settle()
+                done = [work.is_completed() for work, _ in stops._pending]
+                with open(os.path.join(out_dir, "settled"), "w") as f:
+                    f.write(f"{len(done)} {all(done)}")
+            if why is not None:
                 stopped = (step, why)
                 break
         stops.finish()
@@ -46,6 +54,16 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, lag
     run_spawn(3, _agree, lag, 4, 2, str(tmp_path), tmp_path=tmp_path)
     got = {(tmp_path / f"rank{r}").read_text() for r in range(3)}
     assert got == {f"{4 + lag}|training.exit_signal: SIGUSR1 received"}
+
+
+def test_settling_waits_for_the_started_reductions_and_keeps_their_agreement(tmp_path):
+    """Rank 0 runs ahead of rank 2 and settles after step 3 (lag 3: the reductions of steps 1-3
+    in flight): all three have completed when settle returns, and the signal of step 4 still
+    stops every rank after step 7."""
+    run_spawn(3, _agree, 3, 4, 2, str(tmp_path), 3, tmp_path=tmp_path)
+    assert (tmp_path / "settled").read_text() == "3 True"
+    got = {(tmp_path / f"rank{r}").read_text() for r in range(3)}
+    assert got == {"7|training.exit_signal: SIGUSR1 received"}
 
 
 def _time_limit(rank, world, out_dir):

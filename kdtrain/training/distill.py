@@ -308,14 +308,21 @@ def _distill(cfg: DistillConfig, closing: contextlib.ExitStack) -> dict:
     summary: dict = {"start_step": start_step}
     timers = {"teacher_wait_s": 0.0}
     teacher_side = TeacherSideStats(env.device)
-    # A teacher's sends outlive its step: the recording waits for them (StepProfiler's settle).
-    settle = (lambda: (channel.flush(), teacher_side.finish())) if teacher is not None else None
-    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device, settle=settle)
-    closing.callback(profiler.close)
     skips = SkippedSteps(tr.max_skipped_steps)
     interval = IntervalSums()
     stops = start_stops(tr, started, lag=1 if colocated else cfg.split.depth + 1, timeout_s=cfg.distributed.timeout_s,
                         closing=closing, group=idle.group if idle is not None else None)
+
+    def settle() -> None:
+        # The recording waits for this rank's gloo work that outlives the step (StepProfiler):
+        # the stop requests' reductions, and a teacher's sends and its statistics' reduction.
+        stops.settle()
+        if teacher is not None:
+            channel.flush()
+            teacher_side.finish()
+
+    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device, settle=settle)
+    closing.callback(profiler.close)
     pending_save = publish = None  # a background save (checkpoint.async_save): published a step later
     step = start_step
     while step < tr.train_steps:

@@ -275,11 +275,11 @@ def _pretrain(cfg: PretrainConfig, closing: contextlib.ExitStack) -> dict:
     throughput = Throughput(tokens_per_step, t.global_batch_size, cfg.model.flops_per_token(cfg.data.seq_length),
                             env.world_size, peak_tflops(env.device, cfg.logging.peak_tflops), env.device)
     summary: dict = {"start_step": start_step}
-    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device)
-    closing.callback(profiler.close)
     skips = SkippedSteps(t.max_skipped_steps)
     interval = IntervalSums()
     stops = start_stops(t, started, lag=1, timeout_s=cfg.distributed.timeout_s, closing=closing)
+    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, env.rank, env.device, settle=stops.settle)
+    closing.callback(profiler.close)
     pending_save = None
     step = start_step
     while step < t.train_steps:

@@ -132,8 +132,8 @@ class StepProfiler:
     (``stopping``) writes the steps it recorded.
 
     ``settle``: waits for the communication this rank started in the window that gloo runs in its
-    own threads and that outlives the step (a disaggregated teacher's sends, run ahead of the
-    students), called before the recording stops. torch's profiler follows such work into those
+    own threads and that outlives the step (the stop requests' reductions, a disaggregated
+    teacher's sends and statistics, run ahead of the students), called before the recording stops. torch's profiler follows such work into those
     threads; work that ends after the recording stopped corrupts the profiler's memory, and the
     process dies later (at exit: SIGSEGV or "free(): invalid pointer", most runs of a disaggregated
     CPU run before this wait).

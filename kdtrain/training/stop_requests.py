@@ -127,6 +127,16 @@ class StopRequests:
             return f"training.exit_duration_min: {self.exit_duration_min:g} min passed since the job started"
         return None
 
+    def settle(self) -> None:
+        """Wait for the reductions started so far, keeping their results for the lagged reads of
+        :meth:`after_step`. A profile window's end calls it (StepProfiler's ``settle``): torch's
+        profiler follows a gloo collective into the worker thread that runs it, and one still
+        running when the recording stops corrupts the profiler's memory (a disaggregated teacher's
+        reductions wait for the students, steps behind). Waits only for ranks to end the steps
+        this rank ended."""
+        for work, _ in self._pending:
+            work.wait()
+
     def finish(self) -> None:
         """After the last step (on every rank): wait for the reductions still running, which every
         rank started, before the group goes down."""
