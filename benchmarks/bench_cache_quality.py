@@ -7,9 +7,10 @@ dtype and top-k on the demo pair (student held-out loss after the same budget).
 For each value dtype (fp32, bf16, fp16, fp8-e4m3 with a per-row scale) at k=64, and for k in
 {16, 256} (bf16; read as prefixes of one k=256 cache, since cached ids are sorted by logit), the
 teacher is cached once over the samples the demo run consumes and the demo student is distilled
-from the cache with configs/distill/demo.yaml (same seed, data, steps). The
-online run (live teacher, fp32 values, k=64) and the quickstart's scratch student are the
-reference rows.
+from the cache with configs/distill/demo.yaml (same seed and data) for as many steps as the
+quickstart's scratch student trained (120 by default; the committed figures used
+TEACHER_STEPS=200 STUDENT_STEPS=200). The online run (live teacher, fp32 values, k=64) and the
+quickstart's scratch student are the reference rows.
 Each run goes through the real entry points under torchrun with --nproc ranks.
 """
 
@@ -41,11 +42,15 @@ def torchrun(nproc: int, script: str, args: list[str]) -> None:
 
 
 def final_valid(run_dir: Path) -> float:
+    return _last_valid(run_dir)["valid_loss"]
+
+
+def _last_valid(run_dir: Path) -> dict:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in recs if r.get("kind") == "valid"]
     if not valid:
         raise ValueError(f"{run_dir}: no held-out loss logged")
-    return valid[-1]["valid_loss"]
+    return valid[-1]
 
 
 def main(argv=None) -> int:
@@ -60,10 +65,13 @@ def main(argv=None) -> int:
     scratch = Path(args.runs) / "demo-student-scratch"
     if not (scratch / "metrics.jsonl").is_file():
         raise ValueError(f"{scratch}: run scripts/quickstart.sh first (it trains the teacher and the scratch student)")
+    # Every run trains the scratch student's budget, so that its row compares like with like.
+    steps = int(_last_valid(scratch)["step"])
+    budget = [f"training.train_steps={steps}"]
     online = out / "runs" / "online"
     shutil.rmtree(online, ignore_errors=True)
     torchrun(args.nproc, "distill_gpt.py", ["--config", "demo", f"logging.dir={online}", "checkpoint.dir=null",
-                                            "logging.progress_bar=false", *args.overrides])
+                                            "logging.progress_bar=false", *budget, *args.overrides])
     rows = [{"label": "online (live teacher, fp32 values, k64)", "bytes_per_token": None,
              "valid_loss": final_valid(online)}]
     caches: dict = {}
@@ -73,13 +81,13 @@ def main(argv=None) -> int:
             shutil.rmtree(cdir, ignore_errors=True)
             t0 = time.time()
             torchrun(args.nproc, "cache_teacher.py", ["--config", "demo", "--out", str(cdir), f"cache.dtype={dtype}",
-                                                      f"teacher.topk={ck}", *args.overrides])
+                                                      f"teacher.topk={ck}", *budget, *args.overrides])
             caches[(dtype, ck)] = time.time() - t0
         run_dir = out / "runs" / label.split(" (")[0].replace(" ", "-")
         shutil.rmtree(run_dir, ignore_errors=True)
         torchrun(args.nproc, "distill_gpt.py", ["--config", "demo", "teacher.source=cache", f"teacher.cache={cdir}",
                                                 f"teacher.topk={k}", f"logging.dir={run_dir}", "checkpoint.dir=null",
-                                                "logging.progress_bar=false", *args.overrides])
+                                                "logging.progress_bar=false", *budget, *args.overrides])
         manifest = json.loads((cdir / "manifest.json").read_text())
         tokens = manifest["num_samples"] * manifest["seq_length"]
         size = sum(f.stat().st_size for f in cdir.rglob("*") if f.is_file())
@@ -88,10 +96,11 @@ def main(argv=None) -> int:
     rows.append({"label": "scratch (no teacher)", "bytes_per_token": None, "valid_loss": final_valid(scratch)})
     for c in out.glob("cache-*"):
         shutil.rmtree(c)
-    res = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "nproc": args.nproc, "rows": rows}
+    res = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "nproc": args.nproc, "steps": steps,
+           "rows": rows}
     (out / "bench_cache_quality.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = ["# Teacher cache: bytes per token and KD quality per value dtype and k (demo pair)", "",
-             f"{res['date']}; command: `{res['command']}`; configs/distill/demo.yaml (200 steps, global batch 16 x "
+             f"{res['date']}; command: `{res['command']}`; configs/distill/demo.yaml ({steps} steps, global batch 16 x "
              "128 tokens, forward KL + 0.5 CE), student held-out loss at the end.", "",
              "| variant | bytes/token on disk | student held-out loss | vs online |", "| --- | ---: | ---: | ---: |"]
     ref = rows[0]["valid_loss"]

@@ -1,6 +1,7 @@
 r"""Padding of whole-document packing (data.packing): next fit in corpus order vs best fit
 decreasing per block, for several sequence lengths, and the time to pack at start-up. The two
-corpora come from ``WORK=/tmp/kdtrain-chat bash benchmarks/bench_chat.sh`` (any indexed corpora do):
+corpora come from ``WORK=/tmp/kdtrain-chat bash benchmarks/bench_chat.sh /tmp/kdtrain-chat/results``
+(any indexed corpora do):
 
     python benchmarks/bench_packing.py --data /tmp/kdtrain-chat/data/demo_chat_document \
         /tmp/kdtrain-chat/data/demo_text_document --seq-length 512 1024 2048 4096 \

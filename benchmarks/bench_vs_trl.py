@@ -11,9 +11,11 @@ r"""kdtrain vs TRL's GKDTrainer on the same node: same models, data, batch, prec
     python benchmarks/bench_vs_trl.py --preset llama --preset qwen --out benchmarks/results/trl-h100
     python benchmarks/bench_vs_trl.py --preset llama --systems trl-gkd,kdtrain-colocated --out /tmp/x
 
-    # Your own pair on your own node: two local Hugging Face model directories (their weights; same
-    # vocabulary), the llama preset's steps and learning rate, your sequence length and batch
-    python benchmarks/bench_vs_trl.py --teacher-hf /models/Qwen2.5-7B --student-hf /models/Qwen2.5-0.5B \
+    # Your own pair on your own node: two local Hugging Face model directories (their weights; the
+    # same vocab_size in both config.json: TRL's GKD compares the two logit tables column by
+    # column, so Qwen2.5-7B's 152064 rows cannot pair with 0.5B's 151936), the llama preset's steps
+    # and learning rate, your sequence length and batch
+    python benchmarks/bench_vs_trl.py --teacher-hf /models/Qwen2.5-3B --student-hf /models/Qwen2.5-0.5B \
         --seq-length 2048 --micro-batch 2 --global-batch 64 --out /tmp/mine      # -> bench_custom.json
 
 What runs (each system in its own process, so its peak memory is its own):

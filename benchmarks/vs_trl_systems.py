@@ -440,8 +440,10 @@ def custom_preset(teacher_dir: str, student_dir: str, base: dict) -> dict:
             raise ValueError(f"--{role}-hf: {e}") from None
     vt, vs = cfgs["teacher"].get("vocab_size"), cfgs["student"].get("vocab_size")
     if vt != vs:
-        raise ValueError(f"--teacher-hf has vocab_size {vt} but --student-hf {vs}: distillation needs one "
-                         "vocabulary (one tokenizer)")
+        raise ValueError(f"--teacher-hf has vocab_size {vt} but --student-hf {vs}: the benchmark needs one "
+                         "logit table for both (TRL's GKD compares them column by column), and one tokenizer "
+                         "padded to two sizes differs too (Qwen2.5-7B and larger: 152064, smaller: 151936); "
+                         "pick a pair whose config.json agree")
     return {**base, **cfgs, "teacher_dir": str(Path(teacher_dir).resolve()),
             "student_dir": str(Path(student_dir).resolve())}
 
