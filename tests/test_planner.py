@@ -531,6 +531,41 @@ def test_calibrate_checks_out_before_measuring(tmp_path, capsys, monkeypatch):
         save_profile(get_profile("cpu"), tmp_path / "afile" / "x.json")
 
 
+def test_malformed_profile_files_are_errors_naming_file_and_key(tmp_path, capsys):
+    """A profile JSON with a non-numeric value, a top-level list or binary bytes is a ValueError
+    naming the file (and the key), from load_profile, ``kdtrain plan --profile`` and a run config's
+    ``split.profile``; not a TypeError, AttributeError or a decode error without the file."""
+    good = tmp_path / "good.json"
+    save_profile(get_profile("cpu"), good)
+    raw = json.loads(good.read_text())
+    bad = {}
+    for name, key, value in (("str", "peak_flops", "fast"), ("null", "memory_bw", None),
+                             ("nodes", "gpus_per_node", 2.5)):
+        bad[name] = (tmp_path / f"{name}.json", key)
+        bad[name][0].write_text(json.dumps({"profile": {**raw["profile"], key: value}}))
+    bad["list"] = (tmp_path / "list.json", "JSON object")
+    bad["list"][0].write_text("[1]")
+    bad["inner"] = (tmp_path / "inner.json", "profile must be a JSON object")
+    bad["inner"][0].write_text('{"profile": [1]}')
+    bad["binary"] = (tmp_path / "binary.json", "cannot read profile")
+    bad["binary"][0].write_bytes(b"\xff\xfe\x00\x81binary")
+    for path, key in bad.values():
+        with pytest.raises(ValueError) as e:
+            load_profile(path, "split.profile")
+        assert str(e.value).startswith("split.profile: ") and str(path) in str(e.value) and key in str(e.value)
+    with pytest.raises(ValueError, match="profile .*str.json: peak_flops must be a finite number, got 'fast'"):
+        load_profile(bad["str"][0])
+    common = ["plan", "--teacher", "tiny", "--student", "tiny", "--world-size", "2", "--seq-len", "32",
+              "--global-batch", "8"]
+    for path, key in (bad["str"], bad["list"], bad["binary"]):
+        proc = _cli(capsys, *common, "--profile", str(path))
+        assert proc.returncode == 2 and "error: --profile: " in proc.stderr, proc.stderr
+        assert str(path) in proc.stderr and key in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = _cli(capsys, "plan", "--config", str(REPO / "configs/distill/tiny.yaml"), "data.mock=true",
+                f"split.profile={bad['str'][0]}", "--world-size", "2")
+    assert proc.returncode == 2 and f"split.profile: profile {bad['str'][0]}: peak_flops" in proc.stderr, proc.stderr
+
+
 def test_calibrate_compiled_layers(world_of_one, tmp_path, capsys, monkeypatch):
     """``calibrate --compile`` times the steps with compiled layers (the aot_eager backend here:
     the same capture without code generation) and records it."""

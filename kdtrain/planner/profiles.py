@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -154,10 +155,14 @@ def get_profile(name_or_path: Union[str, HardwareProfile], where: str = "--profi
 def load_profile(path, where: str = "--profile") -> HardwareProfile:
     try:
         raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
         raise ValueError(f"{where}: cannot read profile {path}: {e}") from None
     fields = {f.name for f in dataclasses.fields(HardwareProfile)}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: profile {path} must be a JSON object, got {type(raw).__name__}")
     data = raw.get("profile", raw)  # calibrate writes {"profile": {...}, "measurements": {...}}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: profile {path}: profile must be a JSON object, got {type(data).__name__}")
     missing = sorted(f.name for f in dataclasses.fields(HardwareProfile)
                      if f.name not in data and f.default is dataclasses.MISSING)
     if missing:
@@ -165,6 +170,18 @@ def load_profile(path, where: str = "--profile") -> HardwareProfile:
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ValueError(f"{where}: profile {path} has unknown keys {', '.join(unknown)}")
+    for f in dataclasses.fields(HardwareProfile):
+        v = data.get(f.name, f.default)
+        if f.name == "name":
+            ok, want = isinstance(v, str), "a string"
+        elif f.name == "gpus_per_node":
+            ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
+        else:  # the decode_ times may be null (not measured)
+            ok = (v is None and f.name.startswith("decode_")) or (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            want = "a finite number"
+        if not ok:
+            raise ValueError(f"{where}: profile {path}: {f.name} must be {want}, got {v!r}")
     profile = HardwareProfile(**data)
     profile.check(f"{where} {path}")
     return profile
