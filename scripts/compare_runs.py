@@ -13,19 +13,38 @@ import sys
 from pathlib import Path
 
 
+def _is_number(v, types) -> bool:
+    return isinstance(v, types) and not isinstance(v, bool)
+
+
 def final_metrics(run_dir: Path) -> dict:
     """Last training and validation records of a run (a resumed run's re-logged steps: last wins)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no metrics (is {run_dir} a finished run directory?)")
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
     last = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         try:
-            rec = json.loads(line)
+            rec = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{n}: not UTF-8 text (is it a metrics file?)") from None
         except json.JSONDecodeError:
             raise ValueError(f"{path}:{n}: not a JSON line") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: not a JSON object, got {type(rec).__name__}")
         kind = rec.get("kind")
-        if kind in ("train", "valid") and rec["step"] >= last.get(kind, {}).get("step", -1):
+        loss = {"train": "loss", "valid": "valid_loss"}.get(kind)
+        if loss is None or (kind == "valid" and loss not in rec):  # an evaluation with no held-out window
+            continue
+        if not _is_number(rec.get("step"), int):
+            raise ValueError(f"{path}:{n}: {kind} record without an integer step, got {rec.get('step')!r}")
+        if (kind == "valid" or rec.get(loss) is not None) and not _is_number(rec.get(loss), (int, float)):
+            raise ValueError(f"{path}:{n}: {kind} record's {loss} is not a number, got {rec.get(loss)!r}")
+        if rec["step"] >= last.get(kind, {}).get("step", -1):
             last[kind] = rec
     if "valid" not in last:
         raise ValueError(f"{path}: no validation record (training.eval_batches > 0 is needed)")

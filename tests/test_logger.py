@@ -4,12 +4,14 @@ raises closes its logger as failed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
 import pytest
 import torch
 
+from conftest import REPO
 from kdtrain.config.run import LoggingConfig
 from kdtrain.training.logger import RunLogger
 
@@ -160,3 +162,32 @@ def test_a_sink_that_fails_to_open_stops_every_rank_and_closes_the_others(tmp_pa
     assert (tmp_path / "said1.txt").read_text() == (
         f"PeerFailed: rank 0 could not open the run's logs in {tmp_path / 'run'}: "
         "ConnectionError('wandb.init: network unreachable')")
+
+
+def test_compare_runs_names_file_and_line_of_a_malformed_metrics_file(tmp_path, capsys):
+    """scripts/compare_runs.py: a metrics line that is JSON but not an object, a train record without
+    its step, or bytes that are not UTF-8 text are an ``error: FILE:LINE: ...`` line and exit 2, not
+    an AttributeError, KeyError or a decode error without the file."""
+    spec = importlib.util.spec_from_file_location("compare_runs", REPO / "scripts" / "compare_runs.py")
+    compare_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_runs)
+    good = ['{"kind": "train", "step": 1, "loss": 2.5}', '{"kind": "valid", "step": 1}',  # no held-out window
+            '{"kind": "valid", "step": 1, "valid_loss": 2.0}']
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "metrics.jsonl").write_text("\n".join(good) + "\n")
+    assert compare_runs.main([str(tmp_path / "good")]) == 0
+    assert "2.5000" in capsys.readouterr().out
+    for name, lines, message in (("list", [good[0], "[1, 2]"], ":2: not a JSON object, got list"),
+                                 ("nostep", [good[2], '{"kind": "train", "loss": 1.0}'],
+                                  ":2: train record without an integer step, got None"),
+                                 ("loss", [good[0], '{"kind": "valid", "step": 2, "valid_loss": "low"}'],
+                                  ":2: valid record's valid_loss is not a number, got 'low'"),
+                                 ("binary", [good[0], good[2], b"\xff\xfe\x00\x81"], ":3: not UTF-8 text")):
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "metrics.jsonl"
+        path.write_bytes(b"\n".join(ln if isinstance(ln, bytes) else ln.encode() for ln in lines) + b"\n")
+        with pytest.raises(ValueError, match=re.escape(f"{path}{message}")):
+            compare_runs.final_metrics(tmp_path / name)
+        assert compare_runs.main([str(tmp_path / "good"), str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}{message}") and "Traceback" not in err, err
