@@ -52,11 +52,14 @@ def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> None:
     """``out`` is a directory, or one that can be created: not a file, not below one, and its
     nearest existing ancestor writable. Checked before any weights are read; nothing is created."""
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {out}: exists and is not a directory")
-    above = nearest_existing(path)
-    if not above.is_dir():
-        raise ValueError(f"{flag} {out}: cannot create the directory, {above} is not a directory")
+    try:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {out}: exists and is not a directory")
+        above = nearest_existing(path)
+        if not above.is_dir():
+            raise ValueError(f"{flag} {out}: cannot create the directory, {above} is not a directory")
+    except OSError as e:  # a name over the file system's limit (ENAMETOOLONG), a path too deep, ...
+        raise ValueError(f"{flag} {out}: {e.strerror or e}") from None
     if not os.access(above, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {out}: cannot write there, {above} is not writable")
 
@@ -66,12 +69,15 @@ def check_out_file(out: str | os.PathLike, flag: str = "--out", what: str = "fil
     created (not below a file) and writable. Checked before the work that produces it; nothing is
     created."""
     p = Path(out)
-    if p.is_dir():
-        raise ValueError(f"{flag} {out}: is a directory (name the {what} to write)")
-    above = nearest_existing(p.parent)
-    if not above.is_dir():
-        raise ValueError(f"{flag} {out}: cannot create its directory, {above} is not a directory")
-    target = p if p.exists() else above
+    try:
+        if p.is_dir():
+            raise ValueError(f"{flag} {out}: is a directory (name the {what} to write)")
+        above = nearest_existing(p.parent)
+        if not above.is_dir():
+            raise ValueError(f"{flag} {out}: cannot create its directory, {above} is not a directory")
+        target = p if p.exists() else above
+    except OSError as e:  # as in check_out_dir
+        raise ValueError(f"{flag} {out}: {e.strerror or e}") from None
     if not os.access(target, os.W_OK):
         raise ValueError(f"{flag} {out}: cannot write there, {target} is not writable")
 

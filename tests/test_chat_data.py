@@ -250,6 +250,12 @@ def test_templates_that_cannot_be_cut_are_refused(hf_chat, tmp_path):
     refusing.write_text("{{ raise_exception('roles must alternate') }}")
     with pytest.raises(ValueError, match="rec: .*refused the conversation: roles must alternate"):
         ChatTemplate(str(refusing), tok).segments(CONVERSATIONS[0], "rec")
+    # A template that fails while rendering (here: on any message) fails the same way on a prompt
+    # (kdtrain generate --chat), not with jinja's traceback.
+    undefined = tmp_path / "undefined.jinja"
+    undefined.write_text("{% for m in messages %}{{ m.content.foo.bar }}{% endfor %}")
+    with pytest.raises(ValueError, match="chat template .*undefined.jinja failed on the prompt \\(UndefinedError"):
+        ChatTemplate(str(undefined), tok).prompt([{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="rec: tokenizer .* has no chat template.*--chat-template"):
         ChatTemplate(None, _no_template(hf_chat, tmp_path)).segments(CONVERSATIONS[0], "rec")
     with pytest.raises(ValueError, match="nope.jinja does not exist"):

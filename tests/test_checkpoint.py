@@ -170,6 +170,11 @@ def _damaged(root):
     (root / "latest").write_text("step_0000099")
     with pytest.raises(ValueError, match="missing or incomplete"):
         latest_checkpoint(root)
+    for text, held in (("\n", "nothing"), (".", "'.'"), ("../other/step_0000001", "'../other/step_0000001'")):
+        (root / "latest").write_text(text)  # not the checkpoint folder's own name as the missing step
+        with pytest.raises(ValueError, match=rf"latest should name a step directory \(step_NNNNNNN\) of .* but holds "
+                                             rf"{re.escape(held)}$"):
+            latest_checkpoint(root)
     (root / "latest").unlink()
     (root / "latest").mkdir()
     with pytest.raises(ValueError, match="latest is a directory"):

@@ -150,6 +150,19 @@ def test_bad_values_name_the_field(tmp_path):
         load_distill_config(str(f))
     with pytest.raises(ValueError, match=r"a distillation config .* run it with scripts/distill_gpt\.py"):
         load_pretrain_config("configs/distill/tiny.yaml")
+    # A model config as --config, a role written as a model name, a key YAML read as a boolean
+    # ('required section is missing', 'training.True: unknown key' or a TypeError before).
+    for load, names in ((load_distill_config, "teacher.model or student.model"), (load_pretrain_config, "model")):
+        with pytest.raises(ValueError, match=rf"tiny\.yaml: a model config .* run config's {names}$"):
+            load("configs/models/tiny.yaml")
+    with pytest.raises(ValueError, match=r"student: expected a section .*, got 'tiny' \(for a model name write "
+                                         r"student: \{model: tiny\}, or the override student\.model=tiny\)"):
+        load_distill_config("tiny", ["student=tiny"])
+    keys = tmp_path / "keys.yaml"
+    for extra, key in (("training: {on: true, seed: 1}", "training.True"), ("1: 2", "1")):
+        keys.write_text(f.read_text() + extra + "\n")
+        with pytest.raises(ValueError, match=rf"{key}: a key must be a name, YAML read this one as a"):
+            load_pretrain_config(str(keys))
     # Seeds torch and numpy both take (an OverflowError naming nothing at the first step, or a
     # negative training seed accepted while the data seed's was refused by the dataset).
     for section in ("training", "data"):
@@ -411,3 +424,14 @@ def test_settings_without_effect_are_named():
         if "/models/" not in path:
             load = load_distill_config if "/distill/" in path else load_pretrain_config
             assert inert_settings(load(path)) == [], path
+
+
+def test_a_config_folder_without_named_configs_is_named(monkeypatch, tmp_path):
+    """KDTRAIN_CONFIG_DIR pointing at no configs: the error names it ('not one of []' before)."""
+    from kdtrain.config import loader
+
+    monkeypatch.setattr(loader, "CONFIG_DIR", tmp_path / "nope")
+    monkeypatch.setenv("KDTRAIN_CONFIG_DIR", str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=rf"unknown distill config 'tiny': not a YAML file, and "
+                                         rf"KDTRAIN_CONFIG_DIR={tmp_path}/nope has no distill/ folder"):
+        loader.resolve_config_path("tiny", "distill")

@@ -295,6 +295,9 @@ def test_keep_layers_named_twice_and_an_unwritable_out_are_errors(tmp_path, caps
     for text, twice in (("1,1,2", "layer 1 "), ("0-3,2,3", "layers 2, 3 ")):
         with pytest.raises(ValueError, match=f"--keep-layers '{text}': {twice}named more than once"):
             parse_layers(text)
+    for text in ("0,3-1", "3-1"):  # an empty range, else silently a student with fewer layers
+        with pytest.raises(ValueError, match=f"--keep-layers '{text}': range 3-1 runs backwards"):
+            parse_layers(text)
     cfg = _cfg("llama")
     cfg.check()
     state = {k: torch.randn(s) for k, s in expected_shapes(cfg).items()}

@@ -206,6 +206,11 @@ def test_output_directories_are_checked_before_training(world_of_one, tmp_path):
     with pytest.raises(ValueError, match=r"logging\.dir .*afile/run: cannot create the directory, .*afile is not a "
                                          r"directory"):
         check_output_dirs(LoggingConfig(dir=str(tmp_path / "afile" / "run")), CheckpointConfig())
+    long = tmp_path / ("x" * 300)  # a name over the file system's limit (an OSError traceback before)
+    for logging, ck in ((long, None), (tmp_path / "run", long / "ck")):
+        with pytest.raises(ValueError, match=rf"{'logging' if ck is None else 'checkpoint'}\.dir .*x(/ck)?: File name "
+                                             "too long"):
+            check_output_dirs(LoggingConfig(dir=str(logging)), CheckpointConfig(dir=None if ck is None else str(ck)))
     cfg, groups, role = _build("tiny")
     save_role(CheckpointConfig(dir=str(tmp_path / "ck")), cfg, role, 2, {"kind": "pretrain", "global_batch_size": 8,
                                                                          "data": {}})

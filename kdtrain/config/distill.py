@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ..loss import KDLossConfig
-from .loader import field_error, from_dict
+from .loader import field_error, from_dict, refuse_model_config
 from .model import ModelConfig, load_model_config
 from .run import (CheckpointConfig, DataConfig, DistributedConfig, LoggingConfig, OptimizerConfig, ParallelConfig,
                   PrecisionConfig, TrainingConfig, check_exit, check_profile, check_recompute, load_run_dict)
@@ -306,10 +306,15 @@ def load_distill_config(path: Optional[str], overrides=()) -> DistillConfig:
     if "model" in raw and "teacher" not in raw and "student" not in raw:
         raise ValueError(f"{path}: a pretraining config (model:), not a distillation one (teacher:, student:): run "
                          "it with scripts/pretrain_gpt.py")
+    refuse_model_config(raw, path, "teacher.model or student.model")
     for role in ("teacher", "student"):
         section = raw.get(role)
-        if not isinstance(section, dict):
+        if section is None:
             raise ValueError(f"{role}: required section is missing (needs at least model: <name>)")
+        if not isinstance(section, dict):
+            hint = (f" (for a model name write {role}: {{model: {section}}}, or the override {role}.model={section})"
+                    if isinstance(section, str) else "")
+            raise ValueError(f"{role}: expected a section with at least model: <name>, got {section!r}{hint}")
         if "model" not in section:
             raise ValueError(f"{role}.model: required key is missing (a name under configs/models/ or a YAML path)")
         section["model"] = load_model_config(section["model"], f"{role}.model")

@@ -67,6 +67,10 @@ def resolve_config_path(ref: str, kind: str) -> Path:
     candidate = CONFIG_DIR / kind / f"{ref}.yaml"
     if candidate.is_file():
         return candidate
+    if not (CONFIG_DIR / kind).is_dir():
+        where = f"KDTRAIN_CONFIG_DIR={CONFIG_DIR}" if "KDTRAIN_CONFIG_DIR" in os.environ else str(CONFIG_DIR)
+        raise ValueError(f"unknown {kind} config {ref!r}: not a YAML file, and {where} has no {kind}/ folder of "
+                         "named configs")
     known = sorted(q.stem for q in (CONFIG_DIR / kind).glob("*.yaml"))
     raise ValueError(f"unknown {kind} config {ref!r}: not a file and not one of {known}")
 
@@ -252,14 +256,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
+def refuse_model_config(raw: dict, path, names: str) -> None:
+    """A model config passed where a run config belongs (``--config configs/models/x.yaml``)."""
+    if {"hidden_size", "num_layers"} & set(raw) and not {"model", "teacher", "student"} & set(raw):
+        raise ValueError(f"{path}: a model config (hidden_size, num_layers, ...), not a run config: name it in a "
+                         f"run config's {names}")
+
+
 def from_dict(cls, data: dict | None, where: str = ""):
     """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ValueError."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{where}." if where else ""
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:  # YAML 1.1 reads on/off/yes/no as booleans, digits as numbers
+        raise ValueError(f"{prefix}{odd[0]!r}: a key must be a name, YAML read this one as a "
+                         f"{type(odd[0]).__name__} (quote it, or check its spelling)")
     unknown = sorted(set(data) - names)
     if unknown:
-        prefix = f"{where}." if where else ""
         close = difflib.get_close_matches(str(unknown[0]), sorted(names), n=1)
         hint = f"did you mean {prefix}{close[0]}? " if close else ""
         raise ValueError(

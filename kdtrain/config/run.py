@@ -12,7 +12,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from .loader import apply_overrides, field_error, from_dict, load_yaml, resolve_config_path
+from .loader import apply_overrides, field_error, from_dict, load_yaml, refuse_model_config, resolve_config_path
 from .model import ModelConfig, load_model_config
 
 
@@ -375,6 +375,7 @@ def load_pretrain_config(path: str | None, overrides=()) -> PretrainConfig:
     if "model" not in raw and ("teacher" in raw or "student" in raw):
         raise ValueError(f"{path}: a distillation config (teacher:, student:), not a pretraining one: run it with "
                          "scripts/distill_gpt.py")
+    refuse_model_config(raw, path, "model")
     if "model" not in raw:
         raise ValueError("model: required key is missing (a name under configs/models/ or a YAML path)")
     raw["model"] = load_model_config(raw["model"], "model")

@@ -225,7 +225,6 @@ class ChatTemplate:
         except Exception as e:  # jinja2 errors while rendering (UndefinedError, SecurityError, ...)
             raise ValueError(f"{where}: chat template {self.name} failed ({type(e).__name__}: {e})") from None
 
-
     def prompt(self, messages: list[dict]) -> list[Segment]:
         """The conversation so far followed by the start of the assistant's turn: what a model
         continues with its reply (all context)."""
@@ -233,7 +232,10 @@ class ChatTemplate:
             raise ValueError(self._missing)
         if self._render is None:
             return [(text, False) for text, _ in _plain_segments(messages, self.eos_id)] + [("Assistant: ", False)]
-        return [(self._render(messages, True), False)]
+        try:
+            return [(self._render(messages, True), False)]
+        except Exception as e:  # jinja2 errors while rendering, as in segments()
+            raise ValueError(f"chat template {self.name} failed on the prompt ({type(e).__name__}: {e})") from None
 
 
 def _nonempty(segments: list[Segment]) -> list[Segment]:

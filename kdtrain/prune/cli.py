@@ -40,9 +40,13 @@ def parse_layers(text: str) -> list[int]:
             lo, dash, hi = part.strip().partition("-")
             if dash and not hi:
                 raise ValueError(part)  # `1-`: a range without its end
+            if dash and int(hi) < int(lo):
+                raise IndexError(part.strip())  # `3-1` would be an empty range, silently nothing
             out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
     except ValueError:
         raise ValueError(f"--keep-layers {text!r}: expected indices and ranges like 0-11,14,15") from None
+    except IndexError as e:
+        raise ValueError(f"--keep-layers {text!r}: range {e} runs backwards (write it low-high)") from None
     twice = sorted(i for i, n in Counter(out).items() if n > 1)
     if twice:
         raise ValueError(f"--keep-layers {text!r}: layer{'s' if len(twice) > 1 else ''} "

@@ -207,5 +207,12 @@ def restore_rng(path: Path, rank: int) -> bool:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
     except Exception as e:  # truncated, replaced or foreign file
-        raise ValueError(f"cannot restore the random states of rank {rank} from {f}: {e}") from None
+        # torch's own text for an unpicklable file advises loading it with weights_only=False:
+        # wrong for a damaged file, so that text is left out (a reader's error, e.g. a truncated
+        # archive, is kept: its first line).
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        why = type(e).__name__ + ("" if not first or "weights_only" in first else f": {first}")
+        raise ValueError(f"cannot restore the random states of rank {rank} from {f}: the file is damaged or not "
+                         f"a kdtrain random-state file ({why}); resume from another step (its directory name in "
+                         "the checkpoint folder's 'latest') or restore the file") from None
     return True

@@ -158,11 +158,11 @@ def check_output_dir(path: str | os.PathLike, field: str) -> None:
     leaves no empty directories). A checkpoint's step directory given as ``checkpoint.dir`` is
     refused (the run would start afresh inside it)."""
     path = Path(path)
+    check_out_dir(path, field)
     if field == "checkpoint.dir" and path.name.removeprefix("step_").isdigit() and (path / "meta.json").is_file():
         raise ValueError(f"checkpoint.dir: {path} is one checkpoint (a step directory): give its parent "
                          f"{path.parent} to resume that run, or checkpoint.load={path} with a new checkpoint.dir "
                          "to start a new run from its weights")
-    check_out_dir(path, field)
 
 
 def refuse_other_runs(ck_dir: str | os.PathLike) -> None:

@@ -80,6 +80,9 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
         named = marker.read_text().strip()
     except UnicodeDecodeError:
         raise ValueError(f"{marker} should name a step directory (step_NNNNNNN) but is not text") from None
+    if named in ("", ".", "..") or "/" in named or os.sep in named:  # else the folder itself, or another
+        raise ValueError(f"{marker} should name a step directory (step_NNNNNNN) of {root} but holds "
+                         f"{'nothing' if not named else repr(named)}")
     path = root / named
     if not (path / "meta.json").is_file():
         aside = path.with_name(path.name + ".old")  # a re-save of that step crashed mid-rename
