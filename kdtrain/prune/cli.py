@@ -34,19 +34,19 @@ if TYPE_CHECKING:  # torch and the model code load only when a command runs (`kd
 
 def parse_layers(text: str) -> list[int]:
     """``0-11,14,15`` -> [0, ..., 11, 14, 15]; a layer named twice (``1,1``, ``0-3,2``) is an error."""
-    out: list[int] = []
+    spans: list[tuple[int, int]] = []
     try:
         for part in text.split(","):
             lo, dash, hi = part.strip().partition("-")
             if dash and not hi:
                 raise ValueError(part)  # `1-`: a range without its end
-            if dash and int(hi) < int(lo):
-                raise IndexError(part.strip())  # `3-1` would be an empty range, silently nothing
-            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+            spans.append((int(lo), int(hi) if dash else int(lo)))
     except ValueError:
         raise ValueError(f"--keep-layers {text!r}: expected indices and ranges like 0-11,14,15") from None
-    except IndexError as e:
-        raise ValueError(f"--keep-layers {text!r}: range {e} runs backwards (write it low-high)") from None
+    backwards = [f"{lo}-{hi}" for lo, hi in spans if hi < lo]  # an empty range: silently nothing
+    if backwards:
+        raise ValueError(f"--keep-layers {text!r}: range {backwards[0]} runs backwards (write it low-high)")
+    out = [i for lo, hi in spans for i in range(lo, hi + 1)]
     twice = sorted(i for i, n in Counter(out).items() if n > 1)
     if twice:
         raise ValueError(f"--keep-layers {text!r}: layer{'s' if len(twice) > 1 else ''} "

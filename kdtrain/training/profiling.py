@@ -133,10 +133,10 @@ class StepProfiler:
 
     ``settle``: waits for the communication this rank started in the window that gloo runs in its
     own threads and that outlives the step (the stop requests' reductions, a disaggregated
-    teacher's sends and statistics, run ahead of the students), called before the recording stops. torch's profiler follows such work into those
-    threads; work that ends after the recording stopped corrupts the profiler's memory, and the
-    process dies later (at exit: SIGSEGV or "free(): invalid pointer", most runs of a disaggregated
-    CPU run before this wait).
+    teacher's sends and statistics, run ahead of the students), called before the recording
+    stops. torch's profiler follows such work into those threads; work that ends after the
+    recording stopped corrupts the profiler's memory, and the process dies later (at exit: SIGSEGV
+    or "free(): invalid pointer", most runs of a disaggregated CPU run before this wait).
     """
 
     def __init__(self, window: Optional[tuple[int, int]], log_dir: str, rank: int, device: torch.device,
